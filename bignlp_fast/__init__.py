@@ -1,0 +1,14 @@
+"""bignlp_fast: fused CPU, CUDA and Triton kernels for NLP models in PyTorch.
+
+    import bignlp_fast
+    out, h = bignlp_fast.ops.add_layer_norm(x, residual, weight, bias)
+    bignlp_fast.report()        # fallbacks to the torch reference so far
+    bignlp_fast.info()          # versions, build flags, backends per op
+"""
+
+from bignlp_fast import nn, ops
+from bignlp_fast._backend import BACKENDS, BackendError, build_info, report, reset_report
+from bignlp_fast._info import info
+
+__version__ = "0.1.0"
+__all__ = ["BACKENDS", "BackendError", "build_info", "info", "nn", "ops", "report", "reset_report"]

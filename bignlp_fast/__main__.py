@@ -1,0 +1,3 @@
+from bignlp_fast.cli import main
+
+raise SystemExit(main())

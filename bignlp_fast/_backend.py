@@ -1,0 +1,203 @@
+"""Which backends exist, how one is chosen for each call, and the record of fallbacks.
+
+Backends: ``cpu`` (C++ in bignlp_fast._C), ``cuda`` (CUDA in bignlp_fast._C), ``triton``
+(kernels/), ``torch`` (plain PyTorch: the reference every other backend is tested against).
+
+Choice, per call: the op's ``backend=`` argument, else the environment variable
+``BIGNLP_FAST_BACKEND``, else the best backend for the tensors' device ("auto"). A backend asked for
+by name that cannot run raises :class:`BackendError` saying why. An automatic choice that ends on
+the ``torch`` reference is a *fallback*: it is counted in the record that :func:`report` returns, and
+with ``BIGNLP_FAST_STRICT=1`` it raises instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+from typing import Callable, Optional
+
+import torch
+
+BACKENDS = ("cpu", "cuda", "triton", "torch")
+
+# Automatic choice: fused backends to try, best first, for each device type.
+AUTO_ORDER = {"cpu": ("cpu",), "cuda": ("cuda", "triton")}
+
+
+class BackendError(RuntimeError):
+    """A backend was asked for by name (or a fallback happened under BIGNLP_FAST_STRICT=1) and cannot run."""
+
+
+# ---- the compiled extension -------------------------------------------------------------------
+try:
+    from bignlp_fast import _C  # type: ignore[attr-defined]
+
+    _C_ERROR: Optional[str] = None
+except ImportError as e:  # importing never fails because an optional part is missing
+    _C = None
+    _C_ERROR = f"{type(e).__name__}: {e}"
+
+
+def compiled():
+    """The compiled module bignlp_fast._C, or None when it could not be imported."""
+    return _C
+
+
+_BUILD_INFO: dict = dict(_C.build_info()) if _C is not None else {"error": _C_ERROR}
+
+
+def build_info() -> dict:
+    """How the extension was built (CPU flags and at::vec level, CUDA archs), or why it is missing."""
+    return dict(_BUILD_INFO)
+
+
+_CAPABILITY_RANK = {"DEFAULT": 0, "AVX2": 1, "AVX512": 2}
+
+
+def _cpu_reason() -> Optional[str]:
+    if _C is None:
+        return f"the compiled extension bignlp_fast._C did not import ({_C_ERROR})"
+    built = _BUILD_INFO["cpu_capability"]
+    here = torch.backends.cpu.get_cpu_capability()
+    if _CAPABILITY_RANK.get(built, 0) > _CAPABILITY_RANK.get(here, 0):
+        return (f"the CPU kernels were built for {built} but this CPU supports {here}; rebuild with "
+                "BIGNLP_FAST_CPU_ARCH=none or on this machine")
+    return None
+
+
+def _cuda_reason() -> Optional[str]:
+    if _C is None:
+        return f"the compiled extension bignlp_fast._C did not import ({_C_ERROR})"
+    if not _BUILD_INFO["with_cuda"]:
+        return ("the extension was built without its CUDA sources (torch without CUDA, nvcc not found, "
+                "or BIGNLP_FAST_CUDA=0)")
+    return None
+
+
+# Fixed for the life of the process; computed once so that choosing a backend is plain Python that
+# torch.compile can trace.
+_CPU_UNAVAILABLE = _cpu_reason()
+_CUDA_UNAVAILABLE = _cuda_reason()
+
+
+def triton_interpreted() -> bool:
+    """True when Triton kernels run through the interpreter (TRITON_INTERPRET=1), e.g. on a CPU."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Whether triton is installed, known without importing it (importing it takes a while).
+_TRITON_UNAVAILABLE = None if importlib.util.find_spec("triton") is not None else "triton is not installed"
+
+
+def unavailable(backend: str, device: torch.device) -> Optional[str]:
+    """Why ``backend`` cannot run tensors on ``device`` in this process, or None when it can."""
+    if backend == "torch":
+        return None
+    if backend == "cpu":
+        if device.type != "cpu":
+            return f"the cpu backend runs CPU tensors, got tensors on {device}"
+        return _CPU_UNAVAILABLE
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the cuda backend runs CUDA tensors, got tensors on {device}"
+        return _CUDA_UNAVAILABLE
+    if backend == "triton":
+        if _TRITON_UNAVAILABLE:
+            return _TRITON_UNAVAILABLE
+        if device.type == "cuda" or (device.type == "cpu" and triton_interpreted()):
+            return None
+        return f"the triton backend runs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got {device}"
+    raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
+
+
+# ---- the ops and their dtypes -----------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class OpInfo:
+    """What an op's backends accept. ``dtypes[backend]`` lists the dtypes that backend runs."""
+
+    name: str
+    dtypes: dict
+
+
+OPS: dict[str, OpInfo] = {}
+
+
+def register_op(name: str, dtypes: dict) -> OpInfo:
+    info = OpInfo(name, dtypes)
+    OPS[name] = info
+    return info
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def dtype_unsupported(op: OpInfo, backend: str, dtype: torch.dtype) -> Optional[str]:
+    allowed = op.dtypes.get(backend, ())
+    if backend == "torch" or dtype in allowed:
+        return None
+    return (f"the {backend} backend of {op.name} runs {', '.join(_dtype_name(d) for d in allowed) or 'nothing'}, "
+            f"got {_dtype_name(dtype)}")
+
+
+# ---- choosing, and the fallback record --------------------------------------------------------
+_FALLBACKS: dict[tuple[str, str, str], int] = {}
+
+
+def requested_backend(backend: Optional[str]) -> Optional[str]:
+    """The backend asked for by name (argument, else BIGNLP_FAST_BACKEND), or None for automatic."""
+    name = backend if backend is not None else os.environ.get("BIGNLP_FAST_BACKEND") or None
+    if name is None or name == "auto":
+        return None
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; expected one of auto, {', '.join(BACKENDS)}")
+    return name
+
+
+def choose(op: OpInfo, device: torch.device, dtype: torch.dtype, backend: Optional[str] = None,
+           extra_check: Optional[Callable[[str], Optional[str]]] = None) -> str:
+    """The backend that runs this call of ``op``.
+
+    ``extra_check(backend)`` returns why that backend cannot take this call (a head_dim or a size it
+    does not support), or None. A named backend that cannot run raises BackendError; an automatic
+    choice that ends on the reference records the fallback (or raises under BIGNLP_FAST_STRICT=1).
+    """
+
+    def why_not(name: str) -> Optional[str]:
+        return (unavailable(name, device) or dtype_unsupported(op, name, dtype)
+                or (extra_check(name) if extra_check is not None else None))
+
+    named = requested_backend(backend)
+    if named is not None:
+        reason = why_not(named)
+        if reason is not None:
+            raise BackendError(f"{op.name}: backend {named!r} cannot run this call: {reason}")
+        return named
+
+    candidates = AUTO_ORDER.get(device.type, ())
+    reasons = []
+    for name in candidates:
+        reason = why_not(name)
+        if reason is None:
+            return name
+        reasons.append((name, reason))
+    if not reasons:
+        reasons.append(("-", f"no fused backend for device type {device.type!r}"))
+    for name, reason in reasons:
+        key = (op.name, name, reason)
+        _FALLBACKS[key] = _FALLBACKS.get(key, 0) + 1
+    if os.environ.get("BIGNLP_FAST_STRICT", "0") == "1":
+        detail = "; ".join(f"{n}: {r}" for n, r in reasons)
+        raise BackendError(f"{op.name}: would fall back to the torch reference ({detail}) and BIGNLP_FAST_STRICT=1")
+    return "torch"
+
+
+def report() -> list[dict]:
+    """Every fallback to the torch reference so far: op, backend tried, reason, count."""
+    return [{"op": op, "backend": b, "reason": r, "count": n} for (op, b, r), n in sorted(_FALLBACKS.items())]
+
+
+def reset_report() -> None:
+    """Forget the fallbacks recorded so far."""
+    _FALLBACKS.clear()

@@ -1,0 +1,57 @@
+"""What `bignlp-fast info` prints: versions, how the extension was built, which backends run each op."""
+
+from __future__ import annotations
+
+import platform
+
+import torch
+
+from bignlp_fast import _backend
+
+
+def _triton_version() -> str:
+    try:
+        import triton
+        return triton.__version__
+    except ImportError:
+        return "not installed"
+
+
+def _usable_here(backend: str) -> str:
+    """Whether ``backend`` can run on this machine, on the device it runs on here."""
+    gpu = torch.cuda.is_available()
+    if backend == "cuda" and not gpu:
+        built = _backend.unavailable("cuda", torch.device("cuda"))
+        return f"no: {built}" if built else "no: built, but no CUDA GPU on this machine"
+    if backend == "triton" and not gpu and not _backend.triton_interpreted():
+        return "no: no CUDA GPU (TRITON_INTERPRET=1 runs it on CPU tensors, slowly, for testing)"
+    device = torch.device("cuda" if backend in ("cuda", "triton") and gpu else "cpu")
+    reason = _backend.unavailable(backend, device)
+    return f"yes ({device.type} tensors)" if reason is None else f"no: {reason}"
+
+
+def info() -> dict:
+    """Versions, build flags, per-op backends (dtypes, usable here or why not), and the fallback record."""
+    ops = {}
+    for name, op in sorted(_backend.OPS.items()):
+        ops[name] = {}
+        for backend in _backend.BACKENDS:
+            dtypes = op.dtypes.get(backend, ())
+            ops[name][backend] = {
+                "dtypes": "any" if backend == "torch" else ", ".join(_backend._dtype_name(d) for d in dtypes),
+                "usable": _usable_here(backend),
+            }
+    return {
+        "bignlp_fast": __import__("bignlp_fast").__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "triton": _triton_version(),
+        "triton_interpret": _backend.triton_interpreted(),
+        "cpu_capability_runtime": torch.backends.cpu.get_cpu_capability(),
+        "threads": torch.get_num_threads(),
+        "build": _backend.build_info(),
+        "ops": ops,
+        "fallbacks": _backend.report(),
+    }

@@ -1,0 +1,136 @@
+"""Benchmark cases: inputs, the PyTorch code a user would otherwise run, and the bytes or FLOPs of
+each call. ``bignlp-fast bench`` and ``pytest benchmarks/`` both read them from here."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from bignlp_fast.ops import add_layer_norm, bias_gelu
+
+
+@dataclasses.dataclass
+class Case:
+    """One benchmark: ``ours(inputs, backend)`` against ``ref(inputs)`` on the same inputs.
+
+    Both return the tensors to compare (outputs, then gradients for a fwd+bwd case); errors are
+    measured against ``ref`` run on a float64 copy of the inputs. ``bytes`` is the least memory a
+    call must move (memory-bound ops), ``flops`` the arithmetic (compute-bound ops).
+    """
+
+    op: str
+    mode: str  # "fwd" or "fwd+bwd"
+    shape: tuple
+    dtype: torch.dtype
+    make: Callable[[torch.device, torch.dtype], dict]
+    ours: Callable[[dict, Optional[str]], list]
+    ref: Callable[[dict], list]
+    ref_name: str
+    bytes: int = 0
+    flops: int = 0
+    suites: tuple = ("quick", "full")
+
+    @property
+    def id(self) -> str:
+        dt = str(self.dtype).replace("torch.", "")
+        return f"{self.op}-{self.mode}-{'x'.join(map(str, self.shape))}-{dt}"
+
+
+def _randn(shape, device, dtype, grad, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g).to(device=device, dtype=dtype).requires_grad_(grad)
+
+
+def _grads(outputs: list, inputs: list, grad_outputs: list) -> list:
+    leaves = [t for t in inputs if t is not None]
+    return [*outputs, *torch.autograd.grad(outputs, leaves, grad_outputs)]
+
+
+# ---- add_layer_norm ---------------------------------------------------------------------------
+def _add_layer_norm_cases(rows, hidden, dtype, suites):
+    nbytes = rows * hidden * torch.tensor([], dtype=dtype).element_size()
+
+    def make(device, dt, grad):
+        x, r = _randn((rows, hidden), device, dt, grad, 0), _randn((rows, hidden), device, dt, grad, 1)
+        w, b = _randn(hidden, device, dt, grad, 2), _randn(hidden, device, dt, grad, 3)
+        go, gs = _randn((rows, hidden), device, dt, False, 4), _randn((rows, hidden), device, dt, False, 5)
+        return dict(x=x, r=r, w=w, b=b, go=go, gs=gs)
+
+    def eager(t):
+        s = t["x"] + t["r"]
+        return [F.layer_norm(s, (hidden,), t["w"], t["b"]), s]
+
+    def fused(t, backend):
+        return list(add_layer_norm(t["x"], t["r"], t["w"], t["b"], backend=backend))
+
+    inputs = lambda t: [t["x"], t["r"], t["w"], t["b"]]  # noqa: E731
+    common = dict(op="add_layer_norm", shape=(rows, hidden), dtype=dtype, suites=suites,
+                  ref_name="eager x + r, F.layer_norm")
+    return [
+        # forward: read x, residual; write out, sum
+        Case(mode="fwd", make=lambda d, dt: make(d, dt, False), ours=fused, ref=eager, bytes=4 * nbytes, **common),
+        # + backward: read grad_out, grad_sum, sum; write grad (x's and residual's)
+        Case(mode="fwd+bwd", make=lambda d, dt: make(d, dt, True),
+             ours=lambda t, be: _grads(fused(t, be), inputs(t), [t["go"], t["gs"]]),
+             ref=lambda t: _grads(eager(t), inputs(t), [t["go"], t["gs"]]), bytes=8 * nbytes, **common),
+    ]
+
+
+# ---- bias_gelu --------------------------------------------------------------------------------
+def _bias_gelu_cases(rows, hidden, dtype, suites):
+    nbytes = rows * hidden * torch.tensor([], dtype=dtype).element_size()
+
+    def make(device, dt, grad):
+        return dict(x=_randn((rows, hidden), device, dt, grad, 0), b=_randn(hidden, device, dt, grad, 1),
+                    gy=_randn((rows, hidden), device, dt, False, 2))
+
+    eager = lambda t: [F.gelu(t["x"] + t["b"])]  # noqa: E731
+    fused = lambda t, be: [bias_gelu(t["x"], t["b"], backend=be)]  # noqa: E731
+    common = dict(op="bias_gelu", shape=(rows, hidden), dtype=dtype, suites=suites, ref_name="eager F.gelu(x + b)")
+    return [
+        # forward: read x, write y
+        Case(mode="fwd", make=lambda d, dt: make(d, dt, False), ours=fused, ref=eager, bytes=2 * nbytes, **common),
+        # + backward: read grad_y, x; write grad_x
+        Case(mode="fwd+bwd", make=lambda d, dt: make(d, dt, True),
+             ours=lambda t, be: _grads(fused(t, be), [t["x"], t["b"]], [t["gy"]]),
+             ref=lambda t: _grads(eager(t), [t["x"], t["b"]], [t["gy"]]), bytes=5 * nbytes, **common),
+    ]
+
+
+def all_cases() -> list[Case]:
+    cases = []
+    for dtype in (torch.float32, torch.bfloat16):
+        # (8192, 768): the issue's target shape, 8192 tokens of a BERT-base-sized model
+        cases += _add_layer_norm_cases(8192, 768, dtype, ("quick", "full"))
+        cases += _bias_gelu_cases(8192, 768, dtype, ("quick", "full"))
+        # in-cache sizes (BERT-base, batch 8 x 128 tokens) and the FFN's intermediate width
+        cases += _add_layer_norm_cases(1024, 768, dtype, ("full",))
+        cases += _bias_gelu_cases(1024, 3072, dtype, ("full",))
+        cases += _bias_gelu_cases(8192, 3072, dtype, ("full",))
+    return cases
+
+
+def cases(suite: str = "quick") -> list[Case]:
+    return [c for c in all_cases() if suite in c.suites]
+
+
+def tiny_cases() -> list[Case]:
+    """Small versions of every op's cases, for testing the benchmark machinery itself."""
+    out = []
+    for dtype in (torch.float32,):
+        out += _add_layer_norm_cases(16, 40, dtype, ("tiny",)) + _bias_gelu_cases(16, 40, dtype, ("tiny",))
+    return out
+
+
+def to_float64(inputs: dict) -> dict:
+    """A float64 copy of a case's inputs, leaves requiring grad where the originals do."""
+    out = {}
+    for k, v in inputs.items():
+        if isinstance(v, Tensor) and v.is_floating_point():
+            v = v.detach().double().requires_grad_(v.requires_grad)
+        out[k] = v
+    return out

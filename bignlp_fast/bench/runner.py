@@ -1,0 +1,171 @@
+"""Runs benchmark cases: ours against the reference, in one process, on the same inputs.
+
+Timing interleaves the two (ours, reference, ours, ...) and reports medians, so drift in a noisy
+machine hits both alike. Each row also carries the achieved GB/s and its fraction of the machine's
+copy rate measured in the same run, the peak extra memory of one call, the max error of both sides
+against float64, and the backend that ran.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import statistics
+import tempfile
+import time
+from typing import Optional
+
+import torch
+
+from bignlp_fast import _backend
+from bignlp_fast.bench.cases import Case, to_float64
+
+
+@dataclasses.dataclass
+class Row:
+    case: str
+    op: str
+    mode: str
+    shape: str
+    dtype: str
+    backend: str
+    ms: float
+    ref_ms: float
+    speedup: float
+    gbps: Optional[float]
+    pct_of_copy: Optional[float]
+    gflops: Optional[float]
+    peak_mb: float
+    ref_peak_mb: float
+    max_err: float
+    ref_max_err: float
+    reference: str
+
+
+def _sync(device: torch.device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_interleaved(fns: list, device: torch.device, repeats: int, warmup: int = 2) -> list[float]:
+    """Median seconds of each function, timed in turns."""
+    for fn in fns:
+        for _ in range(warmup):
+            fn()
+    _sync(device)
+    samples = [[] for _ in fns]
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            _sync(device)
+            samples[i].append(time.perf_counter() - t0)
+    return [statistics.median(s) for s in samples]
+
+
+def copy_gbps(device: torch.device, repeats: int = 15, mbytes: int = 256) -> float:
+    """The machine's copy rate: read + write bytes per second of a large tensor copy (past the caches)."""
+    src = torch.empty(mbytes << 18, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    (t,) = time_interleaved([lambda: dst.copy_(src)], device, repeats)
+    return 2 * src.numel() * 4 / t / 1e9
+
+
+@contextlib.contextmanager
+def _quiet_stderr():
+    """Silences the profiler's native log lines (e.g. about a missing GPU) while it runs."""
+    fd = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(fd, 2)
+        os.close(fd)
+
+
+def peak_extra_mb(fn, device: torch.device) -> float:
+    """The most memory one call of ``fn`` holds at once beyond what existed before it, in MiB."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+    with _quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as fh:
+            events = json.load(fh)["traceEvents"]
+    level = peak = 0
+    for e in sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"]):
+        if e["args"].get("Device Type", 0) == 0:
+            level += e["args"]["Bytes"]
+            peak = max(peak, level)
+    return peak / 2**20
+
+
+def _max_err(outs: list, refs: list) -> float:
+    return max(((o.detach().double() - r.detach()).abs().max().item() for o, r in zip(outs, refs)
+                if o.numel()), default=0.0)
+
+
+def run_case(case: Case, device: torch.device, backend: Optional[str] = None, repeats: int = 10,
+             copy_rate: Optional[float] = None) -> Row:
+    inputs = case.make(device, case.dtype)
+    chosen = _backend.choose(_backend.OPS[case.op], device, case.dtype, backend)
+    ours = lambda: case.ours(inputs, chosen)  # noqa: E731
+    ref = lambda: case.ref(inputs)  # noqa: E731
+    t_ours, t_ref = time_interleaved([ours, ref], device, repeats)
+    ref64 = case.ref(to_float64(inputs))
+    gbps = case.bytes / t_ours / 1e9 if case.bytes else None
+    return Row(
+        case=case.id, op=case.op, mode=case.mode, shape="x".join(map(str, case.shape)),
+        dtype=str(case.dtype).replace("torch.", ""), backend=chosen, ms=t_ours * 1e3, ref_ms=t_ref * 1e3,
+        speedup=t_ref / t_ours, gbps=gbps,
+        pct_of_copy=100 * gbps / copy_rate if gbps and copy_rate else None,
+        gflops=case.flops / t_ours / 1e9 if case.flops else None,
+        peak_mb=peak_extra_mb(ours, device), ref_peak_mb=peak_extra_mb(ref, device),
+        max_err=_max_err(ours(), ref64), ref_max_err=_max_err(ref(), ref64), reference=case.ref_name)
+
+
+def format_table(rows: list[Row], copy_rate: Optional[float] = None) -> str:
+    head = ["case", "mode", "shape", "dtype", "backend", "ours ms", "torch ms", "speedup", "GB/s", "% copy",
+            "peak MB", "torch MB", "max err", "torch err"]
+    body = []
+    for r in rows:
+        body.append([r.op, r.mode, r.shape, r.dtype, r.backend, f"{r.ms:.2f}", f"{r.ref_ms:.2f}",
+                     f"{r.speedup:.2f}x" + ("" if r.speedup >= 1 else " SLOWER"),
+                     f"{r.gbps:.1f}" if r.gbps else "-", f"{r.pct_of_copy:.0f}%" if r.pct_of_copy else "-",
+                     f"{r.peak_mb:.1f}", f"{r.ref_peak_mb:.1f}", f"{r.max_err:.1e}", f"{r.ref_max_err:.1e}"])
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
+    line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
+    out = [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(b) for b in body]
+    if copy_rate:
+        out.append(f"\ncopy rate measured in this run: {copy_rate:.1f} GB/s (read + write of a 256 MiB tensor)")
+    return "\n".join(out)
+
+
+def plot(rows: list[Row], path: str) -> None:
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as e:
+        raise SystemExit(f"--plot needs matplotlib ({e}); install it with: pip install matplotlib") from e
+    labels = [f"{r.op} {r.mode}\n{r.shape} {r.dtype}" for r in rows]
+    fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 4.5))
+    ax.bar(range(len(rows)), [r.speedup for r in rows], color=["tab:green" if r.speedup >= 1 else "tab:red"
+                                                                for r in rows])
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(rows)), labels, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("speedup over PyTorch (same run)")
+    ax.set_title("bignlp_fast vs the PyTorch a user would run")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

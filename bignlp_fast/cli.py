@@ -1,0 +1,103 @@
+"""`bignlp-fast info | bench`: what is built and usable here, and how fast it is against PyTorch."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import platform
+import sys
+
+import torch
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    return f"{_cpu_name()}, {torch.get_num_threads()} threads ({torch.backends.cpu.get_cpu_capability()}), torch {torch.__version__}"
+
+
+def _info(args) -> int:
+    from bignlp_fast import info
+    data = info()
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return 0
+    print(f"bignlp_fast {data['bignlp_fast']}  python {data['python']}  torch {data['torch']} "
+          f"(CUDA {data['torch_cuda']})  triton {data['triton']}"
+          + ("  [TRITON_INTERPRET=1]" if data["triton_interpret"] else ""))
+    print(f"machine: {machine()}; GPU: {data['gpu'] or 'none'}")
+    print("extension build:")
+    for k, v in data["build"].items():
+        print(f"  {k}: {v}")
+    print("backends per op: [dtypes it runs] usable on this machine?")
+    for op, backends in data["ops"].items():
+        print(f"  {op}")
+        for name, row in backends.items():
+            print(f"    {name:<7} [{row['dtypes']}] {row['usable']}")
+    print("fallbacks to the torch reference in this process:", "none" if not data["fallbacks"] else "")
+    for f in data["fallbacks"]:
+        print(f"  {f['op']}: {f['backend']} -> torch x{f['count']}: {f['reason']}")
+    return 0
+
+
+def _bench(args) -> int:
+    from bignlp_fast.bench import cases, copy_gbps, format_table, run_case
+    from bignlp_fast.bench.runner import plot
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        print("bignlp-fast bench: --device cuda but no CUDA GPU is available", file=sys.stderr)
+        return 2
+    selected = [c for c in cases(args.suite) if not args.filter or args.filter in c.id]
+    if not selected:
+        print(f"bignlp-fast bench: no case in suite {args.suite!r} matches {args.filter!r}", file=sys.stderr)
+        return 2
+    print(f"machine: {machine()}", flush=True)
+    rate = copy_gbps(device)
+    rows = []
+    for case in selected:
+        rows.append(run_case(case, device, args.backend, repeats=args.repeats, copy_rate=rate))
+        print(f"  {case.id}: {rows[-1].speedup:.2f}x", file=sys.stderr, flush=True)
+    print(format_table(rows, rate))
+    slower = [r.case for r in rows if r.speedup < 1]
+    if slower:
+        print(f"slower than PyTorch in this run: {', '.join(slower)}")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump({"machine": machine(), "device": str(device), "copy_gbps": rate,
+                       "rows": [dataclasses.asdict(r) for r in rows]}, fh, indent=2)
+    if args.plot:
+        plot(rows, args.plot)
+    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="bignlp-fast", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p_info = sub.add_parser("info", help="versions, build flags, backends per op, fallbacks")
+    p_info.add_argument("--json", action="store_true", help="print as JSON")
+    p_info.set_defaults(func=_info)
+    p_bench = sub.add_parser("bench", help="time every case against the PyTorch reference")
+    suite = p_bench.add_mutually_exclusive_group()
+    suite.add_argument("--quick", dest="suite", action="store_const", const="quick", help="the quick suite (default)")
+    suite.add_argument("--full", dest="suite", action="store_const", const="full", help="every case")
+    p_bench.set_defaults(suite="quick", func=_bench)
+    p_bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
+    p_bench.add_argument("--backend", choices=["cpu", "cuda", "triton", "torch"], help="default: automatic")
+    p_bench.add_argument("--filter", help="only cases whose id contains this text")
+    p_bench.add_argument("--repeats", type=int, default=15, help="timed calls per side (median reported)")
+    p_bench.add_argument("--json", metavar="FILE", help="write the rows as JSON")
+    p_bench.add_argument("--plot", metavar="FILE.png", help="bar chart of speedups (needs matplotlib)")
+    args = parser.parse_args(argv)
+    return args.func(args)

@@ -1,0 +1,45 @@
+"""LayerNorm: a drop-in for torch.nn.LayerNorm that runs bignlp_fast.ops.add_layer_norm."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from bignlp_fast.ops.add_layer_norm import add_layer_norm
+
+
+class LayerNorm(torch.nn.LayerNorm):
+    """torch.nn.LayerNorm with the same constructor, parameters and state_dict keys.
+
+    A multi-dimensional ``normalized_shape`` is normalised as one flattened last dimension, exactly
+    as torch does. ``backend`` (keyword only) pins a backend; None chooses automatically.
+    ``forward(x, residual)`` also accepts a residual and then returns ``(LN(x + residual), x + residual)``.
+    """
+
+    def __init__(self, *args, backend: Optional[str] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+
+    def forward(self, x: Tensor, residual: Optional[Tensor] = None):
+        k = len(self.normalized_shape)
+        if tuple(x.shape[x.dim() - k:]) != tuple(self.normalized_shape):
+            raise ValueError(f"LayerNorm: input's last {k} dimension(s) {tuple(x.shape[x.dim() - k:])} do not "
+                             f"match normalized_shape {tuple(self.normalized_shape)}")
+        lead = x.shape[:x.dim() - k]
+        flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
+        x2 = x.reshape(*lead, -1)
+        r2 = residual.reshape(*lead, -1) if residual is not None else None
+        out, total = add_layer_norm(x2, r2, flat(self.weight), flat(self.bias), self.eps, backend=self.backend)
+        if residual is None:
+            return out.view(x.shape)
+        return out.view(x.shape), total.view(x.shape)
+
+    @classmethod
+    def from_torch(cls, module: torch.nn.LayerNorm) -> "LayerNorm":
+        """A bignlp_fast LayerNorm sharing ``module``'s parameters."""
+        new = cls(module.normalized_shape, module.eps, module.elementwise_affine, bias=module.bias is not None,
+                  device="meta")
+        new.weight, new.bias = module.weight, module.bias
+        return new.train(module.training)

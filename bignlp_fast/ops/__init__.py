@@ -1,0 +1,7 @@
+"""The public functional ops of bignlp_fast. Each is a PyTorch custom op (namespace bignlp_fast)
+with a fake implementation and autograd, dispatching to the cpu, cuda, triton or torch backend."""
+
+from bignlp_fast.ops.add_layer_norm import add_layer_norm
+from bignlp_fast.ops.bias_gelu import bias_gelu
+
+__all__ = ["add_layer_norm", "bias_gelu"]

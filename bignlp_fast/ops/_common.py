@@ -1,0 +1,73 @@
+"""Pieces every op shares: argument checks with messages that name the argument, and the lookup of
+a backend's kernel by the project's naming ladder, ``{op}_{fwd|bwd}_{backend}``:
+
+- cpu, cuda: ``bignlp_fast._C.{op}_fwd_cpu`` / ``..._cuda`` (csrc/cpu/{op}.cpp, csrc/cuda/{op}.cu)
+- triton:    ``bignlp_fast.kernels.{op}.{op}_fwd_triton`` (kernels/{op}.py)
+- torch:     ``bignlp_fast.ops.{op}.{op}_fwd_torch`` (the reference, beside the public op)
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from bignlp_fast import _backend
+
+
+def kernel(op: str, pass_: str, backend: str) -> Callable:
+    """The function that runs pass ``fwd``/``bwd`` of ``op`` on ``backend``."""
+    name = f"{op}_{pass_}_{backend}"
+    if backend in ("cpu", "cuda"):
+        return getattr(_backend.compiled(), name)
+    module = "bignlp_fast.kernels" if backend == "triton" else "bignlp_fast.ops"
+    return getattr(importlib.import_module(f"{module}.{op}"), name)
+
+
+def contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.contiguous()
+
+
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype sums are kept in: float32 for 16-bit and 32-bit inputs, float64 for float64."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _shape(t: Tensor) -> str:
+    return "(" + ", ".join(str(s) for s in t.shape) + ("," if t.dim() == 1 else "") + ")"
+
+
+def check_tensor(op: str, name: str, t, *, min_dim: int = 0, floating: bool = True) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if floating and not t.is_floating_point():
+        raise TypeError(f"{op}: {name} must be a floating-point tensor, got {t.dtype}")
+    if t.dim() < min_dim:
+        raise ValueError(f"{op}: {name} must have at least {min_dim} dimension(s), got shape {_shape(t)}")
+
+
+def check_like(op: str, name: str, t: Tensor, ref_name: str, ref: Tensor, *, same_shape: bool = True) -> None:
+    """``t`` must be on ``ref``'s device, with its dtype, and (if same_shape) its shape."""
+    check_tensor(op, name, t)
+    if t.device != ref.device:
+        raise ValueError(f"{op}: {name} is on {t.device} but {ref_name} is on {ref.device}")
+    if t.dtype != ref.dtype:
+        raise TypeError(f"{op}: {name} has dtype {t.dtype} but {ref_name} has {ref.dtype}")
+    if same_shape and t.shape != ref.shape:
+        raise ValueError(f"{op}: {name} has shape {_shape(t)} but {ref_name} has {_shape(ref)}")
+
+
+def check_vector(op: str, name: str, t: Optional[Tensor], size: int, ref_name: str, ref: Tensor) -> None:
+    """``t`` (if given) must be a 1-D tensor of ``size`` elements like ``ref``: the last dim's weights."""
+    if t is None:
+        return
+    check_like(op, name, t, ref_name, ref, same_shape=False)
+    if t.dim() != 1 or t.shape[0] != size:
+        raise ValueError(f"{op}: {name} has shape {_shape(t)} but {ref_name}'s last dimension is {size}")
+
+
+def check_choice(op: str, name: str, value, choices: Sequence) -> None:
+    if value not in choices:
+        raise ValueError(f"{op}: {name} must be one of {', '.join(map(repr, choices))}, got {value!r}")

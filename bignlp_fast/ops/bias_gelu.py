@@ -1,0 +1,109 @@
+"""bias_gelu: ``gelu(x + bias)``, the feed-forward activation of BERT and GPT, in one pass.
+
+Eager PyTorch writes ``x + bias`` out, reads it back for the GELU, and in the backward reads it
+again and writes two more [N, H] tensors before summing the bias gradient. Fused, the forward reads
+x and writes y; the backward reads grad_y and x, writes grad_x, and sums the bias gradient on the way.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from bignlp_fast import _backend
+from bignlp_fast.ops._common import acc_dtype, check_choice, check_tensor, check_vector, contiguous, kernel
+
+OP = _backend.register_op("bias_gelu", dtypes={
+    "cpu": (torch.float32, torch.bfloat16),
+    "cuda": (torch.float32, torch.float16, torch.bfloat16),
+    "triton": (torch.float32, torch.float16, torch.bfloat16),
+})
+
+APPROXIMATE = ("none", "tanh")
+
+
+# ---- reference backend ------------------------------------------------------------------------
+def bias_gelu_fwd_torch(x: Tensor, bias: Optional[Tensor], tanh_approx: bool) -> Tensor:
+    """x: [N, H], bias: [H] or None. Returns gelu(x + bias) [N, H]."""
+    v = x.to(acc_dtype(x.dtype))
+    if bias is not None:
+        v = v + bias.to(v.dtype)
+    return torch.nn.functional.gelu(v, approximate="tanh" if tanh_approx else "none").to(x.dtype)
+
+
+def bias_gelu_bwd_torch(grad_y: Tensor, x: Tensor, bias: Optional[Tensor], tanh_approx: bool):
+    """Returns (grad_x [N, H], grad_bias [H] or [0]); the derivative written out as the specification."""
+    v = x.to(acc_dtype(x.dtype))
+    if bias is not None:
+        v = v + bias.to(v.dtype)
+    if tanh_approx:
+        k = math.sqrt(2.0 / math.pi)
+        t = torch.tanh(k * (v + 0.044715 * v**3))
+        dgelu = 0.5 * (1 + t) + 0.5 * v * (1 - t * t) * k * (1 + 3 * 0.044715 * v * v)
+    else:
+        dgelu = 0.5 * (1 + torch.erf(v / math.sqrt(2.0))) + v * torch.exp(-0.5 * v * v) / math.sqrt(2 * math.pi)
+    grad_x = grad_y.to(v.dtype) * dgelu
+    grad_bias = grad_x.sum(0).to(x.dtype) if bias is not None else x.new_empty(0)
+    return grad_x.to(x.dtype), grad_bias
+
+
+# ---- custom ops -------------------------------------------------------------------------------
+@torch.library.custom_op("bignlp_fast::bias_gelu_fwd", mutates_args=())
+def bias_gelu_fwd(x: Tensor, bias: Optional[Tensor], approximate: str, backend: str) -> Tensor:
+    return kernel("bias_gelu", "fwd", backend)(x.contiguous(), contiguous(bias), approximate == "tanh")
+
+
+@bias_gelu_fwd.register_fake
+def _(x, bias, approximate, backend):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("bignlp_fast::bias_gelu_bwd", mutates_args=())
+def bias_gelu_bwd(grad_y: Tensor, x: Tensor, bias: Optional[Tensor], approximate: str,
+                  backend: str) -> tuple[Tensor, Tensor]:
+    run = kernel("bias_gelu", "bwd", backend)
+    return tuple(run(grad_y.contiguous(), x.contiguous(), contiguous(bias), approximate == "tanh"))
+
+
+@bias_gelu_bwd.register_fake
+def _(grad_y, x, bias, approximate, backend):
+    return torch.empty_like(x), x.new_empty(x.shape[1]) if bias is not None else x.new_empty(0)
+
+
+def _setup_context(ctx, inputs, output):
+    x, bias, approximate, backend = inputs
+    ctx.save_for_backward(x, bias)
+    ctx.approximate, ctx.backend = approximate, backend
+
+
+def _backward(ctx, grad_y):
+    x, bias = ctx.saved_tensors
+    grad_x, grad_bias = bias_gelu_bwd(grad_y, x, bias, ctx.approximate, ctx.backend)
+    return grad_x, grad_bias if bias is not None else None, None, None
+
+
+bias_gelu_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- public op --------------------------------------------------------------------------------
+def bias_gelu(x: Tensor, bias: Optional[Tensor] = None, approximate: str = "none", *,
+              backend: Optional[str] = None) -> Tensor:
+    """``torch.nn.functional.gelu(x + bias, approximate=approximate)``, fused.
+
+    Args:
+        x: [..., H] float32 / bfloat16 (CPU) or float32 / float16 / bfloat16 (CUDA).
+        bias: [H] in x's dtype, or None.
+        approximate: "none" (erf form) or "tanh", as in torch.nn.functional.gelu.
+        backend: "cpu", "cuda", "triton", "torch" or None for automatic (see bignlp_fast._backend).
+    """
+    op = "bias_gelu"
+    check_tensor(op, "x", x, min_dim=1)
+    hidden = x.shape[-1]
+    check_vector(op, "bias", bias, hidden, "x", x)
+    check_choice(op, "approximate", approximate, APPROXIMATE)
+    name = _backend.choose(OP, x.device, x.dtype, backend)
+    y = bias_gelu_fwd(x.reshape(-1, hidden), bias, approximate, name)
+    return y.view(x.shape)

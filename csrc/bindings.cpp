@@ -1,0 +1,50 @@
+// The one pybind11 module of the project: bignlp_fast._C.
+// Argument checks live next to each kernel; this file only names things.
+#include <torch/extension.h>
+
+#include "ops.h"
+
+#ifndef BIGNLP_FAST_CPU_FLAGS
+#define BIGNLP_FAST_CPU_FLAGS ""
+#endif
+#ifndef BIGNLP_FAST_CPU_CAPABILITY
+#define BIGNLP_FAST_CPU_CAPABILITY "DEFAULT"
+#endif
+#ifndef BIGNLP_FAST_CUDA_ARCHS
+#define BIGNLP_FAST_CUDA_ARCHS ""
+#endif
+
+namespace py = pybind11;
+
+static py::dict build_info() {
+  py::dict info;
+  info["cpu_flags"] = BIGNLP_FAST_CPU_FLAGS;
+  info["cpu_capability"] = BIGNLP_FAST_CPU_CAPABILITY;
+  info["compiler"] = __VERSION__;
+  info["torch_version"] = TORCH_VERSION;
+#ifdef BIGNLP_FAST_WITH_CUDA
+  info["with_cuda"] = true;
+  info["cuda_archs"] = BIGNLP_FAST_CUDA_ARCHS;
+#else
+  info["with_cuda"] = false;
+  info["cuda_archs"] = "";
+#endif
+  return info;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "bignlp_fast compiled kernels (CPU, and CUDA when built with it)";
+  m.def("build_info", &build_info, "How this extension was built: CPU flags, at::vec level, CUDA archs");
+
+  using namespace bignlp_fast;
+  m.def("add_layer_norm_fwd_cpu", &add_layer_norm_fwd_cpu);
+  m.def("add_layer_norm_bwd_cpu", &add_layer_norm_bwd_cpu);
+  m.def("bias_gelu_fwd_cpu", &bias_gelu_fwd_cpu);
+  m.def("bias_gelu_bwd_cpu", &bias_gelu_bwd_cpu);
+#ifdef BIGNLP_FAST_WITH_CUDA
+  m.def("add_layer_norm_fwd_cuda", &add_layer_norm_fwd_cuda);
+  m.def("add_layer_norm_bwd_cuda", &add_layer_norm_bwd_cuda);
+  m.def("bias_gelu_fwd_cuda", &bias_gelu_fwd_cuda);
+  m.def("bias_gelu_bwd_cuda", &bias_gelu_bwd_cuda);
+#endif
+}

@@ -1,0 +1,153 @@
+// bias_gelu on the CPU: y = gelu(x + bias), erf or tanh form.
+//
+// Forward reads x once and writes y once. Backward reads grad_y and x once and writes grad_x once,
+// summing grad_x into per-chunk bias-gradient partials on the way (deterministic, see common.h).
+// erf uses the same approximation as ATen's vectorized erf (PyTorch's own CPU GELU), arranged so
+// the backward's Gaussian comes from the exp erf already computes; tanh is ATen's (Sleef).
+#include <cmath>
+
+#include "cpu/common.h"
+#include "ops.h"
+
+namespace bignlp_fast {
+namespace {
+
+using cpu::fVec;
+using cpu::kStep;
+
+constexpr float kSqrt1_2 = 0.70710678118654752440f;    // 1/sqrt(2)
+constexpr float kInvSqrt2Pi = 0.39894228040143267794f;  // 1/sqrt(2*pi)
+constexpr float kTanhScale = 0.79788456080286535588f;   // sqrt(2/pi)
+constexpr float kTanhCubic = 0.044715f;
+
+// erf(v / sqrt(2)) and exp(-v^2 / 2) together. Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7):
+// erf(|x|) = 1 - t * poly(t) * exp(-x^2), t = 1 / (1 + p |x|); with x = v / sqrt(2), exp(-x^2) is
+// the Gaussian the GELU derivative needs, so one exp serves both.
+inline fVec erf_and_gauss(const fVec& v, fVec& gauss) {
+  const fVec x = v * fVec(kSqrt1_2);
+  const fVec t = fVec(1.f) / at::vec::fmadd(fVec(0.3275911f), x.abs(), fVec(1.f));
+  fVec poly = at::vec::fmadd(fVec(1.061405429f), t, fVec(-1.453152027f));
+  poly = at::vec::fmadd(poly, t, fVec(1.421413741f));
+  poly = at::vec::fmadd(poly, t, fVec(-0.284496736f));
+  poly = at::vec::fmadd(poly, t, fVec(0.254829592f)) * t;
+  gauss = (fVec(-0.5f) * v * v).exp();
+  const fVec erf_abs = fVec(1.f) - poly * gauss;
+  return fVec::blendv(erf_abs, fVec(0.f) - erf_abs, x < fVec(0.f));
+}
+
+inline fVec gelu(const fVec& v, bool tanh_approx) {
+  const fVec half(0.5f), one(1.f);
+  if (tanh_approx) {
+    const fVec inner = fVec(kTanhScale) * at::vec::fmadd(fVec(kTanhCubic) * v, v * v, v);
+    return half * v * (one + inner.tanh());
+  }
+  fVec gauss;
+  return half * v * (one + erf_and_gauss(v, gauss));
+}
+
+inline fVec gelu_grad(const fVec& v, bool tanh_approx) {
+  const fVec half(0.5f), one(1.f);
+  if (tanh_approx) {
+    const fVec v2 = v * v;
+    const fVec t = (fVec(kTanhScale) * at::vec::fmadd(fVec(kTanhCubic) * v, v2, v)).tanh();
+    const fVec dinner = fVec(kTanhScale) * at::vec::fmadd(fVec(3.f * kTanhCubic), v2, one);
+    return half * (one + t) + half * v * (one - t * t) * dinner;
+  }
+  fVec gauss;
+  const fVec cdf = half * (one + erf_and_gauss(v, gauss));
+  return at::vec::fmadd(v * fVec(kInvSqrt2Pi), gauss, cdf);
+}
+
+void check_inputs(const at::Tensor& x, const std::optional<at::Tensor>& bias, const char* xname) {
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.is_contiguous(), "bias_gelu: ", xname,
+              " must be a contiguous 2-D CPU tensor, got shape ", x.sizes(), " on ", x.device());
+  if (bias) {
+    TORCH_CHECK(bias->device().is_cpu() && bias->dim() == 1 && bias->size(0) == x.size(1) && bias->is_contiguous(),
+                "bias_gelu: bias must be a contiguous CPU vector of size ", x.size(1), ", got shape ", bias->sizes());
+    TORCH_CHECK(bias->scalar_type() == x.scalar_type(), "bias_gelu: bias has dtype ", bias->scalar_type(),
+                " but ", xname, " has ", x.scalar_type());
+  }
+}
+
+}  // namespace
+
+at::Tensor bias_gelu_fwd_cpu(const at::Tensor& x, const std::optional<at::Tensor>& bias, bool tanh_approx) {
+  check_inputs(x, bias, "x");
+  const int64_t rows = x.size(0), H = x.size(1), Hp = cpu::round_up_to_step(H);
+  at::Tensor y = at::empty_like(x);
+  at::Tensor b32 = at::empty({Hp}, x.options().dtype(at::kFloat));
+  BIGNLP_DISPATCH_FLOAT_BF16(x.scalar_type(), "bias_gelu_fwd_cpu", [&] {
+    using T = scalar_t;
+    float* b = b32.data_ptr<float>();
+    cpu::to_padded_float(bias ? bias->const_data_ptr<T>() : nullptr, H, b, Hp, 0.f);
+    const T* xp = x.const_data_ptr<T>();
+    T* yp = y.data_ptr<T>();
+    const bool streaming = cpu::streaming_pays(2 * x.nbytes());
+    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / Hp), [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const bool stream = cpu::stream_row(streaming, yp + r * H);
+        for (int64_t j = 0; j < H; j += kStep) {
+          fVec a, c;
+          cpu::load2_any(xp + r * H + j, H - j, a, c);
+          a = gelu(a + fVec::loadu(b + j), tanh_approx);
+          c = gelu(c + fVec::loadu(b + j + fVec::size()), tanh_approx);
+          cpu::store2_out(yp + r * H + j, H - j, a, c, stream);
+        }
+      }
+      if (streaming) cpu::stream_fence();
+    });
+  });
+  return y;
+}
+
+std::vector<at::Tensor> bias_gelu_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& x,
+                                          const std::optional<at::Tensor>& bias, bool tanh_approx) {
+  check_inputs(x, bias, "x");
+  check_inputs(grad_y, std::nullopt, "grad_y");
+  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type(),
+              "bias_gelu: grad_y must match x (", x.sizes(), ", ", x.scalar_type(), "), got ", grad_y.sizes(), ", ",
+              grad_y.scalar_type());
+  const int64_t rows = x.size(0), H = x.size(1), Hp = cpu::round_up_to_step(H);
+  const int64_t chunk = cpu::rows_per_chunk(rows);
+  const int64_t n_chunks = std::max<int64_t>(1, (rows + chunk - 1) / chunk);
+  auto f32 = x.options().dtype(at::kFloat);
+  at::Tensor dx = at::empty_like(x);
+  at::Tensor b32 = at::empty({Hp}, f32);
+  at::Tensor partial = bias ? at::zeros({n_chunks, Hp}, f32) : at::Tensor();
+  BIGNLP_DISPATCH_FLOAT_BF16(x.scalar_type(), "bias_gelu_bwd_cpu", [&] {
+    using T = scalar_t;
+    float* b = b32.data_ptr<float>();
+    cpu::to_padded_float(bias ? bias->const_data_ptr<T>() : nullptr, H, b, Hp, 0.f);
+    const T* xp = x.const_data_ptr<T>();
+    const T* gp = grad_y.const_data_ptr<T>();
+    T* dxp = dx.data_ptr<T>();
+    float* pdb_all = bias ? partial.data_ptr<float>() : nullptr;
+    const bool streaming = cpu::streaming_pays(3 * x.nbytes());
+    at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) {
+        float* pdb = pdb_all ? pdb_all + c * Hp : nullptr;
+        for (int64_t r = c * chunk; r < std::min(rows, (c + 1) * chunk); ++r) {
+          const bool stream = cpu::stream_row(streaming, dxp + r * H);
+          for (int64_t j = 0; j < H; j += kStep) {
+            const int64_t h = fVec::size();
+            fVec xa, xc, ga, gc;
+            cpu::load2_any(xp + r * H + j, H - j, xa, xc);
+            cpu::load2_any(gp + r * H + j, H - j, ga, gc);
+            const fVec da = ga * gelu_grad(xa + fVec::loadu(b + j), tanh_approx);
+            const fVec dc = gc * gelu_grad(xc + fVec::loadu(b + j + h), tanh_approx);
+            cpu::store2_out(dxp + r * H + j, H - j, da, dc, stream);
+            if (pdb) {  // padding lanes have grad_y = 0, so they add nothing
+              (fVec::loadu(pdb + j) + da).store(pdb + j);
+              (fVec::loadu(pdb + j + h) + dc).store(pdb + j + h);
+            }
+          }
+        }
+      }
+      if (streaming) cpu::stream_fence();
+    });
+  });
+  at::Tensor db = bias ? cpu::reduce_partials(partial, H, x.scalar_type()) : at::empty({0}, x.options());
+  return {dx, db};
+}
+
+}  // namespace bignlp_fast

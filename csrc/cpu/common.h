@@ -1,0 +1,165 @@
+// Shared pieces of the CPU kernels: fp32 vector loads/stores from float or bfloat16 memory, the
+// dtype dispatch, and the deterministic reduction of per-chunk partial sums over rows.
+//
+// Every CPU kernel works on steps of kStep = 2 * Vectorized<float>::size() elements (32 with
+// AVX-512), the width of one Vectorized<BFloat16>, so float and bfloat16 share one loop body.
+// A row's ragged tail goes through the same body via a zero-padded stack buffer.
+#pragma once
+
+#include <unistd.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+
+#include <ATen/Parallel.h>
+#include <ATen/ATen.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+#include <immintrin.h>
+#endif
+
+#include <ATen/Dispatch.h>
+
+// The dtypes of the CPU kernels: float32 and bfloat16 (fp32 accumulation). Anything else raises
+// "... not implemented for 'Half'", a case the Python layer has already routed elsewhere.
+#define BIGNLP_DISPATCH_FLOAT_BF16(TYPE, NAME, ...) \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+namespace bignlp_fast::cpu {
+
+using fVec = at::vec::Vectorized<float>;
+constexpr int64_t kStep = 2 * fVec::size();
+
+inline int64_t round_up_to_step(int64_t n) { return (n + kStep - 1) / kStep * kStep; }
+
+// Full steps: exactly kStep elements.
+inline void load2(const float* p, fVec& a, fVec& b) {
+  a = fVec::loadu(p);
+  b = fVec::loadu(p + fVec::size());
+}
+inline void load2(const c10::BFloat16* p, fVec& a, fVec& b) { at::vec::load_to_float(p, a, b); }
+inline void store2(float* p, const fVec& a, const fVec& b) {
+  a.store(p);
+  b.store(p + fVec::size());
+}
+inline void store2(c10::BFloat16* p, const fVec& a, const fVec& b) {
+  at::vec::convert_float_bfloat16(a, b).store(p);
+}
+
+// Rounds fp32 values to T's precision and back (a no-op for float).
+inline void round_to(const float*, fVec&, fVec&) {}
+inline void round_to(const c10::BFloat16*, fVec& a, fVec& b) {
+  std::tie(a, b) = at::vec::convert_bfloat16_float(at::vec::convert_float_bfloat16(a, b));
+}
+
+// Partial steps: n < kStep elements; lanes past n load as zero and are not stored.
+template <typename T>
+inline void load2(const T* p, int64_t n, fVec& a, fVec& b) {
+  T buf[kStep] = {};
+  std::memcpy(buf, p, n * sizeof(T));
+  load2(buf, a, b);
+}
+template <typename T>
+inline void store2(T* p, int64_t n, const fVec& a, const fVec& b) {
+  T buf[kStep];
+  store2(buf, a, b);
+  std::memcpy(p, buf, n * sizeof(T));
+}
+
+// Streaming (non-temporal) stores. A normal store to a line that is not in cache first reads the
+// line (read-for-ownership), so writing costs twice its bytes. When a call touches more memory than
+// the last-level cache holds, its outputs cannot stay cached anyway: streaming them skips that read.
+// p must be 64-byte aligned (see stream_row).
+inline void store2_stream(float* p, const fVec& a, const fVec& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  _mm512_stream_ps(p, a);
+  _mm512_stream_ps(p + fVec::size(), b);
+#elif defined(CPU_CAPABILITY_AVX2)
+  _mm256_stream_ps(p, a);
+  _mm256_stream_ps(p + fVec::size(), b);
+#else
+  store2(p, a, b);
+#endif
+}
+inline void store2_stream(c10::BFloat16* p, const fVec& a, const fVec& b) {
+  const at::vec::Vectorized<c10::BFloat16> v = at::vec::convert_float_bfloat16(a, b);
+#if defined(CPU_CAPABILITY_AVX512)
+  _mm512_stream_si512(reinterpret_cast<__m512i*>(p), v);
+#elif defined(CPU_CAPABILITY_AVX2)
+  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
+#else
+  v.store(p);
+#endif
+}
+// Orders a thread's streaming stores before what follows (call once at the end of a parallel task).
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
+  _mm_sfence();
+#endif
+}
+
+// Whether a call that touches `bytes` of memory should stream its outputs: when they exceed the
+// last-level cache (read from the OS; 32 MiB when it does not say).
+inline bool streaming_pays(int64_t bytes) {
+  static const int64_t llc = [] {
+    const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    return static_cast<int64_t>(l3 > 0 ? l3 : 32L << 20);
+  }();
+  return bytes > llc;
+}
+
+// Whether a row that starts at p can take streaming stores: every full step of it is then aligned.
+template <typename T>
+inline bool stream_row(bool streaming, const T* p) {
+  return streaming && reinterpret_cast<std::uintptr_t>(p) % 64 == 0;
+}
+
+// Either kind, chosen by how many elements remain.
+template <typename T>
+inline void load2_any(const T* p, int64_t n, fVec& a, fVec& b) {
+  if (n >= kStep) load2(p, a, b); else load2(p, n, a, b);
+}
+template <typename T>
+inline void store2_any(T* p, int64_t n, const fVec& a, const fVec& b) {
+  if (n >= kStep) store2(p, a, b); else store2(p, n, a, b);
+}
+
+// Stores an output step: streaming when the row streams and the step is whole.
+template <typename T>
+inline void store2_out(T* p, int64_t n, const fVec& a, const fVec& b, bool stream) {
+  if (stream && n >= kStep) store2_stream(p, a, b); else store2_any(p, n, a, b);
+}
+
+// A [rows, H] fp32 scratch copy of a small vector (weights), padded with zeros to a whole step.
+template <typename T>
+inline void to_padded_float(const T* src, int64_t n, float* dst, int64_t n_padded, float fill_absent) {
+  if (src == nullptr) {
+    std::fill(dst, dst + n, fill_absent);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+  }
+  std::fill(dst + n, dst + n_padded, 0.f);
+}
+
+// Rows per chunk for reductions over rows (grad of weight/bias): at most 64 chunks, a function of
+// the row count alone, so the reduction order, and the result, never depends on the thread count.
+inline int64_t rows_per_chunk(int64_t rows) { return std::max<int64_t>(16, (rows + 63) / 64); }
+
+// Sums [chunks, Hp] fp32 partials over chunks, in chunk order, into a [H] tensor of `dtype`.
+inline at::Tensor reduce_partials(const at::Tensor& partial, int64_t H, at::ScalarType dtype) {
+  const int64_t chunks = partial.size(0), Hp = partial.size(1);
+  at::Tensor total = at::empty({H}, partial.options());
+  const float* p = partial.const_data_ptr<float>();
+  float* t = total.data_ptr<float>();
+  at::parallel_for(0, H, 1024, [&](int64_t j0, int64_t j1) {
+    std::fill(t + j0, t + j1, 0.f);
+    for (int64_t c = 0; c < chunks; ++c)
+      for (int64_t j = j0; j < j1; ++j) t[j] += p[c * Hp + j];
+  });
+  return total.to(dtype);
+}
+
+}  // namespace bignlp_fast::cpu

@@ -1,0 +1,59 @@
+// Declarations of every compiled kernel entry point, one block per op.
+//
+// Contract shared by all backends of an op (cpu here, cuda in csrc/cuda, triton in kernels/):
+// inputs arrive already validated by the Python op (bignlp_fast/ops/<op>.py), flattened to 2-D
+// [rows, hidden] and contiguous; the TORCH_CHECKs in the kernels are a second line of defence.
+// Outputs that do not exist for a call (no residual, no bias) are returned as empty tensors of
+// shape [0], never as undefined tensors, so every backend returns the same tuple structure; each is
+// its own tensor (a custom op's outputs may not alias one another or an input).
+#pragma once
+
+#include <optional>
+#include <vector>
+
+#include <ATen/ATen.h>
+
+namespace bignlp_fast {
+
+// ---- add_layer_norm ------------------------------------------------------------------------
+// Forward: s = x + residual (added in fp32, rounded to x.dtype), out = (s - mean) * rstd * weight + bias
+//   with mean and rstd computed in fp32 from the rounded s: the rounded s is what the backward gets,
+//   so forward and backward agree even when a tiny variance makes rstd large.
+//   x, residual: [N, H]; weight, bias: [H], same dtype as x; any of the last three may be absent.
+//   Returns {out [N, H], residual_out [N, H] (s in x.dtype; [0] when residual is absent),
+//            mean [N] float32, rstd [N] float32}.
+// Backward: given grad_out and grad_residual_out (the gradient reaching residual_out, may be
+//   absent), s (residual_out, or x when there was no residual), mean and rstd from the forward:
+//   Returns {grad_s [N, H] (the gradient of both x and residual), grad_weight [H] ([0] when weight
+//            is absent), grad_bias [H] ([0] when has_bias is false)}.
+//   grad_weight/grad_bias are reduced over rows in a fixed order: results do not depend on the
+//   number of threads.
+std::vector<at::Tensor> add_layer_norm_fwd_cpu(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                                               const std::optional<at::Tensor>& weight,
+                                               const std::optional<at::Tensor>& bias, double eps);
+std::vector<at::Tensor> add_layer_norm_bwd_cpu(const at::Tensor& grad_out,
+                                               const std::optional<at::Tensor>& grad_residual_out,
+                                               const at::Tensor& s, const at::Tensor& mean, const at::Tensor& rstd,
+                                               const std::optional<at::Tensor>& weight, bool has_bias);
+
+// ---- bias_gelu -----------------------------------------------------------------------------
+// Forward: y = gelu(x + bias), erf form, or tanh form when tanh_approx. x: [N, H]; bias: [H] or absent.
+// Backward: returns {grad_x [N, H], grad_bias [H] ([0] when bias is absent)}; x is the forward input.
+at::Tensor bias_gelu_fwd_cpu(const at::Tensor& x, const std::optional<at::Tensor>& bias, bool tanh_approx);
+std::vector<at::Tensor> bias_gelu_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& x,
+                                          const std::optional<at::Tensor>& bias, bool tanh_approx);
+
+#ifdef BIGNLP_FAST_WITH_CUDA
+std::vector<at::Tensor> add_layer_norm_fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                                                const std::optional<at::Tensor>& weight,
+                                                const std::optional<at::Tensor>& bias, double eps);
+std::vector<at::Tensor> add_layer_norm_bwd_cuda(const at::Tensor& grad_out,
+                                                const std::optional<at::Tensor>& grad_residual_out,
+                                                const at::Tensor& s, const at::Tensor& mean, const at::Tensor& rstd,
+                                                const std::optional<at::Tensor>& weight, bool has_bias);
+at::Tensor bias_gelu_fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor>& bias, bool tanh_approx);
+std::vector<at::Tensor> bias_gelu_bwd_cuda(const at::Tensor& grad_y, const at::Tensor& x,
+                                           const std::optional<at::Tensor>& bias, bool tanh_approx);
+#endif
+
+}  // namespace bignlp_fast

@@ -1,0 +1,42 @@
+"""Shared test setup. Without a CUDA GPU, Triton kernels run through the interpreter on CPU tensors:
+TRITON_INTERPRET must be set before triton is first imported, so it is set here."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+import bignlp_fast  # noqa: E402
+from bignlp_fast import _backend  # noqa: E402
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def backend_params(*names):
+    """pytest params (backend, device) for each backend, skipped with the reason it cannot run here."""
+    params = []
+    for name in names:
+        device = torch.device("cuda" if name == "cuda" or (name == "triton" and HAS_CUDA) else "cpu")
+        reason = _backend.unavailable(name, device)
+        if name == "cuda" and not HAS_CUDA:
+            reason = "no CUDA GPU on this machine"
+        marks = [pytest.mark.skip(reason=f"{name} backend: {reason}")] if reason else []
+        if name == "triton":
+            marks.append(pytest.mark.triton)
+        if name == "cuda":
+            marks.append(pytest.mark.cuda)
+        params.append(pytest.param(name, device, id=name, marks=marks))
+    return params
+
+
+@pytest.fixture(autouse=True)
+def _clean_backend_state(monkeypatch):
+    """Each test starts with no forced backend, no strict mode and an empty fallback record."""
+    monkeypatch.delenv("BIGNLP_FAST_BACKEND", raising=False)
+    monkeypatch.delenv("BIGNLP_FAST_STRICT", raising=False)
+    bignlp_fast.reset_report()
+    yield

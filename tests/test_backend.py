@@ -1,0 +1,87 @@
+"""Backend choice, the fallback record, strict mode, the build and the CLI."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bignlp_fast
+from bignlp_fast import _backend
+from bignlp_fast.ops import add_layer_norm, bias_gelu
+
+
+def test_extension_is_built_and_reports_how():
+    info = bignlp_fast.build_info()
+    assert "error" not in info, info
+    assert info["cpu_capability"] in ("AVX512", "AVX2", "DEFAULT")
+    assert "-O3" in info["cpu_flags"]
+    assert _backend.unavailable("cpu", torch.device("cpu")) is None
+
+
+def test_triton_kernels_are_importable_as_a_subpackage():
+    import bignlp_fast.kernels.add_layer_norm as k1
+    import bignlp_fast.kernels.bias_gelu as k2
+    assert callable(k1.add_layer_norm_fwd_triton) and callable(k2.bias_gelu_bwd_triton)
+
+
+def test_automatic_choice_on_cpu_is_the_cpu_backend():
+    assert _backend.choose(_backend.OPS["add_layer_norm"], torch.device("cpu"), torch.float32) == "cpu"
+    assert bignlp_fast.report() == []
+
+
+def test_environment_variable_names_the_backend(monkeypatch):
+    monkeypatch.setenv("BIGNLP_FAST_BACKEND", "torch")
+    assert _backend.choose(_backend.OPS["bias_gelu"], torch.device("cpu"), torch.float32) == "torch"
+    assert _backend.choose(_backend.OPS["bias_gelu"], torch.device("cpu"), torch.float32, "cpu") == "cpu"
+    monkeypatch.setenv("BIGNLP_FAST_BACKEND", "nonsense")
+    with pytest.raises(ValueError, match="unknown backend 'nonsense'"):
+        bias_gelu(torch.randn(2, 3))
+
+
+def test_fallback_is_recorded_never_silent():
+    x = torch.randn(4, 8, dtype=torch.float16)
+    y = bias_gelu(x)  # float16 has no CPU kernel: the reference runs, and says so
+    torch.testing.assert_close(y, torch.nn.functional.gelu(x))
+    bias_gelu(x)
+    (record,) = bignlp_fast.report()
+    assert record["op"] == "bias_gelu" and record["backend"] == "cpu" and record["count"] == 2
+    assert "float16" in record["reason"]
+    bignlp_fast.reset_report()
+    assert bignlp_fast.report() == []
+
+
+def test_strict_mode_turns_a_fallback_into_an_error(monkeypatch):
+    monkeypatch.setenv("BIGNLP_FAST_STRICT", "1")
+    with pytest.raises(bignlp_fast.BackendError, match="would fall back to the torch reference.*float16"):
+        add_layer_norm(torch.randn(4, 8, dtype=torch.float16))
+    add_layer_norm(torch.randn(4, 8))  # a fused path is not affected
+
+
+def test_fallback_is_recorded_under_compile():
+    f = torch.compile(lambda x: bias_gelu(x), fullgraph=True, backend="aot_eager")
+    f(torch.randn(4, 8, dtype=torch.float16))
+    assert bignlp_fast.report()[0]["op"] == "bias_gelu"
+
+
+def test_info_lists_every_op_and_backend():
+    info = bignlp_fast.info()
+    assert set(info["ops"]) >= {"add_layer_norm", "bias_gelu"}
+    for op in info["ops"].values():
+        assert set(op) == set(_backend.BACKENDS)
+        assert op["torch"]["usable"].startswith("yes") and op["cpu"]["usable"].startswith("yes")
+        if not torch.cuda.is_available():
+            assert op["cuda"]["usable"].startswith("no: ")
+    assert info["build"]["cpu_flags"]
+
+
+@pytest.mark.parametrize("args", [["info"], ["info", "--json"]])
+def test_cli_info_runs(args):
+    out = subprocess.run([sys.executable, "-m", "bignlp_fast", *args], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=300)
+    assert out.returncode == 0, out.stderr
+    if "--json" in args:
+        assert "ops" in json.loads(out.stdout)
+    else:
+        assert "add_layer_norm" in out.stdout and "cpu_flags" in out.stdout

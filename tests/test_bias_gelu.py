@@ -1,0 +1,122 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bignlp_fast
+from bignlp_fast.ops import bias_gelu
+from conftest import backend_params
+from reference import assert_within_torch_error
+
+BACKENDS = backend_params("cpu", "cuda", "triton", "torch")
+DTYPES = {"cpu": (torch.float32, torch.bfloat16), "torch": (torch.float32, torch.bfloat16),
+          "cuda": (torch.float32, torch.float16, torch.bfloat16),
+          "triton": (torch.float32, torch.float16, torch.bfloat16)}
+SHAPES = [(1, 1), (3, 7), (2, 5, 384), (4, 769), (1, 1025)]
+
+
+def _run(fn, x, b, gy):
+    y = fn(x, b)
+    leaves = [t for t in (x, b) if t is not None]
+    return [y, *torch.autograd.grad(y, leaves, gy)]
+
+
+def _check(backend, device, dtype, shape, approximate, with_bias=True, x=None):
+    g = torch.Generator().manual_seed(0)
+    if x is None:
+        x = (torch.randn(shape, generator=g) * 3).to(device=device, dtype=dtype).requires_grad_()
+    b = torch.randn(x.shape[-1], generator=g).to(device=device, dtype=dtype).requires_grad_() if with_bias else None
+    gy = torch.randn(x.shape, generator=g).to(device=device, dtype=dtype)
+    eager = lambda x, b: F.gelu(x + b if b is not None else x, approximate=approximate)  # noqa: E731
+    ours = _run(lambda x, b: bias_gelu(x, b, approximate, backend=backend), x, b, gy)
+    theirs = _run(eager, x, b, gy)
+    x64 = x.detach().double().requires_grad_()
+    b64 = b.detach().double().requires_grad_() if b is not None else None
+    ref = _run(eager, x64, b64, gy.double())
+    for name, a, c, r in zip(["y", "grad_x", "grad_bias"], ours, theirs, ref):
+        assert_within_torch_error(f"{backend} {dtype} {tuple(x.shape)} {approximate} {name}", a, c, r, dtype)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+def test_matches_float64(backend, device, shape, approximate):
+    if backend == "triton" and device.type == "cpu" and shape[-1] > 400:
+        pytest.skip("the Triton interpreter is slow: small shapes only on the CPU")
+    for dtype in DTYPES[backend]:
+        _check(backend, device, dtype, shape, approximate)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_without_bias_and_non_contiguous(backend, device):
+    x = torch.randn(6, 70, device=device)[:, ::2].requires_grad_()
+    assert not x.is_contiguous()
+    for approximate in ("none", "tanh"):
+        _check(backend, device, torch.float32, None, approximate, with_bias=False, x=x)
+        _check(backend, device, torch.float32, None, approximate, with_bias=True, x=x)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_streaming_path(dtype):
+    """Large enough that the CPU kernels switch to streaming stores."""
+    _check("cpu", torch.device("cpu"), dtype, (16384, 768), "none")
+
+
+def test_extreme_values():
+    x = torch.tensor([[-1e4, -30.0, -8.0, -1e-20, 0.0, 1e-20, 8.0, 30.0, 1e4]])
+    for backend in ("cpu", "torch"):
+        for approximate in ("none", "tanh"):
+            y = bias_gelu(x, None, approximate, backend=backend)
+            torch.testing.assert_close(y, F.gelu(x, approximate=approximate))
+            assert torch.isfinite(y).all()
+
+
+def test_bias_gradient_does_not_depend_on_thread_count():
+    x = torch.randn(517, 40, requires_grad=True)
+    b = torch.randn(40, requires_grad=True)
+    threads = torch.get_num_threads()
+    grads = []
+    for n in (1, max(2, threads)):
+        torch.set_num_threads(n)
+        try:
+            grads.append(torch.autograd.grad(bias_gelu(x, b, backend="cpu").sum(), b)[0])
+        finally:
+            torch.set_num_threads(threads)
+    assert torch.equal(*grads)
+
+
+def test_gradcheck_float64():
+    x = torch.randn(3, 9, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(9, dtype=torch.float64, requires_grad=True)
+    for approximate in ("none", "tanh"):
+        assert torch.autograd.gradcheck(lambda x, b: bias_gelu(x, b, approximate, backend="torch"), (x, b))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_opcheck(backend, device):
+    x = torch.randn(4, 40, device=device, requires_grad=True)
+    b = torch.randn(40, device=device, requires_grad=True)
+    for approximate in ("none", "tanh"):
+        torch.library.opcheck(torch.ops.bignlp_fast.bias_gelu_fwd, (x, b, approximate, backend))
+        torch.library.opcheck(torch.ops.bignlp_fast.bias_gelu_fwd, (x, None, approximate, backend))
+        torch.library.opcheck(torch.ops.bignlp_fast.bias_gelu_bwd,
+                              (torch.randn_like(x), x.detach(), b.detach(), approximate, backend))
+
+
+def test_gelu_module_is_a_drop_in():
+    x = torch.randn(3, 5, 16)
+    for approximate in ("none", "tanh"):
+        torch.testing.assert_close(bignlp_fast.nn.GELU(approximate)(x), torch.nn.GELU(approximate)(x))
+
+
+def test_bad_input_names_the_argument():
+    x = torch.randn(4, 8)
+    with pytest.raises(TypeError, match="bias_gelu: x must be a torch.Tensor"):
+        bias_gelu(None)
+    with pytest.raises(ValueError, match=r"bias has shape \(9,\) but x's last dimension is 8"):
+        bias_gelu(x, torch.randn(9))
+    with pytest.raises(TypeError, match="bias has dtype torch.float16 but x has torch.float32"):
+        bias_gelu(x, torch.randn(8).half())
+    with pytest.raises(ValueError, match="approximate must be one of 'none', 'tanh', got 'fast'"):
+        bias_gelu(x, None, "fast")
+    with pytest.raises(TypeError, match="x must be a floating-point tensor"):
+        bias_gelu(torch.ones(2, 2, dtype=torch.int32))

@@ -10,6 +10,34 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+
+def _interpreter_rounds_bf16_to_nearest():
+    """The Triton interpreter (triton 3.x) casts fp32 -> bf16 by truncation, while the GPU's
+    cvt.rn.bf16.f32 rounds to nearest even: bf16 outputs would be off by one ulp where the compiled
+    kernel is off by half. Make the interpreter round as the GPU does, so the tests judge the
+    kernels and not the interpreter."""
+    try:
+        import triton.language as tl
+        from triton.runtime import interpreter
+    except ImportError:
+        return
+    builder = getattr(interpreter, "InterpreterBuilder", None)
+    cast = getattr(builder, "cast_impl", None)
+    if cast is None:
+        return
+
+    def cast_rounding_to_nearest(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            bits = torch.from_numpy(src.data.copy()).to(torch.bfloat16).view(torch.int16).numpy().view("uint16")
+            return interpreter.TensorHandle(bits, tl.bfloat16)
+        return cast(self, src, dst_type)
+
+    builder.cast_impl = cast_rounding_to_nearest
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _interpreter_rounds_bf16_to_nearest()
+
 import bignlp_fast  # noqa: E402
 from bignlp_fast import _backend  # noqa: E402
 

@@ -85,3 +85,9 @@ def test_cli_info_runs(args):
         assert "ops" in json.loads(out.stdout)
     else:
         assert "add_layer_norm" in out.stdout and "cpu_flags" in out.stdout
+
+
+def test_cuda_sources_were_compiled_when_asked():
+    if os.environ.get("BIGNLP_FAST_CUDA") != "1":
+        pytest.skip("BIGNLP_FAST_CUDA=1 not set: the build decided by itself")
+    assert bignlp_fast.build_info()["with_cuda"], "BIGNLP_FAST_CUDA=1 but the extension has no CUDA sources"

@@ -1,0 +1,1 @@
+"""Triton kernels, one module per op; submodules are imported on demand so that importing this never needs triton."""

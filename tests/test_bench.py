@@ -1,0 +1,39 @@
+"""The benchmark machinery (not speed: timing never decides a test)."""
+import json
+
+import pytest
+import torch
+
+from bignlp_fast import cli
+from bignlp_fast.bench import all_cases, format_table, run_case, tiny_cases
+
+
+def test_every_case_has_a_reference_and_a_cost():
+    for case in all_cases():
+        assert case.ref_name and (case.bytes or case.flops), case.id
+        assert set(case.suites) <= {"quick", "full"}
+
+
+@pytest.mark.parametrize("case", tiny_cases(), ids=lambda c: c.id)
+def test_run_case_reports_every_column(case):
+    row = run_case(case, torch.device("cpu"), repeats=2, copy_rate=10.0)
+    assert row.backend == "cpu" and row.ms > 0 and row.ref_ms > 0 and row.speedup > 0
+    assert row.gbps > 0 and row.pct_of_copy > 0
+    assert row.peak_mb >= 0 and row.ref_peak_mb >= 0
+    assert row.max_err < 1e-4 and row.ref_max_err < 1e-4
+    assert case.op in format_table([row])
+
+
+def test_cli_bench_writes_json(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--filter", "bias_gelu-fwd-8192x768-float32", "--repeats", "2",
+                     "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "bias_gelu" in printed and "copy rate measured in this run" in printed
+    data = json.loads(out.read_text())
+    assert data["rows"][0]["case"] == "bias_gelu-fwd-8192x768-float32" and data["copy_gbps"] > 0
+
+
+def test_cli_bench_rejects_an_empty_selection(capsys):
+    assert cli.main(["bench", "--filter", "no-such-case"]) == 2
+    assert "no case" in capsys.readouterr().err

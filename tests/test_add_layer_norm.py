@@ -80,8 +80,8 @@ def test_non_contiguous_inputs(backend, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_streaming_path(dtype):
-    """Large enough that the CPU kernels switch to streaming stores (a call touching more than the L3)."""
+def test_cpu_many_rows(dtype):
+    """The benchmark's size class: many rows, split over threads."""
     _check_against_float64("cpu", torch.device("cpu"), dtype, (12288, 768))
 
 

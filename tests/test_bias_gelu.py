@@ -56,8 +56,8 @@ def test_without_bias_and_non_contiguous(backend, device):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cpu_streaming_path(dtype):
-    """Large enough that the CPU kernels switch to streaming stores."""
+def test_cpu_many_rows(dtype):
+    """The benchmark's size class: many rows, split over threads."""
     _check("cpu", torch.device("cpu"), dtype, (16384, 768), "none")
 
 

@@ -37,13 +37,11 @@ void fwd_rows(const T* x, const T* res, const float* w, const float* b, T* out, 
               float* rstd_out, int64_t rows, int64_t H, float eps) {
   const int64_t Hp = cpu::round_up_to_step(H);
   const int64_t grain = std::max<int64_t>(1, 16384 / Hp);
-  const bool streaming = cpu::streaming_pays(rows * H * sizeof(T) * (res ? 4 : 2));
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     std::vector<float> row(Hp);  // fp32 s for the current row
     float* s = row.data();
     for (int64_t r = r0; r < r1; ++r) {
       const T* xr = x + r * H;
-      const bool stream = cpu::stream_row(streaming, out + r * H) && (!res || cpu::stream_row(true, res_out + r * H));
       fVec acc0(0.f), acc1(0.f);
       for (int64_t j = 0; j < H; j += kStep) {  // pass 1: s = x + residual, sum(s)
         fVec a, c;
@@ -54,7 +52,7 @@ void fwd_rows(const T* x, const T* res, const float* w, const float* b, T* out, 
           a = a + ra;
           c = c + rc;
           cpu::round_to(xr, a, c);  // normalise the s that is stored, and that the backward sees
-          cpu::store2_out(res_out + r * H + j, H - j, a, c, stream);
+          cpu::store2_any(res_out + r * H + j, H - j, a, c);
         }
         cpu::store2(s + j, a, c);
         acc0 = acc0 + a;
@@ -84,10 +82,9 @@ void fwd_rows(const T* x, const T* res, const float* w, const float* b, T* out, 
         fVec a = (fVec::loadu(s + j) - vmean) * vrstd, c = (fVec::loadu(s + j + h) - vmean) * vrstd;
         a = at::vec::fmadd(a, fVec::loadu(w + j), fVec::loadu(b + j));
         c = at::vec::fmadd(c, fVec::loadu(w + j + h), fVec::loadu(b + j + h));
-        cpu::store2_out(out + r * H + j, H - j, a, c, stream);
+        cpu::store2_any(out + r * H + j, H - j, a, c);
       }
     }
-    if (streaming) cpu::stream_fence();
   });
 }
 
@@ -97,7 +94,6 @@ void bwd_rows(const T* dy, const T* dres, const T* s, const float* mean, const f
   const int64_t Hp = cpu::round_up_to_step(H);
   const int64_t chunk = cpu::rows_per_chunk(rows);
   const int64_t n_chunks = (rows + chunk - 1) / chunk;
-  const bool streaming = cpu::streaming_pays(rows * H * sizeof(T) * (dres ? 4 : 3));
   at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
     std::vector<float> scratch(2 * Hp);
     float* xhat_row = scratch.data();  // xhat of the current row
@@ -128,7 +124,6 @@ void bwd_rows(const T* dy, const T* dres, const T* s, const float* mean, const f
           (fVec::loadu(pdb + j) + ya).store(pdb + j);
           (fVec::loadu(pdb + j + h) + yc).store(pdb + j + h);
         }
-        const bool stream = cpu::stream_row(streaming, ds + r * H);
         const fVec mg(at::vec::vec_reduce_all<float>(std::plus<fVec>(), sg0 + sg1) / H);
         const fVec mgx(at::vec::vec_reduce_all<float>(std::plus<fVec>(), sgx0 + sgx1) / H);
         for (int64_t j = 0; j < H; j += kStep) {  // pass 2: ds = rstd * (g - mean(g) - xhat * mean(g xhat))
@@ -141,11 +136,10 @@ void bwd_rows(const T* dy, const T* dres, const T* s, const float* mean, const f
             a = a + ra;
             c = c + rc;
           }
-          cpu::store2_out(ds + r * H + j, H - j, a, c, stream);
+          cpu::store2_any(ds + r * H + j, H - j, a, c);
         }
       }
     }
-    if (streaming) cpu::stream_fence();
   });
 }
 

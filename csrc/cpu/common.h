@@ -6,10 +6,7 @@
 // A row's ragged tail goes through the same body via a zero-padded stack buffer.
 #pragma once
 
-#include <unistd.h>
-
 #include <algorithm>
-#include <cstdint>
 #include <cstring>
 
 #include <ATen/Parallel.h>
@@ -17,9 +14,6 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-#include <immintrin.h>
-#endif
 
 #include <ATen/Dispatch.h>
 
@@ -69,54 +63,6 @@ inline void store2(T* p, int64_t n, const fVec& a, const fVec& b) {
   std::memcpy(p, buf, n * sizeof(T));
 }
 
-// Streaming (non-temporal) stores. A normal store to a line that is not in cache first reads the
-// line (read-for-ownership), so writing costs twice its bytes. When a call touches more memory than
-// the last-level cache holds, its outputs cannot stay cached anyway: streaming them skips that read.
-// p must be 64-byte aligned (see stream_row).
-inline void store2_stream(float* p, const fVec& a, const fVec& b) {
-#if defined(CPU_CAPABILITY_AVX512)
-  _mm512_stream_ps(p, a);
-  _mm512_stream_ps(p + fVec::size(), b);
-#elif defined(CPU_CAPABILITY_AVX2)
-  _mm256_stream_ps(p, a);
-  _mm256_stream_ps(p + fVec::size(), b);
-#else
-  store2(p, a, b);
-#endif
-}
-inline void store2_stream(c10::BFloat16* p, const fVec& a, const fVec& b) {
-  const at::vec::Vectorized<c10::BFloat16> v = at::vec::convert_float_bfloat16(a, b);
-#if defined(CPU_CAPABILITY_AVX512)
-  _mm512_stream_si512(reinterpret_cast<__m512i*>(p), v);
-#elif defined(CPU_CAPABILITY_AVX2)
-  _mm256_stream_si256(reinterpret_cast<__m256i*>(p), v);
-#else
-  v.store(p);
-#endif
-}
-// Orders a thread's streaming stores before what follows (call once at the end of a parallel task).
-inline void stream_fence() {
-#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
-  _mm_sfence();
-#endif
-}
-
-// Whether a call that touches `bytes` of memory should stream its outputs: when they exceed the
-// last-level cache (read from the OS; 32 MiB when it does not say).
-inline bool streaming_pays(int64_t bytes) {
-  static const int64_t llc = [] {
-    const long l3 = sysconf(_SC_LEVEL3_CACHE_SIZE);
-    return static_cast<int64_t>(l3 > 0 ? l3 : 32L << 20);
-  }();
-  return bytes > llc;
-}
-
-// Whether a row that starts at p can take streaming stores: every full step of it is then aligned.
-template <typename T>
-inline bool stream_row(bool streaming, const T* p) {
-  return streaming && reinterpret_cast<std::uintptr_t>(p) % 64 == 0;
-}
-
 // Either kind, chosen by how many elements remain.
 template <typename T>
 inline void load2_any(const T* p, int64_t n, fVec& a, fVec& b) {
@@ -125,12 +71,6 @@ inline void load2_any(const T* p, int64_t n, fVec& a, fVec& b) {
 template <typename T>
 inline void store2_any(T* p, int64_t n, const fVec& a, const fVec& b) {
   if (n >= kStep) store2(p, a, b); else store2(p, n, a, b);
-}
-
-// Stores an output step: streaming when the row streams and the step is whole.
-template <typename T>
-inline void store2_out(T* p, int64_t n, const fVec& a, const fVec& b, bool stream) {
-  if (stream && n >= kStep) store2_stream(p, a, b); else store2_any(p, n, a, b);
 }
 
 // A [rows, H] fp32 scratch copy of a small vector (weights), padded with zeros to a whole step.

@@ -1,0 +1,33 @@
+# From a fresh clone, each of these sets everything up (a venv in .venv, torch and the other
+# dependencies, the compiled extension) and then runs:
+#   make bench    the quick benchmark suite (bignlp-fast bench), printing its table
+#   make test     the test suite
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+# nvcc's toolkit: without CUDA_HOME the link step does not find cudart
+export CUDA_HOME ?= /usr/local/cuda
+
+SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h')
+
+.PHONY: build bench test clean
+
+$(VENV)/.deps:
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch triton numpy pybind11 ninja setuptools wheel pytest pytest-benchmark
+	touch $@
+
+$(VENV)/.built: $(VENV)/.deps $(SOURCES)
+	$(PY) -m pip install --quiet --no-build-isolation -e .
+	touch $@
+
+build: $(VENV)/.built
+
+bench: build
+	$(VENV)/bin/bignlp-fast bench --quick
+
+test: build
+	$(PY) -m pytest tests -q -ra
+
+clean:
+	rm -rf build bignlp_fast/_C*.so *.egg-info $(VENV)

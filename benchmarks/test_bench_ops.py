@@ -1,0 +1,42 @@
+"""pytest-benchmark runs of the cases in bignlp_fast.bench: each case's fused op and the PyTorch code
+it replaces share a benchmark group, so the report compares them directly.
+
+    pytest benchmarks/ --benchmark-json out.json          # quick suite
+    BIGNLP_FAST_BENCH_SUITE=full pytest benchmarks/       # every case
+"""
+
+import os
+
+import pytest
+import torch
+
+from bignlp_fast import _backend
+from bignlp_fast.bench import cases
+from bignlp_fast.bench.cases import to_float64
+from bignlp_fast.bench.runner import _max_err, steady_allocator
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+CASES = cases(os.environ.get("BIGNLP_FAST_BENCH_SUITE", "quick"))
+steady_allocator()  # see its docstring: both sides then time the steady state, not page faults
+
+
+@pytest.mark.parametrize("side", ["bignlp_fast", "torch"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
+def test_bench(benchmark, case, side):
+    inputs = case.make(DEVICE, case.dtype)
+    backend = _backend.choose(_backend.OPS[case.op], DEVICE, case.dtype)
+    run = (lambda: case.ours(inputs, backend)) if side == "bignlp_fast" else (lambda: case.ref(inputs))
+
+    def timed():
+        out = run()
+        if DEVICE.type == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    benchmark.group = case.id
+    out = benchmark.pedantic(timed, rounds=15, warmup_rounds=2, iterations=1)
+    median = benchmark.stats.stats.median
+    benchmark.extra_info.update(
+        backend=backend if side == "bignlp_fast" else "eager", reference=case.ref_name, bytes=case.bytes,
+        gbps=case.bytes / median / 1e9 if case.bytes else None,
+        max_err_vs_float64=_max_err(out, case.ref(to_float64(inputs))))

@@ -5,11 +5,12 @@ Backward: each program owns a fixed, contiguous group of rows; it writes grad_s 
 fp32 row of partial sums of grad_weight / grad_bias into a [programs, H] buffer, which torch then
 sums over programs. The grouping depends only on N and the device, so the result is deterministic.
 """
-import functools
 
 import torch
 import triton
 import triton.language as tl
+
+from bignlp_fast.kernels._common import sm_count as _sm_count
 
 MAX_H = 16384  # one row must fit in one block (registers); larger H is unsupported
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -122,13 +123,6 @@ def _add_layer_norm_bwd_kernel(
 def _block_and_warps(H):
     block_h = max(16, triton.next_power_of_2(H))
     return block_h, max(1, min(32, block_h // 512))  # <= 16 elements of a row per thread
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # TRITON_INTERPRET=1 on CPU: a few programs, so the row loop is exercised
 
 
 def _check(H, dtype):

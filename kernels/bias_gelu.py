@@ -5,11 +5,12 @@ reduces grad_x over rows into grad_bias: each program owns a fixed group of row 
 column block and writes fp32 column sums into a [row_programs, H] buffer that torch then sums,
 so the result is deterministic (no atomics).
 """
-import functools
 
 import torch
 import triton
 import triton.language as tl
+
+from bignlp_fast.kernels._common import sm_count as _sm_count
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TILE = 4096  # elements per program tile
@@ -110,13 +111,6 @@ def _bias_gelu_bwd_kernel(
             db_acc += dx
     if HAS_BIAS:
         tl.store(DB_PART + pid_m.to(tl.int64) * H + cols, tl.sum(db_acc, axis=0), mask=col_mask)
-
-
-@functools.lru_cache(maxsize=None)
-def _sm_count(device):
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # TRITON_INTERPRET=1 on CPU: a few programs, so the tile loop is exercised
 
 
 def _tiling(N, H):

@@ -37,3 +37,18 @@ def test_cli_bench_writes_json(tmp_path, capsys):
 def test_cli_bench_rejects_an_empty_selection(capsys):
     assert cli.main(["bench", "--filter", "no-such-case"]) == 2
     assert "no case" in capsys.readouterr().err
+
+
+def test_cli_plot_needs_matplotlib_and_says_so(tmp_path, monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_matplotlib(name, *args, **kwargs):
+        if name.startswith("matplotlib"):
+            raise ImportError("No module named 'matplotlib'")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    with pytest.raises(SystemExit, match="--plot needs matplotlib"):
+        cli.main(["bench", "--filter", "bias_gelu-fwd-8192x768-float32", "--repeats", "1",
+                  "--plot", str(tmp_path / "p.png")])

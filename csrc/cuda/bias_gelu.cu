@@ -22,43 +22,16 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "cuda/common.cuh"
 #include "ops.h"
 
 namespace bignlp_fast {
 namespace {
 
+using namespace cuda;
+
 constexpr int kThreads = 256;  // threads per block
 
-// The three dtypes the kernels take; all arithmetic is fp32.
-#define BIGNLP_DISPATCH_FLOAT_HALF_BF16(TYPE, NAME, ...)                                  \
-  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__)                 \
-                                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)              \
-                                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
-
-int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-// ---- device helpers ---------------------------------------------------------------------------
-
-template <typename T, int kVec>
-struct alignas(sizeof(T) * kVec) Vec {
-  T v[kVec];
-};
-
-// Element vector i (kVec elements starting at p + i * kVec) as fp32, and back.
-template <int kVec, typename T>
-__device__ __forceinline__ void load_vec(const T* p, int64_t i, float (&out)[kVec]) {
-  const Vec<T, kVec> in = reinterpret_cast<const Vec<T, kVec>*>(p)[i];
-#pragma unroll
-  for (int e = 0; e < kVec; ++e) out[e] = static_cast<float>(in.v[e]);
-}
-
-template <int kVec, typename T>
-__device__ __forceinline__ void store_vec(T* p, int64_t i, const float (&in)[kVec]) {
-  Vec<T, kVec> out;
-#pragma unroll
-  for (int e = 0; e < kVec; ++e) out.v[e] = static_cast<T>(in[e]);
-  reinterpret_cast<Vec<T, kVec>*>(p)[i] = out;
-}
 
 // exp(x) for x <= 0 to a few ulp, whatever --use_fast_math does to expf: the reduction
 // x = n ln2 + r, |r| <= ln2 / 2 (ln2 split in two so that n * ln2_hi is exact) leaves ex2.approx a
@@ -162,25 +135,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// out[h] = sum over i of partials[i][h], fp32 partials [num, hidden]. Thread row y adds i = y, y + 16,
-// ... in order, then the 16 results are added in order: the same order on every run.
-template <typename W>
-__global__ void sum_partials_kernel(const float* __restrict__ partials, W* __restrict__ out, int64_t num,
-                                    int hidden) {
-  __shared__ float smem[16][33];
-  const int h = blockIdx.x * 32 + threadIdx.x;
-  float acc = 0.f;
-  if (h < hidden) {
-    for (int64_t i = threadIdx.y; i < num; i += 16) acc += partials[i * hidden + h];
-  }
-  smem[threadIdx.y][threadIdx.x] = acc;
-  __syncthreads();
-  if (threadIdx.y == 0 && h < hidden) {
-    float total = 0.f;
-    for (int y = 0; y < 16; ++y) total += smem[y][threadIdx.x];
-    out[h] = static_cast<W>(total);
-  }
-}
 
 // ---- launchers --------------------------------------------------------------------------------
 
@@ -322,13 +276,7 @@ std::vector<at::Tensor> bias_gelu_bwd_cuda(const at::Tensor& grad_y, const at::T
     dispatch_vec_tanh<T>(vectorized, tanh_approx, [&](auto vec, auto use_tanh) {
       partials = launch_bwd<T, decltype(vec)::value, decltype(use_tanh)::value>(grad_y, x, bias, grad_x);
     });
-    if (bias) {
-      const int hidden = static_cast<int>(x.size(1));
-      const auto blocks = static_cast<unsigned>(ceil_div(hidden, 32));
-      sum_partials_kernel<T><<<blocks, dim3(32, 16), 0, at::cuda::getCurrentCUDAStream()>>>(
-          partials.data_ptr<float>(), grad_bias.data_ptr<T>(), partials.size(0), hidden);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    }
+    if (bias) sum_partials(partials, grad_bias);
   });
   return {grad_x, grad_bias};
 }

@@ -77,8 +77,13 @@ void fwd_rows(const T* x, const T* res, const float* w, const float* b, T* out, 
       mean_out[r] = mean;
       rstd_out[r] = rstd;
       const fVec vrstd(rstd);
+      const bool prefetch_next = r + 1 < r1;
       for (int64_t j = 0; j < H; j += kStep) {  // pass 3: normalise, scale, shift
         const int64_t h = fVec::size();
+        if (prefetch_next) {
+          cpu::prefetch_step(xr + H + j);
+          if (res) cpu::prefetch_step(res + (r + 1) * H + j);
+        }
         fVec a = (fVec::loadu(s + j) - vmean) * vrstd, c = (fVec::loadu(s + j + h) - vmean) * vrstd;
         a = at::vec::fmadd(a, fVec::loadu(w + j), fVec::loadu(b + j));
         c = at::vec::fmadd(c, fVec::loadu(w + j + h), fVec::loadu(b + j + h));
@@ -126,8 +131,13 @@ void bwd_rows(const T* dy, const T* dres, const T* s, const float* mean, const f
         }
         const fVec mg(at::vec::vec_reduce_all<float>(std::plus<fVec>(), sg0 + sg1) / H);
         const fVec mgx(at::vec::vec_reduce_all<float>(std::plus<fVec>(), sgx0 + sgx1) / H);
+        const bool prefetch_next = r + 1 < std::min(rows, (c1) * chunk);
         for (int64_t j = 0; j < H; j += kStep) {  // pass 2: ds = rstd * (g - mean(g) - xhat * mean(g xhat))
           const int64_t h = fVec::size();
+          if (prefetch_next) {
+            cpu::prefetch_step(dy + (r + 1) * H + j);
+            cpu::prefetch_step(s + (r + 1) * H + j);
+          }
           fVec a = vrstd * (fVec::loadu(g_row + j) - mg - fVec::loadu(xhat_row + j) * mgx);
           fVec c = vrstd * (fVec::loadu(g_row + j + h) - mg - fVec::loadu(xhat_row + j + h) * mgx);
           if (dres) {

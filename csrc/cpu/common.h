@@ -43,6 +43,17 @@ inline void store2(c10::BFloat16* p, const fVec& a, const fVec& b) {
   at::vec::convert_float_bfloat16(a, b).store(p);
 }
 
+// Prefetches the cache lines of one step of p (for a row that is processed next), for reading or,
+// with for_write, for writing. Row kernels make several passes over a row held in L1; prefetching the
+// next row during the later passes keeps memory busy while they compute.
+template <typename T>
+inline void prefetch_step(const T* p, bool for_write = false) {
+  for (int64_t b = 0; b < kStep * static_cast<int64_t>(sizeof(T)); b += 64) {
+    if (for_write) __builtin_prefetch(reinterpret_cast<const char*>(p) + b, 1);
+    else __builtin_prefetch(reinterpret_cast<const char*>(p) + b, 0);
+  }
+}
+
 // Rounds fp32 values to T's precision and back (a no-op for float).
 inline void round_to(const float*, fVec&, fVec&) {}
 inline void round_to(const c10::BFloat16*, fVec& a, fVec& b) {

@@ -13,7 +13,7 @@ import torch
 from bignlp_fast import _backend
 from bignlp_fast.bench import cases
 from bignlp_fast.bench.cases import to_float64
-from bignlp_fast.bench.runner import _max_err, steady_allocator
+from bignlp_fast.bench.runner import max_err, steady_allocator, sync
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CASES = cases(os.environ.get("BIGNLP_FAST_BENCH_SUITE", "quick"))
@@ -29,8 +29,7 @@ def test_bench(benchmark, case, side):
 
     def timed():
         out = run()
-        if DEVICE.type == "cuda":
-            torch.cuda.synchronize()
+        sync(DEVICE)
         return out
 
     benchmark.group = case.id
@@ -39,4 +38,4 @@ def test_bench(benchmark, case, side):
     benchmark.extra_info.update(
         backend=backend if side == "bignlp_fast" else "eager", reference=case.ref_name, bytes=case.bytes,
         gbps=case.bytes / median / 1e9 if case.bytes else None,
-        max_err_vs_float64=_max_err(out, case.ref(to_float64(inputs))))
+        max_err_vs_float64=max_err(out, case.ref(to_float64(inputs))))

@@ -55,9 +55,12 @@ def build_info() -> dict:
 _CAPABILITY_RANK = {"DEFAULT": 0, "AVX2": 1, "AVX512": 2}
 
 
+_C_MISSING = f"the compiled extension bignlp_fast._C did not import ({_C_ERROR})"
+
+
 def _cpu_reason() -> Optional[str]:
     if _C is None:
-        return f"the compiled extension bignlp_fast._C did not import ({_C_ERROR})"
+        return _C_MISSING
     built = _BUILD_INFO["cpu_capability"]
     here = torch.backends.cpu.get_cpu_capability()
     if _CAPABILITY_RANK.get(built, 0) > _CAPABILITY_RANK.get(here, 0):
@@ -68,7 +71,7 @@ def _cpu_reason() -> Optional[str]:
 
 def _cuda_reason() -> Optional[str]:
     if _C is None:
-        return f"the compiled extension bignlp_fast._C did not import ({_C_ERROR})"
+        return _C_MISSING
     if not _BUILD_INFO["with_cuda"]:
         return ("the extension was built without its CUDA sources (torch without CUDA, nvcc not found, "
                 "or BIGNLP_FAST_CUDA=0)")
@@ -129,7 +132,7 @@ def register_op(name: str, dtypes: dict) -> OpInfo:
     return info
 
 
-def _dtype_name(dtype: torch.dtype) -> str:
+def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
@@ -137,8 +140,8 @@ def dtype_unsupported(op: OpInfo, backend: str, dtype: torch.dtype) -> Optional[
     allowed = op.dtypes.get(backend, ())
     if backend == "torch" or dtype in allowed:
         return None
-    return (f"the {backend} backend of {op.name} runs {', '.join(_dtype_name(d) for d in allowed) or 'nothing'}, "
-            f"got {_dtype_name(dtype)}")
+    return (f"the {backend} backend of {op.name} runs {', '.join(dtype_name(d) for d in allowed) or 'nothing'}, "
+            f"got {dtype_name(dtype)}")
 
 
 # ---- choosing, and the fallback record --------------------------------------------------------

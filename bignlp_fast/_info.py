@@ -38,7 +38,7 @@ def info() -> dict:
         for backend in _backend.BACKENDS:
             dtypes = op.dtypes.get(backend, ())
             ops[name][backend] = {
-                "dtypes": "any" if backend == "torch" else ", ".join(_backend._dtype_name(d) for d in dtypes),
+                "dtypes": "any" if backend == "torch" else ", ".join(_backend.dtype_name(d) for d in dtypes),
                 "usable": _usable_here(backend),
             }
     return {

@@ -61,7 +61,7 @@ class Row:
     reference: str
 
 
-def _sync(device: torch.device):
+def sync(device: torch.device):
     if device.type == "cuda":
         torch.cuda.synchronize()
 
@@ -71,13 +71,13 @@ def time_interleaved(fns: list, device: torch.device, repeats: int, warmup: int 
     for fn in fns:
         for _ in range(warmup):
             fn()
-    _sync(device)
+    sync(device)
     samples = [[] for _ in fns]
     for _ in range(repeats):
         for i, fn in enumerate(fns):
             t0 = time.perf_counter()
             fn()
-            _sync(device)
+            sync(device)
             samples[i].append(time.perf_counter() - t0)
     return [statistics.median(s) for s in samples]
 
@@ -128,7 +128,7 @@ def peak_extra_mb(fn, device: torch.device) -> float:
     return peak / 2**20
 
 
-def _max_err(outs: list, refs: list) -> float:
+def max_err(outs: list, refs: list) -> float:
     return max(((o.detach().double() - r.detach()).abs().max().item() for o, r in zip(outs, refs)
                 if o.numel()), default=0.0)
 
@@ -149,7 +149,7 @@ def run_case(case: Case, device: torch.device, backend: Optional[str] = None, re
         pct_of_copy=100 * gbps / copy_rate if gbps and copy_rate else None,
         gflops=case.flops / t_ours / 1e9 if case.flops else None,
         peak_mb=peak_extra_mb(ours, device), ref_peak_mb=peak_extra_mb(ref, device),
-        max_err=_max_err(ours(), ref64), ref_max_err=_max_err(ref(), ref64), reference=case.ref_name)
+        max_err=max_err(ours(), ref64), ref_max_err=max_err(ref(), ref64), reference=case.ref_name)
 
 
 def format_table(rows: list[Row], copy_rate: Optional[float] = None) -> str:

@@ -117,17 +117,19 @@ def unavailable(backend: str, device: torch.device) -> Optional[str]:
 # ---- the ops and their dtypes -----------------------------------------------------------------
 @dataclasses.dataclass(frozen=True)
 class OpInfo:
-    """What an op's backends accept. ``dtypes[backend]`` lists the dtypes that backend runs."""
+    """What an op's backends accept. ``dtypes[backend]`` lists the dtypes that backend runs;
+    ``missing[backend]`` says why a backend has no kernel for this op (yet)."""
 
     name: str
     dtypes: dict
+    missing: dict = dataclasses.field(default_factory=dict)
 
 
 OPS: dict[str, OpInfo] = {}
 
 
-def register_op(name: str, dtypes: dict) -> OpInfo:
-    info = OpInfo(name, dtypes)
+def register_op(name: str, dtypes: dict, missing: Optional[dict] = None) -> OpInfo:
+    info = OpInfo(name, dtypes, dict(missing or {}))
     OPS[name] = info
     return info
 
@@ -137,6 +139,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def dtype_unsupported(op: OpInfo, backend: str, dtype: torch.dtype) -> Optional[str]:
+    if backend in op.missing:
+        return op.missing[backend]
     allowed = op.dtypes.get(backend, ())
     if backend == "torch" or dtype in allowed:
         return None
@@ -187,13 +191,24 @@ def choose(op: OpInfo, device: torch.device, dtype: torch.dtype, backend: Option
         reasons.append((name, reason))
     if not reasons:
         reasons.append(("-", f"no fused backend for device type {device.type!r}"))
+    _fall_back(op.name, reasons)
+    return "torch"
+
+
+def record_fallback(op: str, backend: str, reason: str) -> None:
+    """Record that ``op`` ran the slow path instead of ``backend`` because of ``reason`` (for fallbacks
+    that are not a backend choice, e.g. a module option the fused path does not support); raises
+    BackendError instead under BIGNLP_FAST_STRICT=1 (after recording)."""
+    _fall_back(op, [(backend, reason)])
+
+
+def _fall_back(op: str, reasons: list[tuple[str, str]]) -> None:
     for name, reason in reasons:
-        key = (op.name, name, reason)
+        key = (op, name, reason)
         _FALLBACKS[key] = _FALLBACKS.get(key, 0) + 1
     if os.environ.get("BIGNLP_FAST_STRICT", "0") == "1":
         detail = "; ".join(f"{n}: {r}" for n, r in reasons)
-        raise BackendError(f"{op.name}: would fall back to the torch reference ({detail}) and BIGNLP_FAST_STRICT=1")
-    return "torch"
+        raise BackendError(f"{op}: would fall back to the torch reference ({detail}) and BIGNLP_FAST_STRICT=1")
 
 
 def report() -> list[dict]:

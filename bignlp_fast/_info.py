@@ -39,7 +39,7 @@ def info() -> dict:
             dtypes = op.dtypes.get(backend, ())
             ops[name][backend] = {
                 "dtypes": "any" if backend == "torch" else ", ".join(_backend.dtype_name(d) for d in dtypes),
-                "usable": _usable_here(backend),
+                "usable": f"no: {op.missing[backend]}" if backend in op.missing else _usable_here(backend),
             }
     return {
         "bignlp_fast": __import__("bignlp_fast").__version__,

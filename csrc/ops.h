@@ -1,8 +1,8 @@
 // Declarations of every compiled kernel entry point, one block per op.
 //
 // Contract shared by all backends of an op (cpu here, cuda in csrc/cuda, triton in kernels/):
-// inputs arrive already validated by the Python op (bignlp_fast/ops/<op>.py), flattened to 2-D
-// [rows, hidden] and contiguous; the TORCH_CHECKs in the kernels are a second line of defence.
+// inputs arrive already validated by the Python op (bignlp_fast/ops/<op>.py); the row-wise ops get
+// them flattened to 2-D [rows, hidden] and contiguous (attention states its own layout below); the TORCH_CHECKs in the kernels are a second line of defence.
 // Outputs that do not exist for a call (no residual, no bias) are returned as empty tensors of
 // shape [0], never as undefined tensors, so every backend returns the same tuple structure; each is
 // its own tensor (a custom op's outputs may not alias one another or an input).
@@ -42,6 +42,28 @@ std::vector<at::Tensor> add_layer_norm_bwd_cpu(const at::Tensor& grad_out,
 at::Tensor bias_gelu_fwd_cpu(const at::Tensor& x, const std::optional<at::Tensor>& bias, bool tanh_approx);
 std::vector<at::Tensor> bias_gelu_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& x,
                                           const std::optional<at::Tensor>& bias, bool tanh_approx);
+
+// ---- attention -----------------------------------------------------------------------------
+// The contract is stated in bignlp_fast/ops/attention.py (its docstring and attention_*_torch).
+//   q [B, Hq, Lq, D], k [B, Hk, Lk, D], v [B, Hk, Lk, Dv] with stride(-1) == 1 (other strides free);
+//   bias: float32 view of [B, Hq, Lq, Lk] (strides may be 0); cu_seqlens_*: int32 [nseq + 1] (then
+//   B == 1); causal 0 none / 1 top-left / 2 bottom-right; seed: int64 scalar when dropout_p > 0.
+// Forward returns {out (allocated [B, Lq, Hq, Dv], returned as its [B, Hq, Lq, Dv] transpose),
+//   lse [B, Hq, Lq] float32 (+inf for rows with every key masked; their out is 0)}.
+// Backward returns {dq, dk, dv} laid out like q, k, v (empty_like); deterministic.
+std::vector<at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                          const std::optional<at::Tensor>& bias,
+                                          const std::optional<at::Tensor>& cu_seqlens_q,
+                                          const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
+                                          int64_t max_seqlen_k, double scale, int64_t causal, double dropout_p,
+                                          const std::optional<at::Tensor>& seed);
+std::vector<at::Tensor> attention_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                          const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                          const std::optional<at::Tensor>& bias,
+                                          const std::optional<at::Tensor>& cu_seqlens_q,
+                                          const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
+                                          int64_t max_seqlen_k, double scale, int64_t causal, double dropout_p,
+                                          const std::optional<at::Tensor>& seed);
 
 #ifdef BIGNLP_FAST_WITH_CUDA
 std::vector<at::Tensor> add_layer_norm_fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual,

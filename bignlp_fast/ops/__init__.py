@@ -2,6 +2,7 @@
 with a fake implementation and autograd, dispatching to the cpu, cuda, triton or torch backend."""
 
 from bignlp_fast.ops.add_layer_norm import add_layer_norm
+from bignlp_fast.ops.attention import scaled_dot_product_attention, varlen_attention
 from bignlp_fast.ops.bias_gelu import bias_gelu
 
-__all__ = ["add_layer_norm", "bias_gelu"]
+__all__ = ["add_layer_norm", "bias_gelu", "scaled_dot_product_attention", "varlen_attention"]

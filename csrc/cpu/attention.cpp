@@ -1,0 +1,488 @@
+// Flash-style scaled dot-product attention on the CPU: forward and backward, float32 and bfloat16.
+//
+// The contract (shapes, masks, causal modes, dropout, lse) is stated once, in
+// bignlp_fast/ops/attention.py; the plain PyTorch version there is the specification.
+//
+// Forward: one task per (sequence, query head, block of kBlockQ queries). A task packs its query
+// block as fp32 (pre-multiplied by the softmax scale), then walks the key blocks of kBlockK keys:
+// S = Q K^T on the small GEMM of gemm.h, bias and causal mask, online softmax (running max m and
+// sum l per row, the output accumulator rescaled when m grows), O += P V. Key blocks wholly above
+// the causal diagonal are never visited. Each thread packs K^T and V of a (sequence, kv head) once
+// and keeps them while its consecutive tasks need the same head.
+//
+// Backward: one task per (sequence, kv head, chunk of key blocks). For each key block it recomputes
+// P = exp(S - lse) for every query block of every query head in the group and accumulates
+//   dV += (P*Z)^T dO,  dP = (dO V^T) * Z,  dS = P * (dP - delta),  dK += dS^T Q s,  dQ += dS K s
+// (Z: the dropout scale, s: the softmax scale, delta = rowsum(dO * O)). dK and dV of a block are
+// complete when its loop ends; dQ is summed in fp32, per chunk, and the chunks are added in a fixed
+// order, so the result does not depend on the number of threads. There is more than one chunk per
+// head only when heads are fewer than threads.
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../ops.h"
+#include "common.h"
+#include "gemm.h"
+
+namespace bignlp_fast {
+namespace {
+
+using cpu::fVec;
+using cpu::round_up_to_vec;
+using cpu::small_gemm;
+
+constexpr int64_t kBlockQ = 64;   // queries per task / per backward tile
+constexpr int64_t kBlockK = 256;  // keys per tile
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// A leading dimension for an fp32 tile row of n values: a whole number of vectors, and not a
+// multiple of 1 KiB, whose rows would all fall in the same few cache sets.
+int64_t tile_ld(int64_t n) {
+  int64_t ld = round_up_to_vec(n);
+  return ld % 256 == 0 ? ld + fVec::size() : ld;
+}
+
+// ---- where each sequence lives --------------------------------------------------------------
+struct Seq {
+  int64_t batch;    // index into the B axis (0 for varlen)
+  int64_t q_begin;  // first row on the L axis
+  int64_t lq;
+  int64_t k_begin;
+  int64_t lk;
+};
+
+std::vector<Seq> sequences(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& cu_q,
+                           const std::optional<at::Tensor>& cu_k) {
+  std::vector<Seq> seqs;
+  if (!cu_q.has_value()) {
+    for (int64_t b = 0; b < q.size(0); ++b) seqs.push_back({b, 0, q.size(2), 0, k.size(2)});
+    return seqs;
+  }
+  TORCH_CHECK(cu_k.has_value() && cu_q->scalar_type() == at::kInt && cu_k->scalar_type() == at::kInt &&
+                  cu_q->numel() == cu_k->numel() && q.size(0) == 1,
+              "attention: cu_seqlens_q and cu_seqlens_k must be int32 tensors of the same length, with B == 1");
+  const auto cq = cu_q->contiguous(), ck = cu_k->contiguous();
+  const int32_t* pq = cq.const_data_ptr<int32_t>();
+  const int32_t* pk = ck.const_data_ptr<int32_t>();
+  for (int64_t s = 0; s + 1 < cq.numel(); ++s) {
+    TORCH_CHECK(pq[s] <= pq[s + 1] && pk[s] <= pk[s + 1] && pq[s + 1] <= q.size(2) && pk[s + 1] <= k.size(2),
+                "attention: cu_seqlens must not decrease nor pass the token count");
+    seqs.push_back({0, pq[s], pq[s + 1] - pq[s], pk[s], pk[s + 1] - pk[s]});
+  }
+  return seqs;
+}
+
+// Strided access to one [B, H, L, D] operand (stride(-1) == 1).
+template <typename T>
+struct Rows {
+  T* base;
+  int64_t sb, sh, sl;
+  Rows(const at::Tensor& t) : base(static_cast<T*>(t.data_ptr())), sb(t.stride(0)), sh(t.stride(1)), sl(t.stride(2)) {
+    TORCH_CHECK(t.stride(3) == 1, "attention: the last dimension of every operand must be contiguous");
+  }
+  T* row(int64_t b, int64_t h, int64_t l) const { return base + b * sb + h * sh + l * sl; }
+};
+
+// The mask geometry of one sequence: query i sees key j iff j <= i + offset (when causal).
+struct Causal {
+  bool on;
+  int64_t offset;
+  Causal(int64_t mode, const Seq& s) : on(mode != 0), offset(mode == 2 ? s.lk - s.lq : 0) {}
+  // Keys [0, visible(i)) can be seen by query i (all lk of them when not causal).
+  int64_t visible(int64_t i, int64_t lk) const { return on ? std::clamp<int64_t>(i + offset + 1, 0, lk) : lk; }
+};
+
+// ---- dropout: Philox-4x32-10, as dropout_keep in bignlp_fast/ops/attention.py -----------------
+struct Dropout {
+  bool on = false;
+  uint32_t threshold = 0, k0 = 0, k1 = 0;
+  float scale = 1.f;
+  int64_t hq = 0, max_q = 0, max_k = 0;
+
+  Dropout(double p, const std::optional<at::Tensor>& seed, int64_t hq_, int64_t max_q_, int64_t max_k_) {
+    if (p <= 0.0) return;
+    TORCH_CHECK(seed.has_value() && seed->numel() == 1, "attention: dropout needs a seed tensor");
+    const uint64_t s = static_cast<uint64_t>(seed->to(at::kLong).item<int64_t>());
+    on = true;
+    threshold = static_cast<uint32_t>(std::min<double>(std::floor(p * 4294967296.0), 4294967295.0));
+    k0 = static_cast<uint32_t>(s);
+    k1 = static_cast<uint32_t>(s >> 32);
+    scale = static_cast<float>(1.0 / (1.0 - p));
+    hq = hq_, max_q = max_q_, max_k = max_k_;
+  }
+
+  static void philox(uint64_t counter, uint32_t key0, uint32_t key1, uint32_t out[4]) {
+    uint32_t c0 = static_cast<uint32_t>(counter), c1 = static_cast<uint32_t>(counter >> 32), c2 = 0, c3 = 0;
+    for (int r = 0; r < 10; ++r) {
+      const uint64_t p0 = uint64_t{0xD2511F53u} * c0, p1 = uint64_t{0xCD9E8D57u} * c2;
+      const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ key0, n2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ key1;
+      c1 = static_cast<uint32_t>(p1);
+      c3 = static_cast<uint32_t>(p0);
+      c0 = n0;
+      c2 = n2;
+      key0 += 0x9E3779B9u;
+      key1 += 0xBB67AE85u;
+    }
+    out[0] = c0, out[1] = c1, out[2] = c2, out[3] = c3;
+  }
+
+  // Multiplies p[0, n) (keys j0 .. j0 + n of query i, head h, sequence s) by 0 or 1 / (1 - p).
+  void apply(float* p, int64_t n, int64_t s, int64_t h, int64_t i, int64_t j0) const {
+    const int64_t first = ((s * hq + h) * max_q + i) * max_k + j0;
+    uint32_t words[4];
+    int64_t counter = -1;
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t e = first + j;
+      if ((e >> 2) != counter) {
+        counter = e >> 2;
+        philox(static_cast<uint64_t>(counter), k0, k1, words);
+      }
+      p[j] *= words[e & 3] >= threshold ? scale : 0.f;
+    }
+  }
+};
+
+// ---- small vector helpers over a tile row ----------------------------------------------------
+inline fVec load_any(const float* p, int64_t n) { return n >= fVec::size() ? fVec::loadu(p) : fVec::loadu(p, n); }
+inline void store_any(float* p, const fVec& v, int64_t n) {
+  if (n >= fVec::size()) v.store(p); else v.store(p, n);
+}
+
+template <typename T>
+void to_float(const T* src, float* dst, int64_t n, float mul) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]) * mul;
+}
+template <typename T>
+void from_float(const float* src, T* dst, int64_t n, float mul) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i] * mul);
+}
+
+// Packs rows [r0, r0 + n) of one head as fp32 [n, ld] (times mul), zero-padded to ld.
+template <typename T>
+void pack_rows(const Rows<T>& t, int64_t b, int64_t h, int64_t r0, int64_t n, int64_t d, float* dst, int64_t ld,
+               float mul = 1.f) {
+  for (int64_t r = 0; r < n; ++r) {
+    to_float(t.row(b, h, r0 + r), dst + r * ld, d, mul);
+    std::fill(dst + r * ld + d, dst + (r + 1) * ld, 0.f);
+  }
+}
+
+// Packs rows [r0, r0 + n) of one head transposed: fp32 [d, ld] with dst[c * ld + r] = t[r0 + r][c].
+template <typename T>
+void pack_cols(const Rows<T>& t, int64_t b, int64_t h, int64_t r0, int64_t n, int64_t d, float* dst, int64_t ld) {
+  for (int64_t r = 0; r < n; ++r) {
+    const T* src = t.row(b, h, r0 + r);
+    for (int64_t c = 0; c < d; ++c) dst[c * ld + r] = static_cast<float>(src[c]);
+  }
+  for (int64_t c = 0; c < d; ++c) std::fill(dst + c * ld + n, dst + (c + 1) * ld, 0.f);
+}
+
+// Scores of one tile, in place: s[0, n) += bias row; -inf past the causal limit `visible` (a
+// count of keys from the tile's start).
+inline void bias_and_mask(float* s, int64_t n, const float* bias, int64_t bias_sj, int64_t visible) {
+  if (bias != nullptr) {
+    if (bias_sj == 1) {
+      for (int64_t j = 0; j < n; j += fVec::size()) {
+        const int64_t m = std::min<int64_t>(fVec::size(), n - j);
+        store_any(s + j, load_any(s + j, m) + load_any(bias + j, m), m);
+      }
+    } else {
+      for (int64_t j = 0; j < n; ++j) s[j] += bias[j * bias_sj];
+    }
+  }
+  for (int64_t j = std::max<int64_t>(visible, 0); j < n; ++j) s[j] = -kInf;
+}
+
+struct BiasView {
+  const float* base = nullptr;
+  int64_t sb = 0, sh = 0, sq = 0, sk = 0;
+  BiasView(const std::optional<at::Tensor>& bias) {
+    if (!bias.has_value()) return;
+    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->dim() == 4, "attention: bias must be a float32 [B, H, Lq, Lk] view");
+    base = bias->const_data_ptr<float>();
+    sb = bias->stride(0), sh = bias->stride(1), sq = bias->stride(2), sk = bias->stride(3);
+  }
+  const float* row(int64_t b, int64_t h, int64_t i, int64_t j0) const {
+    return base == nullptr ? nullptr : base + b * sb + h * sh + i * sq + j0 * sk;
+  }
+};
+
+void check_operands(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4, "attention: q, k, v must be [B, H, L, D]");
+  TORCH_CHECK(q.scalar_type() == k.scalar_type() && q.scalar_type() == v.scalar_type(),
+              "attention: q, k and v must have one dtype");
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "attention: key heads must divide query heads");
+  TORCH_CHECK(q.size(3) == k.size(3) && k.sizes().slice(0, 3) == v.sizes().slice(0, 3),
+              "attention: q/k head dims or k/v shapes disagree");
+}
+
+// ---- forward --------------------------------------------------------------------------------
+template <typename T>
+void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const BiasView& bias,
+             const std::vector<Seq>& seqs, double scale, int64_t causal, const Dropout& dropout, at::Tensor& out,
+             at::Tensor& lse) {
+  const int64_t hq = q.size(1), hk = k.size(1), groups = hq / hk, d = q.size(3), dv = v.size(3);
+  const int64_t ltot = q.size(2), ld_d = tile_ld(d), ld_dv = tile_ld(dv);
+  const Rows<T> Q(q), K(k), V(v), O(out);
+  float* lse_base = lse.data_ptr<float>();
+
+  struct Task { int64_t seq, head, block; };
+  std::vector<Task> tasks;
+  int64_t max_lk = 0;
+  for (int64_t s = 0; s < static_cast<int64_t>(seqs.size()); ++s) {
+    max_lk = std::max(max_lk, seqs[s].lk);
+    for (int64_t h = 0; h < hq; ++h)
+      for (int64_t blk = 0; blk * kBlockQ < seqs[s].lq; ++blk) tasks.push_back({s, h, blk});
+  }
+  const int64_t ld_k = tile_ld(max_lk);
+
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> kt(d * ld_k), vr(std::max<int64_t>(max_lk, 1) * ld_dv);  // K^T and V of one head
+    std::vector<float> qp(kBlockQ * ld_d), s_tile(kBlockQ * tile_ld(kBlockK)), acc(kBlockQ * ld_dv);
+    std::vector<float> row_max(kBlockQ), row_sum(kBlockQ);
+    const int64_t ld_s = tile_ld(kBlockK);
+    int64_t packed_seq = -1, packed_head = -1;
+    for (int64_t t = t0; t < t1; ++t) {
+      const Task task = tasks[t];
+      const Seq& sq = seqs[task.seq];
+      const int64_t kvh = task.head / groups, i0 = task.block * kBlockQ;
+      const int64_t m = std::min(kBlockQ, sq.lq - i0);
+      const Causal causal_mask(causal, sq);
+      // Keys any row of this block may see: the tiles past them are never visited.
+      const int64_t n_keys = causal_mask.visible(i0 + m - 1, sq.lk);
+      if (n_keys > 0 && (packed_seq != task.seq || packed_head != kvh)) {
+        pack_cols(K, sq.batch, kvh, sq.k_begin, sq.lk, d, kt.data(), ld_k);
+        pack_rows(V, sq.batch, kvh, sq.k_begin, sq.lk, dv, vr.data(), ld_dv);
+        packed_seq = task.seq, packed_head = kvh;
+      }
+      pack_rows(Q, sq.batch, task.head, sq.q_begin + i0, m, d, qp.data(), ld_d, static_cast<float>(scale));
+      std::fill(row_max.begin(), row_max.end(), -kInf);
+      std::fill(row_sum.begin(), row_sum.end(), 0.f);
+      std::fill(acc.begin(), acc.begin() + m * ld_dv, 0.f);
+
+      for (int64_t j0 = 0; j0 < n_keys; j0 += kBlockK) {
+        const int64_t n = std::min(kBlockK, n_keys - j0);
+        small_gemm(m, round_up_to_vec(n), d, qp.data(), ld_d, 1, kt.data() + j0, ld_k, s_tile.data(), ld_s, 1.f, false);
+        for (int64_t r = 0; r < m; ++r) {
+          float* s = s_tile.data() + r * ld_s;
+          const int64_t i = i0 + r;
+          bias_and_mask(s, n, bias.row(sq.batch, task.head, i, j0), bias.sk, causal_mask.visible(i, sq.lk) - j0);
+          fVec vmax(-kInf);
+          for (int64_t j = 0; j < n; j += fVec::size()) {
+            const int64_t w = std::min<int64_t>(fVec::size(), n - j);
+            vmax = at::vec::maximum(vmax, w == fVec::size() ? fVec::loadu(s + j) : fVec::set(fVec(-kInf), fVec::loadu(s + j, w), w));
+          }
+          const float m_new = std::max(row_max[r], at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return at::vec::maximum(a, b); }, vmax));
+          if (m_new == -kInf) {  // every key so far masked: this tile adds nothing to the row
+            std::fill(s, s + n, 0.f);
+            continue;
+          }
+          const float rescale = std::exp(row_max[r] - m_new);  // 0 when the old max was -inf
+          fVec vsum(0.f);
+          const fVec vm(m_new);
+          for (int64_t j = 0; j < n; j += fVec::size()) {
+            const int64_t w = std::min<int64_t>(fVec::size(), n - j);
+            const fVec p = (load_any(s + j, w) - vm).exp_u20();
+            store_any(s + j, p, w);
+            vsum = vsum + (w == fVec::size() ? p : fVec::set(fVec(0.f), p, w));
+          }
+          row_sum[r] = row_sum[r] * rescale + at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, vsum);
+          row_max[r] = m_new;
+          if (rescale != 1.f) {
+            float* a = acc.data() + r * ld_dv;
+            for (int64_t c = 0; c < ld_dv; c += fVec::size()) (fVec::loadu(a + c) * fVec(rescale)).store(a + c);
+          }
+          if (dropout.on) dropout.apply(s, n, task.seq, task.head, i, j0);
+        }
+        small_gemm(m, ld_dv, n, s_tile.data(), ld_s, 1, vr.data() + j0 * ld_dv, ld_dv, acc.data(), ld_dv, 1.f, true);
+      }
+      for (int64_t r = 0; r < m; ++r) {
+        const int64_t i = sq.q_begin + i0 + r;
+        const bool empty = row_sum[r] == 0.f;
+        from_float(acc.data() + r * ld_dv, O.row(sq.batch, task.head, i), dv, empty ? 0.f : 1.f / row_sum[r]);
+        lse_base[(sq.batch * hq + task.head) * ltot + i] = empty ? kInf : row_max[r] + std::log(row_sum[r]);
+      }
+    }
+  });
+}
+
+// ---- backward -------------------------------------------------------------------------------
+template <typename T>
+void backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+              const at::Tensor& out, const at::Tensor& lse, const BiasView& bias, const std::vector<Seq>& seqs,
+              double scale, int64_t causal, const Dropout& dropout, at::Tensor& dq, at::Tensor& dk, at::Tensor& dv_t) {
+  const int64_t hq = q.size(1), hk = k.size(1), groups = hq / hk, d = q.size(3), dv = v.size(3);
+  const int64_t ltot = q.size(2), ld_d = tile_ld(d), ld_dv = tile_ld(dv), ld_s = tile_ld(kBlockK);
+  const Rows<T> Q(q), K(k), V(v), O(out), dO(grad_out), dQ(dq), dK(dk), dV(dv_t);
+  const float* lse_base = lse.const_data_ptr<float>();
+  const float s_mul = static_cast<float>(scale);
+
+  int64_t max_lq = 0, max_lk = 0;
+  for (const Seq& s : seqs) max_lq = std::max(max_lq, s.lq), max_lk = std::max(max_lk, s.lk);
+  const int64_t key_blocks = (max_lk + kBlockK - 1) / kBlockK;
+  const int64_t heads = static_cast<int64_t>(seqs.size()) * hk;
+  // Key-block chunks per (sequence, kv head): one, unless heads are too few to keep threads busy.
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunks = heads >= 2 * threads ? 1 : std::clamp<int64_t>((2 * threads + heads - 1) / heads, 1,
+                                                                        std::max<int64_t>(key_blocks, 1));
+  // dQ partial sums of each chunk: [heads, chunks, groups, max_lq, ld_d] fp32 when chunks > 1.
+  at::Tensor partial = chunks > 1 ? at::zeros({heads, chunks, groups, max_lq, ld_d}, q.options().dtype(at::kFloat))
+                                  : at::Tensor();
+
+  at::parallel_for(0, heads * chunks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> qp, dop, delta, lse_rows, dq_acc;
+    std::vector<float> kt(d * ld_s), vt(dv * ld_s), kr(kBlockK * ld_d);
+    std::vector<float> p_tile(kBlockQ * ld_s), ds_tile(kBlockQ * ld_s), dk_acc(kBlockK * ld_d), dv_acc(kBlockK * ld_dv);
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t head = t / chunks, chunk = t % chunks;
+      const int64_t si = head / hk, kvh = head % hk;
+      const Seq& sq = seqs[si];
+      const Causal causal_mask(causal, sq);
+      const int64_t lq = sq.lq;
+      // Every query head of the group, packed once per task: Q * scale and dO as fp32, lse, delta.
+      qp.resize(groups * lq * ld_d);
+      dop.resize(groups * lq * ld_dv);
+      delta.resize(groups * lq);
+      lse_rows.resize(groups * lq);
+      dq_acc.assign(groups * lq * ld_d, 0.f);
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t h = kvh * groups + g;
+        pack_rows(Q, sq.batch, h, sq.q_begin, lq, d, qp.data() + g * lq * ld_d, ld_d, s_mul);
+        pack_rows(dO, sq.batch, h, sq.q_begin, lq, dv, dop.data() + g * lq * ld_dv, ld_dv);
+        for (int64_t i = 0; i < lq; ++i) {
+          const T* o = O.row(sq.batch, h, sq.q_begin + i);
+          const float* go = dop.data() + (g * lq + i) * ld_dv;
+          float acc = 0.f;
+          for (int64_t c = 0; c < dv; ++c) acc += static_cast<float>(o[c]) * go[c];
+          delta[g * lq + i] = acc;
+          lse_rows[g * lq + i] = lse_base[(sq.batch * hq + h) * ltot + sq.q_begin + i];
+        }
+      }
+      for (int64_t kb = chunk; kb * kBlockK < sq.lk; kb += chunks) {  // interleaved: causal work stays even
+        const int64_t j0 = kb * kBlockK, n = std::min(kBlockK, sq.lk - j0), n_pad = round_up_to_vec(n);
+        pack_cols(K, sq.batch, kvh, sq.k_begin + j0, n, d, kt.data(), ld_s);
+        pack_cols(V, sq.batch, kvh, sq.k_begin + j0, n, dv, vt.data(), ld_s);
+        pack_rows(K, sq.batch, kvh, sq.k_begin + j0, n, d, kr.data(), ld_d);
+        std::fill(dk_acc.begin(), dk_acc.begin() + n * ld_d, 0.f);
+        std::fill(dv_acc.begin(), dv_acc.begin() + n * ld_dv, 0.f);
+        // The first query that sees key j0 (causal): earlier query blocks are skipped.
+        const int64_t i_first = causal_mask.on ? std::max<int64_t>(0, j0 - causal_mask.offset) : 0;
+        for (int64_t g = 0; g < groups; ++g) {
+          const int64_t h = kvh * groups + g;
+          for (int64_t i0 = i_first / kBlockQ * kBlockQ; i0 < lq; i0 += kBlockQ) {
+            const int64_t m = std::min(kBlockQ, lq - i0);
+            const float* qb = qp.data() + (g * lq + i0) * ld_d;
+            const float* dob = dop.data() + (g * lq + i0) * ld_dv;
+            small_gemm(m, n_pad, d, qb, ld_d, 1, kt.data(), ld_s, p_tile.data(), ld_s, 1.f, false);
+            small_gemm(m, n_pad, dv, dob, ld_dv, 1, vt.data(), ld_s, ds_tile.data(), ld_s, 1.f, false);
+            for (int64_t r = 0; r < m; ++r) {
+              const int64_t i = i0 + r;
+              float* p = p_tile.data() + r * ld_s;
+              float* ds = ds_tile.data() + r * ld_s;
+              bias_and_mask(p, n, bias.row(sq.batch, h, i, j0), bias.sk, causal_mask.visible(i, sq.lk) - j0);
+              const fVec vl(lse_rows[g * lq + i]), vd(delta[g * lq + i]);
+              for (int64_t j = 0; j < n; j += fVec::size()) {
+                const int64_t w = std::min<int64_t>(fVec::size(), n - j);
+                store_any(p + j, (load_any(p + j, w) - vl).exp_u20(), w);
+              }
+              if (dropout.on) {  // dP = (dO V^T) * Z and, for dV, P * Z (kept in ds's place meanwhile)
+                dropout.apply(ds, n, si, h, i, j0);
+                for (int64_t j = 0; j < n; ++j) ds[j] = p[j] * (ds[j] - delta[g * lq + i]);
+              } else {
+                for (int64_t j = 0; j < n; j += fVec::size()) {
+                  const int64_t w = std::min<int64_t>(fVec::size(), n - j);
+                  store_any(ds + j, load_any(p + j, w) * (load_any(ds + j, w) - vd), w);
+                }
+              }
+            }
+            if (dropout.on)  // dV needs P * Z: apply the same mask to P now that dS is done
+              for (int64_t r = 0; r < m; ++r) dropout.apply(p_tile.data() + r * ld_s, n, si, h, i0 + r, j0);
+            // dV += (P*Z)^T dO; dK += dS^T (Q s); dQ += s * dS K
+            small_gemm(n, ld_dv, m, p_tile.data(), 1, ld_s, dob, ld_dv, dv_acc.data(), ld_dv, 1.f, true);
+            small_gemm(n, ld_d, m, ds_tile.data(), 1, ld_s, qb, ld_d, dk_acc.data(), ld_d, 1.f, true);
+            small_gemm(m, ld_d, n, ds_tile.data(), ld_s, 1, kr.data(), ld_d, dq_acc.data() + (g * lq + i0) * ld_d,
+                       ld_d, s_mul, true);
+          }
+        }
+        for (int64_t r = 0; r < n; ++r) {
+          from_float(dk_acc.data() + r * ld_d, dK.row(sq.batch, kvh, sq.k_begin + j0 + r), d, 1.f);
+          from_float(dv_acc.data() + r * ld_dv, dV.row(sq.batch, kvh, sq.k_begin + j0 + r), dv, 1.f);
+        }
+      }
+      for (int64_t g = 0; g < groups; ++g) {
+        const int64_t h = kvh * groups + g;
+        for (int64_t i = 0; i < lq; ++i) {
+          const float* src = dq_acc.data() + (g * lq + i) * ld_d;
+          if (chunks == 1) {
+            from_float(src, dQ.row(sq.batch, h, sq.q_begin + i), d, 1.f);
+          } else {
+            float* dst = partial.data_ptr<float>() + (((head * chunks + chunk) * groups + g) * max_lq + i) * ld_d;
+            std::copy(src, src + d, dst);
+          }
+        }
+      }
+    }
+  });
+  if (chunks > 1) {  // dQ = the chunks' partial sums, added in chunk order
+    const float* part = partial.const_data_ptr<float>();
+    at::parallel_for(0, heads * groups, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<float> row(d);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t head = t / groups, g = t % groups, si = head / hk, kvh = head % hk;
+        const Seq& sq = seqs[si];
+        for (int64_t i = 0; i < sq.lq; ++i) {
+          std::fill(row.begin(), row.end(), 0.f);
+          for (int64_t c = 0; c < chunks; ++c) {
+            const float* src = part + (((head * chunks + c) * groups + g) * max_lq + i) * ld_d;
+            for (int64_t x = 0; x < d; ++x) row[x] += src[x];
+          }
+          from_float(row.data(), dQ.row(sq.batch, kvh * groups + g, sq.q_begin + i), d, 1.f);
+        }
+      }
+    });
+  }
+}
+
+}  // namespace
+
+std::vector<at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                          const std::optional<at::Tensor>& bias,
+                                          const std::optional<at::Tensor>& cu_seqlens_q,
+                                          const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
+                                          int64_t max_seqlen_k, double scale, int64_t causal, double dropout_p,
+                                          const std::optional<at::Tensor>& seed) {
+  check_operands(q, k, v);
+  const auto seqs = sequences(q, k, cu_seqlens_q, cu_seqlens_k);
+  at::Tensor out = at::empty({q.size(0), q.size(2), q.size(1), v.size(3)}, q.options()).transpose(1, 2);
+  at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
+  const Dropout dropout(dropout_p, seed, q.size(1), max_seqlen_q, max_seqlen_k);
+  const BiasView bias_view(bias);
+  BIGNLP_DISPATCH_FLOAT_BF16(q.scalar_type(), "attention_fwd_cpu", [&] {
+    forward<scalar_t>(q, k, v, bias_view, seqs, scale, causal, dropout, out, lse);
+  });
+  return {out, lse};
+}
+
+std::vector<at::Tensor> attention_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                          const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                          const std::optional<at::Tensor>& bias,
+                                          const std::optional<at::Tensor>& cu_seqlens_q,
+                                          const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
+                                          int64_t max_seqlen_k, double scale, int64_t causal, double dropout_p,
+                                          const std::optional<at::Tensor>& seed) {
+  check_operands(q, k, v);
+  TORCH_CHECK(grad_out.sizes() == out.sizes() && grad_out.scalar_type() == q.scalar_type(),
+              "attention: grad_out must match out");
+  TORCH_CHECK(lse.is_contiguous() && lse.scalar_type() == at::kFloat, "attention: lse must be contiguous float32");
+  const auto seqs = sequences(q, k, cu_seqlens_q, cu_seqlens_k);
+  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  const Dropout dropout(dropout_p, seed, q.size(1), max_seqlen_q, max_seqlen_k);
+  const BiasView bias_view(bias);
+  BIGNLP_DISPATCH_FLOAT_BF16(q.scalar_type(), "attention_bwd_cpu", [&] {
+    backward<scalar_t>(grad_out, q, k, v, out, lse, bias_view, seqs, scale, causal, dropout, dq, dk, dv);
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace bignlp_fast

@@ -1,0 +1,99 @@
+// A small fp32 GEMM for blocks that live in cache: C[M, N] (+)= alpha * A[M, K] * B[K, N].
+//
+// Fused kernels (attention's tiles, and later the RNN and convolution blocks) multiply small
+// matrices thousands of times; a BLAS call per tile costs microseconds of overhead and, on AMD
+// CPUs, MKL does not take its AVX-512 path. This register-blocked kernel is short: the classic
+// "broadcast A, stream B" micro-kernel holding an MR x (NV vectors) tile of C in registers
+// (8 x 32 floats = 16 zmm with AVX-512), built on at::vec so it compiles at every ISA level.
+//
+// Operands:
+//   A: element (m, k) at a[m * a_rs + k * a_cs]: any strides, so a transposed view costs nothing
+//      (A^T of a row-major P is a_rs = 1, a_cs = ld).
+//   B: row-major [K, ldb], columns padded to a multiple of the vector width (values in the padding
+//      only reach C's padding).
+//   C: row-major [M, ldc]; N is a multiple of fVec::size() (the caller pads).
+#pragma once
+
+#include <cstdint>
+
+#include <ATen/cpu/vec/vec.h>
+
+namespace bignlp_fast::cpu {
+
+namespace gemm_detail {
+
+using fVec = at::vec::Vectorized<float>;
+constexpr int kMR = 8;  // rows of the C tile held in registers
+
+template <int MR, int NV>
+inline void tile(int64_t K, const float* a, int64_t a_rs, int64_t a_cs, const float* b, int64_t ldb, float* c,
+                 int64_t ldc, float alpha, bool accumulate) {
+  constexpr int VS = fVec::size();
+  fVec acc[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[r][v] = fVec(0.f);
+  for (int64_t k = 0; k < K; ++k) {
+    fVec bv[NV];
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) bv[v] = fVec::loadu(b + k * ldb + v * VS);
+    const float* ak = a + k * a_cs;
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const fVec ar(ak[r * a_rs]);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) acc[r][v] = at::vec::fmadd(ar, bv[v], acc[r][v]);
+    }
+  }
+  const fVec va(alpha);
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) {
+      float* cp = c + r * ldc + v * VS;
+      const fVec out = accumulate ? at::vec::fmadd(acc[r][v], va, fVec::loadu(cp)) : acc[r][v] * va;
+      out.store(cp);
+    }
+}
+
+// Rows [0, M) of one column panel, in tiles of kMR rows and a tile of the remaining rows.
+template <int NV>
+inline void panel(int64_t M, int64_t K, const float* a, int64_t a_rs, int64_t a_cs, const float* b, int64_t ldb,
+                  float* c, int64_t ldc, float alpha, bool accumulate) {
+  int64_t m = 0;
+  for (; m + kMR <= M; m += kMR)
+    tile<kMR, NV>(K, a + m * a_rs, a_rs, a_cs, b, ldb, c + m * ldc, ldc, alpha, accumulate);
+  const float* am = a + m * a_rs;
+  float* cm = c + m * ldc;
+  switch (M - m) {
+    case 1: tile<1, NV>(K, am, a_rs, a_cs, b, ldb, cm, ldc, alpha, accumulate); break;
+    case 2: tile<2, NV>(K, am, a_rs, a_cs, b, ldb, cm, ldc, alpha, accumulate); break;
+    case 3: tile<3, NV>(K, am, a_rs, a_cs, b, ldb, cm, ldc, alpha, accumulate); break;
+    case 4: tile<4, NV>(K, am, a_rs, a_cs, b, ldb, cm, ldc, alpha, accumulate); break;
+    case 5: tile<5, NV>(K, am, a_rs, a_cs, b, ldb, cm, ldc, alpha, accumulate); break;
+    case 6: tile<6, NV>(K, am, a_rs, a_cs, b, ldb, cm, ldc, alpha, accumulate); break;
+    case 7: tile<7, NV>(K, am, a_rs, a_cs, b, ldb, cm, ldc, alpha, accumulate); break;
+    default: break;
+  }
+}
+
+}  // namespace gemm_detail
+
+// C (+)= alpha * A * B for N a multiple of the vector width (see the top of this file). With K == 0
+// the product is zero: C is zeroed, or left as it is when accumulating.
+inline void small_gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_rs, int64_t a_cs,
+                       const float* b, int64_t ldb, float* c, int64_t ldc, float alpha, bool accumulate) {
+  using namespace gemm_detail;
+  constexpr int64_t VS = fVec::size();
+  int64_t n = 0;
+  for (; n + 2 * VS <= N; n += 2 * VS) panel<2>(M, K, a, a_rs, a_cs, b + n, ldb, c + n, ldc, alpha, accumulate);
+  if (n < N) panel<1>(M, K, a, a_rs, a_cs, b + n, ldb, c + n, ldc, alpha, accumulate);
+}
+
+inline int64_t round_up_to_vec(int64_t n) {
+  constexpr int64_t VS = at::vec::Vectorized<float>::size();
+  return (n + VS - 1) / VS * VS;
+}
+
+}  // namespace bignlp_fast::cpu

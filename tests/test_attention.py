@@ -1,0 +1,348 @@
+"""scaled_dot_product_attention and varlen_attention on every backend, against a float64 reference.
+
+The reference is the torch backend run in float64; "PyTorch's own error" is that of
+torch.nn.functional.scaled_dot_product_attention in the test's dtype (with its NaN rows, for fully
+masked queries, read as the zeros that bignlp_fast documents)."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import bignlp_fast
+from bignlp_fast.ops import scaled_dot_product_attention as sdpa
+from bignlp_fast.ops import varlen_attention
+from bignlp_fast.ops.attention import dropout_keep, philox4x32
+from conftest import backend_params
+from reference import assert_within_torch_error
+
+FUSED = backend_params("cpu", "cuda", "triton")
+ALL = backend_params("cpu", "cuda", "triton", "torch")
+DTYPES = {"cpu": (torch.float32, torch.bfloat16), "torch": (torch.float32, torch.bfloat16),
+          "cuda": (torch.float16, torch.bfloat16), "triton": (torch.float32, torch.bfloat16)}
+
+
+def _small(backend, device):
+    """The Triton interpreter is slow: Triton on CPU tensors gets the small shapes only."""
+    return backend == "triton" and device.type == "cpu"
+
+
+def _inputs(shape_q, shape_k, dv, dtype, device, seed=0, noncontiguous=False):
+    g = torch.Generator().manual_seed(seed)
+    b, hq, lq, d = shape_q
+    _, hk, lk, _ = shape_k
+    if noncontiguous:  # [B, L, H, D] storage seen as [B, H, L, D], the layout projections produce
+        make = lambda b_, h_, l_, d_: torch.randn(b_, l_, h_, d_, generator=g).transpose(1, 2)  # noqa: E731
+    else:
+        make = lambda b_, h_, l_, d_: torch.randn(b_, h_, l_, d_, generator=g)  # noqa: E731
+    q, k, v = make(b, hq, lq, d), make(b, hk, lk, d), make(b, hk, lk, dv)
+    go = torch.randn(b, hq, lq, dv, generator=g)
+    conv = lambda t: t.to(device=device, dtype=dtype)  # noqa: E731
+    return conv(q), conv(k), conv(v), conv(go)
+
+
+def _grads(fn, q, k, v, go):
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves)
+    return [out, *torch.autograd.grad(out, leaves, go)]
+
+
+def _check(backend, device, dtype, shape_q, shape_k, dv=None, *, causal=False, mask=None, noncontiguous=False,
+           grads=True):
+    dv = dv or shape_q[-1]
+    q, k, v, go = _inputs(shape_q, shape_k, dv, dtype, device, noncontiguous=noncontiguous)
+    if noncontiguous:
+        assert not q.is_contiguous()
+    gqa = shape_q[1] != shape_k[1]
+    mask_d = mask.to(device) if mask is not None else None
+    ours_fn = lambda q, k, v: sdpa(q, k, v, mask_d, is_causal=causal, enable_gqa=gqa, backend=backend)  # noqa: E731
+
+    def theirs_fn(q, k, v):
+        m = mask_d
+        if causal:
+            tri = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=device).tril()
+            m = tri if m is None else (m & tri if m.dtype == torch.bool else m.masked_fill(~tri, -math.inf))
+        if m is not None and m.is_floating_point():
+            m = m.to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, m, enable_gqa=gqa)
+
+    run = _grads if grads else (lambda fn, q, k, v, go: [fn(q, k, v)])
+    ours = run(ours_fn, q, k, v, go)
+    theirs = [t.nan_to_num(0.0) for t in run(theirs_fn, q, k, v, go)]
+    ref = run(lambda q, k, v: sdpa(q, k, v, mask_d, is_causal=causal, enable_gqa=gqa, backend="torch"),
+              q.double(), k.double(), v.double(), go.double())
+    assert ours[0].stride() == ours[0].transpose(1, 2).contiguous().transpose(1, 2).stride()
+    for name, a, c, r in zip(["out", "grad_q", "grad_k", "grad_v"], ours, theirs, ref):
+        assert torch.isfinite(a).all(), f"{name}: not finite"
+        assert_within_torch_error(f"{backend} {dtype} q{shape_q} k{shape_k} causal={causal} {name}", a, c, r, dtype)
+
+
+CASES = [  # (q shape, k shape, dv, causal)
+    ((1, 1, 1, 16), (1, 1, 1, 16), None, False),
+    ((2, 3, 7, 40), (2, 3, 7, 40), None, True),
+    ((1, 2, 97, 64), (1, 2, 97, 64), None, False),
+    ((2, 2, 97, 80), (2, 2, 33, 80), None, True),    # causal with Lq > Lk: rows before the diagonal see nothing
+    ((1, 2, 33, 96), (1, 2, 300, 96), None, True),    # causal with Lq < Lk
+    ((1, 1, 300, 128), (1, 1, 300, 128), None, True),
+    ((2, 4, 65, 20), (2, 4, 65, 20), 36, False),      # head dims not a multiple of 8 and Dv != D
+    ((1, 2, 1025, 64), (1, 2, 1025, 64), None, True),
+]
+
+
+@pytest.mark.parametrize("backend,device", ALL)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"q{c[0]}-k{c[1]}-dv{c[2]}-causal{c[3]}")
+def test_matches_float64(backend, device, case):
+    shape_q, shape_k, dv, causal = case
+    if _small(backend, device) and (shape_q[2] > 100 or shape_k[2] > 100):
+        pytest.skip("the Triton interpreter is slow: small shapes only on the CPU")
+    for dtype in DTYPES[backend]:
+        _check(backend, device, dtype, shape_q, shape_k, dv, causal=causal)
+
+
+@pytest.mark.parametrize("backend,device", ALL)
+def test_masks_gqa_and_noncontiguous(backend, device):
+    lq, lk = (9, 37) if _small(backend, device) else (97, 300)
+    g = torch.Generator().manual_seed(1)
+    padding = torch.rand(3, 1, 1, lk, generator=g) > 0.3
+    padding[1] = False  # batch 1: every key masked, so every row of it is fully masked
+    general = torch.rand(3, 4, lq, lk, generator=g) > 0.2
+    additive = torch.randn(1, 4, lq, lk, generator=g)
+    additive[0, 0, 2] = -math.inf  # one fully masked row
+    for dtype in DTYPES[backend]:
+        for mask in (padding, general, additive):
+            _check(backend, device, dtype, (3, 4, lq, 40), (3, 4, lk, 40), mask=mask)
+        _check(backend, device, dtype, (3, 4, lq, 40), (3, 2, lk, 40), causal=True, mask=padding)  # GQA
+        _check(backend, device, dtype, (3, 4, lq, 40), (3, 4, lk, 40), noncontiguous=True, mask=padding)
+
+
+def test_fully_masked_rows_give_zeros_and_zero_gradients():
+    q, k, v, go = _inputs((2, 2, 5, 16), (2, 2, 6, 16), 16, torch.float32, "cpu")
+    mask = torch.ones(2, 1, 1, 6, dtype=torch.bool)
+    mask[1] = False
+    for backend in ("cpu", "torch"):
+        out, gq, gk, gv = _grads(lambda q, k, v: sdpa(q, k, v, mask, backend=backend), q, k, v, go)
+        assert torch.isfinite(out).all() and (out[1] == 0).all()
+        assert (gq[1] == 0).all() and (gk[1] == 0).all() and (gv[1] == 0).all()
+        assert (out[0] != 0).any()
+
+
+def test_key_padding_mask_is_not_expanded(monkeypatch):
+    """The [B, 1, 1, Lk] mask reaches the kernel as a stride-0 view of B*Lk floats."""
+    from bignlp_fast.ops import attention
+    seen = {}
+    real = attention.attention_fwd
+
+    def spy(q, k, v, bias, *args):
+        seen["bias"] = bias
+        return real(q, k, v, bias, *args)
+
+    monkeypatch.setattr(attention, "attention_fwd", spy)
+    q = torch.randn(2, 3, 50, 16)
+    mask = torch.rand(2, 1, 1, 70) > 0.5
+    sdpa(q, torch.randn(2, 3, 70, 16), torch.randn(2, 3, 70, 16), mask, backend="cpu")
+    bias = seen["bias"]
+    assert bias.shape == (2, 3, 50, 70) and bias.stride() == (70, 0, 0, 1)
+
+
+def test_three_dimensional_inputs_and_default_scale():
+    q, k, v = torch.randn(3, 10, 16), torch.randn(3, 12, 16), torch.randn(3, 12, 8)
+    mask = torch.rand(3, 10, 12) > 0.2
+    mask[..., 0] = True
+    torch.testing.assert_close(sdpa(q, k, v, mask), F.scaled_dot_product_attention(q, k, v, mask))
+    torch.testing.assert_close(sdpa(q, k, v, scale=0.3, backend="cpu"),
+                               F.scaled_dot_product_attention(q, k, v, scale=0.3))
+
+
+# ---- varlen -----------------------------------------------------------------------------------
+def _varlen_case(lengths_q, lengths_k, hq, hk, d, dtype, device, causal):
+    g = torch.Generator().manual_seed(2)
+    tq, tk = sum(lengths_q), sum(lengths_k)
+    q = torch.randn(tq, hq, d, generator=g).to(device=device, dtype=dtype)
+    k = torch.randn(tk, hk, d, generator=g).to(device=device, dtype=dtype)
+    v = torch.randn(tk, hk, d, generator=g).to(device=device, dtype=dtype)
+    go = torch.randn(tq, hq, d, generator=g).to(device=device, dtype=dtype)
+    cu = lambda ls: torch.tensor([0, *torch.tensor(ls).cumsum(0).tolist()], dtype=torch.int32, device=device)  # noqa
+    return q, k, v, go, cu(lengths_q), cu(lengths_k)
+
+
+@pytest.mark.parametrize("backend,device", ALL)
+@pytest.mark.parametrize("causal", [False, True])
+def test_varlen_matches_each_sequence_alone(backend, device, causal):
+    """Each packed sequence gives what attention over that sequence alone gives (bottom-right causal)."""
+    lengths_q, lengths_k = ([5, 1, 17, 0], [9, 4, 17, 3]) if _small(backend, device) else \
+        ([70, 1, 300, 0, 129], [100, 3, 300, 5, 129])
+    for dtype in DTYPES[backend]:
+        q, k, v, go, cu_q, cu_k = _varlen_case(lengths_q, lengths_k, 4, 2, 40, dtype, device, causal)
+        args = (cu_q, cu_k, max(lengths_q), max(lengths_k))
+        ours = _grads(lambda q, k, v: varlen_attention(q, k, v, *args, causal=causal, backend=backend), q, k, v, go)
+        ref = _grads(lambda q, k, v: varlen_attention(q, k, v, *args, causal=causal, backend="torch"),
+                     q.double(), k.double(), v.double(), go.double())
+        # PyTorch's own error: F.scaled_dot_product_attention per sequence, in this dtype
+        theirs = [torch.zeros_like(t) for t in ours]
+        qs, ks = cu_q.tolist(), cu_k.tolist()
+        for s in range(len(lengths_q)):
+            rq, rk = slice(qs[s], qs[s + 1]), slice(ks[s], ks[s + 1])
+            lq, lk = rq.stop - rq.start, rk.stop - rk.start
+            if lq == 0 or lk == 0:
+                continue
+            keep = torch.ones(lq, lk, dtype=torch.bool, device=device)
+            if causal:
+                keep = keep.tril(lk - lq)
+
+            def one(q_, k_, v_):
+                return F.scaled_dot_product_attention(q_.transpose(0, 1), k_.transpose(0, 1), v_.transpose(0, 1),
+                                                      keep, enable_gqa=True).transpose(0, 1)
+            outs = _grads(one, q[rq], k[rk], v[rk], go[rq])
+            for t, o, r in zip(theirs, outs, (rq, rq, rk, rk)):
+                t[r] = o.nan_to_num(0.0)
+        for name, a, c, r in zip(["out", "grad_q", "grad_k", "grad_v"], ours, theirs, ref):
+            assert_within_torch_error(f"varlen {backend} {dtype} causal={causal} {name}", a, c, r, dtype)
+
+
+def test_varlen_bad_offsets():
+    q, k, v, _, cu_q, cu_k = _varlen_case([3, 4], [3, 4], 2, 2, 8, torch.float32, "cpu", False)
+    with pytest.raises(ValueError, match="cu_seqlens_q must be a 1-D int32"):
+        varlen_attention(q, k, v, cu_q.long(), cu_k, 4, 4)
+    with pytest.raises(ValueError, match="end at the token count 7"):
+        varlen_attention(q, k, v, torch.tensor([0, 3, 6], dtype=torch.int32), cu_k, 4, 4)
+    with pytest.raises(ValueError, match="longer than its max_seqlen 3"):
+        varlen_attention(q, k, v, cu_q, cu_k, 3, 4)
+    with pytest.raises(ValueError, match="k/v have 3 heads, which does not divide q's 2"):
+        varlen_attention(q, torch.randn(7, 3, 8), torch.randn(7, 3, 8), cu_q, cu_k, 4, 4)
+
+
+# ---- dropout ----------------------------------------------------------------------------------
+def test_philox_matches_the_published_answer_and_python_ints():
+    """Random123's known answer for Philox-4x32-10 at counter 0, key 0; and random counters against
+    a plain-Python version (the int64 tensor arithmetic must not lose the product's high bits)."""
+    words = philox4x32(torch.tensor([0]), torch.tensor([0]), 0, 0)
+    assert [w.item() for w in words] == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+
+    def plain(c0, c1, k0, k1):
+        c2 = c3 = 0
+        for _ in range(10):
+            p0, p1 = c0 * 0xD2511F53, c2 * 0xCD9E8D57
+            c0, c1, c2, c3 = (p1 >> 32) ^ c1 ^ k0, p1 & 0xFFFFFFFF, (p0 >> 32) ^ c3 ^ k1, p0 & 0xFFFFFFFF
+            k0, k1 = (k0 + 0x9E3779B9) & 0xFFFFFFFF, (k1 + 0xBB67AE85) & 0xFFFFFFFF
+        return c0, c1, c2, c3
+
+    g = torch.Generator().manual_seed(3)
+    c0, c1 = (torch.randint(0, 2 ** 32, (50,), generator=g) for _ in range(2))
+    words = philox4x32(c0, c1, 0x12345678, 0x9ABCDEF0)
+    for i in range(50):
+        assert tuple(w[i].item() for w in words) == plain(c0[i].item(), c1[i].item(), 0x12345678, 0x9ABCDEF0)
+
+
+@pytest.mark.parametrize("backend,device", ALL)
+def test_dropout_same_mask_as_reference_and_reproducible(backend, device):
+    """Every backend draws the reference's mask (so outputs and gradients match it), the same
+    seed repeats it, and another seed changes it."""
+    shape = (2, 2, 9, 16) if _small(backend, device) else (2, 3, 70, 40)
+    q, k, v, go = _inputs(shape, shape, shape[-1], torch.float32, device)
+
+    def run(backend_, seed, dtype=torch.float32):
+        torch.manual_seed(seed)
+        return _grads(lambda q, k, v: sdpa(q, k, v, dropout_p=0.3, is_causal=True, backend=backend_),
+                      q.to(dtype), k.to(dtype), v.to(dtype), go.to(dtype))
+
+    ours, again, other = run(backend, 0), run(backend, 0), run(backend, 1)
+    ref = run("torch", 0, torch.float64)
+    for a, b, r in zip(ours, again, ref):
+        assert torch.equal(a, b)
+        torch.testing.assert_close(a.double(), r, atol=2e-5, rtol=2e-5)
+    assert not torch.equal(ours[0], other[0])
+
+
+def test_dropout_statistics():
+    """The kept fraction is 1 - p, and the mean output is unbiased (E[Z] = 1)."""
+    keep = dropout_keep(1234, torch.arange(2_000_000), 0.3).float()
+    assert abs(keep.mean().item() - 0.7) < 3e-3
+    q = torch.zeros(1, 1, 64, 8)  # uniform attention: the output is the dropped mean of v
+    v = torch.ones(1, 1, 4096, 8)
+    torch.manual_seed(0)
+    out = sdpa(q, torch.zeros(1, 1, 4096, 8), v, dropout_p=0.3, backend="cpu")
+    assert abs(out.mean().item() - 1.0) < 0.01
+
+
+# ---- autograd, opcheck, compile, errors -------------------------------------------------------
+def test_gradcheck_float64():
+    g = torch.Generator().manual_seed(4)
+    q, k, v = (torch.randn(1, 2, n, 5, dtype=torch.float64, generator=g, requires_grad=True) for n in (4, 6, 6))
+    mask = torch.rand(1, 1, 1, 6, generator=g) > 0.3
+    for causal in (False, True):
+        assert torch.autograd.gradcheck(lambda q, k, v: sdpa(q, k, v, mask, is_causal=causal, backend="torch"),
+                                        (q, k, v))
+
+
+def test_gradcheck_float_mask_that_requires_grad():
+    """A learnable additive bias (T5-style) gets its gradient through the reference, recorded."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 4, 5, dtype=torch.float64, generator=g, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, 2, 4, 4, dtype=torch.float64, generator=g, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda q, k, v, b: sdpa(q, k, v, b), (q, k, v, bias))
+    bias32 = bias.detach().float().requires_grad_()
+    out = sdpa(q.detach().float(), k.detach().float(), v.detach().float(), bias32)
+    torch.autograd.grad(out.sum(), bias32)
+    assert any("attn_mask requires grad" in r["reason"] for r in bignlp_fast.report())
+
+
+@pytest.mark.parametrize("backend,device", ALL)
+def test_opcheck(backend, device):
+    q, k, v, go = _inputs((2, 4, 9, 16), (2, 2, 11, 16), 8, torch.float32, device)
+    bias = torch.zeros(2, 1, 1, 11, device=device).masked_fill(torch.rand(2, 1, 1, 11, device=device) > 0.7,
+                                                               -math.inf).expand(2, 4, 9, 11)
+    seed = torch.tensor(7)
+    for args in [(bias, None, None, 9, 11, 0.25, 0, 0.0, None), (None, None, None, 9, 11, 0.25, 1, 0.2, seed)]:
+        torch.library.opcheck(torch.ops.bignlp_fast.attention_fwd, (q.requires_grad_(), k, v, *args, backend))
+        out, lse = torch.ops.bignlp_fast.attention_fwd(q.detach(), k, v, *args, backend)
+        torch.library.opcheck(torch.ops.bignlp_fast.attention_bwd,
+                              (go, q.detach(), k, v, out, lse, *args, backend))
+
+
+def test_compiles_without_graph_breaks():
+    """A block that projects, attends with a padding mask, and projects back compiles fullgraph."""
+    torch._dynamo.reset()
+    proj = torch.nn.Linear(32, 96)
+
+    def block(x, mask):
+        q, k, v = proj(x).view(2, 10, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        return sdpa(q, k, v, mask, dropout_p=0.0).transpose(1, 2).reshape(2, 10, 32)
+
+    x = torch.randn(2, 10, 32, requires_grad=True)
+    mask = torch.rand(2, 1, 1, 10) > 0.2
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x, mask), block(x, mask))
+    compiled(x, mask).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_bad_input_names_the_argument():
+    q, k, v = torch.randn(2, 4, 8, 16), torch.randn(2, 4, 9, 16), torch.randn(2, 4, 9, 16)
+    with pytest.raises(ValueError, match="key has head_dim 8 but query has 16"):
+        sdpa(q, torch.randn(2, 4, 9, 8), v)
+    with pytest.raises(ValueError, match=r"value has shape \(2, 4, 7, 16\)"):
+        sdpa(q, k, torch.randn(2, 4, 7, 16))
+    with pytest.raises(ValueError, match="query has 4 heads and key/value 2; that needs enable_gqa=True"):
+        sdpa(q, k[:, :2], v[:, :2])
+    with pytest.raises(ValueError, match="query has 4 heads and key/value 3"):
+        sdpa(q, k[:, :3], v[:, :3], enable_gqa=True)
+    with pytest.raises(ValueError, match=r"attn_mask of shape \(8, 8\) does not broadcast"):
+        sdpa(q, k, v, torch.ones(8, 8, dtype=torch.bool))
+    with pytest.raises(TypeError, match="attn_mask must be bool"):
+        sdpa(q, k, v, torch.ones(8, 9, dtype=torch.int64))
+    with pytest.raises(TypeError, match="key has dtype torch.bfloat16 but query has torch.float32"):
+        sdpa(q, k.bfloat16(), v)
+    with pytest.raises(ValueError, match="dropout_p must be a number in"):
+        sdpa(q, k, v, dropout_p=1.0)
+    with pytest.raises(ValueError, match=r"query must be \[B, H, L, D\]"):
+        sdpa(q[0, 0], k[0, 0], v[0, 0])
+    with pytest.raises(bignlp_fast.BackendError, match="head_dim 600 is above the cpu backend's limit"):
+        sdpa(torch.randn(1, 1, 2, 600), torch.randn(1, 1, 2, 600), torch.randn(1, 1, 2, 600), backend="cpu")
+
+
+def test_unsupported_dtype_falls_back_with_a_record():
+    q = torch.randn(1, 2, 5, 8, dtype=torch.float64)
+    out = sdpa(q, q, q)
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, q, q))
+    assert any(r["op"] == "attention" and r["backend"] == "cpu" for r in bignlp_fast.report())

@@ -14,7 +14,8 @@ SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.c
 
 $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet torch triton numpy pybind11 ninja setuptools wheel pytest pytest-benchmark
+	$(PY) -m pip install --quiet torch triton numpy pybind11 ninja setuptools wheel pytest pytest-benchmark \
+		transformers safetensors
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)

@@ -38,4 +38,5 @@ def test_bench(benchmark, case, side):
     benchmark.extra_info.update(
         backend=backend if side == "bignlp_fast" else "eager", reference=case.ref_name, bytes=case.bytes,
         gbps=case.bytes / median / 1e9 if case.bytes else None,
+        gflops=case.flops / median / 1e9 if case.flops else None,
         max_err_vs_float64=max_err(out, case.ref(to_float64(inputs))))

@@ -4,11 +4,15 @@
     out, h = bignlp_fast.ops.add_layer_norm(x, residual, weight, bias)
     bignlp_fast.report()        # fallbacks to the torch reference so far
     bignlp_fast.info()          # versions, build flags, backends per op
+
+With transformers installed, ``attn_implementation="bignlp_fast"`` is registered (lazily: see bignlp_fast.hf).
 """
 
-from bignlp_fast import nn, ops
+from bignlp_fast import hf, nn, ops
 from bignlp_fast._backend import BACKENDS, BackendError, build_info, report, reset_report
 from bignlp_fast._info import info
 
+hf.install()
+
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "BackendError", "build_info", "info", "nn", "ops", "report", "reset_report"]
+__all__ = ["BACKENDS", "BackendError", "build_info", "hf", "info", "nn", "ops", "report", "reset_report"]

@@ -54,7 +54,7 @@ def _info(args) -> int:
 
 def _bench(args) -> int:
     from bignlp_fast.bench import cases, copy_gbps, format_table, run_case
-    from bignlp_fast.bench.runner import plot, steady_allocator
+    from bignlp_fast.bench.runner import gemm_gflops, plot, steady_allocator
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bignlp-fast bench: --device cuda but no CUDA GPU is available", file=sys.stderr)
@@ -66,17 +66,18 @@ def _bench(args) -> int:
     steady = steady_allocator()
     print(f"machine: {machine()}" + ("" if steady else " (allocator not pinned: expect noisier timings)"), flush=True)
     rate = copy_gbps(device)
+    gemm_rate = gemm_gflops(device) if any(c.flops for c in selected) else None
     rows = []
     for case in selected:
         rows.append(run_case(case, device, args.backend, repeats=args.repeats, copy_rate=rate))
         print(f"  {case.id}: {rows[-1].speedup:.2f}x", file=sys.stderr, flush=True)
-    print(format_table(rows, rate))
+    print(format_table(rows, rate, gemm_rate))
     slower = [r.case for r in rows if r.speedup < 1]
     if slower:
         print(f"slower than PyTorch in this run: {', '.join(slower)}")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"machine": machine(), "device": str(device), "copy_gbps": rate,
+            json.dump({"machine": machine(), "device": str(device), "copy_gbps": rate, "sgemm_gflops": gemm_rate,
                        "rows": [dataclasses.asdict(r) for r in rows]}, fh, indent=2)
     if args.plot:
         plot(rows, args.plot)

@@ -170,8 +170,9 @@ def _varlen_case(lengths_q, lengths_k, hq, hk, d, dtype, device, causal):
 @pytest.mark.parametrize("causal", [False, True])
 def test_varlen_matches_each_sequence_alone(backend, device, causal):
     """Each packed sequence gives what attention over that sequence alone gives (bottom-right causal)."""
-    lengths_q, lengths_k = ([5, 1, 17, 0], [9, 4, 17, 3]) if _small(backend, device) else \
-        ([70, 1, 300, 0, 129], [100, 3, 300, 5, 129])
+    # includes a sequence without queries and one without keys (its queries give zeros)
+    lengths_q, lengths_k = ([5, 1, 17, 0, 3], [9, 4, 17, 3, 0]) if _small(backend, device) else \
+        ([70, 1, 300, 0, 129, 4], [100, 3, 300, 5, 129, 0])
     for dtype in DTYPES[backend]:
         q, k, v, go, cu_q, cu_k = _varlen_case(lengths_q, lengths_k, 4, 2, 40, dtype, device, causal)
         args = (cu_q, cu_k, max(lengths_q), max(lengths_k))

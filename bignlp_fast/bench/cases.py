@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bignlp_fast.ops import add_layer_norm, bias_gelu
+from bignlp_fast.ops import add_layer_norm, bias_gelu, scaled_dot_product_attention
 
 
 @dataclasses.dataclass
@@ -33,11 +33,17 @@ class Case:
     bytes: int = 0
     flops: int = 0
     suites: tuple = ("quick", "full")
+    variant: str = ""  # e.g. "causal": a flavour of the op shown beside its name
+
+    @property
+    def name(self) -> str:
+        return f"{self.op} ({self.variant})" if self.variant else self.op
 
     @property
     def id(self) -> str:
         dt = str(self.dtype).replace("torch.", "")
-        return f"{self.op}-{self.mode}-{'x'.join(map(str, self.shape))}-{dt}"
+        variant = f"-{self.variant}" if self.variant else ""
+        return f"{self.op}{variant}-{self.mode}-{'x'.join(map(str, self.shape))}-{dt}"
 
 
 def _randn(shape, device, dtype, grad, seed):
@@ -101,8 +107,50 @@ def _bias_gelu_cases(rows, hidden, dtype, suites):
     ]
 
 
+# ---- attention --------------------------------------------------------------------------------
+def _attention_cases(b, h, lq, lk, d, dtype, causal, modes, suites, ref_backend=None):
+    """``ref_backend``: None for what F.scaled_dot_product_attention picks (its fused CPU/GPU
+    kernels), or "math" for the unfused path, the baseline of the memory comparison."""
+
+    def make(device, dt, grad):
+        return dict(q=_randn((b, h, lq, d), device, dt, grad, 0), k=_randn((b, h, lk, d), device, dt, grad, 1),
+                    v=_randn((b, h, lk, d), device, dt, grad, 2), go=_randn((b, h, lq, d), device, dt, False, 3))
+
+    def eager(t):
+        if ref_backend == "math":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+            with sdpa_kernel(SDPBackend.MATH):
+                return [F.scaled_dot_product_attention(t["q"], t["k"], t["v"], is_causal=causal)]
+        return [F.scaled_dot_product_attention(t["q"], t["k"], t["v"], is_causal=causal)]
+
+    fused = lambda t, be: [scaled_dot_product_attention(t["q"], t["k"], t["v"], is_causal=causal, backend=be)]  # noqa
+    qkv = lambda t: [t["q"], t["k"], t["v"]]  # noqa: E731
+    # FLOPs: 4 * B * H * Lq * Lk * D forward (two GEMMs), half when causal; backward 2.5x that
+    flops = 4 * b * h * lq * lk * d // (2 if causal else 1)
+    ref_name = "F.scaled_dot_product_attention" + (" (math backend)" if ref_backend else "")
+    common = dict(op="attention", shape=(b, h, lq, lk, d) if lq != lk else (b, h, lq, d), dtype=dtype,
+                  suites=suites, ref_name=ref_name, variant="causal" if causal else "")
+    out = []
+    if "fwd" in modes:
+        out.append(Case(mode="fwd", make=lambda dev, dt: make(dev, dt, False), ours=fused, ref=eager, flops=flops,
+                        **common))
+    if "fwd+bwd" in modes:
+        out.append(Case(mode="fwd+bwd", make=lambda dev, dt: make(dev, dt, True),
+                        ours=lambda t, be: _grads(fused(t, be), qkv(t), [t["go"]]),
+                        ref=lambda t: _grads(eager(t), qkv(t), [t["go"]]), flops=flops * 7 // 2, **common))
+    return out
+
+
 def all_cases() -> list[Case]:
     cases = []
+    # attention: the issue's CPU shape, BERT-base heads at 512 tokens; a long sequence against the
+    # unfused path (peak memory); GPU-sized cases where a GPU runs them
+    both = ("fwd", "fwd+bwd")
+    for causal in (False, True):
+        cases += _attention_cases(8, 12, 512, 512, 64, torch.float32, causal, both, ("quick", "full"))
+    cases += _attention_cases(8, 12, 512, 512, 64, torch.bfloat16, False, ("fwd",), ("quick", "full"))
+    cases += _attention_cases(8, 12, 512, 512, 64, torch.bfloat16, True, both, ("full",))
+    cases += _attention_cases(1, 4, 4096, 4096, 64, torch.float32, True, ("fwd+bwd",), ("full",), ref_backend="math")
     for dtype in (torch.float32, torch.bfloat16):
         # (8192, 768): the issue's target shape, 8192 tokens of a BERT-base-sized model
         cases += _add_layer_norm_cases(8192, 768, dtype, ("quick", "full"))
@@ -123,6 +171,7 @@ def tiny_cases() -> list[Case]:
     out = []
     for dtype in (torch.float32,):
         out += _add_layer_norm_cases(16, 40, dtype, ("tiny",)) + _bias_gelu_cases(16, 40, dtype, ("tiny",))
+        out += _attention_cases(1, 2, 9, 9, 8, dtype, True, ("fwd", "fwd+bwd"), ("tiny",))
     return out
 
 

@@ -90,6 +90,15 @@ def copy_gbps(device: torch.device, repeats: int = 15, mbytes: int = 256) -> flo
     return 2 * src.numel() * 4 / t / 1e9
 
 
+def gemm_gflops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 7) -> float:
+    """The machine's matrix-multiply rate: torch.mm of two n x n matrices, in GFLOP/s. Compute-bound
+    kernels (attention, RNNs, convolutions) are judged against it."""
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    (t,) = time_interleaved([lambda: torch.mm(a, b)], device, repeats)
+    return 2 * n ** 3 / t / 1e9
+
+
 @contextlib.contextmanager
 def _quiet_stderr():
     """Silences the profiler's native log lines (e.g. about a missing GPU) while it runs."""
@@ -143,7 +152,7 @@ def run_case(case: Case, device: torch.device, backend: Optional[str] = None, re
     ref64 = case.ref(to_float64(inputs))
     gbps = case.bytes / t_ours / 1e9 if case.bytes else None
     return Row(
-        case=case.id, op=case.op, mode=case.mode, shape="x".join(map(str, case.shape)),
+        case=case.id, op=case.name, mode=case.mode, shape="x".join(map(str, case.shape)),
         dtype=str(case.dtype).replace("torch.", ""), backend=chosen, ms=t_ours * 1e3, ref_ms=t_ref * 1e3,
         speedup=t_ref / t_ours, gbps=gbps,
         pct_of_copy=100 * gbps / copy_rate if gbps and copy_rate else None,
@@ -152,20 +161,22 @@ def run_case(case: Case, device: torch.device, backend: Optional[str] = None, re
         max_err=max_err(ours(), ref64), ref_max_err=max_err(ref(), ref64), reference=case.ref_name)
 
 
-def format_table(rows: list[Row], copy_rate: Optional[float] = None) -> str:
+def format_table(rows: list[Row], copy_rate: Optional[float] = None, gemm_rate: Optional[float] = None) -> str:
     head = ["case", "mode", "shape", "dtype", "backend", "ours ms", "torch ms", "speedup", "GB/s", "% copy",
-            "peak MB", "torch MB", "max err", "torch err"]
+            "GFLOP/s", "peak MB", "torch MB", "max err", "torch err"]
     body = []
     for r in rows:
         body.append([r.op, r.mode, r.shape, r.dtype, r.backend, f"{r.ms:.2f}", f"{r.ref_ms:.2f}",
                      f"{r.speedup:.2f}x" + ("" if r.speedup >= 1 else " SLOWER"),
                      f"{r.gbps:.1f}" if r.gbps else "-", f"{r.pct_of_copy:.0f}%" if r.pct_of_copy else "-",
-                     f"{r.peak_mb:.1f}", f"{r.ref_peak_mb:.1f}", f"{r.max_err:.1e}", f"{r.ref_max_err:.1e}"])
+                     f"{r.gflops:.0f}" if r.gflops else "-", f"{r.peak_mb:.1f}", f"{r.ref_peak_mb:.1f}", f"{r.max_err:.1e}", f"{r.ref_max_err:.1e}"])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     out = [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(b) for b in body]
     if copy_rate:
         out.append(f"\ncopy rate measured in this run: {copy_rate:.1f} GB/s (read + write of a 256 MiB tensor)")
+    if gemm_rate:
+        out.append(f"sgemm rate measured in this run: {gemm_rate:.0f} GFLOP/s (torch.mm, 2048 x 2048, float32)")
     return "\n".join(out)
 
 

@@ -163,6 +163,9 @@ def attention_fwd_torch(q, k, v, bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
     lse = q.new_empty(q.shape[:3], dtype=torch.float32)
     for seq, rq, rk in _sequences(q, k, cu_seqlens_q, cu_seqlens_k):
         qs, ks, vs = q[:, :, rq].to(acc), k[:, :, rk].to(acc), v[:, :, rk].to(acc)
+        if ks.shape[2] == 0:  # a varlen sequence without keys: every row fully masked
+            out[:, :, rq], lse[:, :, rq] = 0, math.inf
+            continue
         b_ = bias[:, :, rq, rk].to(acc) if bias is not None else None
         keep = _keep_scale(seq, (qs.shape[0], qs.shape[1], qs.shape[2], ks.shape[2]), max_seqlen_q, max_seqlen_k,
                            dropout_p, seed, q.device, acc)
@@ -181,6 +184,9 @@ def attention_bwd_torch(grad_out, q, k, v, out, lse, bias, cu_seqlens_q, cu_seql
     groups = q.shape[1] // k.shape[1]
     for seq, rq, rk in _sequences(q, k, cu_seqlens_q, cu_seqlens_k):
         qs, ks, vs = q[:, :, rq].to(acc), k[:, :, rk].to(acc), v[:, :, rk].to(acc)
+        if ks.shape[2] == 0:
+            dq[:, :, rq] = 0
+            continue
         go, o = grad_out[:, :, rq].to(acc), out[:, :, rq].to(acc)
         b_ = bias[:, :, rq, rk].to(acc) if bias is not None else None
         keep = _keep_scale(seq, (qs.shape[0], qs.shape[1], qs.shape[2], ks.shape[2]), max_seqlen_q, max_seqlen_k,

@@ -1,0 +1,223 @@
+"""Hugging Face transformers integration: ``attn_implementation="bignlp_fast"``.
+
+    import bignlp_fast
+    model = AutoModel.from_pretrained(path, attn_implementation="bignlp_fast")
+    # or, on a loaded model: model.set_attn_implementation("bignlp_fast")
+
+:func:`attention_forward` is registered with transformers' ``AttentionInterface`` under the name
+``"bignlp_fast"``, and transformers' own SDPA mask function is registered under the same name with
+``AttentionMaskInterface`` (where the installed version has it). Without the second, models built on
+transformers' masking_utils would hand the function no padding mask at all; with it, the function
+gets the mask SDPA gets: a bool [B, 1, Lq, Lk] (True = attend) or None when causality or "no mask"
+is enough. Older versions, without that interface, pass their own 4-D mask (float, additive), which
+the function also takes.
+
+When registration happens. transformers is optional, and importing its modeling code takes seconds,
+so ``import bignlp_fast`` never imports it:
+
+- transformers not installed: nothing happens (one ``importlib.util.find_spec`` call);
+- ``transformers.modeling_utils`` / ``transformers.masking_utils`` already imported: registered at once;
+- otherwise a post-import hook on ``sys.meta_path`` registers each interface the moment its module
+  has finished loading, i.e. before any model class can look the name up. It removes itself when done.
+
+:func:`register` does it explicitly (importing transformers), e.g. after ``importlib.reload``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import warnings
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+
+from bignlp_fast.ops.attention import scaled_dot_product_attention
+
+NAME = "bignlp_fast"
+_ATTENTION_MODULE = "transformers.modeling_utils"  # defines AttentionInterface
+_MASK_MODULE = "transformers.masking_utils"  # defines AttentionMaskInterface (transformers >= 4.53)
+_warned: set = set()
+
+
+# ---- the attention function -------------------------------------------------------------------
+def _warn_once(message: str) -> None:
+    if message not in _warned:
+        _warned.add(message)
+        warnings.warn(message, stacklevel=3)
+
+
+def _broadcast_only(mask: Tensor) -> Tensor:
+    """The mask with every expanded (stride 0) dimension narrowed to size 1: the same values under
+    broadcasting, without materialising, e.g., a key-padding mask expanded to [B, 1, Lq, Lk]."""
+    index = tuple(slice(0, 1) if mask.stride(d) == 0 and mask.shape[d] > 1 else slice(None) for d in range(mask.dim()))
+    return mask[index]
+
+
+def _position_bias_mask(position_bias: Tensor, attention_mask: Optional[Tensor], is_causal: bool, query: Tensor,
+                        key: Tensor) -> Tensor:
+    """position_bias merged with the mask (or with causality), as transformers' create_position_bias_mask."""
+    min_dtype = torch.finfo(key.dtype).min
+    if attention_mask is None:
+        if not is_causal:
+            return position_bias
+        lq, lk = query.shape[2], key.shape[2]
+        causal = torch.arange(lq, device=key.device)[:, None] >= torch.arange(lk, device=key.device)[None, :]
+        return torch.where(causal.view(1, 1, lq, lk), position_bias, min_dtype)
+    if attention_mask.dtype == torch.bool:
+        return torch.where(attention_mask, position_bias, min_dtype)
+    return position_bias + attention_mask
+
+
+def _is_paged_cache(cache) -> bool:
+    try:
+        from transformers.generation.continuous_batching.cache import PagedAttentionCache
+    except ImportError:
+        return False
+    return isinstance(cache, PagedAttentionCache)
+
+
+def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
+                      attention_mask: Optional[Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
+                      is_causal: Optional[bool] = None, position_bias: Optional[Tensor] = None, cache=None,
+                      **kwargs) -> tuple[Tensor, None]:
+    """transformers' attention-function contract, run by bignlp_fast.ops.scaled_dot_product_attention.
+
+    Mirrors transformers' ``sdpa_attention_forward``. query [B, Hq, Lq, D], key/value [B, Hk, Lk, D(v)]
+    (Hk < Hq: grouped-query attention, without repeating key/value); attention_mask: bool (True =
+    attend) or additive float, broadcastable to [B, Hq, Lq, Lk], or None. is_causal: the argument,
+    else ``module.is_causal``; used only when there is no mask and more than one query (a single
+    decoding query sees every cached key). Returns (attn_output [B, Lq, Hq, Dv] contiguous, None).
+    Unlike torch's SDPA, a query with every key masked (left padding) gets zeros, not NaN.
+    """
+    if kwargs.get("softcap") is not None:
+        raise ValueError(f"attn_implementation={NAME!r} does not support `softcap`; use 'eager' or 'flex_attention'")
+    if kwargs.get("output_attentions", False):
+        _warn_once(f"attn_implementation={NAME!r} does not return attention weights (output_attentions=True); "
+                   "use attn_implementation='eager' for them")
+    if cache is not None and _is_paged_cache(cache):  # updated before heads are grouped, as in sdpa
+        key, value = cache.update(key_states=key, value_states=value, layer_idx=module.layer_idx, kwargs=kwargs)
+
+    q_length, kv_length = query.shape[2], key.shape[2]
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    is_causal = q_length > 1 and attention_mask is None and is_causal
+    if torch.jit.is_tracing() and isinstance(is_causal, Tensor):
+        is_causal = is_causal.item()
+    if is_causal and kv_length > q_length:  # prefill into an empty static cache: the later keys are never seen
+        key, value = key[:, :, :q_length], value[:, :, :q_length]
+        if position_bias is not None:
+            position_bias = position_bias[:, :, :, :q_length]
+    if position_bias is not None:
+        attention_mask = _position_bias_mask(position_bias, attention_mask, is_causal, query, key)
+        is_causal = False
+    if attention_mask is not None:
+        attention_mask = _broadcast_only(attention_mask)
+    if query.shape[0] != key.shape[0]:  # torch's SDPA broadcasts the batch (e.g. learned queries of batch 1)
+        b = max(query.shape[0], key.shape[0])
+        query = query.expand(b, *query.shape[1:])
+        key, value = key.expand(b, *key.shape[1:]), value.expand(b, *value.shape[1:])
+
+    out = scaled_dot_product_attention(query, key, value, attention_mask, dropout, bool(is_causal), scaling,
+                                       enable_gqa=query.shape[1] != key.shape[1])  # [B, Hq, Lq, Dv]
+    return out.transpose(1, 2).contiguous(), None  # free: the op lays its output out as [B, Lq, Hq, Dv]
+
+
+# ---- registration -----------------------------------------------------------------------------
+def _register_attention(modeling_utils) -> None:
+    modeling_utils.AttentionInterface.register(NAME, attention_forward)
+
+
+def _register_mask(masking_utils) -> None:
+    interface = getattr(masking_utils, "AttentionMaskInterface", None)
+    if interface is None:  # older transformers: models build their own 4-D mask, which we also take
+        return
+    sdpa_mask = masking_utils.ALL_MASK_ATTENTION_FUNCTIONS["sdpa"]
+    interface.register(NAME, sdpa_mask)
+
+
+_CALLBACKS: dict[str, Callable] = {_ATTENTION_MODULE: _register_attention, _MASK_MODULE: _register_mask}
+
+
+def register() -> None:
+    """Register ``attn_implementation="bignlp_fast"`` with transformers now (imports transformers)."""
+    import transformers.modeling_utils
+
+    _register_attention(transformers.modeling_utils)
+    try:
+        import transformers.masking_utils
+    except ImportError:
+        return
+    _register_mask(transformers.masking_utils)
+
+
+def is_registered() -> bool:
+    """Whether transformers' AttentionInterface has the name (False when transformers is not imported)."""
+    modeling_utils = sys.modules.get(_ATTENTION_MODULE)
+    interface = getattr(modeling_utils, "AttentionInterface", None)
+    return interface is not None and NAME in interface._global_mapping
+
+
+class _PostImportHook:
+    """A sys.meta_path finder that lets the ordinary finders find a module, then runs a callback on the
+    module once its code has executed. It finds nothing itself and leaves sys.meta_path when done."""
+
+    def __init__(self, callbacks: dict[str, Callable]):
+        self.callbacks = dict(callbacks)
+
+    def find_spec(self, fullname, path=None, target=None):
+        callback = self.callbacks.get(fullname)
+        if callback is None:
+            return None
+        for finder in sys.meta_path:
+            find = getattr(finder, "find_spec", None)
+            if finder is self or find is None:
+                continue
+            spec = find(fullname, path, target)
+            if spec is not None:
+                break
+        else:
+            return None
+        exec_module = getattr(spec.loader, "exec_module", None)
+        if exec_module is None:
+            return spec
+
+        def exec_then_register(module):
+            exec_module(module)
+            self._done(fullname)
+            try:
+                callback(module)
+            except Exception as e:  # never break importing transformers
+                warnings.warn(f"bignlp_fast could not register attn_implementation={NAME!r} with {fullname} "
+                              f"({type(e).__name__}: {e}); call bignlp_fast.hf.register() to see why", stacklevel=2)
+
+        try:
+            spec.loader.exec_module = exec_then_register
+        except (AttributeError, TypeError):
+            return spec
+        return spec
+
+    def _done(self, fullname: str) -> None:
+        self.callbacks.pop(fullname, None)
+        if not self.callbacks and self in sys.meta_path:
+            sys.meta_path.remove(self)
+
+
+def install() -> None:
+    """What ``import bignlp_fast`` runs: register now if transformers' modules are loaded, else on their
+    import; nothing if transformers is not installed. Never raises."""
+    try:
+        if importlib.util.find_spec("transformers") is None:
+            return
+        pending = {}
+        for name, callback in _CALLBACKS.items():
+            module = sys.modules.get(name)
+            if module is not None and getattr(module, "__spec__", None) is not None:
+                callback(module)
+            else:
+                pending[name] = callback
+        if pending and not any(isinstance(f, _PostImportHook) for f in sys.meta_path):
+            sys.meta_path.insert(0, _PostImportHook(pending))
+    except Exception as e:  # importing bignlp_fast never fails because of an optional part
+        warnings.warn(f"bignlp_fast could not set up the Hugging Face attention hook ({type(e).__name__}: {e})",
+                      stacklevel=2)

@@ -168,12 +168,13 @@ void pack_rows(const Rows<T>& t, int64_t b, int64_t h, int64_t r0, int64_t n, in
   }
 }
 
-// Packs rows [r0, r0 + n) of one head transposed: fp32 [d, ld] with dst[c * ld + r] = t[r0 + r][c].
+// Packs rows [r0, r0 + n) of one head transposed: fp32 [d, ld] with dst[c * ld + r] = t[r0 + r][c] * mul.
 template <typename T>
-void pack_cols(const Rows<T>& t, int64_t b, int64_t h, int64_t r0, int64_t n, int64_t d, float* dst, int64_t ld) {
+void pack_cols(const Rows<T>& t, int64_t b, int64_t h, int64_t r0, int64_t n, int64_t d, float* dst, int64_t ld,
+               float mul = 1.f) {
   for (int64_t r = 0; r < n; ++r) {
     const T* src = t.row(b, h, r0 + r);
-    for (int64_t c = 0; c < d; ++c) dst[c * ld + r] = static_cast<float>(src[c]);
+    for (int64_t c = 0; c < d; ++c) dst[c * ld + r] = static_cast<float>(src[c]) * mul;
   }
   for (int64_t c = 0; c < d; ++c) std::fill(dst + c * ld + n, dst + (c + 1) * ld, 0.f);
 }
@@ -239,7 +240,8 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
 
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> kt(d * ld_k), vr(std::max<int64_t>(max_lk, 1) * ld_dv);  // K^T and V of one head
-    std::vector<float> qp(kBlockQ * ld_d), s_tile(kBlockQ * tile_ld(kBlockK)), acc(kBlockQ * ld_dv);
+    const int64_t ld_q = tile_ld(kBlockQ);
+    std::vector<float> qt(d * ld_q), s_tile(kBlockQ * tile_ld(kBlockK)), acc(kBlockQ * ld_dv);
     std::vector<float> row_max(kBlockQ), row_sum(kBlockQ);
     const int64_t ld_s = tile_ld(kBlockK);
     int64_t packed_seq = -1, packed_head = -1;
@@ -256,14 +258,15 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
         pack_rows(V, sq.batch, kvh, sq.k_begin, sq.lk, dv, vr.data(), ld_dv);
         packed_seq = task.seq, packed_head = kvh;
       }
-      pack_rows(Q, sq.batch, task.head, sq.q_begin + i0, m, d, qp.data(), ld_d, static_cast<float>(scale));
+      // Q^T: the GEMM's A operand broadcasts m consecutive floats per k
+      pack_cols(Q, sq.batch, task.head, sq.q_begin + i0, m, d, qt.data(), ld_q, static_cast<float>(scale));
       std::fill(row_max.begin(), row_max.end(), -kInf);
       std::fill(row_sum.begin(), row_sum.end(), 0.f);
       std::fill(acc.begin(), acc.begin() + m * ld_dv, 0.f);
 
       for (int64_t j0 = 0; j0 < n_keys; j0 += kBlockK) {
         const int64_t n = std::min(kBlockK, n_keys - j0);
-        small_gemm(m, round_up_to_vec(n), d, qp.data(), ld_d, 1, kt.data() + j0, ld_k, s_tile.data(), ld_s, 1.f, false);
+        small_gemm(m, round_up_to_vec(n), d, qt.data(), 1, ld_q, kt.data() + j0, ld_k, s_tile.data(), ld_s, 1.f, false);
         for (int64_t r = 0; r < m; ++r) {
           float* s = s_tile.data() + r * ld_s;
           const int64_t i = i0 + r;

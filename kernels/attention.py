@@ -101,6 +101,24 @@ def _mma(a, b, DOT_PRECISION: tl.constexpr):
 
 
 @triton.jit
+def _scores(q, k, BIAS_blk, stride_bm, stride_bn, rows, offs_m, cols, q_len, k_len, offset, qk_scale,
+            APPLY_MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Scores of one [BLOCK_M, BLOCK_N] tile in base 2: q k^T * scale * log2(e), plus the bias, with
+    -inf where the key is past the sequence or (causal) after the query's limit ``rows + offset``."""
+    s = _mma(q, tl.trans(k), DOT_PRECISION) * qk_scale
+    if HAS_BIAS:
+        b_mask = (rows < q_len)[:, None] & (cols < k_len)[None, :]
+        s += tl.load(BIAS_blk + offs_m[:, None] * stride_bm + cols[None, :] * stride_bn,
+                     mask=b_mask, other=0.0) * _LOG2E
+    if APPLY_MASK:
+        visible = (cols < k_len)[None, :]
+        if CAUSAL != 0:
+            visible = visible & (cols[None, :] <= rows[:, None] + offset)
+        s = tl.where(visible, s, float("-inf"))
+    return s
+
+
+@triton.jit
 def _sequence(CU_Q, CU_K, seq, max_q, max_k, VARLEN: tl.constexpr):
     """(batch index, first q row, q length, first k row, k length) of sequence ``seq``: a batch entry
     (the whole L axis), or with cu_seqlens one packed sequence of batch 0."""
@@ -167,16 +185,8 @@ def _fwd_tiles(
         key0 = k_start + start_n  # int64 (the loop index is 32-bit)
         k = tl.load(K_head + key0 * stride_kn + offs_n[:, None] * stride_kn + offs_d[None, :],
                     mask=k_mask & (offs_d < head_dim)[None, :], other=0.0)
-        s = _mma(q, tl.trans(k), DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], base 2
-        if HAS_BIAS:
-            b_mask = (rows < q_len)[:, None] & (cols < k_len)[None, :]
-            s += tl.load(BIAS_blk + offs_m[:, None] * stride_bm + cols[None, :] * stride_bn,
-                         mask=b_mask, other=0.0) * _LOG2E
-        if APPLY_MASK:
-            visible = (cols < k_len)[None, :]
-            if CAUSAL != 0:
-                visible = visible & (cols[None, :] <= rows[:, None] + offset)
-            s = tl.where(visible, s, float("-inf"))
+        s = _scores(q, k, BIAS_blk, stride_bm, stride_bn, rows, offs_m, cols, q_len, k_len, offset, qk_scale,
+                    APPLY_MASK, CAUSAL, HAS_BIAS, DOT_PRECISION)  # [BLOCK_M, BLOCK_N], base 2
         m_new = tl.maximum(m_i, tl.max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a row with nothing visible yet: exp2(-inf) = 0
         p = tl.exp2(s - m_safe[:, None])
@@ -467,16 +477,8 @@ def _dq_tiles(
                     mask=k_mask & (offs_d < head_dim)[None, :], other=0.0)
         v = tl.load(V_head + key0 * stride_vn + offs_n[:, None] * stride_vn + offs_dv[None, :],
                     mask=k_mask & (offs_dv < value_dim)[None, :], other=0.0)
-        s = _mma(q, tl.trans(k), DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N], base 2
-        if HAS_BIAS:
-            b_mask = (rows < q_len)[:, None] & (cols < k_len)[None, :]
-            s += tl.load(BIAS_blk + offs_m[:, None] * stride_bm + cols[None, :] * stride_bn,
-                         mask=b_mask, other=0.0) * _LOG2E
-        if APPLY_MASK:
-            visible = (cols < k_len)[None, :]
-            if CAUSAL != 0:
-                visible = visible & (cols[None, :] <= rows[:, None] + offset)
-            s = tl.where(visible, s, float("-inf"))
+        s = _scores(q, k, BIAS_blk, stride_bm, stride_bn, rows, offs_m, cols, q_len, k_len, offset, qk_scale,
+                    APPLY_MASK, CAUSAL, HAS_BIAS, DOT_PRECISION)  # [BLOCK_M, BLOCK_N], base 2
         p = tl.exp2(s - lse2[:, None])
         dp = _mma(do, tl.trans(v), DOT_PRECISION)  # dP = dO V^T
         if DROPOUT:

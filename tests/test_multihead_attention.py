@@ -7,18 +7,9 @@ import pytest
 import torch
 
 import bignlp_fast
-from bignlp_fast import _backend
 from bignlp_fast.nn import MultiheadAttention
 
-_C = _backend.compiled()
-_NO_CPU_KERNEL = _C is not None and not hasattr(_C, "attention_fwd_cpu")
-
-
-@pytest.fixture(params=[
-    "torch",
-    pytest.param(None, id="auto", marks=pytest.mark.skipif(
-        _NO_CPU_KERNEL, reason="the extension has no CPU attention kernel yet (automatic choice would pick it)")),
-])
+@pytest.fixture(params=["torch", None], ids=["torch", "auto"])
 def backend(request):
     return request.param
 

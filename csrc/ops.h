@@ -9,6 +9,7 @@
 #pragma once
 
 #include <optional>
+#include <string>
 #include <vector>
 
 #include <ATen/ATen.h>
@@ -64,6 +65,22 @@ std::vector<at::Tensor> attention_bwd_cpu(const at::Tensor& grad_out, const at::
                                           const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
                                           int64_t max_seqlen_k, double scale, int64_t causal, double dropout_p,
                                           const std::optional<at::Tensor>& seed);
+
+// ---- rnn (one layer, one direction) -----------------------------------------------------------
+// The contract is stated in bignlp_fast/ops/rnn.py. xw [T, B, G*H], w_hh [G*H, S], b_hh [G*H],
+// h0 [B, S], c0 [B, H] (lstm), w_hr [S, H] (lstm with projection), lengths int64 [B]; contiguous.
+// Forward returns {out [T, B, S], h_n [B, S], c_n [B, H] or [0], workspace [T, B, W] float32}.
+// Backward returns {d_xw, d_w_hh, d_b_hh or [0], d_h0, d_c0 or [0], d_w_hr or [0]}.
+std::vector<at::Tensor> rnn_fwd_cpu(const at::Tensor& xw, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh,
+                                    const at::Tensor& h0, const std::optional<at::Tensor>& c0,
+                                    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths,
+                                    const std::string& mode, bool reverse);
+std::vector<at::Tensor> rnn_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& grad_h_n,
+                                    const std::optional<at::Tensor>& grad_c_n, const at::Tensor& xw,
+                                    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh, const at::Tensor& h0,
+                                    const std::optional<at::Tensor>& c0, const std::optional<at::Tensor>& w_hr,
+                                    const std::optional<at::Tensor>& lengths, const at::Tensor& workspace,
+                                    const std::string& mode, bool reverse);
 
 #ifdef BIGNLP_FAST_WITH_CUDA
 std::vector<at::Tensor> add_layer_norm_fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual,

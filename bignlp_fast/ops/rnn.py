@@ -1,0 +1,244 @@
+"""One recurrent layer in one direction, fused: ``rnn_layer`` runs the whole time loop of an LSTM,
+GRU or plain RNN (tanh / relu) inside one op, forward and backward.
+
+The input projection for all time steps is one GEMM done before the op (``xw = x @ W_ih^T + b_ih``,
+by the caller: F.linear, whose autograd also gives dW_ih and dx). The op runs, per step, the
+recurrent GEMM ``h @ W_hh^T + b_hh`` and one fused update of the gates and state; its backward goes
+through time the same way and leaves the weight gradients to large GEMMs over all steps at the end.
+Multi-layer and bidirectional modules (bignlp_fast.nn) stack calls of this op.
+
+Kernel contract (every backend; ``rnn_{fwd,bwd}_torch`` below is the specification):
+- mode: "lstm" (gates i, f, g, o), "gru" (r, z, n), "rnn_tanh", "rnn_relu": torch.nn's gate order.
+- xw [T, B, G*H] (time-major, contiguous); w_hh [G*H, S] where S is the state size (H, or P with an
+  LSTM projection); b_hh [G*H] or None; h0 [B, S]; c0 [B, H] (LSTM) or None; w_hr [P, H] (LSTM with
+  proj_size) or None; lengths: int64 [B] on the CPU or None (all T).
+- Step t of sequence b is active when t < lengths[b]. Inactive steps keep the state and output
+  zeros, so h_n is the state after each sequence's own last step. ``reverse`` walks t from T-1 down
+  to 0: a sequence's reverse pass starts at its own last step, as torch's packed sequences do.
+- LSTM: i, f, o = sigmoid, g = tanh; c' = f c + i g; m = o tanh(c'); h' = m W_hr^T (or m).
+  GRU: r, z = sigmoid(xw + h W_hh^T + b_hh) parts; n = tanh(xw_n + r * (h W_hn^T + b_hn));
+  h' = (1 - z) n + z h. RNN: h' = act(xw + h W_hh^T + b_hh).
+- Forward returns out [T, B, S], h_n [B, S], c_n [B, H] (LSTM; else [0]) and a workspace the same
+  backend's backward reads (its size: :func:`workspace_width`; [0] for the torch reference, which
+  recomputes). Backward returns d_xw, d_w_hh, d_b_hh ([0] without b_hh), d_h0, d_c0 ([0] without
+  c0), d_w_hr ([0] without w_hr).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from bignlp_fast import _backend
+from bignlp_fast.ops._common import acc_dtype, check_choice, check_tensor, kernel
+
+OP = _backend.register_op(
+    "rnn",
+    dtypes={"cpu": (torch.float32, torch.bfloat16)},
+    missing={"cuda": "no CUDA kernel for the RNN layers yet", "triton": "no Triton kernel for the RNN layers yet"},
+)
+
+GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
+
+
+def workspace_width(mode: str, hidden: int, state: int, backend: str) -> int:
+    """Floats per (step, batch row) the fused backends save for the backward: the post-activation
+    gates, the state after the step, and per mode: LSTM the cell (and m with a projection), GRU
+    h W_hn^T + b_hn. The torch reference saves nothing (its backward recomputes)."""
+    if backend == "torch":
+        return 0
+    extra = {"lstm": hidden + (hidden if state != hidden else 0), "gru": hidden, "rnn_tanh": 0, "rnn_relu": 0}
+    return GATES[mode] * hidden + state + extra[mode]
+
+
+# ---- reference backend ------------------------------------------------------------------------
+def _cell(mode: str, xw_t: Tensor, h: Tensor, c: Optional[Tensor], w_hh: Tensor, b_hh: Optional[Tensor],
+          w_hr: Optional[Tensor]):
+    """One step of every sequence: (new h, new c)."""
+    hw = h @ w_hh.t()
+    if b_hh is not None:
+        hw = hw + b_hh
+    if mode == "lstm":
+        i, f, g, o = (xw_t + hw).chunk(4, -1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        m = torch.sigmoid(o) * torch.tanh(c)
+        return (m @ w_hr.t() if w_hr is not None else m), c
+    if mode == "gru":
+        xr, xz, xn = xw_t.chunk(3, -1)
+        hr, hz, hn = hw.chunk(3, -1)
+        r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+        n = torch.tanh(xn + r * hn)
+        return (1 - z) * n + z * h, None
+    pre = xw_t + hw
+    return (torch.tanh(pre) if mode == "rnn_tanh" else torch.relu(pre)), None
+
+
+def rnn_layer_math(mode: str, xw: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: Tensor, c0: Optional[Tensor],
+                   w_hr: Optional[Tensor], lengths: Optional[Tensor], reverse: bool):
+    """The layer as a plain differentiable loop over time: (out [T, B, S], h_n, c_n or None)."""
+    steps = range(xw.shape[0] - 1, -1, -1) if reverse else range(xw.shape[0])
+    h, c = h0, c0
+    outs = [None] * xw.shape[0]
+    lengths = lengths.to(xw.device) if lengths is not None else None
+    for t in steps:
+        h_new, c_new = _cell(mode, xw[t], h, c, w_hh, b_hh, w_hr)
+        if lengths is None:
+            h, c, outs[t] = h_new, c_new, h_new
+        else:
+            active = (t < lengths)[:, None]
+            h = torch.where(active, h_new, h)
+            c = torch.where(active, c_new, c) if c is not None else None
+            outs[t] = torch.where(active, h_new, torch.zeros_like(h_new))
+    return torch.stack(outs), h, c
+
+
+def _acc(t: Optional[Tensor], dtype) -> Optional[Tensor]:
+    return None if t is None else t.to(dtype)
+
+
+def rnn_fwd_torch(xw, w_hh, b_hh, h0, c0, w_hr, lengths, mode, reverse):
+    acc = acc_dtype(xw.dtype)
+    out, h_n, c_n = rnn_layer_math(mode, xw.to(acc), w_hh.to(acc), _acc(b_hh, acc), h0.to(acc), _acc(c0, acc),
+                                   _acc(w_hr, acc), lengths, reverse)
+    dt = xw.dtype
+    return out.to(dt), h_n.to(dt), (c_n.to(dt) if c_n is not None else xw.new_empty(0)), xw.new_empty(0, dtype=acc)
+
+
+def rnn_bwd_torch(grad_out, grad_h_n, grad_c_n, xw, w_hh, b_hh, h0, c0, w_hr, lengths, workspace, mode, reverse):
+    """The reference backward: the vector-Jacobian product of the reference forward, recomputed
+    (torch.func.vjp: a custom op's implementation runs below autograd, where .backward() records nothing)."""
+    acc = acc_dtype(xw.dtype)
+    inputs = [xw, w_hh, b_hh, h0, c0, w_hr]
+    present = [i for i, t in enumerate(inputs) if t is not None]
+
+    def forward(*args):
+        full = [None] * len(inputs)
+        for i, a in zip(present, args):
+            full[i] = a
+        out, h_n, c_n = rnn_layer_math(mode, *full, lengths, reverse)
+        return (out, h_n) + ((c_n,) if c_n is not None else ())
+
+    _, vjp = torch.func.vjp(forward, *(inputs[i].to(acc) for i in present))
+    cotangents = (grad_out.to(acc), grad_h_n.to(acc)) + ((grad_c_n.to(acc),) if c0 is not None else ())
+    grads = iter(vjp(cotangents))
+    return tuple(next(grads).to(t.dtype) if t is not None else xw.new_empty(0) for t in inputs)
+
+
+# ---- custom ops -------------------------------------------------------------------------------
+@torch.library.custom_op("bignlp_fast::rnn_fwd", mutates_args=())
+def rnn_fwd(xw: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: Tensor, c0: Optional[Tensor],
+                  w_hr: Optional[Tensor], lengths: Optional[Tensor], mode: str, reverse: bool,
+                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    run = kernel("rnn", "fwd", backend)
+    return tuple(run(xw.contiguous(), w_hh.contiguous(), _contig(b_hh), h0.contiguous(), _contig(c0), _contig(w_hr),
+                     lengths, mode, reverse))
+
+
+def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
+    return None if t is None else t.contiguous()
+
+
+@rnn_fwd.register_fake
+def _(xw, w_hh, b_hh, h0, c0, w_hr, lengths, mode, reverse, backend):
+    t, b, _ = xw.shape
+    state, hidden = w_hh.shape[1], w_hh.shape[0] // GATES[mode]
+    ws = workspace_width(mode, hidden, state, backend)
+    return (xw.new_empty(t, b, state), xw.new_empty(b, state),
+            xw.new_empty(b, hidden) if c0 is not None else xw.new_empty(0),
+            xw.new_empty((t, b, ws) if ws else (0,), dtype=acc_dtype(xw.dtype)))
+
+
+@torch.library.custom_op("bignlp_fast::rnn_bwd", mutates_args=())
+def rnn_bwd(grad_out: Tensor, grad_h_n: Tensor, grad_c_n: Optional[Tensor], xw: Tensor, w_hh: Tensor,
+                  b_hh: Optional[Tensor], h0: Tensor, c0: Optional[Tensor], w_hr: Optional[Tensor],
+                  lengths: Optional[Tensor], workspace: Tensor, mode: str, reverse: bool,
+                  backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+    run = kernel("rnn", "bwd", backend)
+    return tuple(run(grad_out.contiguous(), grad_h_n.contiguous(), _contig(grad_c_n), xw.contiguous(),
+                     w_hh.contiguous(), _contig(b_hh), h0.contiguous(), _contig(c0), _contig(w_hr), lengths,
+                     workspace, mode, reverse))
+
+
+@rnn_bwd.register_fake
+def _(grad_out, grad_h_n, grad_c_n, xw, w_hh, b_hh, h0, c0, w_hr, lengths, workspace, mode, reverse, backend):
+    like = lambda t: torch.empty_like(t) if t is not None else xw.new_empty(0)  # noqa: E731
+    return like(xw), like(w_hh), like(b_hh), like(h0), like(c0), like(w_hr)
+
+
+def _setup_context(ctx, inputs, output):
+    xw, w_hh, b_hh, h0, c0, w_hr, lengths, mode, reverse, backend = inputs
+    _out, _h_n, _c_n, workspace = output
+    ctx.save_for_backward(xw, w_hh, b_hh, h0, c0, w_hr, lengths, workspace)
+    ctx.args = (mode, reverse, backend)
+    ctx.has = (b_hh is not None, c0 is not None, w_hr is not None)
+
+
+def _backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_ws):
+    xw, w_hh, b_hh, h0, c0, w_hr, lengths, workspace = ctx.saved_tensors
+    mode, reverse, backend = ctx.args
+    has_b, has_c, has_r = ctx.has
+    d_xw, d_w_hh, d_b_hh, d_h0, d_c0, d_w_hr = rnn_bwd(
+        grad_out, grad_h_n, grad_c_n if has_c else None, xw, w_hh, b_hh, h0, c0, w_hr, lengths, workspace, mode,
+        reverse, backend)
+    return (d_xw, d_w_hh, d_b_hh if has_b else None, d_h0, d_c0 if has_c else None, d_w_hr if has_r else None,
+            None, None, None, None)
+
+
+rnn_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- public op --------------------------------------------------------------------------------
+def rnn_layer(mode: str, xw: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: Tensor, c0: Optional[Tensor] = None,
+              w_hr: Optional[Tensor] = None, lengths: Optional[Tensor] = None, reverse: bool = False, *,
+              backend: Optional[str] = None) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """The time loop of one recurrent layer in one direction (see the module docstring).
+
+    Args:
+        mode: "lstm", "gru", "rnn_tanh" or "rnn_relu".
+        xw: [T, B, G*H], the input projection of every step (x @ W_ih^T + b_ih).
+        w_hh: [G*H, S]; b_hh: [G*H] or None; h0: [B, S]; c0: [B, H] for "lstm", else None;
+        w_hr: [P, H] for an LSTM with projection (then S = P), else None.
+        lengths: int64 [B] (CPU), each sequence's length; None: all T steps.
+        reverse: run from the last step to the first.
+    Returns (out [T, B, S], h_n [B, S], c_n [B, H] or None).
+    """
+    op = "rnn_layer"
+    check_choice(op, "mode", mode, tuple(GATES))
+    check_tensor(op, "xw", xw)
+    if xw.dim() != 3:
+        raise ValueError(f"{op}: xw must be [T, B, G*H], got shape {tuple(xw.shape)}")
+    t, b, gh = xw.shape
+    if t == 0:
+        raise ValueError(f"{op}: xw has no time steps (shape {tuple(xw.shape)}); sequences need at least one")
+    gates = GATES[mode]
+    if w_hh.dim() != 2 or w_hh.shape[0] != gh or gh % gates:
+        raise ValueError(f"{op}: w_hh must be [{gh}, S] for xw's {gh} = {gates} gates x hidden, got "
+                         f"{tuple(w_hh.shape)}")
+    hidden, state = gh // gates, w_hh.shape[1]
+    for name, tensor, shape in (("b_hh", b_hh, (gh,)), ("h0", h0, (b, state)),
+                                ("c0", c0, (b, hidden)), ("w_hr", w_hr, (state, hidden))):
+        if tensor is None:
+            continue
+        check_tensor(op, name, tensor)
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{op}: {name} must have shape {shape}, got {tuple(tensor.shape)}")
+        if tensor.dtype != xw.dtype or tensor.device != xw.device:
+            raise TypeError(f"{op}: {name} is {tensor.dtype} on {tensor.device}; xw is {xw.dtype} on {xw.device}")
+    if (c0 is not None) != (mode == "lstm"):
+        raise ValueError(f"{op}: c0 is required for mode 'lstm' and not allowed otherwise")
+    if w_hr is None and state != hidden:
+        raise ValueError(f"{op}: w_hh has state size {state} but the hidden size is {hidden}; a projection "
+                         "(w_hr) is needed for that")
+    if w_hr is not None and mode != "lstm":
+        raise ValueError(f"{op}: w_hr (projection) is only for mode 'lstm'")
+    if lengths is not None:
+        if lengths.dtype != torch.int64 or lengths.shape != (b,) or lengths.device.type != "cpu":
+            raise ValueError(f"{op}: lengths must be an int64 CPU tensor of shape ({b},), got {lengths.dtype} "
+                             f"{tuple(lengths.shape)} on {lengths.device}")
+        if b and (lengths.min().item() < 0 or lengths.max().item() > t):
+            raise ValueError(f"{op}: lengths must lie in [0, {t}], got {lengths.tolist()}")
+    name = _backend.choose(OP, xw.device, xw.dtype, backend)
+    out, h_n, c_n, _ws = rnn_fwd(xw, w_hh, b_hh, h0, c0, w_hr, lengths, mode, bool(reverse), name)
+    return out, h_n, (c_n if mode == "lstm" else None)

@@ -1,0 +1,391 @@
+// One recurrent layer in one direction (LSTM, GRU, RNN tanh/relu) on the CPU: the whole time loop,
+// forward and backward, float32 and bfloat16 (fp32 state and accumulation).
+//
+// The contract is stated in bignlp_fast/ops/rnn.py; rnn_{fwd,bwd}_torch there is the specification.
+//
+// Forward, per step: one parallel region over blocks of kUnits hidden units. W_hh^T is packed once
+// so that a block's columns hold all G gates of its units side by side; a thread multiplies the
+// previous state by its block's columns (the small GEMM of gemm.h) and applies the gate
+// nonlinearities and the state update of those units at once, while the gates are in cache.
+// The new state goes to a second buffer (other threads still read the old one) and the buffers
+// swap. An LSTM projection adds a second region: h = m W_hr^T.
+//
+// Backward, per step in reverse: the gate gradients of every unit in one region (from the saved
+// gates, cell and state of the workspace), then dh_prev = dG W_hh in a region over column panels.
+// The weight gradients are left to three large GEMMs over all steps at the end (at::mm).
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "../ops.h"
+#include "common.h"
+#include "gemm.h"
+
+namespace bignlp_fast {
+namespace {
+
+using cpu::fVec;
+using cpu::round_up_to_vec;
+using cpu::small_gemm;
+
+constexpr int64_t kUnits = 2 * fVec::size();  // hidden units per block of the forward's GEMM
+
+enum class Mode { kLstm, kGru, kRnnTanh, kRnnRelu };
+
+Mode parse_mode(const std::string& mode) {
+  if (mode == "lstm") return Mode::kLstm;
+  if (mode == "gru") return Mode::kGru;
+  if (mode == "rnn_tanh") return Mode::kRnnTanh;
+  TORCH_CHECK(mode == "rnn_relu", "rnn: mode must be lstm, gru, rnn_tanh or rnn_relu, got ", mode);
+  return Mode::kRnnRelu;
+}
+
+int64_t gate_count(Mode m) { return m == Mode::kLstm ? 4 : m == Mode::kGru ? 3 : 1; }
+
+inline fVec vsigmoid(const fVec& x) { return fVec(1.f) / (fVec(1.f) + x.neg().exp()); }
+inline fVec load_any(const float* p, int64_t n) { return n >= fVec::size() ? fVec::loadu(p) : fVec::loadu(p, n); }
+inline void store_any(float* p, const fVec& v, int64_t n) {
+  if (n >= fVec::size()) v.store(p); else v.store(p, n);
+}
+
+// Sizes and the workspace layout shared by forward and backward. Per (step, batch row), fp32:
+//   [gates G*H (after their nonlinearity) | state S after the step | LSTM: cell state after the
+//    step (H), m (H, with a projection) ; GRU: h W_hn^T + b_hn (H)]
+// "After the step" is the kept state for a row whose step is inactive (past its length).
+struct Shape {
+  Mode mode;
+  int64_t T, B, G, H, S;
+  bool proj;
+  int64_t off_state, off_c, off_m, off_hn, width;
+
+  Shape(const std::string& mode_name, const at::Tensor& xw, const at::Tensor& w_hh, bool has_proj)
+      : mode(parse_mode(mode_name)), T(xw.size(0)), B(xw.size(1)), G(gate_count(mode)), H(xw.size(2) / G),
+        S(w_hh.size(1)), proj(has_proj) {
+    TORCH_CHECK(xw.dim() == 3 && xw.size(2) == G * H && w_hh.size(0) == G * H,
+                "rnn: xw must be [T, B, G*H] and w_hh [G*H, S]");
+    off_state = G * H;
+    off_c = off_state + S;
+    off_m = off_c + H;
+    off_hn = off_c;
+    width = off_state + S + (mode == Mode::kLstm ? H + (proj ? H : 0) : mode == Mode::kGru ? H : 0);
+  }
+  // The step processed just before step t (-1: the initial state).
+  int64_t previous(int64_t t, bool reverse) const { return reverse ? (t + 1 < T ? t + 1 : -1) : t - 1; }
+};
+
+std::vector<int64_t> lengths_of(const std::optional<at::Tensor>& lengths, int64_t B, int64_t T) {
+  std::vector<int64_t> out(B, T);
+  if (lengths.has_value()) {
+    const auto l = lengths->to(at::kLong).contiguous();
+    TORCH_CHECK(l.numel() == B, "rnn: lengths must have one entry per batch row");
+    for (int64_t b = 0; b < B; ++b) out[b] = l.const_data_ptr<int64_t>()[b];
+  }
+  return out;
+}
+
+template <typename T>
+void to_float(const T* src, float* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
+}
+
+// ---- forward --------------------------------------------------------------------------------
+template <typename T>
+void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh,
+             const at::Tensor& h0, const std::optional<at::Tensor>& c0, const std::optional<at::Tensor>& w_hr,
+             const std::vector<int64_t>& len, bool reverse, at::Tensor& out, at::Tensor& h_n, at::Tensor& c_n,
+             at::Tensor& ws) {
+  const int64_t G = sh.G, H = sh.H, S = sh.S, B = sh.B;
+  const int64_t blocks = (H + kUnits - 1) / kUnits, ld_w = blocks * G * kUnits;
+  // W_hh^T [S, blocks * G * kUnits]: column (blk * G + g) * kUnits + u holds gate g of unit blk * kUnits + u
+  std::vector<float> wt(S * ld_w, 0.f), bias(ld_w, 0.f);
+  const T* w = w_hh.const_data_ptr<T>();
+  for (int64_t g = 0; g < G; ++g)
+    for (int64_t j = 0; j < H; ++j) {
+      const int64_t col = (j / kUnits * G + g) * kUnits + j % kUnits;
+      for (int64_t k = 0; k < S; ++k) wt[k * ld_w + col] = static_cast<float>(w[(g * H + j) * S + k]);
+      if (b_hh.has_value()) bias[col] = static_cast<float>(b_hh->const_data_ptr<T>()[g * H + j]);
+    }
+  // W_hr^T [H, P padded] for the projection
+  const int64_t ld_p = round_up_to_vec(S);
+  std::vector<float> wrt;
+  if (sh.proj) {
+    wrt.assign(H * ld_p, 0.f);
+    const T* wr = w_hr->const_data_ptr<T>();
+    for (int64_t p = 0; p < S; ++p)
+      for (int64_t j = 0; j < H; ++j) wrt[j * ld_p + p] = static_cast<float>(wr[p * H + j]);
+  }
+  std::vector<float> h(B * S), h_next(B * S), c(B * H, 0.f), c_next(B * H), m(sh.proj ? B * H : 0);
+  to_float(h0.const_data_ptr<T>(), h.data(), B * S);
+  // The state transposed, [S, B]: the recurrent GEMM's A operand, read as consecutive floats per k
+  std::vector<float> ht(S * B), ht_next(S * B);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t k = 0; k < S; ++k) ht[k * B + b] = h[b * S + k];
+  if (c0.has_value()) to_float(c0->const_data_ptr<T>(), c.data(), B * H);
+
+  const T* x = xw.const_data_ptr<T>();
+  T* o = out.data_ptr<T>();
+  float* wsp = ws.data_ptr<float>();
+  for (int64_t step = 0; step < sh.T; ++step) {
+    const int64_t t = reverse ? sh.T - 1 - step : step;
+    at::parallel_for(0, blocks, 1, [&](int64_t blk0, int64_t blk1) {
+      std::vector<float> tile(B * G * kUnits), xg(G * kUnits);
+      for (int64_t blk = blk0; blk < blk1; ++blk) {
+        const int64_t j0 = blk * kUnits, nu = std::min(kUnits, H - j0);
+        small_gemm(B, G * kUnits, S, ht.data(), 1, B, wt.data() + blk * G * kUnits, ld_w, tile.data(), G * kUnits,
+                   1.f, false);
+        for (int64_t b = 0; b < B; ++b) {
+          const bool active = t < len[b];
+          const T* xb = x + (t * B + b) * G * H;
+          float* wsb = wsp + (t * B + b) * sh.width;
+          const float* tb = tile.data() + b * G * kUnits;
+          const float* bb = bias.data() + blk * G * kUnits;
+          for (int64_t g = 0; g < G; ++g) to_float(xb + g * H + j0, xg.data() + g * kUnits, nu);
+          const fVec keep(active ? 1.f : 0.f);
+          for (int64_t u = 0; u < nu; u += fVec::size()) {  // a vector of units at a time
+            const int64_t j = j0 + u, w = std::min<int64_t>(fVec::size(), nu - u);
+            auto pre = [&](int64_t g) { return fVec::loadu(xg.data() + g * kUnits + u) +
+                                               fVec::loadu(tb + g * kUnits + u) + fVec::loadu(bb + g * kUnits + u); };
+            auto put = [&](float* dst, const fVec& v) { store_any(dst, v, w); };
+            const fVec h_old = load_any(h.data() + b * S + j, w);
+            fVec h_new;
+            if (sh.mode == Mode::kLstm) {
+              const fVec i = vsigmoid(pre(0)), f = vsigmoid(pre(1)), gg = pre(2).tanh(), og = vsigmoid(pre(3));
+              const fVec c_old = load_any(c.data() + b * H + j, w);
+              const fVec cn = f * c_old + i * gg;
+              h_new = og * cn.tanh();
+              put(wsb + j, i), put(wsb + H + j, f), put(wsb + 2 * H + j, gg), put(wsb + 3 * H + j, og);
+              const fVec c_kept = fVec::blendv(c_old, cn, keep != fVec(0.f));
+              put(c_next.data() + b * H + j, c_kept);
+              put(wsb + sh.off_c + j, c_kept);  // the cell state after the step (kept when inactive)
+              if (sh.proj) {  // h = m W_hr^T below
+                put(wsb + sh.off_m + j, h_new);
+                put(m.data() + b * H + j, h_new);
+                continue;
+              }
+            } else if (sh.mode == Mode::kGru) {
+              const fVec r = vsigmoid(pre(0)), z = vsigmoid(pre(1));
+              const fVec hn = fVec::loadu(tb + 2 * kUnits + u) + fVec::loadu(bb + 2 * kUnits + u);
+              const fVec n = (fVec::loadu(xg.data() + 2 * kUnits + u) + r * hn).tanh();
+              h_new = (fVec(1.f) - z) * n + z * h_old;
+              put(wsb + j, r), put(wsb + H + j, z), put(wsb + 2 * H + j, n), put(wsb + sh.off_hn + j, hn);
+            } else {
+              h_new = sh.mode == Mode::kRnnTanh ? pre(0).tanh() : at::vec::clamp_min(pre(0), fVec(0.f));
+              put(wsb + j, h_new);
+            }
+            const fVec h_kept = fVec::blendv(h_old, h_new, keep != fVec(0.f));
+            put(h_next.data() + b * S + j, h_kept);
+            put(wsb + sh.off_state + j, h_kept);
+            float tmp[fVec::size()];
+            h_kept.store(tmp);
+            for (int64_t q = 0; q < w; ++q) ht_next[(j + q) * B + b] = tmp[q];
+            (h_new * keep).store(tmp);
+            for (int64_t q = 0; q < w; ++q) o[(t * B + b) * S + j + q] = static_cast<T>(tmp[q]);
+          }
+        }
+      }
+    });
+    if (sh.proj) {  // h = m W_hr^T, by column panels of the projection
+      const int64_t panels = ld_p / fVec::size();
+      at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+        std::vector<float> hp(B * fVec::size());
+        for (int64_t p = p0; p < p1; ++p) {
+          const int64_t c0_ = p * fVec::size(), nc = std::min<int64_t>(fVec::size(), S - c0_);
+          small_gemm(B, fVec::size(), H, m.data(), H, 1, wrt.data() + c0_, ld_p, hp.data(), fVec::size(), 1.f, false);
+          for (int64_t b = 0; b < B; ++b) {
+            const bool active = t < len[b];
+            float* wsb = wsp + (t * B + b) * sh.width;
+            for (int64_t q = 0; q < nc; ++q) {
+              const float v = hp[b * fVec::size() + q];
+              h_next[b * S + c0_ + q] = active ? v : h[b * S + c0_ + q];
+              ht_next[(c0_ + q) * B + b] = h_next[b * S + c0_ + q];
+              wsb[sh.off_state + c0_ + q] = h_next[b * S + c0_ + q];
+              o[(t * B + b) * S + c0_ + q] = static_cast<T>(active ? v : 0.f);
+            }
+          }
+        }
+      });
+    }
+    std::swap(h, h_next);
+    std::swap(ht, ht_next);
+    if (sh.mode == Mode::kLstm) std::swap(c, c_next);
+  }
+  T* hn = h_n.data_ptr<T>();
+  for (int64_t i = 0; i < B * S; ++i) hn[i] = static_cast<T>(h[i]);
+  if (sh.mode == Mode::kLstm) {
+    T* cn = c_n.data_ptr<T>();
+    for (int64_t i = 0; i < B * H; ++i) cn[i] = static_cast<T>(c[i]);
+  }
+}
+
+// ---- backward -------------------------------------------------------------------------------
+template <typename T>
+void backward(const Shape& sh, const at::Tensor& grad_out, const at::Tensor& grad_h_n,
+              const std::optional<at::Tensor>& grad_c_n, const at::Tensor& w_hh, const at::Tensor& h0,
+              const std::optional<at::Tensor>& c0, const std::optional<at::Tensor>& w_hr,
+              const std::vector<int64_t>& len, bool reverse, const at::Tensor& ws, at::Tensor& d_hlin,
+              at::Tensor& d_xw, at::Tensor& dht_all, at::Tensor& dh_out, at::Tensor& dc_out) {
+  const int64_t G = sh.G, H = sh.H, S = sh.S, B = sh.B, GH = G * H;
+  const int64_t ld_s = round_up_to_vec(S), ld_h = round_up_to_vec(H);
+  // W_hh [GH, S padded] and W_hr [P, H padded] as fp32, row-major: the B operands of dG W_hh, dh W_hr
+  std::vector<float> w(GH * ld_s, 0.f), wr;
+  for (int64_t r = 0; r < GH; ++r) to_float(w_hh.const_data_ptr<T>() + r * S, w.data() + r * ld_s, S);
+  if (sh.proj) {
+    wr.assign(S * ld_h, 0.f);
+    for (int64_t p = 0; p < S; ++p) to_float(w_hr->const_data_ptr<T>() + p * H, wr.data() + p * ld_h, H);
+  }
+  std::vector<float> dh(B * ld_s, 0.f), dh_next(B * ld_s), dc(B * H, 0.f), dc_next(B * H), dht(B * S), dm;
+  for (int64_t b = 0; b < B; ++b) to_float(grad_h_n.const_data_ptr<T>() + b * S, dh.data() + b * ld_s, S);
+  if (grad_c_n.has_value()) to_float(grad_c_n->const_data_ptr<T>(), dc.data(), B * H);
+  std::vector<float> h_init(B * S), c_init(B * H, 0.f);
+  to_float(h0.const_data_ptr<T>(), h_init.data(), B * S);
+  if (c0.has_value()) to_float(c0->const_data_ptr<T>(), c_init.data(), B * H);
+  if (sh.proj) dm.resize(B * ld_h);
+
+  const T* go = grad_out.const_data_ptr<T>();
+  const float* wsp = ws.const_data_ptr<float>();
+  float* dg_all = d_hlin.data_ptr<float>();
+  float* dx_all = d_xw.data_ptr<float>();  // GRU only (else d_hlin is d_xw)
+  float* dht_p = dht_all.data_ptr<float>();
+  for (int64_t step = sh.T - 1; step >= 0; --step) {
+    const int64_t t = reverse ? sh.T - 1 - step : step;
+    const int64_t prev = sh.previous(t, reverse);
+    // dh_total = dh + grad_out[t] for active rows; zero for inactive ones (their h_new is unused)
+    for (int64_t b = 0; b < B; ++b) {
+      const bool active = t < len[b];
+      for (int64_t j = 0; j < S; ++j)
+        dht[b * S + j] = active ? dh[b * ld_s + j] + static_cast<float>(go[(t * B + b) * S + j]) : 0.f;
+    }
+    if (sh.proj) {
+      std::copy(dht.begin(), dht.end(), dht_p + t * B * S);
+      small_gemm(B, ld_h, S, dht.data(), S, 1, wr.data(), ld_h, dm.data(), ld_h, 1.f, false);
+    }
+    float* dg = dg_all + t * B * GH;
+    float* dx = dx_all + t * B * GH;
+    at::parallel_for(0, H, 64, [&](int64_t j0, int64_t j1) {
+      for (int64_t b = 0; b < B; ++b) {
+        const bool active = t < len[b];
+        const float* wsb = wsp + (t * B + b) * sh.width;
+        const float* wsprev = prev >= 0 ? wsp + (prev * B + b) * sh.width : nullptr;
+        for (int64_t j = j0; j < j1; ++j) {
+          if (!active) {
+            for (int64_t g = 0; g < G; ++g) dg[b * GH + g * H + j] = 0.f;
+            if (sh.mode == Mode::kGru) {
+              for (int64_t g = 0; g < G; ++g) dx[b * GH + g * H + j] = 0.f;
+              dh_next[b * ld_s + j] = dh[b * ld_s + j];  // passed through; no GEMM term (dG = 0)
+            }
+            if (sh.mode == Mode::kLstm) dc_next[b * H + j] = dc[b * H + j];
+            continue;
+          }
+          if (sh.mode == Mode::kLstm) {
+            const float i = wsb[j], f = wsb[H + j], gg = wsb[2 * H + j], og = wsb[3 * H + j];
+            const float ct = wsb[sh.off_c + j], tc = std::tanh(ct);
+            const float c_prev = wsprev ? wsprev[sh.off_c + j] : c_init[b * H + j];
+            const float dmj = sh.proj ? dm[b * ld_h + j] : dht[b * S + j];
+            const float dct = dc[b * H + j] + dmj * og * (1.f - tc * tc);
+            dg[b * GH + j] = dct * gg * i * (1.f - i);
+            dg[b * GH + H + j] = dct * c_prev * f * (1.f - f);
+            dg[b * GH + 2 * H + j] = dct * i * (1.f - gg * gg);
+            dg[b * GH + 3 * H + j] = dmj * tc * og * (1.f - og);
+            dc_next[b * H + j] = dct * f;
+          } else if (sh.mode == Mode::kGru) {
+            const float r = wsb[j], z = wsb[H + j], n = wsb[2 * H + j], hn = wsb[sh.off_hn + j];
+            const float h_prev = wsprev ? wsprev[sh.off_state + j] : h_init[b * S + j];
+            const float d = dht[b * S + j];
+            const float dn_pre = d * (1.f - z) * (1.f - n * n);
+            const float dr_pre = dn_pre * hn * r * (1.f - r);
+            const float dz_pre = d * (h_prev - n) * z * (1.f - z);
+            dx[b * GH + j] = dr_pre, dx[b * GH + H + j] = dz_pre, dx[b * GH + 2 * H + j] = dn_pre;
+            dg[b * GH + j] = dr_pre, dg[b * GH + H + j] = dz_pre, dg[b * GH + 2 * H + j] = dn_pre * r;
+            dh_next[b * ld_s + j] = d * z;
+          } else {
+            const float hv = wsb[j], d = dht[b * S + j];
+            dg[b * GH + j] = sh.mode == Mode::kRnnTanh ? d * (1.f - hv * hv) : (hv > 0.f ? d : 0.f);
+          }
+        }
+      }
+    });
+    // dh_prev = dG W_hh (+ GRU's direct term), by column panels; inactive rows pass dh through
+    const int64_t panels = ld_s / fVec::size();
+    const bool gru = sh.mode == Mode::kGru;
+    at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t c0_ = p * fVec::size();
+        small_gemm(B, fVec::size(), GH, dg, GH, 1, w.data() + c0_, ld_s, dh_next.data() + c0_, ld_s, 1.f, gru);
+        for (int64_t b = 0; b < B; ++b)
+          if (!(t < len[b]))
+            for (int64_t q = 0; q < fVec::size(); ++q) dh_next[b * ld_s + c0_ + q] = dh[b * ld_s + c0_ + q];
+      }
+    });
+    std::swap(dh, dh_next);
+    if (sh.mode == Mode::kLstm) std::swap(dc, dc_next);
+  }
+  float* dho = dh_out.data_ptr<float>();
+  for (int64_t b = 0; b < B; ++b) std::copy(dh.data() + b * ld_s, dh.data() + b * ld_s + S, dho + b * S);
+  if (sh.mode == Mode::kLstm) std::copy(dc.begin(), dc.end(), dc_out.data_ptr<float>());
+}
+
+at::Tensor empty_like_or_none(const std::optional<at::Tensor>& t, const at::Tensor& ref) {
+  return t.has_value() ? at::empty_like(*t) : at::empty({0}, ref.options());
+}
+
+}  // namespace
+
+std::vector<at::Tensor> rnn_fwd_cpu(const at::Tensor& xw, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh,
+                                    const at::Tensor& h0, const std::optional<at::Tensor>& c0,
+                                    const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths,
+                                    const std::string& mode, bool reverse) {
+  const Shape sh(mode, xw, w_hh, w_hr.has_value());
+  TORCH_CHECK(xw.is_contiguous() && w_hh.is_contiguous() && h0.is_contiguous(), "rnn: operands must be contiguous");
+  TORCH_CHECK(h0.size(0) == sh.B && h0.size(1) == sh.S, "rnn: h0 must be [B, S]");
+  TORCH_CHECK((sh.mode == Mode::kLstm) == c0.has_value(), "rnn: c0 is given exactly for lstm");
+  const auto len = lengths_of(lengths, sh.B, sh.T);
+  at::Tensor out = at::empty({sh.T, sh.B, sh.S}, xw.options());
+  at::Tensor h_n = at::empty({sh.B, sh.S}, xw.options());
+  at::Tensor c_n = sh.mode == Mode::kLstm ? at::empty({sh.B, sh.H}, xw.options()) : at::empty({0}, xw.options());
+  at::Tensor ws = at::empty({sh.T, sh.B, sh.width}, xw.options().dtype(at::kFloat));
+  BIGNLP_DISPATCH_FLOAT_BF16(xw.scalar_type(), "rnn_fwd_cpu", [&] {
+    forward<scalar_t>(sh, xw, w_hh, b_hh, h0, c0, w_hr, len, reverse, out, h_n, c_n, ws);
+  });
+  return {out, h_n, c_n, ws};
+}
+
+std::vector<at::Tensor> rnn_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& grad_h_n,
+                                    const std::optional<at::Tensor>& grad_c_n, const at::Tensor& xw,
+                                    const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh, const at::Tensor& h0,
+                                    const std::optional<at::Tensor>& c0, const std::optional<at::Tensor>& w_hr,
+                                    const std::optional<at::Tensor>& lengths, const at::Tensor& workspace,
+                                    const std::string& mode, bool reverse) {
+  const Shape sh(mode, xw, w_hh, w_hr.has_value());
+  TORCH_CHECK(workspace.scalar_type() == at::kFloat && workspace.dim() == 3 && workspace.size(2) == sh.width,
+              "rnn: the workspace does not come from the cpu forward of this layer");
+  const auto len = lengths_of(lengths, sh.B, sh.T);
+  const auto f32 = xw.options().dtype(at::kFloat);
+  at::Tensor d_hlin = at::empty({sh.T, sh.B, sh.G * sh.H}, f32);
+  at::Tensor d_x = sh.mode == Mode::kGru ? at::empty({sh.T, sh.B, sh.G * sh.H}, f32) : d_hlin;
+  at::Tensor dht_all = at::zeros({sh.proj ? sh.T : 0, sh.B, sh.S}, f32);
+  at::Tensor dh0 = at::empty({sh.B, sh.S}, f32), dc0 = at::empty({sh.B, sh.H}, f32);
+  BIGNLP_DISPATCH_FLOAT_BF16(xw.scalar_type(), "rnn_bwd_cpu", [&] {
+    backward<scalar_t>(sh, grad_out.contiguous(), grad_h_n.contiguous(),
+                       grad_c_n.has_value() ? std::optional<at::Tensor>(grad_c_n->contiguous()) : std::nullopt, w_hh,
+                       h0, c0, w_hr, len, reverse, workspace, d_hlin, d_x, dht_all, dh0, dc0);
+  });
+  // Weight gradients: large GEMMs over every (step, row). The state before step t is the state
+  // saved after the step processed before it, or h0.
+  const int64_t TB = sh.T * sh.B;
+  at::Tensor states = workspace.narrow(2, sh.off_state, sh.S);  // [T, B, S], after each step
+  at::Tensor h0f = h0.to(at::kFloat).unsqueeze(0);
+  at::Tensor h_prev = !reverse ? at::cat({h0f, states.narrow(0, 0, sh.T - 1)}, 0)
+                               : at::cat({states.narrow(0, 1, sh.T - 1), h0f}, 0);
+  at::Tensor d_w_hh = at::mm(d_hlin.view({TB, -1}).t(), h_prev.reshape({TB, sh.S})).to(w_hh.scalar_type());
+  at::Tensor d_b_hh = b_hh.has_value() ? d_hlin.view({TB, -1}).sum(0).to(b_hh->scalar_type())
+                                       : at::empty({0}, xw.options());
+  at::Tensor d_w_hr = at::empty({0}, xw.options());
+  if (sh.proj) {
+    at::Tensor m = workspace.narrow(2, sh.off_m, sh.H).reshape({TB, sh.H});
+    d_w_hr = at::mm(dht_all.view({TB, sh.S}).t(), m).to(w_hr->scalar_type());
+  }
+  return {d_x.to(xw.scalar_type()), d_w_hh, d_b_hh, dh0.to(h0.scalar_type()),
+          c0.has_value() ? dc0.to(c0->scalar_type()) : at::empty({0}, xw.options()), d_w_hr};
+}
+
+}  // namespace bignlp_fast

@@ -1,0 +1,92 @@
+"""The rnn_layer op (one layer, one direction, the whole time loop) on each backend against the
+torch reference run in float64: outputs, final states and the gradients of every input."""
+
+import pytest
+import torch
+
+from bignlp_fast.ops import rnn_layer
+from bignlp_fast.ops.rnn import GATES
+from conftest import backend_params
+from reference import assert_within_torch_error
+
+BACKENDS = backend_params("cpu", "torch")
+
+
+def _inputs(mode, t, b, hidden, state, dtype, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    gh = GATES[mode] * hidden
+    make = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g) * scale).to(dtype)  # noqa: E731
+    return [make(t, b, gh), make(gh, state, scale=state ** -0.5), make(gh) if bias else None, make(b, state),
+            make(b, hidden) if mode == "lstm" else None,
+            make(state, hidden, scale=hidden ** -0.5) if state != hidden else None]
+
+
+def _run(mode, inputs, lengths, reverse, backend):
+    leaves = [x.detach().clone().requires_grad_() if x is not None else None for x in inputs]
+    out, h_n, c_n = rnn_layer(mode, *leaves, lengths=lengths, reverse=reverse, backend=backend)
+    outs = [out, h_n] + ([c_n] if c_n is not None else [])
+    g = torch.Generator().manual_seed(1)
+    cotangents = [torch.randn(o.shape, generator=g).to(o.dtype) for o in outs]
+    present = [x for x in leaves if x is not None]
+    return outs + list(torch.autograd.grad(outs, present, cotangents))
+
+
+CASES = [  # (t, b, hidden, state, lengths, reverse)
+    (1, 1, 7, 7, None, False),
+    (5, 3, 13, 13, None, True),
+    (9, 4, 37, 37, [9, 3, 0, 5], True),   # lengths in any order, one empty sequence
+    (9, 4, 37, 37, [2, 9, 1, 5], False),
+    (6, 3, 40, 21, [6, 2, 4], True),      # LSTM with a projection (state 21 < hidden 40)
+]
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("mode", list(GATES))
+@pytest.mark.parametrize("case", CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_matches_float64(backend, device, mode, case, dtype):
+    t, b, hidden, state, lengths, reverse = case
+    if state != hidden and mode != "lstm":
+        pytest.skip("projections are an LSTM option")
+    lengths = torch.tensor(lengths) if lengths is not None else None
+    inputs = _inputs(mode, t, b, hidden, state, dtype)
+    ours = _run(mode, inputs, lengths, reverse, backend)
+    theirs = _run(mode, inputs, lengths, reverse, "torch")  # PyTorch's own error in this dtype
+    ref = _run(mode, [x.double() if x is not None else None for x in inputs], lengths, reverse, "torch")
+    for k, (a, c, r) in enumerate(zip(ours, theirs, ref)):
+        assert_within_torch_error(f"{backend} {mode} {case} {dtype} output {k}", a, c, r, dtype)
+
+
+def test_without_bias():
+    inputs = _inputs("gru", 6, 2, 24, 24, torch.float32, bias=False)
+    ours, ref = _run("gru", inputs, None, False, "cpu"), _run("gru", inputs, None, False, "torch")
+    for a, r in zip(ours, ref):
+        torch.testing.assert_close(a, r, atol=2e-5, rtol=2e-5)
+
+
+def test_matches_torch_nn_lstm():
+    lstm = torch.nn.LSTM(5, 6)
+    x = torch.randn(7, 3, 5)
+    ref, (h, c) = lstm(x)
+    xw = torch.nn.functional.linear(x, lstm.weight_ih_l0, lstm.bias_ih_l0)
+    out, h_n, c_n = rnn_layer("lstm", xw, lstm.weight_hh_l0, lstm.bias_hh_l0, torch.zeros(3, 6), torch.zeros(3, 6),
+                              backend="cpu")
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(h_n, h[0])
+    torch.testing.assert_close(c_n, c[0])
+
+
+def test_bad_input_names_the_argument():
+    xw = torch.randn(4, 2, 12)
+    w = torch.randn(12, 3)
+    with pytest.raises(ValueError, match="mode must be one of"):
+        rnn_layer("lstmx", xw, w, None, torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"h0 must have shape \(2, 3\)"):
+        rnn_layer("lstm", xw, w, None, torch.zeros(2, 4), torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="c0 is required for mode 'lstm'"):
+        rnn_layer("lstm", xw, w, None, torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, 4\]"):
+        rnn_layer("rnn_tanh", torch.randn(4, 2, 3), torch.randn(3, 3), None, torch.zeros(2, 3),
+                  lengths=torch.tensor([5, 1]))
+    with pytest.raises(ValueError, match="no time steps"):
+        rnn_layer("gru", torch.randn(0, 2, 9), torch.randn(9, 3), None, torch.zeros(2, 3))

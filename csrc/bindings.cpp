@@ -43,6 +43,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bias_gelu_bwd_cpu", &bias_gelu_bwd_cpu);
   m.def("attention_fwd_cpu", &attention_fwd_cpu);
   m.def("attention_bwd_cpu", &attention_bwd_cpu);
+  m.def("linear_fwd_cpu", &linear_fwd_cpu);
+  m.def("linear_bwd_cpu", &linear_bwd_cpu);
   m.def("rnn_fwd_cpu", &rnn_fwd_cpu);
   m.def("rnn_bwd_cpu", &rnn_bwd_cpu);
 #ifdef BIGNLP_FAST_WITH_CUDA

@@ -69,18 +69,26 @@ std::vector<at::Tensor> attention_bwd_cpu(const at::Tensor& grad_out, const at::
 // ---- rnn (one layer, one direction) -----------------------------------------------------------
 // The contract is stated in bignlp_fast/ops/rnn.py. xw [T, B, G*H], w_hh [G*H, S], b_hh [G*H],
 // h0 [B, S], c0 [B, H] (lstm), w_hr [S, H] (lstm with projection), lengths int64 [B]; contiguous.
-// Forward returns {out [T, B, S], h_n [B, S], c_n [B, H] or [0], workspace [T, B, W] float32}.
+// Forward returns {out [T, B, S], h_n [B, S], c_n [B, H] or [0], workspace [T, B, W] float32 (or
+// [0] when save_workspace is false: inference, no backward to feed)}.
 // Backward returns {d_xw, d_w_hh, d_b_hh or [0], d_h0, d_c0 or [0], d_w_hr or [0]}.
 std::vector<at::Tensor> rnn_fwd_cpu(const at::Tensor& xw, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh,
                                     const at::Tensor& h0, const std::optional<at::Tensor>& c0,
                                     const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths,
-                                    const std::string& mode, bool reverse);
+                                    const std::string& mode, bool reverse, bool save_workspace);
 std::vector<at::Tensor> rnn_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& grad_h_n,
                                     const std::optional<at::Tensor>& grad_c_n, const at::Tensor& xw,
                                     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh, const at::Tensor& h0,
                                     const std::optional<at::Tensor>& c0, const std::optional<at::Tensor>& w_hr,
                                     const std::optional<at::Tensor>& lengths, const at::Tensor& workspace,
                                     const std::string& mode, bool reverse);
+
+// ---- linear ----------------------------------------------------------------------------------
+// y = x w^T + b. x [M, K], w [N, K], b [N]; contiguous, one dtype. Backward returns
+// {grad_x [M, K], grad_w [N, K], grad_b [N] or [0]}.
+at::Tensor linear_fwd_cpu(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b);
+std::vector<at::Tensor> linear_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w,
+                                       bool has_bias);
 
 #ifdef BIGNLP_FAST_WITH_CUDA
 std::vector<at::Tensor> add_layer_norm_fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual,

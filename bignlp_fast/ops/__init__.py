@@ -4,6 +4,7 @@ with a fake implementation and autograd, dispatching to the cpu, cuda, triton or
 from bignlp_fast.ops.add_layer_norm import add_layer_norm
 from bignlp_fast.ops.attention import scaled_dot_product_attention, varlen_attention
 from bignlp_fast.ops.bias_gelu import bias_gelu
+from bignlp_fast.ops.linear import linear
 from bignlp_fast.ops.rnn import rnn_layer
 
-__all__ = ["add_layer_norm", "bias_gelu", "rnn_layer", "scaled_dot_product_attention", "varlen_attention"]
+__all__ = ["add_layer_norm", "bias_gelu", "linear", "rnn_layer", "scaled_dot_product_attention", "varlen_attention"]

@@ -20,7 +20,7 @@ Kernel contract (every backend; ``rnn_{fwd,bwd}_torch`` below is the specificati
   h' = (1 - z) n + z h. RNN: h' = act(xw + h W_hh^T + b_hh).
 - Forward returns out [T, B, S], h_n [B, S], c_n [B, H] (LSTM; else [0]) and a workspace the same
   backend's backward reads (its size: :func:`workspace_width`; [0] for the torch reference, which
-  recomputes). Backward returns d_xw, d_w_hh, d_b_hh ([0] without b_hh), d_h0, d_c0 ([0] without
+  recomputes, and for any backend when ``save_workspace`` is false: inference). Backward returns d_xw, d_w_hh, d_b_hh ([0] without b_hh), d_h0, d_c0 ([0] without
   c0), d_w_hr ([0] without w_hr).
 """
 
@@ -98,7 +98,7 @@ def _acc(t: Optional[Tensor], dtype) -> Optional[Tensor]:
     return None if t is None else t.to(dtype)
 
 
-def rnn_fwd_torch(xw, w_hh, b_hh, h0, c0, w_hr, lengths, mode, reverse):
+def rnn_fwd_torch(xw, w_hh, b_hh, h0, c0, w_hr, lengths, mode, reverse, save_workspace):
     acc = acc_dtype(xw.dtype)
     out, h_n, c_n = rnn_layer_math(mode, xw.to(acc), w_hh.to(acc), _acc(b_hh, acc), h0.to(acc), _acc(c0, acc),
                                    _acc(w_hr, acc), lengths, reverse)
@@ -129,11 +129,11 @@ def rnn_bwd_torch(grad_out, grad_h_n, grad_c_n, xw, w_hh, b_hh, h0, c0, w_hr, le
 # ---- custom ops -------------------------------------------------------------------------------
 @torch.library.custom_op("bignlp_fast::rnn_fwd", mutates_args=())
 def rnn_fwd(xw: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: Tensor, c0: Optional[Tensor],
-                  w_hr: Optional[Tensor], lengths: Optional[Tensor], mode: str, reverse: bool,
+                  w_hr: Optional[Tensor], lengths: Optional[Tensor], mode: str, reverse: bool, save_workspace: bool,
                   backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     run = kernel("rnn", "fwd", backend)
     return tuple(run(xw.contiguous(), w_hh.contiguous(), _contig(b_hh), h0.contiguous(), _contig(c0), _contig(w_hr),
-                     lengths, mode, reverse))
+                     lengths, mode, reverse, save_workspace))
 
 
 def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
@@ -141,10 +141,10 @@ def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
 
 
 @rnn_fwd.register_fake
-def _(xw, w_hh, b_hh, h0, c0, w_hr, lengths, mode, reverse, backend):
+def _(xw, w_hh, b_hh, h0, c0, w_hr, lengths, mode, reverse, save_workspace, backend):
     t, b, _ = xw.shape
     state, hidden = w_hh.shape[1], w_hh.shape[0] // GATES[mode]
-    ws = workspace_width(mode, hidden, state, backend)
+    ws = workspace_width(mode, hidden, state, backend) if save_workspace else 0
     return (xw.new_empty(t, b, state), xw.new_empty(b, state),
             xw.new_empty(b, hidden) if c0 is not None else xw.new_empty(0),
             xw.new_empty((t, b, ws) if ws else (0,), dtype=acc_dtype(xw.dtype)))
@@ -168,7 +168,7 @@ def _(grad_out, grad_h_n, grad_c_n, xw, w_hh, b_hh, h0, c0, w_hr, lengths, works
 
 
 def _setup_context(ctx, inputs, output):
-    xw, w_hh, b_hh, h0, c0, w_hr, lengths, mode, reverse, backend = inputs
+    xw, w_hh, b_hh, h0, c0, w_hr, lengths, mode, reverse, _save, backend = inputs
     _out, _h_n, _c_n, workspace = output
     ctx.save_for_backward(xw, w_hh, b_hh, h0, c0, w_hr, lengths, workspace)
     ctx.args = (mode, reverse, backend)
@@ -183,7 +183,7 @@ def _backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_ws):
         grad_out, grad_h_n, grad_c_n if has_c else None, xw, w_hh, b_hh, h0, c0, w_hr, lengths, workspace, mode,
         reverse, backend)
     return (d_xw, d_w_hh, d_b_hh if has_b else None, d_h0, d_c0 if has_c else None, d_w_hr if has_r else None,
-            None, None, None, None)
+            None, None, None, None, None)
 
 
 rnn_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -240,5 +240,7 @@ def rnn_layer(mode: str, xw: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: T
         if b and (lengths.min().item() < 0 or lengths.max().item() > t):
             raise ValueError(f"{op}: lengths must lie in [0, {t}], got {lengths.tolist()}")
     name = _backend.choose(OP, xw.device, xw.dtype, backend)
-    out, h_n, c_n, _ws = rnn_fwd(xw, w_hh, b_hh, h0, c0, w_hr, lengths, mode, bool(reverse), name)
+    # the workspace feeds the backward; inference does not write it
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xw, w_hh, b_hh, h0, c0, w_hr))
+    out, h_n, c_n, _ws = rnn_fwd(xw, w_hh, b_hh, h0, c0, w_hr, lengths, mode, bool(reverse), save, name)
     return out, h_n, (c_n if mode == "lstm" else None)

@@ -14,6 +14,7 @@
 //   C: row-major [M, ldc]; N is a multiple of fVec::size() (the caller pads).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include <ATen/cpu/vec/vec.h>
@@ -82,13 +83,24 @@ inline void panel(int64_t M, int64_t K, const float* a, int64_t a_rs, int64_t a_
 
 // C (+)= alpha * A * B for N a multiple of the vector width (see the top of this file). With K == 0
 // the product is zero: C is zeroed, or left as it is when accumulating.
+// Long K runs in slices of kKC rows of B, so that a column panel of B (kKC x 32 floats, 32 KiB)
+// stays in L1 while every row tile of C passes over it; C accumulates across slices.
 inline void small_gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t a_rs, int64_t a_cs,
                        const float* b, int64_t ldb, float* c, int64_t ldc, float alpha, bool accumulate) {
   using namespace gemm_detail;
   constexpr int64_t VS = fVec::size();
-  int64_t n = 0;
-  for (; n + 2 * VS <= N; n += 2 * VS) panel<2>(M, K, a, a_rs, a_cs, b + n, ldb, c + n, ldc, alpha, accumulate);
-  if (n < N) panel<1>(M, K, a, a_rs, a_cs, b + n, ldb, c + n, ldc, alpha, accumulate);
+  constexpr int64_t kKC = 256;
+  int64_t k0 = 0;
+  do {
+    const int64_t kc = std::min(kKC, K - k0);
+    const float* ak = a + k0 * a_cs;
+    const float* bk = b + k0 * ldb;
+    int64_t n = 0;
+    for (; n + 2 * VS <= N; n += 2 * VS) panel<2>(M, kc, ak, a_rs, a_cs, bk + n, ldb, c + n, ldc, alpha, accumulate);
+    if (n < N) panel<1>(M, kc, ak, a_rs, a_cs, bk + n, ldb, c + n, ldc, alpha, accumulate);
+    accumulate = true;
+    k0 += kKC;
+  } while (k0 < K);
 }
 
 inline int64_t round_up_to_vec(int64_t n) {

@@ -93,18 +93,21 @@ template <typename T>
 void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh,
              const at::Tensor& h0, const std::optional<at::Tensor>& c0, const std::optional<at::Tensor>& w_hr,
              const std::vector<int64_t>& len, bool reverse, at::Tensor& out, at::Tensor& h_n, at::Tensor& c_n,
-             at::Tensor& ws) {
+             at::Tensor& ws, bool save) {
   const int64_t G = sh.G, H = sh.H, S = sh.S, B = sh.B;
   const int64_t blocks = (H + kUnits - 1) / kUnits, ld_w = blocks * G * kUnits;
-  // W_hh^T [S, blocks * G * kUnits]: column (blk * G + g) * kUnits + u holds gate g of unit blk * kUnits + u
+  // W_hh^T in panels of kUnits columns, panel (blk * G + g) holding gate g of units blk * kUnits + u:
+  // panel p is [S, kUnits] at wt + p * S * kUnits. Each panel is contiguous (a row stride of whole
+  // kibibytes would put every row of a panel in the same few L1 sets).
   std::vector<float> wt(S * ld_w, 0.f), bias(ld_w, 0.f);
   const T* w = w_hh.const_data_ptr<T>();
-  for (int64_t g = 0; g < G; ++g)
-    for (int64_t j = 0; j < H; ++j) {
-      const int64_t col = (j / kUnits * G + g) * kUnits + j % kUnits;
-      for (int64_t k = 0; k < S; ++k) wt[k * ld_w + col] = static_cast<float>(w[(g * H + j) * S + k]);
-      if (b_hh.has_value()) bias[col] = static_cast<float>(b_hh->const_data_ptr<T>()[g * H + j]);
+  at::parallel_for(0, G * H, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const int64_t g = r / H, j = r % H, panel = j / kUnits * G + g, u = j % kUnits;
+      for (int64_t k = 0; k < S; ++k) wt[(panel * S + k) * kUnits + u] = static_cast<float>(w[r * S + k]);
+      if (b_hh.has_value()) bias[panel * kUnits + u] = static_cast<float>(b_hh->const_data_ptr<T>()[r]);
     }
+  });
   // W_hr^T [H, P padded] for the projection
   const int64_t ld_p = round_up_to_vec(S);
   std::vector<float> wrt;
@@ -124,19 +127,24 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
 
   const T* x = xw.const_data_ptr<T>();
   T* o = out.data_ptr<T>();
-  float* wsp = ws.data_ptr<float>();
+  float* wsp = save ? ws.data_ptr<float>() : nullptr;
+  // Without a backward to feed (inference), each thread writes a row's workspace to scratch instead.
+  auto ws_row = [&](std::vector<float>& scratch, int64_t t, int64_t b) {
+    return save ? wsp + (t * sh.B + b) * sh.width : scratch.data();
+  };
   for (int64_t step = 0; step < sh.T; ++step) {
     const int64_t t = reverse ? sh.T - 1 - step : step;
     at::parallel_for(0, blocks, 1, [&](int64_t blk0, int64_t blk1) {
-      std::vector<float> tile(B * G * kUnits), xg(G * kUnits);
+      std::vector<float> tile(B * G * kUnits), xg(G * kUnits), scratch(save ? 0 : sh.width);
       for (int64_t blk = blk0; blk < blk1; ++blk) {
         const int64_t j0 = blk * kUnits, nu = std::min(kUnits, H - j0);
-        small_gemm(B, G * kUnits, S, ht.data(), 1, B, wt.data() + blk * G * kUnits, ld_w, tile.data(), G * kUnits,
-                   1.f, false);
+        for (int64_t g = 0; g < G; ++g)
+          small_gemm(B, kUnits, S, ht.data(), 1, B, wt.data() + (blk * G + g) * S * kUnits, kUnits,
+                     tile.data() + g * kUnits, G * kUnits, 1.f, false);
         for (int64_t b = 0; b < B; ++b) {
           const bool active = t < len[b];
           const T* xb = x + (t * B + b) * G * H;
-          float* wsb = wsp + (t * B + b) * sh.width;
+          float* wsb = ws_row(scratch, t, b);
           const float* tb = tile.data() + b * G * kUnits;
           const float* bb = bias.data() + blk * G * kUnits;
           for (int64_t g = 0; g < G; ++g) to_float(xb + g * H + j0, xg.data() + g * kUnits, nu);
@@ -187,13 +195,13 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
     if (sh.proj) {  // h = m W_hr^T, by column panels of the projection
       const int64_t panels = ld_p / fVec::size();
       at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-        std::vector<float> hp(B * fVec::size());
+        std::vector<float> hp(B * fVec::size()), scratch(save ? 0 : sh.width);
         for (int64_t p = p0; p < p1; ++p) {
           const int64_t c0_ = p * fVec::size(), nc = std::min<int64_t>(fVec::size(), S - c0_);
           small_gemm(B, fVec::size(), H, m.data(), H, 1, wrt.data() + c0_, ld_p, hp.data(), fVec::size(), 1.f, false);
           for (int64_t b = 0; b < B; ++b) {
             const bool active = t < len[b];
-            float* wsb = wsp + (t * B + b) * sh.width;
+            float* wsb = ws_row(scratch, t, b);
             for (int64_t q = 0; q < nc; ++q) {
               const float v = hp[b * fVec::size() + q];
               h_next[b * S + c0_ + q] = active ? v : h[b * S + c0_ + q];
@@ -226,9 +234,15 @@ void backward(const Shape& sh, const at::Tensor& grad_out, const at::Tensor& gra
               at::Tensor& d_xw, at::Tensor& dht_all, at::Tensor& dh_out, at::Tensor& dc_out) {
   const int64_t G = sh.G, H = sh.H, S = sh.S, B = sh.B, GH = G * H;
   const int64_t ld_s = round_up_to_vec(S), ld_h = round_up_to_vec(H);
-  // W_hh [GH, S padded] and W_hr [P, H padded] as fp32, row-major: the B operands of dG W_hh, dh W_hr
+  // W_hh as fp32 panels of one vector of columns ([GH, VS] each, contiguous: see the forward) and
+  // W_hr [P, H padded] row-major: the B operands of dG W_hh and dh W_hr
+  constexpr int64_t VS = fVec::size();
   std::vector<float> w(GH * ld_s, 0.f), wr;
-  for (int64_t r = 0; r < GH; ++r) to_float(w_hh.const_data_ptr<T>() + r * S, w.data() + r * ld_s, S);
+  at::parallel_for(0, GH, 64, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t k = 0; k < S; ++k)
+        w[(k / VS * GH + r) * VS + k % VS] = static_cast<float>(w_hh.const_data_ptr<T>()[r * S + k]);
+  });
   if (sh.proj) {
     wr.assign(S * ld_h, 0.f);
     for (int64_t p = 0; p < S; ++p) to_float(w_hr->const_data_ptr<T>() + p * H, wr.data() + p * ld_h, H);
@@ -310,7 +324,7 @@ void backward(const Shape& sh, const at::Tensor& grad_out, const at::Tensor& gra
     at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t c0_ = p * fVec::size();
-        small_gemm(B, fVec::size(), GH, dg, GH, 1, w.data() + c0_, ld_s, dh_next.data() + c0_, ld_s, 1.f, gru);
+        small_gemm(B, VS, GH, dg, GH, 1, w.data() + p * GH * VS, VS, dh_next.data() + c0_, ld_s, 1.f, gru);
         for (int64_t b = 0; b < B; ++b)
           if (!(t < len[b]))
             for (int64_t q = 0; q < fVec::size(); ++q) dh_next[b * ld_s + c0_ + q] = dh[b * ld_s + c0_ + q];
@@ -333,7 +347,7 @@ at::Tensor empty_like_or_none(const std::optional<at::Tensor>& t, const at::Tens
 std::vector<at::Tensor> rnn_fwd_cpu(const at::Tensor& xw, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh,
                                     const at::Tensor& h0, const std::optional<at::Tensor>& c0,
                                     const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths,
-                                    const std::string& mode, bool reverse) {
+                                    const std::string& mode, bool reverse, bool save_workspace) {
   const Shape sh(mode, xw, w_hh, w_hr.has_value());
   TORCH_CHECK(xw.is_contiguous() && w_hh.is_contiguous() && h0.is_contiguous(), "rnn: operands must be contiguous");
   TORCH_CHECK(h0.size(0) == sh.B && h0.size(1) == sh.S, "rnn: h0 must be [B, S]");
@@ -342,9 +356,10 @@ std::vector<at::Tensor> rnn_fwd_cpu(const at::Tensor& xw, const at::Tensor& w_hh
   at::Tensor out = at::empty({sh.T, sh.B, sh.S}, xw.options());
   at::Tensor h_n = at::empty({sh.B, sh.S}, xw.options());
   at::Tensor c_n = sh.mode == Mode::kLstm ? at::empty({sh.B, sh.H}, xw.options()) : at::empty({0}, xw.options());
-  at::Tensor ws = at::empty({sh.T, sh.B, sh.width}, xw.options().dtype(at::kFloat));
+  at::Tensor ws = save_workspace ? at::empty({sh.T, sh.B, sh.width}, xw.options().dtype(at::kFloat))
+                                 : at::empty({0}, xw.options().dtype(at::kFloat));
   BIGNLP_DISPATCH_FLOAT_BF16(xw.scalar_type(), "rnn_fwd_cpu", [&] {
-    forward<scalar_t>(sh, xw, w_hh, b_hh, h0, c0, w_hr, len, reverse, out, h_n, c_n, ws);
+    forward<scalar_t>(sh, xw, w_hh, b_hh, h0, c0, w_hr, len, reverse, out, h_n, c_n, ws, save_workspace);
   });
   return {out, h_n, c_n, ws};
 }

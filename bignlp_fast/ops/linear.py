@@ -1,0 +1,103 @@
+"""linear: ``y = x @ weight^T + bias``, torch.nn.functional.linear's signature, on the project's own
+packed GEMM on the CPU (csrc/cpu/linear.cpp).
+
+Why a GEMM of our own: on AMD CPUs the MKL sgemm that torch calls does not take its AVX-512 path;
+the register-blocked kernel of csrc/cpu/gemm.h runs about twice as fast there. The RNN layers use
+it for their input projection (one GEMM over every time step). On other CPUs, measure before
+preferring it: the benchmark compares it with F.linear on the same inputs.
+
+Contract (every backend): x [M, K], weight [N, K], bias [N] or None, contiguous; forward returns
+y [M, N]; backward returns (grad_x [M, K], grad_weight [N, K], grad_bias [N] or [0]).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from bignlp_fast import _backend
+from bignlp_fast.ops._common import acc_dtype, check_like, check_tensor, contiguous, kernel
+
+OP = _backend.register_op(
+    "linear",
+    dtypes={"cpu": (torch.float32, torch.bfloat16)},
+    missing={"cuda": "no CUDA kernel for linear (cuBLAS through torch is the one to use)",
+             "triton": "no Triton kernel for linear"},
+)
+
+
+# ---- reference backend ------------------------------------------------------------------------
+def linear_fwd_torch(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    acc = acc_dtype(x.dtype)
+    return F.linear(x.to(acc), weight.to(acc), bias.to(acc) if bias is not None else None).to(x.dtype)
+
+
+def linear_bwd_torch(grad_y: Tensor, x: Tensor, weight: Tensor, has_bias: bool):
+    acc = acc_dtype(x.dtype)
+    g = grad_y.to(acc)
+    grad_bias = g.sum(0).to(weight.dtype) if has_bias else x.new_empty(0)
+    return (g @ weight.to(acc)).to(x.dtype), (g.t() @ x.to(acc)).to(weight.dtype), grad_bias
+
+
+# ---- custom ops -------------------------------------------------------------------------------
+@torch.library.custom_op("bignlp_fast::linear_fwd", mutates_args=())
+def linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend: str) -> Tensor:
+    return kernel("linear", "fwd", backend)(x.contiguous(), weight.contiguous(), contiguous(bias))
+
+
+@linear_fwd.register_fake
+def _(x, weight, bias, backend):
+    return x.new_empty(x.shape[0], weight.shape[0])
+
+
+@torch.library.custom_op("bignlp_fast::linear_bwd", mutates_args=())
+def linear_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, has_bias: bool,
+               backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    return tuple(kernel("linear", "bwd", backend)(grad_y.contiguous(), x.contiguous(), weight.contiguous(), has_bias))
+
+
+@linear_bwd.register_fake
+def _(grad_y, x, weight, has_bias, backend):
+    return torch.empty_like(x), torch.empty_like(weight), weight.new_empty(weight.shape[0] if has_bias else 0)
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, backend = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.has_bias, ctx.backend = bias is not None, backend
+
+
+def _backward(ctx, grad_y):
+    x, weight = ctx.saved_tensors
+    grad_x, grad_w, grad_b = linear_bwd(grad_y, x, weight, ctx.has_bias, ctx.backend)
+    return grad_x, grad_w, grad_b if ctx.has_bias else None, None
+
+
+linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- public op --------------------------------------------------------------------------------
+def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, backend: Optional[str] = None) -> Tensor:
+    """``x @ weight^T + bias`` over the last dimension of x ([..., K] -> [..., N]).
+
+    Args:
+        x: [..., K]; weight: [N, K]; bias: [N] or None; one dtype (float32 / bfloat16 on the CPU).
+        backend: "cpu", "torch" or None for automatic.
+    """
+    op = "linear"
+    check_tensor(op, "x", x, min_dim=1)
+    check_like(op, "weight", weight, "x", x, same_shape=False)
+    if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
+        raise ValueError(f"{op}: weight must be [N, {x.shape[-1]}] for x's last dimension {x.shape[-1]}, got "
+                         f"{tuple(weight.shape)}")
+    if bias is not None:
+        check_like(op, "bias", bias, "weight", weight, same_shape=False)
+        if bias.shape != weight.shape[:1]:
+            raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},), one value per output feature; got "
+                             f"{tuple(bias.shape)}")
+    name = _backend.choose(OP, x.device, x.dtype, backend)
+    y = linear_fwd(x.reshape(-1, x.shape[-1]), weight, bias, name)
+    return y.view(*x.shape[:-1], weight.shape[0])

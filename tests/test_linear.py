@@ -1,0 +1,50 @@
+"""linear (x @ W^T + b) on the project's packed GEMM, against float64."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bignlp_fast.ops import linear
+from conftest import backend_params
+from reference import assert_within_torch_error
+
+BACKENDS = backend_params("cpu", "torch")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (37, 13, 29), (3, 5, 70, 33), (300, 257, 65)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_matches_float64(backend, device, shape, dtype, with_bias):
+    *lead, k, n = shape
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(*lead, k, generator=g).to(dtype)
+    w = (torch.randn(n, k, generator=g) * k ** -0.5).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype) if with_bias else None
+    gy = torch.randn(*lead, n, generator=g).to(dtype)
+
+    def run(fn, x, w, b, gy):
+        leaves = [t.detach().requires_grad_() for t in (x, w, b) if t is not None]
+        y = fn(*leaves) if b is not None else fn(*leaves, None)
+        return [y, *torch.autograd.grad(y, leaves, gy)]
+
+    ours = run(lambda x, w, b: linear(x, w, b, backend=backend), x, w, b, gy)
+    theirs = run(F.linear, x, w, b, gy)
+    ref = run(F.linear, x.double(), w.double(), b.double() if b is not None else None, gy.double())
+    for name, a, c, r in zip(["y", "grad_x", "grad_w", "grad_b"], ours, theirs, ref):
+        assert_within_torch_error(f"linear {backend} {shape} {dtype} {name}", a, c, r, dtype)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_opcheck(backend, device):
+    x, w, b = torch.randn(5, 7, requires_grad=True), torch.randn(3, 7, requires_grad=True), torch.randn(3)
+    torch.library.opcheck(torch.ops.bignlp_fast.linear_fwd, (x, w, b, backend))
+    torch.library.opcheck(torch.ops.bignlp_fast.linear_fwd, (x, w, None, backend))
+    torch.library.opcheck(torch.ops.bignlp_fast.linear_bwd, (torch.randn(5, 3), x.detach(), w.detach(), True, backend))
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match=r"weight must be \[N, 4\]"):
+        linear(torch.randn(2, 4), torch.randn(3, 5))
+    with pytest.raises(ValueError, match=r"bias must have shape \(3,\)"):
+        linear(torch.randn(2, 4), torch.randn(3, 4), torch.randn(2))

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bignlp_fast.ops import add_layer_norm, bias_gelu, scaled_dot_product_attention
+from bignlp_fast.ops import add_layer_norm, bias_gelu, linear, scaled_dot_product_attention
 
 
 @dataclasses.dataclass
@@ -42,7 +42,7 @@ class Case:
     @property
     def id(self) -> str:
         dt = str(self.dtype).replace("torch.", "")
-        variant = f"-{self.variant}" if self.variant else ""
+        variant = "-" + self.variant.replace(", ", "-").replace(" ", "-") if self.variant else ""
         return f"{self.op}{variant}-{self.mode}-{'x'.join(map(str, self.shape))}-{dt}"
 
 
@@ -141,8 +141,95 @@ def _attention_cases(b, h, lq, lk, d, dtype, causal, modes, suites, ref_backend=
     return out
 
 
+# ---- linear -----------------------------------------------------------------------------------
+def _linear_cases(m, k, n, dtype, modes, suites):
+    def make(device, dt, grad):
+        return dict(x=_randn((m, k), device, dt, grad, 0), w=_randn((n, k), device, dt, grad, 1),
+                    b=_randn(n, device, dt, grad, 2), gy=_randn((m, n), device, dt, False, 3))
+
+    eager = lambda t: [F.linear(t["x"], t["w"], t["b"])]  # noqa: E731
+    fused = lambda t, be: [linear(t["x"], t["w"], t["b"], backend=be)]  # noqa: E731
+    leaves = lambda t: [t["x"], t["w"], t["b"]]  # noqa: E731
+    common = dict(op="linear", shape=(m, k, n), dtype=dtype, suites=suites, ref_name="F.linear")
+    out = []
+    if "fwd" in modes:
+        out.append(Case(mode="fwd", make=lambda d, dt: make(d, dt, False), ours=fused, ref=eager, flops=2 * m * k * n,
+                        **common))
+    if "fwd+bwd" in modes:
+        out.append(Case(mode="fwd+bwd", make=lambda d, dt: make(d, dt, True),
+                        ours=lambda t, be: _grads(fused(t, be), leaves(t), [t["gy"]]),
+                        ref=lambda t: _grads(eager(t), leaves(t), [t["gy"]]), flops=6 * m * k * n, **common))
+    return out
+
+
+# ---- recurrent layers -------------------------------------------------------------------------
+_RNN_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
+
+
+def _rnn_cases(kind, b, i, h, t, dtype, modes, suites, layers=1, bidirectional=False):
+    """bignlp_fast.nn.<kind> against torch.nn.<kind> with the same weights, time-major input [T, B, I]."""
+    import bignlp_fast.nn as bnn
+    dirs = 2 if bidirectional else 1
+
+    def make(device, dt, grad):
+        torch.manual_seed(0)
+        ref = getattr(torch.nn, kind)(i, h, num_layers=layers, bidirectional=bidirectional).to(device, dt)
+        ours = getattr(bnn, kind)(i, h, num_layers=layers, bidirectional=bidirectional).to(device, dt)
+        ours.load_state_dict(ref.state_dict())
+        return dict(x=_randn((t, b, i), device, dt, grad, 0), go=_randn((t, b, dirs * h), device, dt, False, 1),
+                    modules={dt: (ours, ref)})
+
+    def module(tensors, which):
+        dt = tensors["x"].dtype
+        if dt not in tensors["modules"]:  # the float64 reference: a float64 copy of torch's module
+            _, ref = next(iter(tensors["modules"].values()))
+            copy = type(ref)(i, h, num_layers=layers, bidirectional=bidirectional).to(ref.weight_ih_l0.device, dt)
+            copy.load_state_dict(ref.state_dict())
+            tensors["modules"][dt] = (None, copy)
+        return tensors["modules"][dt][which]
+
+    def params(tensors, which):
+        return list(module(tensors, which).parameters())
+
+    ours_fwd = lambda tn, be: [module(tn, 0)(tn["x"])[0]]  # noqa: E731
+    ref_fwd = lambda tn: [module(tn, 1)(tn["x"])[0]]  # noqa: E731
+    # FLOPs: input projection and recurrent GEMMs, 2 * T * B * G*H * (I_layer + H) per layer and direction
+    flops = sum(2 * t * b * _RNN_GATES[kind] * h * ((i if layer == 0 else dirs * h) + h) * dirs
+                for layer in range(layers))
+    variant = kind + f", {layers} layers" * (layers > 1) + (" bidirectional" if bidirectional else "")
+    common = dict(op="rnn", shape=(b, i, h, t), dtype=dtype, suites=suites, variant=variant,
+                  ref_name=f"torch.nn.{kind}")
+    out = []
+    if "fwd" in modes:  # inference: no autograd graph on either side
+        def no_grad(fn):
+            def run(*args):
+                with torch.no_grad():
+                    return fn(*args)
+            return run
+        out.append(Case(mode="fwd", make=lambda dev, dt: make(dev, dt, False), ours=no_grad(ours_fwd),
+                        ref=no_grad(ref_fwd), flops=flops, **common))
+    if "fwd+bwd" in modes:
+        out.append(Case(mode="fwd+bwd", make=lambda dev, dt: make(dev, dt, True),
+                        ours=lambda tn, be: _grads(ours_fwd(tn, be), [tn["x"], *params(tn, 0)], [tn["go"]]),
+                        ref=lambda tn: _grads(ref_fwd(tn), [tn["x"], *params(tn, 1)], [tn["go"]]),
+                        flops=3 * flops, **common))
+    return out
+
+
 def all_cases() -> list[Case]:
     cases = []
+    # linear: an RNN's input projection (T*B = 4096 rows, I = 512 -> 4H = 2048), BERT-base's FFN
+    cases += _linear_cases(4096, 512, 2048, torch.float32, ("fwd", "fwd+bwd"), ("quick", "full"))
+    cases += _linear_cases(1024, 768, 3072, torch.float32, ("fwd",), ("full",))
+    cases += _linear_cases(1024, 768, 3072, torch.bfloat16, ("fwd",), ("full",))
+    # recurrent layers: the issue's shapes (I = H = 512, B 32 and 4, T 128; H 128, B 16, T 64)
+    both = ("fwd", "fwd+bwd")
+    for kind in ("LSTM", "GRU"):
+        cases += _rnn_cases(kind, 32, 512, 512, 128, torch.float32, both, ("quick", "full"))
+        cases += _rnn_cases(kind, 4, 512, 512, 128, torch.float32, both, ("full",))
+        cases += _rnn_cases(kind, 16, 128, 128, 64, torch.float32, both, ("full",))
+        cases += _rnn_cases(kind, 32, 512, 512, 128, torch.float32, both, ("full",), layers=2, bidirectional=True)
+        cases += _rnn_cases(kind, 32, 512, 512, 128, torch.bfloat16, ("fwd",), ("full",))
     # attention: the issue's CPU shape, BERT-base heads at 512 tokens; a long sequence against the
     # unfused path (peak memory); GPU-sized cases where a GPU runs them
     both = ("fwd", "fwd+bwd")
@@ -172,6 +259,8 @@ def tiny_cases() -> list[Case]:
     for dtype in (torch.float32,):
         out += _add_layer_norm_cases(16, 40, dtype, ("tiny",)) + _bias_gelu_cases(16, 40, dtype, ("tiny",))
         out += _attention_cases(1, 2, 9, 9, 8, dtype, True, ("fwd", "fwd+bwd"), ("tiny",))
+        out += _linear_cases(9, 5, 7, dtype, ("fwd", "fwd+bwd"), ("tiny",))
+        out += _rnn_cases("LSTM", 2, 5, 7, 3, dtype, ("fwd", "fwd+bwd"), ("tiny",), layers=2, bidirectional=True)
     return out
 
 

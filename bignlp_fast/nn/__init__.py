@@ -3,5 +3,7 @@
 from bignlp_fast.nn.activation import GELU
 from bignlp_fast.nn.attention import MultiheadAttention
 from bignlp_fast.nn.normalization import LayerNorm
+from bignlp_fast.nn.rnn import GRU, LSTM, RNN, GRUCell, LayerNormLSTM, LSTMCell, RNNCell
 
-__all__ = ["GELU", "LayerNorm", "MultiheadAttention"]
+__all__ = ["GELU", "GRU", "GRUCell", "LSTM", "LSTMCell", "LayerNorm", "LayerNormLSTM", "MultiheadAttention", "RNN",
+           "RNNCell"]

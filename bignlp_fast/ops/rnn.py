@@ -19,8 +19,8 @@ Kernel contract (every backend; ``rnn_{fwd,bwd}_torch`` below is the specificati
   GRU: r, z = sigmoid(xw + h W_hh^T + b_hh) parts; n = tanh(xw_n + r * (h W_hn^T + b_hn));
   h' = (1 - z) n + z h. RNN: h' = act(xw + h W_hh^T + b_hh).
 - Forward returns out [T, B, S], h_n [B, S], c_n [B, H] (LSTM; else [0]) and a workspace the same
-  backend's backward reads (its size: :func:`workspace_width`; [0] for the torch reference, which
-  recomputes, and for any backend when ``save_workspace`` is false: inference). Backward returns d_xw, d_w_hh, d_b_hh ([0] without b_hh), d_h0, d_c0 ([0] without
+  backend's backward reads (its size: :func:`workspace_width`; [0] for the torch reference, whose
+  backward recomputes, and for any backend when ``save_workspace`` is false: inference). Backward returns d_xw, d_w_hh, d_b_hh ([0] without b_hh), d_h0, d_c0 ([0] without
   c0), d_w_hr ([0] without w_hr).
 """
 
@@ -107,23 +107,83 @@ def rnn_fwd_torch(xw, w_hh, b_hh, h0, c0, w_hr, lengths, mode, reverse, save_wor
 
 
 def rnn_bwd_torch(grad_out, grad_h_n, grad_c_n, xw, w_hh, b_hh, h0, c0, w_hr, lengths, workspace, mode, reverse):
-    """The reference backward: the vector-Jacobian product of the reference forward, recomputed
-    (torch.func.vjp: a custom op's implementation runs below autograd, where .backward() records nothing)."""
+    """The reference backward through time, written out: recompute every step's activations, then walk
+    the steps in reverse, as the fused backends do (dG: the gradient of h W_hh^T + b_hh)."""
     acc = acc_dtype(xw.dtype)
-    inputs = [xw, w_hh, b_hh, h0, c0, w_hr]
-    present = [i for i, t in enumerate(inputs) if t is not None]
+    x, w, b, wr = xw.to(acc), w_hh.to(acc), _acc(b_hh, acc), _acc(w_hr, acc)
+    t_len, batch = x.shape[:2]
+    steps = list(range(t_len - 1, -1, -1) if reverse else range(t_len))
+    active = [(t < lengths)[:, None] if lengths is not None else torch.ones(batch, 1, dtype=torch.bool)
+              for t in range(t_len)]
+    active = [a.to(x.device) for a in active]
+    # forward, keeping what the backward needs
+    h, c = h0.to(acc), _acc(c0, acc)
+    saved = {}
+    for t in steps:
+        hw = h @ w.t() + (b if b is not None else 0)
+        if mode == "lstm":
+            i, f, g, o = (x[t] + hw).chunk(4, -1)
+            i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+            c_new = f * c + i * g
+            m = o * torch.tanh(c_new)
+            h_new = m @ wr.t() if wr is not None else m
+            saved[t] = (h, c, i, f, g, o, c_new, m)
+            c = torch.where(active[t], c_new, c)
+        elif mode == "gru":
+            xr, xz, xn = x[t].chunk(3, -1)
+            hr, hz, hn = hw.chunk(3, -1)
+            r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+            n = torch.tanh(xn + r * hn)
+            h_new = (1 - z) * n + z * h
+            saved[t] = (h, r, z, n, hn)
+        else:
+            pre = x[t] + hw
+            h_new = torch.tanh(pre) if mode == "rnn_tanh" else torch.relu(pre)
+            saved[t] = (h, h_new)
+        h = torch.where(active[t], h_new, h)
+    # backward
+    d_x, d_g = torch.zeros_like(x), torch.zeros_like(x)
+    d_w, d_wr = torch.zeros_like(w), torch.zeros_like(wr) if wr is not None else None
+    dh = grad_h_n.to(acc)
+    dc = grad_c_n.to(acc) if c0 is not None else None
+    for t in reversed(steps):
+        a = active[t]
+        dht = torch.where(a, dh + grad_out[t].to(acc), torch.zeros_like(dh))  # h_new's gradient
+        if mode == "lstm":
+            h_prev, c_prev, i, f, g, o, c_new, m = saved[t]
+            if wr is not None:
+                d_wr += dht.t() @ m
+                dm = dht @ wr
+            else:
+                dm = dht
+            tc = torch.tanh(c_new)
+            dct = torch.where(a, dc + dm * o * (1 - tc * tc), torch.zeros_like(dc))
+            dg_t = torch.cat([dct * g * i * (1 - i), dct * c_prev * f * (1 - f), dct * i * (1 - g * g),
+                              dm * tc * o * (1 - o)], -1)
+            dg_t = torch.where(a, dg_t, torch.zeros_like(dg_t))
+            dc = torch.where(a, dct * f, dc)
+            dx_t, dh_direct = dg_t, 0
+        elif mode == "gru":
+            h_prev, r, z, n, hn = saved[t]
+            dn_pre = dht * (1 - z) * (1 - n * n)
+            dr_pre = dn_pre * hn * r * (1 - r)
+            dz_pre = dht * (h_prev - n) * z * (1 - z)
+            dx_t = torch.cat([dr_pre, dz_pre, dn_pre], -1)
+            dg_t = torch.cat([dr_pre, dz_pre, dn_pre * r], -1)
+            dh_direct = dht * z
+        else:
+            h_prev, h_new = saved[t]
+            dg_t = dht * ((1 - h_new * h_new) if mode == "rnn_tanh" else (h_new > 0).to(acc))
+            dx_t, dh_direct = dg_t, 0
+        d_x[t], d_g[t] = dx_t, dg_t
+        d_w += dg_t.t() @ h_prev
+        dh = torch.where(a, dh_direct + dg_t @ w, dh)  # an inactive step passes the gradient through
+    def empty():  # each absent gradient its own tensor: a custom op's outputs may not alias
+        return xw.new_empty(0)
 
-    def forward(*args):
-        full = [None] * len(inputs)
-        for i, a in zip(present, args):
-            full[i] = a
-        out, h_n, c_n = rnn_layer_math(mode, *full, lengths, reverse)
-        return (out, h_n) + ((c_n,) if c_n is not None else ())
-
-    _, vjp = torch.func.vjp(forward, *(inputs[i].to(acc) for i in present))
-    cotangents = (grad_out.to(acc), grad_h_n.to(acc)) + ((grad_c_n.to(acc),) if c0 is not None else ())
-    grads = iter(vjp(cotangents))
-    return tuple(next(grads).to(t.dtype) if t is not None else xw.new_empty(0) for t in inputs)
+    return (d_x.to(xw.dtype), d_w.to(w_hh.dtype), d_g.sum((0, 1)).to(b_hh.dtype) if b_hh is not None else empty(),
+            dh.to(h0.dtype), dc.to(c0.dtype) if c0 is not None else empty(),
+            d_wr.to(w_hr.dtype) if w_hr is not None else empty())
 
 
 # ---- custom ops -------------------------------------------------------------------------------

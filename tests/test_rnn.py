@@ -1,0 +1,483 @@
+"""bignlp_fast.nn.LSTM / GRU / RNN, their cells and LayerNormLSTM against torch.nn with the same
+state_dict: outputs, final states and the gradients of the input, the initial states and every
+weight; plus gradcheck and opcheck of the rnn_layer op underneath, and torch.compile."""
+
+import pytest
+import torch
+from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
+
+import bignlp_fast
+from bignlp_fast import nn as bnn
+from bignlp_fast.ops import rnn_layer
+from bignlp_fast.ops.rnn import GATES
+from reference import assert_within_torch_error
+
+pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
+
+BACKENDS = ["torch", "cpu"]
+KINDS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request):
+    return request.param
+
+
+def _classes(kind):
+    name = {"lstm": "LSTM", "gru": "GRU"}.get(kind, "RNN")
+    extra = {"nonlinearity": kind[4:]} if kind.startswith("rnn") else {}
+    return getattr(torch.nn, name), getattr(bnn, name), extra
+
+
+def make_pair(kind, backend, input_size=5, hidden_size=13, dtype=torch.float32, **kwargs):
+    """torch's module with random weights and ours loaded from its state_dict."""
+    torch.manual_seed(0)
+    ref_cls, our_cls, extra = _classes(kind)
+    ref = ref_cls(input_size, hidden_size, **extra, **kwargs, dtype=dtype)
+    ours = our_cls(input_size, hidden_size, **extra, **kwargs, dtype=dtype, backend=backend)
+    ours.load_state_dict(ref.state_dict())
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    return ref, ours
+
+
+def initial_state(module, batch, dtype=torch.float32, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    layers = module.num_layers * (2 if module.bidirectional else 1)
+    state = module.proj_size or module.hidden_size  # proj_size is 0 for GRU and RNN
+    h0 = torch.randn(layers, batch, state, generator=g, dtype=dtype)
+    if isinstance(module, torch.nn.LSTM):
+        return h0, torch.randn(layers, batch, module.hidden_size, generator=g, dtype=dtype)
+    return h0
+
+
+def _leaves(x):
+    if x is None:
+        return None
+    if isinstance(x, tuple):
+        return tuple(t.detach().clone().requires_grad_() for t in x)
+    return x.detach().clone().requires_grad_()
+
+
+def run(module, x, hx=None, lengths=None, enforce_sorted=True):
+    """Outputs (output, h_n[, c_n]) and gradients of (x, h0[, c0], every parameter) of a fixed random
+    linear function of the outputs. With ``lengths`` x is packed (pack_padded_sequence) first."""
+    x, hx = _leaves(x), _leaves(hx)
+    inp = x
+    if lengths is not None:
+        inp = pack_padded_sequence(x, torch.tensor(lengths), batch_first=module.batch_first,
+                                   enforce_sorted=enforce_sorted)
+    out, h = module(inp, hx)
+    if lengths is not None:
+        assert isinstance(out, PackedSequence)
+        assert torch.equal(out.batch_sizes, inp.batch_sizes)
+        out = out.data
+    outs = [out] + (list(h) if isinstance(h, tuple) else [h])
+    g = torch.Generator().manual_seed(1)
+    loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in outs)
+    wrt = [x] + (list(hx) if isinstance(hx, tuple) else [hx] if hx is not None else []) + list(module.parameters())
+    return outs + list(torch.autograd.grad(loss, wrt))
+
+
+def assert_all_close(got, expected, **tol):
+    assert len(got) == len(expected)
+    for k, (a, b) in enumerate(zip(got, expected)):
+        assert a.shape == b.shape, f"tensor {k}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+        torch.testing.assert_close(a, b, **(tol or TOL), msg=lambda m: f"tensor {k}: {m}")
+
+
+# ---- the modules against torch.nn -------------------------------------------------------------------
+CONFIGS = [  # num_layers, bidirectional, batch_first, bias, proj_size (LSTM only)
+    (1, False, False, True, 0),
+    (2, True, True, True, 0),
+    (2, False, True, False, 0),
+    (1, True, False, False, 0),
+    (3, True, False, True, 0),
+    (2, True, True, True, 7),
+    (1, False, False, False, 5),
+]
+INPUTS = {  # batch 4, 6 steps; lengths in any order for packing
+    "dense": None,
+    "packed_unsorted": ([3, 6, 1, 4], False),
+    "packed_sorted": ([6, 4, 3, 1], True),
+}
+
+
+@pytest.mark.parametrize("inputs", list(INPUTS))
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: "L{}{}{}{}{}".format(
+    c[0], "-bi" if c[1] else "", "-bf" if c[2] else "", "" if c[3] else "-nobias", f"-proj{c[4]}" if c[4] else ""))
+@pytest.mark.parametrize("kind", KINDS)
+def test_matches_torch(backend, kind, config, inputs):
+    layers, bidirectional, batch_first, bias, proj = config
+    if proj and kind != "lstm":
+        pytest.skip("proj_size is an LSTM option")
+    kwargs = dict(num_layers=layers, bidirectional=bidirectional, batch_first=batch_first, bias=bias)
+    if proj:
+        kwargs["proj_size"] = proj
+    ref, ours = make_pair(kind, backend, **kwargs)
+    x = torch.randn((4, 6, 5) if batch_first else (6, 4, 5))
+    lengths, enforce_sorted = INPUTS[inputs] or (None, True)
+    for hx in (None, initial_state(ref, 4)):
+        assert_all_close(run(ours, x, hx, lengths, enforce_sorted), run(ref, x, hx, lengths, enforce_sorted))
+    report = [r for r in bignlp_fast.report() if r["op"] == "rnn"]
+    assert not report, report
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("shape", [(1, 1, 37), (1, 3, 13), (7, 1, 37)], ids=lambda s: "T{}-B{}-H{}".format(*s))
+def test_awkward_shapes(backend, kind, shape):
+    t, b, hidden = shape
+    ref, ours = make_pair(kind, backend, input_size=3, hidden_size=hidden, num_layers=2, bidirectional=True)
+    x = torch.randn(t, b, 3)
+    assert_all_close(run(ours, x, initial_state(ref, b)), run(ref, x, initial_state(ref, b)))
+    lengths = [t] + [max(1, t - 2 * i) for i in range(1, b)]
+    assert_all_close(run(ours, x, None, lengths[::-1], False), run(ref, x, None, lengths[::-1], False))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("batch_first", [False, True])
+def test_unbatched_input(backend, kind, batch_first):
+    """A 2-D [T, F] input is one sequence whatever batch_first says; hx is then [L*D, S]."""
+    ref, ours = make_pair(kind, backend, num_layers=2, bidirectional=True, batch_first=batch_first)
+    x = torch.randn(6, 5)
+    hx = initial_state(ref, 1)
+    hx = tuple(t[:, 0] for t in hx) if isinstance(hx, tuple) else hx[:, 0]
+    for state in (None, hx):
+        got, expected = run(ours, x, state), run(ref, x, state)
+        assert got[0].shape == (6, 26)
+        assert_all_close(got, expected)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+@pytest.mark.parametrize("config", [(2, True, False, 0), (1, False, True, 4)], ids=["L2-bi", "L1-bf-proj"])
+def test_float64_matches_torch(kind, config):
+    """In float64 (the torch backend) our modules and torch agree to rounding, packed input included."""
+    layers, bidirectional, batch_first, proj = config
+    kwargs = dict(num_layers=layers, bidirectional=bidirectional, batch_first=batch_first)
+    if proj and kind == "lstm":
+        kwargs["proj_size"] = proj
+    ref, ours = make_pair(kind, "torch", dtype=torch.float64, **kwargs)
+    x = torch.randn((4, 6, 5) if batch_first else (6, 4, 5), dtype=torch.float64)
+    hx = initial_state(ref, 4, torch.float64)
+    tight = {"rtol": 1e-12, "atol": 1e-12}
+    assert_all_close(run(ours, x, hx), run(ref, x, hx), **tight)
+    assert_all_close(run(ours, x, hx, [2, 6, 5, 1], False), run(ref, x, hx, [2, 6, 5, 1], False), **tight)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_bfloat16_within_torch_error(backend, kind):
+    """bf16: our error against a float64 reference at most twice torch's own bf16 error (+ floor)."""
+    ref, ours = make_pair(kind, backend, hidden_size=37, num_layers=2, bidirectional=True)
+    x = torch.randn(7, 3, 5)
+    expected = run(ref.double(), x.double(), None, [7, 4, 5], False)
+    theirs = run(ref.to(torch.bfloat16), x.to(torch.bfloat16), None, [7, 4, 5], False)
+    got = run(ours.to(torch.bfloat16), x.to(torch.bfloat16), None, [7, 4, 5], False)
+    for k, (a, b, r) in enumerate(zip(got, theirs, expected)):
+        assert_within_torch_error(f"{kind} tensor {k}", a, b, r, torch.bfloat16)
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_autocast_runs_the_recurrence_in_bf16(backend, kind):
+    """Under CPU autocast the projection is bf16 and the recurrence follows it (torch: LSTM bf16, GRU fp32)."""
+    ref, ours = make_pair(kind, backend, num_layers=2)
+    cell_ref, cell = make_cell_pair(kind, backend)
+    x = torch.randn(5, 3, 5)
+    expected, expected_cell = ref.double()(x.double())[0], cell_ref.double()(x[0].double())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = ours(x)
+        h = cell(x[0])
+    h = h[0] if kind == "lstm" else h
+    expected_cell = expected_cell[0] if kind == "lstm" else expected_cell
+    assert out.dtype == h.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), expected, atol=3e-2, rtol=0)
+    torch.testing.assert_close(h.double(), expected_cell, atol=3e-2, rtol=0)
+
+
+# ---- training-mode dropout ---------------------------------------------------------------------------
+def test_dropout_between_layers(backend):
+    ref, ours = make_pair("lstm", backend, num_layers=3, dropout=0.5)
+    x = torch.randn(5, 2, 5)
+    ours.eval(), ref.eval()
+    torch.testing.assert_close(ours(x)[0], ref(x)[0], **TOL)  # eval: no dropout
+    ours.train()
+    torch.manual_seed(1)
+    a, (h_a, _) = ours(x)
+    torch.manual_seed(1)
+    b, (h_b, _) = ours(x)
+    torch.testing.assert_close(a, b)  # masks come from torch's generator
+    assert not torch.allclose(a, ours.eval()(x)[0])
+    # layer 0 sees no dropout: its final state is the eval one; the last layer's output is not dropped
+    torch.testing.assert_close(h_a[0], ours(x)[1][0][0], **TOL)
+    assert (a != 0).all()
+
+
+# ---- gradcheck and opcheck of the op underneath ---------------------------------------------------
+@pytest.mark.parametrize("mode", list(GATES))
+@pytest.mark.parametrize("variant", ["plain", "lengths-reverse", "lengths", "proj"])
+def test_rnn_layer_gradcheck(mode, variant):
+    if variant == "proj" and mode != "lstm":
+        pytest.skip("projections are an LSTM option")
+    g = torch.Generator().manual_seed(0)
+    t, b, hidden = 4, 3, 3
+    state = 2 if variant == "proj" else hidden
+    gh = GATES[mode] * hidden
+    make = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64).requires_grad_()  # noqa: E731
+    xw, w_hh, b_hh, h0 = make(t, b, gh), make(gh, state), make(gh), make(b, state)
+    c0 = make(b, hidden) if mode == "lstm" else None
+    w_hr = make(state, hidden) if variant == "proj" else None
+    lengths = torch.tensor([2, 4, 1]) if variant.startswith("lengths") else None
+    reverse = variant == "lengths-reverse"
+
+    def f(*args):
+        xw, w_hh, b_hh, h0, *rest = args
+        c0 = rest.pop(0) if mode == "lstm" else None
+        w_hr = rest.pop(0) if rest else None
+        out, h_n, c_n = rnn_layer(mode, xw, w_hh, b_hh, h0, c0, w_hr, lengths, reverse, backend="torch")
+        return (out, h_n) + ((c_n,) if c_n is not None else ())
+
+    args = [a for a in (xw, w_hh, b_hh, h0, c0, w_hr) if a is not None]
+    assert torch.autograd.gradcheck(f, args)
+
+
+def _op_samples(backend):
+    """Argument lists for torch.ops.bignlp_fast.rnn_fwd and rnn_bwd: every mode, with/without lengths."""
+    samples_fwd, samples_bwd = [], []
+    g = torch.Generator().manual_seed(0)
+    for mode in GATES:
+        t, b, hidden = 5, 3, 13
+        state = 7 if mode == "lstm" else hidden
+        gh = GATES[mode] * hidden
+        make = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+        xw, w_hh, b_hh, h0 = make(t, b, gh), make(gh, state) * 0.3, make(gh), make(b, state)
+        c0 = make(b, hidden) if mode == "lstm" else None
+        w_hr = make(state, hidden) * 0.3 if mode == "lstm" else None
+        for lengths, reverse in ((None, False), (torch.tensor([5, 2, 4]), True)):
+            leaves = [a.requires_grad_() if a is not None else None for a in (xw, w_hh, b_hh, h0, c0, w_hr)]
+            samples_fwd.append(leaves + [lengths, mode, reverse, True, backend])
+            with torch.no_grad():
+                out, h_n, c_n, ws = torch.ops.bignlp_fast.rnn_fwd(*[a.detach() if a is not None else None
+                                                                    for a in leaves], lengths, mode, reverse,
+                                                                  True, backend)
+            grad_c = torch.randn_like(c_n) if mode == "lstm" else None
+            detached = [a.detach() if a is not None else None for a in leaves]
+            samples_bwd.append([torch.randn_like(out), torch.randn_like(h_n), grad_c] + detached
+                               + [lengths, ws, mode, reverse, backend])
+    return samples_fwd, samples_bwd
+
+
+def test_opcheck_rnn_fwd(backend):
+    for args in _op_samples(backend)[0]:
+        torch.library.opcheck(torch.ops.bignlp_fast.rnn_fwd.default, args)
+
+
+@pytest.mark.parametrize("bwd_backend", [
+    "torch",
+    "cpu",
+])
+def test_opcheck_rnn_bwd(bwd_backend):
+    for args in _op_samples(bwd_backend)[1]:
+        torch.library.opcheck(torch.ops.bignlp_fast.rnn_bwd.default, args)
+
+
+# ---- torch.compile -----------------------------------------------------------------------------------
+class _Tagger(torch.nn.Module):
+    def __init__(self, backend):
+        super().__init__()
+        self.embed = torch.nn.Embedding(11, 6)
+        self.rnn = bnn.LSTM(6, 13, num_layers=2, bidirectional=True, batch_first=True, backend=backend)
+        self.head = torch.nn.Linear(26, 3)
+
+    def forward(self, tokens):
+        out, (h_n, _) = self.rnn(self.embed(tokens))
+        return self.head(out), h_n
+
+
+def test_compiles_without_graph_breaks(backend):
+    """Dynamo refuses every torch.nn.LSTM instance (ours included) unless allow_rnn is set; with it,
+    the whole model is one graph."""
+    torch.manual_seed(0)
+    model = _Tagger(backend)
+    tokens = torch.randint(0, 11, (2, 5))
+    expected = model(tokens)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(allow_rnn=True):
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        got = compiled(tokens)
+        (got[0].square().sum() + got[1].sum()).backward()
+    torch.testing.assert_close(got, expected, **TOL)
+    grads = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    (expected[0].square().sum() + expected[1].sum()).backward()
+    assert_all_close(grads, [p.grad for p in model.parameters()])
+
+
+# ---- modules: sharing parameters, dtype conversion, functional_call ---------------------------------
+@pytest.mark.parametrize("kind", KINDS)
+def test_from_torch_shares_parameters(backend, kind):
+    ref, _ = make_pair(kind, backend, num_layers=2, bidirectional=True, batch_first=True,
+                       **({"proj_size": 4} if kind == "lstm" else {}))
+    ours = type(_).from_torch(ref.eval(), backend=backend)
+    assert isinstance(ours, type(ref)) and not ours.training and ours.backend == backend
+    assert all(a is b for a, b in zip(ours.parameters(), ref.parameters()))
+    assert list(ours.state_dict()) == list(ref.state_dict())
+    x = torch.randn(3, 4, 5)
+    assert_all_close(run(ours, x), run(ref, x))
+
+
+def test_to_double_and_functional_call():
+    ref, ours = make_pair("gru", "torch", num_layers=2)
+    x = torch.randn(4, 2, 5, dtype=torch.float64)
+    torch.testing.assert_close(ours.double()(x)[0], ref.double()(x)[0])
+    params = {k: torch.zeros_like(v) for k, v in ours.named_parameters()}
+    out, h_n = torch.func.functional_call(ours, params, (x,))
+    assert not out.any() and not h_n.any()  # all-zero weights: every state stays zero
+
+
+def test_auto_backend_runs_the_cpu_kernel():
+    ref, ours = make_pair("lstm", None, num_layers=2)
+    x = torch.randn(5, 2, 5)
+    assert_all_close(run(ours, x), run(ref, x))
+    assert bignlp_fast.report() == []
+
+
+# ---- bad input ------------------------------------------------------------------------------------
+def test_bad_input_gives_clear_errors():
+    _, lstm = make_pair("lstm", "torch", num_layers=2, proj_size=4)
+    _, gru = make_pair("gru", "torch", batch_first=True)
+    x = torch.randn(6, 3, 5)
+    with pytest.raises(RuntimeError, match="LSTM: input.size\\(-1\\) must be equal to input_size. Expected 5, got 4"):
+        lstm(x[..., :4])
+    with pytest.raises(ValueError, match="LSTM: Expected input to be 2D or 3D, got 4D"):
+        lstm(x[None])
+    with pytest.raises(ValueError, match="input dtype \\(torch.float64\\) does not match weight dtype"):
+        lstm(x.double())
+    with pytest.raises(RuntimeError, match=r"expected hidden\[0\] of size \(2, 3, 4\).*got \[2, 3, 13\]"):
+        lstm(x, (torch.zeros(2, 3, 13), torch.zeros(2, 3, 13)))
+    with pytest.raises(RuntimeError, match=r"expected hidden\[1\] of size \(2, 3, 13\).*got \[2, 2, 13\]"):
+        lstm(x, (torch.zeros(2, 3, 4), torch.zeros(2, 2, 13)))
+    with pytest.raises(TypeError, match="hx must be a tuple \\(h_0, c_0\\)"):
+        lstm(x, torch.zeros(2, 3, 4))
+    with pytest.raises(RuntimeError, match="for batched 3-D input, hx should also be 3-D but got 2-D"):
+        gru(x, torch.zeros(3, 13))
+    with pytest.raises(RuntimeError, match=r"GRU: expected hidden of size \(1, 6, 13\)"):
+        gru(x, torch.zeros(1, 3, 13))  # batch_first: the batch is 6
+    with pytest.raises(RuntimeError, match="must be sorted in decreasing order"):  # torch's own packing check
+        pack_padded_sequence(x, torch.tensor([2, 6, 3]), enforce_sorted=True)
+    packed = pack_padded_sequence(x, torch.tensor([2, 6, 3]), enforce_sorted=False)
+    with pytest.raises(RuntimeError, match=r"expected hidden of size \(1, 3, 13\)"):
+        gru(packed, torch.zeros(1, 2, 13))
+
+
+# ---- cells ---------------------------------------------------------------------------------------
+def make_cell_pair(kind, backend, bias=True):
+    torch.manual_seed(0)
+    name = {"lstm": "LSTMCell", "gru": "GRUCell"}.get(kind, "RNNCell")
+    extra = {"nonlinearity": kind[4:]} if kind.startswith("rnn") else {}
+    ref = getattr(torch.nn, name)(5, 13, bias, **extra)
+    ours = getattr(bnn, name)(5, 13, bias, **extra, backend=backend)
+    ours.load_state_dict(ref.state_dict())
+    return ref, ours
+
+
+def run_cell(cell, x, hx):
+    x, hx = _leaves(x), _leaves(hx)
+    out = cell(x, hx)
+    outs = list(out) if isinstance(out, tuple) else [out]
+    g = torch.Generator().manual_seed(1)
+    loss = sum((o * torch.randn(o.shape, generator=g)).sum() for o in outs)
+    wrt = [x] + (list(hx) if isinstance(hx, tuple) else [hx] if hx is not None else []) + list(cell.parameters())
+    return outs + list(torch.autograd.grad(loss, wrt))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("bias", [True, False])
+def test_cells_match_torch(backend, kind, bias):
+    ref, ours = make_cell_pair(kind, backend, bias)
+    for b in (4, 1, None):  # None: unbatched
+        shape = (b,) if b else ()
+        x = torch.randn(*shape, 5)
+        h = torch.randn(*shape, 13)
+        hx = (h, torch.randn(*shape, 13)) if kind == "lstm" else h
+        for state in (None, hx):
+            assert_all_close(run_cell(ours, x, state), run_cell(ref, x, state))
+    shared = type(ours).from_torch(ref, backend=backend)
+    assert shared.weight_hh is ref.weight_hh and shared.backend == backend
+    x = torch.randn(3, 5)
+    assert_all_close(run_cell(shared, x, None), run_cell(ref, x, None))
+
+
+def test_cells_bad_input():
+    _, cell = make_cell_pair("lstm", "torch")
+    with pytest.raises(RuntimeError, match="LSTMCell: input has inconsistent input_size: got 4 expected 5"):
+        cell(torch.randn(2, 4))
+    with pytest.raises(ValueError, match="Expected input to be 1D or 2D, got 3D"):
+        cell(torch.randn(1, 2, 5))
+    with pytest.raises(RuntimeError, match=r"hx\[1\] must have shape \(2, 13\)"):
+        cell(torch.randn(2, 5), (torch.zeros(2, 13), torch.zeros(3, 13)))
+
+
+# ---- LayerNormLSTM ------------------------------------------------------------------------------------
+def test_layer_norm_lstm_shapes_and_gradients():
+    torch.manual_seed(0)
+    m = bnn.LayerNormLSTM(5, 13, num_layers=2, bidirectional=True, batch_first=True)
+    x = torch.randn(3, 6, 5, requires_grad=True)
+    h0, c0 = torch.randn(4, 3, 13, requires_grad=True), torch.randn(4, 3, 13, requires_grad=True)
+    out, (h_n, c_n) = m(x, (h0, c0))
+    assert out.shape == (3, 6, 26) and h_n.shape == c_n.shape == (4, 3, 13)
+    torch.testing.assert_close(out[:, -1, :13], h_n[2])  # last layer, forward direction: the last step
+    torch.testing.assert_close(out[:, 0, 13:], h_n[3])  # last layer, backward direction: the first step
+    (out.square().sum() + c_n.sum()).backward()
+    for name, t in [("x", x), ("h0", h0), ("c0", c0)] + list(m.named_parameters()):
+        assert t.grad is not None and torch.isfinite(t.grad).all() and t.grad.abs().sum() > 0, name
+    out1, (h1, c1) = m(x[0].detach())  # unbatched
+    assert out1.shape == (6, 26) and h1.shape == c1.shape == (4, 13)
+    torch.testing.assert_close(out1, m(x[:1].detach())[0][0])
+    (record,) = [r for r in bignlp_fast.report() if r["op"] == "layer_norm_lstm"]
+    assert record["count"] == 3 and "no fused kernel" in record["reason"]
+
+
+def test_layer_norm_lstm_is_not_an_lstm():
+    torch.manual_seed(0)
+    m = bnn.LayerNormLSTM(5, 13, bias=False)
+    lstm = torch.nn.LSTM(5, 13, bias=False)
+    with torch.no_grad():
+        lstm.weight_ih_l0.copy_(m.weight_ih_l0)
+        lstm.weight_hh_l0.copy_(m.weight_hh_l0)
+    x = torch.randn(4, 2, 5)
+    assert not torch.allclose(m(x)[0], lstm(x)[0], atol=1e-3)
+    assert sorted(m.state_dict()) == ["ln_c_l0.weight", "ln_hh_l0.weight", "ln_ih_l0.weight", "weight_hh_l0",
+                                      "weight_ih_l0"]
+
+
+def test_layer_norm_lstm_gradcheck():
+    torch.manual_seed(0)
+    m = bnn.LayerNormLSTM(3, 4, bidirectional=True, dtype=torch.float64)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.1 * torch.randn_like(p))  # LayerNorms away from scale 1, shift 0
+    x = torch.randn(3, 2, 3, dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(2, 2, 4, dtype=torch.float64, requires_grad=True)
+    c0 = torch.randn(2, 2, 4, dtype=torch.float64, requires_grad=True)
+    params = dict(m.named_parameters())
+
+    def f(x, h0, c0, *ps):
+        out, (h_n, c_n) = torch.func.functional_call(m, dict(zip(params, ps)), (x, (h0, c0)))
+        return out, h_n, c_n
+
+    assert torch.autograd.gradcheck(f, (x, h0, c0, *params.values()))
+
+
+def test_layer_norm_lstm_strict_and_named_backend(monkeypatch):
+    m = bnn.LayerNormLSTM(5, 7)
+    x = torch.randn(3, 2, 5)
+    with pytest.raises(bignlp_fast.BackendError, match="cannot run this call: no fused kernel for LayerNormLSTM"):
+        bnn.LayerNormLSTM(5, 7, backend="cpu")(x)
+    m.backend = "torch"  # the reference asked for by name: nothing to record
+    m(x)
+    assert bignlp_fast.report() == []
+    m.backend = None
+    monkeypatch.setenv("BIGNLP_FAST_STRICT", "1")
+    with pytest.raises(bignlp_fast.BackendError, match="BIGNLP_FAST_STRICT"):
+        m(x)
+    with pytest.raises(RuntimeError, match="input.size\\(-1\\) must be equal to input_size. Expected 5, got 4"):
+        m(x[..., :4])

@@ -17,6 +17,9 @@
 #include <algorithm>
 #include <cstdint>
 
+#include <vector>
+
+#include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 
 namespace bignlp_fast::cpu {
@@ -101,6 +104,66 @@ inline void small_gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t 
     accumulate = true;
     k0 += kKC;
   } while (k0 < K);
+}
+
+namespace gemm_detail {
+constexpr int64_t kPanel = 2 * at::vec::Vectorized<float>::size();  // columns per B panel (32 with AVX-512)
+constexpr int64_t kRows = 64;                                        // rows per A block of packed_gemm
+}  // namespace gemm_detail
+
+// A strided operand: element (r, c) at p[r * rs + c * cs].
+template <typename T>
+struct Strided {
+  const T* p;
+  int64_t rs, cs;
+  float at(int64_t r, int64_t c) const { return static_cast<float>(p[r * rs + c * cs]); }
+};
+
+// C[M, N] = A[M, K] B[K, N] (+ bias[N]), C of type Out with row stride ldc: a parallel GEMM for large
+// operands. Both are packed to fp32 once per call: B in column panels of kPanel floats ([K, kPanel]
+// each, contiguous), A in row blocks of kRows rows, transposed ([K, kRows]: the micro-kernel then
+// broadcasts consecutive floats). Tasks are (row block, group of panels), each writing its own part
+// of C.
+template <typename T, typename Out>
+void packed_gemm(int64_t M, int64_t N, int64_t K, Strided<T> A, Strided<T> B, const T* bias, Out* C, int64_t ldc) {
+  using gemm_detail::kPanel;
+  using gemm_detail::kRows;
+  const int64_t panels = (N + kPanel - 1) / kPanel, blocks = (M + kRows - 1) / kRows;
+  std::vector<float> bp(panels * K * kPanel);
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t u = 0; u < kPanel; ++u) {
+          const int64_t n = p * kPanel + u;
+          bp[(p * K + k) * kPanel + u] = n < N ? B.at(k, n) : 0.f;
+        }
+  });
+  // Enough tasks for every thread: split the panels into groups when row blocks are few.
+  const int64_t threads = at::get_num_threads();
+  const int64_t groups = std::min(panels, std::max<int64_t>(1, (4 * threads + blocks - 1) / blocks));
+  const int64_t per_group = (panels + groups - 1) / groups;
+  at::parallel_for(0, blocks * groups, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> a_t(K * kRows), tile(kRows * kPanel);
+    int64_t packed_block = -1;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t blk = t / groups, grp = t % groups;
+      const int64_t m0 = blk * kRows, mc = std::min(kRows, M - m0);
+      if (blk != packed_block) {
+        for (int64_t k = 0; k < K; ++k)
+          for (int64_t r = 0; r < mc; ++r) a_t[k * kRows + r] = A.at(m0 + r, k);
+        packed_block = blk;
+      }
+      for (int64_t p = grp * per_group; p < std::min(panels, (grp + 1) * per_group); ++p) {
+        small_gemm(mc, kPanel, K, a_t.data(), 1, kRows, bp.data() + p * K * kPanel, kPanel, tile.data(), kPanel,
+                        1.f, false);
+        const int64_t n0 = p * kPanel, nc = std::min(kPanel, N - n0);
+        for (int64_t r = 0; r < mc; ++r)
+          for (int64_t u = 0; u < nc; ++u)
+            C[(m0 + r) * ldc + n0 + u] =
+                static_cast<Out>(tile[r * kPanel + u] + (bias ? static_cast<float>(bias[n0 + u]) : 0.f));
+      }
+    }
+  });
 }
 
 inline int64_t round_up_to_vec(int64_t n) {

@@ -12,7 +12,7 @@
 //
 // Backward, per step in reverse: the gate gradients of every unit in one region (from the saved
 // gates, cell and state of the workspace), then dh_prev = dG W_hh in a region over column panels.
-// The weight gradients are left to three large GEMMs over all steps at the end (at::mm).
+// The weight gradients are left to large GEMMs over all steps at the end (cpu::packed_gemm).
 #include <cmath>
 #include <string>
 #include <vector>
@@ -391,13 +391,22 @@ std::vector<at::Tensor> rnn_bwd_cpu(const at::Tensor& grad_out, const at::Tensor
   at::Tensor h0f = h0.to(at::kFloat).unsqueeze(0);
   at::Tensor h_prev = !reverse ? at::cat({h0f, states.narrow(0, 0, sh.T - 1)}, 0)
                                : at::cat({states.narrow(0, 1, sh.T - 1), h0f}, 0);
-  at::Tensor d_w_hh = at::mm(d_hlin.view({TB, -1}).t(), h_prev.reshape({TB, sh.S})).to(w_hh.scalar_type());
+  // dW_hh = dG^T [GH, TB] H_prev [TB, S] and dW_hr = dh^T [P, TB] M [TB, H]: on packed_gemm (fp32 out)
+  auto gemm_tn = [&](const at::Tensor& a, const at::Tensor& b) {  // a^T b for a [TB, X], b [TB, Y] fp32
+    const at::Tensor ac = a.contiguous(), bc = b.contiguous();
+    const int64_t X = ac.size(1), Y = bc.size(1);
+    at::Tensor c = at::empty({X, Y}, ac.options());
+    cpu::packed_gemm<float, float>(X, Y, TB, {ac.const_data_ptr<float>(), 1, X}, {bc.const_data_ptr<float>(), Y, 1},
+                                   nullptr, c.data_ptr<float>(), Y);
+    return c;
+  };
+  at::Tensor d_w_hh = gemm_tn(d_hlin.view({TB, -1}), h_prev.reshape({TB, sh.S})).to(w_hh.scalar_type());
   at::Tensor d_b_hh = b_hh.has_value() ? d_hlin.view({TB, -1}).sum(0).to(b_hh->scalar_type())
                                        : at::empty({0}, xw.options());
   at::Tensor d_w_hr = at::empty({0}, xw.options());
   if (sh.proj) {
     at::Tensor m = workspace.narrow(2, sh.off_m, sh.H).reshape({TB, sh.H});
-    d_w_hr = at::mm(dht_all.view({TB, sh.S}).t(), m).to(w_hr->scalar_type());
+    d_w_hr = gemm_tn(dht_all.view({TB, sh.S}), m).to(w_hr->scalar_type());
   }
   return {d_x.to(xw.scalar_type()), d_w_hh, d_b_hh, dh0.to(h0.scalar_type()),
           c0.has_value() ? dc0.to(c0->scalar_type()) : at::empty({0}, xw.options()), d_w_hr};

@@ -53,6 +53,25 @@ def _input_projection(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend
     return F.linear(x, weight, bias)
 
 
+def _stack(x: Tensor, num_layers: int, directions: int, dropout: float, training: bool, run):
+    """Layers x directions over time-major x. ``run(k, layer_input, reverse)`` runs the k-th (layer,
+    direction) and returns (out, h, c). Bidirectional outputs are concatenated [forward, backward];
+    dropout (training only) follows every layer but the last. Returns (output, [h...], [c...])."""
+    h_n, c_n = [], []
+    layer_input = x
+    for layer in range(num_layers):
+        outs = []
+        for direction in range(directions):
+            out, h, c = run(layer * directions + direction, layer_input, direction == 1)
+            outs.append(out)
+            h_n.append(h)
+            c_n.append(c)
+        layer_input = outs[0] if directions == 1 else torch.cat(outs, -1)
+        if dropout > 0 and training and layer < num_layers - 1:
+            layer_input = F.dropout(layer_input, dropout, training=True)
+    return layer_input, h_n, c_n
+
+
 # ---- PackedSequence <-> padded, time-major, in the packed (sorted) batch order ----------------------
 def _step_mask(batch_sizes: Tensor) -> Tensor:
     """[T, B] bool: step t of (sorted) sequence b exists. batch_sizes: int64 [T], non-increasing, CPU."""
@@ -184,28 +203,19 @@ class _FusedRNNBase:
     def _layers(self, x: Tensor, h0: Tensor, c0: Optional[Tensor], lengths: Optional[Tensor]):
         """The stack on time-major x [T, B, F]: (output [T, B, D*S], h_n [L*D, B, S], c_n or None)."""
         mode = _MODES[self.mode]
-        directions = 2 if self.bidirectional else 1
-        h_n, c_n = [], []
-        layer_input = x
-        for layer in range(self.num_layers):
-            outs = []
-            for direction in range(directions):
-                k = layer * directions + direction
-                w = {n.rsplit("_l", 1)[0]: getattr(self, n) for n in self._all_weights[k]}  # "weight_ih": ...
-                xw = _input_projection(layer_input, w["weight_ih"], w.get("bias_ih"), self.backend)  # [T, B, G*H]
-                if _autocast(xw):  # the recurrence runs in the dtype autocast gave the projection
-                    w = {n: _cast(t, xw.dtype) for n, t in w.items()}
-                    h0, c0 = _cast(h0, xw.dtype), _cast(c0, xw.dtype)
-                out, h, c = rnn_layer(mode, xw, w["weight_hh"], w.get("bias_hh"), h0[k],
-                                      c0[k] if c0 is not None else None, w.get("weight_hr"), lengths,
-                                      reverse=direction == 1, backend=self.backend)
-                outs.append(out)
-                h_n.append(h)
-                c_n.append(c)
-            layer_input = outs[0] if directions == 1 else torch.cat(outs, -1)
-            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
-                layer_input = F.dropout(layer_input, self.dropout, training=True)
-        return layer_input, torch.stack(h_n), (torch.stack(c_n) if c0 is not None else None)
+
+        def run(k: int, layer_input: Tensor, reverse: bool):
+            nonlocal h0, c0
+            w = {n.rsplit("_l", 1)[0]: getattr(self, n) for n in self._all_weights[k]}  # "weight_ih": ...
+            xw = _input_projection(layer_input, w["weight_ih"], w.get("bias_ih"), self.backend)  # [T, B, G*H]
+            if _autocast(xw):  # the recurrence runs in the dtype autocast gave the projection
+                w = {n: _cast(t, xw.dtype) for n, t in w.items()}
+                h0, c0 = _cast(h0, xw.dtype), _cast(c0, xw.dtype)
+            return rnn_layer(mode, xw, w["weight_hh"], w.get("bias_hh"), h0[k], c0[k] if c0 is not None else None,
+                             w.get("weight_hr"), lengths, reverse=reverse, backend=self.backend)
+
+        out, h_n, c_n = _stack(x, self.num_layers, 2 if self.bidirectional else 1, self.dropout, self.training, run)
+        return out, torch.stack(h_n), (torch.stack(c_n) if c0 is not None else None)
 
     @classmethod
     def from_torch(cls, module, *, backend: Optional[str] = None):
@@ -448,20 +458,9 @@ class LayerNormLSTM(torch.nn.Module):
             for what, t in (("hidden[0]", h0), ("hidden[1]", c0)):
                 if tuple(t.shape) != shape:
                     raise RuntimeError(f"{name}: expected {what} of size {shape}, got {list(t.shape)}")
-        directions = 2 if self.bidirectional else 1
-        h_n, c_n = [], []
-        layer_input = x
-        for layer in range(self.num_layers):
-            outs = []
-            for direction in range(directions):
-                k = layer * directions + direction
-                out, h, c = self._direction(self._suffixes[k], layer_input, h0[k], c0[k], reverse=direction == 1)
-                outs.append(out)
-                h_n.append(h)
-                c_n.append(c)
-            layer_input = torch.cat(outs, -1) if directions == 2 else outs[0]
-            if self.dropout > 0 and self.training and layer < self.num_layers - 1:
-                layer_input = F.dropout(layer_input, self.dropout, training=True)
+        layer_input, h_n, c_n = _stack(
+            x, self.num_layers, 2 if self.bidirectional else 1, self.dropout, self.training,
+            lambda k, inp, reverse: self._direction(self._suffixes[k], inp, h0[k], c0[k], reverse=reverse))
         h_n, c_n = torch.stack(h_n), torch.stack(c_n)
         if not batched:
             return layer_input.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))

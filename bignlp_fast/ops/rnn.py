@@ -56,23 +56,26 @@ def workspace_width(mode: str, hidden: int, state: int, backend: str) -> int:
 # ---- reference backend ------------------------------------------------------------------------
 def _cell(mode: str, xw_t: Tensor, h: Tensor, c: Optional[Tensor], w_hh: Tensor, b_hh: Optional[Tensor],
           w_hr: Optional[Tensor]):
-    """One step of every sequence: (new h, new c)."""
+    """One step of every sequence: (new h, new c, the activations the backward needs:
+    LSTM (i, f, g, o, c', m), GRU (r, z, n, h W_hn^T + b_hn), RNN (h',))."""
     hw = h @ w_hh.t()
     if b_hh is not None:
         hw = hw + b_hh
     if mode == "lstm":
         i, f, g, o = (xw_t + hw).chunk(4, -1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        m = torch.sigmoid(o) * torch.tanh(c)
-        return (m @ w_hr.t() if w_hr is not None else m), c
+        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+        c_new = f * c + i * g
+        m = o * torch.tanh(c_new)
+        return (m @ w_hr.t() if w_hr is not None else m), c_new, (i, f, g, o, c_new, m)
     if mode == "gru":
         xr, xz, xn = xw_t.chunk(3, -1)
         hr, hz, hn = hw.chunk(3, -1)
         r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
         n = torch.tanh(xn + r * hn)
-        return (1 - z) * n + z * h, None
+        return (1 - z) * n + z * h, None, (r, z, n, hn)
     pre = xw_t + hw
-    return (torch.tanh(pre) if mode == "rnn_tanh" else torch.relu(pre)), None
+    h_new = torch.tanh(pre) if mode == "rnn_tanh" else torch.relu(pre)
+    return h_new, None, (h_new,)
 
 
 def rnn_layer_math(mode: str, xw: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: Tensor, c0: Optional[Tensor],
@@ -83,7 +86,7 @@ def rnn_layer_math(mode: str, xw: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], 
     outs = [None] * xw.shape[0]
     lengths = lengths.to(xw.device) if lengths is not None else None
     for t in steps:
-        h_new, c_new = _cell(mode, xw[t], h, c, w_hh, b_hh, w_hr)
+        h_new, c_new, _ = _cell(mode, xw[t], h, c, w_hh, b_hh, w_hr)
         if lengths is None:
             h, c, outs[t] = h_new, c_new, h_new
         else:
@@ -120,27 +123,11 @@ def rnn_bwd_torch(grad_out, grad_h_n, grad_c_n, xw, w_hh, b_hh, h0, c0, w_hr, le
     h, c = h0.to(acc), _acc(c0, acc)
     saved = {}
     for t in steps:
-        hw = h @ w.t() + (b if b is not None else 0)
-        if mode == "lstm":
-            i, f, g, o = (x[t] + hw).chunk(4, -1)
-            i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
-            c_new = f * c + i * g
-            m = o * torch.tanh(c_new)
-            h_new = m @ wr.t() if wr is not None else m
-            saved[t] = (h, c, i, f, g, o, c_new, m)
-            c = torch.where(active[t], c_new, c)
-        elif mode == "gru":
-            xr, xz, xn = x[t].chunk(3, -1)
-            hr, hz, hn = hw.chunk(3, -1)
-            r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
-            n = torch.tanh(xn + r * hn)
-            h_new = (1 - z) * n + z * h
-            saved[t] = (h, r, z, n, hn)
-        else:
-            pre = x[t] + hw
-            h_new = torch.tanh(pre) if mode == "rnn_tanh" else torch.relu(pre)
-            saved[t] = (h, h_new)
+        h_new, c_new, parts = _cell(mode, x[t], h, c, w, b, wr)
+        saved[t] = (h, c, *parts) if mode == "lstm" else (h, *parts)
         h = torch.where(active[t], h_new, h)
+        if c is not None:
+            c = torch.where(active[t], c_new, c)
     # backward
     d_x, d_g = torch.zeros_like(x), torch.zeros_like(x)
     d_w, d_wr = torch.zeros_like(w), torch.zeros_like(wr) if wr is not None else None

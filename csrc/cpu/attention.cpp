@@ -29,8 +29,12 @@ namespace bignlp_fast {
 namespace {
 
 using cpu::fVec;
+using cpu::from_float;
+using cpu::load_any;
 using cpu::round_up_to_vec;
 using cpu::small_gemm;
+using cpu::store_any;
+using cpu::to_float;
 
 constexpr int64_t kBlockQ = 64;   // queries per task / per backward tile
 constexpr int64_t kBlockK = 256;  // keys per tile
@@ -142,21 +146,6 @@ struct Dropout {
     }
   }
 };
-
-// ---- small vector helpers over a tile row ----------------------------------------------------
-inline fVec load_any(const float* p, int64_t n) { return n >= fVec::size() ? fVec::loadu(p) : fVec::loadu(p, n); }
-inline void store_any(float* p, const fVec& v, int64_t n) {
-  if (n >= fVec::size()) v.store(p); else v.store(p, n);
-}
-
-template <typename T>
-void to_float(const T* src, float* dst, int64_t n, float mul) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]) * mul;
-}
-template <typename T>
-void from_float(const float* src, T* dst, int64_t n, float mul) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i] * mul);
-}
 
 // Packs rows [r0, r0 + n) of one head as fp32 [n, ld] (times mul), zero-padded to ld.
 template <typename T>

@@ -84,6 +84,22 @@ inline void store2_any(T* p, int64_t n, const fVec& a, const fVec& b) {
   if (n >= kStep) store2(p, a, b); else store2(p, n, a, b);
 }
 
+// One fp32 vector from / to the first n (< or >= a vector's width) floats at p.
+inline fVec load_any(const float* p, int64_t n) { return n >= fVec::size() ? fVec::loadu(p) : fVec::loadu(p, n); }
+inline void store_any(float* p, const fVec& v, int64_t n) {
+  if (n >= fVec::size()) v.store(p); else v.store(p, n);
+}
+
+// n values of T as fp32 times mul, and back (the row copies of the packing and write-out steps).
+template <typename T>
+inline void to_float(const T* src, float* dst, int64_t n, float mul = 1.f) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]) * mul;
+}
+template <typename T>
+inline void from_float(const float* src, T* dst, int64_t n, float mul = 1.f) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<T>(src[i] * mul);
+}
+
 // A [rows, H] fp32 scratch copy of a small vector (weights), padded with zeros to a whole step.
 template <typename T>
 inline void to_padded_float(const T* src, int64_t n, float* dst, int64_t n_padded, float fill_absent) {

@@ -25,8 +25,11 @@ namespace bignlp_fast {
 namespace {
 
 using cpu::fVec;
+using cpu::load_any;
 using cpu::round_up_to_vec;
 using cpu::small_gemm;
+using cpu::store_any;
+using cpu::to_float;
 
 constexpr int64_t kUnits = 2 * fVec::size();  // hidden units per block of the forward's GEMM
 
@@ -43,10 +46,7 @@ Mode parse_mode(const std::string& mode) {
 int64_t gate_count(Mode m) { return m == Mode::kLstm ? 4 : m == Mode::kGru ? 3 : 1; }
 
 inline fVec vsigmoid(const fVec& x) { return fVec(1.f) / (fVec(1.f) + x.neg().exp()); }
-inline fVec load_any(const float* p, int64_t n) { return n >= fVec::size() ? fVec::loadu(p) : fVec::loadu(p, n); }
-inline void store_any(float* p, const fVec& v, int64_t n) {
-  if (n >= fVec::size()) v.store(p); else v.store(p, n);
-}
+
 
 // Sizes and the workspace layout shared by forward and backward. Per (step, batch row), fp32:
 //   [gates G*H (after their nonlinearity) | state S after the step | LSTM: cell state after the
@@ -81,11 +81,6 @@ std::vector<int64_t> lengths_of(const std::optional<at::Tensor>& lengths, int64_
     for (int64_t b = 0; b < B; ++b) out[b] = l.const_data_ptr<int64_t>()[b];
   }
   return out;
-}
-
-template <typename T>
-void to_float(const T* src, float* dst, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
 // ---- forward --------------------------------------------------------------------------------

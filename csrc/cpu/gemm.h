@@ -4,7 +4,7 @@
 // matrices thousands of times; a BLAS call per tile costs microseconds of overhead and, on AMD
 // CPUs, MKL does not take its AVX-512 path. This register-blocked kernel is short: the classic
 // "broadcast A, stream B" micro-kernel holding an MR x (NV vectors) tile of C in registers
-// (8 x 32 floats = 16 zmm with AVX-512), built on at::vec so it compiles at every ISA level.
+// (8 x 32 floats = 16 zmm with AVX-512; 6 x 16 floats = 12 ymm with AVX2), built on at::vec so it compiles at every ISA level.
 //
 // Operands:
 //   A: element (m, k) at a[m * a_rs + k * a_cs]: any strides, so a transposed view costs nothing
@@ -27,7 +27,10 @@ namespace bignlp_fast::cpu {
 namespace gemm_detail {
 
 using fVec = at::vec::Vectorized<float>;
-constexpr int kMR = 8;  // rows of the C tile held in registers
+// Rows of the C tile held in registers: MR x 2 vectors of accumulators, plus 2 vectors of B and one
+// broadcast of A, must fit the register file: 8 rows with AVX-512 (32 registers: 16 + 3), 6 rows
+// with AVX2 (16 registers: 12 + 3; 8 rows would spill).
+constexpr int kMR = fVec::size() >= 16 ? 8 : 6;
 
 template <int MR, int NV>
 inline void tile(int64_t K, const float* a, int64_t a_rs, int64_t a_cs, const float* b, int64_t ldb, float* c,
@@ -108,7 +111,7 @@ inline void small_gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t 
 
 namespace gemm_detail {
 constexpr int64_t kPanel = 2 * at::vec::Vectorized<float>::size();  // columns per B panel (32 with AVX-512)
-constexpr int64_t kRows = 64;                                        // rows per A block of packed_gemm
+constexpr int64_t kRows = 8 * kMR;                                   // rows per A block of packed_gemm
 }  // namespace gemm_detail
 
 // A strided operand: element (r, c) at p[r * rs + c * cs].

@@ -47,10 +47,20 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bwd_cpu", &linear_bwd_cpu);
   m.def("rnn_fwd_cpu", &rnn_fwd_cpu);
   m.def("rnn_bwd_cpu", &rnn_bwd_cpu);
+  m.def("conv_fwd_cpu", &conv_fwd_cpu);
+  m.def("conv_bwd_cpu", &conv_bwd_cpu);
+  m.def("causal_conv1d_fwd_cpu", &causal_conv1d_fwd_cpu);
+  m.def("causal_conv1d_bwd_cpu", &causal_conv1d_bwd_cpu);
+  m.def("text_cnn_pool_fwd_cpu", &text_cnn_pool_fwd_cpu);
+  m.def("text_cnn_pool_bwd_cpu", &text_cnn_pool_bwd_cpu);
 #ifdef BIGNLP_FAST_WITH_CUDA
   m.def("add_layer_norm_fwd_cuda", &add_layer_norm_fwd_cuda);
   m.def("add_layer_norm_bwd_cuda", &add_layer_norm_bwd_cuda);
   m.def("bias_gelu_fwd_cuda", &bias_gelu_fwd_cuda);
   m.def("bias_gelu_bwd_cuda", &bias_gelu_bwd_cuda);
+  m.def("conv_fwd_cuda", &conv_fwd_cuda);
+  m.def("conv_bwd_cuda", &conv_bwd_cuda);
+  m.def("causal_conv1d_fwd_cuda", &causal_conv1d_fwd_cuda);
+  m.def("causal_conv1d_bwd_cuda", &causal_conv1d_bwd_cuda);
 #endif
 }

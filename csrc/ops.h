@@ -90,6 +90,44 @@ at::Tensor linear_fwd_cpu(const at::Tensor& x, const at::Tensor& w, const std::o
 std::vector<at::Tensor> linear_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w,
                                        bool has_bias);
 
+// ---- conv (conv1d / conv2d with a fused epilogue) ----------------------------------------------
+// The contract is stated in bignlp_fast/ops/conv.py. x [B, C_in, *spatial], w [C_out, C_in/groups,
+// *kernel], bias [C_out], residual shaped like the output; contiguous, one dtype; activation code
+// as in bignlp_fast/ops/_activation.py (0 none, 1 relu, 2 gelu (erf), 3 silu, 4 tanh).
+// Forward returns {out = act(conv(x) + bias) + residual, pre = conv(x) (or [0] unless save_pre)}.
+// Backward returns {grad_x, grad_w, grad_bias [C_out] or [0]}.
+std::vector<at::Tensor> conv_fwd_cpu(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                                     const std::optional<at::Tensor>& residual, std::vector<int64_t> stride,
+                                     std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups,
+                                     int64_t activation, bool save_pre);
+std::vector<at::Tensor> conv_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w,
+                                     const at::Tensor& pre, const std::optional<at::Tensor>& bias,
+                                     std::vector<int64_t> stride, std::vector<int64_t> padding,
+                                     std::vector<int64_t> dilation, int64_t groups, int64_t activation);
+
+// ---- causal_conv1d (depthwise, widths 2-4) ---------------------------------------------------
+// The contract is stated in bignlp_fast/ops/causal_conv1d.py. x [B, C, L], w [C, W], bias [C],
+// initial_state [B, C, W-1]; contiguous, one dtype. Forward returns y [B, C, L]; backward returns
+// {grad_x, grad_w [C, W], grad_bias [C] or [0], grad_initial_state or [0]}.
+at::Tensor causal_conv1d_fwd_cpu(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                                 const std::optional<at::Tensor>& initial_state, int64_t activation);
+std::vector<at::Tensor> causal_conv1d_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w,
+                                              const std::optional<at::Tensor>& bias,
+                                              const std::optional<at::Tensor>& initial_state, int64_t activation);
+
+// ---- text_cnn_pool (multi-width conv + activation + masked max over time) ----------------------
+// The contract is stated in bignlp_fast/ops/text_cnn_pool.py. x [B, L, E]; weights [C_i, E, k_i];
+// biases [C_i] (all or none); lengths int64 [B] or absent. Forward returns {out [B, sum C_i],
+// argmax int32 [B, sum C_i] (-1: no window), pre float32 [B, sum C_i]}; backward returns
+// {grad_x, grad_w_0.., grad_b_0.. (only with biases)}.
+std::vector<at::Tensor> text_cnn_pool_fwd_cpu(const at::Tensor& x, const std::vector<at::Tensor>& weights,
+                                              const std::optional<std::vector<at::Tensor>>& biases,
+                                              const std::optional<at::Tensor>& lengths, int64_t activation);
+std::vector<at::Tensor> text_cnn_pool_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+                                              const std::vector<at::Tensor>& weights,
+                                              const std::optional<std::vector<at::Tensor>>& biases,
+                                              const at::Tensor& argmax, const at::Tensor& pre, int64_t activation);
+
 #ifdef BIGNLP_FAST_WITH_CUDA
 std::vector<at::Tensor> add_layer_norm_fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual,
                                                 const std::optional<at::Tensor>& weight,
@@ -101,6 +139,19 @@ std::vector<at::Tensor> add_layer_norm_bwd_cuda(const at::Tensor& grad_out,
 at::Tensor bias_gelu_fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor>& bias, bool tanh_approx);
 std::vector<at::Tensor> bias_gelu_bwd_cuda(const at::Tensor& grad_y, const at::Tensor& x,
                                            const std::optional<at::Tensor>& bias, bool tanh_approx);
+std::vector<at::Tensor> conv_fwd_cuda(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                                      const std::optional<at::Tensor>& residual, std::vector<int64_t> stride,
+                                      std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups,
+                                      int64_t activation, bool save_pre);
+std::vector<at::Tensor> conv_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w,
+                                      const at::Tensor& pre, const std::optional<at::Tensor>& bias,
+                                      std::vector<int64_t> stride, std::vector<int64_t> padding,
+                                      std::vector<int64_t> dilation, int64_t groups, int64_t activation);
+at::Tensor causal_conv1d_fwd_cuda(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
+                                  const std::optional<at::Tensor>& initial_state, int64_t activation);
+std::vector<at::Tensor> causal_conv1d_bwd_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w,
+                                               const std::optional<at::Tensor>& bias,
+                                               const std::optional<at::Tensor>& initial_state, int64_t activation);
 #endif
 
 }  // namespace bignlp_fast

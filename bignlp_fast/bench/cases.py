@@ -10,7 +10,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bignlp_fast.ops import add_layer_norm, bias_gelu, linear, scaled_dot_product_attention
+from bignlp_fast.ops import (add_layer_norm, bias_gelu, causal_conv1d, conv1d, conv2d, linear,
+                             scaled_dot_product_attention, text_cnn_pool)
+from bignlp_fast.ops.causal_conv1d import causal_conv1d_eager
+from bignlp_fast.ops.text_cnn_pool import text_cnn_pool_eager
 
 
 @dataclasses.dataclass
@@ -216,8 +219,120 @@ def _rnn_cases(kind, b, i, h, t, dtype, modes, suites, layers=1, bidirectional=F
     return out
 
 
+# ---- convolutions -----------------------------------------------------------------------------
+def _no_grad(fn):
+    def run(*args):
+        with torch.no_grad():
+            return fn(*args)
+    return run
+
+
+def _text_cnn_cases(b, l, e, filters, widths, dtype, modes, suites, full_length=False):
+    """The TextCNN block against the eager code a user writes (conv1d + relu + masked max + cat), lengths
+    uniform in [L/3, L] (or all L). FLOPs: the convolutions over every position, as eager computes them."""
+    g = torch.Generator().manual_seed(7)
+    lengths = torch.full((b,), l) if full_length else torch.randint(l // 3, l + 1, (b,), generator=g)
+
+    def make(device, dt, grad):
+        ws = [_randn((filters, e, k), device, dt, grad, 10 + k) * (e * k) ** -0.5 for k in widths]
+        ws = [w.detach().requires_grad_(grad) for w in ws]
+        return dict(x=_randn((b, l, e), device, dt, grad, 0), ws=ws,
+                    bs=[_randn(filters, device, dt, grad, 20 + k) for k in widths],
+                    gy=_randn((b, filters * len(widths)), device, dt, False, 1), lengths=lengths.to(device))
+
+    fused = lambda t, be: [text_cnn_pool(t["x"], t["ws"], t["bs"], "relu", t["lengths"], backend=be)]  # noqa: E731
+    eager = lambda t: [text_cnn_pool_eager(t["x"], t["ws"], t["bs"], "relu", t["lengths"])]  # noqa: E731
+    leaves = lambda t: [t["x"], *t["ws"], *t["bs"]]  # noqa: E731
+    flops = sum(2 * b * (l - k + 1) * k * e * filters for k in widths)
+    common = dict(op="text_cnn_pool", shape=(b, l, e, filters), dtype=dtype, suites=suites,
+                  variant="all lengths L" if full_length else "lengths in [L/3, L]",
+                  ref_name="eager conv1d + relu + masked max + cat")
+    out = []
+    if "fwd" in modes:
+        out.append(Case(mode="fwd", make=lambda d, dt: make(d, dt, False), ours=_no_grad(fused), ref=_no_grad(eager),
+                        flops=flops, **common))
+    if "fwd+bwd" in modes:
+        out.append(Case(mode="fwd+bwd", make=lambda d, dt: make(d, dt, True),
+                        ours=lambda t, be: _grads(fused(t, be), leaves(t), [t["gy"]]),
+                        ref=lambda t: _grads(eager(t), leaves(t), [t["gy"]]), flops=3 * flops, **common))
+    return out
+
+
+def _conv_cases(x_shape, cout, k, activation, residual, dtype, modes, suites):
+    """conv1d / conv2d + bias + activation (+ residual), fused epilogue, against eager F.conv + act + add."""
+    nd = len(x_shape) - 2
+    conv, fused_conv = (F.conv1d, conv1d) if nd == 1 else (F.conv2d, conv2d)
+    act = {"relu": F.relu, "gelu": F.gelu}[activation]
+    cin, spatial = x_shape[1], x_shape[2:]
+    out_shape = (x_shape[0], cout, *spatial)
+
+    def make(device, dt, grad):
+        w = (_randn((cout, cin, *([k] * nd)), device, dt, False, 1) * (cin * k ** nd) ** -0.5).requires_grad_(grad)
+        return dict(x=_randn(x_shape, device, dt, grad, 0), w=w, b=_randn(cout, device, dt, grad, 2),
+                    r=_randn(out_shape, device, dt, grad, 3) if residual else None,
+                    gy=_randn(out_shape, device, dt, False, 4))
+
+    def eager(t):
+        y = act(conv(t["x"], t["w"], t["b"], padding=k // 2))
+        return [y + t["r"] if residual else y]
+
+    fused = lambda t, be: [fused_conv(t["x"], t["w"], t["b"], padding=k // 2, activation=activation,  # noqa: E731
+                                      residual=t["r"], backend=be)]
+    leaves = lambda t: [t["x"], t["w"], t["b"]] + ([t["r"]] if residual else [])  # noqa: E731
+    flops = 2 * out_shape[0] * cout * cin * k ** nd * int(torch.tensor(spatial).prod())
+    variant = f"conv{nd}d k={k}, bias + {activation}" + (" + residual" if residual else "")
+    common = dict(op="conv", shape=(*x_shape, cout), dtype=dtype, suites=suites, variant=variant,
+                  ref_name=f"eager F.conv{nd}d + F.{activation}" + (" + add" if residual else ""))
+    out = []
+    if "fwd" in modes:
+        out.append(Case(mode="fwd", make=lambda d, dt: make(d, dt, False), ours=_no_grad(fused), ref=_no_grad(eager),
+                        flops=flops, **common))
+    if "fwd+bwd" in modes:
+        out.append(Case(mode="fwd+bwd", make=lambda d, dt: make(d, dt, True),
+                        ours=lambda t, be: _grads(fused(t, be), leaves(t), [t["gy"]]),
+                        ref=lambda t: _grads(eager(t), leaves(t), [t["gy"]]), flops=3 * flops, **common))
+    return out
+
+
+def _causal_conv1d_cases(b, c, l, width, dtype, modes, suites):
+    """Depthwise causal conv + SiLU against eager (grouped F.conv1d, cut, F.silu). The op is
+    memory-bound: its "% of copy" column is the distance to a plain copy of the same bytes."""
+    nbytes = b * c * l * torch.tensor([], dtype=dtype).element_size()
+
+    def make(device, dt, grad):
+        return dict(x=_randn((b, c, l), device, dt, grad, 0),
+                    w=(_randn((c, width), device, dt, False, 1) * 0.5).requires_grad_(grad),
+                    b=_randn(c, device, dt, grad, 2), gy=_randn((b, c, l), device, dt, False, 3))
+
+    fused = lambda t, be: [causal_conv1d(t["x"], t["w"], t["b"], "silu", backend=be)]  # noqa: E731
+    eager = lambda t: [causal_conv1d_eager(t["x"], t["w"], t["b"], "silu")]  # noqa: E731
+    leaves = lambda t: [t["x"], t["w"], t["b"]]  # noqa: E731
+    common = dict(op="causal_conv1d", shape=(b, c, l), dtype=dtype, suites=suites, variant=f"width {width} + silu",
+                  ref_name="eager grouped F.conv1d + F.silu")
+    out = []
+    if "fwd" in modes:  # read x, write y
+        out.append(Case(mode="fwd", make=lambda d, dt: make(d, dt, False), ours=_no_grad(fused), ref=_no_grad(eager),
+                        bytes=2 * nbytes, **common))
+    if "fwd+bwd" in modes:  # + read grad_y, x; write grad_x
+        out.append(Case(mode="fwd+bwd", make=lambda d, dt: make(d, dt, True),
+                        ours=lambda t, be: _grads(fused(t, be), leaves(t), [t["gy"]]),
+                        ref=lambda t: _grads(eager(t), leaves(t), [t["gy"]]), bytes=5 * nbytes, **common))
+    return out
+
+
 def all_cases() -> list[Case]:
     cases = []
+    # convolutions: the issue's TextCNN block (B 64, L 256, E 300, 100 filters of widths 3, 4, 5),
+    # conv1d 256 -> 256 channels over 512 positions, a small conv2d layer, the causal conv of gated models
+    both = ("fwd", "fwd+bwd")
+    cases += _text_cnn_cases(64, 256, 300, 100, (3, 4, 5), torch.float32, both, ("quick", "full"))
+    cases += _text_cnn_cases(64, 256, 300, 100, (3, 4, 5), torch.float32, ("fwd",), ("quick", "full"), full_length=True)
+    cases += _text_cnn_cases(64, 256, 300, 100, (3, 4, 5), torch.bfloat16, ("fwd",), ("full",))
+    cases += _conv_cases((32, 256, 512), 256, 3, "relu", False, torch.float32, ("fwd",), ("quick", "full"))
+    cases += _conv_cases((32, 256, 512), 256, 3, "gelu", True, torch.float32, both, ("quick", "full"))
+    cases += _conv_cases((16, 64, 32, 32), 64, 3, "gelu", True, torch.float32, both, ("full",))
+    cases += _causal_conv1d_cases(8, 1024, 2048, 4, torch.float32, both, ("quick", "full"))
+    cases += _causal_conv1d_cases(8, 1024, 2048, 4, torch.bfloat16, both, ("full",))
     # linear: an RNN's input projection (T*B = 4096 rows, I = 512 -> 4H = 2048), BERT-base's FFN
     cases += _linear_cases(4096, 512, 2048, torch.float32, ("fwd", "fwd+bwd"), ("quick", "full"))
     cases += _linear_cases(1024, 768, 3072, torch.float32, ("fwd",), ("full",))
@@ -261,14 +376,20 @@ def tiny_cases() -> list[Case]:
         out += _attention_cases(1, 2, 9, 9, 8, dtype, True, ("fwd", "fwd+bwd"), ("tiny",))
         out += _linear_cases(9, 5, 7, dtype, ("fwd", "fwd+bwd"), ("tiny",))
         out += _rnn_cases("LSTM", 2, 5, 7, 3, dtype, ("fwd", "fwd+bwd"), ("tiny",), layers=2, bidirectional=True)
+        out += _text_cnn_cases(3, 11, 6, 4, (2, 3), dtype, ("fwd", "fwd+bwd"), ("tiny",))
+        out += _conv_cases((2, 4, 9), 5, 3, "gelu", True, dtype, ("fwd", "fwd+bwd"), ("tiny",))
+        out += _conv_cases((2, 3, 5, 6), 4, 3, "relu", False, dtype, ("fwd",), ("tiny",))
+        out += _causal_conv1d_cases(2, 3, 17, 4, dtype, ("fwd", "fwd+bwd"), ("tiny",))
     return out
 
 
 def to_float64(inputs: dict) -> dict:
     """A float64 copy of a case's inputs, leaves requiring grad where the originals do."""
-    out = {}
-    for k, v in inputs.items():
+    def f64(v):
         if isinstance(v, Tensor) and v.is_floating_point():
-            v = v.detach().double().requires_grad_(v.requires_grad)
-        out[k] = v
-    return out
+            return v.detach().double().requires_grad_(v.requires_grad)
+        if isinstance(v, list):
+            return [f64(u) for u in v]
+        return v
+
+    return {k: f64(v) for k, v in inputs.items()}

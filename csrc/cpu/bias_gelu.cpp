@@ -2,11 +2,10 @@
 //
 // Forward reads x once and writes y once. Backward reads grad_y and x once and writes grad_x once,
 // summing grad_x into per-chunk bias-gradient partials on the way (deterministic, see common.h).
-// erf uses the same approximation as ATen's vectorized erf (PyTorch's own CPU GELU) with ATen's
-// polynomial exp_u20, arranged so the backward's Gaussian comes from the exp erf already computes;
-// tanh is ATen's (Sleef).
+// The erf form's arithmetic is cpu/activation.h's (shared with the conv epilogues).
 #include <cmath>
 
+#include "cpu/activation.h"
 #include "cpu/common.h"
 #include "ops.h"
 
@@ -16,25 +15,8 @@ namespace {
 using cpu::fVec;
 using cpu::kStep;
 
-constexpr float kSqrt1_2 = 0.70710678118654752440f;    // 1/sqrt(2)
-constexpr float kInvSqrt2Pi = 0.39894228040143267794f;  // 1/sqrt(2*pi)
 constexpr float kTanhScale = 0.79788456080286535588f;   // sqrt(2/pi)
 constexpr float kTanhCubic = 0.044715f;
-
-// erf(v / sqrt(2)) and exp(-v^2 / 2) together. Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7):
-// erf(|x|) = 1 - t * poly(t) * exp(-x^2), t = 1 / (1 + p |x|); with x = v / sqrt(2), exp(-x^2) is
-// the Gaussian the GELU derivative needs, so one exp serves both.
-inline fVec erf_and_gauss(const fVec& v, fVec& gauss) {
-  const fVec x = v * fVec(kSqrt1_2);
-  const fVec t = fVec(1.f) / at::vec::fmadd(fVec(0.3275911f), x.abs(), fVec(1.f));
-  fVec poly = at::vec::fmadd(fVec(1.061405429f), t, fVec(-1.453152027f));
-  poly = at::vec::fmadd(poly, t, fVec(1.421413741f));
-  poly = at::vec::fmadd(poly, t, fVec(-0.284496736f));
-  poly = at::vec::fmadd(poly, t, fVec(0.254829592f)) * t;
-  gauss = (fVec(-0.5f) * v * v).exp_u20();  // 2-ulp exp: far below the approximation's own error
-  const fVec erf_abs = fVec(1.f) - poly * gauss;
-  return fVec::blendv(erf_abs, fVec(0.f) - erf_abs, x < fVec(0.f));
-}
 
 inline fVec gelu(const fVec& v, bool tanh_approx) {
   const fVec half(0.5f), one(1.f);
@@ -42,8 +24,7 @@ inline fVec gelu(const fVec& v, bool tanh_approx) {
     const fVec inner = fVec(kTanhScale) * at::vec::fmadd(fVec(kTanhCubic) * v, v * v, v);
     return half * v * (one + inner.tanh());
   }
-  fVec gauss;
-  return half * v * (one + erf_and_gauss(v, gauss));
+  return cpu::activate<cpu::kGelu>(v);
 }
 
 inline fVec gelu_grad(const fVec& v, bool tanh_approx) {
@@ -54,9 +35,7 @@ inline fVec gelu_grad(const fVec& v, bool tanh_approx) {
     const fVec dinner = fVec(kTanhScale) * at::vec::fmadd(fVec(3.f * kTanhCubic), v2, one);
     return half * (one + t) + half * v * (one - t * t) * dinner;
   }
-  fVec gauss;
-  const fVec cdf = half * (one + erf_and_gauss(v, gauss));
-  return at::vec::fmadd(v * fVec(kInvSqrt2Pi), gauss, cdf);
+  return cpu::activate_grad<cpu::kGelu>(v);
 }
 
 void check_inputs(const at::Tensor& x, const std::optional<at::Tensor>& bias, const char* xname) {

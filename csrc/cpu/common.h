@@ -84,10 +84,20 @@ inline void store2_any(T* p, int64_t n, const fVec& a, const fVec& b) {
   if (n >= kStep) store2(p, a, b); else store2(p, n, a, b);
 }
 
-// One fp32 vector from / to the first n (< or >= a vector's width) floats at p.
+// One fp32 vector from / to the first n (< or >= a vector's width) values at p.
 inline fVec load_any(const float* p, int64_t n) { return n >= fVec::size() ? fVec::loadu(p) : fVec::loadu(p, n); }
 inline void store_any(float* p, const fVec& v, int64_t n) {
   if (n >= fVec::size()) v.store(p); else v.store(p, n);
+}
+inline fVec load_any(const c10::BFloat16* p, int64_t n) {
+  float buf[fVec::size()] = {};
+  for (int64_t i = 0; i < std::min<int64_t>(n, fVec::size()); ++i) buf[i] = static_cast<float>(p[i]);
+  return fVec::loadu(buf);
+}
+inline void store_any(c10::BFloat16* p, const fVec& v, int64_t n) {
+  float buf[fVec::size()];
+  v.store(buf);
+  for (int64_t i = 0; i < std::min<int64_t>(n, fVec::size()); ++i) p[i] = static_cast<c10::BFloat16>(buf[i]);
 }
 
 // n values of T as fp32 times mul, and back (the row copies of the packing and write-out steps).

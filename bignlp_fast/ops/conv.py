@@ -1,0 +1,217 @@
+"""conv1d / conv2d with a fused epilogue: ``act(conv(x) + bias) + residual`` with torch's arguments.
+
+The main loop is the vendor convolution (oneDNN on the CPU, cuDNN on the GPU, called through
+``aten::convolution`` without its bias): a hand-written convolution does not beat them for general
+strides, groups and dilations, and the point here is the whole block. What follows the convolution
+is one fused pass: eager PyTorch runs bias (inside the conv), the activation and the residual add as
+separate kernels, each reading and writing the full output; fused, the output is read and written
+once, and the backward computes the activation's derivative and the bias gradient in one pass over
+grad_out before ``aten::convolution_backward``.
+
+Kernel contract (every backend; ``conv_{fwd,bwd}_torch`` is the specification):
+- x [B, C_in, *spatial] and weight [C_out, C_in / groups, *kernel] (1 or 2 spatial dims), bias [C_out]
+  or None, residual shaped like the output or None; stride/padding/dilation: one int per spatial dim.
+- Forward returns (out, pre): out = act(pre + bias) + residual with pre = conv(x, weight) (no bias);
+  pre is returned only when ``save_pre`` (a backward will need it), else it is [0] and out may be
+  computed in place of pre.
+- Backward, given grad_out, x, weight, pre, bias: gp = grad_out * act'(pre + bias) returns
+  (grad_x, grad_weight, grad_bias [C_out] or [0]); grad_residual is grad_out itself. The bias
+  gradient is reduced in a fixed order (deterministic).
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from bignlp_fast import _backend
+from bignlp_fast.ops._activation import activation_grad_torch, activation_torch, check_activation
+from bignlp_fast.ops._common import acc_dtype, check_like, check_tensor, contiguous, kernel
+
+OP = _backend.register_op("conv", dtypes={
+    "cpu": (torch.float32, torch.bfloat16),
+    "cuda": (torch.float32, torch.float16, torch.bfloat16),
+    "triton": (torch.float32, torch.float16, torch.bfloat16),
+})
+
+
+# ---- reference backend ------------------------------------------------------------------------
+def _conv(x, weight, stride, padding, dilation, groups):
+    return torch.ops.aten.convolution(x, weight, None, stride, padding, dilation, False, [0] * len(stride), groups)
+
+
+def conv_fwd_torch(x, weight, bias, residual, stride, padding, dilation, groups, activation: int, save_pre: bool):
+    pre = _conv(x, weight, stride, padding, dilation, groups)
+    v = pre.to(acc_dtype(x.dtype))
+    if bias is not None:
+        v = v + bias.to(v.dtype).view(-1, *([1] * (x.dim() - 2)))
+    v = activation_torch(v, activation)
+    if residual is not None:
+        v = v + residual.to(v.dtype)
+    return v.to(x.dtype), (pre if save_pre else x.new_empty(0))
+
+
+def conv_bwd_torch(grad_out, x, weight, pre, bias, stride, padding, dilation, groups, activation: int):
+    v = pre.to(acc_dtype(x.dtype))
+    if bias is not None:
+        v = v + bias.to(v.dtype).view(-1, *([1] * (x.dim() - 2)))
+    gp = (grad_out.to(v.dtype) * activation_grad_torch(v, activation))
+    grad_bias = gp.sum([d for d in range(gp.dim()) if d != 1]).to(bias.dtype) if bias is not None else x.new_empty(0)
+    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+        gp.to(x.dtype), x, weight, None, stride, padding, dilation, False, [0] * len(stride), groups, [True, True, False])
+    return grad_x, grad_w, grad_bias
+
+
+# ---- custom ops -------------------------------------------------------------------------------
+def _out_shape(x, weight, stride, padding, dilation):
+    spatial = [(n + 2 * p - d * (k - 1) - 1) // s + 1
+               for n, k, s, p, d in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation)]
+    return (x.shape[0], weight.shape[0], *spatial)
+
+
+@torch.library.custom_op("bignlp_fast::conv_fwd", mutates_args=())
+def conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], stride: list[int],
+             padding: list[int], dilation: list[int], groups: int, activation: int, save_pre: bool,
+             backend: str) -> tuple[Tensor, Tensor]:
+    return tuple(kernel("conv", "fwd", backend)(x.contiguous(), weight.contiguous(), contiguous(bias),
+                                                contiguous(residual), stride, padding, dilation, groups, activation,
+                                                save_pre))
+
+
+@conv_fwd.register_fake
+def _(x, weight, bias, residual, stride, padding, dilation, groups, activation, save_pre, backend):
+    shape = _out_shape(x, weight, stride, padding, dilation)
+    return x.new_empty(shape), (x.new_empty(shape) if save_pre else x.new_empty(0))
+
+
+@torch.library.custom_op("bignlp_fast::conv_bwd", mutates_args=())
+def conv_bwd(grad_out: Tensor, x: Tensor, weight: Tensor, pre: Tensor, bias: Optional[Tensor], stride: list[int],
+             padding: list[int], dilation: list[int], groups: int, activation: int,
+             backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    run = kernel("conv", "bwd", backend)
+    return tuple(run(grad_out.contiguous(), x.contiguous(), weight.contiguous(), pre.contiguous(), contiguous(bias),
+                     stride, padding, dilation, groups, activation))
+
+
+@conv_bwd.register_fake
+def _(grad_out, x, weight, pre, bias, stride, padding, dilation, groups, activation, backend):
+    return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight),
+            x.new_empty(weight.shape[0] if bias is not None else 0))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, bias, residual, stride, padding, dilation, groups, activation, save_pre, backend = inputs
+    ctx.save_for_backward(x, weight, output[1], bias)
+    ctx.args = (stride, padding, dilation, groups, activation)
+    ctx.has_residual, ctx.backend = residual is not None, backend
+
+
+def _backward(ctx, grad_out, _grad_pre):
+    x, weight, pre, bias = ctx.saved_tensors
+    if pre.numel() == 0 and grad_out.numel() > 0:
+        raise RuntimeError("conv: backward needs the pre-activation, which this forward did not save "
+                           "(save_pre=False); call the public conv1d/conv2d, which saves it when a gradient is needed")
+    grad_x, grad_w, grad_b = conv_bwd(grad_out, x, weight, pre, bias, *ctx.args, ctx.backend)
+    return (grad_x, grad_w, grad_b if bias is not None else None, grad_out if ctx.has_residual else None,
+            None, None, None, None, None, None, None)
+
+
+conv_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- public ops -------------------------------------------------------------------------------
+IntOrTuple = Union[int, Sequence[int]]
+
+
+def _tuple(op: str, name: str, value: IntOrTuple, n: int, minimum: int) -> list[int]:
+    vals = [value] * n if isinstance(value, int) else list(value)
+    if len(vals) != n or not all(isinstance(v, int) and v >= minimum for v in vals):
+        raise ValueError(f"{op}: {name} must be an int >= {minimum} or {n} of them, got {value!r}")
+    return vals
+
+
+def _conv_nd(op: str, nd: int, x, weight, bias, stride, padding, dilation, groups, activation, residual, backend):
+    check_tensor(op, "x", x)
+    unbatched = x.dim() == nd + 1
+    if unbatched:
+        x = x.unsqueeze(0)
+    if x.dim() != nd + 2:
+        raise ValueError(f"{op}: x must be [B, C_in, {'L' if nd == 1 else 'H, W'}] (or unbatched), got shape "
+                         f"{tuple(x.shape)}")
+    check_like(op, "weight", weight, "x", x, same_shape=False)
+    if weight.dim() != nd + 2:
+        raise ValueError(f"{op}: weight must have {nd + 2} dims [C_out, C_in / groups, *kernel], got "
+                         f"{tuple(weight.shape)}")
+    if not isinstance(groups, int) or groups < 1 or x.shape[1] % groups or weight.shape[0] % groups:
+        raise ValueError(f"{op}: groups={groups!r} must be an int >= 1 dividing C_in={x.shape[1]} and "
+                         f"C_out={weight.shape[0]}")
+    if weight.shape[1] * groups != x.shape[1]:
+        raise ValueError(f"{op}: weight expects C_in = {weight.shape[1] * groups} input channels "
+                         f"(weight.shape[1] * groups) but x has {x.shape[1]}")
+    if bias is not None:
+        check_like(op, "bias", bias, "x", x, same_shape=False)
+        if bias.shape != weight.shape[:1]:
+            raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    stride = _tuple(op, "stride", stride, nd, 1)
+    dilation = _tuple(op, "dilation", dilation, nd, 1)
+    if isinstance(padding, str):
+        if padding not in ("same", "valid"):
+            raise ValueError(f"{op}: padding must be an int, a tuple, 'same' or 'valid', got {padding!r}")
+        if padding == "same" and stride != [1] * nd:
+            raise ValueError(f"{op}: padding='same' needs stride 1, got stride {tuple(stride)}")
+        total = [0 if padding == "valid" else d * (k - 1) for d, k in zip(dilation, weight.shape[2:])]
+        padding = [t // 2 for t in total]
+        extra = [t - 2 * p for t, p in zip(total, padding)]  # odd totals: one more on the right, as torch
+        if any(extra):
+            pads = []
+            for e in reversed(extra):
+                pads += [0, e]
+            x = F.pad(x, pads)
+    else:
+        padding = _tuple(op, "padding", padding, nd, 0)
+    code = check_activation(op, activation)
+    out_shape = _out_shape(x, weight, stride, padding, dilation)
+    if any(s <= 0 for s in out_shape[2:]):
+        raise ValueError(f"{op}: the input {tuple(x.shape[2:])} (padded by {tuple(padding)}) is smaller than the "
+                         f"dilated kernel {tuple(d * (k - 1) + 1 for d, k in zip(dilation, weight.shape[2:]))}")
+    if residual is not None:
+        check_like(op, "residual", residual, "x", x, same_shape=False)
+        if unbatched:
+            residual = residual.unsqueeze(0)
+        if residual.shape != out_shape:
+            raise ValueError(f"{op}: residual must have the output's shape {out_shape}, got {tuple(residual.shape)}")
+    name = _backend.choose(OP, x.device, x.dtype, backend)
+    needs_grad = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, weight, bias, residual))
+    out, _ = conv_fwd(x, weight, bias, residual, stride, padding, dilation, groups, code, needs_grad, name)
+    return out.squeeze(0) if unbatched else out
+
+
+def conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: IntOrTuple = 1,
+           padding: Union[IntOrTuple, str] = 0, dilation: IntOrTuple = 1, groups: int = 1,
+           activation: Optional[str] = None, *, residual: Optional[Tensor] = None,
+           backend: Optional[str] = None) -> Tensor:
+    """``act(F.conv1d(x, weight, bias, stride, padding, dilation, groups)) + residual``, the epilogue fused.
+
+    Args:
+        x: [B, C_in, L] or [C_in, L]; weight: [C_out, C_in / groups, K]; bias: [C_out] or None.
+        stride, padding (int, tuple, "same" or "valid"), dilation, groups: as torch.nn.functional.conv1d.
+        activation: None, "relu", "gelu", "silu" or "tanh", applied after the bias.
+        residual: a tensor shaped like the output, added after the activation, or None.
+        backend: "cpu", "cuda", "triton", "torch" or None for automatic.
+    """
+    return _conv_nd("conv1d", 1, x, weight, bias, stride, padding, dilation, groups, activation, residual, backend)
+
+
+def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: IntOrTuple = 1,
+           padding: Union[IntOrTuple, str] = 0, dilation: IntOrTuple = 1, groups: int = 1,
+           activation: Optional[str] = None, *, residual: Optional[Tensor] = None,
+           backend: Optional[str] = None) -> Tensor:
+    """``act(F.conv2d(x, weight, bias, stride, padding, dilation, groups)) + residual``, the epilogue fused.
+
+    Args as :func:`conv1d`, with x [B, C_in, H, W] (or [C_in, H, W]) and weight [C_out, C_in / groups, KH, KW].
+    """
+    return _conv_nd("conv2d", 2, x, weight, bias, stride, padding, dilation, groups, activation, residual, backend)

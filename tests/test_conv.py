@@ -1,0 +1,144 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from bignlp_fast import ops
+from bignlp_fast.ops._activation import activation_torch, check_activation
+from conftest import backend_params
+from reference import assert_within_torch_error
+
+BACKENDS = backend_params("cpu", "cuda", "triton", "torch")
+DTYPES = {"cpu": (torch.float32, torch.bfloat16), "torch": (torch.float32, torch.bfloat16),
+          "cuda": (torch.float32, torch.float16, torch.bfloat16),
+          "triton": (torch.float32, torch.float16, torch.bfloat16)}
+ACTIVATIONS = [None, "relu", "gelu", "silu", "tanh"]
+# (x shape, weight shape, stride, padding, dilation, groups)
+CONV1D = [((2, 4, 13), (6, 4, 3), 1, 1, 1, 1), ((1, 6, 17), (4, 3, 5), 2, 2, 1, 2),
+          ((3, 5, 9), (7, 5, 2), 1, 0, 3, 1), ((2, 4, 1), (4, 1, 1), 1, 0, 1, 4)]
+CONV2D = [((2, 3, 7, 9), (5, 3, 3, 3), 1, 1, 1, 1), ((1, 4, 8, 6), (6, 2, 3, 2), (2, 1), (1, 0), (1, 2), 2)]
+
+
+def _eager(nd, stride, padding, dilation, groups, activation):
+    conv = F.conv1d if nd == 1 else F.conv2d
+
+    def f(x, w, b, r):
+        y = activation_torch(conv(x, w, b, stride, padding, dilation, groups), check_activation("t", activation))
+        return y + r if r is not None else y
+    return f
+
+
+def _check(backend, device, dtype, xs, ws, stride, padding, dilation, groups, activation, bias=True, residual=False):
+    nd = len(xs) - 2
+    g = torch.Generator().manual_seed(0)
+    mk = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype).requires_grad_()  # noqa: E731
+    x, w, b = mk(*xs), (torch.randn(*ws, generator=g) * 0.3).to(device=device, dtype=dtype).requires_grad_(), \
+        (mk(ws[0]) if bias else None)
+    eager = _eager(nd, stride, padding, dilation, groups, activation)
+    out_shape = eager(x, w, b, None).shape
+    r = mk(*out_shape) if residual else None
+    gy = torch.randn(out_shape, generator=g).to(device=device, dtype=dtype)
+    fused = ops.conv1d if nd == 1 else ops.conv2d
+
+    def run(fn, *args):
+        y = fn(*args)
+        return [y, *torch.autograd.grad(y, [t for t in args if t is not None], gy.to(y.dtype))]
+
+    ours = run(lambda x, w, b, r: fused(x, w, b, stride, padding, dilation, groups, activation, residual=r,
+                                        backend=backend), x, w, b, r)
+    theirs = run(eager, x, w, b, r)
+    ref = run(eager, *[t.detach().double().requires_grad_() if t is not None else None for t in (x, w, b, r)])
+    names = ["y", "grad_x", "grad_w"] + (["grad_b"] if bias else []) + (["grad_r"] if residual else [])
+    for name, a, c, e in zip(names, ours, theirs, ref):
+        assert_within_torch_error(f"{backend} {dtype} {xs} {activation} {name}", a, c, e, dtype)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("case", CONV1D + CONV2D, ids=lambda c: f"x{c[0]}-w{c[1]}")
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_matches_float64(backend, device, case, activation):
+    for dtype in DTYPES[backend]:
+        _check(backend, device, dtype, *case, activation)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_residual_and_no_bias(backend, device):
+    for case in (CONV1D[0], CONV2D[1]):
+        _check(backend, device, torch.float32, *case, "gelu", bias=True, residual=True)
+        _check(backend, device, torch.float32, *case, None, bias=False, residual=True)
+        _check(backend, device, torch.float32, *case, "relu", bias=False, residual=False)
+
+
+def test_cpu_larger_bf16():
+    _check("cpu", torch.device("cpu"), torch.bfloat16, (4, 32, 200), (48, 32, 3), 1, 1, 1, 1, "gelu", residual=True)
+
+
+@pytest.mark.parametrize("padding", ["same", "valid"])
+@pytest.mark.parametrize("k,dilation", [(3, 1), (4, 1), (2, 3), (4, 2)])
+def test_string_padding_matches_torch(padding, k, dilation):
+    x, w, b = torch.randn(2, 3, 11), torch.randn(4, 3, k), torch.randn(4)
+    torch.testing.assert_close(ops.conv1d(x, w, b, padding=padding, dilation=dilation),
+                               F.conv1d(x, w, b, padding=padding, dilation=dilation), rtol=1e-5, atol=1e-5)
+    x2, w2 = torch.randn(1, 3, 7, 8), torch.randn(2, 3, k, 3)
+    torch.testing.assert_close(ops.conv2d(x2, w2, None, padding=padding, dilation=dilation),
+                               F.conv2d(x2, w2, None, padding=padding, dilation=dilation), rtol=1e-5, atol=1e-5)
+
+
+def test_unbatched_and_inference_in_place():
+    x, w, b = torch.randn(3, 10), torch.randn(5, 3, 3), torch.randn(5)
+    torch.testing.assert_close(ops.conv1d(x, w, b, padding=1, activation="silu"),
+                               F.silu(F.conv1d(x, w, b, padding=1)))
+    with torch.no_grad():  # no pre-activation saved: the epilogue runs in place
+        torch.testing.assert_close(ops.conv1d(x[None], w, b, activation="tanh"), torch.tanh(F.conv1d(x[None], w, b)))
+
+
+def test_gradcheck_float64():
+    x, w, b = (torch.randn(2, 4, 7, dtype=torch.float64, requires_grad=True),
+               torch.randn(6, 2, 3, dtype=torch.float64, requires_grad=True),
+               torch.randn(6, dtype=torch.float64, requires_grad=True))
+    r = torch.randn(2, 6, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b, r: ops.conv1d(x, w, b, 2, 1, 1, 2, "gelu", residual=r, backend="torch"), (x, w, b, r))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_opcheck(backend, device):
+    x, w, b = (torch.randn(2, 4, 7, device=device), torch.randn(6, 4, 3, device=device).requires_grad_(),
+               torch.randn(6, device=device))
+    r = torch.randn(2, 6, 7, device=device)
+    args = ([1], [1], [1], 1)
+    torch.library.opcheck(torch.ops.bignlp_fast.conv_fwd, (x, w, b, r, *args, 2, True, backend))
+    torch.library.opcheck(torch.ops.bignlp_fast.conv_fwd, (x, w.detach(), None, None, *args, 0, False, backend))
+    pre = torch.randn(2, 6, 7, device=device)
+    torch.library.opcheck(torch.ops.bignlp_fast.conv_bwd, (torch.randn_like(pre), x, w.detach(), pre, b, *args, 3,
+                                                          backend))
+
+
+def test_compiles_fullgraph():
+    w, b = torch.randn(8, 4, 3), torch.randn(8)
+
+    def block(x):
+        return ops.conv1d(x, w, b, padding="same", activation="gelu", residual=x.repeat(1, 2, 1)).mean(-1)
+
+    x = torch.randn(2, 4, 10, requires_grad=True)
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), block(x))
+
+
+def test_bad_input():
+    x, w = torch.randn(2, 4, 8), torch.randn(6, 4, 3)
+    with pytest.raises(ValueError, match="input channels"):
+        ops.conv1d(x, torch.randn(6, 3, 3))
+    with pytest.raises(ValueError, match="groups"):
+        ops.conv1d(x, w, groups=3)
+    with pytest.raises(ValueError, match="smaller than the dilated kernel"):
+        ops.conv1d(x, w, dilation=4)
+    with pytest.raises(ValueError, match="residual"):
+        ops.conv1d(x, w, residual=torch.randn(2, 6, 8))
+    with pytest.raises(ValueError, match="same"):
+        ops.conv1d(x, w, stride=2, padding="same")
+    with pytest.raises(ValueError, match="stride"):
+        ops.conv1d(x, w, stride=0)
+    with pytest.raises(ValueError, match="activation"):
+        ops.conv2d(torch.randn(1, 4, 5, 5), torch.randn(2, 4, 3, 3), activation="elu")
+    with pytest.raises(ValueError, match="4 dims"):
+        ops.conv2d(torch.randn(1, 4, 5, 5), w)

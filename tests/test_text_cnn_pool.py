@@ -1,0 +1,139 @@
+import pytest
+import torch
+
+from bignlp_fast import ops
+from bignlp_fast.ops._activation import check_activation
+from bignlp_fast.ops.text_cnn_pool import text_cnn_pool_eager, text_cnn_pool_fwd_torch
+from conftest import backend_params
+from reference import assert_within_torch_error
+
+BACKENDS = backend_params("cpu", "triton", "torch")
+DTYPES = {"cpu": (torch.float32, torch.bfloat16), "torch": (torch.float32, torch.bfloat16),
+          "triton": (torch.float32, torch.float16, torch.bfloat16)}
+ACTIVATIONS = [None, "relu", "gelu", "silu", "tanh"]
+
+
+def _inputs(B, L, E, channels, widths, device, dtype, bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, L, E, generator=g).to(device=device, dtype=dtype).requires_grad_()
+    ws = [(torch.randn(c, E, k, generator=g) / (E * k) ** 0.5).to(device=device, dtype=dtype).requires_grad_()
+          for c, k in zip(channels, widths)]
+    bs = [torch.randn(c, generator=g).to(device=device, dtype=dtype).requires_grad_() for c in channels] if bias else None
+    gy = torch.randn(B, sum(channels), generator=g).to(device=device, dtype=dtype)
+    return x, ws, bs, gy
+
+
+def _run(fn, x, ws, bs, gy):
+    y = fn(x, ws, bs)
+    leaves = [x, *ws, *(bs or [])]
+    return [y, *torch.autograd.grad(y, leaves, gy.to(y.dtype))]
+
+
+def _check(backend, device, dtype, B, L, E, channels, widths, activation, lengths=None, bias=True):
+    """Against the eager code users write (conv1d + act + masked max + cat), every length >= the widest kernel."""
+    x, ws, bs, gy = _inputs(B, L, E, channels, widths, device, dtype, bias)
+    lens = lengths.to(device) if lengths is not None else None
+    ours = _run(lambda x, ws, bs: ops.text_cnn_pool(x, ws, bs, activation, lens, backend=backend), x, ws, bs, gy)
+    theirs = _run(lambda x, ws, bs: text_cnn_pool_eager(x, ws, bs, activation, lens), x, ws, bs, gy)
+    d64 = lambda t: t.detach().double().requires_grad_()  # noqa: E731
+    ref = _run(lambda x, ws, bs: text_cnn_pool_eager(x, ws, bs, activation, lens), d64(x), [d64(w) for w in ws],
+               [d64(b) for b in bs] if bias else None, gy.double())
+    names = ["out", "grad_x"] + [f"grad_w{k}" for k in widths] + ([f"grad_b{k}" for k in widths] if bias else [])
+    for name, a, c, r in zip(names, ours, theirs, ref):
+        assert_within_torch_error(f"{backend} {dtype} {activation} {name}", a, c, r, dtype)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_matches_float64(backend, device, activation):
+    for dtype in DTYPES[backend]:
+        _check(backend, device, dtype, 3, 13, 10, [5, 3, 17], [3, 4, 5], activation)
+        _check(backend, device, dtype, 3, 13, 10, [5, 3, 17], [3, 4, 5], activation, lengths=torch.tensor([13, 5, 9]))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_batch_one_width_one_no_bias(backend, device):
+    _check(backend, device, torch.float32, 1, 7, 3, [4, 2], [1, 7], "relu", bias=False)
+    _check(backend, device, torch.float32, 2, 7, 5, [3], [2], "tanh", lengths=torch.tensor([2, 6]), bias=False)
+
+
+def test_cpu_benchmark_like_shapes():
+    """Long sequences over several position tiles, lengths in any order, bf16."""
+    lengths = torch.tensor([100, 37, 64, 99, 5, 71])
+    _check("cpu", torch.device("cpu"), torch.float32, 6, 100, 50, [20, 33, 10], [3, 4, 5], "relu", lengths=lengths)
+    _check("cpu", torch.device("cpu"), torch.bfloat16, 6, 100, 50, [20, 33, 10], [3, 4, 5], "gelu", lengths=lengths)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_sequences_shorter_than_a_width(backend, device):
+    """No window: zeros and zero gradients for that width (the eager code would give -inf)."""
+    x, ws, bs, gy = _inputs(3, 6, 4, [2, 3], [2, 5], device, torch.float32)
+    lengths = torch.tensor([6, 3, 0], device=device)
+    ours = _run(lambda x, ws, bs: ops.text_cnn_pool(x, ws, bs, "relu", lengths, backend=backend), x, ws, bs, gy)
+    code = check_activation("t", "relu")
+    ref = text_cnn_pool_fwd_torch(x.detach().double(), [w.detach().double() for w in ws],
+                                  [b.detach().double() for b in bs], lengths, code)[0]
+    torch.testing.assert_close(ours[0].double(), ref, rtol=1e-5, atol=1e-6)
+    assert (ours[0][1, 2:] == 0).all() and (ours[0][2] == 0).all()
+    # sequence 2 has no window at all, sequence 1 none of width 5: nothing flows back from them
+    assert (ours[1][2] == 0).all()
+    eager = text_cnn_pool_eager(x, ws, bs, "relu", lengths)
+    assert torch.isinf(eager[1, 2:]).all()
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_ties_take_the_first_position(backend, device):
+    x = torch.zeros(1, 8, 2, device=device)
+    x[0, 2] = 1.0
+    x[0, 5] = 1.0  # the same window value at positions 2 and 5
+    w = torch.ones(1, 2, 1, device=device, requires_grad=True)
+    out = ops.text_cnn_pool(x, [w], None, None, backend=backend)
+    (grad_w,) = torch.autograd.grad(out.sum(), [w])
+    assert out.item() == 2.0 and grad_w.sum().item() == 2.0  # one window's gradient, not two
+
+
+def test_gradcheck_float64():
+    x, ws, bs, _ = _inputs(2, 7, 3, [2, 3], [2, 3], "cpu", torch.float64)
+    lengths = torch.tensor([7, 4])
+    assert torch.autograd.gradcheck(
+        lambda x, w0, w1, b0, b1: ops.text_cnn_pool(x, [w0, w1], [b0, b1], "gelu", lengths, backend="torch"),
+        (x, *ws, *bs))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_opcheck(backend, device):
+    x, ws, bs, gy = _inputs(2, 9, 4, [3, 2], [2, 3], device, torch.float32)
+    lengths = torch.tensor([9, 4], device=device)
+    torch.library.opcheck(torch.ops.bignlp_fast.text_cnn_pool_fwd, (x, ws, bs, lengths, 1, backend))
+    torch.library.opcheck(torch.ops.bignlp_fast.text_cnn_pool_fwd, (x, ws, [], None, 2, backend))
+    out, idx, pre = torch.ops.bignlp_fast.text_cnn_pool_fwd(x.detach(), [w.detach() for w in ws],
+                                                            [b.detach() for b in bs], lengths, 1, backend)
+    torch.library.opcheck(torch.ops.bignlp_fast.text_cnn_pool_bwd,
+                          (gy, x.detach(), [w.detach() for w in ws], [b.detach() for b in bs], idx, pre, 1, backend))
+
+
+def test_compiles_fullgraph():
+    x, ws, bs, _ = _inputs(2, 12, 6, [4, 4], [3, 5], "cpu", torch.float32)
+    lengths = torch.tensor([12, 7])
+
+    def block(x):
+        return ops.text_cnn_pool(x * 1.5, ws, bs, "relu", lengths).sum(-1)
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), block(x))
+
+
+def test_bad_input():
+    x, ws, bs, _ = _inputs(2, 8, 4, [3], [3], "cpu", torch.float32)
+    with pytest.raises(ValueError, match=r"must be \[C, E=4, k\]"):
+        ops.text_cnn_pool(x, [torch.randn(3, 5, 3)])
+    with pytest.raises(ValueError, match="biases has 2 entries"):
+        ops.text_cnn_pool(x, ws, [torch.randn(3), torch.randn(3)])
+    with pytest.raises(ValueError, match="lengths must lie"):
+        ops.text_cnn_pool(x, ws, lengths=torch.tensor([9, 1]))
+    with pytest.raises(ValueError, match="lengths must be an integer"):
+        ops.text_cnn_pool(x, ws, lengths=torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="at least one"):
+        ops.text_cnn_pool(x, [])
+    with pytest.raises(ValueError, match=r"x must be \[B, L, E\]"):
+        ops.text_cnn_pool(x[0], ws)

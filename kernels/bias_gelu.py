@@ -10,6 +10,7 @@ import torch
 import triton
 import triton.language as tl
 
+from bignlp_fast.kernels._activation import _tanh
 from bignlp_fast.kernels._common import sm_count as _sm_count
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -23,14 +24,6 @@ def bias_gelu_triton_supports(H, dtype):
     if H < 1:
         return f"triton bias_gelu needs a hidden size >= 1, got {H}"
     return None
-
-
-@triton.jit
-def _tanh(u):
-    # tanh(u) = sign(u) * (1 - e) / (1 + e) with e = exp(-2|u|) in (0, 1]: no overflow for any u.
-    e = tl.exp(-2.0 * tl.abs(u))
-    t = (1.0 - e) / (1.0 + e)
-    return tl.where(u < 0, -t, t)
 
 
 @triton.jit

@@ -227,6 +227,22 @@ def _no_grad(fn):
     return run
 
 
+def _fwd_and_bwd(modes, make, fused, eager, leaves, cost: dict, **common) -> list[Case]:
+    """The "fwd" (inference: no autograd graph) and "fwd+bwd" cases of one op and shape. ``cost`` is the
+    forward's {"flops": n} (tripled for fwd+bwd) or {"bytes": (fwd, fwd+bwd)}."""
+    out = []
+    if "fwd" in modes:
+        fwd_cost = {"flops": cost["flops"]} if "flops" in cost else {"bytes": cost["bytes"][0]}
+        out.append(Case(mode="fwd", make=lambda d, dt: make(d, dt, False), ours=_no_grad(fused), ref=_no_grad(eager),
+                        **fwd_cost, **common))
+    if "fwd+bwd" in modes:
+        bwd_cost = {"flops": 3 * cost["flops"]} if "flops" in cost else {"bytes": cost["bytes"][1]}
+        out.append(Case(mode="fwd+bwd", make=lambda d, dt: make(d, dt, True),
+                        ours=lambda t, be: _grads(fused(t, be), leaves(t), [t["gy"]]),
+                        ref=lambda t: _grads(eager(t), leaves(t), [t["gy"]]), **bwd_cost, **common))
+    return out
+
+
 def _text_cnn_cases(b, l, e, filters, widths, dtype, modes, suites, full_length=False):
     """The TextCNN block against the eager code a user writes (conv1d + relu + masked max + cat), lengths
     uniform in [L/3, L] (or all L). FLOPs: the convolutions over every position, as eager computes them."""
@@ -247,15 +263,7 @@ def _text_cnn_cases(b, l, e, filters, widths, dtype, modes, suites, full_length=
     common = dict(op="text_cnn_pool", shape=(b, l, e, filters), dtype=dtype, suites=suites,
                   variant="all lengths L" if full_length else "lengths in [L/3, L]",
                   ref_name="eager conv1d + relu + masked max + cat")
-    out = []
-    if "fwd" in modes:
-        out.append(Case(mode="fwd", make=lambda d, dt: make(d, dt, False), ours=_no_grad(fused), ref=_no_grad(eager),
-                        flops=flops, **common))
-    if "fwd+bwd" in modes:
-        out.append(Case(mode="fwd+bwd", make=lambda d, dt: make(d, dt, True),
-                        ours=lambda t, be: _grads(fused(t, be), leaves(t), [t["gy"]]),
-                        ref=lambda t: _grads(eager(t), leaves(t), [t["gy"]]), flops=3 * flops, **common))
-    return out
+    return _fwd_and_bwd(modes, make, fused, eager, leaves, {"flops": flops}, **common)
 
 
 def _conv_cases(x_shape, cout, k, activation, residual, dtype, modes, suites):
@@ -283,15 +291,7 @@ def _conv_cases(x_shape, cout, k, activation, residual, dtype, modes, suites):
     variant = f"conv{nd}d k={k}, bias + {activation}" + (" + residual" if residual else "")
     common = dict(op="conv", shape=(*x_shape, cout), dtype=dtype, suites=suites, variant=variant,
                   ref_name=f"eager F.conv{nd}d + F.{activation}" + (" + add" if residual else ""))
-    out = []
-    if "fwd" in modes:
-        out.append(Case(mode="fwd", make=lambda d, dt: make(d, dt, False), ours=_no_grad(fused), ref=_no_grad(eager),
-                        flops=flops, **common))
-    if "fwd+bwd" in modes:
-        out.append(Case(mode="fwd+bwd", make=lambda d, dt: make(d, dt, True),
-                        ours=lambda t, be: _grads(fused(t, be), leaves(t), [t["gy"]]),
-                        ref=lambda t: _grads(eager(t), leaves(t), [t["gy"]]), flops=3 * flops, **common))
-    return out
+    return _fwd_and_bwd(modes, make, fused, eager, leaves, {"flops": flops}, **common)
 
 
 def _causal_conv1d_cases(b, c, l, width, dtype, modes, suites):
@@ -309,15 +309,8 @@ def _causal_conv1d_cases(b, c, l, width, dtype, modes, suites):
     leaves = lambda t: [t["x"], t["w"], t["b"]]  # noqa: E731
     common = dict(op="causal_conv1d", shape=(b, c, l), dtype=dtype, suites=suites, variant=f"width {width} + silu",
                   ref_name="eager grouped F.conv1d + F.silu")
-    out = []
-    if "fwd" in modes:  # read x, write y
-        out.append(Case(mode="fwd", make=lambda d, dt: make(d, dt, False), ours=_no_grad(fused), ref=_no_grad(eager),
-                        bytes=2 * nbytes, **common))
-    if "fwd+bwd" in modes:  # + read grad_y, x; write grad_x
-        out.append(Case(mode="fwd+bwd", make=lambda d, dt: make(d, dt, True),
-                        ours=lambda t, be: _grads(fused(t, be), leaves(t), [t["gy"]]),
-                        ref=lambda t: _grads(eager(t), leaves(t), [t["gy"]]), bytes=5 * nbytes, **common))
-    return out
+    # forward: read x, write y; + backward: read grad_y and x, write grad_x
+    return _fwd_and_bwd(modes, make, fused, eager, leaves, {"bytes": (2 * nbytes, 5 * nbytes)}, **common)
 
 
 def all_cases() -> list[Case]:

@@ -347,16 +347,6 @@ void dispatch_width(int64_t width, const F& f) {
   }
 }
 
-// Calls f(std::integral_constant<int, kVec>()) with kVec = 16 bytes of T when vectorized, else 1.
-template <typename T, typename F>
-void dispatch_vec(bool vectorized, const F& f) {
-  if (vectorized) {
-    f(std::integral_constant<int, 16 / static_cast<int>(sizeof(T))>());
-  } else {
-    f(std::integral_constant<int, 1>());
-  }
-}
-
 template <typename T>
 const T* opt_data(const std::optional<at::Tensor>& t) {
   return t ? t->data_ptr<T>() : nullptr;

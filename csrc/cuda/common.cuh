@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -18,6 +19,16 @@ namespace bignlp_fast::cuda {
                                      AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// Calls f(std::integral_constant<int, kVec>()) with kVec = 16 bytes of T when vectorized, else 1.
+template <typename T, typename F>
+void dispatch_vec(bool vectorized, const F& f) {
+  if (vectorized) {
+    f(std::integral_constant<int, 16 / static_cast<int>(sizeof(T))>());
+  } else {
+    f(std::integral_constant<int, 1>());
+  }
+}
 
 // ---- device helpers ---------------------------------------------------------------------------
 

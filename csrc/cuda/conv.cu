@@ -138,16 +138,6 @@ bool vectorizable(int64_t row_len, int64_t vec, std::initializer_list<const at::
          std::all_of(tensors.begin(), tensors.end(), [](const at::Tensor* t) { return !t || aligned16(*t); });
 }
 
-// Calls f(std::integral_constant<int, kVec>()) with kVec = 16 bytes of T when vectorized, else 1.
-template <typename T, typename F>
-void dispatch_vec(bool vectorized, const F& f) {
-  if (vectorized) {
-    f(std::integral_constant<int, 16 / static_cast<int>(sizeof(T))>());
-  } else {
-    f(std::integral_constant<int, 1>());
-  }
-}
-
 const at::Tensor* opt_ptr(const std::optional<at::Tensor>& t) { return t ? &*t : nullptr; }
 
 template <typename T>

@@ -8,11 +8,11 @@
 With transformers installed, ``attn_implementation="bignlp_fast"`` is registered (lazily: see bignlp_fast.hf).
 """
 
-from bignlp_fast import hf, nn, ops
+from bignlp_fast import hf, models, nn, ops
 from bignlp_fast._backend import BACKENDS, BackendError, build_info, report, reset_report
 from bignlp_fast._info import info
 
 hf.install()
 
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "BackendError", "build_info", "hf", "info", "nn", "ops", "report", "reset_report"]
+__all__ = ["BACKENDS", "BackendError", "build_info", "hf", "info", "models", "nn", "ops", "report", "reset_report"]

@@ -53,6 +53,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("causal_conv1d_bwd_cpu", &causal_conv1d_bwd_cpu);
   m.def("text_cnn_pool_fwd_cpu", &text_cnn_pool_fwd_cpu);
   m.def("text_cnn_pool_bwd_cpu", &text_cnn_pool_bwd_cpu);
+  m.def("distillation_loss_fwd_cpu", &distillation_loss_fwd_cpu);
 #ifdef BIGNLP_FAST_WITH_CUDA
   m.def("add_layer_norm_fwd_cuda", &add_layer_norm_fwd_cuda);
   m.def("add_layer_norm_bwd_cuda", &add_layer_norm_bwd_cuda);

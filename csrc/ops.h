@@ -128,6 +128,13 @@ std::vector<at::Tensor> text_cnn_pool_bwd_cpu(const at::Tensor& grad_out, const 
                                               const std::optional<std::vector<at::Tensor>>& biases,
                                               const at::Tensor& argmax, const at::Tensor& pre, int64_t activation);
 
+// ---- distillation_loss -----------------------------------------------------------------------
+// The contract is stated in bignlp_fast/ops/distillation_loss.py. student, teacher [N, V]; labels
+// int64 [N] or absent. Returns {loss (float32 scalar), grad d loss / d student [N, V] or [0]}.
+std::vector<at::Tensor> distillation_loss_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher,
+                                                  const std::optional<at::Tensor>& labels, double temperature,
+                                                  double alpha, int64_t ignore_index, bool need_grad);
+
 #ifdef BIGNLP_FAST_WITH_CUDA
 std::vector<at::Tensor> add_layer_norm_fwd_cuda(const at::Tensor& x, const std::optional<at::Tensor>& residual,
                                                 const std::optional<at::Tensor>& weight,

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from bignlp_fast.ops import (add_layer_norm, bias_gelu, causal_conv1d, conv1d, conv2d, linear,
+from bignlp_fast.ops import (add_layer_norm, bias_gelu, causal_conv1d, conv1d, conv2d, distillation_loss, linear,
                              scaled_dot_product_attention, text_cnn_pool)
 from bignlp_fast.ops.causal_conv1d import causal_conv1d_eager
 from bignlp_fast.ops.text_cnn_pool import text_cnn_pool_eager
@@ -313,6 +313,38 @@ def _causal_conv1d_cases(b, c, l, width, dtype, modes, suites):
     return _fwd_and_bwd(modes, make, fused, eager, leaves, {"bytes": (2 * nbytes, 5 * nbytes)}, **common)
 
 
+# ---- distillation loss ------------------------------------------------------------------------
+def _distillation_cases(n, v, dtype, modes, suites):
+    """The fused KD loss against the eager code users write: F.kl_div on log-softmaxes (batchmean,
+    times T^2) plus F.cross_entropy. Memory-bound: the least it must move is reading both logit
+    tensors (forward) and writing the student's gradient (backward)."""
+    nbytes = n * v * torch.tensor([], dtype=dtype).element_size()
+    T, alpha = 2.0, 0.5
+
+    def make(device, dt, grad):
+        g = torch.Generator().manual_seed(3)
+        return dict(s=_randn((n, v), device, dt, grad, 0) * 1.0, t=_randn((n, v), device, dt, False, 1),
+                    y=torch.randint(0, v, (n,), generator=g).to(device), gy=torch.ones((), device=device))
+
+    def eager(t):
+        kl = F.kl_div(F.log_softmax(t["s"] / T, -1), F.log_softmax(t["t"] / T, -1), reduction="batchmean",
+                      log_target=True)
+        loss = alpha * kl * T * T + (1 - alpha) * F.cross_entropy(t["s"], t["y"])
+        return [loss.to(torch.promote_types(loss.dtype, torch.float32))]  # ours returns fp32 (fp64 for fp64)
+
+    fused = lambda t, be: [distillation_loss(t["s"], t["t"], t["y"], T, alpha, backend=be)]  # noqa: E731
+    leaves = lambda t: [t["s"]]  # noqa: E731
+    common = dict(op="distillation_loss", shape=(n, v), dtype=dtype, suites=suites, variant="T=2, alpha=0.5",
+                  ref_name="eager F.kl_div(log_softmax) * T^2 + F.cross_entropy")
+
+    def make_leaf(d, dt, grad):  # the student must be a leaf to receive its gradient
+        t = make(d, dt, grad)
+        t["s"] = t["s"].detach().requires_grad_(grad)
+        return t
+
+    return _fwd_and_bwd(modes, make_leaf, fused, eager, leaves, {"bytes": (2 * nbytes, 3 * nbytes)}, **common)
+
+
 def all_cases() -> list[Case]:
     cases = []
     # convolutions: the issue's TextCNN block (B 64, L 256, E 300, 100 filters of widths 3, 4, 5),
@@ -326,6 +358,9 @@ def all_cases() -> list[Case]:
     cases += _conv_cases((16, 64, 32, 32), 64, 3, "gelu", True, torch.float32, both, ("full",))
     cases += _causal_conv1d_cases(8, 1024, 2048, 4, torch.float32, both, ("quick", "full"))
     cases += _causal_conv1d_cases(8, 1024, 2048, 4, torch.bfloat16, both, ("full",))
+    # distillation loss: 512 tokens over a BERT-sized vocabulary
+    cases += _distillation_cases(512, 30522, torch.float32, both, ("quick", "full"))
+    cases += _distillation_cases(512, 30522, torch.bfloat16, both, ("full",))
     # linear: an RNN's input projection (T*B = 4096 rows, I = 512 -> 4H = 2048), BERT-base's FFN
     cases += _linear_cases(4096, 512, 2048, torch.float32, ("fwd", "fwd+bwd"), ("quick", "full"))
     cases += _linear_cases(1024, 768, 3072, torch.float32, ("fwd",), ("full",))
@@ -373,6 +408,7 @@ def tiny_cases() -> list[Case]:
         out += _conv_cases((2, 4, 9), 5, 3, "gelu", True, dtype, ("fwd", "fwd+bwd"), ("tiny",))
         out += _conv_cases((2, 3, 5, 6), 4, 3, "relu", False, dtype, ("fwd",), ("tiny",))
         out += _causal_conv1d_cases(2, 3, 17, 4, dtype, ("fwd", "fwd+bwd"), ("tiny",))
+        out += _distillation_cases(3, 50, dtype, ("fwd", "fwd+bwd"), ("tiny",))
     return out
 
 

@@ -345,6 +345,82 @@ def _distillation_cases(n, v, dtype, modes, suites):
     return _fwd_and_bwd(modes, make_leaf, fused, eager, leaves, {"bytes": (2 * nbytes, 3 * nbytes)}, **common)
 
 
+# ---- classifiers: a training step (forward + backward) ----------------------------------------
+def _classifier_cases(kind, b, l, vocab, dtype, suites, cell="lstm"):
+    """bignlp_fast.models' TextCNN / RNN classifier against the same model written with torch.nn
+    (same weights; dropout 0), lengths uniform in [L/3, L]: loss and its gradients (one training
+    step without the optimizer). FLOPs: the convolutions / recurrent layers, as eager computes them."""
+    from bignlp_fast.models import RNNClassifier, RNNClassifierConfig, TextCNNClassifier, TextCNNConfig
+    g = torch.Generator().manual_seed(5)
+    lengths = torch.randint(l // 3, l + 1, (b,), generator=g)
+    ids = torch.randint(1, vocab, (b, l), generator=g)
+    labels = torch.randint(0, 2, (b,), generator=g)
+    if kind == "textcnn":
+        cfg = TextCNNConfig(vocab_size=vocab, embed_dim=300, num_filters=100, widths=(3, 4, 5), dropout=0.0)
+        flops = sum(2 * b * (l - k + 1) * k * 300 * 100 for k in cfg.widths) * 3
+    else:
+        cfg = RNNClassifierConfig(vocab_size=vocab, embed_dim=256, hidden_size=256, cell=cell, dropout=0.0)
+        flops = 2 * b * l * (4 if cell == "lstm" else 3) * 256 * (256 + 256) * 2 * 3
+
+    def torch_model(ours):
+        """The same model in plain torch.nn, sharing ours' weights (a user's hand-written version)."""
+        if kind == "textcnn":
+            def fwd(ids, lengths):
+                x = ours.embedding(ids).transpose(1, 2)
+                outs = []
+                for conv in ours.text_cnn.convs:
+                    y = F.relu(F.conv1d(x, conv.weight, conv.bias))
+                    invalid = torch.arange(y.shape[-1])[None, :] > (lengths[:, None] - conv.kernel_size[0])
+                    outs.append(y.masked_fill(invalid[:, None, :], float("-inf")).amax(-1))
+                return ours.classifier(torch.cat(outs, 1))
+            return fwd
+        rnn = (torch.nn.LSTM if cell == "lstm" else torch.nn.GRU)(256, 256, batch_first=True, bidirectional=True)
+        rnn = rnn.to(ours.classifier.weight.dtype)
+        rnn.load_state_dict(ours.rnn.state_dict())
+
+        def fwd(ids, lengths):
+            packed = torch.nn.utils.rnn.pack_padded_sequence(ours.embedding(ids), lengths, batch_first=True,
+                                                             enforce_sorted=False)
+            _, state = rnn(packed)
+            h_n = state[0] if cell == "lstm" else state
+            return ours.classifier(torch.cat([h_n[-2], h_n[-1]], -1))
+        fwd.params = list(rnn.parameters())
+        return fwd
+
+    def make(device, dt):
+        torch.manual_seed(0)
+        ours = (TextCNNClassifier(cfg) if kind == "textcnn" else RNNClassifier(cfg)).to(device, dt)
+        return dict(ids=ids.to(device), lengths=lengths, labels=labels.to(device), gy=torch.ones((), device=device),
+                    models={dt: (ours, torch_model(ours))})
+
+    def models(t):
+        dt = t["gy"].dtype
+        if dt not in t["models"]:  # the float64 reference: a float64 copy of the torch.nn model
+            ours, _ = next(iter(t["models"].values()))
+            copy = (TextCNNClassifier(cfg) if kind == "textcnn" else RNNClassifier(cfg)).to(dt)
+            copy.load_state_dict(ours.state_dict())
+            t["models"][dt] = (copy, torch_model(copy))
+        return t["models"][dt]
+
+    def step(logits, t, params):
+        loss = F.cross_entropy(logits, t["labels"]).to(t["gy"].dtype)
+        return _grads([loss], params, [t["gy"]])
+
+    def ours_step(t, be):
+        model, _ = models(t)
+        return step(model(t["ids"], t["lengths"]).logits, t, [model.embedding.weight, *model.classifier.parameters()])
+
+    def ref_step(t):
+        model, fwd = models(t)
+        return step(fwd(t["ids"], t["lengths"]), t, [model.embedding.weight, *model.classifier.parameters()])
+
+    variant = "TextCNN" if kind == "textcnn" else f"{cell.upper()} bidirectional"
+    op = "text_cnn_pool" if kind == "textcnn" else "rnn"
+    return [Case(op=op, mode="fwd+bwd", shape=(b, l), dtype=dtype, make=make, ours=ours_step, ref=ref_step,
+                 ref_name="the same model written with torch.nn", flops=flops, suites=suites,
+                 variant=f"{variant} classifier training step")]
+
+
 def all_cases() -> list[Case]:
     cases = []
     # convolutions: the issue's TextCNN block (B 64, L 256, E 300, 100 filters of widths 3, 4, 5),
@@ -358,6 +434,10 @@ def all_cases() -> list[Case]:
     cases += _conv_cases((16, 64, 32, 32), 64, 3, "gelu", True, torch.float32, both, ("full",))
     cases += _causal_conv1d_cases(8, 1024, 2048, 4, torch.float32, both, ("quick", "full"))
     cases += _causal_conv1d_cases(8, 1024, 2048, 4, torch.bfloat16, both, ("full",))
+    # classifiers: a training step of the models against the same models written with torch.nn
+    cases += _classifier_cases("textcnn", 64, 256, 20000, torch.float32, ("quick", "full"))
+    cases += _classifier_cases("rnn", 32, 128, 20000, torch.float32, ("full",), cell="gru")
+    cases += _classifier_cases("rnn", 32, 128, 20000, torch.float32, ("full",), cell="lstm")
     # distillation loss: 512 tokens over a BERT-sized vocabulary
     cases += _distillation_cases(512, 30522, torch.float32, both, ("quick", "full"))
     cases += _distillation_cases(512, 30522, torch.bfloat16, both, ("full",))
@@ -409,6 +489,8 @@ def tiny_cases() -> list[Case]:
         out += _conv_cases((2, 3, 5, 6), 4, 3, "relu", False, dtype, ("fwd",), ("tiny",))
         out += _causal_conv1d_cases(2, 3, 17, 4, dtype, ("fwd", "fwd+bwd"), ("tiny",))
         out += _distillation_cases(3, 50, dtype, ("fwd", "fwd+bwd"), ("tiny",))
+        out += _classifier_cases("textcnn", 3, 12, 30, dtype, ("tiny",))
+        out += _classifier_cases("rnn", 3, 6, 30, dtype, ("tiny",), cell="gru")
     return out
 
 

@@ -3,6 +3,8 @@
 import functools
 
 import torch
+import triton
+import triton.language as tl
 
 
 @functools.lru_cache(maxsize=None)
@@ -12,3 +14,23 @@ def sm_count(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4
+
+
+@triton.jit
+def mma(a, b, DOT_PRECISION: tl.constexpr):
+    """a @ b accumulated in fp32. DOT_PRECISION: "ieee" (fp32 inputs: no tf32 rounding), "tf32" (16-bit
+    inputs, where it does not apply), or "upcast": multiply in fp32 (bf16 under the interpreter, whose
+    tl.dot multiplies the bf16 bit patterns as integers; bf16 products are exact in fp32, so this is
+    what the tensor cores compute)."""
+    if DOT_PRECISION == "upcast":
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b, input_precision=DOT_PRECISION)
+
+
+def dot_precision(t: torch.Tensor) -> str:
+    """The DOT_PRECISION of :func:`mma` for operands of t's dtype on t's device."""
+    if t.dtype == torch.float32:
+        return "ieee"
+    if t.dtype == torch.bfloat16 and t.device.type != "cuda":
+        return "upcast"
+    return "tf32"

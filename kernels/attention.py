@@ -34,6 +34,8 @@ import torch
 import triton
 import triton.language as tl
 
+from bignlp_fast.kernels._common import dot_precision as _dot_precision
+from bignlp_fast.kernels._common import mma as _mma
 from bignlp_fast.ops.attention import TRITON_MAX_HEAD_DIM, dropout_threshold
 
 _LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * log2(e))
@@ -87,17 +89,6 @@ def _philox_word(n, seed_lo, seed_hi):
 def _dropout_keep(row_base, cols, seed_lo, seed_hi, drop_thresh):
     """Keep mask for elements row_base + cols (int64 element numbers, broadcast to a tile)."""
     return _philox_word(row_base + cols, seed_lo, seed_hi) >= drop_thresh.to(tl.uint32)
-
-
-@triton.jit
-def _mma(a, b, DOT_PRECISION: tl.constexpr):
-    """a @ b accumulated in fp32. DOT_PRECISION: "ieee" (fp32 inputs: no tf32 rounding), "tf32" (16-bit
-    inputs, where it does not apply), or "upcast": multiply in fp32 (bf16 under the interpreter, whose
-    tl.dot multiplies the bf16 bit patterns as integers; bf16 products are exact in fp32, so this is
-    what the tensor cores compute)."""
-    if DOT_PRECISION == "upcast":
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -590,15 +581,6 @@ def _configs(q, block_d: int):
         return (_INTERPRETER_CONFIG,) * 3
     bucket = 64 if block_d <= 64 else 128 if block_d <= 128 else 256
     return _CONFIGS[(q.dtype == torch.float32, bucket)]
-
-
-def _dot_precision(q) -> str:
-    """How the kernels' tl.dot multiply (see _mma)."""
-    if q.dtype == torch.float32:
-        return "ieee"
-    if q.dtype == torch.bfloat16 and q.device.type != "cuda":
-        return "upcast"
-    return "tf32"
 
 
 def _dropout_args(dropout_p: float, seed):

@@ -22,7 +22,7 @@ Backward, gp[b, c] = grad_out * act'(pre) (0 where argmax < 0), recomputed where
   elements, and the widths run in order, so grad_x is deterministic (no atomics).
 
 Products are accumulated in fp32. Under TRITON_INTERPRET=1 (CPU tensors) the tiles are 16 wide and
-bf16 tiles are multiplied in fp32 (the interpreter's tl.dot mishandles bf16; see attention's _mma).
+bf16 tiles are multiplied in fp32 (the interpreter's tl.dot mishandles bf16; see _common.mma).
 """
 
 from typing import Optional
@@ -32,6 +32,8 @@ import triton
 import triton.language as tl
 
 from bignlp_fast.kernels._activation import act, act_grad
+from bignlp_fast.kernels._common import dot_precision as _dot_precision
+from bignlp_fast.kernels._common import mma as _mma
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -41,16 +43,6 @@ def text_cnn_pool_triton_supports(dtype) -> Optional[str]:
     if dtype not in _DTYPES:
         return f"triton text_cnn_pool supports float32, float16 and bfloat16, not {dtype}"
     return None
-
-
-@triton.jit
-def _mma(a, b, DOT_PRECISION: tl.constexpr):
-    """a @ b accumulated in fp32. DOT_PRECISION: "ieee" (fp32: no tf32 rounding), "tf32" (16-bit inputs,
-    where it does not apply), or "upcast": multiply in fp32 (bf16 under the interpreter; bf16 products are
-    exact in fp32, as on the tensor cores)."""
-    if DOT_PRECISION == "upcast":
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
-    return tl.dot(a, b, input_precision=DOT_PRECISION)
 
 
 @triton.jit
@@ -213,15 +205,6 @@ def _blocks(device):
     if device.type != "cuda":  # TRITON_INTERPRET=1: the smallest tiles tl.dot takes
         return 16, 16, 16, 1
     return 64, 64, 32, 4
-
-
-def _dot_precision(x) -> str:
-    """How the forward's tl.dot multiply (see _mma)."""
-    if x.dtype == torch.float32:
-        return "ieee"
-    if x.dtype == torch.bfloat16 and x.device.type != "cuda":
-        return "upcast"
-    return "tf32"
 
 
 def _check(dtype):

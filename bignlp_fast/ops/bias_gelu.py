@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 from bignlp_fast import _backend
+from bignlp_fast.ops._activation import ACTIVATIONS, activation_grad_torch
 from bignlp_fast.ops._common import acc_dtype, check_choice, check_tensor, check_vector, contiguous, kernel
 
 OP = _backend.register_op("bias_gelu", dtypes={
@@ -44,7 +45,7 @@ def bias_gelu_bwd_torch(grad_y: Tensor, x: Tensor, bias: Optional[Tensor], tanh_
         t = torch.tanh(k * (v + 0.044715 * v**3))
         dgelu = 0.5 * (1 + t) + 0.5 * v * (1 - t * t) * k * (1 + 3 * 0.044715 * v * v)
     else:
-        dgelu = 0.5 * (1 + torch.erf(v / math.sqrt(2.0))) + v * torch.exp(-0.5 * v * v) / math.sqrt(2 * math.pi)
+        dgelu = activation_grad_torch(v, ACTIVATIONS["gelu"])
     grad_x = grad_y.to(v.dtype) * dgelu
     grad_bias = grad_x.sum(0).to(x.dtype) if bias is not None else x.new_empty(0)
     return grad_x.to(x.dtype), grad_bias

@@ -167,8 +167,11 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, acti
     y = causal_conv1d_fwd(x, weight, bias, initial_state, code, name)
     if not return_final_state:
         return y
+    L = x.shape[-1]
+    if L >= W - 1:  # the last W-1 inputs are all in x: a view, no copy of the sequence
+        return y, x[..., L - (W - 1):]
     head = initial_state if initial_state is not None else x.new_zeros(x.shape[0], C, W - 1)
-    return y, torch.cat([head, x], dim=-1)[..., x.shape[-1]:]
+    return y, torch.cat([head[..., L:], x], dim=-1)
 
 
 def causal_conv1d_eager(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None,

@@ -4,6 +4,7 @@
     out, h = bignlp_fast.ops.add_layer_norm(x, residual, weight, bias)
     bignlp_fast.report()        # fallbacks to the torch reference so far
     bignlp_fast.info()          # versions, build flags, backends per op
+    bignlp_fast.optimize(model) # swap torch.nn layers (and HF attention) for the fused ones, in place
 
 With transformers installed, ``attn_implementation="bignlp_fast"`` is registered (lazily: see bignlp_fast.hf).
 """
@@ -11,8 +12,10 @@ With transformers installed, ``attn_implementation="bignlp_fast"`` is registered
 from bignlp_fast import hf, models, nn, ops
 from bignlp_fast._backend import BACKENDS, BackendError, build_info, report, reset_report
 from bignlp_fast._info import info
+from bignlp_fast._optimize import OptimizeReport, optimize
 
 hf.install()
 
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "BackendError", "build_info", "hf", "info", "models", "nn", "ops", "report", "reset_report"]
+__all__ = ["BACKENDS", "BackendError", "OptimizeReport", "build_info", "hf", "info", "models", "nn", "ops", "optimize",
+           "report", "reset_report"]

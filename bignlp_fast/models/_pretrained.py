@@ -23,6 +23,9 @@ SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
 TORCH_NAME = "pytorch_model.bin"
 
 
+_WRITTEN_ON_SAVE = ("model_type", "architectures", "torch_dtype", "dtype")
+
+
 # ---- configs ----------------------------------------------------------------------------------
 class HFConfig:
     """Mixin for the config dataclasses: from/to Hugging Face's config.json dictionaries.
@@ -43,6 +46,8 @@ class HFConfig:
         if "model_type" in extra and extra["model_type"] != cls.model_type:
             raise ValueError(f"{cls.__name__}: config.json describes a {extra['model_type']!r} model, not a "
                              f"{cls.model_type!r} one")
+        for key in _WRITTEN_ON_SAVE:  # save_pretrained writes these anew
+            extra.pop(key, None)
         return cls(**known, extra=extra)
 
     def to_dict(self) -> dict:

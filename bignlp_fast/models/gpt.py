@@ -1,0 +1,457 @@
+"""GPT-2: a causal language model on the package's fused ops, loading Hugging Face GPT-2 checkpoints as
+they are (the parameter names, shapes and Conv1D layout are transformers' ``GPT2LMHeadModel``'s).
+
+Design choices:
+
+- **Residual add fused into the next LayerNorm.** GPT-2 is pre-LN: each sub-layer reads
+  ``LN(residual)`` and adds its output to the residual stream. ``ops.add_layer_norm(out, residual,
+  w, b)`` returns ``(LN(out + residual), out + residual)`` in one pass, so every block is
+  ``ln_1 -> attention -> add+ln_2 -> MLP -> add+(next block's ln_1, or ln_f)``: the residual sum
+  is never written and read back on its own. The MLP's bias and GELU are one op too
+  (``ops.bias_gelu``), after a matmul without bias; attention is ``ops.scaled_dot_product_attention``.
+- **Conv1D layout kept.** GPT-2 stores its projections as ``[in, out]`` (``y = x @ W + b``); the
+  model keeps that layout so a checkpoint's tensors load without transposes.
+- **A static KV cache.** :class:`KVCache` preallocates keys and values ``[n_layer, B, H, max_len,
+  D]`` and a key mask ``[B, max_len]``; a step writes its positions in place and attends to the
+  first ``length`` entries, so decoding does no ``torch.cat`` and the cache never reallocates.
+  New queries see every cached key and, among themselves, the causal order (bottom-right causal):
+  a single-token step needs no causal mask, a prefill into an empty cache is plain ``is_causal``.
+- **Position ids from the attention mask.** Prompts of a batch are left-padded; each token's
+  position is the number of real tokens before it (``attention_mask.cumsum(-1) - 1``, as
+  transformers' generation computes them), so a padded row gives the logits of the same sequence
+  run alone. Padding tokens are masked as keys; their own outputs are meaningless (zeros from
+  attention's fully masked rows, never NaN).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import ClassVar, Optional, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from bignlp_fast.models._pretrained import HFConfig, PretrainedModel
+from bignlp_fast.ops import add_layer_norm, bias_gelu, scaled_dot_product_attention
+
+# activation_function -> bias_gelu's ``approximate``
+_GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
+
+
+@dataclasses.dataclass
+class GPTConfig(HFConfig):
+    """GPT-2's hyperparameters, with transformers' ``GPT2Config`` names and defaults (config.json keys).
+
+    Keys without a field (``summary_*``, ``use_cache``, ``reorder_and_upcast_attn``, which changes
+    only the precision of eager attention: ours always accumulates in float32, ...) are kept in
+    ``extra`` and written back on save."""
+
+    model_type: ClassVar[str] = "gpt2"
+    _aliases: ClassVar[dict] = {"hidden_size": "n_embd", "max_position_embeddings": "n_positions",
+                                "num_attention_heads": "n_head", "num_hidden_layers": "n_layer"}
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: Optional[int] = None  # None: 4 * n_embd
+    activation_function: str = "gelu_new"
+    resid_pdrop: float = 0.1
+    embd_pdrop: float = 0.1
+    attn_pdrop: float = 0.1
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    bos_token_id: Optional[int] = 50256
+    eos_token_id: Optional[Union[int, list]] = 50256
+    scale_attn_weights: bool = True  # scores scaled by 1 / sqrt(head_dim)
+    scale_attn_by_inverse_layer_idx: bool = False  # and by 1 / (layer index + 1)
+    extra: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"GPTConfig: {name} must be a positive int, got {value!r}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"GPTConfig: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})")
+        if self.n_inner is not None and (not isinstance(self.n_inner, int) or self.n_inner < 1):
+            raise ValueError(f"GPTConfig: n_inner must be a positive int or None, got {self.n_inner!r}")
+        if self.activation_function not in _GELU:
+            raise ValueError(f"GPTConfig: activation_function must be one of {', '.join(map(repr, _GELU))}, got "
+                             f"{self.activation_function!r}")
+        for name in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"GPTConfig: {name} must be in [0, 1), got {value!r}")
+        if not self.layer_norm_epsilon >= 0:
+            raise ValueError(f"GPTConfig: layer_norm_epsilon must be non-negative, got {self.layer_norm_epsilon!r}")
+        if self.extra.get("add_cross_attention"):
+            raise ValueError("GPTConfig: add_cross_attention=True (GPT-2 as a decoder with cross-attention) is not "
+                             "supported")
+        if self.extra.get("tie_word_embeddings", True) is False:
+            raise ValueError("GPTConfig: tie_word_embeddings=False is not supported; GPT-2's lm_head is wte")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def inner_dim(self) -> int:
+        return self.n_inner if self.n_inner is not None else 4 * self.n_embd
+
+
+@dataclasses.dataclass
+class CausalLMOutput:
+    logits: Tensor  # [B, L, vocab_size] (the last logits_to_keep positions when that is given)
+    loss: Optional[Tensor] = None  # shifted cross-entropy against ``labels`` (ignore_index -100)
+    past_key_values: Optional["KVCache"] = None  # the cache, updated in place, when one was used
+
+
+class KVCache:
+    """Keys and values of every layer, preallocated for ``max_len`` positions.
+
+    ``k``, ``v``: [n_layer, B, H, max_len, D]; ``mask``: [B, max_len] bool, True where the
+    position holds a real token (False for padding and for positions not written yet);
+    ``length``: how many positions are filled. A forward with this cache writes its L new
+    positions at ``length`` and then advances it. Meant for inference (``torch.no_grad``).
+    """
+
+    def __init__(self, n_layer: int, batch_size: int, n_head: int, head_dim: int, max_len: int, *,
+                 dtype: torch.dtype = torch.float32, device: Union[str, torch.device, None] = None):
+        for name, value in (("n_layer", n_layer), ("batch_size", batch_size), ("n_head", n_head),
+                            ("head_dim", head_dim), ("max_len", max_len)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"KVCache: {name} must be a positive int, got {value!r}")
+        shape = (n_layer, batch_size, n_head, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)  # [n_layer, B, H, max_len, D]
+        self.v = torch.zeros(shape, dtype=dtype, device=device)  # [n_layer, B, H, max_len, D]
+        self.mask = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)  # [B, max_len]
+        self.length = 0
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def reset(self) -> None:
+        self.mask.zero_()
+        self.length = 0
+
+    def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write k, v [B, H, L, D] at positions length..length+L of ``layer``; return that layer's keys
+        and values so far, [B, H, length + L, D] views (``length`` itself advances after the last layer)."""
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length:end] = k
+        self.v[layer, :, :, self.length:end] = v
+        return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
+
+
+class Conv1D(torch.nn.Module):
+    """GPT-2's projection: ``y = x @ weight + bias`` with weight [in, out] (transformers' Conv1D layout)."""
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.empty(in_features, out_features))  # [in, out]
+        self.bias = torch.nn.Parameter(torch.zeros(out_features))  # [out]
+
+    def forward(self, x: Tensor, with_bias: bool = True) -> Tensor:
+        x2 = x.reshape(-1, x.shape[-1])  # [N, in]
+        y = torch.addmm(self.bias, x2, self.weight) if with_bias else x2 @ self.weight  # [N, out]
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
+class GPTAttention(torch.nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx, self.n_head, self.head_dim = layer_idx, config.n_head, config.head_dim
+        self.attn_pdrop, self.resid_pdrop = config.attn_pdrop, config.resid_pdrop
+        self.scale = config.head_dim ** -0.5 if config.scale_attn_weights else 1.0
+        if config.scale_attn_by_inverse_layer_idx:
+            self.scale /= layer_idx + 1
+        self.c_attn = Conv1D(config.n_embd, 3 * config.n_embd)
+        self.c_proj = Conv1D(config.n_embd, config.n_embd)
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor], is_causal: bool, cache: Optional[KVCache]) -> Tensor:
+        B, L, E = x.shape
+        qkv = self.c_attn(x).view(B, L, 3, self.n_head, self.head_dim)  # [B, L, 3, H, D]
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # [B, H, L, D] views
+        if cache is not None:
+            k, v = cache.update(self.layer_idx, k, v)  # [B, H, past + L, D]
+        out = scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
+                                           dropout_p=self.attn_pdrop if self.training else 0.0)  # [B, H, L, D]
+        out = self.c_proj(out.transpose(1, 2).reshape(B, L, E))  # [B, L, E]
+        return F.dropout(out, self.resid_pdrop, self.training)
+
+
+class GPTMLP(torch.nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.approximate, self.resid_pdrop = _GELU[config.activation_function], config.resid_pdrop
+        self.c_fc = Conv1D(config.n_embd, config.inner_dim)
+        self.c_proj = Conv1D(config.inner_dim, config.n_embd)
+
+    def forward(self, x: Tensor) -> Tensor:
+        h = bias_gelu(self.c_fc(x, with_bias=False), self.c_fc.bias, approximate=self.approximate)  # [B, L, I]
+        return F.dropout(self.c_proj(h), self.resid_pdrop, self.training)  # [B, L, E]
+
+
+class GPTBlock(torch.nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.eps = config.layer_norm_epsilon
+        self.ln_1 = torch.nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = GPTAttention(config, layer_idx)
+        self.ln_2 = torch.nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = GPTMLP(config)
+
+    def forward(self, x: Tensor, residual: Tensor, next_ln: torch.nn.LayerNorm, attn_mask: Optional[Tensor],
+                is_causal: bool, cache: Optional[KVCache]) -> tuple[Tensor, Tensor]:
+        """x = ln_1(residual) [B, L, E] -> (next_ln(residual'), residual'), residual' the block's output."""
+        a = self.attn(x, attn_mask, is_causal, cache)  # [B, L, E]
+        x, residual = add_layer_norm(a, residual, self.ln_2.weight, self.ln_2.bias, self.eps)
+        m = self.mlp(x)  # [B, L, E]
+        return add_layer_norm(m, residual, next_ln.weight, next_ln.bias, next_ln.eps)
+
+
+def _check_ids(name: str, ids) -> None:
+    if not isinstance(ids, Tensor) or ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 2:
+        got = f"{ids.dtype} of shape {tuple(ids.shape)}" if isinstance(ids, Tensor) else type(ids).__name__
+        raise ValueError(f"{name}: input_ids must be an int64 (or int32) tensor [batch, length], got {got}")
+    if ids.shape[0] == 0 or ids.shape[1] == 0:
+        raise ValueError(f"{name}: input_ids must hold at least one token per row, got shape {tuple(ids.shape)}")
+
+
+class GPTModel(PretrainedModel):
+    """The GPT-2 transformer: embeddings, n_layer pre-LN blocks, ln_f. State dict keys as transformers'
+    ``GPT2Model``. ``forward(input_ids, attention_mask=None, position_ids=None, past_key_values=None)``
+    returns the final hidden states [B, L, n_embd]; pass a :class:`KVCache` (``new_cache``) to cache."""
+
+    config_class = GPTConfig
+    base_model_prefix = "transformer"
+    ignored_keys = (".attn.bias", ".attn.masked_bias")
+    architecture = "GPT2Model"
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.wte = torch.nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = torch.nn.Embedding(config.n_positions, config.n_embd)
+        self.h = torch.nn.ModuleList(GPTBlock(config, i) for i in range(config.n_layer))
+        self.ln_f = torch.nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """transformers' GPT-2 initialisation: normal(0, initializer_range) for embeddings and
+        projections, the residual-stream projections (c_proj) scaled by 1 / sqrt(2 n_layer), zero
+        biases, LayerNorm weight 1 and bias 0."""
+        std = self.config.initializer_range
+        for module in self.modules():
+            if isinstance(module, (torch.nn.Embedding, Conv1D)):
+                module.weight.normal_(0.0, std)
+            if isinstance(module, Conv1D):
+                module.bias.zero_()
+            elif isinstance(module, torch.nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+        for block in self.h:
+            for proj in (block.attn.c_proj, block.mlp.c_proj):
+                proj.weight.normal_(0.0, std / math.sqrt(2 * self.config.n_layer))
+
+    def new_cache(self, batch_size: int, max_len: Optional[int] = None) -> KVCache:
+        """An empty cache for ``max_len`` positions (default n_positions), in the model's dtype and device."""
+        c, p = self.config, self.wte.weight
+        return KVCache(c.n_layer, batch_size, c.n_head, c.head_dim, max_len or c.n_positions, dtype=p.dtype,
+                       device=p.device)
+
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                position_ids: Optional[Tensor] = None, past_key_values: Optional[KVCache] = None) -> Tensor:
+        """input_ids [B, L]; attention_mask [B, past + L] (1 = token, 0 = padding), past = the cache's
+        length (0 without one); position_ids [B or 1, L] (default: from the mask, else past..past+L-1).
+        Returns ln_f's output [B, L, n_embd]."""
+        name = type(self).__name__
+        _check_ids(name, input_ids)
+        B, L = input_ids.shape
+        cache, past = past_key_values, 0
+        if cache is not None:
+            if not isinstance(cache, KVCache):
+                raise TypeError(f"{name}: past_key_values must be a KVCache (model.new_cache(...)), got "
+                                f"{type(cache).__name__}")
+            past = cache.length
+            if cache.batch_size != B:
+                raise ValueError(f"{name}: past_key_values holds batch size {cache.batch_size} but input_ids has {B}")
+            if past + L > cache.max_len:
+                raise ValueError(f"{name}: past_key_values has room for {cache.max_len} positions; {past} are "
+                                 f"filled and input_ids adds {L}")
+            if cache.k.dtype != self.wte.weight.dtype or cache.k.device != self.wte.weight.device:
+                raise ValueError(f"{name}: past_key_values is {cache.k.dtype} on {cache.k.device} but the model is "
+                                 f"{self.wte.weight.dtype} on {self.wte.weight.device}")
+        end = past + L
+        if end > self.config.n_positions:
+            raise ValueError(f"{name}: {end} positions (past {past} + input {L}) exceed n_positions "
+                             f"{self.config.n_positions}")
+        if attention_mask is not None and tuple(attention_mask.shape) != (B, end):
+            raise ValueError(f"{name}: attention_mask must have shape [batch, past + length] = {[B, end]}, got "
+                             f"{list(attention_mask.shape)}")
+        if position_ids is None:
+            if attention_mask is not None:  # count of real tokens before each one (padding: any valid id)
+                position_ids = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 1)[:, past:]
+            else:
+                position_ids = torch.arange(past, end, device=input_ids.device)[None]  # [1, L]
+        elif position_ids.dim() != 2 or position_ids.shape[0] not in (1, B) or position_ids.shape[1] != L:
+            raise ValueError(f"{name}: position_ids must have shape [batch or 1, length] = [{B}, {L}], got "
+                             f"{list(position_ids.shape)}")
+
+        # attention: key mask [B, 1, 1, past + L] (True = attend) and the causal order among new tokens
+        if cache is not None:
+            if attention_mask is not None:
+                cache.mask[:, :end] = attention_mask.bool()
+            else:
+                cache.mask[:, past:end] = True
+            attn_mask, is_causal = cache.mask[:, None, None, :end], past == 0 and L > 1
+            if past > 0 and L > 1:  # new queries after cached keys: bottom-right causal, made explicit
+                i = torch.arange(past, end, device=input_ids.device)[:, None]  # [L, 1]
+                attn_mask = attn_mask & (torch.arange(end, device=input_ids.device)[None] <= i)  # [B, 1, L, end]
+        else:
+            attn_mask = attention_mask.bool()[:, None, None, :] if attention_mask is not None else None
+            is_causal = True
+
+        residual = self.wte(input_ids) + self.wpe(position_ids)  # [B, L, E]
+        residual = F.dropout(residual, self.config.embd_pdrop, self.training)
+        ln_1 = self.h[0].ln_1
+        x, residual = add_layer_norm(residual, None, ln_1.weight, ln_1.bias, ln_1.eps)  # ln_1(residual) [B, L, E]
+        for i, block in enumerate(self.h):
+            next_ln = self.h[i + 1].ln_1 if i + 1 < len(self.h) else self.ln_f
+            x, residual = block(x, residual, next_ln, attn_mask, is_causal, cache)
+        if cache is not None:
+            cache.length = end
+        return x  # ln_f(residual) [B, L, E]
+
+
+class GPTLMHeadModel(PretrainedModel):
+    """GPT-2 with its language-model head (tied to the token embeddings): transformers' ``GPT2LMHeadModel``.
+
+    ``forward(input_ids, attention_mask=None, position_ids=None, past_key_values=None, labels=None,
+    use_cache=False, logits_to_keep=0)`` -> :class:`CausalLMOutput`; ``generate(...)`` for greedy or
+    sampled continuation of (left-padded) prompts."""
+
+    config_class = GPTConfig
+    base_model_prefix = "transformer"
+    tied_weights = {"lm_head.weight": "transformer.wte.weight"}
+    ignored_keys = (".attn.bias", ".attn.masked_bias")
+    architecture = "GPT2LMHeadModel"
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = GPTModel(config)
+        self.lm_head = torch.nn.Linear(config.n_embd, config.vocab_size, bias=False, device="meta")
+        self.lm_head.weight = self.transformer.wte.weight  # tied: [vocab_size, n_embd]
+
+    def new_cache(self, batch_size: int, max_len: Optional[int] = None) -> KVCache:
+        return self.transformer.new_cache(batch_size, max_len)
+
+    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+                position_ids: Optional[Tensor] = None, past_key_values: Optional[KVCache] = None,
+                labels: Optional[Tensor] = None, use_cache: bool = False, logits_to_keep: int = 0) -> CausalLMOutput:
+        """As :meth:`GPTModel.forward`; plus ``labels`` [B, L] (the inputs themselves, shifted inside;
+        -100 ignored) for the loss, ``use_cache`` to start a new cache when none is given (it comes back
+        as ``past_key_values``), and ``logits_to_keep`` > 0 to compute logits for the last positions only."""
+        name = type(self).__name__
+        if labels is not None:
+            if not isinstance(labels, Tensor) or labels.shape != input_ids.shape:
+                got = tuple(labels.shape) if isinstance(labels, Tensor) else type(labels).__name__
+                raise ValueError(f"{name}: labels must have input_ids' shape {tuple(input_ids.shape)}, got {got}")
+            if logits_to_keep:
+                raise ValueError(f"{name}: labels need every position's logits; logits_to_keep must be 0")
+        if not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"{name}: logits_to_keep must be a non-negative int, got {logits_to_keep!r}")
+        if past_key_values is None and use_cache:
+            _check_ids(name, input_ids)
+            past_key_values = self.new_cache(input_ids.shape[0])
+        h = self.transformer(input_ids, attention_mask, position_ids, past_key_values)  # [B, L, E]
+        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)  # [B, L', V]
+        loss = None
+        if labels is not None:  # token t predicts token t + 1
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        return CausalLMOutput(logits, loss, past_key_values)
+
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, max_new_tokens: int, do_sample: bool = False, temperature: float = 1.0,
+                 top_k: Optional[int] = None, eos_token_id: Union[int, list, None] = None,
+                 attention_mask: Optional[Tensor] = None, use_cache: bool = True) -> Tensor:
+        """Continue prompts by up to ``max_new_tokens`` tokens; returns [B, L_prompt + generated].
+
+        input_ids [B, L_prompt], left-padded when the prompts differ in length, with
+        ``attention_mask`` [B, L_prompt] (1 = token, 0 = padding). Greedy unless ``do_sample``
+        (softmax of logits / temperature, restricted to the top_k largest when given;
+        torch.manual_seed makes it repeat). ``eos_token_id`` (an id or a list; default the config's,
+        as transformers; ``[]`` for none): a row that produced it is finished and padded with it
+        (the first id of a list) from then on; generation stops when every row has finished.
+        ``use_cache=False`` recomputes the whole sequence at every step (the cache's reference).
+        """
+        name = f"{type(self).__name__}.generate"
+        _check_ids(name, input_ids)
+        B, L0 = input_ids.shape
+        if attention_mask is not None and tuple(attention_mask.shape) != (B, L0):
+            raise ValueError(f"{name}: attention_mask must have input_ids' shape {(B, L0)}, got "
+                             f"{tuple(attention_mask.shape)}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+            raise ValueError(f"{name}: max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
+        if not isinstance(temperature, (int, float)) or not temperature > 0 or not math.isfinite(temperature):
+            raise ValueError(f"{name}: temperature must be a positive number, got {temperature!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"{name}: top_k must be a positive int or None, got {top_k!r}")
+        if L0 + max_new_tokens > self.config.n_positions:
+            raise ValueError(f"{name}: the prompt ({L0} tokens) plus max_new_tokens ({max_new_tokens}) exceed "
+                             f"n_positions {self.config.n_positions}")
+        source = ""
+        if eos_token_id is None:
+            eos_token_id, source = self.config.eos_token_id, " (the config's; pass eos_token_id=[] for none)"
+        eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+        if not all(isinstance(e, int) and 0 <= e < self.config.vocab_size for e in eos):
+            raise ValueError(f"{name}: eos_token_id must be token ids in [0, {self.config.vocab_size}), got "
+                             f"{eos_token_id!r}{source}")
+
+        device, total = input_ids.device, L0 + max_new_tokens
+        tokens = torch.full((B, total), eos[0] if eos else 0, dtype=input_ids.dtype, device=device)  # [B, total]
+        tokens[:, :L0] = input_ids
+        mask = torch.ones(B, total, dtype=torch.long, device=device)  # [B, total]: generated tokens are real
+        if attention_mask is not None:
+            mask[:, :L0] = attention_mask
+        eos_ids = torch.tensor(eos, dtype=input_ids.dtype, device=device)
+        finished = torch.zeros(B, dtype=torch.bool, device=device)
+        cache = self.new_cache(B, total) if use_cache and max_new_tokens > 0 else None
+        length = L0
+        for _ in range(max_new_tokens):
+            if cache is not None:  # the prompt at the first step, then one token a step
+                logits = self(tokens[:, cache.length:length], mask[:, :length], past_key_values=cache,
+                              logits_to_keep=1).logits[:, -1]  # [B, V]
+            else:
+                logits = self(tokens[:, :length], mask[:, :length], logits_to_keep=1).logits[:, -1]  # [B, V]
+            nxt = self._next_token(logits.float(), do_sample, temperature, top_k)  # [B]
+            if eos:
+                nxt = nxt.masked_fill(finished, eos[0])
+                finished |= torch.isin(nxt, eos_ids)
+            tokens[:, length] = nxt
+            length += 1
+            if eos and bool(finished.all()):
+                break
+        return tokens[:, :length]
+
+    @staticmethod
+    def _next_token(logits: Tensor, do_sample: bool, temperature: float, top_k: Optional[int]) -> Tensor:
+        """logits [B, V] float32 -> token ids [B]."""
+        if not do_sample:
+            return logits.argmax(-1)
+        logits = logits / temperature
+        if top_k is not None and top_k < logits.shape[-1]:
+            kth = logits.topk(top_k, dim=-1).values[:, -1:]  # [B, 1]
+            logits = logits.masked_fill(logits < kth, -math.inf)
+        return torch.multinomial(logits.softmax(-1), 1).squeeze(1)

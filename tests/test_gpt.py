@@ -142,8 +142,7 @@ def test_save_and_load_round_trip_and_transformers_reads_ours(tmp_path):
     ours = _ours()
     ours.save_pretrained(str(tmp_path))
     again = GPTLMHeadModel.from_pretrained(str(tmp_path)).eval()
-    written = {"architectures": ["GPT2LMHeadModel"], "torch_dtype": "float32"}
-    assert again.config.to_dict() == {**ours.config.to_dict(), **written}
+    assert again.config == ours.config  # what save_pretrained adds (architectures, torch_dtype) is not kept
     assert again.lm_head.weight is again.transformer.wte.weight
     for (k, a), (k2, b) in zip(ours.state_dict().items(), again.state_dict().items()):
         assert k == k2 and torch.equal(a, b), k

@@ -36,6 +36,28 @@ def test_matches_float64(backend, device, shape, dtype, with_bias):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("m", [1, 2, 3, 8, 16, 17], ids=lambda m: f"M{m}")  # the skinny kernels up to 16 rows
+@pytest.mark.parametrize("kn", [(5, 3), (70, 33), (768, 50)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("transposed", [False, True], ids=["w[N,K]", "w=wt[K,N].t()"])
+def test_decode_sized_inputs_in_both_weight_layouts(backend, device, m, kn, dtype, transposed):
+    k, n = kn
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    wt = (torch.randn(k, n, generator=g) * k ** -0.5).to(dtype)  # transformers' Conv1D layout [K, N]
+    w = wt.t() if transposed else wt.t().contiguous()
+    b = torch.randn(n, generator=g).to(dtype)
+    ref = F.linear(x.double(), w.double(), b.double())
+    assert_within_torch_error(f"linear {backend} M{m} {kn} {dtype}", linear(x, w, b, backend=backend),
+                              F.linear(x, w, b), ref, dtype)
+    # the backward takes the transposed weight too (as a contiguous copy)
+    w_leaf = wt.detach().requires_grad_()
+    linear(x, w_leaf.t() if transposed else w_leaf.t().contiguous(), b, backend=backend).sum().backward()
+    torch.testing.assert_close(w_leaf.grad.double(), x.double().sum(0)[:, None].expand(k, n),
+                               **({"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 0.02, "atol": 0.05}))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_opcheck(backend, device):
     x, w, b = torch.randn(5, 7, requires_grad=True), torch.randn(3, 7, requires_grad=True), torch.randn(3)
     torch.library.opcheck(torch.ops.bignlp_fast.linear_fwd, (x, w, b, backend))

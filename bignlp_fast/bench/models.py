@@ -105,6 +105,48 @@ def _bert_cases(b: int, l: int, dtype: torch.dtype, modes, suites, layers: int =
     return out
 
 
+# ---- GPT-2 generation --------------------------------------------------------------------------------
+def _gpt_cases(b: int, prompt: int, new: int, dtype: torch.dtype, suites, layers: int = 12, hidden: int = 768,
+               vocab: int = 50257):
+    """Greedy generation of ``new`` tokens after a ``prompt``-token prompt, GPT-2-small-shaped: ours
+    (static KV cache, fused ops) against transformers' ``generate`` with its cache. End of sequence is
+    off on both sides, so every call makes exactly ``new`` tokens. Bytes: every decoding step must
+    read all the weights once (the least a step moves), so "% of copy" is the distance to the
+    memory-bandwidth limit (the KV cache reads, a few MB, are left out of the count)."""
+    import transformers
+
+    from bignlp_fast.models.gpt import GPTLMHeadModel
+    hf_config = transformers.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=hidden // 64,
+                                        n_positions=max(1024, prompt + new), eos_token_id=None, bos_token_id=None,
+                                        attn_implementation="sdpa")
+    ids = torch.randint(0, vocab, (b, prompt), generator=torch.Generator().manual_seed(3))
+
+    def pair():
+        torch.manual_seed(0)
+        ref = transformers.GPT2LMHeadModel(hf_config).eval()
+        return GPTLMHeadModel.from_hf(ref).eval(), ref
+
+    def make(device, dt):
+        return dict(ids=ids.to(device), tag=torch.zeros((), dtype=dt), models=_Models(pair))
+
+    def ours(t, be):
+        model = t["models"](t["tag"].dtype, 0)
+        return [model.generate(t["ids"], new, eos_token_id=[]).float()]
+
+    @torch.no_grad()
+    def ref(t):
+        model = t["models"](t["tag"].dtype, 1)
+        out = model.generate(t["ids"], attention_mask=torch.ones_like(t["ids"]), do_sample=False,
+                             max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+        return [out.float()]
+
+    params = (vocab + hf_config.n_positions) * hidden + layers * (12 * hidden * hidden + 13 * hidden) + 2 * hidden
+    weight_bytes = params * torch.tensor([], dtype=dtype).element_size()
+    return [Case(op="attention", mode="fwd", shape=(b, prompt, new), dtype=dtype, make=make, ours=ours, ref=ref,
+                 ref_name="transformers GPT2LMHeadModel.generate (sdpa, cache)", bytes=new * weight_bytes,
+                 suites=suites, variant=f"GPT-2 small greedy generation, batch {b}")]
+
+
 def has_transformers() -> bool:
     return importlib.util.find_spec("transformers") is not None
 
@@ -116,12 +158,17 @@ def model_cases() -> list[Case]:
     cases = []
     # BERT-base, batch 8 x 128 tokens, ~40% padding: inference fp32 and bf16, a training step
     cases += _bert_cases(8, 128, torch.float32, ("fwd", "fwd+bwd"), ("quick", "full"))
-    cases += _bert_cases(8, 128, torch.bfloat16, ("fwd",), ("quick", "full"))
+    cases += _bert_cases(8, 128, torch.bfloat16, ("fwd",), ("full",))  # slow on CPUs without bf16 units
+    # GPT-2 small: prompt 32, 64 new tokens, batch 1 (bound by reading the weights) and batch 8
+    cases += _gpt_cases(1, 32, 64, torch.float32, ("quick", "full"))
+    cases += _gpt_cases(8, 32, 64, torch.float32, ("quick", "full"))
+    cases += _gpt_cases(1, 32, 64, torch.bfloat16, ("full",))
     return cases
 
 
 def tiny_model_cases() -> list[Case]:
     if not has_transformers():
         return []
-    return _bert_cases(3, 9, torch.float32, ("fwd", "fwd+bwd"), ("tiny",), layers=2, hidden=128)
+    return (_bert_cases(3, 9, torch.float32, ("fwd", "fwd+bwd"), ("tiny",), layers=2, hidden=128)
+            + _gpt_cases(2, 5, 4, torch.float32, ("tiny",), layers=2, hidden=128, vocab=301))
 

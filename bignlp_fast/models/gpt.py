@@ -34,10 +34,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bignlp_fast.models._pretrained import HFConfig, PretrainedModel
-from bignlp_fast.ops import add_layer_norm, bias_gelu, scaled_dot_product_attention
+from bignlp_fast.ops import add_layer_norm, bias_gelu, linear, scaled_dot_product_attention
 
 # activation_function -> bias_gelu's ``approximate``
 _GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
+_SKINNY_ROWS = 16  # csrc/cpu/skinny_gemm.h's kSkinnyRows: where ops.linear's streaming kernel wins
 
 
 @dataclasses.dataclass
@@ -161,9 +162,19 @@ class Conv1D(torch.nn.Module):
         self.bias = torch.nn.Parameter(torch.zeros(out_features))  # [out]
 
     def forward(self, x: Tensor, with_bias: bool = True) -> Tensor:
-        x2 = x.reshape(-1, x.shape[-1])  # [N, in]
-        y = torch.addmm(self.bias, x2, self.weight) if with_bias else x2 @ self.weight  # [N, out]
-        return y.view(*x.shape[:-1], y.shape[-1])
+        return _project(x, self.weight.t(), self.bias if with_bias else None)
+
+
+def _project(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+    """x [..., in] @ weight^T + bias, weight [out, in] (any strides). Decoding-sized inputs (at most
+    16 rows on the CPU) run on ``ops.linear``'s streaming kernel, which reads the weight once at
+    memory speed, in either layout; larger ones on torch's GEMM (MKL / oneDNN / cuBLAS)."""
+    x2 = x.reshape(-1, x.shape[-1])  # [N, in]
+    if x2.shape[0] <= _SKINNY_ROWS and x2.device.type == "cpu" and x2.dtype in (torch.float32, torch.bfloat16):
+        y = linear(x2, weight, bias)
+    else:
+        y = F.linear(x2, weight, bias)  # [N, out]
+    return y.view(*x.shape[:-1], y.shape[-1])
 
 
 class GPTAttention(torch.nn.Module):
@@ -376,7 +387,7 @@ class GPTLMHeadModel(PretrainedModel):
             _check_ids(name, input_ids)
             past_key_values = self.new_cache(input_ids.shape[0])
         h = self.transformer(input_ids, attention_mask, position_ids, past_key_values)  # [B, L, E]
-        logits = self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h)  # [B, L', V]
+        logits = _project(h[:, -logits_to_keep:] if logits_to_keep else h, self.lm_head.weight, None)  # [B, L', V]
         loss = None
         if labels is not None:  # token t predicts token t + 1
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)

@@ -6,8 +6,13 @@ the register-blocked kernel of csrc/cpu/gemm.h runs about twice as fast there. T
 it for their input projection (one GEMM over every time step). On other CPUs, measure before
 preferring it: the benchmark compares it with F.linear on the same inputs.
 
-Contract (every backend): x [M, K], weight [N, K], bias [N] or None, contiguous; forward returns
-y [M, N]; backward returns (grad_x [M, K], grad_weight [N, K], grad_bias [N] or [0]).
+Decoding-sized inputs (at most 16 rows of x) run on streaming kernels (csrc/cpu/skinny_gemm.h) that
+read the weight once at memory speed, where BLAS falls to a fraction of the bandwidth for 2-16 rows.
+
+Contract (every backend): x [M, K], weight [N, K], bias [N] or None, contiguous, except that the
+forward also takes a weight that is the transpose of a contiguous [K, N] tensor (transformers'
+Conv1D layout, ``conv1d_weight.t()``) and reads it in place; forward returns y [M, N]; backward
+returns (grad_x [M, K], grad_weight [N, K], grad_bias [N] or [0]).
 """
 
 from __future__ import annotations
@@ -45,7 +50,8 @@ def linear_bwd_torch(grad_y: Tensor, x: Tensor, weight: Tensor, has_bias: bool):
 # ---- custom ops -------------------------------------------------------------------------------
 @torch.library.custom_op("bignlp_fast::linear_fwd", mutates_args=())
 def linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend: str) -> Tensor:
-    return kernel("linear", "fwd", backend)(x.contiguous(), weight.contiguous(), contiguous(bias))
+    w = weight if weight.t().is_contiguous() else weight.contiguous()  # a transposed [K, N] is read in place
+    return kernel("linear", "fwd", backend)(x.contiguous(), w, contiguous(bias))
 
 
 @linear_fwd.register_fake

@@ -1,39 +1,55 @@
-// y = x W^T + b on the CPU, forward and backward, float32 and bfloat16 (fp32 accumulation), on
-// cpu::packed_gemm (gemm.h). On AMD CPUs, where MKL's sgemm does not take its AVX-512 path, this is
-// about twice as fast as torch.mm; the RNN layers use it for their input projection, the one large
-// GEMM over all time steps.
+// y = x W^T + b on the CPU, forward and backward, float32 and bfloat16 (fp32 accumulation).
+// Up to kSkinnyRows rows of x (decoding) on the streaming kernels of skinny_gemm.h, which read W once
+// at memory speed; more rows on cpu::packed_gemm (gemm.h). On AMD CPUs, where MKL's sgemm does not
+// take its AVX-512 path, the packed GEMM is about twice as fast as torch.mm; the RNN layers use it for
+// their input projection, the one large GEMM over all time steps.
+//
+// The forward also takes W as the transpose of a contiguous [K, N] tensor (transformers' Conv1D
+// layout), read in place; the backward wants it contiguous.
 #include <vector>
 
 #include "../ops.h"
 #include "common.h"
 #include "gemm.h"
+#include "skinny_gemm.h"
 
 namespace bignlp_fast {
 namespace {
 
-void check(const at::Tensor& x, const at::Tensor& w) {
+void check(const at::Tensor& x, const at::Tensor& w, bool w_transposed_ok) {
   TORCH_CHECK(x.dim() == 2 && w.dim() == 2 && x.size(1) == w.size(1), "linear: x must be [M, K] and w [N, K]");
-  TORCH_CHECK(x.is_contiguous() && w.is_contiguous() && x.scalar_type() == w.scalar_type(),
-              "linear: x and w must be contiguous, of one dtype");
+  TORCH_CHECK(x.scalar_type() == w.scalar_type(), "linear: x and w must have one dtype");
+  TORCH_CHECK(x.is_contiguous() && (w.is_contiguous() || (w_transposed_ok && w.t().is_contiguous())),
+              "linear: x must be contiguous and w contiguous", w_transposed_ok ? " or the transpose of a contiguous tensor" : "");
 }
 
 }  // namespace
 
 at::Tensor linear_fwd_cpu(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
-  check(x, w);
+  check(x, w, /*w_transposed_ok=*/true);
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
+  const bool rows = w.is_contiguous();  // else w.t() is: W^T stored [K, N]
   at::Tensor y = at::empty({M, N}, x.options());
+  const at::Tensor bias_c = b.has_value() ? b->contiguous() : at::Tensor();
   BIGNLP_DISPATCH_FLOAT_BF16(x.scalar_type(), "linear_fwd_cpu", [&] {
-    const scalar_t* bias = b.has_value() ? b->const_data_ptr<scalar_t>() : nullptr;
-    cpu::packed_gemm<scalar_t, scalar_t>(M, N, K, {x.const_data_ptr<scalar_t>(), K, 1}, {w.const_data_ptr<scalar_t>(), 1, K}, bias,
-                             y.data_ptr<scalar_t>(), N);
+    const scalar_t* bias = b.has_value() ? bias_c.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* wp = w.const_data_ptr<scalar_t>();
+    if (M <= cpu::kSkinnyRows) {
+      std::vector<float> xf(M * K);
+      cpu::to_float(x.const_data_ptr<scalar_t>(), xf.data(), M * K);
+      if (rows) cpu::skinny_gemm_rows(M, N, K, xf.data(), wp, bias, y.data_ptr<scalar_t>());
+      else cpu::skinny_gemm_cols(M, N, K, xf.data(), wp, bias, y.data_ptr<scalar_t>());
+      return;
+    }
+    cpu::packed_gemm<scalar_t, scalar_t>(M, N, K, {x.const_data_ptr<scalar_t>(), K, 1}, {wp, w.stride(1), w.stride(0)},
+                                         bias, y.data_ptr<scalar_t>(), N);
   });
   return y;
 }
 
 std::vector<at::Tensor> linear_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w,
                                        bool has_bias) {
-  check(x, w);
+  check(x, w, /*w_transposed_ok=*/false);
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   const at::Tensor gy = grad_y.contiguous();
   at::Tensor dx = at::empty({M, K}, x.options()), dw = at::empty({N, K}, w.options());

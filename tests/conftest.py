@@ -68,3 +68,34 @@ def _clean_backend_state(monkeypatch):
     monkeypatch.delenv("BIGNLP_FAST_STRICT", raising=False)
     bignlp_fast.reset_report()
     yield
+
+
+# ---- Hugging Face attention tests (test_hf.py, test_optimize.py) ---------------------------------------
+@pytest.fixture
+def calls(monkeypatch):
+    """Counts the HF hook's calls of our op, so a test knows the model did not quietly run another path."""
+    import bignlp_fast.hf
+
+    counter = {"n": 0}
+    op = bignlp_fast.hf.scaled_dot_product_attention
+
+    def counting(*args, **kwargs):
+        counter["n"] += 1
+        return op(*args, **kwargs)
+
+    monkeypatch.setattr(bignlp_fast.hf, "scaled_dot_product_attention", counting)
+    return counter
+
+
+def padded_batch(lengths, total, left, low=1):
+    """Token ids in [low, 101) and a mask [len(lengths), total], padded on the left or the right
+    (padding ids are 0)."""
+    torch.manual_seed(1)
+    ids = torch.randint(low, 101, (len(lengths), total))
+    mask = torch.zeros(len(lengths), total, dtype=torch.long)
+    for row, n in enumerate(lengths):
+        if left:
+            mask[row, total - n:] = 1
+        else:
+            mask[row, :n] = 1
+    return ids.masked_fill(mask == 0, 0), mask

@@ -11,8 +11,10 @@ transformers = pytest.importorskip("transformers")
 
 import bignlp_fast  # noqa: E402
 import bignlp_fast.hf  # noqa: E402
+from conftest import padded_batch  # noqa: E402
 from transformers import (AutoModel, AutoModelForCausalLM, BertConfig, BertModel, GPT2Config,  # noqa: E402
                           GPT2LMHeadModel)
+
 
 @pytest.fixture(params=["torch", None], ids=["torch", "auto"])
 def backend(request, monkeypatch):
@@ -20,32 +22,6 @@ def backend(request, monkeypatch):
     if request.param is not None:
         monkeypatch.setenv("BIGNLP_FAST_BACKEND", request.param)
     return request.param
-
-
-@pytest.fixture
-def calls(monkeypatch):
-    """Counts the hook's calls of our op, so a test knows the model did not quietly run another path."""
-    counter = {"n": 0}
-    op = bignlp_fast.hf.scaled_dot_product_attention
-
-    def counting(*args, **kwargs):
-        counter["n"] += 1
-        return op(*args, **kwargs)
-
-    monkeypatch.setattr(bignlp_fast.hf, "scaled_dot_product_attention", counting)
-    return counter
-
-
-def padded_batch(lengths, total, left):
-    torch.manual_seed(1)
-    ids = torch.randint(1, 101, (len(lengths), total))
-    mask = torch.zeros(len(lengths), total, dtype=torch.long)
-    for row, n in enumerate(lengths):
-        if left:
-            mask[row, total - n:] = 1
-        else:
-            mask[row, :n] = 1
-    return ids.masked_fill(mask == 0, 0), mask
 
 
 def bert_config(**kwargs):  # head_dim 15: not a power of two

@@ -10,6 +10,7 @@ from torch import nn
 
 import bignlp_fast.nn as bnn
 from bignlp_fast import OptimizeReport, optimize
+from conftest import padded_batch
 
 TOL = dict(rtol=1e-5, atol=1e-5)  # fp32: the fused kernels sum in another order than torch's
 
@@ -315,34 +316,6 @@ def transformers():
     return pytest.importorskip("transformers")
 
 
-@pytest.fixture
-def calls(monkeypatch):
-    """Counts calls of our op from the HF attention function (so a test knows it ran)."""
-    import bignlp_fast.hf
-
-    counter = {"n": 0}
-    op = bignlp_fast.hf.scaled_dot_product_attention
-
-    def counting(*args, **kwargs):
-        counter["n"] += 1
-        return op(*args, **kwargs)
-
-    monkeypatch.setattr(bignlp_fast.hf, "scaled_dot_product_attention", counting)
-    return counter
-
-
-def padded_ids(lengths, total, left):
-    torch.manual_seed(1)
-    ids = torch.randint(3, 101, (len(lengths), total))
-    mask = torch.zeros(len(lengths), total, dtype=torch.long)
-    for row, n in enumerate(lengths):
-        if left:
-            mask[row, total - n:] = 1
-        else:
-            mask[row, :n] = 1
-    return ids.masked_fill(mask == 0, 0), mask
-
-
 def close_on_tokens(got, expected, mask):
     keep = mask.bool()
     torch.testing.assert_close(got[keep], expected[keep], rtol=1e-4, atol=1e-5)
@@ -374,7 +347,7 @@ def test_hf_bert_inside_a_user_model_matches_eager(transformers, calls):
     assert sum(n.endswith("LayerNorm") for n in names) == 5 and names[-1] == "lstm"
     assert report.skipped == []
     assert all(type(m) is bnn.LayerNorm for n, m in model.named_modules() if n.endswith("LayerNorm"))
-    ids, mask = padded_ids([11, 7, 3], 11, left=False)
+    ids, mask = padded_batch([11, 7, 3], 11, left=False, low=3)
     with torch.no_grad():
         expected = ref.bert(ids, attention_mask=mask).last_hidden_state
         got = model.bert(ids, attention_mask=mask).last_hidden_state
@@ -394,7 +367,7 @@ def test_hf_gpt2_matches_eager_on_a_left_padded_batch(transformers, calls):
     report = optimize(model)
     assert model.config._attn_implementation == "bignlp_fast"
     assert report.swapped[0][0] == "" and len(report.swapped) == 1 + 5 and report.skipped == []
-    ids, mask = padded_ids([10, 6, 2], 10, left=True)
+    ids, mask = padded_batch([10, 6, 2], 10, left=True, low=3)
     with torch.no_grad():
         expected = ref(ids, attention_mask=mask).logits
         got = model(ids, attention_mask=mask).logits

@@ -110,3 +110,21 @@ def test_bad_configs_and_inputs():
         _textcnn()(_batch(), LENGTHS, attention_mask=torch.ones(4, 12))
     with pytest.raises(ValueError, match="attention_mask"):
         _textcnn()(_batch(), attention_mask=torch.ones(4, 11))
+
+
+def test_rnn_classifier_compiles_fullgraph():
+    model, ids = _rnn(), _batch()
+    with torch._dynamo.config.patch(allow_rnn=True):  # Dynamo's opt-in for any torch.nn.LSTM/GRU subclass
+        compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(ids, LENGTHS).logits, model(ids, LENGTHS).logits)
+
+
+@pytest.mark.parametrize("make", [_textcnn, _rnn], ids=["textcnn", "rnn"])
+def test_bfloat16_end_to_end(make):
+    model, ids = make(), _batch()
+    with torch.no_grad():
+        ref = model(ids, LENGTHS).logits
+        out = model.to(torch.bfloat16)(ids, LENGTHS).logits
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, rtol=0.02, atol=0.02)  # bf16's 8 mantissa bits, a few layers

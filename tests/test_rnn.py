@@ -481,3 +481,33 @@ def test_layer_norm_lstm_strict_and_named_backend(monkeypatch):
         m(x)
     with pytest.raises(RuntimeError, match="input.size\\(-1\\) must be equal to input_size. Expected 5, got 4"):
         m(x[..., :4])
+
+
+# ---- lengths= on a padded batch (an extension) ----------------------------------------------------------
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_lengths_on_a_padded_batch_equals_the_packed_path(kind, backend):
+    _, ours = make_pair(kind, backend, num_layers=2, bidirectional=True, batch_first=True)
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(4, 7, 5, generator=g)
+    lengths = torch.tensor([3, 7, 1, 5])  # any order
+    hx = initial_state(ours, 4)
+    packed_out, packed_state = ours(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False), hx)
+    ref_out, _ = torch.nn.utils.rnn.pad_packed_sequence(packed_out, batch_first=True, total_length=7)
+    out, state = ours(x, hx, lengths=lengths)
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-6)
+    for a, b in zip(state if isinstance(state, tuple) else (state,),
+                    packed_state if isinstance(packed_state, tuple) else (packed_state,)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_lengths_bad_input():
+    lstm = bnn.LSTM(5, 4, batch_first=True)
+    x = torch.randn(2, 6, 5)
+    with pytest.raises(ValueError, match="int64"):
+        lstm(x, lengths=torch.tensor([1.0, 2.0]))
+    with pytest.raises(ValueError, match="2 entries for a batch of 3"):
+        lstm(torch.randn(3, 6, 5), lengths=torch.tensor([1, 2]))
+    with pytest.raises(ValueError, match=r"in \[1, 6\]"):
+        lstm(x, lengths=torch.tensor([0, 7]))
+    with pytest.raises(ValueError, match="PackedSequence carries its own"):
+        lstm(pack_padded_sequence(x, torch.tensor([6, 2]), batch_first=True), lengths=torch.tensor([6, 2]))

@@ -4,7 +4,8 @@
 Inputs are token ids [B, L] padded on the right, with either ``lengths`` [B] or an
 ``attention_mask`` [B, L] (1 for tokens; its row sums are the lengths). Padded positions never
 reach the result: TextCNN pools only over windows inside each sequence, the RNN runs a
-PackedSequence and pools over valid steps only.
+recurrence over each sequence's own length (as a PackedSequence would, without packing) and pools over
+valid steps only.
 """
 
 from __future__ import annotations
@@ -111,14 +112,12 @@ class RNNClassifier(torch.nn.Module):
         lengths = _lengths(input_ids, lengths, attention_mask)
         if lengths is None:
             lengths = torch.full((B,), L, dtype=torch.int64)
-        packed = torch.nn.utils.rnn.pack_padded_sequence(x, lengths.cpu(), batch_first=True, enforce_sorted=False)
-        out, state = self.rnn(packed)
+        out, state = self.rnn(x, lengths=lengths)  # as if packed; out [B, L, D*H], zero past each length
         h_n = state[0] if isinstance(state, tuple) else state  # [layers * directions, B, H]
         if self.config.pooling == "last":
             directions = 2 if self.config.bidirectional else 1
             pooled = torch.cat(list(h_n[-directions:]), dim=-1)  # the last layer's final state(s)
         else:
-            out, _ = torch.nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=L)  # [B, L, D*H]
             valid = (torch.arange(L, device=out.device)[None, :] < lengths.to(out.device)[:, None])[..., None]
             if self.config.pooling == "mean":
                 pooled = (out * valid).sum(1) / lengths.to(out.device, out.dtype).clamp(min=1)[:, None]

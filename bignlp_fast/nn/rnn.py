@@ -153,13 +153,21 @@ class _FusedRNNBase:
         return h0, c0
 
     # ---- forward ---------------------------------------------------------------------------------
-    def forward(self, input, hx=None):
+    def forward(self, input, hx=None, *, lengths: Optional[Tensor] = None):
         """torch.nn's forward: (output, h_n) or, for LSTM, (output, (h_n, c_n)); a PackedSequence in
-        gives a PackedSequence out."""
+        gives a PackedSequence out.
+
+        ``lengths`` (an extension, keyword only): int64 [B], for a padded batched input: sequence b
+        runs over its first lengths[b] steps, exactly as if packed (h_n is the state after its own
+        last step; the reverse direction starts there), and its output is zero past its length.
+        The same result as pack_padded_sequence -> forward -> pad_packed_sequence, without the sort
+        and copies, and traceable by torch.compile(fullgraph=True)."""
         name = type(self).__name__
         packed = isinstance(input, PackedSequence)
         sorted_indices = unsorted_indices = None
-        lengths = None
+        if lengths is not None:
+            self._check_lengths(input, lengths)
+            lengths = lengths.cpu()
         batched = True
         if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
@@ -199,6 +207,19 @@ class _FusedRNNBase:
         elif self.batch_first:
             output = output.transpose(0, 1)
         return output, ((h_n, c_n) if c_n is not None else h_n)
+
+    def _check_lengths(self, input, lengths) -> None:
+        name = type(self).__name__
+        if isinstance(input, PackedSequence) or not isinstance(input, Tensor) or input.dim() != 3:
+            raise ValueError(f"{name}: lengths is for a padded batched (3-D) input; a PackedSequence carries its own")
+        if not isinstance(lengths, Tensor) or lengths.dtype != torch.int64 or lengths.dim() != 1:
+            raise ValueError(f"{name}: lengths must be a 1-D int64 tensor, got "
+                             f"{lengths.dtype if isinstance(lengths, Tensor) else type(lengths).__name__}")
+        batch, steps = (input.shape[0], input.shape[1]) if self.batch_first else (input.shape[1], input.shape[0])
+        if lengths.shape[0] != batch:
+            raise ValueError(f"{name}: lengths has {lengths.shape[0]} entries for a batch of {batch}")
+        if not torch.compiler.is_compiling() and lengths.numel() and (lengths.min() < 1 or lengths.max() > steps):
+            raise ValueError(f"{name}: lengths must be in [1, {steps}] (the input's steps), got {lengths.tolist()}")
 
     def _layers(self, x: Tensor, h0: Tensor, c0: Optional[Tensor], lengths: Optional[Tensor]):
         """The stack on time-major x [T, B, F]: (output [T, B, D*S], h_n [L*D, B, S], c_n or None)."""

@@ -284,7 +284,9 @@ def rnn_layer(mode: str, xw: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: T
         if lengths.dtype != torch.int64 or lengths.shape != (b,) or lengths.device.type != "cpu":
             raise ValueError(f"{op}: lengths must be an int64 CPU tensor of shape ({b},), got {lengths.dtype} "
                              f"{tuple(lengths.shape)} on {lengths.device}")
-        if b and (lengths.min().item() < 0 or lengths.max().item() > t):
+        # under torch.compile the values are data a graph cannot branch on; unchecked, an out-of-range
+        # length still cannot make a kernel read out of bounds (step t is active when t < lengths[b])
+        if b and not torch.compiler.is_compiling() and (lengths.min().item() < 0 or lengths.max().item() > t):
             raise ValueError(f"{op}: lengths must lie in [0, {t}], got {lengths.tolist()}")
     name = _backend.choose(OP, xw.device, xw.dtype, backend)
     # the workspace feeds the backward; inference does not write it

@@ -8,8 +8,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from bignlp_fast.models import (BertConfig, BertForSequenceClassification, RNNClassifier, RNNClassifierConfig,
-                                TextCNNClassifier, TextCNNConfig)
+from bignlp_fast.models import (BertConfig, BertForSequenceClassification, GPTConfig, GPTLMHeadModel, RNNClassifier,
+                                RNNClassifierConfig, TextCNNClassifier, TextCNNConfig)
 
 B, L, VOCAB = 4, 11, 53
 
@@ -25,7 +25,17 @@ def _models():
                                                    dropout=0.0)),
         "lstm": RNNClassifier(RNNClassifierConfig(vocab_size=VOCAB, embed_dim=12, hidden_size=10, cell="lstm",
                                                   dropout=0.0)),
+        "gpt": GPTLMHeadModel(GPTConfig(vocab_size=VOCAB, n_positions=16, n_embd=24, n_layer=2, n_head=3,
+                                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, eos_token_id=0)),
     }
+
+
+def _loss(name, model, ids, mask, labels):
+    """The model's training loss on these rows: causal LM on unpadded rows for GPT (every row has
+    the same token count, so the mean over the two halves equals the mean over the batch)."""
+    if name == "gpt":
+        return model(ids, labels=ids).loss
+    return model(ids, attention_mask=mask, labels=labels).loss
 
 
 def _batch():
@@ -36,9 +46,9 @@ def _batch():
     return ids, mask, torch.tensor([0, 1, 1, 0])
 
 
-def _gradients(model, ids, mask, labels) -> dict:
+def _gradients(name, model, ids, mask, labels) -> dict:
     model.zero_grad()
-    model(ids, attention_mask=mask, labels=labels).loss.backward()
+    _loss(name, model, ids, mask, labels).backward()
     return {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
 
 
@@ -51,7 +61,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
     for name, model in _models().items():
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         ddp.zero_grad()
-        ddp(ids[half], attention_mask=mask[half], labels=labels[half]).loss.backward()  # DDP averages the grads
+        _loss(name, ddp, ids[half], mask[half], labels[half]).backward()  # DDP averages the gradients
         grads[name] = {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
     torch.save(grads, os.path.join(out_dir, f"rank{rank}.pt"))
     dist.destroy_process_group()
@@ -63,7 +73,7 @@ def test_ddp_gradients_equal_a_single_process_run(tmp_path):
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
     ids, mask, labels = _batch()
     for name, model in _models().items():
-        expected = _gradients(model, ids, mask, labels)
+        expected = _gradients(name, model, ids, mask, labels)
         for rank in ranks:
             assert rank[name].keys() == expected.keys(), name
             for k, g in expected.items():

@@ -80,6 +80,9 @@ def _check(backend, device, dtype, shape_q, shape_k, dv=None, *, causal=False, m
 
 CASES = [  # (q shape, k shape, dv, causal)
     ((1, 1, 1, 16), (1, 1, 1, 16), None, False),
+    ((2, 4, 1, 64), (2, 4, 97, 64), None, False),     # Lq <= 4: the CPU kernel's decode path
+    ((1, 3, 4, 40), (1, 3, 300, 40), 24, True),
+    ((2, 2, 3, 80), (2, 2, 2, 80), None, True),       # decode path, causal with Lq > Lk
     ((2, 3, 7, 40), (2, 3, 7, 40), None, True),
     ((1, 2, 97, 64), (1, 2, 97, 64), None, False),
     ((2, 2, 97, 80), (2, 2, 33, 80), None, True),    # causal with Lq > Lk: rows before the diagonal see nothing
@@ -114,6 +117,10 @@ def test_masks_gqa_and_noncontiguous(backend, device):
             _check(backend, device, dtype, (3, 4, lq, 40), (3, 4, lk, 40), mask=mask)
         _check(backend, device, dtype, (3, 4, lq, 40), (3, 2, lk, 40), causal=True, mask=padding)  # GQA
         _check(backend, device, dtype, (3, 4, lq, 40), (3, 4, lk, 40), noncontiguous=True, mask=padding)
+        # the decode path (Lq <= 4) with every mask kind, GQA and a non-contiguous cache-like layout
+        for mask in (padding, general[:, :, :2], additive[:, :, :2]):
+            _check(backend, device, dtype, (3, 4, 2, 40), (3, 4, lk, 40), mask=mask)
+        _check(backend, device, dtype, (3, 4, 2, 40), (3, 2, lk, 40), causal=True, mask=padding, noncontiguous=True)
 
 
 def test_fully_masked_rows_give_zeros_and_zero_gradients():
@@ -168,11 +175,16 @@ def _varlen_case(lengths_q, lengths_k, hq, hk, d, dtype, device, causal):
 
 @pytest.mark.parametrize("backend,device", ALL)
 @pytest.mark.parametrize("causal", [False, True])
-def test_varlen_matches_each_sequence_alone(backend, device, causal):
-    """Each packed sequence gives what attention over that sequence alone gives (bottom-right causal)."""
+@pytest.mark.parametrize("decode", [False, True], ids=["prefill", "decode"])
+def test_varlen_matches_each_sequence_alone(backend, device, causal, decode):
+    """Each packed sequence gives what attention over that sequence alone gives (bottom-right causal).
+    "decode": at most 4 queries per sequence against a longer cache (the CPU kernel's decode path)."""
     # includes a sequence without queries and one without keys (its queries give zeros)
-    lengths_q, lengths_k = ([5, 1, 17, 0, 3], [9, 4, 17, 3, 0]) if _small(backend, device) else \
-        ([70, 1, 300, 0, 129, 4], [100, 3, 300, 5, 129, 0])
+    if decode:
+        lengths_q, lengths_k = [1, 4, 0, 2, 3], [9, 70 if not _small(backend, device) else 17, 3, 0, 2]
+    else:
+        lengths_q, lengths_k = ([5, 1, 17, 0, 3], [9, 4, 17, 3, 0]) if _small(backend, device) else \
+            ([70, 1, 300, 0, 129, 4], [100, 3, 300, 5, 129, 0])
     for dtype in DTYPES[backend]:
         q, k, v, go, cu_q, cu_k = _varlen_case(lengths_q, lengths_k, 4, 2, 40, dtype, device, causal)
         args = (cu_q, cu_k, max(lengths_q), max(lengths_k))
@@ -239,8 +251,13 @@ def test_philox_matches_the_published_answer_and_python_ints():
 def test_dropout_same_mask_as_reference_and_reproducible(backend, device):
     """Every backend draws the reference's mask (so outputs and gradients match it), the same
     seed repeats it, and another seed changes it."""
-    shape = (2, 2, 9, 16) if _small(backend, device) else (2, 3, 70, 40)
-    q, k, v, go = _inputs(shape, shape, shape[-1], torch.float32, device)
+    for shape_q, shape_k in (((2, 2, 9, 16), (2, 2, 9, 16)) if _small(backend, device) else
+                             ((2, 3, 70, 40), (2, 3, 70, 40)), ((2, 3, 3, 40), (2, 3, 21, 40))):  # + decode path
+        _check_dropout(backend, device, shape_q, shape_k)
+
+
+def _check_dropout(backend, device, shape, shape_k):
+    q, k, v, go = _inputs(shape, shape_k, shape[-1], torch.float32, device)
 
     def run(backend_, seed, dtype=torch.float32):
         torch.manual_seed(seed)

@@ -208,6 +208,68 @@ void check_operands(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 }
 
 // ---- forward --------------------------------------------------------------------------------
+// Decoding (every sequence has at most kDecodeRows queries, e.g. one new token against a KV cache):
+// the tiles of the main loop would be mostly padding and their set-up (K^T and V packed as fp32,
+// 64 x 256 score tiles) would cost more than the arithmetic. Each (sequence, head) task instead
+// reads K and V rows in place: scores as dot products, softmax over the whole row at once, then
+// O = sum_j p_j V_j. Same numbers as the tiled path up to summation order (and the same dropout mask).
+constexpr int64_t kDecodeRows = 4;
+
+template <typename T>
+float dot_row(const float* q, const T* k, int64_t d) {
+  fVec acc(0.f);
+  for (int64_t c = 0; c < d; c += fVec::size()) {
+    const int64_t w = std::min<int64_t>(fVec::size(), d - c);
+    acc = at::vec::fmadd(load_any(q + c, w), load_any(k + c, w), acc);
+  }
+  return at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, acc);
+}
+
+template <typename T>
+void forward_decode(const Rows<T>& Q, const Rows<T>& K, const Rows<T>& V, const Rows<T>& O, float* lse_base,
+                    int64_t ltot, int64_t hq, int64_t groups, int64_t d, int64_t dv, const BiasView& bias,
+                    const std::vector<Seq>& seqs, double scale, int64_t causal, const Dropout& dropout) {
+  int64_t max_lk = 0;
+  for (const Seq& sq : seqs) max_lk = std::max(max_lk, sq.lk);
+  const int64_t tasks = static_cast<int64_t>(seqs.size()) * hq;
+  at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<float> qf(round_up_to_vec(d)), p(std::max<int64_t>(max_lk, 1)), acc(round_up_to_vec(dv));
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t seq = t / hq, h = t % hq, kvh = h / groups;
+      const Seq& sq = seqs[seq];
+      const Causal causal_mask(causal, sq);
+      for (int64_t r = 0; r < sq.lq; ++r) {
+        const int64_t i = sq.q_begin + r, n = causal_mask.visible(r, sq.lk);
+        to_float(Q.row(sq.batch, h, i), qf.data(), d, static_cast<float>(scale));
+        float m = -kInf;
+        for (int64_t j = 0; j < n; ++j) {
+          p[j] = dot_row(qf.data(), K.row(sq.batch, kvh, sq.k_begin + j), d);
+          if (const float* b = bias.row(sq.batch, h, r, 0)) p[j] += b[j * bias.sk];
+          m = std::max(m, p[j]);
+        }
+        float sum = 0.f;
+        std::fill(acc.begin(), acc.end(), 0.f);
+        if (m != -kInf) {
+          for (int64_t j = 0; j < n; ++j) sum += (p[j] = std::exp(p[j] - m));
+          if (dropout.on) dropout.apply(p.data(), n, seq, h, r, 0);
+          for (int64_t j = 0; j < n; ++j) {
+            if (p[j] == 0.f) continue;
+            const T* vrow = V.row(sq.batch, kvh, sq.k_begin + j);
+            const fVec pj(p[j]);
+            for (int64_t c = 0; c < dv; c += fVec::size()) {
+              const int64_t w = std::min<int64_t>(fVec::size(), dv - c);
+              at::vec::fmadd(pj, load_any(vrow + c, w), fVec::loadu(acc.data() + c)).store(acc.data() + c);
+            }
+          }
+        }
+        const bool empty = sum == 0.f;
+        from_float(acc.data(), O.row(sq.batch, h, i), dv, empty ? 0.f : 1.f / sum);
+        lse_base[(sq.batch * hq + h) * ltot + i] = empty ? kInf : m + std::log(sum);
+      }
+    }
+  });
+}
+
 template <typename T>
 void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const BiasView& bias,
              const std::vector<Seq>& seqs, double scale, int64_t causal, const Dropout& dropout, at::Tensor& out,
@@ -216,6 +278,12 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
   const int64_t ltot = q.size(2), ld_d = tile_ld(d), ld_dv = tile_ld(dv);
   const Rows<T> Q(q), K(k), V(v), O(out);
   float* lse_base = lse.data_ptr<float>();
+  int64_t max_lq = 0;
+  for (const Seq& sq : seqs) max_lq = std::max(max_lq, sq.lq);
+  if (max_lq <= kDecodeRows) {
+    forward_decode(Q, K, V, O, lse_base, ltot, hq, groups, d, dv, bias, seqs, scale, causal, dropout);
+    return;
+  }
 
   struct Task { int64_t seq, head, block; };
   std::vector<Task> tasks;

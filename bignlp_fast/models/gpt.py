@@ -332,6 +332,8 @@ class GPTModel(PretrainedModel):
         else:
             attn_mask = attention_mask.bool()[:, None, None, :] if attention_mask is not None else None
             is_causal = True
+        if attn_mask is not None:  # additive form, made once for every layer (0 = attend, -inf = masked)
+            attn_mask = torch.where(attn_mask, 0.0, -math.inf)
 
         residual = self.wte(input_ids) + self.wpe(position_ids)  # [B, L, E]
         residual = F.dropout(residual, self.config.embd_pdrop, self.training)

@@ -304,16 +304,15 @@ def _mask_to_bias(op: str, attn_mask: Tensor, query: Tensor, shape) -> Tensor:
     if attn_mask.dtype != torch.bool and not attn_mask.is_floating_point():
         raise TypeError(f"{op}: attn_mask must be bool (True = attend) or floating point (added to the scores), "
                         f"got {attn_mask.dtype}")
-    try:
-        torch.broadcast_shapes(attn_mask.shape, shape)
-    except RuntimeError:
-        raise ValueError(f"{op}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
-                         f"[B, Hq, Lq, Lk] = {list(shape)}") from None
     if attn_mask.dim() > 4:
         raise ValueError(f"{op}: attn_mask has {attn_mask.dim()} dimensions; at most 4 ([B, Hq, Lq, Lk])")
+    # (a plain comparison: torch.broadcast_shapes costs tens of microseconds, a decoding step's budget)
+    if any(m != 1 and m != n for m, n in zip(reversed(attn_mask.shape), reversed(shape))):
+        raise ValueError(f"{op}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+                         f"[B, Hq, Lq, Lk] = {list(shape)}")
     dtype = acc_dtype(query.dtype)
     if attn_mask.dtype == torch.bool:
-        bias = torch.zeros(attn_mask.shape, dtype=dtype, device=query.device).masked_fill(~attn_mask, -math.inf)
+        bias = torch.where(attn_mask, 0.0, -math.inf).to(dtype)  # one pass (to() is free for float32)
     else:
         bias = attn_mask.to(dtype)
     return bias.expand(shape)

@@ -107,7 +107,7 @@ def test_packed_and_padded_attention_paths_agree(monkeypatch):
 
 def test_batch_layout_packs_only_real_tokens():
     mask = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 1]])
-    batch = _Batch.of(mask, (3, 3), "cpu")
+    batch = _Batch.of(mask, (3, 3))
     assert batch.cu_seqlens.tolist() == [0, 2, 2, 4] and batch.max_seqlen == 2
     assert batch.indices.tolist() == [0, 1, 6, 8]
     x = torch.arange(9.0).view(3, 3, 1)

@@ -120,7 +120,7 @@ class _Batch:
     mask: Optional[Tensor] = None  # padded: bool [B, 1, 1, L], True = attend (None: every token)
 
     @staticmethod
-    def of(attention_mask: Optional[Tensor], shape: tuple[int, int], device) -> "_Batch":
+    def of(attention_mask: Optional[Tensor], shape: tuple[int, int]) -> "_Batch":
         b, l = shape
         if torch.compiler.is_compiling() or attention_mask is None:
             mask = None if attention_mask is None else attention_mask.bool().view(b, 1, 1, l)
@@ -319,7 +319,7 @@ class BertModel(PretrainedModel):
             position_ids = torch.arange(l, device=input_ids.device).expand(b, l)
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        batch = _Batch.of(attention_mask, (b, l), input_ids.device)
+        batch = _Batch.of(attention_mask, (b, l))
         h = self.embeddings(batch.pack(input_ids), batch.pack(token_type_ids), batch.pack(position_ids))  # [T, hidden]
         return self.encoder(h, batch), batch
 

@@ -162,6 +162,27 @@ def requested_backend(backend: Optional[str]) -> Optional[str]:
     return name
 
 
+def plan(op: OpInfo, device: torch.device, dtype: torch.dtype, backend: Optional[str] = None,
+         extra_check: Optional[Callable[[str], Optional[str]]] = None) -> tuple[Optional[str], bool, list]:
+    """What :func:`choose` would decide, without raising or recording anything:
+    (the backend that can run the call or None, whether one was asked for by name, and the
+    (backend, reason) pairs of those that cannot)."""
+
+    def why_not(name: str) -> Optional[str]:
+        return (unavailable(name, device) or dtype_unsupported(op, name, dtype)
+                or (extra_check(name) if extra_check is not None else None))
+
+    named = requested_backend(backend)
+    candidates = (named,) if named is not None else AUTO_ORDER.get(device.type, ())
+    reasons = []
+    for name in candidates:
+        reason = why_not(name)
+        if reason is None:
+            return name, named is not None, reasons
+        reasons.append((name, reason))
+    return None, named is not None, reasons
+
+
 def choose(op: OpInfo, device: torch.device, dtype: torch.dtype, backend: Optional[str] = None,
            extra_check: Optional[Callable[[str], Optional[str]]] = None) -> str:
     """The backend that runs this call of ``op``.
@@ -170,25 +191,11 @@ def choose(op: OpInfo, device: torch.device, dtype: torch.dtype, backend: Option
     does not support), or None. A named backend that cannot run raises BackendError; an automatic
     choice that ends on the reference records the fallback (or raises under BIGNLP_FAST_STRICT=1).
     """
-
-    def why_not(name: str) -> Optional[str]:
-        return (unavailable(name, device) or dtype_unsupported(op, name, dtype)
-                or (extra_check(name) if extra_check is not None else None))
-
-    named = requested_backend(backend)
-    if named is not None:
-        reason = why_not(named)
-        if reason is not None:
-            raise BackendError(f"{op.name}: backend {named!r} cannot run this call: {reason}")
-        return named
-
-    candidates = AUTO_ORDER.get(device.type, ())
-    reasons = []
-    for name in candidates:
-        reason = why_not(name)
-        if reason is None:
-            return name
-        reasons.append((name, reason))
+    name, named, reasons = plan(op, device, dtype, backend, extra_check)
+    if name is not None:
+        return name
+    if named:
+        raise BackendError(f"{op.name}: backend {reasons[0][0]!r} cannot run this call: {reasons[0][1]}")
     if not reasons:
         reasons.append(("-", f"no fused backend for device type {device.type!r}"))
     _fall_back(op.name, reasons)

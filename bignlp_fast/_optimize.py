@@ -164,24 +164,15 @@ def _under(name: str, prefix: str) -> bool:
 def _no_fused_backend(op: _backend.OpInfo, device: torch.device, dtype: torch.dtype, backend: Optional[str],
                       extra: Optional[Callable[[str], Optional[str]]] = None) -> Optional[str]:
     """Why no fused backend would run ``op`` on such tensors (None when one would), as
-    _backend.choose decides at call time, without recording anything."""
-    def why_not(name: str) -> Optional[str]:
-        return (_backend.unavailable(name, device) or _backend.dtype_unsupported(op, name, dtype)
-                or (extra(name) if extra is not None else None))
-
-    named = _backend.requested_backend(backend)
-    if named == "torch":
+    _backend.choose decides at call time (through _backend.plan, which records nothing)."""
+    if _backend.requested_backend(backend) == "torch":
         return None  # asked for the reference: the user's choice
-    if named is not None:
-        reason = why_not(named)
-        return f"backend {named!r} cannot run it: {reason}" if reason else None
-    reasons = []
-    for name in _backend.AUTO_ORDER.get(device.type, ()):
-        reason = why_not(name)
-        if reason is None:
-            return None
-        reasons.append(f"{name}: {reason}")
-    detail = "; ".join(reasons) if reasons else f"no fused backend for {device.type} tensors"
+    name, named, reasons = _backend.plan(op, device, dtype, backend, extra)
+    if name is not None:
+        return None
+    if named:
+        return f"backend {reasons[0][0]!r} cannot run it: {reasons[0][1]}"
+    detail = "; ".join(f"{n}: {r}" for n, r in reasons) if reasons else f"no fused backend for {device.type} tensors"
     return (f"no fused kernel for its {_backend.dtype_name(dtype)} parameters on {device.type} ({detail}); "
             "it would run the torch reference")
 

@@ -168,10 +168,12 @@ def _init_weights(module: torch.nn.Module, std: float) -> None:
             torch.nn.init.zeros_(m.bias)
 
 
-def _activation(x: Tensor, bias: Tensor, hidden_act: str) -> Tensor:
+def _dense_activation(dense: torch.nn.Linear, h: Tensor, hidden_act: str) -> Tensor:
+    """act(h W^T + b): the GEMM without its bias, then the bias and the activation in one pass."""
+    x = F.linear(h, dense.weight)
     if hidden_act in _GELU:
-        return bias_gelu(x, bias, _GELU[hidden_act])
-    return F.relu(x + bias)
+        return bias_gelu(x, dense.bias, _GELU[hidden_act])
+    return F.relu(x + dense.bias)
 
 
 # ---- modules, named as transformers names them (their names are the state_dict keys) -------------
@@ -237,7 +239,7 @@ class BertIntermediate(torch.nn.Module):
         self.hidden_act = config.hidden_act
 
     def forward(self, h: Tensor) -> Tensor:
-        return _activation(F.linear(h, self.dense.weight), self.dense.bias, self.hidden_act)  # bias + GELU fused
+        return _dense_activation(self.dense, h, self.hidden_act)
 
 
 class BertLayer(torch.nn.Module):
@@ -375,7 +377,7 @@ class BertPredictionHeadTransform(torch.nn.Module):
         self.hidden_act = config.hidden_act
 
     def forward(self, h: Tensor) -> Tensor:
-        return self.LayerNorm(_activation(F.linear(h, self.dense.weight), self.dense.bias, self.hidden_act))
+        return self.LayerNorm(_dense_activation(self.dense, h, self.hidden_act))
 
 
 class BertLMPredictionHead(torch.nn.Module):

@@ -241,10 +241,10 @@ void forward_decode(const Rows<T>& Q, const Rows<T>& K, const Rows<T>& V, const 
       for (int64_t r = 0; r < sq.lq; ++r) {
         const int64_t i = sq.q_begin + r, n = causal_mask.visible(r, sq.lk);
         to_float(Q.row(sq.batch, h, i), qf.data(), d, static_cast<float>(scale));
+        const float* b = bias.row(sq.batch, h, r, 0);  // this row's bias, or nullptr
         float m = -kInf;
         for (int64_t j = 0; j < n; ++j) {
-          p[j] = dot_row(qf.data(), K.row(sq.batch, kvh, sq.k_begin + j), d);
-          if (const float* b = bias.row(sq.batch, h, r, 0)) p[j] += b[j * bias.sk];
+          p[j] = dot_row(qf.data(), K.row(sq.batch, kvh, sq.k_begin + j), d) + (b ? b[j * bias.sk] : 0.f);
           m = std::max(m, p[j]);
         }
         float sum = 0.f;

@@ -137,6 +137,7 @@ void bwd_rows(const T* dy, const T* dres, const T* s, const float* mean, const f
           if (prefetch_next) {
             cpu::prefetch_step(dy + (r + 1) * H + j);
             cpu::prefetch_step(s + (r + 1) * H + j);
+            if (dres) cpu::prefetch_step(dres + (r + 1) * H + j);
           }
           fVec a = vrstd * (fVec::loadu(g_row + j) - mg - fVec::loadu(xhat_row + j) * mgx);
           fVec c = vrstd * (fVec::loadu(g_row + j + h) - mg - fVec::loadu(xhat_row + j + h) * mgx);

@@ -2,6 +2,7 @@
 //
 // Forward reads x once and writes y once. Backward reads grad_y and x once and writes grad_x once,
 // summing grad_x into per-chunk bias-gradient partials on the way (deterministic, see common.h).
+// Both prefetch ahead in software (common.h: the GELU arithmetic otherwise leaves a core waiting).
 // The erf form's arithmetic is cpu/activation.h's (shared with the conv epilogues).
 #include <cmath>
 
@@ -65,6 +66,8 @@ at::Tensor bias_gelu_fwd_cpu(const at::Tensor& x, const std::optional<at::Tensor
     at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / Hp), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         for (int64_t j = 0; j < H; j += kStep) {
+          cpu::prefetch_ahead(xp + r * H + j);
+          cpu::prefetch_ahead(yp + r * H + j, /*for_write=*/true);
           fVec a, c;
           cpu::load2_any(xp + r * H + j, H - j, a, c);
           a = gelu(a + fVec::loadu(b + j), tanh_approx);
@@ -105,6 +108,9 @@ std::vector<at::Tensor> bias_gelu_bwd_cpu(const at::Tensor& grad_y, const at::Te
         for (int64_t r = c * chunk; r < std::min(rows, (c + 1) * chunk); ++r) {
           for (int64_t j = 0; j < H; j += kStep) {
             const int64_t h = fVec::size();
+            cpu::prefetch_ahead(xp + r * H + j);
+            cpu::prefetch_ahead(gp + r * H + j);
+            cpu::prefetch_ahead(dxp + r * H + j, /*for_write=*/true);
             fVec xa, xc, ga, gc;
             cpu::load2_any(xp + r * H + j, H - j, xa, xc);
             cpu::load2_any(gp + r * H + j, H - j, ga, gc);

@@ -7,6 +7,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cstdint>
 #include <cstring>
 
 #include <ATen/Parallel.h>
@@ -39,9 +40,17 @@ inline void store2(float* p, const fVec& a, const fVec& b) {
   a.store(p);
   b.store(p + fVec::size());
 }
-inline void store2(c10::BFloat16* p, const fVec& a, const fVec& b) {
-  at::vec::convert_float_bfloat16(a, b).store(p);
+// fp32 -> bf16, rounding to nearest even. Where the CPU has AVX512_BF16 (and the build targets it)
+// this is one instruction for 32 values; ATen's portable conversion emulates it in ~16. The one
+// difference: the instruction flushes fp32 denormals (|v| < 1.2e-38) to zero.
+inline at::vec::Vectorized<c10::BFloat16> to_bf16(const fVec& a, const fVec& b) {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+  return at::vec::Vectorized<c10::BFloat16>(reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a)));
+#else
+  return at::vec::convert_float_bfloat16(a, b);
+#endif
 }
+inline void store2(c10::BFloat16* p, const fVec& a, const fVec& b) { to_bf16(a, b).store(p); }
 
 // Prefetches the cache lines of one step of p (for a row that is processed next), for reading or,
 // with for_write, for writing. Row kernels make several passes over a row held in L1; prefetching the
@@ -54,10 +63,20 @@ inline void prefetch_step(const T* p, bool for_write = false) {
   }
 }
 
+// Streaming kernels (one pass over contiguous rows) prefetch the step kPrefetchBytes ahead of the one
+// they work on: with the arithmetic of GELU per element, the hardware prefetcher alone leaves each
+// core waiting on memory. Measured on a 2-core Xeon: bias_gelu's fp32 forward at 8192x768 went from
+// 1.70 to 1.37 ms (best of 5, 2 threads), with 2, 4, 8 or 16 KB about the same.
+constexpr int64_t kPrefetchBytes = 4096;
+template <typename T>
+inline void prefetch_ahead(const T* p, bool for_write = false) {
+  prefetch_step(reinterpret_cast<const T*>(reinterpret_cast<uintptr_t>(p) + kPrefetchBytes), for_write);
+}
+
 // Rounds fp32 values to T's precision and back (a no-op for float).
 inline void round_to(const float*, fVec&, fVec&) {}
 inline void round_to(const c10::BFloat16*, fVec& a, fVec& b) {
-  std::tie(a, b) = at::vec::convert_bfloat16_float(at::vec::convert_float_bfloat16(a, b));
+  std::tie(a, b) = at::vec::convert_bfloat16_float(to_bf16(a, b));
 }
 
 // Partial steps: n < kStep elements; lanes past n load as zero and are not stored.

@@ -373,6 +373,7 @@ def _classifier_cases(kind, b, l, vocab, dtype, suites, cell="lstm"):
                     invalid = torch.arange(y.shape[-1])[None, :] > (lengths[:, None] - conv.kernel_size[0])
                     outs.append(y.masked_fill(invalid[:, None, :], float("-inf")).amax(-1))
                 return ours.classifier(torch.cat(outs, 1))
+            fwd.params = [p for conv in ours.text_cnn.convs for p in conv.parameters()]
             return fwd
         rnn = (torch.nn.LSTM if cell == "lstm" else torch.nn.GRU)(256, 256, batch_first=True, bidirectional=True)
         rnn = rnn.to(ours.classifier.weight.dtype)
@@ -406,13 +407,16 @@ def _classifier_cases(kind, b, l, vocab, dtype, suites, cell="lstm"):
         loss = F.cross_entropy(logits, t["labels"]).to(t["gy"].dtype)
         return _grads([loss], params, [t["gy"]])
 
+    # A training step computes the gradient of every parameter (conv / RNN weights included), in the
+    # same order on both sides: the torch.nn RNN holds its own copy of ours' weights (fwd.params).
     def ours_step(t, be):
         model, _ = models(t)
-        return step(model(t["ids"], t["lengths"]).logits, t, [model.embedding.weight, *model.classifier.parameters()])
+        return step(model(t["ids"], t["lengths"]).logits, t, list(model.parameters()))
 
     def ref_step(t):
         model, fwd = models(t)
-        return step(fwd(t["ids"], t["lengths"]), t, [model.embedding.weight, *model.classifier.parameters()])
+        params = [model.embedding.weight, *fwd.params, *model.classifier.parameters()]
+        return step(fwd(t["ids"], t["lengths"]), t, params)
 
     variant = "TextCNN" if kind == "textcnn" else f"{cell.upper()} bidirectional"
     op = "text_cnn_pool" if kind == "textcnn" else "rnn"

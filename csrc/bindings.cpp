@@ -47,6 +47,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bwd_cpu", &linear_bwd_cpu);
   m.def("rnn_fwd_cpu", &rnn_fwd_cpu);
   m.def("rnn_bwd_cpu", &rnn_bwd_cpu);
+  m.def("layer_norm_lstm_fwd_cpu", &layer_norm_lstm_fwd_cpu);
+  m.def("layer_norm_lstm_bwd_cpu", &layer_norm_lstm_bwd_cpu);
   m.def("conv_fwd_cpu", &conv_fwd_cpu);
   m.def("conv_bwd_cpu", &conv_bwd_cpu);
   m.def("causal_conv1d_fwd_cpu", &causal_conv1d_fwd_cpu);

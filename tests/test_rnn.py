@@ -432,8 +432,7 @@ def test_layer_norm_lstm_shapes_and_gradients():
     out1, (h1, c1) = m(x[0].detach())  # unbatched
     assert out1.shape == (6, 26) and h1.shape == c1.shape == (4, 13)
     torch.testing.assert_close(out1, m(x[:1].detach())[0][0])
-    (record,) = [r for r in bignlp_fast.report() if r["op"] == "layer_norm_lstm"]
-    assert record["count"] == 3 and "no fused kernel" in record["reason"]
+    assert bignlp_fast.report() == []  # float32 on the CPU: the fused kernel, no fallback
 
 
 def test_layer_norm_lstm_is_not_an_lstm():
@@ -468,19 +467,20 @@ def test_layer_norm_lstm_gradcheck():
 
 
 def test_layer_norm_lstm_strict_and_named_backend(monkeypatch):
-    m = bnn.LayerNormLSTM(5, 7)
     x = torch.randn(3, 2, 5)
-    with pytest.raises(bignlp_fast.BackendError, match="cannot run this call: no fused kernel for LayerNormLSTM"):
-        bnn.LayerNormLSTM(5, 7, backend="cpu")(x)
-    m.backend = "torch"  # the reference asked for by name: nothing to record
-    m(x)
+    bnn.LayerNormLSTM(5, 7, backend="cpu")(x)
+    bnn.LayerNormLSTM(5, 7, backend="torch")(x)  # the reference asked for by name: nothing to record
     assert bignlp_fast.report() == []
-    m.backend = None
+    m = bnn.LayerNormLSTM(5, 7, dtype=torch.float64)  # no fused kernel runs float64: the reference
+    m(x.double())
+    assert {r["op"] for r in bignlp_fast.report()} == {"linear", "add_layer_norm", "layer_norm_lstm"}
+    with pytest.raises(bignlp_fast.BackendError, match="runs float32, bfloat16, got float64"):
+        bnn.LayerNormLSTM(5, 7, backend="cpu", dtype=torch.float64)(x.double())
     monkeypatch.setenv("BIGNLP_FAST_STRICT", "1")
     with pytest.raises(bignlp_fast.BackendError, match="BIGNLP_FAST_STRICT"):
-        m(x)
+        m(x.double())
     with pytest.raises(RuntimeError, match="input.size\\(-1\\) must be equal to input_size. Expected 5, got 4"):
-        m(x[..., :4])
+        m(x[..., :4].double())
 
 
 # ---- lengths= on a padded batch (an extension) ----------------------------------------------------------

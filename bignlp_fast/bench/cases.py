@@ -219,6 +219,58 @@ def _rnn_cases(kind, b, i, h, t, dtype, modes, suites, layers=1, bidirectional=F
     return out
 
 
+def _layer_norm_lstm_cases(b, i, h, t, dtype, modes, suites, layers=1, bidirectional=False):
+    """bignlp_fast.nn.LayerNormLSTM against the same layers written in eager PyTorch (F.linear,
+    F.layer_norm and a Python loop over the steps: what torch offers for a LayerNorm LSTM), with the
+    same weights, time-major input [T, B, I]."""
+    import bignlp_fast.nn as bnn
+    from bignlp_fast.ops.layer_norm_lstm import layer_norm_lstm_math
+    dirs = 2 if bidirectional else 1
+
+    def make(device, dt, grad):
+        torch.manual_seed(0)
+        ours = bnn.LayerNormLSTM(i, h, num_layers=layers, bidirectional=bidirectional).to(device, dt)
+        with torch.no_grad():
+            for name, p in ours.named_parameters():
+                if name.startswith("ln_"):
+                    p.add_(0.1 * torch.randn_like(p))  # LayerNorms away from scale 1, shift 0
+        params = [p.detach().clone().requires_grad_(grad) for p in ours.parameters()]
+        return dict(x=_randn((t, b, i), device, dt, grad, 0), go=_randn((t, b, dirs * h), device, dt, False, 1),
+                    module=ours, names=[n for n, _ in ours.named_parameters()], params=params)
+
+    def eager(tn):
+        p = dict(zip(tn["names"], tn["params"]))
+        layer_input = tn["x"]
+        for layer in range(layers):
+            outs = []
+            for direction in range(dirs):
+                sfx = f"_l{layer}" + ("_reverse" if direction else "")
+                xw = F.layer_norm(F.linear(layer_input, p["weight_ih" + sfx]), (4 * h,), p[f"ln_ih{sfx}.weight"],
+                                  p[f"ln_ih{sfx}.bias"])
+                zeros = layer_input.new_zeros(b, h)
+                outs.append(layer_norm_lstm_math(xw, p["weight_hh" + sfx], p[f"ln_hh{sfx}.weight"],
+                                                 p[f"ln_hh{sfx}.bias"], p[f"ln_c{sfx}.weight"], p[f"ln_c{sfx}.bias"],
+                                                 zeros, zeros, 1e-5, direction == 1)[0])
+            layer_input = torch.cat(outs, -1)
+        return [layer_input]
+
+    ours_fwd = lambda tn, be: [tn["module"](tn["x"])[0]]  # noqa: E731
+    flops = sum(2 * t * b * 4 * h * ((i if layer == 0 else dirs * h) + h) * dirs for layer in range(layers))
+    variant = "LayerNormLSTM" + f", {layers} layers" * (layers > 1) + (" bidirectional" if bidirectional else "")
+    common = dict(op="rnn", shape=(b, i, h, t), dtype=dtype, suites=suites, variant=variant,
+                  ref_name="eager LayerNorm-LSTM loop")
+    out = []
+    if "fwd" in modes:  # inference: no autograd graph on either side
+        out.append(Case(mode="fwd", make=lambda dev, dt: make(dev, dt, False), ours=_no_grad(ours_fwd),
+                        ref=_no_grad(eager), flops=flops, **common))
+    if "fwd+bwd" in modes:
+        out.append(Case(mode="fwd+bwd", make=lambda dev, dt: make(dev, dt, True),
+                        ours=lambda tn, be: _grads(ours_fwd(tn, be), [tn["x"], *tn["module"].parameters()], [tn["go"]]),
+                        ref=lambda tn: _grads(eager(tn), [tn["x"], *tn["params"]], [tn["go"]]),
+                        flops=3 * flops, **common))
+    return out
+
+
 # ---- convolutions -----------------------------------------------------------------------------
 def _no_grad(fn):
     def run(*args):
@@ -458,6 +510,10 @@ def all_cases() -> list[Case]:
         cases += _rnn_cases(kind, 16, 128, 128, 64, torch.float32, both, ("full",))
         cases += _rnn_cases(kind, 32, 512, 512, 128, torch.float32, both, ("full",), layers=2, bidirectional=True)
         cases += _rnn_cases(kind, 32, 512, 512, 128, torch.bfloat16, ("fwd",), ("full",))
+    # LayerNormLSTM against the eager loop a user would write (torch has no such layer)
+    cases += _layer_norm_lstm_cases(32, 512, 512, 128, torch.float32, both, ("quick", "full"))
+    cases += _layer_norm_lstm_cases(4, 512, 512, 128, torch.float32, both, ("full",))
+    cases += _layer_norm_lstm_cases(32, 512, 512, 128, torch.bfloat16, ("fwd",), ("full",))
     # attention: the issue's CPU shape, BERT-base heads at 512 tokens; a long sequence against the
     # unfused path (peak memory); GPU-sized cases where a GPU runs them
     both = ("fwd", "fwd+bwd")
@@ -489,6 +545,7 @@ def tiny_cases() -> list[Case]:
         out += _attention_cases(1, 2, 9, 9, 8, dtype, True, ("fwd", "fwd+bwd"), ("tiny",))
         out += _linear_cases(9, 5, 7, dtype, ("fwd", "fwd+bwd"), ("tiny",))
         out += _rnn_cases("LSTM", 2, 5, 7, 3, dtype, ("fwd", "fwd+bwd"), ("tiny",), layers=2, bidirectional=True)
+        out += _layer_norm_lstm_cases(2, 5, 7, 3, dtype, ("fwd", "fwd+bwd"), ("tiny",), layers=2, bidirectional=True)
         out += _text_cnn_cases(3, 11, 6, 4, (2, 3), dtype, ("fwd", "fwd+bwd"), ("tiny",))
         out += _conv_cases((2, 4, 9), 5, 3, "gelu", True, dtype, ("fwd", "fwd+bwd"), ("tiny",))
         out += _conv_cases((2, 3, 5, 6), 4, 3, "relu", False, dtype, ("fwd",), ("tiny",))

@@ -1,5 +1,5 @@
 """Recurrent modules: drop-ins for torch.nn.LSTM / GRU / RNN and their cells, running the fused
-time loop of bignlp_fast.ops.rnn_layer, and LayerNormLSTM (a plain PyTorch reference for now).
+time loop of bignlp_fast.ops.rnn_layer, and LayerNormLSTM on bignlp_fast.ops.layer_norm_lstm_layer.
 
 Each layer and direction is one input-projection GEMM over all time steps (``ops.linear`` on CPU
 tensors, F.linear elsewhere; its autograd gives dW_ih, db_ih and dx) followed by one ``rnn_layer``
@@ -35,6 +35,8 @@ from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
 from bignlp_fast import _backend
+from bignlp_fast.ops.add_layer_norm import add_layer_norm
+from bignlp_fast.ops.layer_norm_lstm import layer_norm_lstm_layer
 from bignlp_fast.ops.linear import linear
 from bignlp_fast.ops.rnn import rnn_layer
 
@@ -360,7 +362,7 @@ class RNNCell(_FusedCellBase, torch.nn.RNNCell):
         return self._step(input, hx, lstm=False)
 
 
-# ---- LayerNormLSTM: the reference, no fused kernel yet ---------------------------------------------
+# ---- LayerNormLSTM ----------------------------------------------------------------------------------
 class LayerNormLSTM(torch.nn.Module):
     """An LSTM with layer normalisation (Ba et al., 2016) on the gate pre-activations and the cell::
 
@@ -375,9 +377,10 @@ class LayerNormLSTM(torch.nn.Module):
     unbatched [T, F], and hx = (h_0, c_0) each [L*D, B, H] (or [L*D, H] unbatched); it returns
     (output [T, B, D*H], (h_n, c_n)) like torch.nn.LSTM. PackedSequence input is not supported.
 
-    This is the plain PyTorch reference: a Python loop over time steps, with no fused kernel yet.
-    Every call is recorded as a fallback (:func:`bignlp_fast.report`; an error under
-    ``BIGNLP_FAST_STRICT=1``, and a BackendError when a backend other than ``torch`` is named).
+    Each layer and direction is one GEMM and one LayerNorm over every step for the input side
+    (``ops.linear``, ``ops.add_layer_norm``), then one ``ops.layer_norm_lstm_layer`` call that runs the
+    time loop with both other LayerNorms fused into each step (the cpu kernel; elsewhere the torch
+    reference, a Python loop over steps, recorded as a fallback).
     """
 
     OP = "layer_norm_lstm"
@@ -432,22 +435,13 @@ class LayerNormLSTM(torch.nn.Module):
     def _direction(self, sfx: str, xs: Tensor, h: Tensor, c: Tensor, reverse: bool):
         """One layer, one direction over time-major xs [T, B, F]: (out [T, B, H], h_n, c_n)."""
         ln_ih, ln_hh, ln_c = (getattr(self, n + sfx) for n in ("ln_ih", "ln_hh", "ln_c"))
-        w_hh = getattr(self, "weight_hh" + sfx)
-        xw = ln_ih(F.linear(xs, getattr(self, "weight_ih" + sfx)))  # [T, B, 4H]: every step at once
-        outs = [None] * xs.shape[0]
-        for t in (range(xs.shape[0] - 1, -1, -1) if reverse else range(xs.shape[0])):
-            i, f, g, o = (xw[t] + ln_hh(F.linear(h, w_hh))).chunk(4, -1)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-            h = torch.sigmoid(o) * torch.tanh(ln_c(c))
-            outs[t] = h
-        return torch.stack(outs), h, c
+        xw = _input_projection(xs, getattr(self, "weight_ih" + sfx), None, self.backend)  # [T, B, 4H]: every step
+        xw, _ = add_layer_norm(xw, None, ln_ih.weight, ln_ih.bias, ln_ih.eps, backend=self.backend)
+        return layer_norm_lstm_layer(xw, getattr(self, "weight_hh" + sfx), ln_hh.weight, ln_hh.bias, ln_c.weight,
+                                     ln_c.bias, h, c, ln_hh.eps, reverse, backend=self.backend)
 
     def forward(self, input: Tensor, hx: Optional[tuple[Tensor, Tensor]] = None):
         name = "LayerNormLSTM"
-        named = _backend.requested_backend(self.backend)
-        if named not in (None, "torch"):
-            raise _backend.BackendError(f"{self.OP}: backend {named!r} cannot run this call: no fused kernel for "
-                                        "LayerNormLSTM yet")
         if isinstance(input, PackedSequence):
             raise TypeError(f"{name}: PackedSequence input is not supported; pass a padded tensor")
         if not isinstance(input, Tensor) or input.dim() not in (2, 3):
@@ -456,8 +450,6 @@ class LayerNormLSTM(torch.nn.Module):
         if input.shape[-1] != self.input_size:
             raise RuntimeError(f"{name}: input.size(-1) must be equal to input_size. Expected {self.input_size}, "
                                f"got {input.shape[-1]}")
-        if named is None:
-            _backend.record_fallback(self.OP, input.device.type, "no fused kernel for LayerNormLSTM yet")
         batched = input.dim() == 3
         x = (input.transpose(0, 1) if self.batch_first else input) if batched else input.unsqueeze(1)  # [T, B, F]
         if x.shape[0] == 0:

@@ -1,0 +1,252 @@
+"""One LayerNorm-LSTM layer in one direction, fused: ``layer_norm_lstm_layer`` runs the whole time
+loop inside one op, forward and backward (Ba et al., 2016: layer normalisation of the gate
+pre-activations and of the cell).
+
+The input side is done before the op, for all steps at once, by the caller:
+``xw = ln_ih(x @ W_ih^T)`` (a GEMM and a LayerNorm over 4H; their autograd gives dW_ih, ln_ih's
+gradients and dx). The op runs, per step and batch row::
+
+    a     = h @ W_hh^T                                   # [4H], one recurrent GEMM per step
+    pre   = xw[t] + gamma_h * norm(a) + beta_h           # ln_hh over all 4 gates of the row
+    i, f, g, o = sigmoid, sigmoid, tanh, sigmoid of pre  # torch.nn.LSTM's gate order
+    c'    = f * c + i * g
+    h'    = o * tanh(gamma_c * norm(c') + beta_c)        # ln_c over H
+
+with ``norm(v) = (v - mean(v)) / sqrt(var(v) + eps)`` (biased variance, as torch.nn.LayerNorm).
+
+Kernel contract (every backend; ``layer_norm_lstm_{fwd,bwd}_torch`` below is the specification):
+- xw [T, B, 4H] time-major; w_hh [4H, H]; gamma_h, beta_h [4H] or None (scale 1 / shift 0);
+  gamma_c, beta_c [H] or None; h0, c0 [B, H]; one dtype; contiguous.
+- ``reverse`` walks t from T-1 down to 0. Every sequence runs all T steps (no lengths).
+- Forward returns out [T, B, H], h_n, c_n [B, H] and a float32 workspace the same backend's
+  backward reads ([0] from the torch reference, whose backward recomputes, and from any backend
+  when ``save_workspace`` is false: inference). Backward returns d_xw, d_w_hh, d_gamma_h,
+  d_beta_h, d_gamma_c, d_beta_c ([0] for an absent one), d_h0, d_c0.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from bignlp_fast import _backend
+from bignlp_fast.ops._common import acc_dtype, check_tensor, contiguous, kernel
+
+OP = _backend.register_op(
+    "layer_norm_lstm",
+    dtypes={"cpu": (torch.float32, torch.bfloat16)},
+    missing={"cuda": "no CUDA kernel for LayerNormLSTM yet", "triton": "no Triton kernel for LayerNormLSTM yet"},
+)
+
+
+# ---- reference backend ------------------------------------------------------------------------
+def layer_norm_lstm_math(xw: Tensor, w_hh: Tensor, gamma_h: Optional[Tensor], beta_h: Optional[Tensor],
+                         gamma_c: Optional[Tensor], beta_c: Optional[Tensor], h0: Tensor, c0: Tensor, eps: float,
+                         reverse: bool):
+    """The layer as a plain differentiable loop over time: (out [T, B, H], h_n, c_n)."""
+    hidden = w_hh.shape[1]
+    h, c = h0, c0
+    outs = [None] * xw.shape[0]
+    for t in (range(xw.shape[0] - 1, -1, -1) if reverse else range(xw.shape[0])):
+        a = F.layer_norm(h @ w_hh.t(), (4 * hidden,), gamma_h, beta_h, eps)
+        i, f, g, o = (xw[t] + a).chunk(4, -1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(F.layer_norm(c, (hidden,), gamma_c, beta_c, eps))
+        outs[t] = h
+    return torch.stack(outs), h, c
+
+
+def _acc(tensors, dtype):
+    return [None if t is None else t.to(dtype) for t in tensors]
+
+
+def layer_norm_lstm_fwd_torch(xw, w_hh, gamma_h, beta_h, gamma_c, beta_c, h0, c0, eps, reverse, save_workspace):
+    acc = acc_dtype(xw.dtype)
+    out, h_n, c_n = layer_norm_lstm_math(*_acc((xw, w_hh, gamma_h, beta_h, gamma_c, beta_c, h0, c0), acc), eps,
+                                         reverse)
+    return out.to(xw.dtype), h_n.to(xw.dtype), c_n.to(xw.dtype), xw.new_empty(0, dtype=acc)
+
+
+def _norm(v: Tensor, eps: float):
+    """(v - mean) * rstd over the last dimension, and rstd [.., 1] (biased variance)."""
+    centred = v - v.mean(-1, keepdim=True)
+    rstd = torch.rsqrt(centred.square().mean(-1, keepdim=True) + eps)
+    return centred * rstd, rstd
+
+
+def _norm_backward(dy: Tensor, vhat: Tensor, rstd: Tensor) -> Tensor:
+    """The gradient of v for y = norm(v), given dy and norm(v)."""
+    return rstd * (dy - dy.mean(-1, keepdim=True) - vhat * (dy * vhat).mean(-1, keepdim=True))
+
+
+def layer_norm_lstm_bwd_torch(grad_out, grad_h_n, grad_c_n, xw, w_hh, gamma_h, beta_h, gamma_c, beta_c, h0, c0,
+                              workspace, eps, reverse):
+    """The reference backward through time, written out: recompute every step's activations, then walk
+    the steps in reverse, as the fused backends do (da: the gradient of a = h W_hh^T)."""
+    acc = acc_dtype(xw.dtype)
+    x, w = xw.to(acc), w_hh.to(acc)
+    four_h, hidden = w.shape
+    ones = lambda n: torch.ones(n, dtype=acc, device=x.device)  # noqa: E731
+    gh = gamma_h.to(acc) if gamma_h is not None else ones(four_h)
+    bh = beta_h.to(acc) if beta_h is not None else torch.zeros_like(gh)
+    gc = gamma_c.to(acc) if gamma_c is not None else ones(hidden)
+    bc = beta_c.to(acc) if beta_c is not None else torch.zeros_like(gc)
+    steps = list(range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0]))
+    h, c = h0.to(acc), c0.to(acc)
+    saved = {}
+    for t in steps:
+        ahat, ra = _norm(h @ w.t(), eps)
+        i, f, g, o = (x[t] + gh * ahat + bh).chunk(4, -1)
+        i, f, g, o = torch.sigmoid(i), torch.sigmoid(f), torch.tanh(g), torch.sigmoid(o)
+        c_new = f * c + i * g
+        chat, rc = _norm(c_new, eps)
+        tn = torch.tanh(gc * chat + bc)
+        saved[t] = (h, c, ahat, ra, i, f, g, o, chat, rc, tn)
+        h, c = o * tn, c_new
+    d_x = torch.zeros_like(x)
+    d_w, d_gh, d_bh = torch.zeros_like(w), torch.zeros_like(gh), torch.zeros_like(gh)
+    d_gc, d_bc = torch.zeros_like(gc), torch.zeros_like(gc)
+    dh, dc = grad_h_n.to(acc), grad_c_n.to(acc)
+    for t in reversed(steps):
+        h_prev, c_prev, ahat, ra, i, f, g, o, chat, rc, tn = saved[t]
+        dht = dh + grad_out[t].to(acc)
+        d_o = dht * tn * o * (1 - o)
+        dn = dht * o * (1 - tn * tn)  # the gradient of ln_c's output
+        d_gc += (dn * chat).sum(0)
+        d_bc += dn.sum(0)
+        dct = dc + _norm_backward(dn * gc, chat, rc)
+        dpre = torch.cat([dct * g * i * (1 - i), dct * c_prev * f * (1 - f), dct * i * (1 - g * g), d_o], -1)
+        dc = dct * f
+        d_x[t] = dpre
+        d_gh += (dpre * ahat).sum(0)
+        d_bh += dpre.sum(0)
+        da = _norm_backward(dpre * gh, ahat, ra)
+        d_w += da.t() @ h_prev
+        dh = da @ w
+
+    def out(grad, like):  # each absent gradient its own tensor: a custom op's outputs may not alias
+        return grad.to(like.dtype) if like is not None else xw.new_empty(0)
+
+    return (out(d_x, xw), out(d_w, w_hh), out(d_gh, gamma_h), out(d_bh, beta_h), out(d_gc, gamma_c),
+            out(d_bc, beta_c), out(dh, h0), out(dc, c0))
+
+
+# ---- custom ops -------------------------------------------------------------------------------
+@torch.library.custom_op("bignlp_fast::layer_norm_lstm_fwd", mutates_args=())
+def layer_norm_lstm_fwd(xw: Tensor, w_hh: Tensor, gamma_h: Optional[Tensor], beta_h: Optional[Tensor],
+                        gamma_c: Optional[Tensor], beta_c: Optional[Tensor], h0: Tensor, c0: Tensor, eps: float,
+                        reverse: bool, save_workspace: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    run = kernel("layer_norm_lstm", "fwd", backend)
+    return tuple(run(xw.contiguous(), w_hh.contiguous(), contiguous(gamma_h), contiguous(beta_h),
+                     contiguous(gamma_c), contiguous(beta_c), h0.contiguous(), c0.contiguous(), eps, reverse,
+                     save_workspace))
+
+
+def workspace_width(hidden: int, backend: str) -> int:
+    """Floats per (step, batch row) the cpu backend saves for its backward (csrc/cpu/layer_norm_lstm.cpp:
+    12 segments of the hidden size rounded up to 16, and two reciprocal deviations); the torch
+    reference saves nothing."""
+    if backend == "torch":
+        return 0
+    return 12 * (-(-hidden // 16) * 16) + 2
+
+
+@layer_norm_lstm_fwd.register_fake
+def _(xw, w_hh, gamma_h, beta_h, gamma_c, beta_c, h0, c0, eps, reverse, save_workspace, backend):
+    t, b, _ = xw.shape
+    hidden = w_hh.shape[1]
+    ws = workspace_width(hidden, backend) if save_workspace else 0
+    return (xw.new_empty(t, b, hidden), xw.new_empty(b, hidden), xw.new_empty(b, hidden),
+            xw.new_empty((t, b, ws) if ws else (0,), dtype=acc_dtype(xw.dtype)))
+
+
+@torch.library.custom_op("bignlp_fast::layer_norm_lstm_bwd", mutates_args=())
+def layer_norm_lstm_bwd(grad_out: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, xw: Tensor, w_hh: Tensor,
+                        gamma_h: Optional[Tensor], beta_h: Optional[Tensor], gamma_c: Optional[Tensor],
+                        beta_c: Optional[Tensor], h0: Tensor, c0: Tensor, workspace: Tensor, eps: float,
+                        reverse: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                                                              Tensor]:
+    run = kernel("layer_norm_lstm", "bwd", backend)
+    return tuple(run(grad_out.contiguous(), grad_h_n.contiguous(), grad_c_n.contiguous(), xw.contiguous(),
+                     w_hh.contiguous(), contiguous(gamma_h), contiguous(beta_h), contiguous(gamma_c),
+                     contiguous(beta_c), h0.contiguous(), c0.contiguous(), workspace, eps, reverse))
+
+
+@layer_norm_lstm_bwd.register_fake
+def _(grad_out, grad_h_n, grad_c_n, xw, w_hh, gamma_h, beta_h, gamma_c, beta_c, h0, c0, workspace, eps, reverse,
+      backend):
+    like = lambda t: torch.empty_like(t) if t is not None else xw.new_empty(0)  # noqa: E731
+    return tuple(like(t) for t in (xw, w_hh, gamma_h, beta_h, gamma_c, beta_c, h0, c0))
+
+
+def _setup_context(ctx, inputs, output):
+    xw, w_hh, gamma_h, beta_h, gamma_c, beta_c, h0, c0, eps, reverse, _save, backend = inputs
+    ctx.save_for_backward(xw, w_hh, gamma_h, beta_h, gamma_c, beta_c, h0, c0, output[3])
+    ctx.args = (eps, reverse, backend)
+    ctx.present = tuple(t is not None for t in (gamma_h, beta_h, gamma_c, beta_c))
+
+
+def _backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_ws):
+    xw, w_hh, gamma_h, beta_h, gamma_c, beta_c, h0, c0, workspace = ctx.saved_tensors
+    eps, reverse, backend = ctx.args
+    zeros = lambda g, like: g if g is not None else torch.zeros_like(like)  # noqa: E731
+    grads = layer_norm_lstm_bwd(zeros(grad_out, xw.new_empty(xw.shape[0], xw.shape[1], w_hh.shape[1])),
+                                zeros(grad_h_n, h0), zeros(grad_c_n, c0), xw, w_hh, gamma_h, beta_h, gamma_c, beta_c,
+                                h0, c0, workspace, eps, reverse, backend)
+    d_xw, d_w_hh, d_gh, d_bh, d_gc, d_bc, d_h0, d_c0 = grads
+    params = [g if present else None for g, present in zip((d_gh, d_bh, d_gc, d_bc), ctx.present)]
+    return (d_xw, d_w_hh, *params, d_h0, d_c0, None, None, None, None)
+
+
+layer_norm_lstm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---- public op --------------------------------------------------------------------------------
+def layer_norm_lstm_layer(xw: Tensor, w_hh: Tensor, gamma_h: Optional[Tensor], beta_h: Optional[Tensor],
+                          gamma_c: Optional[Tensor], beta_c: Optional[Tensor], h0: Tensor, c0: Tensor,
+                          eps: float = 1e-5, reverse: bool = False, *,
+                          backend: Optional[str] = None) -> tuple[Tensor, Tensor, Tensor]:
+    """The time loop of one LayerNorm-LSTM layer in one direction (see the module docstring).
+
+    Args:
+        xw: [T, B, 4H], the normalised input projection of every step, ``ln_ih(x @ W_ih^T)``.
+        w_hh: [4H, H]. gamma_h, beta_h: [4H] (ln_hh's weight and bias) or None.
+        gamma_c, beta_c: [H] (ln_c's weight and bias) or None. h0, c0: [B, H].
+        eps: the LayerNorms' epsilon. reverse: run from the last step to the first.
+    Returns (out [T, B, H], h_n [B, H], c_n [B, H]).
+    """
+    op = "layer_norm_lstm_layer"
+    check_tensor(op, "xw", xw)
+    if xw.dim() != 3:
+        raise ValueError(f"{op}: xw must be [T, B, 4H], got shape {tuple(xw.shape)}")
+    t, b, gh = xw.shape
+    if t == 0:
+        raise ValueError(f"{op}: xw has no time steps (shape {tuple(xw.shape)}); sequences need at least one")
+    check_tensor(op, "w_hh", w_hh)
+    if w_hh.dim() != 2 or w_hh.shape[0] != gh or gh != 4 * w_hh.shape[1]:
+        raise ValueError(f"{op}: w_hh must be [4H, H] with 4H = {gh} (xw's last dimension), got "
+                         f"{tuple(w_hh.shape)}")
+    hidden = w_hh.shape[1]
+    for name, tensor, shape in (("w_hh", w_hh, (gh, hidden)), ("gamma_h", gamma_h, (gh,)), ("beta_h", beta_h, (gh,)),
+                                ("gamma_c", gamma_c, (hidden,)), ("beta_c", beta_c, (hidden,)),
+                                ("h0", h0, (b, hidden)), ("c0", c0, (b, hidden))):
+        if tensor is None:
+            if name in ("h0", "c0"):
+                raise TypeError(f"{op}: {name} is required (zeros for a fresh state)")
+            continue
+        check_tensor(op, name, tensor)
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{op}: {name} must have shape {shape}, got {tuple(tensor.shape)}")
+        if tensor.dtype != xw.dtype or tensor.device != xw.device:
+            raise TypeError(f"{op}: {name} is {tensor.dtype} on {tensor.device}; xw is {xw.dtype} on {xw.device}")
+    if not eps > 0:
+        raise ValueError(f"{op}: eps must be positive, got {eps}")
+    name = _backend.choose(OP, xw.device, xw.dtype, backend)
+    save = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (xw, w_hh, gamma_h, beta_h, gamma_c, beta_c, h0, c0))
+    out, h_n, c_n, _ws = layer_norm_lstm_fwd(xw, w_hh, gamma_h, beta_h, gamma_c, beta_c, h0, c0, float(eps),
+                                             bool(reverse), save, name)
+    return out, h_n, c_n

@@ -228,15 +228,15 @@ void backward(const Shape& sh, const at::Tensor& grad_out, const at::Tensor& gra
               const std::vector<int64_t>& len, bool reverse, const at::Tensor& ws, at::Tensor& d_hlin,
               at::Tensor& d_xw, at::Tensor& dht_all, at::Tensor& dh_out, at::Tensor& dc_out) {
   const int64_t G = sh.G, H = sh.H, S = sh.S, B = sh.B, GH = G * H;
-  const int64_t ld_s = round_up_to_vec(S), ld_h = round_up_to_vec(H);
-  // W_hh as fp32 panels of one vector of columns ([GH, VS] each, contiguous: see the forward) and
+  // W_hh as fp32 panels of two vectors of columns ([GH, PW] each, contiguous: see the forward) and
   // W_hr [P, H padded] row-major: the B operands of dG W_hh and dh W_hr
-  constexpr int64_t VS = fVec::size();
+  constexpr int64_t VS = fVec::size(), PW = 2 * VS;
+  const int64_t ld_s = (S + PW - 1) / PW * PW, ld_h = round_up_to_vec(H);
   std::vector<float> w(GH * ld_s, 0.f), wr;
   at::parallel_for(0, GH, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t k = 0; k < S; ++k)
-        w[(k / VS * GH + r) * VS + k % VS] = static_cast<float>(w_hh.const_data_ptr<T>()[r * S + k]);
+        w[(k / PW * GH + r) * PW + k % PW] = static_cast<float>(w_hh.const_data_ptr<T>()[r * S + k]);
   });
   if (sh.proj) {
     wr.assign(S * ld_h, 0.f);
@@ -249,6 +249,7 @@ void backward(const Shape& sh, const at::Tensor& grad_out, const at::Tensor& gra
   to_float(h0.const_data_ptr<T>(), h_init.data(), B * S);
   if (c0.has_value()) to_float(c0->const_data_ptr<T>(), c_init.data(), B * H);
   if (sh.proj) dm.resize(B * ld_h);
+  std::vector<float> dgT(GH * B);  // this step's dG transposed, [GH, B]: the A operand of dG W_hh
 
   const T* go = grad_out.const_data_ptr<T>();
   const float* wsp = ws.const_data_ptr<float>();
@@ -271,58 +272,72 @@ void backward(const Shape& sh, const at::Tensor& grad_out, const at::Tensor& gra
     float* dg = dg_all + t * B * GH;
     float* dx = dx_all + t * B * GH;
     at::parallel_for(0, H, 64, [&](int64_t j0, int64_t j1) {
+      const fVec one(1.f);
       for (int64_t b = 0; b < B; ++b) {
         const bool active = t < len[b];
         const float* wsb = wsp + (t * B + b) * sh.width;
         const float* wsprev = prev >= 0 ? wsp + (prev * B + b) * sh.width : nullptr;
-        for (int64_t j = j0; j < j1; ++j) {
-          if (!active) {
-            for (int64_t g = 0; g < G; ++g) dg[b * GH + g * H + j] = 0.f;
+        float* dgb = dg + b * GH;
+        float* dxb = dx + b * GH;
+        if (!active) {
+          for (int64_t j = j0; j < j1; ++j) {
+            for (int64_t g = 0; g < G; ++g) dgb[g * H + j] = 0.f;
             if (sh.mode == Mode::kGru) {
-              for (int64_t g = 0; g < G; ++g) dx[b * GH + g * H + j] = 0.f;
+              for (int64_t g = 0; g < G; ++g) dxb[g * H + j] = 0.f;
               dh_next[b * ld_s + j] = dh[b * ld_s + j];  // passed through; no GEMM term (dG = 0)
             }
             if (sh.mode == Mode::kLstm) dc_next[b * H + j] = dc[b * H + j];
-            continue;
           }
-          if (sh.mode == Mode::kLstm) {
-            const float i = wsb[j], f = wsb[H + j], gg = wsb[2 * H + j], og = wsb[3 * H + j];
-            const float ct = wsb[sh.off_c + j], tc = std::tanh(ct);
-            const float c_prev = wsprev ? wsprev[sh.off_c + j] : c_init[b * H + j];
-            const float dmj = sh.proj ? dm[b * ld_h + j] : dht[b * S + j];
-            const float dct = dc[b * H + j] + dmj * og * (1.f - tc * tc);
-            dg[b * GH + j] = dct * gg * i * (1.f - i);
-            dg[b * GH + H + j] = dct * c_prev * f * (1.f - f);
-            dg[b * GH + 2 * H + j] = dct * i * (1.f - gg * gg);
-            dg[b * GH + 3 * H + j] = dmj * tc * og * (1.f - og);
-            dc_next[b * H + j] = dct * f;
-          } else if (sh.mode == Mode::kGru) {
-            const float r = wsb[j], z = wsb[H + j], n = wsb[2 * H + j], hn = wsb[sh.off_hn + j];
-            const float h_prev = wsprev ? wsprev[sh.off_state + j] : h_init[b * S + j];
-            const float d = dht[b * S + j];
-            const float dn_pre = d * (1.f - z) * (1.f - n * n);
-            const float dr_pre = dn_pre * hn * r * (1.f - r);
-            const float dz_pre = d * (h_prev - n) * z * (1.f - z);
-            dx[b * GH + j] = dr_pre, dx[b * GH + H + j] = dz_pre, dx[b * GH + 2 * H + j] = dn_pre;
-            dg[b * GH + j] = dr_pre, dg[b * GH + H + j] = dz_pre, dg[b * GH + 2 * H + j] = dn_pre * r;
-            dh_next[b * ld_s + j] = d * z;
-          } else {
+        } else if (sh.mode == Mode::kLstm) {  // a vector of units at a time
+          for (int64_t j = j0; j < j1; j += VS) {
+            const int64_t n = std::min<int64_t>(VS, j1 - j);
+            auto at_ = [&](const float* p) { return load_any(p + j, n); };
+            const fVec i = at_(wsb), f = at_(wsb + H), gg = at_(wsb + 2 * H), og = at_(wsb + 3 * H);
+            const fVec tc = at_(wsb + sh.off_c).tanh();
+            const fVec c_prev = wsprev ? at_(wsprev + sh.off_c) : at_(c_init.data() + b * H);
+            const fVec dmj = sh.proj ? at_(dm.data() + b * ld_h) : at_(dht.data() + b * S);
+            const fVec dct = at_(dc.data() + b * H) + dmj * og * (one - tc * tc);
+            store_any(dgb + j, dct * gg * i * (one - i), n);
+            store_any(dgb + H + j, dct * c_prev * f * (one - f), n);
+            store_any(dgb + 2 * H + j, dct * i * (one - gg * gg), n);
+            store_any(dgb + 3 * H + j, dmj * tc * og * (one - og), n);
+            store_any(dc_next.data() + b * H + j, dct * f, n);
+          }
+        } else if (sh.mode == Mode::kGru) {
+          for (int64_t j = j0; j < j1; j += VS) {
+            const int64_t n = std::min<int64_t>(VS, j1 - j);
+            auto at_ = [&](const float* p) { return load_any(p + j, n); };
+            const fVec r = at_(wsb), z = at_(wsb + H), nn = at_(wsb + 2 * H), hn = at_(wsb + sh.off_hn);
+            const fVec h_prev = wsprev ? at_(wsprev + sh.off_state) : at_(h_init.data() + b * S);
+            const fVec d = at_(dht.data() + b * S);
+            const fVec dn_pre = d * (one - z) * (one - nn * nn);
+            const fVec dr_pre = dn_pre * hn * r * (one - r);
+            const fVec dz_pre = d * (h_prev - nn) * z * (one - z);
+            store_any(dxb + j, dr_pre, n), store_any(dxb + H + j, dz_pre, n), store_any(dxb + 2 * H + j, dn_pre, n);
+            store_any(dgb + j, dr_pre, n), store_any(dgb + H + j, dz_pre, n);
+            store_any(dgb + 2 * H + j, dn_pre * r, n);
+            store_any(dh_next.data() + b * ld_s + j, d * z, n);
+          }
+        } else {
+          for (int64_t j = j0; j < j1; ++j) {
             const float hv = wsb[j], d = dht[b * S + j];
-            dg[b * GH + j] = sh.mode == Mode::kRnnTanh ? d * (1.f - hv * hv) : (hv > 0.f ? d : 0.f);
+            dgb[j] = sh.mode == Mode::kRnnTanh ? d * (1.f - hv * hv) : (hv > 0.f ? d : 0.f);
           }
         }
+        for (int64_t g = 0; g < G; ++g)
+          for (int64_t j = j0; j < j1; ++j) dgT[(g * H + j) * B + b] = dgb[g * H + j];
       }
     });
     // dh_prev = dG W_hh (+ GRU's direct term), by column panels; inactive rows pass dh through
-    const int64_t panels = ld_s / fVec::size();
+    const int64_t panels = ld_s / PW;
     const bool gru = sh.mode == Mode::kGru;
     at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
-        const int64_t c0_ = p * fVec::size();
-        small_gemm(B, VS, GH, dg, GH, 1, w.data() + p * GH * VS, VS, dh_next.data() + c0_, ld_s, 1.f, gru);
+        const int64_t c0_ = p * PW;
+        small_gemm(B, PW, GH, dgT.data(), 1, B, w.data() + p * GH * PW, PW, dh_next.data() + c0_, ld_s, 1.f, gru);
         for (int64_t b = 0; b < B; ++b)
           if (!(t < len[b]))
-            for (int64_t q = 0; q < fVec::size(); ++q) dh_next[b * ld_s + c0_ + q] = dh[b * ld_s + c0_ + q];
+            for (int64_t q = 0; q < PW; ++q) dh_next[b * ld_s + c0_ + q] = dh[b * ld_s + c0_ + q];
       }
     });
     std::swap(dh, dh_next);

@@ -155,7 +155,7 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
             ahat.store(r + sh.off_ahat + n);
             const fVec pre = fVec::loadu(xg.data() + n) + at::vec::fmadd(fVec::loadu(gh.data() + n), ahat,
                                                                           fVec::loadu(bh.data() + n));
-            act[g] = g == 2 ? pre.tanh() : cpu::sigmoid(pre);
+            act[g] = g == 2 ? cpu::tanh_fast(pre) : cpu::sigmoid(pre);
             act[g].store(r + n);
           }
           const fVec cn = at::vec::fmadd(act[1], fVec::loadu(c_old + j), act[0] * act[2]);
@@ -168,7 +168,7 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
         float hrow[VS];
         for (int64_t j = 0; j < Hp; j += VS) {
           const fVec cn = fVec::loadu(c_new + j), chat = (cn - mu_c) * rs_c;
-          const fVec tn = at::vec::fmadd(fVec::loadu(gc.data() + j), chat, fVec::loadu(bc.data() + j)).tanh();
+          const fVec tn = cpu::tanh_fast(at::vec::fmadd(fVec::loadu(gc.data() + j), chat, fVec::loadu(bc.data() + j)));
           const fVec h = fVec::loadu(r + 3 * Hp + j) * tn;
           cn.store(r + sh.off_c + j), chat.store(r + sh.off_chat + j), tn.store(r + sh.off_tn + j);
           h.store(r + sh.off_h + j);

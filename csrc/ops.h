@@ -86,7 +86,7 @@ std::vector<at::Tensor> rnn_bwd_cpu(const at::Tensor& grad_out, const at::Tensor
 // ---- layer_norm_lstm (one layer, one direction) ------------------------------------------------
 // The contract is stated in bignlp_fast/ops/layer_norm_lstm.py. xw [T, B, 4H] (the input projection
 // after its own LayerNorm), w_hh [4H, H], gamma_h / beta_h [4H] (ln_hh), gamma_c / beta_c [H] (ln_c),
-// h0, c0 [B, H]; contiguous. Forward returns {out [T, B, H], h_n, c_n [B, H], workspace [T, B, W]
+// h0, c0 [B, H]; lengths int64 [B] or none; contiguous. Forward returns {out [T, B, H], h_n, c_n [B, H], workspace [T, B, W]
 // float32 or [0]}. Backward returns {d_xw, d_w_hh, d_gamma_h, d_beta_h, d_gamma_c, d_beta_c (each [0]
 // when absent), d_h0, d_c0}.
 std::vector<at::Tensor> layer_norm_lstm_fwd_cpu(const at::Tensor& xw, const at::Tensor& w_hh,
@@ -94,15 +94,16 @@ std::vector<at::Tensor> layer_norm_lstm_fwd_cpu(const at::Tensor& xw, const at::
                                                 const std::optional<at::Tensor>& beta_h,
                                                 const std::optional<at::Tensor>& gamma_c,
                                                 const std::optional<at::Tensor>& beta_c, const at::Tensor& h0,
-                                                const at::Tensor& c0, double eps, bool reverse, bool save_workspace);
+                                                const at::Tensor& c0, const std::optional<at::Tensor>& lengths,
+                                                double eps, bool reverse, bool save_workspace);
 std::vector<at::Tensor> layer_norm_lstm_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& grad_h_n,
                                                 const at::Tensor& grad_c_n, const at::Tensor& xw,
                                                 const at::Tensor& w_hh, const std::optional<at::Tensor>& gamma_h,
                                                 const std::optional<at::Tensor>& beta_h,
                                                 const std::optional<at::Tensor>& gamma_c,
                                                 const std::optional<at::Tensor>& beta_c, const at::Tensor& h0,
-                                                const at::Tensor& c0, const at::Tensor& workspace, double eps,
-                                                bool reverse);
+                                                const at::Tensor& c0, const std::optional<at::Tensor>& lengths,
+                                                const at::Tensor& workspace, double eps, bool reverse);
 
 // ---- linear ----------------------------------------------------------------------------------
 // y = x w^T + b. x [M, K], w [N, K], b [N]; contiguous, one dtype. Backward returns

@@ -25,21 +25,23 @@ def _inputs(t, b, hidden, dtype, params=True, seed=0):
     return [make(t, b, gh), make(gh, hidden, scale=hidden ** -0.5), *affine, make(b, hidden), make(b, hidden)]
 
 
-def _run(inputs, reverse, backend):
+def _run(inputs, reverse, backend, lengths=None):
     leaves = [x.detach().clone().requires_grad_() if x is not None else None for x in inputs]
-    outs = list(layer_norm_lstm_layer(*leaves, eps=1e-5, reverse=reverse, backend=backend))
+    outs = list(layer_norm_lstm_layer(*leaves, eps=1e-5, reverse=reverse, lengths=lengths, backend=backend))
     g = torch.Generator().manual_seed(1)
     cotangents = [torch.randn(o.shape, generator=g).to(o.dtype) for o in outs]
     present = [x for x in leaves if x is not None]
     return outs + list(torch.autograd.grad(outs, present, cotangents))
 
 
-CASES = [  # (t, b, hidden, reverse, with LayerNorm scales and shifts)
-    (1, 1, 1, False, True),
-    (5, 3, 7, True, True),
-    (9, 4, 37, False, True),   # hidden not a multiple of the vector width
-    (6, 5, 16, True, False),   # no scales and shifts (LayerNorm(elementwise_affine=False))
-    (4, 9, 40, False, True),   # more rows than a register tile
+CASES = [  # (t, b, hidden, reverse, with LayerNorm scales and shifts, lengths)
+    (1, 1, 1, False, True, None),
+    (5, 3, 7, True, True, None),
+    (9, 4, 37, False, True, None),            # hidden not a multiple of the vector width
+    (6, 5, 16, True, False, None),            # no scales and shifts (LayerNorm(elementwise_affine=False))
+    (4, 9, 40, False, True, None),            # more rows than a register tile
+    (9, 4, 37, True, True, [9, 3, 0, 5]),     # lengths in any order, one empty sequence
+    (7, 3, 20, False, True, [2, 7, 1]),
 ]
 
 
@@ -47,11 +49,12 @@ CASES = [  # (t, b, hidden, reverse, with LayerNorm scales and shifts)
 @pytest.mark.parametrize("case", CASES, ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_matches_float64(backend, device, case, dtype):
-    t, b, hidden, reverse, params = case
+    t, b, hidden, reverse, params, lengths = case
+    lengths = torch.tensor(lengths) if lengths is not None else None
     inputs = _inputs(t, b, hidden, dtype, params)
-    ours = _run(inputs, reverse, backend)
-    theirs = _run(inputs, reverse, "torch")  # PyTorch's own error in this dtype
-    ref = _run([x.double() if x is not None else None for x in inputs], reverse, "torch")
+    ours = _run(inputs, reverse, backend, lengths)
+    theirs = _run(inputs, reverse, "torch", lengths)  # PyTorch's own error in this dtype
+    ref = _run([x.double() if x is not None else None for x in inputs], reverse, "torch", lengths)
     names = ["out", "h_n", "c_n"] + [n for n, x in zip(["d_xw", "d_w_hh", "d_gamma_h", "d_beta_h", "d_gamma_c",
                                                         "d_beta_c", "d_h0", "d_c0"], inputs) if x is not None]
     assert len(names) == len(ours)
@@ -89,19 +92,37 @@ def test_inference_equals_training_forward():
 
 
 def test_gradcheck_of_the_reference():
-    inputs = [x.double().requires_grad_() for x in _inputs(3, 2, 5, torch.float64)]
-    assert torch.autograd.gradcheck(lambda *a: layer_norm_lstm_layer(*a, reverse=True, backend="torch"), inputs)
+    """The written-out reference backward against finite differences, with lengths."""
+    inputs = [x.double().requires_grad_() for x in _inputs(4, 3, 5, torch.float64)]
+    lengths = torch.tensor([4, 1, 2])
+    assert torch.autograd.gradcheck(
+        lambda *a: layer_norm_lstm_layer(*a, reverse=True, lengths=lengths, backend="torch"), inputs)
+
+
+def test_lengths_equal_each_sequence_alone():
+    inputs = _inputs(8, 3, 19, torch.float32)
+    lengths = torch.tensor([8, 3, 5])
+    for reverse in (False, True):
+        out, h_n, c_n = layer_norm_lstm_layer(*inputs, reverse=reverse, lengths=lengths, backend="cpu")
+        for b, n in enumerate(lengths.tolist()):
+            row = [inputs[0][:n, b:b + 1], *inputs[1:6], inputs[6][b:b + 1], inputs[7][b:b + 1]]
+            o, h, c = layer_norm_lstm_layer(*row, reverse=reverse, backend="cpu")
+            torch.testing.assert_close(out[:n, b:b + 1], o, rtol=1e-5, atol=1e-6)
+            assert (out[n:, b] == 0).all()
+            torch.testing.assert_close(h_n[b:b + 1], h, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(c_n[b:b + 1], c, rtol=1e-5, atol=1e-6)
 
 
 def _op_samples(backend):
     fwd, bwd = [], []
-    for t, b, hidden, reverse, params in CASES[:3] + CASES[3:4]:
+    for t, b, hidden, reverse, params, lengths in CASES[:4] + CASES[5:6]:
         inputs = _inputs(t, b, hidden, torch.float32, params)
-        out, h_n, c_n, ws = torch.ops.bignlp_fast.layer_norm_lstm_fwd(*inputs, 1e-5, reverse, True, backend)
-        fwd.append((*inputs, 1e-5, reverse, True, backend))
+        lengths = torch.tensor(lengths) if lengths is not None else None
+        out, h_n, c_n, ws = torch.ops.bignlp_fast.layer_norm_lstm_fwd(*inputs, lengths, 1e-5, reverse, True, backend)
+        fwd.append((*inputs, lengths, 1e-5, reverse, True, backend))
         g = torch.Generator().manual_seed(3)
         grads = [torch.randn(x.shape, generator=g) for x in (out, h_n, c_n)]
-        bwd.append((*grads, *inputs, ws, 1e-5, reverse, backend))
+        bwd.append((*grads, *inputs, lengths, ws, 1e-5, reverse, backend))
     return fwd, bwd
 
 
@@ -128,6 +149,10 @@ def test_bad_input_names_the_argument():
         layer_norm_lstm_layer(xw, w, gh, bh, gc, bc, h0.double(), c0)
     with pytest.raises(ValueError, match="no time steps"):
         layer_norm_lstm_layer(xw[:0], w, gh, bh, gc, bc, h0, c0)
+    with pytest.raises(ValueError, match=r"lengths must lie in \[0, 4\]"):
+        layer_norm_lstm_layer(xw, w, gh, bh, gc, bc, h0, c0, lengths=torch.tensor([5, 1]))
+    with pytest.raises(ValueError, match=r"lengths must be an int64 CPU tensor of shape \(2,\)"):
+        layer_norm_lstm_layer(xw, w, gh, bh, gc, bc, h0, c0, lengths=torch.tensor([1, 2, 3]))
     with pytest.raises(bignlp_fast.BackendError, match="float16"):
         layer_norm_lstm_layer(*[x.half() for x in (xw, w, gh, bh, gc, bc, h0, c0)], backend="cpu")
 
@@ -188,3 +213,27 @@ def test_module_bf16_within_torch_error():
     ours = fused.to(torch.bfloat16)(x.bfloat16())[0]
     theirs = reference.to(torch.bfloat16)(x.bfloat16())[0]
     assert_within_torch_error("LayerNormLSTM bf16 output", ours, theirs, ref, torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_module_packed_and_lengths_equal_each_sequence_alone(backend):
+    from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+    fused, _ = _module_pair(num_layers=2, bidirectional=True, batch_first=True)
+    fused.backend = backend
+    x = torch.randn(4, 7, 5)
+    lengths = torch.tensor([3, 7, 1, 5])  # any order
+    hx = (torch.randn(4, 4, 13), torch.randn(4, 4, 13))
+    out, (h_n, c_n) = fused(x, hx, lengths=lengths)
+    packed_out, (hp, cp) = fused(pack_padded_sequence(x, lengths, batch_first=True, enforce_sorted=False), hx)
+    padded, _ = pad_packed_sequence(packed_out, batch_first=True, total_length=7)
+    torch.testing.assert_close(padded, out, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(hp, h_n, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(cp, c_n, rtol=1e-5, atol=1e-6)
+    for b, n in enumerate(lengths.tolist()):
+        o, (h, c) = fused(x[b:b + 1, :n], (hx[0][:, b:b + 1].contiguous(), hx[1][:, b:b + 1].contiguous()))
+        torch.testing.assert_close(out[b:b + 1, :n], o, rtol=1e-5, atol=1e-6)
+        assert (out[b, n:] == 0).all()
+        torch.testing.assert_close(h_n[:, b:b + 1], h, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(c_n[:, b:b + 1], c, rtol=1e-5, atol=1e-6)
+    (padded.square().sum() + hp.sum()).backward()  # the packed path trains
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in fused.parameters())

@@ -93,6 +93,20 @@ def _pack(padded: Tensor, batch_sizes: Tensor) -> Tensor:
     return padded[_step_mask(batch_sizes).to(padded.device)]
 
 
+def _check_lengths(name: str, batch_first: bool, input, lengths) -> None:
+    """lengths= of a padded batched input: int64 [B], each in [1, T]."""
+    if isinstance(input, PackedSequence) or not isinstance(input, Tensor) or input.dim() != 3:
+        raise ValueError(f"{name}: lengths is for a padded batched (3-D) input; a PackedSequence carries its own")
+    if not isinstance(lengths, Tensor) or lengths.dtype != torch.int64 or lengths.dim() != 1:
+        raise ValueError(f"{name}: lengths must be a 1-D int64 tensor, got "
+                         f"{lengths.dtype if isinstance(lengths, Tensor) else type(lengths).__name__}")
+    batch, steps = (input.shape[0], input.shape[1]) if batch_first else (input.shape[1], input.shape[0])
+    if lengths.shape[0] != batch:
+        raise ValueError(f"{name}: lengths has {lengths.shape[0]} entries for a batch of {batch}")
+    if not torch.compiler.is_compiling() and lengths.numel() and (lengths.min() < 1 or lengths.max() > steps):
+        raise ValueError(f"{name}: lengths must be in [1, {steps}] (the input's steps), got {lengths.tolist()}")
+
+
 def _autocast(x: Tensor) -> bool:
     return torch.is_autocast_enabled(x.device.type)
 
@@ -212,17 +226,7 @@ class _FusedRNNBase:
         return output, ((h_n, c_n) if c_n is not None else h_n)
 
     def _check_lengths(self, input, lengths) -> None:
-        name = type(self).__name__
-        if isinstance(input, PackedSequence) or not isinstance(input, Tensor) or input.dim() != 3:
-            raise ValueError(f"{name}: lengths is for a padded batched (3-D) input; a PackedSequence carries its own")
-        if not isinstance(lengths, Tensor) or lengths.dtype != torch.int64 or lengths.dim() != 1:
-            raise ValueError(f"{name}: lengths must be a 1-D int64 tensor, got "
-                             f"{lengths.dtype if isinstance(lengths, Tensor) else type(lengths).__name__}")
-        batch, steps = (input.shape[0], input.shape[1]) if self.batch_first else (input.shape[1], input.shape[0])
-        if lengths.shape[0] != batch:
-            raise ValueError(f"{name}: lengths has {lengths.shape[0]} entries for a batch of {batch}")
-        if not torch.compiler.is_compiling() and lengths.numel() and (lengths.min() < 1 or lengths.max() > steps):
-            raise ValueError(f"{name}: lengths must be in [1, {steps}] (the input's steps), got {lengths.tolist()}")
+        _check_lengths(type(self).__name__, self.batch_first, input, lengths)
 
     def _layers(self, x: Tensor, h0: Tensor, c0: Optional[Tensor], lengths: Optional[Tensor]):
         """The stack on time-major x [T, B, F]: (output [T, B, D*S], h_n [L*D, B, S], c_n or None)."""
@@ -376,7 +380,8 @@ class LayerNormLSTM(torch.nn.Module):
     [4H, in], ``weight_hh_l{k}`` [4H, H], and LayerNorm modules ``ln_ih_l{k}``, ``ln_hh_l{k}`` (4H)
     and ``ln_c_l{k}`` (H). forward(input, hx=None) takes [T, B, F] ([B, T, F] with batch_first) or an
     unbatched [T, F], and hx = (h_0, c_0) each [L*D, B, H] (or [L*D, H] unbatched); it returns
-    (output [T, B, D*H], (h_n, c_n)) like torch.nn.LSTM. PackedSequence input is not supported.
+    (output [T, B, D*H], (h_n, c_n)) like torch.nn.LSTM; a PackedSequence, or ``lengths=`` on a padded
+    batch, runs each sequence over its own steps (as :class:`LSTM`).
 
     Each layer and direction is one GEMM and one LayerNorm over every step for the input side
     (``ops.linear``, ``ops.add_layer_norm``), then one ``ops.layer_norm_lstm_layer`` call that runs the
@@ -433,26 +438,40 @@ class LayerNormLSTM(torch.nn.Module):
                 s += f", {k}={getattr(self, k)}"
         return s
 
-    def _direction(self, sfx: str, xs: Tensor, h: Tensor, c: Tensor, reverse: bool):
+    def _direction(self, sfx: str, xs: Tensor, h: Tensor, c: Tensor, lengths: Optional[Tensor], reverse: bool):
         """One layer, one direction over time-major xs [T, B, F]: (out [T, B, H], h_n, c_n)."""
         ln_ih, ln_hh, ln_c = (getattr(self, n + sfx) for n in ("ln_ih", "ln_hh", "ln_c"))
         xw = _input_projection(xs, getattr(self, "weight_ih" + sfx), None, self.backend)  # [T, B, 4H]: every step
         xw, _ = add_layer_norm(xw, None, ln_ih.weight, ln_ih.bias, ln_ih.eps, backend=self.backend)
         return layer_norm_lstm_layer(xw, getattr(self, "weight_hh" + sfx), ln_hh.weight, ln_hh.bias, ln_c.weight,
-                                     ln_c.bias, h, c, ln_hh.eps, reverse, backend=self.backend)
+                                     ln_c.bias, h, c, ln_hh.eps, reverse, lengths, backend=self.backend)
 
-    def forward(self, input: Tensor, hx: Optional[tuple[Tensor, Tensor]] = None):
+    def forward(self, input, hx: Optional[tuple[Tensor, Tensor]] = None, *, lengths: Optional[Tensor] = None):
+        """As torch.nn.LSTM's forward: (output, (h_n, c_n)); a PackedSequence in gives a PackedSequence
+        out. ``lengths`` (keyword only, as for :class:`LSTM`): int64 [B] for a padded batched input,
+        the same result as packing it, without the sort and copies."""
         name = "LayerNormLSTM"
-        if isinstance(input, PackedSequence):
-            raise TypeError(f"{name}: PackedSequence input is not supported; pass a padded tensor")
+        packed = isinstance(input, PackedSequence)
+        sorted_indices = unsorted_indices = None
+        if lengths is not None:
+            _check_lengths(name, self.batch_first, input, lengths)
+            lengths = lengths.cpu()
+        if packed:
+            data, batch_sizes, sorted_indices, unsorted_indices = input
+            if data.dim() != 2:
+                raise RuntimeError(f"{name}: packed input data must have 2 dimensions, got {data.dim()}")
+            input = data
         if not isinstance(input, Tensor) or input.dim() not in (2, 3):
             got = f"{input.dim()}D tensor" if isinstance(input, Tensor) else type(input).__name__
             raise ValueError(f"{name}: Expected input to be 2D or 3D, got {got} instead")
         if input.shape[-1] != self.input_size:
             raise RuntimeError(f"{name}: input.size(-1) must be equal to input_size. Expected {self.input_size}, "
                                f"got {input.shape[-1]}")
-        batched = input.dim() == 3
-        x = (input.transpose(0, 1) if self.batch_first else input) if batched else input.unsqueeze(1)  # [T, B, F]
+        batched = packed or input.dim() == 3
+        if packed:
+            x, lengths = _unpack(data, batch_sizes)  # [T, B, F], in the sorted order
+        else:
+            x = (input.transpose(0, 1) if self.batch_first else input) if batched else input.unsqueeze(1)  # [T, B, F]
         if x.shape[0] == 0:
             raise ValueError(f"{name}: input has no time steps (shape {tuple(input.shape)})")
         layers = len(self._suffixes)
@@ -472,10 +491,17 @@ class LayerNormLSTM(torch.nn.Module):
             for what, t in (("hidden[0]", h0), ("hidden[1]", c0)):
                 if tuple(t.shape) != shape:
                     raise RuntimeError(f"{name}: expected {what} of size {shape}, got {list(t.shape)}")
+            if sorted_indices is not None:  # the states of the user's sequences, in the packed order
+                h0, c0 = h0.index_select(1, sorted_indices), c0.index_select(1, sorted_indices)
         layer_input, h_n, c_n = _stack(
             x, self.num_layers, 2 if self.bidirectional else 1, self.dropout, self.training,
-            lambda k, inp, reverse: self._direction(self._suffixes[k], inp, h0[k], c0[k], reverse=reverse))
+            lambda k, inp, reverse: self._direction(self._suffixes[k], inp, h0[k], c0[k], lengths, reverse=reverse))
         h_n, c_n = torch.stack(h_n), torch.stack(c_n)
+        if unsorted_indices is not None:
+            h_n, c_n = h_n.index_select(1, unsorted_indices), c_n.index_select(1, unsorted_indices)
+        if packed:
+            return PackedSequence(_pack(layer_input, batch_sizes), batch_sizes, sorted_indices, unsorted_indices), \
+                (h_n, c_n)
         if not batched:
             return layer_input.squeeze(1), (h_n.squeeze(1), c_n.squeeze(1))
         return (layer_input.transpose(0, 1) if self.batch_first else layer_input), (h_n, c_n)

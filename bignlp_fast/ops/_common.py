@@ -71,3 +71,18 @@ def check_vector(op: str, name: str, t: Optional[Tensor], size: int, ref_name: s
 def check_choice(op: str, name: str, value, choices: Sequence) -> None:
     if value not in choices:
         raise ValueError(f"{op}: {name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
+def check_lengths(op: str, lengths: Optional[Tensor], batch: int, steps: int) -> None:
+    """Per-sequence lengths of a recurrent op: None, or int64 [batch] on the CPU with values in [0, steps]."""
+    if lengths is None:
+        return
+    if not isinstance(lengths, Tensor) or lengths.dtype != torch.int64 or lengths.shape != (batch,) \
+            or lengths.device.type != "cpu":
+        got = f"{lengths.dtype} {tuple(lengths.shape)} on {lengths.device}" if isinstance(lengths, Tensor) \
+            else type(lengths).__name__
+        raise ValueError(f"{op}: lengths must be an int64 CPU tensor of shape ({batch},), got {got}")
+    # under torch.compile the values are data a graph cannot branch on; unchecked, an out-of-range
+    # length still cannot make a kernel read out of bounds (step t is active when t < lengths[b])
+    if batch and not torch.compiler.is_compiling() and (lengths.min().item() < 0 or lengths.max().item() > steps):
+        raise ValueError(f"{op}: lengths must lie in [0, {steps}], got {lengths.tolist()}")

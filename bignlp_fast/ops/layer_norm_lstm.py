@@ -16,8 +16,11 @@ with ``norm(v) = (v - mean(v)) / sqrt(var(v) + eps)`` (biased variance, as torch
 
 Kernel contract (every backend; ``layer_norm_lstm_{fwd,bwd}_torch`` below is the specification):
 - xw [T, B, 4H] time-major; w_hh [4H, H]; gamma_h, beta_h [4H] or None (scale 1 / shift 0);
-  gamma_c, beta_c [H] or None; h0, c0 [B, H]; one dtype; contiguous.
-- ``reverse`` walks t from T-1 down to 0. Every sequence runs all T steps (no lengths).
+  gamma_c, beta_c [H] or None; h0, c0 [B, H]; one dtype; contiguous; lengths: int64 [B] on the
+  CPU or None (all T).
+- Step t of sequence b is active when t < lengths[b]; inactive steps keep the state and output
+  zeros, so h_n is the state after each sequence's own last step. ``reverse`` walks t from T-1 down
+  to 0: a sequence's reverse pass starts at its own last step, as torch's packed sequences do.
 - Forward returns out [T, B, H], h_n, c_n [B, H] and a float32 workspace the same backend's
   backward reads ([0] from the torch reference, whose backward recomputes, and from any backend
   when ``save_workspace`` is false: inference). Backward returns d_xw, d_w_hh, d_gamma_h,
@@ -33,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bignlp_fast import _backend
-from bignlp_fast.ops._common import acc_dtype, check_tensor, contiguous, kernel
+from bignlp_fast.ops._common import acc_dtype, check_lengths, check_tensor, contiguous, kernel
 
 OP = _backend.register_op(
     "layer_norm_lstm",
@@ -45,7 +48,7 @@ OP = _backend.register_op(
 # ---- reference backend ------------------------------------------------------------------------
 def layer_norm_lstm_math(xw: Tensor, w_hh: Tensor, gamma_h: Optional[Tensor], beta_h: Optional[Tensor],
                          gamma_c: Optional[Tensor], beta_c: Optional[Tensor], h0: Tensor, c0: Tensor, eps: float,
-                         reverse: bool):
+                         reverse: bool, lengths: Optional[Tensor] = None):
     """The layer as a plain differentiable loop over time: (out [T, B, H], h_n, c_n)."""
     hidden = w_hh.shape[1]
     h, c = h0, c0
@@ -53,9 +56,14 @@ def layer_norm_lstm_math(xw: Tensor, w_hh: Tensor, gamma_h: Optional[Tensor], be
     for t in (range(xw.shape[0] - 1, -1, -1) if reverse else range(xw.shape[0])):
         a = F.layer_norm(h @ w_hh.t(), (4 * hidden,), gamma_h, beta_h, eps)
         i, f, g, o = (xw[t] + a).chunk(4, -1)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(F.layer_norm(c, (hidden,), gamma_c, beta_c, eps))
-        outs[t] = h
+        c_new = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h_new = torch.sigmoid(o) * torch.tanh(F.layer_norm(c_new, (hidden,), gamma_c, beta_c, eps))
+        if lengths is None:
+            h, c, outs[t] = h_new, c_new, h_new
+        else:
+            active = (t < lengths.to(xw.device))[:, None]
+            h, c = torch.where(active, h_new, h), torch.where(active, c_new, c)
+            outs[t] = torch.where(active, h_new, torch.zeros_like(h_new))
     return torch.stack(outs), h, c
 
 
@@ -63,10 +71,11 @@ def _acc(tensors, dtype):
     return [None if t is None else t.to(dtype) for t in tensors]
 
 
-def layer_norm_lstm_fwd_torch(xw, w_hh, gamma_h, beta_h, gamma_c, beta_c, h0, c0, eps, reverse, save_workspace):
+def layer_norm_lstm_fwd_torch(xw, w_hh, gamma_h, beta_h, gamma_c, beta_c, h0, c0, lengths, eps, reverse,
+                              save_workspace):
     acc = acc_dtype(xw.dtype)
     out, h_n, c_n = layer_norm_lstm_math(*_acc((xw, w_hh, gamma_h, beta_h, gamma_c, beta_c, h0, c0), acc), eps,
-                                         reverse)
+                                         reverse, lengths)
     return out.to(xw.dtype), h_n.to(xw.dtype), c_n.to(xw.dtype), xw.new_empty(0, dtype=acc)
 
 
@@ -83,7 +92,7 @@ def _norm_backward(dy: Tensor, vhat: Tensor, rstd: Tensor) -> Tensor:
 
 
 def layer_norm_lstm_bwd_torch(grad_out, grad_h_n, grad_c_n, xw, w_hh, gamma_h, beta_h, gamma_c, beta_c, h0, c0,
-                              workspace, eps, reverse):
+                              lengths, workspace, eps, reverse):
     """The reference backward through time, written out: recompute every step's activations, then walk
     the steps in reverse, as the fused backends do (da: the gradient of a = h W_hh^T)."""
     acc = acc_dtype(xw.dtype)
@@ -95,6 +104,9 @@ def layer_norm_lstm_bwd_torch(grad_out, grad_h_n, grad_c_n, xw, w_hh, gamma_h, b
     gc = gamma_c.to(acc) if gamma_c is not None else ones(hidden)
     bc = beta_c.to(acc) if beta_c is not None else torch.zeros_like(gc)
     steps = list(range(x.shape[0] - 1, -1, -1) if reverse else range(x.shape[0]))
+    batch = x.shape[1]
+    active = [((t < lengths) if lengths is not None else torch.ones(batch, dtype=torch.bool))[:, None].to(x.device)
+              for t in range(x.shape[0])]
     h, c = h0.to(acc), c0.to(acc)
     saved = {}
     for t in steps:
@@ -105,27 +117,29 @@ def layer_norm_lstm_bwd_torch(grad_out, grad_h_n, grad_c_n, xw, w_hh, gamma_h, b
         chat, rc = _norm(c_new, eps)
         tn = torch.tanh(gc * chat + bc)
         saved[t] = (h, c, ahat, ra, i, f, g, o, chat, rc, tn)
-        h, c = o * tn, c_new
+        h, c = torch.where(active[t], o * tn, h), torch.where(active[t], c_new, c)
     d_x = torch.zeros_like(x)
     d_w, d_gh, d_bh = torch.zeros_like(w), torch.zeros_like(gh), torch.zeros_like(gh)
     d_gc, d_bc = torch.zeros_like(gc), torch.zeros_like(gc)
     dh, dc = grad_h_n.to(acc), grad_c_n.to(acc)
     for t in reversed(steps):
         h_prev, c_prev, ahat, ra, i, f, g, o, chat, rc, tn = saved[t]
-        dht = dh + grad_out[t].to(acc)
+        a = active[t]  # an inactive step has no gradient of its own: dh and dc pass through it
+        dht = torch.where(a, dh + grad_out[t].to(acc), torch.zeros_like(dh))
         d_o = dht * tn * o * (1 - o)
         dn = dht * o * (1 - tn * tn)  # the gradient of ln_c's output
         d_gc += (dn * chat).sum(0)
         d_bc += dn.sum(0)
         dct = dc + _norm_backward(dn * gc, chat, rc)
         dpre = torch.cat([dct * g * i * (1 - i), dct * c_prev * f * (1 - f), dct * i * (1 - g * g), d_o], -1)
-        dc = dct * f
+        dpre = torch.where(a, dpre, torch.zeros_like(dpre))
+        dc = torch.where(a, dct * f, dc)
         d_x[t] = dpre
         d_gh += (dpre * ahat).sum(0)
         d_bh += dpre.sum(0)
         da = _norm_backward(dpre * gh, ahat, ra)
         d_w += da.t() @ h_prev
-        dh = da @ w
+        dh = torch.where(a, da @ w, dh)
 
     def out(grad, like):  # each absent gradient its own tensor: a custom op's outputs may not alias
         return grad.to(like.dtype) if like is not None else xw.new_empty(0)
@@ -137,11 +151,12 @@ def layer_norm_lstm_bwd_torch(grad_out, grad_h_n, grad_c_n, xw, w_hh, gamma_h, b
 # ---- custom ops -------------------------------------------------------------------------------
 @torch.library.custom_op("bignlp_fast::layer_norm_lstm_fwd", mutates_args=())
 def layer_norm_lstm_fwd(xw: Tensor, w_hh: Tensor, gamma_h: Optional[Tensor], beta_h: Optional[Tensor],
-                        gamma_c: Optional[Tensor], beta_c: Optional[Tensor], h0: Tensor, c0: Tensor, eps: float,
-                        reverse: bool, save_workspace: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+                        gamma_c: Optional[Tensor], beta_c: Optional[Tensor], h0: Tensor, c0: Tensor,
+                        lengths: Optional[Tensor], eps: float, reverse: bool, save_workspace: bool,
+                        backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     run = kernel("layer_norm_lstm", "fwd", backend)
     return tuple(run(xw.contiguous(), w_hh.contiguous(), contiguous(gamma_h), contiguous(beta_h),
-                     contiguous(gamma_c), contiguous(beta_c), h0.contiguous(), c0.contiguous(), eps, reverse,
+                     contiguous(gamma_c), contiguous(beta_c), h0.contiguous(), c0.contiguous(), lengths, eps, reverse,
                      save_workspace))
 
 
@@ -155,7 +170,7 @@ def workspace_width(hidden: int, backend: str) -> int:
 
 
 @layer_norm_lstm_fwd.register_fake
-def _(xw, w_hh, gamma_h, beta_h, gamma_c, beta_c, h0, c0, eps, reverse, save_workspace, backend):
+def _(xw, w_hh, gamma_h, beta_h, gamma_c, beta_c, h0, c0, lengths, eps, reverse, save_workspace, backend):
     t, b, _ = xw.shape
     hidden = w_hh.shape[1]
     ws = workspace_width(hidden, backend) if save_workspace else 0
@@ -166,39 +181,39 @@ def _(xw, w_hh, gamma_h, beta_h, gamma_c, beta_c, h0, c0, eps, reverse, save_wor
 @torch.library.custom_op("bignlp_fast::layer_norm_lstm_bwd", mutates_args=())
 def layer_norm_lstm_bwd(grad_out: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, xw: Tensor, w_hh: Tensor,
                         gamma_h: Optional[Tensor], beta_h: Optional[Tensor], gamma_c: Optional[Tensor],
-                        beta_c: Optional[Tensor], h0: Tensor, c0: Tensor, workspace: Tensor, eps: float,
-                        reverse: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
+                        beta_c: Optional[Tensor], h0: Tensor, c0: Tensor, lengths: Optional[Tensor],
+                        workspace: Tensor, eps: float, reverse: bool, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor,
                                                               Tensor]:
     run = kernel("layer_norm_lstm", "bwd", backend)
     return tuple(run(grad_out.contiguous(), grad_h_n.contiguous(), grad_c_n.contiguous(), xw.contiguous(),
                      w_hh.contiguous(), contiguous(gamma_h), contiguous(beta_h), contiguous(gamma_c),
-                     contiguous(beta_c), h0.contiguous(), c0.contiguous(), workspace, eps, reverse))
+                     contiguous(beta_c), h0.contiguous(), c0.contiguous(), lengths, workspace, eps, reverse))
 
 
 @layer_norm_lstm_bwd.register_fake
-def _(grad_out, grad_h_n, grad_c_n, xw, w_hh, gamma_h, beta_h, gamma_c, beta_c, h0, c0, workspace, eps, reverse,
-      backend):
+def _(grad_out, grad_h_n, grad_c_n, xw, w_hh, gamma_h, beta_h, gamma_c, beta_c, h0, c0, lengths, workspace, eps,
+      reverse, backend):
     like = lambda t: torch.empty_like(t) if t is not None else xw.new_empty(0)  # noqa: E731
     return tuple(like(t) for t in (xw, w_hh, gamma_h, beta_h, gamma_c, beta_c, h0, c0))
 
 
 def _setup_context(ctx, inputs, output):
-    xw, w_hh, gamma_h, beta_h, gamma_c, beta_c, h0, c0, eps, reverse, _save, backend = inputs
-    ctx.save_for_backward(xw, w_hh, gamma_h, beta_h, gamma_c, beta_c, h0, c0, output[3])
+    xw, w_hh, gamma_h, beta_h, gamma_c, beta_c, h0, c0, lengths, eps, reverse, _save, backend = inputs
+    ctx.save_for_backward(xw, w_hh, gamma_h, beta_h, gamma_c, beta_c, h0, c0, lengths, output[3])
     ctx.args = (eps, reverse, backend)
     ctx.present = tuple(t is not None for t in (gamma_h, beta_h, gamma_c, beta_c))
 
 
 def _backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_ws):
-    xw, w_hh, gamma_h, beta_h, gamma_c, beta_c, h0, c0, workspace = ctx.saved_tensors
+    xw, w_hh, gamma_h, beta_h, gamma_c, beta_c, h0, c0, lengths, workspace = ctx.saved_tensors
     eps, reverse, backend = ctx.args
     zeros = lambda g, like: g if g is not None else torch.zeros_like(like)  # noqa: E731
     grads = layer_norm_lstm_bwd(zeros(grad_out, xw.new_empty(xw.shape[0], xw.shape[1], w_hh.shape[1])),
                                 zeros(grad_h_n, h0), zeros(grad_c_n, c0), xw, w_hh, gamma_h, beta_h, gamma_c, beta_c,
-                                h0, c0, workspace, eps, reverse, backend)
+                                h0, c0, lengths, workspace, eps, reverse, backend)
     d_xw, d_w_hh, d_gh, d_bh, d_gc, d_bc, d_h0, d_c0 = grads
     params = [g if present else None for g, present in zip((d_gh, d_bh, d_gc, d_bc), ctx.present)]
-    return (d_xw, d_w_hh, *params, d_h0, d_c0, None, None, None, None)
+    return (d_xw, d_w_hh, *params, d_h0, d_c0, None, None, None, None, None)
 
 
 layer_norm_lstm_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -207,7 +222,7 @@ layer_norm_lstm_fwd.register_autograd(_backward, setup_context=_setup_context)
 # ---- public op --------------------------------------------------------------------------------
 def layer_norm_lstm_layer(xw: Tensor, w_hh: Tensor, gamma_h: Optional[Tensor], beta_h: Optional[Tensor],
                           gamma_c: Optional[Tensor], beta_c: Optional[Tensor], h0: Tensor, c0: Tensor,
-                          eps: float = 1e-5, reverse: bool = False, *,
+                          eps: float = 1e-5, reverse: bool = False, lengths: Optional[Tensor] = None, *,
                           backend: Optional[str] = None) -> tuple[Tensor, Tensor, Tensor]:
     """The time loop of one LayerNorm-LSTM layer in one direction (see the module docstring).
 
@@ -216,6 +231,7 @@ def layer_norm_lstm_layer(xw: Tensor, w_hh: Tensor, gamma_h: Optional[Tensor], b
         w_hh: [4H, H]. gamma_h, beta_h: [4H] (ln_hh's weight and bias) or None.
         gamma_c, beta_c: [H] (ln_c's weight and bias) or None. h0, c0: [B, H].
         eps: the LayerNorms' epsilon. reverse: run from the last step to the first.
+        lengths: int64 [B] (CPU), each sequence's length; None: all T steps.
     Returns (out [T, B, H], h_n [B, H], c_n [B, H]).
     """
     op = "layer_norm_lstm_layer"
@@ -244,9 +260,10 @@ def layer_norm_lstm_layer(xw: Tensor, w_hh: Tensor, gamma_h: Optional[Tensor], b
             raise TypeError(f"{op}: {name} is {tensor.dtype} on {tensor.device}; xw is {xw.dtype} on {xw.device}")
     if not eps > 0:
         raise ValueError(f"{op}: eps must be positive, got {eps}")
+    check_lengths(op, lengths, b, t)
     name = _backend.choose(OP, xw.device, xw.dtype, backend)
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (xw, w_hh, gamma_h, beta_h, gamma_c, beta_c, h0, c0))
-    out, h_n, c_n, _ws = layer_norm_lstm_fwd(xw, w_hh, gamma_h, beta_h, gamma_c, beta_c, h0, c0, float(eps),
-                                             bool(reverse), save, name)
+    out, h_n, c_n, _ws = layer_norm_lstm_fwd(xw, w_hh, gamma_h, beta_h, gamma_c, beta_c, h0, c0, lengths,
+                                             float(eps), bool(reverse), save, name)
     return out, h_n, c_n

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 
 from bignlp_fast import _backend
-from bignlp_fast.ops._common import acc_dtype, check_choice, check_tensor, kernel
+from bignlp_fast.ops._common import acc_dtype, check_choice, check_lengths, check_tensor, kernel
 
 OP = _backend.register_op(
     "rnn",
@@ -280,14 +280,7 @@ def rnn_layer(mode: str, xw: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: T
                          "(w_hr) is needed for that")
     if w_hr is not None and mode != "lstm":
         raise ValueError(f"{op}: w_hr (projection) is only for mode 'lstm'")
-    if lengths is not None:
-        if lengths.dtype != torch.int64 or lengths.shape != (b,) or lengths.device.type != "cpu":
-            raise ValueError(f"{op}: lengths must be an int64 CPU tensor of shape ({b},), got {lengths.dtype} "
-                             f"{tuple(lengths.shape)} on {lengths.device}")
-        # under torch.compile the values are data a graph cannot branch on; unchecked, an out-of-range
-        # length still cannot make a kernel read out of bounds (step t is active when t < lengths[b])
-        if b and not torch.compiler.is_compiling() and (lengths.min().item() < 0 or lengths.max().item() > t):
-            raise ValueError(f"{op}: lengths must lie in [0, {t}], got {lengths.tolist()}")
+    check_lengths(op, lengths, b, t)
     name = _backend.choose(OP, xw.device, xw.dtype, backend)
     # the workspace feeds the backward; inference does not write it
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xw, w_hh, b_hh, h0, c0, w_hr))

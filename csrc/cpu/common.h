@@ -6,6 +6,8 @@
 // A row's ragged tail goes through the same body via a zero-padded stack buffer.
 #pragma once
 
+#include <vector>
+
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
@@ -156,6 +158,18 @@ inline at::Tensor reduce_partials(const at::Tensor& partial, int64_t H, at::Scal
       for (int64_t j = j0; j < j1; ++j) t[j] += p[c * Hp + j];
   });
   return total.to(dtype);
+}
+
+// Per-sequence lengths of a recurrent layer (int64 [B] on the CPU), or T for every row when absent:
+// step t of row b is active when t < lengths[b].
+inline std::vector<int64_t> lengths_of(const std::optional<at::Tensor>& lengths, int64_t B, int64_t T) {
+  std::vector<int64_t> out(B, T);
+  if (lengths.has_value()) {
+    const auto l = lengths->to(at::kLong).contiguous();
+    TORCH_CHECK(l.numel() == B, "rnn: lengths must have one entry per batch row");
+    for (int64_t b = 0; b < B; ++b) out[b] = l.const_data_ptr<int64_t>()[b];
+  }
+  return out;
 }
 
 }  // namespace bignlp_fast::cpu

@@ -12,7 +12,9 @@
 // then one over batch rows for everything else: the normalisations need the whole row, so they
 // cannot ride in the GEMM's column blocks as the plain LSTM's update does (csrc/cpu/rnn.cpp).
 // Backward, per step in reverse: one region over batch rows for the gate, cell and both
-// LayerNorm gradients, then dh_prev = da W_hh over column panels. The weight gradient and the
+// LayerNorm gradients, then dh_prev = da W_hh over column panels.
+// With lengths, step t of row b is active when t < lengths[b]; an inactive step keeps the state,
+// outputs zeros and passes the gradients through (the GEMM runs over every row regardless). The weight gradient and the
 // LayerNorm scale/shift gradients are reductions over all steps at the end.
 //
 // Internally each of the 4 gates and every H-vector is padded to Hp = H rounded up to 16 (a whole
@@ -102,7 +104,8 @@ template <typename T>
 void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, const std::optional<at::Tensor>& gamma_h,
              const std::optional<at::Tensor>& beta_h, const std::optional<at::Tensor>& gamma_c,
              const std::optional<at::Tensor>& beta_c, const at::Tensor& h0, const at::Tensor& c0, float eps,
-             bool reverse, at::Tensor& out, at::Tensor& h_n, at::Tensor& c_n, at::Tensor& ws, bool save) {
+             const std::vector<int64_t>& len, bool reverse, at::Tensor& out, at::Tensor& h_n, at::Tensor& c_n,
+             at::Tensor& ws, bool save) {
   const int64_t B = sh.B, H = sh.H, Hp = sh.Hp, GHp = sh.GHp;
   // W_hh^T [H, 4Hp] in contiguous column panels of kPanel: panel p is [H, kPanel] at wt + p * H * kPanel,
   // column n = g * Hp + j holding row g * H + j of w_hh (zero for j >= H).
@@ -179,6 +182,16 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
           }
         }
         r[sh.off_rstd] = rstd_a, r[sh.off_rstd + 1] = rstd_c;
+        if (!(t < len[b])) {  // past the sequence's end: keep the state, output zeros
+          for (int64_t j = 0; j < H; ++j) {
+            const float h_old = ht[j * B + b];
+            ht_next[j * B + b] = h_old;
+            r[sh.off_h + j] = h_old;
+            o[(t * B + b) * H + j] = static_cast<T>(0.f);
+          }
+          std::copy(c_old, c_old + Hp, c_new);
+          std::copy(c_old, c_old + Hp, r + sh.off_c);
+        }
       }
     });
     std::swap(ht, ht_next);
@@ -199,7 +212,8 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
 template <typename T>
 void backward(const Shape& sh, const at::Tensor& grad_out, const at::Tensor& grad_h_n, const at::Tensor& grad_c_n,
               const at::Tensor& w_hh, const std::optional<at::Tensor>& gamma_h,
-              const std::optional<at::Tensor>& gamma_c, const at::Tensor& c0, bool reverse, const at::Tensor& ws,
+              const std::optional<at::Tensor>& gamma_c, const at::Tensor& c0, const std::vector<int64_t>& len,
+              bool reverse, const at::Tensor& ws,
               at::Tensor& d_pre, at::Tensor& d_a, at::Tensor& d_n, at::Tensor& dh0, at::Tensor& dc0) {
   const int64_t B = sh.B, H = sh.H, Hp = sh.Hp, GHp = sh.GHp, Hc = sh.Hc;
   // W_hh as the B operand of dh_prev = da [B, 4Hp] W [4Hp, Hc]: panels of kPanel columns, [4Hp, kPanel] each
@@ -236,6 +250,12 @@ void backward(const Shape& sh, const at::Tensor& grad_out, const at::Tensor& gra
         float* dpre = dpre_all + (t * B + b) * GHp;
         float* da = da_all + (t * B + b) * GHp;
         float* dn = dn_all + (t * B + b) * Hp;
+        if (!(t < len[b])) {  // an inactive step: no gradient of its own; dh and dc pass through
+          std::fill(dpre, dpre + GHp, 0.f), std::fill(da, da + GHp, 0.f), std::fill(dn, dn + Hp, 0.f);
+          for (int64_t n = 0; n < GHp; ++n) daT[n * B + b] = 0.f;
+          std::copy(dc.data() + b * Hp, dc.data() + (b + 1) * Hp, dc_next.data() + b * Hp);
+          continue;
+        }
         for (int64_t j = 0; j < H; ++j) dht[j] = dh[b * Hc + j] + static_cast<float>(go[(t * B + b) * H + j]);
         // h' = o tanh(n), n = gamma_c chat + beta_c: the output gate and ln_c's gradients
         fVec s1(0.f), s2(0.f);
@@ -291,6 +311,8 @@ void backward(const Shape& sh, const at::Tensor& grad_out, const at::Tensor& gra
         small_gemm(B, kPanel, GHp, daT.data(), 1, B, wp.data() + p * GHp * kPanel, kPanel, dh_next.data() + p * kPanel,
                    Hc, 1.f, false);
     });
+    for (int64_t b = 0; b < B; ++b)
+      if (!(t < len[b])) std::copy(dh.data() + b * Hc, dh.data() + (b + 1) * Hc, dh_next.data() + b * Hc);
     std::swap(dh, dh_next);
     std::swap(dc, dc_next);
   }
@@ -315,8 +337,10 @@ std::vector<at::Tensor> layer_norm_lstm_fwd_cpu(const at::Tensor& xw, const at::
                                                 const std::optional<at::Tensor>& beta_h,
                                                 const std::optional<at::Tensor>& gamma_c,
                                                 const std::optional<at::Tensor>& beta_c, const at::Tensor& h0,
-                                                const at::Tensor& c0, double eps, bool reverse, bool save_workspace) {
+                                                const at::Tensor& c0, const std::optional<at::Tensor>& lengths,
+                                                double eps, bool reverse, bool save_workspace) {
   const Shape sh(xw, w_hh);
+  const auto len = cpu::lengths_of(lengths, sh.B, sh.T);
   TORCH_CHECK(xw.is_contiguous() && w_hh.is_contiguous() && h0.is_contiguous() && c0.is_contiguous(),
               "layer_norm_lstm: operands must be contiguous");
   TORCH_CHECK(h0.size(0) == sh.B && h0.size(1) == sh.H && c0.sizes() == h0.sizes(),
@@ -327,8 +351,8 @@ std::vector<at::Tensor> layer_norm_lstm_fwd_cpu(const at::Tensor& xw, const at::
                                                        : std::vector<int64_t>{0};
   at::Tensor ws = at::empty(ws_shape, xw.options().dtype(at::kFloat));
   BIGNLP_DISPATCH_FLOAT_BF16(xw.scalar_type(), "layer_norm_lstm_fwd_cpu", [&] {
-    forward<scalar_t>(sh, xw, w_hh, gamma_h, beta_h, gamma_c, beta_c, h0, c0, static_cast<float>(eps), reverse, out,
-                      h_n, c_n, ws, save_workspace);
+    forward<scalar_t>(sh, xw, w_hh, gamma_h, beta_h, gamma_c, beta_c, h0, c0, static_cast<float>(eps), len, reverse,
+                      out, h_n, c_n, ws, save_workspace);
   });
   return {out, h_n, c_n, ws};
 }
@@ -339,9 +363,10 @@ std::vector<at::Tensor> layer_norm_lstm_bwd_cpu(const at::Tensor& grad_out, cons
                                                 const std::optional<at::Tensor>& beta_h,
                                                 const std::optional<at::Tensor>& gamma_c,
                                                 const std::optional<at::Tensor>& beta_c, const at::Tensor& h0,
-                                                const at::Tensor& c0, const at::Tensor& workspace, double eps,
-                                                bool reverse) {
+                                                const at::Tensor& c0, const std::optional<at::Tensor>& lengths,
+                                                const at::Tensor& workspace, double eps, bool reverse) {
   const Shape sh(xw, w_hh);
+  const auto len = cpu::lengths_of(lengths, sh.B, sh.T);
   (void)eps;  // the saved rstd already holds it
   TORCH_CHECK(workspace.scalar_type() == at::kFloat && workspace.dim() == 3 && workspace.size(0) == sh.T &&
                   workspace.size(1) == sh.B && workspace.size(2) == sh.width,
@@ -352,7 +377,7 @@ std::vector<at::Tensor> layer_norm_lstm_bwd_cpu(const at::Tensor& grad_out, cons
   at::Tensor dh0 = at::empty({sh.B, sh.H}, f32), dc0 = at::empty({sh.B, sh.H}, f32);
   BIGNLP_DISPATCH_FLOAT_BF16(xw.scalar_type(), "layer_norm_lstm_bwd_cpu", [&] {
     backward<scalar_t>(sh, grad_out.contiguous(), grad_h_n.contiguous(), grad_c_n.contiguous(), w_hh, gamma_h,
-                       gamma_c, c0, reverse, workspace, d_pre, d_a, d_n, dh0, dc0);
+                       gamma_c, c0, len, reverse, workspace, d_pre, d_a, d_n, dh0, dc0);
   });
   const int64_t TB = sh.T * sh.B;
   // dW_hh = da^T [4H, TB] H_prev [TB, H], where the state before step t is the one saved after the

@@ -77,16 +77,6 @@ struct Shape {
   int64_t previous(int64_t t, bool reverse) const { return reverse ? (t + 1 < T ? t + 1 : -1) : t - 1; }
 };
 
-std::vector<int64_t> lengths_of(const std::optional<at::Tensor>& lengths, int64_t B, int64_t T) {
-  std::vector<int64_t> out(B, T);
-  if (lengths.has_value()) {
-    const auto l = lengths->to(at::kLong).contiguous();
-    TORCH_CHECK(l.numel() == B, "rnn: lengths must have one entry per batch row");
-    for (int64_t b = 0; b < B; ++b) out[b] = l.const_data_ptr<int64_t>()[b];
-  }
-  return out;
-}
-
 // ---- forward --------------------------------------------------------------------------------
 template <typename T>
 void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh,
@@ -366,7 +356,7 @@ std::vector<at::Tensor> rnn_fwd_cpu(const at::Tensor& xw, const at::Tensor& w_hh
   TORCH_CHECK(xw.is_contiguous() && w_hh.is_contiguous() && h0.is_contiguous(), "rnn: operands must be contiguous");
   TORCH_CHECK(h0.size(0) == sh.B && h0.size(1) == sh.S, "rnn: h0 must be [B, S]");
   TORCH_CHECK((sh.mode == Mode::kLstm) == c0.has_value(), "rnn: c0 is given exactly for lstm");
-  const auto len = lengths_of(lengths, sh.B, sh.T);
+  const auto len = cpu::lengths_of(lengths, sh.B, sh.T);
   at::Tensor out = at::empty({sh.T, sh.B, sh.S}, xw.options());
   at::Tensor h_n = at::empty({sh.B, sh.S}, xw.options());
   at::Tensor c_n = sh.mode == Mode::kLstm ? at::empty({sh.B, sh.H}, xw.options()) : at::empty({0}, xw.options());
@@ -387,7 +377,7 @@ std::vector<at::Tensor> rnn_bwd_cpu(const at::Tensor& grad_out, const at::Tensor
   const Shape sh(mode, xw, w_hh, w_hr.has_value());
   TORCH_CHECK(workspace.scalar_type() == at::kFloat && workspace.dim() == 3 && workspace.size(2) == sh.width,
               "rnn: the workspace does not come from the cpu forward of this layer");
-  const auto len = lengths_of(lengths, sh.B, sh.T);
+  const auto len = cpu::lengths_of(lengths, sh.B, sh.T);
   const auto f32 = xw.options().dtype(at::kFloat);
   at::Tensor d_hlin = at::empty({sh.T, sh.B, sh.G * sh.H}, f32);
   at::Tensor d_x = sh.mode == Mode::kGru ? at::empty({sh.T, sh.B, sh.G * sh.H}, f32) : d_hlin;

@@ -5,7 +5,9 @@
 // residual once and writes out and residual_out once; the row's fp32 sum lives in a thread-local
 // scratch row (L1/L2) between the passes over it. Backward reads grad_out, grad_residual_out and s
 // once and writes grad_s once; the weight and bias gradients are summed per fixed chunk of rows and
-// then over chunks in order, so they are deterministic.
+// then over chunks in order, so they are deterministic. Outputs larger than any cache share are
+// written with streaming stores (cpu/common.h: stream_ok), which skip the read of each line a
+// normal store makes.
 #include <ATen/Parallel.h>
 
 #include "cpu/common.h"
@@ -37,6 +39,9 @@ void fwd_rows(const T* x, const T* res, const float* w, const float* b, T* out, 
               float* rstd_out, int64_t rows, int64_t H, float eps) {
   const int64_t Hp = cpu::round_up_to_step(H);
   const int64_t grain = std::max<int64_t>(1, 16384 / Hp);
+  const int64_t bytes = rows * H * static_cast<int64_t>(sizeof(T));
+  const bool stream_out = cpu::stream_ok(out, H * sizeof(T), bytes);
+  const bool stream_res = res_out && cpu::stream_ok(res_out, H * sizeof(T), bytes);
   at::parallel_for(0, rows, grain, [&](int64_t r0, int64_t r1) {
     std::vector<float> row(Hp);  // fp32 s for the current row
     float* s = row.data();
@@ -52,7 +57,7 @@ void fwd_rows(const T* x, const T* res, const float* w, const float* b, T* out, 
           a = a + ra;
           c = c + rc;
           cpu::round_to(xr, a, c);  // normalise the s that is stored, and that the backward sees
-          cpu::store2_any(res_out + r * H + j, H - j, a, c);
+          cpu::store2_maybe_stream(res_out + r * H + j, H - j, a, c, stream_res);
         }
         cpu::store2(s + j, a, c);
         acc0 = acc0 + a;
@@ -87,9 +92,10 @@ void fwd_rows(const T* x, const T* res, const float* w, const float* b, T* out, 
         fVec a = (fVec::loadu(s + j) - vmean) * vrstd, c = (fVec::loadu(s + j + h) - vmean) * vrstd;
         a = at::vec::fmadd(a, fVec::loadu(w + j), fVec::loadu(b + j));
         c = at::vec::fmadd(c, fVec::loadu(w + j + h), fVec::loadu(b + j + h));
-        cpu::store2_any(out + r * H + j, H - j, a, c);
+        cpu::store2_maybe_stream(out + r * H + j, H - j, a, c, stream_out);
       }
     }
+    cpu::stream_fence();
   });
 }
 
@@ -99,6 +105,7 @@ void bwd_rows(const T* dy, const T* dres, const T* s, const float* mean, const f
   const int64_t Hp = cpu::round_up_to_step(H);
   const int64_t chunk = cpu::rows_per_chunk(rows);
   const int64_t n_chunks = (rows + chunk - 1) / chunk;
+  const bool stream_ds = cpu::stream_ok(ds, H * sizeof(T), rows * H * static_cast<int64_t>(sizeof(T)));
   at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
     std::vector<float> scratch(2 * Hp);
     float* xhat_row = scratch.data();  // xhat of the current row
@@ -147,10 +154,11 @@ void bwd_rows(const T* dy, const T* dres, const T* s, const float* mean, const f
             a = a + ra;
             c = c + rc;
           }
-          cpu::store2_any(ds + r * H + j, H - j, a, c);
+          cpu::store2_maybe_stream(ds + r * H + j, H - j, a, c, stream_ds);
         }
       }
     }
+    cpu::stream_fence();
   });
 }
 

@@ -54,6 +54,35 @@ inline at::vec::Vectorized<c10::BFloat16> to_bf16(const fVec& a, const fVec& b) 
 }
 inline void store2(c10::BFloat16* p, const fVec& a, const fVec& b) { to_bf16(a, b).store(p); }
 
+// Streaming (non-temporal) stores of one full step, for outputs too large to stay in cache: they
+// skip the read-for-ownership a normal store makes of every line it writes, so a memory-bound
+// kernel moves each output once instead of twice. p must be 64-byte aligned (see stream_ok); a
+// writer calls stream_fence() before its results are read by another thread. Elsewhere than
+// AVX-512 builds these are plain stores.
+inline bool stream_ok(const void* p, int64_t row_bytes, int64_t total_bytes) {
+  constexpr int64_t kStreamBytes = int64_t{16} << 20;  // past any L3 share of a few cores
+  return total_bytes >= kStreamBytes && reinterpret_cast<uintptr_t>(p) % 64 == 0 && row_bytes % 64 == 0;
+}
+inline void stream2(float* p, const fVec& a, const fVec& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  _mm512_stream_ps(p, a);
+  _mm512_stream_ps(p + fVec::size(), b);
+#else
+  store2(p, a, b);
+#endif
+}
+inline void stream2(c10::BFloat16* p, const fVec& a, const fVec& b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  _mm512_stream_si512(reinterpret_cast<__m512i*>(p), at::vec::Vectorized<c10::BFloat16>(to_bf16(a, b)));
+#else
+  store2(p, a, b);
+#endif
+}
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512)
+  _mm_sfence();
+#endif
+}
 // Prefetches the cache lines of one step of p (for a row that is processed next), for reading or,
 // with for_write, for writing. Row kernels make several passes over a row held in L1; prefetching the
 // next row during the later passes keeps memory busy while they compute.
@@ -103,6 +132,12 @@ inline void load2_any(const T* p, int64_t n, fVec& a, fVec& b) {
 template <typename T>
 inline void store2_any(T* p, int64_t n, const fVec& a, const fVec& b) {
   if (n >= kStep) store2(p, a, b); else store2(p, n, a, b);
+}
+
+// A full step by stream2 when `stream`, else by store2; a partial one always by store2.
+template <typename T>
+inline void store2_maybe_stream(T* p, int64_t n, const fVec& a, const fVec& b, bool stream) {
+  if (stream && n >= kStep) stream2(p, a, b); else store2_any(p, n, a, b);
 }
 
 // One fp32 vector from / to the first n (< or >= a vector's width) values at p.

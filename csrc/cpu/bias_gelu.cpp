@@ -63,18 +63,20 @@ at::Tensor bias_gelu_fwd_cpu(const at::Tensor& x, const std::optional<at::Tensor
     cpu::to_padded_float(bias ? bias->const_data_ptr<T>() : nullptr, H, b, Hp, 0.f);
     const T* xp = x.const_data_ptr<T>();
     T* yp = y.data_ptr<T>();
+    const bool stream = cpu::stream_ok(yp, H * sizeof(T), rows * H * static_cast<int64_t>(sizeof(T)));
     at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / Hp), [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         for (int64_t j = 0; j < H; j += kStep) {
           cpu::prefetch_ahead(xp + r * H + j);
-          cpu::prefetch_ahead(yp + r * H + j, /*for_write=*/true);
+          if (!stream) cpu::prefetch_ahead(yp + r * H + j, /*for_write=*/true);
           fVec a, c;
           cpu::load2_any(xp + r * H + j, H - j, a, c);
           a = gelu(a + fVec::loadu(b + j), tanh_approx);
           c = gelu(c + fVec::loadu(b + j + fVec::size()), tanh_approx);
-          cpu::store2_any(yp + r * H + j, H - j, a, c);
+          cpu::store2_maybe_stream(yp + r * H + j, H - j, a, c, stream);
         }
       }
+      cpu::stream_fence();
     });
   });
   return y;
@@ -102,6 +104,7 @@ std::vector<at::Tensor> bias_gelu_bwd_cpu(const at::Tensor& grad_y, const at::Te
     const T* gp = grad_y.const_data_ptr<T>();
     T* dxp = dx.data_ptr<T>();
     float* pdb_all = bias ? partial.data_ptr<float>() : nullptr;
+    const bool stream = cpu::stream_ok(dxp, H * sizeof(T), rows * H * static_cast<int64_t>(sizeof(T)));
     at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
       for (int64_t c = c0; c < c1; ++c) {
         float* pdb = pdb_all ? pdb_all + c * Hp : nullptr;
@@ -110,13 +113,13 @@ std::vector<at::Tensor> bias_gelu_bwd_cpu(const at::Tensor& grad_y, const at::Te
             const int64_t h = fVec::size();
             cpu::prefetch_ahead(xp + r * H + j);
             cpu::prefetch_ahead(gp + r * H + j);
-            cpu::prefetch_ahead(dxp + r * H + j, /*for_write=*/true);
+            if (!stream) cpu::prefetch_ahead(dxp + r * H + j, /*for_write=*/true);
             fVec xa, xc, ga, gc;
             cpu::load2_any(xp + r * H + j, H - j, xa, xc);
             cpu::load2_any(gp + r * H + j, H - j, ga, gc);
             const fVec da = ga * gelu_grad(xa + fVec::loadu(b + j), tanh_approx);
             const fVec dc = gc * gelu_grad(xc + fVec::loadu(b + j + h), tanh_approx);
-            cpu::store2_any(dxp + r * H + j, H - j, da, dc);
+            cpu::store2_maybe_stream(dxp + r * H + j, H - j, da, dc, stream);
             if (pdb) {  // padding lanes have grad_y = 0, so they add nothing
               (fVec::loadu(pdb + j) + da).store(pdb + j);
               (fVec::loadu(pdb + j + h) + dc).store(pdb + j + h);
@@ -124,6 +127,7 @@ std::vector<at::Tensor> bias_gelu_bwd_cpu(const at::Tensor& grad_y, const at::Te
           }
         }
       }
+      cpu::stream_fence();
     });
   });
   at::Tensor db = bias ? cpu::reduce_partials(partial, H, x.scalar_type()) : at::empty({0}, x.options());

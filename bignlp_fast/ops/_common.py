@@ -86,3 +86,25 @@ def check_lengths(op: str, lengths: Optional[Tensor], batch: int, steps: int) ->
     # length still cannot make a kernel read out of bounds (step t is active when t < lengths[b])
     if batch and not torch.compiler.is_compiling() and (lengths.min().item() < 0 or lengths.max().item() > steps):
         raise ValueError(f"{op}: lengths must lie in [0, {steps}], got {lengths.tolist()}")
+
+
+def check_time_major(op: str, xw, layout: str = "G*H") -> tuple[int, int, int]:
+    """The input projection of a recurrent op, xw [T, B, layout] with T >= 1: returns (T, B, last dim)."""
+    check_tensor(op, "xw", xw)
+    if xw.dim() != 3:
+        raise ValueError(f"{op}: xw must be [T, B, {layout}], got shape {tuple(xw.shape)}")
+    if xw.shape[0] == 0:
+        raise ValueError(f"{op}: xw has no time steps (shape {tuple(xw.shape)}); sequences need at least one")
+    return tuple(xw.shape)
+
+
+def check_operands(op: str, xw: Tensor, operands) -> None:
+    """Each (name, tensor or None, expected shape) that is given has that shape and xw's dtype and device."""
+    for name, tensor, shape in operands:
+        if tensor is None:
+            continue
+        check_tensor(op, name, tensor)
+        if tuple(tensor.shape) != shape:
+            raise ValueError(f"{op}: {name} must have shape {shape}, got {tuple(tensor.shape)}")
+        if tensor.dtype != xw.dtype or tensor.device != xw.device:
+            raise TypeError(f"{op}: {name} is {tensor.dtype} on {tensor.device}; xw is {xw.dtype} on {xw.device}")

@@ -36,7 +36,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bignlp_fast import _backend
-from bignlp_fast.ops._common import acc_dtype, check_lengths, check_tensor, contiguous, kernel
+from bignlp_fast.ops._common import (acc_dtype, check_lengths, check_operands, check_tensor, check_time_major,
+                                     contiguous, kernel)
 
 OP = _backend.register_op(
     "layer_norm_lstm",
@@ -235,29 +236,18 @@ def layer_norm_lstm_layer(xw: Tensor, w_hh: Tensor, gamma_h: Optional[Tensor], b
     Returns (out [T, B, H], h_n [B, H], c_n [B, H]).
     """
     op = "layer_norm_lstm_layer"
-    check_tensor(op, "xw", xw)
-    if xw.dim() != 3:
-        raise ValueError(f"{op}: xw must be [T, B, 4H], got shape {tuple(xw.shape)}")
-    t, b, gh = xw.shape
-    if t == 0:
-        raise ValueError(f"{op}: xw has no time steps (shape {tuple(xw.shape)}); sequences need at least one")
+    t, b, gh = check_time_major(op, xw, "4H")
     check_tensor(op, "w_hh", w_hh)
     if w_hh.dim() != 2 or w_hh.shape[0] != gh or gh != 4 * w_hh.shape[1]:
         raise ValueError(f"{op}: w_hh must be [4H, H] with 4H = {gh} (xw's last dimension), got "
                          f"{tuple(w_hh.shape)}")
     hidden = w_hh.shape[1]
-    for name, tensor, shape in (("w_hh", w_hh, (gh, hidden)), ("gamma_h", gamma_h, (gh,)), ("beta_h", beta_h, (gh,)),
-                                ("gamma_c", gamma_c, (hidden,)), ("beta_c", beta_c, (hidden,)),
-                                ("h0", h0, (b, hidden)), ("c0", c0, (b, hidden))):
-        if tensor is None:
-            if name in ("h0", "c0"):
-                raise TypeError(f"{op}: {name} is required (zeros for a fresh state)")
-            continue
-        check_tensor(op, name, tensor)
-        if tuple(tensor.shape) != shape:
-            raise ValueError(f"{op}: {name} must have shape {shape}, got {tuple(tensor.shape)}")
-        if tensor.dtype != xw.dtype or tensor.device != xw.device:
-            raise TypeError(f"{op}: {name} is {tensor.dtype} on {tensor.device}; xw is {xw.dtype} on {xw.device}")
+    for name, state in (("h0", h0), ("c0", c0)):
+        if state is None:
+            raise TypeError(f"{op}: {name} is required (zeros for a fresh state)")
+    check_operands(op, xw, (("w_hh", w_hh, (gh, hidden)), ("gamma_h", gamma_h, (gh,)), ("beta_h", beta_h, (gh,)),
+                            ("gamma_c", gamma_c, (hidden,)), ("beta_c", beta_c, (hidden,)),
+                            ("h0", h0, (b, hidden)), ("c0", c0, (b, hidden))))
     if not eps > 0:
         raise ValueError(f"{op}: eps must be positive, got {eps}")
     check_lengths(op, lengths, b, t)

@@ -32,7 +32,8 @@ import torch
 from torch import Tensor
 
 from bignlp_fast import _backend
-from bignlp_fast.ops._common import acc_dtype, check_choice, check_lengths, check_tensor, kernel
+from bignlp_fast.ops._common import (acc_dtype, check_choice, check_lengths, check_operands, check_time_major,
+                                     kernel)
 
 OP = _backend.register_op(
     "rnn",
@@ -253,26 +254,14 @@ def rnn_layer(mode: str, xw: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: T
     """
     op = "rnn_layer"
     check_choice(op, "mode", mode, tuple(GATES))
-    check_tensor(op, "xw", xw)
-    if xw.dim() != 3:
-        raise ValueError(f"{op}: xw must be [T, B, G*H], got shape {tuple(xw.shape)}")
-    t, b, gh = xw.shape
-    if t == 0:
-        raise ValueError(f"{op}: xw has no time steps (shape {tuple(xw.shape)}); sequences need at least one")
+    t, b, gh = check_time_major(op, xw)
     gates = GATES[mode]
     if w_hh.dim() != 2 or w_hh.shape[0] != gh or gh % gates:
         raise ValueError(f"{op}: w_hh must be [{gh}, S] for xw's {gh} = {gates} gates x hidden, got "
                          f"{tuple(w_hh.shape)}")
     hidden, state = gh // gates, w_hh.shape[1]
-    for name, tensor, shape in (("b_hh", b_hh, (gh,)), ("h0", h0, (b, state)),
-                                ("c0", c0, (b, hidden)), ("w_hr", w_hr, (state, hidden))):
-        if tensor is None:
-            continue
-        check_tensor(op, name, tensor)
-        if tuple(tensor.shape) != shape:
-            raise ValueError(f"{op}: {name} must have shape {shape}, got {tuple(tensor.shape)}")
-        if tensor.dtype != xw.dtype or tensor.device != xw.device:
-            raise TypeError(f"{op}: {name} is {tensor.dtype} on {tensor.device}; xw is {xw.dtype} on {xw.device}")
+    check_operands(op, xw, (("b_hh", b_hh, (gh,)), ("h0", h0, (b, state)), ("c0", c0, (b, hidden)),
+                            ("w_hr", w_hr, (state, hidden))))
     if (c0 is not None) != (mode == "lstm"):
         raise ValueError(f"{op}: c0 is required for mode 'lstm' and not allowed otherwise")
     if w_hr is None and state != hidden:

@@ -21,6 +21,7 @@
 
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
+#include <c10/util/BFloat16.h>
 
 namespace bignlp_fast::cpu {
 
@@ -108,6 +109,80 @@ inline void small_gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t 
     k0 += kKC;
   } while (k0 < K);
 }
+
+// ---- bf16 operands on the CPU's bf16 dot products -------------------------------------------------
+// Where the build targets AVX512_BF16 (vdpbf16ps: each fp32 lane adds the products of one pair of
+// bf16 values from each operand), C[M, N] = A[M, K] B[K, N] with bf16 A and B and fp32 sums, at twice
+// the multiply rate of fp32 FMA and half the bytes of B. Operands are packed in pairs of k:
+//   A: a[kp * a_cs + m] is a uint32 holding A[m, 2kp] (low half) and A[m, 2kp + 1] (high half);
+//   B: b[(kp * ldb + n) * 2 + k % 2] for row pair kp, column n (ldb columns per pair row);
+// K2 = ceil(K / 2) pairs, an odd K padded with zeros in both. N is a multiple of 16; C is written
+// (not accumulated).
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+#define BIGNLP_FAST_BF16_DOT 1
+namespace gemm_detail {
+template <int MR, int NV>
+inline void tile_bf16(int64_t K2, const uint32_t* a, int64_t a_cs, const c10::BFloat16* b, int64_t ldb, float* c,
+                      int64_t ldc) {
+  __m512 acc[MR][NV];
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t kp = 0; kp < K2; ++kp) {
+    __m512bh bv[NV];
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) bv[v] = (__m512bh)_mm512_loadu_si512(b + (kp * ldb + v * 16) * 2);
+    const uint32_t* ak = a + kp * a_cs;
+#pragma GCC unroll 8
+    for (int r = 0; r < MR; ++r) {
+      const __m512bh ar = (__m512bh)_mm512_set1_epi32(static_cast<int>(ak[r]));
+#pragma GCC unroll 2
+      for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], ar, bv[v]);
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < MR; ++r)
+#pragma GCC unroll 2
+    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + r * ldc + v * 16, acc[r][v]);
+}
+
+template <int NV>
+inline void panel_bf16(int64_t M, int64_t K2, const uint32_t* a, int64_t a_cs, const c10::BFloat16* b, int64_t ldb,
+                       float* c, int64_t ldc) {
+  int64_t m = 0;
+  for (; m + 8 <= M; m += 8) tile_bf16<8, NV>(K2, a + m, a_cs, b, ldb, c + m * ldc, ldc);
+  switch (M - m) {
+    case 1: tile_bf16<1, NV>(K2, a + m, a_cs, b, ldb, c + m * ldc, ldc); break;
+    case 2: tile_bf16<2, NV>(K2, a + m, a_cs, b, ldb, c + m * ldc, ldc); break;
+    case 3: tile_bf16<3, NV>(K2, a + m, a_cs, b, ldb, c + m * ldc, ldc); break;
+    case 4: tile_bf16<4, NV>(K2, a + m, a_cs, b, ldb, c + m * ldc, ldc); break;
+    case 5: tile_bf16<5, NV>(K2, a + m, a_cs, b, ldb, c + m * ldc, ldc); break;
+    case 6: tile_bf16<6, NV>(K2, a + m, a_cs, b, ldb, c + m * ldc, ldc); break;
+    case 7: tile_bf16<7, NV>(K2, a + m, a_cs, b, ldb, c + m * ldc, ldc); break;
+    default: break;
+  }
+}
+}  // namespace gemm_detail
+
+inline void small_gemm_bf16(int64_t M, int64_t N, int64_t K2, const uint32_t* a, int64_t a_cs,
+                            const c10::BFloat16* b, int64_t ldb, float* c, int64_t ldc) {
+  int64_t n = 0;
+  for (; n + 32 <= N; n += 32) gemm_detail::panel_bf16<2>(M, K2, a, a_cs, b + n * 2, ldb, c + n, ldc);
+  if (n < N) gemm_detail::panel_bf16<1>(M, K2, a, a_cs, b + n * 2, ldb, c + n, ldc);
+}
+
+// A [K, M] fp32 operand (k-major, as the recurrent state is kept) as bf16 pairs of k for
+// small_gemm_bf16: out[kp * M + m] = (bf16(a[2kp * M + m]), bf16(a[(2kp + 1) * M + m]) or 0).
+inline void pack_pairs_bf16(const float* a, int64_t K, int64_t M, uint32_t* out) {
+  for (int64_t kp = 0; kp < (K + 1) / 2; ++kp)
+    for (int64_t m = 0; m < M; ++m) {
+      const uint32_t lo = c10::BFloat16(a[2 * kp * M + m]).x;
+      const uint32_t hi = 2 * kp + 1 < K ? c10::BFloat16(a[(2 * kp + 1) * M + m]).x : 0;
+      out[kp * M + m] = lo | (hi << 16);
+    }
+}
+#endif
 
 namespace gemm_detail {
 constexpr int64_t kPanel = 2 * at::vec::Vectorized<float>::size();  // columns per B panel (32 with AVX-512)

@@ -15,6 +15,7 @@
 // The weight gradients are left to large GEMMs over all steps at the end (cpu::packed_gemm).
 #include <cmath>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../ops.h"
@@ -88,15 +89,36 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
   // W_hh^T in panels of kUnits columns, panel (blk * G + g) holding gate g of units blk * kUnits + u:
   // panel p is [S, kUnits] at wt + p * S * kUnits. Each panel is contiguous (a row stride of whole
   // kibibytes would put every row of a panel in the same few L1 sets).
-  std::vector<float> wt(S * ld_w, 0.f), bias(ld_w, 0.f);
+#ifdef BIGNLP_FAST_BF16_DOT
+  // bf16 layers run the recurrent GEMM on the CPU's bf16 dot products (gemm.h): the same panels as
+  // bf16 pairs of k, and the state rounded to bf16 for the GEMM (as torch's bf16 LSTM keeps it);
+  // the gates, the update and the state itself stay fp32
+  constexpr bool kBf16Dot = std::is_same_v<T, c10::BFloat16>;
+#else
+  constexpr bool kBf16Dot = false;
+#endif
+  std::vector<float> wt(kBf16Dot ? 0 : S * ld_w, 0.f), bias(ld_w, 0.f);
   const T* w = w_hh.const_data_ptr<T>();
   at::parallel_for(0, G * H, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t g = r / H, j = r % H, panel = j / kUnits * G + g, u = j % kUnits;
-      for (int64_t k = 0; k < S; ++k) wt[(panel * S + k) * kUnits + u] = static_cast<float>(w[r * S + k]);
+      if (!kBf16Dot)
+        for (int64_t k = 0; k < S; ++k) wt[(panel * S + k) * kUnits + u] = static_cast<float>(w[r * S + k]);
       if (b_hh.has_value()) bias[panel * kUnits + u] = static_cast<float>(b_hh->const_data_ptr<T>()[r]);
     }
   });
+  const int64_t K2 = (S + 1) / 2;
+  std::vector<c10::BFloat16> wtb(kBf16Dot ? K2 * ld_w * 2 : 0);
+  std::vector<uint32_t> htb(kBf16Dot ? K2 * B : 0);
+  if constexpr (kBf16Dot) {
+    at::parallel_for(0, G * H, 64, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t g = r / H, j = r % H, panel = j / kUnits * G + g, u = j % kUnits;
+        for (int64_t k = 0; k < S; ++k)
+          wtb[((panel * K2 + k / 2) * kUnits + u) * 2 + k % 2] = static_cast<c10::BFloat16>(w[r * S + k]);
+      }
+    });
+  }
   // W_hr^T [H, P padded] for the projection
   const int64_t ld_p = round_up_to_vec(S);
   std::vector<float> wrt;
@@ -123,13 +145,24 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
   };
   for (int64_t step = 0; step < sh.T; ++step) {
     const int64_t t = reverse ? sh.T - 1 - step : step;
+#ifdef BIGNLP_FAST_BF16_DOT
+    if constexpr (kBf16Dot) cpu::pack_pairs_bf16(ht.data(), S, B, htb.data());
+#endif
     at::parallel_for(0, blocks, 1, [&](int64_t blk0, int64_t blk1) {
       std::vector<float> tile(B * G * kUnits), xg(G * kUnits), scratch(save ? 0 : sh.width);
       for (int64_t blk = blk0; blk < blk1; ++blk) {
         const int64_t j0 = blk * kUnits, nu = std::min(kUnits, H - j0);
-        for (int64_t g = 0; g < G; ++g)
+        for (int64_t g = 0; g < G; ++g) {
+#ifdef BIGNLP_FAST_BF16_DOT
+          if constexpr (kBf16Dot) {
+            cpu::small_gemm_bf16(B, kUnits, K2, htb.data(), B, wtb.data() + (blk * G + g) * K2 * kUnits * 2, kUnits,
+                                 tile.data() + g * kUnits, G * kUnits);
+            continue;
+          }
+#endif
           small_gemm(B, kUnits, S, ht.data(), 1, B, wt.data() + (blk * G + g) * S * kUnits, kUnits,
                      tile.data() + g * kUnits, G * kUnits, 1.f, false);
+        }
         for (int64_t b = 0; b < B; ++b) {
           const bool active = t < len[b];
           const T* xb = x + (t * B + b) * G * H;

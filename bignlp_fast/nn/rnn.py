@@ -389,8 +389,6 @@ class LayerNormLSTM(torch.nn.Module):
     reference, a Python loop over steps, recorded as a fallback).
     """
 
-    OP = "layer_norm_lstm"
-
     def __init__(self, input_size: int, hidden_size: int, num_layers: int = 1, bias: bool = True,
                  batch_first: bool = False, dropout: float = 0.0, bidirectional: bool = False, eps: float = 1e-5,
                  device=None, dtype=None, *, backend: Optional[str] = None):

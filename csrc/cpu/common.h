@@ -195,6 +195,16 @@ inline at::Tensor reduce_partials(const at::Tensor& partial, int64_t H, at::Scal
   return total.to(dtype);
 }
 
+// The state before each step of a recurrent layer, [T * B, S] fp32, from `after` [T, B, S] (the
+// state saved after each step) and h0 [B, S]: the state saved after the step processed before, or h0.
+inline at::Tensor states_before_each_step(const at::Tensor& after, const at::Tensor& h0, bool reverse) {
+  const int64_t T = after.size(0);
+  const at::Tensor h0f = h0.to(at::kFloat).unsqueeze(0);
+  const at::Tensor before = !reverse ? at::cat({h0f, after.narrow(0, 0, T - 1)}, 0)
+                                     : at::cat({after.narrow(0, 1, T - 1), h0f}, 0);
+  return before.reshape({T * after.size(1), after.size(2)});
+}
+
 // Per-sequence lengths of a recurrent layer (int64 [B] on the CPU), or T for every row when absent:
 // step t of row b is active when t < lengths[b].
 inline std::vector<int64_t> lengths_of(const std::optional<at::Tensor>& lengths, int64_t B, int64_t T) {

@@ -19,6 +19,7 @@
 
 #include <vector>
 
+#include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
@@ -242,6 +243,17 @@ void packed_gemm(int64_t M, int64_t N, int64_t K, Strided<T> A, Strided<T> B, co
       }
     }
   });
+}
+
+// a^T b for fp32 a [R, X] and b [R, Y]: [X, Y] fp32 on packed_gemm (the weight gradients of the
+// recurrent ops: a sum over every (step, row)).
+inline at::Tensor gemm_tn(const at::Tensor& a, const at::Tensor& b) {
+  const at::Tensor ac = a.contiguous(), bc = b.contiguous();
+  const int64_t R = ac.size(0), X = ac.size(1), Y = bc.size(1);
+  at::Tensor c = at::empty({X, Y}, ac.options());
+  packed_gemm<float, float>(X, Y, R, {ac.const_data_ptr<float>(), 1, X}, {bc.const_data_ptr<float>(), Y, 1}, nullptr,
+                            c.data_ptr<float>(), Y);
+  return c;
 }
 
 inline int64_t round_up_to_vec(int64_t n) {

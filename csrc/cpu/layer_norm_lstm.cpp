@@ -22,6 +22,7 @@
 // build), so the row loops run on whole vectors; padded lanes are kept at zero where a statistic
 // reads them, and the statistics count H (or 4H) values.
 #include <cmath>
+#include <functional>
 #include <vector>
 
 #include "../ops.h"
@@ -43,13 +44,7 @@ static_assert(kPad % VS == 0, "the padding must be a whole number of vectors");
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
-inline float hsum(const fVec& v) {
-  float tmp[VS];
-  v.store(tmp);
-  float s = 0.f;
-  for (int64_t q = 0; q < VS; ++q) s += tmp[q];
-  return s;
-}
+inline float hsum(const fVec& v) { return at::vec::vec_reduce_all<float>(std::plus<fVec>(), v); }
 
 // Mean and 1/sqrt(var + eps) of the first n of np values (the others are zero and not counted).
 inline void row_stats(const float* x, int64_t n, int64_t np, float eps, float& mean, float& rstd) {
@@ -92,10 +87,9 @@ struct Shape {
 // `fill` for an absent one (scale 1, shift 0).
 template <typename T>
 std::vector<float> padded_param(const std::optional<at::Tensor>& p, int64_t gates, int64_t H, int64_t Hp, float fill) {
-  std::vector<float> out(gates * Hp, 0.f);
+  std::vector<float> out(gates * Hp);
   for (int64_t g = 0; g < gates; ++g)
-    for (int64_t j = 0; j < H; ++j)
-      out[g * Hp + j] = p.has_value() ? static_cast<float>(p->const_data_ptr<T>()[g * H + j]) : fill;
+    cpu::to_padded_float(p.has_value() ? p->const_data_ptr<T>() + g * H : nullptr, H, out.data() + g * Hp, Hp, fill);
   return out;
 }
 
@@ -379,17 +373,9 @@ std::vector<at::Tensor> layer_norm_lstm_bwd_cpu(const at::Tensor& grad_out, cons
     backward<scalar_t>(sh, grad_out.contiguous(), grad_h_n.contiguous(), grad_c_n.contiguous(), w_hh, gamma_h,
                        gamma_c, c0, len, reverse, workspace, d_pre, d_a, d_n, dh0, dc0);
   });
-  const int64_t TB = sh.T * sh.B;
-  // dW_hh = da^T [4H, TB] H_prev [TB, H], where the state before step t is the one saved after the
-  // step processed before it, or h0
-  at::Tensor states = workspace.narrow(2, sh.off_h, sh.H);  // [T, B, H]
-  at::Tensor h0f = h0.to(at::kFloat).unsqueeze(0);
-  at::Tensor h_prev = !reverse ? at::cat({h0f, states.narrow(0, 0, sh.T - 1)}, 0)
-                               : at::cat({states.narrow(0, 1, sh.T - 1), h0f}, 0);
-  at::Tensor da = unpad(d_a, 4, sh.H).contiguous(), hp = h_prev.reshape({TB, sh.H}).contiguous();
-  at::Tensor d_w_hh = at::empty({4 * sh.H, sh.H}, f32);
-  cpu::packed_gemm<float, float>(4 * sh.H, sh.H, TB, {da.const_data_ptr<float>(), 1, 4 * sh.H},
-                                 {hp.const_data_ptr<float>(), sh.H, 1}, nullptr, d_w_hh.data_ptr<float>(), sh.H);
+  // dW_hh = da^T [4H, TB] H_prev [TB, H]
+  at::Tensor h_prev = cpu::states_before_each_step(workspace.narrow(2, sh.off_h, sh.H), h0, reverse);
+  at::Tensor d_w_hh = cpu::gemm_tn(unpad(d_a, 4, sh.H), h_prev);
   // the LayerNorms' scales and shifts: sums over every (step, row), in a fixed order
   at::Tensor dpre = unpad(d_pre, 4, sh.H);
   at::Tensor ahat = unpad(workspace.narrow(2, sh.off_ahat, sh.GHp), 4, sh.H);

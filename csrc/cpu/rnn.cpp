@@ -421,29 +421,17 @@ std::vector<at::Tensor> rnn_bwd_cpu(const at::Tensor& grad_out, const at::Tensor
                        grad_c_n.has_value() ? std::optional<at::Tensor>(grad_c_n->contiguous()) : std::nullopt, w_hh,
                        h0, c0, w_hr, len, reverse, workspace, d_hlin, d_x, dht_all, dh0, dc0);
   });
-  // Weight gradients: large GEMMs over every (step, row). The state before step t is the state
-  // saved after the step processed before it, or h0.
+  // Weight gradients: large GEMMs over every (step, row):
+  // dW_hh = dG^T [GH, TB] H_prev [TB, S] and dW_hr = dh^T [P, TB] M [TB, H]
   const int64_t TB = sh.T * sh.B;
-  at::Tensor states = workspace.narrow(2, sh.off_state, sh.S);  // [T, B, S], after each step
-  at::Tensor h0f = h0.to(at::kFloat).unsqueeze(0);
-  at::Tensor h_prev = !reverse ? at::cat({h0f, states.narrow(0, 0, sh.T - 1)}, 0)
-                               : at::cat({states.narrow(0, 1, sh.T - 1), h0f}, 0);
-  // dW_hh = dG^T [GH, TB] H_prev [TB, S] and dW_hr = dh^T [P, TB] M [TB, H]: on packed_gemm (fp32 out)
-  auto gemm_tn = [&](const at::Tensor& a, const at::Tensor& b) {  // a^T b for a [TB, X], b [TB, Y] fp32
-    const at::Tensor ac = a.contiguous(), bc = b.contiguous();
-    const int64_t X = ac.size(1), Y = bc.size(1);
-    at::Tensor c = at::empty({X, Y}, ac.options());
-    cpu::packed_gemm<float, float>(X, Y, TB, {ac.const_data_ptr<float>(), 1, X}, {bc.const_data_ptr<float>(), Y, 1},
-                                   nullptr, c.data_ptr<float>(), Y);
-    return c;
-  };
-  at::Tensor d_w_hh = gemm_tn(d_hlin.view({TB, -1}), h_prev.reshape({TB, sh.S})).to(w_hh.scalar_type());
+  at::Tensor h_prev = cpu::states_before_each_step(workspace.narrow(2, sh.off_state, sh.S), h0, reverse);
+  at::Tensor d_w_hh = cpu::gemm_tn(d_hlin.view({TB, -1}), h_prev).to(w_hh.scalar_type());
   at::Tensor d_b_hh = b_hh.has_value() ? d_hlin.view({TB, -1}).sum(0).to(b_hh->scalar_type())
                                        : at::empty({0}, xw.options());
   at::Tensor d_w_hr = at::empty({0}, xw.options());
   if (sh.proj) {
     at::Tensor m = workspace.narrow(2, sh.off_m, sh.H).reshape({TB, sh.H});
-    d_w_hr = gemm_tn(dht_all.view({TB, sh.S}), m).to(w_hr->scalar_type());
+    d_w_hr = cpu::gemm_tn(dht_all.view({TB, sh.S}), m).to(w_hr->scalar_type());
   }
   return {d_x.to(xw.scalar_type()), d_w_hh, d_b_hh, dh0.to(h0.scalar_type()),
           c0.has_value() ? dc0.to(c0->scalar_type()) : at::empty({0}, xw.options()), d_w_hr};

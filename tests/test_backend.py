@@ -91,3 +91,57 @@ def test_cuda_sources_were_compiled_when_asked():
     if os.environ.get("BIGNLP_FAST_CUDA") != "1":
         pytest.skip("BIGNLP_FAST_CUDA=1 not set: the build decided by itself")
     assert bignlp_fast.build_info()["with_cuda"], "BIGNLP_FAST_CUDA=1 but the extension has no CUDA sources"
+
+
+# ---- the eager shortcut past torch's dispatcher (ops/_common.py: call) ----------------------------
+@pytest.fixture
+def body_calls(monkeypatch):
+    """Counts the calls that reach add_layer_norm_fwd's body through the shortcut (a call through the
+    dispatcher runs the registered function, not this dictionary entry)."""
+    import sys
+    from bignlp_fast.ops import _common
+    op = sys.modules["bignlp_fast.ops.add_layer_norm"].add_layer_norm_fwd
+    real, calls = _common._BODIES[op], []
+
+    def counted(*args):
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setitem(_common._BODIES, op, counted)
+    return calls
+
+
+def _aln_inputs(requires_grad=False):
+    x = torch.randn(3, 8, requires_grad=requires_grad)
+    return x, torch.randn(3, 8), torch.ones(8), torch.zeros(8)
+
+
+def test_eager_inference_call_skips_the_dispatcher(body_calls):
+    x, r, w, b = _aln_inputs()
+    out, s = add_layer_norm(x, r, w, b)
+    assert len(body_calls) == 1
+    torch.testing.assert_close(out, torch.nn.functional.layer_norm(x + r, (8,), w, b))
+    with torch.no_grad():  # grad mode off: even inputs that require grad take the shortcut
+        add_layer_norm(*_aln_inputs(requires_grad=True))
+    assert len(body_calls) == 2
+
+
+def test_calls_that_something_must_see_go_through_the_dispatcher(body_calls):
+    from torch.utils._python_dispatch import TorchDispatchMode
+    out, _ = add_layer_norm(*_aln_inputs(requires_grad=True))  # autograd records it
+    assert out.grad_fn is not None
+
+    class Seen(TorchDispatchMode):
+        ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Seen.ops.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    with Seen():
+        add_layer_norm(*_aln_inputs())
+    assert "bignlp_fast.add_layer_norm_fwd.default" in Seen.ops
+    with torch.profiler.profile() as prof:
+        add_layer_norm(*_aln_inputs())
+    assert any(e.name == "bignlp_fast::add_layer_norm_fwd" for e in prof.events())
+    assert body_calls == []

@@ -4,6 +4,9 @@ a backend's kernel by the project's naming ladder, ``{op}_{fwd|bwd}_{backend}``:
 - cpu, cuda: ``bignlp_fast._C.{op}_fwd_cpu`` / ``..._cuda`` (csrc/cpu/{op}.cpp, csrc/cuda/{op}.cu)
 - triton:    ``bignlp_fast.kernels.{op}.{op}_fwd_triton`` (kernels/{op}.py)
 - torch:     ``bignlp_fast.ops.{op}.{op}_fwd_torch`` (the reference, beside the public op)
+
+and the custom ops' registration (:func:`custom_op`) with the eager shortcut past torch's dispatcher
+(:func:`call`).
 """
 
 from __future__ import annotations
@@ -15,6 +18,60 @@ import torch
 from torch import Tensor
 
 from bignlp_fast import _backend
+
+
+# ---- custom ops and the eager shortcut ------------------------------------------------------------
+# A custom op costs ~8 us per call in torch's dispatcher (Python -> C++ dispatcher -> autograd
+# redispatch -> Python body), more than the kernel itself for the small calls of decoding (GPT-2 at
+# batch 1 makes ~100 of them per token). When nothing would record or transform the call, call()
+# runs the op's body directly: same function, same result, none of the overhead.
+_BODIES: dict = {}
+_PLAIN = (Tensor, torch.nn.Parameter)
+
+
+def custom_op(name: str) -> Callable:
+    """``@custom_op("foo_fwd")`` = ``torch.library.custom_op("bignlp_fast::foo_fwd", mutates_args=())``,
+    keeping the undecorated function for :func:`call`."""
+
+    def register(fn: Callable):
+        op = torch.library.custom_op(f"bignlp_fast::{name}", fn, mutates_args=())
+        _BODIES[op] = fn
+        return op
+
+    return register
+
+
+def _tensors(args):
+    for a in args:
+        if isinstance(a, Tensor):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            yield from (t for t in a if isinstance(t, Tensor))
+
+
+def dispatcher_needed(args) -> bool:
+    """Whether a call with these arguments must go through torch's dispatcher: under torch.compile or
+    torch.jit tracing (they must see the op), a TorchDispatchMode or TorchFunctionMode (FakeTensor,
+    FlopCounter...), functorch transforms, the profiler (its record of the op), a tensor subclass, or
+    when autograd has to record the call (grad mode on and an input that requires grad)."""
+    if (torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
+            or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
+            or torch._C._are_functorch_transforms_active() or torch.autograd.profiler._is_profiler_enabled):
+        return True
+    grad = torch.is_grad_enabled()
+    for t in _tensors(args):
+        if type(t) not in _PLAIN or (grad and t.requires_grad):
+            return True
+    return False
+
+
+def call(op, *args):
+    """``op(*args)``; for a custom op made by :func:`custom_op`, its body directly when
+    :func:`dispatcher_needed` says nothing needs the dispatcher."""
+    body = _BODIES.get(op)
+    if body is None or dispatcher_needed(args):
+        return op(*args)
+    return body(*args)
 
 
 def kernel(op: str, pass_: str, backend: str) -> Callable:

@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from bignlp_fast import _backend
-from bignlp_fast.ops._common import acc_dtype, check_like, check_tensor, check_vector, contiguous, kernel
+from bignlp_fast.ops._common import (acc_dtype, call, check_like, check_tensor, check_vector,
+                                     contiguous, custom_op, kernel)
 
 OP = _backend.register_op("add_layer_norm", dtypes={
     "cpu": (torch.float32, torch.bfloat16),
@@ -64,7 +65,7 @@ def add_layer_norm_bwd_torch(grad_out: Tensor, grad_residual_out: Optional[Tenso
 
 
 # ---- custom ops -------------------------------------------------------------------------------
-@torch.library.custom_op("bignlp_fast::add_layer_norm_fwd", mutates_args=())
+@custom_op("add_layer_norm_fwd")
 def add_layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias: Optional[Tensor],
                        eps: float, backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     run = kernel("add_layer_norm", "fwd", backend)
@@ -78,7 +79,7 @@ def _(x, residual, weight, bias, eps, backend):
             stats, torch.empty_like(stats))
 
 
-@torch.library.custom_op("bignlp_fast::add_layer_norm_bwd", mutates_args=())
+@custom_op("add_layer_norm_bwd")
 def add_layer_norm_bwd(grad_out: Tensor, grad_residual_out: Optional[Tensor], s: Tensor, mean: Tensor,
                        rstd: Tensor, weight: Optional[Tensor], has_bias: bool,
                        backend: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -103,7 +104,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, grad_residual_out, _grad_mean, _grad_rstd):
     s, mean, rstd, weight = ctx.saved_tensors
-    grad_s, grad_weight, grad_bias = add_layer_norm_bwd(
+    grad_s, grad_weight, grad_bias = call(add_layer_norm_bwd,
         grad_out, grad_residual_out if ctx.has_residual else None, s, mean, rstd, weight, ctx.has_bias, ctx.backend)
     return (grad_s, grad_s if ctx.has_residual else None, grad_weight if weight is not None else None,
             grad_bias if ctx.has_bias else None, None, None)
@@ -152,5 +153,5 @@ def add_layer_norm(x: Tensor, residual: Optional[Tensor] = None, weight: Optiona
     name = _backend.choose(OP, x.device, x.dtype, backend, _triton_check(hidden, x.dtype))
     x2 = x.reshape(-1, hidden)
     r2 = residual.reshape(-1, hidden) if residual is not None else None
-    out, residual_out, _mean, _rstd = add_layer_norm_fwd(x2, r2, weight, bias, float(eps), name)
+    out, residual_out, _mean, _rstd = call(add_layer_norm_fwd, x2, r2, weight, bias, float(eps), name)
     return out.view(x.shape), (residual_out.view(x.shape) if residual is not None else x)

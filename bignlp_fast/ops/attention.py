@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from bignlp_fast import _backend
-from bignlp_fast.ops._common import acc_dtype, check_choice, check_like, check_tensor, kernel
+from bignlp_fast.ops._common import acc_dtype, call, check_choice, check_like, check_tensor, custom_op, kernel
 
 OP = _backend.register_op(
     "attention",
@@ -208,7 +208,7 @@ def attention_bwd_torch(grad_out, q, k, v, out, lse, bias, cu_seqlens_q, cu_seql
 
 
 # ---- custom ops -------------------------------------------------------------------------------
-@torch.library.custom_op("bignlp_fast::attention_fwd", mutates_args=())
+@custom_op("attention_fwd")
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], cu_seqlens_q: Optional[Tensor],
                   cu_seqlens_k: Optional[Tensor], max_seqlen_q: int, max_seqlen_k: int, scale: float, causal: int,
                   dropout_p: float, seed: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor]:
@@ -223,7 +223,7 @@ def _(q, k, v, bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, sca
     return _new_out(q, v.shape[-1]), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-@torch.library.custom_op("bignlp_fast::attention_bwd", mutates_args=())
+@custom_op("attention_bwd")
 def attention_bwd(grad_out: Tensor, q: Tensor, k: Tensor, v: Tensor, out: Tensor, lse: Tensor,
                   bias: Optional[Tensor], cu_seqlens_q: Optional[Tensor], cu_seqlens_k: Optional[Tensor],
                   max_seqlen_q: int, max_seqlen_k: int, scale: float, causal: int, dropout_p: float,
@@ -251,7 +251,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_lse):
     q, k, v, out, lse, bias, cu_q, cu_k, seed = ctx.saved_tensors
     max_q, max_k, scale, causal, dropout_p, backend = ctx.args
-    dq, dk, dv = attention_bwd(grad_out, q, k, v, out, lse, bias, cu_q, cu_k, max_q, max_k, scale, causal,
+    dq, dk, dv = call(attention_bwd, grad_out, q, k, v, out, lse, bias, cu_q, cu_k, max_q, max_k, scale, causal,
                                dropout_p, seed, backend)
     return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
@@ -383,7 +383,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         out, _ = attention_math(query.to(acc), key.to(acc), value.to(acc), bias.to(acc), causal, scale, keep)
         return out.to(query.dtype)
     q, k, v = (_last_dim_contiguous(t) for t in (query, key, value))
-    out, _lse = attention_fwd(q, k, v, bias, None, None, lq, lk, scale, causal, dropout_p, seed, name)
+    out, _lse = call(attention_fwd, q, k, v, bias, None, None, lq, lk, scale, causal, dropout_p, seed, name)
     return out
 
 
@@ -445,6 +445,6 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     name = _backend.choose(OP, q.device, q.dtype, backend, _supports(q.shape[-1], v.shape[-1], False))
     seed = new_dropout_seed() if dropout_p > 0 else None
     q4, k4, v4 = (_last_dim_contiguous(t).unsqueeze(0).transpose(1, 2) for t in (q, k, v))  # [1, H, T, D] views
-    out, _lse = attention_fwd(q4, k4, v4, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
+    out, _lse = call(attention_fwd, q4, k4, v4, None, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, scale,
                               CAUSAL_BOTTOM_RIGHT if causal else CAUSAL_NONE, dropout_p, seed, name)
     return out.transpose(1, 2).squeeze(0)

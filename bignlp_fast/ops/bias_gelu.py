@@ -15,7 +15,8 @@ from torch import Tensor
 
 from bignlp_fast import _backend
 from bignlp_fast.ops._activation import ACTIVATIONS, activation_grad_torch
-from bignlp_fast.ops._common import acc_dtype, check_choice, check_tensor, check_vector, contiguous, kernel
+from bignlp_fast.ops._common import (acc_dtype, call, check_choice, check_tensor, check_vector,
+                                     contiguous, custom_op, kernel)
 
 OP = _backend.register_op("bias_gelu", dtypes={
     "cpu": (torch.float32, torch.bfloat16),
@@ -52,7 +53,7 @@ def bias_gelu_bwd_torch(grad_y: Tensor, x: Tensor, bias: Optional[Tensor], tanh_
 
 
 # ---- custom ops -------------------------------------------------------------------------------
-@torch.library.custom_op("bignlp_fast::bias_gelu_fwd", mutates_args=())
+@custom_op("bias_gelu_fwd")
 def bias_gelu_fwd(x: Tensor, bias: Optional[Tensor], approximate: str, backend: str) -> Tensor:
     return kernel("bias_gelu", "fwd", backend)(x.contiguous(), contiguous(bias), approximate == "tanh")
 
@@ -62,7 +63,7 @@ def _(x, bias, approximate, backend):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("bignlp_fast::bias_gelu_bwd", mutates_args=())
+@custom_op("bias_gelu_bwd")
 def bias_gelu_bwd(grad_y: Tensor, x: Tensor, bias: Optional[Tensor], approximate: str,
                   backend: str) -> tuple[Tensor, Tensor]:
     run = kernel("bias_gelu", "bwd", backend)
@@ -82,7 +83,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y):
     x, bias = ctx.saved_tensors
-    grad_x, grad_bias = bias_gelu_bwd(grad_y, x, bias, ctx.approximate, ctx.backend)
+    grad_x, grad_bias = call(bias_gelu_bwd, grad_y, x, bias, ctx.approximate, ctx.backend)
     return grad_x, grad_bias if bias is not None else None, None, None
 
 
@@ -106,5 +107,5 @@ def bias_gelu(x: Tensor, bias: Optional[Tensor] = None, approximate: str = "none
     check_vector(op, "bias", bias, hidden, "x", x)
     check_choice(op, "approximate", approximate, APPROXIMATE)
     name = _backend.choose(OP, x.device, x.dtype, backend)
-    y = bias_gelu_fwd(x.reshape(-1, hidden), bias, approximate, name)
+    y = call(bias_gelu_fwd, x.reshape(-1, hidden), bias, approximate, name)
     return y.view(x.shape)

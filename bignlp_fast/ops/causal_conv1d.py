@@ -26,7 +26,7 @@ from torch import Tensor
 
 from bignlp_fast import _backend
 from bignlp_fast.ops._activation import activation_grad_torch, activation_torch, check_activation
-from bignlp_fast.ops._common import acc_dtype, check_like, check_tensor, contiguous, kernel
+from bignlp_fast.ops._common import acc_dtype, call, check_like, check_tensor, contiguous, custom_op, kernel
 
 OP = _backend.register_op("causal_conv1d", dtypes={
     "cpu": (torch.float32, torch.bfloat16),
@@ -75,7 +75,7 @@ def causal_conv1d_bwd_torch(grad_y, x, weight, bias, initial_state, activation: 
 
 
 # ---- custom ops -------------------------------------------------------------------------------
-@torch.library.custom_op("bignlp_fast::causal_conv1d_fwd", mutates_args=())
+@custom_op("causal_conv1d_fwd")
 def causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], initial_state: Optional[Tensor],
                       activation: int, backend: str) -> Tensor:
     return kernel("causal_conv1d", "fwd", backend)(x.contiguous(), weight.contiguous(), contiguous(bias),
@@ -87,7 +87,7 @@ def _(x, weight, bias, initial_state, activation, backend):
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
-@torch.library.custom_op("bignlp_fast::causal_conv1d_bwd", mutates_args=())
+@custom_op("causal_conv1d_bwd")
 def causal_conv1d_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
                       initial_state: Optional[Tensor], activation: int,
                       backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -111,7 +111,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y):
     x, weight, bias, initial_state = ctx.saved_tensors
-    gx, gw, gb, gi = causal_conv1d_bwd(grad_y, x, weight, bias, initial_state, ctx.activation, ctx.backend)
+    gx, gw, gb, gi = call(causal_conv1d_bwd, grad_y, x, weight, bias, initial_state, ctx.activation, ctx.backend)
     return gx, gw, gb if bias is not None else None, gi if initial_state is not None else None, None, None
 
 
@@ -164,7 +164,7 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, acti
                              f"{tuple(initial_state.shape)}")
     code = check_activation(op, activation)
     name = _backend.choose(OP, x.device, x.dtype, backend)
-    y = causal_conv1d_fwd(x, weight, bias, initial_state, code, name)
+    y = call(causal_conv1d_fwd, x, weight, bias, initial_state, code, name)
     if not return_final_state:
         return y
     L = x.shape[-1]

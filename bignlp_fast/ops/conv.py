@@ -29,7 +29,7 @@ from torch import Tensor
 
 from bignlp_fast import _backend
 from bignlp_fast.ops._activation import activation_grad_torch, activation_torch, check_activation
-from bignlp_fast.ops._common import acc_dtype, check_like, check_tensor, contiguous, kernel
+from bignlp_fast.ops._common import acc_dtype, call, check_like, check_tensor, contiguous, custom_op, kernel
 
 OP = _backend.register_op("conv", dtypes={
     "cpu": (torch.float32, torch.bfloat16),
@@ -72,7 +72,7 @@ def _out_shape(x, weight, stride, padding, dilation):
     return (x.shape[0], weight.shape[0], *spatial)
 
 
-@torch.library.custom_op("bignlp_fast::conv_fwd", mutates_args=())
+@custom_op("conv_fwd")
 def conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], stride: list[int],
              padding: list[int], dilation: list[int], groups: int, activation: int, save_pre: bool,
              backend: str) -> tuple[Tensor, Tensor]:
@@ -87,7 +87,7 @@ def _(x, weight, bias, residual, stride, padding, dilation, groups, activation, 
     return x.new_empty(shape), (x.new_empty(shape) if save_pre else x.new_empty(0))
 
 
-@torch.library.custom_op("bignlp_fast::conv_bwd", mutates_args=())
+@custom_op("conv_bwd")
 def conv_bwd(grad_out: Tensor, x: Tensor, weight: Tensor, pre: Tensor, bias: Optional[Tensor], stride: list[int],
              padding: list[int], dilation: list[int], groups: int, activation: int,
              backend: str) -> tuple[Tensor, Tensor, Tensor]:
@@ -114,7 +114,7 @@ def _backward(ctx, grad_out, _grad_pre):
     if pre.numel() == 0 and grad_out.numel() > 0:
         raise RuntimeError("conv: backward needs the pre-activation, which this forward did not save "
                            "(save_pre=False); call the public conv1d/conv2d, which saves it when a gradient is needed")
-    grad_x, grad_w, grad_b = conv_bwd(grad_out, x, weight, pre, bias, *ctx.args, ctx.backend)
+    grad_x, grad_w, grad_b = call(conv_bwd, grad_out, x, weight, pre, bias, *ctx.args, ctx.backend)
     return (grad_x, grad_w, grad_b if bias is not None else None, grad_out if ctx.has_residual else None,
             None, None, None, None, None, None, None)
 
@@ -186,7 +186,7 @@ def _conv_nd(op: str, nd: int, x, weight, bias, stride, padding, dilation, group
     name = _backend.choose(OP, x.device, x.dtype, backend)
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, residual))
-    out, _ = conv_fwd(x, weight, bias, residual, stride, padding, dilation, groups, code, needs_grad, name)
+    out, _ = call(conv_fwd, x, weight, bias, residual, stride, padding, dilation, groups, code, needs_grad, name)
     return out.squeeze(0) if unbatched else out
 
 

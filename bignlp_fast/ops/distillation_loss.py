@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from bignlp_fast import _backend
-from bignlp_fast.ops._common import acc_dtype, check_like, check_tensor, kernel
+from bignlp_fast.ops._common import acc_dtype, call, check_like, check_tensor, custom_op, kernel
 
 OP = _backend.register_op(
     "distillation_loss",
@@ -60,7 +60,7 @@ def distillation_loss_fwd_torch(student: Tensor, teacher: Tensor, labels: Option
 
 
 # ---- custom op --------------------------------------------------------------------------------
-@torch.library.custom_op("bignlp_fast::distillation_loss_fwd", mutates_args=())
+@custom_op("distillation_loss_fwd")
 def distillation_loss_fwd(student: Tensor, teacher: Tensor, labels: Optional[Tensor], temperature: float,
                           alpha: float, ignore_index: int, need_grad: bool, backend: str) -> tuple[Tensor, Tensor]:
     run = kernel("distillation_loss", "fwd", backend)
@@ -122,5 +122,5 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Op
         labels = labels.reshape(-1).to(device=student.device, dtype=torch.int64)
     name = _backend.choose(OP, student.device, student.dtype, backend)
     need_grad = torch.is_grad_enabled() and student_logits.requires_grad
-    return distillation_loss_fwd(student, teacher.detach(), labels, float(temperature), float(alpha),
+    return call(distillation_loss_fwd, student, teacher.detach(), labels, float(temperature), float(alpha),
                                  int(ignore_index), need_grad, name)[0]

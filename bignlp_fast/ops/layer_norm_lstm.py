@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bignlp_fast import _backend
-from bignlp_fast.ops._common import (acc_dtype, check_lengths, check_operands, check_tensor, check_time_major,
-                                     contiguous, kernel)
+from bignlp_fast.ops._common import (acc_dtype, call, check_lengths, check_operands, check_tensor,
+                                     check_time_major, contiguous, custom_op, kernel)
 
 OP = _backend.register_op(
     "layer_norm_lstm",
@@ -150,7 +150,7 @@ def layer_norm_lstm_bwd_torch(grad_out, grad_h_n, grad_c_n, xw, w_hh, gamma_h, b
 
 
 # ---- custom ops -------------------------------------------------------------------------------
-@torch.library.custom_op("bignlp_fast::layer_norm_lstm_fwd", mutates_args=())
+@custom_op("layer_norm_lstm_fwd")
 def layer_norm_lstm_fwd(xw: Tensor, w_hh: Tensor, gamma_h: Optional[Tensor], beta_h: Optional[Tensor],
                         gamma_c: Optional[Tensor], beta_c: Optional[Tensor], h0: Tensor, c0: Tensor,
                         lengths: Optional[Tensor], eps: float, reverse: bool, save_workspace: bool,
@@ -179,7 +179,7 @@ def _(xw, w_hh, gamma_h, beta_h, gamma_c, beta_c, h0, c0, lengths, eps, reverse,
             xw.new_empty((t, b, ws) if ws else (0,), dtype=acc_dtype(xw.dtype)))
 
 
-@torch.library.custom_op("bignlp_fast::layer_norm_lstm_bwd", mutates_args=())
+@custom_op("layer_norm_lstm_bwd")
 def layer_norm_lstm_bwd(grad_out: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, xw: Tensor, w_hh: Tensor,
                         gamma_h: Optional[Tensor], beta_h: Optional[Tensor], gamma_c: Optional[Tensor],
                         beta_c: Optional[Tensor], h0: Tensor, c0: Tensor, lengths: Optional[Tensor],
@@ -209,7 +209,7 @@ def _backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_ws):
     xw, w_hh, gamma_h, beta_h, gamma_c, beta_c, h0, c0, lengths, workspace = ctx.saved_tensors
     eps, reverse, backend = ctx.args
     zeros = lambda g, like: g if g is not None else torch.zeros_like(like)  # noqa: E731
-    grads = layer_norm_lstm_bwd(zeros(grad_out, xw.new_empty(xw.shape[0], xw.shape[1], w_hh.shape[1])),
+    grads = call(layer_norm_lstm_bwd, zeros(grad_out, xw.new_empty(xw.shape[0], xw.shape[1], w_hh.shape[1])),
                                 zeros(grad_h_n, h0), zeros(grad_c_n, c0), xw, w_hh, gamma_h, beta_h, gamma_c, beta_c,
                                 h0, c0, lengths, workspace, eps, reverse, backend)
     d_xw, d_w_hh, d_gh, d_bh, d_gc, d_bc, d_h0, d_c0 = grads
@@ -254,6 +254,6 @@ def layer_norm_lstm_layer(xw: Tensor, w_hh: Tensor, gamma_h: Optional[Tensor], b
     name = _backend.choose(OP, xw.device, xw.dtype, backend)
     save = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (xw, w_hh, gamma_h, beta_h, gamma_c, beta_c, h0, c0))
-    out, h_n, c_n, _ws = layer_norm_lstm_fwd(xw, w_hh, gamma_h, beta_h, gamma_c, beta_c, h0, c0, lengths,
+    out, h_n, c_n, _ws = call(layer_norm_lstm_fwd, xw, w_hh, gamma_h, beta_h, gamma_c, beta_c, h0, c0, lengths,
                                              float(eps), bool(reverse), save, name)
     return out, h_n, c_n

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bignlp_fast import _backend
-from bignlp_fast.ops._common import acc_dtype, check_like, check_tensor, contiguous, kernel
+from bignlp_fast.ops._common import acc_dtype, call, check_like, check_tensor, contiguous, custom_op, kernel
 
 OP = _backend.register_op(
     "linear",
@@ -48,7 +48,7 @@ def linear_bwd_torch(grad_y: Tensor, x: Tensor, weight: Tensor, has_bias: bool):
 
 
 # ---- custom ops -------------------------------------------------------------------------------
-@torch.library.custom_op("bignlp_fast::linear_fwd", mutates_args=())
+@custom_op("linear_fwd")
 def linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend: str) -> Tensor:
     w = weight if weight.t().is_contiguous() else weight.contiguous()  # a transposed [K, N] is read in place
     return kernel("linear", "fwd", backend)(x.contiguous(), w, contiguous(bias))
@@ -59,7 +59,7 @@ def _(x, weight, bias, backend):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
-@torch.library.custom_op("bignlp_fast::linear_bwd", mutates_args=())
+@custom_op("linear_bwd")
 def linear_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, has_bias: bool,
                backend: str) -> tuple[Tensor, Tensor, Tensor]:
     return tuple(kernel("linear", "bwd", backend)(grad_y.contiguous(), x.contiguous(), weight.contiguous(), has_bias))
@@ -78,7 +78,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_y):
     x, weight = ctx.saved_tensors
-    grad_x, grad_w, grad_b = linear_bwd(grad_y, x, weight, ctx.has_bias, ctx.backend)
+    grad_x, grad_w, grad_b = call(linear_bwd, grad_y, x, weight, ctx.has_bias, ctx.backend)
     return grad_x, grad_w, grad_b if ctx.has_bias else None, None
 
 
@@ -105,5 +105,5 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, backend:
             raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},), one value per output feature; got "
                              f"{tuple(bias.shape)}")
     name = _backend.choose(OP, x.device, x.dtype, backend)
-    y = linear_fwd(x.reshape(-1, x.shape[-1]), weight, bias, name)
+    y = call(linear_fwd, x.reshape(-1, x.shape[-1]), weight, bias, name)
     return y.view(*x.shape[:-1], weight.shape[0])

@@ -32,8 +32,8 @@ import torch
 from torch import Tensor
 
 from bignlp_fast import _backend
-from bignlp_fast.ops._common import (acc_dtype, check_choice, check_lengths, check_operands, check_time_major,
-                                     kernel)
+from bignlp_fast.ops._common import (acc_dtype, call, check_choice, check_lengths, check_operands,
+                                     check_time_major, custom_op, kernel)
 
 OP = _backend.register_op(
     "rnn",
@@ -175,7 +175,7 @@ def rnn_bwd_torch(grad_out, grad_h_n, grad_c_n, xw, w_hh, b_hh, h0, c0, w_hr, le
 
 
 # ---- custom ops -------------------------------------------------------------------------------
-@torch.library.custom_op("bignlp_fast::rnn_fwd", mutates_args=())
+@custom_op("rnn_fwd")
 def rnn_fwd(xw: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: Tensor, c0: Optional[Tensor],
                   w_hr: Optional[Tensor], lengths: Optional[Tensor], mode: str, reverse: bool, save_workspace: bool,
                   backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -198,7 +198,7 @@ def _(xw, w_hh, b_hh, h0, c0, w_hr, lengths, mode, reverse, save_workspace, back
             xw.new_empty((t, b, ws) if ws else (0,), dtype=acc_dtype(xw.dtype)))
 
 
-@torch.library.custom_op("bignlp_fast::rnn_bwd", mutates_args=())
+@custom_op("rnn_bwd")
 def rnn_bwd(grad_out: Tensor, grad_h_n: Tensor, grad_c_n: Optional[Tensor], xw: Tensor, w_hh: Tensor,
                   b_hh: Optional[Tensor], h0: Tensor, c0: Optional[Tensor], w_hr: Optional[Tensor],
                   lengths: Optional[Tensor], workspace: Tensor, mode: str, reverse: bool,
@@ -227,7 +227,7 @@ def _backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_ws):
     xw, w_hh, b_hh, h0, c0, w_hr, lengths, workspace = ctx.saved_tensors
     mode, reverse, backend = ctx.args
     has_b, has_c, has_r = ctx.has
-    d_xw, d_w_hh, d_b_hh, d_h0, d_c0, d_w_hr = rnn_bwd(
+    d_xw, d_w_hh, d_b_hh, d_h0, d_c0, d_w_hr = call(rnn_bwd,
         grad_out, grad_h_n, grad_c_n if has_c else None, xw, w_hh, b_hh, h0, c0, w_hr, lengths, workspace, mode,
         reverse, backend)
     return (d_xw, d_w_hh, d_b_hh if has_b else None, d_h0, d_c0 if has_c else None, d_w_hr if has_r else None,
@@ -273,5 +273,5 @@ def rnn_layer(mode: str, xw: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: T
     name = _backend.choose(OP, xw.device, xw.dtype, backend)
     # the workspace feeds the backward; inference does not write it
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xw, w_hh, b_hh, h0, c0, w_hr))
-    out, h_n, c_n, _ws = rnn_fwd(xw, w_hh, b_hh, h0, c0, w_hr, lengths, mode, bool(reverse), save, name)
+    out, h_n, c_n, _ws = call(rnn_fwd, xw, w_hh, b_hh, h0, c0, w_hr, lengths, mode, bool(reverse), save, name)
     return out, h_n, (c_n if mode == "lstm" else None)

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from bignlp_fast import _backend
 from bignlp_fast.ops._activation import activation_grad_torch, activation_torch, check_activation
-from bignlp_fast.ops._common import acc_dtype, check_like, check_tensor, kernel
+from bignlp_fast.ops._common import acc_dtype, call, check_like, check_tensor, custom_op, kernel
 
 OP = _backend.register_op("text_cnn_pool", dtypes={
     "cpu": (torch.float32, torch.bfloat16),
@@ -101,7 +101,7 @@ def text_cnn_pool_bwd_torch(grad_out, x, weights, biases, argmax, pre, activatio
 
 
 # ---- custom ops -------------------------------------------------------------------------------
-@torch.library.custom_op("bignlp_fast::text_cnn_pool_fwd", mutates_args=())
+@custom_op("text_cnn_pool_fwd")
 def text_cnn_pool_fwd(x: Tensor, weights: list[Tensor], biases: list[Tensor], lengths: Optional[Tensor],
                       activation: int, backend: str) -> tuple[Tensor, Tensor, Tensor]:
     run = kernel("text_cnn_pool", "fwd", backend)
@@ -116,7 +116,7 @@ def _(x, weights, biases, lengths, activation, backend):
     return (x.new_empty(B, C), x.new_empty(B, C, dtype=torch.int32), x.new_empty(B, C, dtype=torch.float32))
 
 
-@torch.library.custom_op("bignlp_fast::text_cnn_pool_bwd", mutates_args=())
+@custom_op("text_cnn_pool_bwd")
 def text_cnn_pool_bwd(grad_out: Tensor, x: Tensor, weights: list[Tensor], biases: list[Tensor],
                       argmax: Tensor, pre: Tensor, activation: int, backend: str) -> list[Tensor]:
     run = kernel("text_cnn_pool", "bwd", backend)
@@ -141,7 +141,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _g_argmax, _g_pre):
     x, argmax, pre, *rest = ctx.saved_tensors
     weights, biases = rest[:ctx.n], rest[ctx.n:]
-    grads = text_cnn_pool_bwd(grad_out, x, weights, biases, argmax, pre, ctx.activation, ctx.backend)
+    grads = call(text_cnn_pool_bwd, grad_out, x, weights, biases, argmax, pre, ctx.activation, ctx.backend)
     grad_b = grads[1 + ctx.n:] if ctx.has_bias else []
     return grads[0], grads[1:1 + ctx.n], grad_b, None, None, None
 
@@ -198,7 +198,7 @@ def text_cnn_pool(x: Tensor, weights: Sequence[Tensor], biases: Optional[Sequenc
                              f"[{int(lengths.min())}, {int(lengths.max())}]")
     code = check_activation(op, activation)
     name = _backend.choose(OP, x.device, x.dtype, backend)
-    return text_cnn_pool_fwd(x, weights, biases or [], lengths, code, name)[0]
+    return call(text_cnn_pool_fwd, x, weights, biases or [], lengths, code, name)[0]
 
 
 def text_cnn_pool_eager(x: Tensor, weights: Sequence[Tensor], biases: Optional[Sequence[Tensor]] = None,

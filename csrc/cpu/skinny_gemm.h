@@ -7,9 +7,9 @@
 //   rows: W [N, K] with K contiguous (torch.nn.Linear's weight). Each output is a dot product;
 //         a task takes kRowsNR weight rows at a time and reads them as kRowsNR parallel streams.
 //   cols: W^T stored [K, N] with N contiguous (transformers' Conv1D weight). Outputs accumulate
-//         axpy-style: a thread owns a range of columns and reads kColsKB weight rows of it at a time
-//         (kColsKB parallel streams), one column step at a time; each step's weights are used for
-//         every row of x before the next is read, adding x[m, k] * W^T[k, cols] into fp32 sums in L1/L2.
+//         axpy-style: K is cut into chunks, a thread reads its chunks' rows front to back, kColsKB
+//         adjacent rows at a time (parallel streams) across all N columns, adding x[m, k] * W^T[k, :]
+//         into the chunk's fp32 partial sums [M, N] (in L1/L2); the partials are added at the end.
 // x is converted to fp32 once; sums are fp32; T (x, W, bias, y) is float or bfloat16.
 #pragma once
 
@@ -20,37 +20,38 @@
 namespace bignlp_fast::cpu {
 
 constexpr int64_t kSkinnyRows = 16;  // up to this many rows of x the skinny kernels beat a packed GEMM
-constexpr int64_t kRowsNR = 4;       // rows layout: weight rows per task step
-constexpr int64_t kColsKB = 8;       // cols layout: weight rows (k) per pass
+constexpr int64_t kRowsNR = 8;       // rows layout: weight rows per task step
+constexpr int64_t kColsKB = 8;       // cols layout: weight rows (k) per pass, read as parallel streams
 
-// rows layout, one or two rows of x against kRowsNR rows of w from k = 0: the dot products' fp32 sums.
-template <bool kTwo, typename T>
+// rows layout, one or two rows of x against NR rows of w from k = 0: the dot products' fp32 sums.
+// One accumulator per (row of x, row of w), both vectors of a step chained into it: measured on an
+// AMD EPYC (Zen 5 flags), 8 rows this way read the lm_head of GPT-2 at the rate of a plain sum of its
+// bytes, while 4 rows, or two accumulators per row, reached ~75% of it.
+template <int NR, bool kTwo, typename T>
 inline void dot_rows(int64_t K, const float* x0, const float* x1, const T* const* wr, float* s0, float* s1) {
   const int64_t K_main = K / kStep * kStep;
-  fVec acc0[kRowsNR], acc1[kRowsNR];
-  for (int64_t r = 0; r < kRowsNR; ++r) acc0[r] = acc1[r] = fVec(0.f);
+  fVec acc0[NR], acc1[NR];
+  for (int r = 0; r < NR; ++r) acc0[r] = acc1[r] = fVec(0.f);
   for (int64_t k = 0; k < K_main; k += kStep) {
     fVec xa0, xb0, xa1, xb1;
     load2(x0 + k, xa0, xb0);
     if (kTwo) load2(x1 + k, xa1, xb1);
-    for (int64_t r = 0; r < kRowsNR; ++r) {
+    for (int r = 0; r < NR; ++r) {
       fVec wa, wb;
       load2(wr[r] + k, wa, wb);
-      acc0[r] = at::vec::fmadd(xa0, wa, at::vec::fmadd(xb0, wb, acc0[r]));
-      if (kTwo) acc1[r] = at::vec::fmadd(xa1, wa, at::vec::fmadd(xb1, wb, acc1[r]));
+      acc0[r] = at::vec::fmadd(xb0, wb, at::vec::fmadd(xa0, wa, acc0[r]));
+      if (kTwo) acc1[r] = at::vec::fmadd(xb1, wb, at::vec::fmadd(xa1, wa, acc1[r]));
     }
   }
-  // horizontal sums, all rows at once: lanes to memory, then vector adds across the lanes
-  alignas(64) float lanes[2][kRowsNR][fVec::size()];
-  for (int64_t r = 0; r < kRowsNR; ++r) {
-    acc0[r].store(lanes[0][r]);
-    if (kTwo) acc1[r].store(lanes[1][r]);
-  }
-  for (int64_t r = 0; r < kRowsNR; ++r) {
+  // horizontal sums: lanes to memory, then scalar adds across the lanes
+  for (int r = 0; r < NR; ++r) {
+    alignas(64) float lanes[2][fVec::size()];
+    acc0[r].store(lanes[0]);
+    if (kTwo) acc1[r].store(lanes[1]);
     float t0 = 0.f, t1 = 0.f;
-    for (int64_t i = 0; i < fVec::size(); ++i) {
-      t0 += lanes[0][r][i];
-      if (kTwo) t1 += lanes[1][r][i];
+    for (int64_t l = 0; l < fVec::size(); ++l) {
+      t0 += lanes[0][l];
+      if (kTwo) t1 += lanes[1][l];
     }
     for (int64_t k = K_main; k < K; ++k) {  // the ragged tail of K
       const float wk = static_cast<float>(wr[r][k]);
@@ -62,9 +63,12 @@ inline void dot_rows(int64_t K, const float* x0, const float* x1, const T* const
   }
 }
 
-// rows layout: y[m, n] = sum_k xf[m, k] w[n, k] + bias[n]
+// rows layout: y[m, n] = sum_k xf[m, k] w[n, k] + bias[n]. A task takes kRowsNR rows of w (kRowsNR
+// parallel streams); rows of x meet them in pairs, the weights re-read from L1/L2 for each pair (with
+// 16 vector registers, AVX2, half of the rows at a time so that the sums stay in registers).
 template <typename T>
 void skinny_gemm_rows(int64_t M, int64_t N, int64_t K, const float* xf, const T* w, const T* bias, T* y) {
+  constexpr int kPair = fVec::size() >= 16 ? kRowsNR : kRowsNR / 2;  // rows of w per pair of rows of x
   const int64_t blocks = (N + kRowsNR - 1) / kRowsNR;
   // at::parallel_for gives each thread one contiguous range; the grain only keeps a thread from
   // waking for less than ~64 KB of weights
@@ -74,26 +78,57 @@ void skinny_gemm_rows(int64_t M, int64_t N, int64_t K, const float* xf, const T*
       const int64_t n0 = blk * kRowsNR, nr = std::min(kRowsNR, N - n0);
       const T* wr[kRowsNR];
       for (int64_t r = 0; r < kRowsNR; ++r) wr[r] = w + (n0 + std::min(r, nr - 1)) * K;  // tail: repeat a row
-      for (int64_t m0 = 0; m0 < M; m0 += 2) {  // rows of x in pairs: w's rows are re-read from L1/L2
+      float s0[kRowsNR], s1[kRowsNR];
+      auto put = [&](int64_t m, const float* s) {
+        for (int64_t r = 0; r < nr; ++r)
+          y[m * N + n0 + r] = static_cast<T>(s[r] + (bias ? static_cast<float>(bias[n0 + r]) : 0.f));
+      };
+      for (int64_t m0 = 0; m0 < M; m0 += 2) {
         const bool two = m0 + 1 < M;
-        float s0[kRowsNR], s1[kRowsNR];
-        if (two) dot_rows<true>(K, xf + m0 * K, xf + (m0 + 1) * K, wr, s0, s1);
-        else dot_rows<false>(K, xf + m0 * K, nullptr, wr, s0, s1);
-        for (int64_t r = 0; r < nr; ++r) {
-          const float b = bias ? static_cast<float>(bias[n0 + r]) : 0.f;
-          y[m0 * N + n0 + r] = static_cast<T>(s0[r] + b);
-          if (two) y[(m0 + 1) * N + n0 + r] = static_cast<T>(s1[r] + b);
+        if (!two) {
+          dot_rows<kRowsNR, false>(K, xf + m0 * K, nullptr, wr, s0, s1);
+        } else {
+          for (int h = 0; h < kRowsNR; h += kPair)
+            dot_rows<kPair, true>(K, xf + m0 * K, xf + (m0 + 1) * K, wr + h, s0 + h, s1 + h);
         }
+        put(m0, s0);
+        if (two) put(m0 + 1, s1);
       }
     }
   });
 }
 
-// cols layout, rows m0..m0+MB of x: acc[m, c..c+kStep) += sum_j x[m, k0 + j] * w[j], w the step's
-// kb weight rows (fp32, in L1), acc [M, ld] the fp32 sums. The MB rows' sums stay in registers.
+// cols layout: K is cut into at most kColsChunks chunks of whole passes (a function of K alone, so the
+// sums' order, and the result, never depend on the thread count); a thread takes consecutive chunks,
+// so its share of W^T is one contiguous region, read front to back. A chunk's fp32 partial sums
+// [M, ld] stay in L1/L2; the partials are added in chunk order at the end.
+constexpr int64_t kColsChunks = 8;
+constexpr int64_t kColsMinRows = 64;  // rows of W^T per chunk at least
+
+// One pass over kb (<= kColsKB) rows of W^T from k0 for one row of x (decoding at batch 1), for the
+// NS steps of columns at w (row stride ldw): acc[:NS*kStep] += sum_j x[k0 + j] * w[j, :], the sums
+// in registers during the pass.
+template <int NS, typename T>
+inline void cols_pass_1(int64_t k0, int64_t kb, const float* xf, const T* w, int64_t ldw, float* acc) {
+  fVec s[2 * NS];
+  for (int v = 0; v < NS; ++v) load2(acc + v * kStep, s[2 * v], s[2 * v + 1]);
+  for (int64_t j = 0; j < kb; ++j) {
+    const fVec xv(xf[k0 + j]);
+    for (int v = 0; v < NS; ++v) {
+      fVec wa, wb;
+      load2(w + j * ldw + v * kStep, wa, wb);
+      s[2 * v] = at::vec::fmadd(xv, wa, s[2 * v]);
+      s[2 * v + 1] = at::vec::fmadd(xv, wb, s[2 * v + 1]);
+    }
+  }
+  for (int v = 0; v < NS; ++v) store2(acc + v * kStep, s[2 * v], s[2 * v + 1]);
+}
+
+// The same for rows m0..m0+MB of x, one step of columns, the pass's weights wa/wb (fp32, in
+// registers) used for every row: acc[m, :kStep] += sum_j x[m, k0 + j] * w[j, :].
 template <int MB>
-inline void axpy_rows(const float* xf, int64_t K, int64_t m0, int64_t k0, int64_t kb, const fVec* wa, const fVec* wb,
-                      float* acc, int64_t ld) {
+inline void cols_pass_rows(const float* xf, int64_t K, int64_t m0, int64_t k0, int64_t kb, const fVec* wa,
+                           const fVec* wb, float* acc, int64_t ld) {
   fVec sa[MB], sb[MB];
   for (int i = 0; i < MB; ++i) load2(acc + (m0 + i) * ld, sa[i], sb[i]);
   for (int64_t j = 0; j < kb; ++j) {
@@ -106,48 +141,72 @@ inline void axpy_rows(const float* xf, int64_t K, int64_t m0, int64_t k0, int64_
   for (int i = 0; i < MB; ++i) store2(acc + (m0 + i) * ld, sa[i], sb[i]);
 }
 
+template <typename T>
+inline void cols_pass_m(int64_t M, int64_t K, int64_t k0, int64_t kb, const float* xf, const T* w, int64_t ldw,
+                        float* acc, int64_t ld) {
+  constexpr int kMB = 4;  // rows of x whose sums are held in registers at once
+  fVec wa[kColsKB], wb[kColsKB];
+  for (int64_t j = 0; j < kb; ++j) load2(w + j * ldw, wa[j], wb[j]);
+  int64_t m0 = 0;
+  for (; m0 + kMB <= M; m0 += kMB) cols_pass_rows<kMB>(xf, K, m0, k0, kb, wa, wb, acc, ld);
+  switch (M - m0) {
+    case 3: cols_pass_rows<3>(xf, K, m0, k0, kb, wa, wb, acc, ld); break;
+    case 2: cols_pass_rows<2>(xf, K, m0, k0, kb, wa, wb, acc, ld); break;
+    case 1: cols_pass_rows<1>(xf, K, m0, k0, kb, wa, wb, acc, ld); break;
+    default: break;
+  }
+}
+
 // cols layout: y[m, n] = sum_k xf[m, k] wt[k, n] + bias[n], wt row-major [K, N]
 template <typename T>
 void skinny_gemm_cols(int64_t M, int64_t N, int64_t K, const float* xf, const T* wt, const T* bias, T* y) {
-  constexpr int kMB = 4;  // rows of x whose sums are held in registers at once
-  const int64_t steps = (N + kStep - 1) / kStep;  // column steps of kStep
-  // one contiguous column range per thread (so each weight row is read in long runs); the grain
-  // only keeps a thread from waking for less than ~64 KB of weights
-  const int64_t grain = std::max<int64_t>(1, (64 << 10) / (K * kStep * static_cast<int64_t>(sizeof(T))));
-  at::parallel_for(0, steps, grain, [&](int64_t s0, int64_t s1) {
-    const int64_t c0 = s0 * kStep, c1 = std::min(s1 * kStep, N), width = c1 - c0;
-    const int64_t ld = round_up_to_step(width);
-    std::vector<float> acc(M * ld, 0.f);  // [M, ld] fp32 sums of this thread's columns
-    float ragged[kStep];
-    for (int64_t k0 = 0; k0 < K; k0 += kColsKB) {
-      const int64_t kb = std::min(kColsKB, K - k0);
-      for (int64_t c = 0; c < width; c += kStep) {
-        // the step's weights, read from memory once: kb rows (kb parallel streams) of kStep columns
-        fVec wa[kColsKB], wb[kColsKB];
-        const int64_t n = std::min(kStep, width - c);
-        for (int64_t j = 0; j < kb; ++j) {
-          const T* src = wt + (k0 + j) * N + c0 + c;
-          if (n == kStep) {
-            load2(src, wa[j], wb[j]);
-          } else {  // the ragged last step of the matrix: a zero-padded copy
-            for (int64_t i = 0; i < kStep; ++i) ragged[i] = i < n ? static_cast<float>(src[i]) : 0.f;
-            load2(ragged, wa[j], wb[j]);
-          }
-        }
-        float* a = acc.data() + c;
-        int64_t m0 = 0;
-        for (; m0 + kMB <= M; m0 += kMB) axpy_rows<kMB>(xf, K, m0, k0, kb, wa, wb, a, ld);
-        switch (M - m0) {
-          case 3: axpy_rows<3>(xf, K, m0, k0, kb, wa, wb, a, ld); break;
-          case 2: axpy_rows<2>(xf, K, m0, k0, kb, wa, wb, a, ld); break;
-          case 1: axpy_rows<1>(xf, K, m0, k0, kb, wa, wb, a, ld); break;
-          default: break;
+  const int64_t ld = round_up_to_step(N), full = N / kStep * kStep;
+  const int64_t passes = (K + kColsKB - 1) / kColsKB;
+  const int64_t chunks = std::clamp<int64_t>(K / kColsMinRows, 1, kColsChunks);
+  const int64_t per_chunk = (passes + chunks - 1) / chunks * kColsKB;  // rows of W^T per chunk
+  const int64_t chunk_bytes = per_chunk * N * static_cast<int64_t>(sizeof(T));
+  std::vector<float> partial(chunks * M * ld);  // [chunks, M, ld]
+  // at::parallel_for gives each thread one contiguous range of chunks; the grain only keeps a thread
+  // from waking for less than ~64 KB of weights
+  at::parallel_for(0, chunks, std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, chunk_bytes)),
+                   [&](int64_t c0, int64_t c1) {
+    for (int64_t ch = c0; ch < c1; ++ch) {
+      float* acc = partial.data() + ch * M * ld;
+      std::fill(acc, acc + M * ld, 0.f);
+      float ragged[kColsKB][kStep];
+      for (int64_t k0 = ch * per_chunk; k0 < std::min(K, (ch + 1) * per_chunk); k0 += kColsKB) {
+        const int64_t kb = std::min(kColsKB, K - k0);
+        const T* w = wt + k0 * N;
+        int64_t c = 0;
+        if (M == 1)
+          for (; c + 2 * kStep <= full; c += 2 * kStep) cols_pass_1<2>(k0, kb, xf, w + c, N, acc + c);
+        for (; c < full; c += kStep)
+          if (M == 1) cols_pass_1<1>(k0, kb, xf, w + c, N, acc + c);
+          else cols_pass_m(M, K, k0, kb, xf, w + c, N, acc + c, ld);
+        if (c < N) {  // the ragged last columns: a zero-padded fp32 copy
+          for (int64_t j = 0; j < kb; ++j)
+            for (int64_t i = 0; i < kStep; ++i) ragged[j][i] = c + i < N ? static_cast<float>(w[j * N + c + i]) : 0.f;
+          cols_pass_m(M, K, k0, kb, xf, &ragged[0][0], kStep, acc + c, ld);
         }
       }
     }
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t c = 0; c < width; ++c)
-        y[m * N + c0 + c] = static_cast<T>(acc[m * ld + c] + (bias ? static_cast<float>(bias[c0 + c]) : 0.f));
+  });
+  // y = the chunks' partial sums, in chunk order, + bias
+  at::parallel_for(0, M, std::max<int64_t>(1, 16384 / ld), [&](int64_t m0, int64_t m1) {
+    std::vector<float> b(ld, 0.f);
+    if (bias) to_float(bias, b.data(), N);
+    for (int64_t m = m0; m < m1; ++m)
+      for (int64_t c = 0; c < N; c += kStep) {
+        fVec sa, sb;
+        load2(b.data() + c, sa, sb);
+        for (int64_t ch = 0; ch < chunks; ++ch) {
+          fVec pa, pb;
+          load2(partial.data() + (ch * M + m) * ld + c, pa, pb);
+          sa = sa + pa;
+          sb = sb + pb;
+        }
+        store2_any(y + m * N + c, N - c, sa, sb);
+      }
   });
 }
 

@@ -217,6 +217,42 @@ def test_cache_in_chunks_equals_one_forward():
     assert out.past_key_values.max_len == CFG["n_positions"]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_decode_steps_on_the_kernels_directly_equal_the_op_path(monkeypatch, dtype):
+    """A single-token step in inference runs GPTBlock.decode_step (the ops' cpu implementations called
+    directly); with grad mode on (parameters require grad) the same steps take the public ops: the
+    logits are bit for bit the same. BIGNLP_FAST_BACKEND=torch, or training, takes the op path."""
+    from bignlp_fast.models.gpt import GPTBlock
+    model = _ours().to(dtype)
+    ids, mask = _padded(PROMPT_LENGTHS, seed=6)
+    extra = torch.ones(ids.shape[0], 4, dtype=mask.dtype)
+    steps = torch.randint(0, 96, (ids.shape[0], 4), generator=torch.Generator().manual_seed(3))
+    taken = []
+    real = GPTBlock.decode_step
+    monkeypatch.setattr(GPTBlock, "decode_step", lambda self, *a: taken.append(1) or real(self, *a))
+
+    def decode(grad: bool):
+        cache, full_mask = model.new_cache(ids.shape[0], ids.shape[1] + 4), torch.cat([mask, extra], 1)
+        with torch.set_grad_enabled(grad):
+            model(ids, attention_mask=mask, past_key_values=cache)  # the prefill: the op path
+            return torch.cat([model(steps[:, i:i + 1], attention_mask=full_mask[:, :ids.shape[1] + i + 1],
+                                    past_key_values=cache).logits for i in range(4)], 1).detach()
+
+    fast = decode(grad=False)
+    assert len(taken) == 4 * CFG["n_layer"]
+    slow = decode(grad=True)
+    assert len(taken) == 4 * CFG["n_layer"]  # the op path
+    assert torch.equal(fast, slow)
+    monkeypatch.setenv("BIGNLP_FAST_BACKEND", "torch")
+    reference = decode(grad=False)
+    assert len(taken) == 4 * CFG["n_layer"]
+    torch.testing.assert_close(reference, fast, **({} if dtype == torch.float32 else {"rtol": 0.05, "atol": 0.05}))
+    monkeypatch.delenv("BIGNLP_FAST_BACKEND")
+    model.train()  # dropout: the op path
+    decode(grad=False)
+    assert len(taken) == 4 * CFG["n_layer"]
+
+
 # ---- generation ---------------------------------------------------------------------------------------
 PROMPT_LENGTHS = [7, 3, 5]
 

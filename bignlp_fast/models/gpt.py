@@ -21,6 +21,12 @@ Design choices:
   transformers' generation computes them), so a padded row gives the logits of the same sequence
   run alone. Padding tokens are masked as keys; their own outputs are meaningless (zeros from
   attention's fully masked rows, never NaN).
+- **Decoding steps skip the op layer's per-call cost.** At batch 1 a token reads ~500 MB of weights
+  in ~12 ms, and each public op call costs ~10 us of Python (validation, backend choice, dispatch):
+  ~100 calls a token were ~1.5 ms. A single-token step on the CPU in inference (:meth:`GPTModel._decode_step_ok`)
+  checks once that every op would run its cpu backend, then runs the blocks on the custom ops'
+  implementations directly (:meth:`GPTBlock.decode_step`): the same kernels on the same arguments as
+  the public ops, so the same results, bit for bit (tests/test_gpt.py).
 """
 
 from __future__ import annotations
@@ -33,8 +39,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from bignlp_fast import _backend
 from bignlp_fast.models._pretrained import HFConfig, PretrainedModel
 from bignlp_fast.ops import add_layer_norm, bias_gelu, linear, scaled_dot_product_attention
+from bignlp_fast.ops._common import body, dispatcher_needed
+from bignlp_fast.ops.add_layer_norm import OP as _ADD_LN, add_layer_norm_fwd
+from bignlp_fast.ops.attention import CAUSAL_NONE, CPU_MAX_HEAD_DIM, OP as _ATTENTION, attention_fwd
+from bignlp_fast.ops.bias_gelu import OP as _BIAS_GELU, bias_gelu_fwd
+from bignlp_fast.ops.linear import OP as _LINEAR, linear_fwd
 
 # activation_function -> bias_gelu's ``approximate``
 _GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
@@ -229,6 +241,26 @@ class GPTBlock(torch.nn.Module):
         m = self.mlp(x)  # [B, L, E]
         return add_layer_norm(m, residual, next_ln.weight, next_ln.bias, next_ln.eps)
 
+    def decode_step(self, x: Tensor, residual: Tensor, next_ln: torch.nn.LayerNorm, bias: Tensor,
+                    cache: KVCache) -> tuple[Tensor, Tensor]:
+        """forward() for one new token per row, x and residual [B, E], on the cpu implementations of the
+        custom ops called directly (GPTModel._decode_step_ok has checked that this is what the public
+        ops would run); bias [B, H, 1, past + 1] float32, the additive key mask."""
+        attn, mlp = self.attn, self.mlp
+        B, E = x.shape
+        lin, cpu = body(linear_fwd), "cpu"
+        qkv = lin(x, attn.c_attn.weight.t(), attn.c_attn.bias, cpu)  # [B, 3E]
+        q, k, v = (t.transpose(1, 2) for t in qkv.view(B, 1, 3, attn.n_head, attn.head_dim).unbind(2))  # [B, H, 1, D]
+        k, v = cache.update(attn.layer_idx, k, v)  # [B, H, past + 1, D]
+        out = body(attention_fwd)(q, k, v, bias, None, None, 1, k.shape[2], attn.scale, CAUSAL_NONE, 0.0, None,
+                                  cpu)[0]  # [B, H, 1, D]
+        a = lin(out.reshape(B, E), attn.c_proj.weight.t(), attn.c_proj.bias, cpu)  # [B, E]
+        x, residual = body(add_layer_norm_fwd)(a, residual, self.ln_2.weight, self.ln_2.bias, self.eps, cpu)[:2]
+        h = body(bias_gelu_fwd)(lin(x, mlp.c_fc.weight.t(), None, cpu), mlp.c_fc.bias, mlp.approximate, cpu)  # [B, I]
+        m = lin(h, mlp.c_proj.weight.t(), mlp.c_proj.bias, cpu)  # [B, E]
+        out, residual = body(add_layer_norm_fwd)(m, residual, next_ln.weight, next_ln.bias, next_ln.eps, cpu)[:2]
+        return out, residual
+
 
 def _check_ids(name: str, ids) -> None:
     if not isinstance(ids, Tensor) or ids.dtype not in (torch.int64, torch.int32) or ids.dim() != 2:
@@ -339,12 +371,34 @@ class GPTModel(PretrainedModel):
         residual = F.dropout(residual, self.config.embd_pdrop, self.training)
         ln_1 = self.h[0].ln_1
         x, residual = add_layer_norm(residual, None, ln_1.weight, ln_1.bias, ln_1.eps)  # ln_1(residual) [B, L, E]
-        for i, block in enumerate(self.h):
-            next_ln = self.h[i + 1].ln_1 if i + 1 < len(self.h) else self.ln_f
-            x, residual = block(x, residual, next_ln, attn_mask, is_causal, cache)
+        if self._decode_step_ok(residual, cache):
+            c = self.config
+            bias = attn_mask.expand(B, c.n_head, 1, end)  # [B, H, 1, past + 1]
+            x, residual = x.view(B, c.n_embd), residual.view(B, c.n_embd)
+            for i, block in enumerate(self.h):
+                next_ln = self.h[i + 1].ln_1 if i + 1 < len(self.h) else self.ln_f
+                x, residual = block.decode_step(x, residual, next_ln, bias, cache)
+            x = x.view(B, 1, c.n_embd)
+        else:
+            for i, block in enumerate(self.h):
+                next_ln = self.h[i + 1].ln_1 if i + 1 < len(self.h) else self.ln_f
+                x, residual = block(x, residual, next_ln, attn_mask, is_causal, cache)
         if cache is not None:
             cache.length = end
         return x  # ln_f(residual) [B, L, E]
+
+
+    def _decode_step_ok(self, residual: Tensor, cache: Optional[KVCache]) -> bool:
+        """Whether this forward is a decoding step the blocks may run with GPTBlock.decode_step: one new
+        token per row (residual [B, 1, E], B <= 16, the skinny matrix products) with a cache, in
+        inference (no dropout; nothing for autograd, torch.compile or a mode to see), and every op's
+        backend, automatic or named by BIGNLP_FAST_BACKEND, the cpu one."""
+        B, L, _ = residual.shape
+        if (cache is None or L != 1 or B > _SKINNY_ROWS or self.training or residual.device.type != "cpu"
+                or dispatcher_needed((residual,)) or self.config.head_dim > CPU_MAX_HEAD_DIM):
+            return False
+        return all(_backend.plan(op, residual.device, residual.dtype)[0] == "cpu"
+                   for op in (_LINEAR, _ATTENTION, _ADD_LN, _BIAS_GELU))
 
 
 class GPTLMHeadModel(PretrainedModel):

@@ -41,14 +41,6 @@ def custom_op(name: str) -> Callable:
     return register
 
 
-def _tensors(args):
-    for a in args:
-        if isinstance(a, Tensor):
-            yield a
-        elif isinstance(a, (list, tuple)):
-            yield from (t for t in a if isinstance(t, Tensor))
-
-
 def dispatcher_needed(args) -> bool:
     """Whether a call with these arguments must go through torch's dispatcher: under torch.compile or
     torch.jit tracing (they must see the op), a TorchDispatchMode or TorchFunctionMode (FakeTensor,
@@ -59,10 +51,23 @@ def dispatcher_needed(args) -> bool:
             or torch._C._are_functorch_transforms_active() or torch.autograd.profiler._is_profiler_enabled):
         return True
     grad = torch.is_grad_enabled()
-    for t in _tensors(args):
-        if type(t) not in _PLAIN or (grad and t.requires_grad):
-            return True
+    for a in args:
+        if type(a) in _PLAIN:
+            if grad and a.requires_grad:
+                return True
+        elif isinstance(a, Tensor) or (isinstance(a, (list, tuple)) and dispatcher_needed_in(a, grad)):
+            return True  # a subclass, or a list holding one or an input that requires grad
     return False
+
+
+def dispatcher_needed_in(tensors, grad: bool) -> bool:
+    return any(isinstance(t, Tensor) and (type(t) not in _PLAIN or (grad and t.requires_grad)) for t in tensors)
+
+
+def body(op) -> Callable:
+    """The function a custom op made by :func:`custom_op` runs (its implementation, backend-dispatching),
+    for callers that have made :func:`dispatcher_needed`'s checks once for many calls."""
+    return _BODIES[op]
 
 
 def call(op, *args):

@@ -5,6 +5,7 @@
 // Both prefetch ahead in software (common.h: the GELU arithmetic otherwise leaves a core waiting).
 // The erf form's arithmetic is cpu/activation.h's (shared with the conv epilogues).
 #include <cmath>
+#include <type_traits>
 
 #include "cpu/activation.h"
 #include "cpu/common.h"
@@ -19,24 +20,35 @@ using cpu::kStep;
 constexpr float kTanhScale = 0.79788456080286535588f;   // sqrt(2/pi)
 constexpr float kTanhCubic = 0.044715f;
 
-inline fVec gelu(const fVec& v, bool tanh_approx) {
+// The form is a template parameter: with a runtime flag tested per vector, the erf form's forward ran
+// ~25% slower (0.83 against 0.65 ms for 8192x768 bf16 on the AMD EPYC of session 7).
+template <bool kTanhApprox>
+inline fVec gelu(const fVec& v) {
   const fVec half(0.5f), one(1.f);
-  if (tanh_approx) {
+  if constexpr (kTanhApprox) {
     const fVec inner = fVec(kTanhScale) * at::vec::fmadd(fVec(kTanhCubic) * v, v * v, v);
     return half * v * (one + inner.tanh());
   }
   return cpu::activate<cpu::kGelu>(v);
 }
 
-inline fVec gelu_grad(const fVec& v, bool tanh_approx) {
+template <bool kTanhApprox>
+inline fVec gelu_grad(const fVec& v) {
   const fVec half(0.5f), one(1.f);
-  if (tanh_approx) {
+  if constexpr (kTanhApprox) {
     const fVec v2 = v * v;
     const fVec t = (fVec(kTanhScale) * at::vec::fmadd(fVec(kTanhCubic) * v, v2, v)).tanh();
     const fVec dinner = fVec(kTanhScale) * at::vec::fmadd(fVec(3.f * kTanhCubic), v2, one);
     return half * (one + t) + half * v * (one - t * t) * dinner;
   }
   return cpu::activate_grad<cpu::kGelu>(v);
+}
+
+// f(std::bool_constant<tanh_approx>{}): the loops compiled once per form.
+template <typename F>
+inline void dispatch_form(bool tanh_approx, F&& f) {
+  if (tanh_approx) f(std::true_type{});
+  else f(std::false_type{});
 }
 
 void check_inputs(const at::Tensor& x, const std::optional<at::Tensor>& bias, const char* xname) {
@@ -64,19 +76,22 @@ at::Tensor bias_gelu_fwd_cpu(const at::Tensor& x, const std::optional<at::Tensor
     const T* xp = x.const_data_ptr<T>();
     T* yp = y.data_ptr<T>();
     const bool stream = cpu::stream_ok(yp, H * sizeof(T), rows * H * static_cast<int64_t>(sizeof(T)));
-    at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / Hp), [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        for (int64_t j = 0; j < H; j += kStep) {
-          cpu::prefetch_ahead(xp + r * H + j);
-          if (!stream) cpu::prefetch_ahead(yp + r * H + j, /*for_write=*/true);
-          fVec a, c;
-          cpu::load2_any(xp + r * H + j, H - j, a, c);
-          a = gelu(a + fVec::loadu(b + j), tanh_approx);
-          c = gelu(c + fVec::loadu(b + j + fVec::size()), tanh_approx);
-          cpu::store2_maybe_stream(yp + r * H + j, H - j, a, c, stream);
+    dispatch_form(tanh_approx, [&](auto form) {
+      constexpr bool kTanhApprox = decltype(form)::value;
+      at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / Hp), [&](int64_t r0, int64_t r1) {
+        for (int64_t r = r0; r < r1; ++r) {
+          for (int64_t j = 0; j < H; j += kStep) {
+            cpu::prefetch_ahead(xp + r * H + j);
+            if (!stream) cpu::prefetch_ahead(yp + r * H + j, /*for_write=*/true);
+            fVec a, c;
+            cpu::load2_any(xp + r * H + j, H - j, a, c);
+            a = gelu<kTanhApprox>(a + fVec::loadu(b + j));
+            c = gelu<kTanhApprox>(c + fVec::loadu(b + j + fVec::size()));
+            cpu::store2_maybe_stream(yp + r * H + j, H - j, a, c, stream);
+          }
         }
-      }
-      cpu::stream_fence();
+        cpu::stream_fence();
+      });
     });
   });
   return y;
@@ -105,29 +120,32 @@ std::vector<at::Tensor> bias_gelu_bwd_cpu(const at::Tensor& grad_y, const at::Te
     T* dxp = dx.data_ptr<T>();
     float* pdb_all = bias ? partial.data_ptr<float>() : nullptr;
     const bool stream = cpu::stream_ok(dxp, H * sizeof(T), rows * H * static_cast<int64_t>(sizeof(T)));
-    at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        float* pdb = pdb_all ? pdb_all + c * Hp : nullptr;
-        for (int64_t r = c * chunk; r < std::min(rows, (c + 1) * chunk); ++r) {
-          for (int64_t j = 0; j < H; j += kStep) {
-            const int64_t h = fVec::size();
-            cpu::prefetch_ahead(xp + r * H + j);
-            cpu::prefetch_ahead(gp + r * H + j);
-            if (!stream) cpu::prefetch_ahead(dxp + r * H + j, /*for_write=*/true);
-            fVec xa, xc, ga, gc;
-            cpu::load2_any(xp + r * H + j, H - j, xa, xc);
-            cpu::load2_any(gp + r * H + j, H - j, ga, gc);
-            const fVec da = ga * gelu_grad(xa + fVec::loadu(b + j), tanh_approx);
-            const fVec dc = gc * gelu_grad(xc + fVec::loadu(b + j + h), tanh_approx);
-            cpu::store2_maybe_stream(dxp + r * H + j, H - j, da, dc, stream);
-            if (pdb) {  // padding lanes have grad_y = 0, so they add nothing
-              (fVec::loadu(pdb + j) + da).store(pdb + j);
-              (fVec::loadu(pdb + j + h) + dc).store(pdb + j + h);
+    dispatch_form(tanh_approx, [&](auto form) {
+      constexpr bool kTanhApprox = decltype(form)::value;
+      at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
+        for (int64_t c = c0; c < c1; ++c) {
+          float* pdb = pdb_all ? pdb_all + c * Hp : nullptr;
+          for (int64_t r = c * chunk; r < std::min(rows, (c + 1) * chunk); ++r) {
+            for (int64_t j = 0; j < H; j += kStep) {
+              const int64_t h = fVec::size();
+              cpu::prefetch_ahead(xp + r * H + j);
+              cpu::prefetch_ahead(gp + r * H + j);
+              if (!stream) cpu::prefetch_ahead(dxp + r * H + j, /*for_write=*/true);
+              fVec xa, xc, ga, gc;
+              cpu::load2_any(xp + r * H + j, H - j, xa, xc);
+              cpu::load2_any(gp + r * H + j, H - j, ga, gc);
+              const fVec da = ga * gelu_grad<kTanhApprox>(xa + fVec::loadu(b + j));
+              const fVec dc = gc * gelu_grad<kTanhApprox>(xc + fVec::loadu(b + j + h));
+              cpu::store2_maybe_stream(dxp + r * H + j, H - j, da, dc, stream);
+              if (pdb) {  // padding lanes have grad_y = 0, so they add nothing
+                (fVec::loadu(pdb + j) + da).store(pdb + j);
+                (fVec::loadu(pdb + j + h) + dc).store(pdb + j + h);
+              }
             }
           }
         }
-      }
-      cpu::stream_fence();
+        cpu::stream_fence();
+      });
     });
   });
   at::Tensor db = bias ? cpu::reduce_partials(partial, H, x.scalar_type()) : at::empty({0}, x.options());

@@ -22,6 +22,15 @@ def test_run_case_reports_every_column(case):
     assert row.peak_mb >= 0 and row.ref_peak_mb >= 0
     assert row.max_err < 1e-4 and row.ref_max_err < 1e-4
     assert case.op in format_table([row])
+    if case.bytes:
+        assert row.copy_gbps == 10.0 and row.pct_of_copy == pytest.approx(100 * row.gbps / 10.0)
+
+
+def test_memory_bound_case_times_the_copy_in_turns():
+    case = next(c for c in tiny_cases() if c.bytes)
+    row = run_case(case, torch.device("cpu"), repeats=2)
+    assert row.copy_gbps > 0 and row.pct_of_copy == pytest.approx(100 * row.gbps / row.copy_gbps)
+    assert "copy rate in turns with each memory-bound case" in format_table([row])
 
 
 def test_cli_bench_writes_json(tmp_path, capsys):
@@ -29,9 +38,11 @@ def test_cli_bench_writes_json(tmp_path, capsys):
     assert cli.main(["bench", "--filter", "bias_gelu-fwd-8192x768-float32", "--repeats", "2",
                      "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "bias_gelu" in printed and "copy rate measured in this run" in printed
+    assert "bias_gelu" in printed and "copy rate measured at the start of this run" in printed
+    assert "copy rate in turns with each memory-bound case" in printed
     data = json.loads(out.read_text())
     assert data["rows"][0]["case"] == "bias_gelu-fwd-8192x768-float32" and data["copy_gbps"] > 0
+    assert data["rows"][0]["copy_gbps"] > 0
 
 
 def test_cli_bench_rejects_an_empty_selection(capsys):

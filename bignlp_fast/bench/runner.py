@@ -2,8 +2,10 @@
 
 Timing interleaves the two (ours, reference, ours, ...) and reports medians, so drift in a noisy
 machine hits both alike. Each row also carries the achieved GB/s and its fraction of the machine's
-copy rate measured in the same run, the peak extra memory of one call, the max error of both sides
-against float64, and the backend that ran.
+copy rate, the peak extra memory of one call, the max error of both sides against float64, and the
+backend that ran. For a memory-bound case (one with a byte count) the copy rate is timed in the
+same turns as the two sides (ours, reference, copy, ...): on a shared machine the bandwidth can
+swing by half between the start of a run and its end.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ class Row:
     speedup: float
     gbps: Optional[float]
     pct_of_copy: Optional[float]
+    copy_gbps: Optional[float]  # the copy rate pct_of_copy is relative to
     gflops: Optional[float]
     peak_mb: float
     ref_peak_mb: float
@@ -82,12 +85,24 @@ def time_interleaved(fns: list, device: torch.device, repeats: int, warmup: int 
     return [statistics.median(s) for s in samples]
 
 
+_COPY_BUFFERS: dict = {}
+
+
+def _copy_probe(device: torch.device, mbytes: int = 256):
+    """A copy of a tensor far past the caches, and the bytes it moves (read + write); the buffers are
+    made once per device and kept for the run."""
+    if device not in _COPY_BUFFERS:
+        src = torch.empty(mbytes << 18, dtype=torch.float32, device=device).uniform_()
+        _COPY_BUFFERS[device] = (src, torch.empty_like(src))
+    src, dst = _COPY_BUFFERS[device]
+    return (lambda: dst.copy_(src)), 2 * src.numel() * 4
+
+
 def copy_gbps(device: torch.device, repeats: int = 15, mbytes: int = 256) -> float:
     """The machine's copy rate: read + write bytes per second of a large tensor copy (past the caches)."""
-    src = torch.empty(mbytes << 18, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    (t,) = time_interleaved([lambda: dst.copy_(src)], device, repeats)
-    return 2 * src.numel() * 4 / t / 1e9
+    copy, nbytes = _copy_probe(device, mbytes)
+    (t,) = time_interleaved([copy], device, repeats)
+    return nbytes / t / 1e9
 
 
 def gemm_gflops(device: torch.device, dtype: torch.dtype = torch.float32, n: int = 2048, repeats: int = 7) -> float:
@@ -144,11 +159,18 @@ def max_err(outs: list, refs: list) -> float:
 
 def run_case(case: Case, device: torch.device, backend: Optional[str] = None, repeats: int = 10,
              copy_rate: Optional[float] = None) -> Row:
+    """One row. The % of copy of a memory-bound case is against ``copy_rate`` when given, else against
+    a copy timed in turns with the two sides."""
     inputs = case.make(device, case.dtype)
     chosen = _backend.choose(_backend.OPS[case.op], device, case.dtype, backend)
     ours = lambda: case.ours(inputs, chosen)  # noqa: E731
     ref = lambda: case.ref(inputs)  # noqa: E731
-    t_ours, t_ref = time_interleaved([ours, ref], device, repeats)
+    if case.bytes and copy_rate is None:
+        copy, nbytes = _copy_probe(device)
+        t_ours, t_ref, t_copy = time_interleaved([ours, ref, copy], device, repeats)
+        copy_rate = nbytes / t_copy / 1e9
+    else:
+        t_ours, t_ref = time_interleaved([ours, ref], device, repeats)
     ref64 = case.ref(to_float64(inputs))
     gbps = case.bytes / t_ours / 1e9 if case.bytes else None
     return Row(
@@ -156,6 +178,7 @@ def run_case(case: Case, device: torch.device, backend: Optional[str] = None, re
         dtype=str(case.dtype).replace("torch.", ""), backend=chosen, ms=t_ours * 1e3, ref_ms=t_ref * 1e3,
         speedup=t_ref / t_ours, gbps=gbps,
         pct_of_copy=100 * gbps / copy_rate if gbps and copy_rate else None,
+        copy_gbps=copy_rate if gbps else None,
         gflops=case.flops / t_ours / 1e9 if case.flops else None,
         peak_mb=peak_extra_mb(ours, device), ref_peak_mb=peak_extra_mb(ref, device),
         max_err=max_err(ours(), ref64), ref_max_err=max_err(ref(), ref64), reference=case.ref_name)
@@ -173,8 +196,13 @@ def format_table(rows: list[Row], copy_rate: Optional[float] = None, gemm_rate: 
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     out = [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(b) for b in body]
+    in_turns = [r.copy_gbps for r in rows if r.copy_gbps]
     if copy_rate:
-        out.append(f"\ncopy rate measured in this run: {copy_rate:.1f} GB/s (read + write of a 256 MiB tensor)")
+        out.append(f"\ncopy rate measured at the start of this run: {copy_rate:.1f} GB/s (read + write of a 256 MiB "
+                   "tensor)")
+    if in_turns:
+        out.append(f"{'' if copy_rate else chr(10)}copy rate in turns with each memory-bound case (its % copy is "
+                   f"against it): {min(in_turns):.1f}-{max(in_turns):.1f} GB/s")
     if gemm_rate:
         out.append(f"sgemm rate measured in this run: {gemm_rate:.0f} GFLOP/s (torch.mm, 2048 x 2048, float32)")
     return "\n".join(out)

@@ -397,11 +397,12 @@ def _distillation_cases(n, v, dtype, modes, suites):
     return _fwd_and_bwd(modes, make_leaf, fused, eager, leaves, {"bytes": (2 * nbytes, 3 * nbytes)}, **common)
 
 
-# ---- classifiers: a training step (forward + backward) ----------------------------------------
-def _classifier_cases(kind, b, l, vocab, dtype, suites, cell="lstm"):
+# ---- classifiers: a training step (forward + backward), or inference ---------------------------
+def _classifier_cases(kind, b, l, vocab, dtype, suites, cell="lstm", mode="fwd+bwd"):
     """bignlp_fast.models' TextCNN / RNN classifier against the same model written with torch.nn
     (same weights; dropout 0), lengths uniform in [L/3, L]: loss and its gradients (one training
-    step without the optimizer). FLOPs: the convolutions / recurrent layers, as eager computes them."""
+    step without the optimizer; mode "fwd+bwd"), or the logits under torch.no_grad (mode "fwd").
+    FLOPs: the convolutions / recurrent layers, as eager computes them."""
     from bignlp_fast.models import RNNClassifier, RNNClassifierConfig, TextCNNClassifier, TextCNNConfig
     g = torch.Generator().manual_seed(5)
     lengths = torch.randint(l // 3, l + 1, (b,), generator=g)
@@ -409,10 +410,12 @@ def _classifier_cases(kind, b, l, vocab, dtype, suites, cell="lstm"):
     labels = torch.randint(0, 2, (b,), generator=g)
     if kind == "textcnn":
         cfg = TextCNNConfig(vocab_size=vocab, embed_dim=300, num_filters=100, widths=(3, 4, 5), dropout=0.0)
-        flops = sum(2 * b * (l - k + 1) * k * 300 * 100 for k in cfg.widths) * 3
+        flops = sum(2 * b * (l - k + 1) * k * 300 * 100 for k in cfg.widths)
     else:
         cfg = RNNClassifierConfig(vocab_size=vocab, embed_dim=256, hidden_size=256, cell=cell, dropout=0.0)
-        flops = 2 * b * l * (4 if cell == "lstm" else 3) * 256 * (256 + 256) * 2 * 3
+        flops = 2 * b * l * (4 if cell == "lstm" else 3) * 256 * (256 + 256) * 2
+    if mode == "fwd+bwd":
+        flops *= 3
 
     def torch_model(ours):
         """The same model in plain torch.nn, sharing ours' weights (a user's hand-written version)."""
@@ -443,7 +446,7 @@ def _classifier_cases(kind, b, l, vocab, dtype, suites, cell="lstm"):
     def make(device, dt):
         torch.manual_seed(0)
         ours = (TextCNNClassifier(cfg) if kind == "textcnn" else RNNClassifier(cfg)).to(device, dt)
-        return dict(ids=ids.to(device), lengths=lengths, labels=labels.to(device), gy=torch.ones((), device=device),
+        return dict(ids=ids.to(device), lengths=lengths, labels=labels.to(device), gy=torch.ones((), device=device, dtype=dt),
                     models={dt: (ours, torch_model(ours))})
 
     def models(t):
@@ -470,11 +473,22 @@ def _classifier_cases(kind, b, l, vocab, dtype, suites, cell="lstm"):
         params = [model.embedding.weight, *fwd.params, *model.classifier.parameters()]
         return step(fwd(t["ids"], t["lengths"]), t, params)
 
+    def ours_logits(t, be):
+        model, _ = models(t)
+        with torch.no_grad():
+            return [model(t["ids"], t["lengths"]).logits]
+
+    def ref_logits(t):
+        _, fwd = models(t)
+        with torch.no_grad():
+            return [fwd(t["ids"], t["lengths"])]
+
     variant = "TextCNN" if kind == "textcnn" else f"{cell.upper()} bidirectional"
     op = "text_cnn_pool" if kind == "textcnn" else "rnn"
-    return [Case(op=op, mode="fwd+bwd", shape=(b, l), dtype=dtype, make=make, ours=ours_step, ref=ref_step,
-                 ref_name="the same model written with torch.nn", flops=flops, suites=suites,
-                 variant=f"{variant} classifier training step")]
+    train = mode == "fwd+bwd"
+    return [Case(op=op, mode=mode, shape=(b, l), dtype=dtype, make=make, ours=ours_step if train else ours_logits,
+                 ref=ref_step if train else ref_logits, ref_name="the same model written with torch.nn", flops=flops,
+                 suites=suites, variant=f"{variant} classifier {'training step' if train else 'inference'}")]
 
 
 def all_cases() -> list[Case]:
@@ -495,6 +509,10 @@ def all_cases() -> list[Case]:
     cases += _classifier_cases("textcnn", 64, 256, 20000, torch.float32, ("quick", "full"))
     cases += _classifier_cases("rnn", 32, 128, 20000, torch.float32, ("full",), cell="gru")
     cases += _classifier_cases("rnn", 32, 128, 20000, torch.float32, ("full",), cell="lstm")
+    for dtype in (torch.float32, torch.bfloat16):  # inference, float32 beside bfloat16
+        cases += _classifier_cases("textcnn", 64, 256, 20000, dtype, ("full",), mode="fwd")
+        cases += _classifier_cases("rnn", 32, 128, 20000, dtype, ("full",), cell="gru", mode="fwd")
+        cases += _classifier_cases("rnn", 32, 128, 20000, dtype, ("full",), cell="lstm", mode="fwd")
     # distillation loss: 512 tokens over a BERT-sized vocabulary
     cases += _distillation_cases(512, 30522, torch.float32, both, ("quick", "full"))
     cases += _distillation_cases(512, 30522, torch.bfloat16, both, ("full",))

@@ -69,7 +69,7 @@ def _bench(args) -> int:
     gemm_rate = gemm_gflops(device) if any(c.flops for c in selected) else None
     rows = []
     for case in selected:
-        rows.append(run_case(case, device, args.backend, repeats=args.repeats))  # copy timed in turns
+        rows.append(run_case(case, device, args.backend, repeats=args.repeats))  # copy measured around each case
         print(f"  {case.id}: {rows[-1].speedup:.2f}x", file=sys.stderr, flush=True)
     print(format_table(rows, rate, gemm_rate))
     slower = [r.case for r in rows if r.speedup < 1]

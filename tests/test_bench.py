@@ -26,11 +26,11 @@ def test_run_case_reports_every_column(case):
         assert row.copy_gbps == 10.0 and row.pct_of_copy == pytest.approx(100 * row.gbps / 10.0)
 
 
-def test_memory_bound_case_times_the_copy_in_turns():
+def test_memory_bound_case_measures_the_copy_around_it():
     case = next(c for c in tiny_cases() if c.bytes)
     row = run_case(case, torch.device("cpu"), repeats=2)
     assert row.copy_gbps > 0 and row.pct_of_copy == pytest.approx(100 * row.gbps / row.copy_gbps)
-    assert "copy rate in turns with each memory-bound case" in format_table([row])
+    assert "copy rate around each memory-bound case" in format_table([row])
 
 
 def test_cli_bench_writes_json(tmp_path, capsys):
@@ -39,7 +39,7 @@ def test_cli_bench_writes_json(tmp_path, capsys):
                      "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "bias_gelu" in printed and "copy rate measured at the start of this run" in printed
-    assert "copy rate in turns with each memory-bound case" in printed
+    assert "copy rate around each memory-bound case" in printed
     data = json.loads(out.read_text())
     assert data["rows"][0]["case"] == "bias_gelu-fwd-8192x768-float32" and data["copy_gbps"] > 0
     assert data["rows"][0]["copy_gbps"] > 0

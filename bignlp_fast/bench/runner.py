@@ -3,9 +3,10 @@
 Timing interleaves the two (ours, reference, ours, ...) and reports medians, so drift in a noisy
 machine hits both alike. Each row also carries the achieved GB/s and its fraction of the machine's
 copy rate, the peak extra memory of one call, the max error of both sides against float64, and the
-backend that ran. For a memory-bound case (one with a byte count) the copy rate is timed in the
-same turns as the two sides (ours, reference, copy, ...): on a shared machine the bandwidth can
-swing by half between the start of a run and its end.
+backend that ran. For a memory-bound case (one with a byte count) the copy rate is measured right
+before and right after the case (not in its turns: a 256 MiB copy would evict the inputs from the
+caches before one side and not the other): on a shared machine the bandwidth can swing by half
+between the start of a run and its end.
 """
 
 from __future__ import annotations
@@ -160,17 +161,16 @@ def max_err(outs: list, refs: list) -> float:
 def run_case(case: Case, device: torch.device, backend: Optional[str] = None, repeats: int = 10,
              copy_rate: Optional[float] = None) -> Row:
     """One row. The % of copy of a memory-bound case is against ``copy_rate`` when given, else against
-    a copy timed in turns with the two sides."""
+    the mean of copy rates measured just before and just after the case."""
     inputs = case.make(device, case.dtype)
     chosen = _backend.choose(_backend.OPS[case.op], device, case.dtype, backend)
     ours = lambda: case.ours(inputs, chosen)  # noqa: E731
     ref = lambda: case.ref(inputs)  # noqa: E731
-    if case.bytes and copy_rate is None:
-        copy, nbytes = _copy_probe(device)
-        t_ours, t_ref, t_copy = time_interleaved([ours, ref, copy], device, repeats)
-        copy_rate = nbytes / t_copy / 1e9
-    else:
-        t_ours, t_ref = time_interleaved([ours, ref], device, repeats)
+    measure_copy = case.bytes and copy_rate is None
+    before = copy_gbps(device, repeats=5) if measure_copy else None
+    t_ours, t_ref = time_interleaved([ours, ref], device, repeats)
+    if measure_copy:
+        copy_rate = (before + copy_gbps(device, repeats=5)) / 2
     ref64 = case.ref(to_float64(inputs))
     gbps = case.bytes / t_ours / 1e9 if case.bytes else None
     return Row(
@@ -196,13 +196,13 @@ def format_table(rows: list[Row], copy_rate: Optional[float] = None, gemm_rate: 
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     out = [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(b) for b in body]
-    in_turns = [r.copy_gbps for r in rows if r.copy_gbps]
+    around = [r.copy_gbps for r in rows if r.copy_gbps]
     if copy_rate:
         out.append(f"\ncopy rate measured at the start of this run: {copy_rate:.1f} GB/s (read + write of a 256 MiB "
                    "tensor)")
-    if in_turns:
-        out.append(f"{'' if copy_rate else chr(10)}copy rate in turns with each memory-bound case (its % copy is "
-                   f"against it): {min(in_turns):.1f}-{max(in_turns):.1f} GB/s")
+    if around:
+        out.append(f"{'' if copy_rate else chr(10)}copy rate around each memory-bound case (measured just before and "
+                   f"after it; its % copy is against that): {min(around):.1f}-{max(around):.1f} GB/s")
     if gemm_rate:
         out.append(f"sgemm rate measured in this run: {gemm_rate:.0f} GFLOP/s (torch.mm, 2048 x 2048, float32)")
     return "\n".join(out)

@@ -37,8 +37,8 @@ from bignlp_fast.ops._common import (acc_dtype, call, check_choice, check_length
 
 OP = _backend.register_op(
     "rnn",
-    dtypes={"cpu": (torch.float32, torch.bfloat16)},
-    missing={"cuda": "no CUDA kernel for the RNN layers yet", "triton": "no Triton kernel for the RNN layers yet"},
+    dtypes={"cpu": (torch.float32, torch.bfloat16), "triton": (torch.float32, torch.float16, torch.bfloat16)},
+    missing={"cuda": "no CUDA kernel for the RNN layers yet (the triton backend serves CUDA tensors)"},
 )
 
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}

@@ -15,8 +15,8 @@ What it does, module by module (``model.named_modules()``, the root included):
 - Everything else is left alone. A module of a swappable family that is not swapped is reported as
   skipped, with the reason: a subclass (``subclass of torch.nn.LSTM; not swapped``: its forward may
   not be torch's), a parametrized module, an option the fused path never runs (``add_bias_kv``,
-  ``add_zero_attn``), or parameters whose device and dtype no fused backend takes (float64; an RNN on
-  CUDA, which has no fused kernel yet): swapping those would only trade torch's kernel for the
+  ``add_zero_attn``), or parameters whose device and dtype no fused backend takes (float64, or float16 on
+  the CPU): swapping those would only trade torch's kernel for the
   reference implementation. Modules that are already bignlp_fast modules are reported as already
   optimized, so a second call changes nothing. The children of bignlp_fast.nn modules are theirs
   (e.g. TextCNN reads its convolutions' weights directly) and are not visited.

@@ -11,13 +11,12 @@ from bignlp_fast import _backend
 from bignlp_fast import nn as bnn
 from bignlp_fast.ops import rnn_layer
 from bignlp_fast.ops.rnn import GATES
-from conftest import backend_params
 from reference import assert_within_torch_error
 
 pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
 
 # the triton backend runs these CPU modules under TRITON_INTERPRET=1; on a GPU machine it is tested on
-# CUDA tensors by test_triton_rnn_layer_within_torch_error
+# CUDA tensors by tests/test_rnn_layer.py
 BACKENDS = ["torch", "cpu", pytest.param("triton", marks=[pytest.mark.triton, pytest.mark.skipif(
     not _backend.triton_interpreted() or _backend.unavailable("triton", torch.device("cpu")) is not None,
     reason="the module tests run the triton backend on CPU tensors, under TRITON_INTERPRET=1 only")])]
@@ -281,44 +280,6 @@ def test_opcheck_rnn_fwd(backend):
 def test_opcheck_rnn_bwd(bwd_backend):
     for args in _op_samples(bwd_backend)[1]:
         torch.library.opcheck(torch.ops.bignlp_fast.rnn_bwd.default, args)
-
-
-@pytest.mark.parametrize("name, device", backend_params("triton"))
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("mode", list(GATES) + ["lstm-proj"])
-def test_triton_rnn_layer_within_torch_error(name, device, dtype, mode):
-    """The triton kernels (on CUDA tensors where there is a GPU, else under the interpreter) against
-    the reference in float64: outputs, final states and every gradient, forward and reverse, with
-    lengths in any order (one of them 0) and a batch that is not a multiple of the block."""
-    if dtype == torch.float16 and device.type != "cuda":
-        pytest.skip("float16 runs on CUDA only (the reference's float16 matmul is not on the CPU here)")
-    mode, proj = mode.removesuffix("-proj"), mode.endswith("-proj")
-    t, b, hidden = 6, 17, 21
-    state = 18 if proj else hidden
-    gh = GATES[mode] * hidden
-    g = torch.Generator().manual_seed(0)
-    make = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)  # noqa: E731
-    leaves = [make(t, b, gh), make(gh, state) * 0.3, make(gh), make(b, state)]
-    if mode == "lstm":
-        leaves.append(make(b, hidden))
-    if proj:
-        leaves.append(make(state, hidden) * 0.3)
-    lengths = torch.tensor([t, 3, 0, 1, 5, 6, 2, 4, 6, 1, 3, 5, 6, 2, 6, 4, 1])
-    for reverse, lens in ((False, None), (True, lengths), (False, lengths)):
-        results = {}
-        for name, be, dt in (("ref64", "torch", torch.float64), ("theirs", "torch", dtype), ("ours", "triton", dtype)):
-            args = [a.to(device, dt).requires_grad_() for a in leaves]
-            c0 = args[4] if mode == "lstm" else None
-            w_hr = args[5] if proj else None
-            out, h_n, c_n = rnn_layer(mode, *args[:4], c0, w_hr, lens, reverse, backend=be)
-            outs = [out, h_n] + ([c_n] if c_n is not None else [])
-            weights = torch.Generator().manual_seed(1)
-            loss = sum((o * torch.randn(o.shape, generator=weights, dtype=torch.float64).to(device, dt)).sum()
-                       for o in outs)
-            results[name] = outs + list(torch.autograd.grad(loss, args))
-        for k, (a, c, r) in enumerate(zip(results["ours"], results["theirs"], results["ref64"])):
-            assert_within_torch_error(f"{mode} {dtype} reverse={reverse} lengths={lens is not None} tensor {k}",
-                                      a, c, r, dtype)
 
 
 # ---- torch.compile -----------------------------------------------------------------------------------

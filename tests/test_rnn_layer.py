@@ -9,13 +9,13 @@ from bignlp_fast.ops.rnn import GATES
 from conftest import backend_params
 from reference import assert_within_torch_error
 
-BACKENDS = backend_params("cpu", "torch")
+BACKENDS = backend_params("cpu", "torch", "triton")
 
 
-def _inputs(mode, t, b, hidden, state, dtype, bias=True, seed=0):
+def _inputs(mode, t, b, hidden, state, dtype, bias=True, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
     gh = GATES[mode] * hidden
-    make = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g) * scale).to(dtype)  # noqa: E731
+    make = lambda *shape, scale=1.0: (torch.randn(*shape, generator=g) * scale).to(device, dtype)  # noqa: E731
     return [make(t, b, gh), make(gh, state, scale=state ** -0.5), make(gh) if bias else None, make(b, state),
             make(b, hidden) if mode == "lstm" else None,
             make(state, hidden, scale=hidden ** -0.5) if state != hidden else None]
@@ -26,7 +26,7 @@ def _run(mode, inputs, lengths, reverse, backend):
     out, h_n, c_n = rnn_layer(mode, *leaves, lengths=lengths, reverse=reverse, backend=backend)
     outs = [out, h_n] + ([c_n] if c_n is not None else [])
     g = torch.Generator().manual_seed(1)
-    cotangents = [torch.randn(o.shape, generator=g).to(o.dtype) for o in outs]
+    cotangents = [torch.randn(o.shape, generator=g).to(o.device, o.dtype) for o in outs]
     present = [x for x in leaves if x is not None]
     return outs + list(torch.autograd.grad(outs, present, cotangents))
 
@@ -37,19 +37,22 @@ CASES = [  # (t, b, hidden, state, lengths, reverse)
     (9, 4, 37, 37, [9, 3, 0, 5], True),   # lengths in any order, one empty sequence
     (9, 4, 37, 37, [2, 9, 1, 5], False),
     (6, 3, 40, 21, [6, 2, 4], True),      # LSTM with a projection (state 21 < hidden 40)
+    (6, 17, 21, 21, [6, 3, 0, 1, 5, 6, 2, 4, 6, 1, 3, 5, 6, 2, 6, 4, 1], False),  # > one 16-row block
 ]
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("mode", list(GATES))
 @pytest.mark.parametrize("case", CASES, ids=str)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 def test_matches_float64(backend, device, mode, case, dtype):
     t, b, hidden, state, lengths, reverse = case
     if state != hidden and mode != "lstm":
         pytest.skip("projections are an LSTM option")
-    lengths = torch.tensor(lengths) if lengths is not None else None
-    inputs = _inputs(mode, t, b, hidden, state, dtype)
+    if dtype == torch.float16 and device.type != "cuda":
+        pytest.skip("float16 runs on CUDA tensors only")
+    lengths = torch.tensor(lengths) if lengths is not None else None  # on the CPU on every device
+    inputs = _inputs(mode, t, b, hidden, state, dtype, device=device)
     ours = _run(mode, inputs, lengths, reverse, backend)
     theirs = _run(mode, inputs, lengths, reverse, "torch")  # PyTorch's own error in this dtype
     ref = _run(mode, [x.double() if x is not None else None for x in inputs], lengths, reverse, "torch")
@@ -57,9 +60,10 @@ def test_matches_float64(backend, device, mode, case, dtype):
         assert_within_torch_error(f"{backend} {mode} {case} {dtype} output {k}", a, c, r, dtype)
 
 
-def test_without_bias():
-    inputs = _inputs("gru", 6, 2, 24, 24, torch.float32, bias=False)
-    ours, ref = _run("gru", inputs, None, False, "cpu"), _run("gru", inputs, None, False, "torch")
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_without_bias(backend, device):
+    inputs = _inputs("gru", 6, 2, 24, 24, torch.float32, bias=False, device=device)
+    ours, ref = _run("gru", inputs, None, False, backend), _run("gru", inputs, None, False, "torch")
     for a, r in zip(ours, ref):
         torch.testing.assert_close(a, r, atol=2e-5, rtol=2e-5)
 

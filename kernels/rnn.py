@@ -69,6 +69,30 @@ def _hw(HP, W, rows, row_mask, gcols, col_mask, K, LDW, BLOCK_B: tl.constexpr, B
 
 
 @triton.jit
+def _ab(A, a_rows, row_mask, Bm, ldb, cols, col_mask, K, BLOCK_B: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr):
+    """[BLOCK_B, BLOCK_N] fp32: A[row, :K] @ Bm[:K, cols] in fp32, the rows of A at offsets a_rows
+    ([BLOCK_B, 1]) and Bm of row stride ldb."""
+    acc = tl.zeros((BLOCK_B, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_mask = ks < K
+        a = tl.load(A + a_rows + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
+        b = tl.load(Bm + ks[:, None] * ldb + cols[None, :], mask=k_mask[:, None] & col_mask[None, :],
+                    other=0.0).to(tl.float32)
+        acc += mma(a, b, "ieee")
+    return acc
+
+
+@triton.jit
+def _active(LENS, rows, row_mask, t, HAS_LENS: tl.constexpr):
+    """[BLOCK_B, 1]: whether step t is active for each row (t < lengths[row]; every step without lengths)."""
+    if HAS_LENS:
+        return (t < tl.load(LENS + rows, mask=row_mask, other=0))[:, None]
+    return (rows >= 0)[:, None]
+
+
+@triton.jit
 def _rnn_fwd_kernel(
     XW,  # [T, B, G*H] x.dtype
     W,  # [G*H, S] w_hh
@@ -89,18 +113,13 @@ def _rnn_fwd_kernel(
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
-    if HAS_LENS:
-        lens = tl.load(LENS + rows, mask=row_mask, other=0)
     GH = G * H
     for s in range(T):
         if REVERSE:
             t = T - 1 - s
         else:
             t = s
-        if HAS_LENS:
-            active = (t < lens)[:, None]
-        else:
-            active = (rows >= 0)[:, None]
+        active = _active(LENS, rows, row_mask, t, HAS_LENS)
         rd = HBUF + (s % 2) * B * S
         wr = HBUF + ((s + 1) % 2) * B * S
         xrow = (t * B + rows)[:, None] * GH  # [BLOCK_B, 1] offsets of xw[t, rows]
@@ -216,8 +235,6 @@ def _rnn_bwd_kernel(
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
     row_mask = rows < B
-    if HAS_LENS:
-        lens = tl.load(LENS + rows, mask=row_mask, other=0)
     GH = G * H
     for r in range(T):
         s = T - 1 - r  # the forward's step index, walked backwards
@@ -227,10 +244,7 @@ def _rnn_bwd_kernel(
         else:
             t = s
             t_prev = t - 1
-        if HAS_LENS:
-            active = (t < lens)[:, None]
-        else:
-            active = (rows >= 0)[:, None]
+        active = _active(LENS, rows, row_mask, t, HAS_LENS)
         rd = DH + (r % 2) * B * S
         wr = DH + ((r + 1) % 2) * B * S
         wrow = (t * B + rows)[:, None] * WSW
@@ -251,14 +265,7 @@ def _rnn_bwd_kernel(
             col_mask = cols < H
             mask = row_mask[:, None] & col_mask[None, :]
             if HAS_PROJ:
-                dht = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-                for k0 in range(0, S, BLOCK_K):
-                    ks = k0 + tl.arange(0, BLOCK_K)
-                    k_mask = ks < S
-                    a = tl.load(DHT + orow + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-                    w = tl.load(W_HR + ks[:, None] * H + cols[None, :], mask=k_mask[:, None] & col_mask[None, :],
-                                other=0.0).to(tl.float32)
-                    dht += mma(a, w, "ieee")  # dm
+                dht = _ab(DHT, orow, row_mask, W_HR, H, cols, col_mask, S, BLOCK_B, BLOCK_H, BLOCK_K)  # dm
             else:
                 dh = tl.load(rd + rows[:, None] * S + cols[None, :], mask=mask, other=0.0)
                 go = tl.load(GO + orow + cols[None, :], mask=mask, other=0.0).to(tl.float32)
@@ -319,14 +326,7 @@ def _rnn_bwd_kernel(
             col_mask = cols < S
             mask = row_mask[:, None] & col_mask[None, :]
             st = rows[:, None] * S + cols[None, :]
-            acc = tl.zeros((BLOCK_B, BLOCK_H), dtype=tl.float32)
-            for k0 in range(0, GH, BLOCK_K):
-                ks = k0 + tl.arange(0, BLOCK_K)
-                k_mask = ks < GH
-                a = tl.load(DG + grow + ks[None, :], mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-                w = tl.load(W + ks[:, None] * S + cols[None, :], mask=k_mask[:, None] & col_mask[None, :],
-                            other=0.0).to(tl.float32)
-                acc += mma(a, w, "ieee")
+            acc = _ab(DG, grow, row_mask, W, S, cols, col_mask, GH, BLOCK_B, BLOCK_H, BLOCK_K)
             if MODE == 1:
                 acc += tl.load(wr + st, mask=mask, other=0.0)
             dh_old = tl.load(rd + st, mask=mask, other=0.0)

@@ -514,3 +514,21 @@ def test_lengths_bad_input():
         lstm(x, lengths=torch.tensor([0, 7]))
     with pytest.raises(ValueError, match="PackedSequence carries its own"):
         lstm(pack_padded_sequence(x, torch.tensor([6, 2]), batch_first=True), lengths=torch.tensor([6, 2]))
+
+
+@pytest.mark.parametrize("blas_fast", [False, True])
+def test_input_projection_takes_the_faster_gemm(monkeypatch, blas_fast):
+    """fp32 on the CPU: ops.linear (the project's GEMM) unless torch's sgemm is the faster one on this
+    CPU (MKL on Intel); a backend named "cpu" always takes ops.linear. Same results either way."""
+    import bignlp_fast.nn.rnn as rnn_module
+    monkeypatch.setattr(_backend, "blas_sgemm_is_fast", lambda: blas_fast)
+    calls = []
+    real = rnn_module.linear
+    monkeypatch.setattr(rnn_module, "linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ref, auto = make_pair("lstm", None)
+    _, named = make_pair("lstm", "cpu")
+    x = torch.randn(6, 4, 5)
+    torch.testing.assert_close(auto(x)[0], ref(x)[0], **TOL)
+    assert len(calls) == (0 if blas_fast else 1)
+    torch.testing.assert_close(named(x)[0], ref(x)[0], **TOL)
+    assert len(calls) == (1 if blas_fast else 2)

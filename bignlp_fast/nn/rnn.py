@@ -47,11 +47,14 @@ _MODES = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn
 
 def _input_projection(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend: Optional[str]) -> Tensor:
     """x W_ih^T + b_ih for every step at once. On float32 CPU tensors: bignlp_fast.ops.linear, the
-    project's packed GEMM (about 2x torch.mm where MKL lacks an AVX-512 path); in bfloat16, on other
+    project's packed GEMM (about 2x torch.mm where MKL lacks an AVX-512 path), unless torch's sgemm is
+    the faster one on this CPU (MKL on Intel: _backend.blas_sgemm_is_fast); in bfloat16, on other
     devices, under autocast, or when the torch reference is asked for: F.linear (for bfloat16,
-    oneDNN's GEMM on the CPU's bf16 dot products or AMX: about 2x ops.linear, which computes in fp32)."""
+    oneDNN's GEMM on the CPU's bf16 dot products or AMX: about 2x ops.linear, which computes in fp32).
+    Naming backend="cpu" always takes ops.linear."""
+    named = _backend.requested_backend(backend)
     if (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-            and _backend.requested_backend(backend) in (None, "cpu")):
+            and (named == "cpu" or (named is None and not _backend.blas_sgemm_is_fast()))):
         return linear(x, weight, bias, backend=backend)
     return F.linear(x, weight, bias)
 

@@ -116,6 +116,9 @@ def test_matches_torch(backend, kind, config, inputs):
     layers, bidirectional, batch_first, bias, proj = config
     if proj and kind != "lstm":
         pytest.skip("proj_size is an LSTM option")
+    if backend == "triton" and inputs != "packed_unsorted":
+        pytest.skip("the interpreter is slow: triton runs the hardest input of each config (the module's "
+                    "packing logic does not depend on the backend; tests/test_rnn_layer.py covers the op)")
     kwargs = dict(num_layers=layers, bidirectional=bidirectional, batch_first=batch_first, bias=bias)
     if proj:
         kwargs["proj_size"] = proj

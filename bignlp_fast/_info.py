@@ -51,6 +51,10 @@ def info() -> dict:
         "triton_interpret": _backend.triton_interpreted(),
         "cpu_capability_runtime": torch.backends.cpu.get_cpu_capability(),
         "threads": torch.get_num_threads(),
+        "cpu_vendor": _backend.cpu_vendor(),
+        # which fp32 GEMM the RNN layers' input projections take on the CPU (nn/rnn.py)
+        "fp32_projection_gemm": ("torch (MKL runs AVX-512 on this Intel CPU)" if _backend.blas_sgemm_is_fast()
+                                 else "bignlp_fast.ops.linear (the project's packed GEMM)"),
         "build": _backend.build_info(),
         "ops": ops,
         "fallbacks": _backend.report(),

@@ -38,6 +38,7 @@ def _info(args) -> int:
           f"(CUDA {data['torch_cuda']})  triton {data['triton']}"
           + ("  [TRITON_INTERPRET=1]" if data["triton_interpret"] else ""))
     print(f"machine: {machine()}; GPU: {data['gpu'] or 'none'}")
+    print(f"fp32 input projections of the RNN layers on the CPU: {data['fp32_projection_gemm']}")
     print("extension build:")
     for k, v in data["build"].items():
         print(f"  {k}: {v}")

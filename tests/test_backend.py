@@ -74,6 +74,7 @@ def test_info_lists_every_op_and_backend():
         if not torch.cuda.is_available():
             assert op["cuda"]["usable"].startswith("no: ")
     assert info["build"]["cpu_flags"]
+    assert info["fp32_projection_gemm"].startswith("torch" if _backend.blas_sgemm_is_fast() else "bignlp_fast")
 
 
 @pytest.mark.parametrize("args", [["info"], ["info", "--json"]])

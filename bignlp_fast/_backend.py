@@ -52,18 +52,19 @@ def build_info() -> dict:
     return dict(_BUILD_INFO)
 
 
-def _read_cpu_vendor() -> str:
+def cpuinfo(field: str) -> str:
+    """The first value of ``field`` ("vendor_id", "model name", ...) in /proc/cpuinfo, or ""."""
     try:
         with open("/proc/cpuinfo") as fh:
             for line in fh:
-                if line.startswith("vendor_id"):
+                if line.startswith(field):
                     return line.split(":", 1)[1].strip()
     except OSError:
         pass
     return ""
 
 
-_CPU_VENDOR = _read_cpu_vendor()  # read once at import: a traced (torch.compile) call may not open files
+_CPU_VENDOR = cpuinfo("vendor_id")  # read once at import: a traced (torch.compile) call may not open files
 # MKL takes its AVX-512 kernels on Intel CPUs only (measured: on an Intel Xeon F.linear 196 GFLOP/s
 # against ops.linear's 161 at [4096, 512] x [512, 2048]; on an AMD EPYC ops.linear ~2x F.linear)
 _BLAS_SGEMM_IS_FAST = _CPU_VENDOR == "GenuineIntel" and torch.backends.mkl.is_available()

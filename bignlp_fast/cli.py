@@ -12,14 +12,8 @@ import torch
 
 
 def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    from bignlp_fast._backend import cpuinfo
+    return cpuinfo("model name") or platform.processor() or platform.machine()
 
 
 def machine() -> str:

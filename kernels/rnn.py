@@ -40,10 +40,10 @@ import triton.language as tl
 
 from bignlp_fast.kernels._activation import _sigmoid, _tanh
 from bignlp_fast.kernels._common import dot_precision, mma
+from bignlp_fast.ops.rnn import GATES, workspace_width
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MODES = {"lstm": 0, "gru": 1, "rnn_tanh": 2, "rnn_relu": 3}
-_GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 
 
 def rnn_triton_supports(dtype) -> Optional[str]:
@@ -348,23 +348,16 @@ def _check(dtype):
         raise ValueError(reason)
 
 
-def _width(mode, hidden, state):
-    """The workspace's floats per (step, row): gates, the state after the step, then LSTM: c after
-    (and m with a projection), GRU: h W_hn^T + b_hn (ops/rnn.py: workspace_width)."""
-    extra = {"lstm": hidden + (hidden if state != hidden else 0), "gru": hidden}.get(mode, 0)
-    return _GATES[mode] * hidden + state + extra
-
-
 def rnn_fwd_triton(xw, w_hh, b_hh, h0, c0, w_hr, lengths, mode, reverse, save_workspace):
     _check(xw.dtype)
     T, B, GH = xw.shape
-    H, S = GH // _GATES[mode], w_hh.shape[1]
-    width = _width(mode, H, S)
+    H, S = GH // GATES[mode], w_hh.shape[1]
+    width = workspace_width(mode, H, S, "triton")
     out = xw.new_empty(T, B, S)
     ws = torch.empty((T, B, width) if save_workspace else (0,), device=xw.device, dtype=torch.float32)
     hbuf = torch.empty(2, B, S, device=xw.device, dtype=torch.float32)
     hbuf[0] = h0
-    cbuf = c0.float().clone() if c0 is not None else hbuf
+    cbuf = c0.to(torch.float32, copy=True) if c0 is not None else hbuf
     mbuf = torch.empty(B, H, device=xw.device, dtype=torch.float32) if w_hr is not None else hbuf
     lens = lengths.to(xw.device) if lengths is not None else None
     block_b, block_h, block_k, num_warps = _blocks(xw.device, H)
@@ -372,7 +365,7 @@ def rnn_fwd_triton(xw, w_hh, b_hh, h0, c0, w_hr, lengths, mode, reverse, save_wo
         _rnn_fwd_kernel[(triton.cdiv(B, block_b),)](
             xw, w_hh, b_hh if b_hh is not None else w_hh, w_hr if w_hr is not None else w_hh,
             lens if lens is not None else xw, out, ws, hbuf, cbuf, mbuf, T, B, H, S, width,
-            MODE=_MODES[mode], G=_GATES[mode], REVERSE=bool(reverse), HAS_BIAS=b_hh is not None,
+            MODE=_MODES[mode], G=GATES[mode], REVERSE=bool(reverse), HAS_BIAS=b_hh is not None,
             HAS_PROJ=w_hr is not None, HAS_LENS=lens is not None, SAVE=bool(save_workspace),
             BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k, DOT_PRECISION=dot_precision(w_hh),
             num_warps=num_warps,
@@ -385,15 +378,15 @@ def rnn_fwd_triton(xw, w_hh, b_hh, h0, c0, w_hr, lengths, mode, reverse, save_wo
 def rnn_bwd_triton(grad_out, grad_h_n, grad_c_n, xw, w_hh, b_hh, h0, c0, w_hr, lengths, workspace, mode, reverse):
     _check(xw.dtype)
     T, B, GH = xw.shape
-    H, S = GH // _GATES[mode], w_hh.shape[1]
-    if workspace.numel() != T * B * _width(mode, H, S):
+    H, S = GH // GATES[mode], w_hh.shape[1]
+    if workspace.numel() != T * B * workspace_width(mode, H, S, "triton"):
         raise ValueError("rnn_bwd_triton: the workspace does not come from the triton forward with save_workspace")
     dx = torch.zeros(T, B, GH, device=xw.device, dtype=torch.float32)
     dg = torch.zeros_like(dx) if mode == "gru" else dx
     dht = torch.zeros(T, B, S, device=xw.device, dtype=torch.float32) if w_hr is not None else dx
     dh = torch.empty(2, B, S, device=xw.device, dtype=torch.float32)
     dh[0] = grad_h_n
-    dc = grad_c_n.float().clone() if c0 is not None else dh
+    dc = grad_c_n.to(torch.float32, copy=True) if c0 is not None else dh
     h0f = h0.float().contiguous()
     c0f = c0.float().contiguous() if c0 is not None else h0f
     lens = lengths.to(xw.device) if lengths is not None else None
@@ -402,7 +395,7 @@ def rnn_bwd_triton(grad_out, grad_h_n, grad_c_n, xw, w_hh, b_hh, h0, c0, w_hr, l
         _rnn_bwd_kernel[(triton.cdiv(B, block_b),)](
             grad_out, w_hh, w_hr if w_hr is not None else w_hh, h0f, c0f, lens if lens is not None else xw,
             workspace, dx, dg, dht, dh, dc, T, B, H, S, workspace.shape[-1],
-            MODE=_MODES[mode], G=_GATES[mode], REVERSE=bool(reverse), HAS_PROJ=w_hr is not None,
+            MODE=_MODES[mode], G=GATES[mode], REVERSE=bool(reverse), HAS_PROJ=w_hr is not None,
             HAS_LENS=lens is not None, BLOCK_B=block_b, BLOCK_H=block_h, BLOCK_K=block_k, num_warps=num_warps,
         )
     # the state before each step t, in t's indexing: h0 before the walk's first step

@@ -12,6 +12,7 @@ with ``BIGNLP_FAST_STRICT=1`` it raises instead.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import os
@@ -78,6 +79,27 @@ def cpu_vendor() -> str:
 def blas_sgemm_is_fast() -> bool:
     """Whether torch's fp32 GEMM beats the project's packed GEMM (csrc/cpu/gemm.h) on this CPU."""
     return _BLAS_SGEMM_IS_FAST
+
+
+def amx_bf16() -> bool:
+    """Whether the bf16 CPU kernels multiply their tiles on Intel AMX now (csrc/cpu/amx.h): the CPU has
+    AMX-BF16, torch has oneDNN's brgemm ukernel, and :func:`use_amx_bf16` has not turned it off."""
+    return _C is not None and _C.amx_bf16()
+
+
+@contextlib.contextmanager
+def use_amx_bf16(enabled: bool):
+    """Within the block, the bf16 CPU kernels take (or, with False, skip) their AMX path. Turning it on
+    where AMX is missing changes nothing. For tests, which check both paths on one machine, and for
+    measuring what AMX buys."""
+    if _C is None:
+        yield
+        return
+    before = _C.set_amx_bf16(enabled)
+    try:
+        yield
+    finally:
+        _C.set_amx_bf16(before)
 
 
 _CAPABILITY_RANK = {"DEFAULT": 0, "AVX2": 1, "AVX512": 2}

@@ -33,6 +33,7 @@ def _info(args) -> int:
           + ("  [TRITON_INTERPRET=1]" if data["triton_interpret"] else ""))
     print(f"machine: {machine()}; GPU: {data['gpu'] or 'none'}")
     print(f"fp32 input projections of the RNN layers on the CPU: {data['fp32_projection_gemm']}")
+    print(f"bf16 attention tiles on the CPU: {data['bf16_tiles']}")
     print("extension build:")
     for k, v in data["build"].items():
         print(f"  {k}: {v}")

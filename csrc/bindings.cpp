@@ -3,6 +3,7 @@
 #include <torch/extension.h>
 
 #include "ops.h"
+#include "cpu/amx.h"
 
 #ifndef BIGNLP_FAST_CPU_FLAGS
 #define BIGNLP_FAST_CPU_FLAGS ""
@@ -37,6 +38,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &build_info, "How this extension was built: CPU flags, at::vec level, CUDA archs");
 
   using namespace bignlp_fast;
+  m.def("amx_bf16_available", &bignlp_fast::cpu::amx_bf16_available,
+        "Whether this CPU and torch build run bf16 tile GEMMs on AMX (oneDNN's brgemm ukernel)");
+  m.def("amx_bf16", &bignlp_fast::cpu::amx_bf16, "Whether the bf16 CPU kernels take their AMX path now");
+  m.def("set_amx_bf16", &bignlp_fast::cpu::set_amx_bf16,
+        "Turn the AMX path of the bf16 CPU kernels off or back on; returns the previous state");
   m.def("add_layer_norm_fwd_cpu", &add_layer_norm_fwd_cpu);
   m.def("add_layer_norm_bwd_cpu", &add_layer_norm_bwd_cpu);
   m.def("bias_gelu_fwd_cpu", &bias_gelu_fwd_cpu);

@@ -1,6 +1,7 @@
 """Shared test setup. Without a CUDA GPU, Triton kernels run through the interpreter on CPU tensors:
 TRITON_INTERPRET must be set before triton is first imported, so it is set here."""
 
+import contextlib
 import os
 
 import torch
@@ -59,6 +60,15 @@ def backend_params(*names):
             marks.append(pytest.mark.cuda)
         params.append(pytest.param(name, device, id=name, marks=marks))
     return params
+
+
+def tile_paths(backend, dtype):
+    """(name, context) for each tile path of a backend's kernels in ``dtype``: the CPU's bf16 kernels
+    multiply on AMX where the CPU has it (csrc/cpu/amx.h) and on AVX-512 tiles elsewhere, so an AMX
+    machine runs a check once per path."""
+    if backend == "cpu" and dtype == torch.bfloat16 and _backend.amx_bf16():
+        return [("amx", lambda: _backend.use_amx_bf16(True)), ("no-amx", lambda: _backend.use_amx_bf16(False))]
+    return [("", contextlib.nullcontext)]
 
 
 @pytest.fixture(autouse=True)

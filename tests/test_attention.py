@@ -11,10 +11,11 @@ import torch
 import torch.nn.functional as F
 
 import bignlp_fast
+from bignlp_fast._backend import amx_bf16, use_amx_bf16
 from bignlp_fast.ops import scaled_dot_product_attention as sdpa
 from bignlp_fast.ops import varlen_attention
 from bignlp_fast.ops.attention import dropout_keep, philox4x32
-from conftest import backend_params
+from conftest import backend_params, tile_paths
 from reference import assert_within_torch_error
 
 FUSED = backend_params("cpu", "cuda", "triton")
@@ -68,14 +69,17 @@ def _check(backend, device, dtype, shape_q, shape_k, dv=None, *, causal=False, m
         return F.scaled_dot_product_attention(q, k, v, m, enable_gqa=gqa)
 
     run = _grads if grads else (lambda fn, q, k, v, go: [fn(q, k, v)])
-    ours = run(ours_fn, q, k, v, go)
     theirs = [t.nan_to_num(0.0) for t in run(theirs_fn, q, k, v, go)]
     ref = run(lambda q, k, v: sdpa(q, k, v, mask_d, is_causal=causal, enable_gqa=gqa, backend="torch"),
               q.double(), k.double(), v.double(), go.double())
-    assert ours[0].stride() == ours[0].transpose(1, 2).contiguous().transpose(1, 2).stride()
-    for name, a, c, r in zip(["out", "grad_q", "grad_k", "grad_v"], ours, theirs, ref):
-        assert torch.isfinite(a).all(), f"{name}: not finite"
-        assert_within_torch_error(f"{backend} {dtype} q{shape_q} k{shape_k} causal={causal} {name}", a, c, r, dtype)
+    for path, context in tile_paths(backend, dtype):
+        with context():
+            ours = run(ours_fn, q, k, v, go)
+        assert ours[0].stride() == ours[0].transpose(1, 2).contiguous().transpose(1, 2).stride()
+        for name, a, c, r in zip(["out", "grad_q", "grad_k", "grad_v"], ours, theirs, ref):
+            assert torch.isfinite(a).all(), f"{name}: not finite"
+            assert_within_torch_error(f"{backend} {path} {dtype} q{shape_q} k{shape_k} causal={causal} {name}",
+                                      a, c, r, dtype)
 
 
 CASES = [  # (q shape, k shape, dv, causal)
@@ -188,11 +192,10 @@ def test_varlen_matches_each_sequence_alone(backend, device, causal, decode):
     for dtype in DTYPES[backend]:
         q, k, v, go, cu_q, cu_k = _varlen_case(lengths_q, lengths_k, 4, 2, 40, dtype, device, causal)
         args = (cu_q, cu_k, max(lengths_q), max(lengths_k))
-        ours = _grads(lambda q, k, v: varlen_attention(q, k, v, *args, causal=causal, backend=backend), q, k, v, go)
         ref = _grads(lambda q, k, v: varlen_attention(q, k, v, *args, causal=causal, backend="torch"),
                      q.double(), k.double(), v.double(), go.double())
         # PyTorch's own error: F.scaled_dot_product_attention per sequence, in this dtype
-        theirs = [torch.zeros_like(t) for t in ours]
+        theirs = [torch.zeros_like(t) for t in (q, q, k, v)]
         qs, ks = cu_q.tolist(), cu_k.tolist()
         for s in range(len(lengths_q)):
             rq, rk = slice(qs[s], qs[s + 1]), slice(ks[s], ks[s + 1])
@@ -209,8 +212,12 @@ def test_varlen_matches_each_sequence_alone(backend, device, causal, decode):
             outs = _grads(one, q[rq], k[rk], v[rk], go[rq])
             for t, o, r in zip(theirs, outs, (rq, rq, rk, rk)):
                 t[r] = o.nan_to_num(0.0)
-        for name, a, c, r in zip(["out", "grad_q", "grad_k", "grad_v"], ours, theirs, ref):
-            assert_within_torch_error(f"varlen {backend} {dtype} causal={causal} {name}", a, c, r, dtype)
+        for path, context in tile_paths(backend, dtype):
+            with context():
+                ours = _grads(lambda q, k, v: varlen_attention(q, k, v, *args, causal=causal, backend=backend),
+                              q, k, v, go)
+            for name, a, c, r in zip(["out", "grad_q", "grad_k", "grad_v"], ours, theirs, ref):
+                assert_within_torch_error(f"varlen {backend} {path} {dtype} causal={causal} {name}", a, c, r, dtype)
 
 
 def test_varlen_bad_offsets():
@@ -270,6 +277,35 @@ def _check_dropout(backend, device, shape, shape_k):
         assert torch.equal(a, b)
         torch.testing.assert_close(a.double(), r, atol=2e-5, rtol=2e-5)
     assert not torch.equal(ours[0], other[0])
+
+
+@pytest.mark.parametrize("backend,device", FUSED)
+def test_dropout_in_bfloat16_on_every_tile_path(backend, device):
+    """bf16 with dropout: the reference's mask, within the error of the same computation done by the
+    torch backend in bf16 (torch's own SDPA draws another mask), on every tile path (AMX and not)."""
+    shape = (2, 2, 9, 16) if _small(backend, device) else (2, 3, 70, 40)
+    q, k, v, go = (t.bfloat16() for t in _inputs(shape, shape, shape[-1], torch.float32, device))
+
+    def run(backend_, dtype):
+        torch.manual_seed(0)
+        return _grads(lambda q, k, v: sdpa(q, k, v, dropout_p=0.3, is_causal=True, backend=backend_),
+                      q.to(dtype), k.to(dtype), v.to(dtype), go.to(dtype))
+
+    theirs, ref = run("torch", torch.bfloat16), run("torch", torch.float64)
+    for path, context in tile_paths(backend, torch.bfloat16):
+        with context():
+            ours = run(backend, torch.bfloat16)
+        for name, a, c, r in zip(["out", "grad_q", "grad_k", "grad_v"], ours, theirs, ref):
+            assert_within_torch_error(f"dropout {backend} {path} {name}", a, c, r, torch.bfloat16)
+
+
+def test_use_amx_bf16_switches_the_path_and_restores_it():
+    before = amx_bf16()
+    with use_amx_bf16(False):
+        assert not amx_bf16()
+    assert amx_bf16() == before
+    with use_amx_bf16(True):
+        assert amx_bf16() == bignlp_fast._backend.compiled().amx_bf16_available()
 
 
 def test_dropout_statistics():

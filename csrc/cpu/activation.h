@@ -48,6 +48,28 @@ inline at::vec::Vectorized<float> tanh_fast(const at::vec::Vectorized<float>& v)
   return fVec(1.f) - fVec(2.f) / ((v + v).exp_u20() + fVec(1.f));
 }
 
+// 2^t for t <= 0, the exponent of a softmax (t = (s - max) * log2(e)). With AVX-512: t = n + f with
+// n = round(t) and |f| <= 1/2, 2^f by a degree-5 polynomial (fitted to 2^f on [-1/2, 1/2]; relative
+// error 2.2e-7 in fp32, below exp_u20's), and 2^n applied by vscalefps; t <= -126, including the -inf
+// of a masked key, gives exactly 0 (NaN stays NaN). Ten instructions against exp_u20's ~16. Elsewhere exp_u20.
+inline at::vec::Vectorized<float> exp2_nonpositive(const at::vec::Vectorized<float>& t) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 x = t;
+  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(x, n);
+  __m512 p = _mm512_set1_ps(1.3266970636323094e-3f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.675459936261177e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550742521882057e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022121727466583e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931469440460205e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001192092896f));
+  return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.f), _CMP_NLE_UQ), p, n);
+#else
+  return (t * at::vec::Vectorized<float>(0.69314718055994531f)).exp_u20();
+#endif
+}
+constexpr float kLog2e = 1.44269504088896340736f;
+
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 // For a = |v|: the tail polynomial (a gelu_table.h table, one interval per lane) at a, 0 past kAMax.
 // NaN stays NaN: min keeps a NaN second operand, and t carries it into the polynomial.

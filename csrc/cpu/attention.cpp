@@ -23,6 +23,8 @@
 
 #include "../ops.h"
 #include "common.h"
+#include "activation.h"
+#include "amx.h"
 #include "gemm.h"
 
 namespace bignlp_fast {
@@ -38,6 +40,10 @@ using cpu::to_float;
 
 constexpr int64_t kBlockQ = 64;   // queries per task / per backward tile
 constexpr int64_t kBlockK = 256;  // keys per tile
+// Keys per tile of the AMX forward: its GEMMs are fast enough that per-call and per-row costs
+// matter; 512 takes the bf16 forward at 8x12x512x64 from 16.9 to ... ms (Xeon with AMX, 2 threads).
+constexpr int64_t kBlockKAmx = 512;
+constexpr int64_t kBlockQAmx = 128;  // queries per task of the AMX forward
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // A leading dimension for an fp32 tile row of n values: a whole number of vectors, and not a
@@ -168,6 +174,74 @@ void pack_cols(const Rows<T>& t, int64_t b, int64_t h, int64_t r0, int64_t n, in
   for (int64_t c = 0; c < d; ++c) std::fill(dst + c * ld + n, dst + (c + 1) * ld, 0.f);
 }
 
+// ---- bf16 operands for the AMX tiles (amx.h) ----------------------------------------------------
+// Where amx_bf16() holds, the bf16 forward keeps K^T, V and the query block in bf16 and multiplies
+// them on AMX: the score tile S = Q K^T and the update O += P V are amx_gemm calls; the softmax
+// between them stays fp32, P is rounded to bf16 for the second GEMM (as torch's bf16 SDPA does) and
+// its row sums are taken before rounding. The scale multiplies S in fp32, after the GEMM.
+//
+// K^T in VNNI pairs: dst[(c2 * ld + r) * 2 + p] = K[r0 + r][2 c2 + p], for c2 < ceil(d / 2); an odd
+// d ends with a zero half, columns [n, ld) are zero.
+inline void pack_keys_vnni(const Rows<c10::BFloat16>& t, int64_t b, int64_t h, int64_t r0, int64_t n, int64_t d,
+                           c10::BFloat16* dst, int64_t ld) {
+  const int64_t d2 = (d + 1) / 2;
+  uint32_t* out = reinterpret_cast<uint32_t*>(dst);
+  int64_t r = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  // 16 keys at a time: one gather per pair of columns (the rows are sl elements apart)
+  if (16 * t.sl * 2 < (int64_t{1} << 31)) {
+    const __m512i rows = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                            _mm512_set1_epi32(static_cast<int32_t>(t.sl * 2)));
+    for (; r + 16 <= n; r += 16) {
+      const c10::BFloat16* src = t.row(b, h, r0 + r);
+      for (int64_t c2 = 0; c2 < d / 2; ++c2)
+        _mm512_storeu_si512(out + c2 * ld + r, _mm512_i32gather_epi32(rows, src + 2 * c2, 1));
+    }
+  }
+#endif
+  for (; r < n; ++r) {
+    const c10::BFloat16* src = t.row(b, h, r0 + r);
+    for (int64_t c2 = 0; c2 < d / 2; ++c2) std::memcpy(out + c2 * ld + r, src + 2 * c2, sizeof(uint32_t));
+  }
+  if (d % 2)
+    for (r = 0; r < n; ++r) out[(d2 - 1) * ld + r] = t.row(b, h, r0 + r)[d - 1].x;
+  for (int64_t c2 = 0; c2 < d2; ++c2) std::fill(out + c2 * ld + n, out + (c2 + 1) * ld, 0u);
+}
+
+// V in VNNI pairs of rows: dst[(r2 * ld + c) * 2 + p] = V[r0 + 2 r2 + p][c]; an odd n ends with a
+// zero row, columns [d, ld) are zero.
+inline void pack_values_vnni(const Rows<c10::BFloat16>& t, int64_t b, int64_t h, int64_t r0, int64_t n, int64_t d,
+                             c10::BFloat16* dst, int64_t ld) {
+  for (int64_t r2 = 0; r2 < (n + 1) / 2; ++r2) {
+    const c10::BFloat16* lo = t.row(b, h, r0 + 2 * r2);
+    const c10::BFloat16* hi = 2 * r2 + 1 < n ? t.row(b, h, r0 + 2 * r2 + 1) : nullptr;
+    c10::BFloat16* o = dst + r2 * ld * 2;
+    int64_t c = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+    // 16 columns at a time: each uint32 of the output is lo | hi << 16
+    for (; hi != nullptr && c + 16 <= d; c += 16) {
+      const __m512i l = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo + c)));
+      const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(hi + c)));
+      _mm512_storeu_si512(o + 2 * c, _mm512_or_si512(l, _mm512_slli_epi32(u, 16)));
+    }
+#endif
+    for (; c < d; ++c) {
+      o[2 * c] = lo[c];
+      o[2 * c + 1] = hi != nullptr ? hi[c] : c10::BFloat16(0.f);
+    }
+    std::fill(o + 2 * d, o + 2 * ld, c10::BFloat16(0.f));
+  }
+}
+
+// Rows [r0, r0 + n) of one head as bf16 [n, ld], zero-padded to ld (an even number >= d).
+inline void copy_rows_bf16(const Rows<c10::BFloat16>& t, int64_t b, int64_t h, int64_t r0, int64_t n, int64_t d,
+                           c10::BFloat16* dst, int64_t ld) {
+  for (int64_t r = 0; r < n; ++r) {
+    std::memcpy(dst + r * ld, t.row(b, h, r0 + r), d * sizeof(c10::BFloat16));
+    std::fill(dst + r * ld + d, dst + (r + 1) * ld, c10::BFloat16(0.f));
+  }
+}
+
 // Scores of one tile, in place: s[0, n) += bias row; -inf past the causal limit `visible` (a
 // count of keys from the tile's start).
 inline void bias_and_mask(float* s, int64_t n, const float* bias, int64_t bias_sj, int64_t visible) {
@@ -205,6 +279,70 @@ void check_operands(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0, "attention: key heads must divide query heads");
   TORCH_CHECK(q.size(3) == k.size(3) && k.sizes().slice(0, 3) == v.sizes().slice(0, 3),
               "attention: q/k head dims or k/v shapes disagree");
+}
+
+// The online-softmax step of one AMX score tile (see pack_keys_vnni): s holds the raw scores Q K^T
+// of m rows and n keys. Per row: scale (folded into the exponent when there is no bias), bias and
+// causal mask, the running max and sum, the accumulator rescaled, and P = exp(scaled s - max) written
+// as bf16 to p_b (row stride kBlockKAmx, columns [n, round_up(n, 32)) zero) in the same pass; with
+// dropout P goes through fp32 first, because the mask is applied to fp32 values as on every path.
+template <typename BiasRow, typename Visible>
+void softmax_tile_amx(float* s_tile, int64_t ld_s, int64_t m, int64_t n, float scale, BiasRow bias_row,
+                      int64_t bias_sj, Visible visible, float* row_max, float* row_sum, float* acc, int64_t ld_acc,
+                      c10::BFloat16* p_b, const Dropout& dropout, int64_t seq, int64_t head, int64_t i0, int64_t j0) {
+  constexpr int64_t V = fVec::size();
+  auto lanes = [&](int64_t j) { return std::min<int64_t>(V, n - j); };  // <= 0: past the row
+  for (int64_t r = 0; r < m; ++r) {
+    float* s = s_tile + r * ld_s;
+    c10::BFloat16* p = p_b + r * kBlockKAmx;
+    const float* bias = bias_row(r);
+    // exp(s * mul - m): mul is the scale with raw scores, 1 once the bias pass has scaled them
+    float mul = scale;
+    if (bias != nullptr || scale <= 0.f) {
+      for (int64_t j = 0; j < n; j += V) store_any(s + j, load_any(s + j, lanes(j)) * fVec(scale), lanes(j));
+      mul = 1.f;
+    }
+    bias_and_mask(s, n, bias, bias_sj, visible(r));
+    fVec vmax(-kInf);
+    for (int64_t j = 0; j < n; j += V)
+      vmax = at::vec::maximum(vmax, lanes(j) == V ? fVec::loadu(s + j) : fVec::set(fVec(-kInf), fVec::loadu(s + j, lanes(j)), lanes(j)));
+    const float m_new = std::max(row_max[r], mul * at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return at::vec::maximum(a, b); }, vmax));
+    if (m_new == -kInf) {  // every key so far masked: this tile adds nothing to the row
+      std::fill(p, p + cpu::round_up_to_step(n), c10::BFloat16(0.f));
+      continue;
+    }
+    const float rescale = std::exp(row_max[r] - m_new);  // 0 when the old max was -inf
+    const fVec vmul(mul * cpu::kLog2e), vneg(-m_new * cpu::kLog2e), zero(0.f);
+    fVec vsum(0.f);
+    auto exp_at = [&](int64_t j) {  // P at columns [j, j + V), zero past n
+      if (lanes(j) <= 0) return zero;
+      const fVec e = cpu::exp2_nonpositive(at::vec::fmadd(fVec::loadu(s + j, lanes(j)), vmul, vneg));
+      return lanes(j) == V ? e : fVec::set(zero, e, lanes(j));
+    };
+    for (int64_t j = 0; j < n; j += cpu::kStep) {
+      const fVec e0 = exp_at(j), e1 = exp_at(j + V);
+      vsum = vsum + e0 + e1;
+      if (dropout.on) {
+        e0.store(s + j), e1.store(s + j + V);  // s has room: ld_s >= round_up_to_step(kBlockKAmx)
+      } else {
+        cpu::to_bf16(e0, e1).store(p + j);
+      }
+    }
+    row_sum[r] = row_sum[r] * rescale + at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, vsum);
+    row_max[r] = m_new;
+    if (rescale != 1.f) {
+      float* a = acc + r * ld_acc;
+      for (int64_t c = 0; c < ld_acc; c += V) (fVec::loadu(a + c) * fVec(rescale)).store(a + c);
+    }
+    if (dropout.on) {
+      dropout.apply(s, n, seq, head, i0 + r, j0);
+      for (int64_t j = 0; j < n; j += cpu::kStep) {
+        fVec a, b;
+        cpu::load2(s + j, a, b);
+        cpu::to_bf16(a, b).store(p + j);
+      }
+    }
+  }
 }
 
 // ---- forward --------------------------------------------------------------------------------
@@ -285,44 +423,77 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
     return;
   }
 
+  // The AMX path (see pack_keys_vnni): bf16 operands, with the head dim and P's columns padded to even.
+  constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
+  const bool amx = kBf16 && cpu::amx_bf16();
+  const int64_t d_even = (d + 1) / 2 * 2, block_q = amx ? kBlockQAmx : kBlockQ;
+
   struct Task { int64_t seq, head, block; };
   std::vector<Task> tasks;
   int64_t max_lk = 0;
   for (int64_t s = 0; s < static_cast<int64_t>(seqs.size()); ++s) {
     max_lk = std::max(max_lk, seqs[s].lk);
     for (int64_t h = 0; h < hq; ++h)
-      for (int64_t blk = 0; blk * kBlockQ < seqs[s].lq; ++blk) tasks.push_back({s, h, blk});
+      for (int64_t blk = 0; blk * block_q < seqs[s].lq; ++blk) tasks.push_back({s, h, blk});
   }
   const int64_t ld_k = tile_ld(max_lk);
 
+
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> kt(d * ld_k), vr(std::max<int64_t>(max_lk, 1) * ld_dv);  // K^T and V of one head
+    // K^T and V of one head: fp32 for small_gemm, or bf16 VNNI pairs for amx_gemm
+    std::vector<float> kt(amx ? 0 : d * ld_k), vr(amx ? 0 : std::max<int64_t>(max_lk, 1) * ld_dv);
+    std::vector<c10::BFloat16> kt_b(amx ? d_even * ld_k : 0), vr_b(amx ? (max_lk + 1) / 2 * 2 * ld_dv : 0);
+    std::vector<c10::BFloat16> q_b(amx ? block_q * d_even : 0), p_b(amx ? block_q * kBlockKAmx : 0);
     const int64_t ld_q = tile_ld(kBlockQ);
-    std::vector<float> qt(d * ld_q), s_tile(kBlockQ * tile_ld(kBlockK)), acc(kBlockQ * ld_dv);
-    std::vector<float> row_max(kBlockQ), row_sum(kBlockQ);
-    const int64_t ld_s = tile_ld(kBlockK);
+    const int64_t block_k = amx ? kBlockKAmx : kBlockK, ld_s = tile_ld(block_k);
+    std::vector<float> qt(amx ? 0 : d * ld_q), s_tile(block_q * ld_s), acc(block_q * ld_dv);
+    std::vector<float> row_max(block_q), row_sum(block_q);
     int64_t packed_seq = -1, packed_head = -1;
     for (int64_t t = t0; t < t1; ++t) {
       const Task task = tasks[t];
       const Seq& sq = seqs[task.seq];
-      const int64_t kvh = task.head / groups, i0 = task.block * kBlockQ;
-      const int64_t m = std::min(kBlockQ, sq.lq - i0);
+      const int64_t kvh = task.head / groups, i0 = task.block * block_q;
+      const int64_t m = std::min(block_q, sq.lq - i0);
       const Causal causal_mask(causal, sq);
       // Keys any row of this block may see: the tiles past them are never visited.
       const int64_t n_keys = causal_mask.visible(i0 + m - 1, sq.lk);
       if (n_keys > 0 && (packed_seq != task.seq || packed_head != kvh)) {
-        pack_cols(K, sq.batch, kvh, sq.k_begin, sq.lk, d, kt.data(), ld_k);
-        pack_rows(V, sq.batch, kvh, sq.k_begin, sq.lk, dv, vr.data(), ld_dv);
+        if constexpr (kBf16) {
+          if (amx) {
+            pack_keys_vnni(K, sq.batch, kvh, sq.k_begin, sq.lk, d, kt_b.data(), ld_k);
+            pack_values_vnni(V, sq.batch, kvh, sq.k_begin, sq.lk, dv, vr_b.data(), ld_dv);
+          }
+        }
+        if (!amx) {
+          pack_cols(K, sq.batch, kvh, sq.k_begin, sq.lk, d, kt.data(), ld_k);
+          pack_rows(V, sq.batch, kvh, sq.k_begin, sq.lk, dv, vr.data(), ld_dv);
+        }
         packed_seq = task.seq, packed_head = kvh;
       }
+      if constexpr (kBf16) {
+        if (amx) copy_rows_bf16(Q, sq.batch, task.head, sq.q_begin + i0, m, d, q_b.data(), d_even);
+      }
       // Q^T: the GEMM's A operand broadcasts m consecutive floats per k
-      pack_cols(Q, sq.batch, task.head, sq.q_begin + i0, m, d, qt.data(), ld_q, static_cast<float>(scale));
+      if (!amx) pack_cols(Q, sq.batch, task.head, sq.q_begin + i0, m, d, qt.data(), ld_q, static_cast<float>(scale));
       std::fill(row_max.begin(), row_max.end(), -kInf);
       std::fill(row_sum.begin(), row_sum.end(), 0.f);
       std::fill(acc.begin(), acc.begin() + m * ld_dv, 0.f);
 
-      for (int64_t j0 = 0; j0 < n_keys; j0 += kBlockK) {
-        const int64_t n = std::min(kBlockK, n_keys - j0);
+      for (int64_t j0 = 0; j0 < n_keys; j0 += block_k) {
+        const int64_t n = std::min(block_k, n_keys - j0);
+        if constexpr (kBf16) {
+          if (amx) {
+            cpu::amx_gemm(m, n, d_even, q_b.data(), d_even, kt_b.data() + j0 * 2, ld_k, s_tile.data(), ld_s, false);
+            softmax_tile_amx(s_tile.data(), ld_s, m, n, static_cast<float>(scale), [&](int64_t r) {
+              return bias.row(sq.batch, task.head, i0 + r, j0);
+            }, bias.sk, [&](int64_t r) { return causal_mask.visible(i0 + r, sq.lk) - j0; }, row_max.data(),
+                             row_sum.data(), acc.data(), ld_dv, p_b.data(), dropout, task.seq, task.head, i0, j0);
+            // P's columns rounded up to even: an odd n's last one is zero and meets V's zero pair row
+            cpu::amx_gemm(m, dv, (n + 1) / 2 * 2, p_b.data(), kBlockKAmx, vr_b.data() + j0 * ld_dv, ld_dv, acc.data(),
+                          ld_dv, true);
+            continue;
+          }
+        }
         small_gemm(m, round_up_to_vec(n), d, qt.data(), 1, ld_q, kt.data() + j0, ld_k, s_tile.data(), ld_s, 1.f, false);
         for (int64_t r = 0; r < m; ++r) {
           float* s = s_tile.data() + r * ld_s;
@@ -340,10 +511,10 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
           }
           const float rescale = std::exp(row_max[r] - m_new);  // 0 when the old max was -inf
           fVec vsum(0.f);
-          const fVec vm(m_new);
+          const fVec vl2e(cpu::kLog2e), vm(-m_new * cpu::kLog2e);
           for (int64_t j = 0; j < n; j += fVec::size()) {
             const int64_t w = std::min<int64_t>(fVec::size(), n - j);
-            const fVec p = (load_any(s + j, w) - vm).exp_u20();
+            const fVec p = cpu::exp2_nonpositive(at::vec::fmadd(load_any(s + j, w), vl2e, vm));
             store_any(s + j, p, w);
             vsum = vsum + (w == fVec::size() ? p : fVec::set(fVec(0.f), p, w));
           }
@@ -364,6 +535,7 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
         lse_base[(sq.batch * hq + task.head) * ltot + i] = empty ? kInf : row_max[r] + std::log(row_sum[r]);
       }
     }
+    if (amx) cpu::amx_release();
   });
 }
 
@@ -441,10 +613,10 @@ void backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor&
               float* p = p_tile.data() + r * ld_s;
               float* ds = ds_tile.data() + r * ld_s;
               bias_and_mask(p, n, bias.row(sq.batch, h, i, j0), bias.sk, causal_mask.visible(i, sq.lk) - j0);
-              const fVec vl(lse_rows[g * lq + i]), vd(delta[g * lq + i]);
+              const fVec vl2e(cpu::kLog2e), vl(-lse_rows[g * lq + i] * cpu::kLog2e), vd(delta[g * lq + i]);
               for (int64_t j = 0; j < n; j += fVec::size()) {
                 const int64_t w = std::min<int64_t>(fVec::size(), n - j);
-                store_any(p + j, (load_any(p + j, w) - vl).exp_u20(), w);
+                store_any(p + j, cpu::exp2_nonpositive(at::vec::fmadd(load_any(p + j, w), vl2e, vl)), w);
               }
               if (dropout.on) {  // dP = (dO V^T) * Z and, for dV, P * Z (kept in ds's place meanwhile)
                 dropout.apply(ds, n, si, h, i, j0);

@@ -1,0 +1,24 @@
+// The switch for the AMX tile GEMMs of amx.h.
+#include "amx.h"
+
+#include <atomic>
+
+namespace bignlp_fast::cpu {
+namespace {
+std::atomic<bool> g_amx_off{false};
+}  // namespace
+
+bool amx_bf16_available() {
+  static const bool available = at::native::cpublas::could_pack(at::kBFloat16);
+  return available;
+}
+
+bool amx_bf16() { return amx_bf16_available() && !g_amx_off.load(std::memory_order_relaxed); }
+
+bool set_amx_bf16(bool on) {
+  const bool before = amx_bf16();
+  g_amx_off.store(!on, std::memory_order_relaxed);
+  return before;
+}
+
+}  // namespace bignlp_fast::cpu

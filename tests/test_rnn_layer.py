@@ -6,7 +6,7 @@ import torch
 
 from bignlp_fast.ops import rnn_layer
 from bignlp_fast.ops.rnn import GATES
-from conftest import backend_params
+from conftest import backend_params, tile_paths
 from reference import assert_within_torch_error
 
 BACKENDS = backend_params("cpu", "torch", "triton")
@@ -53,11 +53,13 @@ def test_matches_float64(backend, device, mode, case, dtype):
         pytest.skip("float16 runs on CUDA tensors only")
     lengths = torch.tensor(lengths) if lengths is not None else None  # on the CPU on every device
     inputs = _inputs(mode, t, b, hidden, state, dtype, device=device)
-    ours = _run(mode, inputs, lengths, reverse, backend)
     theirs = _run(mode, inputs, lengths, reverse, "torch")  # PyTorch's own error in this dtype
     ref = _run(mode, [x.double() if x is not None else None for x in inputs], lengths, reverse, "torch")
-    for k, (a, c, r) in enumerate(zip(ours, theirs, ref)):
-        assert_within_torch_error(f"{backend} {mode} {case} {dtype} output {k}", a, c, r, dtype)
+    for path, context in tile_paths(backend, dtype):
+        with context():
+            ours = _run(mode, inputs, lengths, reverse, backend)
+        for k, (a, c, r) in enumerate(zip(ours, theirs, ref)):
+            assert_within_torch_error(f"{backend} {path} {mode} {case} {dtype} output {k}", a, c, r, dtype)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

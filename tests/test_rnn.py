@@ -2,6 +2,8 @@
 state_dict: outputs, final states and the gradients of the input, the initial states and every
 weight; plus gradcheck and opcheck of the rnn_layer op underneath, and torch.compile."""
 
+import copy
+
 import pytest
 import torch
 from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
@@ -535,3 +537,27 @@ def test_input_projection_takes_the_faster_gemm(monkeypatch, blas_fast):
     assert len(calls) == (0 if blas_fast else 1)
     torch.testing.assert_close(named(x)[0], ref(x)[0], **TOL)
     assert len(calls) == (1 if blas_fast else 2)
+
+
+@pytest.mark.parametrize("mode", ["lstm", "gru", "rnn_tanh"])
+def test_bf16_projection_leaves_b_ih_to_the_recurrence(monkeypatch, mode):
+    """F.linear with a bias copies the bias into its whole output first; LSTM and RNN hand b_ih to the
+    recurrence (added with b_hh) instead, GRU cannot (b_hn sits inside r * (...)). Gradients of both
+    biases still match torch.nn."""
+    import bignlp_fast.nn.rnn as rnn_module
+    seen = []
+    real = rnn_module.F.linear
+    monkeypatch.setattr(rnn_module.F, "linear", lambda x, w, b=None: seen.append(b is not None) or real(x, w, b))
+    ref, ours = make_pair(mode, None)
+    ref64 = copy.deepcopy(ref).double()
+    ref, ours = ref.bfloat16(), ours.bfloat16()
+    x = torch.randn(6, 4, 5)
+    out = ours(x.bfloat16())[0]
+    assert seen == [mode == "gru"]
+    go = torch.randn(out.shape)
+    for module, inp in ((ours, x.bfloat16()), (ref, x.bfloat16()), (ref64, x.double())):
+        module(inp)[0].backward(go.to(inp.dtype))
+    for name in ("bias_ih_l0", "bias_hh_l0"):
+        grads = [getattr(m, name).grad for m in (ours, ref, ref64)]
+        assert_within_torch_error(f"{mode} {name}.grad", *grads, torch.bfloat16)
+

@@ -48,6 +48,11 @@ constexpr int64_t kBlockK = 256;  // keys per tile
 // threads); 128 queries instead of 64 read K^T and V half as often (12.3-14.2 ms, within the noise).
 constexpr int64_t kBlockKAmx = 512;
 constexpr int64_t kBlockQAmx = 128;
+// oneDNN compiles a brgemm kernel for every new (M, N, K): ~330 us each, measured, against ~17 us
+// for a cached 128x512x64 call. So that varlen batches and causal limits do not keep compiling new
+// ones, the AMX GEMMs round the ragged sizes up, rows to 16 and key counts to 16 (S) or 32 (P V),
+// over zero rows and columns: a head dim of d needs at most 8 x 32 + 8 x 16 kernels.
+inline int64_t amx_round(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
 constexpr float kInf = std::numeric_limits<float>::infinity();
 
 // A leading dimension for an fp32 tile row of n values: a whole number of vectors, and not a
@@ -212,10 +217,11 @@ inline void pack_keys_vnni(const Rows<c10::BFloat16>& t, int64_t b, int64_t h, i
   for (int64_t c2 = 0; c2 < d2; ++c2) std::fill(out + c2 * ld + n, out + (c2 + 1) * ld, 0u);
 }
 
-// V in VNNI pairs of rows: dst[(r2 * ld + c) * 2 + p] = V[r0 + 2 r2 + p][c]; an odd n ends with a
-// zero row, columns [d, ld) are zero.
+// V in VNNI pairs of rows: dst[(r2 * ld + c) * 2 + p] = V[r0 + 2 r2 + p][c]; rows [n, n_out) are
+// zero (n_out even), columns [d, ld) are zero.
 inline void pack_values_vnni(const Rows<c10::BFloat16>& t, int64_t b, int64_t h, int64_t r0, int64_t n, int64_t d,
-                             c10::BFloat16* dst, int64_t ld) {
+                             c10::BFloat16* dst, int64_t ld, int64_t n_out) {
+  std::fill(dst + (n + 1) / 2 * ld * 2, dst + n_out * ld, c10::BFloat16(0.f));
   for (int64_t r2 = 0; r2 < (n + 1) / 2; ++r2) {
     const c10::BFloat16* lo = t.row(b, h, r0 + 2 * r2);
     const c10::BFloat16* hi = 2 * r2 + 1 < n ? t.row(b, h, r0 + 2 * r2 + 1) : nullptr;
@@ -446,7 +452,7 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
     // K^T and V of one head: fp32 for small_gemm, or bf16 VNNI pairs for amx_gemm
     std::vector<float> kt(amx ? 0 : d * ld_k), vr(amx ? 0 : std::max<int64_t>(max_lk, 1) * ld_dv);
-    std::vector<c10::BFloat16> kt_b(amx ? d_even * ld_k : 0), vr_b(amx ? (max_lk + 1) / 2 * 2 * ld_dv : 0);
+    std::vector<c10::BFloat16> kt_b(amx ? d_even * ld_k : 0), vr_b(amx ? amx_round(max_lk, 32) * ld_dv : 0);
     std::vector<c10::BFloat16> q_b(amx ? block_q * d_even : 0), p_b(amx ? block_q * kBlockKAmx : 0);
     const int64_t ld_q = tile_ld(kBlockQ);
     const int64_t block_k = amx ? kBlockKAmx : kBlockK, ld_s = tile_ld(block_k);
@@ -465,7 +471,7 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
         if constexpr (kBf16) {
           if (amx) {
             pack_keys_vnni(K, sq.batch, kvh, sq.k_begin, sq.lk, d, kt_b.data(), ld_k);
-            pack_values_vnni(V, sq.batch, kvh, sq.k_begin, sq.lk, dv, vr_b.data(), ld_dv);
+            pack_values_vnni(V, sq.batch, kvh, sq.k_begin, sq.lk, dv, vr_b.data(), ld_dv, amx_round(sq.lk, 32));
           }
         }
         if (!amx) {
@@ -475,25 +481,31 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
         packed_seq = task.seq, packed_head = kvh;
       }
       if constexpr (kBf16) {
-        if (amx) copy_rows_bf16(Q, sq.batch, task.head, sq.q_begin + i0, m, d, q_b.data(), d_even);
+        if (amx) {  // rows [m, amx_round(m, 16)) of the operands are zero: see amx_round
+          copy_rows_bf16(Q, sq.batch, task.head, sq.q_begin + i0, m, d, q_b.data(), d_even);
+          std::fill(q_b.begin() + m * d_even, q_b.begin() + amx_round(m, 16) * d_even, c10::BFloat16(0.f));
+          std::fill(p_b.begin() + m * kBlockKAmx, p_b.begin() + amx_round(m, 16) * kBlockKAmx, c10::BFloat16(0.f));
+        }
       }
       // Q^T: the GEMM's A operand broadcasts m consecutive floats per k
       if (!amx) pack_cols(Q, sq.batch, task.head, sq.q_begin + i0, m, d, qt.data(), ld_q, static_cast<float>(scale));
       std::fill(row_max.begin(), row_max.end(), -kInf);
       std::fill(row_sum.begin(), row_sum.end(), 0.f);
-      std::fill(acc.begin(), acc.begin() + m * ld_dv, 0.f);
+      std::fill(acc.begin(), acc.begin() + (amx ? amx_round(m, 16) : m) * ld_dv, 0.f);
 
       for (int64_t j0 = 0; j0 < n_keys; j0 += block_k) {
         const int64_t n = std::min(block_k, n_keys - j0);
         if constexpr (kBf16) {
           if (amx) {
-            cpu::amx_gemm(m, n, d_even, q_b.data(), d_even, kt_b.data() + j0 * 2, ld_k, s_tile.data(), ld_s, false);
+            const int64_t mr = amx_round(m, 16);
+            cpu::amx_gemm(mr, amx_round(n, 16), d_even, q_b.data(), d_even, kt_b.data() + j0 * 2, ld_k, s_tile.data(),
+                          ld_s, false);
             softmax_tile_amx(s_tile.data(), ld_s, m, n, static_cast<float>(scale), [&](int64_t r) {
               return bias.row(sq.batch, task.head, i0 + r, j0);
             }, bias.sk, [&](int64_t r) { return causal_mask.visible(i0 + r, sq.lk) - j0; }, row_max.data(),
                              row_sum.data(), acc.data(), ld_dv, p_b.data(), dropout, task.seq, task.head, i0, j0);
-            // P's columns rounded up to even: an odd n's last one is zero and meets V's zero pair row
-            cpu::amx_gemm(m, dv, (n + 1) / 2 * 2, p_b.data(), kBlockKAmx, vr_b.data() + j0 * ld_dv, ld_dv, acc.data(),
+            // P's columns [n, amx_round(n, 32)) are zero (softmax_tile_amx writes them)
+            cpu::amx_gemm(mr, dv, amx_round(n, 32), p_b.data(), kBlockKAmx, vr_b.data() + j0 * ld_dv, ld_dv, acc.data(),
                           ld_dv, true);
             continue;
           }

@@ -90,8 +90,8 @@ def amx_bf16() -> bool:
 @contextlib.contextmanager
 def use_amx_bf16(enabled: bool):
     """Within the block, the bf16 CPU kernels take (or, with False, skip) their AMX path. Turning it on
-    where AMX is missing changes nothing. For tests, which check both paths on one machine, and for
-    measuring what AMX buys."""
+    where AMX is missing changes nothing. The switch is process-wide (every thread sees it), not
+    thread-local. For tests, which check both paths on one machine, and for measuring what AMX buys."""
     if _C is None:
         yield
         return

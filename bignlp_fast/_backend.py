@@ -102,6 +102,32 @@ def use_amx_bf16(enabled: bool):
         _C.set_amx_bf16(before)
 
 
+def bf16_dot() -> bool:
+    """Whether bf16 CPU kernels that are not on AMX multiply on AVX512_BF16 dot products now
+    (gemm.h's small_gemm_bf16): the build targets AVX512_BF16 and :func:`use_bf16_dot` has not turned
+    it off. Below both, bf16 operands are converted to fp32 for the FMA tiles."""
+    return _C is not None and _C.bf16_dot()
+
+
+@contextlib.contextmanager
+def use_bf16_dot(enabled: bool):
+    """Within the block, bf16 CPU kernels not on AMX take (or, with False, skip) their AVX512_BF16
+    path. Process-wide, like :func:`use_amx_bf16`; for tests and for measuring what the path buys."""
+    if _C is None:
+        yield
+        return
+    before = _C.set_bf16_dot(enabled)
+    try:
+        yield
+    finally:
+        _C.set_bf16_dot(before)
+
+
+def bf16_tiles() -> str:
+    """The tiles bf16 CPU kernels multiply on now: "amx", "avx512_bf16" or "fp32"."""
+    return "amx" if amx_bf16() else "avx512_bf16" if bf16_dot() else "fp32"
+
+
 _CAPABILITY_RANK = {"DEFAULT": 0, "AVX2": 1, "AVX512": 2}
 
 

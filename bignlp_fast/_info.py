@@ -55,8 +55,9 @@ def info() -> dict:
         # which fp32 GEMM the RNN layers' input projections take on the CPU (nn/rnn.py)
         "fp32_projection_gemm": ("torch (MKL runs AVX-512 on this Intel CPU)" if _backend.blas_sgemm_is_fast()
                                  else "bignlp_fast.ops.linear (the project's packed GEMM)"),
-        # whether the bf16 CPU kernels (attention) multiply their tiles on AMX (csrc/cpu/amx.h)
-        "bf16_tiles": ("AMX (oneDNN brgemm ukernel)" if _backend.amx_bf16() else "AVX-512 / at::vec (no AMX here)"),
+        # what the bf16 CPU kernels multiply their tiles on (csrc/cpu/amx.h, gemm.h)
+        "bf16_tiles": {"amx": "AMX (oneDNN brgemm ukernel)", "avx512_bf16": "AVX512_BF16 dot products (no AMX here)",
+                       "fp32": "fp32 FMA tiles (no AMX; AVX512_BF16 not built or switched off)"}[_backend.bf16_tiles()],
         "build": _backend.build_info(),
         "ops": ops,
         "fallbacks": _backend.report(),

@@ -43,6 +43,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_bf16", &bignlp_fast::cpu::amx_bf16, "Whether the bf16 CPU kernels take their AMX path now");
   m.def("set_amx_bf16", &bignlp_fast::cpu::set_amx_bf16,
         "Turn the AMX path of the bf16 CPU kernels off or back on; returns the previous state");
+  m.def("bf16_dot_available", &bignlp_fast::cpu::bf16_dot_available,
+        "Whether this build has the AVX512_BF16 dot-product tiles for bf16 CPU kernels (the path below AMX)");
+  m.def("bf16_dot", &bignlp_fast::cpu::bf16_dot, "Whether bf16 CPU kernels not on AMX take the AVX512_BF16 tiles now");
+  m.def("set_bf16_dot", &bignlp_fast::cpu::set_bf16_dot,
+        "Turn the AVX512_BF16 tile path of the bf16 CPU kernels off or back on; returns the previous state");
   m.def("add_layer_norm_fwd_cpu", &add_layer_norm_fwd_cpu);
   m.def("add_layer_norm_bwd_cpu", &add_layer_norm_bwd_cpu);
   m.def("bias_gelu_fwd_cpu", &bias_gelu_fwd_cpu);

@@ -63,12 +63,26 @@ def backend_params(*names):
 
 
 def tile_paths(backend, dtype):
-    """(name, context) for each tile path of a backend's kernels in ``dtype``: the CPU's bf16 kernels
-    multiply on AMX where the CPU has it (csrc/cpu/amx.h) and on AVX-512 tiles elsewhere, so an AMX
-    machine runs a check once per path."""
-    if backend == "cpu" and dtype == torch.bfloat16 and _backend.amx_bf16():
-        return [("amx", lambda: _backend.use_amx_bf16(True)), ("no-amx", lambda: _backend.use_amx_bf16(False))]
-    return [("", contextlib.nullcontext)]
+    """(name, context) for each tile path of a backend's kernels in ``dtype``. The CPU's bf16 kernels
+    multiply on AMX where the CPU has it (csrc/cpu/amx.h), else on AVX512_BF16 dot products where the
+    build targets them (gemm.h's small_gemm_bf16), else on fp32 FMA tiles; a machine runs a check once
+    per path it has, the fp32 one always."""
+    if backend != "cpu" or dtype != torch.bfloat16:
+        return [("", contextlib.nullcontext)]
+
+    def path(amx, dot):
+        @contextlib.contextmanager
+        def context():
+            with _backend.use_amx_bf16(amx), _backend.use_bf16_dot(dot):
+                yield
+        return context
+
+    paths = []
+    if _backend.compiled() is not None and _backend.compiled().amx_bf16_available():
+        paths.append(("amx", path(True, True)))
+    if _backend.compiled() is not None and _backend.compiled().bf16_dot_available():
+        paths.append(("avx512_bf16", path(False, True)))
+    return paths + [("fp32", path(False, False))]
 
 
 @pytest.fixture(autouse=True)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 import bignlp_fast
-from bignlp_fast._backend import amx_bf16, use_amx_bf16
+from bignlp_fast._backend import amx_bf16, bf16_dot, bf16_tiles, use_amx_bf16, use_bf16_dot
 from bignlp_fast.ops import scaled_dot_product_attention as sdpa
 from bignlp_fast.ops import varlen_attention
 from bignlp_fast.ops.attention import dropout_keep, philox4x32
@@ -306,6 +306,19 @@ def test_use_amx_bf16_switches_the_path_and_restores_it():
     assert amx_bf16() == before
     with use_amx_bf16(True):
         assert amx_bf16() == bignlp_fast._backend.compiled().amx_bf16_available()
+
+
+def test_use_bf16_dot_switches_the_path_and_restores_it():
+    compiled = bignlp_fast._backend.compiled()
+    before = bf16_dot()
+    with use_bf16_dot(False):
+        assert not bf16_dot()
+        with use_amx_bf16(False):
+            assert bf16_tiles() == "fp32"
+    assert bf16_dot() == before
+    with use_bf16_dot(True), use_amx_bf16(False):
+        assert bf16_dot() == compiled.bf16_dot_available()
+        assert bf16_tiles() == ("avx512_bf16" if compiled.bf16_dot_available() else "fp32")
 
 
 def test_dropout_statistics():

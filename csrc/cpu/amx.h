@@ -29,6 +29,14 @@ bool amx_bf16();
 // For tests, which run both paths on one machine, and for measuring what AMX buys.
 bool set_amx_bf16(bool on);
 
+// The next path down, where AMX is not taken: the AVX512_BF16 dot-product tiles of gemm.h
+// (small_gemm_bf16), on the same VNNI operands. Available when the build targets AVX512_BF16; a
+// kernel that finds neither multiplies bf16 operands converted to fp32 on the FMA tiles. The switch
+// works as set_amx_bf16's does, so that tests reach every path on one machine.
+bool bf16_dot_available();
+bool bf16_dot();
+bool set_bf16_dot(bool on);
+
 inline void amx_gemm(int64_t M, int64_t N, int64_t K, const c10::BFloat16* a, int64_t lda, const c10::BFloat16* b,
                      int64_t ldb, float* c, int64_t ldc, bool add_c) {
   at::native::cpublas::brgemm(M, N, K, lda, ldb, ldc, add_c, a, b, c, /*is_vnni=*/true);

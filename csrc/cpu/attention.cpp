@@ -8,9 +8,10 @@
 // S = Q K^T on the small GEMM of gemm.h, bias and causal mask, online softmax (running max m and
 // sum l per row, the output accumulator rescaled when m grows), O += P V. Key blocks wholly above
 // the causal diagonal are never visited. Each thread packs K^T and V of a (sequence, kv head) once
-// and keeps them while its consecutive tasks need the same head. In bfloat16 on a CPU with AMX
-// (amx.h) the forward keeps Q, K^T and V in bf16 instead and both GEMMs run on AMX, with larger
-// tiles (kBlockQAmx x kBlockKAmx) and the softmax of a tile in one pass (softmax_tile_amx).
+// and keeps them while its consecutive tasks need the same head. In bfloat16, on a CPU with AMX
+// (amx.h) or one with AVX512_BF16 dot products (gemm.h's small_gemm_bf16), the forward keeps Q, K^T
+// and V in bf16 instead and both GEMMs run on those, the softmax of a tile in one pass
+// (softmax_tile_bf16); AMX takes larger tiles (kBlockQAmx x kBlockKAmx).
 // Every softmax takes exp from exp2_nonpositive (activation.h).
 //
 // Backward: one task per (sequence, kv head, chunk of key blocks). For each key block it recomputes
@@ -183,11 +184,12 @@ void pack_cols(const Rows<T>& t, int64_t b, int64_t h, int64_t r0, int64_t n, in
   for (int64_t c = 0; c < d; ++c) std::fill(dst + c * ld + n, dst + (c + 1) * ld, 0.f);
 }
 
-// ---- bf16 operands for the AMX tiles (amx.h) ----------------------------------------------------
-// Where amx_bf16() holds, the bf16 forward keeps K^T, V and the query block in bf16 and multiplies
-// them on AMX: the score tile S = Q K^T and the update O += P V are amx_gemm calls; the softmax
-// between them stays fp32, P is rounded to bf16 for the second GEMM (as torch's bf16 SDPA does) and
-// its row sums are taken before rounding. The scale multiplies S in fp32, after the GEMM.
+// ---- bf16 operands for the AMX and AVX512_BF16 tiles (amx.h, gemm.h) -----------------------------
+// Where amx_bf16() or bf16_dot() holds, the bf16 forward keeps K^T, V and the query block in bf16
+// and multiplies them on AMX or on the dot products: the score tile S = Q K^T and the update
+// O += P V are amx_gemm / small_gemm_bf16 calls, which take the same VNNI pairs as their B; the
+// softmax between them stays fp32, P is rounded to bf16 for the second GEMM (as torch's bf16 SDPA
+// does) and its row sums are taken before rounding. The scale multiplies S in fp32, after the GEMM.
 //
 // K^T in VNNI pairs: dst[(c2 * ld + r) * 2 + p] = K[r0 + r][2 c2 + p], for c2 < ceil(d / 2); an odd
 // d ends with a zero half, columns [n, ld) are zero.
@@ -291,20 +293,21 @@ void check_operands(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
               "attention: q/k head dims or k/v shapes disagree");
 }
 
-// The online-softmax step of one AMX score tile (see pack_keys_vnni): s holds the raw scores Q K^T
+// The online-softmax step of one bf16 score tile (see pack_keys_vnni): s holds the raw scores Q K^T
 // of m rows and n keys. Per row: scale (folded into the exponent when there is no bias), bias and
 // causal mask, the running max and sum, the accumulator rescaled, and P = exp(scaled s - max) written
-// as bf16 to p_b (row stride kBlockKAmx, columns [n, round_up(n, 32)) zero) in the same pass; with
-// dropout P goes through fp32 first, because the mask is applied to fp32 values as on every path.
+// as bf16 to p_b (row stride ld_p, columns [n, round_up(n, 32)) zero) in the same pass; with dropout
+// P goes through fp32 first, because the mask is applied to fp32 values as on every path.
 template <typename BiasRow, typename Visible>
-void softmax_tile_amx(float* s_tile, int64_t ld_s, int64_t m, int64_t n, float scale, BiasRow bias_row,
-                      int64_t bias_sj, Visible visible, float* row_max, float* row_sum, float* acc, int64_t ld_acc,
-                      c10::BFloat16* p_b, const Dropout& dropout, int64_t seq, int64_t head, int64_t i0, int64_t j0) {
+void softmax_tile_bf16(float* s_tile, int64_t ld_s, int64_t m, int64_t n, float scale, BiasRow bias_row,
+                       int64_t bias_sj, Visible visible, float* row_max, float* row_sum, float* acc, int64_t ld_acc,
+                       c10::BFloat16* p_b, int64_t ld_p, const Dropout& dropout, int64_t seq, int64_t head, int64_t i0,
+                       int64_t j0) {
   constexpr int64_t V = fVec::size();
   auto lanes = [&](int64_t j) { return std::min<int64_t>(V, n - j); };  // <= 0: past the row
   for (int64_t r = 0; r < m; ++r) {
     float* s = s_tile + r * ld_s;
-    c10::BFloat16* p = p_b + r * kBlockKAmx;
+    c10::BFloat16* p = p_b + r * ld_p;
     const float* bias = bias_row(r);
     // exp(s * mul - m): mul is the scale with raw scores, 1 once the bias pass has scaled them
     float mul = scale;
@@ -333,7 +336,7 @@ void softmax_tile_amx(float* s_tile, int64_t ld_s, int64_t m, int64_t n, float s
       const fVec e0 = exp_at(j), e1 = exp_at(j + V);
       vsum = vsum + e0 + e1;
       if (dropout.on) {
-        e0.store(s + j), e1.store(s + j + V);  // s has room: ld_s >= round_up_to_step(kBlockKAmx)
+        e0.store(s + j), e1.store(s + j + V);  // s has room: ld_s >= round_up_to_step(n)
       } else {
         cpu::to_bf16(e0, e1).store(p + j);
       }
@@ -433,9 +436,11 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
     return;
   }
 
-  // The AMX path (see pack_keys_vnni): bf16 operands, with the head dim and P's columns padded to even.
+  // The bf16 tile paths (see pack_keys_vnni): bf16 operands in VNNI pairs, with the head dim and P's
+  // columns padded to even, multiplied on AMX or else on AVX512_BF16 dot products.
   constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
   const bool amx = kBf16 && cpu::amx_bf16();
+  const bool vnni = amx || (kBf16 && cpu::bf16_dot());
   const int64_t d_even = (d + 1) / 2 * 2, block_q = amx ? kBlockQAmx : kBlockQ;
 
   struct Task { int64_t seq, head, block; };
@@ -450,13 +455,13 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
 
 
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
-    // K^T and V of one head: fp32 for small_gemm, or bf16 VNNI pairs for amx_gemm
-    std::vector<float> kt(amx ? 0 : d * ld_k), vr(amx ? 0 : std::max<int64_t>(max_lk, 1) * ld_dv);
-    std::vector<c10::BFloat16> kt_b(amx ? d_even * ld_k : 0), vr_b(amx ? amx_round(max_lk, 32) * ld_dv : 0);
-    std::vector<c10::BFloat16> q_b(amx ? block_q * d_even : 0), p_b(amx ? block_q * kBlockKAmx : 0);
-    const int64_t ld_q = tile_ld(kBlockQ);
+    // K^T and V of one head: fp32 for small_gemm, or bf16 VNNI pairs for amx_gemm / small_gemm_bf16
     const int64_t block_k = amx ? kBlockKAmx : kBlockK, ld_s = tile_ld(block_k);
-    std::vector<float> qt(amx ? 0 : d * ld_q), s_tile(block_q * ld_s), acc(block_q * ld_dv);
+    std::vector<float> kt(vnni ? 0 : d * ld_k), vr(vnni ? 0 : std::max<int64_t>(max_lk, 1) * ld_dv);
+    std::vector<c10::BFloat16> kt_b(vnni ? d_even * ld_k : 0), vr_b(vnni ? amx_round(max_lk, 32) * ld_dv : 0);
+    std::vector<c10::BFloat16> q_b(vnni ? block_q * d_even : 0), p_b(vnni ? block_q * block_k : 0);
+    const int64_t ld_q = tile_ld(kBlockQ);
+    std::vector<float> qt(vnni ? 0 : d * ld_q), s_tile(block_q * ld_s), acc(block_q * ld_dv);
     std::vector<float> row_max(block_q), row_sum(block_q);
     int64_t packed_seq = -1, packed_head = -1;
     for (int64_t t = t0; t < t1; ++t) {
@@ -469,26 +474,26 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
       const int64_t n_keys = causal_mask.visible(i0 + m - 1, sq.lk);
       if (n_keys > 0 && (packed_seq != task.seq || packed_head != kvh)) {
         if constexpr (kBf16) {
-          if (amx) {
+          if (vnni) {
             pack_keys_vnni(K, sq.batch, kvh, sq.k_begin, sq.lk, d, kt_b.data(), ld_k);
             pack_values_vnni(V, sq.batch, kvh, sq.k_begin, sq.lk, dv, vr_b.data(), ld_dv, amx_round(sq.lk, 32));
           }
         }
-        if (!amx) {
+        if (!vnni) {
           pack_cols(K, sq.batch, kvh, sq.k_begin, sq.lk, d, kt.data(), ld_k);
           pack_rows(V, sq.batch, kvh, sq.k_begin, sq.lk, dv, vr.data(), ld_dv);
         }
         packed_seq = task.seq, packed_head = kvh;
       }
       if constexpr (kBf16) {
+        if (vnni) copy_rows_bf16(Q, sq.batch, task.head, sq.q_begin + i0, m, d, q_b.data(), d_even);
         if (amx) {  // rows [m, amx_round(m, 16)) of the operands are zero: see amx_round
-          copy_rows_bf16(Q, sq.batch, task.head, sq.q_begin + i0, m, d, q_b.data(), d_even);
           std::fill(q_b.begin() + m * d_even, q_b.begin() + amx_round(m, 16) * d_even, c10::BFloat16(0.f));
-          std::fill(p_b.begin() + m * kBlockKAmx, p_b.begin() + amx_round(m, 16) * kBlockKAmx, c10::BFloat16(0.f));
+          std::fill(p_b.begin() + m * block_k, p_b.begin() + amx_round(m, 16) * block_k, c10::BFloat16(0.f));
         }
       }
       // Q^T: the GEMM's A operand broadcasts m consecutive floats per k
-      if (!amx) pack_cols(Q, sq.batch, task.head, sq.q_begin + i0, m, d, qt.data(), ld_q, static_cast<float>(scale));
+      if (!vnni) pack_cols(Q, sq.batch, task.head, sq.q_begin + i0, m, d, qt.data(), ld_q, static_cast<float>(scale));
       std::fill(row_max.begin(), row_max.end(), -kInf);
       std::fill(row_sum.begin(), row_sum.end(), 0.f);
       std::fill(acc.begin(), acc.begin() + (amx ? amx_round(m, 16) : m) * ld_dv, 0.f);
@@ -496,17 +501,31 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
       for (int64_t j0 = 0; j0 < n_keys; j0 += block_k) {
         const int64_t n = std::min(block_k, n_keys - j0);
         if constexpr (kBf16) {
-          if (amx) {
+          if (vnni) {
+            // The dot tiles read bf16 rows of Q and P as uint32 pairs of k: A of small_gemm_bf16 with a_cs = 1
+            const auto* q_pairs = reinterpret_cast<const uint32_t*>(q_b.data());
+            const auto* p_pairs = reinterpret_cast<const uint32_t*>(p_b.data());
             const int64_t mr = amx_round(m, 16);
-            cpu::amx_gemm(mr, amx_round(n, 16), d_even, q_b.data(), d_even, kt_b.data() + j0 * 2, ld_k, s_tile.data(),
-                          ld_s, false);
-            softmax_tile_amx(s_tile.data(), ld_s, m, n, static_cast<float>(scale), [&](int64_t r) {
+            if (amx) {
+              cpu::amx_gemm(mr, amx_round(n, 16), d_even, q_b.data(), d_even, kt_b.data() + j0 * 2, ld_k, s_tile.data(),
+                            ld_s, false);
+            } else {
+              cpu::small_gemm_bf16(m, amx_round(n, 16), d_even / 2, q_pairs, d_even / 2, 1, kt_b.data() + j0 * 2, ld_k,
+                                   s_tile.data(), ld_s);
+            }
+            softmax_tile_bf16(s_tile.data(), ld_s, m, n, static_cast<float>(scale), [&](int64_t r) {
               return bias.row(sq.batch, task.head, i0 + r, j0);
             }, bias.sk, [&](int64_t r) { return causal_mask.visible(i0 + r, sq.lk) - j0; }, row_max.data(),
-                             row_sum.data(), acc.data(), ld_dv, p_b.data(), dropout, task.seq, task.head, i0, j0);
-            // P's columns [n, amx_round(n, 32)) are zero (softmax_tile_amx writes them)
-            cpu::amx_gemm(mr, dv, amx_round(n, 32), p_b.data(), kBlockKAmx, vr_b.data() + j0 * ld_dv, ld_dv, acc.data(),
-                          ld_dv, true);
+                              row_sum.data(), acc.data(), ld_dv, p_b.data(), block_k, dropout, task.seq, task.head, i0,
+                              j0);
+            // P's columns [n, amx_round(n, 32)) are zero (softmax_tile_bf16 writes them)
+            if (amx) {
+              cpu::amx_gemm(mr, dv, amx_round(n, 32), p_b.data(), block_k, vr_b.data() + j0 * ld_dv, ld_dv, acc.data(),
+                            ld_dv, true);
+            } else {
+              cpu::small_gemm_bf16(m, ld_dv, amx_round(n, 32) / 2, p_pairs, block_k / 2, 1, vr_b.data() + j0 * ld_dv,
+                                   ld_dv, acc.data(), ld_dv, true);
+            }
             continue;
           }
         }

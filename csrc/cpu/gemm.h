@@ -115,16 +115,18 @@ inline void small_gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t 
 // Where the build targets AVX512_BF16 (vdpbf16ps: each fp32 lane adds the products of one pair of
 // bf16 values from each operand), C[M, N] = A[M, K] B[K, N] with bf16 A and B and fp32 sums, at twice
 // the multiply rate of fp32 FMA and half the bytes of B. Operands are packed in pairs of k:
-//   A: a[kp * a_cs + m] is a uint32 holding A[m, 2kp] (low half) and A[m, 2kp + 1] (high half);
-//   B: b[(kp * ldb + n) * 2 + k % 2] for row pair kp, column n (ldb columns per pair row);
-// K2 = ceil(K / 2) pairs, an odd K padded with zeros in both. N is a multiple of 16; C is written
-// (not accumulated).
+//   A: a[m * a_rs + kp * a_cs] is a uint32 holding A[m, 2kp] (low half) and A[m, 2kp + 1] (high
+//      half): a k-major pair layout (a_rs = 1), or a row-major bf16 matrix read as pairs (a_cs = 1);
+//   B: b[(kp * ldb + n) * 2 + k % 2] for row pair kp, column n (ldb columns per pair row), the
+//      VNNI layout of amx.h;
+// K2 = ceil(K / 2) pairs, an odd K padded with zeros in both. N is a multiple of 16; C is written,
+// or accumulated into with `accumulate`.
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
 #define BIGNLP_FAST_BF16_DOT 1
 namespace gemm_detail {
 template <int MR, int NV>
-inline void tile_bf16(int64_t K2, const uint32_t* a, int64_t a_cs, const c10::BFloat16* b, int64_t ldb, float* c,
-                      int64_t ldc) {
+inline void tile_bf16(int64_t K2, const uint32_t* a, int64_t a_rs, int64_t a_cs, const c10::BFloat16* b, int64_t ldb,
+                      float* c, int64_t ldc, bool accumulate) {
   __m512 acc[MR][NV];
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
@@ -137,7 +139,7 @@ inline void tile_bf16(int64_t K2, const uint32_t* a, int64_t a_cs, const c10::BF
     const uint32_t* ak = a + kp * a_cs;
 #pragma GCC unroll 8
     for (int r = 0; r < MR; ++r) {
-      const __m512bh ar = (__m512bh)_mm512_set1_epi32(static_cast<int>(ak[r]));
+      const __m512bh ar = (__m512bh)_mm512_set1_epi32(static_cast<int>(ak[r * a_rs]));
 #pragma GCC unroll 2
       for (int v = 0; v < NV; ++v) acc[r][v] = _mm512_dpbf16_ps(acc[r][v], ar, bv[v]);
     }
@@ -145,32 +147,38 @@ inline void tile_bf16(int64_t K2, const uint32_t* a, int64_t a_cs, const c10::BF
 #pragma GCC unroll 8
   for (int r = 0; r < MR; ++r)
 #pragma GCC unroll 2
-    for (int v = 0; v < NV; ++v) _mm512_storeu_ps(c + r * ldc + v * 16, acc[r][v]);
+    for (int v = 0; v < NV; ++v) {
+      float* cp = c + r * ldc + v * 16;
+      _mm512_storeu_ps(cp, accumulate ? _mm512_add_ps(_mm512_loadu_ps(cp), acc[r][v]) : acc[r][v]);
+    }
 }
 
 template <int NV>
-inline void panel_bf16(int64_t M, int64_t K2, const uint32_t* a, int64_t a_cs, const c10::BFloat16* b, int64_t ldb,
-                       float* c, int64_t ldc) {
+inline void panel_bf16(int64_t M, int64_t K2, const uint32_t* a, int64_t a_rs, int64_t a_cs, const c10::BFloat16* b,
+                       int64_t ldb, float* c, int64_t ldc, bool accumulate) {
   int64_t m = 0;
-  for (; m + 8 <= M; m += 8) tile_bf16<8, NV>(K2, a + m, a_cs, b, ldb, c + m * ldc, ldc);
+  for (; m + 8 <= M; m += 8) tile_bf16<8, NV>(K2, a + m * a_rs, a_rs, a_cs, b, ldb, c + m * ldc, ldc, accumulate);
+  const uint32_t* am = a + m * a_rs;
+  float* cm = c + m * ldc;
   switch (M - m) {
-    case 1: tile_bf16<1, NV>(K2, a + m, a_cs, b, ldb, c + m * ldc, ldc); break;
-    case 2: tile_bf16<2, NV>(K2, a + m, a_cs, b, ldb, c + m * ldc, ldc); break;
-    case 3: tile_bf16<3, NV>(K2, a + m, a_cs, b, ldb, c + m * ldc, ldc); break;
-    case 4: tile_bf16<4, NV>(K2, a + m, a_cs, b, ldb, c + m * ldc, ldc); break;
-    case 5: tile_bf16<5, NV>(K2, a + m, a_cs, b, ldb, c + m * ldc, ldc); break;
-    case 6: tile_bf16<6, NV>(K2, a + m, a_cs, b, ldb, c + m * ldc, ldc); break;
-    case 7: tile_bf16<7, NV>(K2, a + m, a_cs, b, ldb, c + m * ldc, ldc); break;
+    case 1: tile_bf16<1, NV>(K2, am, a_rs, a_cs, b, ldb, cm, ldc, accumulate); break;
+    case 2: tile_bf16<2, NV>(K2, am, a_rs, a_cs, b, ldb, cm, ldc, accumulate); break;
+    case 3: tile_bf16<3, NV>(K2, am, a_rs, a_cs, b, ldb, cm, ldc, accumulate); break;
+    case 4: tile_bf16<4, NV>(K2, am, a_rs, a_cs, b, ldb, cm, ldc, accumulate); break;
+    case 5: tile_bf16<5, NV>(K2, am, a_rs, a_cs, b, ldb, cm, ldc, accumulate); break;
+    case 6: tile_bf16<6, NV>(K2, am, a_rs, a_cs, b, ldb, cm, ldc, accumulate); break;
+    case 7: tile_bf16<7, NV>(K2, am, a_rs, a_cs, b, ldb, cm, ldc, accumulate); break;
     default: break;
   }
 }
 }  // namespace gemm_detail
 
-inline void small_gemm_bf16(int64_t M, int64_t N, int64_t K2, const uint32_t* a, int64_t a_cs,
-                            const c10::BFloat16* b, int64_t ldb, float* c, int64_t ldc) {
+inline void small_gemm_bf16(int64_t M, int64_t N, int64_t K2, const uint32_t* a, int64_t a_rs, int64_t a_cs,
+                            const c10::BFloat16* b, int64_t ldb, float* c, int64_t ldc, bool accumulate = false) {
   int64_t n = 0;
-  for (; n + 32 <= N; n += 32) gemm_detail::panel_bf16<2>(M, K2, a, a_cs, b + n * 2, ldb, c + n, ldc);
-  if (n < N) gemm_detail::panel_bf16<1>(M, K2, a, a_cs, b + n * 2, ldb, c + n, ldc);
+  for (; n + 32 <= N; n += 32)
+    gemm_detail::panel_bf16<2>(M, K2, a, a_rs, a_cs, b + n * 2, ldb, c + n, ldc, accumulate);
+  if (n < N) gemm_detail::panel_bf16<1>(M, K2, a, a_rs, a_cs, b + n * 2, ldb, c + n, ldc, accumulate);
 }
 
 // A [K, M] fp32 operand (k-major, as the recurrent state is kept) as bf16 pairs of k for
@@ -182,6 +190,15 @@ inline void pack_pairs_bf16(const float* a, int64_t K, int64_t M, uint32_t* out)
       const uint32_t hi = 2 * kp + 1 < K ? c10::BFloat16(a[(2 * kp + 1) * M + m]).x : 0;
       out[kp * M + m] = lo | (hi << 16);
     }
+}
+#else
+// Built without AVX512_BF16: callers check cpu::bf16_dot() (amx.h), which is false here.
+inline void small_gemm_bf16(int64_t, int64_t, int64_t, const uint32_t*, int64_t, int64_t, const c10::BFloat16*, int64_t,
+                            float*, int64_t, bool = false) {
+  TORCH_INTERNAL_ASSERT(false, "small_gemm_bf16: this build does not target AVX512_BF16");
+}
+inline void pack_pairs_bf16(const float*, int64_t, int64_t, uint32_t*) {
+  TORCH_INTERNAL_ASSERT(false, "pack_pairs_bf16: this build does not target AVX512_BF16");
 }
 #endif
 

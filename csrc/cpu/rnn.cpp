@@ -90,32 +90,28 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
   // W_hh^T in panels of kUnits columns, panel (blk * G + g) holding gate g of units blk * kUnits + u:
   // panel p is [S, kUnits] at wt + p * S * kUnits. Each panel is contiguous (a row stride of whole
   // kibibytes would put every row of a panel in the same few L1 sets).
-#ifdef BIGNLP_FAST_BF16_DOT
-  // bf16 layers run the recurrent GEMM on the CPU's bf16 dot products (gemm.h): the same panels as
-  // bf16 pairs of k, and the state rounded to bf16 for the GEMM (as torch's bf16 LSTM keeps it);
-  // the gates, the update and the state itself stay fp32
-  constexpr bool kBf16Dot = std::is_same_v<T, c10::BFloat16>;
-#else
-  constexpr bool kBf16Dot = false;
-#endif
-  // Where amx_bf16() holds, bf16 layers multiply on AMX instead (amx.h): W_hh^T as one block of VNNI
-  // pairs per kUnits units with all G gates side by side, [K2][G * kUnits][2], so that a block's step
-  // is a single amx_gemm of [B, 2 K2] x [2 K2, G * kUnits]; the state is rounded to bf16 for it.
+  // Where amx_bf16() holds, bf16 layers multiply on AMX (amx.h): W_hh^T as one block of VNNI pairs
+  // per kUnits units with all G gates side by side, [K2][G * kUnits][2], so that a block's step is a
+  // single amx_gemm of [B, 2 K2] x [2 K2, G * kUnits]; the state is rounded to bf16 for it.
+  // Elsewhere, where bf16_dot() holds, they run on the CPU's bf16 dot products (gemm.h): the panels
+  // above as bf16 pairs of k, and the state rounded to bf16 for the GEMM (as torch's bf16 LSTM keeps
+  // it). On either path the gates, the update and the state itself stay fp32.
   const bool amx = std::is_same_v<T, c10::BFloat16> && cpu::amx_bf16();
+  const bool dot = std::is_same_v<T, c10::BFloat16> && !amx && cpu::bf16_dot();
   const int64_t GU = G * kUnits;
-  std::vector<float> wt(kBf16Dot || amx ? 0 : S * ld_w, 0.f), bias(ld_w, 0.f);
+  std::vector<float> wt(dot || amx ? 0 : S * ld_w, 0.f), bias(ld_w, 0.f);
   const T* w = w_hh.const_data_ptr<T>();
   at::parallel_for(0, G * H, 64, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
       const int64_t g = r / H, j = r % H, panel = j / kUnits * G + g, u = j % kUnits;
-      if (!kBf16Dot && !amx)
+      if (!dot && !amx)
         for (int64_t k = 0; k < S; ++k) wt[(panel * S + k) * kUnits + u] = static_cast<float>(w[r * S + k]);
       if (b_hh.has_value()) bias[panel * kUnits + u] = static_cast<float>(b_hh->const_data_ptr<T>()[r]);
     }
   });
   const int64_t K2 = (S + 1) / 2;
-  std::vector<c10::BFloat16> wtb(kBf16Dot && !amx ? K2 * ld_w * 2 : 0);
-  std::vector<uint32_t> htb(kBf16Dot && !amx ? K2 * B : 0);
+  std::vector<c10::BFloat16> wtb(dot ? K2 * ld_w * 2 : 0);
+  std::vector<uint32_t> htb(dot ? K2 * B : 0);
   std::vector<c10::BFloat16> w_amx(amx ? blocks * K2 * GU * 2 : 0), h_amx(amx ? B * 2 * K2 : 0);
   if (amx) {
     // Per (gate, block) panel, 16 units at a time: a unit's pair of k is one uint32 of its row of W_hh,
@@ -145,7 +141,7 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
         }
       }
     });
-  } else if constexpr (kBf16Dot) {
+  } else if (dot) {
     at::parallel_for(0, G * H, 64, [&](int64_t r0, int64_t r1) {
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t g = r / H, j = r % H, panel = j / kUnits * G + g, u = j % kUnits;
@@ -183,9 +179,7 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
     if (amx) {
       for (int64_t b = 0; b < B; ++b) cpu::from_float(h.data() + b * S, h_amx.data() + b * 2 * K2, S);
     }
-#ifdef BIGNLP_FAST_BF16_DOT
-    if constexpr (kBf16Dot) if (!amx) cpu::pack_pairs_bf16(ht.data(), S, B, htb.data());
-#endif
+    if (dot) cpu::pack_pairs_bf16(ht.data(), S, B, htb.data());
     at::parallel_for(0, blocks, 1, [&](int64_t blk0, int64_t blk1) {
       std::vector<float> tile(B * G * kUnits), xg(G * kUnits), scratch(save ? 0 : sh.width);
       for (int64_t blk = blk0; blk < blk1; ++blk) {
@@ -202,13 +196,11 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
         }
         if (amx) cpu::amx_gemm(B, GU, 2 * K2, h_amx.data(), 2 * K2, w_amx.data() + blk * K2 * GU * 2, GU, tile.data(), GU, false);
         for (int64_t g = 0; g < (amx ? 0 : G); ++g) {
-#ifdef BIGNLP_FAST_BF16_DOT
-          if constexpr (kBf16Dot) {
-            cpu::small_gemm_bf16(B, kUnits, K2, htb.data(), B, wtb.data() + (blk * G + g) * K2 * kUnits * 2, kUnits,
+          if (dot) {
+            cpu::small_gemm_bf16(B, kUnits, K2, htb.data(), 1, B, wtb.data() + (blk * G + g) * K2 * kUnits * 2, kUnits,
                                  tile.data() + g * kUnits, G * kUnits);
             continue;
           }
-#endif
           small_gemm(B, kUnits, S, ht.data(), 1, B, wt.data() + (blk * G + g) * S * kUnits, kUnits,
                      tile.data() + g * kUnits, G * kUnits, 1.f, false);
         }

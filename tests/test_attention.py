@@ -93,6 +93,7 @@ CASES = [  # (q shape, k shape, dv, causal)
     ((1, 2, 33, 96), (1, 2, 300, 96), None, True),    # causal with Lq < Lk
     ((1, 1, 300, 128), (1, 1, 300, 128), None, True),
     ((2, 4, 65, 20), (2, 4, 65, 20), 36, False),      # head dims not a multiple of 8 and Dv != D
+    ((1, 3, 45, 33), (1, 3, 71, 33), 17, True),       # odd head dims and lengths: the bf16 tiles' pair padding
     ((1, 2, 1025, 64), (1, 2, 1025, 64), None, True),
 ]
 

@@ -101,6 +101,7 @@ struct Rows {
   Rows(const at::Tensor& t) : base(static_cast<T*>(t.data_ptr())), sb(t.stride(0)), sh(t.stride(1)), sl(t.stride(2)) {
     TORCH_CHECK(t.stride(3) == 1, "attention: the last dimension of every operand must be contiguous");
   }
+  Rows(T* base_, int64_t sb_, int64_t sh_, int64_t sl_) : base(base_), sb(sb_), sh(sh_), sl(sl_) {}
   T* row(int64_t b, int64_t h, int64_t l) const { return base + b * sb + h * sh + l * sl; }
 };
 
@@ -574,6 +575,46 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
   });
 }
 
+// ---- bf16 tiles of the backward (AVX512_BF16 dot products) --------------------------------------
+// The five GEMMs of a (key block, query block) tile take bf16 operands where bf16_dot() holds:
+//   S  = (Q s) K^T, dP = dO V^T:  A = Q s, dO as bf16 rows; B = K^T, V^T in VNNI pairs (pack_keys_vnni)
+//   dV += (P Z)^T dO, dK += dS^T (Q s):  A = P Z, dS in pairs of query rows (row_pairs_bf16);
+//                                        B = dO, Q s in VNNI pairs of query rows (pack_values_vnni)
+//   dQ += (s dS) K:  A = s dS as bf16 rows; B = K in VNNI pairs of key rows
+// P and dS are computed in fp32, as on the fp32 path, and rounded to bf16 only as GEMM operands (as
+// torch's bf16 SDPA backward does); every sum stays fp32.
+//
+// Rows [0, m) of an fp32 tile as bf16 pairs of rows: dst[r2 * ld_dst + c] holds row 2 r2 (low half)
+// and row 2 r2 + 1 (high half, 0 past m) of column c, for c < n (a multiple of 16).
+inline void row_pairs_bf16(const float* src, int64_t ld_src, int64_t m, int64_t n, uint32_t* dst, int64_t ld_dst) {
+#ifdef BIGNLP_FAST_BF16_DOT
+  for (int64_t r2 = 0; r2 < (m + 1) / 2; ++r2) {
+    const float* lo = src + 2 * r2 * ld_src;
+    const float* hi = 2 * r2 + 1 < m ? lo + ld_src : nullptr;
+    for (int64_t c = 0; c < n; c += 16) {
+      const __m512i l = _mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(lo + c))));
+      const __m512i u = hi == nullptr ? _mm512_setzero_si512()
+                                      : _mm512_cvtepu16_epi32(reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(_mm512_loadu_ps(hi + c))));
+      _mm512_storeu_si512(dst + r2 * ld_dst + c, _mm512_or_si512(l, _mm512_slli_epi32(u, 16)));
+    }
+  }
+#else
+  TORCH_INTERNAL_ASSERT(false, "row_pairs_bf16: this build does not target AVX512_BF16");
+#endif
+}
+
+// Rows [0, m) of an fp32 tile times mul, as bf16 rows: columns [0, n), n a multiple of 32.
+inline void rows_bf16(const float* src, int64_t ld_src, int64_t m, int64_t n, float mul, c10::BFloat16* dst,
+                      int64_t ld_dst) {
+  const fVec vmul(mul);
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t c = 0; c < n; c += cpu::kStep) {
+      fVec a, b;
+      cpu::load2(src + r * ld_src + c, a, b);
+      cpu::to_bf16(a * vmul, b * vmul).store(dst + r * ld_dst + c);
+    }
+}
+
 // ---- backward -------------------------------------------------------------------------------
 template <typename T>
 void backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -596,27 +637,58 @@ void backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor&
   // dQ partial sums of each chunk: [heads, chunks, groups, max_lq, ld_d] fp32 when chunks > 1.
   at::Tensor partial = chunks > 1 ? at::zeros({heads, chunks, groups, max_lq, ld_d}, q.options().dtype(at::kFloat))
                                   : at::Tensor();
+  // The bf16 tiles (see row_pairs_bf16): head dims padded to even, query rows to even per group.
+  constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
+  const bool dot = kBf16 && cpu::bf16_dot();
+  const int64_t d_even = (d + 1) / 2 * 2, dv_even = (dv + 1) / 2 * 2;
 
   at::parallel_for(0, heads * chunks, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> qp, dop, delta, lse_rows, dq_acc;
-    std::vector<float> kt(d * ld_s), vt(dv * ld_s), kr(kBlockK * ld_d);
+    std::vector<float> kt(dot ? 0 : d * ld_s), vt(dot ? 0 : dv * ld_s), kr(dot ? 0 : kBlockK * ld_d);
     std::vector<float> p_tile(kBlockQ * ld_s), ds_tile(kBlockQ * ld_s), dk_acc(kBlockK * ld_d), dv_acc(kBlockK * ld_dv);
+    // bf16 operands: per task Q s and dO as rows and as pairs of rows; per key block K^T, V^T and K;
+    // per tile P Z and dS as pairs of rows, s dS as rows
+    std::vector<c10::BFloat16> qs_rows, do_rows, qs_pairs, do_pairs;
+    std::vector<c10::BFloat16> kt_b(dot ? d_even * ld_s : 0), vt_b(dot ? dv_even * ld_s : 0);
+    std::vector<c10::BFloat16> kr_b(dot ? kBlockK * ld_d : 0), ds_rows(dot ? kBlockQ * ld_s : 0);
+    std::vector<uint32_t> p_pairs(dot ? kBlockQ / 2 * ld_s : 0), ds_pairs(dot ? kBlockQ / 2 * ld_s : 0);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t head = t / chunks, chunk = t % chunks;
       const int64_t si = head / hk, kvh = head % hk;
       const Seq& sq = seqs[si];
       const Causal causal_mask(causal, sq);
       const int64_t lq = sq.lq;
-      // Every query head of the group, packed once per task: Q * scale and dO as fp32, lse, delta.
-      qp.resize(groups * lq * ld_d);
+      // Every query head of the group, packed once per task: Q * scale and dO (fp32, or bf16 for the
+      // dot tiles), lse, delta.
+      const int64_t lq_even = (lq + 1) / 2 * 2;
+      qp.resize(dot ? 0 : groups * lq * ld_d);
       dop.resize(groups * lq * ld_dv);
       delta.resize(groups * lq);
       lse_rows.resize(groups * lq);
       dq_acc.assign(groups * lq * ld_d, 0.f);
+      if (dot) {
+        qs_rows.resize(groups * lq * d_even), do_rows.resize(groups * lq * dv_even);
+        qs_pairs.resize(groups * lq_even * ld_d), do_pairs.resize(groups * lq_even * ld_dv);
+      }
       for (int64_t g = 0; g < groups; ++g) {
         const int64_t h = kvh * groups + g;
-        pack_rows(Q, sq.batch, h, sq.q_begin, lq, d, qp.data() + g * lq * ld_d, ld_d, s_mul);
         pack_rows(dO, sq.batch, h, sq.q_begin, lq, dv, dop.data() + g * lq * ld_dv, ld_dv);
+        if constexpr (kBf16) {
+          if (dot) {
+            // Q s rounded to bf16 once, then laid out both ways
+            for (int64_t i = 0; i < lq; ++i) {
+              const T* src = Q.row(sq.batch, h, sq.q_begin + i);
+              c10::BFloat16* dst = qs_rows.data() + (g * lq + i) * d_even;
+              for (int64_t c = 0; c < d; ++c) dst[c] = static_cast<c10::BFloat16>(static_cast<float>(src[c]) * s_mul);
+              if (d % 2) dst[d] = c10::BFloat16(0.f);
+            }
+            const Rows<c10::BFloat16> qs(qs_rows.data() + g * lq * d_even, 0, 0, d_even);
+            pack_values_vnni(qs, 0, 0, 0, lq, d, qs_pairs.data() + g * lq_even * ld_d, ld_d, lq_even);
+            copy_rows_bf16(dO, sq.batch, h, sq.q_begin, lq, dv, do_rows.data() + g * lq * dv_even, dv_even);
+            pack_values_vnni(dO, sq.batch, h, sq.q_begin, lq, dv, do_pairs.data() + g * lq_even * ld_dv, ld_dv, lq_even);
+          }
+        }
+        if (!dot) pack_rows(Q, sq.batch, h, sq.q_begin, lq, d, qp.data() + g * lq * ld_d, ld_d, s_mul);
         for (int64_t i = 0; i < lq; ++i) {
           const T* o = O.row(sq.batch, h, sq.q_begin + i);
           const float* go = dop.data() + (g * lq + i) * ld_dv;
@@ -628,9 +700,18 @@ void backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor&
       }
       for (int64_t kb = chunk; kb * kBlockK < sq.lk; kb += chunks) {  // interleaved: causal work stays even
         const int64_t j0 = kb * kBlockK, n = std::min(kBlockK, sq.lk - j0), n_pad = round_up_to_vec(n);
-        pack_cols(K, sq.batch, kvh, sq.k_begin + j0, n, d, kt.data(), ld_s);
-        pack_cols(V, sq.batch, kvh, sq.k_begin + j0, n, dv, vt.data(), ld_s);
-        pack_rows(K, sq.batch, kvh, sq.k_begin + j0, n, d, kr.data(), ld_d);
+        if constexpr (kBf16) {
+          if (dot) {
+            pack_keys_vnni(K, sq.batch, kvh, sq.k_begin + j0, n, d, kt_b.data(), ld_s);
+            pack_keys_vnni(V, sq.batch, kvh, sq.k_begin + j0, n, dv, vt_b.data(), ld_s);
+            pack_values_vnni(K, sq.batch, kvh, sq.k_begin + j0, n, d, kr_b.data(), ld_d, (n + 1) / 2 * 2);
+          }
+        }
+        if (!dot) {
+          pack_cols(K, sq.batch, kvh, sq.k_begin + j0, n, d, kt.data(), ld_s);
+          pack_cols(V, sq.batch, kvh, sq.k_begin + j0, n, dv, vt.data(), ld_s);
+          pack_rows(K, sq.batch, kvh, sq.k_begin + j0, n, d, kr.data(), ld_d);
+        }
         std::fill(dk_acc.begin(), dk_acc.begin() + n * ld_d, 0.f);
         std::fill(dv_acc.begin(), dv_acc.begin() + n * ld_dv, 0.f);
         // The first query that sees key j0 (causal): earlier query blocks are skipped.
@@ -639,10 +720,17 @@ void backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor&
           const int64_t h = kvh * groups + g;
           for (int64_t i0 = i_first / kBlockQ * kBlockQ; i0 < lq; i0 += kBlockQ) {
             const int64_t m = std::min(kBlockQ, lq - i0);
-            const float* qb = qp.data() + (g * lq + i0) * ld_d;
+            const float* qb = dot ? nullptr : qp.data() + (g * lq + i0) * ld_d;
             const float* dob = dop.data() + (g * lq + i0) * ld_dv;
-            small_gemm(m, n_pad, d, qb, ld_d, 1, kt.data(), ld_s, p_tile.data(), ld_s, 1.f, false);
-            small_gemm(m, n_pad, dv, dob, ld_dv, 1, vt.data(), ld_s, ds_tile.data(), ld_s, 1.f, false);
+            if (dot) {
+              cpu::small_gemm_bf16(m, n_pad, d_even / 2, reinterpret_cast<const uint32_t*>(qs_rows.data() + (g * lq + i0) * d_even),
+                                   d_even / 2, 1, kt_b.data(), ld_s, p_tile.data(), ld_s);
+              cpu::small_gemm_bf16(m, n_pad, dv_even / 2, reinterpret_cast<const uint32_t*>(do_rows.data() + (g * lq + i0) * dv_even),
+                                   dv_even / 2, 1, vt_b.data(), ld_s, ds_tile.data(), ld_s);
+            } else {
+              small_gemm(m, n_pad, d, qb, ld_d, 1, kt.data(), ld_s, p_tile.data(), ld_s, 1.f, false);
+              small_gemm(m, n_pad, dv, dob, ld_dv, 1, vt.data(), ld_s, ds_tile.data(), ld_s, 1.f, false);
+            }
             for (int64_t r = 0; r < m; ++r) {
               const int64_t i = i0 + r;
               float* p = p_tile.data() + r * ld_s;
@@ -666,6 +754,19 @@ void backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor&
             if (dropout.on)  // dV needs P * Z: apply the same mask to P now that dS is done
               for (int64_t r = 0; r < m; ++r) dropout.apply(p_tile.data() + r * ld_s, n, si, h, i0 + r, j0);
             // dV += (P*Z)^T dO; dK += dS^T (Q s); dQ += s * dS K
+            if (dot) {  // columns [n, n_pad) of both tiles are zero: K^T and V^T are zero there
+              const int64_t m2 = (m + 1) / 2;
+              row_pairs_bf16(p_tile.data(), ld_s, m, n_pad, p_pairs.data(), ld_s);
+              row_pairs_bf16(ds_tile.data(), ld_s, m, n_pad, ds_pairs.data(), ld_s);
+              rows_bf16(ds_tile.data(), ld_s, m, cpu::round_up_to_step(n), s_mul, ds_rows.data(), ld_s);
+              cpu::small_gemm_bf16(n, ld_dv, m2, p_pairs.data(), 1, ld_s, do_pairs.data() + (g * lq_even + i0) * ld_dv,
+                                   ld_dv, dv_acc.data(), ld_dv, true);
+              cpu::small_gemm_bf16(n, ld_d, m2, ds_pairs.data(), 1, ld_s, qs_pairs.data() + (g * lq_even + i0) * ld_d, ld_d,
+                                   dk_acc.data(), ld_d, true);
+              cpu::small_gemm_bf16(m, ld_d, (n + 1) / 2, reinterpret_cast<const uint32_t*>(ds_rows.data()), ld_s / 2, 1,
+                                   kr_b.data(), ld_d, dq_acc.data() + (g * lq + i0) * ld_d, ld_d, true);
+              continue;
+            }
             small_gemm(n, ld_dv, m, p_tile.data(), 1, ld_s, dob, ld_dv, dv_acc.data(), ld_dv, 1.f, true);
             small_gemm(n, ld_d, m, ds_tile.data(), 1, ld_s, qb, ld_d, dk_acc.data(), ld_d, 1.f, true);
             small_gemm(m, ld_d, n, ds_tile.data(), ld_s, 1, kr.data(), ld_d, dq_acc.data() + (g * lq + i0) * ld_d,

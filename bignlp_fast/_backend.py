@@ -92,14 +92,8 @@ def use_amx_bf16(enabled: bool):
     """Within the block, the bf16 CPU kernels take (or, with False, skip) their AMX path. Turning it on
     where AMX is missing changes nothing. The switch is process-wide (every thread sees it), not
     thread-local. For tests, which check both paths on one machine, and for measuring what AMX buys."""
-    if _C is None:
+    with _switched("set_amx_bf16", enabled):
         yield
-        return
-    before = _C.set_amx_bf16(enabled)
-    try:
-        yield
-    finally:
-        _C.set_amx_bf16(before)
 
 
 def bf16_dot() -> bool:
@@ -113,14 +107,22 @@ def bf16_dot() -> bool:
 def use_bf16_dot(enabled: bool):
     """Within the block, bf16 CPU kernels not on AMX take (or, with False, skip) their AVX512_BF16
     path. Process-wide, like :func:`use_amx_bf16`; for tests and for measuring what the path buys."""
+    with _switched("set_bf16_dot", enabled):
+        yield
+
+
+@contextlib.contextmanager
+def _switched(setter: str, enabled: bool):
+    """Sets one of the extension's bf16 path switches for the block (``setter`` returns the previous
+    state), and restores it after; nothing without the extension."""
     if _C is None:
         yield
         return
-    before = _C.set_bf16_dot(enabled)
+    before = getattr(_C, setter)(enabled)
     try:
         yield
     finally:
-        _C.set_bf16_dot(before)
+        getattr(_C, setter)(before)
 
 
 def bf16_tiles() -> str:

@@ -5,14 +5,14 @@ import torch
 import torch.nn.functional as F
 
 from bignlp_fast.ops import linear
-from conftest import backend_params
+from conftest import backend_params, tile_paths
 from reference import assert_within_torch_error
 
 BACKENDS = backend_params("cpu", "torch")
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("shape", [(1, 1, 1), (37, 13, 29), (3, 5, 70, 33), (300, 257, 65)], ids=str)
+@pytest.mark.parametrize("shape", [(1, 1, 1), (37, 13, 29), (3, 5, 70, 33), (300, 257, 65), (80, 300, 40)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_matches_float64(backend, device, shape, dtype, with_bias):
@@ -28,11 +28,13 @@ def test_matches_float64(backend, device, shape, dtype, with_bias):
         y = fn(*leaves) if b is not None else fn(*leaves, None)
         return [y, *torch.autograd.grad(y, leaves, gy)]
 
-    ours = run(lambda x, w, b: linear(x, w, b, backend=backend), x, w, b, gy)
     theirs = run(F.linear, x, w, b, gy)
     ref = run(F.linear, x.double(), w.double(), b.double() if b is not None else None, gy.double())
-    for name, a, c, r in zip(["y", "grad_x", "grad_w", "grad_b"], ours, theirs, ref):
-        assert_within_torch_error(f"linear {backend} {shape} {dtype} {name}", a, c, r, dtype)
+    for path, context in tile_paths(backend, dtype):  # bf16: the packed GEMM's dot-product and fp32 tiles
+        with context():
+            ours = run(lambda x, w, b: linear(x, w, b, backend=backend), x, w, b, gy)
+        for name, a, c, r in zip(["y", "grad_x", "grad_w", "grad_b"], ours, theirs, ref):
+            assert_within_torch_error(f"linear {backend} {path} {shape} {dtype} {name}", a, c, r, dtype)
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

@@ -16,11 +16,14 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 
 #include <vector>
 
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+
+#include "amx.h"
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 
@@ -173,12 +176,22 @@ inline void panel_bf16(int64_t M, int64_t K2, const uint32_t* a, int64_t a_rs, i
 }
 }  // namespace gemm_detail
 
+// Long K runs in slices of kKC2 pairs, so that a column panel of B (kKC2 x 32 pairs, 16 KiB) stays
+// in L1 while every row tile of C passes over it.
 inline void small_gemm_bf16(int64_t M, int64_t N, int64_t K2, const uint32_t* a, int64_t a_rs, int64_t a_cs,
                             const c10::BFloat16* b, int64_t ldb, float* c, int64_t ldc, bool accumulate = false) {
-  int64_t n = 0;
-  for (; n + 32 <= N; n += 32)
-    gemm_detail::panel_bf16<2>(M, K2, a, a_rs, a_cs, b + n * 2, ldb, c + n, ldc, accumulate);
-  if (n < N) gemm_detail::panel_bf16<1>(M, K2, a, a_rs, a_cs, b + n * 2, ldb, c + n, ldc, accumulate);
+  constexpr int64_t kKC2 = 128;
+  int64_t k0 = 0;
+  do {
+    const int64_t kc = std::min(kKC2, K2 - k0);
+    const uint32_t* ak = a + k0 * a_cs;
+    const c10::BFloat16* bk = b + k0 * ldb * 2;
+    int64_t n = 0;
+    for (; n + 32 <= N; n += 32) gemm_detail::panel_bf16<2>(M, kc, ak, a_rs, a_cs, bk + n * 2, ldb, c + n, ldc, accumulate);
+    if (n < N) gemm_detail::panel_bf16<1>(M, kc, ak, a_rs, a_cs, bk + n * 2, ldb, c + n, ldc, accumulate);
+    accumulate = true;
+    k0 += kKC2;
+  } while (k0 < K2);
 }
 
 // A [K, M] fp32 operand (k-major, as the recurrent state is kept) as bf16 pairs of k for
@@ -221,9 +234,15 @@ struct Strided {
 // broadcasts consecutive floats). Tasks are (row block, group of panels), each writing its own part
 // of C.
 template <typename T, typename Out>
+void packed_gemm_bf16(int64_t M, int64_t N, int64_t K, Strided<T> A, Strided<T> B, const T* bias, Out* C, int64_t ldc);
+
+template <typename T, typename Out>
 void packed_gemm(int64_t M, int64_t N, int64_t K, Strided<T> A, Strided<T> B, const T* bias, Out* C, int64_t ldc) {
   using gemm_detail::kPanel;
   using gemm_detail::kRows;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (bf16_dot()) return packed_gemm_bf16(M, N, K, A, B, bias, C, ldc);
+  }
   const int64_t panels = (N + kPanel - 1) / kPanel, blocks = (M + kRows - 1) / kRows;
   std::vector<float> bp(panels * K * kPanel);
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
@@ -252,6 +271,66 @@ void packed_gemm(int64_t M, int64_t N, int64_t K, Strided<T> A, Strided<T> B, co
       for (int64_t p = grp * per_group; p < std::min(panels, (grp + 1) * per_group); ++p) {
         small_gemm(mc, kPanel, K, a_t.data(), 1, kRows, bp.data() + p * K * kPanel, kPanel, tile.data(), kPanel,
                         1.f, false);
+        const int64_t n0 = p * kPanel, nc = std::min(kPanel, N - n0);
+        for (int64_t r = 0; r < mc; ++r)
+          for (int64_t u = 0; u < nc; ++u)
+            C[(m0 + r) * ldc + n0 + u] =
+                static_cast<Out>(tile[r * kPanel + u] + (bias ? static_cast<float>(bias[n0 + u]) : 0.f));
+      }
+    }
+  });
+}
+
+// packed_gemm for bf16 operands where bf16_dot() holds (amx.h): the same tasks, with both operands
+// packed as bf16 pairs of k instead of fp32 (B in VNNI column panels [K2, kPanel, 2], A per row block
+// as [K2, kRows] uint32 pairs) and the tiles on small_gemm_bf16; the sums are fp32, the products of
+// bf16 values exact, so the result matches the fp32 path up to summation order.
+template <typename T, typename Out>
+void packed_gemm_bf16(int64_t M, int64_t N, int64_t K, Strided<T> A, Strided<T> B, const T* bias, Out* C, int64_t ldc) {
+  using gemm_detail::kPanel;
+  using gemm_detail::kRows;
+  const int64_t panels = (N + kPanel - 1) / kPanel, blocks = (M + kRows - 1) / kRows, K2 = (K + 1) / 2;
+  // (low, high) bf16 bits of elements (r, k) and (r, k + 1) of an operand read as S(r, k); 0 past K
+  auto pair = [K](const Strided<T>& S, int64_t r, int64_t k, bool rows) -> uint32_t {
+    const T* e = rows ? S.p + r * S.rs + k * S.cs : S.p + k * S.rs + r * S.cs;
+    const int64_t step = rows ? S.cs : S.rs;  // from element k to k + 1
+    if (k + 1 < K) {
+      if (step == 1) {  // the pair is one uint32 in memory (x's rows, linear's weight)
+        uint32_t v;
+        std::memcpy(&v, e, sizeof(v));
+        return v;
+      }
+      return static_cast<uint32_t>(e[0].x) | (static_cast<uint32_t>(e[step].x) << 16);
+    }
+    return e[0].x;  // k == K - 1 of an odd K: the high half is 0
+  };
+  std::vector<uint32_t> bp(panels * K2 * kPanel);
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t kp = 0; kp < K2; ++kp)
+        for (int64_t u = 0; u < kPanel; ++u) {
+          const int64_t n = p * kPanel + u;
+          bp[(p * K2 + kp) * kPanel + u] = n < N ? pair(B, n, 2 * kp, false) : 0u;
+        }
+  });
+  const int64_t threads = at::get_num_threads();
+  const int64_t groups = std::min(panels, std::max<int64_t>(1, (4 * threads + blocks - 1) / blocks));
+  const int64_t per_group = (panels + groups - 1) / groups;
+  at::parallel_for(0, blocks * groups, 1, [&](int64_t t0, int64_t t1) {
+    std::vector<uint32_t> a_t(K2 * kRows);
+    std::vector<float> tile(kRows * kPanel);
+    int64_t packed_block = -1;
+    for (int64_t t = t0; t < t1; ++t) {
+      const int64_t blk = t / groups, grp = t % groups;
+      const int64_t m0 = blk * kRows, mc = std::min(kRows, M - m0);
+      if (blk != packed_block) {
+        for (int64_t r = 0; r < mc; ++r)
+          for (int64_t kp = 0; kp < K2; ++kp) a_t[kp * kRows + r] = pair(A, m0 + r, 2 * kp, true);
+        packed_block = blk;
+      }
+      for (int64_t p = grp * per_group; p < std::min(panels, (grp + 1) * per_group); ++p) {
+        small_gemm_bf16(mc, kPanel, K2, a_t.data(), 1, kRows,
+                        reinterpret_cast<const c10::BFloat16*>(bp.data() + p * K2 * kPanel), kPanel, tile.data(), kPanel);
         const int64_t n0 = p * kPanel, nc = std::min(kPanel, N - n0);
         for (int64_t r = 0; r < mc; ++r)
           for (int64_t u = 0; u < nc; ++u)

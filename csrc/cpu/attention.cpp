@@ -662,7 +662,7 @@ void backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor&
       // dot tiles), lse, delta.
       const int64_t lq_even = (lq + 1) / 2 * 2;
       qp.resize(dot ? 0 : groups * lq * ld_d);
-      dop.resize(groups * lq * ld_dv);
+      dop.resize(dot ? 0 : groups * lq * ld_dv);
       delta.resize(groups * lq);
       lse_rows.resize(groups * lq);
       dq_acc.assign(groups * lq * ld_d, 0.f);
@@ -672,7 +672,6 @@ void backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor&
       }
       for (int64_t g = 0; g < groups; ++g) {
         const int64_t h = kvh * groups + g;
-        pack_rows(dO, sq.batch, h, sq.q_begin, lq, dv, dop.data() + g * lq * ld_dv, ld_dv);
         if constexpr (kBf16) {
           if (dot) {
             // Q s rounded to bf16 once, then laid out both ways
@@ -688,12 +687,15 @@ void backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor&
             pack_values_vnni(dO, sq.batch, h, sq.q_begin, lq, dv, do_pairs.data() + g * lq_even * ld_dv, ld_dv, lq_even);
           }
         }
-        if (!dot) pack_rows(Q, sq.batch, h, sq.q_begin, lq, d, qp.data() + g * lq * ld_d, ld_d, s_mul);
+        if (!dot) {
+          pack_rows(Q, sq.batch, h, sq.q_begin, lq, d, qp.data() + g * lq * ld_d, ld_d, s_mul);
+          pack_rows(dO, sq.batch, h, sq.q_begin, lq, dv, dop.data() + g * lq * ld_dv, ld_dv);
+        }
         for (int64_t i = 0; i < lq; ++i) {
           const T* o = O.row(sq.batch, h, sq.q_begin + i);
-          const float* go = dop.data() + (g * lq + i) * ld_dv;
+          const T* go = dO.row(sq.batch, h, sq.q_begin + i);
           float acc = 0.f;
-          for (int64_t c = 0; c < dv; ++c) acc += static_cast<float>(o[c]) * go[c];
+          for (int64_t c = 0; c < dv; ++c) acc += static_cast<float>(o[c]) * static_cast<float>(go[c]);
           delta[g * lq + i] = acc;
           lse_rows[g * lq + i] = lse_base[(sq.batch * hq + h) * ltot + sq.q_begin + i];
         }
@@ -721,7 +723,7 @@ void backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor&
           for (int64_t i0 = i_first / kBlockQ * kBlockQ; i0 < lq; i0 += kBlockQ) {
             const int64_t m = std::min(kBlockQ, lq - i0);
             const float* qb = dot ? nullptr : qp.data() + (g * lq + i0) * ld_d;
-            const float* dob = dop.data() + (g * lq + i0) * ld_dv;
+            const float* dob = dot ? nullptr : dop.data() + (g * lq + i0) * ld_dv;
             if (dot) {
               cpu::small_gemm_bf16(m, n_pad, d_even / 2, reinterpret_cast<const uint32_t*>(qs_rows.data() + (g * lq + i0) * d_even),
                                    d_even / 2, 1, kt_b.data(), ld_s, p_tile.data(), ld_s);

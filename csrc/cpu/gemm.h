@@ -228,58 +228,42 @@ struct Strided {
   float at(int64_t r, int64_t c) const { return static_cast<float>(p[r * rs + c * cs]); }
 };
 
-// C[M, N] = A[M, K] B[K, N] (+ bias[N]), C of type Out with row stride ldc: a parallel GEMM for large
-// operands. Both are packed to fp32 once per call: B in column panels of kPanel floats ([K, kPanel]
-// each, contiguous), A in row blocks of kRows rows, transposed ([K, kRows]: the micro-kernel then
-// broadcasts consecutive floats). Tasks are (row block, group of panels), each writing its own part
-// of C.
-template <typename T, typename Out>
-void packed_gemm_bf16(int64_t M, int64_t N, int64_t K, Strided<T> A, Strided<T> B, const T* bias, Out* C, int64_t ldc);
-
-template <typename T, typename Out>
-void packed_gemm(int64_t M, int64_t N, int64_t K, Strided<T> A, Strided<T> B, const T* bias, Out* C, int64_t ldc) {
-  using gemm_detail::kPanel;
-  using gemm_detail::kRows;
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (bf16_dot()) return packed_gemm_bf16(M, N, K, A, B, bias, C, ldc);
-  }
+namespace gemm_detail {
+// The tasks of packed_gemm, shared by its fp32 and bf16 tiles: (row block, group of B panels), each
+// writing its own part of C. pack_a(m0, mc, a) packs rows [m0, m0 + mc) of A into a thread's
+// a_size-element buffer of type AT (once per row block); tile(mc, p, a, out) computes the
+// [mc, kPanel] tile of panel p into out; the bias is added and the result stored here.
+template <typename AT, typename T, typename Out, typename PackA, typename Tile>
+void packed_gemm_tasks(int64_t M, int64_t N, int64_t a_size, const T* bias, Out* C, int64_t ldc, PackA pack_a,
+                       Tile tile) {
   const int64_t panels = (N + kPanel - 1) / kPanel, blocks = (M + kRows - 1) / kRows;
-  std::vector<float> bp(panels * K * kPanel);
-  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-    for (int64_t p = p0; p < p1; ++p)
-      for (int64_t k = 0; k < K; ++k)
-        for (int64_t u = 0; u < kPanel; ++u) {
-          const int64_t n = p * kPanel + u;
-          bp[(p * K + k) * kPanel + u] = n < N ? B.at(k, n) : 0.f;
-        }
-  });
   // Enough tasks for every thread: split the panels into groups when row blocks are few.
   const int64_t threads = at::get_num_threads();
   const int64_t groups = std::min(panels, std::max<int64_t>(1, (4 * threads + blocks - 1) / blocks));
   const int64_t per_group = (panels + groups - 1) / groups;
   at::parallel_for(0, blocks * groups, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> a_t(K * kRows), tile(kRows * kPanel);
+    std::vector<AT> a_t(a_size);
+    std::vector<float> out(kRows * kPanel);
     int64_t packed_block = -1;
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t blk = t / groups, grp = t % groups;
       const int64_t m0 = blk * kRows, mc = std::min(kRows, M - m0);
       if (blk != packed_block) {
-        for (int64_t k = 0; k < K; ++k)
-          for (int64_t r = 0; r < mc; ++r) a_t[k * kRows + r] = A.at(m0 + r, k);
+        pack_a(m0, mc, a_t.data());
         packed_block = blk;
       }
       for (int64_t p = grp * per_group; p < std::min(panels, (grp + 1) * per_group); ++p) {
-        small_gemm(mc, kPanel, K, a_t.data(), 1, kRows, bp.data() + p * K * kPanel, kPanel, tile.data(), kPanel,
-                        1.f, false);
+        tile(mc, p, a_t.data(), out.data());
         const int64_t n0 = p * kPanel, nc = std::min(kPanel, N - n0);
         for (int64_t r = 0; r < mc; ++r)
           for (int64_t u = 0; u < nc; ++u)
             C[(m0 + r) * ldc + n0 + u] =
-                static_cast<Out>(tile[r * kPanel + u] + (bias ? static_cast<float>(bias[n0 + u]) : 0.f));
+                static_cast<Out>(out[r * kPanel + u] + (bias ? static_cast<float>(bias[n0 + u]) : 0.f));
       }
     }
   });
 }
+}  // namespace gemm_detail
 
 // packed_gemm for bf16 operands where bf16_dot() holds (amx.h): the same tasks, with both operands
 // packed as bf16 pairs of k instead of fp32 (B in VNNI column panels [K2, kPanel, 2], A per row block
@@ -289,7 +273,7 @@ template <typename T, typename Out>
 void packed_gemm_bf16(int64_t M, int64_t N, int64_t K, Strided<T> A, Strided<T> B, const T* bias, Out* C, int64_t ldc) {
   using gemm_detail::kPanel;
   using gemm_detail::kRows;
-  const int64_t panels = (N + kPanel - 1) / kPanel, blocks = (M + kRows - 1) / kRows, K2 = (K + 1) / 2;
+  const int64_t panels = (N + kPanel - 1) / kPanel, K2 = (K + 1) / 2;
   // (low, high) bf16 bits of elements (r, k) and (r, k + 1) of an operand read as S(r, k); 0 past K
   auto pair = [K](const Strided<T>& S, int64_t r, int64_t k, bool rows) -> uint32_t {
     const T* e = rows ? S.p + r * S.rs + k * S.cs : S.p + k * S.rs + r * S.cs;
@@ -313,31 +297,42 @@ void packed_gemm_bf16(int64_t M, int64_t N, int64_t K, Strided<T> A, Strided<T> 
           bp[(p * K2 + kp) * kPanel + u] = n < N ? pair(B, n, 2 * kp, false) : 0u;
         }
   });
-  const int64_t threads = at::get_num_threads();
-  const int64_t groups = std::min(panels, std::max<int64_t>(1, (4 * threads + blocks - 1) / blocks));
-  const int64_t per_group = (panels + groups - 1) / groups;
-  at::parallel_for(0, blocks * groups, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<uint32_t> a_t(K2 * kRows);
-    std::vector<float> tile(kRows * kPanel);
-    int64_t packed_block = -1;
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t blk = t / groups, grp = t % groups;
-      const int64_t m0 = blk * kRows, mc = std::min(kRows, M - m0);
-      if (blk != packed_block) {
-        for (int64_t r = 0; r < mc; ++r)
-          for (int64_t kp = 0; kp < K2; ++kp) a_t[kp * kRows + r] = pair(A, m0 + r, 2 * kp, true);
-        packed_block = blk;
-      }
-      for (int64_t p = grp * per_group; p < std::min(panels, (grp + 1) * per_group); ++p) {
-        small_gemm_bf16(mc, kPanel, K2, a_t.data(), 1, kRows,
-                        reinterpret_cast<const c10::BFloat16*>(bp.data() + p * K2 * kPanel), kPanel, tile.data(), kPanel);
-        const int64_t n0 = p * kPanel, nc = std::min(kPanel, N - n0);
-        for (int64_t r = 0; r < mc; ++r)
-          for (int64_t u = 0; u < nc; ++u)
-            C[(m0 + r) * ldc + n0 + u] =
-                static_cast<Out>(tile[r * kPanel + u] + (bias ? static_cast<float>(bias[n0 + u]) : 0.f));
-      }
-    }
+  gemm_detail::packed_gemm_tasks<uint32_t>(M, N, K2 * kRows, bias, C, ldc, [&](int64_t m0, int64_t mc, uint32_t* a) {
+    for (int64_t r = 0; r < mc; ++r)
+      for (int64_t kp = 0; kp < K2; ++kp) a[kp * kRows + r] = pair(A, m0 + r, 2 * kp, true);
+  }, [&](int64_t mc, int64_t p, const uint32_t* a, float* out) {
+    small_gemm_bf16(mc, kPanel, K2, a, 1, kRows, reinterpret_cast<const c10::BFloat16*>(bp.data() + p * K2 * kPanel),
+                    kPanel, out, kPanel);
+  });
+}
+
+// C[M, N] = A[M, K] B[K, N] (+ bias[N]), C of type Out with row stride ldc: a parallel GEMM for large
+// operands. Both are packed to fp32 once per call: B in column panels of kPanel floats ([K, kPanel]
+// each, contiguous), A in row blocks of kRows rows, transposed ([K, kRows]: the micro-kernel then
+// broadcasts consecutive floats). Tasks are (row block, group of panels), each writing its own part
+// of C (gemm_detail::packed_gemm_tasks). bf16 operands take packed_gemm_bf16 where bf16_dot() holds.
+template <typename T, typename Out>
+void packed_gemm(int64_t M, int64_t N, int64_t K, Strided<T> A, Strided<T> B, const T* bias, Out* C, int64_t ldc) {
+  using gemm_detail::kPanel;
+  using gemm_detail::kRows;
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (bf16_dot()) return packed_gemm_bf16(M, N, K, A, B, bias, C, ldc);
+  }
+  const int64_t panels = (N + kPanel - 1) / kPanel;
+  std::vector<float> bp(panels * K * kPanel);
+  at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t p = p0; p < p1; ++p)
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t u = 0; u < kPanel; ++u) {
+          const int64_t n = p * kPanel + u;
+          bp[(p * K + k) * kPanel + u] = n < N ? B.at(k, n) : 0.f;
+        }
+  });
+  gemm_detail::packed_gemm_tasks<float>(M, N, K * kRows, bias, C, ldc, [&](int64_t m0, int64_t mc, float* a) {
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t r = 0; r < mc; ++r) a[k * kRows + r] = A.at(m0 + r, k);
+  }, [&](int64_t mc, int64_t p, const float* a, float* out) {
+    small_gemm(mc, kPanel, K, a, 1, kRows, bp.data() + p * K * kPanel, kPanel, out, kPanel, 1.f, false);
   });
 }
 

@@ -196,18 +196,22 @@ def unavailable(backend: str, device: torch.device) -> Optional[str]:
 @dataclasses.dataclass(frozen=True)
 class OpInfo:
     """What an op's backends accept. ``dtypes[backend]`` lists the dtypes that backend runs;
-    ``missing[backend]`` says why a backend has no kernel for this op (yet)."""
+    ``missing[backend]`` says why a backend has no kernel for this op (yet); ``auto_order[device
+    type]`` replaces AUTO_ORDER's ranking for this op (a kernel not yet measured on that device
+    stays reachable by name but is not chosen automatically)."""
 
     name: str
     dtypes: dict
     missing: dict = dataclasses.field(default_factory=dict)
+    auto_order: dict = dataclasses.field(default_factory=dict)
 
 
 OPS: dict[str, OpInfo] = {}
 
 
-def register_op(name: str, dtypes: dict, missing: Optional[dict] = None) -> OpInfo:
-    info = OpInfo(name, dtypes, dict(missing or {}))
+def register_op(name: str, dtypes: dict, missing: Optional[dict] = None,
+                auto_order: Optional[dict] = None) -> OpInfo:
+    info = OpInfo(name, dtypes, dict(missing or {}), dict(auto_order or {}))
     OPS[name] = info
     return info
 
@@ -251,7 +255,7 @@ def plan(op: OpInfo, device: torch.device, dtype: torch.dtype, backend: Optional
                 or (extra_check(name) if extra_check is not None else None))
 
     named = requested_backend(backend)
-    candidates = (named,) if named is not None else AUTO_ORDER.get(device.type, ())
+    candidates = (named,) if named is not None else op.auto_order.get(device.type, AUTO_ORDER.get(device.type, ()))
     reasons = []
     for name in candidates:
         reason = why_not(name)

@@ -41,6 +41,9 @@ def info() -> dict:
                 "dtypes": "any" if backend == "torch" else ", ".join(_backend.dtype_name(d) for d in dtypes),
                 "usable": f"no: {op.missing[backend]}" if backend in op.missing else _usable_here(backend),
             }
+            for device_type, order in op.auto_order.items():  # an op that ranks its backends its own way
+                if backend in order:
+                    ops[name][backend]["usable"] += f"; automatic order on {device_type} tensors: {', '.join(order)}"
     return {
         "bignlp_fast": __import__("bignlp_fast").__version__,
         "python": platform.python_version(),

@@ -76,5 +76,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_bwd_cuda", &conv_bwd_cuda);
   m.def("causal_conv1d_fwd_cuda", &causal_conv1d_fwd_cuda);
   m.def("causal_conv1d_bwd_cuda", &causal_conv1d_bwd_cuda);
+  m.def("attention_fwd_cuda", &attention_fwd_cuda);
+  m.def("attention_bwd_cuda", &attention_bwd_cuda);
+  m.def("rnn_fwd_cuda", &rnn_fwd_cuda);
+  m.def("rnn_bwd_cuda", &rnn_bwd_cuda);
 #endif
 }

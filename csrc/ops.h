@@ -178,6 +178,33 @@ std::vector<at::Tensor> conv_bwd_cuda(const at::Tensor& grad_out, const at::Tens
                                       std::vector<int64_t> dilation, int64_t groups, int64_t activation);
 at::Tensor causal_conv1d_fwd_cuda(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
                                   const std::optional<at::Tensor>& initial_state, int64_t activation);
+// rnn (one layer, one direction) on CUDA (csrc/cuda/rnn.cu): the rnn_*_cpu contract above, float32,
+// float16 and bfloat16 (fp32 state and GEMMs), the CPU backend's workspace layout.
+std::vector<at::Tensor> rnn_fwd_cuda(const at::Tensor& xw, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh,
+                                     const at::Tensor& h0, const std::optional<at::Tensor>& c0,
+                                     const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths,
+                                     const std::string& mode, bool reverse, bool save_workspace);
+std::vector<at::Tensor> rnn_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& grad_h_n,
+                                     const std::optional<at::Tensor>& grad_c_n, const at::Tensor& xw,
+                                     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh, const at::Tensor& h0,
+                                     const std::optional<at::Tensor>& c0, const std::optional<at::Tensor>& w_hr,
+                                     const std::optional<at::Tensor>& lengths, const at::Tensor& workspace,
+                                     const std::string& mode, bool reverse);
+// attention on CUDA tensor cores (csrc/cuda/attention.cu): the attention_*_cpu contract above,
+// float16 / bfloat16, head dims up to 256, compute capability 8.0+.
+std::vector<at::Tensor> attention_fwd_cuda(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           const std::optional<at::Tensor>& bias,
+                                           const std::optional<at::Tensor>& cu_seqlens_q,
+                                           const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
+                                           int64_t max_seqlen_k, double scale, int64_t causal, double dropout_p,
+                                           const std::optional<at::Tensor>& seed);
+std::vector<at::Tensor> attention_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
+                                           const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
+                                           const std::optional<at::Tensor>& bias,
+                                           const std::optional<at::Tensor>& cu_seqlens_q,
+                                           const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
+                                           int64_t max_seqlen_k, double scale, int64_t causal, double dropout_p,
+                                           const std::optional<at::Tensor>& seed);
 std::vector<at::Tensor> causal_conv1d_bwd_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w,
                                                const std::optional<at::Tensor>& bias,
                                                const std::optional<at::Tensor>& initial_state, int64_t activation);

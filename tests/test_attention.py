@@ -266,17 +266,23 @@ def test_dropout_same_mask_as_reference_and_reproducible(backend, device):
 
 def _check_dropout(backend, device, shape, shape_k):
     q, k, v, go = _inputs(shape, shape_k, shape[-1], torch.float32, device)
+    dtype = DTYPES[backend][0]  # float32, but float16 for the cuda kernel (16-bit types only)
 
-    def run(backend_, seed, dtype=torch.float32):
+    def run(backend_, seed, dtype_):
         torch.manual_seed(seed)
         return _grads(lambda q, k, v: sdpa(q, k, v, dropout_p=0.3, is_causal=True, backend=backend_),
-                      q.to(dtype), k.to(dtype), v.to(dtype), go.to(dtype))
+                      q.to(dtype_), k.to(dtype_), v.to(dtype_), go.to(dtype_))
 
-    ours, again, other = run(backend, 0), run(backend, 0), run(backend, 1)
+    ours, again, other = run(backend, 0, dtype), run(backend, 0, dtype), run(backend, 1, dtype)
     ref = run("torch", 0, torch.float64)
-    for a, b, r in zip(ours, again, ref):
+    # a 16-bit kernel is held to the torch backend's error in that dtype, with the same mask
+    theirs = run("torch", 0, dtype) if dtype != torch.float32 else None
+    for name, a, b, r, c in zip(["out", "grad_q", "grad_k", "grad_v"], ours, again, ref, theirs or ref):
         assert torch.equal(a, b)
-        torch.testing.assert_close(a.double(), r, atol=2e-5, rtol=2e-5)
+        if theirs is None:
+            torch.testing.assert_close(a.double(), r, atol=2e-5, rtol=2e-5)
+        else:
+            assert_within_torch_error(f"dropout {backend} {name}", a, c, r, dtype)
     assert not torch.equal(ours[0], other[0])
 
 
@@ -357,7 +363,7 @@ def test_gradcheck_float_mask_that_requires_grad():
 
 @pytest.mark.parametrize("backend,device", ALL)
 def test_opcheck(backend, device):
-    q, k, v, go = _inputs((2, 4, 9, 16), (2, 2, 11, 16), 8, torch.float32, device)
+    q, k, v, go = _inputs((2, 4, 9, 16), (2, 2, 11, 16), 8, DTYPES[backend][0], device)
     bias = torch.zeros(2, 1, 1, 11, device=device).masked_fill(torch.rand(2, 1, 1, 11, device=device) > 0.7,
                                                                -math.inf).expand(2, 4, 9, 11)
     seed = torch.tensor(7)

@@ -94,6 +94,28 @@ def test_cuda_sources_were_compiled_when_asked():
     assert bignlp_fast.build_info()["with_cuda"], "BIGNLP_FAST_CUDA=1 but the extension has no CUDA sources"
 
 
+def test_every_registered_cuda_kernel_is_in_the_extension():
+    """An op that registers a cuda backend has its kernels bound in an extension built with CUDA."""
+    if not bignlp_fast.build_info().get("with_cuda"):
+        pytest.skip("the extension was built without CUDA sources")
+    compiled = _backend.compiled()
+    for name, op in _backend.OPS.items():
+        if "cuda" in op.dtypes and "cuda" not in op.missing:
+            assert hasattr(compiled, f"{name}_fwd_cuda"), name
+            if hasattr(compiled, f"{name}_bwd_cpu"):
+                assert hasattr(compiled, f"{name}_bwd_cuda"), name
+
+
+def test_an_op_can_rank_its_backends_for_a_device():
+    """OpInfo.auto_order replaces AUTO_ORDER for one op (attention keeps triton first on CUDA tensors
+    until its CUDA kernel has been measured); a backend named by the caller is unaffected."""
+    plain = _backend.OpInfo("probe", {"cpu": (torch.float32,)})
+    assert _backend.plan(plain, torch.device("cpu"), torch.float32) == ("cpu", False, [])
+    ranked = _backend.OpInfo("probe", {"cpu": (torch.float32,)}, auto_order={"cpu": ("torch",)})
+    assert _backend.plan(ranked, torch.device("cpu"), torch.float32) == ("torch", False, [])
+    assert _backend.plan(ranked, torch.device("cpu"), torch.float32, backend="cpu") == ("cpu", True, [])
+
+
 # ---- the eager shortcut past torch's dispatcher (ops/_common.py: call) ----------------------------
 @pytest.fixture
 def body_calls(monkeypatch):

@@ -9,7 +9,7 @@ from bignlp_fast.ops.rnn import GATES
 from conftest import backend_params, tile_paths
 from reference import assert_within_torch_error
 
-BACKENDS = backend_params("cpu", "torch", "triton")
+BACKENDS = backend_params("cpu", "cuda", "torch", "triton")
 
 
 def _inputs(mode, t, b, hidden, state, dtype, bias=True, seed=0, device="cpu"):

@@ -6,7 +6,7 @@ Both run on one pair of custom ops, ``bignlp_fast::attention_fwd/bwd``, whose ke
 flash-style: tiled over queries and keys with an online softmax, saving only the logsumexp of each
 query row so that the backward recomputes the scores. Memory grows with B*H*L*D, never with L^2.
 
-The kernel contract (every backend: csrc/cpu/attention.cpp, kernels/attention.py, and the reference
+The kernel contract (every backend: csrc/cpu/attention.cpp, csrc/cuda/attention.cu, kernels/attention.py, and the reference
 ``attention_{fwd,bwd}_torch`` below, which is the specification):
 
 - q [B, Hq, Lq, D], k [B, Hk, Lk, D], v [B, Hk, Lk, Dv]; any strides with stride(-1) == 1; Hk
@@ -39,12 +39,17 @@ from bignlp_fast.ops._common import acc_dtype, call, check_choice, check_like, c
 OP = _backend.register_op(
     "attention",
     dtypes={"cpu": (torch.float32, torch.bfloat16),
+            "cuda": (torch.float16, torch.bfloat16),
             "triton": (torch.float32, torch.float16, torch.bfloat16)},
-    missing={"cuda": "no CUDA kernel for attention yet (the triton backend runs it on CUDA tensors)"},
+    # csrc/cuda/attention.cu was compile-checked but not yet run on a GPU: on CUDA tensors the automatic
+    # choice stays triton (measured) and backend="cuda" runs the CUDA kernel. Put "cuda" first once the
+    # CUDA tests have passed on a GPU and the benchmark says it is the faster one.
+    auto_order={"cuda": ("triton", "cuda")},
 )
 
 CAUSAL_NONE, CAUSAL_TOP_LEFT, CAUSAL_BOTTOM_RIGHT = 0, 1, 2
 CPU_MAX_HEAD_DIM = 512
+CUDA_MAX_HEAD_DIM = 256
 TRITON_MAX_HEAD_DIM = 256
 
 
@@ -267,7 +272,7 @@ def _supports(head_dim: int, value_dim: int, needs_bias_grad: bool):
             return None
         if needs_bias_grad:
             return "attn_mask requires grad; only the torch reference computes its gradient"
-        limit = {"cpu": CPU_MAX_HEAD_DIM, "triton": TRITON_MAX_HEAD_DIM}.get(backend)
+        limit = {"cpu": CPU_MAX_HEAD_DIM, "cuda": CUDA_MAX_HEAD_DIM, "triton": TRITON_MAX_HEAD_DIM}.get(backend)
         if limit is not None and max(head_dim, value_dim) > limit:
             return f"head_dim {max(head_dim, value_dim)} is above the {backend} backend's limit of {limit}"
         if backend == "triton":
@@ -334,7 +339,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
             with attn_mask (torch refuses the combination; here both apply).
         scale: defaults to 1 / sqrt(D).
         enable_gqa: allow Hk < Hq when Hk divides Hq (grouped-query attention).
-        backend: "cpu", "triton", "torch" or None for automatic.
+        backend: "cpu", "cuda", "triton", "torch" or None for automatic. On CUDA tensors the automatic
+            choice is triton; "cuda" (tensor cores, float16 / bfloat16, head dims up to 256) is chosen
+            by name only until it has been measured on a GPU.
 
     Differs from torch in one documented way: a query row whose keys are all masked gives zeros (and
     zero gradients), not NaN. A float attn_mask that requires grad gets its gradient through the

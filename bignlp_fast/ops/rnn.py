@@ -7,7 +7,8 @@ recurrent GEMM ``h @ W_hh^T + b_hh`` and one fused update of the gates and state
 through time the same way and leaves the weight gradients to large GEMMs over all steps at the end.
 Multi-layer and bidirectional modules (bignlp_fast.nn) stack calls of this op.
 
-Kernel contract (every backend; ``rnn_{fwd,bwd}_torch`` below is the specification):
+Kernel contract (every backend: csrc/cpu/rnn.cpp, csrc/cuda/rnn.cu, kernels/rnn.py;
+``rnn_{fwd,bwd}_torch`` below is the specification):
 - mode: "lstm" (gates i, f, g, o), "gru" (r, z, n), "rnn_tanh", "rnn_relu": torch.nn's gate order.
 - xw [T, B, G*H] (time-major, contiguous); w_hh [G*H, S] where S is the state size (H, or P with an
   LSTM projection); b_hh [G*H] or None; h0 [B, S]; c0 [B, H] (LSTM) or None; w_hr [P, H] (LSTM with
@@ -37,8 +38,11 @@ from bignlp_fast.ops._common import (acc_dtype, call, check_choice, check_length
 
 OP = _backend.register_op(
     "rnn",
-    dtypes={"cpu": (torch.float32, torch.bfloat16), "triton": (torch.float32, torch.float16, torch.bfloat16)},
-    missing={"cuda": "no CUDA kernel for the RNN layers yet (the triton backend serves CUDA tensors)"},
+    dtypes={"cpu": (torch.float32, torch.bfloat16), "cuda": (torch.float32, torch.float16, torch.bfloat16),
+            "triton": (torch.float32, torch.float16, torch.bfloat16)},
+    # csrc/cuda/rnn.cu (cuBLAS step GEMMs + fused gate kernels) is compile-checked but has not run on a
+    # GPU yet: the automatic choice on CUDA tensors stays triton, backend="cuda" runs it
+    auto_order={"cuda": ("triton", "cuda")},
 )
 
 GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}

@@ -55,6 +55,9 @@ def _bench(args) -> int:
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bignlp-fast bench: --device cuda but no CUDA GPU is available", file=sys.stderr)
         return 2
+    if args.suite == "gpu" and device.type != "cuda":
+        print("bignlp-fast bench: the --gpu suite is sized for a GPU; it needs --device cuda", file=sys.stderr)
+        return 2
     selected = [c for c in cases(args.suite) if not args.filter or args.filter in c.id]
     if not selected:
         print(f"bignlp-fast bench: no case in suite {args.suite!r} matches {args.filter!r}", file=sys.stderr)
@@ -90,6 +93,8 @@ def main(argv=None) -> int:
     suite = p_bench.add_mutually_exclusive_group()
     suite.add_argument("--quick", dest="suite", action="store_const", const="quick", help="the quick suite (default)")
     suite.add_argument("--full", dest="suite", action="store_const", const="full", help="every case")
+    suite.add_argument("--gpu", dest="suite", action="store_const", const="gpu",
+                       help="GPU-sized cases (attention, bf16, D 128, 512 to 16k tokens); needs a CUDA device")
     p_bench.set_defaults(suite="quick", func=_bench)
     p_bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
     p_bench.add_argument("--backend", choices=["cpu", "cuda", "triton", "torch"], help="default: automatic")

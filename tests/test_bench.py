@@ -1,17 +1,33 @@
 """The benchmark machinery (not speed: timing never decides a test)."""
+import dataclasses
 import json
 
 import pytest
 import torch
 
 from bignlp_fast import cli
-from bignlp_fast.bench import all_cases, format_table, run_case, tiny_cases
+from bignlp_fast.bench import all_cases, cases, format_table, run_case, tiny_cases
 
 
 def test_every_case_has_a_reference_and_a_cost():
     for case in all_cases():
         assert case.ref_name and (case.bytes or case.flops), case.id
-        assert set(case.suites) <= {"quick", "full"}
+        assert set(case.suites) <= {"quick", "full", "gpu"}
+
+
+def test_a_case_without_the_float64_check_reports_no_error():
+    """Case.check_error=False (the GPU suite's long sequences): the row says "-", not a number."""
+    case = dataclasses.replace(next(c for c in tiny_cases() if c.op == "attention"), check_error=False)
+    row = run_case(case, torch.device("cpu"), repeats=2)
+    assert row.max_err is None and row.ref_max_err is None and row.ms > 0
+    cells = [c.strip() for c in format_table([row]).splitlines()[2].strip("|").split("|")]
+    assert cells[-2:] == ["-", "-"]
+
+
+def test_gpu_suite_refuses_the_cpu(capsys):
+    assert cli.main(["bench", "--gpu", "--device", "cpu"]) == 2
+    assert "needs --device cuda" in capsys.readouterr().err
+    assert {c.dtype for c in cases("gpu")} == {torch.bfloat16} and all(c.op == "attention" for c in cases("gpu"))
 
 
 @pytest.mark.parametrize("case", tiny_cases(), ids=lambda c: c.id)

@@ -60,8 +60,8 @@ class Row:
     gflops: Optional[float]
     peak_mb: float
     ref_peak_mb: float
-    max_err: float
-    ref_max_err: float
+    max_err: Optional[float]  # None: not measured (Case.check_error)
+    ref_max_err: Optional[float]
     reference: str
 
 
@@ -171,7 +171,7 @@ def run_case(case: Case, device: torch.device, backend: Optional[str] = None, re
     t_ours, t_ref = time_interleaved([ours, ref], device, repeats)
     if measure_copy:
         copy_rate = (before + copy_gbps(device, repeats=5)) / 2
-    ref64 = case.ref(to_float64(inputs))
+    ref64 = case.ref(to_float64(inputs)) if case.check_error else None
     gbps = case.bytes / t_ours / 1e9 if case.bytes else None
     return Row(
         case=case.id, op=case.name, mode=case.mode, shape="x".join(map(str, case.shape)),
@@ -181,7 +181,12 @@ def run_case(case: Case, device: torch.device, backend: Optional[str] = None, re
         copy_gbps=copy_rate if gbps else None,
         gflops=case.flops / t_ours / 1e9 if case.flops else None,
         peak_mb=peak_extra_mb(ours, device), ref_peak_mb=peak_extra_mb(ref, device),
-        max_err=max_err(ours(), ref64), ref_max_err=max_err(ref(), ref64), reference=case.ref_name)
+        max_err=max_err(ours(), ref64) if ref64 is not None else None,
+        ref_max_err=max_err(ref(), ref64) if ref64 is not None else None, reference=case.ref_name)
+
+
+def _err(e: Optional[float]) -> str:
+    return "-" if e is None else f"{e:.1e}"
 
 
 def format_table(rows: list[Row], copy_rate: Optional[float] = None, gemm_rate: Optional[float] = None) -> str:
@@ -192,7 +197,7 @@ def format_table(rows: list[Row], copy_rate: Optional[float] = None, gemm_rate: 
         body.append([r.op, r.mode, r.shape, r.dtype, r.backend, f"{r.ms:.2f}", f"{r.ref_ms:.2f}",
                      f"{r.speedup:.2f}x" + ("" if r.speedup >= 1 else " SLOWER"),
                      f"{r.gbps:.1f}" if r.gbps else "-", f"{r.pct_of_copy:.0f}%" if r.pct_of_copy else "-",
-                     f"{r.gflops:.0f}" if r.gflops else "-", f"{r.peak_mb:.1f}", f"{r.ref_peak_mb:.1f}", f"{r.max_err:.1e}", f"{r.ref_max_err:.1e}"])
+                     f"{r.gflops:.0f}" if r.gflops else "-", f"{r.peak_mb:.1f}", f"{r.ref_peak_mb:.1f}", _err(r.max_err), _err(r.ref_max_err)])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *body)]
     line = lambda cells: "| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)) + " |"  # noqa: E731
     out = [line(head), "|" + "|".join("-" * (w + 2) for w in widths) + "|"] + [line(b) for b in body]

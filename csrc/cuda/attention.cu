@@ -7,9 +7,10 @@
 //
 // The scheme is FlashAttention-2's, written plainly on the WMMA API (16 x 16 x 16 fragments):
 // - forward: one block per (query block, sequence, head); each warp owns 16 query rows. Per key block,
-//   S = Q K^T goes to shared memory as fp32, the warp's rows take the online softmax there (running max
-//   and sum per row, in base 2), P is written back as T and O += P V accumulates in an fp32 tile in
-//   shared memory, rescaled row by row before each block's product. Out = O / l, lse = ln-sum-exp.
+//   S = Q K^T goes to shared memory as fp32, and the online softmax runs there with a lane pair per
+//   row (each lane half of the keys; the running max and sum, in base 2, in registers; one shuffle per
+//   reduction); P is written back as T and O += P V accumulates in an fp32 tile in shared memory,
+//   rescaled row by row before each block's product. Out = O / l, lse = ln-sum-exp.
 // - backward, three kernels as kernels/attention.py: delta = rowsum(dO * O); one block per (key block,
 //   sequence, kv head) recomputes P^T from lse over the query heads of its group and their query
 //   blocks and accumulates dK, dV; one block per (query block, sequence, head) accumulates dQ. Each
@@ -79,11 +80,6 @@ __device__ __forceinline__ __half from_f<__half>(float x) { return __float2half_
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
 
-__device__ __forceinline__ float warp_max(float x) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
-  return x;
-}
 __device__ __forceinline__ float warp_sum(float x) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
@@ -263,7 +259,7 @@ constexpr int ld_float() { return COLS + 4; }
 template <int DP, int BM, int BN>
 constexpr size_t fwd_smem(size_t t_bytes) {
   return t_bytes * (BM + 2 * BN) * ld_half<DP>() + 4 * BM * ld_float<BN>() + t_bytes * BM * ld_half<BN>() +
-         4 * BM * ld_float<DP>() + 4 * 3 * BM;
+         4 * BM * ld_float<DP>() + 4 * 2 * BM;
 }
 
 template <typename T, int DP, int BM, int BN>
@@ -278,9 +274,8 @@ __global__ void __launch_bounds__(BM * 2) attn_fwd_kernel(const Params p) {
   float* ss = reinterpret_cast<float*>(vs + BN * LDT);
   T* ps = reinterpret_cast<T*>(ss + BM * LDS);
   float* os = reinterpret_cast<float*>(ps + BM * LDP);
-  float* row_m = os + BM * LDO;  // running max (base 2), running sum, this block's rescale
+  float* row_m = os + BM * LDO;  // each row's final max (base 2) and sum, for the epilogue
   float* row_l = row_m + BM;
-  float* row_a = row_l + BM;
 
   const int seq = blockIdx.x / p.hq, head = blockIdx.x % p.hq, kv_head = head / p.group;
   const Sequence s = sequence(p, seq);
@@ -293,11 +288,11 @@ __global__ void __launch_bounds__(BM * 2) attn_fwd_kernel(const Params p) {
   const T* vg = static_cast<const T*>(p.v) + s.batch * p.sv[0] + kv_head * p.sv[1] + s.k_start * p.sv[2];
   load_tile<BM, DP, kThreads>(qs, LDT, qg, p.sq[2], s.q_len - m0, p.d, p.vec);
   zero_tile<BM, DP, kThreads>(os, LDO);
-  for (int r = threadIdx.x; r < BM; r += kThreads) {
-    row_m[r] = -INFINITY;
-    row_l[r] = 0.f;
-  }
-  __syncthreads();  // the Q tile and the row state are in (a warp's rows were set by other threads)
+  __syncthreads();  // the Q tile and the zeroed O are in (a warp's rows were set by other threads)
+  // the softmax's lane pair: row r0 + lane / 2 of the block (query i), keys c_lo .. c_lo + BN / 2 of each
+  // key block and O columns d_lo .. d_lo + DP / 2; the running max (base 2) and sum in registers
+  const int srow = r0 + lane / 2, si = m0 + srow, c_lo = (lane & 1) * (BN / 2), d_lo = (lane & 1) * (DP / 2);
+  float m_i = -INFINITY, l_i = 0.f;
   const int hi = key_end(p, s, m0, BM);
   for (int n0 = 0; n0 < hi; n0 += BN) {
     if (n0 > 0) __syncthreads();  // every warp is done with the previous ks / vs
@@ -306,40 +301,35 @@ __global__ void __launch_bounds__(BM * 2) attn_fwd_kernel(const Params p) {
     __syncthreads();
     warp_gemm_nt<BN, DP>(qs + r0 * LDT, LDT, ks, LDT, ss + r0 * LDS, LDS);
     __syncwarp();
-    // online softmax of the warp's 16 rows; lane handles keys lane, lane + 32, ...
-    for (int r = 0; r < 16; ++r) {
-      const int row = r0 + r, i = m0 + row;
-      float x[BN / 32];
+    {  // online softmax: the lane pair (2r, 2r + 1) owns row `srow`, each lane half of the block's keys
+      float* sr = ss + srow * LDS;
       float mx = -INFINITY;
-#pragma unroll
-      for (int t = 0; t < BN / 32; ++t) {
-        const int c = lane + 32 * t;
-        x[t] = score2(p, s, head, i, n0 + c, ss[row * LDS + c]);
-        mx = fmaxf(mx, x[t]);
+      for (int c = c_lo; c < c_lo + BN / 2; ++c) {  // scores in base 2, masked; kept for the exp below
+        const float x = score2(p, s, head, si, n0 + c, sr[c]);
+        sr[c] = x;
+        mx = fmaxf(mx, x);
       }
-      mx = warp_max(mx);
-      const float m_old = row_m[row], m_new = fmaxf(m_old, mx);
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      const float m_new = fmaxf(m_i, mx);
       const float m_safe = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: exp2(-inf) = 0
       float sum = 0.f;
-#pragma unroll
-      for (int t = 0; t < BN / 32; ++t) {
-        const int c = lane + 32 * t;
-        const float e = exp2f(x[t] - m_safe);
+      for (int c = c_lo; c < c_lo + BN / 2; ++c) {
+        const float e = exp2f(sr[c] - m_safe);
         sum += e;  // the row sum is of the undropped probabilities
-        ps[row * LDP + c] = from_f<T>(kept(p, seq, head, i, n0 + c) ? e : 0.f);  // 1 / (1 - p) at the end
+        ps[srow * LDP + c] = from_f<T>(kept(p, seq, head, si, n0 + c) ? e : 0.f);  // 1 / (1 - p) at the end
       }
-      sum = warp_sum(sum);
-      if (lane == 0) {
-        const float alpha = exp2f(m_old - m_safe);
-        row_a[row] = alpha;
-        row_l[row] = row_l[row] * alpha + sum;
-        row_m[row] = m_new;
-      }
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      const float alpha = exp2f(m_i - m_safe);
+      l_i = l_i * alpha + sum;
+      m_i = m_new;
+      for (int c = d_lo; c < d_lo + DP / 2; ++c) os[srow * LDO + c] *= alpha;  // this row's O, this lane's half
     }
     __syncwarp();
-    for (int e = lane; e < 16 * DP; e += 32) os[(r0 + e / DP) * LDO + e % DP] *= row_a[r0 + e / DP];
-    __syncwarp();
     warp_gemm_nn_acc<DP, BN>(ps + r0 * LDP, LDP, vs, LDT, os + r0 * LDO, LDO);
+  }
+  if ((lane & 1) == 0) {
+    row_m[srow] = m_i;
+    row_l[srow] = l_i;
   }
   __syncwarp();
   // out = O / l (times 1 / (1 - p) with dropout); rows without a visible key: 0 and lse +inf

@@ -255,6 +255,22 @@ constexpr int ld_half() { return COLS + 8; }
 template <int COLS>
 constexpr int ld_float() { return COLS + 4; }
 
+// Row r of (batch b, head h) of a [B, H, L, D] operand with strides st (the last one 1).
+template <typename T, typename Base>
+__device__ __forceinline__ T* row_ptr(Base* base, const int64_t (&st)[3], int64_t b, int64_t h, int64_t r) {
+  return static_cast<T*>(base) + b * st[0] + h * st[1] + r * st[2];
+}
+
+// The K and V tiles of keys n0 .. n0 + BN of sequence s and kv head kv_head (zeros past its keys).
+template <int BN, int DP, int THREADS, typename T>
+__device__ __forceinline__ void load_kv(T* ks, T* vs, const Params& p, const Sequence& s, int kv_head, int n0) {
+  const int64_t row = s.k_start + n0;
+  load_tile<BN, DP, THREADS>(ks, ld_half<DP>(), row_ptr<const T>(p.k, p.sk, s.batch, kv_head, row), p.sk[2],
+                             s.k_len - n0, p.d, p.vec);
+  load_tile<BN, DP, THREADS>(vs, ld_half<DP>(), row_ptr<const T>(p.v, p.sv, s.batch, kv_head, row), p.sv[2],
+                             s.k_len - n0, p.dv, p.vec);
+}
+
 // ---- forward ----------------------------------------------------------------------------------
 template <int DP, int BM, int BN>
 constexpr size_t fwd_smem(size_t t_bytes) {
@@ -283,10 +299,8 @@ __global__ void __launch_bounds__(BM * 2) attn_fwd_kernel(const Params p) {
   if (m0 >= s.q_len) return;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, r0 = warp * 16;
 
-  const T* qg = static_cast<const T*>(p.q) + s.batch * p.sq[0] + head * p.sq[1] + (s.q_start + m0) * p.sq[2];
-  const T* kg = static_cast<const T*>(p.k) + s.batch * p.sk[0] + kv_head * p.sk[1] + s.k_start * p.sk[2];
-  const T* vg = static_cast<const T*>(p.v) + s.batch * p.sv[0] + kv_head * p.sv[1] + s.k_start * p.sv[2];
-  load_tile<BM, DP, kThreads>(qs, LDT, qg, p.sq[2], s.q_len - m0, p.d, p.vec);
+  load_tile<BM, DP, kThreads>(qs, LDT, row_ptr<const T>(p.q, p.sq, s.batch, head, s.q_start + m0), p.sq[2],
+                              s.q_len - m0, p.d, p.vec);
   zero_tile<BM, DP, kThreads>(os, LDO);
   __syncthreads();  // the Q tile and the zeroed O are in (a warp's rows were set by other threads)
   // the softmax's lane pair: row r0 + lane / 2 of the block (query i), keys c_lo .. c_lo + BN / 2 of each
@@ -296,8 +310,7 @@ __global__ void __launch_bounds__(BM * 2) attn_fwd_kernel(const Params p) {
   const int hi = key_end(p, s, m0, BM);
   for (int n0 = 0; n0 < hi; n0 += BN) {
     if (n0 > 0) __syncthreads();  // every warp is done with the previous ks / vs
-    load_tile<BN, DP, kThreads>(ks, LDT, kg + n0 * p.sk[2], p.sk[2], s.k_len - n0, p.d, p.vec);
-    load_tile<BN, DP, kThreads>(vs, LDT, vg + n0 * p.sv[2], p.sv[2], s.k_len - n0, p.dv, p.vec);
+    load_kv<BN, DP, kThreads>(ks, vs, p, s, kv_head, n0);
     __syncthreads();
     warp_gemm_nt<BN, DP>(qs + r0 * LDT, LDT, ks, LDT, ss + r0 * LDS, LDS);
     __syncwarp();
@@ -333,7 +346,7 @@ __global__ void __launch_bounds__(BM * 2) attn_fwd_kernel(const Params p) {
   }
   __syncwarp();
   // out = O / l (times 1 / (1 - p) with dropout); rows without a visible key: 0 and lse +inf
-  T* og = static_cast<T*>(p.out) + s.batch * p.so[0] + head * p.so[1];
+  T* og = row_ptr<T>(p.out, p.so, s.batch, head, 0);
   for (int r = 0; r < 16; ++r) {
     const int row = r0 + r, i = m0 + row;
     if (i >= s.q_len) break;
@@ -357,8 +370,8 @@ __global__ void __launch_bounds__(256) attn_bwd_delta_kernel(const Params p, int
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;
   const int64_t b = row / (p.hq * len), h = row / len % p.hq, i = row % len;
-  const T* o = static_cast<const T*>(p.out) + b * p.so[0] + h * p.so[1] + i * p.so[2];
-  const T* g = static_cast<const T*>(p.dout) + b * p.sdo[0] + h * p.sdo[1] + i * p.sdo[2];
+  const T* o = row_ptr<const T>(p.out, p.so, b, h, i);
+  const T* g = row_ptr<const T>(p.dout, p.sdo, b, h, i);
   float acc = 0.f;
   for (int c = lane; c < p.dv; c += 32) acc += to_f(o[c]) * to_f(g[c]);
   acc = warp_sum(acc);
@@ -398,10 +411,7 @@ __global__ void __launch_bounds__(BN * 2) attn_bwd_dkdv_kernel(const Params p) {
   if (n0 >= s.k_len) return;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, r0 = warp * 16;
 
-  load_tile<BN, DP, kThreads>(ks, LDT, static_cast<const T*>(p.k) + s.batch * p.sk[0] + kv_head * p.sk[1] +
-                                           (s.k_start + n0) * p.sk[2], p.sk[2], s.k_len - n0, p.d, p.vec);
-  load_tile<BN, DP, kThreads>(vs, LDT, static_cast<const T*>(p.v) + s.batch * p.sv[0] + kv_head * p.sv[1] +
-                                           (s.k_start + n0) * p.sv[2], p.sv[2], s.k_len - n0, p.dv, p.vec);
+  load_kv<BN, DP, kThreads>(ks, vs, p, s, kv_head, n0);
   zero_tile<BN, DP, kThreads>(dks, LDO);
   zero_tile<BN, DP, kThreads>(dvs, LDO);
   __syncthreads();  // also when no query block follows: the epilogue reads rows other threads zeroed
@@ -409,8 +419,8 @@ __global__ void __launch_bounds__(BN * 2) attn_bwd_dkdv_kernel(const Params p) {
   const int lo = p.causal != 0 ? max(n0 - s.offset, 0) / BM * BM : 0;
   for (int g = 0; g < p.group; ++g) {
     const int head = kv_head * p.group + g;
-    const T* qg = static_cast<const T*>(p.q) + s.batch * p.sq[0] + head * p.sq[1] + s.q_start * p.sq[2];
-    const T* dog = static_cast<const T*>(p.dout) + s.batch * p.sdo[0] + head * p.sdo[1] + s.q_start * p.sdo[2];
+    const T* qg = row_ptr<const T>(p.q, p.sq, s.batch, head, s.q_start);
+    const T* dog = row_ptr<const T>(p.dout, p.sdo, s.batch, head, s.q_start);
     const float* lseg = p.lse + s.batch * p.sl[0] + head * p.sl[1] + s.q_start;
     const float* deltag = p.delta + s.batch * p.sl[0] + head * p.sl[1] + s.q_start;
     for (int m0 = lo; m0 < s.q_len; m0 += BM) {
@@ -441,8 +451,8 @@ __global__ void __launch_bounds__(BN * 2) attn_bwd_dkdv_kernel(const Params p) {
     }
   }
   __syncwarp();
-  T* dkg = static_cast<T*>(p.dk) + s.batch * p.sdk[0] + kv_head * p.sdk[1];
-  T* dvg = static_cast<T*>(p.dvv) + s.batch * p.sdv[0] + kv_head * p.sdv[1];
+  T* dkg = row_ptr<T>(p.dk, p.sdk, s.batch, kv_head, 0);
+  T* dvg = row_ptr<T>(p.dvv, p.sdv, s.batch, kv_head, 0);
   for (int r = 0; r < 16; ++r) {
     const int row = r0 + r, j = n0 + row;
     if (j >= s.k_len) break;
@@ -483,10 +493,10 @@ __global__ void __launch_bounds__(BM * 2) attn_bwd_dq_kernel(const Params p) {
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, r0 = warp * 16;
 
   const int64_t q_row0 = s.q_start + m0;
-  load_tile<BM, DP, kThreads>(qs, LDT, static_cast<const T*>(p.q) + s.batch * p.sq[0] + head * p.sq[1] +
-                                           q_row0 * p.sq[2], p.sq[2], s.q_len - m0, p.d, p.vec);
-  load_tile<BM, DP, kThreads>(dos, LDT, static_cast<const T*>(p.dout) + s.batch * p.sdo[0] + head * p.sdo[1] +
-                                            q_row0 * p.sdo[2], p.sdo[2], s.q_len - m0, p.dv, p.vec);
+  load_tile<BM, DP, kThreads>(qs, LDT, row_ptr<const T>(p.q, p.sq, s.batch, head, q_row0), p.sq[2], s.q_len - m0,
+                              p.d, p.vec);
+  load_tile<BM, DP, kThreads>(dos, LDT, row_ptr<const T>(p.dout, p.sdo, s.batch, head, q_row0), p.sdo[2],
+                              s.q_len - m0, p.dv, p.vec);
   zero_tile<BM, DP, kThreads>(dqs, LDO);
   const float* lseg = p.lse + s.batch * p.sl[0] + head * p.sl[1] + q_row0;
   const float* deltag = p.delta + s.batch * p.sl[0] + head * p.sl[1] + q_row0;
@@ -496,13 +506,10 @@ __global__ void __launch_bounds__(BM * 2) attn_bwd_dq_kernel(const Params p) {
     delta_s[c] = in ? deltag[c] : 0.f;
   }
   __syncthreads();
-  const T* kg = static_cast<const T*>(p.k) + s.batch * p.sk[0] + kv_head * p.sk[1] + s.k_start * p.sk[2];
-  const T* vg = static_cast<const T*>(p.v) + s.batch * p.sv[0] + kv_head * p.sv[1] + s.k_start * p.sv[2];
   const int hi = key_end(p, s, m0, BM);
   for (int n0 = 0; n0 < hi; n0 += BN) {
-    __syncthreads();
-    load_tile<BN, DP, kThreads>(ks, LDT, kg + n0 * p.sk[2], p.sk[2], s.k_len - n0, p.d, p.vec);
-    load_tile<BN, DP, kThreads>(vs, LDT, vg + n0 * p.sv[2], p.sv[2], s.k_len - n0, p.dv, p.vec);
+    __syncthreads();  // every warp is done with the previous ks / vs (and the first time: the Q, dO tiles)
+    load_kv<BN, DP, kThreads>(ks, vs, p, s, kv_head, n0);
     __syncthreads();
     warp_gemm_nt<BN, DP>(qs + r0 * LDT, LDT, ks, LDT, ss + r0 * LDS, LDS);
     warp_gemm_nt<BN, DP>(dos + r0 * LDT, LDT, vs, LDT, dps + r0 * LDS, LDS);
@@ -518,7 +525,7 @@ __global__ void __launch_bounds__(BM * 2) attn_bwd_dq_kernel(const Params p) {
     warp_gemm_nn_acc<DP, BN>(dss + r0 * LDP, LDP, ks, LDT, dqs + r0 * LDO, LDO);
   }
   __syncwarp();
-  T* dqg = static_cast<T*>(p.dq) + s.batch * p.sdq[0] + head * p.sdq[1];
+  T* dqg = row_ptr<T>(p.dq, p.sdq, s.batch, head, 0);
   for (int r = 0; r < 16; ++r) {
     const int row = r0 + r, i = m0 + row;
     if (i >= s.q_len) break;

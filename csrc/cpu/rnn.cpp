@@ -3,15 +3,17 @@
 //
 // The contract is stated in bignlp_fast/ops/rnn.py; rnn_{fwd,bwd}_torch there is the specification.
 //
-// Forward, per step: one parallel region over blocks of kUnits hidden units. W_hh^T is packed once
-// so that a block's columns hold all G gates of its units side by side; a thread multiplies the
-// previous state by its block's columns (the small GEMM of gemm.h) and applies the gate
-// nonlinearities and the state update of those units at once, while the gates are in cache.
-// The new state goes to a second buffer (other threads still read the old one) and the buffers
-// swap. An LSTM projection adds a second region: h = m W_hr^T.
+// Forward, per step: blocks of kUnits hidden units, claimed by the threads of one parallel region
+// that runs the whole loop (StepRegion). W_hh^T is packed once so that a block's columns hold all G
+// gates of its units side by side; a thread multiplies the previous state by its block's columns
+// (the small GEMM of gemm.h) and applies the gate nonlinearities and the state update of those units
+// at once, while the gates are in cache. The new state goes to a second buffer (other threads still
+// read the old one); the buffers alternate. An LSTM projection adds a second round per step:
+// h = m W_hr^T.
 //
-// Backward, per step in reverse: the gate gradients of every unit in one region (from the saved
-// gates, cell and state of the workspace), then dh_prev = dG W_hh in a region over column panels.
+// Backward, per step in reverse: the gate gradients of every unit (from the saved gates, cell and
+// state of the workspace), then dh_prev = dG W_hh over column panels; both in one parallel region for
+// the whole loop, as the forward's steps (StepRegion).
 // The weight gradients are left to large GEMMs over all steps at the end (cpu::packed_gemm).
 #include <atomic>
 #include <cmath>
@@ -20,7 +22,6 @@
 #include <type_traits>
 #include <vector>
 
-#include <ATen/Config.h>
 #include <ATen/Parallel.h>
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -88,65 +89,72 @@ struct Shape {
 };
 
 // ---- one parallel region for a whole time loop ------------------------------------------------
-// Every step needs the whole state of the step before, so the threads must meet once per step (twice
-// with a projection). With a region per step, each meeting is an OpenMP fork and join: the pool is
-// woken, each thread allocates its scratch, runs its share, and the master waits for the last one.
-// Instead the whole loop runs in one region and the workers meet at a spin barrier (a shared counter
-// and a phase word). Between two meetings (a round) the workers claim the round's items (blocks of
-// units, column panels) from a shared counter, one at a time, rather than taking fixed shares: a core
-// that another process slows (this 2-core machine shares its cores with compile jobs; one core often
-// ran at half the speed of the other) then does fewer of them, where fixed halves had the fast core
-// spinning at the barrier for a third of the run (perf, B32 H512 forward). A claim is one atomic add
-// (~0.1 us; 18 per step of the B32 forward, well under 1% of it).
+// Every step needs the whole state of the step before, so a step's work must wait for the last one's
+// (twice per step with a projection, or in the backward). With a region per step, each wait is an
+// OpenMP fork and join: the pool is woken, each thread allocates its scratch, runs a fixed share,
+// and the master waits for the last thread. Instead the whole loop runs in one region. Its work is a
+// sequence of rounds (a step's blocks of units, its column panels, ...), every thread walking the
+// same sequence; in a round the threads claim items one at a time from a shared counter, and a round
+// starts once every item of the one before is done (a shared count of finished items).
 //
-// Why this cannot deadlock: at::parallel_for(0, W, 1, f) on ATen's OpenMP backend calls f once per
-// thread of one `omp parallel` team, whose threads all run at once. A call may receive several
-// workers [w0, w1) (a team smaller than asked for, or a nested region, which runs inline as one
-// call): it then counts as all of them at the barrier. ATen's native pool gives no such guarantee
-// (tasks may queue behind each other on one thread), so there the loop runs on one worker.
+// Claiming instead of fixed shares: where another process slows one of the cores (this 2-core
+// machine shares its cores with compile jobs; one core often ran at half the speed of the other),
+// the fast core does more of the items; with fixed halves it spun at the barrier for a third of a B32
+// H512 forward (perf). Waiting for items instead of for threads: a thread that is descheduled
+// between items, or while it waits, holds nothing up; the others go on without it, and it skips the
+// rounds that were finished meanwhile. Nothing waits for a thread to arrive, so this never deadlocks,
+// whatever threads the region gets (one thread runs everything). A claim is one compare-and-swap
+// and a finished item one atomic add (~0.1 us each; 16 + 16 per step of the B32 H512 forward).
 class StepRegion {
  public:
-  explicit StepRegion(int64_t items)
-      : workers_(AT_PARALLEL_OPENMP ? std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items)) : 1) {}
+  explicit StepRegion(int64_t items) : threads_(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items))) {}
 
-  // Runs body(weight) on each thread of one parallel region; weight: how many workers it stands for.
+  // A thread's place in the sequence of rounds.
+  class Worker {
+   public:
+    explicit Worker(StepRegion& r) : r_(r) {}
+    // Starts the next round, of n items, once every item of the current one is done.
+    void round(int64_t n) {
+      const int64_t end = base_ + n_;
+      for (int64_t spins = 0; r_.done_.load(std::memory_order_acquire) < end; ++spins) {
+        if (spins < (int64_t{1} << 12)) {
+#if defined(__x86_64__) || defined(_M_X64)
+          _mm_pause();
+#endif
+        } else {
+          std::this_thread::yield();  // a long wait: a thread holding an item is descheduled
+        }
+      }
+      base_ = end;
+      n_ = n;
+    }
+    // The next unclaimed item of this round, or -1 when all are claimed; done() when it is finished.
+    int64_t claim() {
+      int64_t i = r_.next_.load(std::memory_order_relaxed);
+      while (i < base_ + n_)
+        if (r_.next_.compare_exchange_weak(i, i + 1, std::memory_order_relaxed)) return i - base_;
+      return -1;
+    }
+    void done() { r_.done_.fetch_add(1, std::memory_order_release); }
+
+   private:
+    StepRegion& r_;
+    int64_t base_ = 0, n_ = 0;  // this round's items are [base_, base_ + n_) of the whole sequence
+  };
+
+  // Runs body(worker) on each thread of one parallel region.
   template <typename Body>
   void run(const Body& body) {
-    at::parallel_for(0, workers_, 1, [&](int64_t w0, int64_t w1) { body(w1 - w0); });
-  }
-  // The next unclaimed item of this round's n items, or -1 when all are claimed.
-  int64_t claim(int64_t n) {
-    const int64_t i = claims_[phase_.load(std::memory_order_relaxed) % 2].fetch_add(1, std::memory_order_relaxed);
-    return i < n ? i : -1;
-  }
-  // Ends the caller's round: returns once every worker has arrived. The last to arrive resets the
-  // round's claims (the next round claims from the other counter, reset one round earlier).
-  void barrier(int64_t weight) {
-    const int64_t phase = phase_.load(std::memory_order_acquire);
-    if (count_.fetch_add(weight, std::memory_order_acq_rel) + weight >= workers_) {
-      count_.store(0, std::memory_order_relaxed);  // before the release: the next round counts from 0
-      claims_[phase % 2].store(0, std::memory_order_relaxed);
-      phase_.store(phase + 1, std::memory_order_release);
-      return;
-    }
-    // Spin (the other workers are running); after a long wait (a descheduled thread on a busy
-    // machine) give the core away instead of burning it.
-    for (int64_t spins = 0; phase_.load(std::memory_order_acquire) == phase; ++spins) {
-      if (spins < (int64_t{1} << 16)) {
-#if defined(__x86_64__) || defined(_M_X64)
-        _mm_pause();
-#endif
-      } else {
-        std::this_thread::yield();
-      }
-    }
+    at::parallel_for(0, threads_, 1, [&](int64_t, int64_t) {
+      Worker w(*this);
+      body(w);
+    });
   }
 
  private:
-  const int64_t workers_;
-  alignas(64) std::atomic<int64_t> count_{0};
-  alignas(64) std::atomic<int64_t> phase_{0};
-  alignas(64) std::atomic<int64_t> claims_[2] = {0, 0};
+  const int64_t threads_;
+  alignas(64) std::atomic<int64_t> next_{0};  // items claimed, over all rounds
+  alignas(64) std::atomic<int64_t> done_{0};  // items finished, over all rounds
 };
 
 // ---- forward --------------------------------------------------------------------------------
@@ -269,7 +277,7 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
   // units, then (with a projection) column panels of h = m W_hr^T.
   const int64_t panels = sh.proj ? ld_p / fVec::size() : 0;
   StepRegion region(std::max(blocks, panels));
-  region.run([&](int64_t weight) {
+  region.run([&](StepRegion::Worker& wk) {
     std::vector<float> tile(B * GU), xg(GU), scratch(save ? 0 : sh.width), hp(sh.proj ? B * fVec::size() : 0);
     for (int64_t step = 0; step < sh.T; ++step) {
       const int64_t t = reverse ? sh.T - 1 - step : step;
@@ -278,7 +286,8 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
       float* h_next = hbuf.data() + nxt * B * S;
       const float* ht = htbuf.data() + cur * S * B;
       float* ht_next = htbuf.data() + nxt * S * B;
-      for (int64_t blk; (blk = region.claim(blocks)) >= 0;) {
+      wk.round(blocks);  // once the previous step's state is complete
+      for (int64_t blk; (blk = wk.claim()) >= 0; wk.done()) {
         const int64_t j0 = blk * kUnits, nu = std::min(kUnits, H - j0);
         // This block's input projections: B * G strided runs of kUnits values that the hardware
         // prefetcher does not follow; fetched while the block multiplies (bf16 LSTM, B32 H512: the
@@ -354,8 +363,8 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
         if (!sh.proj) round_state(nxt, j0, j0 + nu);
       }
       if (sh.proj) {  // h = m W_hr^T, by column panels of the projection, once every unit's m is in
-        region.barrier(weight);
-        for (int64_t p; (p = region.claim(panels)) >= 0;) {
+        wk.round(panels);
+        for (int64_t p; (p = wk.claim()) >= 0; wk.done()) {
           const int64_t c0_ = p * fVec::size(), nc = std::min<int64_t>(fVec::size(), S - c0_);
           small_gemm(B, fVec::size(), H, m.data(), H, 1, wrt.data() + c0_, ld_p, hp.data(), fVec::size(), 1.f, false);
           for (int64_t b = 0; b < B; ++b) {
@@ -372,7 +381,6 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
           round_state(nxt, c0_, c0_ + nc);
         }
       }
-      region.barrier(weight);  // the next state is complete
     }
     if (amx) cpu::amx_release();
   });
@@ -416,7 +424,6 @@ void backward(const Shape& sh, const at::Tensor& grad_out, const at::Tensor& gra
   to_float(h0.const_data_ptr<T>(), h_init.data(), B * S);
   if (c0.has_value()) to_float(c0->const_data_ptr<T>(), c_init.data(), B * H);
   if (sh.proj) dm.resize(B * ld_h);
-  std::vector<float> dgT(GH * B);  // this step's dG transposed, [GH, B]: the A operand of dG W_hh
 
   const T* go = grad_out.const_data_ptr<T>();
   const float* wsp = ws.const_data_ptr<float>();
@@ -430,7 +437,7 @@ void backward(const Shape& sh, const at::Tensor& grad_out, const at::Tensor& gra
   const int64_t chunks = (H + kChunk - 1) / kChunk, panels = ld_s / PW;
   const bool gru = sh.mode == Mode::kGru;
   StepRegion region(std::max(chunks, panels));
-  region.run([&](int64_t weight) {
+  region.run([&](StepRegion::Worker& wk) {
     const fVec one(1.f);
     for (int64_t i = 0; i < sh.T; ++i) {
       const int64_t step = sh.T - 1 - i;
@@ -446,16 +453,17 @@ void backward(const Shape& sh, const at::Tensor& grad_out, const at::Tensor& gra
           dht[b * S + j] = active ? dh[b * ld_s + j] + static_cast<float>(go[(t * B + b) * S + j]) : 0.f;
       };
       if (sh.proj) {
-        if (region.claim(1) == 0) {
+        wk.round(1);
+        for (; wk.claim() >= 0; wk.done()) {
           for (int64_t b = 0; b < B; ++b) total(b, 0, S);
           std::copy(dht.begin(), dht.end(), dht_p + t * B * S);
           small_gemm(B, ld_h, S, dht.data(), S, 1, wr.data(), ld_h, dm.data(), ld_h, 1.f, false);
         }
-        region.barrier(weight);
       }
       float* dg = dg_all + t * B * GH;
       float* dx = dx_all + t * B * GH;
-      for (int64_t ch; (ch = region.claim(chunks)) >= 0;) {
+      wk.round(chunks);
+      for (int64_t ch; (ch = wk.claim()) >= 0; wk.done()) {
         const int64_t j0 = ch * kChunk, j1 = std::min(H, j0 + kChunk);
         for (int64_t b = 0; b < B; ++b) {
           const bool active = t < len[b];
@@ -509,20 +517,21 @@ void backward(const Shape& sh, const at::Tensor& grad_out, const at::Tensor& gra
               dgb[j] = sh.mode == Mode::kRnnTanh ? d * (1.f - hv * hv) : (hv > 0.f ? d : 0.f);
             }
           }
-          for (int64_t g = 0; g < G; ++g)
-            for (int64_t j = j0; j < j1; ++j) dgT[(g * H + j) * B + b] = dgb[g * H + j];
         }
       }
-      region.barrier(weight);  // every unit's dG is in
-      // dh_prev = dG W_hh (+ GRU's direct term), by column panels; inactive rows pass dh through
-      for (int64_t p; (p = region.claim(panels)) >= 0;) {
+      wk.round(panels);  // once every unit's dG is in
+      // dh_prev = dG W_hh (+ GRU's direct term), by column panels; inactive rows pass dh through.
+      // A is this step's dG [B, GH] row-major as written above (a_rs = GH): the micro-kernel's 8
+      // broadcasts per k come from 8 rows, each line serving 16 k. A transposed copy [GH, B] (a_rs = 1)
+      // cost a scalar store per element, 64K per step at B32 H512 (backward on one thread, a busy
+      // machine: 112-121 ms without the copy, 118 ms with it; the same results bit for bit).
+      for (int64_t p; (p = wk.claim()) >= 0; wk.done()) {
         const int64_t c0_ = p * PW;
-        small_gemm(B, PW, GH, dgT.data(), 1, B, w.data() + p * GH * PW, PW, dh_next + c0_, ld_s, 1.f, gru);
+        small_gemm(B, PW, GH, dg, GH, 1, w.data() + p * GH * PW, PW, dh_next + c0_, ld_s, 1.f, gru);
         for (int64_t b = 0; b < B; ++b)
           if (!(t < len[b]))
             for (int64_t q = 0; q < PW; ++q) dh_next[b * ld_s + c0_ + q] = dh[b * ld_s + c0_ + q];
       }
-      region.barrier(weight);  // dh_prev is complete
     }
   });
   const float* dh = dhbuf.data() + (sh.T % 2) * B * ld_s;

@@ -15,6 +15,7 @@
 #pragma once
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 
@@ -24,6 +25,7 @@
 #include <ATen/Parallel.h>
 
 #include "amx.h"
+#include "common.h"
 #include <ATen/cpu/vec/vec.h>
 #include <c10/util/BFloat16.h>
 
@@ -240,12 +242,18 @@ void packed_gemm_tasks(int64_t M, int64_t N, int64_t a_size, const T* bias, Out*
   // Enough tasks for every thread: split the panels into groups when row blocks are few.
   const int64_t threads = at::get_num_threads();
   const int64_t groups = std::min(panels, std::max<int64_t>(1, (4 * threads + blocks - 1) / blocks));
-  const int64_t per_group = (panels + groups - 1) / groups;
-  at::parallel_for(0, blocks * groups, 1, [&](int64_t t0, int64_t t1) {
+  const int64_t per_group = (panels + groups - 1) / groups, tasks = blocks * groups;
+  // Each thread claims its next task from a shared counter rather than taking a fixed half: where
+  // another process slows one of the cores (as compile jobs did on the 2-core Zen 5), the fast core
+  // takes more tasks instead of waiting at the region's end (perf of an LSTM forward: 6% of its time
+  // in libgomp's join wait with fixed halves). Consecutive claims mostly keep a thread on one row block;
+  // when they do not, the next block's A is packed again (only where groups > 1: small M).
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(threads, tasks), 1, [&](int64_t, int64_t) {
     std::vector<AT> a_t(a_size);
     std::vector<float> out(kRows * kPanel);
     int64_t packed_block = -1;
-    for (int64_t t = t0; t < t1; ++t) {
+    for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
       const int64_t blk = t / groups, grp = t % groups;
       const int64_t m0 = blk * kRows, mc = std::min(kRows, M - m0);
       if (blk != packed_block) {
@@ -288,7 +296,9 @@ void packed_gemm_bf16(int64_t M, int64_t N, int64_t K, Strided<T> A, Strided<T> 
     }
     return e[0].x;  // k == K - 1 of an odd K: the high half is 0
   };
-  std::vector<uint32_t> bp(panels * K2 * kPanel);
+  // every element is written below; huge pages for a large one (common.h)
+  const at::Tensor bp_t = empty_huge({panels * K2 * kPanel}, at::TensorOptions().dtype(at::kInt));
+  uint32_t* bp = reinterpret_cast<uint32_t*>(bp_t.data_ptr<int32_t>());
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p)
       for (int64_t kp = 0; kp < K2; ++kp)
@@ -301,7 +311,7 @@ void packed_gemm_bf16(int64_t M, int64_t N, int64_t K, Strided<T> A, Strided<T> 
     for (int64_t r = 0; r < mc; ++r)
       for (int64_t kp = 0; kp < K2; ++kp) a[kp * kRows + r] = pair(A, m0 + r, 2 * kp, true);
   }, [&](int64_t mc, int64_t p, const uint32_t* a, float* out) {
-    small_gemm_bf16(mc, kPanel, K2, a, 1, kRows, reinterpret_cast<const c10::BFloat16*>(bp.data() + p * K2 * kPanel),
+    small_gemm_bf16(mc, kPanel, K2, a, 1, kRows, reinterpret_cast<const c10::BFloat16*>(bp + p * K2 * kPanel),
                     kPanel, out, kPanel);
   });
 }
@@ -319,7 +329,9 @@ void packed_gemm(int64_t M, int64_t N, int64_t K, Strided<T> A, Strided<T> B, co
     if (bf16_dot()) return packed_gemm_bf16(M, N, K, A, B, bias, C, ldc);
   }
   const int64_t panels = (N + kPanel - 1) / kPanel;
-  std::vector<float> bp(panels * K * kPanel);
+  // every element is written below; huge pages for a large one (common.h)
+  const at::Tensor bp_t = empty_huge({panels * K * kPanel}, at::TensorOptions().dtype(at::kFloat));
+  float* bp = bp_t.data_ptr<float>();
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p)
       for (int64_t k = 0; k < K; ++k)
@@ -332,7 +344,7 @@ void packed_gemm(int64_t M, int64_t N, int64_t K, Strided<T> A, Strided<T> B, co
     for (int64_t k = 0; k < K; ++k)
       for (int64_t r = 0; r < mc; ++r) a[k * kRows + r] = A.at(m0 + r, k);
   }, [&](int64_t mc, int64_t p, const float* a, float* out) {
-    small_gemm(mc, kPanel, K, a, 1, kRows, bp.data() + p * K * kPanel, kPanel, out, kPanel, 1.f, false);
+    small_gemm(mc, kPanel, K, a, 1, kRows, bp + p * K * kPanel, kPanel, out, kPanel, 1.f, false);
   });
 }
 
@@ -341,7 +353,7 @@ void packed_gemm(int64_t M, int64_t N, int64_t K, Strided<T> A, Strided<T> B, co
 inline at::Tensor gemm_tn(const at::Tensor& a, const at::Tensor& b) {
   const at::Tensor ac = a.contiguous(), bc = b.contiguous();
   const int64_t R = ac.size(0), X = ac.size(1), Y = bc.size(1);
-  at::Tensor c = at::empty({X, Y}, ac.options());
+  at::Tensor c = empty_huge({X, Y}, ac.options());
   packed_gemm<float, float>(X, Y, R, {ac.const_data_ptr<float>(), 1, X}, {bc.const_data_ptr<float>(), Y, 1}, nullptr,
                             c.data_ptr<float>(), Y);
   return c;

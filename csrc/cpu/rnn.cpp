@@ -3,20 +3,29 @@
 //
 // The contract is stated in bignlp_fast/ops/rnn.py; rnn_{fwd,bwd}_torch there is the specification.
 //
-// Forward, per step: one parallel region over blocks of kUnits hidden units. W_hh^T is packed once
-// so that a block's columns hold all G gates of its units side by side; a thread multiplies the
-// previous state by its block's columns (the small GEMM of gemm.h) and applies the gate
-// nonlinearities and the state update of those units at once, while the gates are in cache.
-// The new state goes to a second buffer (other threads still read the old one) and the buffers
-// swap. An LSTM projection adds a second region: h = m W_hr^T.
+// Forward, per step: blocks of kUnits hidden units, claimed by the threads of one parallel region
+// that runs the whole loop (StepRegion). W_hh^T is packed once so that a block's columns hold all G
+// gates of its units side by side; a thread multiplies the previous state by its block's columns
+// (the small GEMM of gemm.h) and applies the gate nonlinearities and the state update of those units
+// at once, while the gates are in cache. The new state goes to a second buffer (other threads still
+// read the old one); the buffers alternate. An LSTM projection adds a second round per step:
+// h = m W_hr^T.
 //
-// Backward, per step in reverse: the gate gradients of every unit in one region (from the saved
-// gates, cell and state of the workspace), then dh_prev = dG W_hh in a region over column panels.
+// Backward, per step in reverse: the gate gradients of every unit (from the saved gates, cell and
+// state of the workspace), then dh_prev = dG W_hh over column panels; both in one parallel region for
+// the whole loop, as the forward's steps (StepRegion).
 // The weight gradients are left to large GEMMs over all steps at the end (cpu::packed_gemm).
+#include <atomic>
 #include <cmath>
 #include <string>
+#include <thread>
 #include <type_traits>
 #include <vector>
+
+#include <ATen/Parallel.h>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
 
 #include "../ops.h"
 #include "activation.h"
@@ -79,6 +88,75 @@ struct Shape {
   int64_t previous(int64_t t, bool reverse) const { return reverse ? (t + 1 < T ? t + 1 : -1) : t - 1; }
 };
 
+// ---- one parallel region for a whole time loop ------------------------------------------------
+// Every step needs the whole state of the step before, so a step's work must wait for the last one's
+// (twice per step with a projection, or in the backward). With a region per step, each wait is an
+// OpenMP fork and join: the pool is woken, each thread allocates its scratch, runs a fixed share,
+// and the master waits for the last thread. Instead the whole loop runs in one region. Its work is a
+// sequence of rounds (a step's blocks of units, its column panels, ...), every thread walking the
+// same sequence; in a round the threads claim items one at a time from a shared counter, and a round
+// starts once every item of the one before is done (a shared count of finished items).
+//
+// Claiming instead of fixed shares: where another process slows one of the cores (this 2-core
+// machine shares its cores with compile jobs; one core often ran at half the speed of the other),
+// the fast core does more of the items; with fixed halves it spun at the barrier for a third of a B32
+// H512 forward (perf). Waiting for items instead of for threads: a thread that is descheduled
+// between items, or while it waits, holds nothing up; the others go on without it, and it skips the
+// rounds that were finished meanwhile. Nothing waits for a thread to arrive, so this never deadlocks,
+// whatever threads the region gets (one thread runs everything). A claim is one compare-and-swap
+// and a finished item one atomic add (~0.1 us each; 16 + 16 per step of the B32 H512 forward).
+class StepRegion {
+ public:
+  explicit StepRegion(int64_t items) : threads_(std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items))) {}
+
+  // A thread's place in the sequence of rounds.
+  class Worker {
+   public:
+    explicit Worker(StepRegion& r) : r_(r) {}
+    // Starts the next round, of n items, once every item of the current one is done.
+    void round(int64_t n) {
+      const int64_t end = base_ + n_;
+      for (int64_t spins = 0; r_.done_.load(std::memory_order_acquire) < end; ++spins) {
+        if (spins < (int64_t{1} << 12)) {
+#if defined(__x86_64__) || defined(_M_X64)
+          _mm_pause();
+#endif
+        } else {
+          std::this_thread::yield();  // a long wait: a thread holding an item is descheduled
+        }
+      }
+      base_ = end;
+      n_ = n;
+    }
+    // The next unclaimed item of this round, or -1 when all are claimed; done() when it is finished.
+    int64_t claim() {
+      int64_t i = r_.next_.load(std::memory_order_relaxed);
+      while (i < base_ + n_)
+        if (r_.next_.compare_exchange_weak(i, i + 1, std::memory_order_relaxed)) return i - base_;
+      return -1;
+    }
+    void done() { r_.done_.fetch_add(1, std::memory_order_release); }
+
+   private:
+    StepRegion& r_;
+    int64_t base_ = 0, n_ = 0;  // this round's items are [base_, base_ + n_) of the whole sequence
+  };
+
+  // Runs body(worker) on each thread of one parallel region.
+  template <typename Body>
+  void run(const Body& body) {
+    at::parallel_for(0, threads_, 1, [&](int64_t, int64_t) {
+      Worker w(*this);
+      body(w);
+    });
+  }
+
+ private:
+  const int64_t threads_;
+  alignas(64) std::atomic<int64_t> next_{0};  // items claimed, over all rounds
+  alignas(64) std::atomic<int64_t> done_{0};  // items finished, over all rounds
+};
+
 // ---- forward --------------------------------------------------------------------------------
 template <typename T>
 void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh,
@@ -111,8 +189,8 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
   });
   const int64_t K2 = (S + 1) / 2;
   std::vector<c10::BFloat16> wtb(dot ? K2 * ld_w * 2 : 0);
-  std::vector<uint32_t> htb(dot ? K2 * B : 0);
-  std::vector<c10::BFloat16> w_amx(amx ? blocks * K2 * GU * 2 : 0), h_amx(amx ? B * 2 * K2 : 0);
+  std::vector<uint32_t> htb(dot ? 2 * K2 * B : 0);  // two buffers of the state (below)
+  std::vector<c10::BFloat16> w_amx(amx ? blocks * K2 * GU * 2 : 0), h_amx(amx ? 2 * B * 2 * K2 : 0);
   if (amx) {
     // Per (gate, block) panel, 16 units at a time: a unit's pair of k is one uint32 of its row of W_hh,
     // so with S even one gather fetches a pair for 16 units (bf16, H = S = 512, B32, T = 1: a call took
@@ -159,13 +237,34 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
     for (int64_t p = 0; p < S; ++p)
       for (int64_t j = 0; j < H; ++j) wrt[j * ld_p + p] = static_cast<float>(wr[p * H + j]);
   }
-  std::vector<float> h(B * S), h_next(B * S), c(B * H, 0.f), c_next(B * H), m(sh.proj ? B * H : 0);
-  to_float(h0.const_data_ptr<T>(), h.data(), B * S);
-  // The state transposed, [S, B]: the recurrent GEMM's A operand, read as consecutive floats per k
-  std::vector<float> ht(S * B), ht_next(S * B);
+  // The state, h row-major [B, S] (the kept state of inactive rows, the output) and ht, the same
+  // transposed [S, B] (the recurrent GEMM's A operand, read as consecutive floats per k), each held
+  // twice: step `step` reads buffer step % 2 and writes the other, which no worker reads during the
+  // step. The cell state c [B, H] is read and written only by the owner of its units: one buffer.
+  std::vector<float> hbuf(2 * B * S), htbuf(2 * S * B), c(B * H, 0.f), m(sh.proj ? B * H : 0);
+  to_float(h0.const_data_ptr<T>(), hbuf.data(), B * S);
   for (int64_t b = 0; b < B; ++b)
-    for (int64_t k = 0; k < S; ++k) ht[k * B + b] = h[b * S + k];
+    for (int64_t k = 0; k < S; ++k) htbuf[k * B + b] = hbuf[b * S + k];
   if (c0.has_value()) to_float(c0->const_data_ptr<T>(), c.data(), B * H);
+  // The bf16 GEMM operands of state columns [k0, k1) (k0 even) of buffer nb, rounded from the fp32
+  // state by the worker that wrote those columns: pairs of k for small_gemm_bf16 (pack_pairs_bf16's
+  // layout), or bf16 rows padded to 2 K2 for AMX.
+  auto round_state = [&](int64_t nb, int64_t k0, int64_t k1) {
+    if (dot) {
+      const float* a = htbuf.data() + nb * S * B;
+      uint32_t* out = htb.data() + nb * K2 * B;
+      for (int64_t kp = k0 / 2; kp < (k1 + 1) / 2; ++kp)
+        for (int64_t b = 0; b < B; ++b) {
+          const uint32_t lo = c10::BFloat16(a[2 * kp * B + b]).x;
+          const uint32_t hi = 2 * kp + 1 < S ? c10::BFloat16(a[(2 * kp + 1) * B + b]).x : 0;
+          out[kp * B + b] = lo | (hi << 16);
+        }
+    }
+    if (amx)
+      for (int64_t b = 0; b < B; ++b)
+        cpu::from_float(hbuf.data() + (nb * B + b) * S + k0, h_amx.data() + (nb * B + b) * 2 * K2 + k0, k1 - k0);
+  };
+  round_state(0, 0, S);
 
   const T* x = xw.const_data_ptr<T>();
   T* o = out.data_ptr<T>();
@@ -174,34 +273,43 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
   auto ws_row = [&](std::vector<float>& scratch, int64_t t, int64_t b) {
     return save ? wsp + (t * sh.B + b) * sh.width : scratch.data();
   };
-  for (int64_t step = 0; step < sh.T; ++step) {
-    const int64_t t = reverse ? sh.T - 1 - step : step;
-    if (amx) {
-      for (int64_t b = 0; b < B; ++b) cpu::from_float(h.data() + b * S, h_amx.data() + b * 2 * K2, S);
-    }
-    if (dot) cpu::pack_pairs_bf16(ht.data(), S, B, htb.data());
-    at::parallel_for(0, blocks, 1, [&](int64_t blk0, int64_t blk1) {
-      std::vector<float> tile(B * G * kUnits), xg(G * kUnits), scratch(save ? 0 : sh.width);
-      for (int64_t blk = blk0; blk < blk1; ++blk) {
+  // One parallel region for the whole time loop (StepRegion): per step, the workers claim blocks of
+  // units, then (with a projection) column panels of h = m W_hr^T.
+  const int64_t panels = sh.proj ? ld_p / fVec::size() : 0;
+  StepRegion region(std::max(blocks, panels));
+  region.run([&](StepRegion::Worker& wk) {
+    std::vector<float> tile(B * GU), xg(GU), scratch(save ? 0 : sh.width), hp(sh.proj ? B * fVec::size() : 0);
+    for (int64_t step = 0; step < sh.T; ++step) {
+      const int64_t t = reverse ? sh.T - 1 - step : step;
+      const int64_t cur = step % 2, nxt = 1 - cur;
+      const float* h = hbuf.data() + cur * B * S;
+      float* h_next = hbuf.data() + nxt * B * S;
+      const float* ht = htbuf.data() + cur * S * B;
+      float* ht_next = htbuf.data() + nxt * S * B;
+      wk.round(blocks);  // once the previous step's state is complete
+      for (int64_t blk; (blk = wk.claim()) >= 0; wk.done()) {
         const int64_t j0 = blk * kUnits, nu = std::min(kUnits, H - j0);
-        // The next step's input projections of this block: B * G strided runs of kUnits values that the
-        // hardware prefetcher does not follow; fetched while this step multiplies (bf16 LSTM, B32 H512:
-        // the loads of xw were ~10% of the forward's time, stalled on memory)
-        if (step + 1 < sh.T) {
-          const T* xn = x + (reverse ? t - 1 : t + 1) * B * G * H + j0;
+        // This block's input projections: B * G strided runs of kUnits values that the hardware
+        // prefetcher does not follow; fetched while the block multiplies (bf16 LSTM, B32 H512: the
+        // loads of xw were ~10% of the forward's time, stalled on memory)
+        {
+          const T* xn = x + t * B * G * H + j0;
           for (int64_t b = 0; b < B; ++b)
             for (int64_t g = 0; g < G; ++g)
               for (int64_t q = 0; q < nu; q += 64 / static_cast<int64_t>(sizeof(T)))
                 __builtin_prefetch(xn + b * G * H + g * H + q, 0, 3);
         }
-        if (amx) cpu::amx_gemm(B, GU, 2 * K2, h_amx.data(), 2 * K2, w_amx.data() + blk * K2 * GU * 2, GU, tile.data(), GU, false);
+        if (amx)
+          cpu::amx_gemm(B, GU, 2 * K2, h_amx.data() + cur * B * 2 * K2, 2 * K2, w_amx.data() + blk * K2 * GU * 2, GU,
+                        tile.data(), GU, false);
         for (int64_t g = 0; g < (amx ? 0 : G); ++g) {
           if (dot) {
-            cpu::small_gemm_bf16(B, kUnits, K2, htb.data(), 1, B, wtb.data() + (blk * G + g) * K2 * kUnits * 2, kUnits,
-                                 tile.data() + g * kUnits, G * kUnits);
+            cpu::small_gemm_bf16(B, kUnits, K2, htb.data() + cur * K2 * B, 1, B,
+                                 wtb.data() + (blk * G + g) * K2 * kUnits * 2, kUnits, tile.data() + g * kUnits,
+                                 G * kUnits);
             continue;
           }
-          small_gemm(B, kUnits, S, ht.data(), 1, B, wt.data() + (blk * G + g) * S * kUnits, kUnits,
+          small_gemm(B, kUnits, S, ht, 1, B, wt.data() + (blk * G + g) * S * kUnits, kUnits,
                      tile.data() + g * kUnits, G * kUnits, 1.f, false);
         }
         for (int64_t b = 0; b < B; ++b) {
@@ -217,7 +325,6 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
             auto pre = [&](int64_t g) { return fVec::loadu(xg.data() + g * kUnits + u) +
                                                fVec::loadu(tb + g * kUnits + u) + fVec::loadu(bb + g * kUnits + u); };
             auto put = [&](float* dst, const fVec& v) { store_any(dst, v, w); };
-            const fVec h_old = load_any(h.data() + b * S + j, w);
             fVec h_new;
             if (sh.mode == Mode::kLstm) {
               const fVec i = sigmoid(pre(0)), f = sigmoid(pre(1)), gg = tanh_fast(pre(2)), og = sigmoid(pre(3));
@@ -226,8 +333,8 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
               h_new = og * tanh_fast(cn);
               put(wsb + j, i), put(wsb + H + j, f), put(wsb + 2 * H + j, gg), put(wsb + 3 * H + j, og);
               const fVec c_kept = fVec::blendv(c_old, cn, keep != fVec(0.f));
-              put(c_next.data() + b * H + j, c_kept);
-              put(wsb + sh.off_c + j, c_kept);  // the cell state after the step (kept when inactive)
+              put(c.data() + b * H + j, c_kept);  // only this worker reads these units of c
+              put(wsb + sh.off_c + j, c_kept);    // the cell state after the step (kept when inactive)
               if (sh.proj) {  // h = m W_hr^T below
                 put(wsb + sh.off_m + j, h_new);
                 put(m.data() + b * H + j, h_new);
@@ -237,14 +344,14 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
               const fVec r = sigmoid(pre(0)), z = sigmoid(pre(1));
               const fVec hn = fVec::loadu(tb + 2 * kUnits + u) + fVec::loadu(bb + 2 * kUnits + u);
               const fVec n = tanh_fast(fVec::loadu(xg.data() + 2 * kUnits + u) + r * hn);
-              h_new = (fVec(1.f) - z) * n + z * h_old;
+              h_new = (fVec(1.f) - z) * n + z * load_any(h + b * S + j, w);
               put(wsb + j, r), put(wsb + H + j, z), put(wsb + 2 * H + j, n), put(wsb + sh.off_hn + j, hn);
             } else {
               h_new = sh.mode == Mode::kRnnTanh ? tanh_fast(pre(0)) : at::vec::clamp_min(pre(0), fVec(0.f));
               put(wsb + j, h_new);
             }
-            const fVec h_kept = fVec::blendv(h_old, h_new, keep != fVec(0.f));
-            put(h_next.data() + b * S + j, h_kept);
+            const fVec h_kept = fVec::blendv(load_any(h + b * S + j, w), h_new, keep != fVec(0.f));
+            put(h_next + b * S + j, h_kept);
             put(wsb + sh.off_state + j, h_kept);
             float tmp[fVec::size()];
             h_kept.store(tmp);
@@ -253,14 +360,11 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
             for (int64_t q = 0; q < w; ++q) o[(t * B + b) * S + j + q] = static_cast<T>(tmp[q]);
           }
         }
+        if (!sh.proj) round_state(nxt, j0, j0 + nu);
       }
-      if (amx) cpu::amx_release();
-    });
-    if (sh.proj) {  // h = m W_hr^T, by column panels of the projection
-      const int64_t panels = ld_p / fVec::size();
-      at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-        std::vector<float> hp(B * fVec::size()), scratch(save ? 0 : sh.width);
-        for (int64_t p = p0; p < p1; ++p) {
+      if (sh.proj) {  // h = m W_hr^T, by column panels of the projection, once every unit's m is in
+        wk.round(panels);
+        for (int64_t p; (p = wk.claim()) >= 0; wk.done()) {
           const int64_t c0_ = p * fVec::size(), nc = std::min<int64_t>(fVec::size(), S - c0_);
           small_gemm(B, fVec::size(), H, m.data(), H, 1, wrt.data() + c0_, ld_p, hp.data(), fVec::size(), 1.f, false);
           for (int64_t b = 0; b < B; ++b) {
@@ -274,13 +378,13 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
               o[(t * B + b) * S + c0_ + q] = static_cast<T>(active ? v : 0.f);
             }
           }
+          round_state(nxt, c0_, c0_ + nc);
         }
-      });
+      }
     }
-    std::swap(h, h_next);
-    std::swap(ht, ht_next);
-    if (sh.mode == Mode::kLstm) std::swap(c, c_next);
-  }
+    if (amx) cpu::amx_release();
+  });
+  const float* h = hbuf.data() + (sh.T % 2) * B * S;
   T* hn = h_n.data_ptr<T>();
   for (int64_t i = 0; i < B * S; ++i) hn[i] = static_cast<T>(h[i]);
   if (sh.mode == Mode::kLstm) {
@@ -311,109 +415,128 @@ void backward(const Shape& sh, const at::Tensor& grad_out, const at::Tensor& gra
     wr.assign(S * ld_h, 0.f);
     for (int64_t p = 0; p < S; ++p) to_float(w_hr->const_data_ptr<T>() + p * H, wr.data() + p * ld_h, H);
   }
-  std::vector<float> dh(B * ld_s, 0.f), dh_next(B * ld_s), dc(B * H, 0.f), dc_next(B * H), dht(B * S), dm;
-  for (int64_t b = 0; b < B; ++b) to_float(grad_h_n.const_data_ptr<T>() + b * S, dh.data() + b * ld_s, S);
+  // dh (the gradient of the state after the step) twice: a step reads buffer i % 2 and writes the
+  // other; dc [B, H] is read and written only by the worker of its units: one buffer.
+  std::vector<float> dhbuf(2 * B * ld_s, 0.f), dc(B * H, 0.f), dht(B * S), dm;
+  for (int64_t b = 0; b < B; ++b) to_float(grad_h_n.const_data_ptr<T>() + b * S, dhbuf.data() + b * ld_s, S);
   if (grad_c_n.has_value()) to_float(grad_c_n->const_data_ptr<T>(), dc.data(), B * H);
   std::vector<float> h_init(B * S), c_init(B * H, 0.f);
   to_float(h0.const_data_ptr<T>(), h_init.data(), B * S);
   if (c0.has_value()) to_float(c0->const_data_ptr<T>(), c_init.data(), B * H);
   if (sh.proj) dm.resize(B * ld_h);
-  std::vector<float> dgT(GH * B);  // this step's dG transposed, [GH, B]: the A operand of dG W_hh
 
   const T* go = grad_out.const_data_ptr<T>();
   const float* wsp = ws.const_data_ptr<float>();
   float* dg_all = d_hlin.data_ptr<float>();
   float* dx_all = d_xw.data_ptr<float>();  // GRU only (else d_hlin is d_xw)
   float* dht_p = dht_all.data_ptr<float>();
-  for (int64_t step = sh.T - 1; step >= 0; --step) {
-    const int64_t t = reverse ? sh.T - 1 - step : step;
-    const int64_t prev = sh.previous(t, reverse);
-    // dh_total = dh + grad_out[t] for active rows; zero for inactive ones (their h_new is unused)
-    for (int64_t b = 0; b < B; ++b) {
-      const bool active = t < len[b];
-      for (int64_t j = 0; j < S; ++j)
-        dht[b * S + j] = active ? dh[b * ld_s + j] + static_cast<float>(go[(t * B + b) * S + j]) : 0.f;
-    }
-    if (sh.proj) {
-      std::copy(dht.begin(), dht.end(), dht_p + t * B * S);
-      small_gemm(B, ld_h, S, dht.data(), S, 1, wr.data(), ld_h, dm.data(), ld_h, 1.f, false);
-    }
-    float* dg = dg_all + t * B * GH;
-    float* dx = dx_all + t * B * GH;
-    at::parallel_for(0, H, 64, [&](int64_t j0, int64_t j1) {
-      const fVec one(1.f);
-      for (int64_t b = 0; b < B; ++b) {
+  // One parallel region for the whole loop (StepRegion, above the forward). Per step, rounds of:
+  // with a projection, dh_total and dm = dh_total W_hr on one worker (as small as it was serial);
+  // the gate gradients, claimed by chunks of kChunk units; dh_prev = dG W_hh, claimed by column panels.
+  constexpr int64_t kChunk = 64;
+  const int64_t chunks = (H + kChunk - 1) / kChunk, panels = ld_s / PW;
+  const bool gru = sh.mode == Mode::kGru;
+  StepRegion region(std::max(chunks, panels));
+  region.run([&](StepRegion::Worker& wk) {
+    const fVec one(1.f);
+    for (int64_t i = 0; i < sh.T; ++i) {
+      const int64_t step = sh.T - 1 - i;
+      const int64_t t = reverse ? sh.T - 1 - step : step;
+      const int64_t prev = sh.previous(t, reverse);
+      const float* dh = dhbuf.data() + (i % 2) * B * ld_s;
+      float* dh_next = dhbuf.data() + (1 - i % 2) * B * ld_s;
+      // dh_total = dh + grad_out[t] for active rows; zero for inactive ones (their h_new is unused).
+      // Without a projection, each chunk of units makes its own columns below.
+      auto total = [&](int64_t b, int64_t j0, int64_t j1) {
         const bool active = t < len[b];
-        const float* wsb = wsp + (t * B + b) * sh.width;
-        const float* wsprev = prev >= 0 ? wsp + (prev * B + b) * sh.width : nullptr;
-        float* dgb = dg + b * GH;
-        float* dxb = dx + b * GH;
-        if (!active) {
-          for (int64_t j = j0; j < j1; ++j) {
-            for (int64_t g = 0; g < G; ++g) dgb[g * H + j] = 0.f;
-            if (sh.mode == Mode::kGru) {
-              for (int64_t g = 0; g < G; ++g) dxb[g * H + j] = 0.f;
-              dh_next[b * ld_s + j] = dh[b * ld_s + j];  // passed through; no GEMM term (dG = 0)
+        for (int64_t j = j0; j < j1; ++j)
+          dht[b * S + j] = active ? dh[b * ld_s + j] + static_cast<float>(go[(t * B + b) * S + j]) : 0.f;
+      };
+      if (sh.proj) {
+        wk.round(1);
+        for (; wk.claim() >= 0; wk.done()) {
+          for (int64_t b = 0; b < B; ++b) total(b, 0, S);
+          std::copy(dht.begin(), dht.end(), dht_p + t * B * S);
+          small_gemm(B, ld_h, S, dht.data(), S, 1, wr.data(), ld_h, dm.data(), ld_h, 1.f, false);
+        }
+      }
+      float* dg = dg_all + t * B * GH;
+      float* dx = dx_all + t * B * GH;
+      wk.round(chunks);
+      for (int64_t ch; (ch = wk.claim()) >= 0; wk.done()) {
+        const int64_t j0 = ch * kChunk, j1 = std::min(H, j0 + kChunk);
+        for (int64_t b = 0; b < B; ++b) {
+          const bool active = t < len[b];
+          if (!sh.proj) total(b, j0, j1);
+          const float* wsb = wsp + (t * B + b) * sh.width;
+          const float* wsprev = prev >= 0 ? wsp + (prev * B + b) * sh.width : nullptr;
+          float* dgb = dg + b * GH;
+          float* dxb = dx + b * GH;
+          if (!active) {
+            for (int64_t j = j0; j < j1; ++j) {
+              for (int64_t g = 0; g < G; ++g) dgb[g * H + j] = 0.f;
+              if (gru) {
+                for (int64_t g = 0; g < G; ++g) dxb[g * H + j] = 0.f;
+                dh_next[b * ld_s + j] = dh[b * ld_s + j];  // passed through; no GEMM term (dG = 0)
+              }
+              // LSTM: dc passes through unchanged
             }
-            if (sh.mode == Mode::kLstm) dc_next[b * H + j] = dc[b * H + j];
-          }
-        } else if (sh.mode == Mode::kLstm) {  // a vector of units at a time
-          for (int64_t j = j0; j < j1; j += VS) {
-            const int64_t n = std::min<int64_t>(VS, j1 - j);
-            auto at_ = [&](const float* p) { return load_any(p + j, n); };
-            const fVec i = at_(wsb), f = at_(wsb + H), gg = at_(wsb + 2 * H), og = at_(wsb + 3 * H);
-            const fVec tc = tanh_fast(at_(wsb + sh.off_c));
-            const fVec c_prev = wsprev ? at_(wsprev + sh.off_c) : at_(c_init.data() + b * H);
-            const fVec dmj = sh.proj ? at_(dm.data() + b * ld_h) : at_(dht.data() + b * S);
-            const fVec dct = at_(dc.data() + b * H) + dmj * og * (one - tc * tc);
-            store_any(dgb + j, dct * gg * i * (one - i), n);
-            store_any(dgb + H + j, dct * c_prev * f * (one - f), n);
-            store_any(dgb + 2 * H + j, dct * i * (one - gg * gg), n);
-            store_any(dgb + 3 * H + j, dmj * tc * og * (one - og), n);
-            store_any(dc_next.data() + b * H + j, dct * f, n);
-          }
-        } else if (sh.mode == Mode::kGru) {
-          for (int64_t j = j0; j < j1; j += VS) {
-            const int64_t n = std::min<int64_t>(VS, j1 - j);
-            auto at_ = [&](const float* p) { return load_any(p + j, n); };
-            const fVec r = at_(wsb), z = at_(wsb + H), nn = at_(wsb + 2 * H), hn = at_(wsb + sh.off_hn);
-            const fVec h_prev = wsprev ? at_(wsprev + sh.off_state) : at_(h_init.data() + b * S);
-            const fVec d = at_(dht.data() + b * S);
-            const fVec dn_pre = d * (one - z) * (one - nn * nn);
-            const fVec dr_pre = dn_pre * hn * r * (one - r);
-            const fVec dz_pre = d * (h_prev - nn) * z * (one - z);
-            store_any(dxb + j, dr_pre, n), store_any(dxb + H + j, dz_pre, n), store_any(dxb + 2 * H + j, dn_pre, n);
-            store_any(dgb + j, dr_pre, n), store_any(dgb + H + j, dz_pre, n);
-            store_any(dgb + 2 * H + j, dn_pre * r, n);
-            store_any(dh_next.data() + b * ld_s + j, d * z, n);
-          }
-        } else {
-          for (int64_t j = j0; j < j1; ++j) {
-            const float hv = wsb[j], d = dht[b * S + j];
-            dgb[j] = sh.mode == Mode::kRnnTanh ? d * (1.f - hv * hv) : (hv > 0.f ? d : 0.f);
+          } else if (sh.mode == Mode::kLstm) {  // a vector of units at a time
+            for (int64_t j = j0; j < j1; j += VS) {
+              const int64_t n = std::min<int64_t>(VS, j1 - j);
+              auto at_ = [&](const float* p) { return load_any(p + j, n); };
+              const fVec i_ = at_(wsb), f = at_(wsb + H), gg = at_(wsb + 2 * H), og = at_(wsb + 3 * H);
+              const fVec tc = tanh_fast(at_(wsb + sh.off_c));
+              const fVec c_prev = wsprev ? at_(wsprev + sh.off_c) : at_(c_init.data() + b * H);
+              const fVec dmj = sh.proj ? at_(dm.data() + b * ld_h) : at_(dht.data() + b * S);
+              const fVec dct = at_(dc.data() + b * H) + dmj * og * (one - tc * tc);
+              store_any(dgb + j, dct * gg * i_ * (one - i_), n);
+              store_any(dgb + H + j, dct * c_prev * f * (one - f), n);
+              store_any(dgb + 2 * H + j, dct * i_ * (one - gg * gg), n);
+              store_any(dgb + 3 * H + j, dmj * tc * og * (one - og), n);
+              store_any(dc.data() + b * H + j, dct * f, n);  // in place: only this chunk's worker reads it
+            }
+          } else if (gru) {
+            for (int64_t j = j0; j < j1; j += VS) {
+              const int64_t n = std::min<int64_t>(VS, j1 - j);
+              auto at_ = [&](const float* p) { return load_any(p + j, n); };
+              const fVec r = at_(wsb), z = at_(wsb + H), nn = at_(wsb + 2 * H), hn = at_(wsb + sh.off_hn);
+              const fVec h_prev = wsprev ? at_(wsprev + sh.off_state) : at_(h_init.data() + b * S);
+              const fVec d = at_(dht.data() + b * S);
+              const fVec dn_pre = d * (one - z) * (one - nn * nn);
+              const fVec dr_pre = dn_pre * hn * r * (one - r);
+              const fVec dz_pre = d * (h_prev - nn) * z * (one - z);
+              store_any(dxb + j, dr_pre, n), store_any(dxb + H + j, dz_pre, n), store_any(dxb + 2 * H + j, dn_pre, n);
+              store_any(dgb + j, dr_pre, n), store_any(dgb + H + j, dz_pre, n);
+              store_any(dgb + 2 * H + j, dn_pre * r, n);
+              store_any(dh_next + b * ld_s + j, d * z, n);
+            }
+          } else {
+            for (int64_t j = j0; j < j1; ++j) {
+              const float hv = wsb[j], d = dht[b * S + j];
+              dgb[j] = sh.mode == Mode::kRnnTanh ? d * (1.f - hv * hv) : (hv > 0.f ? d : 0.f);
+            }
           }
         }
-        for (int64_t g = 0; g < G; ++g)
-          for (int64_t j = j0; j < j1; ++j) dgT[(g * H + j) * B + b] = dgb[g * H + j];
       }
-    });
-    // dh_prev = dG W_hh (+ GRU's direct term), by column panels; inactive rows pass dh through
-    const int64_t panels = ld_s / PW;
-    const bool gru = sh.mode == Mode::kGru;
-    at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
-      for (int64_t p = p0; p < p1; ++p) {
+      wk.round(panels);  // once every unit's dG is in
+      // dh_prev = dG W_hh (+ GRU's direct term), by column panels; inactive rows pass dh through.
+      // A is this step's dG [B, GH] row-major as written above (a_rs = GH): the micro-kernel's 8
+      // broadcasts per k come from 8 rows, each line serving 16 k. A transposed copy [GH, B] (a_rs = 1)
+      // cost a scalar store per element, 64K per step at B32 H512 (backward on one thread, a busy
+      // machine: 112-121 ms without the copy, 118 ms with it; the same results bit for bit).
+      for (int64_t p; (p = wk.claim()) >= 0; wk.done()) {
         const int64_t c0_ = p * PW;
-        small_gemm(B, PW, GH, dgT.data(), 1, B, w.data() + p * GH * PW, PW, dh_next.data() + c0_, ld_s, 1.f, gru);
+        small_gemm(B, PW, GH, dg, GH, 1, w.data() + p * GH * PW, PW, dh_next + c0_, ld_s, 1.f, gru);
         for (int64_t b = 0; b < B; ++b)
           if (!(t < len[b]))
             for (int64_t q = 0; q < PW; ++q) dh_next[b * ld_s + c0_ + q] = dh[b * ld_s + c0_ + q];
       }
-    });
-    std::swap(dh, dh_next);
-    if (sh.mode == Mode::kLstm) std::swap(dc, dc_next);
-  }
+    }
+  });
+  const float* dh = dhbuf.data() + (sh.T % 2) * B * ld_s;
   float* dho = dh_out.data_ptr<float>();
-  for (int64_t b = 0; b < B; ++b) std::copy(dh.data() + b * ld_s, dh.data() + b * ld_s + S, dho + b * S);
+  for (int64_t b = 0; b < B; ++b) std::copy(dh + b * ld_s, dh + b * ld_s + S, dho + b * S);
   if (sh.mode == Mode::kLstm) std::copy(dc.begin(), dc.end(), dc_out.data_ptr<float>());
 }
 
@@ -432,10 +555,11 @@ std::vector<at::Tensor> rnn_fwd_cpu(const at::Tensor& xw, const at::Tensor& w_hh
   TORCH_CHECK(h0.size(0) == sh.B && h0.size(1) == sh.S, "rnn: h0 must be [B, S]");
   TORCH_CHECK((sh.mode == Mode::kLstm) == c0.has_value(), "rnn: c0 is given exactly for lstm");
   const auto len = cpu::lengths_of(lengths, sh.B, sh.T);
-  at::Tensor out = at::empty({sh.T, sh.B, sh.S}, xw.options());
+  // the large outputs are written once: huge pages for them (common.h)
+  at::Tensor out = cpu::empty_huge({sh.T, sh.B, sh.S}, xw.options());
   at::Tensor h_n = at::empty({sh.B, sh.S}, xw.options());
   at::Tensor c_n = sh.mode == Mode::kLstm ? at::empty({sh.B, sh.H}, xw.options()) : at::empty({0}, xw.options());
-  at::Tensor ws = save_workspace ? at::empty({sh.T, sh.B, sh.width}, xw.options().dtype(at::kFloat))
+  at::Tensor ws = save_workspace ? cpu::empty_huge({sh.T, sh.B, sh.width}, xw.options().dtype(at::kFloat))
                                  : at::empty({0}, xw.options().dtype(at::kFloat));
   BIGNLP_DISPATCH_FLOAT_BF16(xw.scalar_type(), "rnn_fwd_cpu", [&] {
     forward<scalar_t>(sh, xw, w_hh, b_hh, h0, c0, w_hr, len, reverse, out, h_n, c_n, ws, save_workspace);
@@ -454,9 +578,10 @@ std::vector<at::Tensor> rnn_bwd_cpu(const at::Tensor& grad_out, const at::Tensor
               "rnn: the workspace does not come from the cpu forward of this layer");
   const auto len = cpu::lengths_of(lengths, sh.B, sh.T);
   const auto f32 = xw.options().dtype(at::kFloat);
-  at::Tensor d_hlin = at::empty({sh.T, sh.B, sh.G * sh.H}, f32);
-  at::Tensor d_x = sh.mode == Mode::kGru ? at::empty({sh.T, sh.B, sh.G * sh.H}, f32) : d_hlin;
-  at::Tensor dht_all = at::zeros({sh.proj ? sh.T : 0, sh.B, sh.S}, f32);
+  // written once: huge pages (common.h)
+  at::Tensor d_hlin = cpu::empty_huge({sh.T, sh.B, sh.G * sh.H}, f32);
+  at::Tensor d_x = sh.mode == Mode::kGru ? cpu::empty_huge({sh.T, sh.B, sh.G * sh.H}, f32) : d_hlin;
+  at::Tensor dht_all = cpu::zeros_huge({sh.proj ? sh.T : 0, sh.B, sh.S}, f32);
   at::Tensor dh0 = at::empty({sh.B, sh.S}, f32), dc0 = at::empty({sh.B, sh.H}, f32);
   BIGNLP_DISPATCH_FLOAT_BF16(xw.scalar_type(), "rnn_bwd_cpu", [&] {
     backward<scalar_t>(sh, grad_out.contiguous(), grad_h_n.contiguous(),

@@ -266,7 +266,7 @@ const int64_t* ptr_or_null(const std::optional<at::Tensor>& t) { return t.has_va
 
 at::Tensor fp32(const at::Tensor& t) { return t.to(at::kFloat).contiguous(); }
 
-template <typename T, typename F>
+template <typename F>
 void dispatch_mode(Mode mode, const F& f) {
   switch (mode) {
     case kLstm: f(std::integral_constant<int, kLstm>()); break;
@@ -303,7 +303,7 @@ std::vector<at::Tensor> rnn_fwd_cuda(const at::Tensor& xw, const at::Tensor& w_h
   at::Tensor m = d.proj ? at::empty({d.B, d.H}, f32) : at::Tensor(), hp = d.proj ? at::empty({d.B, d.S}, f32) : at::Tensor();
   const auto stream = at::cuda::getCurrentCUDAStream();
   BIGNLP_DISPATCH_FLOAT_HALF_BF16(xw.scalar_type(), "rnn_fwd_cuda", [&] {
-    dispatch_mode<scalar_t>(mode, [&](auto mode_c) {
+    dispatch_mode(mode, [&](auto mode_c) {
       constexpr int MODE = decltype(mode_c)::value;
       for (int step = 0; step < d.T; ++step) {
         const int t = reverse ? d.T - 1 - step : step;
@@ -379,7 +379,7 @@ std::vector<at::Tensor> rnn_bwd_cuda(const at::Tensor& grad_out, const at::Tenso
   const float* wsp = workspace.const_data_ptr<float>();
   const auto stream = at::cuda::getCurrentCUDAStream();
   BIGNLP_DISPATCH_FLOAT_HALF_BF16(xw.scalar_type(), "rnn_bwd_cuda", [&] {
-    dispatch_mode<scalar_t>(mode, [&](auto mode_c) {
+    dispatch_mode(mode, [&](auto mode_c) {
       constexpr int MODE = decltype(mode_c)::value;
       for (int step = d.T - 1; step >= 0; --step) {
         const int t = reverse ? d.T - 1 - step : step;

@@ -126,6 +126,10 @@ std::vector<at::Tensor> conv_bwd_cpu(const at::Tensor& grad_out, const at::Tenso
                                      const at::Tensor& pre, const std::optional<at::Tensor>& bias,
                                      std::vector<int64_t> stride, std::vector<int64_t> padding,
                                      std::vector<int64_t> dilation, int64_t groups, int64_t activation);
+// Which forward conv_fwd_cpu takes for these arguments: "implicit_gemm" (the project's, float32 with
+// stride 1, groups 1 and at least 128 output grid columns per sequence) or "aten" (oneDNN + epilogue).
+std::string conv_cpu_path(const at::Tensor& x, const at::Tensor& w, std::vector<int64_t> stride,
+                          std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups);
 
 // ---- causal_conv1d (depthwise, widths 2-4) ---------------------------------------------------
 // The contract is stated in bignlp_fast/ops/causal_conv1d.py. x [B, C, L], w [C, W], bias [C],

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bignlp_fast import ops
+from bignlp_fast import _C, ops
 from bignlp_fast.ops._activation import activation_torch, check_activation
 from conftest import backend_params
 from reference import assert_within_torch_error
@@ -66,6 +66,41 @@ def test_residual_and_no_bias(backend, device):
         _check(backend, device, torch.float32, *case, "gelu", bias=True, residual=True)
         _check(backend, device, torch.float32, *case, None, bias=False, residual=True)
         _check(backend, device, torch.float32, *case, "relu", bias=False, residual=False)
+
+
+# float32 with stride 1 and groups 1 runs on the CPU backend's implicit GEMM (csrc/cpu/conv.cpp) when a
+# sequence has at least 128 output grid columns: shapes that cross its blocking (channel slices of 32,
+# row blocks of 8 / 6, tasks of 128 grid columns, channel groups when tasks are few, 2-D rows split
+# over panels), with padding, dilation and asymmetric kernels.
+IMPLICIT = [((2, 40, 300), (13, 40, 3), 1, 2, 2, 1), ((3, 3, 140), (9, 3, 1), 1, 0, 1, 1),
+            ((2, 70, 131), (17, 70, 4), 1, 0, 1, 1), ((1, 8, 129), (8, 8, 5), 1, 4, 1, 1),
+            ((2, 35, 11, 40), (10, 35, 3, 2), 1, (1, 0), (2, 1), 1), ((1, 5, 12, 12), (7, 5, 3, 3), 1, 3, 1, 1),
+            ((2, 33, 9, 70), (24, 33, 1, 5), 1, (0, 2), 1, 1)]
+
+
+def _path(xs, ws, stride, padding, dilation, groups):
+    nd = len(xs) - 2
+    as_list = lambda v: list(v) if isinstance(v, tuple) else [v] * nd  # noqa: E731
+    return _C.conv_cpu_path(torch.empty(xs), torch.empty(ws), as_list(stride), as_list(padding), as_list(dilation),
+                            groups)
+
+
+@pytest.mark.parametrize("case", IMPLICIT, ids=lambda c: f"x{c[0]}-w{c[1]}")
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_cpu_implicit_gemm_matches_float64(case, activation):
+    assert _path(*case) == "implicit_gemm"
+    _check("cpu", torch.device("cpu"), torch.float32, *case, activation, residual=activation is not None)
+
+
+def test_cpu_conv_path_choice():
+    """Short outputs, strides, groups and bfloat16 keep oneDNN's convolution (and the fused epilogue)."""
+    assert _path((2, 16, 127), (16, 16, 1), 1, 0, 1, 1) == "aten"  # 127 columns: less than one task
+    assert _path((2, 16, 300), (16, 16, 3), 2, 1, 1, 1) == "aten"
+    assert _path((2, 16, 300), (16, 8, 3), 1, 1, 1, 2) == "aten"
+    assert _C.conv_cpu_path(torch.empty(2, 16, 300, dtype=torch.bfloat16), torch.empty(16, 16, 3, dtype=torch.bfloat16),
+                            [1], [1], [1], 1) == "aten"
+    for case in CONV1D + CONV2D:  # the small shapes above run the ATen path on the CPU
+        assert _path(*case) == "aten"
 
 
 def test_cpu_larger_bf16():

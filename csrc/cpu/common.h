@@ -126,6 +126,19 @@ inline void store2(T* p, int64_t n, const fVec& a, const fVec& b) {
   std::memcpy(p, buf, n * sizeof(T));
 }
 
+// float: masked vector loads and stores where the ISA has them (AVX-512), instead of a copy through
+// a buffer (a memcpy call per partial step was 12% of a conv2d whose output rows are 32 wide).
+inline void load2(const float* p, int64_t n, fVec& a, fVec& b) {
+  constexpr int64_t V = fVec::size();
+  a = fVec::loadu(p, std::min(n, V));
+  b = n > V ? fVec::loadu(p + V, n - V) : fVec(0.f);
+}
+inline void store2(float* p, int64_t n, const fVec& a, const fVec& b) {
+  constexpr int64_t V = fVec::size();
+  a.store(p, std::min(n, V));
+  if (n > V) b.store(p + V, n - V);
+}
+
 // Either kind, chosen by how many elements remain.
 template <typename T>
 inline void load2_any(const T* p, int64_t n, fVec& a, fVec& b) {

@@ -1,14 +1,22 @@
 // conv1d / conv2d on the CPU with a fused epilogue: out = act(conv(x) + bias) + residual.
 //
-// The convolution itself is ATen's (oneDNN), called without its bias; what follows it is one pass
-// over the output, viewed as [B * C_out, S] rows (S the spatial size; the bias is per row % C_out).
+// float32 with stride 1 and groups 1 (the layers of sequence models and TextCNN-style classifiers)
+// runs on the project's own implicit GEMM below, the epilogue applied to each output tile while it
+// is in L1. Everything else (bfloat16, strided or grouped convolutions) calls ATen's (oneDNN)
+// convolution without its bias and then one epilogue pass over the output, viewed as [B * C_out, S]
+// rows (S the spatial size; the bias is per row % C_out).
 // The backward's epilogue pass computes gp = grad_out * act'(pre + bias) and per-row sums of gp for
 // the bias gradient (reduced per channel over the batch in a fixed order: deterministic), then hands
 // gp to ATen's convolution_backward for grad_x and grad_w.
+#include <algorithm>
+#include <atomic>
+#include <string>
+#include <cstring>
 #include <vector>
 
 #include "cpu/activation.h"
 #include "cpu/common.h"
+#include "cpu/gemm.h"
 #include "ops.h"
 
 namespace bignlp_fast {
@@ -29,6 +37,22 @@ void check(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Ten
   }
 }
 
+// out[0, n) = act(pre[0, n) + b) (+ res[0, n)) for n elements (a step of kStep or fewer).
+template <int A, typename S, typename T>
+inline void epilogue_step(const S* pre, int64_t n, const fVec& b, const T* res, T* out) {
+  fVec a, c;
+  cpu::load2_any(pre, n, a, c);
+  a = cpu::activate<A>(a + b);
+  c = cpu::activate<A>(c + b);
+  if (res) {
+    fVec ra, rc;
+    cpu::load2_any(res, n, ra, rc);
+    a = a + ra;
+    c = c + rc;
+  }
+  cpu::store2_any(out, n, a, c);
+}
+
 // out[r, :] = act(pre[r, :] + bias[r % C]) (+ res[r, :]); out may be pre.
 template <int A, typename T>
 void epilogue_fwd(const T* pre, const T* bias, const T* res, T* out, int64_t rows, int64_t C, int64_t S) {
@@ -36,19 +60,8 @@ void epilogue_fwd(const T* pre, const T* bias, const T* res, T* out, int64_t row
     for (int64_t r = r0; r < r1; ++r) {
       const fVec b(bias ? static_cast<float>(bias[r % C]) : 0.f);
       const int64_t o = r * S;
-      for (int64_t s = 0; s < S; s += kStep) {
-        fVec a, c;
-        cpu::load2_any(pre + o + s, S - s, a, c);
-        a = cpu::activate<A>(a + b);
-        c = cpu::activate<A>(c + b);
-        if (res) {
-          fVec ra, rc;
-          cpu::load2_any(res + o + s, S - s, ra, rc);
-          a = a + ra;
-          c = c + rc;
-        }
-        cpu::store2_any(out + o + s, S - s, a, c);
-      }
+      for (int64_t s = 0; s < S; s += kStep)
+        epilogue_step<A>(pre + o + s, std::min(kStep, S - s), b, res ? res + o + s : nullptr, out + o + s);
     }
   });
 }
@@ -76,6 +89,217 @@ void epilogue_bwd(const T* g, const T* pre, const T* bias, T* gp, float* row_sum
   });
 }
 
+// ---- the implicit GEMM: float32, stride 1, groups 1 -----------------------------------------------
+// Zero-pad each input channel to a grid of Hp x Wp positions (Wp = W + 2 pw; conv1d is Hp = 1) and
+// flatten it: output position (h, w) is grid column q = h * Wp + w, and kernel tap (i, j) reads input
+// grid column q + i * dh * Wp + j * dw. Every tap is then one GEMM, W_tap [C_out, C_in] times the
+// same [C_in, grid] operand shifted by a constant, and the convolution their sum. Grid columns with
+// w >= W_out are computed and dropped (2 pw / Wp of the work in 2-D, none in 1-D).
+//
+// A task is (sequence, run of kTaskCols grid columns). It copies the input columns its taps read
+// (the run plus the largest shift, zero where the grid is padding) into a [C_in, ldb] buffer once.
+// Per panel of kPanel columns the micro-kernel (tap_tile) holds a kMR x kPanel tile of the output in
+// registers and runs over every tap and channel of a slice of channels, the slice's input columns
+// (at most ~32 KiB) staying in L1 while every row block of the weight passes over them; then bias,
+// activation and residual are applied to the panel before it leaves L1. The weight is packed once
+// per call as [C_out / kMR][tap][C_in][kMR] (rows past C_out zero), so each row block's operand is
+// read as one stream. Tasks are claimed from a shared counter.
+using cpu::gemm_detail::kMR;
+using cpu::gemm_detail::kPanel;
+
+struct Grid {
+  int64_t B, Cin, Cout, H, W, ph, pw, Hout, Wout, Wp, cols;  // cols: grid columns per sequence
+  int64_t touched;                                            // input floats per channel one panel's taps read
+  std::vector<int64_t> shifts;                                // grid offset of each tap, in the weight's order
+};
+
+Grid make_grid(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& padding,
+               const std::vector<int64_t>& dilation) {
+  const bool two_d = x.dim() == 4;
+  Grid g;
+  g.B = x.size(0);
+  g.Cin = x.size(1);
+  g.Cout = w.size(0);
+  g.H = two_d ? x.size(2) : 1;
+  g.W = x.size(-1);
+  g.ph = two_d ? padding[0] : 0;
+  g.pw = padding.back();
+  const int64_t kh = two_d ? w.size(2) : 1, kw = w.size(-1), dh = two_d ? dilation[0] : 1, dw = dilation.back();
+  g.Hout = g.H + 2 * g.ph - dh * (kh - 1);
+  g.Wp = g.W + 2 * g.pw;
+  g.Wout = g.Wp - dw * (kw - 1);
+  g.cols = (g.Hout - 1) * g.Wp + g.Wout;  // through the last valid column
+  g.touched = kh * (kPanel + dw * (kw - 1));
+  for (int64_t i = 0; i < kh; ++i)
+    for (int64_t j = 0; j < kw; ++j) g.shifts.push_back(i * dh * g.Wp + j * dw);
+  return g;
+}
+
+constexpr int64_t kTaskCols = 4 * kPanel;
+
+// dst[0, n) = src[0, n), or zeros without src, in vectors: the runs here are tens of floats, where a
+// memcpy / memset call per run cost 8% of a conv2d over 32-wide rows.
+inline void copy_run(const float* src, float* dst, int64_t n) {
+  constexpr int64_t V = fVec::size();
+  for (int64_t i = 0; i < n; i += V) {
+    const int64_t m = std::min(V, n - i);
+    (src ? fVec::loadu(src + i, m) : fVec(0.f)).store(dst + i, m);
+  }
+}
+
+// dst[c, j] = input grid column q0 + j of channel c of sequence xb, for j in [0, n): 0 in the padding.
+void pack_columns(const float* xb, const Grid& g, int64_t q0, int64_t n, float* dst, int64_t ldb) {
+  // The rows of x this run reads, per channel: one contiguous range. It comes from memory (x is read
+  // once, by columns of all channels), so the range of the channel kAhead on is prefetched: without it
+  // the loads' latency was 15% of a conv2d.
+  constexpr int64_t kAhead = 4;
+  const int64_t first = std::clamp(q0 / g.Wp - g.ph, int64_t{0}, g.H), last = std::clamp((q0 + n) / g.Wp + 1 - g.ph, first, g.H);
+  for (int64_t c = 0; c < g.Cin; ++c) {
+    const float* xc = xb + c * g.H * g.W;
+    if (c + kAhead < g.Cin) {
+      const char* ahead = reinterpret_cast<const char*>(xc + kAhead * g.H * g.W + first * g.W);
+      for (int64_t byte = 0; byte < (last - first) * g.W * int64_t{sizeof(float)}; byte += 64)
+        __builtin_prefetch(ahead + byte);
+    }
+    float* d = dst + c * ldb;
+    int64_t r = q0 / g.Wp, col = q0 % g.Wp;
+    for (int64_t j = 0; j < n;) {  // one grid row at a time: zeros, the row's values, zeros
+      const int64_t run = std::min(n - j, g.Wp - col), ih = r - g.ph;
+      if (ih < 0 || ih >= g.H) {
+        copy_run(nullptr, d + j, run);
+      } else {
+        const int64_t lo = std::clamp(g.pw - col, int64_t{0}, run), hi = std::clamp(g.pw + g.W - col, lo, run);
+        copy_run(nullptr, d + j, lo);
+        copy_run(xc + ih * g.W + col + lo - g.pw, d + j + lo, hi - lo);
+        copy_run(nullptr, d + j + hi, run - hi);
+      }
+      j += run;
+      col = 0;
+      ++r;
+    }
+  }
+}
+
+// c[kMR, kPanel] (row stride ldc) (+)= sum over taps s and channels k < kc of a[s * a_tap + k * kMR + r] *
+// b[k * ldb + shifts[s] + (0 .. kPanel)]: the accumulators stay in registers across taps.
+inline void tap_tile(int64_t taps, const int64_t* shifts, int64_t kc, const float* a, int64_t a_tap, const float* b,
+                     int64_t ldb, float* c, int64_t ldc, bool accumulate) {
+  constexpr int VS = fVec::size();
+  fVec acc[kMR][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < kMR; ++r) acc[r][0] = acc[r][1] = fVec(0.f);
+  for (int64_t s = 0; s < taps; ++s) {
+    const float* as = a + s * a_tap;
+    const float* bs = b + shifts[s];
+    for (int64_t k = 0; k < kc; ++k) {
+      const fVec b0 = fVec::loadu(bs + k * ldb), b1 = fVec::loadu(bs + k * ldb + VS);
+      const float* ak = as + k * kMR;
+#pragma GCC unroll 8
+      for (int r = 0; r < kMR; ++r) {
+        const fVec ar(ak[r]);
+        acc[r][0] = at::vec::fmadd(ar, b0, acc[r][0]);
+        acc[r][1] = at::vec::fmadd(ar, b1, acc[r][1]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < kMR; ++r) {  // the slice's sum added to the others': shorter sums, smaller rounding
+    float* cr = c + r * ldc;
+    (accumulate ? acc[r][0] + fVec::loadu(cr) : acc[r][0]).store(cr);
+    (accumulate ? acc[r][1] + fVec::loadu(cr + VS) : acc[r][1]).store(cr + VS);
+  }
+}
+
+template <int A>
+void implicit_gemm_fwd(const float* x, const float* wp, const float* bias, const float* res, float* out, float* pre,
+                       const Grid& g) {
+  const int64_t taps = static_cast<int64_t>(g.shifts.size()), max_shift = g.shifts.back();
+  const int64_t blocks = (g.Cout + kMR - 1) / kMR, a_tap = g.Cin * kMR;
+  // Channels per slice: at most 32, so that each output sums at most 32 * taps products before they are
+  // added to the other slices' (float64 error on par with oneDNN's; a single sum over 768 products
+  // was 3-4x oneDNN's), and the slice's input columns within ~32 KiB of L1.
+  const int64_t kc = std::clamp<int64_t>((32 << 10) / (g.touched * int64_t{sizeof(float)}), 8, 32);
+  // An odd number of cache lines per buffer row, so that a panel's rows spread over the L1's sets.
+  int64_t ldb = (kTaskCols + max_shift + 15) / 16 * 16;
+  if ((ldb / 16) % 2 == 0) ldb += 16;
+  const int64_t runs = (g.cols + kTaskCols - 1) / kTaskCols, S = g.Hout * g.Wout;
+  // Few runs (short sequences, small batches): split the output channels into groups too, so that
+  // every thread has several tasks to claim (each group packs the run's columns again: cheap).
+  const int64_t threads = at::get_num_threads();
+  const int64_t groups = std::clamp<int64_t>((4 * threads + g.B * runs - 1) / (g.B * runs), 1, blocks);
+  const int64_t per_group = (blocks + groups - 1) / groups, tasks = g.B * runs * groups;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(threads, tasks), 1, [&](int64_t, int64_t) {
+    std::vector<float> cols(g.Cin * ldb), tile(blocks * kMR * kTaskCols);
+    for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
+      const int64_t b = t / (runs * groups), q0 = t / groups % runs * kTaskCols, nq = std::min(kTaskCols, g.cols - q0);
+      const int64_t mb0 = t % groups * per_group, mb1 = std::min(blocks, mb0 + per_group);
+      pack_columns(x + b * g.Cin * g.H * g.W, g, q0, (nq + kPanel - 1) / kPanel * kPanel + max_shift, cols.data(),
+                   ldb);
+      for (int64_t k0 = 0; k0 < g.Cin; k0 += kc) {
+        const int64_t kn = std::min(kc, g.Cin - k0);
+        for (int64_t mb = mb0; mb < mb1; ++mb) {
+          // A large weight (C_in * C_out * taps past L2) is read from L3 or memory in short runs, one
+          // per tap and block: fetch the next block's while this one computes.
+          if (mb + 1 < mb1)
+            for (int64_t s = 0; s < taps; ++s)
+              for (int64_t f = 0; f < kn * kMR; f += 64 / sizeof(float))
+                __builtin_prefetch(wp + (mb + 1) * taps * a_tap + s * a_tap + k0 * kMR + f);
+          for (int64_t p = 0; p < nq; p += kPanel)
+            tap_tile(taps, g.shifts.data(), kn, wp + mb * taps * a_tap + k0 * kMR, a_tap, cols.data() + k0 * ldb + p,
+                     ldb, tile.data() + mb * kMR * kTaskCols + p, kTaskCols, k0 > 0);
+        }
+      }
+      // the task's columns in output rows: runs of the W_out valid columns of each grid row
+      for (int64_t j = 0; j < nq;) {
+        const int64_t q = q0 + j, h = q / g.Wp, w = q % g.Wp, run = std::min(nq - j, g.Wp - w);
+        const int64_t valid = std::clamp(g.Wout - w, int64_t{0}, run);
+        for (int64_t co = mb0 * kMR; co < std::min(g.Cout, mb1 * kMR) && valid > 0; ++co) {
+          const float* v = tile.data() + co * kTaskCols + j;
+          const int64_t o = (b * g.Cout + co) * S + h * g.Wout + w;
+          const fVec bv(bias ? bias[co] : 0.f);
+          if (pre) std::memcpy(pre + o, v, valid * sizeof(float));
+          for (int64_t u = 0; u < valid; u += kStep)
+            epilogue_step<A>(v + u, std::min(kStep, valid - u), bv, res ? res + o + u : nullptr, out + o + u);
+        }
+        j += run;
+      }
+    }
+  });
+}
+
+// Where the implicit GEMM runs: float32, stride 1, groups 1, and at least one task's worth of grid
+// columns per sequence. Shorter outputs fill a panel only in part (8 positions compute 32): there
+// oneDNN was faster (C_in = C_out = 768, L 16-40: 0.73-0.90x of it), so they keep the ATen path.
+bool implicit_gemm_applies(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& stride,
+                           const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation, int64_t groups) {
+  if (x.scalar_type() != at::kFloat || groups != 1 ||
+      !std::all_of(stride.begin(), stride.end(), [](int64_t s) { return s == 1; }))
+    return false;
+  const Grid g = make_grid(x, w, padding, dilation);
+  return g.Hout >= 1 && g.Wout >= 1 && g.cols >= kTaskCols;
+}
+
+// [C_out, C_in, taps...] -> [C_out / kMR][tap][C_in][kMR] fp32, rows past C_out zero: the A operand.
+// One parallel pass (per call: for a large weight and a short input it is a visible part of the time).
+at::Tensor pack_weight(const at::Tensor& weight) {
+  const at::Tensor w = weight.contiguous();
+  const int64_t Cout = w.size(0), Cin = w.size(1), taps = w.numel() / std::max<int64_t>(1, Cout * Cin);
+  const int64_t blocks = (Cout + kMR - 1) / kMR;
+  at::Tensor packed = at::empty({blocks * taps * Cin * kMR}, w.options());
+  const float* src = w.const_data_ptr<float>();
+  float* dst = packed.data_ptr<float>();
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t mb = b0; mb < b1; ++mb)
+      for (int64_t s = 0; s < taps; ++s)
+        for (int64_t ci = 0; ci < Cin; ++ci)
+          for (int64_t r = 0; r < kMR; ++r) {
+            const int64_t row = mb * kMR + r;
+            dst[((mb * taps + s) * Cin + ci) * kMR + r] = row < Cout ? src[(row * Cin + ci) * taps + s] : 0.f;
+          }
+  });
+  return packed;
+}
 }  // namespace
 
 std::vector<at::Tensor> conv_fwd_cpu(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
@@ -83,6 +307,30 @@ std::vector<at::Tensor> conv_fwd_cpu(const at::Tensor& x, const at::Tensor& w, c
                                      std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups,
                                      int64_t activation, bool save_pre) {
   check(x, w, bias);
+  if (implicit_gemm_applies(x, w, stride, padding, dilation, groups)) {
+    TORCH_CHECK(w.size(1) == x.size(1), "conv: weight expects ", w.size(1), " input channels, x has ", x.size(1));
+    const at::Tensor xc = x.contiguous();
+    const Grid g = make_grid(xc, w, padding, dilation);
+    std::vector<int64_t> shape{g.B, g.Cout};
+    if (x.dim() == 4) shape.push_back(g.Hout);
+    shape.push_back(g.Wout);
+    if (residual) {
+      TORCH_CHECK(residual->sizes() == at::IntArrayRef(shape) && residual->scalar_type() == x.scalar_type() &&
+                      residual->is_contiguous(),
+                  "conv: residual must be a contiguous tensor of the output's shape ", shape, ", got ",
+                  residual->sizes());
+    }
+    at::Tensor out = cpu::empty_huge(shape, x.options());
+    at::Tensor pre = save_pre ? cpu::empty_huge(shape, x.options()) : at::empty({0}, x.options());
+    const at::Tensor wp = pack_weight(w);
+    cpu::dispatch_activation(activation, [&](auto act) {
+      implicit_gemm_fwd<decltype(act)::value>(xc.const_data_ptr<float>(), wp.const_data_ptr<float>(),
+                                              bias ? bias->const_data_ptr<float>() : nullptr,
+                                              residual ? residual->const_data_ptr<float>() : nullptr,
+                                              out.data_ptr<float>(), save_pre ? pre.data_ptr<float>() : nullptr, g);
+    });
+    return {out, pre};
+  }
   const std::vector<int64_t> output_padding(stride.size(), 0);
   at::Tensor pre = at::convolution(x, w, std::nullopt, stride, padding, dilation, false, output_padding, groups)
                        .contiguous();
@@ -103,6 +351,11 @@ std::vector<at::Tensor> conv_fwd_cpu(const at::Tensor& x, const at::Tensor& w, c
     });
   });
   return {out, save_pre ? pre : at::empty({0}, x.options())};
+}
+
+std::string conv_cpu_path(const at::Tensor& x, const at::Tensor& w, std::vector<int64_t> stride,
+                          std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups) {
+  return implicit_gemm_applies(x, w, stride, padding, dilation, groups) ? "implicit_gemm" : "aten";
 }
 
 std::vector<at::Tensor> conv_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w,

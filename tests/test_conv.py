@@ -68,14 +68,13 @@ def test_residual_and_no_bias(backend, device):
         _check(backend, device, torch.float32, *case, "relu", bias=False, residual=False)
 
 
-# float32 with stride 1 and groups 1 runs on the CPU backend's implicit GEMM (csrc/cpu/conv.cpp) when a
-# sequence has at least 128 output grid columns: shapes that cross its blocking (channel slices of 32,
-# row blocks of 8 / 6, tasks of 128 grid columns, channel groups when tasks are few, 2-D rows split
-# over panels), with padding, dilation and asymmetric kernels.
+# conv1d in float32 with stride 1 and groups 1 runs on the CPU backend's implicit GEMM (csrc/cpu/conv.cpp)
+# over at least 128 output positions: shapes that cross its blocking (channel slices of 32, row blocks
+# of 8 / 6, tasks of 128 positions, channel groups when tasks are few), with padding and dilation; the
+# backward's grad_x takes the same GEMM where d (k - 1) >= p (all but the last case).
 IMPLICIT = [((2, 40, 300), (13, 40, 3), 1, 2, 2, 1), ((3, 3, 140), (9, 3, 1), 1, 0, 1, 1),
             ((2, 70, 131), (17, 70, 4), 1, 0, 1, 1), ((1, 8, 129), (8, 8, 5), 1, 4, 1, 1),
-            ((2, 35, 11, 40), (10, 35, 3, 2), 1, (1, 0), (2, 1), 1), ((1, 5, 12, 12), (7, 5, 3, 3), 1, 3, 1, 1),
-            ((2, 33, 9, 70), (24, 33, 1, 5), 1, (0, 2), 1, 1)]
+            ((1, 33, 200), (24, 33, 5), 1, 2, 3, 1), ((2, 6, 126), (5, 6, 3), 1, 3, 1, 1)]
 
 
 def _path(xs, ws, stride, padding, dilation, groups):
@@ -99,6 +98,9 @@ def test_cpu_conv_path_choice():
     assert _path((2, 16, 300), (16, 8, 3), 1, 1, 1, 2) == "aten"
     assert _C.conv_cpu_path(torch.empty(2, 16, 300, dtype=torch.bfloat16), torch.empty(16, 16, 3, dtype=torch.bfloat16),
                             [1], [1], [1], 1) == "aten"
+    assert _path((2, 16, 40, 40), (16, 16, 3, 3), 1, 1, 1, 1) == "aten"  # conv2d: oneDNN (see conv.cpp)
+    # the backward's grad_x of IMPLICIT[0]: gp [2, 13, 300] with the weight transposed, padded d (k - 1) - p
+    assert _path((2, 13, 300), (40, 13, 3), 1, 2, 2, 1) == "implicit_gemm"
     for case in CONV1D + CONV2D:  # the small shapes above run the ATen path on the CPU
         assert _path(*case) == "aten"
 

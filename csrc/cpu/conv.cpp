@@ -1,13 +1,15 @@
 // conv1d / conv2d on the CPU with a fused epilogue: out = act(conv(x) + bias) + residual.
 //
-// float32 with stride 1 and groups 1 (the layers of sequence models and TextCNN-style classifiers)
-// runs on the project's own implicit GEMM below, the epilogue applied to each output tile while it
-// is in L1. Everything else (bfloat16, strided or grouped convolutions) calls ATen's (oneDNN)
-// convolution without its bias and then one epilogue pass over the output, viewed as [B * C_out, S]
-// rows (S the spatial size; the bias is per row % C_out).
+// conv1d in float32 with stride 1 and groups 1 (the layers of sequence models), over at least 128
+// output positions, runs on the project's own implicit GEMM below, the epilogue applied to each task's
+// output tile while it is in cache; its backward computes grad_x on the same GEMM (a convolution of
+// the gradient with the reversed, transposed weight) and grad_w on oneDNN. Everything else (conv2d,
+// bfloat16, strided, grouped or short convolutions) calls ATen's (oneDNN) convolution without its bias
+// and then one epilogue pass over the output, viewed as [B * C_out, S] rows (S the spatial size; the
+// bias is per row % C_out).
 // The backward's epilogue pass computes gp = grad_out * act'(pre + bias) and per-row sums of gp for
 // the bias gradient (reduced per channel over the batch in a fixed order: deterministic), then hands
-// gp to ATen's convolution_backward for grad_x and grad_w.
+// gp to the convolution's backward.
 #include <algorithm>
 #include <atomic>
 #include <string>
@@ -89,56 +91,49 @@ void epilogue_bwd(const T* g, const T* pre, const T* bias, T* gp, float* row_sum
   });
 }
 
-// ---- the implicit GEMM: float32, stride 1, groups 1 -----------------------------------------------
-// Zero-pad each input channel to a grid of Hp x Wp positions (Wp = W + 2 pw; conv1d is Hp = 1) and
-// flatten it: output position (h, w) is grid column q = h * Wp + w, and kernel tap (i, j) reads input
-// grid column q + i * dh * Wp + j * dw. Every tap is then one GEMM, W_tap [C_out, C_in] times the
-// same [C_in, grid] operand shifted by a constant, and the convolution their sum. Grid columns with
-// w >= W_out are computed and dropped (2 pw / Wp of the work in 2-D, none in 1-D).
+// ---- the implicit GEMM: conv1d, float32, stride 1, groups 1 ----------------------------------------
+// With x zero-padded by p on both sides, output position q reads padded input positions q + j * d for
+// the taps j: every tap is one GEMM, W_j [C_out, C_in] times the same [C_in, L] operand shifted by
+// j * d, and the convolution is their sum.
 //
-// A task is (sequence, run of kTaskCols grid columns). It copies the input columns its taps read
-// (the run plus the largest shift, zero where the grid is padding) into a [C_in, ldb] buffer once.
-// Per panel of kPanel columns the micro-kernel (tap_tile) holds a kMR x kPanel tile of the output in
-// registers and runs over every tap and channel of a slice of channels, the slice's input columns
-// (at most ~32 KiB) staying in L1 while every row block of the weight passes over them; then bias,
-// activation and residual are applied to the panel before it leaves L1. The weight is packed once
-// per call as [C_out / kMR][tap][C_in][kMR] (rows past C_out zero), so each row block's operand is
-// read as one stream. Tasks are claimed from a shared counter.
+// A task is (sequence, run of kTaskCols output positions[, group of output channels]). It copies the
+// input columns its taps read (the run plus the largest shift, zero in the padding) into a [C_in, ldb]
+// buffer once. The micro-kernel (tap_tile) holds a kMR x kPanel tile of the output in registers and
+// runs over every tap and channel of a slice of channels; per slice the run's input columns stay in L1
+// while every row block of the weight passes over them. Then bias, activation and residual are
+// applied to the task's [C_out, kTaskCols] tile while it is in cache. The weight is packed once per
+// call as [C_out / kMR][tap][C_in][kMR] (rows past C_out zero). Tasks are claimed from a shared counter.
+//
+// The same scheme runs conv2d (a padded image flattened to a grid of rows, taps i * Wp + j apart); it
+// measured even with oneDNN forward (0.90-1.07x over runs, 16x64x32x32, 3x3) and slower forward +
+// backward (0.91-0.95x), so conv2d keeps oneDNN's convolution, and this code is 1-D only.
 using cpu::gemm_detail::kMR;
 using cpu::gemm_detail::kPanel;
 
 struct Grid {
-  int64_t B, Cin, Cout, H, W, ph, pw, Hout, Wout, Wp, cols;  // cols: grid columns per sequence
-  int64_t touched;                                            // input floats per channel one panel's taps read
-  std::vector<int64_t> shifts;                                // grid offset of each tap, in the weight's order
+  int64_t B, Cin, Cout, L, pad, Lout;
+  int64_t touched;              // input floats per channel that one panel's taps read
+  std::vector<int64_t> shifts;  // input offset of each tap
 };
 
 Grid make_grid(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& padding,
                const std::vector<int64_t>& dilation) {
-  const bool two_d = x.dim() == 4;
   Grid g;
   g.B = x.size(0);
   g.Cin = x.size(1);
   g.Cout = w.size(0);
-  g.H = two_d ? x.size(2) : 1;
-  g.W = x.size(-1);
-  g.ph = two_d ? padding[0] : 0;
-  g.pw = padding.back();
-  const int64_t kh = two_d ? w.size(2) : 1, kw = w.size(-1), dh = two_d ? dilation[0] : 1, dw = dilation.back();
-  g.Hout = g.H + 2 * g.ph - dh * (kh - 1);
-  g.Wp = g.W + 2 * g.pw;
-  g.Wout = g.Wp - dw * (kw - 1);
-  g.cols = (g.Hout - 1) * g.Wp + g.Wout;  // through the last valid column
-  g.touched = kh * (kPanel + dw * (kw - 1));
-  for (int64_t i = 0; i < kh; ++i)
-    for (int64_t j = 0; j < kw; ++j) g.shifts.push_back(i * dh * g.Wp + j * dw);
+  g.L = x.size(2);
+  g.pad = padding[0];
+  const int64_t k = w.size(2), d = dilation[0];
+  g.Lout = g.L + 2 * g.pad - d * (k - 1);
+  g.touched = kPanel + d * (k - 1);
+  for (int64_t j = 0; j < k; ++j) g.shifts.push_back(j * d);
   return g;
 }
 
 constexpr int64_t kTaskCols = 4 * kPanel;
 
-// dst[0, n) = src[0, n), or zeros without src, in vectors: the runs here are tens of floats, where a
-// memcpy / memset call per run cost 8% of a conv2d over 32-wide rows.
+// dst[0, n) = src[0, n), or zeros without src, in vectors (runs of a few floats at the edges).
 inline void copy_run(const float* src, float* dst, int64_t n) {
   constexpr int64_t V = fVec::size();
   for (int64_t i = 0; i < n; i += V) {
@@ -147,36 +142,20 @@ inline void copy_run(const float* src, float* dst, int64_t n) {
   }
 }
 
-// dst[c, j] = input grid column q0 + j of channel c of sequence xb, for j in [0, n): 0 in the padding.
+// dst[c, j] = padded input position q0 + j of channel c of sequence xb, j in [0, n): 0 in the padding.
 void pack_columns(const float* xb, const Grid& g, int64_t q0, int64_t n, float* dst, int64_t ldb) {
-  // The rows of x this run reads, per channel: one contiguous range. It comes from memory (x is read
-  // once, by columns of all channels), so the range of the channel kAhead on is prefetched: without it
-  // the loads' latency was 15% of a conv2d.
+  // x comes from memory (read once, by columns of all channels): the range of the channel kAhead on
+  // is prefetched (without it the loads' latency was 15% of the time, measured on the 2-D form).
   constexpr int64_t kAhead = 4;
-  const int64_t first = std::clamp(q0 / g.Wp - g.ph, int64_t{0}, g.H), last = std::clamp((q0 + n) / g.Wp + 1 - g.ph, first, g.H);
+  const int64_t lo = std::clamp(g.pad - q0, int64_t{0}, n), hi = std::clamp(g.pad + g.L - q0, lo, n);
   for (int64_t c = 0; c < g.Cin; ++c) {
-    const float* xc = xb + c * g.H * g.W;
-    if (c + kAhead < g.Cin) {
-      const char* ahead = reinterpret_cast<const char*>(xc + kAhead * g.H * g.W + first * g.W);
-      for (int64_t byte = 0; byte < (last - first) * g.W * int64_t{sizeof(float)}; byte += 64)
-        __builtin_prefetch(ahead + byte);
-    }
+    const float* src = xb + c * g.L + q0 + lo - g.pad;
+    if (c + kAhead < g.Cin)
+      for (int64_t f = 0; f < hi - lo; f += 64 / sizeof(float)) __builtin_prefetch(src + kAhead * g.L + f);
     float* d = dst + c * ldb;
-    int64_t r = q0 / g.Wp, col = q0 % g.Wp;
-    for (int64_t j = 0; j < n;) {  // one grid row at a time: zeros, the row's values, zeros
-      const int64_t run = std::min(n - j, g.Wp - col), ih = r - g.ph;
-      if (ih < 0 || ih >= g.H) {
-        copy_run(nullptr, d + j, run);
-      } else {
-        const int64_t lo = std::clamp(g.pw - col, int64_t{0}, run), hi = std::clamp(g.pw + g.W - col, lo, run);
-        copy_run(nullptr, d + j, lo);
-        copy_run(xc + ih * g.W + col + lo - g.pw, d + j + lo, hi - lo);
-        copy_run(nullptr, d + j + hi, run - hi);
-      }
-      j += run;
-      col = 0;
-      ++r;
-    }
+    copy_run(nullptr, d, lo);
+    copy_run(src, d + lo, hi - lo);
+    copy_run(nullptr, d + hi, n - hi);
   }
 }
 
@@ -222,7 +201,7 @@ void implicit_gemm_fwd(const float* x, const float* wp, const float* bias, const
   // An odd number of cache lines per buffer row, so that a panel's rows spread over the L1's sets.
   int64_t ldb = (kTaskCols + max_shift + 15) / 16 * 16;
   if ((ldb / 16) % 2 == 0) ldb += 16;
-  const int64_t runs = (g.cols + kTaskCols - 1) / kTaskCols, S = g.Hout * g.Wout;
+  const int64_t runs = (g.Lout + kTaskCols - 1) / kTaskCols;
   // Few runs (short sequences, small batches): split the output channels into groups too, so that
   // every thread has several tasks to claim (each group packs the run's columns again: cheap).
   const int64_t threads = at::get_num_threads();
@@ -232,9 +211,9 @@ void implicit_gemm_fwd(const float* x, const float* wp, const float* bias, const
   at::parallel_for(0, std::min<int64_t>(threads, tasks), 1, [&](int64_t, int64_t) {
     std::vector<float> cols(g.Cin * ldb), tile(blocks * kMR * kTaskCols);
     for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
-      const int64_t b = t / (runs * groups), q0 = t / groups % runs * kTaskCols, nq = std::min(kTaskCols, g.cols - q0);
+      const int64_t b = t / (runs * groups), q0 = t / groups % runs * kTaskCols, nq = std::min(kTaskCols, g.Lout - q0);
       const int64_t mb0 = t % groups * per_group, mb1 = std::min(blocks, mb0 + per_group);
-      pack_columns(x + b * g.Cin * g.H * g.W, g, q0, (nq + kPanel - 1) / kPanel * kPanel + max_shift, cols.data(),
+      pack_columns(x + b * g.Cin * g.L, g, q0, (nq + kPanel - 1) / kPanel * kPanel + max_shift, cols.data(),
                    ldb);
       for (int64_t k0 = 0; k0 < g.Cin; k0 += kc) {
         const int64_t kn = std::min(kc, g.Cin - k0);
@@ -250,34 +229,25 @@ void implicit_gemm_fwd(const float* x, const float* wp, const float* bias, const
                      ldb, tile.data() + mb * kMR * kTaskCols + p, kTaskCols, k0 > 0);
         }
       }
-      // the task's columns in output rows: runs of the W_out valid columns of each grid row
-      for (int64_t j = 0; j < nq;) {
-        const int64_t q = q0 + j, h = q / g.Wp, w = q % g.Wp, run = std::min(nq - j, g.Wp - w);
-        const int64_t valid = std::clamp(g.Wout - w, int64_t{0}, run);
-        for (int64_t co = mb0 * kMR; co < std::min(g.Cout, mb1 * kMR) && valid > 0; ++co) {
-          const float* v = tile.data() + co * kTaskCols + j;
-          const int64_t o = (b * g.Cout + co) * S + h * g.Wout + w;
-          const fVec bv(bias ? bias[co] : 0.f);
-          if (pre) std::memcpy(pre + o, v, valid * sizeof(float));
-          for (int64_t u = 0; u < valid; u += kStep)
-            epilogue_step<A>(v + u, std::min(kStep, valid - u), bv, res ? res + o + u : nullptr, out + o + u);
-        }
-        j += run;
+      for (int64_t co = mb0 * kMR; co < std::min(g.Cout, mb1 * kMR); ++co) {
+        const float* v = tile.data() + co * kTaskCols;
+        const int64_t o = (b * g.Cout + co) * g.Lout + q0;
+        const fVec bv(bias ? bias[co] : 0.f);
+        if (pre) std::memcpy(pre + o, v, nq * sizeof(float));
+        for (int64_t u = 0; u < nq; u += kStep)
+          epilogue_step<A>(v + u, std::min(kStep, nq - u), bv, res ? res + o + u : nullptr, out + o + u);
       }
     }
   });
 }
 
-// Where the implicit GEMM runs: float32, stride 1, groups 1, and at least one task's worth of grid
-// columns per sequence. Shorter outputs fill a panel only in part (8 positions compute 32): there
-// oneDNN was faster (C_in = C_out = 768, L 16-40: 0.73-0.90x of it), so they keep the ATen path.
+// Where the implicit GEMM runs: conv1d in float32 with stride 1, groups 1 and at least one task of
+// output positions. Shorter outputs fill a panel only in part (8 positions compute 32): there oneDNN
+// was faster (C_in = C_out = 768, L 16-40: 0.73-0.90x of it), so they keep the ATen path.
 bool implicit_gemm_applies(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& stride,
                            const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation, int64_t groups) {
-  if (x.scalar_type() != at::kFloat || groups != 1 ||
-      !std::all_of(stride.begin(), stride.end(), [](int64_t s) { return s == 1; }))
-    return false;
-  const Grid g = make_grid(x, w, padding, dilation);
-  return g.Hout >= 1 && g.Wout >= 1 && g.cols >= kTaskCols;
+  if (x.dim() != 3 || x.scalar_type() != at::kFloat || groups != 1 || stride[0] != 1) return false;
+  return make_grid(x, w, padding, dilation).Lout >= kTaskCols;
 }
 
 // [C_out, C_in, taps...] -> [C_out / kMR][tap][C_in][kMR] fp32, rows past C_out zero: the A operand.
@@ -300,6 +270,32 @@ at::Tensor pack_weight(const at::Tensor& weight) {
   });
   return packed;
 }
+
+// The implicit GEMM's convolution: {out, pre (or [0] unless save_pre)}.
+std::vector<at::Tensor> implicit_conv(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& padding,
+                                      const std::vector<int64_t>& dilation, const std::optional<at::Tensor>& bias,
+                                      const std::optional<at::Tensor>& residual, int64_t activation, bool save_pre) {
+  TORCH_CHECK(w.size(1) == x.size(1), "conv: weight expects ", w.size(1), " input channels, x has ", x.size(1));
+  const at::Tensor xc = x.contiguous();
+  const Grid g = make_grid(xc, w, padding, dilation);
+  const std::vector<int64_t> shape{g.B, g.Cout, g.Lout};
+  if (residual) {
+    TORCH_CHECK(residual->sizes() == at::IntArrayRef(shape) && residual->scalar_type() == x.scalar_type() &&
+                    residual->is_contiguous(),
+                "conv: residual must be a contiguous tensor of the output's shape ", shape, ", got ", residual->sizes());
+  }
+  at::Tensor out = cpu::empty_huge(shape, x.options());
+  at::Tensor pre = save_pre ? cpu::empty_huge(shape, x.options()) : at::empty({0}, x.options());
+  const at::Tensor wp = pack_weight(w);
+  cpu::dispatch_activation(activation, [&](auto act) {
+    implicit_gemm_fwd<decltype(act)::value>(xc.const_data_ptr<float>(), wp.const_data_ptr<float>(),
+                                            bias ? bias->const_data_ptr<float>() : nullptr,
+                                            residual ? residual->const_data_ptr<float>() : nullptr,
+                                            out.data_ptr<float>(), save_pre ? pre.data_ptr<float>() : nullptr, g);
+  });
+  return {out, pre};
+}
+
 }  // namespace
 
 std::vector<at::Tensor> conv_fwd_cpu(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
@@ -307,30 +303,8 @@ std::vector<at::Tensor> conv_fwd_cpu(const at::Tensor& x, const at::Tensor& w, c
                                      std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups,
                                      int64_t activation, bool save_pre) {
   check(x, w, bias);
-  if (implicit_gemm_applies(x, w, stride, padding, dilation, groups)) {
-    TORCH_CHECK(w.size(1) == x.size(1), "conv: weight expects ", w.size(1), " input channels, x has ", x.size(1));
-    const at::Tensor xc = x.contiguous();
-    const Grid g = make_grid(xc, w, padding, dilation);
-    std::vector<int64_t> shape{g.B, g.Cout};
-    if (x.dim() == 4) shape.push_back(g.Hout);
-    shape.push_back(g.Wout);
-    if (residual) {
-      TORCH_CHECK(residual->sizes() == at::IntArrayRef(shape) && residual->scalar_type() == x.scalar_type() &&
-                      residual->is_contiguous(),
-                  "conv: residual must be a contiguous tensor of the output's shape ", shape, ", got ",
-                  residual->sizes());
-    }
-    at::Tensor out = cpu::empty_huge(shape, x.options());
-    at::Tensor pre = save_pre ? cpu::empty_huge(shape, x.options()) : at::empty({0}, x.options());
-    const at::Tensor wp = pack_weight(w);
-    cpu::dispatch_activation(activation, [&](auto act) {
-      implicit_gemm_fwd<decltype(act)::value>(xc.const_data_ptr<float>(), wp.const_data_ptr<float>(),
-                                              bias ? bias->const_data_ptr<float>() : nullptr,
-                                              residual ? residual->const_data_ptr<float>() : nullptr,
-                                              out.data_ptr<float>(), save_pre ? pre.data_ptr<float>() : nullptr, g);
-    });
-    return {out, pre};
-  }
+  if (implicit_gemm_applies(x, w, stride, padding, dilation, groups))
+    return implicit_conv(x, w, padding, dilation, bias, residual, activation, save_pre);
   const std::vector<int64_t> output_padding(stride.size(), 0);
   at::Tensor pre = at::convolution(x, w, std::nullopt, stride, padding, dilation, false, output_padding, groups)
                        .contiguous();
@@ -382,8 +356,21 @@ std::vector<at::Tensor> conv_bwd_cpu(const at::Tensor& grad_out, const at::Tenso
     if (bias) grad_bias = row_sums.sum(0).to(x.scalar_type());  // a fixed-order sum over the batch
   }
   const std::vector<int64_t> output_padding(stride.size(), 0);
+  // grad_x is the transposed convolution of gp: for stride 1 and groups 1, a convolution of gp with the
+  // weight's channel axes swapped and its taps reversed, padded by d (k - 1) - p (the output then has
+  // x's size), which the implicit GEMM runs where it applies; oneDNN then computes grad_w alone.
+  std::vector<int64_t> t_padding, spatial;
+  for (size_t i = 0; i < padding.size(); ++i) {
+    t_padding.push_back(dilation[i] * (w.size(2 + i) - 1) - padding[i]);
+    spatial.push_back(2 + static_cast<int64_t>(i));
+  }
+  const bool ours = std::all_of(t_padding.begin(), t_padding.end(), [](int64_t p) { return p >= 0; }) &&
+                    implicit_gemm_applies(gp, w.transpose(0, 1), stride, t_padding, dilation, groups);
   auto [grad_x, grad_w, unused] = at::convolution_backward(gp, x, w, std::nullopt, stride, padding, dilation, false,
-                                                           output_padding, groups, {true, true, false});
+                                                           output_padding, groups, {!ours, true, false});
+  if (ours)
+    grad_x = implicit_conv(gp, w.transpose(0, 1).flip(spatial), t_padding, dilation, std::nullopt, std::nullopt,
+                           cpu::kIdentity, false)[0];
   return {grad_x, grad_w, grad_bias};
 }
 

@@ -53,6 +53,18 @@ def build_info() -> dict:
     return dict(_BUILD_INFO)
 
 
+def buffer_cache() -> Optional[dict]:
+    """The cache of large CPU output buffers (csrc/cpu/buffer_cache.h): limit_bytes, cached_bytes,
+    cached_buffers, hits, misses; None without the extension. Its size is BIGNLP_FAST_CPU_CACHE_MB
+    (default 512; 0 turns it off), read when the extension loads."""
+    return dict(_C.buffer_cache_stats()) if _C is not None else None
+
+
+def clear_buffer_cache() -> int:
+    """Frees the large CPU buffers the cache holds (not those in use); returns the bytes freed."""
+    return int(_C.buffer_cache_clear()) if _C is not None else 0
+
+
 def cpuinfo(field: str) -> str:
     """The first value of ``field`` ("vendor_id", "model name", ...) in /proc/cpuinfo, or ""."""
     try:

@@ -61,6 +61,8 @@ def info() -> dict:
         # what the bf16 CPU kernels multiply their tiles on (csrc/cpu/amx.h, gemm.h)
         "bf16_tiles": {"amx": "AMX (oneDNN brgemm ukernel)", "avx512_bf16": "AVX512_BF16 dot products (no AMX here)",
                        "fp32": "fp32 FMA tiles (no AMX; AVX512_BF16 not built or switched off)"}[_backend.bf16_tiles()],
+        # freed large CPU outputs kept for the next call of the same size (csrc/cpu/buffer_cache.h)
+        "cpu_buffer_cache": _backend.buffer_cache(),
         "build": _backend.build_info(),
         "ops": ops,
         "fallbacks": _backend.report(),

@@ -34,6 +34,12 @@ def _info(args) -> int:
     print(f"machine: {machine()}; GPU: {data['gpu'] or 'none'}")
     print(f"fp32 input projections of the RNN layers on the CPU: {data['fp32_projection_gemm']}")
     print(f"bf16 attention tiles on the CPU: {data['bf16_tiles']}")
+    cache = data["cpu_buffer_cache"]
+    if cache is not None:
+        mib = lambda n: f"{n / 2**20:.0f} MiB"  # noqa: E731
+        print(f"CPU buffer cache (BIGNLP_FAST_CPU_CACHE_MB): {mib(cache['cached_bytes'])} held in "
+              f"{cache['cached_buffers']} buffers, limit {mib(cache['limit_bytes'])}; {cache['hits']} hits, "
+              f"{cache['misses']} misses")
     print("extension build:")
     for k, v in data["build"].items():
         print(f"  {k}: {v}")

@@ -4,6 +4,7 @@
 
 #include "ops.h"
 #include "cpu/amx.h"
+#include "cpu/buffer_cache.h"
 
 #ifndef BIGNLP_FAST_CPU_FLAGS
 #define BIGNLP_FAST_CPU_FLAGS ""
@@ -48,6 +49,15 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_dot", &bignlp_fast::cpu::bf16_dot, "Whether bf16 CPU kernels not on AMX take the AVX512_BF16 tiles now");
   m.def("set_bf16_dot", &bignlp_fast::cpu::set_bf16_dot,
         "Turn the AVX512_BF16 tile path of the bf16 CPU kernels off or back on; returns the previous state");
+  m.def("buffer_cache_stats", [] {
+    const auto s = bignlp_fast::cpu::buffer_cache_stats();
+    py::dict d;
+    d["limit_bytes"] = s.limit_bytes, d["cached_bytes"] = s.cached_bytes, d["cached_buffers"] = s.cached_buffers;
+    d["hits"] = s.hits, d["misses"] = s.misses;
+    return d;
+  }, "The cache of large CPU output buffers (csrc/cpu/buffer_cache.h): limit, bytes and buffers held, hits, misses");
+  m.def("buffer_cache_clear", &bignlp_fast::cpu::buffer_cache_clear,
+        "Free the large CPU buffers the cache holds; returns the bytes freed");
   m.def("add_layer_norm_fwd_cpu", &add_layer_norm_fwd_cpu);
   m.def("add_layer_norm_bwd_cpu", &add_layer_norm_bwd_cpu);
   m.def("bias_gelu_fwd_cpu", &bias_gelu_fwd_cpu);

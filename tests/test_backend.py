@@ -168,3 +168,40 @@ def test_calls_that_something_must_see_go_through_the_dispatcher(body_calls):
         add_layer_norm(*_aln_inputs())
     assert any(e.name == "bignlp_fast::add_layer_norm_fwd" for e in prof.events())
     assert body_calls == []
+
+
+# ---- the cache of large CPU output buffers (csrc/cpu/buffer_cache.h) -------------------------------
+def test_large_outputs_come_back_from_the_buffer_cache_and_never_alias():
+    from bignlp_fast.ops import linear
+    x, w = torch.randn(2048, 256), torch.randn(1024, 256)  # an 8 MiB output: large enough to be cached
+    expected = x @ w.t()
+    _backend.clear_buffer_cache()
+    before = _backend.buffer_cache()
+    y1 = linear(x, w, backend="cpu")
+    ptr = y1.data_ptr()
+    y2 = linear(x, w, backend="cpu")  # y1 is alive: y2 must have memory of its own
+    assert y2.data_ptr() != ptr
+    torch.testing.assert_close(y1, expected, rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(y2, expected, rtol=1e-5, atol=1e-4)
+    del y1
+    assert _backend.buffer_cache()["cached_bytes"] >= 8 << 20
+    y3 = linear(x + 1, w, backend="cpu")  # the same size: y1's buffer, taken from the cache
+    after = _backend.buffer_cache()
+    assert y3.data_ptr() == ptr and after["hits"] > before["hits"]
+    torch.testing.assert_close(y3, (x + 1) @ w.t(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(y2, expected, rtol=1e-5, atol=1e-4)  # untouched by y3's call
+    del y2, y3
+    assert _backend.clear_buffer_cache() >= 16 << 20
+    assert _backend.buffer_cache()["cached_bytes"] == 0
+
+
+def test_buffer_cache_size_comes_from_the_environment():
+    code = ("import torch, bignlp_fast; from bignlp_fast import _backend, ops; "
+            "y = ops.linear(torch.randn(2048, 256), torch.randn(1024, 256), backend='cpu'); del y; "
+            "print(_backend.buffer_cache()['limit_bytes'], _backend.buffer_cache()['cached_bytes'])")
+    for mb, limit in (("0", 0), ("64", 64 << 20)):
+        env = dict(os.environ, BIGNLP_FAST_CPU_CACHE_MB=mb)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        got_limit, cached = map(int, out.stdout.split())
+        assert got_limit == limit
+        assert (cached == 0) == (limit == 0)

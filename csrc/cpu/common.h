@@ -12,8 +12,6 @@
 #include <cstdint>
 #include <cstring>
 
-#include <sys/mman.h>
-
 #include <ATen/Parallel.h>
 #include <ATen/ATen.h>
 #include <ATen/cpu/vec/functional.h>
@@ -21,6 +19,8 @@
 #include <c10/util/BFloat16.h>
 
 #include <ATen/Dispatch.h>
+
+#include "buffer_cache.h"
 
 // The dtypes of the CPU kernels: float32 and bfloat16 (fp32 accumulation). Anything else raises
 // "... not implemented for 'Half'", a case the Python layer has already routed elsewhere.
@@ -160,15 +160,26 @@ inline fVec load_any(const float* p, int64_t n) { return n >= fVec::size() ? fVe
 inline void store_any(float* p, const fVec& v, int64_t n) {
   if (n >= fVec::size()) v.store(p); else v.store(p, n);
 }
+// bf16: a (masked) 16-bit load widened by a shift, and the rounding of to_bf16, where the ISA has them.
 inline fVec load_any(const c10::BFloat16* p, int64_t n) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __mmask16 m = n >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
+#else
   float buf[fVec::size()] = {};
   for (int64_t i = 0; i < std::min<int64_t>(n, fVec::size()); ++i) buf[i] = static_cast<float>(p[i]);
   return fVec::loadu(buf);
+#endif
 }
 inline void store_any(c10::BFloat16* p, const fVec& v, int64_t n) {
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+  const __mmask16 m = n >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
+  _mm256_mask_storeu_epi16(p, m, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+#else
   float buf[fVec::size()];
   v.store(buf);
   for (int64_t i = 0; i < std::min<int64_t>(n, fVec::size()); ++i) p[i] = static_cast<c10::BFloat16>(buf[i]);
+#endif
 }
 
 // n values of T as fp32 times mul, and back (the row copies of the packing and write-out steps).
@@ -190,35 +201,6 @@ inline void to_padded_float(const T* src, int64_t n, float* dst, int64_t n_padde
     for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
   }
   std::fill(dst + n, dst + n_padded, 0.f);
-}
-
-// Large buffers that a kernel writes once per call (an RNN's workspace, a projection's output, a packed
-// GEMM operand). glibc hands out every allocation above its mmap threshold (at most 32 MiB) as fresh
-// pages, so the first write of each 4 KiB page is a page fault: a fresh 50 MiB tensor cost 31 ms to
-// fill against 8 ms for a reused one on the 2-core Zen 5 (12800 faults). Asking for transparent huge
-// pages on the buffer before its first write (where THP is "madvise", the usual default) makes that
-// 25 faults of 2 MiB. torch does the same for every allocation only under THP_MEM_ALLOC_ENABLE=1.
-// Only whole 2 MiB pages inside the buffer are advised; smaller buffers are left alone.
-inline void advise_huge_pages(void* p, int64_t bytes) {
-#if defined(MADV_HUGEPAGE)
-  constexpr uintptr_t k2M = uintptr_t{2} << 20;
-  if (bytes < static_cast<int64_t>(4 * k2M)) return;
-  const uintptr_t b = (reinterpret_cast<uintptr_t>(p) + k2M - 1) & ~(k2M - 1);
-  const uintptr_t e = (reinterpret_cast<uintptr_t>(p) + static_cast<uintptr_t>(bytes)) & ~(k2M - 1);
-  if (e > b) madvise(reinterpret_cast<void*>(b), e - b, MADV_HUGEPAGE);  // a hint: failure changes nothing
-#else
-  (void)p, (void)bytes;
-#endif
-}
-// at::empty, with huge pages advised for a large tensor (see above).
-inline at::Tensor empty_huge(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  at::Tensor t = at::empty(sizes, options);
-  advise_huge_pages(t.data_ptr(), static_cast<int64_t>(t.nbytes()));
-  return t;
-}
-// at::zeros the same way: the zeros are written after the advice.
-inline at::Tensor zeros_huge(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  return empty_huge(sizes, options).zero_();
 }
 
 // Rows per chunk for reductions over rows (grad of weight/bias): at most 64 chunks, a function of

@@ -189,8 +189,7 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
   });
   const int64_t K2 = (S + 1) / 2;
   std::vector<c10::BFloat16> wtb(dot ? K2 * ld_w * 2 : 0);
-  std::vector<uint32_t> htb(dot ? 2 * K2 * B : 0);  // two buffers of the state (below)
-  std::vector<c10::BFloat16> w_amx(amx ? blocks * K2 * GU * 2 : 0), h_amx(amx ? 2 * B * 2 * K2 : 0);
+  std::vector<c10::BFloat16> w_amx(amx ? blocks * K2 * GU * 2 : 0);
   if (amx) {
     // Per (gate, block) panel, 16 units at a time: a unit's pair of k is one uint32 of its row of W_hh,
     // so with S even one gather fetches a pair for 16 units (bf16, H = S = 512, B32, T = 1: a call took
@@ -237,55 +236,46 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
     for (int64_t p = 0; p < S; ++p)
       for (int64_t j = 0; j < H; ++j) wrt[j * ld_p + p] = static_cast<float>(wr[p * H + j]);
   }
-  // The state, h row-major [B, S] (the kept state of inactive rows, the output) and ht, the same
-  // transposed [S, B] (the recurrent GEMM's A operand, read as consecutive floats per k), each held
-  // twice: step `step` reads buffer step % 2 and writes the other, which no worker reads during the
-  // step. The cell state c [B, H] is read and written only by the owner of its units: one buffer.
-  std::vector<float> hbuf(2 * B * S), htbuf(2 * S * B), c(B * H, 0.f), m(sh.proj ? B * H : 0);
+  // The state h, row-major [B, S]: the kept state of inactive rows, and the recurrent GEMM's A
+  // operand (the micro-kernel's 8 broadcasts per k come from 8 rows, each line serving 16 k). It is
+  // held twice: step `step` reads buffer step % 2 and writes the other, which no worker reads during
+  // the step. The cell state c [B, H] is read and written only by the owner of its units: one buffer.
+  // (An earlier version kept a transposed copy [S, B] as the A operand: 2 scalar stores per unit and
+  // row, ~5% of the B32 H512 step.)
+  std::vector<float> hbuf(2 * B * S), c(B * H, 0.f), m(sh.proj ? B * H : 0);
   to_float(h0.const_data_ptr<T>(), hbuf.data(), B * S);
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t k = 0; k < S; ++k) htbuf[k * B + b] = hbuf[b * S + k];
   if (c0.has_value()) to_float(c0->const_data_ptr<T>(), c.data(), B * H);
-  // The bf16 GEMM operands of state columns [k0, k1) (k0 even) of buffer nb, rounded from the fp32
-  // state by the worker that wrote those columns: pairs of k for small_gemm_bf16 (pack_pairs_bf16's
-  // layout), or bf16 rows padded to 2 K2 for AMX.
+  // For bf16 GEMMs (dot products or AMX) the state rounded to bf16, rows padded with a zero to 2 K2,
+  // twice as h: read by small_gemm_bf16 as pairs of k (a_rs = K2, a_cs = 1) and by amx_gemm as
+  // rows. Columns [k0, k1) (k0 even) of buffer nb are rounded by the worker that wrote them.
+  const bool bf16_state = dot || amx;
+  std::vector<c10::BFloat16> hb(bf16_state ? 2 * B * 2 * K2 : 0, c10::BFloat16(0.f));
   auto round_state = [&](int64_t nb, int64_t k0, int64_t k1) {
-    if (dot) {
-      const float* a = htbuf.data() + nb * S * B;
-      uint32_t* out = htb.data() + nb * K2 * B;
-      for (int64_t kp = k0 / 2; kp < (k1 + 1) / 2; ++kp)
-        for (int64_t b = 0; b < B; ++b) {
-          const uint32_t lo = c10::BFloat16(a[2 * kp * B + b]).x;
-          const uint32_t hi = 2 * kp + 1 < S ? c10::BFloat16(a[(2 * kp + 1) * B + b]).x : 0;
-          out[kp * B + b] = lo | (hi << 16);
-        }
-    }
-    if (amx)
+    if (bf16_state)
       for (int64_t b = 0; b < B; ++b)
-        cpu::from_float(hbuf.data() + (nb * B + b) * S + k0, h_amx.data() + (nb * B + b) * 2 * K2 + k0, k1 - k0);
+        for (int64_t k = k0; k < k1; k += fVec::size()) {
+          const int64_t n = std::min<int64_t>(fVec::size(), k1 - k);
+          store_any(hb.data() + (nb * B + b) * 2 * K2 + k, load_any(hbuf.data() + (nb * B + b) * S + k, n), n);
+        }
   };
   round_state(0, 0, S);
 
   const T* x = xw.const_data_ptr<T>();
   T* o = out.data_ptr<T>();
   float* wsp = save ? ws.data_ptr<float>() : nullptr;
-  // Without a backward to feed (inference), each thread writes a row's workspace to scratch instead.
-  auto ws_row = [&](std::vector<float>& scratch, int64_t t, int64_t b) {
-    return save ? wsp + (t * sh.B + b) * sh.width : scratch.data();
-  };
+  // The workspace row of (t, b); nothing is written to it without a backward to feed (inference).
+  auto ws_row = [&](int64_t t, int64_t b) { return save ? wsp + (t * sh.B + b) * sh.width : nullptr; };
   // One parallel region for the whole time loop (StepRegion): per step, the workers claim blocks of
   // units, then (with a projection) column panels of h = m W_hr^T.
   const int64_t panels = sh.proj ? ld_p / fVec::size() : 0;
   StepRegion region(std::max(blocks, panels));
   region.run([&](StepRegion::Worker& wk) {
-    std::vector<float> tile(B * GU), xg(GU), scratch(save ? 0 : sh.width), hp(sh.proj ? B * fVec::size() : 0);
+    std::vector<float> tile(B * GU), hp(sh.proj ? B * fVec::size() : 0);
     for (int64_t step = 0; step < sh.T; ++step) {
       const int64_t t = reverse ? sh.T - 1 - step : step;
       const int64_t cur = step % 2, nxt = 1 - cur;
       const float* h = hbuf.data() + cur * B * S;
       float* h_next = hbuf.data() + nxt * B * S;
-      const float* ht = htbuf.data() + cur * S * B;
-      float* ht_next = htbuf.data() + nxt * S * B;
       wk.round(blocks);  // once the previous step's state is complete
       for (int64_t blk; (blk = wk.claim()) >= 0; wk.done()) {
         const int64_t j0 = blk * kUnits, nu = std::min(kUnits, H - j0);
@@ -300,64 +290,63 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
                 __builtin_prefetch(xn + b * G * H + g * H + q, 0, 3);
         }
         if (amx)
-          cpu::amx_gemm(B, GU, 2 * K2, h_amx.data() + cur * B * 2 * K2, 2 * K2, w_amx.data() + blk * K2 * GU * 2, GU,
+          cpu::amx_gemm(B, GU, 2 * K2, hb.data() + cur * B * 2 * K2, 2 * K2, w_amx.data() + blk * K2 * GU * 2, GU,
                         tile.data(), GU, false);
         for (int64_t g = 0; g < (amx ? 0 : G); ++g) {
           if (dot) {
-            cpu::small_gemm_bf16(B, kUnits, K2, htb.data() + cur * K2 * B, 1, B,
-                                 wtb.data() + (blk * G + g) * K2 * kUnits * 2, kUnits, tile.data() + g * kUnits,
+            cpu::small_gemm_bf16(B, kUnits, K2, reinterpret_cast<const uint32_t*>(hb.data() + cur * B * 2 * K2), K2,
+                                 1, wtb.data() + (blk * G + g) * K2 * kUnits * 2, kUnits, tile.data() + g * kUnits,
                                  G * kUnits);
             continue;
           }
-          small_gemm(B, kUnits, S, ht, 1, B, wt.data() + (blk * G + g) * S * kUnits, kUnits,
+          small_gemm(B, kUnits, S, h, S, 1, wt.data() + (blk * G + g) * S * kUnits, kUnits,
                      tile.data() + g * kUnits, G * kUnits, 1.f, false);
         }
         for (int64_t b = 0; b < B; ++b) {
           const bool active = t < len[b];
-          const T* xb = x + (t * B + b) * G * H;
-          float* wsb = ws_row(scratch, t, b);
+          const T* xb = x + (t * B + b) * G * H + j0;
+          float* wsb = ws_row(t, b);
           const float* tb = tile.data() + b * G * kUnits;
           const float* bb = bias.data() + blk * G * kUnits;
-          for (int64_t g = 0; g < G; ++g) to_float(xb + g * H + j0, xg.data() + g * kUnits, nu);
           const fVec keep(active ? 1.f : 0.f);
           for (int64_t u = 0; u < nu; u += fVec::size()) {  // a vector of units at a time
             const int64_t j = j0 + u, w = std::min<int64_t>(fVec::size(), nu - u);
-            auto pre = [&](int64_t g) { return fVec::loadu(xg.data() + g * kUnits + u) +
-                                               fVec::loadu(tb + g * kUnits + u) + fVec::loadu(bb + g * kUnits + u); };
+            auto pre = [&](int64_t g) {
+              return load_any(xb + g * H + u, w) + fVec::loadu(tb + g * kUnits + u) + fVec::loadu(bb + g * kUnits + u);
+            };
             auto put = [&](float* dst, const fVec& v) { store_any(dst, v, w); };
+            auto keep_ws = [&](int64_t off, const fVec& v) {  // the workspace, when there is a backward
+              if (save) store_any(wsb + off + j, v, w);
+            };
             fVec h_new;
             if (sh.mode == Mode::kLstm) {
               const fVec i = sigmoid(pre(0)), f = sigmoid(pre(1)), gg = tanh_fast(pre(2)), og = sigmoid(pre(3));
               const fVec c_old = load_any(c.data() + b * H + j, w);
               const fVec cn = f * c_old + i * gg;
               h_new = og * tanh_fast(cn);
-              put(wsb + j, i), put(wsb + H + j, f), put(wsb + 2 * H + j, gg), put(wsb + 3 * H + j, og);
+              keep_ws(0, i), keep_ws(H, f), keep_ws(2 * H, gg), keep_ws(3 * H, og);
               const fVec c_kept = fVec::blendv(c_old, cn, keep != fVec(0.f));
               put(c.data() + b * H + j, c_kept);  // only this worker reads these units of c
-              put(wsb + sh.off_c + j, c_kept);    // the cell state after the step (kept when inactive)
+              keep_ws(sh.off_c, c_kept);          // the cell state after the step (kept when inactive)
               if (sh.proj) {  // h = m W_hr^T below
-                put(wsb + sh.off_m + j, h_new);
+                keep_ws(sh.off_m, h_new);
                 put(m.data() + b * H + j, h_new);
                 continue;
               }
             } else if (sh.mode == Mode::kGru) {
               const fVec r = sigmoid(pre(0)), z = sigmoid(pre(1));
               const fVec hn = fVec::loadu(tb + 2 * kUnits + u) + fVec::loadu(bb + 2 * kUnits + u);
-              const fVec n = tanh_fast(fVec::loadu(xg.data() + 2 * kUnits + u) + r * hn);
+              const fVec n = tanh_fast(load_any(xb + 2 * H + u, w) + r * hn);
               h_new = (fVec(1.f) - z) * n + z * load_any(h + b * S + j, w);
-              put(wsb + j, r), put(wsb + H + j, z), put(wsb + 2 * H + j, n), put(wsb + sh.off_hn + j, hn);
+              keep_ws(0, r), keep_ws(H, z), keep_ws(2 * H, n), keep_ws(sh.off_hn, hn);
             } else {
               h_new = sh.mode == Mode::kRnnTanh ? tanh_fast(pre(0)) : at::vec::clamp_min(pre(0), fVec(0.f));
-              put(wsb + j, h_new);
+              keep_ws(0, h_new);
             }
             const fVec h_kept = fVec::blendv(load_any(h + b * S + j, w), h_new, keep != fVec(0.f));
             put(h_next + b * S + j, h_kept);
-            put(wsb + sh.off_state + j, h_kept);
-            float tmp[fVec::size()];
-            h_kept.store(tmp);
-            for (int64_t q = 0; q < w; ++q) ht_next[(j + q) * B + b] = tmp[q];
-            (h_new * keep).store(tmp);
-            for (int64_t q = 0; q < w; ++q) o[(t * B + b) * S + j + q] = static_cast<T>(tmp[q]);
+            keep_ws(sh.off_state, h_kept);
+            store_any(o + (t * B + b) * S + j, h_new * keep, w);
           }
         }
         if (!sh.proj) round_state(nxt, j0, j0 + nu);
@@ -368,15 +357,11 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
           const int64_t c0_ = p * fVec::size(), nc = std::min<int64_t>(fVec::size(), S - c0_);
           small_gemm(B, fVec::size(), H, m.data(), H, 1, wrt.data() + c0_, ld_p, hp.data(), fVec::size(), 1.f, false);
           for (int64_t b = 0; b < B; ++b) {
-            const bool active = t < len[b];
-            float* wsb = ws_row(scratch, t, b);
-            for (int64_t q = 0; q < nc; ++q) {
-              const float v = hp[b * fVec::size() + q];
-              h_next[b * S + c0_ + q] = active ? v : h[b * S + c0_ + q];
-              ht_next[(c0_ + q) * B + b] = h_next[b * S + c0_ + q];
-              wsb[sh.off_state + c0_ + q] = h_next[b * S + c0_ + q];
-              o[(t * B + b) * S + c0_ + q] = static_cast<T>(active ? v : 0.f);
-            }
+            const fVec keep(t < len[b] ? 1.f : 0.f), v = fVec::loadu(hp.data() + b * fVec::size());
+            const fVec h_kept = fVec::blendv(load_any(h + b * S + c0_, nc), v, keep != fVec(0.f));
+            store_any(h_next + b * S + c0_, h_kept, nc);
+            if (save) store_any(ws_row(t, b) + sh.off_state + c0_, h_kept, nc);
+            store_any(o + (t * B + b) * S + c0_, v * keep, nc);
           }
           round_state(nxt, c0_, c0_ + nc);
         }
@@ -417,7 +402,7 @@ void backward(const Shape& sh, const at::Tensor& grad_out, const at::Tensor& gra
   }
   // dh (the gradient of the state after the step) twice: a step reads buffer i % 2 and writes the
   // other; dc [B, H] is read and written only by the worker of its units: one buffer.
-  std::vector<float> dhbuf(2 * B * ld_s, 0.f), dc(B * H, 0.f), dht(B * S), dm;
+  std::vector<float> dhbuf(2 * B * ld_s, 0.f), dc(B * H, 0.f), dht(B * S), dm, dgt(GH * B);
   for (int64_t b = 0; b < B; ++b) to_float(grad_h_n.const_data_ptr<T>() + b * S, dhbuf.data() + b * ld_s, S);
   if (grad_c_n.has_value()) to_float(grad_c_n->const_data_ptr<T>(), dc.data(), B * H);
   std::vector<float> h_init(B * S), c_init(B * H, 0.f);
@@ -518,16 +503,18 @@ void backward(const Shape& sh, const at::Tensor& grad_out, const at::Tensor& gra
             }
           }
         }
+        // this chunk's dG, transposed: the A operand of dG W_hh below
+        for (int64_t g = 0; g < G; ++g)
+          at::vec::transpose_mxn<float>(dg + g * H + j0, GH, dgt.data() + (g * H + j0) * B, B, B, j1 - j0);
       }
       wk.round(panels);  // once every unit's dG is in
       // dh_prev = dG W_hh (+ GRU's direct term), by column panels; inactive rows pass dh through.
-      // A is this step's dG [B, GH] row-major as written above (a_rs = GH): the micro-kernel's 8
-      // broadcasts per k come from 8 rows, each line serving 16 k. A transposed copy [GH, B] (a_rs = 1)
-      // cost a scalar store per element, 64K per step at B32 H512 (backward on one thread, a busy
-      // machine: 112-121 ms without the copy, 118 ms with it; the same results bit for bit).
+      // A is this step's dG transposed, [GH, B] (a_rs = 1, a_cs = B): the 8 broadcasts of a k are
+      // one line. Read in place from dG [B, GH] (a_rs = GH), the 8 rows of a tile lie 8 KiB apart at
+      // H = 512, all in one L1 set, and the backward's loop ran at ~55% of the micro-kernel's rate.
       for (int64_t p; (p = wk.claim()) >= 0; wk.done()) {
         const int64_t c0_ = p * PW;
-        small_gemm(B, PW, GH, dg, GH, 1, w.data() + p * GH * PW, PW, dh_next + c0_, ld_s, 1.f, gru);
+        small_gemm(B, PW, GH, dgt.data(), 1, B, w.data() + p * GH * PW, PW, dh_next + c0_, ld_s, 1.f, gru);
         for (int64_t b = 0; b < B; ++b)
           if (!(t < len[b]))
             for (int64_t q = 0; q < PW; ++q) dh_next[b * ld_s + c0_ + q] = dh[b * ld_s + c0_ + q];

@@ -388,6 +388,11 @@ void packed_gemm(int64_t M, int64_t N, int64_t K, Strided<T> A, Strided<T> B, co
       at::vec::transpose_mxn<float>(reinterpret_cast<const float*>(A.p) + m0 * A.rs + k0, A.rs, a, kRows, mc, kc);
       return;
     }
+    if (kFloat && A.rs == 1) {  // A = X^T of a row-major X (a weight gradient's dG^T): copies of X's rows
+      for (int64_t k = 0; k < kc; ++k)
+        std::memcpy(a + k * kRows, reinterpret_cast<const float*>(A.p) + (k0 + k) * A.cs + m0, mc * sizeof(float));
+      return;
+    }
     for (int64_t k = 0; k < kc; ++k)
       for (int64_t r = 0; r < mc; ++r) a[k * kRows + r] = A.at(m0 + r, k0 + k);
   }, [&](int64_t mc, int64_t p, int64_t k0, int64_t kc, const float* a, float* out, int64_t ldo, bool acc) {

@@ -12,7 +12,10 @@ BACKENDS = backend_params("cpu", "torch")
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("shape", [(1, 1, 1), (37, 13, 29), (3, 5, 70, 33), (300, 257, 65), (80, 300, 40)], ids=str)
+# (1100, 601, 70): K past one 512-deep slice of the packed A (forward: 601, odd for the bf16 pairs;
+# grad_w: 1100 rows), and ragged row blocks and column panels
+@pytest.mark.parametrize("shape", [(1, 1, 1), (37, 13, 29), (3, 5, 70, 33), (300, 257, 65), (80, 300, 40),
+                                   (1100, 601, 70)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_matches_float64(backend, device, shape, dtype, with_bias):
@@ -72,3 +75,44 @@ def test_bad_input():
         linear(torch.randn(2, 4), torch.randn(3, 5))
     with pytest.raises(ValueError, match=r"bias must have shape \(3,\)"):
         linear(torch.randn(2, 4), torch.randn(3, 4), torch.randn(2))
+
+
+# ---- nn.Linear: torch.nn.Linear's drop-in on the faster GEMM ---------------------------------------
+@pytest.mark.parametrize("rows", [3, 200], ids=lambda r: f"rows{r}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_nn_linear_is_a_drop_in_for_torch_nn_linear(rows, dtype):
+    import bignlp_fast.nn as bnn
+    from bignlp_fast import _backend
+    from bignlp_fast.ops.linear import linear_is_faster
+    torch.manual_seed(0)
+    ref = torch.nn.Linear(96, 40).to(dtype)
+    ours = bnn.Linear(96, 40).to(dtype)
+    assert isinstance(ours, torch.nn.Linear)
+    ours.load_state_dict(ref.state_dict())
+    assert ours.state_dict().keys() == ref.state_dict().keys()
+    x = torch.randn(2, rows, 96).to(dtype)
+    # the GEMM it takes: decoding sizes and float32 (unless MKL on Intel) on ops.linear, else F.linear
+    expect_ours = rows * 2 <= 16 or (dtype == torch.float32 and not _backend.blas_sgemm_is_fast())
+    assert linear_is_faster(x) == expect_ours
+    x64, ref64 = x.double().requires_grad_(), torch.nn.Linear(96, 40).double()
+    ref64.load_state_dict(ref.state_dict())
+    leaves = lambda m, t: [t, *m.parameters()]  # noqa: E731
+    xs = [x.clone().requires_grad_() for _ in range(2)]
+    outs = [m(t) for m, t in ((ours, xs[0]), (ref, xs[1]))]
+    g = torch.randn_like(outs[0])
+    got, theirs = ([o, *torch.autograd.grad(o, leaves(m, t), g)] for o, m, t in ((outs[0], ours, xs[0]), (outs[1], ref, xs[1])))
+    y64 = ref64(x64)
+    want = [y64, *torch.autograd.grad(y64, leaves(ref64, x64), g.double())]
+    for name, a, c, r in zip(["y", "grad_x", "grad_w", "grad_b"], got, theirs, want):
+        assert_within_torch_error(f"nn.Linear rows {rows} {dtype} {name}", a, c, r, dtype)
+
+
+def test_nn_linear_pins_a_backend_and_converts_from_torch():
+    import bignlp_fast.nn as bnn
+    ref = torch.nn.Linear(8, 5, bias=False)
+    ours = bnn.Linear.from_torch(ref, backend="torch")
+    assert ours.weight is ref.weight and ours.bias is None and ours.backend == "torch"
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(ours(x), ref(x))
+    with pytest.raises(Exception, match="cuda"):
+        bnn.Linear(8, 5, backend="cuda")(x)

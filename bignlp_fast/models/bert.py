@@ -10,7 +10,9 @@ What makes it fast:
 - **Fewer passes over memory.** The residual add and the LayerNorm after it are one op
   (``add_layer_norm``); the intermediate layer's bias and GELU are one op (``bias_gelu``);
   attention is flash-style (no [L, L] score matrix in memory).
-- The GEMMs are torch's (``F.linear``: MKL / oneDNN on the CPU, cuBLAS on the GPU).
+- The GEMMs are ``bignlp_fast.nn.Linear``'s: the project's packed GEMM (``ops.linear``) for float32 on
+  CPUs where torch's sgemm is the slower one (AMD: 1.5-2x F.linear at these shapes), torch's
+  elsewhere (MKL on Intel, oneDNN's bf16 GEMMs, cuBLAS on the GPU).
 
 Under ``torch.compile`` the batch is not unpadded (the token count would be data-dependent):
 layers run on all B*L positions and attention takes the padding mask instead. Both paths give the
@@ -34,6 +36,7 @@ from torch import Tensor
 from bignlp_fast import nn as bnn
 from bignlp_fast.models._pretrained import HFConfig, PretrainedModel
 from bignlp_fast.ops.attention import scaled_dot_product_attention, varlen_attention
+from bignlp_fast.ops.linear import dense
 from bignlp_fast.ops.bias_gelu import bias_gelu
 
 _GELU = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
@@ -168,12 +171,12 @@ def _init_weights(module: torch.nn.Module, std: float) -> None:
             torch.nn.init.zeros_(m.bias)
 
 
-def _dense_activation(dense: torch.nn.Linear, h: Tensor, hidden_act: str) -> Tensor:
+def _dense_activation(layer: torch.nn.Linear, h: Tensor, hidden_act: str) -> Tensor:
     """act(h W^T + b): the GEMM without its bias, then the bias and the activation in one pass."""
-    x = F.linear(h, dense.weight)
+    x = dense(h, layer.weight)
     if hidden_act in _GELU:
-        return bias_gelu(x, dense.bias, _GELU[hidden_act])
-    return F.relu(x + dense.bias)
+        return bias_gelu(x, layer.bias, _GELU[hidden_act])
+    return F.relu(x + layer.bias)
 
 
 # ---- modules, named as transformers names them (their names are the state_dict keys) -------------
@@ -197,9 +200,9 @@ class BertSelfAttention(torch.nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
         self.num_heads = config.num_attention_heads
-        self.query = torch.nn.Linear(config.hidden_size, config.hidden_size)
-        self.key = torch.nn.Linear(config.hidden_size, config.hidden_size)
-        self.value = torch.nn.Linear(config.hidden_size, config.hidden_size)
+        self.query = bnn.Linear(config.hidden_size, config.hidden_size)
+        self.key = bnn.Linear(config.hidden_size, config.hidden_size)
+        self.value = bnn.Linear(config.hidden_size, config.hidden_size)
         self.dropout_p = config.attention_probs_dropout_prob
 
     def forward(self, h: Tensor, batch: _Batch) -> Tensor:
@@ -213,7 +216,7 @@ class BertDenseLayerNorm(torch.nn.Module):
 
     def __init__(self, config: BertConfig, in_features: int):
         super().__init__()
-        self.dense = torch.nn.Linear(in_features, config.hidden_size)
+        self.dense = bnn.Linear(in_features, config.hidden_size)
         self.LayerNorm = bnn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = torch.nn.Dropout(config.hidden_dropout_prob)
 
@@ -235,7 +238,7 @@ class BertAttention(torch.nn.Module):
 class BertIntermediate(torch.nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
-        self.dense = torch.nn.Linear(config.hidden_size, config.intermediate_size)
+        self.dense = bnn.Linear(config.hidden_size, config.intermediate_size)
         self.hidden_act = config.hidden_act
 
     def forward(self, h: Tensor) -> Tensor:
@@ -268,7 +271,7 @@ class BertEncoder(torch.nn.Module):
 class BertPooler(torch.nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
-        self.dense = torch.nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = bnn.Linear(config.hidden_size, config.hidden_size)
 
     def forward(self, last_hidden_state: Tensor) -> Tensor:
         return torch.tanh(self.dense(last_hidden_state[:, 0]))
@@ -342,7 +345,7 @@ class BertForSequenceClassification(PretrainedModel):
         self.bert = BertModel(config)
         dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
         self.dropout = torch.nn.Dropout(dropout)
-        self.classifier = torch.nn.Linear(config.hidden_size, config.num_labels)
+        self.classifier = bnn.Linear(config.hidden_size, config.num_labels)
         _init_weights(self.classifier, config.initializer_range)
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
@@ -372,7 +375,7 @@ class BertForSequenceClassification(PretrainedModel):
 class BertPredictionHeadTransform(torch.nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
-        self.dense = torch.nn.Linear(config.hidden_size, config.hidden_size)
+        self.dense = bnn.Linear(config.hidden_size, config.hidden_size)
         self.LayerNorm = bnn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.hidden_act = config.hidden_act
 
@@ -384,7 +387,7 @@ class BertLMPredictionHead(torch.nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
         self.transform = BertPredictionHeadTransform(config)
-        self.decoder = torch.nn.Linear(config.hidden_size, config.vocab_size)  # weight tied to the word embeddings
+        self.decoder = bnn.Linear(config.hidden_size, config.vocab_size)  # weight tied to the word embeddings
         self.bias = self.decoder.bias  # transformers' second name for the decoder's bias
 
     def forward(self, h: Tensor) -> Tensor:

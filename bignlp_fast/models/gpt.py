@@ -41,16 +41,15 @@ from torch import Tensor
 
 from bignlp_fast import _backend
 from bignlp_fast.models._pretrained import HFConfig, PretrainedModel
-from bignlp_fast.ops import add_layer_norm, bias_gelu, linear, scaled_dot_product_attention
+from bignlp_fast.ops import add_layer_norm, bias_gelu, scaled_dot_product_attention
 from bignlp_fast.ops._common import body, dispatcher_needed
 from bignlp_fast.ops.add_layer_norm import OP as _ADD_LN, add_layer_norm_fwd
 from bignlp_fast.ops.attention import CAUSAL_NONE, CPU_MAX_HEAD_DIM, OP as _ATTENTION, attention_fwd
 from bignlp_fast.ops.bias_gelu import OP as _BIAS_GELU, bias_gelu_fwd
-from bignlp_fast.ops.linear import OP as _LINEAR, linear_fwd
+from bignlp_fast.ops.linear import OP as _LINEAR, SKINNY_ROWS as _SKINNY_ROWS, dense, linear_fwd
 
 # activation_function -> bias_gelu's ``approximate``
 _GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
-_SKINNY_ROWS = 16  # csrc/cpu/skinny_gemm.h's kSkinnyRows: where ops.linear's streaming kernel wins
 
 
 @dataclasses.dataclass
@@ -178,14 +177,12 @@ class Conv1D(torch.nn.Module):
 
 
 def _project(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """x [..., in] @ weight^T + bias, weight [out, in] (any strides). Decoding-sized inputs (at most
-    16 rows on the CPU) run on ``ops.linear``'s streaming kernel, which reads the weight once at
-    memory speed, in either layout; larger ones on torch's GEMM (MKL / oneDNN / cuBLAS)."""
+    """x [..., in] @ weight^T + bias, weight [out, in] (any strides), on the faster GEMM for x
+    (ops.linear.dense): decoding-sized inputs (at most 16 rows on the CPU) on ``ops.linear``'s
+    streaming kernel, which reads the weight once at memory speed, in either layout; float32 prompts
+    on the project's packed GEMM where torch's sgemm is the slower one; torch's GEMM elsewhere."""
     x2 = x.reshape(-1, x.shape[-1])  # [N, in]
-    if x2.shape[0] <= _SKINNY_ROWS and x2.device.type == "cpu" and x2.dtype in (torch.float32, torch.bfloat16):
-        y = linear(x2, weight, bias)
-    else:
-        y = F.linear(x2, weight, bias)  # [N, out]
+    y = dense(x2, weight, bias)  # [N, out]
     return y.view(*x.shape[:-1], y.shape[-1])
 
 

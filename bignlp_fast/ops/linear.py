@@ -85,6 +85,37 @@ def _backward(ctx, grad_y):
 linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
+# ---- which GEMM to call -------------------------------------------------------------------------
+SKINNY_ROWS = 16  # csrc/cpu/skinny_gemm.h's kSkinnyRows: up to this many rows the streaming kernels win
+
+
+def linear_is_faster(x: Tensor) -> bool:
+    """Whether ``linear`` beats F.linear for an input like ``x`` on this machine (the models and
+    nn.Linear ask this before each GEMM):
+
+    - decoding-sized inputs (at most SKINNY_ROWS rows) on the CPU, float32 or bfloat16: the streaming
+      kernels read the weight once at memory speed, where BLAS falls to a fraction of the bandwidth;
+    - float32 on the CPU, unless torch's sgemm is the faster one (MKL on Intel CPUs, where it takes
+      its AVX-512 path: _backend.blas_sgemm_is_fast). On an AMD EPYC (Zen 5) the packed GEMM ran
+      1.5-2.1x F.linear at BERT's shapes ([624, 768] x [768, 3072] and the like), forward and backward.
+    Not: bfloat16 beyond decoding sizes (torch's GEMM runs on the CPU's bf16 dot products or AMX,
+    about twice the packed GEMM's fp32 arithmetic), CPU autocast, other devices, or a build without
+    the CPU kernels."""
+    if x.device.type != "cpu" or torch.is_autocast_enabled("cpu") or x.dim() == 0 or x.shape[-1] == 0:
+        return False
+    if x.dtype not in (torch.float32, torch.bfloat16) or _backend.unavailable("cpu", x.device) is not None:
+        return False
+    rows = x.numel() // x.shape[-1]
+    return rows <= SKINNY_ROWS or (x.dtype == torch.float32 and not _backend.blas_sgemm_is_fast())
+
+
+def dense(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
+    """``x @ weight^T + bias`` on the faster GEMM for these tensors: :func:`linear` where
+    :func:`linear_is_faster` says so, else F.linear. ``weight`` may also be the transpose of a
+    contiguous [K, N] tensor (GPT-2's Conv1D layout)."""
+    return linear(x, weight, bias) if linear_is_faster(x) else F.linear(x, weight, bias)
+
+
 # ---- public op --------------------------------------------------------------------------------
 def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, backend: Optional[str] = None) -> Tensor:
     """``x @ weight^T + bias`` over the last dimension of x ([..., K] -> [..., N]).

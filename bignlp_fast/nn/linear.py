@@ -1,0 +1,40 @@
+"""Linear: a drop-in for torch.nn.Linear whose GEMM is the faster of bignlp_fast.ops.linear and
+F.linear for the input at hand (bignlp_fast.ops.linear.linear_is_faster)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from bignlp_fast.ops.linear import dense, linear
+
+
+class Linear(torch.nn.Linear):
+    """torch.nn.Linear with the same constructor, parameters and state_dict keys.
+
+    ``forward`` runs ``bignlp_fast.ops.linear`` (the project's packed GEMM, or its streaming kernels
+    for decoding-sized inputs) where that is the faster GEMM on this machine: float32 CPU inputs
+    unless torch's sgemm is MKL on an Intel CPU, and inputs of at most 16 rows; elsewhere (bfloat16
+    beyond decoding sizes, GPUs, autocast) it is F.linear, as in torch. ``backend`` (keyword only)
+    pins ops.linear's backend ("cpu" or "torch") for every call instead.
+    """
+
+    def __init__(self, *args, backend: Optional[str] = None, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.backend = backend
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.backend is not None:
+            return linear(x, self.weight, self.bias, backend=self.backend)
+        return dense(x, self.weight, self.bias)
+
+    @classmethod
+    def from_torch(cls, module: torch.nn.Linear, *, backend: Optional[str] = None) -> "Linear":
+        """A Linear sharing ``module``'s parameters (the same Parameter objects)."""
+        new = cls(module.in_features, module.out_features, bias=module.bias is not None, device="meta",
+                  backend=backend)
+        new.weight = module.weight
+        new.bias = module.bias
+        return new.train(module.training)

@@ -1,6 +1,7 @@
 """The README's Python examples run, in order, in one namespace."""
 import pathlib
 import re
+import textwrap
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
@@ -10,4 +11,5 @@ def test_readme_python_examples_run():
     assert blocks, "the README has no Python examples"
     namespace: dict = {}
     for block in blocks:
-        exec(compile(block, str(README), "exec"), namespace)  # noqa: S102
+        # a block inside a list item is indented with it
+        exec(compile(textwrap.dedent(block), str(README), "exec"), namespace)  # noqa: S102

@@ -30,8 +30,10 @@ build: $(VENV)/.built
 bench: build
 	$(VENV)/bin/bignlp-fast bench --quick
 
+# pytest's own script, not `python -m pytest`: that would put the clone's root first on the path,
+# where kernels/ (our Triton kernels) shadows the `kernels` package transformers imports
 test: build
-	$(PY) -m pytest tests -q -ra
+	$(VENV)/bin/pytest tests -q -ra
 
 clean:
 	rm -rf build bignlp_fast/_C*.so *.egg-info $(VENV)

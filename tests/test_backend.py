@@ -10,6 +10,7 @@ import torch
 import bignlp_fast
 from bignlp_fast import _backend
 from bignlp_fast.ops import add_layer_norm, bias_gelu
+from conftest import SUBPROCESS_CWD
 
 
 def test_extension_is_built_and_reports_how():
@@ -80,7 +81,7 @@ def test_info_lists_every_op_and_backend():
 @pytest.mark.parametrize("args", [["info"], ["info", "--json"]])
 def test_cli_info_runs(args):
     out = subprocess.run([sys.executable, "-m", "bignlp_fast", *args], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=300)
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"}, timeout=300, cwd=SUBPROCESS_CWD)
     assert out.returncode == 0, out.stderr
     if "--json" in args:
         assert "ops" in json.loads(out.stdout)
@@ -201,7 +202,8 @@ def test_buffer_cache_size_comes_from_the_environment():
             "print(_backend.buffer_cache()['limit_bytes'], _backend.buffer_cache()['cached_bytes'])")
     for mb, limit in (("0", 0), ("64", 64 << 20)):
         env = dict(os.environ, BIGNLP_FAST_CPU_CACHE_MB=mb)
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
+                             cwd=SUBPROCESS_CWD)
         got_limit, cached = map(int, out.stdout.split())
         assert got_limit == limit
         assert (cached == 0) == (limit == 0)

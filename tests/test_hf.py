@@ -11,7 +11,7 @@ transformers = pytest.importorskip("transformers")
 
 import bignlp_fast  # noqa: E402
 import bignlp_fast.hf  # noqa: E402
-from conftest import padded_batch  # noqa: E402
+from conftest import SUBPROCESS_CWD, padded_batch  # noqa: E402
 from transformers import (AutoModel, AutoModelForCausalLM, BertConfig, BertModel, GPT2Config,  # noqa: E402
                           GPT2LMHeadModel)
 
@@ -171,7 +171,8 @@ def test_attention_function_mirrors_transformers_sdpa(backend, case):
 
 
 def _python(code: str) -> str:
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=SUBPROCESS_CWD)
     assert done.returncode == 0, done.stderr
     return done.stdout
 

@@ -10,7 +10,7 @@ from torch import nn
 
 import bignlp_fast.nn as bnn
 from bignlp_fast import OptimizeReport, optimize
-from conftest import padded_batch
+from conftest import SUBPROCESS_CWD, padded_batch
 
 TOL = dict(rtol=1e-5, atol=1e-5)  # fp32: the fused kernels sum in another order than torch's
 
@@ -306,7 +306,8 @@ def test_does_not_import_transformers():
             "r = optimize(torch.nn.Sequential(torch.nn.LSTM(2, 2), torch.nn.LayerNorm(2)))\n"
             "assert len(r.swapped) == 2, r\n"
             "assert 'transformers' not in sys.modules\n")
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          cwd=SUBPROCESS_CWD)
     assert done.returncode == 0, done.stderr
 
 

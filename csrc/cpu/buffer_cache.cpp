@@ -11,6 +11,7 @@
 #include <sys/mman.h>
 
 #include <c10/core/Allocator.h>
+#include <c10/core/CPUAllocator.h>
 
 namespace bignlp_fast::cpu {
 namespace {
@@ -123,6 +124,18 @@ Cache& cache() {
 
 }  // namespace
 
+namespace {
+struct Taken {  // a DataPtr's context: the buffer and its size, for give_back
+  void* p;
+  size_t bytes;
+};
+void give_back_taken(void* ctx) {
+  const Taken* t = static_cast<Taken*>(ctx);
+  cache().give_back(t->p, t->bytes);
+  delete t;
+}
+}  // namespace
+
 at::Tensor empty_huge(at::IntArrayRef sizes, const at::TensorOptions& options) {
   int64_t numel = 1;
   for (const int64_t s : sizes) numel *= s;
@@ -130,7 +143,12 @@ at::Tensor empty_huge(at::IntArrayRef sizes, const at::TensorOptions& options) {
   if (nbytes < kMinBytes || cache().limit() == 0) return at::empty(sizes, options);
   const size_t bytes = (nbytes + k2M - 1) / k2M * k2M;
   void* p = cache().take(bytes);
-  return at::from_blob(p, sizes, [bytes](void* q) { cache().give_back(q, bytes); }, options.device(at::kCPU));
+  c10::DataPtr data(p, new Taken{p, bytes}, &give_back_taken, c10::Device(c10::DeviceType::CPU));
+  // A storage like at::empty's: resizable, torch's CPU allocator serving a resize_ that grows it
+  // (the cached buffer then goes back to the cache).
+  c10::Storage storage(c10::Storage::use_byte_size_t(), nbytes, std::move(data), c10::GetCPUAllocator(),
+                       /*resizable=*/true);
+  return at::empty({0}, options.device(at::kCPU)).set_(storage, 0, sizes);
 }
 
 BufferCacheStats buffer_cache_stats() { return cache().stats(); }

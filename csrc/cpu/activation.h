@@ -32,43 +32,96 @@ constexpr float kInvSqrt2Pi = 0.39894228040143267794f;  // 1/sqrt(2*pi)
 
 enum Activation : int { kIdentity = 0, kRelu = 1, kGelu = 2, kSilu = 3, kTanh = 4 };
 
-// sigmoid(v) = 1 / (1 + exp(-v)) with ATen's polynomial exp_u20 (a few ulp; it saturates at FLT_MAX
-// for v < -88, giving 0 as it should). Sleef's exp costs about twice as much, and silu is what keeps
-// the memory-bound causal conv from copy speed.
-inline at::vec::Vectorized<float> sigmoid(const at::vec::Vectorized<float>& v) {
-  using act_detail::fVec;
-  return fVec(1.f) / (fVec(1.f) + (fVec(0.f) - v).exp_u20());
+#if defined(CPU_CAPABILITY_AVX512)
+// 1 / d for d in [1, 2]: the 14-bit estimate and one Newton step (relative error ~2^-27, under an
+// fp32 ulp), three instructions where a division keeps the divider busy for ~5 cycles a vector.
+inline __m512 reciprocal_1_2(__m512 d) {
+  const __m512 r = _mm512_rcp14_ps(d);
+  return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));
 }
-
-// tanh(v) = 1 - 2 / (exp(2v) + 1) on the same exp_u20: within ~1e-7 absolute of tanh (the
-// relative error grows near 0, where the value is small), about 3x cheaper than Sleef's tanh. Both
-// ends saturate correctly (exp(2v) -> 0 gives -1; -> FLT_MAX or inf gives 1); NaN stays NaN.
-inline at::vec::Vectorized<float> tanh_fast(const at::vec::Vectorized<float>& v) {
-  using act_detail::fVec;
-  return fVec(1.f) - fVec(2.f) / ((v + v).exp_u20() + fVec(1.f));
-}
+#endif
 
 // 2^t for t <= 0, the exponent of a softmax (t = (s - max) * log2(e)). With AVX-512: t = n + f with
 // n = round(t) and |f| <= 1/2, 2^f by a degree-5 polynomial (fitted to 2^f on [-1/2, 1/2]; relative
 // error 2.2e-7 in fp32, below exp_u20's), and 2^n applied by vscalefps; t <= -126, including the -inf
 // of a masked key, gives exactly 0 (NaN stays NaN). Ten instructions against exp_u20's ~16. Elsewhere exp_u20.
+#if defined(CPU_CAPABILITY_AVX512)
+namespace act_detail {
+// t = n + f, n = round(t), |f| <= 1/2; returns q with 2^f ~ 1.0000001192 + f q (the fit's terms past
+// the constant, shared by exp2_nonpositive and exp2m1_nonpositive).
+inline __m512 exp2_split(__m512 t, __m512& n, __m512& f) {
+  n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  f = _mm512_sub_ps(t, n);
+  __m512 q = _mm512_set1_ps(1.3266970636323094e-3f);
+  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(9.675459936261177e-3f));
+  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(5.550742521882057e-2f));
+  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(2.4022121727466583e-1f));
+  return _mm512_fmadd_ps(q, f, _mm512_set1_ps(6.931469440460205e-1f));
+}
+}  // namespace act_detail
+#endif
 inline at::vec::Vectorized<float> exp2_nonpositive(const at::vec::Vectorized<float>& t) {
 #if defined(CPU_CAPABILITY_AVX512)
-  const __m512 x = t;
-  const __m512 n = _mm512_roundscale_ps(x, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  const __m512 f = _mm512_sub_ps(x, n);
-  __m512 p = _mm512_set1_ps(1.3266970636323094e-3f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(9.675459936261177e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.550742521882057e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.4022121727466583e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.931469440460205e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0000001192092896f));
-  return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(-126.f), _CMP_NLE_UQ), p, n);
+  __m512 n, f;
+  const __m512 q = act_detail::exp2_split(t, n, f);
+  const __m512 p = _mm512_fmadd_ps(q, f, _mm512_set1_ps(1.0000001192092896f));
+  return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(t, _mm512_set1_ps(-126.f), _CMP_NLE_UQ), p, n);
 #else
   return (t * at::vec::Vectorized<float>(0.69314718055994531f)).exp_u20();
 #endif
 }
 constexpr float kLog2e = 1.44269504088896340736f;
+
+#if defined(CPU_CAPABILITY_AVX512)
+// 2^t - 1 for t <= 0 without the cancellation of 2^t - 1 near t = 0: (2^n - 1) + 2^n (f q), where
+// 2^n - 1 is exact and f q carries 2^f - 1 to its own relative precision (a tanh of a tiny v
+// stays tiny). t <= -126 gives -1 exactly; NaN stays NaN.
+inline __m512 exp2m1_nonpositive(__m512 t) {
+  __m512 n, f;
+  const __m512 q = act_detail::exp2_split(t, n, f);
+  const __m512 s = _mm512_scalef_ps(_mm512_set1_ps(1.f), n);  // 2^n
+  const __m512 em1 = _mm512_fmadd_ps(s, _mm512_mul_ps(f, q), _mm512_sub_ps(s, _mm512_set1_ps(1.f)));
+  // far below (t = -inf included, where f is NaN): -1
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(t, _mm512_set1_ps(-126.f), _CMP_NLE_UQ), _mm512_set1_ps(-1.f), em1);
+}
+#endif
+
+// sigmoid(v) = 1 / (1 + exp(-v)). With AVX-512: e = exp(-|v|) = 2^(-|v| log2 e) by exp2_nonpositive
+// (a degree-5 polynomial and vscalefps), r = 1 / (1 + e) with d in [1, 2] (reciprocal_1_2), and
+// sigmoid = r for v >= 0, e r below: no overflow anywhere, ends exact (-inf gives 0, +inf 1), NaN
+// stays NaN; within 2e-7 of float64. Elsewhere ATen's exp_u20 (a few ulp; it saturates at FLT_MAX
+// for v < -88, giving 0 as it should). Sleef's exp costs about twice as much, and silu is what keeps
+// the memory-bound causal conv from copy speed.
+inline at::vec::Vectorized<float> sigmoid(const at::vec::Vectorized<float>& v) {
+  using act_detail::fVec;
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 x = v;
+  const __m512 e = exp2_nonpositive(fVec(_mm512_mul_ps(_mm512_abs_ps(x), _mm512_set1_ps(-kLog2e))));
+  const __m512 r = reciprocal_1_2(_mm512_add_ps(_mm512_set1_ps(1.f), e));
+  return _mm512_mask_mul_ps(r, _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), e, r);
+#else
+  return fVec(1.f) / (fVec(1.f) + (fVec(0.f) - v).exp_u20());
+#endif
+}
+
+// tanh(v) = sign(v) (1 - e) / (1 + e) with e = exp(-2|v|) under AVX-512, 1 - e from exp2m1_nonpositive
+// (within 1.4e-7 absolute of tanh, and a tiny v gives a tiny tanh); elsewhere 1 - 2 / (exp(2v) + 1)
+// on exp_u20 (within ~1e-7 absolute; the relative error grows near 0), about 3x cheaper than Sleef's
+// tanh. Both ends saturate correctly; NaN stays NaN.
+inline at::vec::Vectorized<float> tanh_fast(const at::vec::Vectorized<float>& v) {
+  using act_detail::fVec;
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 x = v;
+  const __m512 em1 = exp2m1_nonpositive(_mm512_mul_ps(_mm512_abs_ps(x), _mm512_set1_ps(-2.f * kLog2e)));  // e - 1
+  const __m512 t = _mm512_mul_ps(_mm512_sub_ps(_mm512_setzero_ps(), em1),
+                                 reciprocal_1_2(_mm512_add_ps(_mm512_set1_ps(2.f), em1)));  // (1 - e) / (1 + e)
+  // the sign of x onto |tanh|; NaN: a is NaN, e and t follow
+  return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_castps_si512(t), _mm512_castps_si512(x),
+                                                       _mm512_set1_epi32(0x7fffffff), 0xe4));
+#else
+  return fVec(1.f) - fVec(2.f) / ((v + v).exp_u20() + fVec(1.f));
+#endif
+}
 
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 // For a = |v|: the tail polynomial (a gelu_table.h table, one interval per lane) at a, 0 past kAMax.

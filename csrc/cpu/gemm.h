@@ -18,6 +18,7 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <type_traits>
 
 #include <vector>
@@ -259,19 +260,24 @@ void packed_gemm_tasks(int64_t M, int64_t N, int64_t K, int64_t kc_max, const T*
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min<int64_t>(threads, tasks), 1, [&](int64_t, int64_t) {
     std::vector<AT> a_t(std::max<int64_t>(1, std::min(kc_max, K)) * kRows);
-    std::vector<float> out(kRows * per_group * kPanel);  // the panels that do not go straight into C
+    // The panels that do not go straight into C, held across the K slices: every panel of a bf16 C,
+    // only the last, partial one of a float C. Uninitialised: the first slice writes them.
+    constexpr bool kFloatC = std::is_same_v<Out, float>;
+    const int64_t scratch_panels = kFloatC ? 1 : per_group, ldo = scratch_panels * kPanel;
+    std::unique_ptr<float[]> out(new float[kRows * ldo]);
+    auto scratch = [&](int64_t p, int64_t p0) { return out.get() + (kFloatC ? 0 : p - p0) * kPanel; };
     for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
       const int64_t blk = t / groups, grp = t % groups;
       const int64_t m0 = blk * kRows, mc = std::min(kRows, M - m0);
-      const int64_t p0 = grp * per_group, p1 = std::min(panels, p0 + per_group), ldo = per_group * kPanel;
-      auto direct = [&](int64_t p) { return std::is_same_v<Out, float> && p * kPanel + kPanel <= N; };
+      const int64_t p0 = grp * per_group, p1 = std::min(panels, p0 + per_group);
+      auto direct = [&](int64_t p) { return kFloatC && p * kPanel + kPanel <= N; };
       int64_t k0 = 0;
       do {  // once with K == 0: the tiles then write zeros
         const int64_t kc = std::min(kc_max, K - k0);
         pack_a(m0, mc, k0, kc, a_t.data());
         for (int64_t p = p0; p < p1; ++p) {
           if (direct(p)) tile(mc, p, k0, kc, a_t.data(), reinterpret_cast<float*>(C) + m0 * ldc + p * kPanel, ldc, k0 > 0);
-          else tile(mc, p, k0, kc, a_t.data(), out.data() + (p - p0) * kPanel, ldo, k0 > 0);
+          else tile(mc, p, k0, kc, a_t.data(), scratch(p, p0), ldo, k0 > 0);
         }
         k0 += kc;
       } while (k0 < K);
@@ -285,7 +291,7 @@ void packed_gemm_tasks(int64_t M, int64_t N, int64_t K, int64_t kc_max, const T*
                 (fVec::loadu(c + r * ldc + u) + load_any(bias + n0 + u, fVec::size())).store(c + r * ldc + u);
           continue;
         }
-        const float* o = out.data() + (p - p0) * kPanel;
+        const float* o = scratch(p, p0);
         for (int64_t r = 0; r < mc; ++r)
           for (int64_t u = 0; u < nc; ++u)
             C[(m0 + r) * ldc + n0 + u] =

@@ -41,13 +41,13 @@ if os.environ.get("TRITON_INTERPRET") == "1":
     _interpreter_rounds_bf16_to_nearest()
 
 import bignlp_fast  # noqa: E402
+from bignlp_fast import _backend  # noqa: E402
 
 # The working directory of the tests' Python subprocesses: outside the clone. Started in the clone's
 # root, Python puts the root first on its path, and the root's kernels/ folder (our Triton kernels,
 # installed as bignlp_fast.kernels) then shadows the Hugging Face `kernels` package that transformers
 # (5.25 on) imports: "cannot import name 'CUDAProperties' from 'kernels'".
 SUBPROCESS_CWD = tempfile.gettempdir()
-from bignlp_fast import _backend  # noqa: E402
 
 HAS_CUDA = torch.cuda.is_available()
 

@@ -1,6 +1,5 @@
 import pytest
 import torch
-import torch.nn.functional as F
 
 from bignlp_fast.models import RNNClassifier, RNNClassifierConfig, TextCNNClassifier, TextCNNConfig
 from bignlp_fast.ops.text_cnn_pool import text_cnn_pool_eager

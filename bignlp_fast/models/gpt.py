@@ -173,17 +173,10 @@ class Conv1D(torch.nn.Module):
         self.bias = torch.nn.Parameter(torch.zeros(out_features))  # [out]
 
     def forward(self, x: Tensor, with_bias: bool = True) -> Tensor:
-        return _project(x, self.weight.t(), self.bias if with_bias else None)
-
-
-def _project(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
-    """x [..., in] @ weight^T + bias, weight [out, in] (any strides), on the faster GEMM for x
-    (ops.linear.dense): decoding-sized inputs (at most 16 rows on the CPU) on ``ops.linear``'s
-    streaming kernel, which reads the weight once at memory speed, in either layout; float32 prompts
-    on the project's packed GEMM where torch's sgemm is the slower one; torch's GEMM elsewhere."""
-    x2 = x.reshape(-1, x.shape[-1])  # [N, in]
-    y = dense(x2, weight, bias)  # [N, out]
-    return y.view(*x.shape[:-1], y.shape[-1])
+        # the faster GEMM for x (ops.linear.dense): decoding-sized inputs on ops.linear's streaming
+        # kernel, which reads W^T in place at memory speed; float32 prompts on the packed GEMM where
+        # torch's sgemm is the slower one; torch's GEMM elsewhere
+        return dense(x, self.weight.t(), self.bias if with_bias else None)
 
 
 class GPTAttention(torch.nn.Module):
@@ -440,7 +433,7 @@ class GPTLMHeadModel(PretrainedModel):
             _check_ids(name, input_ids)
             past_key_values = self.new_cache(input_ids.shape[0])
         h = self.transformer(input_ids, attention_mask, position_ids, past_key_values)  # [B, L, E]
-        logits = _project(h[:, -logits_to_keep:] if logits_to_keep else h, self.lm_head.weight, None)  # [B, L', V]
+        logits = dense(h[:, -logits_to_keep:] if logits_to_keep else h, self.lm_head.weight, None)  # [B, L', V]
         loss = None
         if labels is not None:  # token t predicts token t + 1
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)

@@ -122,9 +122,6 @@ Cache& cache() {
   return *c;
 }
 
-}  // namespace
-
-namespace {
 struct Taken {  // a DataPtr's context: the buffer and its size, for give_back
   void* p;
   size_t bytes;
@@ -134,6 +131,7 @@ void give_back_taken(void* ctx) {
   cache().give_back(t->p, t->bytes);
   delete t;
 }
+
 }  // namespace
 
 at::Tensor empty_huge(at::IntArrayRef sizes, const at::TensorOptions& options) {

@@ -594,15 +594,9 @@ std::vector<at::Tensor> rnn_bwd_cpu(const at::Tensor& grad_out, const at::Tensor
   const int64_t TB = sh.T * sh.B;
   at::Tensor h_prev = cpu::states_before_each_step(workspace.narrow(2, sh.off_state, sh.S), h0, reverse);
   at::Tensor d_w_hh = cpu::gemm_tn(d_hlin.view({TB, -1}), h_prev).to(w_hh.scalar_type());
-  at::Tensor d_b_hh = at::empty({0}, xw.options());
-  if (b_hh.has_value()) {  // the steps' sums, added in step order
-    at::Tensor total = at::zeros({sh.G * sh.H}, f32);
-    float* tp = total.data_ptr<float>();
-    const float* sp = db_steps.const_data_ptr<float>();
-    for (int64_t t = 0; t < sh.T; ++t)
-      for (int64_t j = 0; j < sh.G * sh.H; ++j) tp[j] += sp[t * sh.G * sh.H + j];
-    d_b_hh = total.to(b_hh->scalar_type());
-  }
+  // the steps' sums, added in step order
+  at::Tensor d_b_hh = b_hh.has_value() ? cpu::reduce_partials(db_steps, sh.G * sh.H, b_hh->scalar_type())
+                                       : at::empty({0}, xw.options());
   at::Tensor d_w_hr = at::empty({0}, xw.options());
   if (sh.proj) {
     at::Tensor m = workspace.narrow(2, sh.off_m, sh.H).reshape({TB, sh.H});

@@ -73,6 +73,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("conv_fwd_cpu", &conv_fwd_cpu);
   m.def("conv_bwd_cpu", &conv_bwd_cpu);
   m.def("conv_cpu_path", &conv_cpu_path);
+  m.def("conv_cpu_grad_weight_path", &conv_cpu_grad_weight_path);
   m.def("causal_conv1d_fwd_cpu", &causal_conv1d_fwd_cpu);
   m.def("causal_conv1d_bwd_cpu", &causal_conv1d_bwd_cpu);
   m.def("text_cnn_pool_fwd_cpu", &text_cnn_pool_fwd_cpu);

@@ -130,6 +130,11 @@ std::vector<at::Tensor> conv_bwd_cpu(const at::Tensor& grad_out, const at::Tenso
 // stride 1, groups 1 and at least 128 output grid columns per sequence) or "aten" (oneDNN + epilogue).
 std::string conv_cpu_path(const at::Tensor& x, const at::Tensor& w, std::vector<int64_t> stride,
                           std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups);
+// Which weight gradient conv_bwd_cpu takes: "implicit_gemm" (the project's, where the forward is on
+// the implicit GEMM and the reduction over B * L_out positions makes at least two chunks of four
+// slices per thread; it depends on at::get_num_threads()) or "aten" (oneDNN's backward-weights).
+std::string conv_cpu_grad_weight_path(const at::Tensor& x, const at::Tensor& w, std::vector<int64_t> stride,
+                                      std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups);
 
 // ---- causal_conv1d (depthwise, widths 2-4) ---------------------------------------------------
 // The contract is stated in bignlp_fast/ops/causal_conv1d.py. x [B, C, L], w [C, W], bias [C],

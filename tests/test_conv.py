@@ -91,6 +91,49 @@ def test_cpu_implicit_gemm_matches_float64(case, activation):
     _check("cpu", torch.device("cpu"), torch.float32, *case, activation, residual=activation is not None)
 
 
+# The backward's grad_w on the CPU backend's own GEMM (implicit_grad_weight in csrc/cpu/conv.cpp) where
+# the reduction over B * L_out positions makes at least two chunks of four slices (of >= 256 positions,
+# one sequence each) per thread: with one thread, eight slices. The shapes cross its blocking: input
+# channels past a block of 64, output channels past a panel of 32, sequences cut into several slices,
+# zero padding on both sides, dilation.
+IMPLICIT_GRAD_W = [((8, 40, 300), (13, 40, 3), 1, 2, 2, 1), ((4, 70, 1100), (33, 70, 4), 1, 0, 1, 1),
+                   ((8, 8, 260), (8, 8, 5), 1, 4, 1, 1), ((9, 33, 270), (70, 33, 5), 1, 2, 3, 1)]
+
+
+@pytest.fixture
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _grad_w_path(xs, ws, stride, padding, dilation, groups):
+    return _C.conv_cpu_grad_weight_path(torch.empty(xs), torch.empty(ws), [stride], [padding], [dilation], groups)
+
+
+@pytest.mark.parametrize("case", IMPLICIT_GRAD_W, ids=lambda c: f"x{c[0]}-w{c[1]}")
+def test_cpu_implicit_grad_weight_matches_float64(case, one_thread):
+    assert _grad_w_path(*case) == "implicit_gemm"
+    _check("cpu", torch.device("cpu"), torch.float32, *case, "gelu", residual=True)
+
+
+def test_cpu_implicit_grad_weight_is_deterministic_and_chosen_by_size(one_thread):
+    xs, ws, stride, padding, dilation, groups = IMPLICIT_GRAD_W[1]
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(xs, generator=g, requires_grad=True), torch.randn(ws, generator=g, requires_grad=True)
+    grads = []
+    for _ in range(2):
+        y = ops.conv1d(x, w, None, stride, padding, dilation, groups, backend="cpu")
+        grads.append(torch.autograd.grad(y, w, torch.ones_like(y))[0])
+    assert torch.equal(grads[0], grads[1])  # the chunks' sums are added in a fixed order
+    # too few slices (one thread: fewer than eight), slices under 256 positions, or not the implicit
+    # forward: oneDNN's backward-weights
+    assert _grad_w_path((7, 40, 300), (13, 40, 3), 1, 2, 2, 1) == "aten"
+    assert _grad_w_path((16, 40, 200), (13, 40, 3), 1, 1, 1, 1) == "aten"
+    assert _grad_w_path((16, 40, 300), (13, 40, 3), 2, 1, 1, 1) == "aten"
+
+
 def test_cpu_conv_path_choice():
     """Short outputs, strides, groups and bfloat16 keep oneDNN's convolution (and the fused epilogue)."""
     assert _path((2, 16, 127), (16, 16, 1), 1, 0, 1, 1) == "aten"  # 127 columns: less than one task

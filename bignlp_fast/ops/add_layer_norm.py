@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from bignlp_fast import _backend
-from bignlp_fast.ops._common import (acc_dtype, call, check_like, check_tensor, check_vector,
-                                     contiguous, custom_op, kernel)
+from bignlp_fast.ops._common import (acc_dtype, call, check_like, check_tensor, check_vector, contiguous, custom_op,
+                                     grads_or_zeros, kernel, no_zero_grads)
 
 OP = _backend.register_op("add_layer_norm", dtypes={
     "cpu": (torch.float32, torch.bfloat16),
@@ -100,9 +100,11 @@ def _setup_context(ctx, inputs, output):
     _out, residual_out, mean, rstd = output
     ctx.save_for_backward(residual_out if residual is not None else x, mean, rstd, weight)
     ctx.has_residual, ctx.has_bias, ctx.backend = residual is not None, bias is not None, backend
+    no_zero_grads(ctx, output, 2)
 
 
 def _backward(ctx, grad_out, grad_residual_out, _grad_mean, _grad_rstd):
+    grad_out, grad_residual_out = grads_or_zeros(ctx, grad_out, grad_residual_out)
     s, mean, rstd, weight = ctx.saved_tensors
     grad_s, grad_weight, grad_bias = call(add_layer_norm_bwd,
         grad_out, grad_residual_out if ctx.has_residual else None, s, mean, rstd, weight, ctx.has_bias, ctx.backend)

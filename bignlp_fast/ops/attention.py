@@ -34,7 +34,8 @@ import torch
 from torch import Tensor
 
 from bignlp_fast import _backend
-from bignlp_fast.ops._common import acc_dtype, call, check_choice, check_like, check_tensor, custom_op, kernel
+from bignlp_fast.ops._common import (acc_dtype, call, check_choice, check_like, check_tensor, custom_op,
+                                     grads_or_zeros, kernel, no_zero_grads)
 
 OP = _backend.register_op(
     "attention",
@@ -251,9 +252,11 @@ def _setup_context(ctx, inputs, output):
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, bias, cu_q, cu_k, seed)
     ctx.args = (max_q, max_k, scale, causal, dropout_p, backend)
+    no_zero_grads(ctx, output, 1)
 
 
 def _backward(ctx, grad_out, _grad_lse):
+    (grad_out,) = grads_or_zeros(ctx, grad_out)
     q, k, v, out, lse, bias, cu_q, cu_k, seed = ctx.saved_tensors
     max_q, max_k, scale, causal, dropout_p, backend = ctx.args
     dq, dk, dv = call(attention_bwd, grad_out, q, k, v, out, lse, bias, cu_q, cu_k, max_q, max_k, scale, causal,

@@ -29,7 +29,8 @@ from torch import Tensor
 
 from bignlp_fast import _backend
 from bignlp_fast.ops._activation import activation_grad_torch, activation_torch, check_activation
-from bignlp_fast.ops._common import acc_dtype, call, check_like, check_tensor, contiguous, custom_op, kernel
+from bignlp_fast.ops._common import (acc_dtype, call, check_like, check_tensor, contiguous, custom_op, grads_or_zeros,
+                                     kernel, no_zero_grads)
 
 OP = _backend.register_op("conv", dtypes={
     "cpu": (torch.float32, torch.bfloat16),
@@ -107,9 +108,11 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(x, weight, output[1], bias)
     ctx.args = (stride, padding, dilation, groups, activation)
     ctx.has_residual, ctx.backend = residual is not None, backend
+    no_zero_grads(ctx, output, 1)
 
 
 def _backward(ctx, grad_out, _grad_pre):
+    (grad_out,) = grads_or_zeros(ctx, grad_out)
     x, weight, pre, bias = ctx.saved_tensors
     if pre.numel() == 0 and grad_out.numel() > 0:
         raise RuntimeError("conv: backward needs the pre-activation, which this forward did not save "

@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from bignlp_fast import _backend
-from bignlp_fast.ops._common import acc_dtype, call, check_like, check_tensor, custom_op, kernel
+from bignlp_fast.ops._common import (acc_dtype, call, check_like, check_tensor, custom_op, grads_or_zeros, kernel,
+                                     no_zero_grads)
 
 OP = _backend.register_op(
     "distillation_loss",
@@ -76,9 +77,11 @@ def _(student, teacher, labels, temperature, alpha, ignore_index, need_grad, bac
 
 def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(output[1])
+    no_zero_grads(ctx, output, 1)
 
 
 def _backward(ctx, grad_loss, _grad_grad):
+    (grad_loss,) = grads_or_zeros(ctx, grad_loss)
     (grad,) = ctx.saved_tensors
     if grad.numel() == 0:
         raise RuntimeError("distillation_loss: this forward did not keep the gradient (need_grad=False); call "

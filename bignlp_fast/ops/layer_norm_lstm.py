@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bignlp_fast import _backend
-from bignlp_fast.ops._common import (acc_dtype, call, check_lengths, check_operands, check_tensor,
-                                     check_time_major, contiguous, custom_op, kernel)
+from bignlp_fast.ops._common import (acc_dtype, call, check_lengths, check_operands, check_tensor, check_time_major,
+                                     contiguous, custom_op, grads_or_zeros, kernel, no_zero_grads)
 
 OP = _backend.register_op(
     "layer_norm_lstm",
@@ -203,15 +203,15 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(xw, w_hh, gamma_h, beta_h, gamma_c, beta_c, h0, c0, lengths, output[3])
     ctx.args = (eps, reverse, backend)
     ctx.present = tuple(t is not None for t in (gamma_h, beta_h, gamma_c, beta_c))
+    no_zero_grads(ctx, output, 3)
 
 
 def _backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_ws):
     xw, w_hh, gamma_h, beta_h, gamma_c, beta_c, h0, c0, lengths, workspace = ctx.saved_tensors
     eps, reverse, backend = ctx.args
-    zeros = lambda g, like: g if g is not None else torch.zeros_like(like)  # noqa: E731
-    grads = call(layer_norm_lstm_bwd, zeros(grad_out, xw.new_empty(xw.shape[0], xw.shape[1], w_hh.shape[1])),
-                                zeros(grad_h_n, h0), zeros(grad_c_n, c0), xw, w_hh, gamma_h, beta_h, gamma_c, beta_c,
-                                h0, c0, lengths, workspace, eps, reverse, backend)
+    grad_out, grad_h_n, grad_c_n = grads_or_zeros(ctx, grad_out, grad_h_n, grad_c_n)
+    grads = call(layer_norm_lstm_bwd, grad_out, grad_h_n, grad_c_n, xw, w_hh, gamma_h, beta_h, gamma_c, beta_c,
+                 h0, c0, lengths, workspace, eps, reverse, backend)
     d_xw, d_w_hh, d_gh, d_bh, d_gc, d_bc, d_h0, d_c0 = grads
     params = [g if present else None for g, present in zip((d_gh, d_bh, d_gc, d_bc), ctx.present)]
     return (d_xw, d_w_hh, *params, d_h0, d_c0, None, None, None, None, None)

@@ -33,8 +33,8 @@ import torch
 from torch import Tensor
 
 from bignlp_fast import _backend
-from bignlp_fast.ops._common import (acc_dtype, call, check_choice, check_lengths, check_operands,
-                                     check_time_major, custom_op, kernel)
+from bignlp_fast.ops._common import (acc_dtype, call, check_choice, check_lengths, check_operands, check_time_major,
+                                     custom_op, grads_or_zeros, kernel, no_zero_grads)
 
 OP = _backend.register_op(
     "rnn",
@@ -225,9 +225,11 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(xw, w_hh, b_hh, h0, c0, w_hr, lengths, workspace)
     ctx.args = (mode, reverse, backend)
     ctx.has = (b_hh is not None, c0 is not None, w_hr is not None)
+    no_zero_grads(ctx, output, 3)
 
 
 def _backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_ws):
+    grad_out, grad_h_n, grad_c_n = grads_or_zeros(ctx, grad_out, grad_h_n, grad_c_n)
     xw, w_hh, b_hh, h0, c0, w_hr, lengths, workspace = ctx.saved_tensors
     mode, reverse, backend = ctx.args
     has_b, has_c, has_r = ctx.has

@@ -35,7 +35,8 @@ from torch import Tensor
 
 from bignlp_fast import _backend
 from bignlp_fast.ops._activation import activation_grad_torch, activation_torch, check_activation
-from bignlp_fast.ops._common import acc_dtype, call, check_like, check_tensor, custom_op, kernel
+from bignlp_fast.ops._common import (acc_dtype, call, check_like, check_tensor, custom_op, grads_or_zeros, kernel,
+                                     no_zero_grads)
 
 OP = _backend.register_op("text_cnn_pool", dtypes={
     "cpu": (torch.float32, torch.bfloat16),
@@ -136,9 +137,11 @@ def _setup_context(ctx, inputs, output):
     ctx.n, ctx.has_bias = len(weights), len(biases) > 0
     ctx.save_for_backward(x, argmax, pre, *weights, *biases)
     ctx.activation, ctx.backend = activation, backend
+    no_zero_grads(ctx, output, 1)
 
 
 def _backward(ctx, grad_out, _g_argmax, _g_pre):
+    (grad_out,) = grads_or_zeros(ctx, grad_out)
     x, argmax, pre, *rest = ctx.saved_tensors
     weights, biases = rest[:ctx.n], rest[ctx.n:]
     grads = call(text_cnn_pool_bwd, grad_out, x, weights, biases, argmax, pre, ctx.activation, ctx.backend)

@@ -78,23 +78,33 @@ def test_bad_input():
 
 
 # ---- nn.Linear: torch.nn.Linear's drop-in on the faster GEMM ---------------------------------------
-@pytest.mark.parametrize("rows", [3, 200], ids=lambda r: f"rows{r}")
+# (rows per batch of 2, in, out): decoding-sized (2 rows, 6 rows) with a small and with a large weight;
+# a small and a larger product
+@pytest.mark.parametrize("rows,k,n", [(1, 1024, 768), (3, 96, 40), (3, 1024, 512), (200, 96, 40), (200, 256, 160)],
+                         ids=lambda v: str(v))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_nn_linear_is_a_drop_in_for_torch_nn_linear(rows, dtype):
+def test_nn_linear_is_a_drop_in_for_torch_nn_linear(rows, k, n, dtype):
     import bignlp_fast.nn as bnn
     from bignlp_fast import _backend
-    from bignlp_fast.ops.linear import linear_is_faster
+    from bignlp_fast.ops.linear import MIN_MACS, MIN_SKINNY_WEIGHT_BYTES, SKINNY_ROWS_BF16, linear_is_faster
     torch.manual_seed(0)
-    ref = torch.nn.Linear(96, 40).to(dtype)
-    ours = bnn.Linear(96, 40).to(dtype)
+    ref = torch.nn.Linear(k, n).to(dtype)
+    ours = bnn.Linear(k, n).to(dtype)
     assert isinstance(ours, torch.nn.Linear)
     ours.load_state_dict(ref.state_dict())
     assert ours.state_dict().keys() == ref.state_dict().keys()
-    x = torch.randn(2, rows, 96).to(dtype)
-    # the GEMM it takes: decoding sizes and float32 (unless MKL on Intel) on ops.linear, else F.linear
-    expect_ours = rows * 2 <= 16 or (dtype == torch.float32 and not _backend.blas_sgemm_is_fast())
-    assert linear_is_faster(x) == expect_ours
-    x64, ref64 = x.double().requires_grad_(), torch.nn.Linear(96, 40).double()
+    x = torch.randn(2, rows, k).to(dtype)
+    # the GEMM it takes: decoding sizes with a large weight, and float32 products from MIN_MACS on
+    # (unless MKL on Intel), on ops.linear; F.linear otherwise
+    if rows * 2 <= (16 if dtype == torch.float32 else SKINNY_ROWS_BF16):
+        expect_ours = k * n * x.element_size() >= MIN_SKINNY_WEIGHT_BYTES
+    else:
+        expect_ours = dtype == torch.float32 and 2 * rows * k * n >= MIN_MACS and not _backend.blas_sgemm_is_fast()
+    assert linear_is_faster(x, ours.weight) == expect_ours
+    fp32, intel_mkl = dtype == torch.float32, _backend.blas_sgemm_is_fast()
+    assert expect_ours == {(1, 1024, 768): True, (3, 96, 40): False, (3, 1024, 512): fp32, (200, 96, 40): False,
+                           (200, 256, 160): fp32 and not intel_mkl}[(rows, k, n)]
+    x64, ref64 = x.double().requires_grad_(), torch.nn.Linear(k, n).double()
     ref64.load_state_dict(ref.state_dict())
     leaves = lambda m, t: [t, *m.parameters()]  # noqa: E731
     xs = [x.clone().requires_grad_() for _ in range(2)]

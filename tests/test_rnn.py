@@ -523,20 +523,23 @@ def test_lengths_bad_input():
 
 @pytest.mark.parametrize("blas_fast", [False, True])
 def test_input_projection_takes_the_faster_gemm(monkeypatch, blas_fast):
-    """fp32 on the CPU: ops.linear (the project's GEMM) unless torch's sgemm is the faster one on this
-    CPU (MKL on Intel); a backend named "cpu" always takes ops.linear. Same results either way."""
+    """fp32 on the CPU: ops.linear (the project's GEMM) where ops.linear.linear_is_faster says so: not
+    for small products, nor where torch's sgemm is the faster one on this CPU (MKL on Intel); a backend
+    named "cpu" always takes ops.linear. Same results either way."""
     import bignlp_fast.nn.rnn as rnn_module
     monkeypatch.setattr(_backend, "blas_sgemm_is_fast", lambda: blas_fast)
     calls = []
     real = rnn_module.linear
     monkeypatch.setattr(rnn_module, "linear", lambda *a, **k: calls.append(1) or real(*a, **k))
-    ref, auto = make_pair("lstm", None)
-    _, named = make_pair("lstm", "cpu")
-    x = torch.randn(6, 4, 5)
-    torch.testing.assert_close(auto(x)[0], ref(x)[0], **TOL)
-    assert len(calls) == (0 if blas_fast else 1)
-    torch.testing.assert_close(named(x)[0], ref(x)[0], **TOL)
-    assert len(calls) == (1 if blas_fast else 2)
+    for (t, b, i, h), large in [((6, 4, 5, 13), False), ((32, 16, 96, 40), True)]:  # 13 K / 7.9 M multiply-adds
+        calls.clear()
+        ref, auto = make_pair("lstm", None, input_size=i, hidden_size=h)
+        _, named = make_pair("lstm", "cpu", input_size=i, hidden_size=h)
+        x = torch.randn(t, b, i)
+        torch.testing.assert_close(auto(x)[0], ref(x)[0], **TOL)
+        assert len(calls) == (1 if large and not blas_fast else 0)
+        torch.testing.assert_close(named(x)[0], ref(x)[0], **TOL)
+        assert len(calls) == (2 if large and not blas_fast else 1)
 
 
 @pytest.mark.parametrize("mode", ["lstm", "gru", "rnn_tanh"])

@@ -50,8 +50,8 @@ def _input_projection(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend
     """(x W_ih^T + b_ih for every step at once, None), or (x W_ih^T, b_ih) when ``defer_bias`` lets the
     recurrence add b_ih (see below). On float32 CPU tensors: bignlp_fast.ops.linear, the
     project's packed GEMM (about 2x torch.mm where MKL lacks an AVX-512 path), where
-    ops.linear.linear_is_faster says so (the rule nn.Linear and the models follow: not on Intel CPUs,
-    where MKL's sgemm is the faster one, except for decoding-sized inputs); in bfloat16, on other
+    ops.linear.linear_is_faster says so (the rule nn.Linear and the models follow: not for small
+    products, nor on Intel CPUs, where MKL's sgemm is the faster one); in bfloat16, on other
     devices, under autocast, or when the torch reference is asked for: F.linear (for bfloat16,
     oneDNN's GEMM on the CPU's bf16 dot products or AMX: about 2x ops.linear, which computes in fp32).
     Naming backend="cpu" always takes ops.linear.
@@ -62,7 +62,7 @@ def _input_projection(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend
     sits inside r * (h W_hn^T + b_hn), so there it stays in the projection."""
     named = _backend.requested_backend(backend)
     if (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-            and (named == "cpu" or (named is None and linear_is_faster(x)))):
+            and (named == "cpu" or (named is None and linear_is_faster(x, weight)))):
         return linear(x, weight, bias, backend=backend), None
     if defer_bias and bias is not None:
         return F.linear(x, weight), bias

@@ -86,34 +86,48 @@ linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---- which GEMM to call -------------------------------------------------------------------------
-SKINNY_ROWS = 16  # csrc/cpu/skinny_gemm.h's kSkinnyRows: up to this many rows the streaming kernels win
+SKINNY_ROWS = 16  # csrc/cpu/skinny_gemm.h's kSkinnyRows: the most rows the streaming kernels take
+# Where the streaming kernels beat F.linear (2-core Zen 5, weights in cache and streamed from memory):
+# float32 up to 16 rows (1.3-2.7x from 1 MiB of weight), bfloat16 up to 2 (1.2-2.1x at GPT-2's
+# shapes; from 4 rows on torch's bf16 GEMM was the faster, 0.6-0.9x).
+SKINNY_ROWS_BF16 = 2
+# The fixed cost of a call (argument checks and the custom op's dispatch: about 15 us forward, 90 us
+# forward + backward) outweighs the faster GEMM on small products: F.linear was the faster at
+# 64x128->128 and 16x256->256 (0.6-0.8x) and at a 1-row float32 product with a weight of 1 MiB or
+# less in cache (0.4-0.9x); ops.linear from about 8M multiply-adds on (1.2-2x: 128x256->256,
+# 64x512->512, 128x768->768).
+MIN_MACS = 1 << 22  # rows * K * N below this: F.linear
+MIN_SKINNY_WEIGHT_BYTES = 1 << 20  # a decoding-sized input's weight below this: F.linear
 
 
-def linear_is_faster(x: Tensor) -> bool:
-    """Whether ``linear`` beats F.linear for an input like ``x`` on this machine (the models and
-    nn.Linear ask this before each GEMM):
+def linear_is_faster(x: Tensor, weight: Tensor) -> bool:
+    """Whether ``linear`` beats F.linear for ``x [..., K] @ weight[N, K]^T`` on this machine (the models
+    and nn.Linear ask this before each GEMM):
 
-    - decoding-sized inputs (at most SKINNY_ROWS rows) on the CPU, float32 or bfloat16: the streaming
-      kernels read the weight once at memory speed, where BLAS falls to a fraction of the bandwidth;
-    - float32 on the CPU, unless torch's sgemm is the faster one (MKL on Intel CPUs, where it takes
-      its AVX-512 path: _backend.blas_sgemm_is_fast). On an AMD EPYC (Zen 5) the packed GEMM ran
-      1.5-2.1x F.linear at BERT's shapes ([624, 768] x [768, 3072] and the like), forward and backward.
-    Not: bfloat16 beyond decoding sizes (torch's GEMM runs on the CPU's bf16 dot products or AMX,
-    about twice the packed GEMM's fp32 arithmetic), CPU autocast, other devices, or a build without
-    the CPU kernels."""
+    - decoding-sized inputs on the CPU (at most SKINNY_ROWS rows in float32, SKINNY_ROWS_BF16 in
+      bfloat16) with at least MIN_SKINNY_WEIGHT_BYTES of weight: the streaming kernels read the
+      weight once at memory speed, where BLAS falls to a fraction of the bandwidth;
+    - float32 on the CPU from MIN_MACS multiply-adds on, unless torch's sgemm is the faster one (MKL on
+      Intel CPUs, where it takes its AVX-512 path: _backend.blas_sgemm_is_fast). On an AMD EPYC (Zen 5)
+      the packed GEMM ran 1.5-2.1x F.linear at BERT's shapes ([624, 768] x [768, 3072] and the like),
+      forward and backward.
+    Not: smaller products (see MIN_MACS), bfloat16 beyond 2 rows (torch's GEMM runs on the CPU's bf16
+    dot products or AMX), CPU autocast, other devices, or a build without the CPU kernels."""
     if x.device.type != "cpu" or torch.is_autocast_enabled("cpu") or x.dim() == 0 or x.shape[-1] == 0:
         return False
     if x.dtype not in (torch.float32, torch.bfloat16) or _backend.unavailable("cpu", x.device) is not None:
         return False
-    rows = x.numel() // x.shape[-1]
-    return rows <= SKINNY_ROWS or (x.dtype == torch.float32 and not _backend.blas_sgemm_is_fast())
+    rows, k, n = x.numel() // x.shape[-1], x.shape[-1], weight.shape[0]
+    if rows <= (SKINNY_ROWS if x.dtype == torch.float32 else SKINNY_ROWS_BF16):
+        return k * n * x.element_size() >= MIN_SKINNY_WEIGHT_BYTES
+    return x.dtype == torch.float32 and rows * k * n >= MIN_MACS and not _backend.blas_sgemm_is_fast()
 
 
 def dense(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``x @ weight^T + bias`` on the faster GEMM for these tensors: :func:`linear` where
     :func:`linear_is_faster` says so, else F.linear. ``weight`` may also be the transpose of a
     contiguous [K, N] tensor (GPT-2's Conv1D layout)."""
-    return linear(x, weight, bias) if linear_is_faster(x) else F.linear(x, weight, bias)
+    return linear(x, weight, bias) if linear_is_faster(x, weight) else F.linear(x, weight, bias)
 
 
 # ---- public op --------------------------------------------------------------------------------

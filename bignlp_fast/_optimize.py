@@ -7,11 +7,13 @@
 What it does, module by module (``model.named_modules()``, the root included):
 
 - ``torch.nn.MultiheadAttention, LSTM, GRU, RNN, LSTMCell, GRUCell, RNNCell, Conv1d, Conv2d,
-  LayerNorm`` (exactly these types) become the :mod:`bignlp_fast.nn` module of the same name.
+  LayerNorm, Linear`` (exactly these types) become the :mod:`bignlp_fast.nn` module of the same name
+  (``bignlp_fast.nn.Linear`` runs each product on the faster of ops.linear and F.linear for its
+  input: :func:`bignlp_fast.ops.linear.linear_is_faster`).
 - A Hugging Face ``PreTrainedModel`` (found only when ``transformers.modeling_utils`` is already
   imported: optimize never imports transformers) is switched to ``attn_implementation="bignlp_fast"``
-  with ``set_attn_implementation`` (see :mod:`bignlp_fast.hf`), and its ``torch.nn.LayerNorm``s are
-  swapped; its other modules are left to transformers (reported as skipped).
+  with ``set_attn_implementation`` (see :mod:`bignlp_fast.hf`), and its ``torch.nn.LayerNorm``s and
+  ``torch.nn.Linear``s are swapped; its other modules are left to transformers (reported as skipped).
 - Everything else is left alone. A module of a swappable family that is not swapped is reported as
   skipped, with the reason: a subclass (``subclass of torch.nn.LSTM; not swapped``: its forward may
   not be torch's), a parametrized module, an option the fused path never runs (``add_bias_kv``,
@@ -64,6 +66,7 @@ from bignlp_fast.ops.add_layer_norm import _triton_check as _ln_triton_check
 from bignlp_fast.ops.attention import OP as _ATTENTION_OP
 from bignlp_fast.ops.attention import _supports as _attention_supports
 from bignlp_fast.ops.conv import OP as _CONV_OP
+from bignlp_fast.ops.linear import OP as _LINEAR_OP
 from bignlp_fast.ops.rnn import OP as _RNN_OP
 
 __all__ = ["OptimizeReport", "optimize"]
@@ -82,7 +85,9 @@ _SWAPS: dict[type, tuple[type, _backend.OpInfo, tuple]] = {
     tnn.Conv1d: (bnn.Conv1d, _CONV_OP, (1, 1, 1)),
     tnn.Conv2d: (bnn.Conv2d, _CONV_OP, (1, 1, 1)),
     tnn.LayerNorm: (bnn.LayerNorm, _LN_OP, (1,)),
+    tnn.Linear: (bnn.Linear, _LINEAR_OP, (1, 1)),
 }
+_IN_HF = (tnn.LayerNorm, tnn.Linear)  # what optimize swaps inside a transformers model
 _OURS = tuple(new for new, _, _ in _SWAPS.values())
 _HF_NAME = "bignlp_fast"
 
@@ -281,7 +286,7 @@ def optimize(model: torch.nn.Module, *, backend: Optional[str] = None, inplace: 
     report = OptimizeReport(model=model)
     pretrained = _hf_pretrained_class()
     closed: list[str] = []  # modules whose children are theirs: not visited
-    hf_models: list[str] = []  # transformers models: only their LayerNorms are swapped
+    hf_models: list[str] = []  # transformers models: only their LayerNorms and Linears are swapped
     for name, module in model.named_modules():
         if any(_under(name, p) for p in closed):
             continue
@@ -297,9 +302,10 @@ def optimize(model: torch.nn.Module, *, backend: Optional[str] = None, inplace: 
             closed.append(name)
         if cls in _SWAPS:
             closed.append(name)
-            if owner is not None and cls is not tnn.LayerNorm:
+            if owner is not None and cls not in _IN_HF:
                 report.skipped.append((name, _type_name(cls), f"inside the Hugging Face model {owner or '(root)'}: "
-                                       "optimize switches its attention implementation and swaps only its LayerNorms"))
+                                       "optimize switches its attention implementation and swaps only its LayerNorms "
+                                       "and Linears"))
                 continue
             reason = _unsupported(module, _SWAPS[cls][1], backend)
             if reason is not None:

@@ -45,7 +45,8 @@ NET_SWAPS = [("attn", "torch.nn.MultiheadAttention", "bignlp_fast.nn.MultiheadAt
              ("lstm", "torch.nn.LSTM", "bignlp_fast.nn.LSTM"),
              ("gru", "torch.nn.GRU", "bignlp_fast.nn.GRU"),
              ("conv1", "torch.nn.Conv1d", "bignlp_fast.nn.Conv1d"),
-             ("conv2", "torch.nn.Conv2d", "bignlp_fast.nn.Conv2d")]
+             ("conv2", "torch.nn.Conv2d", "bignlp_fast.nn.Conv2d"),
+             ("head", "torch.nn.Linear", "bignlp_fast.nn.Linear")]
 
 
 def batch():
@@ -74,9 +75,9 @@ def test_same_outputs_state_dict_and_parameter_objects():
     assert isinstance(report, OptimizeReport) and report.model is model
     assert report.swapped == NET_SWAPS and report.skipped == []
     for name, cls in [("attn", bnn.MultiheadAttention), ("norm", bnn.LayerNorm), ("lstm", bnn.LSTM),
-                      ("gru", bnn.GRU), ("conv1", bnn.Conv1d), ("conv2", bnn.Conv2d)]:
+                      ("gru", bnn.GRU), ("conv1", bnn.Conv1d), ("conv2", bnn.Conv2d), ("head", bnn.Linear)]:
         assert type(getattr(model, name)) is cls
-    assert type(model.emb) is nn.Embedding and type(model.head) is nn.Linear
+    assert type(model.emb) is nn.Embedding
     new_params = dict(model.named_parameters())
     assert new_params.keys() == params.keys()
     assert all(new_params[k] is p for k, p in params.items())
@@ -175,7 +176,7 @@ def test_second_call_reports_everything_as_already_optimized():
     assert report.swapped == []
     assert report.skipped == [(name, to, "already optimized") for name, _, to in NET_SWAPS]
     assert [type(m) for m in model.modules()] == types
-    assert report.summary() == "bignlp_fast.optimize: swapped 0, skipped 6 (6 already optimized)"
+    assert report.summary() == "bignlp_fast.optimize: swapped 0, skipped 7 (7 already optimized)"
 
 
 def test_root_module_is_swapped_in_place():
@@ -203,6 +204,7 @@ TORCH_MODULES = {
     "Conv1d": lambda: nn.Conv1d(4, 6, 3, stride=2, groups=2, padding_mode="reflect", padding=1),
     "Conv2d": lambda: nn.Conv2d(4, 6, (3, 2), dilation=2, padding="same"),
     "LayerNorm": lambda: nn.LayerNorm((3, 4), bias=False),
+    "Linear": lambda: nn.Linear(4, 3, bias=False),
 }
 
 
@@ -234,7 +236,7 @@ def test_backend_is_passed_on():
     model = net()
     ref = copy.deepcopy(model)
     report = optimize(model, backend="torch")
-    assert len(report.swapped) == 6
+    assert len(report.swapped) == 7
     assert all(getattr(model, name).backend == "torch" for name, _, _ in NET_SWAPS)
     ids, pad = batch()
     with torch.no_grad():
@@ -262,7 +264,7 @@ def test_not_inplace_leaves_the_model_alone():
     model = net()
     report = optimize(model, inplace=False)
     assert report.model is not model and type(model.lstm) is nn.LSTM
-    assert type(report.model.lstm) is bnn.LSTM and len(report.swapped) == 6
+    assert type(report.model.lstm) is bnn.LSTM and len(report.swapped) == 7
     ids, pad = batch()
     with torch.no_grad():
         torch.testing.assert_close(report.model(ids, pad), model(ids, pad), **TOL)
@@ -346,8 +348,12 @@ def test_hf_bert_inside_a_user_model_matches_eager(transformers, calls):
                                  "BertModel(attn_implementation='bignlp_fast')")
     names = [name for name, _, _ in report.swapped]
     assert sum(n.endswith("LayerNorm") for n in names) == 5 and names[-1] == "lstm"
+    # every Linear of the BERT (query, key, value, the attention's and the MLP's dense layers, the pooler)
+    linears = [n for n, m in ref.named_modules() if type(m) is nn.Linear]
+    assert len(linears) == 2 * 6 + 1 and set(linears) <= set(names)
     assert report.skipped == []
     assert all(type(m) is bnn.LayerNorm for n, m in model.named_modules() if n.endswith("LayerNorm"))
+    assert all(type(dict(model.named_modules())[n]) is bnn.Linear for n in linears)
     ids, mask = padded_batch([11, 7, 3], 11, left=False, low=3)
     with torch.no_grad():
         expected = ref.bert(ids, attention_mask=mask).last_hidden_state
@@ -367,7 +373,7 @@ def test_hf_gpt2_matches_eager_on_a_left_padded_batch(transformers, calls):
     ref = copy.deepcopy(model)
     report = optimize(model)
     assert model.config._attn_implementation == "bignlp_fast"
-    assert report.swapped[0][0] == "" and len(report.swapped) == 1 + 5 and report.skipped == []
+    assert report.swapped[0][0] == "" and len(report.swapped) == 1 + 5 + 1 and report.skipped == []  # attention, LayerNorms, lm_head
     ids, mask = padded_batch([10, 6, 2], 10, left=True, low=3)
     with torch.no_grad():
         expected = ref(ids, attention_mask=mask).logits

@@ -39,11 +39,16 @@ def _padded_batch(b: int, l: int, vocab: int, seed: int = 5):
 
 
 # ---- BERT -----------------------------------------------------------------------------------------
-def _bert_cases(b: int, l: int, dtype: torch.dtype, modes, suites, layers: int = 12, hidden: int = 768):
+def _bert_cases(b: int, l: int, dtype: torch.dtype, modes, suites, layers: int = 12, hidden: int = 768,
+                via_optimize: bool = False):
     """BERT-base-shaped encoder on a right-padded batch: ours (unpadded tokens, varlen attention)
     against transformers' BertModel with attn_implementation="sdpa". FLOPs: the encoder's GEMMs and
-    attention over the real tokens only (what a padding-free model must compute)."""
+    attention over the real tokens only (what a padding-free model must compute). ``via_optimize``:
+    ours is transformers' own model after ``bignlp_fast.optimize`` (our attention through its
+    AttentionInterface, our LayerNorm and Linear modules; its padded layout kept)."""
     import transformers
+
+    from bignlp_fast import optimize
 
     from bignlp_fast.models.bert import BertForSequenceClassification, BertModel, bert_flops
     ids, mask, lengths = _padded_batch(b, l, 30522)
@@ -61,7 +66,10 @@ def _bert_cases(b: int, l: int, dtype: torch.dtype, modes, suites, layers: int =
             torch.manual_seed(0)
             cls = (transformers.BertForSequenceClassification if task else transformers.BertModel)
             ref = cls(transformers.BertConfig(**hf_config)).eval()
-            ours = (BertForSequenceClassification if task else BertModel).from_hf(ref).eval()
+            if via_optimize:
+                ours = optimize(ref, inplace=False).model
+            else:
+                ours = (BertForSequenceClassification if task else BertModel).from_hf(ref).eval()
             return ours, ref
         return _Models(pair)
 
@@ -73,11 +81,12 @@ def _bert_cases(b: int, l: int, dtype: torch.dtype, modes, suites, layers: int =
         return [model(t["ids"], attention_mask=t["mask"]).last_hidden_state[real]]
 
     common = dict(op="attention", shape=(b, l), dtype=dtype, suites=suites, ref_name="transformers BertModel (sdpa)")
+    name = "optimize(HF BERT-base)" if via_optimize else "BERT-base"
     out = []
     if "fwd" in modes:
         out.append(Case(mode="fwd", make=make_fwd, ours=lambda t, be: fwd(t["models"](t["tag"].dtype, 0), t),
                         ref=lambda t: fwd(t["models"](t["tag"].dtype, 1), t), flops=flops,
-                        variant=f"BERT-base encoder, {padding:.0%} padding", **common))
+                        variant=f"{name} encoder, {padding:.0%} padding", **common))
     if "fwd+bwd" in modes:
         labels = torch.randint(0, 2, (b,), generator=torch.Generator().manual_seed(7))
 
@@ -101,7 +110,7 @@ def _bert_cases(b: int, l: int, dtype: torch.dtype, modes, suites, layers: int =
         common["ref_name"] = "transformers BertForSequenceClassification (sdpa)"
         out.append(Case(mode="fwd+bwd", make=make_step, ours=lambda t, be: step(t["models"](t["tag"].dtype, 0), t),
                         ref=lambda t: step(t["models"](t["tag"].dtype, 1), t), flops=3 * flops,
-                        variant=f"BERT-base classifier training step, {padding:.0%} padding", **common))
+                        variant=f"{name} classifier training step, {padding:.0%} padding", **common))
     return out
 
 
@@ -161,6 +170,8 @@ def model_cases() -> list[Case]:
     cases += _bert_cases(8, 128, torch.float32, ("fwd",), ("quick", "full"))
     cases += _bert_cases(8, 128, torch.float32, ("fwd+bwd",), ("full",))
     cases += _bert_cases(8, 128, torch.bfloat16, ("fwd",), ("full",))  # slow on CPUs without bf16 units
+    # transformers' own BERT after bignlp_fast.optimize(model): what a drop-in call gives
+    cases += _bert_cases(8, 128, torch.float32, ("fwd", "fwd+bwd"), ("full",), via_optimize=True)
     # GPT-2 small: prompt 32, 64 new tokens, batch 1 (bound by reading the weights) and batch 8
     cases += _gpt_cases(1, 32, 64, torch.float32, ("quick", "full"))
     cases += _gpt_cases(8, 32, 64, torch.float32, ("full",))
@@ -172,5 +183,6 @@ def tiny_model_cases() -> list[Case]:
     if not has_transformers():
         return []
     return (_bert_cases(3, 9, torch.float32, ("fwd", "fwd+bwd"), ("tiny",), layers=2, hidden=128)
+            + _bert_cases(3, 9, torch.float32, ("fwd",), ("tiny",), layers=2, hidden=128, via_optimize=True)
             + _gpt_cases(2, 5, 4, torch.float32, ("tiny",), layers=2, hidden=128, vocab=301))
 

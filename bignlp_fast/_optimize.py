@@ -14,6 +14,9 @@ What it does, module by module (``model.named_modules()``, the root included):
   imported: optimize never imports transformers) is switched to ``attn_implementation="bignlp_fast"``
   with ``set_attn_implementation`` (see :mod:`bignlp_fast.hf`), and its ``torch.nn.LayerNorm``s and
   ``torch.nn.Linear``s are swapped; its other modules are left to transformers (reported as skipped).
+- transformers' ``Conv1D`` (the GPT-2 family's projections; exactly that type, found only when
+  ``transformers.pytorch_utils`` is already imported) becomes ``bignlp_fast.hf.Conv1D``, its subclass
+  whose forward is ``ops.linear.dense(x, weight.t(), bias)`` (``backend=`` does not reach it).
 - Everything else is left alone. A module of a swappable family that is not swapped is reported as
   skipped, with the reason: a subclass (``subclass of torch.nn.LSTM; not swapped``: its forward may
   not be torch's), a parametrized module, an option the fused path never runs (``add_bias_kv``,
@@ -59,7 +62,7 @@ from typing import Callable, Optional
 import torch
 import torch.nn.utils.parametrize
 
-from bignlp_fast import _backend
+from bignlp_fast import _backend, hf
 from bignlp_fast import nn as bnn
 from bignlp_fast.ops.add_layer_norm import OP as _LN_OP
 from bignlp_fast.ops.add_layer_norm import _triton_check as _ln_triton_check
@@ -217,6 +220,22 @@ def _swap(module: torch.nn.Module, backend: Optional[str]) -> type:
 
 
 # ---- Hugging Face -----------------------------------------------------------------------------
+def _swap_hf_conv1d(name: str, module: torch.nn.Module, hf_conv1d: type, backend: Optional[str],
+                    report: OptimizeReport) -> None:
+    """transformers' Conv1D (GPT-2's projections) -> bignlp_fast.hf's subclass on ops.linear.dense."""
+    ours = hf.fast_conv1d_class(hf_conv1d)
+    if type(module) is ours:
+        report.skipped.append((name, "bignlp_fast.hf.Conv1D", "already optimized"))
+        return
+    p = module.weight
+    reason = _no_fused_backend(_LINEAR_OP, p.device, p.dtype, backend)
+    if reason is not None:
+        report.skipped.append((name, "transformers.pytorch_utils.Conv1D", reason))
+        return
+    module.__class__ = ours
+    report.swapped.append((name, "transformers.pytorch_utils.Conv1D", "bignlp_fast.hf.Conv1D"))
+
+
 def _switch_hf(name: str, model, pretrained: type, report: OptimizeReport) -> bool:
     """attn_implementation="bignlp_fast" for a transformers PreTrainedModel and its sub-models.
     Returns whether it switched."""
@@ -286,7 +305,8 @@ def optimize(model: torch.nn.Module, *, backend: Optional[str] = None, inplace: 
     report = OptimizeReport(model=model)
     pretrained = _hf_pretrained_class()
     closed: list[str] = []  # modules whose children are theirs: not visited
-    hf_models: list[str] = []  # transformers models: only their LayerNorms and Linears are swapped
+    hf_models: list[str] = []  # transformers models: only their LayerNorms, Linears and Conv1Ds are swapped
+    hf_conv1d = hf.hf_conv1d_class()
     for name, module in model.named_modules():
         if any(_under(name, p) for p in closed):
             continue
@@ -300,7 +320,9 @@ def optimize(model: torch.nn.Module, *, backend: Optional[str] = None, inplace: 
             continue
         if cls.__module__.startswith("bignlp_fast.nn"):
             closed.append(name)
-        if cls in _SWAPS:
+        if hf_conv1d is not None and cls in (hf_conv1d, hf.fast_conv1d_class(hf_conv1d)):
+            _swap_hf_conv1d(name, module, hf_conv1d, backend, report)
+        elif cls in _SWAPS:
             closed.append(name)
             if owner is not None and cls not in _IN_HF:
                 report.skipped.append((name, _type_name(cls), f"inside the Hugging Face model {owner or '(root)'}: "

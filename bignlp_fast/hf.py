@@ -124,6 +124,34 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
 
 
 # ---- registration -----------------------------------------------------------------------------
+# ---- GPT-2's Conv1D ------------------------------------------------------------------------------
+_CONV1D_CLASSES: dict = {}
+
+
+def fast_conv1d_class(base: type) -> type:
+    """A subclass of transformers' ``Conv1D`` (``base``: ``transformers.pytorch_utils.Conv1D``, the
+    GPT-2 family's projection, ``x @ weight + bias`` with weight [in, out]) whose forward runs
+    :func:`bignlp_fast.ops.linear.dense` on ``weight.t()``: the faster of ops.linear and F.linear for
+    the input (GPT-2's decoding steps on the streaming kernels). It adds nothing to the module, so
+    ``optimize`` swaps it in by class reassignment. Made once per base class (transformers is only
+    imported by the user)."""
+    if base not in _CONV1D_CLASSES:
+        from bignlp_fast.ops.linear import dense
+
+        def forward(self, x: Tensor) -> Tensor:
+            return dense(x, self.weight.t(), self.bias)
+
+        cls = type("Conv1D", (base,), {"forward": forward, "__module__": __name__,
+                                       "__doc__": "transformers' Conv1D on bignlp_fast.ops.linear.dense."})
+        _CONV1D_CLASSES[base] = cls
+    return _CONV1D_CLASSES[base]
+
+
+def hf_conv1d_class() -> Optional[type]:
+    """transformers' Conv1D if its module is already imported (never imports transformers), else None."""
+    return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
+
+
 def _register_attention(modeling_utils) -> None:
     modeling_utils.AttentionInterface.register(NAME, attention_forward)
 

@@ -373,7 +373,8 @@ def test_hf_gpt2_matches_eager_on_a_left_padded_batch(transformers, calls):
     ref = copy.deepcopy(model)
     report = optimize(model)
     assert model.config._attn_implementation == "bignlp_fast"
-    assert report.swapped[0][0] == "" and len(report.swapped) == 1 + 5 + 1 and report.skipped == []  # attention, LayerNorms, lm_head
+    # attention, 5 LayerNorms, 8 Conv1Ds, lm_head
+    assert report.swapped[0][0] == "" and len(report.swapped) == 1 + 5 + 8 + 1 and report.skipped == []
     ids, mask = padded_batch([10, 6, 2], 10, left=True, low=3)
     with torch.no_grad():
         expected = ref(ids, attention_mask=mask).logits
@@ -381,3 +382,40 @@ def test_hf_gpt2_matches_eager_on_a_left_padded_batch(transformers, calls):
     assert calls["n"] == 2
     close_on_tokens(got, expected, mask)
     assert torch.isfinite(got).all()
+
+
+def test_hf_gpt2_conv1d_runs_on_dense_with_the_same_results(transformers, monkeypatch):
+    """transformers' Conv1D (weight [in, out]) becomes bignlp_fast.hf.Conv1D on ops.linear.dense; with
+    ops.linear forced for every product the logits and gradients still match the eager model's."""
+    import importlib
+    from bignlp_fast import hf
+    linear_module = importlib.import_module("bignlp_fast.ops.linear")  # the module (ops.linear is the function)
+    from transformers.pytorch_utils import Conv1D
+    config = transformers.GPT2Config(vocab_size=101, n_embd=48, n_head=3, n_layer=2, n_positions=64)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    ref = copy.deepcopy(model)
+    report = optimize(model)
+    conv = [n for n, m in ref.named_modules() if type(m) is Conv1D]
+    assert len(conv) == 8 and all((n, "transformers.pytorch_utils.Conv1D", "bignlp_fast.hf.Conv1D") in report.swapped
+                                  for n in conv)
+    ours_cls = hf.fast_conv1d_class(Conv1D)
+    assert all(type(dict(model.named_modules())[n]) is ours_cls for n in conv)
+    assert isinstance(model.transformer.h[0].attn.c_attn, Conv1D)
+    assert model.state_dict().keys() == ref.state_dict().keys()
+    calls = []
+    real = linear_module.linear
+    monkeypatch.setattr(linear_module, "linear_is_faster", lambda x, w: True)
+    monkeypatch.setattr(linear_module, "linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ids = torch.randint(0, 101, (2, 7), generator=torch.Generator().manual_seed(1))
+    got, expected = model(ids, labels=ids), ref(ids, labels=ids)
+    assert len(calls) == 8 + 1  # every Conv1D and the lm_head
+    torch.testing.assert_close(got.logits, expected.logits, rtol=1e-5, atol=1e-5)
+    got.loss.backward()
+    expected.loss.backward()
+    for n in conv:
+        torch.testing.assert_close(model.get_submodule(n).weight.grad, ref.get_submodule(n).weight.grad,
+                                   rtol=1e-5, atol=1e-6)
+    second = optimize(model)
+    assert second.swapped == [] and ("transformer.h.0.attn.c_attn", "bignlp_fast.hf.Conv1D",
+                                     "already optimized") in second.skipped

@@ -116,14 +116,17 @@ def _bert_cases(b: int, l: int, dtype: torch.dtype, modes, suites, layers: int =
 
 # ---- GPT-2 generation --------------------------------------------------------------------------------
 def _gpt_cases(b: int, prompt: int, new: int, dtype: torch.dtype, suites, layers: int = 12, hidden: int = 768,
-               vocab: int = 50257):
+               vocab: int = 50257, via_optimize: bool = False):
     """Greedy generation of ``new`` tokens after a ``prompt``-token prompt, GPT-2-small-shaped: ours
     (static KV cache, fused ops) against transformers' ``generate`` with its cache. End of sequence is
     off on both sides, so every call makes exactly ``new`` tokens. Bytes: every decoding step must
     read all the weights once (the least a step moves), so "% of copy" is the distance to the
-    memory-bandwidth limit (the KV cache reads, a few MB, are left out of the count)."""
+    memory-bandwidth limit (the KV cache reads, a few MB, are left out of the count). ``via_optimize``:
+    ours is transformers' own model and ``generate`` after ``bignlp_fast.optimize`` (our attention,
+    LayerNorm, Conv1D and lm_head; transformers' cache and decoding loop)."""
     import transformers
 
+    from bignlp_fast import optimize
     from bignlp_fast.models.gpt import GPTLMHeadModel
     hf_config = transformers.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=hidden // 64,
                                         n_positions=max(1024, prompt + new), eos_token_id=None, bos_token_id=None,
@@ -133,27 +136,32 @@ def _gpt_cases(b: int, prompt: int, new: int, dtype: torch.dtype, suites, layers
     def pair():
         torch.manual_seed(0)
         ref = transformers.GPT2LMHeadModel(hf_config).eval()
-        return GPTLMHeadModel.from_hf(ref).eval(), ref
+        return (optimize(ref, inplace=False).model if via_optimize else GPTLMHeadModel.from_hf(ref).eval()), ref
 
     def make(device, dt):
         return dict(ids=ids.to(device), tag=torch.zeros((), dtype=dt), models=_Models(pair))
 
-    def ours(t, be):
-        model = t["models"](t["tag"].dtype, 0)
-        return [model.generate(t["ids"], new, eos_token_id=[]).float()]
-
     @torch.no_grad()
-    def ref(t):
-        model = t["models"](t["tag"].dtype, 1)
+    def hf_generate(model, t):
         out = model.generate(t["ids"], attention_mask=torch.ones_like(t["ids"]), do_sample=False,
                              max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
         return [out.float()]
+
+    def ours(t, be):
+        model = t["models"](t["tag"].dtype, 0)
+        if via_optimize:
+            return hf_generate(model, t)
+        return [model.generate(t["ids"], new, eos_token_id=[]).float()]
+
+    def ref(t):
+        return hf_generate(t["models"](t["tag"].dtype, 1), t)
 
     params = (vocab + hf_config.n_positions) * hidden + layers * (12 * hidden * hidden + 13 * hidden) + 2 * hidden
     weight_bytes = params * torch.tensor([], dtype=dtype).element_size()
     return [Case(op="attention", mode="fwd", shape=(b, prompt, new), dtype=dtype, make=make, ours=ours, ref=ref,
                  ref_name="transformers GPT2LMHeadModel.generate (sdpa, cache)", bytes=new * weight_bytes,
-                 suites=suites, variant=f"GPT-2 small greedy generation, batch {b}")]
+                 suites=suites, variant=f"{'optimize(HF GPT-2 small)' if via_optimize else 'GPT-2 small'} greedy "
+                                        f"generation, batch {b}")]
 
 
 def has_transformers() -> bool:
@@ -176,6 +184,8 @@ def model_cases() -> list[Case]:
     cases += _gpt_cases(1, 32, 64, torch.float32, ("quick", "full"))
     cases += _gpt_cases(8, 32, 64, torch.float32, ("full",))
     cases += _gpt_cases(1, 32, 64, torch.bfloat16, ("full",))
+    cases += _gpt_cases(1, 32, 64, torch.float32, ("full",), via_optimize=True)
+    cases += _gpt_cases(8, 32, 64, torch.float32, ("full",), via_optimize=True)
     return cases
 
 
@@ -184,5 +194,6 @@ def tiny_model_cases() -> list[Case]:
         return []
     return (_bert_cases(3, 9, torch.float32, ("fwd", "fwd+bwd"), ("tiny",), layers=2, hidden=128)
             + _bert_cases(3, 9, torch.float32, ("fwd",), ("tiny",), layers=2, hidden=128, via_optimize=True)
-            + _gpt_cases(2, 5, 4, torch.float32, ("tiny",), layers=2, hidden=128, vocab=301))
+            + _gpt_cases(2, 5, 4, torch.float32, ("tiny",), layers=2, hidden=128, vocab=301)
+            + _gpt_cases(2, 5, 4, torch.float32, ("tiny",), layers=2, hidden=128, vocab=301, via_optimize=True))
 

@@ -307,6 +307,7 @@ def optimize(model: torch.nn.Module, *, backend: Optional[str] = None, inplace: 
     closed: list[str] = []  # modules whose children are theirs: not visited
     hf_models: list[str] = []  # transformers models: only their LayerNorms, Linears and Conv1Ds are swapped
     hf_conv1d = hf.hf_conv1d_class()
+    hf_conv1d_types = (hf_conv1d, hf.fast_conv1d_class(hf_conv1d)) if hf_conv1d is not None else ()
     for name, module in model.named_modules():
         if any(_under(name, p) for p in closed):
             continue
@@ -320,7 +321,7 @@ def optimize(model: torch.nn.Module, *, backend: Optional[str] = None, inplace: 
             continue
         if cls.__module__.startswith("bignlp_fast.nn"):
             closed.append(name)
-        if hf_conv1d is not None and cls in (hf_conv1d, hf.fast_conv1d_class(hf_conv1d)):
+        if cls in hf_conv1d_types:
             _swap_hf_conv1d(name, module, hf_conv1d, backend, report)
         elif cls in _SWAPS:
             closed.append(name)

@@ -25,6 +25,7 @@ so ``import bignlp_fast`` never imports it:
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import sys
 import warnings
@@ -125,9 +126,7 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
 
 # ---- registration -----------------------------------------------------------------------------
 # ---- GPT-2's Conv1D ------------------------------------------------------------------------------
-_CONV1D_CLASSES: dict = {}
-
-
+@functools.lru_cache(maxsize=None)
 def fast_conv1d_class(base: type) -> type:
     """A subclass of transformers' ``Conv1D`` (``base``: ``transformers.pytorch_utils.Conv1D``, the
     GPT-2 family's projection, ``x @ weight + bias`` with weight [in, out]) whose forward runs
@@ -135,16 +134,13 @@ def fast_conv1d_class(base: type) -> type:
     the input (GPT-2's decoding steps on the streaming kernels). It adds nothing to the module, so
     ``optimize`` swaps it in by class reassignment. Made once per base class (transformers is only
     imported by the user)."""
-    if base not in _CONV1D_CLASSES:
-        from bignlp_fast.ops.linear import dense
+    from bignlp_fast.ops.linear import dense
 
-        def forward(self, x: Tensor) -> Tensor:
-            return dense(x, self.weight.t(), self.bias)
+    def forward(self, x: Tensor) -> Tensor:
+        return dense(x, self.weight.t(), self.bias)
 
-        cls = type("Conv1D", (base,), {"forward": forward, "__module__": __name__,
-                                       "__doc__": "transformers' Conv1D on bignlp_fast.ops.linear.dense."})
-        _CONV1D_CLASSES[base] = cls
-    return _CONV1D_CLASSES[base]
+    return type("Conv1D", (base,), {"forward": forward, "__module__": __name__,
+                                    "__doc__": "transformers' Conv1D on bignlp_fast.ops.linear.dense."})
 
 
 def hf_conv1d_class() -> Optional[type]:

@@ -49,7 +49,6 @@ def _bert_cases(b: int, l: int, dtype: torch.dtype, modes, suites, layers: int =
     import transformers
 
     from bignlp_fast import optimize
-
     from bignlp_fast.models.bert import BertForSequenceClassification, BertModel, bert_flops
     ids, mask, lengths = _padded_batch(b, l, 30522)
     real = mask.bool()

@@ -340,32 +340,35 @@ GradWeightPlan plan_grad_weight(const Grid& g) {
   return w;
 }
 
-// Whether implicit_grad_weight runs: at least two chunks per thread, slices of at least 256 positions.
-bool implicit_grad_weight_applies(const Grid& g) {
-  const GradWeightPlan w = plan_grad_weight(g);
-  return w.chunks >= 2 * at::get_num_threads() && w.run >= 256;
+// Whether implicit_grad_weight runs: the forward on the implicit GEMM, at least two chunks per
+// thread, slices of at least 256 positions.
+bool implicit_grad_weight_applies(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& stride,
+                                  const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation,
+                                  int64_t groups) {
+  if (!implicit_gemm_applies(x, w, stride, padding, dilation, groups)) return false;
+  const GradWeightPlan plan = plan_grad_weight(make_grid(x, w, padding, dilation));
+  return plan.chunks >= 2 * at::get_num_threads() && plan.run >= 256;
 }
 
 at::Tensor implicit_grad_weight(const at::Tensor& gp, const at::Tensor& x, const Grid& g) {
   using cpu::gemm_detail::kRows;
-  const GradWeightPlan w = plan_grad_weight(g);
+  const GradWeightPlan plan = plan_grad_weight(g);
   const int64_t taps = static_cast<int64_t>(g.shifts.size()), max_shift = g.shifts.back();
-  const int64_t N = g.Cout, panels = w.Np / kPanel, Np = w.Np, run = w.run, per_seq = w.per_seq;
-  const int64_t slices = w.slices, chunks = w.chunks, c_floats = w.c_floats;
-  const int64_t cblocks = (g.Cin + kRows - 1) / kRows, threads = at::get_num_threads();
-  at::Tensor partial = cpu::empty_huge({chunks, c_floats}, x.options());
+  const int64_t Np = plan.Np, panels = Np / kPanel, run = plan.run, chunks = plan.chunks;
+  const int64_t cblocks = (g.Cin + kRows - 1) / kRows;
+  at::Tensor partial = cpu::empty_huge({chunks, plan.c_floats}, x.options());
   const float* gpp = gp.const_data_ptr<float>();
   const float* xp = x.const_data_ptr<float>();
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min(threads, chunks), 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), chunks), 1, [&](int64_t, int64_t) {
     std::vector<float> bs(run * Np), xa((run + max_shift) * kRows);
     for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
-      float* cc = partial.data_ptr<float>() + c * c_floats;
-      const int64_t s0 = c * slices / chunks, s1 = (c + 1) * slices / chunks;
+      float* cc = partial.data_ptr<float>() + c * plan.c_floats;
+      const int64_t s0 = c * plan.slices / chunks, s1 = (c + 1) * plan.slices / chunks;
       for (int64_t s = s0; s < s1; ++s) {
-        const int64_t b = s / per_seq, q0 = s % per_seq * run, kc = std::min(run, g.Lout - q0);
+        const int64_t b = s / plan.per_seq, q0 = s % plan.per_seq * run, kc = std::min(run, g.Lout - q0);
         for (int64_t p = 0; p < panels; ++p) {  // bs[(p * kc + k) * kPanel + u] = gp[b, p * kPanel + u, q0 + k]
-          const int64_t n0 = p * kPanel, nc = std::min(kPanel, N - n0);
+          const int64_t n0 = p * kPanel, nc = std::min(kPanel, g.Cout - n0);
           float* dst = bs.data() + p * kc * kPanel;
           if (nc < kPanel) std::fill(dst, dst + kc * kPanel, 0.f);
           at::vec::transpose_mxn<float>(gpp + (b * g.Cout + n0) * g.Lout + q0, g.Lout, dst, kPanel, nc, kc);
@@ -390,8 +393,8 @@ at::Tensor implicit_grad_weight(const at::Tensor& gp, const at::Tensor& x, const
     }
   });
   // the chunks' sums in chunk order: [taps, C_in, Np] -> [C_out, C_in, taps]
-  const at::Tensor total = cpu::reduce_partials(partial, c_floats, at::kFloat);
-  return total.view({taps, g.Cin, Np}).narrow(2, 0, N).permute({2, 1, 0}).contiguous();
+  const at::Tensor total = cpu::reduce_partials(partial, plan.c_floats, at::kFloat);
+  return total.view({taps, g.Cin, Np}).narrow(2, 0, g.Cout).permute({2, 1, 0}).contiguous();
 }
 
 }  // namespace
@@ -432,10 +435,7 @@ std::string conv_cpu_path(const at::Tensor& x, const at::Tensor& w, std::vector<
 
 std::string conv_cpu_grad_weight_path(const at::Tensor& x, const at::Tensor& w, std::vector<int64_t> stride,
                                       std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups) {
-  return implicit_gemm_applies(x, w, stride, padding, dilation, groups) &&
-                 implicit_grad_weight_applies(make_grid(x, w, padding, dilation))
-             ? "implicit_gemm"
-             : "aten";
+  return implicit_grad_weight_applies(x, w, stride, padding, dilation, groups) ? "implicit_gemm" : "aten";
 }
 
 std::vector<at::Tensor> conv_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w,
@@ -473,7 +473,7 @@ std::vector<at::Tensor> conv_bwd_cpu(const at::Tensor& grad_out, const at::Tenso
   }
   const bool ours = std::all_of(t_padding.begin(), t_padding.end(), [](int64_t p) { return p >= 0; }) &&
                     implicit_gemm_applies(gp, w.transpose(0, 1), stride, t_padding, dilation, groups);
-  const bool ours_w = conv_cpu_grad_weight_path(x, w, stride, padding, dilation, groups) == "implicit_gemm";
+  const bool ours_w = implicit_grad_weight_applies(x, w, stride, padding, dilation, groups);
   at::Tensor grad_x, grad_w;
   if (!ours || !ours_w)
     std::tie(grad_x, grad_w, std::ignore) = at::convolution_backward(

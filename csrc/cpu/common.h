@@ -183,6 +183,14 @@ inline void store_any(c10::BFloat16* p, const fVec& v, int64_t n) {
 }
 
 // n values of T as fp32 times mul, and back (the row copies of the packing and write-out steps).
+// dst[j * ld_dst + i] = src[i * ld_src + j] for i < M, j < N: a block transpose of 32-bit elements of
+// any kind (fp32, or pairs of bf16), by ATen's vectorized fp32 transpose; it only moves bits (loads,
+// shuffles, stores), so any pattern comes through as it was.
+inline void transpose_32bit(const uint32_t* src, int64_t ld_src, uint32_t* dst, int64_t ld_dst, int64_t M, int64_t N) {
+  at::vec::transpose_mxn<float>(reinterpret_cast<const float*>(src), ld_src, reinterpret_cast<float*>(dst), ld_dst,
+                                static_cast<int>(M), static_cast<int>(N));
+}
+
 template <typename T>
 inline void to_float(const T* src, float* dst, int64_t n, float mul = 1.f) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]) * mul;

@@ -119,8 +119,9 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
 
   // the state: h transposed [H, B] (the GEMM's A operand: consecutive floats per k), c [B, Hp]
   std::vector<float> ht(H * B), ht_next(H * B), c(B * Hp, 0.f), c_next(B * Hp, 0.f), hw(B * GHp);
+  const T* h_init = h0.const_data_ptr<T>();
   for (int64_t b = 0; b < B; ++b)
-    for (int64_t k = 0; k < H; ++k) ht[k * B + b] = static_cast<float>(h0.const_data_ptr<T>()[b * H + k]);
+    for (int64_t k = 0; k < H; ++k) ht[k * B + b] = static_cast<float>(h_init[b * H + k]);
   for (int64_t b = 0; b < B; ++b) to_float(c0.const_data_ptr<T>() + b * H, c.data() + b * Hp, H);
 
   const T* x = xw.const_data_ptr<T>();

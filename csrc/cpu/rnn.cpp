@@ -17,6 +17,7 @@
 // The weight gradients are left to large GEMMs over all steps at the end (cpu::packed_gemm).
 #include <atomic>
 #include <cmath>
+#include <memory>
 #include <string>
 #include <thread>
 #include <type_traits>
@@ -177,20 +178,51 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
   const bool amx = std::is_same_v<T, c10::BFloat16> && cpu::amx_bf16();
   const bool dot = std::is_same_v<T, c10::BFloat16> && !amx && cpu::bf16_dot();
   const int64_t GU = G * kUnits;
-  std::vector<float> wt(dot || amx ? 0 : S * ld_w, 0.f), bias(ld_w, 0.f);
-  const T* w = w_hh.const_data_ptr<T>();
-  at::parallel_for(0, G * H, 64, [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t g = r / H, j = r % H, panel = j / kUnits * G + g, u = j % kUnits;
-      if (!dot && !amx)
-        for (int64_t k = 0; k < S; ++k) wt[(panel * S + k) * kUnits + u] = static_cast<float>(w[r * S + k]);
-      if (b_hh.has_value()) bias[panel * kUnits + u] = static_cast<float>(b_hh->const_data_ptr<T>()[r]);
-    }
-  });
+  std::vector<float> bias(ld_w, 0.f);
   const int64_t K2 = (S + 1) / 2;
-  std::vector<c10::BFloat16> wtb(dot ? K2 * ld_w * 2 : 0);
+  // written whole below: no zeroing first (a 4 MiB memset is ~0.1 ms a call)
+  const std::unique_ptr<float[]> wt(new float[dot || amx ? 0 : S * ld_w]);
+  const std::unique_ptr<c10::BFloat16[]> wtb(new c10::BFloat16[dot ? K2 * ld_w * 2 : 0]);
   std::vector<c10::BFloat16> w_amx(amx ? blocks * K2 * GU * 2 : 0);
-  if (amx) {
+  const T* w = w_hh.const_data_ptr<T>();
+  const T* b_src = b_hh.has_value() ? b_hh->const_data_ptr<T>() : nullptr;
+  // Panels by block transposes: panel (blk, g) is the transpose of the kUnits rows of W_hh that hold
+  // gate g of the block's units (as fp32 [S, kUnits], or for the bf16 dot products as 32-bit pairs of
+  // k [K2, kUnits]: a row's pair (2kp, 2kp + 1) is one uint32 of the row, so the same transpose).
+  // Element by element, the strided writes took ~0.4 ms a call at H = 512 (10% of a B4 T128 forward).
+  if (b_src != nullptr)  // unit j of gate g at column (j / kUnits * G + g) * kUnits + j % kUnits
+    for (int64_t g = 0; g < G; ++g)
+      for (int64_t j = 0; j < H; ++j) bias[(j / kUnits * G + g) * kUnits + j % kUnits] = static_cast<float>(b_src[g * H + j]);
+  if (!amx) {
+    at::parallel_for(0, G * blocks, 1, [&](int64_t p0, int64_t p1) {
+      for (int64_t p = p0; p < p1; ++p) {
+        const int64_t blk = p / G, g = p % G, j0 = blk * kUnits, nu = std::min(kUnits, H - j0);
+        const T* rows = w + (g * H + j0) * S;
+        if (dot) {
+          uint32_t* dst = reinterpret_cast<uint32_t*>(wtb.get()) + p * K2 * kUnits;
+          if (S % 2 == 0) {
+            cpu::transpose_32bit(reinterpret_cast<const uint32_t*>(rows), S / 2, dst, kUnits, nu, K2);
+          } else {
+            std::fill(dst, dst + K2 * kUnits, 0u);
+            for (int64_t u = 0; u < nu; ++u)
+              for (int64_t k = 0; k < S; ++k) wtb.get()[((p * K2 + k / 2) * kUnits + u) * 2 + k % 2] = rows[u * S + k];
+          }
+          if (nu < kUnits)  // the panel's columns past H: zero
+            for (int64_t kp = 0; kp < K2; ++kp) std::fill(dst + kp * kUnits + nu, dst + (kp + 1) * kUnits, 0u);
+          continue;
+        }
+        float* dst = wt.get() + p * S * kUnits;
+        if constexpr (std::is_same_v<T, float>) {
+          at::vec::transpose_mxn<float>(rows, S, dst, kUnits, static_cast<int>(nu), static_cast<int>(S));
+        } else {
+          for (int64_t u = 0; u < nu; ++u)
+            for (int64_t k = 0; k < S; ++k) dst[k * kUnits + u] = static_cast<float>(rows[u * S + k]);
+        }
+        if (nu < kUnits)
+          for (int64_t k = 0; k < S; ++k) std::fill(dst + k * kUnits + nu, dst + (k + 1) * kUnits, 0.f);
+      }
+    });
+  } else {
     // Per (gate, block) panel, 16 units at a time: a unit's pair of k is one uint32 of its row of W_hh,
     // so with S even one gather fetches a pair for 16 units (bf16, H = S = 512, B32, T = 1: a call took
     // 1.54 ms with the scalar loop, 1.10 ms with the gathers; torch.nn.LSTM 0.74 ms)
@@ -216,14 +248,6 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
             for (int64_t k = 0; k < S; ++k)
               w_amx[((blk * K2 + k / 2) * GU + col0 + u) * 2 + k % 2] = static_cast<c10::BFloat16>(rows[u * S + k]);
         }
-      }
-    });
-  } else if (dot) {
-    at::parallel_for(0, G * H, 64, [&](int64_t r0, int64_t r1) {
-      for (int64_t r = r0; r < r1; ++r) {
-        const int64_t g = r / H, j = r % H, panel = j / kUnits * G + g, u = j % kUnits;
-        for (int64_t k = 0; k < S; ++k)
-          wtb[((panel * K2 + k / 2) * kUnits + u) * 2 + k % 2] = static_cast<c10::BFloat16>(w[r * S + k]);
       }
     });
   }
@@ -296,11 +320,11 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
         for (int64_t g = 0; g < (amx ? 0 : G); ++g) {
           if (dot) {
             cpu::small_gemm_bf16(B, kUnits, K2, reinterpret_cast<const uint32_t*>(hb.data() + cur * B * 2 * K2), K2,
-                                 1, wtb.data() + (blk * G + g) * K2 * kUnits * 2, kUnits, tile.data() + g * kUnits,
+                                 1, wtb.get() + (blk * G + g) * K2 * kUnits * 2, kUnits, tile.data() + g * kUnits,
                                  G * kUnits);
             continue;
           }
-          small_gemm(B, kUnits, S, h, S, 1, wt.data() + (blk * G + g) * S * kUnits, kUnits,
+          small_gemm(B, kUnits, S, h, S, 1, wt.get() + (blk * G + g) * S * kUnits, kUnits,
                      tile.data() + g * kUnits, G * kUnits, 1.f, false);
         }
         for (int64_t b = 0; b < B; ++b) {
@@ -391,11 +415,17 @@ void backward(const Shape& sh, const at::Tensor& grad_out, const at::Tensor& gra
   // W_hr [P, H padded] row-major: the B operands of dG W_hh and dh W_hr
   constexpr int64_t VS = fVec::size(), PW = 2 * VS;
   const int64_t ld_s = (S + PW - 1) / PW * PW, ld_h = round_up_to_vec(H);
-  std::vector<float> w(GH * ld_s, 0.f), wr;
-  at::parallel_for(0, GH, 64, [&](int64_t r0, int64_t r1) {
+  const std::unique_ptr<float[]> w(new float[GH * ld_s]);  // written whole below
+  std::vector<float> wr;
+  const T* w_src = w_hh.const_data_ptr<T>();
+  at::parallel_for(0, GH, 64, [&](int64_t r0, int64_t r1) {  // row r's columns [p PW, (p + 1) PW) to panel p
     for (int64_t r = r0; r < r1; ++r)
-      for (int64_t k = 0; k < S; ++k)
-        w[(k / PW * GH + r) * PW + k % PW] = static_cast<float>(w_hh.const_data_ptr<T>()[r * S + k]);
+      for (int64_t p = 0; p < ld_s / PW; ++p) {
+        float* dst = w.get() + (p * GH + r) * PW;
+        const int64_t n = std::clamp<int64_t>(S - p * PW, 0, PW);
+        to_float(w_src + r * S + p * PW, dst, n);
+        std::fill(dst + n, dst + PW, 0.f);
+      }
   });
   if (sh.proj) {
     wr.assign(S * ld_h, 0.f);
@@ -526,7 +556,7 @@ void backward(const Shape& sh, const at::Tensor& grad_out, const at::Tensor& gra
       // way and 26-29 ms with the transposed copy, of which the GEMM ~20 ms, the gate gradients ~5.
       for (int64_t p; (p = wk.claim()) >= 0; wk.done()) {
         const int64_t c0_ = p * PW;
-        small_gemm(B, PW, GH, dgt.data(), 1, B, w.data() + p * GH * PW, PW, dh_next + c0_, ld_s, 1.f, gru);
+        small_gemm(B, PW, GH, dgt.data(), 1, B, w.get() + p * GH * PW, PW, dh_next + c0_, ld_s, 1.f, gru);
         for (int64_t b = 0; b < B; ++b)
           if (!(t < len[b]))
             for (int64_t q = 0; q < PW; ++q) dh_next[b * ld_s + c0_ + q] = dh[b * ld_s + c0_ + q];

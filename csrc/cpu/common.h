@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 
 #include <ATen/Parallel.h>
 #include <ATen/ATen.h>
@@ -189,6 +190,18 @@ inline void store_any(c10::BFloat16* p, const fVec& v, int64_t n) {
 inline void transpose_32bit(const uint32_t* src, int64_t ld_src, uint32_t* dst, int64_t ld_dst, int64_t M, int64_t N) {
   at::vec::transpose_mxn<float>(reinterpret_cast<const float*>(src), ld_src, reinterpret_cast<float*>(dst), ld_dst,
                                 static_cast<int>(M), static_cast<int>(N));
+}
+
+// dst[j * ld_dst + i] = float(src[i * ld_src + j]) for i < M, j < N: packing rows of a weight as the
+// columns of a GEMM panel (vectorized for fp32; bf16 element by element).
+template <typename T>
+inline void transpose_to_float(const T* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t M, int64_t N) {
+  if constexpr (std::is_same_v<T, float>) {
+    at::vec::transpose_mxn<float>(src, ld_src, dst, ld_dst, static_cast<int>(M), static_cast<int>(N));
+  } else {
+    for (int64_t i = 0; i < M; ++i)
+      for (int64_t j = 0; j < N; ++j) dst[j * ld_dst + i] = static_cast<float>(src[i * ld_src + j]);
+  }
 }
 
 template <typename T>

@@ -212,12 +212,7 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
           continue;
         }
         float* dst = wt.get() + p * S * kUnits;
-        if constexpr (std::is_same_v<T, float>) {
-          at::vec::transpose_mxn<float>(rows, S, dst, kUnits, static_cast<int>(nu), static_cast<int>(S));
-        } else {
-          for (int64_t u = 0; u < nu; ++u)
-            for (int64_t k = 0; k < S; ++k) dst[k * kUnits + u] = static_cast<float>(rows[u * S + k]);
-        }
+        cpu::transpose_to_float(rows, S, dst, kUnits, nu, S);
         if (nu < kUnits)
           for (int64_t k = 0; k < S; ++k) std::fill(dst + k * kUnits + nu, dst + (k + 1) * kUnits, 0.f);
       }

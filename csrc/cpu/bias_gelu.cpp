@@ -73,6 +73,7 @@ at::Tensor bias_gelu_fwd_cpu(const at::Tensor& x, const std::optional<at::Tensor
     using T = scalar_t;
     float* b = b32.data_ptr<float>();
     cpu::to_padded_float(bias ? bias->const_data_ptr<T>() : nullptr, H, b, Hp, 0.f);
+    cpu::split_columns<T>(b, Hp);  // rows are read and written in split lane order (common.h)
     const T* xp = x.const_data_ptr<T>();
     T* yp = y.data_ptr<T>();
     const bool stream = cpu::stream_ok(yp, H * sizeof(T), rows * H * static_cast<int64_t>(sizeof(T)));
@@ -84,10 +85,10 @@ at::Tensor bias_gelu_fwd_cpu(const at::Tensor& x, const std::optional<at::Tensor
             cpu::prefetch_ahead(xp + r * H + j);
             if (!stream) cpu::prefetch_ahead(yp + r * H + j, /*for_write=*/true);
             fVec a, c;
-            cpu::load2_any(xp + r * H + j, H - j, a, c);
+            cpu::load2_split(xp + r * H + j, H - j, a, c);
             a = gelu<kTanhApprox>(a + fVec::loadu(b + j));
             c = gelu<kTanhApprox>(c + fVec::loadu(b + j + fVec::size()));
-            cpu::store2_maybe_stream(yp + r * H + j, H - j, a, c, stream);
+            cpu::store2_split(yp + r * H + j, H - j, a, c, stream);
           }
         }
         cpu::stream_fence();
@@ -115,6 +116,7 @@ std::vector<at::Tensor> bias_gelu_bwd_cpu(const at::Tensor& grad_y, const at::Te
     using T = scalar_t;
     float* b = b32.data_ptr<float>();
     cpu::to_padded_float(bias ? bias->const_data_ptr<T>() : nullptr, H, b, Hp, 0.f);
+    cpu::split_columns<T>(b, Hp);  // split lane order, as the forward
     const T* xp = x.const_data_ptr<T>();
     const T* gp = grad_y.const_data_ptr<T>();
     T* dxp = dx.data_ptr<T>();
@@ -132,17 +134,18 @@ std::vector<at::Tensor> bias_gelu_bwd_cpu(const at::Tensor& grad_y, const at::Te
               cpu::prefetch_ahead(gp + r * H + j);
               if (!stream) cpu::prefetch_ahead(dxp + r * H + j, /*for_write=*/true);
               fVec xa, xc, ga, gc;
-              cpu::load2_any(xp + r * H + j, H - j, xa, xc);
-              cpu::load2_any(gp + r * H + j, H - j, ga, gc);
+              cpu::load2_split(xp + r * H + j, H - j, xa, xc);
+              cpu::load2_split(gp + r * H + j, H - j, ga, gc);
               const fVec da = ga * gelu_grad<kTanhApprox>(xa + fVec::loadu(b + j));
               const fVec dc = gc * gelu_grad<kTanhApprox>(xc + fVec::loadu(b + j + h));
-              cpu::store2_maybe_stream(dxp + r * H + j, H - j, da, dc, stream);
+              cpu::store2_split(dxp + r * H + j, H - j, da, dc, stream);
               if (pdb) {  // padding lanes have grad_y = 0, so they add nothing
                 (fVec::loadu(pdb + j) + da).store(pdb + j);
                 (fVec::loadu(pdb + j + h) + dc).store(pdb + j + h);
               }
             }
           }
+          if (pdb) cpu::unsplit_columns<T>(pdb, Hp);  // this chunk's partial sums back in column order
         }
         cpu::stream_fence();
       });

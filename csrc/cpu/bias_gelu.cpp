@@ -145,7 +145,7 @@ std::vector<at::Tensor> bias_gelu_bwd_cpu(const at::Tensor& grad_y, const at::Te
               }
             }
           }
-          if (pdb) cpu::unsplit_columns<T>(pdb, Hp);  // this chunk's partial sums back in column order
+          if (pdb) cpu::split_columns<T>(pdb, Hp, /*back=*/true);  // this chunk's partial sums back in column order
         }
         cpu::stream_fence();
       });

@@ -210,25 +210,18 @@ inline void store2_split(T* p, int64_t n, const fVec& a, const fVec& b, bool str
   }
 }
 
-// A per-column fp32 vector of Hp (a multiple of kStep) values into split order for T, and back.
+// A per-column fp32 vector of Hp (a multiple of kStep) values into split order for T, or with `back`
+// from split order into column order.
 template <typename T>
-inline void split_columns(float* v, int64_t Hp) {
+inline void split_columns(float* v, int64_t Hp, bool back = false) {
   if constexpr (kSplitLanes<T>) {
     constexpr int64_t V = fVec::size();
     for (int64_t j = 0; j < Hp; j += kStep) {
       float tmp[kStep];
-      for (int64_t i = 0; i < V; ++i) tmp[i] = v[j + 2 * i], tmp[V + i] = v[j + 2 * i + 1];
-      std::memcpy(v + j, tmp, sizeof(tmp));
-    }
-  }
-}
-template <typename T>
-inline void unsplit_columns(float* v, int64_t Hp) {
-  if constexpr (kSplitLanes<T>) {
-    constexpr int64_t V = fVec::size();
-    for (int64_t j = 0; j < Hp; j += kStep) {
-      float tmp[kStep];
-      for (int64_t i = 0; i < V; ++i) tmp[2 * i] = v[j + i], tmp[2 * i + 1] = v[j + V + i];
+      for (int64_t i = 0; i < V; ++i) {
+        if (back) tmp[2 * i] = v[j + i], tmp[2 * i + 1] = v[j + V + i];
+        else tmp[i] = v[j + 2 * i], tmp[V + i] = v[j + 2 * i + 1];
+      }
       std::memcpy(v + j, tmp, sizeof(tmp));
     }
   }

@@ -169,7 +169,7 @@ inline void store2_maybe_stream(T* p, int64_t n, const fVec& a, const fVec& b, b
 // without AVX512_BF16) these are the plain load2_any / store2_maybe_stream, in column order.
 template <typename T>
 constexpr bool kSplitLanes =
-#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__) && defined(__AVX512BW__)
     std::is_same_v<T, c10::BFloat16>;
 #else
     false;
@@ -180,7 +180,7 @@ inline void load2_split(const T* p, int64_t n, fVec& a, fVec& b) {
   if constexpr (!kSplitLanes<T>) {
     load2_any(p, n, a, b);
   } else {
-#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__) && defined(__AVX512BW__)
     const __mmask32 m = n >= kStep ? ~__mmask32(0) : static_cast<__mmask32>((uint32_t{1} << n) - 1);
     const __m512i x = _mm512_maskz_loadu_epi16(m, p);  // lanes past n: 0
     a = _mm512_castsi512_ps(_mm512_slli_epi32(x, 16));
@@ -194,7 +194,7 @@ inline void store2_split(T* p, int64_t n, const fVec& a, const fVec& b, bool str
   if constexpr (!kSplitLanes<T>) {
     store2_maybe_stream(p, n, a, b, stream);
   } else {
-#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
+#if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__) && defined(__AVX512BW__)
     // [bf16(a) | bf16(b)] (rounded as to_bf16), then word 2i <- i, 2i + 1 <- 16 + i
     const __m512i halves = reinterpret_cast<__m512i>(_mm512_cvtne2ps_pbh(b, a));
     const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,

@@ -134,7 +134,9 @@ def test_matches_torch(backend, kind, config, inputs):
 
 
 @pytest.mark.parametrize("kind", KINDS)
-@pytest.mark.parametrize("shape", [(1, 1, 37), (1, 3, 13), (7, 1, 37)], ids=lambda s: "T{}-B{}-H{}".format(*s))
+# B20 H70: whole 8-row tiles and a partial one, and a last block of 6 units on the CPU
+@pytest.mark.parametrize("shape", [(1, 1, 37), (1, 3, 13), (7, 1, 37), (5, 20, 70)],
+                         ids=lambda s: "T{}-B{}-H{}".format(*s))
 def test_awkward_shapes(backend, kind, shape):
     t, b, hidden = shape
     ref, ours = make_pair(kind, backend, input_size=3, hidden_size=hidden, num_layers=2, bidirectional=True)
@@ -174,15 +176,18 @@ def test_float64_matches_torch(kind, config):
     assert_all_close(run(ours, x, hx, [2, 6, 5, 1], False), run(ref, x, hx, [2, 6, 5, 1], False), **tight)
 
 
-@pytest.mark.parametrize("hidden", [37, 48])  # odd (k pairs padded); even with a partial block of units
+# hidden 37: odd (k pairs padded); 48: even, with a partial block of units; batch 20: 8-row tiles and a
+# partial one
+@pytest.mark.parametrize("batch, hidden", [(3, 37), (3, 48), (20, 48)], ids=lambda v: str(v))
 @pytest.mark.parametrize("kind", KINDS)
-def test_bfloat16_within_torch_error(backend, kind, hidden):
+def test_bfloat16_within_torch_error(backend, kind, batch, hidden):
     """bf16: our error against a float64 reference at most twice torch's own bf16 error (+ floor)."""
     ref, ours = make_pair(kind, backend, hidden_size=hidden, num_layers=2, bidirectional=True)
-    x = torch.randn(7, 3, 5)
-    expected = run(ref.double(), x.double(), None, [7, 4, 5], False)
-    theirs = run(ref.to(torch.bfloat16), x.to(torch.bfloat16), None, [7, 4, 5], False)
-    got = run(ours.to(torch.bfloat16), x.to(torch.bfloat16), None, [7, 4, 5], False)
+    x = torch.randn(7, batch, 5)
+    lengths = ([7, 4, 5] * batch)[:batch]
+    expected = run(ref.double(), x.double(), None, lengths, False)
+    theirs = run(ref.to(torch.bfloat16), x.to(torch.bfloat16), None, lengths, False)
+    got = run(ours.to(torch.bfloat16), x.to(torch.bfloat16), None, lengths, False)
     for k, (a, b, r) in enumerate(zip(got, theirs, expected)):
         assert_within_torch_error(f"{kind} tensor {k}", a, b, r, torch.bfloat16)
 

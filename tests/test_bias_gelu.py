@@ -70,18 +70,24 @@ def test_extreme_values():
             assert torch.isfinite(y).all()
 
 
-def test_cpu_gelu_on_a_dense_grid():
-    """The CPU's GELU arithmetic itself (a piecewise polynomial with AVX-512, erf + exp otherwise),
-    on a grid that includes every polynomial interval's ends (multiples of 0.375) and the cut-off at 6,
-    within 2e-7 of float64 relative to max(1, |value|), for the value and the derivative."""
-    grid = torch.cat([torch.linspace(-10, 10, 200001), torch.arange(-17, 18) * 0.375,
-                      torch.tensor([-6.0001, 5.9999, 6.0001, -1e-30, 1e-30])])
+def _cpu_gelu_and_float64(grid):
+    """((ours, float64's) GELU, (ours, float64's) derivative) at the points of a 1-D grid."""
     x = grid.view(1, -1).clone().requires_grad_()
     y = bias_gelu(x, None, backend="cpu")
     (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
     x64 = grid.double().view(1, -1).requires_grad_()
     y64 = F.gelu(x64)
     (dx64,) = torch.autograd.grad(y64, x64, torch.ones_like(y64))
+    return (y, y64), (dx, dx64)
+
+
+def test_cpu_gelu_on_a_dense_grid():
+    """The CPU's GELU arithmetic itself (a piecewise polynomial with AVX-512, erf + exp otherwise),
+    on a grid that includes every polynomial interval's ends (multiples of 0.375) and the cut-off at 6,
+    within 2e-7 of float64 relative to max(1, |value|), for the value and the derivative."""
+    grid = torch.cat([torch.linspace(-10, 10, 200001), torch.arange(-17, 18) * 0.375,
+                      torch.tensor([-6.0001, 5.9999, 6.0001, -1e-30, 1e-30])])
+    (y, y64), (dx, dx64) = _cpu_gelu_and_float64(grid)
     for name, ours, ref in (("gelu", y, y64), ("gelu'", dx, dx64)):
         err = ((ours.double() - ref).abs() / ref.abs().clamp(min=1)).max().item()
         assert err <= 2e-7, f"{name}: {err:.3g} from float64"
@@ -94,12 +100,7 @@ def test_cpu_gelu_bf16_within_rounding_and_tolerance():
     (1.3% here, all tiny values of the negative tail, one or a few bf16 steps off; torch's own bf16 GELU
     misses on 2.1% of the same grid, the degree-5 polynomials of float32 on 0.04%)."""
     grid = torch.cat([torch.linspace(-10, 10, 400001), torch.arange(-17, 18) * 0.375]).bfloat16().unique()
-    x = grid.view(1, -1).clone().requires_grad_()
-    y = bias_gelu(x, None, backend="cpu")
-    (dx,) = torch.autograd.grad(y, x, torch.ones_like(y))
-    x64 = grid.double().view(1, -1).requires_grad_()
-    y64 = F.gelu(x64)
-    (dx64,) = torch.autograd.grad(y64, x64, torch.ones_like(y64))
+    (y, y64), (dx, dx64) = _cpu_gelu_and_float64(grid)
     inside = grid.double().abs().view(1, -1) < 6
     for name, ours, ref, tol in (("gelu", y, y64, 3.6e-6), ("gelu'", dx, dx64, 1.8e-5)):
         ours = ours.double()

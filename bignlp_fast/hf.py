@@ -124,7 +124,6 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
     return out.transpose(1, 2).contiguous(), None  # free: the op lays its output out as [B, Lq, Hq, Dv]
 
 
-# ---- registration -----------------------------------------------------------------------------
 # ---- GPT-2's Conv1D ------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=None)
 def fast_conv1d_class(base: type) -> type:
@@ -148,6 +147,7 @@ def hf_conv1d_class() -> Optional[type]:
     return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
 
 
+# ---- registration -----------------------------------------------------------------------------
 def _register_attention(modeling_utils) -> None:
     modeling_utils.AttentionInterface.register(NAME, attention_forward)
 

@@ -214,6 +214,11 @@ class GPTMLP(torch.nn.Module):
         return F.dropout(self.c_proj(h), self.resid_pdrop, self.training)  # [B, L, E]
 
 
+def _dense_unchecked(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
+    """ops.linear.dense without the public op's checks (decoding steps, whose checks were made once)."""
+    return body(linear_fwd)(x, w, b, "cpu") if linear_is_faster(x, w) else F.linear(x, w, b)
+
+
 class GPTBlock(torch.nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
@@ -238,11 +243,7 @@ class GPTBlock(torch.nn.Module):
         ops would run); bias [B, H, 1, past + 1] float32, the additive key mask."""
         attn, mlp = self.attn, self.mlp
         B, E = x.shape
-        cpu = "cpu"
-
-        def lin(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:  # dense(), without the public op's checks
-            return body(linear_fwd)(x, w, b, cpu) if linear_is_faster(x, w) else F.linear(x, w, b)
-
+        cpu, lin = "cpu", _dense_unchecked
         qkv = lin(x, attn.c_attn.weight.t(), attn.c_attn.bias)  # [B, 3E]
         q, k, v = (t.transpose(1, 2) for t in qkv.view(B, 1, 3, attn.n_head, attn.head_dim).unbind(2))  # [B, H, 1, D]
         k, v = cache.update(attn.layer_idx, k, v)  # [B, H, past + 1, D]

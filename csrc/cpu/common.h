@@ -257,22 +257,29 @@ inline void store_any(c10::BFloat16* p, const fVec& v, int64_t n) {
 // n values of T as fp32 times mul, and back (the row copies of the packing and write-out steps).
 // dst[j * ld_dst + i] = src[i * ld_src + j] for i < M, j < N: a block transpose of 32-bit elements of
 // any kind (fp32, or pairs of bf16), by ATen's vectorized fp32 transpose; it only moves bits (loads,
-// shuffles, stores), so any pattern comes through as it was.
-inline void transpose_32bit(const uint32_t* src, int64_t ld_src, uint32_t* dst, int64_t ld_dst, int64_t M, int64_t N) {
+// shuffles, stores), so any pattern comes through as it was. Columns [M, M_pad) of dst are zeroed
+// (a GEMM panel wider than the rows it holds).
+inline void transpose_32bit(const uint32_t* src, int64_t ld_src, uint32_t* dst, int64_t ld_dst, int64_t M, int64_t N,
+                            int64_t M_pad) {
   at::vec::transpose_mxn<float>(reinterpret_cast<const float*>(src), ld_src, reinterpret_cast<float*>(dst), ld_dst,
                                 static_cast<int>(M), static_cast<int>(N));
+  if (M < M_pad)
+    for (int64_t j = 0; j < N; ++j) std::fill(dst + j * ld_dst + M, dst + j * ld_dst + M_pad, 0u);
 }
 
-// dst[j * ld_dst + i] = float(src[i * ld_src + j]) for i < M, j < N: packing rows of a weight as the
-// columns of a GEMM panel (vectorized for fp32; bf16 element by element).
+// dst[j * ld_dst + i] = float(src[i * ld_src + j]) for i < M, j < N, and 0 for M <= i < M_pad: packing
+// rows of a weight as the columns of a GEMM panel (vectorized for fp32; bf16 element by element).
 template <typename T>
-inline void transpose_to_float(const T* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t M, int64_t N) {
+inline void transpose_to_float(const T* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t M, int64_t N,
+                               int64_t M_pad) {
   if constexpr (std::is_same_v<T, float>) {
     at::vec::transpose_mxn<float>(src, ld_src, dst, ld_dst, static_cast<int>(M), static_cast<int>(N));
   } else {
     for (int64_t i = 0; i < M; ++i)
       for (int64_t j = 0; j < N; ++j) dst[j * ld_dst + i] = static_cast<float>(src[i * ld_src + j]);
   }
+  if (M < M_pad)
+    for (int64_t j = 0; j < N; ++j) std::fill(dst + j * ld_dst + M, dst + j * ld_dst + M_pad, 0.f);
 }
 
 template <typename T>

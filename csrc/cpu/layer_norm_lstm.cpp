@@ -111,11 +111,8 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
       for (int64_t u0 = 0, run; u0 < kPanel; u0 += run) {  // by runs of columns within one gate
         const int64_t n = p * kPanel + u0, g = n / Hp, j = n % Hp;
         run = std::min(kPanel - u0, Hp - j);
-        const int64_t valid = std::clamp<int64_t>(H - j, 0, run);
-        float* dst = wt.data() + p * H * kPanel + u0;
-        cpu::transpose_to_float(w + (g * H + j) * H, H, dst, kPanel, valid, H);  // rows g H + j.. as columns
-        if (valid < run)
-          for (int64_t k = 0; k < H; ++k) std::fill(dst + k * kPanel + valid, dst + k * kPanel + run, 0.f);
+        const int64_t valid = std::clamp<int64_t>(H - j, 0, run);  // rows g H + j.. as columns, then zeros
+        cpu::transpose_to_float(w + (g * H + j) * H, H, wt.data() + p * H * kPanel + u0, kPanel, valid, H, run);
       }
   });
   const auto gh = padded_param<T>(gamma_h, 4, H, Hp, 1.f), bh = padded_param<T>(beta_h, 4, H, Hp, 0.f);

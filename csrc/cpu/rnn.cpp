@@ -200,21 +200,16 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
         const T* rows = w + (g * H + j0) * S;
         if (dot) {
           uint32_t* dst = reinterpret_cast<uint32_t*>(wtb.get()) + p * K2 * kUnits;
-          if (S % 2 == 0) {
-            cpu::transpose_32bit(reinterpret_cast<const uint32_t*>(rows), S / 2, dst, kUnits, nu, K2);
-          } else {
+          if (S % 2 == 0) {  // (the panel's columns past H: zero)
+            cpu::transpose_32bit(reinterpret_cast<const uint32_t*>(rows), S / 2, dst, kUnits, nu, K2, kUnits);
+          } else {  // an odd S: the last pair's high half is zero
             std::fill(dst, dst + K2 * kUnits, 0u);
             for (int64_t u = 0; u < nu; ++u)
               for (int64_t k = 0; k < S; ++k) wtb.get()[((p * K2 + k / 2) * kUnits + u) * 2 + k % 2] = rows[u * S + k];
           }
-          if (nu < kUnits)  // the panel's columns past H: zero
-            for (int64_t kp = 0; kp < K2; ++kp) std::fill(dst + kp * kUnits + nu, dst + (kp + 1) * kUnits, 0u);
           continue;
         }
-        float* dst = wt.get() + p * S * kUnits;
-        cpu::transpose_to_float(rows, S, dst, kUnits, nu, S);
-        if (nu < kUnits)
-          for (int64_t k = 0; k < S; ++k) std::fill(dst + k * kUnits + nu, dst + (k + 1) * kUnits, 0.f);
+        cpu::transpose_to_float(rows, S, wt.get() + p * S * kUnits, kUnits, nu, S, kUnits);
       }
     });
   } else {

@@ -74,7 +74,16 @@ def test_residual_and_no_bias(backend, device):
 # backward's grad_x takes the same GEMM where d (k - 1) >= p (all but the last case).
 IMPLICIT = [((2, 40, 300), (13, 40, 3), 1, 2, 2, 1), ((3, 3, 140), (9, 3, 1), 1, 0, 1, 1),
             ((2, 70, 131), (17, 70, 4), 1, 0, 1, 1), ((1, 8, 129), (8, 8, 5), 1, 4, 1, 1),
-            ((1, 33, 200), (24, 33, 5), 1, 2, 3, 1), ((2, 6, 126), (5, 6, 3), 1, 3, 1, 1)]
+            ((1, 33, 200), (24, 33, 5), 1, 2, 3, 1), ((2, 6, 127), (5, 6, 2), 1, 2, 1, 1)]
+# Three taps with dilation 1 take Winograd's F(2, 3) on the same tasks (csrc/cpu/conv.cpp): shapes that
+# cross its blocking (tiles of two outputs, 16 tiles per vector, slices of 64 input channels, row blocks,
+# channel groups): 300 outputs in runs of 128, 128 and 44 (22 tiles: a vector and a scalar tail); an odd
+# count (129: the last tile's second output unused) with 70 channels (slices of 64 and 6); one sequence
+# (channel groups) padded by 2; padding 3, past the taps (whole tiles of zeros); 256 channels (four
+# slices summed). grad_x takes it too where p <= 2.
+WINOGRAD = [((2, 40, 300), (13, 40, 3), 1, 1, 1, 1), ((2, 70, 131), (17, 70, 3), 1, 0, 1, 1),
+            ((1, 33, 200), (24, 33, 3), 1, 2, 1, 1), ((2, 6, 126), (5, 6, 3), 1, 3, 1, 1),
+            ((1, 256, 150), (20, 256, 3), 1, 1, 1, 1)]
 
 
 def _path(xs, ws, stride, padding, dilation, groups):
@@ -88,6 +97,14 @@ def _path(xs, ws, stride, padding, dilation, groups):
 @pytest.mark.parametrize("activation", [None, "gelu"])
 def test_cpu_implicit_gemm_matches_float64(case, activation):
     assert _path(*case) == "implicit_gemm"
+    _check("cpu", torch.device("cpu"), torch.float32, *case, activation, residual=activation is not None)
+
+
+@pytest.mark.parametrize("case", WINOGRAD, ids=lambda c: f"x{c[0]}-w{c[1]}-p{c[3]}")
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_cpu_winograd_matches_float64(case, activation):
+    """Within twice PyTorch's own error of float64 (the output, and grad_x where it takes the same path)."""
+    assert _path(*case) == "winograd"
     _check("cpu", torch.device("cpu"), torch.float32, *case, activation, residual=activation is not None)
 
 
@@ -144,6 +161,8 @@ def test_cpu_conv_path_choice():
     assert _path((2, 16, 40, 40), (16, 16, 3, 3), 1, 1, 1, 1) == "aten"  # conv2d: oneDNN (see conv.cpp)
     # the backward's grad_x of IMPLICIT[0]: gp [2, 13, 300] with the weight transposed, padded d (k - 1) - p
     assert _path((2, 13, 300), (40, 13, 3), 1, 2, 2, 1) == "implicit_gemm"
+    # and of WINOGRAD[0], padded 2 - 1
+    assert _path((2, 13, 300), (40, 13, 3), 1, 1, 1, 1) == "winograd"
     for case in CONV1D + CONV2D:  # the small shapes above run the ATen path on the CPU
         assert _path(*case) == "aten"
 

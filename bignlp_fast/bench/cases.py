@@ -22,7 +22,9 @@ class Case:
 
     Both return the tensors to compare (outputs, then gradients for a fwd+bwd case); errors are
     measured against ``ref`` run on a float64 copy of the inputs. ``bytes`` is the least memory a
-    call must move (memory-bound ops), ``flops`` the arithmetic (compute-bound ops).
+    call must move (memory-bound ops), ``flops`` the arithmetic (compute-bound ops) of the plain
+    algorithm: where ours needs fewer multiplies (conv1d k=3 on the CPU: Winograd's F(2, 3), 2/3 of
+    them) the GFLOP/s column is an effective rate and can pass the machine's FMA peak.
     """
 
     op: str

@@ -2,9 +2,10 @@
 //
 // conv1d in float32 with stride 1 and groups 1 (the layers of sequence models), over at least 128
 // output positions, runs on the project's own implicit GEMM below, the epilogue applied to each task's
-// output tile while it is in cache; its backward computes grad_x on the same GEMM (a convolution of
-// the gradient with the reversed, transposed weight) and, over long enough reductions, grad_w on a
-// GEMM of its own (implicit_grad_weight), else on oneDNN. Everything else (conv2d,
+// output tile while it is in cache; with three taps and dilation 1 (the common case) the tasks run
+// Winograd's F(2, 3) instead, 2/3 of the multiplies. Its backward computes grad_x the same way (a
+// convolution of the gradient with the reversed, transposed weight) and, over long enough reductions,
+// grad_w on a GEMM of its own (implicit_grad_weight), else on oneDNN. Everything else (conv2d,
 // bfloat16, strided, grouped or short convolutions) calls ATen's (oneDNN) convolution without its bias
 // and then one epilogue pass over the output, viewed as [B * C_out, S] rows (S the spatial size; the
 // bias is per row % C_out).
@@ -135,6 +136,39 @@ Grid make_grid(const at::Tensor& x, const at::Tensor& w, const std::vector<int64
 
 constexpr int64_t kTaskCols = 4 * kPanel;
 
+// The tasks of a forward pass: (sequence, run of kTaskCols output positions, group of row blocks of
+// output channels), claimed by the threads from a shared counter. Few runs (short sequences, small
+// batches): the output channels are split into groups too, so that every thread has several tasks to
+// claim (each group packs the run's input again: cheap).
+struct TaskPlan {
+  int64_t runs, groups, per_group, blocks, tasks, threads, Lout;
+  TaskPlan(const Grid& g, int64_t row_blocks) : blocks(row_blocks), Lout(g.Lout) {
+    runs = (g.Lout + kTaskCols - 1) / kTaskCols;
+    const int64_t nthreads = at::get_num_threads();
+    groups = std::clamp<int64_t>((4 * nthreads + g.B * runs - 1) / (g.B * runs), 1, blocks);
+    per_group = (blocks + groups - 1) / groups;
+    tasks = g.B * runs * groups;
+    threads = std::min<int64_t>(nthreads, tasks);
+  }
+  struct Task {
+    int64_t b, q0, nq, mb0, mb1;  // sequence, first output position and their count, row blocks [mb0, mb1)
+  };
+  Task task(int64_t t) const {
+    const int64_t q0 = t / groups % runs * kTaskCols, mb0 = t % groups * per_group;
+    return {t / (runs * groups), q0, std::min(kTaskCols, Lout - q0), mb0, std::min(blocks, mb0 + per_group)};
+  }
+};
+
+// One output channel's run of nq positions from its convolution v: pre (when saved) = v, and
+// out = act(v + bias) (+ res), at offset o of both.
+template <int A>
+inline void finish_row(const float* v, int64_t nq, int64_t o, float bias, const float* res, float* out, float* pre) {
+  const fVec bv(bias);
+  if (pre) std::memcpy(pre + o, v, nq * sizeof(float));
+  for (int64_t u = 0; u < nq; u += kStep)
+    epilogue_step<A>(v + u, std::min(kStep, nq - u), bv, res ? res + o + u : nullptr, out + o + u);
+}
+
 // dst[0, n) = src[0, n), or zeros without src, in vectors (runs of a few floats at the edges).
 inline void copy_run(const float* src, float* dst, int64_t n) {
   constexpr int64_t V = fVec::size();
@@ -203,18 +237,12 @@ void implicit_gemm_fwd(const float* x, const float* wp, const float* bias, const
   // An odd number of cache lines per buffer row, so that a panel's rows spread over the L1's sets.
   int64_t ldb = (kTaskCols + max_shift + 15) / 16 * 16;
   if ((ldb / 16) % 2 == 0) ldb += 16;
-  const int64_t runs = (g.Lout + kTaskCols - 1) / kTaskCols;
-  // Few runs (short sequences, small batches): split the output channels into groups too, so that
-  // every thread has several tasks to claim (each group packs the run's columns again: cheap).
-  const int64_t threads = at::get_num_threads();
-  const int64_t groups = std::clamp<int64_t>((4 * threads + g.B * runs - 1) / (g.B * runs), 1, blocks);
-  const int64_t per_group = (blocks + groups - 1) / groups, tasks = g.B * runs * groups;
+  const TaskPlan plan(g, blocks);
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min<int64_t>(threads, tasks), 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, plan.threads, 1, [&](int64_t, int64_t) {
     std::vector<float> cols(g.Cin * ldb), tile(blocks * kMR * kTaskCols);
-    for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
-      const int64_t b = t / (runs * groups), q0 = t / groups % runs * kTaskCols, nq = std::min(kTaskCols, g.Lout - q0);
-      const int64_t mb0 = t % groups * per_group, mb1 = std::min(blocks, mb0 + per_group);
+    for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < plan.tasks;) {
+      const auto [b, q0, nq, mb0, mb1] = plan.task(t);
       pack_columns(x + b * g.Cin * g.L, g, q0, (nq + kPanel - 1) / kPanel * kPanel + max_shift, cols.data(),
                    ldb);
       for (int64_t k0 = 0; k0 < g.Cin; k0 += kc) {
@@ -231,16 +259,172 @@ void implicit_gemm_fwd(const float* x, const float* wp, const float* bias, const
                      ldb, tile.data() + mb * kMR * kTaskCols + p, kTaskCols, k0 > 0);
         }
       }
+      for (int64_t co = mb0 * kMR; co < std::min(g.Cout, mb1 * kMR); ++co)
+        finish_row<A>(tile.data() + co * kTaskCols, nq, (b * g.Cout + co) * g.Lout + q0, bias ? bias[co] : 0.f, res,
+                      out, pre);
+    }
+  });
+}
+
+// ---- Winograd F(2, 3): conv1d with three taps, dilation 1 -----------------------------------------
+// Two outputs y[q], y[q + 1] of a 3-tap convolution read four inputs d0..d3 = x_pad[q .. q + 3];
+// Lavin and Gray's minimal filtering F(2, 3) (interpolation points 0, 1, -1 and infinity) computes
+// them from four products instead of six:
+//   V = (d0 - d2, d1 + d2, d2 - d1, d3 - d1)                the input's transform, per channel and tile
+//   U = (g0, (g0 + g1 + g2) / 2, (g0 - g1 + g2) / 2, g2)     the weight's, once per call (in double)
+//   M_i = sum over input channels of U_i V_i                 one GEMM per point i = 0..3
+//   y[q] = M0 + M1 + M2,  y[q + 1] = M1 - M2 + M3.
+// So the GEMMs do 2/3 of the direct form's multiply-adds; the transforms are a few additions per
+// input and output element. The task is the implicit GEMM's (TaskPlan: kTaskCols outputs, kTiles
+// tiles of two), the GEMMs its micro-kernel (one "tap"; the four points' U packed as four taps), over
+// slices of input channels (below). The rounding stays on par with the direct sum: the largest error
+// against float64, relative to the largest output, was 1.75e-7 on 4 x 256 x 512 -> 256 (oneDNN's
+// direct 2.2e-7) and 1.5-2.1e-7 on smaller shapes (oneDNN 1.3-2.0e-7). F(4, 3) would take half the
+// multiplies, but in a model of it (float32 einsums) its error was 4.2x the direct sum's: past the
+// tests' bound of twice PyTorch's own error, and a loss a user would not expect from a drop-in.
+// Measured on 2 Zen 5 cores, forward alone, against the implicit GEMM: 1.36-1.46x (32 x 256 x 512 ->
+// 256: 14.2 -> 9.8 ms; 8 x 768 x 128 -> 768, 16 x 64 x 1024 -> 64, 64 x 300 x 256 -> 100,
+// 32 x 512 x 256 -> 512); even (0.93-0.96x) where a task holds few outputs (2 x 256 x 140, tiny
+// channel counts).
+constexpr int64_t kPoints = 4, kTiles = kTaskCols / 2;
+
+// v[i * ld + t] = point i of the input transform of tile t, for t in [0, nt): tile t reads
+// row[2t .. 2t + 3] (row holds 2 nt + 2 values).
+inline void winograd_input(const float* row, int64_t nt, float* v, int64_t ld) {
+  int64_t t = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  // 16 tiles at a time: the even and odd inputs of 32 values are d0 and d1 of the 16 tiles; d2 and d3
+  // are those moved down a tile, with the next tile's d0 / d1 coming in at the top
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  for (; t + 16 <= nt; t += 16) {
+    const float* r = row + 2 * t;
+    const __m512 lo = _mm512_loadu_ps(r), hi = _mm512_loadu_ps(r + 16);
+    const __m512 d0 = _mm512_permutex2var_ps(lo, even, hi), d1 = _mm512_permutex2var_ps(lo, odd, hi);
+    const __m512 d2 = _mm512_castsi512_ps(
+        _mm512_alignr_epi32(_mm512_castps_si512(_mm512_set1_ps(r[32])), _mm512_castps_si512(d0), 1));
+    const __m512 d3 = _mm512_castsi512_ps(
+        _mm512_alignr_epi32(_mm512_castps_si512(_mm512_set1_ps(r[33])), _mm512_castps_si512(d1), 1));
+    _mm512_storeu_ps(v + t, _mm512_sub_ps(d0, d2));
+    _mm512_storeu_ps(v + ld + t, _mm512_add_ps(d1, d2));
+    _mm512_storeu_ps(v + 2 * ld + t, _mm512_sub_ps(d2, d1));
+    _mm512_storeu_ps(v + 3 * ld + t, _mm512_sub_ps(d3, d1));
+  }
+#endif
+  for (; t < nt; ++t) {
+    const float d0 = row[2 * t], d1 = row[2 * t + 1], d2 = row[2 * t + 2], d3 = row[2 * t + 3];
+    v[t] = d0 - d2;
+    v[ld + t] = d1 + d2;
+    v[2 * ld + t] = d2 - d1;
+    v[3 * ld + t] = d3 - d1;
+  }
+}
+
+// out[2t], out[2t + 1] for the tiles t in [0, nt) from the points' products m[i * ld + t].
+inline void winograd_output(const float* m, int64_t ld, int64_t nt, float* out) {
+  int64_t t = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512i first = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i second = _mm512_add_epi32(first, _mm512_set1_epi32(8));
+  for (; t + 16 <= nt; t += 16) {
+    const __m512 m0 = _mm512_loadu_ps(m + t), m1 = _mm512_loadu_ps(m + ld + t);
+    const __m512 m2 = _mm512_loadu_ps(m + 2 * ld + t), m3 = _mm512_loadu_ps(m + 3 * ld + t);
+    const __m512 y0 = _mm512_add_ps(_mm512_add_ps(m0, m1), m2), y1 = _mm512_add_ps(_mm512_sub_ps(m1, m2), m3);
+    _mm512_storeu_ps(out + 2 * t, _mm512_permutex2var_ps(y0, first, y1));  // y0[t] y1[t] y0[t + 1] ...
+    _mm512_storeu_ps(out + 2 * t + 16, _mm512_permutex2var_ps(y0, second, y1));
+  }
+#endif
+  for (; t < nt; ++t) {
+    const float m0 = m[t], m1 = m[ld + t], m2 = m[2 * ld + t], m3 = m[3 * ld + t];
+    out[2 * t] = m0 + m1 + m2;
+    out[2 * t + 1] = m1 - m2 + m3;
+  }
+}
+
+// [C_out, C_in, 3] -> U as [C_out / kMR][point][C_in][kMR] fp32 (rows past C_out zero), the layout of
+// pack_weight with the four points as taps. U is computed in double and rounded once.
+at::Tensor pack_winograd_weight(const at::Tensor& weight) {
+  const at::Tensor w = weight.contiguous();
+  const int64_t Cout = w.size(0), Cin = w.size(1), blocks = (Cout + kMR - 1) / kMR;
+  at::Tensor packed = at::empty({blocks * kPoints * Cin * kMR}, w.options());
+  const float* src = w.const_data_ptr<float>();
+  float* dst = packed.data_ptr<float>();
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t mb = b0; mb < b1; ++mb)
+      for (int64_t ci = 0; ci < Cin; ++ci)
+        for (int64_t r = 0; r < kMR; ++r) {
+          const int64_t row = mb * kMR + r;
+          double u[kPoints] = {0., 0., 0., 0.};
+          if (row < Cout) {
+            const float* g = src + (row * Cin + ci) * 3;
+            const double g0 = g[0], g1 = g[1], g2 = g[2];
+            u[0] = g0, u[1] = (g0 + g1 + g2) / 2, u[2] = (g0 - g1 + g2) / 2, u[3] = g2;
+          }
+          for (int64_t i = 0; i < kPoints; ++i) dst[((mb * kPoints + i) * Cin + ci) * kMR + r] = static_cast<float>(u[i]);
+        }
+  });
+  return packed;
+}
+
+template <int A>
+void winograd_fwd(const float* x, const float* up, const float* bias, const float* res, float* out, float* pre,
+                  const Grid& g) {
+  const int64_t blocks = (g.Cout + kMR - 1) / kMR, rows = blocks * kMR, a_point = g.Cin * kMR;
+  // Input channels per slice: 64. Each point's products are summed in registers over a slice, then
+  // added to the other slices' (32 x 256 x 512 -> 256: slices of 32 / 64 / 128 / 256 took 10.7 / 10.1 /
+  // 10.2 / 10.8 ms, with errors against float64 of 1.4 / 1.75 / 2.7 / 5.0e-7 of the largest output;
+  // oneDNN's 2.2e-7). A slice of V, 64 channels x kTiles, is 16 KiB: it stays in L1 while every row
+  // block of U passes over it.
+  constexpr int64_t kc = 64;
+  // V [point][C_in][ld_v]: an odd number of cache lines per row (see implicit_gemm_fwd)
+  int64_t ld_v = (kTiles + 15) / 16 * 16;
+  if ((ld_v / 16) % 2 == 0) ld_v += 16;
+  const int64_t zero_shift = 0;
+  const TaskPlan plan(g, blocks);
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, plan.threads, 1, [&](int64_t, int64_t) {
+    // v: the task's transformed input; m: the points' products [point][rows][kTiles]; row: one channel's
+    // padded inputs, then one channel's outputs
+    std::vector<float> v(kPoints * g.Cin * ld_v), m(kPoints * rows * kTiles), row(kTaskCols + 2 + 2 * kStep);
+    for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < plan.tasks;) {
+      const auto [b, q0, nq, mb0, mb1] = plan.task(t);
+      const int64_t nt = (nq + 1) / 2, panels = (nt + kPanel - 1) / kPanel;
+      const float* xb = x + b * g.Cin * g.L;
+      // the padded input positions [q0, q0 + 2 nt + 2), one channel at a time (prefetched kAhead on)
+      constexpr int64_t kAhead = 4;
+      const int64_t n_in = 2 * nt + 2, lo = std::clamp(g.pad - q0, int64_t{0}, n_in);
+      const int64_t hi = std::clamp(g.pad + g.L - q0, lo, n_in);
+      for (int64_t c = 0; c < g.Cin; ++c) {
+        const float* src = xb + c * g.L + q0 + lo - g.pad;
+        if (c + kAhead < g.Cin)
+          for (int64_t f = 0; f < hi - lo; f += 64 / sizeof(float)) __builtin_prefetch(src + kAhead * g.L + f);
+        copy_run(nullptr, row.data(), lo);
+        copy_run(src, row.data() + lo, hi - lo);
+        copy_run(nullptr, row.data() + hi, n_in - hi);
+        winograd_input(row.data(), nt, v.data() + c * ld_v, g.Cin * ld_v);
+      }
+      for (int64_t k0 = 0; k0 < g.Cin; k0 += kc) {
+        const int64_t kn = std::min(kc, g.Cin - k0);
+        for (int64_t i = 0; i < kPoints; ++i)
+          for (int64_t mb = mb0; mb < mb1; ++mb) {
+            const float* a = up + (mb * kPoints + i) * a_point + k0 * kMR;
+            if (mb + 1 < mb1)  // the next block's slice of U (see implicit_gemm_fwd)
+              for (int64_t f = 0; f < kn * kMR; f += 64 / sizeof(float)) __builtin_prefetch(a + kPoints * a_point + f);
+            for (int64_t p = 0; p < panels; ++p)
+              tap_tile(1, &zero_shift, kn, a, 0, v.data() + (i * g.Cin + k0) * ld_v + p * kPanel, ld_v,
+                       m.data() + (i * rows + mb * kMR) * kTiles + p * kPanel, kTiles, k0 > 0);
+          }
+      }
       for (int64_t co = mb0 * kMR; co < std::min(g.Cout, mb1 * kMR); ++co) {
-        const float* v = tile.data() + co * kTaskCols;
-        const int64_t o = (b * g.Cout + co) * g.Lout + q0;
-        const fVec bv(bias ? bias[co] : 0.f);
-        if (pre) std::memcpy(pre + o, v, nq * sizeof(float));
-        for (int64_t u = 0; u < nq; u += kStep)
-          epilogue_step<A>(v + u, std::min(kStep, nq - u), bv, res ? res + o + u : nullptr, out + o + u);
+        winograd_output(m.data() + co * kTiles, rows * kTiles, nt, row.data());
+        finish_row<A>(row.data(), nq, (b * g.Cout + co) * g.Lout + q0, bias ? bias[co] : 0.f, res, out, pre);
       }
     }
   });
+}
+
+bool winograd_applies(const at::Tensor& w, const std::vector<int64_t>& dilation) {
+  return w.size(2) == 3 && dilation[0] == 1;
 }
 
 // Where the implicit GEMM runs: conv1d in float32 with stride 1, groups 1 and at least one task of
@@ -288,12 +472,17 @@ std::vector<at::Tensor> implicit_conv(const at::Tensor& x, const at::Tensor& w, 
   }
   at::Tensor out = cpu::empty_huge(shape, x.options());
   at::Tensor pre = save_pre ? cpu::empty_huge(shape, x.options()) : at::empty({0}, x.options());
-  const at::Tensor wp = pack_weight(w);
+  const bool winograd = winograd_applies(w, dilation);
+  const at::Tensor wp = winograd ? pack_winograd_weight(w) : pack_weight(w);
   cpu::dispatch_activation(activation, [&](auto act) {
-    implicit_gemm_fwd<decltype(act)::value>(xc.const_data_ptr<float>(), wp.const_data_ptr<float>(),
-                                            bias ? bias->const_data_ptr<float>() : nullptr,
-                                            residual ? residual->const_data_ptr<float>() : nullptr,
-                                            out.data_ptr<float>(), save_pre ? pre.data_ptr<float>() : nullptr, g);
+    constexpr int A = decltype(act)::value;
+    const float* bp = bias ? bias->const_data_ptr<float>() : nullptr;
+    const float* rp = residual ? residual->const_data_ptr<float>() : nullptr;
+    float* pp = save_pre ? pre.data_ptr<float>() : nullptr;
+    if (winograd)
+      winograd_fwd<A>(xc.const_data_ptr<float>(), wp.const_data_ptr<float>(), bp, rp, out.data_ptr<float>(), pp, g);
+    else
+      implicit_gemm_fwd<A>(xc.const_data_ptr<float>(), wp.const_data_ptr<float>(), bp, rp, out.data_ptr<float>(), pp, g);
   });
   return {out, pre};
 }
@@ -430,7 +619,8 @@ std::vector<at::Tensor> conv_fwd_cpu(const at::Tensor& x, const at::Tensor& w, c
 
 std::string conv_cpu_path(const at::Tensor& x, const at::Tensor& w, std::vector<int64_t> stride,
                           std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups) {
-  return implicit_gemm_applies(x, w, stride, padding, dilation, groups) ? "implicit_gemm" : "aten";
+  if (!implicit_gemm_applies(x, w, stride, padding, dilation, groups)) return "aten";
+  return winograd_applies(w, dilation) ? "winograd" : "implicit_gemm";
 }
 
 std::string conv_cpu_grad_weight_path(const at::Tensor& x, const at::Tensor& w, std::vector<int64_t> stride,

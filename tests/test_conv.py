@@ -108,6 +108,32 @@ def test_cpu_winograd_matches_float64(case, activation):
     _check("cpu", torch.device("cpu"), torch.float32, *case, activation, residual=activation is not None)
 
 
+# conv2d 3x3 (stride 1, dilation 1, groups 1, 48-256 channels, rows of tiles that fill the vectors) runs
+# Winograd's F(2x2, 3x3) (csrc/cpu/conv.cpp): an odd output height (the last tile row half used); rows
+# of 128 tiles (segments of 64) and 70 channels (slices of 64 and 6); padding 2 with an odd width;
+# 31 tiles a row (a vector and a tail); 56 output channels, so that grad_x (48 channels out) takes it too.
+WINOGRAD2 = [((1, 48, 9, 32), (13, 48, 3, 3), 1, 1, 1, 1), ((1, 70, 6, 258), (9, 70, 3, 3), 1, 0, 1, 1),
+             ((2, 48, 8, 29), (16, 48, 3, 3), 1, 2, 1, 1), ((1, 64, 16, 62), (8, 64, 3, 3), 1, 1, 1, 1),
+             ((1, 48, 12, 32), (56, 48, 3, 3), 1, 1, 1, 1)]
+
+
+@pytest.mark.parametrize("case", WINOGRAD2, ids=lambda c: f"x{c[0]}-w{c[1]}-p{c[3]}")
+@pytest.mark.parametrize("activation", [None, "gelu"])
+def test_cpu_winograd_conv2d_matches_float64(case, activation):
+    assert _path(*case) == "winograd"
+    _check("cpu", torch.device("cpu"), torch.float32, *case, activation, residual=activation is not None)
+
+
+def test_cpu_winograd_conv2d_rule():
+    """Where the 2-D Winograd measured slower than oneDNN it is not taken (see winograd2_applies)."""
+    assert _path((1, 56, 12, 32), (48, 56, 3, 3), 1, 1, 1, 1) == "winograd"  # grad_x of WINOGRAD2[-1]
+    assert _path((2, 32, 32, 32), (64, 32, 3, 3), 1, 1, 1, 1) == "aten"  # under 48 input channels
+    assert _path((1, 512, 32, 32), (64, 512, 3, 3), 1, 1, 1, 1) == "aten"  # past 256 channels
+    assert _path((2, 64, 20, 20), (64, 64, 3, 3), 1, 1, 1, 1) == "aten"  # 10 tiles a row: vectors part empty
+    assert _path((2, 64, 32, 32), (64, 64, 3, 3), 2, 1, 1, 1) == "aten"  # strided
+    assert _path((2, 64, 32, 32), (64, 64, 5, 5), 1, 2, 1, 1) == "aten"  # 5 x 5
+
+
 # The backward's grad_w on the CPU backend's own GEMM (implicit_grad_weight in csrc/cpu/conv.cpp) where
 # the reduction over B * L_out positions makes at least two chunks of four slices (of >= 256 positions,
 # one sequence each) per thread: with one thread, eight slices. The shapes cross its blocking: input
@@ -158,7 +184,7 @@ def test_cpu_conv_path_choice():
     assert _path((2, 16, 300), (16, 8, 3), 1, 1, 1, 2) == "aten"
     assert _C.conv_cpu_path(torch.empty(2, 16, 300, dtype=torch.bfloat16), torch.empty(16, 16, 3, dtype=torch.bfloat16),
                             [1], [1], [1], 1) == "aten"
-    assert _path((2, 16, 40, 40), (16, 16, 3, 3), 1, 1, 1, 1) == "aten"  # conv2d: oneDNN (see conv.cpp)
+    assert _path((2, 16, 40, 40), (16, 16, 3, 3), 1, 1, 1, 1) == "aten"  # conv2d, 16 channels: oneDNN (conv.cpp)
     # the backward's grad_x of IMPLICIT[0]: gp [2, 13, 300] with the weight transposed, padded d (k - 1) - p
     assert _path((2, 13, 300), (40, 13, 3), 1, 2, 2, 1) == "implicit_gemm"
     # and of WINOGRAD[0], padded 2 - 1

@@ -5,8 +5,10 @@
 // output tile while it is in cache; with three taps and dilation 1 (the common case) the tasks run
 // Winograd's F(2, 3) instead, 2/3 of the multiplies. Its backward computes grad_x the same way (a
 // convolution of the gradient with the reversed, transposed weight) and, over long enough reductions,
-// grad_w on a GEMM of its own (implicit_grad_weight), else on oneDNN. Everything else (conv2d,
-// bfloat16, strided, grouped or short convolutions) calls ATen's (oneDNN) convolution without its bias
+// grad_w on a GEMM of its own (implicit_grad_weight), else on oneDNN. conv2d 3 x 3 with stride 1 runs
+// Winograd's F(2x2, 3x3) where that measured faster (winograd2_applies), forward and grad_x.
+// Everything else (other conv2d, bfloat16, strided, grouped or short convolutions) calls ATen's
+// (oneDNN) convolution without its bias
 // and then one epilogue pass over the output, viewed as [B * C_out, S] rows (S the spatial size; the
 // bias is per row % C_out).
 // The backward's epilogue pass computes gp = grad_out * act'(pre + bias) and per-row sums of gp for
@@ -109,7 +111,7 @@ void epilogue_bwd(const T* g, const T* pre, const T* bias, T* gp, float* row_sum
 //
 // The same scheme runs conv2d (a padded image flattened to a grid of rows, taps i * Wp + j apart); it
 // measured even with oneDNN forward (0.90-1.07x over runs, 16x64x32x32, 3x3) and slower forward +
-// backward (0.91-0.95x), so conv2d keeps oneDNN's convolution, and this code is 1-D only.
+// backward (0.91-0.95x), so this code is 1-D only; conv2d 3 x 3 has Winograd's F(2x2, 3x3) below.
 using cpu::gemm_detail::kMR;
 using cpu::gemm_detail::kPanel;
 
@@ -487,6 +489,226 @@ std::vector<at::Tensor> implicit_conv(const at::Tensor& x, const at::Tensor& w, 
   return {out, pre};
 }
 
+// ---- Winograd F(2x2, 3x3): conv2d with 3 x 3 taps, stride 1, dilation 1 -----------------------------
+// F(2, 3) along both axes: a tile of 2 x 2 outputs reads 4 x 4 padded inputs d; its transform is
+// V = B^T d B (F(2, 3)'s input transform on each of the four input rows, then across the rows), the
+// weight's U = G g G^T, and Y = A^T M A with M_P = sum over input channels of U_P V_P for the 16
+// points P = 4 p + a (p the row point, a the column point): 16 products per 4 outputs instead of 36,
+// so the GEMMs do 4/9 of the direct form's multiply-adds. A task is (image, block of R tile rows x a
+// segment of J tiles of a row, group of row blocks of output channels), at most kTiles tiles; per slice
+// of 64 input channels it transforms the slice's inputs (V: [point][channel][tile], 320 KiB) and runs
+// the 16 GEMMs on the 1-D engine's micro-kernel, summing slices as there; the output transform and the
+// epilogue run per output channel and tile row.
+struct Grid2 {
+  int64_t B, Cin, Cout, H, W, ph, pw, Hout, Wout;
+  int64_t th, tw;          // tiles of 2 x 2 outputs, down and across
+  int64_t J, R, segs, rbs;  // a task: R tile rows x J tiles of a row; segs segments, rbs row blocks
+};
+
+Grid2 make_grid2(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& padding) {
+  Grid2 g;
+  g.B = x.size(0), g.Cin = x.size(1), g.H = x.size(2), g.W = x.size(3), g.Cout = w.size(0);
+  g.ph = padding[0], g.pw = padding[1];
+  g.Hout = g.H + 2 * g.ph - 2, g.Wout = g.W + 2 * g.pw - 2;
+  g.th = (g.Hout + 1) / 2, g.tw = (g.Wout + 1) / 2;
+  g.J = std::min<int64_t>(std::max<int64_t>(g.tw, 1), kTiles);
+  g.R = std::clamp<int64_t>(kTiles / g.J, 1, std::max<int64_t>(g.th, 1));
+  g.segs = (g.tw + g.J - 1) / g.J, g.rbs = (g.th + g.R - 1) / g.R;
+  return g;
+}
+
+constexpr int64_t kPoints2 = 16;
+
+// [C_out, C_in, 3, 3] -> U as [C_out / kMR][point][C_in][kMR] fp32, U_(4p + a) = (G g G^T)[p][a],
+// computed in double and rounded once.
+at::Tensor pack_winograd2_weight(const at::Tensor& weight) {
+  const at::Tensor w = weight.contiguous();
+  const int64_t Cout = w.size(0), Cin = w.size(1), blocks = (Cout + kMR - 1) / kMR;
+  // G: F(2, 3)'s weight transform, rows the points 0, 1, -1, infinity
+  static constexpr double G[4][3] = {{1., 0., 0.}, {.5, .5, .5}, {.5, -.5, .5}, {0., 0., 1.}};
+  at::Tensor packed = at::empty({blocks * kPoints2 * Cin * kMR}, w.options());
+  const float* src = w.const_data_ptr<float>();
+  float* dst = packed.data_ptr<float>();
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t mb = b0; mb < b1; ++mb)
+      for (int64_t ci = 0; ci < Cin; ++ci)
+        for (int64_t r = 0; r < kMR; ++r) {
+          const int64_t row = mb * kMR + r;
+          const float* g = row < Cout ? src + (row * Cin + ci) * 9 : nullptr;
+          for (int64_t p = 0; p < 4; ++p)
+            for (int64_t a = 0; a < 4; ++a) {
+              double u = 0.;
+              for (int64_t kh = 0; g && kh < 3; ++kh)
+                for (int64_t kw = 0; kw < 3; ++kw) u += G[p][kh] * G[a][kw] * g[kh * 3 + kw];
+              dst[((mb * kPoints2 + p * 4 + a) * Cin + ci) * kMR + r] = static_cast<float>(u);
+            }
+        }
+  });
+  return packed;
+}
+
+// y[0, n) = f(d0, d1, d2, d3) over rows d_r = src + r * ld of n floats, for the four F(2, 3) input
+// points at once: dst + i * ld_dst gets point i.
+inline void winograd_combine_in(const float* src, int64_t ld, int64_t n, float* dst, int64_t ld_dst) {
+  constexpr int64_t VS = fVec::size();
+  for (int64_t t = 0; t < n; t += VS) {
+    const int64_t k = std::min(VS, n - t);
+    const fVec d0 = fVec::loadu(src + t, k), d1 = fVec::loadu(src + ld + t, k);
+    const fVec d2 = fVec::loadu(src + 2 * ld + t, k), d3 = fVec::loadu(src + 3 * ld + t, k);
+    (d0 - d2).store(dst + t, k);
+    (d1 + d2).store(dst + ld_dst + t, k);
+    (d2 - d1).store(dst + 2 * ld_dst + t, k);
+    (d3 - d1).store(dst + 3 * ld_dst + t, k);
+  }
+}
+
+template <int A>
+void winograd2_fwd(const float* x, const float* up, const float* bias, const float* res, float* out, float* pre,
+                   const Grid2& g) {
+  const int64_t blocks = (g.Cout + kMR - 1) / kMR, rows = blocks * kMR, a_point = g.Cin * kMR;
+  constexpr int64_t kc = 64;  // input channels per slice (see winograd_fwd)
+  int64_t ld_v = (kTiles + 15) / 16 * 16;  // an odd number of cache lines per row (see implicit_gemm_fwd)
+  if ((ld_v / 16) % 2 == 0) ld_v += 16;
+  const int64_t ld_t = (g.J + 15) / 16 * 16, ld_in = 2 * g.J + 2 + 2 * fVec::size();
+  const int64_t zero_shift = 0, spatial = g.Hout * g.Wout;
+  const int64_t base = g.B * g.rbs * g.segs, nthreads = at::get_num_threads();
+  const int64_t groups = std::clamp<int64_t>((4 * nthreads + base - 1) / base, 1, blocks);
+  const int64_t per_group = (blocks + groups - 1) / groups, tasks = base * groups;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(nthreads, tasks), 1, [&](int64_t, int64_t) {
+    // v: a slice's transformed input [point][channel][tile]; m: the points' products [point][rows][kTiles];
+    // in: four padded input rows; tr: their column transforms [row][point][ld_t]; pts / orow: a tile
+    // row's outputs after the transform across rows [output row][point][ld_t], and after the one across
+    // columns (two output rows)
+    std::vector<float> v(kPoints2 * kc * ld_v), m(kPoints2 * rows * kTiles), in(4 * ld_in), tr(16 * ld_t);
+    std::vector<float> pts(8 * ld_t), orow(2 * ld_in);
+    for (int64_t task; (task = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
+      const int64_t grp = task % groups, seg = task / groups % g.segs, rb = task / (groups * g.segs) % g.rbs;
+      const int64_t b = task / (groups * g.segs * g.rbs);
+      const int64_t i0 = rb * g.R, ni = std::min(g.R, g.th - i0), j0 = seg * g.J, nj = std::min(g.J, g.tw - j0);
+      const int64_t nt = ni * nj, panels = (nt + kPanel - 1) / kPanel;
+      const int64_t mb0 = grp * per_group, mb1 = std::min(blocks, mb0 + per_group);
+      const int64_t n_in = 2 * nj + 2, lo = std::clamp(g.pw - 2 * j0, int64_t{0}, n_in);
+      const int64_t hi = std::clamp(g.pw + g.W - 2 * j0, lo, n_in);
+      for (int64_t k0 = 0; k0 < g.Cin; k0 += kc) {
+        const int64_t kn = std::min(kc, g.Cin - k0);
+        for (int64_t c = 0; c < kn; ++c) {
+          const float* xc = x + (b * g.Cin + k0 + c) * g.H * g.W;
+          for (int64_t i = i0; i < i0 + ni; ++i) {
+            for (int64_t r = 0; r < 4; ++r) {  // padded input row 2i + r, columns [2 j0, 2 j0 + n_in)
+              const int64_t sr = 2 * i + r - g.ph;
+              float* d = in.data() + r * ld_in;
+              if (sr < 0 || sr >= g.H) {
+                copy_run(nullptr, d, n_in);
+              } else {
+                copy_run(nullptr, d, lo);
+                copy_run(xc + sr * g.W + 2 * j0 + lo - g.pw, d + lo, hi - lo);
+                copy_run(nullptr, d + hi, n_in - hi);
+              }
+              winograd_input(d, nj, tr.data() + r * 4 * ld_t, ld_t);
+            }
+            for (int64_t a = 0; a < 4; ++a)  // across the rows: point p of column point a
+              winograd_combine_in(tr.data() + a * ld_t, 4 * ld_t, nj, v.data() + (a * kc + c) * ld_v + (i - i0) * nj,
+                                  4 * kc * ld_v);
+          }
+        }
+        for (int64_t P = 0; P < kPoints2; ++P)
+          for (int64_t mb = mb0; mb < mb1; ++mb) {
+            const float* a = up + (mb * kPoints2 + P) * a_point + k0 * kMR;
+            if (mb + 1 < mb1)  // the next block's slice of U (see implicit_gemm_fwd)
+              for (int64_t f = 0; f < kn * kMR; f += 64 / sizeof(float)) __builtin_prefetch(a + kPoints2 * a_point + f);
+            for (int64_t p = 0; p < panels; ++p)
+              tap_tile(1, &zero_shift, kn, a, 0, v.data() + P * kc * ld_v + p * kPanel, ld_v,
+                       m.data() + (P * rows + mb * kMR) * kTiles + p * kPanel, kTiles, k0 > 0);
+          }
+      }
+      constexpr int64_t VS = fVec::size();
+      for (int64_t co = mb0 * kMR; co < std::min(g.Cout, mb1 * kMR); ++co) {
+        const float* mc = m.data() + co * kTiles;
+        const int64_t ld_m = rows * kTiles;
+        for (int64_t i = i0; i < i0 + ni; ++i) {
+          const int64_t t0 = (i - i0) * nj;
+          for (int64_t a = 0; a < 4; ++a)  // across the rows: output rows 0 and 1 at column point a
+            for (int64_t t = 0; t < nj; t += VS) {
+              const int64_t k = std::min(VS, nj - t);
+              auto at_ = [&](int64_t p) { return fVec::loadu(mc + (p * 4 + a) * ld_m + t0 + t, k); };
+              const fVec m0 = at_(0), m1 = at_(1), m2 = at_(2), m3 = at_(3);
+              (m0 + m1 + m2).store(pts.data() + a * ld_t + t, k);
+              (m1 - m2 + m3).store(pts.data() + (4 + a) * ld_t + t, k);
+            }
+          const int64_t nw = std::min(2 * nj, g.Wout - 2 * j0);
+          for (int64_t u = 0; u < 2 && 2 * i + u < g.Hout; ++u) {
+            winograd_output(pts.data() + 4 * u * ld_t, ld_t, nj, orow.data());
+            finish_row<A>(orow.data(), nw, (b * g.Cout + co) * spatial + (2 * i + u) * g.Wout + 2 * j0,
+                          bias ? bias[co] : 0.f, res, out, pre);
+          }
+        }
+      }
+    }
+  });
+}
+
+// Where F(2x2, 3x3) runs: conv2d in float32, 3 x 3, stride 1, dilation 1, groups 1, at least one whole
+// task of tiles per image, and where it measured faster than oneDNN's direct convolution. Forward
+// alone, 2 Zen 5 cores, medians of 5 alternating rounds, ours / oneDNN: 16x64x32x32 -> 64 1.66x,
+// 8x128x28x28 -> 128 1.70x, 8x64x28x28 -> 128 1.71x, 4x64x64x64 -> 64 1.17x, 2x256x32x32 -> 256
+// 1.14x, 4x128x32x32 -> 64 1.09x, 16x48x32x32 -> 48 1.07x. Outside the rule it lost: with fewer
+// than 48 input channels the transforms outweigh the short GEMMs (8x32x56x56 -> 64 0.81x,
+// 8x16x56x56 -> 32 0.66x); past 256 channels U (16 C_in C_out floats) is streamed from L3 by every
+// task (2x512x16x16 -> 512 0.57x); with tile rows that fill less than 7/8 of the 16-lane vectors
+// (images 16-24 wide: 8 to 12 tiles a row) the transforms and the panels run part empty
+// (8x96x20x20 -> 96 0.76x). (Winograd needs 4/9 of the multiplies, but this engine's GEMMs run at
+// about half the core's FMA rate: the transforms, and a K of one slice, keep it there.)
+bool winograd2_applies(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& stride,
+                       const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation, int64_t groups) {
+  if (x.dim() != 4 || x.scalar_type() != at::kFloat || groups != 1 || w.size(2) != 3 || w.size(3) != 3) return false;
+  if (stride[0] != 1 || stride[1] != 1 || dilation[0] != 1 || dilation[1] != 1) return false;
+  if (x.size(1) < 48 || x.size(1) > 256 || w.size(0) > 256) return false;
+  const Grid2 g = make_grid2(x, w, padding);
+  const int64_t lanes = (g.J + 15) / 16 * 16;
+  return g.Hout >= 2 && g.Wout >= 2 && g.th * g.tw >= kTiles && 8 * g.J >= 7 * lanes;
+}
+
+std::vector<at::Tensor> winograd2_conv(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& padding,
+                                       const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                                       int64_t activation, bool save_pre) {
+  TORCH_CHECK(w.size(1) == x.size(1), "conv: weight expects ", w.size(1), " input channels, x has ", x.size(1));
+  const at::Tensor xc = x.contiguous();
+  const Grid2 g = make_grid2(xc, w, padding);
+  const std::vector<int64_t> shape{g.B, g.Cout, g.Hout, g.Wout};
+  if (residual) {
+    TORCH_CHECK(residual->sizes() == at::IntArrayRef(shape) && residual->scalar_type() == x.scalar_type() &&
+                    residual->is_contiguous(),
+                "conv: residual must be a contiguous tensor of the output's shape ", shape, ", got ", residual->sizes());
+  }
+  at::Tensor out = cpu::empty_huge(shape, x.options());
+  at::Tensor pre = save_pre ? cpu::empty_huge(shape, x.options()) : at::empty({0}, x.options());
+  const at::Tensor wp = pack_winograd2_weight(w);
+  cpu::dispatch_activation(activation, [&](auto act) {
+    winograd2_fwd<decltype(act)::value>(xc.const_data_ptr<float>(), wp.const_data_ptr<float>(),
+                                        bias ? bias->const_data_ptr<float>() : nullptr,
+                                        residual ? residual->const_data_ptr<float>() : nullptr, out.data_ptr<float>(),
+                                        save_pre ? pre.data_ptr<float>() : nullptr, g);
+  });
+  return {out, pre};
+}
+
+// The project's own convolution where it applies (conv1d: the implicit GEMM or F(2, 3); conv2d:
+// F(2x2, 3x3)): "implicit_gemm", "winograd", or "aten" for oneDNN's.
+std::string own_path(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& stride,
+                     const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation, int64_t groups) {
+  if (winograd2_applies(x, w, stride, padding, dilation, groups)) return "winograd";
+  if (!implicit_gemm_applies(x, w, stride, padding, dilation, groups)) return "aten";
+  return winograd_applies(w, dilation) ? "winograd" : "implicit_gemm";
+}
+
+std::vector<at::Tensor> own_conv(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& padding,
+                                 const std::vector<int64_t>& dilation, const std::optional<at::Tensor>& bias,
+                                 const std::optional<at::Tensor>& residual, int64_t activation, bool save_pre) {
+  if (x.dim() == 4) return winograd2_conv(x, w, padding, bias, residual, activation, save_pre);
+  return implicit_conv(x, w, padding, dilation, bias, residual, activation, save_pre);
+}
+
 // The implicit GEMM's weight gradient: dW[co, ci, j] = sum over sequences b and output positions q of
 // gp[b, co, q] * x_pad[b, ci, q + shifts[j]]: for every tap one GEMM C_j [C_in, C_out] = A_j B with
 // A_j[ci, (b, q)] = x_pad[b, ci, q + shifts[j]] and B[(b, q), co] = gp[b, co, q], reduced over all
@@ -593,8 +815,8 @@ std::vector<at::Tensor> conv_fwd_cpu(const at::Tensor& x, const at::Tensor& w, c
                                      std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups,
                                      int64_t activation, bool save_pre) {
   check(x, w, bias);
-  if (implicit_gemm_applies(x, w, stride, padding, dilation, groups))
-    return implicit_conv(x, w, padding, dilation, bias, residual, activation, save_pre);
+  if (own_path(x, w, stride, padding, dilation, groups) != "aten")
+    return own_conv(x, w, padding, dilation, bias, residual, activation, save_pre);
   const std::vector<int64_t> output_padding(stride.size(), 0);
   at::Tensor pre = at::convolution(x, w, std::nullopt, stride, padding, dilation, false, output_padding, groups)
                        .contiguous();
@@ -619,8 +841,7 @@ std::vector<at::Tensor> conv_fwd_cpu(const at::Tensor& x, const at::Tensor& w, c
 
 std::string conv_cpu_path(const at::Tensor& x, const at::Tensor& w, std::vector<int64_t> stride,
                           std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups) {
-  if (!implicit_gemm_applies(x, w, stride, padding, dilation, groups)) return "aten";
-  return winograd_applies(w, dilation) ? "winograd" : "implicit_gemm";
+  return own_path(x, w, stride, padding, dilation, groups);
 }
 
 std::string conv_cpu_grad_weight_path(const at::Tensor& x, const at::Tensor& w, std::vector<int64_t> stride,
@@ -662,14 +883,14 @@ std::vector<at::Tensor> conv_bwd_cpu(const at::Tensor& grad_out, const at::Tenso
     spatial.push_back(2 + static_cast<int64_t>(i));
   }
   const bool ours = std::all_of(t_padding.begin(), t_padding.end(), [](int64_t p) { return p >= 0; }) &&
-                    implicit_gemm_applies(gp, w.transpose(0, 1), stride, t_padding, dilation, groups);
+                    own_path(gp, w.transpose(0, 1), stride, t_padding, dilation, groups) != "aten";
   const bool ours_w = implicit_grad_weight_applies(x, w, stride, padding, dilation, groups);
   at::Tensor grad_x, grad_w;
   if (!ours || !ours_w)
     std::tie(grad_x, grad_w, std::ignore) = at::convolution_backward(
         gp, x, w, std::nullopt, stride, padding, dilation, false, output_padding, groups, {!ours, !ours_w, false});
   if (ours)
-    grad_x = implicit_conv(gp, w.transpose(0, 1).flip(spatial), t_padding, dilation, std::nullopt, std::nullopt,
+    grad_x = own_conv(gp, w.transpose(0, 1).flip(spatial), t_padding, dilation, std::nullopt, std::nullopt,
                            cpu::kIdentity, false)[0];
   if (ours_w) grad_w = implicit_grad_weight(gp.contiguous(), x.contiguous(), make_grid(x, w, padding, dilation));
   return {grad_x, grad_w, grad_bias};

@@ -343,12 +343,18 @@ inline void winograd_output(const float* m, int64_t ld, int64_t nt, float* out) 
   }
 }
 
-// [C_out, C_in, 3] -> U as [C_out / kMR][point][C_in][kMR] fp32 (rows past C_out zero), the layout of
-// pack_weight with the four points as taps. U is computed in double and rounded once.
+// F(2, 3)'s weight transform G: rows the points 0, 1, -1 and infinity, columns the taps.
+constexpr double kWinogradG[4][3] = {{1., 0., 0.}, {.5, .5, .5}, {.5, -.5, .5}, {0., 0., 1.}};
+
+// [C_out, C_in, 3] or [C_out, C_in, 3, 3] -> U as [C_out / kMR][point][C_in][kMR] fp32 (rows past C_out
+// zero), the layout of pack_weight with the points as taps: U = G g (four points) or G g G^T (16 points,
+// point 4 p + a for row point p and column point a); computed in double and rounded once.
 at::Tensor pack_winograd_weight(const at::Tensor& weight) {
   const at::Tensor w = weight.contiguous();
+  const bool two_d = w.dim() == 4;
   const int64_t Cout = w.size(0), Cin = w.size(1), blocks = (Cout + kMR - 1) / kMR;
-  at::Tensor packed = at::empty({blocks * kPoints * Cin * kMR}, w.options());
+  const int64_t points = two_d ? 16 : 4, taps = two_d ? 9 : 3, rows_of_taps = two_d ? 3 : 1;
+  at::Tensor packed = at::empty({blocks * points * Cin * kMR}, w.options());
   const float* src = w.const_data_ptr<float>();
   float* dst = packed.data_ptr<float>();
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
@@ -356,13 +362,15 @@ at::Tensor pack_winograd_weight(const at::Tensor& weight) {
       for (int64_t ci = 0; ci < Cin; ++ci)
         for (int64_t r = 0; r < kMR; ++r) {
           const int64_t row = mb * kMR + r;
-          double u[kPoints] = {0., 0., 0., 0.};
-          if (row < Cout) {
-            const float* g = src + (row * Cin + ci) * 3;
-            const double g0 = g[0], g1 = g[1], g2 = g[2];
-            u[0] = g0, u[1] = (g0 + g1 + g2) / 2, u[2] = (g0 - g1 + g2) / 2, u[3] = g2;
+          const float* g = row < Cout ? src + (row * Cin + ci) * taps : nullptr;
+          for (int64_t P = 0; P < points; ++P) {
+            const int64_t p = P / 4, a = P % 4;
+            double u = 0.;
+            for (int64_t kh = 0; g && kh < rows_of_taps; ++kh)
+              for (int64_t kw = 0; kw < 3; ++kw)
+                u += (two_d ? kWinogradG[p][kh] : 1.) * kWinogradG[a][kw] * g[kh * 3 + kw];
+            dst[((mb * points + P) * Cin + ci) * kMR + r] = static_cast<float>(u);
           }
-          for (int64_t i = 0; i < kPoints; ++i) dst[((mb * kPoints + i) * Cin + ci) * kMR + r] = static_cast<float>(u[i]);
         }
   });
   return packed;
@@ -459,6 +467,19 @@ at::Tensor pack_weight(const at::Tensor& weight) {
   return packed;
 }
 
+// The outputs of our own convolutions: {out, pre (or [0] unless save_pre)}, once residual (if any) is
+// checked against the output's shape.
+std::pair<at::Tensor, at::Tensor> own_outputs(const at::Tensor& x, const std::vector<int64_t>& shape,
+                                              const std::optional<at::Tensor>& residual, bool save_pre) {
+  if (residual) {
+    TORCH_CHECK(residual->sizes() == at::IntArrayRef(shape) && residual->scalar_type() == x.scalar_type() &&
+                    residual->is_contiguous(),
+                "conv: residual must be a contiguous tensor of the output's shape ", shape, ", got ", residual->sizes());
+  }
+  return {cpu::empty_huge(shape, x.options()),
+          save_pre ? cpu::empty_huge(shape, x.options()) : at::empty({0}, x.options())};
+}
+
 // The implicit GEMM's convolution: {out, pre (or [0] unless save_pre)}.
 std::vector<at::Tensor> implicit_conv(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& padding,
                                       const std::vector<int64_t>& dilation, const std::optional<at::Tensor>& bias,
@@ -467,13 +488,8 @@ std::vector<at::Tensor> implicit_conv(const at::Tensor& x, const at::Tensor& w, 
   const at::Tensor xc = x.contiguous();
   const Grid g = make_grid(xc, w, padding, dilation);
   const std::vector<int64_t> shape{g.B, g.Cout, g.Lout};
-  if (residual) {
-    TORCH_CHECK(residual->sizes() == at::IntArrayRef(shape) && residual->scalar_type() == x.scalar_type() &&
-                    residual->is_contiguous(),
-                "conv: residual must be a contiguous tensor of the output's shape ", shape, ", got ", residual->sizes());
-  }
-  at::Tensor out = cpu::empty_huge(shape, x.options());
-  at::Tensor pre = save_pre ? cpu::empty_huge(shape, x.options()) : at::empty({0}, x.options());
+  at::Tensor out, pre;
+  std::tie(out, pre) = own_outputs(x, shape, residual, save_pre);
   const bool winograd = winograd_applies(w, dilation);
   const at::Tensor wp = winograd ? pack_winograd_weight(w) : pack_weight(w);
   cpu::dispatch_activation(activation, [&](auto act) {
@@ -518,34 +534,6 @@ Grid2 make_grid2(const at::Tensor& x, const at::Tensor& w, const std::vector<int
 }
 
 constexpr int64_t kPoints2 = 16;
-
-// [C_out, C_in, 3, 3] -> U as [C_out / kMR][point][C_in][kMR] fp32, U_(4p + a) = (G g G^T)[p][a],
-// computed in double and rounded once.
-at::Tensor pack_winograd2_weight(const at::Tensor& weight) {
-  const at::Tensor w = weight.contiguous();
-  const int64_t Cout = w.size(0), Cin = w.size(1), blocks = (Cout + kMR - 1) / kMR;
-  // G: F(2, 3)'s weight transform, rows the points 0, 1, -1, infinity
-  static constexpr double G[4][3] = {{1., 0., 0.}, {.5, .5, .5}, {.5, -.5, .5}, {0., 0., 1.}};
-  at::Tensor packed = at::empty({blocks * kPoints2 * Cin * kMR}, w.options());
-  const float* src = w.const_data_ptr<float>();
-  float* dst = packed.data_ptr<float>();
-  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    for (int64_t mb = b0; mb < b1; ++mb)
-      for (int64_t ci = 0; ci < Cin; ++ci)
-        for (int64_t r = 0; r < kMR; ++r) {
-          const int64_t row = mb * kMR + r;
-          const float* g = row < Cout ? src + (row * Cin + ci) * 9 : nullptr;
-          for (int64_t p = 0; p < 4; ++p)
-            for (int64_t a = 0; a < 4; ++a) {
-              double u = 0.;
-              for (int64_t kh = 0; g && kh < 3; ++kh)
-                for (int64_t kw = 0; kw < 3; ++kw) u += G[p][kh] * G[a][kw] * g[kh * 3 + kw];
-              dst[((mb * kPoints2 + p * 4 + a) * Cin + ci) * kMR + r] = static_cast<float>(u);
-            }
-        }
-  });
-  return packed;
-}
 
 // y[0, n) = f(d0, d1, d2, d3) over rows d_r = src + r * ld of n floats, for the four F(2, 3) input
 // points at once: dst + i * ld_dst gets point i.
@@ -676,14 +664,9 @@ std::vector<at::Tensor> winograd2_conv(const at::Tensor& x, const at::Tensor& w,
   const at::Tensor xc = x.contiguous();
   const Grid2 g = make_grid2(xc, w, padding);
   const std::vector<int64_t> shape{g.B, g.Cout, g.Hout, g.Wout};
-  if (residual) {
-    TORCH_CHECK(residual->sizes() == at::IntArrayRef(shape) && residual->scalar_type() == x.scalar_type() &&
-                    residual->is_contiguous(),
-                "conv: residual must be a contiguous tensor of the output's shape ", shape, ", got ", residual->sizes());
-  }
-  at::Tensor out = cpu::empty_huge(shape, x.options());
-  at::Tensor pre = save_pre ? cpu::empty_huge(shape, x.options()) : at::empty({0}, x.options());
-  const at::Tensor wp = pack_winograd2_weight(w);
+  at::Tensor out, pre;
+  std::tie(out, pre) = own_outputs(x, shape, residual, save_pre);
+  const at::Tensor wp = pack_winograd_weight(w);
   cpu::dispatch_activation(activation, [&](auto act) {
     winograd2_fwd<decltype(act)::value>(xc.const_data_ptr<float>(), wp.const_data_ptr<float>(),
                                         bias ? bias->const_data_ptr<float>() : nullptr,

@@ -535,14 +535,14 @@ Grid2 make_grid2(const at::Tensor& x, const at::Tensor& w, const std::vector<int
 
 constexpr int64_t kPoints2 = 16;
 
-// y[0, n) = f(d0, d1, d2, d3) over rows d_r = src + r * ld of n floats, for the four F(2, 3) input
-// points at once: dst + i * ld_dst gets point i.
-inline void winograd_combine_in(const float* src, int64_t ld, int64_t n, float* dst, int64_t ld_dst) {
+// F(2, 3)'s input transform across four rows d0..d3 of n floats each: point i of it to dst + i * ld_dst.
+inline void winograd_combine_in(const float* d0p, const float* d1p, const float* d2p, const float* d3p, int64_t n,
+                                float* dst, int64_t ld_dst) {
   constexpr int64_t VS = fVec::size();
   for (int64_t t = 0; t < n; t += VS) {
     const int64_t k = std::min(VS, n - t);
-    const fVec d0 = fVec::loadu(src + t, k), d1 = fVec::loadu(src + ld + t, k);
-    const fVec d2 = fVec::loadu(src + 2 * ld + t, k), d3 = fVec::loadu(src + 3 * ld + t, k);
+    const fVec d0 = fVec::loadu(d0p + t, k), d1 = fVec::loadu(d1p + t, k);
+    const fVec d2 = fVec::loadu(d2p + t, k), d3 = fVec::loadu(d3p + t, k);
     (d0 - d2).store(dst + t, k);
     (d1 + d2).store(dst + ld_dst + t, k);
     (d2 - d1).store(dst + 2 * ld_dst + t, k);
@@ -565,10 +565,10 @@ void winograd2_fwd(const float* x, const float* up, const float* bias, const flo
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min(nthreads, tasks), 1, [&](int64_t, int64_t) {
     // v: a slice's transformed input [point][channel][tile]; m: the points' products [point][rows][kTiles];
-    // in: four padded input rows; tr: their column transforms [row][point][ld_t]; pts / orow: a tile
+    // in: a padded input row; tr: four rows' column transforms [row slot][point][ld_t]; pts / orow: a tile
     // row's outputs after the transform across rows [output row][point][ld_t], and after the one across
     // columns (two output rows)
-    std::vector<float> v(kPoints2 * kc * ld_v), m(kPoints2 * rows * kTiles), in(4 * ld_in), tr(16 * ld_t);
+    std::vector<float> v(kPoints2 * kc * ld_v), m(kPoints2 * rows * kTiles), in(ld_in), tr(16 * ld_t);
     std::vector<float> pts(8 * ld_t), orow(2 * ld_in);
     for (int64_t task; (task = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
       const int64_t grp = task % groups, seg = task / groups % g.segs, rb = task / (groups * g.segs) % g.rbs;
@@ -582,10 +582,12 @@ void winograd2_fwd(const float* x, const float* up, const float* bias, const flo
         const int64_t kn = std::min(kc, g.Cin - k0);
         for (int64_t c = 0; c < kn; ++c) {
           const float* xc = x + (b * g.Cin + k0 + c) * g.H * g.W;
+          // Padded input row pr (columns [2 j0, 2 j0 + n_in)) after the transform along the row goes
+          // to slot pr % 4 of tr: tile row i reads rows 2i .. 2i + 3, and the next one two of them again
           for (int64_t i = i0; i < i0 + ni; ++i) {
-            for (int64_t r = 0; r < 4; ++r) {  // padded input row 2i + r, columns [2 j0, 2 j0 + n_in)
-              const int64_t sr = 2 * i + r - g.ph;
-              float* d = in.data() + r * ld_in;
+            for (int64_t pr = i == i0 ? 2 * i : 2 * i + 2; pr < 2 * i + 4; ++pr) {
+              const int64_t sr = pr - g.ph;
+              float* d = in.data();
               if (sr < 0 || sr >= g.H) {
                 copy_run(nullptr, d, n_in);
               } else {
@@ -593,11 +595,12 @@ void winograd2_fwd(const float* x, const float* up, const float* bias, const flo
                 copy_run(xc + sr * g.W + 2 * j0 + lo - g.pw, d + lo, hi - lo);
                 copy_run(nullptr, d + hi, n_in - hi);
               }
-              winograd_input(d, nj, tr.data() + r * 4 * ld_t, ld_t);
+              winograd_input(d, nj, tr.data() + pr % 4 * 4 * ld_t, ld_t);
             }
+            auto row = [&](int64_t r, int64_t a) { return tr.data() + ((2 * i + r) % 4 * 4 + a) * ld_t; };
             for (int64_t a = 0; a < 4; ++a)  // across the rows: point p of column point a
-              winograd_combine_in(tr.data() + a * ld_t, 4 * ld_t, nj, v.data() + (a * kc + c) * ld_v + (i - i0) * nj,
-                                  4 * kc * ld_v);
+              winograd_combine_in(row(0, a), row(1, a), row(2, a), row(3, a), nj,
+                                  v.data() + (a * kc + c) * ld_v + (i - i0) * nj, 4 * kc * ld_v);
           }
         }
         for (int64_t P = 0; P < kPoints2; ++P)

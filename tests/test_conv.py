@@ -112,6 +112,7 @@ def test_cpu_winograd_matches_float64(case, activation):
 # Winograd's F(2x2, 3x3) (csrc/cpu/conv.cpp): an odd output height (the last tile row half used); rows
 # of 128 tiles (segments of 64) and 70 channels (slices of 64 and 6); padding 2 with an odd width;
 # 31 tiles a row (a vector and a tail); 56 output channels, so that grad_x (48 channels out) takes it too.
+# grad_w takes it with every forward that does.
 WINOGRAD2 = [((1, 48, 9, 32), (13, 48, 3, 3), 1, 1, 1, 1), ((1, 70, 6, 258), (9, 70, 3, 3), 1, 0, 1, 1),
              ((2, 48, 8, 29), (16, 48, 3, 3), 1, 2, 1, 1), ((1, 64, 16, 62), (8, 64, 3, 3), 1, 1, 1, 1),
              ((1, 48, 12, 32), (56, 48, 3, 3), 1, 1, 1, 1)]
@@ -120,8 +121,28 @@ WINOGRAD2 = [((1, 48, 9, 32), (13, 48, 3, 3), 1, 1, 1, 1), ((1, 70, 6, 258), (9,
 @pytest.mark.parametrize("case", WINOGRAD2, ids=lambda c: f"x{c[0]}-w{c[1]}-p{c[3]}")
 @pytest.mark.parametrize("activation", [None, "gelu"])
 def test_cpu_winograd_conv2d_matches_float64(case, activation):
+    """The output, grad_x (where its convolution takes the same path) and grad_w (always, with the
+    forward) within twice PyTorch's own error of float64."""
     assert _path(*case) == "winograd"
+    assert _C.conv_cpu_grad_weight_path(torch.empty(case[0]), torch.empty(case[1]), [1, 1], [case[3]] * 2, [1, 1],
+                                        1) == "winograd"
     _check("cpu", torch.device("cpu"), torch.float32, *case, activation, residual=activation is not None)
+
+
+def test_cpu_winograd_conv2d_grad_weight_is_deterministic():
+    """The chunks of tiles are summed in a fixed order, whatever the number of threads."""
+    xs, ws = (2, 48, 12, 32), (16, 48, 3, 3)
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(xs, generator=g), torch.randn(ws, generator=g, requires_grad=True)
+    before, grads = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2, 1):
+            torch.set_num_threads(threads)
+            y = ops.conv2d(x, w, None, 1, 1, backend="cpu")
+            grads.append(torch.autograd.grad(y, w, torch.ones_like(y))[0])
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
 
 
 def test_cpu_winograd_conv2d_rule():

@@ -6,7 +6,8 @@
 // Winograd's F(2, 3) instead, 2/3 of the multiplies. Its backward computes grad_x the same way (a
 // convolution of the gradient with the reversed, transposed weight) and, over long enough reductions,
 // grad_w on a GEMM of its own (implicit_grad_weight), else on oneDNN. conv2d 3 x 3 with stride 1 runs
-// Winograd's F(2x2, 3x3) where that measured faster (winograd2_applies), forward and grad_x.
+// Winograd's F(2x2, 3x3) where that measured faster (winograd2_applies): forward, grad_x, and grad_w
+// through the same transforms (winograd2_grad_weight).
 // Everything else (other conv2d, bfloat16, strided, grouped or short convolutions) calls ATen's
 // (oneDNN) convolution without its bias
 // and then one epilogue pass over the output, viewed as [B * C_out, S] rows (S the spatial size; the
@@ -550,6 +551,37 @@ inline void winograd_combine_in(const float* d0p, const float* d1p, const float*
   }
 }
 
+// The input transform of a task's tiles (tile rows [i0, i0 + ni), tiles [j0, j0 + nj) of a row) for
+// channels [0, kn) of x (one image, from its channel k0 on): point P of channel c, tile (i - i0) nj + t
+// at v[P * ld_point + c * ld_v + (i - i0) nj + t]. in (2 nj + 2 + 2 kStep floats) and tr (16 ld_t) are
+// scratch: padded input row pr (columns [2 j0, 2 j0 + 2 nj + 2)) after the transform along the row
+// goes to slot pr % 4 of tr, since tile row i reads rows 2i .. 2i + 3 and the next one two of them again.
+inline void winograd2_input(const float* x, int64_t kn, const Grid2& g, int64_t i0, int64_t ni, int64_t j0,
+                            int64_t nj, float* v, int64_t ld_v, int64_t ld_point, float* in, float* tr, int64_t ld_t) {
+  const int64_t n_in = 2 * nj + 2, lo = std::clamp(g.pw - 2 * j0, int64_t{0}, n_in);
+  const int64_t hi = std::clamp(g.pw + g.W - 2 * j0, lo, n_in);
+  for (int64_t c = 0; c < kn; ++c) {
+    const float* xc = x + c * g.H * g.W;
+    for (int64_t i = i0; i < i0 + ni; ++i) {
+      for (int64_t pr = i == i0 ? 2 * i : 2 * i + 2; pr < 2 * i + 4; ++pr) {
+        const int64_t sr = pr - g.ph;
+        if (sr < 0 || sr >= g.H) {
+          copy_run(nullptr, in, n_in);
+        } else {
+          copy_run(nullptr, in, lo);
+          copy_run(xc + sr * g.W + 2 * j0 + lo - g.pw, in + lo, hi - lo);
+          copy_run(nullptr, in + hi, n_in - hi);
+        }
+        winograd_input(in, nj, tr + pr % 4 * 4 * ld_t, ld_t);
+      }
+      auto row = [&](int64_t r, int64_t a) { return tr + ((2 * i + r) % 4 * 4 + a) * ld_t; };
+      for (int64_t a = 0; a < 4; ++a)  // across the rows: point 4 p + a
+        winograd_combine_in(row(0, a), row(1, a), row(2, a), row(3, a), nj, v + a * ld_point + c * ld_v + (i - i0) * nj,
+                            4 * ld_point);
+    }
+  }
+}
+
 template <int A>
 void winograd2_fwd(const float* x, const float* up, const float* bias, const float* res, float* out, float* pre,
                    const Grid2& g) {
@@ -576,33 +608,10 @@ void winograd2_fwd(const float* x, const float* up, const float* bias, const flo
       const int64_t i0 = rb * g.R, ni = std::min(g.R, g.th - i0), j0 = seg * g.J, nj = std::min(g.J, g.tw - j0);
       const int64_t nt = ni * nj, panels = (nt + kPanel - 1) / kPanel;
       const int64_t mb0 = grp * per_group, mb1 = std::min(blocks, mb0 + per_group);
-      const int64_t n_in = 2 * nj + 2, lo = std::clamp(g.pw - 2 * j0, int64_t{0}, n_in);
-      const int64_t hi = std::clamp(g.pw + g.W - 2 * j0, lo, n_in);
       for (int64_t k0 = 0; k0 < g.Cin; k0 += kc) {
         const int64_t kn = std::min(kc, g.Cin - k0);
-        for (int64_t c = 0; c < kn; ++c) {
-          const float* xc = x + (b * g.Cin + k0 + c) * g.H * g.W;
-          // Padded input row pr (columns [2 j0, 2 j0 + n_in)) after the transform along the row goes
-          // to slot pr % 4 of tr: tile row i reads rows 2i .. 2i + 3, and the next one two of them again
-          for (int64_t i = i0; i < i0 + ni; ++i) {
-            for (int64_t pr = i == i0 ? 2 * i : 2 * i + 2; pr < 2 * i + 4; ++pr) {
-              const int64_t sr = pr - g.ph;
-              float* d = in.data();
-              if (sr < 0 || sr >= g.H) {
-                copy_run(nullptr, d, n_in);
-              } else {
-                copy_run(nullptr, d, lo);
-                copy_run(xc + sr * g.W + 2 * j0 + lo - g.pw, d + lo, hi - lo);
-                copy_run(nullptr, d + hi, n_in - hi);
-              }
-              winograd_input(d, nj, tr.data() + pr % 4 * 4 * ld_t, ld_t);
-            }
-            auto row = [&](int64_t r, int64_t a) { return tr.data() + ((2 * i + r) % 4 * 4 + a) * ld_t; };
-            for (int64_t a = 0; a < 4; ++a)  // across the rows: point p of column point a
-              winograd_combine_in(row(0, a), row(1, a), row(2, a), row(3, a), nj,
-                                  v.data() + (a * kc + c) * ld_v + (i - i0) * nj, 4 * kc * ld_v);
-          }
-        }
+        winograd2_input(x + (b * g.Cin + k0) * g.H * g.W, kn, g, i0, ni, j0, nj, v.data(), ld_v, kc * ld_v, in.data(),
+                        tr.data(), ld_t);
         for (int64_t P = 0; P < kPoints2; ++P)
           for (int64_t mb = mb0; mb < mb1; ++mb) {
             const float* a = up + (mb * kPoints2 + P) * a_point + k0 * kMR;
@@ -677,6 +686,97 @@ std::vector<at::Tensor> winograd2_conv(const at::Tensor& x, const at::Tensor& w,
                                         save_pre ? pre.data_ptr<float>() : nullptr, g);
   });
   return {out, pre};
+}
+
+// The weight gradient through F(2x2, 3x3). The forward is linear in U = G g G^T, and per tile
+// Y = A^T (U . V) A, so dL/dU_P = sum over images and tiles of Z_P V_P with Z = A gY A^T (the 2 x 2
+// gradient tile taken to the 16 points), and dL/dg = G^T (dL/dU) G. dU_P [C_out, C_in] is one GEMM per
+// point with the tiles as the reduction: A = Z_P [C_out][tiles], B = V_P transposed [tiles][C_in].
+// Each task is the forward's (image, block of tiles); tasks are cut into kChunks chunks in order, each
+// chunk sums its tasks into its own dU, and the chunks are added in chunk order at the end: the result
+// does not depend on which thread took which chunk, nor on the number of threads.
+at::Tensor winograd2_grad_weight(const at::Tensor& gp, const at::Tensor& x, const Grid2& g) {
+  constexpr int64_t VS = fVec::size(), kChunks = 8;
+  const int64_t ci_pad = (g.Cin + VS - 1) / VS * VS, ld_z = kTiles;
+  const int64_t per_image = g.rbs * g.segs, tasks = g.B * per_image, chunks = std::min(kChunks, tasks);
+  const int64_t du_floats = kPoints2 * g.Cout * ci_pad;
+  std::vector<float> du(chunks * du_floats);
+  const int64_t ld_t = (g.J + 15) / 16 * 16, ld_in = 2 * g.J + 2 + 2 * kStep;
+  const float* xp = x.const_data_ptr<float>();
+  const float* gpp = gp.const_data_ptr<float>();
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), chunks), 1, [&](int64_t, int64_t) {
+    // v: V [point][C_in][kTiles]; vt: V_P transposed [kTiles][ci_pad]; z: Z [point][C_out][kTiles]
+    std::vector<float> v(kPoints2 * g.Cin * kTiles), vt(kTiles * ci_pad, 0.f), z(kPoints2 * g.Cout * ld_z);
+    std::vector<float> in(ld_in), tr(16 * ld_t), rows(2 * ld_in), cols(8 * ld_t);
+    for (int64_t ch; (ch = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
+      float* dch = du.data() + ch * du_floats;
+      std::fill(dch, dch + du_floats, 0.f);
+      for (int64_t task = tasks * ch / chunks; task < tasks * (ch + 1) / chunks; ++task) {
+        const int64_t b = task / per_image, rb = task % per_image / g.segs, seg = task % g.segs;
+        const int64_t i0 = rb * g.R, ni = std::min(g.R, g.th - i0), j0 = seg * g.J, nj = std::min(g.J, g.tw - j0);
+        const int64_t nt = ni * nj;
+        winograd2_input(xp + b * g.Cin * g.H * g.W, g.Cin, g, i0, ni, j0, nj, v.data(), kTiles, g.Cin * kTiles,
+                        in.data(), tr.data(), ld_t);
+        // Z: per output channel and tile row, the gradient's rows 2i, 2i + 1 (zero past the output)
+        // along the columns (gy0, gy0 + gy1, gy0 - gy1, gy1), then the same across the two rows
+        for (int64_t co = 0; co < g.Cout; ++co)
+          for (int64_t i = i0; i < i0 + ni; ++i) {
+            for (int64_t u = 0; u < 2; ++u) {
+              const int64_t yr = 2 * i + u, n = std::clamp<int64_t>(g.Wout - 2 * j0, 0, 2 * nj);
+              float* r = rows.data() + u * ld_in;
+              copy_run(yr < g.Hout ? gpp + ((b * g.Cout + co) * g.Hout + yr) * g.Wout + 2 * j0 : nullptr, r, n);
+              copy_run(nullptr, r + n, 2 * nj - n);
+              float* c = cols.data() + u * 4 * ld_t;
+              for (int64_t t = 0; t < nj; ++t) {
+                const float e = r[2 * t], o = r[2 * t + 1];
+                c[t] = e, c[ld_t + t] = e + o, c[2 * ld_t + t] = e - o, c[3 * ld_t + t] = o;
+              }
+            }
+            for (int64_t a = 0; a < 4; ++a) {
+              const float* r0 = cols.data() + a * ld_t;
+              const float* r1 = cols.data() + (4 + a) * ld_t;
+              float* zp = z.data() + (a * g.Cout + co) * ld_z + (i - i0) * nj;  // point 4 p + a at + 4 p Cout ld_z
+              const int64_t ldp = 4 * g.Cout * ld_z;
+              for (int64_t t = 0; t < nj; t += VS) {
+                const int64_t k = std::min(VS, nj - t);
+                const fVec y0 = fVec::loadu(r0 + t, k), y1 = fVec::loadu(r1 + t, k);
+                y0.store(zp + t, k);
+                (y0 + y1).store(zp + ldp + t, k);
+                (y0 - y1).store(zp + 2 * ldp + t, k);
+                y1.store(zp + 3 * ldp + t, k);
+              }
+            }
+          }
+        for (int64_t P = 0; P < kPoints2; ++P) {
+          at::vec::transpose_mxn<float>(v.data() + P * g.Cin * kTiles, kTiles, vt.data(), ci_pad, g.Cin, nt);
+          cpu::small_gemm(g.Cout, ci_pad, nt, z.data() + P * g.Cout * ld_z, ld_z, 1, vt.data(), ci_pad,
+                     dch + P * g.Cout * ci_pad, ci_pad, 1.f, true);
+        }
+      }
+    }
+  });
+  // dg = G^T (sum of the chunks' dU) G, in double
+  at::Tensor grad_w = at::empty({g.Cout, g.Cin, 3, 3}, x.options());
+  float* dw = grad_w.data_ptr<float>();
+  at::parallel_for(0, g.Cout, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t co = c0; co < c1; ++co)
+      for (int64_t ci = 0; ci < g.Cin; ++ci) {
+        double u[kPoints2];
+        for (int64_t P = 0; P < kPoints2; ++P) {
+          double sum = 0.;
+          for (int64_t ch = 0; ch < chunks; ++ch) sum += du[ch * du_floats + (P * g.Cout + co) * ci_pad + ci];
+          u[P] = sum;
+        }
+        for (int64_t kh = 0; kh < 3; ++kh)
+          for (int64_t kw = 0; kw < 3; ++kw) {
+            double d = 0.;
+            for (int64_t P = 0; P < kPoints2; ++P) d += kWinogradG[P / 4][kh] * kWinogradG[P % 4][kw] * u[P];
+            dw[((co * g.Cin + ci) * 3 + kh) * 3 + kw] = static_cast<float>(d);
+          }
+      }
+  });
+  return grad_w;
 }
 
 // The project's own convolution where it applies (conv1d: the implicit GEMM or F(2, 3); conv2d:
@@ -832,6 +932,7 @@ std::string conv_cpu_path(const at::Tensor& x, const at::Tensor& w, std::vector<
 
 std::string conv_cpu_grad_weight_path(const at::Tensor& x, const at::Tensor& w, std::vector<int64_t> stride,
                                       std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups) {
+  if (winograd2_applies(x, w, stride, padding, dilation, groups)) return "winograd";
   return implicit_grad_weight_applies(x, w, stride, padding, dilation, groups) ? "implicit_gemm" : "aten";
 }
 
@@ -870,7 +971,8 @@ std::vector<at::Tensor> conv_bwd_cpu(const at::Tensor& grad_out, const at::Tenso
   }
   const bool ours = std::all_of(t_padding.begin(), t_padding.end(), [](int64_t p) { return p >= 0; }) &&
                     own_path(gp, w.transpose(0, 1), stride, t_padding, dilation, groups) != "aten";
-  const bool ours_w = implicit_grad_weight_applies(x, w, stride, padding, dilation, groups);
+  const bool winograd_w = winograd2_applies(x, w, stride, padding, dilation, groups);
+  const bool ours_w = winograd_w || implicit_grad_weight_applies(x, w, stride, padding, dilation, groups);
   at::Tensor grad_x, grad_w;
   if (!ours || !ours_w)
     std::tie(grad_x, grad_w, std::ignore) = at::convolution_backward(
@@ -878,7 +980,10 @@ std::vector<at::Tensor> conv_bwd_cpu(const at::Tensor& grad_out, const at::Tenso
   if (ours)
     grad_x = own_conv(gp, w.transpose(0, 1).flip(spatial), t_padding, dilation, std::nullopt, std::nullopt,
                            cpu::kIdentity, false)[0];
-  if (ours_w) grad_w = implicit_grad_weight(gp.contiguous(), x.contiguous(), make_grid(x, w, padding, dilation));
+  if (winograd_w)
+    grad_w = winograd2_grad_weight(gp.contiguous(), x.contiguous(), make_grid2(x, w, padding));
+  else if (ours_w)
+    grad_w = implicit_grad_weight(gp.contiguous(), x.contiguous(), make_grid(x, w, padding, dilation));
   return {grad_x, grad_w, grad_bias};
 }
 

@@ -696,8 +696,10 @@ std::vector<at::Tensor> winograd2_conv(const at::Tensor& x, const at::Tensor& w,
 // chunk sums its tasks into its own dU, and the chunks are added in chunk order at the end: the result
 // does not depend on which thread took which chunk, nor on the number of threads.
 at::Tensor winograd2_grad_weight(const at::Tensor& gp, const at::Tensor& x, const Grid2& g) {
-  constexpr int64_t VS = fVec::size(), kChunks = 8;
-  const int64_t ci_pad = (g.Cin + VS - 1) / VS * VS, ld_z = kTiles;
+  // kBatch tasks' tiles make one GEMM's reduction (up to 256 deep: with a task's 64 alone, C = dU_P
+  // was loaded and stored for every 64 products, 3x slower at 256 channels)
+  constexpr int64_t VS = fVec::size(), kChunks = 4, kBatch = 4, ldk = kBatch * kTiles;
+  const int64_t ci_pad = (g.Cin + VS - 1) / VS * VS;
   const int64_t per_image = g.rbs * g.segs, tasks = g.B * per_image, chunks = std::min(kChunks, tasks);
   const int64_t du_floats = kPoints2 * g.Cout * ci_pad;
   std::vector<float> du(chunks * du_floats);
@@ -706,75 +708,76 @@ at::Tensor winograd2_grad_weight(const at::Tensor& gp, const at::Tensor& x, cons
   const float* gpp = gp.const_data_ptr<float>();
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), chunks), 1, [&](int64_t, int64_t) {
-    // v: V [point][C_in][kTiles]; vt: V_P transposed [kTiles][ci_pad]; z: Z [point][C_out][kTiles]
-    std::vector<float> v(kPoints2 * g.Cin * kTiles), vt(kTiles * ci_pad, 0.f), z(kPoints2 * g.Cout * ld_z);
+    // v: V [point][C_in][ldk]; vt: V_P transposed [ldk][ci_pad]; z: Z [point][C_out][ldk]
+    std::vector<float> v(kPoints2 * g.Cin * ldk), vt(ldk * ci_pad, 0.f), z(kPoints2 * g.Cout * ldk);
     std::vector<float> in(ld_in), tr(16 * ld_t), rows(2 * ld_in), cols(8 * ld_t);
     for (int64_t ch; (ch = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
       float* dch = du.data() + ch * du_floats;
       std::fill(dch, dch + du_floats, 0.f);
-      for (int64_t task = tasks * ch / chunks; task < tasks * (ch + 1) / chunks; ++task) {
-        const int64_t b = task / per_image, rb = task % per_image / g.segs, seg = task % g.segs;
-        const int64_t i0 = rb * g.R, ni = std::min(g.R, g.th - i0), j0 = seg * g.J, nj = std::min(g.J, g.tw - j0);
-        const int64_t nt = ni * nj;
-        winograd2_input(xp + b * g.Cin * g.H * g.W, g.Cin, g, i0, ni, j0, nj, v.data(), kTiles, g.Cin * kTiles,
-                        in.data(), tr.data(), ld_t);
-        // Z: per output channel and tile row, the gradient's rows 2i, 2i + 1 (zero past the output)
-        // along the columns (gy0, gy0 + gy1, gy0 - gy1, gy1), then the same across the two rows
-        for (int64_t co = 0; co < g.Cout; ++co)
-          for (int64_t i = i0; i < i0 + ni; ++i) {
-            for (int64_t u = 0; u < 2; ++u) {
-              const int64_t yr = 2 * i + u, n = std::clamp<int64_t>(g.Wout - 2 * j0, 0, 2 * nj);
-              float* r = rows.data() + u * ld_in;
-              copy_run(yr < g.Hout ? gpp + ((b * g.Cout + co) * g.Hout + yr) * g.Wout + 2 * j0 : nullptr, r, n);
-              copy_run(nullptr, r + n, 2 * nj - n);
-              float* c = cols.data() + u * 4 * ld_t;
-              for (int64_t t = 0; t < nj; ++t) {
-                const float e = r[2 * t], o = r[2 * t + 1];
-                c[t] = e, c[ld_t + t] = e + o, c[2 * ld_t + t] = e - o, c[3 * ld_t + t] = o;
+      const int64_t first = tasks * ch / chunks, last = tasks * (ch + 1) / chunks;
+      for (int64_t t0 = first; t0 < last; t0 += kBatch) {
+        int64_t K = 0;  // the batch's tiles so far
+        for (int64_t task = t0; task < std::min(last, t0 + kBatch); ++task) {
+          const int64_t b = task / per_image, rb = task % per_image / g.segs, seg = task % g.segs;
+          const int64_t i0 = rb * g.R, ni = std::min(g.R, g.th - i0), j0 = seg * g.J, nj = std::min(g.J, g.tw - j0);
+          winograd2_input(xp + b * g.Cin * g.H * g.W, g.Cin, g, i0, ni, j0, nj, v.data() + K, ldk, g.Cin * ldk,
+                          in.data(), tr.data(), ld_t);
+          // Z: per output channel and tile row, the gradient's rows 2i, 2i + 1 (zero past the output)
+          // along the columns (gy0, gy0 + gy1, gy0 - gy1, gy1), then the same across the two rows
+          for (int64_t co = 0; co < g.Cout; ++co)
+            for (int64_t i = i0; i < i0 + ni; ++i) {
+              for (int64_t u = 0; u < 2; ++u) {
+                const int64_t yr = 2 * i + u, n = std::clamp<int64_t>(g.Wout - 2 * j0, 0, 2 * nj);
+                float* r = rows.data() + u * ld_in;
+                copy_run(yr < g.Hout ? gpp + ((b * g.Cout + co) * g.Hout + yr) * g.Wout + 2 * j0 : nullptr, r, n);
+                copy_run(nullptr, r + n, 2 * nj - n);
+                float* c = cols.data() + u * 4 * ld_t;
+                for (int64_t t = 0; t < nj; ++t) {
+                  const float e = r[2 * t], o = r[2 * t + 1];
+                  c[t] = e, c[ld_t + t] = e + o, c[2 * ld_t + t] = e - o, c[3 * ld_t + t] = o;
+                }
+              }
+              const int64_t ldp = 4 * g.Cout * ldk;  // point 4 p + a at + p ldp
+              for (int64_t a = 0; a < 4; ++a) {
+                const float* r0 = cols.data() + a * ld_t;
+                const float* r1 = cols.data() + (4 + a) * ld_t;
+                float* zp = z.data() + (a * g.Cout + co) * ldk + K + (i - i0) * nj;
+                for (int64_t t = 0; t < nj; t += VS) {
+                  const int64_t k = std::min(VS, nj - t);
+                  const fVec y0 = fVec::loadu(r0 + t, k), y1 = fVec::loadu(r1 + t, k);
+                  y0.store(zp + t, k);
+                  (y0 + y1).store(zp + ldp + t, k);
+                  (y0 - y1).store(zp + 2 * ldp + t, k);
+                  y1.store(zp + 3 * ldp + t, k);
+                }
               }
             }
-            for (int64_t a = 0; a < 4; ++a) {
-              const float* r0 = cols.data() + a * ld_t;
-              const float* r1 = cols.data() + (4 + a) * ld_t;
-              float* zp = z.data() + (a * g.Cout + co) * ld_z + (i - i0) * nj;  // point 4 p + a at + 4 p Cout ld_z
-              const int64_t ldp = 4 * g.Cout * ld_z;
-              for (int64_t t = 0; t < nj; t += VS) {
-                const int64_t k = std::min(VS, nj - t);
-                const fVec y0 = fVec::loadu(r0 + t, k), y1 = fVec::loadu(r1 + t, k);
-                y0.store(zp + t, k);
-                (y0 + y1).store(zp + ldp + t, k);
-                (y0 - y1).store(zp + 2 * ldp + t, k);
-                y1.store(zp + 3 * ldp + t, k);
-              }
-            }
-          }
+          K += ni * nj;
+        }
         for (int64_t P = 0; P < kPoints2; ++P) {
-          at::vec::transpose_mxn<float>(v.data() + P * g.Cin * kTiles, kTiles, vt.data(), ci_pad, g.Cin, nt);
-          cpu::small_gemm(g.Cout, ci_pad, nt, z.data() + P * g.Cout * ld_z, ld_z, 1, vt.data(), ci_pad,
-                     dch + P * g.Cout * ci_pad, ci_pad, 1.f, true);
+          at::vec::transpose_mxn<float>(v.data() + P * g.Cin * ldk, ldk, vt.data(), ci_pad, g.Cin, K);
+          cpu::small_gemm(g.Cout, ci_pad, K, z.data() + P * g.Cout * ldk, ldk, 1, vt.data(), ci_pad,
+                          dch + P * g.Cout * ci_pad, ci_pad, 1.f, true);
         }
       }
     }
   });
-  // dg = G^T (sum of the chunks' dU) G, in double
+  // the chunks' dU added in chunk order (in double, streaming), then dg = G^T dU G
+  std::vector<double> u(du_floats, 0.);
+  for (int64_t ch = 0; ch < chunks; ++ch)
+    for (int64_t i = 0; i < du_floats; ++i) u[i] += du[ch * du_floats + i];
   at::Tensor grad_w = at::empty({g.Cout, g.Cin, 3, 3}, x.options());
   float* dw = grad_w.data_ptr<float>();
   at::parallel_for(0, g.Cout, 1, [&](int64_t c0, int64_t c1) {
     for (int64_t co = c0; co < c1; ++co)
-      for (int64_t ci = 0; ci < g.Cin; ++ci) {
-        double u[kPoints2];
-        for (int64_t P = 0; P < kPoints2; ++P) {
-          double sum = 0.;
-          for (int64_t ch = 0; ch < chunks; ++ch) sum += du[ch * du_floats + (P * g.Cout + co) * ci_pad + ci];
-          u[P] = sum;
-        }
+      for (int64_t ci = 0; ci < g.Cin; ++ci)
         for (int64_t kh = 0; kh < 3; ++kh)
           for (int64_t kw = 0; kw < 3; ++kw) {
             double d = 0.;
-            for (int64_t P = 0; P < kPoints2; ++P) d += kWinogradG[P / 4][kh] * kWinogradG[P % 4][kw] * u[P];
+            for (int64_t P = 0; P < kPoints2; ++P)
+              d += kWinogradG[P / 4][kh] * kWinogradG[P % 4][kw] * u[(P * g.Cout + co) * ci_pad + ci];
             dw[((co * g.Cin + ci) * 3 + kh) * 3 + kw] = static_cast<float>(d);
           }
-      }
   });
   return grad_w;
 }

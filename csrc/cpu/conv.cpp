@@ -323,6 +323,50 @@ inline void winograd_input(const float* row, int64_t nt, float* v, int64_t ld) {
   }
 }
 
+// winograd_input on a padded row read in place: its element k is src[first + k] where
+// 0 <= first + k < n, else 0 (src == nullptr: a row of zeros). Lanes outside [0, n) are masked off
+// (not read), so the row needs no padded copy.
+inline void winograd_input_from(const float* src, int64_t first, int64_t n, int64_t nt, float* v, int64_t ld) {
+  if (src == nullptr) {
+    for (int64_t i = 0; i < 4; ++i) std::fill(v + i * ld, v + i * ld + nt, 0.f);
+    return;
+  }
+  auto at = [&](int64_t k) { const int64_t p = first + k; return p >= 0 && p < n ? src[p] : 0.f; };
+  int64_t t = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  auto load = [&](int64_t k) {  // padded elements k .. k + 15
+    const int64_t p = first + k;
+    if (p >= 0 && p + 16 <= n) return _mm512_loadu_ps(src + p);
+    const __m512i pos = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(p)), lane);
+    const __mmask16 m = _mm512_cmpge_epi32_mask(pos, _mm512_setzero_si512()) &
+                        _mm512_cmplt_epi32_mask(pos, _mm512_set1_epi32(static_cast<int32_t>(n)));
+    return _mm512_maskz_loadu_ps(m, src + p);
+  };
+  for (; t + 16 <= nt; t += 16) {
+    const __m512 lo = load(2 * t), hi = load(2 * t + 16);
+    const __m512 d0 = _mm512_permutex2var_ps(lo, even, hi), d1 = _mm512_permutex2var_ps(lo, odd, hi);
+    const __m512 d2 = _mm512_castsi512_ps(
+        _mm512_alignr_epi32(_mm512_castps_si512(_mm512_set1_ps(at(2 * t + 32))), _mm512_castps_si512(d0), 1));
+    const __m512 d3 = _mm512_castsi512_ps(
+        _mm512_alignr_epi32(_mm512_castps_si512(_mm512_set1_ps(at(2 * t + 33))), _mm512_castps_si512(d1), 1));
+    _mm512_storeu_ps(v + t, _mm512_sub_ps(d0, d2));
+    _mm512_storeu_ps(v + ld + t, _mm512_add_ps(d1, d2));
+    _mm512_storeu_ps(v + 2 * ld + t, _mm512_sub_ps(d2, d1));
+    _mm512_storeu_ps(v + 3 * ld + t, _mm512_sub_ps(d3, d1));
+  }
+#endif
+  for (; t < nt; ++t) {
+    const float d0 = at(2 * t), d1 = at(2 * t + 1), d2 = at(2 * t + 2), d3 = at(2 * t + 3);
+    v[t] = d0 - d2;
+    v[ld + t] = d1 + d2;
+    v[2 * ld + t] = d2 - d1;
+    v[3 * ld + t] = d3 - d1;
+  }
+}
+
 // out[2t], out[2t + 1] for the tiles t in [0, nt) from the points' products m[i * ld + t].
 inline void winograd_output(const float* m, int64_t ld, int64_t nt, float* out) {
   int64_t t = 0;
@@ -553,26 +597,18 @@ inline void winograd_combine_in(const float* d0p, const float* d1p, const float*
 
 // The input transform of a task's tiles (tile rows [i0, i0 + ni), tiles [j0, j0 + nj) of a row) for
 // channels [0, kn) of x (one image, from its channel k0 on): point P of channel c, tile (i - i0) nj + t
-// at v[P * ld_point + c * ld_v + (i - i0) nj + t]. in (2 nj + 2 + 2 kStep floats) and tr (16 ld_t) are
-// scratch: padded input row pr (columns [2 j0, 2 j0 + 2 nj + 2)) after the transform along the row
-// goes to slot pr % 4 of tr, since tile row i reads rows 2i .. 2i + 3 and the next one two of them again.
+// at v[P * ld_point + c * ld_v + (i - i0) nj + t]. tr (16 ld_t floats) is scratch: padded input row pr
+// (columns [2 j0, 2 j0 + 2 nj + 2), read in place) after the transform along the row goes to slot
+// pr % 4 of tr, since tile row i reads rows 2i .. 2i + 3 and the next one two of them again.
 inline void winograd2_input(const float* x, int64_t kn, const Grid2& g, int64_t i0, int64_t ni, int64_t j0,
-                            int64_t nj, float* v, int64_t ld_v, int64_t ld_point, float* in, float* tr, int64_t ld_t) {
-  const int64_t n_in = 2 * nj + 2, lo = std::clamp(g.pw - 2 * j0, int64_t{0}, n_in);
-  const int64_t hi = std::clamp(g.pw + g.W - 2 * j0, lo, n_in);
+                            int64_t nj, float* v, int64_t ld_v, int64_t ld_point, float* tr, int64_t ld_t) {
   for (int64_t c = 0; c < kn; ++c) {
     const float* xc = x + c * g.H * g.W;
     for (int64_t i = i0; i < i0 + ni; ++i) {
       for (int64_t pr = i == i0 ? 2 * i : 2 * i + 2; pr < 2 * i + 4; ++pr) {
         const int64_t sr = pr - g.ph;
-        if (sr < 0 || sr >= g.H) {
-          copy_run(nullptr, in, n_in);
-        } else {
-          copy_run(nullptr, in, lo);
-          copy_run(xc + sr * g.W + 2 * j0 + lo - g.pw, in + lo, hi - lo);
-          copy_run(nullptr, in + hi, n_in - hi);
-        }
-        winograd_input(in, nj, tr + pr % 4 * 4 * ld_t, ld_t);
+        winograd_input_from(sr >= 0 && sr < g.H ? xc + sr * g.W : nullptr, 2 * j0 - g.pw, g.W, nj,
+                            tr + pr % 4 * 4 * ld_t, ld_t);
       }
       auto row = [&](int64_t r, int64_t a) { return tr + ((2 * i + r) % 4 * 4 + a) * ld_t; };
       for (int64_t a = 0; a < 4; ++a)  // across the rows: point 4 p + a
@@ -597,10 +633,10 @@ void winograd2_fwd(const float* x, const float* up, const float* bias, const flo
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min(nthreads, tasks), 1, [&](int64_t, int64_t) {
     // v: a slice's transformed input [point][channel][tile]; m: the points' products [point][rows][kTiles];
-    // in: a padded input row; tr: four rows' column transforms [row slot][point][ld_t]; pts / orow: a tile
+    // tr: four rows' column transforms [row slot][point][ld_t]; pts / orow: a tile
     // row's outputs after the transform across rows [output row][point][ld_t], and after the one across
     // columns (two output rows)
-    std::vector<float> v(kPoints2 * kc * ld_v), m(kPoints2 * rows * kTiles), in(ld_in), tr(16 * ld_t);
+    std::vector<float> v(kPoints2 * kc * ld_v), m(kPoints2 * rows * kTiles), tr(16 * ld_t);
     std::vector<float> pts(8 * ld_t), orow(2 * ld_in);
     for (int64_t task; (task = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
       const int64_t grp = task % groups, seg = task / groups % g.segs, rb = task / (groups * g.segs) % g.rbs;
@@ -610,7 +646,7 @@ void winograd2_fwd(const float* x, const float* up, const float* bias, const flo
       const int64_t mb0 = grp * per_group, mb1 = std::min(blocks, mb0 + per_group);
       for (int64_t k0 = 0; k0 < g.Cin; k0 += kc) {
         const int64_t kn = std::min(kc, g.Cin - k0);
-        winograd2_input(x + (b * g.Cin + k0) * g.H * g.W, kn, g, i0, ni, j0, nj, v.data(), ld_v, kc * ld_v, in.data(),
+        winograd2_input(x + (b * g.Cin + k0) * g.H * g.W, kn, g, i0, ni, j0, nj, v.data(), ld_v, kc * ld_v,
                         tr.data(), ld_t);
         for (int64_t P = 0; P < kPoints2; ++P)
           for (int64_t mb = mb0; mb < mb1; ++mb) {
@@ -710,7 +746,7 @@ at::Tensor winograd2_grad_weight(const at::Tensor& gp, const at::Tensor& x, cons
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), chunks), 1, [&](int64_t, int64_t) {
     // v: V [point][C_in][ldk]; vt: V_P transposed [ldk][ci_pad]; z: Z [point][C_out][ldk]
     std::vector<float> v(kPoints2 * g.Cin * ldk), vt(ldk * ci_pad, 0.f), z(kPoints2 * g.Cout * ldk);
-    std::vector<float> in(ld_in), tr(16 * ld_t), rows(2 * ld_in), cols(8 * ld_t);
+    std::vector<float> tr(16 * ld_t), rows(2 * ld_in), cols(8 * ld_t);
     for (int64_t ch; (ch = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
       float* dch = du.data() + ch * du_floats;
       std::fill(dch, dch + du_floats, 0.f);
@@ -721,7 +757,7 @@ at::Tensor winograd2_grad_weight(const at::Tensor& gp, const at::Tensor& x, cons
           const int64_t b = task / per_image, rb = task % per_image / g.segs, seg = task % g.segs;
           const int64_t i0 = rb * g.R, ni = std::min(g.R, g.th - i0), j0 = seg * g.J, nj = std::min(g.J, g.tw - j0);
           winograd2_input(xp + b * g.Cin * g.H * g.W, g.Cin, g, i0, ni, j0, nj, v.data() + K, ldk, g.Cin * ldk,
-                          in.data(), tr.data(), ld_t);
+                          tr.data(), ld_t);
           // Z: per output channel and tile row, the gradient's rows 2i, 2i + 1 (zero past the output)
           // along the columns (gy0, gy0 + gy1, gy0 - gy1, gy1), then the same across the two rows
           for (int64_t co = 0; co < g.Cout; ++co)

@@ -398,25 +398,35 @@ at::Tensor pack_winograd_weight(const at::Tensor& weight) {
   const at::Tensor w = weight.contiguous();
   const bool two_d = w.dim() == 4;
   const int64_t Cout = w.size(0), Cin = w.size(1), blocks = (Cout + kMR - 1) / kMR;
-  const int64_t points = two_d ? 16 : 4, taps = two_d ? 9 : 3, rows_of_taps = two_d ? 3 : 1;
+  const int64_t points = two_d ? 16 : 4, taps = two_d ? 9 : 3;
   at::Tensor packed = at::empty({blocks * points * Cin * kMR}, w.options());
   const float* src = w.const_data_ptr<float>();
   float* dst = packed.data_ptr<float>();
+  // Separably (G along the rows of taps, then along the columns), the kMR rows of a block side by side
+  // in the innermost loops (vectorized): 256 x 256 x 3 x 3 took ~1.5 ms a call as 144 scalar
+  // multiply-adds per channel pair.
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    double g[9][kMR], t[4][3][kMR], u[kMR];
     for (int64_t mb = b0; mb < b1; ++mb)
-      for (int64_t ci = 0; ci < Cin; ++ci)
+      for (int64_t ci = 0; ci < Cin; ++ci) {
         for (int64_t r = 0; r < kMR; ++r) {
           const int64_t row = mb * kMR + r;
-          const float* g = row < Cout ? src + (row * Cin + ci) * taps : nullptr;
-          for (int64_t P = 0; P < points; ++P) {
-            const int64_t p = P / 4, a = P % 4;
-            double u = 0.;
-            for (int64_t kh = 0; g && kh < rows_of_taps; ++kh)
-              for (int64_t kw = 0; kw < 3; ++kw)
-                u += (two_d ? kWinogradG[p][kh] : 1.) * kWinogradG[a][kw] * g[kh * 3 + kw];
-            dst[((mb * points + P) * Cin + ci) * kMR + r] = static_cast<float>(u);
-          }
+          for (int64_t k = 0; k < taps; ++k) g[k][r] = row < Cout ? src[(row * Cin + ci) * taps + k] : 0.;
         }
+        for (int64_t p = 0; p < (two_d ? 4 : 1); ++p)  // t[p][kw] = sum over kh of G[p][kh] g[kh][kw]
+          for (int64_t kw = 0; kw < 3; ++kw)
+            for (int64_t r = 0; r < kMR; ++r)
+              t[p][kw][r] = two_d ? kWinogradG[p][0] * g[kw][r] + kWinogradG[p][1] * g[3 + kw][r] +
+                                        kWinogradG[p][2] * g[6 + kw][r]
+                                  : g[kw][r];
+        for (int64_t P = 0; P < points; ++P) {
+          const int64_t p = P / 4, a = P % 4;
+          for (int64_t r = 0; r < kMR; ++r)
+            u[r] = kWinogradG[a][0] * t[p][0][r] + kWinogradG[a][1] * t[p][1][r] + kWinogradG[a][2] * t[p][2][r];
+          float* d = dst + ((mb * points + P) * Cin + ci) * kMR;
+          for (int64_t r = 0; r < kMR; ++r) d[r] = static_cast<float>(u[r]);
+        }
+      }
   });
   return packed;
 }

@@ -741,6 +741,35 @@ std::vector<at::Tensor> winograd2_conv(const at::Tensor& x, const at::Tensor& w,
 // Each task is the forward's (image, block of tiles); tasks are cut into kChunks chunks in order, each
 // chunk sums its tasks into its own dU, and the chunks are added in chunk order at the end: the result
 // does not depend on which thread took which chunk, nor on the number of threads.
+// A^T's transpose along a row of the gradient: for the tiles t in [0, nt), (gy0, gy0 + gy1, gy0 - gy1,
+// gy1) of its outputs gy0 = row[2t], gy1 = row[2t + 1] to c + i * ld; the row's element k is src[k]
+// for k < n, else 0 (src == nullptr: zeros), read in place (masked loads).
+inline void winograd_grad_cols(const float* src, int64_t n, int64_t nt, float* c, int64_t ld) {
+  if (src == nullptr) n = 0;
+  int64_t t = 0;
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512i even = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+  const __m512i odd = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+  auto load = [&](int64_t k) {  // elements k .. k + 15
+    if (k + 16 <= n) return _mm512_loadu_ps(src + k);
+    const int64_t m = std::clamp<int64_t>(n - k, 0, 16);
+    return _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << m) - 1), m > 0 ? src + k : src);
+  };
+  for (; t + 16 <= nt; t += 16) {
+    const __m512 lo = load(2 * t), hi = load(2 * t + 16);
+    const __m512 e = _mm512_permutex2var_ps(lo, even, hi), o = _mm512_permutex2var_ps(lo, odd, hi);
+    _mm512_storeu_ps(c + t, e);
+    _mm512_storeu_ps(c + ld + t, _mm512_add_ps(e, o));
+    _mm512_storeu_ps(c + 2 * ld + t, _mm512_sub_ps(e, o));
+    _mm512_storeu_ps(c + 3 * ld + t, o);
+  }
+#endif
+  for (; t < nt; ++t) {
+    const float e = 2 * t < n ? src[2 * t] : 0.f, o = 2 * t + 1 < n ? src[2 * t + 1] : 0.f;
+    c[t] = e, c[ld + t] = e + o, c[2 * ld + t] = e - o, c[3 * ld + t] = o;
+  }
+}
+
 at::Tensor winograd2_grad_weight(const at::Tensor& gp, const at::Tensor& x, const Grid2& g) {
   // kBatch tasks' tiles make one GEMM's reduction (up to 256 deep: with a task's 64 alone, C = dU_P
   // was loaded and stored for every 64 products, 3x slower at 256 channels)
@@ -749,14 +778,14 @@ at::Tensor winograd2_grad_weight(const at::Tensor& gp, const at::Tensor& x, cons
   const int64_t per_image = g.rbs * g.segs, tasks = g.B * per_image, chunks = std::min(kChunks, tasks);
   const int64_t du_floats = kPoints2 * g.Cout * ci_pad;
   std::vector<float> du(chunks * du_floats);
-  const int64_t ld_t = (g.J + 15) / 16 * 16, ld_in = 2 * g.J + 2 + 2 * kStep;
+  const int64_t ld_t = (g.J + 15) / 16 * 16;
   const float* xp = x.const_data_ptr<float>();
   const float* gpp = gp.const_data_ptr<float>();
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), chunks), 1, [&](int64_t, int64_t) {
     // v: V [point][C_in][ldk]; vt: V_P transposed [ldk][ci_pad]; z: Z [point][C_out][ldk]
     std::vector<float> v(kPoints2 * g.Cin * ldk), vt(ldk * ci_pad, 0.f), z(kPoints2 * g.Cout * ldk);
-    std::vector<float> tr(16 * ld_t), rows(2 * ld_in), cols(8 * ld_t);
+    std::vector<float> tr(16 * ld_t), cols(8 * ld_t);
     for (int64_t ch; (ch = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
       float* dch = du.data() + ch * du_floats;
       std::fill(dch, dch + du_floats, 0.f);
@@ -774,14 +803,8 @@ at::Tensor winograd2_grad_weight(const at::Tensor& gp, const at::Tensor& x, cons
             for (int64_t i = i0; i < i0 + ni; ++i) {
               for (int64_t u = 0; u < 2; ++u) {
                 const int64_t yr = 2 * i + u, n = std::clamp<int64_t>(g.Wout - 2 * j0, 0, 2 * nj);
-                float* r = rows.data() + u * ld_in;
-                copy_run(yr < g.Hout ? gpp + ((b * g.Cout + co) * g.Hout + yr) * g.Wout + 2 * j0 : nullptr, r, n);
-                copy_run(nullptr, r + n, 2 * nj - n);
-                float* c = cols.data() + u * 4 * ld_t;
-                for (int64_t t = 0; t < nj; ++t) {
-                  const float e = r[2 * t], o = r[2 * t + 1];
-                  c[t] = e, c[ld_t + t] = e + o, c[2 * ld_t + t] = e - o, c[3 * ld_t + t] = o;
-                }
+                winograd_grad_cols(yr < g.Hout ? gpp + ((b * g.Cout + co) * g.Hout + yr) * g.Wout + 2 * j0 : nullptr, n,
+                                   nj, cols.data() + u * 4 * ld_t, ld_t);
               }
               const int64_t ldp = 4 * g.Cout * ldk;  // point 4 p + a at + p ldp
               for (int64_t a = 0; a < 4; ++a) {

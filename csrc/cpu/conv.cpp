@@ -402,6 +402,24 @@ at::Tensor pack_winograd_weight(const at::Tensor& weight) {
   return packed;
 }
 
+// The points' GEMMs for one slice of kn input channels [k0, k0 + kn): m[P][rows][kTiles] (+)= U_P's rows
+// of blocks [mb0, mb1) times V_P (point P's slice at v + P * ld_point, rows ld_v apart), over `panels`
+// panels of tiles; the slices' sums are added (k0 > 0). U as pack_winograd_weight packs it.
+inline void winograd_point_gemms(int64_t points, const float* up, int64_t a_point, int64_t k0, int64_t kn, int64_t mb0,
+                                 int64_t mb1, const float* v, int64_t ld_point, int64_t ld_v, int64_t panels, float* m,
+                                 int64_t rows) {
+  const int64_t zero_shift = 0;
+  for (int64_t P = 0; P < points; ++P)
+    for (int64_t mb = mb0; mb < mb1; ++mb) {
+      const float* a = up + (mb * points + P) * a_point + k0 * kMR;
+      if (mb + 1 < mb1)  // the next block's slice of U (see implicit_gemm_fwd)
+        for (int64_t f = 0; f < kn * kMR; f += 64 / sizeof(float)) __builtin_prefetch(a + points * a_point + f);
+      for (int64_t p = 0; p < panels; ++p)
+        tap_tile(1, &zero_shift, kn, a, 0, v + P * ld_point + p * kPanel, ld_v,
+                 m + (P * rows + mb * kMR) * kTiles + p * kPanel, kTiles, k0 > 0);
+    }
+}
+
 template <int A>
 void winograd_fwd(const float* x, const float* up, const float* bias, const float* res, float* out, float* pre,
                   const Grid& g) {
@@ -415,7 +433,6 @@ void winograd_fwd(const float* x, const float* up, const float* bias, const floa
   // V [point][C_in][ld_v]: an odd number of cache lines per row (see implicit_gemm_fwd)
   int64_t ld_v = (kTiles + 15) / 16 * 16;
   if ((ld_v / 16) % 2 == 0) ld_v += 16;
-  const int64_t zero_shift = 0;
   const TaskPlan plan(g, blocks);
   std::atomic<int64_t> next{0};
   at::parallel_for(0, plan.threads, 1, [&](int64_t, int64_t) {
@@ -442,15 +459,8 @@ void winograd_fwd(const float* x, const float* up, const float* bias, const floa
       }
       for (int64_t k0 = 0; k0 < g.Cin; k0 += kc) {
         const int64_t kn = std::min(kc, g.Cin - k0);
-        for (int64_t i = 0; i < kPoints; ++i)
-          for (int64_t mb = mb0; mb < mb1; ++mb) {
-            const float* a = up + (mb * kPoints + i) * a_point + k0 * kMR;
-            if (mb + 1 < mb1)  // the next block's slice of U (see implicit_gemm_fwd)
-              for (int64_t f = 0; f < kn * kMR; f += 64 / sizeof(float)) __builtin_prefetch(a + kPoints * a_point + f);
-            for (int64_t p = 0; p < panels; ++p)
-              tap_tile(1, &zero_shift, kn, a, 0, v.data() + (i * g.Cin + k0) * ld_v + p * kPanel, ld_v,
-                       m.data() + (i * rows + mb * kMR) * kTiles + p * kPanel, kTiles, k0 > 0);
-          }
+        winograd_point_gemms(kPoints, up, a_point, k0, kn, mb0, mb1, v.data() + k0 * ld_v, g.Cin * ld_v, ld_v, panels,
+                             m.data(), rows);
       }
       for (int64_t co = mb0 * kMR; co < std::min(g.Cout, mb1 * kMR); ++co) {
         winograd_output(m.data() + co * kTiles, rows * kTiles, nt, row.data());
@@ -608,7 +618,7 @@ void winograd2_fwd(const float* x, const float* up, const float* bias, const flo
   int64_t ld_v = (kTiles + 15) / 16 * 16;  // an odd number of cache lines per row (see implicit_gemm_fwd)
   if ((ld_v / 16) % 2 == 0) ld_v += 16;
   const int64_t ld_t = (g.J + 15) / 16 * 16, ld_in = 2 * g.J + 2 + 2 * fVec::size();
-  const int64_t zero_shift = 0, spatial = g.Hout * g.Wout;
+  const int64_t spatial = g.Hout * g.Wout;
   const int64_t base = g.B * g.rbs * g.segs, nthreads = at::get_num_threads();
   const int64_t groups = std::clamp<int64_t>((4 * nthreads + base - 1) / base, 1, blocks);
   const int64_t per_group = (blocks + groups - 1) / groups, tasks = base * groups;
@@ -630,15 +640,8 @@ void winograd2_fwd(const float* x, const float* up, const float* bias, const flo
         const int64_t kn = std::min(kc, g.Cin - k0);
         winograd2_input(x + (b * g.Cin + k0) * g.H * g.W, kn, g, i0, ni, j0, nj, v.data(), ld_v, kc * ld_v,
                         tr.data(), ld_t);
-        for (int64_t P = 0; P < kPoints2; ++P)
-          for (int64_t mb = mb0; mb < mb1; ++mb) {
-            const float* a = up + (mb * kPoints2 + P) * a_point + k0 * kMR;
-            if (mb + 1 < mb1)  // the next block's slice of U (see implicit_gemm_fwd)
-              for (int64_t f = 0; f < kn * kMR; f += 64 / sizeof(float)) __builtin_prefetch(a + kPoints2 * a_point + f);
-            for (int64_t p = 0; p < panels; ++p)
-              tap_tile(1, &zero_shift, kn, a, 0, v.data() + P * kc * ld_v + p * kPanel, ld_v,
-                       m.data() + (P * rows + mb * kMR) * kTiles + p * kPanel, kTiles, k0 > 0);
-          }
+        winograd_point_gemms(kPoints2, up, a_point, k0, kn, mb0, mb1, v.data(), kc * ld_v, ld_v, panels, m.data(),
+                             rows);
       }
       constexpr int64_t VS = fVec::size();
       for (int64_t co = mb0 * kMR; co < std::min(g.Cout, mb1 * kMR); ++co) {

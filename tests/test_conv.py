@@ -145,6 +145,22 @@ def test_cpu_winograd_conv2d_grad_weight_is_deterministic():
     assert torch.equal(grads[0], grads[1]) and torch.equal(grads[0], grads[2])
 
 
+@pytest.mark.parametrize("xs,ws", [((0, 64, 32, 32), (64, 64, 3, 3)), ((0, 256, 300), (256, 256, 3)),
+                                   ((0, 64, 300), (64, 64, 5)), ((2, 0, 300), (8, 0, 3))])
+def test_cpu_empty_inputs(xs, ws):
+    """An empty batch (or no input channels) gives torch's result and gradients, not a crash: the
+    project's engines plan no tasks for it, so ATen's convolution takes it."""
+    assert _C.conv_cpu_path(torch.empty(xs), torch.empty(ws), [1] * (len(xs) - 2), [1] * (len(xs) - 2),
+                            [1] * (len(xs) - 2), 1) == "aten"
+    x, w, b = torch.randn(xs, requires_grad=True), torch.randn(ws, requires_grad=True), torch.randn(ws[0])
+    conv, fused = (F.conv1d, ops.conv1d) if len(xs) == 3 else (F.conv2d, ops.conv2d)
+    y = fused(x, w, b, 1, 1, activation="gelu", backend="cpu")
+    ref = F.gelu(conv(x, w, b, padding=1))
+    torch.testing.assert_close(y, ref)
+    (y.sum() + 0 * y.numel()).backward()
+    assert w.grad is not None and torch.equal(w.grad, torch.zeros_like(w)) and x.grad.shape == x.shape
+
+
 def test_cpu_winograd_conv2d_rule():
     """Where the 2-D Winograd measured slower than oneDNN it is not taken (see winograd2_applies)."""
     assert _path((1, 56, 12, 32), (48, 56, 3, 3), 1, 1, 1, 1) == "winograd"  # grad_x of WINOGRAD2[-1]

@@ -99,7 +99,7 @@ struct Rows {
   T* base;
   int64_t sb, sh, sl;
   Rows(const at::Tensor& t) : base(static_cast<T*>(t.data_ptr())), sb(t.stride(0)), sh(t.stride(1)), sl(t.stride(2)) {
-    TORCH_CHECK(t.stride(3) == 1, "attention: the last dimension of every operand must be contiguous");
+    TORCH_CHECK(t.numel() == 0 || t.stride(3) == 1, "attention: the last dimension of every operand must be contiguous");
   }
   Rows(T* base_, int64_t sb_, int64_t sh_, int64_t sl_) : base(base_), sb(sb_), sh(sh_), sl(sl_) {}
   T* row(int64_t b, int64_t h, int64_t l) const { return base + b * sb + h * sh + l * sl; }

@@ -480,6 +480,7 @@ bool winograd_applies(const at::Tensor& w, const std::vector<int64_t>& dilation)
 bool implicit_gemm_applies(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& stride,
                            const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation, int64_t groups) {
   if (x.dim() != 3 || x.scalar_type() != at::kFloat || groups != 1 || stride[0] != 1) return false;
+  if (x.size(0) == 0 || x.size(1) == 0 || w.size(0) == 0) return false;  // empty: ATen's (no tasks to plan)
   return make_grid(x, w, padding, dilation).Lout >= kTaskCols;
 }
 
@@ -683,7 +684,7 @@ void winograd2_fwd(const float* x, const float* up, const float* bias, const flo
 bool winograd2_applies(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& stride,
                        const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation, int64_t groups) {
   if (x.dim() != 4 || x.scalar_type() != at::kFloat || groups != 1 || w.size(2) != 3 || w.size(3) != 3) return false;
-  if (stride[0] != 1 || stride[1] != 1 || dilation[0] != 1 || dilation[1] != 1) return false;
+  if (stride[0] != 1 || stride[1] != 1 || dilation[0] != 1 || dilation[1] != 1 || x.size(0) == 0) return false;
   if (x.size(1) < 48 || x.size(1) > 256 || w.size(0) > 256) return false;
   const Grid2 g = make_grid2(x, w, padding);
   const int64_t lanes = (g.J + 15) / 16 * 16;

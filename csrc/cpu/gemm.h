@@ -357,6 +357,12 @@ template <typename T, typename Out>
 void packed_gemm(int64_t M, int64_t N, int64_t K, Strided<T> A, Strided<T> B, const T* bias, Out* C, int64_t ldc) {
   using gemm_detail::kPanel;
   using gemm_detail::kRows;
+  if (M == 0 || N == 0) return;  // (an empty batch: nothing to plan tasks for)
+  if (K == 0) {                  // an empty sum: C = bias, or 0 (the weight gradient of an empty batch)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) C[m * ldc + n] = static_cast<Out>(bias ? static_cast<float>(bias[n]) : 0.f);
+    return;
+  }
   if constexpr (std::is_same_v<T, c10::BFloat16>) {
     if (bf16_dot()) return packed_gemm_bf16(M, N, K, A, B, bias, C, ldc);
   }

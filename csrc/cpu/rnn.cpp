@@ -660,7 +660,7 @@ std::vector<at::Tensor> rnn_bwd_cpu(const at::Tensor& grad_out, const at::Tensor
   // dW_hh = dG^T [GH, TB] H_prev [TB, S] and dW_hr = dh^T [P, TB] M [TB, H]
   const int64_t TB = sh.T * sh.B;
   at::Tensor h_prev = cpu::states_before_each_step(workspace.narrow(2, sh.off_state, sh.S), h0, reverse);
-  at::Tensor d_w_hh = cpu::gemm_tn(d_hlin.view({TB, -1}), h_prev).to(w_hh.scalar_type());
+  at::Tensor d_w_hh = cpu::gemm_tn(d_hlin.view({TB, sh.G * sh.H}), h_prev).to(w_hh.scalar_type());
   // the steps' sums, added in step order
   at::Tensor d_b_hh = b_hh.has_value() ? cpu::reduce_partials(db_steps, sh.G * sh.H, b_hh->scalar_type())
                                        : at::empty({0}, xw.options());

@@ -1,0 +1,46 @@
+"""Empty batches through the CPU kernels: torch's shapes, values and (zero) gradients, never a crash.
+
+A batch of zero rows used to reach task planners that divide by the number of row blocks (the packed
+GEMM behind ops.linear's backward and the RNN layers' weight gradients: SIGFPE), and a view of zero
+elements with a -1 size. conv1d / conv2d are covered in test_conv.py (test_cpu_empty_inputs).
+"""
+import pytest
+import torch
+
+from bignlp_fast import ops
+from bignlp_fast.nn import GRU, LSTM
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_linear_zero_rows(dtype):
+    x = torch.randn(0, 512, dtype=dtype, requires_grad=True)
+    w = torch.randn(256, 512, dtype=dtype, requires_grad=True)
+    b = torch.randn(256, dtype=dtype, requires_grad=True)
+    y = ops.linear(x, w, b, backend="cpu")
+    torch.testing.assert_close(y, torch.nn.functional.linear(x, w, b))
+    y.sum().backward()
+    assert x.grad.shape == x.shape and torch.equal(w.grad, torch.zeros_like(w)) and torch.equal(b.grad, torch.zeros_like(b))
+
+
+@pytest.mark.parametrize("cls,ref", [(LSTM, torch.nn.LSTM), (GRU, torch.nn.GRU)])
+def test_rnn_zero_batch(cls, ref):
+    ours, theirs = cls(16, 12, num_layers=2, bidirectional=True), ref(16, 12, num_layers=2, bidirectional=True)
+    ours.load_state_dict(theirs.state_dict())
+    x = torch.randn(5, 0, 16, requires_grad=True)
+    y, state = ours(x)
+    y_ref, state_ref = theirs(x)
+    assert y.shape == y_ref.shape
+    for a, c in zip(state if isinstance(state, tuple) else [state], state_ref if isinstance(state_ref, tuple) else [state_ref]):
+        assert a.shape == c.shape
+    y.sum().backward()
+    assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in ours.parameters())
+
+
+@pytest.mark.parametrize("shape_q,shape_k", [((0, 2, 16, 32), (0, 2, 16, 32)), ((2, 2, 0, 32), (2, 2, 5, 32))])
+def test_attention_empty(shape_q, shape_k):
+    q = torch.randn(shape_q, requires_grad=True)
+    k, v = torch.randn(shape_k, requires_grad=True), torch.randn(shape_k, requires_grad=True)
+    y = ops.scaled_dot_product_attention(q, k, v, backend="cpu")
+    torch.testing.assert_close(y, torch.nn.functional.scaled_dot_product_attention(q, k, v))
+    y.sum().backward()
+    assert q.grad.shape == q.shape and torch.equal(k.grad, torch.zeros_like(k)) and torch.equal(v.grad, torch.zeros_like(v))

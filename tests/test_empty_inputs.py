@@ -2,7 +2,8 @@
 
 A batch of zero rows used to reach task planners that divide by the number of row blocks (the packed
 GEMM behind ops.linear's backward and the RNN layers' weight gradients: SIGFPE), and a view of zero
-elements with a -1 size. conv1d / conv2d are covered in test_conv.py (test_cpu_empty_inputs).
+elements with a -1 size. conv1d / conv2d are covered in test_conv.py (test_cpu_empty_inputs). The
+distillation loss, a mean over rows, refuses an empty batch with a clear error (torch's gives NaN).
 """
 import pytest
 import torch
@@ -44,3 +45,9 @@ def test_attention_empty(shape_q, shape_k):
     torch.testing.assert_close(y, torch.nn.functional.scaled_dot_product_attention(q, k, v))
     y.sum().backward()
     assert q.grad.shape == q.shape and torch.equal(k.grad, torch.zeros_like(k)) and torch.equal(v.grad, torch.zeros_like(v))
+
+
+def test_distillation_loss_empty_is_a_clear_error():
+    s, t = torch.randn(0, 50, requires_grad=True), torch.randn(0, 50)
+    with pytest.raises(ValueError, match="empty logits"):
+        ops.distillation_loss(s, t, torch.zeros(0, dtype=torch.long), backend="cpu")

@@ -117,6 +117,8 @@ def distillation_loss(student_logits: Tensor, teacher_logits: Tensor, labels: Op
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"{op}: alpha must lie in [0, 1], got {alpha}")
     V = student_logits.shape[-1]
+    if student_logits.numel() == 0:  # torch's mean over no rows is NaN; say so instead
+        raise ValueError(f"{op}: empty logits {tuple(student_logits.shape)}; the loss is a mean over rows")
     student, teacher = student_logits.reshape(-1, V), teacher_logits.reshape(-1, V)
     if labels is not None:
         if labels.dtype not in (torch.int32, torch.int64) or labels.shape != student_logits.shape[:-1]:

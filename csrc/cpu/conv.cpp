@@ -139,28 +139,45 @@ Grid make_grid(const at::Tensor& x, const at::Tensor& w, const std::vector<int64
 
 constexpr int64_t kTaskCols = 4 * kPanel;
 
-// The tasks of a forward pass: (sequence, run of kTaskCols output positions, group of row blocks of
-// output channels), claimed by the threads from a shared counter. Few runs (short sequences, small
-// batches): the output channels are split into groups too, so that every thread has several tasks to
-// claim (each group packs the run's input again: cheap).
-struct TaskPlan {
-  int64_t runs, groups, per_group, blocks, tasks, threads, Lout;
-  TaskPlan(const Grid& g, int64_t row_blocks) : blocks(row_blocks), Lout(g.Lout) {
-    runs = (g.Lout + kTaskCols - 1) / kTaskCols;
+// The tasks of a forward pass: (piece of the output's positions, group of row blocks of output
+// channels), claimed by the threads from a shared counter. Few pieces (short sequences, small images,
+// small batches): the output channels are split into groups too, so that every thread has several
+// tasks to claim (each group transforms or packs the piece's input again: cheap).
+struct TaskSplit {
+  int64_t groups, per_group, blocks, tasks, threads;
+  TaskSplit(int64_t pieces, int64_t row_blocks) : blocks(row_blocks) {
     const int64_t nthreads = at::get_num_threads();
-    groups = std::clamp<int64_t>((4 * nthreads + g.B * runs - 1) / (g.B * runs), 1, blocks);
+    groups = std::clamp<int64_t>((4 * nthreads + pieces - 1) / std::max<int64_t>(pieces, 1), 1, blocks);
     per_group = (blocks + groups - 1) / groups;
-    tasks = g.B * runs * groups;
+    tasks = pieces * groups;
     threads = std::min<int64_t>(nthreads, tasks);
   }
+  int64_t piece(int64_t t) const { return t / groups; }
+  int64_t mb0(int64_t t) const { return t % groups * per_group; }
+  int64_t mb1(int64_t t) const { return std::min(blocks, mb0(t) + per_group); }
+};
+
+// conv1d's: the pieces are (sequence, run of kTaskCols output positions).
+struct TaskPlan : TaskSplit {
+  int64_t runs, Lout;
+  TaskPlan(const Grid& g, int64_t row_blocks)
+      : TaskSplit(g.B * ((g.Lout + kTaskCols - 1) / kTaskCols), row_blocks),
+        runs((g.Lout + kTaskCols - 1) / kTaskCols), Lout(g.Lout) {}
   struct Task {
     int64_t b, q0, nq, mb0, mb1;  // sequence, first output position and their count, row blocks [mb0, mb1)
   };
   Task task(int64_t t) const {
-    const int64_t q0 = t / groups % runs * kTaskCols, mb0 = t % groups * per_group;
-    return {t / (runs * groups), q0, std::min(kTaskCols, Lout - q0), mb0, std::min(blocks, mb0 + per_group)};
+    const int64_t q0 = piece(t) % runs * kTaskCols;
+    return {piece(t) / runs, q0, std::min(kTaskCols, Lout - q0), mb0(t), mb1(t)};
   }
 };
+
+// A row stride of at least n floats with an odd number of cache lines, so that the rows of a GEMM
+// panel spread over the L1's sets.
+inline int64_t odd_line_stride(int64_t n) {
+  const int64_t ld = (n + 15) / 16 * 16;
+  return (ld / 16) % 2 == 0 ? ld + 16 : ld;
+}
 
 // One output channel's run of nq positions from its convolution v: pre (when saved) = v, and
 // out = act(v + bias) (+ res), at offset o of both.
@@ -181,21 +198,23 @@ inline void copy_run(const float* src, float* dst, int64_t n) {
   }
 }
 
+// dst[j] = padded input position q0 + j of one channel xc of a sequence, j in [0, n): 0 in the padding.
+// x comes from memory, read once by columns of all channels: the same range of the channel kAhead on
+// is prefetched (without it the loads' latency was 15% of the time, measured on the 2-D form).
+constexpr int64_t kAhead = 4;
+inline void padded_run(const float* xc, const Grid& g, int64_t q0, int64_t n, float* dst, bool prefetch_ahead) {
+  const int64_t lo = std::clamp(g.pad - q0, int64_t{0}, n), hi = std::clamp(g.pad + g.L - q0, lo, n);
+  const float* src = xc + q0 + lo - g.pad;
+  if (prefetch_ahead)
+    for (int64_t f = 0; f < hi - lo; f += 64 / sizeof(float)) __builtin_prefetch(src + kAhead * g.L + f);
+  copy_run(nullptr, dst, lo);
+  copy_run(src, dst + lo, hi - lo);
+  copy_run(nullptr, dst + hi, n - hi);
+}
+
 // dst[c, j] = padded input position q0 + j of channel c of sequence xb, j in [0, n): 0 in the padding.
 void pack_columns(const float* xb, const Grid& g, int64_t q0, int64_t n, float* dst, int64_t ldb) {
-  // x comes from memory (read once, by columns of all channels): the range of the channel kAhead on
-  // is prefetched (without it the loads' latency was 15% of the time, measured on the 2-D form).
-  constexpr int64_t kAhead = 4;
-  const int64_t lo = std::clamp(g.pad - q0, int64_t{0}, n), hi = std::clamp(g.pad + g.L - q0, lo, n);
-  for (int64_t c = 0; c < g.Cin; ++c) {
-    const float* src = xb + c * g.L + q0 + lo - g.pad;
-    if (c + kAhead < g.Cin)
-      for (int64_t f = 0; f < hi - lo; f += 64 / sizeof(float)) __builtin_prefetch(src + kAhead * g.L + f);
-    float* d = dst + c * ldb;
-    copy_run(nullptr, d, lo);
-    copy_run(src, d + lo, hi - lo);
-    copy_run(nullptr, d + hi, n - hi);
-  }
+  for (int64_t c = 0; c < g.Cin; ++c) padded_run(xb + c * g.L, g, q0, n, dst + c * ldb, c + kAhead < g.Cin);
 }
 
 // c[kMR, kPanel] (row stride ldc) (+)= sum over taps s and channels k < kc of a[s * a_tap + k * kMR + r] *
@@ -237,9 +256,7 @@ void implicit_gemm_fwd(const float* x, const float* wp, const float* bias, const
   // added to the other slices' (float64 error on par with oneDNN's; a single sum over 768 products
   // was 3-4x oneDNN's), and the slice's input columns within ~32 KiB of L1.
   const int64_t kc = std::clamp<int64_t>((32 << 10) / (g.touched * int64_t{sizeof(float)}), 8, 32);
-  // An odd number of cache lines per buffer row, so that a panel's rows spread over the L1's sets.
-  int64_t ldb = (kTaskCols + max_shift + 15) / 16 * 16;
-  if ((ldb / 16) % 2 == 0) ldb += 16;
+  const int64_t ldb = odd_line_stride(kTaskCols + max_shift);
   const TaskPlan plan(g, blocks);
   std::atomic<int64_t> next{0};
   at::parallel_for(0, plan.threads, 1, [&](int64_t, int64_t) {
@@ -430,9 +447,7 @@ void winograd_fwd(const float* x, const float* up, const float* bias, const floa
   // oneDNN's 2.2e-7). A slice of V, 64 channels x kTiles, is 16 KiB: it stays in L1 while every row
   // block of U passes over it.
   constexpr int64_t kc = 64;
-  // V [point][C_in][ld_v]: an odd number of cache lines per row (see implicit_gemm_fwd)
-  int64_t ld_v = (kTiles + 15) / 16 * 16;
-  if ((ld_v / 16) % 2 == 0) ld_v += 16;
+  const int64_t ld_v = odd_line_stride(kTiles);  // V [point][C_in][ld_v]
   const TaskPlan plan(g, blocks);
   std::atomic<int64_t> next{0};
   at::parallel_for(0, plan.threads, 1, [&](int64_t, int64_t) {
@@ -442,20 +457,12 @@ void winograd_fwd(const float* x, const float* up, const float* bias, const floa
     for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < plan.tasks;) {
       const auto [b, q0, nq, mb0, mb1] = plan.task(t);
       const int64_t nt = (nq + 1) / 2, panels = (nt + kPanel - 1) / kPanel;
-      const float* xb = x + b * g.Cin * g.L;
-      // the padded input positions [q0, q0 + 2 nt + 2), one channel at a time (prefetched kAhead on)
-      constexpr int64_t kAhead = 4;
-      const int64_t n_in = 2 * nt + 2, lo = std::clamp(g.pad - q0, int64_t{0}, n_in);
-      const int64_t hi = std::clamp(g.pad + g.L - q0, lo, n_in);
+      // the padded input positions [q0, q0 + 2 nt + 2), one channel at a time, copied (3-13% faster
+      // than reading x in place here, unlike conv2d's short rows)
+      const int64_t n_in = 2 * nt + 2;
       for (int64_t c = 0; c < g.Cin; ++c) {
-        const float* src = xb + c * g.L + q0 + lo - g.pad;
-        if (c + kAhead < g.Cin)
-          for (int64_t f = 0; f < hi - lo; f += 64 / sizeof(float)) __builtin_prefetch(src + kAhead * g.L + f);
-        copy_run(nullptr, row.data(), lo);
-        copy_run(src, row.data() + lo, hi - lo);
-        copy_run(nullptr, row.data() + hi, n_in - hi);
-        winograd_input(row.data(), 0, n_in, nt, v.data() + c * ld_v, g.Cin * ld_v);  // (a copy measured
-        // 3-13% faster than reading x in place here, unlike conv2d's short rows)
+        padded_run(x + (b * g.Cin + c) * g.L, g, q0, n_in, row.data(), c + kAhead < g.Cin);
+        winograd_input(row.data(), 0, n_in, nt, v.data() + c * ld_v, g.Cin * ld_v);
       }
       for (int64_t k0 = 0; k0 < g.Cin; k0 += kc) {
         const int64_t kn = std::min(kc, g.Cin - k0);
@@ -557,6 +564,14 @@ struct Grid2 {
   int64_t B, Cin, Cout, H, W, ph, pw, Hout, Wout;
   int64_t th, tw;          // tiles of 2 x 2 outputs, down and across
   int64_t J, R, segs, rbs;  // a task: R tile rows x J tiles of a row; segs segments, rbs row blocks
+  int64_t pieces() const { return B * rbs * segs; }
+  struct Piece {
+    int64_t b, i0, ni, j0, nj;  // image, tile rows [i0, i0 + ni), tiles [j0, j0 + nj) of each
+  };
+  Piece piece(int64_t p) const {
+    const int64_t i0 = p / segs % rbs * R, j0 = p % segs * J;
+    return {p / (segs * rbs), i0, std::min(R, th - i0), j0, std::min(J, tw - j0)};
+  }
 };
 
 Grid2 make_grid2(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& padding) {
@@ -616,27 +631,18 @@ void winograd2_fwd(const float* x, const float* up, const float* bias, const flo
                    const Grid2& g) {
   const int64_t blocks = (g.Cout + kMR - 1) / kMR, rows = blocks * kMR, a_point = g.Cin * kMR;
   constexpr int64_t kc = 64;  // input channels per slice (see winograd_fwd)
-  int64_t ld_v = (kTiles + 15) / 16 * 16;  // an odd number of cache lines per row (see implicit_gemm_fwd)
-  if ((ld_v / 16) % 2 == 0) ld_v += 16;
-  const int64_t ld_t = (g.J + 15) / 16 * 16, ld_in = 2 * g.J + 2 + 2 * fVec::size();
-  const int64_t spatial = g.Hout * g.Wout;
-  const int64_t base = g.B * g.rbs * g.segs, nthreads = at::get_num_threads();
-  const int64_t groups = std::clamp<int64_t>((4 * nthreads + base - 1) / base, 1, blocks);
-  const int64_t per_group = (blocks + groups - 1) / groups, tasks = base * groups;
+  const int64_t ld_v = odd_line_stride(kTiles), ld_t = (g.J + 15) / 16 * 16, spatial = g.Hout * g.Wout;
+  const TaskSplit split(g.pieces(), blocks);
   std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min(nthreads, tasks), 1, [&](int64_t, int64_t) {
+  at::parallel_for(0, split.threads, 1, [&](int64_t, int64_t) {
     // v: a slice's transformed input [point][channel][tile]; m: the points' products [point][rows][kTiles];
-    // tr: four rows' column transforms [row slot][point][ld_t]; pts / orow: a tile
-    // row's outputs after the transform across rows [output row][point][ld_t], and after the one across
-    // columns (two output rows)
+    // tr: four rows' column transforms [row slot][point][ld_t]; pts / orow: a tile row's outputs after
+    // the transform across rows [output row][point][ld_t], and one output row after the one across columns
     std::vector<float> v(kPoints2 * kc * ld_v), m(kPoints2 * rows * kTiles), tr(16 * ld_t);
-    std::vector<float> pts(8 * ld_t), orow(2 * ld_in);
-    for (int64_t task; (task = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
-      const int64_t grp = task % groups, seg = task / groups % g.segs, rb = task / (groups * g.segs) % g.rbs;
-      const int64_t b = task / (groups * g.segs * g.rbs);
-      const int64_t i0 = rb * g.R, ni = std::min(g.R, g.th - i0), j0 = seg * g.J, nj = std::min(g.J, g.tw - j0);
-      const int64_t nt = ni * nj, panels = (nt + kPanel - 1) / kPanel;
-      const int64_t mb0 = grp * per_group, mb1 = std::min(blocks, mb0 + per_group);
+    std::vector<float> pts(8 * ld_t), orow(2 * g.J);
+    for (int64_t task; (task = next.fetch_add(1, std::memory_order_relaxed)) < split.tasks;) {
+      const auto [b, i0, ni, j0, nj] = g.piece(split.piece(task));
+      const int64_t nt = ni * nj, panels = (nt + kPanel - 1) / kPanel, mb0 = split.mb0(task), mb1 = split.mb1(task);
       for (int64_t k0 = 0; k0 < g.Cin; k0 += kc) {
         const int64_t kn = std::min(kc, g.Cin - k0);
         winograd2_input(x + (b * g.Cin + k0) * g.H * g.W, kn, g, i0, ni, j0, nj, v.data(), ld_v, kc * ld_v,
@@ -677,7 +683,8 @@ void winograd2_fwd(const float* x, const float* up, const float* bias, const flo
 // 1.14x, 4x128x32x32 -> 64 1.09x, 16x48x32x32 -> 48 1.07x. Outside the rule it lost: with fewer
 // than 48 input channels the transforms outweigh the short GEMMs (8x32x56x56 -> 64 0.81x,
 // 8x16x56x56 -> 32 0.66x); past 256 channels U (16 C_in C_out floats) is streamed from L3 by every
-// task (2x512x16x16 -> 512 0.57x); with tile rows that fill less than 7/8 of the 16-lane vectors
+// task (2x512x16x16 -> 512 0.57x, measured with a per-call weight packing since made ~2.4x faster; in
+// a later probe 2x512x32x32 -> 512 won 1.65x forward but its grad_w lost 0.54x); with tile rows that fill less than 7/8 of the 16-lane vectors
 // (images 16-24 wide: 8 to 12 tiles a row) the transforms and the panels run part empty
 // (8x96x20x20 -> 96 0.76x). (Winograd needs 4/9 of the multiplies, but this engine's GEMMs run at
 // about half the core's FMA rate: the transforms, and a K of one slice, keep it there.)
@@ -751,9 +758,8 @@ at::Tensor winograd2_grad_weight(const at::Tensor& gp, const at::Tensor& x, cons
   // was loaded and stored for every 64 products, 3x slower at 256 channels)
   constexpr int64_t VS = fVec::size(), kChunks = 4, kBatch = 4, ldk = kBatch * kTiles;
   const int64_t ci_pad = (g.Cin + VS - 1) / VS * VS;
-  const int64_t per_image = g.rbs * g.segs, tasks = g.B * per_image, chunks = std::min(kChunks, tasks);
-  const int64_t du_floats = kPoints2 * g.Cout * ci_pad;
-  std::vector<float> du(chunks * du_floats);
+  const int64_t tasks = g.pieces(), chunks = std::min(kChunks, tasks), du_floats = kPoints2 * g.Cout * ci_pad;
+  at::Tensor du = cpu::empty_huge({chunks, du_floats}, x.options());  // each chunk's dU
   const int64_t ld_t = (g.J + 15) / 16 * 16;
   const float* xp = x.const_data_ptr<float>();
   const float* gpp = gp.const_data_ptr<float>();
@@ -763,14 +769,13 @@ at::Tensor winograd2_grad_weight(const at::Tensor& gp, const at::Tensor& x, cons
     std::vector<float> v(kPoints2 * g.Cin * ldk), vt(ldk * ci_pad, 0.f), z(kPoints2 * g.Cout * ldk);
     std::vector<float> tr(16 * ld_t), cols(8 * ld_t);
     for (int64_t ch; (ch = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
-      float* dch = du.data() + ch * du_floats;
+      float* dch = du.data_ptr<float>() + ch * du_floats;
       std::fill(dch, dch + du_floats, 0.f);
       const int64_t first = tasks * ch / chunks, last = tasks * (ch + 1) / chunks;
       for (int64_t t0 = first; t0 < last; t0 += kBatch) {
         int64_t K = 0;  // the batch's tiles so far
         for (int64_t task = t0; task < std::min(last, t0 + kBatch); ++task) {
-          const int64_t b = task / per_image, rb = task % per_image / g.segs, seg = task % g.segs;
-          const int64_t i0 = rb * g.R, ni = std::min(g.R, g.th - i0), j0 = seg * g.J, nj = std::min(g.J, g.tw - j0);
+          const auto [b, i0, ni, j0, nj] = g.piece(task);
           winograd2_input(xp + b * g.Cin * g.H * g.W, g.Cin, g, i0, ni, j0, nj, v.data() + K, ldk, g.Cin * ldk,
                           tr.data(), ld_t);
           // Z: per output channel and tile row, the gradient's rows 2i, 2i + 1 (zero past the output)
@@ -807,10 +812,9 @@ at::Tensor winograd2_grad_weight(const at::Tensor& gp, const at::Tensor& x, cons
       }
     }
   });
-  // the chunks' dU added in chunk order (in double, streaming), then dg = G^T dU G
-  std::vector<double> u(du_floats, 0.);
-  for (int64_t ch = 0; ch < chunks; ++ch)
-    for (int64_t i = 0; i < du_floats; ++i) u[i] += du[ch * du_floats + i];
+  // the chunks' dU added in chunk order, then dg = G^T dU G (in double)
+  const at::Tensor u_t = cpu::reduce_partials(du, du_floats, at::kFloat);
+  const float* u = u_t.const_data_ptr<float>();
   at::Tensor grad_w = at::empty({g.Cout, g.Cin, 3, 3}, x.options());
   float* dw = grad_w.data_ptr<float>();
   at::parallel_for(0, g.Cout, 1, [&](int64_t c0, int64_t c1) {

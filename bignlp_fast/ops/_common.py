@@ -12,6 +12,7 @@ and the custom ops' registration (:func:`custom_op`) with the eager shortcut pas
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -23,9 +24,17 @@ from bignlp_fast import _backend
 # ---- custom ops and the eager shortcut ------------------------------------------------------------
 # A custom op costs ~8 us per call in torch's dispatcher (Python -> C++ dispatcher -> autograd
 # redispatch -> Python body), more than the kernel itself for the small calls of decoding (GPT-2 at
-# batch 1 makes ~100 of them per token). When nothing would record or transform the call, call()
-# runs the op's body directly: same function, same result, none of the overhead.
+# batch 1 makes ~100 of them per token); one that autograd records costs more: the custom op's
+# autograd layer added ~35 us to a forward+backward (add_layer_norm on [8, 768]: 89 us against 54 us
+# through a torch.autograd.Function, eager PyTorch 31 us). So call() takes the cheapest route that
+# keeps the semantics:
+# - nothing records or transforms the call: the op's body directly (same function, same result);
+# - only autograd must record it: the body on a torch.autograd.Function with the op's own
+#   setup_context and backward (:func:`register_autograd`), the same gradients without the dispatcher;
+# - anything else (torch.compile, modes, functorch, the profiler, subclasses, tensors in a list that
+#   require grad, which an autograd.Function would not see): the custom op through the dispatcher.
 _BODIES: dict = {}
+_EAGER: dict = {}
 _PLAIN = (Tensor, torch.nn.Parameter)
 
 
@@ -41,23 +50,51 @@ def custom_op(name: str) -> Callable:
     return register
 
 
-def dispatcher_needed(args) -> bool:
-    """Whether a call with these arguments must go through torch's dispatcher: under torch.compile or
-    torch.jit tracing (they must see the op), a TorchDispatchMode or TorchFunctionMode (FakeTensor,
-    FlopCounter...), functorch transforms, the profiler (its record of the op), a tensor subclass, or
-    when autograd has to record the call (grad mode on and an input that requires grad)."""
+def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
+    """``op.register_autograd(backward, setup_context=setup_context)`` for a custom op made by
+    :func:`custom_op`, and the same pair on a torch.autograd.Function for :func:`call`'s eager route.
+    ``setup_context`` sees every argument of the op (call() fills in defaults) and ``backward``
+    returns one gradient per argument, as torch.library asks."""
+    op.register_autograd(backward, setup_context=setup_context)
+    params = list(inspect.signature(_BODIES[op]).parameters.values())
+    defaults = tuple(p.default for p in params)
+
+    # forward(ctx, ...) rather than a separate setup_context: apply() then skips binding the
+    # arguments to forward's signature by inspect (~10 us a call)
+    def forward(ctx, *args):
+        output = _BODIES[op](*args)  # looked up per call: the body registered now or a test's wrapper
+        setup_context(ctx, args, output)
+        return output
+
+    eager = type(f"{op._name.split('::')[-1]}_eager", (torch.autograd.Function,), {
+        "forward": staticmethod(forward), "backward": staticmethod(backward)})
+    _EAGER[op] = (eager, len(params), defaults)
+
+
+def _route(args) -> int:
+    """0: the body can run directly; 1: only autograd must record the call; 2: the dispatcher must
+    see it (see the top of this section)."""
     if (torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
             or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
             or torch._C._are_functorch_transforms_active() or torch.autograd.profiler._is_profiler_enabled):
-        return True
+        return 2
     grad = torch.is_grad_enabled()
+    route = 0
     for a in args:
         if type(a) in _PLAIN:
             if grad and a.requires_grad:
-                return True
+                route = 1
         elif isinstance(a, Tensor) or (isinstance(a, (list, tuple)) and dispatcher_needed_in(a, grad)):
-            return True  # a subclass, or a list holding one or an input that requires grad
-    return False
+            return 2  # a subclass, or a list holding one or an input that requires grad
+    return route
+
+
+def dispatcher_needed(args) -> bool:
+    """Whether a call with these arguments cannot simply run the op's body: under torch.compile or
+    torch.jit tracing (they must see the op), a TorchDispatchMode or TorchFunctionMode (FakeTensor,
+    FlopCounter...), functorch transforms, the profiler (its record of the op), a tensor subclass, or
+    when autograd has to record the call (grad mode on and an input that requires grad)."""
+    return _route(args) != 0
 
 
 def dispatcher_needed_in(tensors, grad: bool) -> bool:
@@ -71,12 +108,18 @@ def body(op) -> Callable:
 
 
 def call(op, *args):
-    """``op(*args)``; for a custom op made by :func:`custom_op`, its body directly when
-    :func:`dispatcher_needed` says nothing needs the dispatcher."""
-    body = _BODIES.get(op)
-    if body is None or dispatcher_needed(args):
+    """``op(*args)`` by the cheapest route that keeps its semantics (see the top of this section)."""
+    fn = _BODIES.get(op)
+    if fn is None:
         return op(*args)
-    return body(*args)
+    route = _route(args)
+    if route == 0:
+        return fn(*args)
+    eager = _EAGER.get(op) if route == 1 else None
+    if eager is None:
+        return op(*args)
+    function, n, defaults = eager
+    return function.apply(*args, *defaults[len(args):n])
 
 
 def no_zero_grads(ctx, outputs: Sequence[Tensor], used: int) -> None:

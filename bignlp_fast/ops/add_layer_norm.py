@@ -19,7 +19,7 @@ from torch import Tensor
 
 from bignlp_fast import _backend
 from bignlp_fast.ops._common import (acc_dtype, call, check_like, check_tensor, check_vector, contiguous, custom_op,
-                                     grads_or_zeros, kernel, no_zero_grads)
+                                     grads_or_zeros, kernel, no_zero_grads, register_autograd)
 
 OP = _backend.register_op("add_layer_norm", dtypes={
     "cpu": (torch.float32, torch.bfloat16),
@@ -100,11 +100,12 @@ def _setup_context(ctx, inputs, output):
     _out, residual_out, mean, rstd = output
     ctx.save_for_backward(residual_out if residual is not None else x, mean, rstd, weight)
     ctx.has_residual, ctx.has_bias, ctx.backend = residual is not None, bias is not None, backend
-    no_zero_grads(ctx, output, 2)
+    no_zero_grads(ctx, output, 1)
 
 
 def _backward(ctx, grad_out, grad_residual_out, _grad_mean, _grad_rstd):
-    grad_out, grad_residual_out = grads_or_zeros(ctx, grad_out, grad_residual_out)
+    (grad_out,) = grads_or_zeros(ctx, grad_out)
+    # no gradient for the sum (post-LN BERT discards it): None, not a tensor of zeros to add
     s, mean, rstd, weight = ctx.saved_tensors
     grad_s, grad_weight, grad_bias = call(add_layer_norm_bwd,
         grad_out, grad_residual_out if ctx.has_residual else None, s, mean, rstd, weight, ctx.has_bias, ctx.backend)
@@ -112,7 +113,7 @@ def _backward(ctx, grad_out, grad_residual_out, _grad_mean, _grad_rstd):
             grad_bias if ctx.has_bias else None, None, None)
 
 
-add_layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(add_layer_norm_fwd, _backward, _setup_context)
 
 
 # ---- public op --------------------------------------------------------------------------------

@@ -34,8 +34,8 @@ import torch
 from torch import Tensor
 
 from bignlp_fast import _backend
-from bignlp_fast.ops._common import (acc_dtype, call, check_choice, check_like, check_tensor, custom_op,
-                                     grads_or_zeros, kernel, no_zero_grads)
+from bignlp_fast.ops._common import (acc_dtype, call, check_choice, check_like, check_tensor, custom_op, grads_or_zeros,
+                                     kernel, no_zero_grads, register_autograd)
 
 OP = _backend.register_op(
     "attention",
@@ -264,7 +264,7 @@ def _backward(ctx, grad_out, _grad_lse):
     return dq, dk, dv, None, None, None, None, None, None, None, None, None, None
 
 
-attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(attention_fwd, _backward, _setup_context)
 
 
 # ---- public ops -------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ from torch import Tensor
 
 from bignlp_fast import _backend
 from bignlp_fast.ops._activation import ACTIVATIONS, activation_grad_torch
-from bignlp_fast.ops._common import (acc_dtype, call, check_choice, check_tensor, check_vector,
-                                     contiguous, custom_op, kernel)
+from bignlp_fast.ops._common import (acc_dtype, call, check_choice, check_tensor, check_vector, contiguous, custom_op,
+                                     kernel, register_autograd)
 
 OP = _backend.register_op("bias_gelu", dtypes={
     "cpu": (torch.float32, torch.bfloat16),
@@ -87,7 +87,7 @@ def _backward(ctx, grad_y):
     return grad_x, grad_bias if bias is not None else None, None, None
 
 
-bias_gelu_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(bias_gelu_fwd, _backward, _setup_context)
 
 
 # ---- public op --------------------------------------------------------------------------------

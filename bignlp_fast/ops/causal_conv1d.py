@@ -26,7 +26,8 @@ from torch import Tensor
 
 from bignlp_fast import _backend
 from bignlp_fast.ops._activation import activation_grad_torch, activation_torch, check_activation
-from bignlp_fast.ops._common import acc_dtype, call, check_like, check_tensor, contiguous, custom_op, kernel
+from bignlp_fast.ops._common import (acc_dtype, call, check_like, check_tensor, contiguous, custom_op, kernel,
+                                     register_autograd)
 
 OP = _backend.register_op("causal_conv1d", dtypes={
     "cpu": (torch.float32, torch.bfloat16),
@@ -115,7 +116,7 @@ def _backward(ctx, grad_y):
     return gx, gw, gb if bias is not None else None, gi if initial_state is not None else None, None, None
 
 
-causal_conv1d_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(causal_conv1d_fwd, _backward, _setup_context)
 
 
 # ---- public op --------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ from torch import Tensor
 from bignlp_fast import _backend
 from bignlp_fast.ops._activation import activation_grad_torch, activation_torch, check_activation
 from bignlp_fast.ops._common import (acc_dtype, call, check_like, check_tensor, contiguous, custom_op, grads_or_zeros,
-                                     kernel, no_zero_grads)
+                                     kernel, no_zero_grads, register_autograd)
 
 OP = _backend.register_op("conv", dtypes={
     "cpu": (torch.float32, torch.bfloat16),
@@ -122,7 +122,7 @@ def _backward(ctx, grad_out, _grad_pre):
             None, None, None, None, None, None, None)
 
 
-conv_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(conv_fwd, _backward, _setup_context)
 
 
 # ---- public ops -------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from bignlp_fast import _backend
 from bignlp_fast.ops._common import (acc_dtype, call, check_like, check_tensor, custom_op, grads_or_zeros, kernel,
-                                     no_zero_grads)
+                                     no_zero_grads, register_autograd)
 
 OP = _backend.register_op(
     "distillation_loss",
@@ -89,7 +89,7 @@ def _backward(ctx, grad_loss, _grad_grad):
     return (grad * grad_loss.to(grad.dtype), None, None, None, None, None, None, None)
 
 
-distillation_loss_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(distillation_loss_fwd, _backward, _setup_context)
 
 
 # ---- public op --------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ from torch import Tensor
 
 from bignlp_fast import _backend
 from bignlp_fast.ops._common import (acc_dtype, call, check_lengths, check_operands, check_tensor, check_time_major,
-                                     contiguous, custom_op, grads_or_zeros, kernel, no_zero_grads)
+                                     contiguous, custom_op, grads_or_zeros, kernel, no_zero_grads, register_autograd)
 
 OP = _backend.register_op(
     "layer_norm_lstm",
@@ -217,7 +217,7 @@ def _backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_ws):
     return (d_xw, d_w_hh, *params, d_h0, d_c0, None, None, None, None, None)
 
 
-layer_norm_lstm_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(layer_norm_lstm_fwd, _backward, _setup_context)
 
 
 # ---- public op --------------------------------------------------------------------------------

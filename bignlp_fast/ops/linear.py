@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bignlp_fast import _backend
-from bignlp_fast.ops._common import acc_dtype, call, check_like, check_tensor, contiguous, custom_op, kernel
+from bignlp_fast.ops._common import (acc_dtype, call, check_like, check_tensor, contiguous, custom_op, kernel,
+                                     register_autograd)
 
 OP = _backend.register_op(
     "linear",
@@ -82,7 +83,7 @@ def _backward(ctx, grad_y):
     return grad_x, grad_w, grad_b if ctx.has_bias else None, None
 
 
-linear_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(linear_fwd, _backward, _setup_context)
 
 
 # ---- which GEMM to call -------------------------------------------------------------------------

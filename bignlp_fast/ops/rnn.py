@@ -34,7 +34,7 @@ from torch import Tensor
 
 from bignlp_fast import _backend
 from bignlp_fast.ops._common import (acc_dtype, call, check_choice, check_lengths, check_operands, check_time_major,
-                                     custom_op, grads_or_zeros, kernel, no_zero_grads)
+                                     custom_op, grads_or_zeros, kernel, no_zero_grads, register_autograd)
 
 OP = _backend.register_op(
     "rnn",
@@ -240,7 +240,7 @@ def _backward(ctx, grad_out, grad_h_n, grad_c_n, _grad_ws):
             None, None, None, None, None)
 
 
-rnn_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(rnn_fwd, _backward, _setup_context)
 
 
 # ---- public op --------------------------------------------------------------------------------

@@ -36,7 +36,7 @@ from torch import Tensor
 from bignlp_fast import _backend
 from bignlp_fast.ops._activation import activation_grad_torch, activation_torch, check_activation
 from bignlp_fast.ops._common import (acc_dtype, call, check_like, check_tensor, custom_op, grads_or_zeros, kernel,
-                                     no_zero_grads)
+                                     no_zero_grads, register_autograd)
 
 OP = _backend.register_op("text_cnn_pool", dtypes={
     "cpu": (torch.float32, torch.bfloat16),
@@ -149,7 +149,7 @@ def _backward(ctx, grad_out, _g_argmax, _g_pre):
     return grads[0], grads[1:1 + ctx.n], grad_b, None, None, None
 
 
-text_cnn_pool_fwd.register_autograd(_backward, setup_context=_setup_context)
+register_autograd(text_cnn_pool_fwd, _backward, _setup_context)
 
 
 # ---- public op --------------------------------------------------------------------------------

@@ -195,7 +195,7 @@ def test_calls_that_something_must_see_go_through_the_dispatcher(body_calls):
     assert body_calls == []
 
 
-# ---- the cache of large CPU output buffers (csrc/cpu/buffer_cache.h) -------------------------------
+# ---- the cache of CPU output buffers (csrc/cpu/buffer_cache.h) -------------------------------------
 def test_large_outputs_come_back_from_the_buffer_cache_and_never_alias():
     from bignlp_fast.ops import linear
     x, w = torch.randn(2048, 256), torch.randn(1024, 256)  # an 8 MiB output: large enough to be cached
@@ -233,3 +233,25 @@ def test_buffer_cache_size_comes_from_the_environment():
         got_limit, cached = map(int, out.stdout.split())
         assert got_limit == limit
         assert (cached == 0) == (limit == 0)
+
+
+def test_mid_sized_outputs_are_reused_from_the_cache_by_best_fit():
+    """Outputs from 128 KiB up come from the cache (a plain process otherwise page-faults them afresh
+    on every call); a request takes a freed buffer of its size or up to 1/8 larger, never a live one."""
+    x, r = torch.randn(1024, 768), torch.randn(1024, 768)  # 3 MiB outputs
+    _backend.clear_buffer_cache()
+    out, s = add_layer_norm(x, r, backend="cpu")
+    ptrs = {out.data_ptr(), s.data_ptr()}
+    expected = torch.nn.functional.layer_norm(x + r, (768,))
+    del out, s
+    before = _backend.buffer_cache()
+    assert before["cached_buffers"] >= 2
+    out, s = add_layer_norm(x[:1000], r[:1000], backend="cpu")  # 2.3% smaller: the same buffers
+    assert {out.data_ptr(), s.data_ptr()} == ptrs
+    assert _backend.buffer_cache()["hits"] >= before["hits"] + 2
+    torch.testing.assert_close(out, expected[:1000], rtol=1e-5, atol=1e-5)
+    out2, _ = add_layer_norm(x[:512], r[:512], backend="cpu")  # half the size: not a 2x larger buffer
+    assert out2.data_ptr() not in ptrs
+    torch.testing.assert_close(out2, expected[:512], rtol=1e-5, atol=1e-5)
+    small, _ = add_layer_norm(x[:8], r[:8], backend="cpu")  # 24 KiB: plain at::empty, not counted
+    torch.testing.assert_close(small, expected[:8], rtol=1e-5, atol=1e-5)

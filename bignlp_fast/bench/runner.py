@@ -12,7 +12,6 @@ between the start of a run and its end.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import dataclasses
 import json
 import os
@@ -24,23 +23,8 @@ from typing import Optional
 import torch
 
 from bignlp_fast import _backend
+from bignlp_fast._backend import steady_allocator  # noqa: F401  (the benchmark's entry points import it from here)
 from bignlp_fast.bench.cases import Case, to_float64
-
-
-def steady_allocator() -> bool:
-    """Keeps freed memory in the process (glibc: no mmap for large blocks, no trimming).
-
-    By default glibc maps each large block afresh and returns it on free, so every call that
-    allocates a 25 MB output page-faults and zeroes it; which side of a comparison pays depends on
-    allocation order, and timings jump by 10-20 ms at random. With this, both sides see the steady
-    state a long-running process (or jemalloc/tcmalloc) gives. Returns whether it took effect.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return False
-    m_trim_threshold, m_mmap_max = -1, -4
-    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
 
 
 @dataclasses.dataclass

@@ -179,8 +179,8 @@ std::vector<at::Tensor> add_layer_norm_fwd_cpu(const at::Tensor& x, const std::o
   const int64_t rows = x.size(0), H = x.size(1);
   const int64_t Hp = cpu::round_up_to_step(H);
   auto f32 = x.options().dtype(at::kFloat);
-  at::Tensor out = at::empty_like(x);
-  at::Tensor res_out = residual ? at::empty_like(x) : at::empty({0}, x.options());
+  at::Tensor out = cpu::cached_empty_like(x);
+  at::Tensor res_out = residual ? cpu::cached_empty_like(x) : at::empty({0}, x.options());
   at::Tensor mean = at::empty({rows}, f32), rstd = at::empty({rows}, f32);
   at::Tensor wb = at::empty({2, Hp}, f32);  // fp32 weight and bias, padded to a whole step
   BIGNLP_DISPATCH_FLOAT_BF16(x.scalar_type(), "add_layer_norm_fwd_cpu", [&] {
@@ -217,7 +217,7 @@ std::vector<at::Tensor> add_layer_norm_bwd_cpu(const at::Tensor& grad_out,
   const int64_t chunk = cpu::rows_per_chunk(rows);
   const int64_t n_chunks = std::max<int64_t>(1, (rows + chunk - 1) / chunk);
   auto f32 = s.options().dtype(at::kFloat);
-  at::Tensor ds = at::empty_like(s);
+  at::Tensor ds = cpu::cached_empty_like(s);
   at::Tensor partial = at::zeros({2, n_chunks, Hp}, f32);
   at::Tensor w = at::empty({Hp}, f32);
   BIGNLP_DISPATCH_FLOAT_BF16(s.scalar_type(), "add_layer_norm_bwd_cpu", [&] {

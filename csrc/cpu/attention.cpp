@@ -824,7 +824,7 @@ std::vector<at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor&
                                           const std::optional<at::Tensor>& seed) {
   check_operands(q, k, v);
   const auto seqs = sequences(q, k, cu_seqlens_q, cu_seqlens_k);
-  at::Tensor out = at::empty({q.size(0), q.size(2), q.size(1), v.size(3)}, q.options()).transpose(1, 2);
+  at::Tensor out = cpu::cached_empty({q.size(0), q.size(2), q.size(1), v.size(3)}, q.options()).transpose(1, 2);
   at::Tensor lse = at::empty({q.size(0), q.size(1), q.size(2)}, q.options().dtype(at::kFloat));
   const Dropout dropout(dropout_p, seed, q.size(1), max_seqlen_q, max_seqlen_k);
   const BiasView bias_view(bias);
@@ -846,7 +846,7 @@ std::vector<at::Tensor> attention_bwd_cpu(const at::Tensor& grad_out, const at::
               "attention: grad_out must match out");
   TORCH_CHECK(lse.is_contiguous() && lse.scalar_type() == at::kFloat, "attention: lse must be contiguous float32");
   const auto seqs = sequences(q, k, cu_seqlens_q, cu_seqlens_k);
-  at::Tensor dq = at::empty_like(q), dk = at::empty_like(k), dv = at::empty_like(v);
+  at::Tensor dq = cpu::cached_empty_like(q), dk = cpu::cached_empty_like(k), dv = cpu::cached_empty_like(v);
   const Dropout dropout(dropout_p, seed, q.size(1), max_seqlen_q, max_seqlen_k);
   const BiasView bias_view(bias);
   BIGNLP_DISPATCH_FLOAT_BF16(q.scalar_type(), "attention_bwd_cpu", [&] {

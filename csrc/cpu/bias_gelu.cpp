@@ -72,7 +72,7 @@ void check_inputs(const at::Tensor& x, const std::optional<at::Tensor>& bias, co
 at::Tensor bias_gelu_fwd_cpu(const at::Tensor& x, const std::optional<at::Tensor>& bias, bool tanh_approx) {
   check_inputs(x, bias, "x");
   const int64_t rows = x.size(0), H = x.size(1), Hp = cpu::round_up_to_step(H);
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = cpu::cached_empty_like(x);
   at::Tensor b32 = at::empty({Hp}, x.options().dtype(at::kFloat));
   BIGNLP_DISPATCH_FLOAT_BF16(x.scalar_type(), "bias_gelu_fwd_cpu", [&] {
     using T = scalar_t;
@@ -114,7 +114,7 @@ std::vector<at::Tensor> bias_gelu_bwd_cpu(const at::Tensor& grad_y, const at::Te
   const int64_t chunk = cpu::rows_per_chunk(rows);
   const int64_t n_chunks = std::max<int64_t>(1, (rows + chunk - 1) / chunk);
   auto f32 = x.options().dtype(at::kFloat);
-  at::Tensor dx = at::empty_like(x);
+  at::Tensor dx = cpu::cached_empty_like(x);
   at::Tensor b32 = at::empty({Hp}, f32);
   at::Tensor partial = bias ? at::zeros({n_chunks, Hp}, f32) : at::Tensor();
   BIGNLP_DISPATCH_FLOAT_BF16(x.scalar_type(), "bias_gelu_bwd_cpu", [&] {

@@ -3,10 +3,11 @@
 
 #include <atomic>
 #include <cstdlib>
-#include <list>
+#include <map>
 #include <mutex>
 #include <string>
 #include <utility>
+#include <vector>
 
 #include <sys/mman.h>
 
@@ -17,7 +18,15 @@ namespace bignlp_fast::cpu {
 namespace {
 
 constexpr size_t k2M = size_t{2} << 20;
-constexpr size_t kMinBytes = 4 * k2M;  // smaller buffers: at::empty
+constexpr size_t kMinBytes = size_t{128} << 10;  // smaller buffers: at::empty (glibc's heap serves them)
+constexpr size_t kLargeBytes = 4 * k2M;          // from here: whole 2 MiB pages, huge pages advised
+
+// The size of the buffer that holds `nbytes`: whole 64 KiB blocks below kLargeBytes, whole 2 MiB pages
+// from there.
+size_t buffer_bytes(size_t nbytes) {
+  const size_t unit = nbytes < kLargeBytes ? size_t{64} << 10 : k2M;
+  return (nbytes + unit - 1) / unit * unit;
+}
 
 size_t limit_from_env() {
   const char* v = std::getenv("BIGNLP_FAST_CPU_CACHE_MB");
@@ -33,26 +42,30 @@ size_t limit_from_env() {
 
 class Cache {
  public:
-  // A buffer of `bytes` (a multiple of 2 MiB), 2 MiB aligned, huge pages advised.
-  void* take(size_t bytes) {
+  // A buffer of at least `bytes` (from buffer_bytes()): a cached one of the same size, or up to 1/8
+  // larger (a batch whose token count varies asks for sizes that differ a little), else a new one,
+  // 4 KiB aligned, or 2 MiB aligned with huge pages advised from kLargeBytes. Sets `bytes` to its size.
+  void* take(size_t& bytes) {
     void* p = nullptr;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      for (auto it = free_.begin(); it != free_.end(); ++it)
-        if (it->second == bytes) {
-          p = it->first;
-          free_.erase(it);
-          cached_ -= bytes;
-          ++hits_;
-          break;
-        }
-      if (p == nullptr) ++misses_;
+      const auto it = free_.lower_bound(bytes);
+      if (it != free_.end() && it->first <= bytes + bytes / 8) {
+        p = it->second.p;
+        bytes = it->first;
+        cached_ -= bytes;
+        free_.erase(it);
+        ++hits_;
+      } else {
+        ++misses_;
+      }
     }
     if (p == nullptr) {
-      p = std::aligned_alloc(k2M, bytes);
+      const bool large = bytes >= kLargeBytes;
+      p = std::aligned_alloc(large ? k2M : 4096, bytes);
       TORCH_CHECK(p != nullptr, "bignlp_fast: out of memory allocating ", bytes, " bytes");
 #if defined(MADV_HUGEPAGE)
-      madvise(p, bytes, MADV_HUGEPAGE);  // a hint: failure changes nothing
+      if (large) madvise(p, bytes, MADV_HUGEPAGE);  // a hint: failure changes nothing
 #endif
     }
     report(p, static_cast<int64_t>(bytes));
@@ -61,21 +74,25 @@ class Cache {
 
   void give_back(void* p, size_t bytes) {
     report(p, -static_cast<int64_t>(bytes));
-    std::list<std::pair<void*, size_t>> evicted;
+    std::vector<void*> evicted;
     {
       std::lock_guard<std::mutex> lock(mu_);
       if (bytes > limit_) {
-        evicted.emplace_back(p, bytes);
+        evicted.push_back(p);
       } else {
-        while (cached_ + bytes > limit_) {  // the oldest first
-          evicted.splice(evicted.end(), free_, free_.begin());
-          cached_ -= evicted.back().second;
+        while (cached_ + bytes > limit_) {  // the oldest first (a scan: eviction is rare once warm)
+          auto oldest = free_.begin();
+          for (auto it = free_.begin(); it != free_.end(); ++it)
+            if (it->second.age < oldest->second.age) oldest = it;
+          evicted.push_back(oldest->second.p);
+          cached_ -= oldest->first;
+          free_.erase(oldest);
         }
-        free_.emplace_back(p, bytes);
+        free_.emplace(bytes, Entry{p, age_++});
         cached_ += bytes;
       }
     }
-    for (auto& [q, _] : evicted) std::free(q);  // outside the lock
+    for (void* q : evicted) std::free(q);  // outside the lock
   }
 
   size_t limit() const { return limit_; }
@@ -87,7 +104,7 @@ class Cache {
   }
 
   int64_t clear() {
-    std::list<std::pair<void*, size_t>> all;
+    std::multimap<size_t, Entry> all;
     size_t bytes;
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -95,14 +112,19 @@ class Cache {
       bytes = cached_;
       cached_ = 0;
     }
-    for (auto& [q, _] : all) std::free(q);
+    for (auto& [_, e] : all) std::free(e.p);
     return static_cast<int64_t>(bytes);
   }
 
  private:
+  struct Entry {
+    void* p;
+    uint64_t age;  // order of arrival: the oldest is evicted first
+  };
   std::mutex mu_;
-  std::list<std::pair<void*, size_t>> free_;  // (buffer, bytes), oldest first
+  std::multimap<size_t, Entry> free_;  // by size in bytes
   size_t cached_ = 0;
+  uint64_t age_ = 0;
   const size_t limit_ = limit_from_env();
   int64_t hits_ = 0, misses_ = 0;
   std::atomic<int64_t> in_use_{0};
@@ -134,12 +156,12 @@ void give_back_taken(void* ctx) {
 
 }  // namespace
 
-at::Tensor empty_huge(at::IntArrayRef sizes, const at::TensorOptions& options) {
+at::Tensor cached_empty(at::IntArrayRef sizes, const at::TensorOptions& options) {
   int64_t numel = 1;
   for (const int64_t s : sizes) numel *= s;
   const size_t nbytes = static_cast<size_t>(numel) * c10::elementSize(c10::typeMetaToScalarType(options.dtype()));
   if (nbytes < kMinBytes || cache().limit() == 0) return at::empty(sizes, options);
-  const size_t bytes = (nbytes + k2M - 1) / k2M * k2M;
+  size_t bytes = buffer_bytes(nbytes);
   void* p = cache().take(bytes);
   c10::DataPtr data(p, new Taken{p, bytes}, &give_back_taken, c10::Device(c10::DeviceType::CPU));
   // A storage like at::empty's: resizable, torch's CPU allocator serving a resize_ that grows it

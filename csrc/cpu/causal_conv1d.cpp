@@ -145,7 +145,7 @@ at::Tensor causal_conv1d_fwd_cpu(const at::Tensor& x, const at::Tensor& w, const
                                  const std::optional<at::Tensor>& initial_state, int64_t activation) {
   check(x, w, bias, initial_state);
   const int64_t B = x.size(0), C = x.size(1), L = x.size(2);
-  at::Tensor y = at::empty_like(x);
+  at::Tensor y = cpu::cached_empty_like(x);
   BIGNLP_DISPATCH_FLOAT_BF16(x.scalar_type(), "causal_conv1d_fwd_cpu", [&] {
     using T = scalar_t;
     dispatch_width(w.size(1), [&](auto width) {
@@ -166,7 +166,7 @@ std::vector<at::Tensor> causal_conv1d_bwd_cpu(const at::Tensor& grad_y, const at
   TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.is_contiguous() && grad_y.scalar_type() == x.scalar_type(),
               "causal_conv1d: grad_y must be contiguous and match x, got ", grad_y.sizes());
   const int64_t B = x.size(0), C = x.size(1), L = x.size(2), W = w.size(1);
-  at::Tensor gx = at::empty_like(x);
+  at::Tensor gx = cpu::cached_empty_like(x);
   at::Tensor ginit = initial_state ? at::empty_like(*initial_state) : at::empty({0}, x.options());
   at::Tensor partial = at::empty({B, C, W + 1}, x.options().dtype(at::kFloat));
   BIGNLP_DISPATCH_FLOAT_BF16(x.scalar_type(), "causal_conv1d_bwd_cpu", [&] {

@@ -325,7 +325,7 @@ inline at::Tensor reduce_partials(const at::Tensor& partial, int64_t H, at::Scal
 inline at::Tensor states_before_each_step(const at::Tensor& after, const at::Tensor& h0, bool reverse) {
   const int64_t T = after.size(0);
   const at::Tensor h0f = h0.to(at::kFloat).unsqueeze(0);
-  at::Tensor before = empty_huge({T, after.size(1), after.size(2)}, after.options());
+  at::Tensor before = cached_empty({T, after.size(1), after.size(2)}, after.options());
   if (!reverse) {
     before.narrow(0, 0, 1).copy_(h0f);
     before.narrow(0, 1, T - 1).copy_(after.narrow(0, 0, T - 1));

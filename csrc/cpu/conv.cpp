@@ -521,8 +521,8 @@ std::pair<at::Tensor, at::Tensor> own_outputs(const at::Tensor& x, const std::ve
                     residual->is_contiguous(),
                 "conv: residual must be a contiguous tensor of the output's shape ", shape, ", got ", residual->sizes());
   }
-  return {cpu::empty_huge(shape, x.options()),
-          save_pre ? cpu::empty_huge(shape, x.options()) : at::empty({0}, x.options())};
+  return {cpu::cached_empty(shape, x.options()),
+          save_pre ? cpu::cached_empty(shape, x.options()) : at::empty({0}, x.options())};
 }
 
 // The implicit GEMM's convolution: {out, pre (or [0] unless save_pre)}.
@@ -759,7 +759,7 @@ at::Tensor winograd2_grad_weight(const at::Tensor& gp, const at::Tensor& x, cons
   constexpr int64_t VS = fVec::size(), kChunks = 4, kBatch = 4, ldk = kBatch * kTiles;
   const int64_t ci_pad = (g.Cin + VS - 1) / VS * VS;
   const int64_t tasks = g.pieces(), chunks = std::min(kChunks, tasks), du_floats = kPoints2 * g.Cout * ci_pad;
-  at::Tensor du = cpu::empty_huge({chunks, du_floats}, x.options());  // each chunk's dU
+  at::Tensor du = cpu::cached_empty({chunks, du_floats}, x.options());  // each chunk's dU
   const int64_t ld_t = (g.J + 15) / 16 * 16;
   const float* xp = x.const_data_ptr<float>();
   const float* gpp = gp.const_data_ptr<float>();
@@ -905,7 +905,7 @@ at::Tensor implicit_grad_weight(const at::Tensor& gp, const at::Tensor& x, const
   const int64_t taps = static_cast<int64_t>(g.shifts.size()), max_shift = g.shifts.back();
   const int64_t Np = plan.Np, panels = Np / kPanel, run = plan.run, chunks = plan.chunks;
   const int64_t cblocks = (g.Cin + kRows - 1) / kRows;
-  at::Tensor partial = cpu::empty_huge({chunks, plan.c_floats}, x.options());
+  at::Tensor partial = cpu::cached_empty({chunks, plan.c_floats}, x.options());
   const float* gpp = gp.const_data_ptr<float>();
   const float* xp = x.const_data_ptr<float>();
   std::atomic<int64_t> next{0};
@@ -964,7 +964,7 @@ std::vector<at::Tensor> conv_fwd_cpu(const at::Tensor& x, const at::Tensor& w, c
                 "conv: residual must be a contiguous tensor of the output's shape ", pre.sizes(), ", got ",
                 residual->sizes());
   }
-  at::Tensor out = save_pre ? at::empty_like(pre) : pre;
+  at::Tensor out = save_pre ? cpu::cached_empty_like(pre) : pre;
   const int64_t C = pre.size(1), S = pre.numel() / std::max<int64_t>(1, pre.size(0) * C);
   BIGNLP_DISPATCH_FLOAT_BF16(x.scalar_type(), "conv_fwd_cpu", [&] {
     using T = scalar_t;
@@ -999,7 +999,7 @@ std::vector<at::Tensor> conv_bwd_cpu(const at::Tensor& grad_out, const at::Tenso
   const int64_t B = pre.size(0), C = pre.size(1), S = pre.numel() / std::max<int64_t>(1, B * C);
   at::Tensor gp = grad_out, grad_bias = at::empty({0}, x.options());
   if (activation != cpu::kIdentity || bias) {
-    gp = at::empty_like(grad_out);
+    gp = cpu::cached_empty_like(grad_out);
     at::Tensor row_sums = at::empty({B, C}, x.options().dtype(at::kFloat));
     BIGNLP_DISPATCH_FLOAT_BF16(x.scalar_type(), "conv_bwd_cpu", [&] {
       using T = scalar_t;

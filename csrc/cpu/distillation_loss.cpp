@@ -57,7 +57,7 @@ std::vector<at::Tensor> distillation_loss_fwd_cpu(const at::Tensor& student, con
   const float ce_w = labels ? static_cast<float>(1.0 - alpha) : 0.f;
   const float kd_grad = kd * T / static_cast<float>(std::max<int64_t>(N, 1));
   const float ce_grad = ce_w / static_cast<float>(std::max<int64_t>(n_valid, 1));
-  at::Tensor grad = need_grad ? at::empty_like(student) : at::empty({0}, student.options());
+  at::Tensor grad = need_grad ? cpu::cached_empty_like(student) : at::empty({0}, student.options());
   std::vector<float> kl_rows(N), ce_rows(N, 0.f);
   BIGNLP_DISPATCH_FLOAT_BF16(student.scalar_type(), "distillation_loss_fwd_cpu", [&] {
     using T_ = scalar_t;

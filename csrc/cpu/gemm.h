@@ -327,8 +327,8 @@ void packed_gemm_bf16(int64_t M, int64_t N, int64_t K, Strided<T> A, Strided<T> 
     }
     return e[0].x;  // k == K - 1 of an odd K: the high half is 0
   };
-  // every element is written below; huge pages for a large one (common.h)
-  const at::Tensor bp_t = empty_huge({panels * K2 * kPanel}, at::TensorOptions().dtype(at::kInt));
+  // every element is written below: from the buffer cache (buffer_cache.h)
+  const at::Tensor bp_t = cached_empty({panels * K2 * kPanel}, at::TensorOptions().dtype(at::kInt));
   uint32_t* bp = reinterpret_cast<uint32_t*>(bp_t.data_ptr<int32_t>());
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p)
@@ -367,8 +367,8 @@ void packed_gemm(int64_t M, int64_t N, int64_t K, Strided<T> A, Strided<T> B, co
     if (bf16_dot()) return packed_gemm_bf16(M, N, K, A, B, bias, C, ldc);
   }
   const int64_t panels = (N + kPanel - 1) / kPanel;
-  // every element is written below; huge pages for a large one (common.h)
-  const at::Tensor bp_t = empty_huge({panels * K * kPanel}, at::TensorOptions().dtype(at::kFloat));
+  // every element is written below: from the buffer cache (buffer_cache.h)
+  const at::Tensor bp_t = cached_empty({panels * K * kPanel}, at::TensorOptions().dtype(at::kFloat));
   float* bp = bp_t.data_ptr<float>();
   // Both packings are transposes or copies; for float operands with one unit stride they move 16 x 16
   // blocks through registers (at::vec::transpose_mxn). Read element by element, a row-major A whose
@@ -417,7 +417,7 @@ void packed_gemm(int64_t M, int64_t N, int64_t K, Strided<T> A, Strided<T> B, co
 inline at::Tensor gemm_tn(const at::Tensor& a, const at::Tensor& b) {
   const at::Tensor ac = a.contiguous(), bc = b.contiguous();
   const int64_t R = ac.size(0), X = ac.size(1), Y = bc.size(1);
-  at::Tensor c = empty_huge({X, Y}, ac.options());
+  at::Tensor c = cached_empty({X, Y}, ac.options());
   packed_gemm<float, float>(X, Y, R, {ac.const_data_ptr<float>(), 1, X}, {bc.const_data_ptr<float>(), Y, 1}, nullptr,
                             c.data_ptr<float>(), Y);
   return c;

@@ -341,11 +341,11 @@ std::vector<at::Tensor> layer_norm_lstm_fwd_cpu(const at::Tensor& xw, const at::
               "layer_norm_lstm: operands must be contiguous");
   TORCH_CHECK(h0.size(0) == sh.B && h0.size(1) == sh.H && c0.sizes() == h0.sizes(),
               "layer_norm_lstm: h0 and c0 must be [B, H]");
-  at::Tensor out = at::empty({sh.T, sh.B, sh.H}, xw.options());
+  at::Tensor out = cpu::cached_empty({sh.T, sh.B, sh.H}, xw.options());
   at::Tensor h_n = at::empty({sh.B, sh.H}, xw.options()), c_n = at::empty({sh.B, sh.H}, xw.options());
   const std::vector<int64_t> ws_shape = save_workspace ? std::vector<int64_t>{sh.T, sh.B, sh.width}
                                                        : std::vector<int64_t>{0};
-  at::Tensor ws = at::empty(ws_shape, xw.options().dtype(at::kFloat));
+  at::Tensor ws = cpu::cached_empty(ws_shape, xw.options().dtype(at::kFloat));
   BIGNLP_DISPATCH_FLOAT_BF16(xw.scalar_type(), "layer_norm_lstm_fwd_cpu", [&] {
     forward<scalar_t>(sh, xw, w_hh, gamma_h, beta_h, gamma_c, beta_c, h0, c0, static_cast<float>(eps), len, reverse,
                       out, h_n, c_n, ws, save_workspace);
@@ -368,8 +368,8 @@ std::vector<at::Tensor> layer_norm_lstm_bwd_cpu(const at::Tensor& grad_out, cons
                   workspace.size(1) == sh.B && workspace.size(2) == sh.width,
               "layer_norm_lstm: the workspace does not come from the cpu forward of this layer");
   const auto f32 = xw.options().dtype(at::kFloat);
-  at::Tensor d_pre = at::empty({sh.T, sh.B, sh.GHp}, f32), d_a = at::empty({sh.T, sh.B, sh.GHp}, f32);
-  at::Tensor d_n = at::empty({sh.T, sh.B, sh.Hp}, f32);
+  at::Tensor d_pre = cpu::cached_empty({sh.T, sh.B, sh.GHp}, f32), d_a = cpu::cached_empty({sh.T, sh.B, sh.GHp}, f32);
+  at::Tensor d_n = cpu::cached_empty({sh.T, sh.B, sh.Hp}, f32);
   at::Tensor dh0 = at::empty({sh.B, sh.H}, f32), dc0 = at::empty({sh.B, sh.H}, f32);
   BIGNLP_DISPATCH_FLOAT_BF16(xw.scalar_type(), "layer_norm_lstm_bwd_cpu", [&] {
     backward<scalar_t>(sh, grad_out.contiguous(), grad_h_n.contiguous(), grad_c_n.contiguous(), w_hh, gamma_h,

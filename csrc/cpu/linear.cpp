@@ -29,7 +29,7 @@ at::Tensor linear_fwd_cpu(const at::Tensor& x, const at::Tensor& w, const std::o
   check(x, w, /*w_transposed_ok=*/true);
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   const bool rows = w.is_contiguous();  // else w.t() is: W^T stored [K, N]
-  at::Tensor y = cpu::empty_huge({M, N}, x.options());  // written once: huge pages (common.h)
+  at::Tensor y = cpu::cached_empty({M, N}, x.options());  // written once: from the buffer cache
   const at::Tensor bias_c = b.has_value() ? b->contiguous() : at::Tensor();
   BIGNLP_DISPATCH_FLOAT_BF16(x.scalar_type(), "linear_fwd_cpu", [&] {
     const scalar_t* bias = b.has_value() ? bias_c.const_data_ptr<scalar_t>() : nullptr;
@@ -52,7 +52,7 @@ std::vector<at::Tensor> linear_bwd_cpu(const at::Tensor& grad_y, const at::Tenso
   check(x, w, /*w_transposed_ok=*/false);
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   const at::Tensor gy = grad_y.contiguous();
-  at::Tensor dx = cpu::empty_huge({M, K}, x.options()), dw = cpu::empty_huge({N, K}, w.options());
+  at::Tensor dx = cpu::cached_empty({M, K}, x.options()), dw = cpu::cached_empty({N, K}, w.options());
   BIGNLP_DISPATCH_FLOAT_BF16(x.scalar_type(), "linear_bwd_cpu", [&] {
     const scalar_t* g = gy.const_data_ptr<scalar_t>();
     // dx = dy W: [M, N] x [N, K];  dW = dy^T x: [N, M] x [M, K]

@@ -621,11 +621,11 @@ std::vector<at::Tensor> rnn_fwd_cpu(const at::Tensor& xw, const at::Tensor& w_hh
   TORCH_CHECK(h0.size(0) == sh.B && h0.size(1) == sh.S, "rnn: h0 must be [B, S]");
   TORCH_CHECK((sh.mode == Mode::kLstm) == c0.has_value(), "rnn: c0 is given exactly for lstm");
   const auto len = cpu::lengths_of(lengths, sh.B, sh.T);
-  // the large outputs are written once: huge pages for them (common.h)
-  at::Tensor out = cpu::empty_huge({sh.T, sh.B, sh.S}, xw.options());
+  // the large outputs are written once: from the buffer cache (buffer_cache.h)
+  at::Tensor out = cpu::cached_empty({sh.T, sh.B, sh.S}, xw.options());
   at::Tensor h_n = at::empty({sh.B, sh.S}, xw.options());
   at::Tensor c_n = sh.mode == Mode::kLstm ? at::empty({sh.B, sh.H}, xw.options()) : at::empty({0}, xw.options());
-  at::Tensor ws = save_workspace ? cpu::empty_huge({sh.T, sh.B, sh.width}, xw.options().dtype(at::kFloat))
+  at::Tensor ws = save_workspace ? cpu::cached_empty({sh.T, sh.B, sh.width}, xw.options().dtype(at::kFloat))
                                  : at::empty({0}, xw.options().dtype(at::kFloat));
   BIGNLP_DISPATCH_FLOAT_BF16(xw.scalar_type(), "rnn_fwd_cpu", [&] {
     forward<scalar_t>(sh, xw, w_hh, b_hh, h0, c0, w_hr, len, reverse, out, h_n, c_n, ws, save_workspace);
@@ -644,10 +644,10 @@ std::vector<at::Tensor> rnn_bwd_cpu(const at::Tensor& grad_out, const at::Tensor
               "rnn: the workspace does not come from the cpu forward of this layer");
   const auto len = cpu::lengths_of(lengths, sh.B, sh.T);
   const auto f32 = xw.options().dtype(at::kFloat);
-  // written once: huge pages (common.h)
-  at::Tensor d_hlin = cpu::empty_huge({sh.T, sh.B, sh.G * sh.H}, f32);
-  at::Tensor d_x = sh.mode == Mode::kGru ? cpu::empty_huge({sh.T, sh.B, sh.G * sh.H}, f32) : d_hlin;
-  at::Tensor dht_all = cpu::zeros_huge({sh.proj ? sh.T : 0, sh.B, sh.S}, f32);
+  // written once: from the buffer cache (buffer_cache.h)
+  at::Tensor d_hlin = cpu::cached_empty({sh.T, sh.B, sh.G * sh.H}, f32);
+  at::Tensor d_x = sh.mode == Mode::kGru ? cpu::cached_empty({sh.T, sh.B, sh.G * sh.H}, f32) : d_hlin;
+  at::Tensor dht_all = cpu::cached_zeros({sh.proj ? sh.T : 0, sh.B, sh.S}, f32);
   at::Tensor dh0 = at::empty({sh.B, sh.S}, f32), dc0 = at::empty({sh.B, sh.H}, f32);
   at::Tensor db_steps = at::empty({b_hh.has_value() ? sh.T : 0, sh.G * sh.H}, f32);  // d_b_hh per step
   BIGNLP_DISPATCH_FLOAT_BF16(xw.scalar_type(), "rnn_bwd_cpu", [&] {

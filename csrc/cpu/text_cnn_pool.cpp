@@ -220,7 +220,7 @@ std::vector<at::Tensor> text_cnn_pool_bwd_cpu(const at::Tensor& grad_out, const 
       if (iptr[n] < 0) out[n] = 0.f;
   }
   std::vector<at::Tensor> grads(1 + weights.size() * (biases ? 2 : 1));
-  at::Tensor gx = at::empty_like(x);
+  at::Tensor gx = cpu::cached_empty_like(x);
   std::vector<at::Tensor> wk;  // W as fp32 [C, k, E]: the row block a window's gradient adds
   for (size_t i = 0; i < weights.size(); ++i) {
     wk.push_back(weights[i].to(at::kFloat).permute({0, 2, 1}).contiguous());

@@ -92,11 +92,12 @@ SKINNY_ROWS = 16  # csrc/cpu/skinny_gemm.h's kSkinnyRows: the most rows the stre
 # float32 up to 16 rows (1.3-2.7x from 1 MiB of weight), bfloat16 up to 2 (1.2-2.1x at GPT-2's
 # shapes; from 4 rows on torch's bf16 GEMM was the faster, 0.6-0.9x).
 SKINNY_ROWS_BF16 = 2
-# The fixed cost of a call (argument checks and the custom op's dispatch: about 15 us forward, 90 us
-# forward + backward) outweighs the faster GEMM on small products: F.linear was the faster at
-# 64x128->128 and 16x256->256 (0.6-0.8x) and at a 1-row float32 product with a weight of 1 MiB or
-# less in cache (0.4-0.9x); ops.linear from about 8M multiply-adds on (1.2-2x: 128x256->256,
-# 64x512->512, 128x768->768).
+# The fixed cost of a call (argument checks and the call's route: about 15 us forward, ~70 us
+# forward + backward with the autograd.Function route of ops/_common.py, ~90 us before it) outweighs
+# the faster GEMM on small products: F.linear was the faster at 64x128->128 and 16x256->256 (0.7x
+# forward, 0.9x forward + backward) and at a 1-row float32 product with a weight of 1 MiB or less in
+# cache (0.4-0.9x); even at ~2M multiply-adds (32x256->256: 0.8x / 1.0x); ops.linear from ~4M on
+# (64x256->256 1.0x / 1.2x, 16x512->512 1.3x / 1.3x, 128x256->256 1.3x / 1.4x, 128x768->768 1.9x).
 MIN_MACS = 1 << 22  # rows * K * N below this: F.linear
 MIN_SKINNY_WEIGHT_BYTES = 1 << 20  # a decoding-sized input's weight below this: F.linear
 

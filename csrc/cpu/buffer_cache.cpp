@@ -3,6 +3,7 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <iterator>
 #include <map>
 #include <mutex>
 #include <string>
@@ -45,12 +46,15 @@ class Cache {
   // A buffer of at least `bytes` (from buffer_bytes()): a cached one of the same size, or up to 1/8
   // larger (a batch whose token count varies asks for sizes that differ a little), else a new one,
   // 4 KiB aligned, or 2 MiB aligned with huge pages advised from kLargeBytes. Sets `bytes` to its size.
+  // Of the cached buffers of the best size, the one given back last: the likeliest to be in cache
+  // still (a multimap keeps equal keys in the order they came).
   void* take(size_t& bytes) {
     void* p = nullptr;
     {
       std::lock_guard<std::mutex> lock(mu_);
-      const auto it = free_.lower_bound(bytes);
-      if (it != free_.end() && it->first <= bytes + bytes / 8) {
+      const auto fit = free_.lower_bound(bytes);
+      if (fit != free_.end() && fit->first <= bytes + bytes / 8) {
+        const auto it = std::prev(free_.upper_bound(fit->first));
         p = it->second.p;
         bytes = it->first;
         cached_ -= bytes;

@@ -56,6 +56,57 @@ inline void dispatch_form(bool tanh_approx, F&& f) {
   else f(std::false_type{});
 }
 
+// The loops over rows, as functions of their own: every pointer and size a local value. Read through
+// a parallel_for lambda's captured references, each is loaded again after every vector store (the
+// intrinsics' vector types may alias anything; see add_layer_norm.cpp: bwd_chunks).
+// Rows [r0, r1) of the forward; b is the fp32 bias in split lane order.
+template <bool kTanhApprox, typename T>
+void fwd_rows(int64_t r0, int64_t r1, const T* xp, const float* b, T* yp, int64_t H, bool stream) {
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t j = 0; j < H; j += kStep) {
+      cpu::prefetch_ahead(xp + r * H + j);
+      if (!stream) cpu::prefetch_ahead(yp + r * H + j, /*for_write=*/true);
+      fVec a, c;
+      cpu::load2_split(xp + r * H + j, H - j, a, c);
+      a = gelu<kTanhApprox, T>(a + fVec::loadu(b + j));
+      c = gelu<kTanhApprox, T>(c + fVec::loadu(b + j + fVec::size()));
+      cpu::store2_split(yp + r * H + j, H - j, a, c, stream);
+    }
+  }
+  cpu::stream_fence();
+}
+
+// Chunks [c0, c1) of `chunk` rows of the backward; each chunk's bias gradient to pdb_all + c * Hp
+// (when pdb_all is given).
+template <bool kTanhApprox, typename T>
+void bwd_chunks(int64_t c0, int64_t c1, const T* xp, const T* gp, const float* b, T* dxp, float* pdb_all, int64_t rows,
+                int64_t H, int64_t chunk, bool stream) {
+  const int64_t Hp = cpu::round_up_to_step(H);
+  for (int64_t c = c0; c < c1; ++c) {
+    float* pdb = pdb_all ? pdb_all + c * Hp : nullptr;
+    for (int64_t r = c * chunk; r < std::min(rows, (c + 1) * chunk); ++r) {
+      for (int64_t j = 0; j < H; j += kStep) {
+        const int64_t h = fVec::size();
+        cpu::prefetch_ahead(xp + r * H + j);
+        cpu::prefetch_ahead(gp + r * H + j);
+        if (!stream) cpu::prefetch_ahead(dxp + r * H + j, /*for_write=*/true);
+        fVec xa, xc, ga, gc;
+        cpu::load2_split(xp + r * H + j, H - j, xa, xc);
+        cpu::load2_split(gp + r * H + j, H - j, ga, gc);
+        const fVec da = ga * gelu_grad<kTanhApprox, T>(xa + fVec::loadu(b + j));
+        const fVec dc = gc * gelu_grad<kTanhApprox, T>(xc + fVec::loadu(b + j + h));
+        cpu::store2_split(dxp + r * H + j, H - j, da, dc, stream);
+        if (pdb) {  // padding lanes have grad_y = 0, so they add nothing
+          (fVec::loadu(pdb + j) + da).store(pdb + j);
+          (fVec::loadu(pdb + j + h) + dc).store(pdb + j + h);
+        }
+      }
+    }
+    if (pdb) cpu::split_columns<T>(pdb, Hp, /*back=*/true);  // this chunk's partial sums back in column order
+  }
+  cpu::stream_fence();
+}
+
 void check_inputs(const at::Tensor& x, const std::optional<at::Tensor>& bias, const char* xname) {
   TORCH_CHECK(x.device().is_cpu() && x.dim() == 2 && x.is_contiguous(), "bias_gelu: ", xname,
               " must be a contiguous 2-D CPU tensor, got shape ", x.sizes(), " on ", x.device());
@@ -83,20 +134,8 @@ at::Tensor bias_gelu_fwd_cpu(const at::Tensor& x, const std::optional<at::Tensor
     T* yp = y.data_ptr<T>();
     const bool stream = cpu::stream_ok(yp, H * sizeof(T), rows * H * static_cast<int64_t>(sizeof(T)));
     dispatch_form(tanh_approx, [&](auto form) {
-      constexpr bool kTanhApprox = decltype(form)::value;
       at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / Hp), [&](int64_t r0, int64_t r1) {
-        for (int64_t r = r0; r < r1; ++r) {
-          for (int64_t j = 0; j < H; j += kStep) {
-            cpu::prefetch_ahead(xp + r * H + j);
-            if (!stream) cpu::prefetch_ahead(yp + r * H + j, /*for_write=*/true);
-            fVec a, c;
-            cpu::load2_split(xp + r * H + j, H - j, a, c);
-            a = gelu<kTanhApprox, T>(a + fVec::loadu(b + j));
-            c = gelu<kTanhApprox, T>(c + fVec::loadu(b + j + fVec::size()));
-            cpu::store2_split(yp + r * H + j, H - j, a, c, stream);
-          }
-        }
-        cpu::stream_fence();
+        fwd_rows<decltype(form)::value, T>(r0, r1, xp, b, yp, H, stream);
       });
     });
   });
@@ -128,31 +167,8 @@ std::vector<at::Tensor> bias_gelu_bwd_cpu(const at::Tensor& grad_y, const at::Te
     float* pdb_all = bias ? partial.data_ptr<float>() : nullptr;
     const bool stream = cpu::stream_ok(dxp, H * sizeof(T), rows * H * static_cast<int64_t>(sizeof(T)));
     dispatch_form(tanh_approx, [&](auto form) {
-      constexpr bool kTanhApprox = decltype(form)::value;
       at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
-        for (int64_t c = c0; c < c1; ++c) {
-          float* pdb = pdb_all ? pdb_all + c * Hp : nullptr;
-          for (int64_t r = c * chunk; r < std::min(rows, (c + 1) * chunk); ++r) {
-            for (int64_t j = 0; j < H; j += kStep) {
-              const int64_t h = fVec::size();
-              cpu::prefetch_ahead(xp + r * H + j);
-              cpu::prefetch_ahead(gp + r * H + j);
-              if (!stream) cpu::prefetch_ahead(dxp + r * H + j, /*for_write=*/true);
-              fVec xa, xc, ga, gc;
-              cpu::load2_split(xp + r * H + j, H - j, xa, xc);
-              cpu::load2_split(gp + r * H + j, H - j, ga, gc);
-              const fVec da = ga * gelu_grad<kTanhApprox, T>(xa + fVec::loadu(b + j));
-              const fVec dc = gc * gelu_grad<kTanhApprox, T>(xc + fVec::loadu(b + j + h));
-              cpu::store2_split(dxp + r * H + j, H - j, da, dc, stream);
-              if (pdb) {  // padding lanes have grad_y = 0, so they add nothing
-                (fVec::loadu(pdb + j) + da).store(pdb + j);
-                (fVec::loadu(pdb + j + h) + dc).store(pdb + j + h);
-              }
-            }
-          }
-          if (pdb) cpu::split_columns<T>(pdb, Hp, /*back=*/true);  // this chunk's partial sums back in column order
-        }
-        cpu::stream_fence();
+        bwd_chunks<decltype(form)::value, T>(c0, c1, xp, gp, b, dxp, pdb_all, rows, H, chunk, stream);
       });
     });
   });

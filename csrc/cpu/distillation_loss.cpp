@@ -1,6 +1,7 @@
 // distillation_loss on the CPU: alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y),
 // per row in two passes over the logits (maxima; sums of exponentials) and, when a gradient is
-// needed, a third that writes d loss / d s. The softmaxes never exist as tensors.
+// needed, a third that writes d loss / d s from the exponentials the second kept in per-thread row
+// buffers (3 V floats: in L2 for a BERT-sized vocabulary). The softmaxes never exist as tensors.
 //
 // With ms, mt the row maxima, Zs = sum exp((s - ms)/T), Zt = sum exp((t - mt)/T),
 // A = sum exp((t - mt)/T) (t - s)/T and Z1 = sum exp(s - ms):
@@ -65,7 +66,7 @@ std::vector<at::Tensor> distillation_loss_fwd_cpu(const at::Tensor& student, con
     const T_* tp = teacher.const_data_ptr<T_>();
     T_* gp = need_grad ? grad.data_ptr<T_>() : nullptr;
     at::parallel_for(0, N, 1, [&](int64_t r0, int64_t r1) {
-      std::vector<float> s(V), t(V);
+      std::vector<float> s(V), t(V), e(gp ? V : 0);
       constexpr int64_t VS = fVec::size();
       const float neg_inf = -std::numeric_limits<float>::infinity();
       for (int64_t r = r0; r < r1; ++r) {
@@ -79,7 +80,11 @@ std::vector<at::Tensor> distillation_loss_fwd_cpu(const at::Tensor& student, con
           vmt = at::vec::maximum(vmt, n >= VS ? fVec::loadu(t.data() + i) : fVec::set(fVec(neg_inf), fVec::loadu(t.data() + i, n), n));
         }
         const float ms = hmax(vms), mt = hmax(vmt);
-        // pass 2: sums of exponentials (lanes past V load 0 and are masked out of every sum)
+        // pass 2: sums of exponentials (lanes past V load 0 and are masked out of every sum). With a
+        // gradient to write, the three exponentials are kept (over s and t, which pass 3 no longer
+        // needs, and e): pass 3 then takes no exponential, half of the forward+backward's six per logit
+        const bool valid = y != nullptr && y[r] != ignore_index;
+        const float s_label = valid ? s[y[r]] : 0.f;
         fVec zs(0.f), zt(0.f), z1(0.f), a(0.f);
         const fVec vinv(inv_T), vms_(ms), vmt_(mt);
         for (int64_t i = 0; i < V; i += VS) {
@@ -92,20 +97,19 @@ std::vector<at::Tensor> distillation_loss_fwd_cpu(const at::Tensor& student, con
             es = fVec::set(zero, es, n), et = fVec::set(zero, et, n), e1 = fVec::set(zero, e1, n), d = fVec::set(zero, d, n);
           }
           zs = zs + es, zt = zt + et, z1 = z1 + e1, a = at::vec::fmadd(et, d, a);
+          if (gp) cpu::store_any(s.data() + i, es, n), cpu::store_any(t.data() + i, et, n), cpu::store_any(e.data() + i, e1, n);
         }
         const float Zs = hsum(zs), Zt = hsum(zt), Z1 = hsum(z1), A = hsum(a);
         kl_rows[r] = A / Zt - (mt * inv_T + std::log(Zt)) + (ms * inv_T + std::log(Zs));
-        const bool valid = y != nullptr && y[r] != ignore_index;
-        if (valid) ce_rows[r] = ms + std::log(Z1) - s[y[r]];
+        if (valid) ce_rows[r] = ms + std::log(Z1) - s_label;
         if (!gp) continue;
-        // pass 3: the gradient
+        // pass 3: the gradient, from the kept exponentials, into s
         const fVec cs(kd_grad / Zs), ct(kd_grad / Zt), c1(valid ? ce_grad / Z1 : 0.f);
         for (int64_t i = 0; i < V; i += VS) {
           const int64_t n = V - i;
-          const fVec sv = cpu::load_any(s.data() + i, n), tv = cpu::load_any(t.data() + i, n);
-          const fVec g = cs * ((sv - vms_) * vinv).exp_u20() - ct * ((tv - vmt_) * vinv).exp_u20() +
-                         c1 * (sv - vms_).exp_u20();
-          cpu::store_any(s.data() + i, g, n);  // s is no longer needed: reuse it for the row's gradient
+          const fVec g = cs * cpu::load_any(s.data() + i, n) - ct * cpu::load_any(t.data() + i, n) +
+                         c1 * cpu::load_any(e.data() + i, n);
+          cpu::store_any(s.data() + i, g, n);
         }
         if (valid) s[y[r]] -= ce_grad;
         cpu::from_float(s.data(), gp + r * V, V);

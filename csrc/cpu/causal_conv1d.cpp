@@ -46,86 +46,104 @@ void load_row(const T* head, const T* x, int64_t L, std::vector<float>& xx) {
   cpu::to_float(x, xx.data() + W - 1, L);
 }
 
+// Rows [r0, r1) (r = b * C + c) of the forward. The loops over rows of both passes are functions of
+// their own, so that every pointer and size is a local value: read through parallel_for's captured
+// references, each would be loaded again after every vector store (see add_layer_norm.cpp: bwd_chunks).
+template <int W, int A, typename T>
+void forward_rows(int64_t r0, int64_t r1, const T* x, const T* w, const T* bias, const T* init, T* y, int64_t C,
+                  int64_t L) {
+  std::vector<float> xx;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t c = r % C;
+    fVec wj[W];
+    for (int j = 0; j < W; ++j) wj[j] = fVec(static_cast<float>(w[c * W + j]));
+    const fVec b(bias ? static_cast<float>(bias[c]) : 0.f);
+    const T* xr = x + r * L;
+    T* yr = y + r * L;
+    // y[t] reads xx[t .. t+W-1] = x[t-W+1 .. t]: from x itself once t >= W-1, from the head before.
+    const int64_t head_steps = std::min<int64_t>(L, W - 1);
+    if (head_steps > 0) {
+      load_row<W>(init ? init + r * (W - 1) : static_cast<const T*>(nullptr), xr, std::min<int64_t>(L, kStep), xx);
+      fVec a(b), cc(b);
+      for (int j = 0; j < W; ++j) {
+        a = at::vec::fmadd(wj[j], fVec::loadu(xx.data() + j), a);
+        cc = at::vec::fmadd(wj[j], fVec::loadu(xx.data() + j + fVec::size()), cc);
+      }
+      cpu::store2_any(yr, std::min<int64_t>(L, kStep), cpu::activate<A>(a), cpu::activate<A>(cc));
+    }
+    for (int64_t t = std::min<int64_t>(L, kStep); t < L; t += kStep) {
+      fVec a(b), cc(b);
+      for (int j = 0; j < W; ++j) {
+        fVec lo, hi;
+        const int64_t s = t - (W - 1) + j;  // >= 0 here since t >= kStep > W - 1
+        cpu::load2_any(xr + s, L - s, lo, hi);
+        a = at::vec::fmadd(wj[j], lo, a);
+        cc = at::vec::fmadd(wj[j], hi, cc);
+      }
+      cpu::store2_any(yr + t, L - t, cpu::activate<A>(a), cpu::activate<A>(cc));
+    }
+  }
+}
+
 template <int W, int A, typename T>
 void forward(const T* x, const T* w, const T* bias, const T* init, T* y, int64_t B, int64_t C, int64_t L) {
   at::parallel_for(0, B * C, std::max<int64_t>(1, 16384 / std::max<int64_t>(L, 1)), [&](int64_t r0, int64_t r1) {
-    std::vector<float> xx;
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t c = r % C;
-      fVec wj[W];
-      for (int j = 0; j < W; ++j) wj[j] = fVec(static_cast<float>(w[c * W + j]));
-      const fVec b(bias ? static_cast<float>(bias[c]) : 0.f);
-      const T* xr = x + r * L;
-      T* yr = y + r * L;
-      // y[t] reads xx[t .. t+W-1] = x[t-W+1 .. t]: from x itself once t >= W-1, from the head before.
-      const int64_t head_steps = std::min<int64_t>(L, W - 1);
-      if (head_steps > 0) {
-        load_row<W>(init ? init + r * (W - 1) : static_cast<const T*>(nullptr), xr, std::min<int64_t>(L, kStep), xx);
-        fVec a(b), cc(b);
-        for (int j = 0; j < W; ++j) {
-          a = at::vec::fmadd(wj[j], fVec::loadu(xx.data() + j), a);
-          cc = at::vec::fmadd(wj[j], fVec::loadu(xx.data() + j + fVec::size()), cc);
-        }
-        cpu::store2_any(yr, std::min<int64_t>(L, kStep), cpu::activate<A>(a), cpu::activate<A>(cc));
-      }
-      for (int64_t t = std::min<int64_t>(L, kStep); t < L; t += kStep) {
-        fVec a(b), cc(b);
-        for (int j = 0; j < W; ++j) {
-          fVec lo, hi;
-          const int64_t s = t - (W - 1) + j;  // >= 0 here since t >= kStep > W - 1
-          cpu::load2_any(xr + s, L - s, lo, hi);
-          a = at::vec::fmadd(wj[j], lo, a);
-          cc = at::vec::fmadd(wj[j], hi, cc);
-        }
-        cpu::store2_any(yr + t, L - t, cpu::activate<A>(a), cpu::activate<A>(cc));
-      }
-    }
+    forward_rows<W, A>(r0, r1, x, w, bias, init, y, C, L);
   });
+}
+
+// Rows [r0, r1) of the backward (see forward_rows).
+template <int W, int A, typename T>
+void backward_rows(int64_t r0, int64_t r1, const T* gy, const T* x, const T* w, const T* bias, const T* init, T* gx,
+                   T* ginit, float* partial, int64_t C, int64_t L) {
+  std::vector<float> xx, gpp;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t c = r % C;
+    fVec wj[W];
+    for (int j = 0; j < W; ++j) wj[j] = fVec(static_cast<float>(w[c * W + j]));
+    const fVec b(bias ? static_cast<float>(bias[c]) : 0.f);
+    load_row<W>(init ? init + r * (W - 1) : static_cast<const T*>(nullptr), x + r * L, L, xx);
+    // gpp = [W-1 zeros, gp[0 .. L), zeros]: grad_xx[u] = sum_j w[j] gpp[u + W-1 - j] needs no bounds.
+    gpp.assign(2 * (W - 1) + L + kStep, 0.f);
+    const float* xd = xx.data();  // locals: the vectors' own pointers would be reloaded after each store
+    float* gd = gpp.data();
+    float* gp = gd + (W - 1);
+    fVec dw[W], db(0.f);
+    for (int j = 0; j < W; ++j) dw[j] = fVec(0.f);
+    for (int64_t t = 0; t < L; t += fVec::size()) {
+      const int64_t n = L - t;
+      fVec pre(b);
+      for (int j = 0; j < W; ++j) pre = at::vec::fmadd(wj[j], fVec::loadu(xd + t + j), pre);
+      const fVec g = cpu::load_any(gy + r * L + t, n) * cpu::activate_grad<A>(pre);  // 0 past L
+      cpu::store_any(gp + t, g, n);
+      db = db + g;
+      for (int j = 0; j < W; ++j) dw[j] = at::vec::fmadd(g, fVec::loadu(xd + t + j), dw[j]);
+    }
+    auto sum = [](const fVec& v) {
+      return at::vec::vec_reduce_all<float>([](fVec& p, fVec& q) { return p + q; }, v);
+    };
+    for (int j = 0; j < W; ++j) partial[r * (W + 1) + j] = sum(dw[j]);
+    partial[r * (W + 1) + W] = sum(db);
+    // grad_xx[u] for u in [0, W-1 + L): the head (initial_state) then x.
+    auto grad_at = [&](int64_t u) {
+      fVec acc(0.f);
+      for (int j = 0; j < W; ++j) acc = at::vec::fmadd(wj[j], fVec::loadu(gd + u + (W - 1) - j), acc);
+      return acc;
+    };
+    if (ginit) {
+      float head[fVec::size()];
+      grad_at(0).store(head);
+      for (int u = 0; u < W - 1; ++u) ginit[r * (W - 1) + u] = static_cast<T>(head[u]);
+    }
+    for (int64_t t = 0; t < L; t += fVec::size()) cpu::store_any(gx + r * L + t, grad_at(t + W - 1), L - t);
+  }
 }
 
 template <int W, int A, typename T>
 void backward(const T* gy, const T* x, const T* w, const T* bias, const T* init, T* gx, T* ginit, float* partial,
               int64_t B, int64_t C, int64_t L) {
   at::parallel_for(0, B * C, std::max<int64_t>(1, 8192 / std::max<int64_t>(L, 1)), [&](int64_t r0, int64_t r1) {
-    std::vector<float> xx, gpp;
-    for (int64_t r = r0; r < r1; ++r) {
-      const int64_t c = r % C;
-      fVec wj[W];
-      for (int j = 0; j < W; ++j) wj[j] = fVec(static_cast<float>(w[c * W + j]));
-      const fVec b(bias ? static_cast<float>(bias[c]) : 0.f);
-      load_row<W>(init ? init + r * (W - 1) : static_cast<const T*>(nullptr), x + r * L, L, xx);
-      // gpp = [W-1 zeros, gp[0 .. L), zeros]: grad_xx[u] = sum_j w[j] gpp[u + W-1 - j] needs no bounds.
-      gpp.assign(2 * (W - 1) + L + kStep, 0.f);
-      float* gp = gpp.data() + (W - 1);
-      fVec dw[W], db(0.f);
-      for (int j = 0; j < W; ++j) dw[j] = fVec(0.f);
-      for (int64_t t = 0; t < L; t += fVec::size()) {
-        const int64_t n = L - t;
-        fVec pre(b);
-        for (int j = 0; j < W; ++j) pre = at::vec::fmadd(wj[j], fVec::loadu(xx.data() + t + j), pre);
-        const fVec g = cpu::load_any(gy + r * L + t, n) * cpu::activate_grad<A>(pre);  // 0 past L
-        cpu::store_any(gp + t, g, n);
-        db = db + g;
-        for (int j = 0; j < W; ++j) dw[j] = at::vec::fmadd(g, fVec::loadu(xx.data() + t + j), dw[j]);
-      }
-      auto sum = [](const fVec& v) {
-        return at::vec::vec_reduce_all<float>([](fVec& p, fVec& q) { return p + q; }, v);
-      };
-      for (int j = 0; j < W; ++j) partial[r * (W + 1) + j] = sum(dw[j]);
-      partial[r * (W + 1) + W] = sum(db);
-      // grad_xx[u] for u in [0, W-1 + L): the head (initial_state) then x.
-      auto grad_at = [&](int64_t u) {
-        fVec acc(0.f);
-        for (int j = 0; j < W; ++j) acc = at::vec::fmadd(wj[j], fVec::loadu(gpp.data() + u + (W - 1) - j), acc);
-        return acc;
-      };
-      if (ginit) {
-        float head[fVec::size()];
-        grad_at(0).store(head);
-        for (int u = 0; u < W - 1; ++u) ginit[r * (W - 1) + u] = static_cast<T>(head[u]);
-      }
-      for (int64_t t = 0; t < L; t += fVec::size()) cpu::store_any(gx + r * L + t, grad_at(t + W - 1), L - t);
-    }
+    backward_rows<W, A>(r0, r1, gy, x, w, bias, init, gx, ginit, partial, C, L);
   });
 }
 

@@ -61,39 +61,54 @@ inline void epilogue_step(const S* pre, int64_t n, const fVec& b, const T* res, 
   cpu::store2_any(out, n, a, c);
 }
 
-// out[r, :] = act(pre[r, :] + bias[r % C]) (+ res[r, :]); out may be pre.
+// out[r, :] = act(pre[r, :] + bias[r % C]) (+ res[r, :]) for rows [r0, r1); out may be pre. The
+// loops over rows of both epilogues are functions of their own, so that every pointer and size is a
+// local value (read through parallel_for's captured references, each would be loaded again after
+// every vector store: see add_layer_norm.cpp, bwd_chunks).
+template <int A, typename T>
+void epilogue_fwd_rows(int64_t r0, int64_t r1, const T* pre, const T* bias, const T* res, T* out, int64_t C,
+                       int64_t S) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const fVec b(bias ? static_cast<float>(bias[r % C]) : 0.f);
+    const int64_t o = r * S;
+    for (int64_t s = 0; s < S; s += kStep)
+      epilogue_step<A>(pre + o + s, std::min(kStep, S - s), b, res ? res + o + s : nullptr, out + o + s);
+  }
+}
+
 template <int A, typename T>
 void epilogue_fwd(const T* pre, const T* bias, const T* res, T* out, int64_t rows, int64_t C, int64_t S) {
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1)), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const fVec b(bias ? static_cast<float>(bias[r % C]) : 0.f);
-      const int64_t o = r * S;
-      for (int64_t s = 0; s < S; s += kStep)
-        epilogue_step<A>(pre + o + s, std::min(kStep, S - s), b, res ? res + o + s : nullptr, out + o + s);
-    }
+    epilogue_fwd_rows<A>(r0, r1, pre, bias, res, out, C, S);
   });
 }
 
-// gp[r, :] = g[r, :] * act'(pre[r, :] + bias[r % C]); row_sums[r] = sum of gp[r, :] (fp32).
+// gp[r, :] = g[r, :] * act'(pre[r, :] + bias[r % C]); row_sums[r] = sum of gp[r, :] (fp32), rows [r0, r1).
+template <int A, typename T>
+void epilogue_bwd_rows(int64_t r0, int64_t r1, const T* g, const T* pre, const T* bias, T* gp, float* row_sums,
+                       int64_t C, int64_t S) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const fVec b(bias ? static_cast<float>(bias[r % C]) : 0.f);
+    const int64_t o = r * S;
+    fVec sum(0.f);
+    for (int64_t s = 0; s < S; s += kStep) {
+      fVec ga, gc, pa, pc;
+      cpu::load2_any(g + o + s, S - s, ga, gc);  // lanes past S load 0: they add nothing below
+      cpu::load2_any(pre + o + s, S - s, pa, pc);
+      ga = ga * cpu::activate_grad<A>(pa + b);
+      gc = gc * cpu::activate_grad<A>(pc + b);
+      cpu::store2_any(gp + o + s, S - s, ga, gc);
+      sum = sum + ga + gc;
+    }
+    row_sums[r] = at::vec::vec_reduce_all<float>([](fVec& p, fVec& q) { return p + q; }, sum);
+  }
+}
+
 template <int A, typename T>
 void epilogue_bwd(const T* g, const T* pre, const T* bias, T* gp, float* row_sums, int64_t rows, int64_t C,
                   int64_t S) {
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1)), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const fVec b(bias ? static_cast<float>(bias[r % C]) : 0.f);
-      const int64_t o = r * S;
-      fVec sum(0.f);
-      for (int64_t s = 0; s < S; s += kStep) {
-        fVec ga, gc, pa, pc;
-        cpu::load2_any(g + o + s, S - s, ga, gc);  // lanes past S load 0: they add nothing below
-        cpu::load2_any(pre + o + s, S - s, pa, pc);
-        ga = ga * cpu::activate_grad<A>(pa + b);
-        gc = gc * cpu::activate_grad<A>(pc + b);
-        cpu::store2_any(gp + o + s, S - s, ga, gc);
-        sum = sum + ga + gc;
-      }
-      row_sums[r] = at::vec::vec_reduce_all<float>([](fVec& p, fVec& q) { return p + q; }, sum);
-    }
+    epilogue_bwd_rows<A>(r0, r1, g, pre, bias, gp, row_sums, C, S);
   });
 }
 

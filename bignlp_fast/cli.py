@@ -56,7 +56,8 @@ def _info(args) -> int:
 
 def _bench(args) -> int:
     from bignlp_fast.bench import cases, copy_gbps, format_table, run_case
-    from bignlp_fast.bench.runner import gemm_gflops, plot, steady_allocator
+    from bignlp_fast._backend import steady_allocator
+    from bignlp_fast.bench.runner import gemm_gflops, plot
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bignlp-fast bench: --device cuda but no CUDA GPU is available", file=sys.stderr)

@@ -23,7 +23,6 @@ from typing import Optional
 import torch
 
 from bignlp_fast import _backend
-from bignlp_fast._backend import steady_allocator  # noqa: F401  (the benchmark's entry points import it from here)
 from bignlp_fast.bench.cases import Case, to_float64
 
 

@@ -60,7 +60,7 @@ void fwd_block(int64_t r0, int64_t r1, const T* x, const T* res, const float* w,
       acc0 = acc0 + a;
       acc1 = acc1 + c;
     }
-    const float mean = at::vec::vec_reduce_all<float>(std::plus<fVec>(), acc0 + acc1) / H;
+    const float mean = cpu::hsum(acc0 + acc1) / H;
     const fVec vmean(mean);
     acc0 = fVec(0.f);
     acc1 = fVec(0.f);
@@ -74,7 +74,7 @@ void fwd_block(int64_t r0, int64_t r1, const T* x, const T* res, const float* w,
       acc0 = at::vec::fmadd(da, da, acc0);
       acc1 = at::vec::fmadd(dc, dc, acc1);
     }
-    const float var = at::vec::vec_reduce_all<float>(std::plus<fVec>(), acc0 + acc1) / H;
+    const float var = cpu::hsum(acc0 + acc1) / H;
     const float rstd = 1.f / std::sqrt(var + eps);
     mean_out[r] = mean;
     rstd_out[r] = rstd;
@@ -146,8 +146,8 @@ void bwd_chunks(int64_t c0, int64_t c1, const T* dy, const T* dres, const T* s, 
         (fVec::loadu(pdb + j) + ya).store(pdb + j);
         (fVec::loadu(pdb + j + h) + yc).store(pdb + j + h);
       }
-      const fVec mg(at::vec::vec_reduce_all<float>(std::plus<fVec>(), sg0 + sg1) / H);
-      const fVec mgx(at::vec::vec_reduce_all<float>(std::plus<fVec>(), sgx0 + sgx1) / H);
+      const fVec mg(cpu::hsum(sg0 + sg1) / H);
+      const fVec mgx(cpu::hsum(sgx0 + sgx1) / H);
       const bool prefetch_next = r + 1 < std::min(rows, (c1) * chunk);
       for (int64_t j = 0; j < H; j += kStep) {  // pass 2: ds = rstd * (g - mean(g) - xhat * mean(g xhat))
         const int64_t h = fVec::size();

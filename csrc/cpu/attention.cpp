@@ -320,7 +320,7 @@ void softmax_tile_bf16(float* s_tile, int64_t ld_s, int64_t m, int64_t n, float 
     fVec vmax(-kInf);
     for (int64_t j = 0; j < n; j += V)
       vmax = at::vec::maximum(vmax, lanes(j) == V ? fVec::loadu(s + j) : fVec::set(fVec(-kInf), fVec::loadu(s + j, lanes(j)), lanes(j)));
-    const float m_new = std::max(row_max[r], mul * at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return at::vec::maximum(a, b); }, vmax));
+    const float m_new = std::max(row_max[r], mul * cpu::hmax(vmax));
     if (m_new == -kInf) {  // every key so far masked: this tile adds nothing to the row
       std::fill(p, p + cpu::round_up_to_step(n), c10::BFloat16(0.f));
       continue;
@@ -342,7 +342,7 @@ void softmax_tile_bf16(float* s_tile, int64_t ld_s, int64_t m, int64_t n, float 
         cpu::to_bf16(e0, e1).store(p + j);
       }
     }
-    row_sum[r] = row_sum[r] * rescale + at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, vsum);
+    row_sum[r] = row_sum[r] * rescale + cpu::hsum(vsum);
     row_max[r] = m_new;
     if (rescale != 1.f) {
       float* a = acc + r * ld_acc;
@@ -374,7 +374,7 @@ float dot_row(const float* q, const T* k, int64_t d) {
     const int64_t w = std::min<int64_t>(fVec::size(), d - c);
     acc = at::vec::fmadd(load_any(q + c, w), load_any(k + c, w), acc);
   }
-  return at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, acc);
+  return cpu::hsum(acc);
 }
 
 template <typename T>
@@ -427,7 +427,7 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
              const std::vector<Seq>& seqs, double scale, int64_t causal, const Dropout& dropout, at::Tensor& out,
              at::Tensor& lse) {
   const int64_t hq = q.size(1), hk = k.size(1), groups = hq / hk, d = q.size(3), dv = v.size(3);
-  const int64_t ltot = q.size(2), ld_d = tile_ld(d), ld_dv = tile_ld(dv);
+  const int64_t ltot = q.size(2), ld_dv = tile_ld(dv);
   const Rows<T> Q(q), K(k), V(v), O(out);
   float* lse_base = lse.data_ptr<float>();
   int64_t max_lq = 0;
@@ -540,7 +540,7 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
             const int64_t w = std::min<int64_t>(fVec::size(), n - j);
             vmax = at::vec::maximum(vmax, w == fVec::size() ? fVec::loadu(s + j) : fVec::set(fVec(-kInf), fVec::loadu(s + j, w), w));
           }
-          const float m_new = std::max(row_max[r], at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return at::vec::maximum(a, b); }, vmax));
+          const float m_new = std::max(row_max[r], cpu::hmax(vmax));
           if (m_new == -kInf) {  // every key so far masked: this tile adds nothing to the row
             std::fill(s, s + n, 0.f);
             continue;
@@ -554,7 +554,7 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
             store_any(s + j, p, w);
             vsum = vsum + (w == fVec::size() ? p : fVec::set(fVec(0.f), p, w));
           }
-          row_sum[r] = row_sum[r] * rescale + at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return a + b; }, vsum);
+          row_sum[r] = row_sum[r] * rescale + cpu::hsum(vsum);
           row_max[r] = m_new;
           if (rescale != 1.f) {
             float* a = acc.data() + r * ld_dv;

@@ -119,11 +119,8 @@ void backward_rows(int64_t r0, int64_t r1, const T* gy, const T* x, const T* w, 
       db = db + g;
       for (int j = 0; j < W; ++j) dw[j] = at::vec::fmadd(g, fVec::loadu(xd + t + j), dw[j]);
     }
-    auto sum = [](const fVec& v) {
-      return at::vec::vec_reduce_all<float>([](fVec& p, fVec& q) { return p + q; }, v);
-    };
-    for (int j = 0; j < W; ++j) partial[r * (W + 1) + j] = sum(dw[j]);
-    partial[r * (W + 1) + W] = sum(db);
+    for (int j = 0; j < W; ++j) partial[r * (W + 1) + j] = cpu::hsum(dw[j]);
+    partial[r * (W + 1) + W] = cpu::hsum(db);
     // grad_xx[u] for u in [0, W-1 + L): the head (initial_state) then x.
     auto grad_at = [&](int64_t u) {
       fVec acc(0.f);

@@ -35,6 +35,12 @@ constexpr int64_t kStep = 2 * fVec::size();
 
 inline int64_t round_up_to_step(int64_t n) { return (n + kStep - 1) / kStep * kStep; }
 
+// The sum and the maximum of a vector's lanes.
+inline float hsum(const fVec& v) { return at::vec::vec_reduce_all<float>(std::plus<fVec>(), v); }
+inline float hmax(const fVec& v) {
+  return at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return at::vec::maximum(a, b); }, v);
+}
+
 // Full steps: exactly kStep elements.
 inline void load2(const float* p, fVec& a, fVec& b) {
   a = fVec::loadu(p);

@@ -100,7 +100,7 @@ void epilogue_bwd_rows(int64_t r0, int64_t r1, const T* g, const T* pre, const T
       cpu::store2_any(gp + o + s, S - s, ga, gc);
       sum = sum + ga + gc;
     }
-    row_sums[r] = at::vec::vec_reduce_all<float>([](fVec& p, fVec& q) { return p + q; }, sum);
+    row_sums[r] = cpu::hsum(sum);
   }
 }
 

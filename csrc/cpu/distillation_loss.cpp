@@ -18,16 +18,7 @@
 
 namespace bignlp_fast {
 namespace {
-
 using cpu::fVec;
-
-inline float hsum(const fVec& v) {
-  return at::vec::vec_reduce_all<float>([](fVec& p, fVec& q) { return p + q; }, v);
-}
-inline float hmax(const fVec& v) {
-  return at::vec::vec_reduce_all<float>([](fVec& p, fVec& q) { return at::vec::maximum(p, q); }, v);
-}
-
 }  // namespace
 
 std::vector<at::Tensor> distillation_loss_fwd_cpu(const at::Tensor& student, const at::Tensor& teacher,
@@ -79,7 +70,7 @@ std::vector<at::Tensor> distillation_loss_fwd_cpu(const at::Tensor& student, con
           vms = at::vec::maximum(vms, n >= VS ? fVec::loadu(s.data() + i) : fVec::set(fVec(neg_inf), fVec::loadu(s.data() + i, n), n));
           vmt = at::vec::maximum(vmt, n >= VS ? fVec::loadu(t.data() + i) : fVec::set(fVec(neg_inf), fVec::loadu(t.data() + i, n), n));
         }
-        const float ms = hmax(vms), mt = hmax(vmt);
+        const float ms = cpu::hmax(vms), mt = cpu::hmax(vmt);
         // pass 2: sums of exponentials (lanes past V load 0 and are masked out of every sum). With a
         // gradient to write, the three exponentials are kept (over s and t, which pass 3 no longer
         // needs, and e): pass 3 then takes no exponential, half of the forward+backward's six per logit
@@ -97,9 +88,13 @@ std::vector<at::Tensor> distillation_loss_fwd_cpu(const at::Tensor& student, con
             es = fVec::set(zero, es, n), et = fVec::set(zero, et, n), e1 = fVec::set(zero, e1, n), d = fVec::set(zero, d, n);
           }
           zs = zs + es, zt = zt + et, z1 = z1 + e1, a = at::vec::fmadd(et, d, a);
-          if (gp) cpu::store_any(s.data() + i, es, n), cpu::store_any(t.data() + i, et, n), cpu::store_any(e.data() + i, e1, n);
+          if (gp) {
+          cpu::store_any(s.data() + i, es, n);
+          cpu::store_any(t.data() + i, et, n);
+          cpu::store_any(e.data() + i, e1, n);
         }
-        const float Zs = hsum(zs), Zt = hsum(zt), Z1 = hsum(z1), A = hsum(a);
+        }
+        const float Zs = cpu::hsum(zs), Zt = cpu::hsum(zt), Z1 = cpu::hsum(z1), A = cpu::hsum(a);
         kl_rows[r] = A / Zt - (mt * inv_T + std::log(Zt)) + (ms * inv_T + std::log(Zs));
         if (valid) ce_rows[r] = ms + std::log(Z1) - s_label;
         if (!gp) continue;

@@ -34,6 +34,7 @@ namespace bignlp_fast {
 namespace {
 
 using cpu::fVec;
+using cpu::hsum;
 using cpu::small_gemm;
 using cpu::to_float;
 
@@ -44,7 +45,6 @@ static_assert(kPad % VS == 0, "the padding must be a whole number of vectors");
 
 inline int64_t round_up(int64_t n, int64_t m) { return (n + m - 1) / m * m; }
 
-inline float hsum(const fVec& v) { return at::vec::vec_reduce_all<float>(std::plus<fVec>(), v); }
 
 // Mean and 1/sqrt(var + eps) of the first n of np values (the others are zero and not counted).
 inline void row_stats(const float* x, int64_t n, int64_t np, float eps, float& mean, float& rstd) {

@@ -10,10 +10,10 @@ import os
 import pytest
 import torch
 
-from bignlp_fast import _backend
+from bignlp_fast import _backend, steady_allocator
 from bignlp_fast.bench import cases
 from bignlp_fast.bench.cases import to_float64
-from bignlp_fast.bench.runner import max_err, steady_allocator, sync
+from bignlp_fast.bench.runner import max_err, sync
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CASES = cases(os.environ.get("BIGNLP_FAST_BENCH_SUITE", "quick"))
@@ -34,9 +34,10 @@ def test_bench(benchmark, case, side):
 
     benchmark.group = case.id
     out = benchmark.pedantic(timed, rounds=15, warmup_rounds=2, iterations=1)
-    median = benchmark.stats.stats.median
+    # with --benchmark-disable the call runs once, untimed: no stats, so no rates (the error is still checked)
+    median = benchmark.stats.stats.median if benchmark.stats is not None else None
     benchmark.extra_info.update(
         backend=backend if side == "bignlp_fast" else "eager", reference=case.ref_name, bytes=case.bytes,
-        gbps=case.bytes / median / 1e9 if case.bytes else None,
-        gflops=case.flops / median / 1e9 if case.flops else None,
+        gbps=case.bytes / median / 1e9 if case.bytes and median else None,
+        gflops=case.flops / median / 1e9 if case.flops and median else None,
         max_err_vs_float64=max_err(out, case.ref(to_float64(inputs))) if case.check_error else None)

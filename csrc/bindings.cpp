@@ -79,6 +79,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("text_cnn_pool_fwd_cpu", &text_cnn_pool_fwd_cpu);
   m.def("text_cnn_pool_bwd_cpu", &text_cnn_pool_bwd_cpu);
   m.def("distillation_loss_fwd_cpu", &distillation_loss_fwd_cpu);
+  m.def("gpt2_decode_cpu", &gpt2_decode_cpu, "GPT-2's blocks for one decoding step (models/gpt.py)");
 #ifdef BIGNLP_FAST_WITH_CUDA
   m.def("add_layer_norm_fwd_cuda", &add_layer_norm_fwd_cuda);
   m.def("add_layer_norm_bwd_cuda", &add_layer_norm_bwd_cuda);

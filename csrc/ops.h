@@ -159,6 +159,20 @@ std::vector<at::Tensor> text_cnn_pool_bwd_cpu(const at::Tensor& grad_out, const 
                                               const std::optional<std::vector<at::Tensor>>& biases,
                                               const at::Tensor& argmax, const at::Tensor& pre, int64_t activation);
 
+// ---- gpt2_decode (a model's decoding step, not an op) ------------------------------------------
+// Every block of GPT-2 (bignlp_fast/models/gpt.py) for one new token per row, on the kernels above.
+// x = ln_1(residual) and residual [B, E]; params: 12 per block (c_attn w, b; attn c_proj w, b; ln_2
+// w, b; c_fc w, b; mlp c_proj w, b; the next LayerNorm's w, b), Conv1D weights [in, out];
+// k_cache, v_cache [n_layer, B, H, max_len, D], the new key and value written at position past;
+// bias: the float32 additive key mask [B, H, 1, past + 1]; scales: one per layer; eps: ln_2's and the
+// next LayerNorm's per layer; skinny: bit j set = product j of a block (c_attn, attn c_proj, c_fc,
+// mlp c_proj) on linear_fwd_cpu, else at::linear. Returns {next_ln(residual'), residual'} [B, E].
+std::vector<at::Tensor> gpt2_decode_cpu(const at::Tensor& x, const at::Tensor& residual,
+                                        const std::vector<at::Tensor>& params, const at::Tensor& k_cache,
+                                        const at::Tensor& v_cache, int64_t past, const at::Tensor& bias,
+                                        const std::vector<double>& scales, const std::vector<double>& eps,
+                                        bool tanh_approx, int64_t skinny);
+
 // ---- distillation_loss -----------------------------------------------------------------------
 // The contract is stated in bignlp_fast/ops/distillation_loss.py. student, teacher [N, V]; labels
 // int64 [N] or absent. Returns {loss (float32 scalar), grad d loss / d student [N, V] or [0]}.

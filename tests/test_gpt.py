@@ -217,19 +217,33 @@ def test_cache_in_chunks_equals_one_forward():
     assert out.past_key_values.max_len == CFG["n_positions"]
 
 
+# "wide": GPT-2's width and initialisation, weights of 1 MiB and more, which ops.linear.dense streams
+# (two rows: in bfloat16 too), the erf GELU and a scale per layer
+DECODE_CONFIGS = {"small": ({}, PROMPT_LENGTHS := [7, 3, 5]),
+                  "wide": (dict(n_embd=768, n_head=12, n_layer=2, activation_function="gelu", initializer_range=0.02,
+                                scale_attn_by_inverse_layer_idx=True), [7, 3])}
+
+
+@pytest.mark.parametrize("config", DECODE_CONFIGS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_decode_steps_on_the_kernels_directly_equal_the_op_path(monkeypatch, dtype):
-    """A single-token step in inference runs GPTBlock.decode_step (the ops' cpu implementations called
-    directly); with grad mode on (parameters require grad) the same steps take the public ops: the
+def test_decode_steps_on_the_kernels_directly_equal_the_op_path(monkeypatch, dtype, config):
+    """A single-token step in inference runs GPTModel._decode_step (all blocks in one compiled call on
+    the ops' cpu kernels); with grad mode on (parameters require grad) the same steps take the public ops: the
     logits are bit for bit the same. BIGNLP_FAST_BACKEND=torch, or training, takes the op path."""
-    from bignlp_fast.models.gpt import GPTBlock
-    model = _ours().to(dtype)
-    ids, mask = _padded(PROMPT_LENGTHS, seed=6)
+    from bignlp_fast.models.gpt import GPTModel
+    from bignlp_fast.ops.linear import linear_is_faster_for
+    overrides, lengths = DECODE_CONFIGS[config]
+    model = _ours(**overrides).to(dtype)
+    E = model.config.n_embd
+    products = [(E, 3 * E), (E, E), (E, 4 * E), (4 * E, E)]
+    streamed = [linear_is_faster_for(torch.device("cpu"), dtype, len(lengths), k, n) for k, n in products]
+    assert streamed == [config == "wide"] * 4  # both kinds of product are covered
+    ids, mask = _padded(lengths, seed=6)
     extra = torch.ones(ids.shape[0], 4, dtype=mask.dtype)
     steps = torch.randint(0, 96, (ids.shape[0], 4), generator=torch.Generator().manual_seed(3))
     taken = []
-    real = GPTBlock.decode_step
-    monkeypatch.setattr(GPTBlock, "decode_step", lambda self, *a: taken.append(1) or real(self, *a))
+    real = GPTModel._decode_step
+    monkeypatch.setattr(GPTModel, "_decode_step", lambda self, *a: taken.append(1) or real(self, *a))
 
     def decode(grad: bool):
         cache, full_mask = model.new_cache(ids.shape[0], ids.shape[1] + 4), torch.cat([mask, extra], 1)
@@ -239,22 +253,21 @@ def test_decode_steps_on_the_kernels_directly_equal_the_op_path(monkeypatch, dty
                                     past_key_values=cache).logits for i in range(4)], 1).detach()
 
     fast = decode(grad=False)
-    assert len(taken) == 4 * CFG["n_layer"]
+    assert len(taken) == 4
     slow = decode(grad=True)
-    assert len(taken) == 4 * CFG["n_layer"]  # the op path
+    assert len(taken) == 4  # the op path
     assert torch.equal(fast, slow)
     monkeypatch.setenv("BIGNLP_FAST_BACKEND", "torch")
     reference = decode(grad=False)
-    assert len(taken) == 4 * CFG["n_layer"]
+    assert len(taken) == 4
     torch.testing.assert_close(reference, fast, **({} if dtype == torch.float32 else {"rtol": 0.05, "atol": 0.05}))
     monkeypatch.delenv("BIGNLP_FAST_BACKEND")
     model.train()  # dropout: the op path
     decode(grad=False)
-    assert len(taken) == 4 * CFG["n_layer"]
+    assert len(taken) == 4
 
 
 # ---- generation ---------------------------------------------------------------------------------------
-PROMPT_LENGTHS = [7, 3, 5]
 
 
 def test_greedy_generate_with_and_without_cache_equals_transformers():

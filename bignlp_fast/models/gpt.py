@@ -21,12 +21,13 @@ Design choices:
   transformers' generation computes them), so a padded row gives the logits of the same sequence
   run alone. Padding tokens are masked as keys; their own outputs are meaningless (zeros from
   attention's fully masked rows, never NaN).
-- **Decoding steps skip the op layer's per-call cost.** At batch 1 a token reads ~500 MB of weights
-  in ~12 ms, and each public op call costs ~10 us of Python (validation, backend choice, dispatch):
-  ~100 calls a token were ~1.5 ms. A single-token step on the CPU in inference (:meth:`GPTModel._decode_step_ok`)
-  checks once that every op would run its cpu backend, then runs the blocks on the custom ops'
-  implementations directly (:meth:`GPTBlock.decode_step`): the same kernels on the same arguments as
-  the public ops, so the same results, bit for bit (tests/test_gpt.py).
+- **A decoding step is one compiled call.** At batch 1 a token reads ~500 MB of weights in ~12 ms,
+  and each public op call costs ~10 us of Python (validation, backend choice, dispatch): ~100 calls
+  a token were ~1.5 ms, and calling the ops' kernels one by one from Python still ~0.7 ms. A
+  single-token step on the CPU in inference (:meth:`GPTModel._decode_step_ok`) checks once that
+  every op would run its cpu backend, then runs all blocks in ``_C.gpt2_decode_cpu``
+  (csrc/cpu/gpt_decode.cpp): the same kernels on the same arguments as the public ops, so the same
+  results, bit for bit (tests/test_gpt.py).
 """
 
 from __future__ import annotations
@@ -42,11 +43,11 @@ from torch import Tensor
 from bignlp_fast import _backend
 from bignlp_fast.models._pretrained import HFConfig, PretrainedModel
 from bignlp_fast.ops import add_layer_norm, bias_gelu, scaled_dot_product_attention
-from bignlp_fast.ops._common import body, dispatcher_needed
-from bignlp_fast.ops.add_layer_norm import OP as _ADD_LN, add_layer_norm_fwd
-from bignlp_fast.ops.attention import CAUSAL_NONE, CPU_MAX_HEAD_DIM, OP as _ATTENTION, attention_fwd
-from bignlp_fast.ops.bias_gelu import OP as _BIAS_GELU, bias_gelu_fwd
-from bignlp_fast.ops.linear import OP as _LINEAR, SKINNY_ROWS as _SKINNY_ROWS, dense, linear_fwd, linear_is_faster
+from bignlp_fast.ops._common import dispatcher_needed
+from bignlp_fast.ops.add_layer_norm import OP as _ADD_LN
+from bignlp_fast.ops.attention import CPU_MAX_HEAD_DIM, OP as _ATTENTION
+from bignlp_fast.ops.bias_gelu import OP as _BIAS_GELU
+from bignlp_fast.ops.linear import OP as _LINEAR, SKINNY_ROWS as _SKINNY_ROWS, dense, linear_is_faster_for
 
 # activation_function -> bias_gelu's ``approximate``
 _GELU = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
@@ -214,11 +215,6 @@ class GPTMLP(torch.nn.Module):
         return F.dropout(self.c_proj(h), self.resid_pdrop, self.training)  # [B, L, E]
 
 
-def _dense_unchecked(x: Tensor, w: Tensor, b: Optional[Tensor]) -> Tensor:
-    """ops.linear.dense without the public op's checks (decoding steps, whose checks were made once)."""
-    return body(linear_fwd)(x, w, b, "cpu") if linear_is_faster(x, w) else F.linear(x, w, b)
-
-
 class GPTBlock(torch.nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
@@ -235,26 +231,6 @@ class GPTBlock(torch.nn.Module):
         x, residual = add_layer_norm(a, residual, self.ln_2.weight, self.ln_2.bias, self.eps)
         m = self.mlp(x)  # [B, L, E]
         return add_layer_norm(m, residual, next_ln.weight, next_ln.bias, next_ln.eps)
-
-    def decode_step(self, x: Tensor, residual: Tensor, next_ln: torch.nn.LayerNorm, bias: Tensor,
-                    cache: KVCache) -> tuple[Tensor, Tensor]:
-        """forward() for one new token per row, x and residual [B, E], on the cpu implementations of the
-        custom ops called directly (GPTModel._decode_step_ok has checked that this is what the public
-        ops would run); bias [B, H, 1, past + 1] float32, the additive key mask."""
-        attn, mlp = self.attn, self.mlp
-        B, E = x.shape
-        cpu, lin = "cpu", _dense_unchecked
-        qkv = lin(x, attn.c_attn.weight.t(), attn.c_attn.bias)  # [B, 3E]
-        q, k, v = (t.transpose(1, 2) for t in qkv.view(B, 1, 3, attn.n_head, attn.head_dim).unbind(2))  # [B, H, 1, D]
-        k, v = cache.update(attn.layer_idx, k, v)  # [B, H, past + 1, D]
-        out = body(attention_fwd)(q, k, v, bias, None, None, 1, k.shape[2], attn.scale, CAUSAL_NONE, 0.0, None,
-                                  cpu)[0]  # [B, H, 1, D]
-        a = lin(out.reshape(B, E), attn.c_proj.weight.t(), attn.c_proj.bias)  # [B, E]
-        x, residual = body(add_layer_norm_fwd)(a, residual, self.ln_2.weight, self.ln_2.bias, self.eps, cpu)[:2]
-        h = body(bias_gelu_fwd)(lin(x, mlp.c_fc.weight.t(), None), mlp.c_fc.bias, mlp.approximate, cpu)  # [B, I]
-        m = lin(h, mlp.c_proj.weight.t(), mlp.c_proj.bias)  # [B, E]
-        out, residual = body(add_layer_norm_fwd)(m, residual, next_ln.weight, next_ln.bias, next_ln.eps, cpu)[:2]
-        return out, residual
 
 
 def _check_ids(name: str, ids) -> None:
@@ -367,13 +343,8 @@ class GPTModel(PretrainedModel):
         ln_1 = self.h[0].ln_1
         x, residual = add_layer_norm(residual, None, ln_1.weight, ln_1.bias, ln_1.eps)  # ln_1(residual) [B, L, E]
         if self._decode_step_ok(residual, cache):
-            c = self.config
-            bias = attn_mask.expand(B, c.n_head, 1, end)  # [B, H, 1, past + 1]
-            x, residual = x.view(B, c.n_embd), residual.view(B, c.n_embd)
-            for i, block in enumerate(self.h):
-                next_ln = self.h[i + 1].ln_1 if i + 1 < len(self.h) else self.ln_f
-                x, residual = block.decode_step(x, residual, next_ln, bias, cache)
-            x = x.view(B, 1, c.n_embd)
+            bias = attn_mask.expand(B, self.config.n_head, 1, end)  # [B, H, 1, past + 1]
+            x = self._decode_step(x.view(B, -1), residual.view(B, -1), bias, cache, past).view(B, 1, -1)
         else:
             for i, block in enumerate(self.h):
                 next_ln = self.h[i + 1].ln_1 if i + 1 < len(self.h) else self.ln_f
@@ -383,8 +354,31 @@ class GPTModel(PretrainedModel):
         return x  # ln_f(residual) [B, L, E]
 
 
+    def _decode_step(self, x: Tensor, residual: Tensor, bias: Tensor, cache: KVCache, past: int) -> Tensor:
+        """Every block for one new token per row, x = ln_1(residual) and residual [B, E], in one call of
+        the compiled decoding step (csrc/cpu/gpt_decode.cpp: the kernels the public ops run, on the same
+        arguments, with nothing in Python between them); bias [B, H, 1, past + 1] float32, the additive
+        key mask. Returns ln_f(residual') [B, E]. The parameters are looked up at every step, so a
+        replaced parameter or module is used at once."""
+        c, params, scales, eps = self.config, [], [], []
+        for i, block in enumerate(self.h):
+            attn, mlp = block.attn, block.mlp
+            next_ln = self.h[i + 1].ln_1 if i + 1 < len(self.h) else self.ln_f
+            params += (attn.c_attn.weight, attn.c_attn.bias, attn.c_proj.weight, attn.c_proj.bias, block.ln_2.weight,
+                       block.ln_2.bias, mlp.c_fc.weight, mlp.c_fc.bias, mlp.c_proj.weight, mlp.c_proj.bias,
+                       next_ln.weight, next_ln.bias)
+            scales.append(attn.scale)
+            eps += (block.eps, next_ln.eps)
+        # which of a block's four products (c_attn, attn.c_proj, c_fc, mlp.c_proj) ops.linear.dense would
+        # put on the streaming kernel: bit j set; at::linear (F.linear) for the others
+        B, E, I = x.shape[0], c.n_embd, c.inner_dim
+        skinny = sum(1 << j for j, (k, n) in enumerate(((E, 3 * E), (E, E), (E, I), (I, E)))
+                     if linear_is_faster_for(x.device, x.dtype, B, k, n))
+        return _backend.compiled().gpt2_decode_cpu(x, residual, params, cache.k, cache.v, past, bias, scales, eps,
+                                                   _GELU[c.activation_function] == "tanh", skinny)[0]
+
     def _decode_step_ok(self, residual: Tensor, cache: Optional[KVCache]) -> bool:
-        """Whether this forward is a decoding step the blocks may run with GPTBlock.decode_step: one new
+        """Whether this forward is a decoding step :meth:`_decode_step` may run: one new
         token per row (residual [B, 1, E], B <= 16, the skinny matrix products) with a cache, in
         inference (no dropout; nothing for autograd, torch.compile or a mode to see), and every op's
         backend, automatic or named by BIGNLP_FAST_BACKEND, the cpu one."""

@@ -115,14 +115,20 @@ def linear_is_faster(x: Tensor, weight: Tensor) -> bool:
       forward and backward.
     Not: smaller products (see MIN_MACS), bfloat16 beyond 2 rows (torch's GEMM runs on the CPU's bf16
     dot products or AMX), CPU autocast, other devices, or a build without the CPU kernels."""
-    if x.device.type != "cpu" or torch.is_autocast_enabled("cpu") or x.dim() == 0 or x.shape[-1] == 0:
+    if x.dim() == 0 or x.shape[-1] == 0:
         return False
-    if x.dtype not in (torch.float32, torch.bfloat16) or _backend.unavailable("cpu", x.device) is not None:
+    return linear_is_faster_for(x.device, x.dtype, x.numel() // x.shape[-1], x.shape[-1], weight.shape[0])
+
+
+def linear_is_faster_for(device: torch.device, dtype: torch.dtype, rows: int, k: int, n: int) -> bool:
+    """:func:`linear_is_faster` for a product of ``rows`` x k by k x n of this dtype on this device."""
+    if device.type != "cpu" or torch.is_autocast_enabled("cpu") or k == 0:
         return False
-    rows, k, n = x.numel() // x.shape[-1], x.shape[-1], weight.shape[0]
-    if rows <= (SKINNY_ROWS if x.dtype == torch.float32 else SKINNY_ROWS_BF16):
-        return k * n * x.element_size() >= MIN_SKINNY_WEIGHT_BYTES
-    return x.dtype == torch.float32 and rows * k * n >= MIN_MACS and not _backend.blas_sgemm_is_fast()
+    if dtype not in (torch.float32, torch.bfloat16) or _backend.unavailable("cpu", device) is not None:
+        return False
+    if rows <= (SKINNY_ROWS if dtype == torch.float32 else SKINNY_ROWS_BF16):
+        return k * n * dtype.itemsize >= MIN_SKINNY_WEIGHT_BYTES
+    return dtype == torch.float32 and rows * k * n >= MIN_MACS and not _backend.blas_sgemm_is_fast()
 
 
 def dense(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:

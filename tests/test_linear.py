@@ -42,8 +42,9 @@ def test_matches_float64(backend, device, shape, dtype, with_bias):
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 15, 16, 17], ids=lambda m: f"M{m}")  # the skinny kernels up to 16 rows
-# K 1000: 8 chunks, a short last one; N 512: the partial sums' rows padded off a multiple of 1 KiB
-@pytest.mark.parametrize("kn", [(5, 3), (70, 33), (768, 50), (1000, 70), (72, 512)], ids=str)
+# K 1000: 8 chunks, a short last one; N 512: the partial sums' rows padded off a multiple of 1 KiB;
+# (600, 96) at 17 rows: the packed GEMM reading a [K, N] weight in place, in two slices of K
+@pytest.mark.parametrize("kn", [(5, 3), (70, 33), (768, 50), (1000, 70), (72, 512), (600, 96)], ids=str)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("transposed", [False, True], ids=["w[N,K]", "w=wt[K,N].t()"])
 def test_decode_sized_inputs_in_both_weight_layouts(backend, device, m, kn, dtype, transposed):

@@ -215,6 +215,7 @@ void skinny_gemm_rows_tiled(int64_t M, int64_t N, int64_t K, const float* xf, co
 // sums stay in registers).
 template <typename T>
 void skinny_gemm_rows(int64_t M, int64_t N, int64_t K, const float* xf, const T* w, const T* bias, T* y) {
+  if (M == 0) return;  // (no rows of x: nothing to write)
   if (M >= 4) return skinny_gemm_rows_tiled(M, N, K, xf, w, bias, y);
   if (M <= 2) {  // one row of w after the other, each thread's rows front to back
     at::parallel_for(0, N, std::max<int64_t>(1, (64 << 10) / (K * static_cast<int64_t>(sizeof(T)))),

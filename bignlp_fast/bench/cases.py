@@ -150,7 +150,7 @@ def _attention_cases(b, h, lq, lk, d, dtype, causal, modes, suites, ref_backend=
 
 
 # ---- linear -----------------------------------------------------------------------------------
-def _linear_cases(m, k, n, dtype, modes, suites):
+def _linear_cases(m, k, n, dtype, modes, suites, variant=None):
     def make(device, dt, grad):
         return dict(x=_randn((m, k), device, dt, grad, 0), w=_randn((n, k), device, dt, grad, 1),
                     b=_randn(n, device, dt, grad, 2), gy=_randn((m, n), device, dt, False, 3))
@@ -159,10 +159,13 @@ def _linear_cases(m, k, n, dtype, modes, suites):
     fused = lambda t, be: [linear(t["x"], t["w"], t["b"], backend=be)]  # noqa: E731
     leaves = lambda t: [t["x"], t["w"], t["b"]]  # noqa: E731
     common = dict(op="linear", shape=(m, k, n), dtype=dtype, suites=suites, ref_name="F.linear")
+    if variant:
+        common["variant"] = variant
     out = []
     if "fwd" in modes:
-        out.append(Case(mode="fwd", make=lambda d, dt: make(d, dt, False), ours=fused, ref=eager, flops=2 * m * k * n,
-                        **common))
+        # a decoding-sized product (few rows) is bound by reading the weight: its rate in GB/s
+        rate = dict(flops=2 * m * k * n) if m > 16 else dict(bytes=n * k * torch.tensor([], dtype=dtype).element_size())
+        out.append(Case(mode="fwd", make=lambda d, dt: make(d, dt, False), ours=fused, ref=eager, **rate, **common))
     if "fwd+bwd" in modes:
         out.append(Case(mode="fwd+bwd", make=lambda d, dt: make(d, dt, True),
                         ours=lambda t, be: _grads(fused(t, be), leaves(t), [t["gy"]]),
@@ -525,6 +528,9 @@ def all_cases() -> list[Case]:
     cases += _linear_cases(4096, 512, 2048, torch.float32, ("fwd", "fwd+bwd"), ("quick", "full"))
     cases += _linear_cases(1024, 768, 3072, torch.float32, ("fwd",), ("full",))
     cases += _linear_cases(1024, 768, 3072, torch.bfloat16, ("fwd",), ("full",))
+    # decoding-sized products against GPT-2's lm_head (154 MB: read from memory at every call)
+    for rows in (1, 2, 8):
+        cases += _linear_cases(rows, 768, 50257, torch.float32, ("fwd",), ("full",), variant="GPT-2 lm_head, decoding")
     # recurrent layers: the issue's shapes (I = H = 512, B 32 and 4, T 128; H 128, B 16, T 64)
     both = ("fwd", "fwd+bwd")
     for kind in ("LSTM", "GRU"):

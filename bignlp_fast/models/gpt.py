@@ -353,7 +353,6 @@ class GPTModel(PretrainedModel):
             cache.length = end
         return x  # ln_f(residual) [B, L, E]
 
-
     def _decode_step(self, x: Tensor, residual: Tensor, bias: Tensor, cache: KVCache, past: int) -> Tensor:
         """Every block for one new token per row, x = ln_1(residual) and residual [B, E], in one call of
         the compiled decoding step (csrc/cpu/gpt_decode.cpp: the kernels the public ops run, on the same

@@ -4,9 +4,10 @@
 // every M streams W exactly once, each weight used for all M rows while it is in registers or L1.
 //
 // W comes in either layout, without a copy:
-//   rows: W [N, K] with K contiguous (torch.nn.Linear's weight). Each output is a dot product;
-//         a task takes kRowsNR weight rows at a time and reads them as kRowsNR parallel streams
-//         (from 4 rows of x on, kRowsTileNR rows against register tiles of 4 rows of x).
+//   rows: W [N, K] with K contiguous (torch.nn.Linear's weight). Each output is a dot product. One
+//         or two rows of x: a thread reads its rows of W one after the other, front to back; three:
+//         kRowsNR rows of W at a time as parallel streams; four and more: kRowsTileNR rows of W
+//         against register tiles of 4 rows of x, the next rows prefetched.
 //   cols: W^T stored [K, N] with N contiguous (transformers' Conv1D weight). Outputs accumulate
 //         axpy-style: K is cut into chunks, a thread reads its chunks' rows front to back, kColsKB
 //         adjacent rows at a time (parallel streams) across all N columns, adding x[m, k] * W^T[k, :]

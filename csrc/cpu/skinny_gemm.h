@@ -325,6 +325,14 @@ inline void cols_tile_rows(const float* x, int64_t K, int64_t kb, const T* w, in
 template <typename T>
 inline void cols_pass_m(int64_t M, int64_t K, int64_t k0, int64_t kb, const float* xf, const T* w, int64_t ldw,
                         float* acc, int64_t ld) {
+  // the pass's rows 4 steps of columns ahead: from memory (12 cold 768x3072 weights, in-process A/B,
+  // medians of 5, four runs) 1.05-1.19x / 1.20-1.38x / 1.18-1.30x at 2 / 4 / 8 rows of x, 1.05-1.07x at
+  // 16; in cache (768x1024) 0.92x / 0.97x / 1.00x / 0.99x
+  for (int64_t j = 0; j < kb; ++j) {
+    const char* next = reinterpret_cast<const char*>(w + j * ldw + 4 * kStep);
+    __builtin_prefetch(next);
+    __builtin_prefetch(next + 64);
+  }
   int64_t m0 = 0;
   for (; m0 + 4 <= M; m0 += 4) cols_tile_rows<4>(xf + m0 * K + k0, K, kb, w, ldw, acc + m0 * ld, ld);
   const float* x = xf + m0 * K + k0;

@@ -219,7 +219,8 @@ def test_cache_in_chunks_equals_one_forward():
 
 # "wide": GPT-2's width and initialisation, weights of 1 MiB and more, which ops.linear.dense streams
 # (two rows: in bfloat16 too), the erf GELU and a scale per layer
-DECODE_CONFIGS = {"small": ({}, PROMPT_LENGTHS := [7, 3, 5]),
+PROMPT_LENGTHS = [7, 3, 5]
+DECODE_CONFIGS = {"small": ({}, PROMPT_LENGTHS),
                   "wide": (dict(n_embd=768, n_head=12, n_layer=2, activation_function="gelu", initializer_range=0.02,
                                 scale_attn_by_inverse_layer_idx=True), [7, 3])}
 

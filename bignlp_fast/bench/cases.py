@@ -13,6 +13,7 @@ from torch import Tensor
 from bignlp_fast.ops import (add_layer_norm, bias_gelu, causal_conv1d, conv1d, conv2d, distillation_loss, linear,
                              scaled_dot_product_attention, text_cnn_pool)
 from bignlp_fast.ops.causal_conv1d import causal_conv1d_eager
+from bignlp_fast.ops.linear import SKINNY_ROWS
 from bignlp_fast.ops.text_cnn_pool import text_cnn_pool_eager
 
 
@@ -164,7 +165,7 @@ def _linear_cases(m, k, n, dtype, modes, suites, variant=None):
     out = []
     if "fwd" in modes:
         # a decoding-sized product (few rows) is bound by reading the weight: its rate in GB/s
-        rate = dict(flops=2 * m * k * n) if m > 16 else dict(bytes=n * k * torch.tensor([], dtype=dtype).element_size())
+        rate = dict(flops=2 * m * k * n) if m > SKINNY_ROWS else dict(bytes=n * k * dtype.itemsize)
         out.append(Case(mode="fwd", make=lambda d, dt: make(d, dt, False), ours=fused, ref=eager, **rate, **common))
     if "fwd+bwd" in modes:
         out.append(Case(mode="fwd+bwd", make=lambda d, dt: make(d, dt, True),

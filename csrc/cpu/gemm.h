@@ -413,12 +413,9 @@ void packed_gemm(int64_t M, int64_t N, int64_t K, Strided<T> A, Strided<T> B, co
     for (int64_t k = 0; k < kc; ++k)
       for (int64_t r = 0; r < mc; ++r) a[k * kRows + r] = A.at(m0 + r, k0 + k);
   }, [&](int64_t mc, int64_t p, int64_t k0, int64_t kc, const float* a, float* out, int64_t ldo, bool acc) {
-    if (direct_b) {
-      small_gemm(mc, kPanel, kc, a, 1, kRows, reinterpret_cast<const float*>(B.p) + k0 * B.rs + p * kPanel, B.rs, out,
-                 ldo, 1.f, acc);
-    } else {
-      small_gemm(mc, kPanel, kc, a, 1, kRows, bp + (p * K + k0) * kPanel, kPanel, out, ldo, 1.f, acc);
-    }
+    const float* b =
+        direct_b ? reinterpret_cast<const float*>(B.p) + k0 * B.rs + p * kPanel : bp + (p * K + k0) * kPanel;
+    small_gemm(mc, kPanel, kc, a, 1, kRows, b, direct_b ? B.rs : kPanel, out, ldo, 1.f, acc);
   });
 }
 

@@ -99,7 +99,8 @@ inline float dot_row_1(int64_t K, const float* x, const T* w) {
   for (; k < K; ++k) t += x[k] * static_cast<float>(w[k]);  // the ragged tail of K
   return t;
 }
-// Two rows of x (K apart) against one row of w: s[0], s[1].
+// Two rows of x (K apart) against one row of w: s[0], s[1]. (dot_rows<1, true>, which chains both
+// vectors of a step into one sum per row, ran 0.78-1.09x as fast as this.)
 template <typename T>
 inline void dot_row_2(int64_t K, const float* x, const T* w, float* s) {
   const int64_t K_main = K / kStep * kStep;

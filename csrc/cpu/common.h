@@ -41,6 +41,24 @@ inline float hmax(const fVec& v) {
   return at::vec::vec_reduce_all<float>([](fVec& a, fVec& b) { return at::vec::maximum(a, b); }, v);
 }
 
+// Pins v to a register. Where a loaded vector feeds several multiply-adds, GCC may fold the load
+// into each of them instead (a memory operand per FMA): the 4 x 2 tile of the RNN's recurrent GEMM
+// issued 12 loads for 8 FMAs per k that way (perf annotate), so at batch 4 the load ports, not the
+// FMA units, set its pace. An empty asm that takes and gives back the register stops the folding.
+inline void in_register(fVec& v) {
+#if defined(__GNUC__) && defined(CPU_CAPABILITY_AVX512)
+  __m512 r = v;
+  asm("" : "+v"(r));
+  v = fVec(r);
+#elif defined(__GNUC__) && defined(CPU_CAPABILITY_AVX2)
+  __m256 r = v;
+  asm("" : "+v"(r));
+  v = fVec(r);
+#else
+  (void)v;
+#endif
+}
+
 // Full steps: exactly kStep elements.
 inline void load2(const float* p, fVec& a, fVec& b) {
   a = fVec::loadu(p);

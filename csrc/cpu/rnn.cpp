@@ -159,6 +159,17 @@ class StepRegion {
     uint32_t round_ = 0;        // rounds are numbered from 1 (a range in round 0 is not set up yet)
   };
 
+  // Item i of a round of n mirrored within its home range: walking a range front to back on one
+  // step and back to front on the next, a thread starts each step on the items it finished the last
+  // one with, whose data may still be in its core's cache.
+  int64_t mirrored(int64_t i, int64_t n) const {
+    for (int64_t r = 0; r < threads_; ++r) {
+      const int64_t lo = n * r / threads_, hi = n * (r + 1) / threads_;
+      if (i < hi) return lo + hi - 1 - i;
+    }
+    return i;
+  }
+
   // Runs body(worker) on each thread of one parallel region.
   template <typename Body>
   void run(const Body& body) {
@@ -339,7 +350,8 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
       const float* h = hbuf.data() + cur * B * S;
       float* h_next = hbuf.data() + nxt * B * S;
       wk.round(blocks);  // once the previous step's state is complete
-      for (int64_t blk; (blk = wk.claim()) >= 0; wk.done()) {
+      for (int64_t item; (item = wk.claim()) >= 0; wk.done()) {
+        const int64_t blk = step % 2 ? region.mirrored(item, blocks) : item;
         const int64_t j0 = blk * kUnits, nu = std::min(kUnits, H - j0);
         // This block's input projections: B * G strided runs of kUnits values that the hardware
         // prefetcher does not follow; fetched while the block multiplies (bf16 LSTM, B32 H512: the

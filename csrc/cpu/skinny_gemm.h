@@ -142,7 +142,10 @@ inline void dot_tile(int64_t K, const float* x, const T* w, float* s) {
   for (int64_t k = 0; k < K_main; k += kStep) {
     fVec wa[NR], wb[NR];
 #pragma GCC unroll 4
-    for (int r = 0; r < NR; ++r) load2(w + r * K + k, wa[r], wb[r]);
+    for (int r = 0; r < NR; ++r) {
+      load2(w + r * K + k, wa[r], wb[r]);
+      in_register(wa[r]), in_register(wb[r]);  // read once, not once per row of x (common.h)
+    }
     if (kPrefetch) {  // the next block's rows, NR * K ahead (see skinny_gemm_rows_tiled)
 #pragma GCC unroll 4
       for (int r = 0; r < NR; ++r) {
@@ -155,6 +158,7 @@ inline void dot_tile(int64_t K, const float* x, const T* w, float* s) {
     for (int i = 0; i < MR; ++i) {
       fVec xa, xb;
       load2(x + i * K + k, xa, xb);
+      in_register(xa), in_register(xb);
 #pragma GCC unroll 4
       for (int r = 0; r < NR; ++r) acc[i][r] = at::vec::fmadd(xb, wb[r], at::vec::fmadd(xa, wa[r], acc[i][r]));
     }

@@ -482,7 +482,7 @@ void backward(const Shape& sh, const at::Tensor& grad_out, const at::Tensor& gra
   }
   // dh (the gradient of the state after the step) twice: a step reads buffer i % 2 and writes the
   // other; dc [B, H] is read and written only by the worker of its units: one buffer.
-  std::vector<float> dhbuf(2 * B * ld_s, 0.f), dc(B * H, 0.f), dht(B * S), dm, dgt(GH * B);
+  std::vector<float> dhbuf(2 * B * ld_s, 0.f), dc(B * H, 0.f), dht(B * S), dm;
   for (int64_t b = 0; b < B; ++b) to_float(grad_h_n.const_data_ptr<T>() + b * S, dhbuf.data() + b * ld_s, S);
   if (grad_c_n.has_value()) to_float(grad_c_n->const_data_ptr<T>(), dc.data(), B * H);
   std::vector<float> h_init(B * S), c_init(B * H, 0.f);
@@ -583,9 +583,6 @@ void backward(const Shape& sh, const at::Tensor& grad_out, const at::Tensor& gra
             }
           }
         }
-        // this chunk's dG, transposed: the A operand of dG W_hh below
-        for (int64_t g = 0; g < G; ++g)
-          at::vec::transpose_mxn<float>(dg + g * H + j0, GH, dgt.data() + (g * H + j0) * B, B, B, j1 - j0);
         // and its sum over the batch rows, this step's part of d_b_hh (summed over steps at the end,
         // in step order: deterministic; a sum over [T * B, GH] afterwards read 32 MiB again, 1.4 ms)
         if (db_steps != nullptr)
@@ -599,13 +596,15 @@ void backward(const Shape& sh, const at::Tensor& grad_out, const at::Tensor& gra
       }
       wk.round(panels);  // once every unit's dG is in
       // dh_prev = dG W_hh (+ GRU's direct term), by column panels; inactive rows pass dh through.
-      // A is this step's dG transposed, [GH, B] (a_rs = 1, a_cs = B): the 8 broadcasts of a k are
-      // one line. Read in place from dG [B, GH] (a_rs = GH), the 8 rows of a tile lie 8 KiB apart at
-      // H = 512, all in one L1 set: the loop of the B32 H512 T128 LSTM took ~33 ms (2 threads) that
-      // way and 26-29 ms with the transposed copy, of which the GEMM ~20 ms, the gate gradients ~5.
+      // A is this step's dG as the gate gradients wrote it, [B, GH] (a_rs = GH). A transposed copy
+      // ([GH, B], each k's broadcasts in one line) was once faster at B32 (Xeon), but on the Zen 5
+      // machine, with the small tiles' loads kept in registers (gemm.h), the backward without it runs
+      // 1.06-1.08x faster at B32 and B16 H512 and 1.19-1.21x at B1-B4 and B16 H128 (LSTM and GRU,
+      // both builds in one process, medians of 7): ATen's transpose of B < 16 rows goes through a
+      // zeroed stack array (a memset per call, 3% of a B4 forward+backward).
       for (int64_t p; (p = wk.claim()) >= 0; wk.done()) {
         const int64_t c0_ = p * PW;
-        small_gemm(B, PW, GH, dgt.data(), 1, B, w.get() + p * GH * PW, PW, dh_next + c0_, ld_s, 1.f, gru);
+        small_gemm(B, PW, GH, dg, GH, 1, w.get() + p * GH * PW, PW, dh_next + c0_, ld_s, 1.f, gru);
         for (int64_t b = 0; b < B; ++b)
           if (!(t < len[b]))
             for (int64_t q = 0; q < PW; ++q) dh_next[b * ld_s + c0_ + q] = dh[b * ld_s + c0_ + q];

@@ -304,7 +304,6 @@ inline void cols_tile(const float* x, int64_t ldx, const T* w, int64_t ldw, floa
   for (int j = 0; j < KB; ++j) {
     fVec wa, wb;
     load2(w + j * ldw, wa, wb);
-    in_register(wa), in_register(wb);  // read once, not once per row of x (common.h)
 #pragma GCC unroll 8
     for (int i = 0; i < MB; ++i) {
       const fVec xv(x[i * ldx + j]);

@@ -57,7 +57,7 @@ inline void tile(int64_t K, const float* a, int64_t a_rs, int64_t a_cs, const fl
       bv[v] = fVec::loadu(b + k * ldb + v * VS);
       // one load, not one per row (common.h); the full-height tile keeps its loads in registers
       // itself, and pinning them there measured 0.91-0.96x (its loads less free to move)
-      if constexpr (MR < kMR) in_register(bv[v]);
+      if constexpr (MR > 1 && MR < kMR) in_register(bv[v]);
     }
     const float* ak = a + k * a_cs;
 #pragma GCC unroll 8

@@ -45,6 +45,8 @@ inline float hmax(const fVec& v) {
 // into each of them instead (a memory operand per FMA): the 4 x 2 tile of the RNN's recurrent GEMM
 // issued 12 loads for 8 FMAs per k that way (perf annotate), so at batch 4 the load ports, not the
 // FMA units, set its pace. An empty asm that takes and gives back the register stops the folding.
+// Measure each use: where the first use of a vector waits on memory, the folded form can be the
+// faster one (skinny_gemm.h, cols_tile).
 inline void in_register(fVec& v) {
 #if defined(__GNUC__) && defined(CPU_CAPABILITY_AVX512)
   __m512 r = v;

@@ -295,6 +295,9 @@ inline void cols_pass_1(int64_t kb, const fVec* xv, const T* w, int64_t ldw, flo
 // acc[i, :kStep] += sum_j x[i, j] * w[j, :] for i < MB, j < KB (x row stride ldx, w's ldw, acc's ld).
 // (With the pass's weights in arrays across a call and a runtime pass length, GCC kept them and the
 // sums on the stack: in cache, 768x1024 at 8 and 16 rows ran 1.2x and 1.35x slower than this.)
+// GCC folds the loads of wa and wb into each row's multiply-add; pinning them in registers
+// (in_register, common.h) ran 1.16-1.21x faster in cache at 8 rows but 0.96x on GPT-2's 12 layers read
+// from memory (greedy generation at batch 8: 0.97-0.98x), so they are left to the compiler.
 template <int MB, int KB, typename T>
 inline void cols_tile(const float* x, int64_t ldx, const T* w, int64_t ldw, float* acc, int64_t ld) {
   fVec sa[MB], sb[MB];

@@ -597,8 +597,8 @@ void backward(const Shape& sh, const at::Tensor& grad_out, const at::Tensor& gra
       wk.round(panels);  // once every unit's dG is in
       // dh_prev = dG W_hh (+ GRU's direct term), by column panels; inactive rows pass dh through.
       // A is this step's dG as the gate gradients wrote it, [B, GH] (a_rs = GH). A transposed copy
-      // ([GH, B], each k's broadcasts in one line) was once faster at B32 (Xeon), but on the Zen 5
-      // machine, with the small tiles' loads kept in registers (gemm.h), the backward without it runs
+      // ([GH, B], each k's broadcasts in one line) measured faster at B32 when this loop was written;
+      // now, with the small tiles' loads kept in registers (gemm.h), the backward without it runs
       // 1.06-1.08x faster at B32 and B16 H512 and 1.19-1.21x at B1-B4 and B16 H128 (LSTM and GRU,
       // both builds in one process, medians of 7): ATen's transpose of B < 16 rows goes through a
       // zeroed stack array (a memset per call, 3% of a B4 forward+backward).

@@ -163,10 +163,8 @@ class StepRegion {
   // step and back to front on the next, a thread starts each step on the items it finished the last
   // one with, whose data may still be in its core's cache.
   int64_t mirrored(int64_t i, int64_t n) const {
-    for (int64_t r = 0; r < threads_; ++r) {
-      const int64_t lo = n * r / threads_, hi = n * (r + 1) / threads_;
-      if (i < hi) return lo + hi - 1 - i;
-    }
+    for (int64_t r = 0; r < threads_; ++r)
+      if (i < home_begin(r + 1, n)) return home_begin(r, n) + home_begin(r + 1, n) - 1 - i;
     return i;
   }
 
@@ -190,6 +188,9 @@ class StepRegion {
     std::atomic<uint64_t> state{0};
   };
 
+  // The first item of thread r's home range in a round of n items (home_begin(threads_, n) == n).
+  int64_t home_begin(int64_t r, int64_t n) const { return n * r / threads_; }
+
   // An item of range r in round `round` of n items, from its front (the owner) or its back; -1 when
   // the range is empty, or already in a later round (so this one is finished).
   int64_t take(int64_t r, uint32_t round, int64_t n, bool front) {
@@ -199,7 +200,7 @@ class StepRegion {
       const uint32_t sr = static_cast<uint32_t>(s >> 32);
       if (sr != round) {
         if (static_cast<int32_t>(sr - round) > 0) return -1;
-        const uint64_t lo = n * r / threads_, hi = n * (r + 1) / threads_;
+        const uint64_t lo = home_begin(r, n), hi = home_begin(r + 1, n);
         const uint64_t fresh = (uint64_t{round} << 32) | (hi << 16) | lo;
         if (!a.compare_exchange_weak(s, fresh, std::memory_order_relaxed)) continue;
         s = fresh;

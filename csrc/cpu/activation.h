@@ -41,10 +41,11 @@ inline __m512 reciprocal_1_2(__m512 d) {
 }
 #endif
 
-// 2^t for t <= 0, the exponent of a softmax (t = (s - max) * log2(e)). With AVX-512: t = n + f with
-// n = round(t) and |f| <= 1/2, 2^f by a degree-5 polynomial (fitted to 2^f on [-1/2, 1/2]; relative
-// error 2.2e-7 in fp32, below exp_u20's), and 2^n applied by vscalefps; t <= -126, including the -inf
-// of a masked key, gives exactly 0 (NaN stays NaN). Ten instructions against exp_u20's ~16. Elsewhere exp_u20.
+// 2^t for t <= 0, the exponent of a softmax (t = (s - max) * log2(e)). With AVX-512 or AVX2: t = n + f
+// with n = round(t) and |f| <= 1/2, 2^f by a degree-5 polynomial (fitted to 2^f on [-1/2, 1/2];
+// relative error 2.2e-7 in fp32, below exp_u20's), and 2^n applied by vscalefps (AVX-512) or a
+// multiply by 2^n built from its exponent bits (AVX2); t <= -126, including the -inf of a masked key,
+// gives exactly 0 (NaN stays NaN). Ten instructions against exp_u20's ~16. Elsewhere exp_u20.
 #if defined(CPU_CAPABILITY_AVX512)
 namespace act_detail {
 // t = n + f, n = round(t), |f| <= 1/2; returns q with 2^f ~ 1.0000001192 + f q (the fit's terms past
@@ -59,6 +60,25 @@ inline __m512 exp2_split(__m512 t, __m512& n, __m512& f) {
   return _mm512_fmadd_ps(q, f, _mm512_set1_ps(6.931469440460205e-1f));
 }
 }  // namespace act_detail
+#elif defined(CPU_CAPABILITY_AVX2)
+// The same fit with AVX2, which has no vscalefps: 2^n is built from its exponent bits (n in [-126, 0]
+// where the result is kept; lanes outside are replaced by the callers' blends).
+namespace act_detail {
+inline __m256 exp2_split(__m256 t, __m256& n, __m256& f) {
+  n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  f = _mm256_sub_ps(t, n);
+  __m256 q = _mm256_set1_ps(1.3266970636323094e-3f);
+  q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(9.675459936261177e-3f));
+  q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(5.550742521882057e-2f));
+  q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(2.4022121727466583e-1f));
+  return _mm256_fmadd_ps(q, f, _mm256_set1_ps(6.931469440460205e-1f));
+}
+inline __m256 pow2i(__m256 n) {  // 2^n for integral n in [-126, 127]
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
+}
+// t > -126 or t NaN: the lanes whose result is computed rather than set
+inline __m256 above_m126(__m256 t) { return _mm256_cmp_ps(t, _mm256_set1_ps(-126.f), _CMP_NLE_UQ); }
+}  // namespace act_detail
 #endif
 inline at::vec::Vectorized<float> exp2_nonpositive(const at::vec::Vectorized<float>& t) {
 #if defined(CPU_CAPABILITY_AVX512)
@@ -66,16 +86,21 @@ inline at::vec::Vectorized<float> exp2_nonpositive(const at::vec::Vectorized<flo
   const __m512 q = act_detail::exp2_split(t, n, f);
   const __m512 p = _mm512_fmadd_ps(q, f, _mm512_set1_ps(1.0000001192092896f));
   return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(t, _mm512_set1_ps(-126.f), _CMP_NLE_UQ), p, n);
+#elif defined(CPU_CAPABILITY_AVX2)
+  __m256 n, f;
+  const __m256 q = act_detail::exp2_split(t, n, f);
+  const __m256 p = _mm256_fmadd_ps(q, f, _mm256_set1_ps(1.0000001192092896f));
+  return _mm256_and_ps(act_detail::above_m126(t), _mm256_mul_ps(p, act_detail::pow2i(n)));
 #else
   return (t * at::vec::Vectorized<float>(0.69314718055994531f)).exp_u20();
 #endif
 }
 constexpr float kLog2e = 1.44269504088896340736f;
 
-#if defined(CPU_CAPABILITY_AVX512)
 // 2^t - 1 for t <= 0 without the cancellation of 2^t - 1 near t = 0: (2^n - 1) + 2^n (f q), where
 // 2^n - 1 is exact and f q carries 2^f - 1 to its own relative precision (a tanh of a tiny v
-// stays tiny). t <= -126 gives -1 exactly; NaN stays NaN.
+// stays tiny). t <= -126 gives -1 exactly; NaN stays NaN. AVX-512 and AVX2 only.
+#if defined(CPU_CAPABILITY_AVX512)
 inline __m512 exp2m1_nonpositive(__m512 t) {
   __m512 n, f;
   const __m512 q = act_detail::exp2_split(t, n, f);
@@ -84,12 +109,21 @@ inline __m512 exp2m1_nonpositive(__m512 t) {
   // far below (t = -inf included, where f is NaN): -1
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(t, _mm512_set1_ps(-126.f), _CMP_NLE_UQ), _mm512_set1_ps(-1.f), em1);
 }
+#elif defined(CPU_CAPABILITY_AVX2)
+inline __m256 exp2m1_nonpositive(__m256 t) {
+  __m256 n, f;
+  const __m256 q = act_detail::exp2_split(t, n, f);
+  const __m256 s = act_detail::pow2i(n);
+  const __m256 em1 = _mm256_fmadd_ps(s, _mm256_mul_ps(f, q), _mm256_sub_ps(s, _mm256_set1_ps(1.f)));
+  return _mm256_blendv_ps(_mm256_set1_ps(-1.f), em1, act_detail::above_m126(t));
+}
 #endif
 
-// sigmoid(v) = 1 / (1 + exp(-v)). With AVX-512: e = exp(-|v|) = 2^(-|v| log2 e) by exp2_nonpositive
-// (a degree-5 polynomial and vscalefps), r = 1 / (1 + e) with d in [1, 2] (reciprocal_1_2), and
-// sigmoid = r for v >= 0, e r below: no overflow anywhere, ends exact (-inf gives 0, +inf 1), NaN
-// stays NaN; within 2e-7 of float64. Elsewhere ATen's exp_u20 (a few ulp; it saturates at FLT_MAX
+// sigmoid(v) = 1 / (1 + exp(-v)). With AVX-512 or AVX2: e = exp(-|v|) = 2^(-|v| log2 e) by
+// exp2_nonpositive, r = 1 / (1 + e) with d in [1, 2] (reciprocal_1_2 under AVX-512, a division under
+// AVX2, whose 12-bit estimate and one Newton step would miss by ~1.4e-7), and sigmoid = r for v >= 0,
+// e r below: no overflow anywhere, ends exact (-inf gives 0, +inf 1), NaN stays NaN; within 2e-7 of
+// float64. Elsewhere ATen's exp_u20 (a few ulp; it saturates at FLT_MAX
 // for v < -88, giving 0 as it should). Sleef's exp costs about twice as much, and silu is what keeps
 // the memory-bound causal conv from copy speed.
 inline at::vec::Vectorized<float> sigmoid(const at::vec::Vectorized<float>& v) {
@@ -99,15 +133,20 @@ inline at::vec::Vectorized<float> sigmoid(const at::vec::Vectorized<float>& v) {
   const __m512 e = exp2_nonpositive(fVec(_mm512_mul_ps(_mm512_abs_ps(x), _mm512_set1_ps(-kLog2e))));
   const __m512 r = reciprocal_1_2(_mm512_add_ps(_mm512_set1_ps(1.f), e));
   return _mm512_mask_mul_ps(r, _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_LT_OQ), e, r);
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256 x = v;
+  const __m256 e = exp2_nonpositive(fVec(_mm256_mul_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.f), x), _mm256_set1_ps(-kLog2e))));
+  const __m256 r = _mm256_div_ps(_mm256_set1_ps(1.f), _mm256_add_ps(_mm256_set1_ps(1.f), e));
+  return _mm256_blendv_ps(r, _mm256_mul_ps(e, r), _mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_LT_OQ));
 #else
   return fVec(1.f) / (fVec(1.f) + (fVec(0.f) - v).exp_u20());
 #endif
 }
 
-// tanh(v) = sign(v) (1 - e) / (1 + e) with e = exp(-2|v|) under AVX-512, 1 - e from exp2m1_nonpositive
-// (within 1.4e-7 absolute of tanh, and a tiny v gives a tiny tanh); elsewhere 1 - 2 / (exp(2v) + 1)
-// on exp_u20 (within ~1e-7 absolute; the relative error grows near 0), about 3x cheaper than Sleef's
-// tanh. Both ends saturate correctly; NaN stays NaN.
+// tanh(v) = sign(v) (1 - e) / (1 + e) with e = exp(-2|v|) under AVX-512 or AVX2, 1 - e from
+// exp2m1_nonpositive (within 1.4e-7 absolute of tanh, and a tiny v gives a tiny tanh; NaN stays NaN);
+// elsewhere 1 - 2 / (exp(2v) + 1) on exp_u20 (within ~1e-7 absolute; the relative error grows near 0,
+// and exp_u20's clamp turns NaN into 1), about 3x cheaper than Sleef's tanh. Both ends saturate correctly.
 inline at::vec::Vectorized<float> tanh_fast(const at::vec::Vectorized<float>& v) {
   using act_detail::fVec;
 #if defined(CPU_CAPABILITY_AVX512)
@@ -118,6 +157,11 @@ inline at::vec::Vectorized<float> tanh_fast(const at::vec::Vectorized<float>& v)
   // the sign of x onto |tanh|; NaN: a is NaN, e and t follow
   return _mm512_castsi512_ps(_mm512_ternarylogic_epi32(_mm512_castps_si512(t), _mm512_castps_si512(x),
                                                        _mm512_set1_epi32(0x7fffffff), 0xe4));
+#elif defined(CPU_CAPABILITY_AVX2)
+  const __m256 x = v, sign = _mm256_set1_ps(-0.f);
+  const __m256 em1 = exp2m1_nonpositive(_mm256_mul_ps(_mm256_andnot_ps(sign, x), _mm256_set1_ps(-2.f * kLog2e)));
+  const __m256 t = _mm256_div_ps(_mm256_sub_ps(_mm256_setzero_ps(), em1), _mm256_add_ps(_mm256_set1_ps(2.f), em1));
+  return _mm256_or_ps(t, _mm256_and_ps(sign, x));  // t >= 0 or NaN; the sign of x onto it
 #else
   return fVec(1.f) - fVec(2.f) / ((v + v).exp_u20() + fVec(1.f));
 #endif

@@ -280,15 +280,59 @@ inline void store_any(c10::BFloat16* p, const fVec& v, int64_t n) {
 #endif
 }
 
-// n values of T as fp32 times mul, and back (the row copies of the packing and write-out steps).
-// dst[j * ld_dst + i] = src[i * ld_src + j] for i < M, j < N: a block transpose of 32-bit elements of
-// any kind (fp32, or pairs of bf16), by ATen's vectorized fp32 transpose; it only moves bits (loads,
-// shuffles, stores), so any pattern comes through as it was. Columns [M, M_pad) of dst are zeroed
-// (a GEMM panel wider than the rows it holds).
+#if defined(CPU_CAPABILITY_AVX2)
+// The 8 x 8 block r[0..8) transposed in registers.
+inline void transpose_8x8(__m256 r[8]) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);      // a0 b0 a1 b1 | a4 b4 a5 b5
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);  // a2 b2 a3 b3 | a6 b6 a7 b7
+  }
+  for (int h = 0; h < 8; h += 4) {
+    u[h] = _mm256_shuffle_ps(t[h], t[h + 2], 0x44);      // a0 b0 c0 d0 | a4 b4 c4 d4
+    u[h + 1] = _mm256_shuffle_ps(t[h], t[h + 2], 0xEE);  // column 1 | 5
+    u[h + 2] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0x44);
+    u[h + 3] = _mm256_shuffle_ps(t[h + 1], t[h + 3], 0xEE);
+  }
+  for (int c = 0; c < 4; ++c) {
+    r[c] = _mm256_permute2f128_ps(u[c], u[c + 4], 0x20);
+    r[c + 4] = _mm256_permute2f128_ps(u[c], u[c + 4], 0x31);
+  }
+}
+#endif
+
+// dst[j * ld_dst + i] = src[i * ld_src + j] for i < M, j < N: a block transpose of 32-bit values, in
+// vector blocks (ATen's 16 x 16 with AVX-512; 8 x 8 in registers with AVX2, where ATen's version of
+// any size goes element by element: at 32 rows a power of two apart those reads also fall into a few
+// L1 sets). It only moves bits, so fp32 values and pairs of bf16 alike come through as they were.
+inline void transpose_f32(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t M, int64_t N) {
+#if defined(CPU_CAPABILITY_AVX2)
+  for (int64_t i = 0; i < M; i += 8) {
+    const int64_t mi = std::min<int64_t>(8, M - i);
+    const __m256i rows = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(mi)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    int64_t j = 0;
+    for (; j + 8 <= N; j += 8) {
+      __m256 r[8];
+      for (int64_t t = 0; t < 8; ++t) r[t] = t < mi ? _mm256_loadu_ps(src + (i + t) * ld_src + j) : _mm256_setzero_ps();
+      transpose_8x8(r);
+      for (int64_t t = 0; t < 8; ++t) {
+        if (mi == 8) _mm256_storeu_ps(dst + (j + t) * ld_dst + i, r[t]);
+        else _mm256_maskstore_ps(dst + (j + t) * ld_dst + i, rows, r[t]);
+      }
+    }
+    for (; j < N; ++j)
+      for (int64_t t = 0; t < mi; ++t) dst[j * ld_dst + i + t] = src[(i + t) * ld_src + j];
+  }
+#else
+  at::vec::transpose_mxn<float>(src, ld_src, dst, ld_dst, static_cast<int>(M), static_cast<int>(N));
+#endif
+}
+
+// transpose_f32 of 32-bit elements of any kind (fp32, or pairs of bf16); columns [M, M_pad) of dst
+// are zeroed (a GEMM panel wider than the rows it holds).
 inline void transpose_32bit(const uint32_t* src, int64_t ld_src, uint32_t* dst, int64_t ld_dst, int64_t M, int64_t N,
                             int64_t M_pad) {
-  at::vec::transpose_mxn<float>(reinterpret_cast<const float*>(src), ld_src, reinterpret_cast<float*>(dst), ld_dst,
-                                static_cast<int>(M), static_cast<int>(N));
+  transpose_f32(reinterpret_cast<const float*>(src), ld_src, reinterpret_cast<float*>(dst), ld_dst, M, N);
   if (M < M_pad)
     for (int64_t j = 0; j < N; ++j) std::fill(dst + j * ld_dst + M, dst + j * ld_dst + M_pad, 0u);
 }
@@ -299,7 +343,7 @@ template <typename T>
 inline void transpose_to_float(const T* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t M, int64_t N,
                                int64_t M_pad) {
   if constexpr (std::is_same_v<T, float>) {
-    at::vec::transpose_mxn<float>(src, ld_src, dst, ld_dst, static_cast<int>(M), static_cast<int>(N));
+    transpose_f32(src, ld_src, dst, ld_dst, M, N);
   } else {
     for (int64_t i = 0; i < M; ++i)
       for (int64_t j = 0; j < N; ++j) dst[j * ld_dst + i] = static_cast<float>(src[i * ld_src + j]);
@@ -308,6 +352,7 @@ inline void transpose_to_float(const T* src, int64_t ld_src, float* dst, int64_t
     for (int64_t j = 0; j < N; ++j) std::fill(dst + j * ld_dst + M, dst + j * ld_dst + M_pad, 0.f);
 }
 
+// n values of T as fp32 times mul, and back (the row copies of the packing and write-out steps).
 template <typename T>
 inline void to_float(const T* src, float* dst, int64_t n, float mul = 1.f) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]) * mul;

@@ -820,7 +820,7 @@ at::Tensor winograd2_grad_weight(const at::Tensor& gp, const at::Tensor& x, cons
           K += ni * nj;
         }
         for (int64_t P = 0; P < kPoints2; ++P) {
-          at::vec::transpose_mxn<float>(v.data() + P * g.Cin * ldk, ldk, vt.data(), ci_pad, g.Cin, K);
+          cpu::transpose_f32(v.data() + P * g.Cin * ldk, ldk, vt.data(), ci_pad, g.Cin, K);
           cpu::small_gemm(g.Cout, ci_pad, K, z.data() + P * g.Cout * ldk, ldk, 1, vt.data(), ci_pad,
                           dch + P * g.Cout * ci_pad, ci_pad, 1.f, true);
         }
@@ -935,7 +935,7 @@ at::Tensor implicit_grad_weight(const at::Tensor& gp, const at::Tensor& x, const
           const int64_t n0 = p * kPanel, nc = std::min(kPanel, g.Cout - n0);
           float* dst = bs.data() + p * kc * kPanel;
           if (nc < kPanel) std::fill(dst, dst + kc * kPanel, 0.f);
-          at::vec::transpose_mxn<float>(gpp + (b * g.Cout + n0) * g.Lout + q0, g.Lout, dst, kPanel, nc, kc);
+          cpu::transpose_f32(gpp + (b * g.Cout + n0) * g.Lout + q0, g.Lout, dst, kPanel, nc, kc);
         }
         // x's positions [q0 - pad, q0 - pad + span): tap j reads from offset shifts[j]
         const int64_t first = q0 - g.pad, span = kc + max_shift;
@@ -945,8 +945,8 @@ at::Tensor implicit_grad_weight(const at::Tensor& gp, const at::Tensor& x, const
           // xa[i * kRows + r] = x[b, ci0 + r, first + i], 0 outside [0, L)
           for (int64_t i = 0; i < lo; ++i) std::fill_n(xa.data() + i * kRows, mc, 0.f);
           if (hi > lo)
-            at::vec::transpose_mxn<float>(xp + (b * g.Cin + ci0) * g.L + first + lo, g.L, xa.data() + lo * kRows, kRows,
-                                          mc, hi - lo);
+            cpu::transpose_f32(xp + (b * g.Cin + ci0) * g.L + first + lo, g.L, xa.data() + lo * kRows, kRows, mc,
+                               hi - lo);
           for (int64_t i = hi; i < span; ++i) std::fill_n(xa.data() + i * kRows, mc, 0.f);
           for (int64_t j = 0; j < taps; ++j)
             for (int64_t p = 0; p < panels; ++p)

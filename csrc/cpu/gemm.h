@@ -355,8 +355,8 @@ void packed_gemm_bf16(int64_t M, int64_t N, int64_t K, Strided<T> A, Strided<T> 
 
 // C[M, N] = A[M, K] B[K, N] (+ bias[N]), C of type Out with row stride ldc: a parallel GEMM for large
 // operands. Both are packed to fp32 once per call: B in column panels of kPanel floats ([K, kPanel]
-// each, contiguous), A in row blocks of kRows rows, transposed ([K, kRows]: the micro-kernel then
-// broadcasts consecutive floats). Tasks are (row block, group of panels), each writing its own part
+// each, contiguous), A per row block of kRows rows in micro-panels of kMR rows, transposed ([kc, kMR]
+// each: the micro-kernel then broadcasts consecutive floats). Tasks are (row block, group of panels), each writing its own part
 // of C (gemm_detail::packed_gemm_tasks). bf16 operands take packed_gemm_bf16 where bf16_dot() holds.
 template <typename T, typename Out>
 void packed_gemm(int64_t M, int64_t N, int64_t K, Strided<T> A, Strided<T> B, const T* bias, Out* C, int64_t ldc) {
@@ -382,7 +382,7 @@ void packed_gemm(int64_t M, int64_t N, int64_t K, Strided<T> A, Strided<T> B, co
   const at::Tensor bp_t = cached_empty({direct_b ? 0 : panels * K * kPanel}, at::TensorOptions().dtype(at::kFloat));
   float* bp = bp_t.data_ptr<float>();
   // Both packings are transposes or copies; for float operands with one unit stride they move 16 x 16
-  // blocks through registers (at::vec::transpose_mxn). Read element by element, a row-major A whose
+  // or 8 x 8 blocks through registers (transpose_f32). Read element by element, a row-major A whose
   // rows lie a power of two apart (x [4096, 512], dG [4096, 2048]) put all 64 rows of a block into
   // one or two L1 sets: dx = dG W of an LSTM layer ran at 66% of the micro-kernel's rate (305 GFLOP/s
   // on 2 Zen 5 cores; 390 with the block transposes).
@@ -392,7 +392,7 @@ void packed_gemm(int64_t M, int64_t N, int64_t K, Strided<T> A, Strided<T> B, co
       const int64_t n0 = p * kPanel, nc = std::min(kPanel, N - n0);
       if (kFloat && B.rs == 1) {  // B = W^T of a row-major W [N, K]: transpose nc rows of W
         if (nc < kPanel) std::fill(dst, dst + K * kPanel, 0.f);
-        at::vec::transpose_mxn<float>(reinterpret_cast<const float*>(B.p) + n0 * B.cs, B.cs, dst, kPanel, nc, K);
+        transpose_f32(reinterpret_cast<const float*>(B.p) + n0 * B.cs, B.cs, dst, kPanel, nc, K);
         continue;
       }
       for (int64_t k = 0; k < K; ++k) {
@@ -404,23 +404,33 @@ void packed_gemm(int64_t M, int64_t N, int64_t K, Strided<T> A, Strided<T> B, co
       }
     }
   });
+  // A's block in micro-panels, one per tile of kMR rows: a[m * kc + k * kMR + r] = A(m0 + m + r, k0 + k), so
+  // that a tile reads its A as one contiguous stream. (A [kc, kRows] block instead, each tile's kMR floats
+  // of a k a row of the block apart, took a line of L1 for every k: on a Zen 3, AVX2, the 1024 x 768 x
+  // 3072 product ran at 150 GFLOP/s that way and 167 with micro-panels, prototype measured in one process.)
+  using gemm_detail::kMR;
   gemm_detail::packed_gemm_tasks<float>(M, N, K, gemm_detail::kSliceK, bias, C, ldc,
       [&](int64_t m0, int64_t mc, int64_t k0, int64_t kc, float* a) {
-    if (kFloat && A.cs == 1) {  // row-major A: transpose the block
-      at::vec::transpose_mxn<float>(reinterpret_cast<const float*>(A.p) + m0 * A.rs + k0, A.rs, a, kRows, mc, kc);
-      return;
+    for (int64_t m = 0; m < mc; m += kMR) {
+      const int64_t rows = std::min<int64_t>(kMR, mc - m);
+      float* at = a + m * kc;
+      if (kFloat && A.cs == 1) {  // row-major A: transposes
+        transpose_f32(reinterpret_cast<const float*>(A.p) + (m0 + m) * A.rs + k0, A.rs, at, kMR, rows, kc);
+      } else if (kFloat && A.rs == 1) {  // A = X^T of a row-major X (a weight gradient's dG^T): copies of X's rows
+        for (int64_t k = 0; k < kc; ++k)
+          std::memcpy(at + k * kMR, reinterpret_cast<const float*>(A.p) + (k0 + k) * A.cs + m0 + m, rows * sizeof(float));
+      } else {
+        for (int64_t k = 0; k < kc; ++k)
+          for (int64_t r = 0; r < rows; ++r) at[k * kMR + r] = A.at(m0 + m + r, k0 + k);
+      }
     }
-    if (kFloat && A.rs == 1) {  // A = X^T of a row-major X (a weight gradient's dG^T): copies of X's rows
-      for (int64_t k = 0; k < kc; ++k)
-        std::memcpy(a + k * kRows, reinterpret_cast<const float*>(A.p) + (k0 + k) * A.cs + m0, mc * sizeof(float));
-      return;
-    }
-    for (int64_t k = 0; k < kc; ++k)
-      for (int64_t r = 0; r < mc; ++r) a[k * kRows + r] = A.at(m0 + r, k0 + k);
   }, [&](int64_t mc, int64_t p, int64_t k0, int64_t kc, const float* a, float* out, int64_t ldo, bool acc) {
     const float* b =
         direct_b ? reinterpret_cast<const float*>(B.p) + k0 * B.rs + p * kPanel : bp + (p * K + k0) * kPanel;
-    small_gemm(mc, kPanel, kc, a, 1, kRows, b, direct_b ? B.rs : kPanel, out, ldo, 1.f, acc);
+    const int64_t ldb = direct_b ? B.rs : kPanel;
+    // the whole slice in one pass per tile (small_gemm would cut it into pieces of 256)
+    for (int64_t m = 0; m < mc; m += kMR)
+      gemm_detail::panel<2>(std::min<int64_t>(kMR, mc - m), kc, a + m * kc, 1, kMR, b, ldb, out + m * ldo, ldo, 1.f, acc);
   });
 }
 

@@ -893,7 +893,7 @@ struct GradWeightPlan {
 GradWeightPlan plan_grad_weight(const Grid& g) {
   GradWeightPlan w;
   w.Np = (g.Cout + kPanel - 1) / kPanel * kPanel;
-  const int64_t kc_max = std::clamp<int64_t>((128 << 10) / w.Np, 64, cpu::gemm_detail::kSliceK);  // B's slice <= 512 KiB
+  const int64_t kc_max = std::clamp<int64_t>((128 << 10) / w.Np, 64, 512);  // B's slice <= 512 KiB
   w.per_seq = (g.Lout + kc_max - 1) / kc_max;
   w.run = (g.Lout + w.per_seq - 1) / w.per_seq;
   w.slices = g.B * w.per_seq;

@@ -46,33 +46,26 @@ inline __m512 reciprocal_1_2(__m512 d) {
 // relative error 2.2e-7 in fp32, below exp_u20's), and 2^n applied by vscalefps (AVX-512) or a
 // multiply by 2^n built from its exponent bits (AVX2); t <= -126, including the -inf of a masked key,
 // gives exactly 0 (NaN stays NaN). Ten instructions against exp_u20's ~16. Elsewhere exp_u20.
-#if defined(CPU_CAPABILITY_AVX512)
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 namespace act_detail {
 // t = n + f, n = round(t), |f| <= 1/2; returns q with 2^f ~ 1.0000001192 + f q (the fit's terms past
-// the constant, shared by exp2_nonpositive and exp2m1_nonpositive).
-inline __m512 exp2_split(__m512 t, __m512& n, __m512& f) {
-  n = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  f = _mm512_sub_ps(t, n);
-  __m512 q = _mm512_set1_ps(1.3266970636323094e-3f);
-  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(9.675459936261177e-3f));
-  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(5.550742521882057e-2f));
-  q = _mm512_fmadd_ps(q, f, _mm512_set1_ps(2.4022121727466583e-1f));
-  return _mm512_fmadd_ps(q, f, _mm512_set1_ps(6.931469440460205e-1f));
+// the constant, shared by exp2_nonpositive and exp2m1_nonpositive). at::vec's round is vrndscaleps /
+// vroundps to nearest.
+inline fVec exp2_split(const fVec& t, fVec& n, fVec& f) {
+  n = t.round();
+  f = t - n;
+  fVec q(1.3266970636323094e-3f);
+  q = at::vec::fmadd(q, f, fVec(9.675459936261177e-3f));
+  q = at::vec::fmadd(q, f, fVec(5.550742521882057e-2f));
+  q = at::vec::fmadd(q, f, fVec(2.4022121727466583e-1f));
+  return at::vec::fmadd(q, f, fVec(6.931469440460205e-1f));
 }
 }  // namespace act_detail
-#elif defined(CPU_CAPABILITY_AVX2)
-// The same fit with AVX2, which has no vscalefps: 2^n is built from its exponent bits (n in [-126, 0]
-// where the result is kept; lanes outside are replaced by the callers' blends).
+#endif
+#if defined(CPU_CAPABILITY_AVX2)
+// AVX2 has no vscalefps: 2^n is built from its exponent bits (n in [-126, 0] where the result is
+// kept; lanes outside are replaced by the callers' blends).
 namespace act_detail {
-inline __m256 exp2_split(__m256 t, __m256& n, __m256& f) {
-  n = _mm256_round_ps(t, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  f = _mm256_sub_ps(t, n);
-  __m256 q = _mm256_set1_ps(1.3266970636323094e-3f);
-  q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(9.675459936261177e-3f));
-  q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(5.550742521882057e-2f));
-  q = _mm256_fmadd_ps(q, f, _mm256_set1_ps(2.4022121727466583e-1f));
-  return _mm256_fmadd_ps(q, f, _mm256_set1_ps(6.931469440460205e-1f));
-}
 inline __m256 pow2i(__m256 n) {  // 2^n for integral n in [-126, 127]
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
 }
@@ -82,12 +75,12 @@ inline __m256 above_m126(__m256 t) { return _mm256_cmp_ps(t, _mm256_set1_ps(-126
 #endif
 inline at::vec::Vectorized<float> exp2_nonpositive(const at::vec::Vectorized<float>& t) {
 #if defined(CPU_CAPABILITY_AVX512)
-  __m512 n, f;
+  act_detail::fVec n, f;
   const __m512 q = act_detail::exp2_split(t, n, f);
   const __m512 p = _mm512_fmadd_ps(q, f, _mm512_set1_ps(1.0000001192092896f));
   return _mm512_maskz_scalef_ps(_mm512_cmp_ps_mask(t, _mm512_set1_ps(-126.f), _CMP_NLE_UQ), p, n);
 #elif defined(CPU_CAPABILITY_AVX2)
-  __m256 n, f;
+  act_detail::fVec n, f;
   const __m256 q = act_detail::exp2_split(t, n, f);
   const __m256 p = _mm256_fmadd_ps(q, f, _mm256_set1_ps(1.0000001192092896f));
   return _mm256_and_ps(act_detail::above_m126(t), _mm256_mul_ps(p, act_detail::pow2i(n)));
@@ -102,8 +95,8 @@ constexpr float kLog2e = 1.44269504088896340736f;
 // stays tiny). t <= -126 gives -1 exactly; NaN stays NaN. AVX-512 and AVX2 only.
 #if defined(CPU_CAPABILITY_AVX512)
 inline __m512 exp2m1_nonpositive(__m512 t) {
-  __m512 n, f;
-  const __m512 q = act_detail::exp2_split(t, n, f);
+  act_detail::fVec n, f;
+  const __m512 q = act_detail::exp2_split(act_detail::fVec(t), n, f);
   const __m512 s = _mm512_scalef_ps(_mm512_set1_ps(1.f), n);  // 2^n
   const __m512 em1 = _mm512_fmadd_ps(s, _mm512_mul_ps(f, q), _mm512_sub_ps(s, _mm512_set1_ps(1.f)));
   // far below (t = -inf included, where f is NaN): -1
@@ -111,8 +104,8 @@ inline __m512 exp2m1_nonpositive(__m512 t) {
 }
 #elif defined(CPU_CAPABILITY_AVX2)
 inline __m256 exp2m1_nonpositive(__m256 t) {
-  __m256 n, f;
-  const __m256 q = act_detail::exp2_split(t, n, f);
+  act_detail::fVec n, f;
+  const __m256 q = act_detail::exp2_split(act_detail::fVec(t), n, f);
   const __m256 s = act_detail::pow2i(n);
   const __m256 em1 = _mm256_fmadd_ps(s, _mm256_mul_ps(f, q), _mm256_sub_ps(s, _mm256_set1_ps(1.f)));
   return _mm256_blendv_ps(_mm256_set1_ps(-1.f), em1, act_detail::above_m126(t));

@@ -53,8 +53,8 @@ void fwd_block(int64_t r0, int64_t r1, const T* x, const T* res, const float* w,
         cpu::load2_any(res + r * H + j, H - j, ra, rc);
         a = a + ra;
         c = c + rc;
-        cpu::round_to(xr, a, c);  // normalise the s that is stored, and that the backward sees
-        cpu::store2_maybe_stream(res_out + r * H + j, H - j, a, c, stream_res);
+        // normalise the s that is stored, and that the backward sees
+        cpu::store2_rounded(res_out + r * H + j, H - j, a, c, stream_res);
       }
       cpu::store2(s + j, a, c);
       acc0 = acc0 + a;

@@ -618,10 +618,6 @@ void backward(const Shape& sh, const at::Tensor& grad_out, const at::Tensor& gra
   if (sh.mode == Mode::kLstm) std::copy(dc.begin(), dc.end(), dc_out.data_ptr<float>());
 }
 
-at::Tensor empty_like_or_none(const std::optional<at::Tensor>& t, const at::Tensor& ref) {
-  return t.has_value() ? at::empty_like(*t) : at::empty({0}, ref.options());
-}
-
 }  // namespace
 
 std::vector<at::Tensor> rnn_fwd_cpu(const at::Tensor& xw, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh,

@@ -128,6 +128,35 @@ def test_masks_gqa_and_noncontiguous(backend, device):
         _check(backend, device, dtype, (3, 4, 2, 40), (3, 2, lk, 40), causal=True, mask=padding, noncontiguous=True)
 
 
+@pytest.mark.parametrize("backend,device", FUSED)
+def test_key_padding_spanning_whole_key_tiles(backend, device):
+    """Right and left padding over whole key tiles (the CPU kernel's tiles are 256 keys: it skips the
+    tiles masked for every query, forward and backward): same results as torch, and padded keys get
+    exactly zero gradients. Key-padding masks, per-head additive ones, the padding written out for every
+    query (transformers' [B, 1, Lq, Lk]) with causality, and the decode path (Lq <= 4)."""
+    if _small(backend, device):
+        pytest.skip("the Triton interpreter is slow: small shapes only on the CPU")
+    lk = 600
+    valid = [(0, 100), (300, 600), (10, 520), (0, 600), (0, 0)]  # keys [lo, hi) of each batch; the last: none
+    padding = torch.zeros(len(valid), 1, 1, lk, dtype=torch.bool)
+    for b, (lo, hi) in enumerate(valid):
+        padding[b, ..., lo:hi] = True
+    per_head = torch.randn(len(valid), 2, 1, lk).masked_fill(~padding, -math.inf)  # [B, H, 1, Lk] additive
+    per_head[2, 1, :, :300] = -math.inf  # head 1 of batch 2 sees fewer keys than head 0
+    for dtype in DTYPES[backend]:
+        for lq in (70, 3):
+            full = padding.expand(len(valid), 1, lq, lk).contiguous()
+            full[2, :, 1:] = False  # batch 2: only query 0 sees keys
+            for mask in (padding, per_head, full):
+                _check(backend, device, dtype, (len(valid), 2, lq, 32), (len(valid), 2, lk, 32), mask=mask)
+            _check(backend, device, dtype, (len(valid), 2, lq, 32), (len(valid), 2, lk, 32), mask=full, causal=True)
+            _check(backend, device, dtype, (len(valid), 4, lq, 32), (len(valid), 2, lk, 32), mask=per_head.repeat(1, 2, 1, 1))
+    q, k, v, go = _inputs((len(valid), 2, 70, 32), (len(valid), 2, lk, 32), 32, torch.float32, device)
+    _, _, gk, gv = _grads(lambda q, k, v: sdpa(q, k, v, padding.to(device), backend=backend), q, k, v, go)
+    masked = ~padding.view(len(valid), 1, lk, 1).to(device).expand_as(gk)
+    assert (gk[masked] == 0).all() and (gv[masked] == 0).all() and (gk[~masked] != 0).any()
+
+
 def test_fully_masked_rows_give_zeros_and_zero_gradients():
     q, k, v, go = _inputs((2, 2, 5, 16), (2, 2, 6, 16), 16, torch.float32, "cpu")
     mask = torch.ones(2, 1, 1, 6, dtype=torch.bool)

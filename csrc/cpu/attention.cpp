@@ -283,6 +283,27 @@ struct BiasView {
   const float* row(int64_t b, int64_t h, int64_t i, int64_t j0) const {
     return base == nullptr ? nullptr : base + b * sb + h * sh + i * sq + j0 * sk;
   }
+  // Keys [begin, end) of head h of batch b that some query of rows [i0, i0 + rows) may see: outside
+  // the first and last finite bias entries of those rows every score is -inf, and the kernels skip
+  // the tiles that lie wholly there (padding: transformers' BERT hands a [B, 1, Lq, Lk] mask of right
+  // padding, GPT-2's batched prompts are padded on the left). exp(-inf) adds exact zeros, so skipping
+  // changes no result. A bias shared by all queries (stride 0, a key-padding mask) is read once.
+  // Reads each row from both ends up to its first finite entry. No bias: [0, lk).
+  struct Keys { int64_t begin, end; };
+  Keys key_range(int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t lk) const {
+    if (base == nullptr) return {0, lk};
+    Keys keys{lk, 0};
+    for (int64_t i = i0; i < i0 + (sq == 0 ? std::min<int64_t>(rows, 1) : rows); ++i) {
+      const float* r = row(b, h, i, 0);
+      int64_t end = lk;
+      while (end > keys.end && r[(end - 1) * sk] == -kInf) --end;
+      int64_t begin = 0;
+      while (begin < std::min(end, keys.begin) && r[begin * sk] == -kInf) ++begin;
+      if (begin < end) keys = {std::min(keys.begin, begin), std::max(keys.end, end)};
+      if (keys.begin == 0 && keys.end == lk) break;
+    }
+    return keys;
+  }
 };
 
 void check_operands(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
@@ -392,10 +413,15 @@ void forward_decode(const Rows<T>& Q, const Rows<T>& K, const Rows<T>& V, const 
       const Causal causal_mask(causal, sq);
       for (int64_t r = 0; r < sq.lq; ++r) {
         const int64_t i = sq.q_begin + r, n = causal_mask.visible(r, sq.lk);
+        const BiasView::Keys keys = bias.key_range(sq.batch, h, r, 1, sq.lk);
         to_float(Q.row(sq.batch, h, i), qf.data(), d, static_cast<float>(scale));
         const float* b = bias.row(sq.batch, h, r, 0);  // this row's bias, or nullptr
         float m = -kInf;
         for (int64_t j = 0; j < n; ++j) {
+          if (j < keys.begin || j >= keys.end) {  // masked for every query: no product
+            p[j] = -kInf;
+            continue;
+          }
           p[j] = dot_row(qf.data(), K.row(sq.batch, kvh, sq.k_begin + j), d) + (b ? b[j * bias.sk] : 0.f);
           m = std::max(m, p[j]);
         }
@@ -471,8 +497,9 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
       const int64_t kvh = task.head / groups, i0 = task.block * block_q;
       const int64_t m = std::min(block_q, sq.lq - i0);
       const Causal causal_mask(causal, sq);
-      // Keys any row of this block may see: the tiles past them are never visited.
-      const int64_t n_keys = causal_mask.visible(i0 + m - 1, sq.lk);
+      // Keys any row of this block may see: the tiles outside them are never visited.
+      const BiasView::Keys keys = bias.key_range(sq.batch, task.head, i0, m, sq.lk);
+      const int64_t n_keys = std::min(causal_mask.visible(i0 + m - 1, sq.lk), keys.end);
       if (n_keys > 0 && (packed_seq != task.seq || packed_head != kvh)) {
         if constexpr (kBf16) {
           if (vnni) {
@@ -499,7 +526,7 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
       std::fill(row_sum.begin(), row_sum.end(), 0.f);
       std::fill(acc.begin(), acc.begin() + (amx ? amx_round(m, 16) : m) * ld_dv, 0.f);
 
-      for (int64_t j0 = 0; j0 < n_keys; j0 += block_k) {
+      for (int64_t j0 = keys.begin / block_k * block_k; j0 < n_keys; j0 += block_k) {
         const int64_t n = std::min(block_k, n_keys - j0);
         if constexpr (kBf16) {
           if (vnni) {
@@ -700,8 +727,27 @@ void backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor&
           lse_rows[g * lq + i] = lse_base[(sq.batch * hq + h) * ltot + sq.q_begin + i];
         }
       }
+      // Keys some query head of the group may see (BiasView::key_range): the key blocks outside them
+      // get zero gradients without a tile.
+      const auto store_key_grads = [&](int64_t j0, int64_t n) {  // dK, dV of keys [j0, j0 + n) from the accumulators
+        for (int64_t r = 0; r < n; ++r) {
+          from_float(dk_acc.data() + r * ld_d, dK.row(sq.batch, kvh, sq.k_begin + j0 + r), d, 1.f);
+          from_float(dv_acc.data() + r * ld_dv, dV.row(sq.batch, kvh, sq.k_begin + j0 + r), dv, 1.f);
+        }
+      };
+      BiasView::Keys keys{sq.lk, 0};
+      for (int64_t g = 0; g < groups; ++g) {
+        const BiasView::Keys kg = bias.key_range(sq.batch, kvh * groups + g, 0, lq, sq.lk);
+        if (kg.begin < kg.end) keys = {std::min(keys.begin, kg.begin), std::max(keys.end, kg.end)};
+      }
       for (int64_t kb = chunk; kb * kBlockK < sq.lk; kb += chunks) {  // interleaved: causal work stays even
         const int64_t j0 = kb * kBlockK, n = std::min(kBlockK, sq.lk - j0), n_pad = round_up_to_vec(n);
+        if (j0 + n <= keys.begin || j0 >= keys.end) {
+          std::fill(dk_acc.begin(), dk_acc.begin() + n * ld_d, 0.f);
+          std::fill(dv_acc.begin(), dv_acc.begin() + n * ld_dv, 0.f);
+          store_key_grads(j0, n);
+          continue;
+        }
         if constexpr (kBf16) {
           if (dot) {
             pack_keys_vnni(K, sq.batch, kvh, sq.k_begin + j0, n, d, kt_b.data(), ld_s);
@@ -775,10 +821,7 @@ void backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor&
                        ld_d, s_mul, true);
           }
         }
-        for (int64_t r = 0; r < n; ++r) {
-          from_float(dk_acc.data() + r * ld_d, dK.row(sq.batch, kvh, sq.k_begin + j0 + r), d, 1.f);
-          from_float(dv_acc.data() + r * ld_dv, dV.row(sq.batch, kvh, sq.k_begin + j0 + r), dv, 1.f);
-        }
+        store_key_grads(j0, n);
       }
       for (int64_t g = 0; g < groups; ++g) {
         const int64_t h = kvh * groups + g;

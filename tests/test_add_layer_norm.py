@@ -103,6 +103,17 @@ def test_weight_gradients_do_not_depend_on_thread_count(backend, device):
         assert torch.equal(a, c)
 
 
+@pytest.mark.parametrize("hidden", [7, 40, 769])
+def test_cpu_residual_out_is_the_eager_sum_bit_for_bit(hidden):
+    """residual_out is x + residual rounded once to the dtype, as eager PyTorch computes it (the
+    kernel normalises that rounded sum): equal bit for bit, full and partial vector steps."""
+    for dtype in (torch.float32, torch.bfloat16):
+        x, r, w, b = (t.detach() for t in _inputs((33, hidden), dtype, torch.device("cpu")))
+        out, s = add_layer_norm(x, r, w, b, backend="cpu")
+        assert torch.equal(s, x + r), dtype
+        assert torch.equal(out, add_layer_norm(x + r, None, w, b, backend="cpu")[0]), dtype
+
+
 def test_gradcheck_float64():
     x, r, w, b = (t.double().detach().requires_grad_() for t in _inputs((3, 11), torch.float32, "cpu"))
     assert torch.autograd.gradcheck(lambda *t: add_layer_norm(*t, backend="torch"), (x, r, w, b))

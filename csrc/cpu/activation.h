@@ -180,8 +180,6 @@ inline __m512 mirror_tail(__m512 v, __m512 tail) {
   const __mmask16 negative = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ);
   return _mm512_mask_blend_ps(negative, _mm512_sub_ps(_mm512_set1_ps(1.f), tail), tail);
 }
-inline __m512 tail_q(__m512 v) { return gaussian_tail(v, gelu_table::kTailQ16); }
-inline __m512 tail_r(__m512 v) { return gaussian_tail(v, gelu_table::kTailR16); }
 #else
 template <int C>
 inline __m256 gaussian_tail(__m256 v, const float (&table)[C][8]) {
@@ -197,42 +195,44 @@ inline __m256 mirror_tail(__m256 v, __m256 tail) {
   const __m256 negative = _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_LT_OQ);
   return _mm256_blendv_ps(_mm256_sub_ps(_mm256_set1_ps(1.f), tail), tail, negative);
 }
-inline __m256 tail_q(__m256 v) { return gaussian_tail(v, gelu_table::kTailQ8); }
-inline __m256 tail_r(__m256 v) { return gaussian_tail(v, gelu_table::kTailR8); }
 #endif
 
-// gelu(v) = v Phi(v), Phi(v) = 1 - q(|v|) or q(|v|).
-inline at::vec::Vectorized<float> gelu_erf(const at::vec::Vectorized<float>& v) {
-  return v * at::vec::Vectorized<float>(mirror_tail(v, tail_q(v)));
-}
-// gelu'(v) = Phi(v) + v phi(v) = 1 - r(|v|) or r(|v|).
-inline at::vec::Vectorized<float> gelu_erf_grad(const at::vec::Vectorized<float>& v) {
-  return mirror_tail(v, tail_r(v));
-}
+// The tail tables of each ISA (gelu_table.h): for fp32 results 16 intervals of degree 5 (AVX-512) or
+// 8 of degree 7 (AVX2), ~5e-8 from float64. For results rounded to bfloat16, shorter ones: AVX-512's
+// "16d3" within 3.6e-6 (q) and 1.8e-5 (r) of float64 relative to max(1, |value|), below bf16's rounding
+// of values near 1 by 1000x (tiny values of the negative tail can land a few bf16 steps off: 1.3% of
+// all bf16 inputs in [-10, 10] are not correctly rounded, 2.1% for torch's bf16 GELU; bias_gelu's bf16
+// forward, one Zen 5 core: 13.4-15.1 -> 10.7-11.4 cycles per 16 values); AVX2's "8d4" for q (3.5e-6)
+// and "8d5" for r (1.8e-6), three and two permutes and FMAs a vector fewer than degree 7 (Zen 3:
+// bias_gelu's bf16 forward 1.32x).
 #if defined(CPU_CAPABILITY_AVX512)
-#define BIGNLP_FAST_GELU_BF16_TABLES 1
-// For results rounded to bfloat16: the degree-3 tables (gelu_table.h "16d3"), within 3.6e-6 and
-// 1.8e-5 of float64 relative to max(1, |value|), below bf16's rounding of values near 1 by 1000x (tiny
-// values of the negative tail can land a few bf16 steps off: 1.3% of all bf16 inputs in [-10, 10]
-// are not correctly rounded, 2.1% for torch's bf16 GELU). bias_gelu's bf16 forward, one Zen 5 core:
-// 13.4-15.1 -> 10.7-11.4 cycles per 16 values.
-inline at::vec::Vectorized<float> gelu_erf_bf16(const at::vec::Vectorized<float>& v) {
-  return v * at::vec::Vectorized<float>(mirror_tail(v, gaussian_tail(v, gelu_table::kTailQ16d3)));
-}
-inline at::vec::Vectorized<float> gelu_erf_grad_bf16(const at::vec::Vectorized<float>& v) {
-  return mirror_tail(v, gaussian_tail(v, gelu_table::kTailR16d3));
-}
-#elif defined(CPU_CAPABILITY_AVX2)
-#define BIGNLP_FAST_GELU_BF16_TABLES 1
-// The same for AVX2: q on 8 intervals of degree 4 ("8d4", within 3.5e-6), r of degree 5 ("8d5", 1.8e-6):
-// three and two permutes and FMAs a vector fewer than degree 7.
-inline at::vec::Vectorized<float> gelu_erf_bf16(const at::vec::Vectorized<float>& v) {
-  return v * at::vec::Vectorized<float>(mirror_tail(v, gaussian_tail(v, gelu_table::kTailQ8d4)));
-}
-inline at::vec::Vectorized<float> gelu_erf_grad_bf16(const at::vec::Vectorized<float>& v) {
-  return mirror_tail(v, gaussian_tail(v, gelu_table::kTailR8d5));
-}
+inline constexpr const auto& kTailQ = gelu_table::kTailQ16;
+inline constexpr const auto& kTailR = gelu_table::kTailR16;
+inline constexpr const auto& kTailQBf16 = gelu_table::kTailQ16d3;
+inline constexpr const auto& kTailRBf16 = gelu_table::kTailR16d3;
+#else
+inline constexpr const auto& kTailQ = gelu_table::kTailQ8;
+inline constexpr const auto& kTailR = gelu_table::kTailR8;
+inline constexpr const auto& kTailQBf16 = gelu_table::kTailQ8d4;
+inline constexpr const auto& kTailRBf16 = gelu_table::kTailR8d5;
 #endif
+
+// gelu(v) = v Phi(v), Phi(v) = 1 - q(|v|) or q(|v|), with the q table given.
+template <typename Table>
+inline at::vec::Vectorized<float> gelu_with(const at::vec::Vectorized<float>& v, const Table& q) {
+  return v * at::vec::Vectorized<float>(mirror_tail(v, gaussian_tail(v, q)));
+}
+// gelu'(v) = Phi(v) + v phi(v) = 1 - r(|v|) or r(|v|), with the r table given.
+template <typename Table>
+inline at::vec::Vectorized<float> gelu_grad_with(const at::vec::Vectorized<float>& v, const Table& r) {
+  return mirror_tail(v, gaussian_tail(v, r));
+}
+inline at::vec::Vectorized<float> gelu_erf(const at::vec::Vectorized<float>& v) { return gelu_with(v, kTailQ); }
+inline at::vec::Vectorized<float> gelu_erf_grad(const at::vec::Vectorized<float>& v) { return gelu_grad_with(v, kTailR); }
+inline at::vec::Vectorized<float> gelu_erf_bf16(const at::vec::Vectorized<float>& v) { return gelu_with(v, kTailQBf16); }
+inline at::vec::Vectorized<float> gelu_erf_grad_bf16(const at::vec::Vectorized<float>& v) {
+  return gelu_grad_with(v, kTailRBf16);
+}
 #else
 // erf(v / sqrt(2)) and exp(-v^2 / 2) together. Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7):
 // erf(|x|) = 1 - t * poly(t) * exp(-x^2), t = 1 / (1 + p |x|); with x = v / sqrt(2), exp(-x^2) is
@@ -265,7 +265,7 @@ inline at::vec::Vectorized<float> gelu_erf_grad(const at::vec::Vectorized<float>
 }
 #endif
 
-#if !defined(BIGNLP_FAST_GELU_BF16_TABLES)
+#if !defined(CPU_CAPABILITY_AVX512) && !defined(CPU_CAPABILITY_AVX2)
 inline at::vec::Vectorized<float> gelu_erf_bf16(const at::vec::Vectorized<float>& v) { return gelu_erf(v); }
 inline at::vec::Vectorized<float> gelu_erf_grad_bf16(const at::vec::Vectorized<float>& v) { return gelu_erf_grad(v); }
 #endif

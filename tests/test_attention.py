@@ -150,7 +150,8 @@ def test_key_padding_spanning_whole_key_tiles(backend, device):
             for mask in (padding, per_head, full):
                 _check(backend, device, dtype, (len(valid), 2, lq, 32), (len(valid), 2, lk, 32), mask=mask)
             _check(backend, device, dtype, (len(valid), 2, lq, 32), (len(valid), 2, lk, 32), mask=full, causal=True)
-            _check(backend, device, dtype, (len(valid), 4, lq, 32), (len(valid), 2, lk, 32), mask=per_head.repeat(1, 2, 1, 1))
+            _check(backend, device, dtype, (len(valid), 4, lq, 32), (len(valid), 2, lk, 32),
+                   mask=per_head.repeat(1, 2, 1, 1))  # grouped-query attention
     q, k, v, go = _inputs((len(valid), 2, 70, 32), (len(valid), 2, lk, 32), 32, torch.float32, device)
     _, _, gk, gv = _grads(lambda q, k, v: sdpa(q, k, v, padding.to(device), backend=backend), q, k, v, go)
     masked = ~padding.view(len(valid), 1, lk, 1).to(device).expand_as(gk)

@@ -228,8 +228,12 @@ inline at::vec::Vectorized<float> gelu_grad_with(const at::vec::Vectorized<float
   return mirror_tail(v, gaussian_tail(v, r));
 }
 inline at::vec::Vectorized<float> gelu_erf(const at::vec::Vectorized<float>& v) { return gelu_with(v, kTailQ); }
-inline at::vec::Vectorized<float> gelu_erf_grad(const at::vec::Vectorized<float>& v) { return gelu_grad_with(v, kTailR); }
-inline at::vec::Vectorized<float> gelu_erf_bf16(const at::vec::Vectorized<float>& v) { return gelu_with(v, kTailQBf16); }
+inline at::vec::Vectorized<float> gelu_erf_grad(const at::vec::Vectorized<float>& v) {
+  return gelu_grad_with(v, kTailR);
+}
+inline at::vec::Vectorized<float> gelu_erf_bf16(const at::vec::Vectorized<float>& v) {
+  return gelu_with(v, kTailQBf16);
+}
 inline at::vec::Vectorized<float> gelu_erf_grad_bf16(const at::vec::Vectorized<float>& v) {
   return gelu_grad_with(v, kTailRBf16);
 }

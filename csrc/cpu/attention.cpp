@@ -727,14 +727,14 @@ void backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor&
           lse_rows[g * lq + i] = lse_base[(sq.batch * hq + h) * ltot + sq.q_begin + i];
         }
       }
-      // Keys some query head of the group may see (BiasView::key_range): the key blocks outside them
-      // get zero gradients without a tile.
       const auto store_key_grads = [&](int64_t j0, int64_t n) {  // dK, dV of keys [j0, j0 + n) from the accumulators
         for (int64_t r = 0; r < n; ++r) {
           from_float(dk_acc.data() + r * ld_d, dK.row(sq.batch, kvh, sq.k_begin + j0 + r), d, 1.f);
           from_float(dv_acc.data() + r * ld_dv, dV.row(sq.batch, kvh, sq.k_begin + j0 + r), dv, 1.f);
         }
       };
+      // Keys some query head of the group may see (BiasView::key_range): the key blocks outside them
+      // get zero gradients without a tile.
       BiasView::Keys keys{sq.lk, 0};
       for (int64_t g = 0; g < groups; ++g) {
         const BiasView::Keys kg = bias.key_range(sq.batch, kvh * groups + g, 0, lq, sq.lk);

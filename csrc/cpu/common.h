@@ -145,7 +145,6 @@ inline void prefetch_ahead(const T* p, bool for_write = false) {
   prefetch_step(reinterpret_cast<const T*>(reinterpret_cast<uintptr_t>(p) + kPrefetchBytes), for_write);
 }
 
-
 // Partial steps: n < kStep elements; lanes past n load as zero and are not stored.
 template <typename T>
 inline void load2(const T* p, int64_t n, fVec& a, fVec& b) {
@@ -332,7 +331,8 @@ inline void transpose_f32(const float* src, int64_t ld_src, float* dst, int64_t 
 #if defined(CPU_CAPABILITY_AVX2)
   for (int64_t i = 0; i < M; i += 8) {
     const int64_t mi = std::min<int64_t>(8, M - i);
-    const __m256i rows = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(mi)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    const __m256i rows =  // lanes [0, mi): the rows that exist
+        _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(mi)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     int64_t j = 0;
     for (; j + 8 <= N; j += 8) {
       __m256 r[8];

@@ -376,8 +376,9 @@ void packed_gemm_bf16(int64_t M, int64_t N, int64_t K, Strided<T> A, Strided<T> 
 // C[M, N] = A[M, K] B[K, N] (+ bias[N]), C of type Out with row stride ldc: a parallel GEMM for large
 // operands. Both are packed to fp32 once per call: B in column panels of kPanel floats ([K, kPanel]
 // each, contiguous), A per row block of kRows rows in micro-panels of kMR rows, transposed ([kc, kMR]
-// each: the micro-kernel then broadcasts consecutive floats). Tasks are (row block, group of panels), each writing its own part
-// of C (gemm_detail::packed_gemm_tasks). bf16 operands take packed_gemm_bf16 where bf16_dot() holds.
+// each: the micro-kernel then broadcasts consecutive floats). Tasks are (row block, group of panels),
+// each writing its own part of C (gemm_detail::packed_gemm_tasks). bf16 operands take
+// packed_gemm_bf16 where bf16_dot() holds.
 template <typename T, typename Out>
 void packed_gemm(int64_t M, int64_t N, int64_t K, Strided<T> A, Strided<T> B, const T* bias, Out* C, int64_t ldc) {
   using gemm_detail::kPanel;
@@ -433,15 +434,15 @@ void packed_gemm(int64_t M, int64_t N, int64_t K, Strided<T> A, Strided<T> B, co
       [&](int64_t m0, int64_t mc, int64_t k0, int64_t kc, float* a) {
     for (int64_t m = 0; m < mc; m += kMR) {
       const int64_t rows = std::min<int64_t>(kMR, mc - m);
-      float* at = a + m * kc;
+      float* micro = a + m * kc;  // this tile's [kc, kMR] micro-panel
       if (kFloat && A.cs == 1) {  // row-major A: transposes
-        transpose_f32(reinterpret_cast<const float*>(A.p) + (m0 + m) * A.rs + k0, A.rs, at, kMR, rows, kc);
-      } else if (kFloat && A.rs == 1) {  // A = X^T of a row-major X (a weight gradient's dG^T): copies of X's rows
-        for (int64_t k = 0; k < kc; ++k)
-          std::memcpy(at + k * kMR, reinterpret_cast<const float*>(A.p) + (k0 + k) * A.cs + m0 + m, rows * sizeof(float));
+        transpose_f32(reinterpret_cast<const float*>(A.p) + (m0 + m) * A.rs + k0, A.rs, micro, kMR, rows, kc);
+      } else if (kFloat && A.rs == 1) {  // A = X^T of a row-major X (a weight gradient's dG^T): X's rows
+        const float* x = reinterpret_cast<const float*>(A.p) + m0 + m;
+        for (int64_t k = 0; k < kc; ++k) std::memcpy(micro + k * kMR, x + (k0 + k) * A.cs, rows * sizeof(float));
       } else {
         for (int64_t k = 0; k < kc; ++k)
-          for (int64_t r = 0; r < rows; ++r) at[k * kMR + r] = A.at(m0 + m + r, k0 + k);
+          for (int64_t r = 0; r < rows; ++r) micro[k * kMR + r] = A.at(m0 + m + r, k0 + k);
       }
     }
   }, [&](int64_t mc, int64_t p, int64_t k0, int64_t kc, const float* a, float* out, int64_t ldo, bool acc) {
@@ -449,8 +450,10 @@ void packed_gemm(int64_t M, int64_t N, int64_t K, Strided<T> A, Strided<T> B, co
         direct_b ? reinterpret_cast<const float*>(B.p) + k0 * B.rs + p * kPanel : bp + (p * K + k0) * kPanel;
     const int64_t ldb = direct_b ? B.rs : kPanel;
     // the whole slice in one pass per tile (small_gemm would cut it into pieces of 256)
-    for (int64_t m = 0; m < mc; m += kMR)
-      gemm_detail::panel<2>(std::min<int64_t>(kMR, mc - m), kc, a + m * kc, 1, kMR, b, ldb, out + m * ldo, ldo, 1.f, acc);
+    for (int64_t m = 0; m < mc; m += kMR) {
+      const int64_t rows = std::min<int64_t>(kMR, mc - m);
+      gemm_detail::panel<2>(rows, kc, a + m * kc, 1, kMR, b, ldb, out + m * ldo, ldo, 1.f, acc);
+    }
   });
 }
 

@@ -99,9 +99,11 @@ def cpuinfo(field: str) -> str:
 
 
 _CPU_VENDOR = cpuinfo("vendor_id")  # read once at import: a traced (torch.compile) call may not open files
-# MKL takes its AVX-512 kernels on Intel CPUs only (measured: on an Intel Xeon F.linear 196 GFLOP/s
-# against ops.linear's 161 at [4096, 512] x [512, 2048]; on an AMD EPYC ops.linear ~2x F.linear)
-_BLAS_SGEMM_IS_FAST = _CPU_VENDOR == "GenuineIntel" and torch.backends.mkl.is_available()
+# The extension decides (csrc/cpu/linear.cpp, cpu::blas_sgemm_is_fast): MKL where it takes AVX-512
+# kernels (Intel CPUs) or where the CPU kernels were built without AVX-512 (MKL's AVX2 kernels beat
+# them, measured on a Zen 3); the packed GEMM on AVX-512 builds for other CPUs (~2x MKL on a Zen 5).
+# Without the extension the question does not arise (ops.linear cannot run).
+_BLAS_SGEMM_IS_FAST = bool(_C.blas_sgemm_is_fast()) if _C is not None else False
 
 
 def cpu_vendor() -> str:
@@ -110,7 +112,8 @@ def cpu_vendor() -> str:
 
 
 def blas_sgemm_is_fast() -> bool:
-    """Whether torch's fp32 GEMM beats the project's packed GEMM (csrc/cpu/gemm.h) on this CPU."""
+    """Whether torch's fp32 GEMM beats the project's packed GEMM (csrc/cpu/gemm.h) on this CPU and build:
+    MKL on an Intel CPU, or on any CPU where the CPU kernels were built without AVX-512."""
     return _BLAS_SGEMM_IS_FAST
 
 

@@ -5,6 +5,7 @@
 #include "ops.h"
 #include "cpu/amx.h"
 #include "cpu/buffer_cache.h"
+#include "cpu/gemm.h"
 
 #ifndef BIGNLP_FAST_CPU_FLAGS
 #define BIGNLP_FAST_CPU_FLAGS ""
@@ -44,6 +45,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("amx_bf16", &bignlp_fast::cpu::amx_bf16, "Whether the bf16 CPU kernels take their AMX path now");
   m.def("set_amx_bf16", &bignlp_fast::cpu::set_amx_bf16,
         "Turn the AMX path of the bf16 CPU kernels off or back on; returns the previous state");
+  m.def("blas_sgemm_is_fast", &bignlp_fast::cpu::blas_sgemm_is_fast,
+        "Whether torch's fp32 GEMM (MKL) beats the packed GEMM of the CPU kernels on this machine and build");
   m.def("bf16_dot_available", &bignlp_fast::cpu::bf16_dot_available,
         "Whether this build has the AVX512_BF16 dot-product tiles for bf16 CPU kernels (the path below AMX)");
   m.def("bf16_dot", &bignlp_fast::cpu::bf16_dot, "Whether bf16 CPU kernels not on AMX take the AVX512_BF16 tiles now");

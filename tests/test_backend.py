@@ -78,6 +78,16 @@ def test_info_lists_every_op_and_backend():
     assert info["fp32_projection_gemm"].startswith("torch" if _backend.blas_sgemm_is_fast() else "bignlp_fast")
 
 
+@pytest.mark.skipif(_backend.compiled() is None, reason="needs the compiled extension")
+def test_blas_sgemm_rule():
+    # torch's sgemm for fp32 GEMMs where MKL is present and either the CPU is Intel's (MKL's AVX-512
+    # path) or the CPU kernels were built without AVX-512 (MKL's AVX2 kernels beat the packed GEMM)
+    mkl = torch.backends.mkl.is_available()
+    intel = _backend.cpu_vendor() == "GenuineIntel"
+    avx512_build = _backend.build_info()["cpu_capability"] == "AVX512"
+    assert _backend.blas_sgemm_is_fast() == (mkl and (intel or not avx512_build))
+
+
 @pytest.mark.parametrize("args", [["info"], ["info", "--json"]])
 def test_cli_info_runs(args):
     out = subprocess.run([sys.executable, "-m", "bignlp_fast", *args], capture_output=True, text=True,

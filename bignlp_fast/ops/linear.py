@@ -109,10 +109,11 @@ def linear_is_faster(x: Tensor, weight: Tensor) -> bool:
     - decoding-sized inputs on the CPU (at most SKINNY_ROWS rows in float32, SKINNY_ROWS_BF16 in
       bfloat16) with at least MIN_SKINNY_WEIGHT_BYTES of weight: the streaming kernels read the
       weight once at memory speed, where BLAS falls to a fraction of the bandwidth;
-    - float32 on the CPU from MIN_MACS multiply-adds on, unless torch's sgemm is the faster one (MKL on
-      Intel CPUs, where it takes its AVX-512 path: _backend.blas_sgemm_is_fast). On an AMD EPYC (Zen 5)
-      the packed GEMM ran 1.5-2.1x F.linear at BERT's shapes ([624, 768] x [768, 3072] and the like),
-      forward and backward.
+    - float32 on the CPU from MIN_MACS multiply-adds on, unless torch's sgemm is the faster one
+      (_backend.blas_sgemm_is_fast: MKL on Intel CPUs, where it takes its AVX-512 path, and on any CPU
+      where the CPU kernels were built without AVX-512). On an AMD EPYC (Zen 5, AVX-512) the packed
+      GEMM ran 1.5-2.1x F.linear at BERT's shapes ([624, 768] x [768, 3072] and the like), forward and
+      backward; on a Zen 3 (AVX2) MKL's AVX2 kernels ran 1.00-1.12x the packed GEMM.
     Not: smaller products (see MIN_MACS), bfloat16 beyond 2 rows (torch's GEMM runs on the CPU's bf16
     dot products or AMX), CPU autocast, other devices, or a build without the CPU kernels."""
     if x.dim() == 0 or x.shape[-1] == 0:

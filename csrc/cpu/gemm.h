@@ -457,9 +457,13 @@ void packed_gemm(int64_t M, int64_t N, int64_t K, Strided<T> A, Strided<T> B, co
   });
 }
 
-// a^T b for fp32 a [R, X] and b [R, Y]: [X, Y] fp32 on packed_gemm (the weight gradients of the
-// recurrent ops: a sum over every (step, row)).
+// Whether torch's fp32 GEMM (MKL) beats packed_gemm on this machine and build (linear.cpp).
+bool blas_sgemm_is_fast();
+
+// a^T b for fp32 a [R, X] and b [R, Y]: [X, Y] fp32 (the weight gradients of the recurrent ops: a sum
+// over every (step, row)) on packed_gemm, or on torch's GEMM where that is the faster one.
 inline at::Tensor gemm_tn(const at::Tensor& a, const at::Tensor& b) {
+  if (blas_sgemm_is_fast()) return at::mm(a.t(), b);
   const at::Tensor ac = a.contiguous(), bc = b.contiguous();
   const int64_t R = ac.size(0), X = ac.size(1), Y = bc.size(1);
   at::Tensor c = cached_empty({X, Y}, ac.options());

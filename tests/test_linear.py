@@ -97,15 +97,15 @@ def test_nn_linear_is_a_drop_in_for_torch_nn_linear(rows, k, n, dtype):
     assert ours.state_dict().keys() == ref.state_dict().keys()
     x = torch.randn(2, rows, k).to(dtype)
     # the GEMM it takes: decoding sizes with a large weight, and float32 products from MIN_MACS on
-    # (unless MKL on Intel), on ops.linear; F.linear otherwise
+    # (unless torch's sgemm is the faster one: _backend.blas_sgemm_is_fast), on ops.linear; F.linear otherwise
     if rows * 2 <= (16 if dtype == torch.float32 else SKINNY_ROWS_BF16):
         expect_ours = k * n * x.element_size() >= MIN_SKINNY_WEIGHT_BYTES
     else:
         expect_ours = dtype == torch.float32 and 2 * rows * k * n >= MIN_MACS and not _backend.blas_sgemm_is_fast()
     assert linear_is_faster(x, ours.weight) == expect_ours
-    fp32, intel_mkl = dtype == torch.float32, _backend.blas_sgemm_is_fast()
+    fp32, blas_fast = dtype == torch.float32, _backend.blas_sgemm_is_fast()
     assert expect_ours == {(1, 1024, 768): True, (3, 96, 40): False, (3, 1024, 512): fp32, (200, 96, 40): False,
-                           (200, 256, 160): fp32 and not intel_mkl}[(rows, k, n)]
+                           (200, 256, 160): fp32 and not blas_fast}[(rows, k, n)]
     x64, ref64 = x.double().requires_grad_(), torch.nn.Linear(k, n).double()
     ref64.load_state_dict(ref.state_dict())
     leaves = lambda m, t: [t, *m.parameters()]  # noqa: E731

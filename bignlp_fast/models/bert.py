@@ -11,8 +11,8 @@ What makes it fast:
   (``add_layer_norm``); the intermediate layer's bias and GELU are one op (``bias_gelu``);
   attention is flash-style (no [L, L] score matrix in memory).
 - The GEMMs are ``bignlp_fast.nn.Linear``'s: the project's packed GEMM (``ops.linear``) for float32 on
-  CPUs where torch's sgemm is the slower one (AMD: 1.5-2x F.linear at these shapes), torch's
-  elsewhere (MKL on Intel, oneDNN's bf16 GEMMs, cuBLAS on the GPU).
+  CPUs where torch's sgemm is the slower one (AMD with an AVX-512 build: 1.5-2x F.linear at these
+  shapes), torch's elsewhere (MKL on Intel or with an AVX2 build, oneDNN's bf16 GEMMs, cuBLAS).
 
 Under ``torch.compile`` the batch is not unpadded (the token count would be data-dependent):
 layers run on all B*L positions and attention takes the padding mask instead. Both paths give the

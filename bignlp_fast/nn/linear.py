@@ -16,7 +16,8 @@ class Linear(torch.nn.Linear):
 
     ``forward`` runs ``bignlp_fast.ops.linear`` (the project's packed GEMM, or its streaming kernels
     for decoding-sized inputs) where that is the faster GEMM on this machine: float32 CPU inputs
-    unless torch's sgemm is MKL on an Intel CPU, and inputs of at most 16 rows; elsewhere (bfloat16
+    unless torch's sgemm is the faster one (MKL on an Intel CPU, or a build without AVX-512), and
+    inputs of at most 16 rows; elsewhere (bfloat16
     beyond decoding sizes, GPUs, autocast) it is F.linear, as in torch. ``backend`` (keyword only)
     pins ops.linear's backend ("cpu" or "torch") for every call instead.
     """

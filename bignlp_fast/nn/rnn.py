@@ -51,8 +51,8 @@ def _input_projection(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend
     recurrence add b_ih (see below). On float32 CPU tensors: bignlp_fast.ops.linear, the
     project's packed GEMM (about 2x torch.mm where MKL lacks an AVX-512 path), where
     ops.linear.linear_is_faster says so (the rule nn.Linear and the models follow: not for small
-    products, nor on Intel CPUs, where MKL's sgemm is the faster one); in bfloat16, on other
-    devices, under autocast, or when the torch reference is asked for: F.linear (for bfloat16,
+    products, nor where MKL's sgemm is the faster one: Intel CPUs, builds without AVX-512); in
+    bfloat16, on other devices, under autocast, or when the torch reference is asked for: F.linear (for bfloat16,
     oneDNN's GEMM on the CPU's bf16 dot products or AMX: about 2x ops.linear, which computes in fp32).
     Naming backend="cpu" always takes ops.linear.
 

@@ -289,17 +289,22 @@ struct BiasView {
   // padding, GPT-2's batched prompts are padded on the left). exp(-inf) adds exact zeros, so skipping
   // changes no result. A bias shared by all queries (stride 0, a key-padding mask) is read once.
   // Reads each row from both ends up to its first finite entry. No bias: [0, lk).
-  struct Keys { int64_t begin, end; };
+  struct Keys {
+    int64_t begin, end;
+    void join(int64_t b, int64_t e) {  // widen to cover keys [b, e), if any
+      if (b < e) begin = std::min(begin, b), end = std::max(end, e);
+    }
+  };
   Keys key_range(int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t lk) const {
     if (base == nullptr) return {0, lk};
-    Keys keys{lk, 0};
+    Keys keys{lk, 0};  // none yet
     for (int64_t i = i0; i < i0 + (sq == 0 ? std::min<int64_t>(rows, 1) : rows); ++i) {
       const float* r = row(b, h, i, 0);
       int64_t end = lk;
       while (end > keys.end && r[(end - 1) * sk] == -kInf) --end;
       int64_t begin = 0;
       while (begin < std::min(end, keys.begin) && r[begin * sk] == -kInf) ++begin;
-      if (begin < end) keys = {std::min(keys.begin, begin), std::max(keys.end, end)};
+      keys.join(begin, end);
       if (keys.begin == 0 && keys.end == lk) break;
     }
     return keys;
@@ -738,7 +743,7 @@ void backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor&
       BiasView::Keys keys{sq.lk, 0};
       for (int64_t g = 0; g < groups; ++g) {
         const BiasView::Keys kg = bias.key_range(sq.batch, kvh * groups + g, 0, lq, sq.lk);
-        if (kg.begin < kg.end) keys = {std::min(keys.begin, kg.begin), std::max(keys.end, kg.end)};
+        keys.join(kg.begin, kg.end);
       }
       for (int64_t kb = chunk; kb * kBlockK < sq.lk; kb += chunks) {  // interleaved: causal work stays even
         const int64_t j0 = kb * kBlockK, n = std::min(kBlockK, sq.lk - j0), n_pad = round_up_to_vec(n);

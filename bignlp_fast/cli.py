@@ -1,4 +1,5 @@
-"""`bignlp-fast info | bench`: what is built and usable here, and how fast it is against PyTorch."""
+"""`bignlp-fast info | bench | triton-compile`: what is built and usable here, how fast it is against
+PyTorch, and whether the Triton kernels compile and fit a given GPU (without one)."""
 
 from __future__ import annotations
 
@@ -90,6 +91,30 @@ def _bench(args) -> int:
     return 0
 
 
+def _triton_compile(args) -> int:
+    import os
+    # The kernels are compiled here, not interpreted: Triton reads this when they are first imported.
+    if os.environ.pop("TRITON_INTERPRET", "0") == "1":
+        print("bignlp-fast triton-compile: ignoring TRITON_INTERPRET=1 (this command compiles)", file=sys.stderr)
+    from bignlp_fast import triton_compile
+    dtypes = tuple(getattr(torch, d) for d in args.dtype)
+    rows = []
+    for arch in args.arch:
+        rows += triton_compile.check(arch, dtypes, args.filter, args.workers)
+    if not rows:
+        print(f"bignlp-fast triton-compile: no case matches {args.filter!r}", file=sys.stderr)
+        return 2
+    print(triton_compile.format_table(rows))
+    problems = [r for r in rows if r.problems]
+    spills = [r for r in rows if r.spill_bytes]
+    print(f"{len(rows)} kernels compiled for {', '.join(f'sm_{a}' for a in args.arch)}: "
+          f"{len(problems)} would not launch, {len(spills)} spill registers")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump([dict(dataclasses.asdict(r), problems=r.problems) for r in rows], fh, indent=2)
+    return 1 if problems else 0
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="bignlp-fast", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -109,5 +134,15 @@ def main(argv=None) -> int:
     p_bench.add_argument("--repeats", type=int, default=15, help="timed calls per side (median reported)")
     p_bench.add_argument("--json", metavar="FILE", help="write the rows as JSON")
     p_bench.add_argument("--plot", metavar="FILE.png", help="bar chart of speedups (needs matplotlib)")
+    p_tc = sub.add_parser("triton-compile", help="compile every Triton kernel for a GPU architecture (no GPU "
+                          "needed) and check its registers, spills and shared memory against that GPU")
+    p_tc.add_argument("--arch", type=int, nargs="+", default=[80, 90], choices=[80, 86, 89, 90],
+                      help="compute capabilities to compile for (default: 80 90)")
+    p_tc.add_argument("--dtype", nargs="+", default=["float32", "float16", "bfloat16"],
+                      choices=["float32", "float16", "bfloat16"], help="input dtypes (default: all three)")
+    p_tc.add_argument("--filter", help="only cases whose name (e.g. 'attention D128 causal bfloat16') contains this")
+    p_tc.add_argument("--workers", type=int, help="compiler processes (default: one per CPU)")
+    p_tc.add_argument("--json", metavar="FILE", help="write the rows as JSON")
+    p_tc.set_defaults(func=_triton_compile)
     args = parser.parse_args(argv)
     return args.func(args)

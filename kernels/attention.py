@@ -36,6 +36,7 @@ import triton.language as tl
 
 from bignlp_fast.kernels._common import dot_precision as _dot_precision
 from bignlp_fast.kernels._common import mma as _mma
+from bignlp_fast.kernels._common import shared_memory_per_block as _shared_memory_per_block
 from bignlp_fast.ops.attention import TRITON_MAX_HEAD_DIM, dropout_threshold
 
 _LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * log2(e))
@@ -562,8 +563,10 @@ def _block_d(d: int) -> int:
 
 
 # (BLOCK_M query rows, BLOCK_N key rows, num_warps, num_stages) of each kernel, by input width and the
-# padded head dim. Chosen so that none spills registers when compiled for sm_90 (checked with
-# cuobjdump -res-usage, causal, no dropout) and shared memory fits an A100 too; not timed on a GPU.
+# padded head dim. Chosen so that none spills registers when compiled for sm_80 and sm_90 and shared
+# memory fits an A100 (`bignlp-fast triton-compile`, tests/test_triton_compile.py); not timed on a GPU.
+# GPUs with 99 KiB of shared memory per block (sm_86, sm_89) run the forward in at most 2 stages: at 3
+# the 16-bit forward with a mask at head dim 128 needs 128 KiB.
 _CONFIGS = {  # (fp32?, max BLOCK_D): (forward, dK/dV, dQ)
     (False, 64): ((128, 64, 8, 3), (32, 128, 8, 3), (128, 64, 8, 2)),
     (False, 128): ((128, 64, 8, 3), (32, 64, 8, 1), (128, 32, 8, 2)),
@@ -572,6 +575,7 @@ _CONFIGS = {  # (fp32?, max BLOCK_D): (forward, dK/dV, dQ)
     (True, 128): ((32, 64, 8, 1), (16, 64, 8, 1), (32, 32, 8, 1)),
     (True, 256): ((16, 32, 8, 1), (16, 32, 8, 1), (32, 16, 8, 1)),
 }
+_FULL_STAGES_SHARED_MEMORY = 160 * 1024  # A100's 163 KiB and H100's 227 KiB take _CONFIGS as they are
 _INTERPRETER_CONFIG = (16, 16, 1, 1)  # small tiles, so that the CPU tests cross several of them
 
 
@@ -580,7 +584,10 @@ def _configs(q, block_d: int):
     if q.device.type != "cuda":
         return (_INTERPRETER_CONFIG,) * 3
     bucket = 64 if block_d <= 64 else 128 if block_d <= 128 else 256
-    return _CONFIGS[(q.dtype == torch.float32, bucket)]
+    fwd, dkdv, dq = _CONFIGS[(q.dtype == torch.float32, bucket)]
+    if _shared_memory_per_block(q.device) < _FULL_STAGES_SHARED_MEMORY:
+        fwd = (*fwd[:3], min(fwd[3], 2))
+    return fwd, dkdv, dq
 
 
 def _dropout_args(dropout_p: float, seed):

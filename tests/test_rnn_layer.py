@@ -95,25 +95,31 @@ def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match=r"lengths must lie in \[0, 4\]"):
         rnn_layer("rnn_tanh", torch.randn(4, 2, 3), torch.randn(3, 3), None, torch.zeros(2, 3),
                   lengths=torch.tensor([5, 1]))
+    with pytest.raises(ValueError, match="a projection must be smaller than the hidden size"):
+        rnn_layer("lstm", xw, w, None, torch.zeros(2, 3), torch.zeros(2, 3), torch.randn(3, 3))
     with pytest.raises(ValueError, match="no time steps"):
         rnn_layer("gru", torch.randn(0, 2, 9), torch.randn(9, 3), None, torch.zeros(2, 3))
 
 
-def test_cpu_gate_activations_at_the_edges():
-    """The CPU kernel's tanh and sigmoid (csrc/cpu/activation.h) on one step from a zero state: exact
-    at +-inf, NaN kept, a tiny input giving a tiny output, and within 2e-7 of float64 over [-100, 100]."""
+@pytest.mark.parametrize("backend,device", backend_params("cpu", "cuda"))
+def test_gate_activations_at_the_edges(backend, device):
+    """The kernels' tanh and sigmoid (CPU: csrc/cpu/activation.h; CUDA: activation.cuh's, not the
+    --use_fast_math tanhf / __expf) on one step from a zero state: exact at +-inf, NaN kept, a tiny
+    input giving a tiny output, and within 2e-7 of float64 over [-100, 100]."""
     v = torch.cat([torch.linspace(-100, 100, 4001), torch.tensor([float("inf"), -float("inf"), float("nan"),
                                                                    1e-30, -1e-30, 1e-6, -1e-6])])
     n = v.numel()
-    zero_w, h0 = torch.zeros(n, n), torch.zeros(1, n)
-    tanh_out = rnn_layer("rnn_tanh", v.view(1, 1, n), zero_w, None, h0, backend="cpu")[0].view(-1)
+    zero_w, h0 = torch.zeros(n, n, device=device), torch.zeros(1, n, device=device)
+    run = lambda mode, xw, w, *state: rnn_layer(mode, xw.to(device), w, None, *state, backend=backend)  # noqa: E731
+    tanh_out = run("rnn_tanh", v.view(1, 1, n), zero_w, h0)[0].view(-1).cpu()
     # LSTM with i and o gates at +inf and the f gate irrelevant (c0 = 0): c = tanh(g), h = tanh(c)
     inf = torch.full((n,), float("inf"))
     xw = torch.cat([inf, torch.zeros(n), v, inf]).view(1, 1, 4 * n)
-    c_out = rnn_layer("lstm", xw, torch.zeros(4 * n, n), None, h0, h0.clone(), backend="cpu")[2].view(-1)
+    zero_w4 = torch.zeros(4 * n, n, device=device)
+    c_out = run("lstm", xw, zero_w4, h0, h0.clone())[2].view(-1).cpu()
     # sigmoid: the LSTM's i gate with g at +inf, c = sigmoid(x_i)
     xs = torch.cat([v, torch.zeros(n), inf, inf]).view(1, 1, 4 * n)
-    sig_out = rnn_layer("lstm", xs, torch.zeros(4 * n, n), None, h0, h0.clone(), backend="cpu")[2].view(-1)
+    sig_out = run("lstm", xs, zero_w4, h0, h0.clone())[2].view(-1).cpu()
     for name, got, want in (("tanh", tanh_out, torch.tanh(v.double())), ("tanh via the cell", c_out, torch.tanh(v.double())),
                             ("sigmoid", sig_out, torch.sigmoid(v.double()))):
         finite = torch.isfinite(v)

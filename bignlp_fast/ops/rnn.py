@@ -51,7 +51,8 @@ GATES = {"lstm": 4, "gru": 3, "rnn_tanh": 1, "rnn_relu": 1}
 def workspace_width(mode: str, hidden: int, state: int, backend: str) -> int:
     """Floats per (step, batch row) the fused backends save for the backward: the post-activation
     gates, the state after the step, and per mode: LSTM the cell (and m with a projection), GRU
-    h W_hn^T + b_hn. The torch reference saves nothing (its backward recomputes)."""
+    h W_hn^T + b_hn. The torch reference saves nothing (its backward recomputes). An LSTM has a projection
+    exactly when state != hidden (rnn_layer refuses w_hr with state >= hidden, as torch.nn.LSTM does)."""
     if backend == "torch":
         return 0
     extra = {"lstm": hidden + (hidden if state != hidden else 0), "gru": hidden, "rnn_tanh": 0, "rnn_relu": 0}
@@ -275,6 +276,9 @@ def rnn_layer(mode: str, xw: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: T
                          "(w_hr) is needed for that")
     if w_hr is not None and mode != "lstm":
         raise ValueError(f"{op}: w_hr (projection) is only for mode 'lstm'")
+    if w_hr is not None and state >= hidden:  # as torch.nn.LSTM's proj_size < hidden_size
+        raise ValueError(f"{op}: w_hr projects to {state} but the hidden size is {hidden}; a projection must be "
+                         "smaller than the hidden size")
     check_lengths(op, lengths, b, t)
     name = _backend.choose(OP, xw.device, xw.dtype, backend)
     # the workspace feeds the backward; inference does not write it

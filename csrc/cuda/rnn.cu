@@ -32,6 +32,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
+#include "cuda/activation.cuh"
 #include "cuda/common.cuh"
 #include "ops.h"
 
@@ -51,7 +52,14 @@ Mode parse_mode(const std::string& mode) {
   return kRnnRelu;
 }
 
-__device__ __forceinline__ float sigmoid_f(float x) { return 1.f / (1.f + __expf(-x)); }
+// The gate nonlinearities, accurate to a few ulp under --use_fast_math (which makes tanhf tanh.approx, about
+// 11 bits, and 1 / (1 + __expf(-x)) an approximate exp and division): those of activation.cuh.
+__device__ __forceinline__ float sigmoid_f(float x) {
+  float sig, unused;
+  act_sigmoid(x, sig, unused);
+  return sig;
+}
+__device__ __forceinline__ float tanh_f(float x) { return act_tanh(x); }
 
 // Sizes and the workspace layout (per step and batch row, fp32; as csrc/cpu/rnn.cpp):
 //   [gates G*H after their nonlinearity | state S after the step | LSTM: cell after the step (H), m (H,
@@ -73,6 +81,8 @@ Dims dims_of(Mode mode, const at::Tensor& xw, const at::Tensor& w_hh, bool proj)
   d.H = static_cast<int>(xw.size(2) / d.G);
   d.S = static_cast<int>(w_hh.size(1));
   d.proj = proj;
+  TORCH_CHECK(proj || d.S == d.H, "rnn (cuda): without w_hr the state size must be the hidden size, got w_hh [",
+              w_hh.size(0), ", ", d.S, "] for hidden size ", d.H);
   d.off_state = d.G * d.H;
   d.off_c = d.off_state + d.S;
   d.off_m = d.off_c + d.H;
@@ -117,10 +127,10 @@ __global__ void __launch_bounds__(kThreads) rnn_fwd_step_kernel(const FwdStep a,
   const float h_old = MODE == kLstm && d.proj ? 0.f : a.h[int64_t{b} * d.S + j];
   float h_new;
   if constexpr (MODE == kLstm) {
-    const float i = sigmoid_f(pre(0)), f = sigmoid_f(pre(1)), g = tanhf(pre(2)), o = sigmoid_f(pre(3));
+    const float i = sigmoid_f(pre(0)), f = sigmoid_f(pre(1)), g = tanh_f(pre(2)), o = sigmoid_f(pre(3));
     const float c_old = a.c[int64_t{b} * d.H + j];
     const float cn = f * c_old + i * g;
-    h_new = o * tanhf(cn);
+    h_new = o * tanh_f(cn);
     ws[j] = i, ws[d.H + j] = f, ws[2 * d.H + j] = g, ws[3 * d.H + j] = o;
     const float c_kept = active ? cn : c_old;
     a.c_next[int64_t{b} * d.H + j] = c_kept;
@@ -133,12 +143,12 @@ __global__ void __launch_bounds__(kThreads) rnn_fwd_step_kernel(const FwdStep a,
   } else if constexpr (MODE == kGru) {
     const float r = sigmoid_f(pre(0)), z = sigmoid_f(pre(1));
     const float hn = hw[2 * d.H + j] + (a.bias ? a.bias[2 * d.H + j] : 0.f);
-    const float n = tanhf(static_cast<float>(x[2 * d.H + j]) + r * hn);
+    const float n = tanh_f(static_cast<float>(x[2 * d.H + j]) + r * hn);
     h_new = (1.f - z) * n + z * h_old;
     ws[j] = r, ws[d.H + j] = z, ws[2 * d.H + j] = n, ws[d.off_hn + j] = hn;
   } else {
     const float v = pre(0);
-    h_new = MODE == kRnnTanh ? tanhf(v) : fmaxf(v, 0.f);
+    h_new = MODE == kRnnTanh ? tanh_f(v) : act<kActRelu>(v);  // relu: NaN stays NaN, as torch's
     ws[j] = h_new;
   }
   const float h_kept = active ? h_new : h_old;
@@ -207,7 +217,7 @@ __global__ void __launch_bounds__(kThreads) rnn_bwd_gates_kernel(const BwdStep a
       return;
     }
     const float i = ws[j], f = ws[d.H + j], g = ws[2 * d.H + j], o = ws[3 * d.H + j];
-    const float tc = tanhf(ws[d.off_c + j]);
+    const float tc = tanh_f(ws[d.off_c + j]);
     const float c_prev = wp ? wp[d.off_c + j] : a.c0[idx];
     const float dmj = d.proj ? a.dm[idx] : a.dht[int64_t{b} * d.S + j];
     const float dct = dc + dmj * o * (1.f - tc * tc);
@@ -288,6 +298,9 @@ std::vector<at::Tensor> rnn_fwd_cuda(const at::Tensor& xw, const at::Tensor& w_h
   const Dims d = dims_of(mode, xw, w_hh, w_hr.has_value());
   TORCH_CHECK(h0.size(0) == d.B && h0.size(1) == d.S, "rnn (cuda): h0 must be [B, S]");
   TORCH_CHECK((mode == kLstm) == c0.has_value(), "rnn (cuda): c0 is given exactly for lstm");
+  TORCH_CHECK(!c0.has_value() || (c0->dim() == 2 && c0->size(0) == d.B && c0->size(1) == d.H),
+              "rnn (cuda): c0 must be [B, H]");
+  TORCH_CHECK(!b_hh.has_value() || b_hh->numel() == int64_t{d.G} * d.H, "rnn (cuda): b_hh must have G*H elements");
   TORCH_CHECK(!w_hr.has_value() || (mode == kLstm && w_hr->size(0) == d.S && w_hr->size(1) == d.H),
               "rnn (cuda): w_hr must be [S, H], for lstm only");
   const auto len = device_lengths(lengths, xw, d.B);
@@ -361,6 +374,11 @@ std::vector<at::Tensor> rnn_bwd_cuda(const at::Tensor& grad_out, const at::Tenso
   TORCH_CHECK(grad_out.dim() == 3 && grad_out.size(0) == d.T && grad_out.size(1) == d.B && grad_out.size(2) == d.S &&
                   grad_h_n.sizes() == h0.sizes(),
               "rnn (cuda): grad_out must be [T, B, S] and grad_h_n [B, S]");
+  TORCH_CHECK((mode == kLstm) == c0.has_value() && (c0.has_value() || !grad_c_n.has_value()),
+              "rnn (cuda): c0 (and grad_c_n, when given) are given for lstm only");
+  TORCH_CHECK(!c0.has_value() || (c0->dim() == 2 && c0->size(0) == d.B && c0->size(1) == d.H &&
+                                  (!grad_c_n.has_value() || grad_c_n->sizes() == c0->sizes())),
+              "rnn (cuda): c0 and grad_c_n must be [B, H]");
   const auto len = device_lengths(lengths, xw, d.B);
   const auto f32 = xw.options().dtype(at::kFloat);
   const int64_t GH = int64_t{d.G} * d.H, TB = int64_t{d.T} * d.B;

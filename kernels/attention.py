@@ -40,6 +40,7 @@ from bignlp_fast.kernels._common import shared_memory_per_block as _shared_memor
 from bignlp_fast.ops.attention import TRITON_MAX_HEAD_DIM, dropout_threshold
 
 _LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): exp(x) = exp2(x * log2(e))
+_BIAS_FLOOR = tl.constexpr(-1e38)  # see _bias2
 _LN2 = tl.constexpr(0.6931471805599453)  # ln(2): ln(x) = log2(x) * ln(2)
 
 # Philox-4x32 constants (same as philox4x32 in ops/attention.py)
@@ -93,6 +94,16 @@ def _dropout_keep(row_base, cols, seed_lo, seed_hi, drop_thresh):
 
 
 @triton.jit
+def _bias2(ptrs, mask):
+    """The bias at ``ptrs`` in base 2 (times log2(e)), 0 where ``mask`` is false. A finite bias below
+    _BIAS_FLOOR counts as _BIAS_FLOOR (-inf stays -inf): finfo(dtype).min, transformers' masking value,
+    times log2(e) overflows to -inf, which would turn a row masked by it at every key into a fully
+    masked one (zeros) where torch's SDPA averages the values. As csrc/cpu/attention.cpp, kBiasFloor."""
+    b = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    return tl.where(b == float("-inf"), b, tl.maximum(b, _BIAS_FLOOR)) * _LOG2E
+
+
+@triton.jit
 def _scores(q, k, BIAS_blk, stride_bm, stride_bn, rows, offs_m, cols, q_len, k_len, offset, qk_scale,
             APPLY_MASK: tl.constexpr, CAUSAL: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Scores of one [BLOCK_M, BLOCK_N] tile in base 2: q k^T * scale * log2(e), plus the bias, with
@@ -100,8 +111,7 @@ def _scores(q, k, BIAS_blk, stride_bm, stride_bn, rows, offs_m, cols, q_len, k_l
     s = _mma(q, tl.trans(k), DOT_PRECISION) * qk_scale
     if HAS_BIAS:
         b_mask = (rows < q_len)[:, None] & (cols < k_len)[None, :]
-        s += tl.load(BIAS_blk + offs_m[:, None] * stride_bm + cols[None, :] * stride_bn,
-                     mask=b_mask, other=0.0) * _LOG2E
+        s += _bias2(BIAS_blk + offs_m[:, None] * stride_bm + cols[None, :] * stride_bn, b_mask)
     if APPLY_MASK:
         visible = (cols < k_len)[None, :]
         if CAUSAL != 0:
@@ -332,11 +342,12 @@ def _dkdv_tiles(
         s_t = _mma(k, tl.trans(q), DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M], base 2
         if HAS_BIAS:
             b_mask = (cols < k_len)[:, None] & row_mask[None, :]
-            s_t += tl.load(BIAS_seq + offs_n[:, None] * stride_bn + rows[None, :] * stride_bm,
-                           mask=b_mask, other=0.0) * _LOG2E
+            s_t += _bias2(BIAS_seq + offs_n[:, None] * stride_bn + rows[None, :] * stride_bm, b_mask)
         if APPLY_MASK:  # causal: key j visible to query i iff j <= i + offset
             s_t = tl.where(cols[:, None] <= rows[None, :] + offset, s_t, float("-inf"))
-        p_t = tl.exp2(s_t - lse2[None, :])  # rows without a visible key have lse = +inf: p = 0
+        # rows without a visible key have lse = +inf: p = 0. p <= 1: the minimum drops a rounding overshoot,
+        # ~1e31 where a finite mask near -1e38 hides every key of a row (lse = its max; log(sum) is lost)
+        p_t = tl.exp2(tl.minimum(s_t - lse2[None, :], 0.0))
         dp_t = _mma(v, tl.trans(do), DOT_PRECISION)  # dP^T = V dO^T
         if DROPOUT:
             keep = _dropout_keep(drop_base + rows[None, :].to(tl.int64) * max_k, cols[:, None].to(tl.int64),
@@ -471,7 +482,7 @@ def _dq_tiles(
                     mask=k_mask & (offs_dv < value_dim)[None, :], other=0.0)
         s = _scores(q, k, BIAS_blk, stride_bm, stride_bn, rows, offs_m, cols, q_len, k_len, offset, qk_scale,
                     APPLY_MASK, CAUSAL, HAS_BIAS, DOT_PRECISION)  # [BLOCK_M, BLOCK_N], base 2
-        p = tl.exp2(s - lse2[:, None])
+        p = tl.exp2(tl.minimum(s - lse2[:, None], 0.0))  # p <= 1 (as in the dK/dV kernel)
         dp = _mma(do, tl.trans(v), DOT_PRECISION)  # dP = dO V^T
         if DROPOUT:
             keep = _dropout_keep(drop_rows[:, None], cols[None, :].to(tl.int64), seed_lo, seed_hi, drop_thresh)

@@ -158,6 +158,28 @@ def test_key_padding_spanning_whole_key_tiles(backend, device):
     assert (gk[masked] == 0).all() and (gv[masked] == 0).all() and (gk[~masked] != 0).any()
 
 
+@pytest.mark.parametrize("backend,device", ALL)
+def test_masks_at_the_dtype_minimum(backend, device):
+    """transformers masks with torch.finfo(dtype).min, not -inf, and that times log2(e) overflows: a row
+    masked by it at every key (a left-padded prompt's padding rows) is a uniform average of the values
+    in torch's SDPA, and must be here (not zeros, not NaN); partly masked rows and -inf rows as before.
+    The gradients of such rows are bounded by torch's own error only, which is large: a log-sum-exp near
+    -1e38 cannot hold log(L), so the flash backward (ours and torch's fused one) takes P = 1, not 1/L."""
+    lq, lk = (6, 9) if _small(backend, device) else (70, 300)
+    for dtype in DTYPES[backend]:
+        low = torch.finfo(dtype).min
+        mask = torch.zeros(2, 1, lq, lk, dtype=dtype)
+        mask[0, :, 0] = low  # every key
+        mask[0, :, 1, 3:] = low
+        mask[1, :, :, lk // 2:] = low  # right padding of the keys
+        mask[1, :, 2] = -math.inf  # fully masked: zeros
+        mask[1, :, 3] = -1e30  # every key, by a finite value whose ulp exceeds the scores
+        _check(backend, device, dtype, (2, 2, lq, 32), (2, 2, lk, 32), mask=mask)
+        left = torch.zeros(2, 1, 1, lk, dtype=dtype)
+        left[1, ..., :4] = low  # a left-padded prompt under the causal mask: its first 4 rows see only padding
+        _check(backend, device, dtype, (2, 2, lk, 32), (2, 2, lk, 32), mask=left.expand(2, 1, lk, lk), causal=True)
+
+
 def test_fully_masked_rows_give_zeros_and_zero_gradients():
     q, k, v, go = _inputs((2, 2, 5, 16), (2, 2, 6, 16), 16, torch.float32, "cpu")
     mask = torch.ones(2, 1, 1, 6, dtype=torch.bool)

@@ -255,17 +255,26 @@ inline void copy_rows_bf16(const Rows<c10::BFloat16>& t, int64_t b, int64_t h, i
   }
 }
 
-// Scores of one tile, in place: s[0, n) += bias row; -inf past the causal limit `visible` (a
+// A finite bias below kBiasFloor counts as kBiasFloor; -inf stays -inf (masked). The kernels take exp
+// in base 2, exp2(s log2(e) - m log2(e)), and s log2(e) overflows to -inf past -FLT_MAX / log2(e):
+// transformers' masks, finfo(dtype).min, are there. A row that such values mask at every key is then a
+// uniform average of the values, as in torch's SDPA, instead of NaN. (Values all below the floor lose
+// their order; nothing masks with two of them.) The Triton and CUDA kernels apply the same floor.
+constexpr float kBiasFloor = -1e38f;
+inline float floored(float b) { return b == -kInf ? b : std::max(b, kBiasFloor); }
+inline fVec floored(const fVec& b) { return fVec::blendv(at::vec::maximum(b, fVec(kBiasFloor)), b, b == fVec(-kInf)); }
+
+// Scores of one tile, in place: s[0, n) += bias row (floored); -inf past the causal limit `visible` (a
 // count of keys from the tile's start).
 inline void bias_and_mask(float* s, int64_t n, const float* bias, int64_t bias_sj, int64_t visible) {
   if (bias != nullptr) {
     if (bias_sj == 1) {
       for (int64_t j = 0; j < n; j += fVec::size()) {
         const int64_t m = std::min<int64_t>(fVec::size(), n - j);
-        store_any(s + j, load_any(s + j, m) + load_any(bias + j, m), m);
+        store_any(s + j, load_any(s + j, m) + floored(load_any(bias + j, m)), m);
       }
     } else {
-      for (int64_t j = 0; j < n; ++j) s[j] += bias[j * bias_sj];
+      for (int64_t j = 0; j < n; ++j) s[j] += floored(bias[j * bias_sj]);
     }
   }
   for (int64_t j = std::max<int64_t>(visible, 0); j < n; ++j) s[j] = -kInf;
@@ -427,7 +436,7 @@ void forward_decode(const Rows<T>& Q, const Rows<T>& K, const Rows<T>& V, const 
             p[j] = -kInf;
             continue;
           }
-          p[j] = dot_row(qf.data(), K.row(sq.batch, kvh, sq.k_begin + j), d) + (b ? b[j * bias.sk] : 0.f);
+          p[j] = dot_row(qf.data(), K.row(sq.batch, kvh, sq.k_begin + j), d) + (b ? floored(b[j * bias.sk]) : 0.f);
           m = std::max(m, p[j]);
         }
         float sum = 0.f;
@@ -789,10 +798,12 @@ void backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor&
               float* p = p_tile.data() + r * ld_s;
               float* ds = ds_tile.data() + r * ld_s;
               bias_and_mask(p, n, bias.row(sq.batch, h, i, j0), bias.sk, causal_mask.visible(i, sq.lk) - j0);
-              const fVec vl2e(cpu::kLog2e), vl(-lse_rows[g * lq + i] * cpu::kLog2e), vd(delta[g * lq + i]);
+              // P = exp(s - lse) <= 1: the min with 0 drops a rounding overshoot, which at scores near -1e38
+              // (a row every key of which a finite mask hides: lse = its max, log(sum) lost) is ~1e31
+              const fVec vl2e(cpu::kLog2e), vl(-lse_rows[g * lq + i] * cpu::kLog2e), vd(delta[g * lq + i]), zero(0.f);
               for (int64_t j = 0; j < n; j += fVec::size()) {
                 const int64_t w = std::min<int64_t>(fVec::size(), n - j);
-                store_any(p + j, cpu::exp2_nonpositive(at::vec::fmadd(load_any(p + j, w), vl2e, vl)), w);
+                store_any(p + j, cpu::exp2_nonpositive(at::vec::minimum(at::vec::fmadd(load_any(p + j, w), vl2e, vl), zero)), w);
               }
               if (dropout.on) {  // dP = (dO V^T) * Z and, for dV, P * Z (kept in ds's place meanwhile)
                 dropout.apply(ds, n, si, h, i, j0);

@@ -56,6 +56,7 @@ using namespace cuda;
 namespace wmma = nvcuda::wmma;
 
 constexpr float kLog2e = 1.4426950408889634f;  // exp(x) = exp2(x * log2(e))
+constexpr float kBiasFloor = -1e38f;            // see score2
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kMaxHeadDim = 256;
 
@@ -162,8 +163,15 @@ __device__ __forceinline__ Sequence sequence(const Params& p, int seq) {
 __device__ __forceinline__ float score2(const Params& p, const Sequence& s, int h, int i, int j, float qk) {
   if (i >= s.q_len || j >= s.k_len || (p.causal != 0 && j > i + s.offset)) return -INFINITY;
   float x = qk * p.scale_log2;
-  if (p.bias != nullptr)
-    x += p.bias[s.batch * p.sb[0] + h * p.sb[1] + int64_t{i} * p.sb[2] + int64_t{j} * p.sb[3]] * kLog2e;
+  if (p.bias != nullptr) {
+    // A finite bias below kBiasFloor counts as kBiasFloor (-inf stays -inf): finfo(dtype).min, the masking
+    // value of transformers, times log2(e) overflows to -inf, which would make a row masked by it at every
+    // key fully masked (zeros) where torch's SDPA averages the values. As the CPU and Triton kernels. The
+    // backward's P of such a row comes from its log-sum-exp, which at -1e38 cannot hold log(sum): P = 1,
+    // not 1 / sum (torch's fused kernels do the same); exp2f's argument is clamped to 0 for that case.
+    const float b = p.bias[s.batch * p.sb[0] + h * p.sb[1] + int64_t{i} * p.sb[2] + int64_t{j} * p.sb[3]];
+    x += (b == -INFINITY ? b : fmaxf(b, kBiasFloor)) * kLog2e;
+  }
   return x;
 }
 
@@ -439,7 +447,7 @@ __global__ void __launch_bounds__(BN * 2) attn_bwd_dkdv_kernel(const Params p) {
       for (int e = lane; e < 16 * BM; e += 32) {
         const int row = r0 + e / BM, c = e % BM, j = n0 + row, i = m0 + c;
         const float x = score2(p, s, head, i, j, st[row * LDQ + c]);
-        const float pr = x == -INFINITY ? 0.f : exp2f(x - lse_s[c]);
+        const float pr = x == -INFINITY ? 0.f : exp2f(fminf(x - lse_s[c], 0.f));  // p <= 1: see score2
         const float z = kept(p, seq, head, i, j) ? p.drop_scale : 0.f;
         const float ds = pr * (dpt[row * LDQ + c] * z - delta_s[c]);
         pt[row * LDP + c] = from_f<T>(pr * z);
@@ -517,7 +525,7 @@ __global__ void __launch_bounds__(BM * 2) attn_bwd_dq_kernel(const Params p) {
     for (int e = lane; e < 16 * BN; e += 32) {
       const int row = r0 + e / BN, c = e % BN, i = m0 + row, j = n0 + c;
       const float x = score2(p, s, head, i, j, ss[row * LDS + c]);
-      const float pr = x == -INFINITY ? 0.f : exp2f(x - lse_s[row]);
+      const float pr = x == -INFINITY ? 0.f : exp2f(fminf(x - lse_s[row], 0.f));
       const float z = kept(p, seq, head, i, j) ? p.drop_scale : 0.f;
       dss[row * LDP + c] = from_f<T>(pr * (dps[row * LDS + c] * z - delta_s[row]));
     }

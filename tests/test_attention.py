@@ -283,6 +283,8 @@ def test_varlen_bad_offsets():
         varlen_attention(q, k, v, cu_q, cu_k, 3, 4)
     with pytest.raises(ValueError, match="k/v have 3 heads, which does not divide q's 2"):
         varlen_attention(q, torch.randn(7, 3, 8), torch.randn(7, 3, 8), cu_q, cu_k, 4, 4)
+    with pytest.raises(ValueError, match="need at least one head, got 2 and 0"):
+        varlen_attention(q, torch.randn(7, 0, 8), torch.randn(7, 0, 8), cu_q, cu_k, 4, 4)
 
 
 # ---- dropout ----------------------------------------------------------------------------------
@@ -453,6 +455,8 @@ def test_bad_input_names_the_argument():
         sdpa(q, k[:, :2], v[:, :2])
     with pytest.raises(ValueError, match="query has 4 heads and key/value 3"):
         sdpa(q, k[:, :3], v[:, :3], enable_gqa=True)
+    with pytest.raises(ValueError, match="need at least one head, got 0 and 0"):  # not a division by zero
+        sdpa(q[:, :0], k[:, :0], v[:, :0])
     with pytest.raises(ValueError, match=r"attn_mask of shape \(8, 8\) does not broadcast"):
         sdpa(q, k, v, torch.ones(8, 8, dtype=torch.bool))
     with pytest.raises(TypeError, match="attn_mask must be bool"):

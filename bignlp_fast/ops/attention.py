@@ -373,6 +373,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
                          f"{tuple(key.shape[:3])}")
     if key.shape[0] != b:
         raise ValueError(f"{op}: key has batch size {key.shape[0]} but query has {b}")
+    if hq == 0 or hk == 0:
+        raise ValueError(f"{op}: query and key need at least one head, got {hq} and {hk}")
     if hk != hq and not (enable_gqa and hq % hk == 0):
         need = "enable_gqa=True and " if not enable_gqa else ""
         raise ValueError(f"{op}: query has {hq} heads and key/value {hk}; that needs {need}{hk} to divide {hq}")
@@ -439,6 +441,8 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         raise ValueError(f"{op}: k has head_dim {k.shape[-1]} but q has {q.shape[-1]}")
     if v.shape[:2] != k.shape[:2]:
         raise ValueError(f"{op}: v has shape {tuple(v.shape)}; its [total_k, Hk] must equal k's {tuple(k.shape[:2])}")
+    if q.shape[1] == 0 or k.shape[1] == 0:
+        raise ValueError(f"{op}: q and k need at least one head, got {q.shape[1]} and {k.shape[1]}")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"{op}: k/v have {k.shape[1]} heads, which does not divide q's {q.shape[1]}")
     for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):

@@ -553,6 +553,12 @@ int padded_dim(int64_t d) { return d <= 64 ? 64 : d <= 128 ? 128 : 256; }
 template <typename Kernel>
 void launch(Kernel kernel, dim3 grid, int threads, size_t smem, const Params& p) {
   if (grid.x == 0 || grid.y == 0) return;
+  int device = 0, max_smem = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  TORCH_CHECK(smem <= static_cast<size_t>(max_smem), "attention (cuda): this kernel needs ", smem,
+              " bytes of shared memory per block at this head dim, and this GPU allows ", max_smem,
+              " (the tiles are sized for A100 and H100; sm_86 / sm_89 GPUs have 99 KiB): use backend=\"triton\"");
   C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
   kernel<<<grid, threads, smem, at::cuda::getCurrentCUDAStream()>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -586,7 +592,8 @@ Params common_params(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
               "attention (cuda): q, k and v need stride 1 in their last dimension");
   TORCH_CHECK(q.size(3) <= kMaxHeadDim && v.size(3) <= kMaxHeadDim && k.size(3) == q.size(3),
               "attention (cuda): head dims up to ", kMaxHeadDim, ", got ", q.size(3), " and ", v.size(3));
-  TORCH_CHECK(q.size(1) % k.size(1) == 0 && k.size(1) == v.size(1), "attention (cuda): Hk must divide Hq");
+  TORCH_CHECK(k.size(1) > 0 && q.size(1) % k.size(1) == 0 && k.size(1) == v.size(1),
+              "attention (cuda): Hk must be positive and divide Hq");
   int major = 0, minor = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.get_device()));

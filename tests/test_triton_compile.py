@@ -60,8 +60,7 @@ def _table(rows):
     return "\n" + triton_compile.format_table(rows)
 
 
-@pytest.mark.parametrize("arch,name_filter,dtypes", MATRIX, ids=lambda v: str(v) if not isinstance(v, tuple) else
-                         "-".join(str(d).replace("torch.", "") for d in v))
+@pytest.mark.parametrize("arch,name_filter,dtypes", MATRIX, ids=[f"sm_{a}-{f or 'all'}" for a, f, _ in MATRIX])
 def test_kernels_fit_the_gpu(compiled, arch, name_filter, dtypes):
     rows = compiled(arch, name_filter, dtypes)
     expected_cases = [n for n, _ in triton_compile.cases() if not name_filter or name_filter in n]
@@ -75,13 +74,15 @@ def test_kernels_fit_the_gpu(compiled, arch, name_filter, dtypes):
 
 def test_every_launched_kernel_is_checked(compiled):
     """A kernel added to kernels/ without a case in triton_compile.cases() fails here."""
-    import bignlp_fast.kernels as kernels_pkg
-    import pkgutil
     import importlib
+    import pathlib
+    import pkgutil
+
+    import bignlp_fast.kernels as kernels_pkg
     launched = set()
     for info in pkgutil.iter_modules(kernels_pkg.__path__):
         module = importlib.import_module(f"bignlp_fast.kernels.{info.name}")
-        source = open(module.__file__).read()
+        source = pathlib.Path(module.__file__).read_text()
         launched |= {name for name in vars(module) if name.endswith("_kernel") and f"{name}[" in source}
     assert len(launched) >= 15
     checked = {r.kernel for r in compiled(*MATRIX[0])}

@@ -425,7 +425,9 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         q: [total_q, Hq, D]; k: [total_k, Hk, D]; v: [total_k, Hk, Dv] (Hk divides Hq).
         cu_seqlens_q, cu_seqlens_k: int32 [nseq + 1] cumulative offsets on q's device: sequence s is
             q[cu_seqlens_q[s]:cu_seqlens_q[s + 1]] attending to k/v[cu_seqlens_k[s]:cu_seqlens_k[s + 1]].
-        max_seqlen_q, max_seqlen_k: the longest sequence in each (bounds the work per sequence).
+        max_seqlen_q, max_seqlen_k: the longest sequence in each (bounds the work per sequence). On the
+            CPU, cu_seqlens are checked against them; on a GPU they are not (reading them would wait
+            for the GPU), and rows of a sequence longer than max_seqlen_q are left unwritten.
         causal: bottom-right aligned: query i of a sequence with lq queries and lk keys sees keys
             j <= i + lk - lq (so the last query sees every key, as in decoding with a KV cache).
     Returns [total_q, Hq, Dv]. A query with no visible key gives zeros.

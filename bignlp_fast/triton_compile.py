@@ -48,6 +48,7 @@ ARCHS = {
 }
 REGISTERS_PER_SM = 65536  # 32-bit registers in one SM's file: every thread of a block must fit in it
 MAX_REGISTERS_PER_THREAD = 255
+MAX_GRID = (2 ** 31 - 1, 65535, 65535)  # programs per grid dimension
 
 
 @dataclasses.dataclass
@@ -61,6 +62,7 @@ class Compiled:
     registers: int  # per thread
     spill_bytes: int  # local memory per thread: registers spilled to memory
     shared_bytes: int  # dynamic (Triton's buffers) + static shared memory per block
+    grid: tuple = (1, 1, 1)  # the largest launch grid of this kernel in the case, per dimension
 
     @property
     def problems(self) -> list[str]:
@@ -73,6 +75,9 @@ class Compiled:
         allocated = -(-self.registers // 8) * 8  # registers are allocated to a warp in groups of 8 per thread
         if self.registers > MAX_REGISTERS_PER_THREAD or allocated * threads > REGISTERS_PER_SM:
             out.append(f"{self.registers} registers x {threads} threads exceed the {REGISTERS_PER_SM}-register file")
+        for dim, (n, most) in enumerate(zip(self.grid, MAX_GRID)):
+            if n > most:
+                out.append(f"grid dimension {dim} has {n} programs, CUDA allows {most}")
         return out
 
 
@@ -101,7 +106,7 @@ def _resources(cubin: bytes) -> dict:
 def compile_only(arch: int) -> Iterator[list]:
     """Within this context, fake CUDA tensors can be made (``torch.empty(..., device="cuda")``) and
     every Triton launch compiles its kernel for sm_``arch`` instead of running it. Yields the list
-    the compiled kernels are appended to, as (triton.jit function name, CompiledKernel)."""
+    the compiled kernels are appended to, as (triton.jit function name, CompiledKernel, grid)."""
     if arch not in ARCHS:
         raise ValueError(f"triton_compile: arch must be one of {sorted(ARCHS)}, got {arch}")
     from torch._subclasses.fake_tensor import FakeTensorMode
@@ -143,7 +148,7 @@ def compile_only(arch: int) -> Iterator[list]:
 
     def compile_instead(self, *args, grid, warmup, **kwargs):
         kernel = run(self, *map(mock, args), grid=grid, warmup=True, **{k: mock(v) for k, v in kwargs.items()})
-        compiled.append((self.fn.__name__, kernel))
+        compiled.append((self.fn.__name__, kernel, tuple(grid) + (1,) * (3 - len(grid))))
         return kernel
 
     # What the launchers would ask the GPU, answered for this architecture: common's functions and the
@@ -190,10 +195,11 @@ def _add_layer_norm(hidden: int, affine: bool):
     return call
 
 
-def _attention(d: int, causal: bool = False, bias: bool = False, dropout: bool = False, varlen: bool = False):
+def _attention(d: int, causal: bool = False, bias: bool = False, dropout: bool = False, varlen: bool = False,
+               batch: int = 2, heads: int = 8, length: int = 1024):
     def call(dt):
         from bignlp_fast.kernels.attention import attention_bwd_triton, attention_fwd_triton
-        B, H, L = (1, 8, 1024) if varlen else (2, 8, 1024)
+        B, H, L = (1 if varlen else batch), heads, length
         q, k, v = (_cuda(B, H, L, d, dtype=dt) for _ in range(3))
         mask = _cuda(B, 1, L, L, dtype=dt) if bias else None
         cu = torch.zeros(3, device="cuda", dtype=torch.int32) if varlen else None
@@ -222,10 +228,10 @@ def _causal_conv1d(width: int, activation: int, length: int = 2048):
     return call
 
 
-def _conv(activation: int):
+def _conv(activation: int, length: int = 128):
     def call(dt):
         from bignlp_fast.kernels.conv import conv_bwd_triton, conv_fwd_triton
-        x, w, b = _cuda(8, 64, 128, dtype=dt), _cuda(128, 64, 3, dtype=dt), _cuda(128, dtype=dt)
+        x, w, b = _cuda(8, 64, length, dtype=dt), _cuda(128, 64, 3, dtype=dt), _cuda(128, dtype=dt)
         args = ((1,), (1,), (1,), 1, activation)
         out, pre = conv_fwd_triton(x, w, b, None, *args[:4], activation, True)
         conv_fwd_triton(x, w, b, out, *args[:4], activation, False)  # the residual variant
@@ -273,13 +279,17 @@ def cases() -> list[tuple[str, Callable]]:
         out.append((f"attention D{d} mask+dropout", _attention(d, bias=True, dropout=True)))
         out.append((f"attention D{d} varlen+causal+dropout", _attention(d, causal=True, dropout=True, varlen=True)))
     out.append(("attention D80 causal", _attention(80, causal=True)))  # padded to 128
+    # sizes whose grids pass 65535 programs in a dimension other than the first (fake tensors: no memory)
+    out.append(("attention D64 70400 sequence-heads", _attention(64, causal=True, batch=4400, heads=16, length=128)))
     for tanh in (False, True):
         out.append((f"bias_gelu {'tanh' if tanh else 'erf'}", _bias_gelu(tanh)))
     for w in (2, 3, 4):
         out.append((f"causal_conv1d W{w} silu", _causal_conv1d(w, 3)))
     out.append(("causal_conv1d W4 identity L64", _causal_conv1d(4, 0, 64)))
+    out.append(("causal_conv1d W4 silu L2^27", _causal_conv1d(4, 3, 2 ** 27)))
     for act in (1, 2):
         out.append((f"conv epilogue act{act}", _conv(act)))
+    out.append(("conv epilogue act1 S2^27", _conv(1, 2 ** 27)))
     for mode in ("lstm", "gru", "rnn_tanh", "rnn_relu"):
         out.append((f"rnn {mode} H512", _rnn(mode, 512)))
     out.append(("rnn lstm H128 lengths", _rnn("lstm", 128, lengths=True)))
@@ -294,17 +304,18 @@ def _compile_case(arch: int, name: str, dtype: torch.dtype) -> list[Compiled]:
     case = f"{name} {str(dtype).replace('torch.', '')}"
     with compile_only(arch) as compiled:
         dict(cases())[name](dtype)
-    rows, seen = [], set()
-    for fn_name, kernel in compiled:
-        if id(kernel) in seen:  # the same specialisation launched twice
+    rows = {}  # id(kernel): its row; the same specialisation launched twice keeps its largest grid
+    for fn_name, kernel, grid in compiled:
+        if id(kernel) in rows:
+            row = rows[id(kernel)]
+            row.grid = tuple(map(max, row.grid, grid))
             continue
-        seen.add(id(kernel))
         res = _resources(kernel.asm["cubin"])
-        rows.append(Compiled(case=case, kernel=fn_name, arch=arch, num_warps=kernel.metadata.num_warps,
-                             num_stages=kernel.metadata.num_stages, registers=res["REG"],
-                             spill_bytes=res.get("LOCAL", 0),
-                             shared_bytes=kernel.metadata.shared + res.get("SHARED", 0)))
-    return rows
+        rows[id(kernel)] = Compiled(case=case, kernel=fn_name, arch=arch, num_warps=kernel.metadata.num_warps,
+                                    num_stages=kernel.metadata.num_stages, registers=res["REG"],
+                                    spill_bytes=res.get("LOCAL", 0),
+                                    shared_bytes=kernel.metadata.shared + res.get("SHARED", 0), grid=grid)
+    return list(rows.values())
 
 
 def _worker_init():

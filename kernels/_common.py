@@ -26,6 +26,15 @@ def shared_memory_per_block(device: torch.device) -> int:
 
 
 @triton.jit
+def flat_ids(n_inner):
+    """(outer, inner) ids of this program in a flat grid of outer x n_inner programs, inner running
+    fastest. The launchers use one grid dimension: CUDA caps dimensions 1 and 2 at 65535 programs,
+    dimension 0 at 2^31 - 1."""
+    pid = tl.program_id(0)
+    return pid // n_inner, pid % n_inner
+
+
+@triton.jit
 def mma(a, b, DOT_PRECISION: tl.constexpr):
     """a @ b accumulated in fp32. DOT_PRECISION: "ieee" (fp32 inputs: no tf32 rounding), "tf32" (16-bit
     inputs, where it does not apply), or "upcast": multiply in fp32 (bf16 under the interpreter, whose

@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from bignlp_fast.kernels._common import dot_precision as _dot_precision
+from bignlp_fast.kernels._common import flat_ids as _flat_ids
 from bignlp_fast.kernels._common import mma as _mma
 from bignlp_fast.kernels._common import shared_memory_per_block as _shared_memory_per_block
 from bignlp_fast.ops.attention import TRITON_MAX_HEAD_DIM, dropout_threshold
@@ -94,6 +95,15 @@ def _dropout_keep(row_base, cols, seed_lo, seed_hi, drop_thresh):
 
 
 @triton.jit
+def _program_ids(length, BLOCK: tl.constexpr, n_heads):
+    """(tile, sequence, head) of this program. The grid is flat (_common.flat_ids), tiles of one
+    (sequence, head) next to each other (they read the same K and V): sequences x heads exceeds the
+    65535 programs of grid dimension 1 (4096 x 16; a packed batch of 2048 short sequences x 32 heads)."""
+    sh, tile = _flat_ids(tl.cdiv(length, BLOCK))
+    return tile, sh // n_heads, sh % n_heads
+
+
+@triton.jit
 def _bias2(ptrs, mask):
     """The bias at ``ptrs`` in base 2 (times log2(e)), 0 where ``mask`` is false. A finite bias below
     _BIAS_FLOOR counts as _BIAS_FLOOR (-inf stays -inf): finfo(dtype).min, transformers' masking value,
@@ -111,7 +121,7 @@ def _scores(q, k, BIAS_blk, stride_bm, stride_bn, rows, offs_m, cols, q_len, k_l
     s = _mma(q, tl.trans(k), DOT_PRECISION) * qk_scale
     if HAS_BIAS:
         b_mask = (rows < q_len)[:, None] & (cols < k_len)[None, :]
-        s += _bias2(BIAS_blk + offs_m[:, None] * stride_bm + cols[None, :] * stride_bn, b_mask)
+        s += _bias2(BIAS_blk + offs_m[:, None] * stride_bm + cols[None, :].to(tl.int64) * stride_bn, b_mask)
     if APPLY_MASK:
         visible = (cols < k_len)[None, :]
         if CAUSAL != 0:
@@ -232,9 +242,7 @@ def _attn_fwd_kernel(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,  # powers of two >= D, Dv
     DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    seq = tl.program_id(1) // n_heads
-    head = tl.program_id(1) % n_heads
+    pid_m, seq, head = _program_ids(max_q, BLOCK_M, n_heads)
     batch, q_start, q_len, k_start, k_len = _sequence(CU_Q, CU_K, seq, max_q, max_k, VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 >= q_len:
@@ -300,9 +308,8 @@ def _attn_bwd_delta_kernel(
     n_heads, seq_len, value_dim,  # int: H, L (all rows of the L axis, packed or not), Dv
     BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr,
 ):
-    b = tl.program_id(1) // n_heads
-    h = tl.program_id(1) % n_heads
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_m, b, h = _program_ids(seq_len, BLOCK_M, n_heads)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, BLOCK_DV)
     mask = (rows < seq_len)[:, None] & (cols < value_dim)[None, :]
     o = tl.load(OUT + b.to(tl.int64) * stride_ob + h.to(tl.int64) * stride_oh + rows[:, None].to(tl.int64) * stride_om
@@ -342,7 +349,7 @@ def _dkdv_tiles(
         s_t = _mma(k, tl.trans(q), DOT_PRECISION) * qk_scale  # [BLOCK_N, BLOCK_M], base 2
         if HAS_BIAS:
             b_mask = (cols < k_len)[:, None] & row_mask[None, :]
-            s_t += _bias2(BIAS_seq + offs_n[:, None] * stride_bn + rows[None, :] * stride_bm, b_mask)
+            s_t += _bias2(BIAS_seq + offs_n[:, None] * stride_bn + rows[None, :].to(tl.int64) * stride_bm, b_mask)
         if APPLY_MASK:  # causal: key j visible to query i iff j <= i + offset
             s_t = tl.where(cols[:, None] <= rows[None, :] + offset, s_t, float("-inf"))
         # rows without a visible key have lse = +inf: p = 0. p <= 1: the minimum drops a rounding overshoot,
@@ -389,9 +396,7 @@ def _attn_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    seq = tl.program_id(1) // n_heads_k
-    kv_head = tl.program_id(1) % n_heads_k
+    pid_n, seq, kv_head = _program_ids(max_k, BLOCK_N, n_heads_k)
     batch, q_start, q_len, k_start, k_len = _sequence(CU_Q, CU_K, seq, max_q, max_k, VARLEN)
     n0 = pid_n * BLOCK_N
     if n0 >= k_len:
@@ -517,9 +522,7 @@ def _attn_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    seq = tl.program_id(1) // n_heads
-    head = tl.program_id(1) % n_heads
+    pid_m, seq, head = _program_ids(max_q, BLOCK_M, n_heads)
     batch, q_start, q_len, k_start, k_len = _sequence(CU_Q, CU_K, seq, max_q, max_k, VARLEN)
     m0 = pid_m * BLOCK_M
     if m0 >= q_len:
@@ -640,8 +643,8 @@ def attention_fwd_triton(q, k, v, bias, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
     nseq, max_q, max_k = _launch_sizes(q, k, bias, cu_seqlens_q, max_seqlen_q, max_seqlen_k)
     block_d, block_dv = _block_d(D), _block_d(Dv)
     block_m, block_n, num_warps, num_stages = _configs(q, max(block_d, block_dv))[0]
-    grid = (triton.cdiv(max_q, block_m), nseq * Hq)
-    if grid[0] == 0 or grid[1] == 0:
+    grid = (triton.cdiv(max_q, block_m) * nseq * Hq,)  # flat: see _program_ids
+    if grid[0] == 0:
         return out, lse
     seed_lo, seed_hi, thresh, drop_scale = _dropout_args(dropout_p, seed)
     varlen = cu_seqlens_q is not None
@@ -681,14 +684,14 @@ def attention_bwd_triton(grad_out, q, k, v, out, lse, bias, cu_seqlens_q, cu_seq
     delta = torch.empty(B, Hq, Lq, device=q.device, dtype=torch.float32)
     if B * Hq * Lq > 0:
         rows_per_program = 16 if q.device.type != "cuda" else 64
-        _attn_bwd_delta_kernel[(triton.cdiv(Lq, rows_per_program), B * Hq)](
+        _attn_bwd_delta_kernel[(triton.cdiv(Lq, rows_per_program) * B * Hq,)](
             out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], Hq, Lq, Dv,
             BLOCK_M=rows_per_program, BLOCK_DV=block_dv)
 
     # 2. dK, dV: one program per key block of each sequence and key/value head
     if max_k > 0 and nseq * Hk > 0:
         block_m, block_n, num_warps, num_stages = dkdv_config
-        _attn_bwd_dkdv_kernel[(triton.cdiv(max_k, block_n), nseq * Hk)](
+        _attn_bwd_dkdv_kernel[(triton.cdiv(max_k, block_n) * nseq * Hk,)](
             q, k, v, bias_arg, grad_out, lse, delta, dk, dv, cu_q, cu_k,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *_bias_strides(bias), *grad_out.stride()[:3],
             *dk.stride()[:3], *dv.stride()[:3],
@@ -699,7 +702,7 @@ def attention_bwd_triton(grad_out, q, k, v, out, lse, bias, cu_seqlens_q, cu_seq
     # 3. dQ: one program per query block of each sequence and query head
     if max_q > 0 and nseq * Hq > 0:
         block_m, block_n, num_warps, num_stages = dq_config
-        _attn_bwd_dq_kernel[(triton.cdiv(max_q, block_m), nseq * Hq)](
+        _attn_bwd_dq_kernel[(triton.cdiv(max_q, block_m) * nseq * Hq,)](
             q, k, v, bias_arg, grad_out, lse, delta, dq, cu_q, cu_k,
             *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *_bias_strides(bias), *grad_out.stride()[:3],
             *dq.stride()[:3],

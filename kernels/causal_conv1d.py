@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from bignlp_fast.kernels._activation import act, act_grad
+from bignlp_fast.kernels._common import flat_ids as _flat_ids
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _WIDTHS = (2, 3, 4)
@@ -73,9 +74,10 @@ def _causal_conv1d_fwd_kernel(
     HAS_INIT: tl.constexpr,
     ACT: tl.constexpr,  # activation code (ops/_activation.py)
 ):
-    row = tl.program_id(0).to(tl.int64)  # b * C + c
+    row, blk = _flat_ids(tl.cdiv(L, BLOCK_T))  # row: b * C + c
+    row = row.to(tl.int64)
     c = row % C
-    t = tl.program_id(1).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    t = blk.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     y = act(_pre(X, INIT, WT, BIAS, row, c, t, L, W, HAS_BIAS, HAS_INIT), ACT)
     tl.store(Y + row * L + t, y.to(Y.dtype.element_ty), mask=t < L)
 
@@ -93,16 +95,16 @@ def _causal_conv1d_bwd_kernel(
     DB_PART,  # [B, C, NB] float32 partial sums of gp(t) per block (written only if HAS_BIAS)
     C,  # int: channels
     L,  # int: positions
-    NB,  # int: position blocks (programs along axis 1)
+    NB,  # int: position blocks (programs per row)
     W: tl.constexpr,  # kernel width, 2..4
     BLOCK_T: tl.constexpr,  # positions per program
     HAS_BIAS: tl.constexpr,
     HAS_INIT: tl.constexpr,
     ACT: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    row, blk = _flat_ids(NB)
+    row = row.to(tl.int64)
     c = row % C
-    blk = tl.program_id(1)
     s = blk.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T) - (W - 1)  # positions in [-(W-1), L)
     dxx = tl.zeros([BLOCK_T], dtype=tl.float32)
     for i in tl.static_range(W):
@@ -144,7 +146,7 @@ def causal_conv1d_fwd_triton(x, weight, bias, initial_state, activation):
     if y.numel() == 0:
         return y
     block_t = _block_t(L, x.device)
-    _causal_conv1d_fwd_kernel[(B * C, triton.cdiv(L, block_t))](
+    _causal_conv1d_fwd_kernel[(B * C * triton.cdiv(L, block_t),)](  # flat: _common.flat_ids
         x, weight, bias if bias is not None else weight, initial_state if initial_state is not None else x, y, C, L,
         W=W, BLOCK_T=block_t, HAS_BIAS=bias is not None, HAS_INIT=initial_state is not None, ACT=int(activation),
         num_warps=max(1, min(8, block_t // 128)),
@@ -165,7 +167,7 @@ def causal_conv1d_bwd_triton(grad_y, x, weight, bias, initial_state, activation)
     dw_part = torch.zeros(B, C, nb, W, device=x.device, dtype=torch.float32)
     db_part = torch.zeros(B, C, nb, device=x.device, dtype=torch.float32) if has_bias else None
     if B * C > 0:
-        _causal_conv1d_bwd_kernel[(B * C, nb)](
+        _causal_conv1d_bwd_kernel[(B * C * nb,)](
             grad_y, x, weight, bias if has_bias else weight, initial_state if has_init else x,
             grad_x, grad_init if has_init else grad_x, dw_part, db_part if has_bias else dw_part, C, L, nb,
             W=W, BLOCK_T=block_t, HAS_BIAS=has_bias, HAS_INIT=has_init, ACT=int(activation),

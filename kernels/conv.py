@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from bignlp_fast.kernels._activation import act, act_grad
+from bignlp_fast.kernels._common import flat_ids as _flat_ids
 from bignlp_fast.kernels._common import sm_count as _sm_count
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -48,8 +49,9 @@ def _conv_epilogue_fwd_kernel(
     HAS_RES: tl.constexpr,
     ACT: tl.constexpr,  # activation code (ops/_activation.py)
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    pid_m, pid_n = _flat_ids(tl.cdiv(S, BLOCK_N))
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask = rows < R
     mask = row_mask[:, None] & (cols[None, :] < S)
     offs = rows[:, None] * S + cols[None, :]
@@ -78,8 +80,8 @@ def _conv_epilogue_bwd_kernel(
     HAS_BIAS: tl.constexpr,
     ACT: tl.constexpr,
 ):
-    pid_n = tl.program_id(1)
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    pid_m, pid_n = _flat_ids(tl.cdiv(tl.cdiv(S, BLOCK_N), TILES_PER_PROGRAM))  # column programs run fastest
+    rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < R
     if HAS_BIAS:
         b = tl.load(BIAS + rows % C_OUT, mask=row_mask, other=0.0).to(tl.float32)
@@ -124,7 +126,7 @@ def conv_fwd_triton(x, weight, bias, residual, stride, padding, dilation, groups
     R, S = B * C_out, math.prod(pre.shape[2:])
     if pre.numel() > 0:
         block_m, block_n, num_warps = _tiling(R, S)
-        grid = (triton.cdiv(R, block_m), triton.cdiv(S, block_n))
+        grid = (triton.cdiv(R, block_m) * triton.cdiv(S, block_n),)  # flat: _common.flat_ids
         _conv_epilogue_fwd_kernel[grid](
             pre, bias if bias is not None else pre, residual if residual is not None else pre, out, R, S, C_out,
             BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
@@ -149,7 +151,7 @@ def conv_bwd_triton(grad_out, x, weight, pre, bias, stride, padding, dilation, g
     col_programs = triton.cdiv(col_tiles, tiles_per_program)
     db_part = torch.zeros(col_programs, R, device=x.device, dtype=torch.float32) if has_bias else None
     if pre.numel() > 0:
-        _conv_epilogue_bwd_kernel[(row_blocks, col_programs)](
+        _conv_epilogue_bwd_kernel[(row_blocks * col_programs,)](
             grad_out, pre, bias if has_bias else pre, gp, db_part if has_bias else gp,
             R, S, C_out, tiles_per_program,
             BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=has_bias, ACT=int(activation), num_warps=num_warps,

@@ -74,7 +74,9 @@ def _text_cnn_pool_fwd_kernel(
     offs_p = tl.arange(0, BLOCK_P)
     offs_e = tl.arange(0, BLOCK_E)
     if HAS_LENS:
-        n_pos = tl.load(LENS + b).to(tl.int32) - K + 1  # valid positions: p + K <= len_b
+        # valid positions: p + K <= len_b; len_b > L is refused by the op (not under torch.compile, nor
+        # when the custom op is called directly): clamped, so that no program reads or writes another's rows
+        n_pos = tl.minimum(tl.load(LENS + b).to(tl.int32), L) - K + 1
     else:
         n_pos = L - K + 1
     if HAS_BIAS:

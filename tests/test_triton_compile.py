@@ -2,7 +2,8 @@
 kernel, at the tile sizes its launcher picks for CUDA tensors, to a cubin for sm_80 / sm_86 / sm_90
 (no GPU needed) and reads its registers, spills and shared memory. The interpreter tests check what
 the kernels compute; these check what the interpreter never does: that they compile, would launch
-(shared memory and registers within the GPU's limits) and do not spill registers.
+(shared memory, registers and grid within the GPU's limits: the cases include fake tensors whose
+grids would pass 65535 programs in dimension 1) and do not spill registers.
 
 The compiles run in spawned worker processes without TRITON_INTERPRET (this process imported the
 kernels under the interpreter). Cold, the matrix below takes about 3 minutes on 2 cores; Triton's
@@ -100,6 +101,8 @@ def test_problems_are_found():
     assert "shared memory" in " ".join(row.problems)
     row.arch = 90
     assert row.problems == []
+    row.grid = (2 ** 20, 65536, 1)  # CUDA: 65535 programs at most in grid dimensions 1 and 2
+    assert row.problems == ["grid dimension 1 has 65536 programs, CUDA allows 65535"]
 
 
 def test_finds_the_shared_memory_overflow_it_was_written_for():

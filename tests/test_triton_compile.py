@@ -6,7 +6,7 @@ the kernels compute; these check what the interpreter never does: that they comp
 grids would pass 65535 programs in dimension 1) and do not spill registers.
 
 The compiles run in spawned worker processes without TRITON_INTERPRET (this process imported the
-kernels under the interpreter). Cold, the matrix below takes about 3 minutes on 2 cores; Triton's
+kernels under the interpreter). Cold, the matrix below takes about 5 minutes on 2 cores; Triton's
 cache (~/.triton/cache) makes a second run take seconds."""
 
 import os

@@ -29,7 +29,9 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import importlib
 import os
+import pkgutil
 import re
 import subprocess
 import sys
@@ -115,12 +117,12 @@ def compile_only(arch: int) -> Iterator[list]:
     from triton.runtime import driver
     from triton.runtime.jit import JITFunction, MockTensor
 
+    import bignlp_fast.kernels as kernels
     import bignlp_fast.kernels._common as common
-    # the launchers, so that their imports of common's functions are among the names patched below
-    import bignlp_fast.kernels.add_layer_norm, bignlp_fast.kernels.attention  # noqa: E401,F401
-    import bignlp_fast.kernels.bias_gelu, bignlp_fast.kernels.causal_conv1d  # noqa: E401,F401
-    import bignlp_fast.kernels.conv, bignlp_fast.kernels.rnn, bignlp_fast.kernels.text_cnn_pool  # noqa: E401,F401
-    if not isinstance(bignlp_fast.kernels.attention._attn_fwd_kernel, JITFunction):
+    # every launcher module, so that their imports of common's functions are among the names patched below
+    for info in pkgutil.iter_modules(kernels.__path__):
+        importlib.import_module(f"bignlp_fast.kernels.{info.name}")
+    if not isinstance(sys.modules["bignlp_fast.kernels.attention"]._attn_fwd_kernel, JITFunction):
         raise RuntimeError("triton_compile: this process imported the kernels under TRITON_INTERPRET=1, which "
                            "compiles nothing; compile in a process without it (check() with workers > 1, or "
                            "bignlp-fast triton-compile)")

@@ -52,14 +52,14 @@ Mode parse_mode(const std::string& mode) {
   return kRnnRelu;
 }
 
-// The gate nonlinearities, accurate to a few ulp under --use_fast_math (which makes tanhf tanh.approx, about
-// 11 bits, and 1 / (1 + __expf(-x)) an approximate exp and division): those of activation.cuh.
+// The gate nonlinearities are activation.cuh's act_sigmoid / act_tanh, accurate to a few ulp under
+// --use_fast_math (which makes tanhf tanh.approx, about 11 bits, and 1 / (1 + __expf(-x)) an approximate
+// exp and division).
 __device__ __forceinline__ float sigmoid_f(float x) {
   float sig, unused;
   act_sigmoid(x, sig, unused);
   return sig;
 }
-__device__ __forceinline__ float tanh_f(float x) { return act_tanh(x); }
 
 // Sizes and the workspace layout (per step and batch row, fp32; as csrc/cpu/rnn.cpp):
 //   [gates G*H after their nonlinearity | state S after the step | LSTM: cell after the step (H), m (H,
@@ -127,10 +127,10 @@ __global__ void __launch_bounds__(kThreads) rnn_fwd_step_kernel(const FwdStep a,
   const float h_old = MODE == kLstm && d.proj ? 0.f : a.h[int64_t{b} * d.S + j];
   float h_new;
   if constexpr (MODE == kLstm) {
-    const float i = sigmoid_f(pre(0)), f = sigmoid_f(pre(1)), g = tanh_f(pre(2)), o = sigmoid_f(pre(3));
+    const float i = sigmoid_f(pre(0)), f = sigmoid_f(pre(1)), g = act_tanh(pre(2)), o = sigmoid_f(pre(3));
     const float c_old = a.c[int64_t{b} * d.H + j];
     const float cn = f * c_old + i * g;
-    h_new = o * tanh_f(cn);
+    h_new = o * act_tanh(cn);
     ws[j] = i, ws[d.H + j] = f, ws[2 * d.H + j] = g, ws[3 * d.H + j] = o;
     const float c_kept = active ? cn : c_old;
     a.c_next[int64_t{b} * d.H + j] = c_kept;
@@ -143,12 +143,12 @@ __global__ void __launch_bounds__(kThreads) rnn_fwd_step_kernel(const FwdStep a,
   } else if constexpr (MODE == kGru) {
     const float r = sigmoid_f(pre(0)), z = sigmoid_f(pre(1));
     const float hn = hw[2 * d.H + j] + (a.bias ? a.bias[2 * d.H + j] : 0.f);
-    const float n = tanh_f(static_cast<float>(x[2 * d.H + j]) + r * hn);
+    const float n = act_tanh(static_cast<float>(x[2 * d.H + j]) + r * hn);
     h_new = (1.f - z) * n + z * h_old;
     ws[j] = r, ws[d.H + j] = z, ws[2 * d.H + j] = n, ws[d.off_hn + j] = hn;
   } else {
     const float v = pre(0);
-    h_new = MODE == kRnnTanh ? tanh_f(v) : act<kActRelu>(v);  // relu: NaN stays NaN, as torch's
+    h_new = MODE == kRnnTanh ? act_tanh(v) : act<kActRelu>(v);  // relu: NaN stays NaN, as torch's
     ws[j] = h_new;
   }
   const float h_kept = active ? h_new : h_old;
@@ -217,7 +217,7 @@ __global__ void __launch_bounds__(kThreads) rnn_bwd_gates_kernel(const BwdStep a
       return;
     }
     const float i = ws[j], f = ws[d.H + j], g = ws[2 * d.H + j], o = ws[3 * d.H + j];
-    const float tc = tanh_f(ws[d.off_c + j]);
+    const float tc = act_tanh(ws[d.off_c + j]);
     const float c_prev = wp ? wp[d.off_c + j] : a.c0[idx];
     const float dmj = d.proj ? a.dm[idx] : a.dht[int64_t{b} * d.S + j];
     const float dct = dc + dmj * o * (1.f - tc * tc);

@@ -152,7 +152,7 @@ def test_key_padding_spanning_whole_key_tiles(backend, device):
             _check(backend, device, dtype, (len(valid), 2, lq, 32), (len(valid), 2, lk, 32), mask=full, causal=True)
             _check(backend, device, dtype, (len(valid), 4, lq, 32), (len(valid), 2, lk, 32),
                    mask=per_head.repeat(1, 2, 1, 1))  # grouped-query attention
-    q, k, v, go = _inputs((len(valid), 2, 70, 32), (len(valid), 2, lk, 32), 32, torch.float32, device)
+    q, k, v, go = _inputs((len(valid), 2, 70, 32), (len(valid), 2, lk, 32), 32, DTYPES[backend][0], device)
     _, _, gk, gv = _grads(lambda q, k, v: sdpa(q, k, v, padding.to(device), backend=backend), q, k, v, go)
     masked = ~padding.view(len(valid), 1, lk, 1).to(device).expand_as(gk)
     assert (gk[masked] == 0).all() and (gv[masked] == 0).all() and (gk[~masked] != 0).any()

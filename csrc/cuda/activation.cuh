@@ -57,8 +57,13 @@ __device__ __forceinline__ float act_tanh(float v) {
 }
 
 // sigmoid(v) and 1 - sigmoid(v), each without cancellation: with e = exp(-|v|) in (0, 1],
-// sigmoid = 1 / (1 + e) for v >= 0 and e / (1 + e) for v < 0.
+// sigmoid = 1 / (1 + e) for v >= 0 and e / (1 + e) for v < 0. NaN gives NaN (fmaxf in
+// act_exp_nonpositive would drop it: e = exp(-104), and sigmoid(NaN) would be 0).
 __device__ __forceinline__ void act_sigmoid(float v, float& sig, float& one_minus_sig) {
+  if (isnan(v)) {
+    sig = one_minus_sig = v;
+    return;
+  }
   const float e = act_exp_nonpositive(-fabsf(v));
   const float r = act_rcp(1.f + e);
   const bool pos = v >= 0.f;

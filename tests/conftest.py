@@ -66,7 +66,18 @@ def backend_params(*names):
         if name == "cuda":
             marks.append(pytest.mark.cuda)
         params.append(pytest.param(name, device, id=name, marks=marks))
+        if name == "cuda" and not HAS_CUDA:
+            params.append(emulated_cuda_param())
     return params
+
+
+def emulated_cuda_param():
+    """(backend "cuda", device cpu): csrc/cuda's kernels on CPU tensors through the emulation of
+    tests/cuda_emu (activated for the test by :func:`_cuda_emulation`), where no GPU is present. The
+    emulation compiles csrc/cuda with the host compiler, so it runs whether or not the extension was
+    built with its CUDA sources."""
+    marks = [pytest.mark.cuda_emulated]
+    return pytest.param("cuda", torch.device("cpu"), id="cuda-emulated", marks=marks)
 
 
 def tile_paths(backend, dtype):
@@ -90,6 +101,18 @@ def tile_paths(backend, dtype):
     if _backend.compiled() is not None and _backend.compiled().bf16_dot_available():
         paths.append(("avx512_bf16", path(False, True)))
     return paths + [("fp32", path(False, False))]
+
+
+@pytest.fixture(autouse=True)
+def _cuda_emulation(request, monkeypatch):
+    """Runs the test's cuda backend on the emulated kernels when it is the ``cuda-emulated`` case."""
+    if request.node.get_closest_marker("cuda_emulated") is None:
+        yield
+        return
+    import cuda_emu
+
+    with cuda_emu.active(monkeypatch, **cuda_emu.options_from_environment()):
+        yield
 
 
 @pytest.fixture(autouse=True)

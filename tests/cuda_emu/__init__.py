@@ -1,0 +1,69 @@
+"""csrc/cuda's kernels run on the CPU by an emulation of CUDA's execution model (emu.h), so that the
+tests parametrized with the cuda backend also run where no GPU is: as ``cuda-emulated``, on CPU tensors
+(tests/conftest.py). What it checks and what it cannot (timing, memory coalescing, races between blocks,
+the tensor cores' rounding) is written at the top of emu.h."""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+from typing import Optional
+
+import torch
+
+from bignlp_fast import _backend
+
+
+@functools.cache
+def module():
+    """The emulation module, compiled on first use (about a minute on 2 cores) into build/cuda_emu."""
+    from . import build
+
+    return build.load()
+
+
+class _Compiled:
+    """bignlp_fast._C with its ``*_cuda`` entry points taken from the emulation."""
+
+    def __init__(self, real, emulated):
+        self._real, self._emulated = real, emulated
+
+    def __getattr__(self, name):
+        if name.endswith("_cuda"):
+            return getattr(self._emulated, name)
+        return getattr(self._real, name)
+
+
+def options_from_environment() -> dict:
+    """BIGNLP_FAST_CUDA_EMULATION="sms=N,reverse=1" sets the emulation's options for the cuda-emulated
+    tests (default: 4 SMs, threads in order)."""
+    options = {}
+    for item in filter(None, os.environ.get("BIGNLP_FAST_CUDA_EMULATION", "").split(",")):
+        key, _, value = item.partition("=")
+        if key == "sms":
+            options["sms"] = int(value)
+        elif key == "reverse":
+            options["reverse"] = value not in ("", "0")
+        else:
+            raise ValueError(f"BIGNLP_FAST_CUDA_EMULATION: unknown option {key!r} (sms=N, reverse=0|1)")
+    return options
+
+
+@contextlib.contextmanager
+def active(monkeypatch, *, sms: int = 4, reverse: bool = False):
+    """Within it, ``backend="cuda"`` runs CPU tensors on the emulated kernels."""
+    emulated = module()
+    emulated.configure(sms=sms, reverse=reverse)
+    real_unavailable = _backend.unavailable
+
+    def unavailable(backend: str, device: torch.device) -> Optional[str]:
+        if backend == "cuda" and device.type == "cpu":
+            return None
+        return real_unavailable(backend, device)
+
+    monkeypatch.setattr(_backend, "compiled", lambda: _Compiled(_backend._C, emulated))
+    monkeypatch.setattr(_backend, "unavailable", unavailable)
+    try:
+        yield emulated
+    finally:
+        emulated.configure()

@@ -1,0 +1,116 @@
+"""The CPU emulation of CUDA that runs csrc/cuda's kernels where no GPU is (tests/cuda_emu; every test
+parametrized with the cuda backend gets a ``cuda-emulated`` case, see conftest.py). A test harness is
+trusted only as far as it is shown to catch what it claims to: here kernels with known bugs
+(tests/cuda_emu/selftest.cu) must be reported, or give visibly wrong results, and their fixed twins must
+give the right ones. Then csrc/cuda's kernels under both thread orders and other SM counts."""
+
+import random
+
+import pytest
+import torch
+
+import cuda_emu
+from cuda_emu import build
+
+pytestmark = pytest.mark.cuda_emulated
+
+
+@pytest.fixture(scope="module")
+def selftest():
+    module = build.load_selftest()
+    yield module
+    module.configure()
+
+
+def test_barriers_order_shared_memory(selftest):
+    """A thread reads a slot of shared memory another thread writes: right after __syncthreads; before
+    the owner wrote it without one, in the order the emulation runs threads (forward misses reads from
+    later threads, reversed from earlier ones, so each order catches the other's blind side)."""
+    n = 64
+    want_next = [float((i + 1) % n) for i in range(n)]
+    want_prev = [float((i - 1) % n) for i in range(n)]
+    for reverse in (False, True):
+        selftest.configure(reverse=reverse)
+        assert selftest.exchange(n, 1, True) == want_next
+        assert selftest.exchange(n, -1, True) == want_prev
+    selftest.configure(reverse=False)
+    stale = selftest.exchange(n, 1, False)
+    assert all(x != x for x in stale[:-1]), "forward order: reading a later thread's slot must be stale (NaN)"
+    selftest.configure(reverse=True)
+    stale = selftest.exchange(n, -1, False)
+    assert all(x != x for x in stale[1:]), "reverse order: reading an earlier thread's slot must be stale (NaN)"
+
+
+def test_syncwarp_orders_a_warps_shared_memory(selftest):
+    selftest.configure()
+    assert selftest.warp_exchange(True) == [float(i ^ 1) for i in range(32)]
+    assert any(x != x for x in selftest.warp_exchange(False))
+
+
+def test_shuffles_indices_and_uninitialized_shared_memory(selftest):
+    selftest.configure()
+    assert selftest.warp_sum(64) == [496.0] * 64
+    assert all(x != x for x in selftest.uninitialized()), "shared memory must start as NaN, not zeros"
+    gx, gy, t = 3, 2, 5
+    assert selftest.index(gx, gy, t) == [float(bx + 1000 * by) for by in range(gy) for bx in range(gx) for _ in range(t)]
+
+
+def test_wmma_product(selftest):
+    g = random.Random(0)
+    a = [float(torch.tensor(g.uniform(-2, 2)).half()) for _ in range(256)]
+    b = [float(torch.tensor(g.uniform(-2, 2)).half()) for _ in range(256)]
+    want = (torch.tensor(a, dtype=torch.float64).view(16, 16) @ torch.tensor(b, dtype=torch.float64).view(16, 16))
+    got = torch.tensor(selftest.wmma(a, b, 16), dtype=torch.float64).view(16, 16)
+    assert (got - want).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize("case,message", [
+    ("divergent_barrier", "__syncthreads reached at line"),
+    ("shuffle_after_exit", "lane 5 of the warp has exited"),
+    ("deadlock", "deadlock"),
+    ("partial_warp_shuffle", "full-warp masks in full warps only"),
+    ("empty_grid", "an empty grid"),
+    ("grid_y", "grid dimensions past"),
+    ("block_size", "block size"),
+    ("shared_without_attribute", "without cudaFuncSetAttribute"),
+    ("shared_with_attribute", None),
+    ("wmma_misaligned", "32-byte) aligned"),
+])
+def test_reports_what_a_gpu_would_fail_on(selftest, case, message):
+    selftest.configure()
+    error = selftest.errors()[case]
+    if message is None:
+        assert error == ""
+    else:
+        assert message in error, error
+
+
+@pytest.mark.parametrize("sms,reverse", [(1, True), (13, False)])
+def test_kernels_under_other_orders_and_sm_counts(monkeypatch, sms, reverse):
+    """csrc/cuda's kernels with the threads of each block in reverse order (and one SM), or 13 SMs (the
+    grids sized from the SM count split their work differently): the same results as the reference.
+    (The whole cuda-emulated suite passes with BIGNLP_FAST_CUDA_EMULATION=sms=1,reverse=1 too.)"""
+    from bignlp_fast.ops import add_layer_norm, bias_gelu, conv1d, scaled_dot_product_attention
+    from bignlp_fast.ops.rnn import rnn_layer
+
+    g = torch.Generator().manual_seed(0)
+    rand = lambda *shape, dtype=torch.float32: torch.randn(*shape, generator=g).to(dtype)  # noqa: E731
+    with cuda_emu.active(monkeypatch, sms=sms, reverse=reverse):
+        def both(fn, *args, dtype=torch.float32, tol):
+            ours = fn(*args, backend="cuda")
+            ref = fn(*[a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args],
+                     backend="torch")
+            for o, r in zip(ours if isinstance(ours, tuple) else (ours,), ref if isinstance(ref, tuple) else (ref,)):
+                if isinstance(o, torch.Tensor):
+                    assert (o.double() - r).abs().max() < tol
+
+        x, res, w, b = rand(37, 300), rand(37, 300), rand(300), rand(300)
+        both(lambda *a, backend: add_layer_norm(*a, eps=1e-5, backend=backend), x, res, w, b, tol=1e-4)
+        both(lambda *a, backend: bias_gelu(*a, backend=backend), x, b, tol=1e-5)
+        q, k, v = (rand(2, 3, 70, 64, dtype=torch.bfloat16) for _ in range(3))
+        both(lambda *a, backend: scaled_dot_product_attention(*a, is_causal=True, backend=backend), q, k, v, tol=3e-2)
+        xc, wc = rand(2, 8, 40), rand(16, 8, 3)
+        both(lambda *a, backend: conv1d(*a, padding=1, activation="gelu", backend=backend), xc, wc, tol=1e-4)
+        xw, whh, h0 = rand(9, 5, 4 * 24), rand(4 * 24, 24) * 0.3, rand(5, 24)
+        both(lambda *a, backend: rnn_layer("lstm", a[0], a[1], None, a[2], a[3], backend=backend)[:2],
+             xw, whh, h0, h0.clone(), tol=1e-4)

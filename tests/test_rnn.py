@@ -13,6 +13,7 @@ from bignlp_fast import _backend
 from bignlp_fast import nn as bnn
 from bignlp_fast.ops import rnn_layer
 from bignlp_fast.ops.rnn import GATES
+from conftest import HAS_CUDA
 from reference import assert_within_torch_error
 
 pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
@@ -21,7 +22,9 @@ pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections is not sup
 # CUDA tensors by tests/test_rnn_layer.py
 BACKENDS = ["torch", "cpu", pytest.param("triton", marks=[pytest.mark.triton, pytest.mark.skipif(
     not _backend.triton_interpreted() or _backend.unavailable("triton", torch.device("cpu")) is not None,
-    reason="the module tests run the triton backend on CPU tensors, under TRITON_INTERPRET=1 only")])]
+    reason="the module tests run the triton backend on CPU tensors, under TRITON_INTERPRET=1 only")])] + (
+    # the cuda backend on these CPU modules: csrc/cuda's kernels through the emulation (conftest.py)
+    [pytest.param("cuda", marks=[pytest.mark.cuda_emulated], id="cuda-emulated")] if not HAS_CUDA else [])
 KINDS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 

@@ -117,6 +117,7 @@ struct Params {
   const int* cu_k;
   int64_t sq[3], sk[3], sv[3], sb[4];
   int hq, group, max_q, max_k, d, dv, causal;
+  int row_blocks;  // row blocks (query blocks; key blocks in dK / dV) per sequence-head in this launch
   float scale, scale_log2;  // scale and scale * log2(e)
   bool dropout, vec;        // vec: 16-byte loads are valid for every operand (pointers, strides, d, dv)
   uint32_t seed_lo, seed_hi, threshold;
@@ -173,6 +174,14 @@ __device__ __forceinline__ float score2(const Params& p, const Sequence& s, int 
     x += (b == -INFINITY ? b : fmaxf(b, kBiasFloor)) * kLog2e;
   }
   return x;
+}
+
+// This block's sequence-head (sequence * heads + head) and row block. The grid is one-dimensional (CUDA caps
+// grid dimensions y and z at 65535: row blocks there would cap a sequence at 4M queries) with the row
+// block varying fastest, so that neighbouring blocks read the same K and V.
+__device__ __forceinline__ void block_coords(const Params& p, int& seq_head, int& row_block) {
+  seq_head = static_cast<int>(blockIdx.x / static_cast<unsigned>(p.row_blocks));
+  row_block = static_cast<int>(blockIdx.x % static_cast<unsigned>(p.row_blocks));
 }
 
 // Whether dropout keeps element (sequence, head h, query i, key j); always without dropout.
@@ -301,9 +310,11 @@ __global__ void __launch_bounds__(BM * 2) attn_fwd_kernel(const Params p) {
   float* row_m = os + BM * LDO;  // each row's final max (base 2) and sum, for the epilogue
   float* row_l = row_m + BM;
 
-  const int seq = blockIdx.x / p.hq, head = blockIdx.x % p.hq, kv_head = head / p.group;
+  int seq_head, row_block;
+  block_coords(p, seq_head, row_block);
+  const int seq = seq_head / p.hq, head = seq_head % p.hq, kv_head = head / p.group;
   const Sequence s = sequence(p, seq);
-  const int m0 = blockIdx.y * BM;
+  const int m0 = row_block * BM;
   if (m0 >= s.q_len) return;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, r0 = warp * 16;
 
@@ -413,9 +424,11 @@ __global__ void __launch_bounds__(BN * 2) attn_bwd_dkdv_kernel(const Params p) {
   float* delta_s = lse_s + BM;
 
   const int hk = p.hq / p.group;
-  const int seq = blockIdx.x / hk, kv_head = blockIdx.x % hk;
+  int seq_head, row_block;
+  block_coords(p, seq_head, row_block);
+  const int seq = seq_head / hk, kv_head = seq_head % hk;
   const Sequence s = sequence(p, seq);
-  const int n0 = blockIdx.y * BN;
+  const int n0 = row_block * BN;
   if (n0 >= s.k_len) return;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, r0 = warp * 16;
 
@@ -494,9 +507,11 @@ __global__ void __launch_bounds__(BM * 2) attn_bwd_dq_kernel(const Params p) {
   float* lse_s = dqs + BM * LDO;
   float* delta_s = lse_s + BM;
 
-  const int seq = blockIdx.x / p.hq, head = blockIdx.x % p.hq, kv_head = head / p.group;
+  int seq_head, row_block;
+  block_coords(p, seq_head, row_block);
+  const int seq = seq_head / p.hq, head = seq_head % p.hq, kv_head = head / p.group;
   const Sequence s = sequence(p, seq);
-  const int m0 = blockIdx.y * BM;
+  const int m0 = row_block * BM;
   if (m0 >= s.q_len) return;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, r0 = warp * 16;
 
@@ -550,9 +565,14 @@ __global__ void __launch_bounds__(BM * 2) attn_bwd_dq_kernel(const Params p) {
 //   dQ       DP  64: 64 x 64 (97 KiB)   128: 64 x 64 (145 KiB) 256: 32 x 32 (110 KiB)
 int padded_dim(int64_t d) { return d <= 64 ? 64 : d <= 128 ? 128 : 256; }
 
+// kernel over row_blocks blocks of rows for each of seq_heads sequence-heads (block_coords).
 template <typename Kernel>
-void launch(Kernel kernel, dim3 grid, int threads, size_t smem, const Params& p) {
-  if (grid.x == 0 || grid.y == 0) return;
+void launch(Kernel kernel, int64_t seq_heads, int64_t row_blocks, int threads, size_t smem, Params p) {
+  if (seq_heads == 0 || row_blocks == 0) return;
+  TORCH_CHECK(seq_heads * row_blocks <= int64_t{2147483647}, "attention (cuda): ", seq_heads, " sequence-heads x ",
+              row_blocks, " row blocks are past CUDA's 2^31 - 1 blocks of a grid");
+  p.row_blocks = static_cast<int>(row_blocks);
+  const dim3 grid(static_cast<unsigned>(seq_heads * row_blocks));
   int device = 0, max_smem = 0;
   C10_CUDA_CHECK(cudaGetDevice(&device));
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&max_smem, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
@@ -657,9 +677,7 @@ template <typename AT, int DP>
 void run_forward(const Params& p, int64_t nseq) {
   using T = typename Device<AT>::type;
   constexpr int BM = DP == 256 ? 32 : 64, BN = 64;
-  const dim3 grid(static_cast<unsigned>(nseq * p.hq), static_cast<unsigned>(ceil_div(p.max_q, BM)));
-  TORCH_CHECK(grid.y <= 65535, "attention (cuda): too many query blocks (", grid.y, ")");
-  launch(attn_fwd_kernel<T, DP, BM, BN>, grid, BM * 2, fwd_smem<DP, BM, BN>(sizeof(T)), p);
+  launch(attn_fwd_kernel<T, DP, BM, BN>, nseq * p.hq, ceil_div(p.max_q, BM), BM * 2, fwd_smem<DP, BM, BN>(sizeof(T)), p);
 }
 
 template <typename AT, int DP>
@@ -672,15 +690,13 @@ void run_backward(const Params& p, int64_t nseq, int64_t rows, int64_t len) {
   }
   {
     constexpr int BN = DP == 256 ? 32 : 64, BM = DP == 64 ? 64 : 32;
-    const dim3 grid(static_cast<unsigned>(nseq * (p.hq / p.group)), static_cast<unsigned>(ceil_div(p.max_k, BN)));
-    TORCH_CHECK(grid.y <= 65535, "attention (cuda): too many key blocks (", grid.y, ")");
-    launch(attn_bwd_dkdv_kernel<T, DP, BN, BM>, grid, BN * 2, dkdv_smem<DP, BN, BM>(sizeof(T)), p);
+    launch(attn_bwd_dkdv_kernel<T, DP, BN, BM>, nseq * (p.hq / p.group), ceil_div(p.max_k, BN), BN * 2,
+           dkdv_smem<DP, BN, BM>(sizeof(T)), p);
   }
   {
     constexpr int BM = DP == 256 ? 32 : 64, BN = DP == 256 ? 32 : 64;
-    const dim3 grid(static_cast<unsigned>(nseq * p.hq), static_cast<unsigned>(ceil_div(p.max_q, BM)));
-    TORCH_CHECK(grid.y <= 65535, "attention (cuda): too many query blocks (", grid.y, ")");
-    launch(attn_bwd_dq_kernel<T, DP, BM, BN>, grid, BM * 2, dq_smem<DP, BM, BN>(sizeof(T)), p);
+    launch(attn_bwd_dq_kernel<T, DP, BM, BN>, nseq * p.hq, ceil_div(p.max_q, BM), BM * 2, dq_smem<DP, BM, BN>(sizeof(T)),
+           p);
   }
 }
 

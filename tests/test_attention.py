@@ -25,8 +25,9 @@ DTYPES = {"cpu": (torch.float32, torch.bfloat16), "torch": (torch.float32, torch
 
 
 def _small(backend, device):
-    """The Triton interpreter is slow: Triton on CPU tensors gets the small shapes only."""
-    return backend == "triton" and device.type == "cpu"
+    """The Triton interpreter and the CUDA emulation are slow: Triton and cuda on CPU tensors get the
+    small shapes only."""
+    return backend in ("triton", "cuda") and device.type == "cpu"
 
 
 def _inputs(shape_q, shape_k, dv, dtype, device, seed=0, noncontiguous=False):
@@ -103,7 +104,7 @@ CASES = [  # (q shape, k shape, dv, causal)
 def test_matches_float64(backend, device, case):
     shape_q, shape_k, dv, causal = case
     if _small(backend, device) and (shape_q[2] > 100 or shape_k[2] > 100):
-        pytest.skip("the Triton interpreter is slow: small shapes only on the CPU")
+        pytest.skip("the Triton interpreter and the CUDA emulation are slow: small shapes only on the CPU")
     for dtype in DTYPES[backend]:
         _check(backend, device, dtype, shape_q, shape_k, dv, causal=causal)
 
@@ -135,7 +136,7 @@ def test_key_padding_spanning_whole_key_tiles(backend, device):
     exactly zero gradients. Key-padding masks, per-head additive ones, the padding written out for every
     query (transformers' [B, 1, Lq, Lk]) with causality, and the decode path (Lq <= 4)."""
     if _small(backend, device):
-        pytest.skip("the Triton interpreter is slow: small shapes only on the CPU")
+        pytest.skip("the Triton interpreter and the CUDA emulation are slow: small shapes only on the CPU")
     lk = 600
     valid = [(0, 100), (300, 600), (10, 520), (0, 600), (0, 0)]  # keys [lo, hi) of each batch; the last: none
     padding = torch.zeros(len(valid), 1, 1, lk, dtype=torch.bool)

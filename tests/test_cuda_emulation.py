@@ -4,12 +4,17 @@ trusted only as far as it is shown to catch what it claims to: here kernels with
 (tests/cuda_emu/selftest.cu) must be reported, or give visibly wrong results, and their fixed twins must
 give the right ones. Then csrc/cuda's kernels under both thread orders and other SM counts."""
 
+import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
 import cuda_emu
+from conftest import SUBPROCESS_CWD
 from cuda_emu import build
 
 pytestmark = pytest.mark.cuda_emulated
@@ -114,3 +119,48 @@ def test_kernels_under_other_orders_and_sm_counts(monkeypatch, sms, reverse):
         xw, whh, h0 = rand(9, 5, 4 * 24), rand(4 * 24, 24) * 0.3, rand(5, 24)
         both(lambda *a, backend: rnn_layer("lstm", a[0], a[1], None, a[2], a[3], backend=backend)[:2],
              xw, whh, h0, h0.clone(), tol=1e-4)
+
+
+def _asan_python(args, env_extra=None, timeout=900):
+    """Runs ``python args`` with AddressSanitizer's runtime preloaded (tests/ on the path)."""
+    tests = Path(__file__).resolve().parent
+    env = dict(os.environ, LD_PRELOAD=build.asan_runtime(), ASAN_OPTIONS="detect_leaks=0",
+               PYTHONPATH=os.pathsep.join([str(tests), os.environ.get("PYTHONPATH", "")]), **(env_extra or {}))
+    return subprocess.run([sys.executable, *args], cwd=SUBPROCESS_CWD, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _asan_build(function: str) -> None:
+    """Builds an ``asan=True`` module first, so that the compiler's output is not part of the check (in
+    a subprocess too: a process without the runtime preloaded cannot load the module)."""
+    built = _asan_python(["-c", f"from cuda_emu import build; build.{function}(asan=True)"], timeout=1800)
+    assert built.returncode == 0, built.stderr[-3000:]
+
+
+def test_address_sanitizer_reports_reads_past_a_buffer():
+    """Built with AddressSanitizer, a kernel reading past the end of its input is reported (a GPU would
+    read whatever lies there, silently); the same kernel within bounds is not."""
+    _asan_build("load_selftest")
+    code = "import sys; from cuda_emu import build; m = build.load_selftest(asan=True); print(sum(m.copy({}, 32)))"
+    ok = _asan_python(["-c", code.format(32)])
+    assert ok.returncode == 0 and ok.stdout.strip().endswith("32.0"), ok.stderr[-3000:]
+    bad = _asan_python(["-c", code.format(31)])
+    assert bad.returncode != 0 and "heap-buffer-overflow" in bad.stderr, bad.stderr[-3000:]
+    assert "copy_kernel" in bad.stderr  # the report names the kernel
+
+
+def test_kernels_within_their_tensors():
+    """csrc/cuda's kernels under AddressSanitizer: the cuda-emulated cases of each op's test against
+    float64 (every shape, mask, length and dtype there; attention's varlen and dropout tests too) run
+    with the instrumented build in a subprocess. Tensors are CPU memory there, so a read or write past a
+    tensor, or past a fiber's stack, is reported instead of read or written silently as on a GPU."""
+    _asan_build("load")
+    tests = Path(__file__).resolve().parent
+    files = [str(tests / f) for f in ("test_attention.py", "test_rnn_layer.py", "test_conv.py",
+                                      "test_causal_conv1d.py", "test_add_layer_norm.py", "test_bias_gelu.py")]
+    run = _asan_python(["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k",
+                        "cuda-emulated and (matches_float64 or varlen or dropout_same_mask)", *files],
+                       env_extra={"BIGNLP_FAST_CUDA_EMULATION": "asan=1"}, timeout=1800)
+    assert run.returncode == 0 and "AddressSanitizer" not in run.stdout + run.stderr, \
+        (run.stdout[-3000:] + run.stderr[-3000:])
+    assert " passed" in run.stdout

@@ -15,11 +15,12 @@ from bignlp_fast import _backend
 
 
 @functools.cache
-def module():
-    """The emulation module, compiled on first use (about a minute on 2 cores) into build/cuda_emu."""
+def module(asan: bool = False):
+    """The emulation module, compiled on first use (about a minute on 2 cores) into build/cuda_emu;
+    ``asan``: with AddressSanitizer (build.load)."""
     from . import build
 
-    return build.load()
+    return build.load(asan=asan)
 
 
 class _Compiled:
@@ -35,24 +36,25 @@ class _Compiled:
 
 
 def options_from_environment() -> dict:
-    """BIGNLP_FAST_CUDA_EMULATION="sms=N,reverse=1" sets the emulation's options for the cuda-emulated
-    tests (default: 4 SMs, threads in order)."""
+    """BIGNLP_FAST_CUDA_EMULATION="sms=N,reverse=1,asan=1" sets the emulation's options for the
+    cuda-emulated tests (default: 4 SMs, threads in order, no AddressSanitizer; asan=1 needs the
+    runtime preloaded: build.asan_runtime)."""
     options = {}
     for item in filter(None, os.environ.get("BIGNLP_FAST_CUDA_EMULATION", "").split(",")):
         key, _, value = item.partition("=")
         if key == "sms":
             options["sms"] = int(value)
-        elif key == "reverse":
-            options["reverse"] = value not in ("", "0")
+        elif key in ("reverse", "asan"):
+            options[key] = value not in ("", "0")
         else:
-            raise ValueError(f"BIGNLP_FAST_CUDA_EMULATION: unknown option {key!r} (sms=N, reverse=0|1)")
+            raise ValueError(f"BIGNLP_FAST_CUDA_EMULATION: unknown option {key!r} (sms=N, reverse=0|1, asan=0|1)")
     return options
 
 
 @contextlib.contextmanager
-def active(monkeypatch, *, sms: int = 4, reverse: bool = False):
+def active(monkeypatch, *, sms: int = 4, reverse: bool = False, asan: bool = False):
     """Within it, ``backend="cuda"`` runs CPU tensors on the emulated kernels."""
-    emulated = module()
+    emulated = module(asan)
     emulated.configure(sms=sms, reverse=reverse)
     real_unavailable = _backend.unavailable
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -103,9 +104,32 @@ def sources() -> list[Path]:
     return out
 
 
-def _load(name: str, srcs: list[Path], verbose: bool):
+ASAN_FLAGS = ["-fsanitize=address", "-fno-omit-frame-pointer"]
+
+
+def asan_runtime() -> str:
+    """What a Python that loads an ``asan=True`` module must start with in LD_PRELOAD: the compiler's
+    AddressSanitizer runtime, and libstdc++ after it (Python does not link it, and without it at
+    start-up the runtime cannot intercept C++ exceptions, and ends the process at the first one). Run
+    with ASAN_OPTIONS=detect_leaks=0: Python and torch keep memory until exit."""
+    def library(name: str) -> str:
+        path = subprocess.run([os.environ.get("CXX", "c++"), f"-print-file-name={name}"], capture_output=True,
+                              text=True, check=True).stdout.strip()
+        if not os.path.isabs(path):
+            raise RuntimeError(f"cuda emulation: the compiler has no {name} (AddressSanitizer)")
+        return os.path.realpath(path)
+
+    return f"{library('libasan.so')} {library('libstdc++.so.6')}"
+
+
+def _load(name: str, srcs: list[Path], verbose: bool, asan: bool):
     from torch.utils import cpp_extension
 
+    if asan:
+        if "libasan" not in os.environ.get("LD_PRELOAD", ""):  # loading it would end the process
+            raise RuntimeError("cuda emulation: an AddressSanitizer build loads only in a Python started with "
+                               f"LD_PRELOAD={asan_runtime()} (and ASAN_OPTIONS=detect_leaks=0)")
+        name += "_asan"
     directory = BUILD / name
     directory.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
@@ -113,20 +137,24 @@ def _load(name: str, srcs: list[Path], verbose: bool):
         name=name,
         sources=[str(s) for s in srcs],
         extra_include_paths=[str(HERE / "include"), str(BUILD / "src"), str(CSRC)],
-        extra_cflags=["-O2", "-std=c++20", "-DBIGNLP_FAST_WITH_CUDA", "-fno-strict-aliasing", "-w"],
+        extra_cflags=["-O1" if asan else "-O2", "-std=c++20", "-DBIGNLP_FAST_WITH_CUDA", "-fno-strict-aliasing",
+                      "-w"] + (ASAN_FLAGS if asan else []),
+        extra_ldflags=ASAN_FLAGS if asan else [],
         build_directory=str(directory),
         verbose=verbose,
     )
 
 
-def load(verbose: bool = False):
-    """The compiled emulation module (built on first use, then from build/cuda_emu while nothing changed)."""
-    return _load(NAME, sources(), verbose)
+def load(verbose: bool = False, asan: bool = False):
+    """The compiled emulation module (built on first use, then from build/cuda_emu while nothing changed).
+    ``asan``: compiled with AddressSanitizer, so that a kernel's access outside a tensor's memory is
+    reported (needs :func:`asan_runtime` preloaded)."""
+    return _load(NAME, sources(), verbose, asan)
 
 
-def load_selftest(verbose: bool = False):
+def load_selftest(verbose: bool = False, asan: bool = False):
     """The emulation's own test kernels (selftest.cu), compiled the same way."""
     target = BUILD / "src" / "selftest.cpp"
     path = HERE / "selftest.cu"
     _write_if_changed(target, rewrite(path.read_text(), path))
-    return _load(NAME + "_selftest", [HERE / "emu.cpp", target], verbose)
+    return _load(NAME + "_selftest", [HERE / "emu.cpp", target], verbose, asan)

@@ -72,6 +72,15 @@ void* fiber_initial_sp(void* stack_top, void (*entry)(void*), void* arg) {
   return sp;
 }
 
+// Under AddressSanitizer (build.py's asan=True) every switch is announced, so that it tracks which stack
+// is live; otherwise these are no-ops.
+#if defined(__SANITIZE_ADDRESS__)
+#include <sanitizer/common_interface_defs.h>
+#define EMU_ASAN 1
+#else
+#define EMU_ASAN 0
+#endif
+
 namespace emu {
 namespace {
 
@@ -107,6 +116,8 @@ std::vector<Stack> g_stacks;
 
 struct Fiber {
   void* sp = nullptr;  // saved stack pointer while suspended
+  void* stack_low = nullptr;
+  void* asan_fake_stack = nullptr;
   uint3 tid;
   int lane = 0, warp = 0;
   bool done = false;
@@ -132,12 +143,37 @@ struct Block {
   uint64_t generation = 0, progress = 0;
   Fiber* current = nullptr;
   void* scheduler_sp = nullptr;
+  const void* scheduler_stack = nullptr;  // the scheduler's stack (for AddressSanitizer)
+  size_t scheduler_stack_size = 0;
+  void* asan_fake_stack = nullptr;
   const std::function<void()>* body = nullptr;
   std::string error;
   std::unordered_set<void*> poisoned;
   unsigned char* dynamic = nullptr;
 };
 thread_local Block* g_block = nullptr;
+
+// Fiber f gives the CPU back to the scheduler; `last`: it has finished and is never resumed.
+void to_scheduler(Block& b, Fiber& f, bool last) {
+#if EMU_ASAN
+  __sanitizer_start_switch_fiber(last ? nullptr : &f.asan_fake_stack, b.scheduler_stack, b.scheduler_stack_size);
+#endif
+  emu_fiber_switch(&f.sp, b.scheduler_sp);
+#if EMU_ASAN
+  __sanitizer_finish_switch_fiber(f.asan_fake_stack, &b.scheduler_stack, &b.scheduler_stack_size);
+#endif
+}
+
+// The scheduler runs fiber f until it gives the CPU back.
+void to_fiber(Block& b, Fiber& f) {
+#if EMU_ASAN
+  __sanitizer_start_switch_fiber(&b.asan_fake_stack, f.stack_low, kStackBytes);
+#endif
+  emu_fiber_switch(&b.scheduler_sp, f.sp);
+#if EMU_ASAN
+  __sanitizer_finish_switch_fiber(b.asan_fake_stack, nullptr, nullptr);
+#endif
+}
 
 Block& block() {
   if (g_block == nullptr) throw std::runtime_error("cuda emulation: a device function was called outside a kernel");
@@ -154,6 +190,9 @@ void release_barrier_if_complete(Block& b) {
 void fiber_main(void*) {
   Block& b = *g_block;
   Fiber& f = *b.current;
+#if EMU_ASAN
+  __sanitizer_finish_switch_fiber(nullptr, &b.scheduler_stack, &b.scheduler_stack_size);
+#endif
   try {
     (*b.body)();
   } catch (const std::exception& e) {
@@ -165,7 +204,7 @@ void fiber_main(void*) {
   --b.alive;
   ++b.progress;
   release_barrier_if_complete(b);
-  emu_fiber_switch(&f.sp, b.scheduler_sp);  // never resumed
+  to_scheduler(b, f, true);  // never resumed
 }
 
 // Suspends the current fiber until ready() holds.
@@ -176,7 +215,7 @@ void wait_until(Block& b, const Ready& ready, const char* what, int line) {
   while (!ready()) {
     f.waiting = what;
     f.wait_line = line;
-    emu_fiber_switch(&f.sp, b.scheduler_sp);
+    to_scheduler(b, f, false);
   }
   f.waiting = nullptr;
   ++b.progress;
@@ -202,6 +241,7 @@ void run_block(Block& b, const Config& cfg) {
     f.warp_seq = 0;
     f.waiting = nullptr;
     f.sp = fiber_initial_sp(g_stacks[i].high(), fiber_main, nullptr);
+    f.stack_low = static_cast<char*>(g_stacks[i].high()) - kStackBytes;
   }
   while (b.alive > 0) {
     const uint64_t before = b.progress;
@@ -211,7 +251,7 @@ void run_block(Block& b, const Config& cfg) {
       b.current = &f;
       threadIdx = f.tid;
       ++g_stats.switches;
-      emu_fiber_switch(&b.scheduler_sp, f.sp);
+      to_fiber(b, f);
     }
     if (!b.error.empty()) throw std::runtime_error("cuda emulation: " + b.error);
     if (b.alive > 0 && b.progress == before) {

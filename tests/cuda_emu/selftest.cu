@@ -68,6 +68,9 @@ __global__ void uninitialized_kernel(float* out) {
   out[threadIdx.x] = dyn[threadIdx.x];
 }
 
+// Copies in[0 .. blockDim.x): past the end of `in` when it is shorter (AddressSanitizer's test).
+__global__ void copy_kernel(const float* in, float* out) { out[threadIdx.x] = in[threadIdx.x]; }
+
 __global__ void index_kernel(float* out) {
   const unsigned i = (blockIdx.y * gridDim.x + blockIdx.x) * blockDim.x + threadIdx.x;
   out[i] = static_cast<float>(blockIdx.x + 1000 * blockIdx.y);
@@ -131,6 +134,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("uninitialized", [] {
     std::vector<float> out(32);
     uninitialized_kernel<0><<<1, 32, 32 * sizeof(float)>>>(out.data());
+    return out;
+  });
+  m.def("copy", [](int n, int threads) {
+    std::vector<float> in(n, 1.f), out(threads);
+    copy_kernel<<<1, threads>>>(in.data(), out.data());
     return out;
   });
   m.def("index", [](unsigned gx, unsigned gy, unsigned threads) {

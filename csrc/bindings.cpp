@@ -84,17 +84,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("distillation_loss_fwd_cpu", &distillation_loss_fwd_cpu);
   m.def("gpt2_decode_cpu", &gpt2_decode_cpu, "GPT-2's blocks for one decoding step (models/gpt.py)");
 #ifdef BIGNLP_FAST_WITH_CUDA
-  m.def("add_layer_norm_fwd_cuda", &add_layer_norm_fwd_cuda);
-  m.def("add_layer_norm_bwd_cuda", &add_layer_norm_bwd_cuda);
-  m.def("bias_gelu_fwd_cuda", &bias_gelu_fwd_cuda);
-  m.def("bias_gelu_bwd_cuda", &bias_gelu_bwd_cuda);
-  m.def("conv_fwd_cuda", &conv_fwd_cuda);
-  m.def("conv_bwd_cuda", &conv_bwd_cuda);
-  m.def("causal_conv1d_fwd_cuda", &causal_conv1d_fwd_cuda);
-  m.def("causal_conv1d_bwd_cuda", &causal_conv1d_bwd_cuda);
-  m.def("attention_fwd_cuda", &attention_fwd_cuda);
-  m.def("attention_bwd_cuda", &attention_bwd_cuda);
-  m.def("rnn_fwd_cuda", &rnn_fwd_cuda);
-  m.def("rnn_bwd_cuda", &rnn_bwd_cuda);
+#define BIGNLP_DEF_OP(name) m.def(#name, &name);
+  BIGNLP_FAST_CUDA_OPS(BIGNLP_DEF_OP)
+#undef BIGNLP_DEF_OP
 #endif
 }

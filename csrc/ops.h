@@ -231,6 +231,13 @@ std::vector<at::Tensor> attention_bwd_cuda(const at::Tensor& grad_out, const at:
 std::vector<at::Tensor> causal_conv1d_bwd_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w,
                                                const std::optional<at::Tensor>& bias,
                                                const std::optional<at::Tensor>& initial_state, int64_t activation);
+
+// Every CUDA entry point above, X(name) each: the bindings of csrc/bindings.cpp and of the CPU emulation
+// that runs them in the tests (tests/cuda_emu/bindings.cpp) come from this one list.
+#define BIGNLP_FAST_CUDA_OPS(X)                                                                         \
+  X(add_layer_norm_fwd_cuda) X(add_layer_norm_bwd_cuda) X(bias_gelu_fwd_cuda) X(bias_gelu_bwd_cuda)   \
+  X(conv_fwd_cuda) X(conv_bwd_cuda) X(causal_conv1d_fwd_cuda) X(causal_conv1d_bwd_cuda)               \
+  X(attention_fwd_cuda) X(attention_bwd_cuda) X(rnn_fwd_cuda) X(rnn_bwd_cuda)
 #endif
 
 }  // namespace bignlp_fast

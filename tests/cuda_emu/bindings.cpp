@@ -11,18 +11,9 @@ std::vector<uint64_t> stats();
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using namespace bignlp_fast;
-  m.def("add_layer_norm_fwd_cuda", &add_layer_norm_fwd_cuda);
-  m.def("add_layer_norm_bwd_cuda", &add_layer_norm_bwd_cuda);
-  m.def("bias_gelu_fwd_cuda", &bias_gelu_fwd_cuda);
-  m.def("bias_gelu_bwd_cuda", &bias_gelu_bwd_cuda);
-  m.def("conv_fwd_cuda", &conv_fwd_cuda);
-  m.def("conv_bwd_cuda", &conv_bwd_cuda);
-  m.def("causal_conv1d_fwd_cuda", &causal_conv1d_fwd_cuda);
-  m.def("causal_conv1d_bwd_cuda", &causal_conv1d_bwd_cuda);
-  m.def("attention_fwd_cuda", &attention_fwd_cuda);
-  m.def("attention_bwd_cuda", &attention_bwd_cuda);
-  m.def("rnn_fwd_cuda", &rnn_fwd_cuda);
-  m.def("rnn_bwd_cuda", &rnn_bwd_cuda);
+#define BIGNLP_DEF_OP(name) m.def(#name, &name);
+  BIGNLP_FAST_CUDA_OPS(BIGNLP_DEF_OP)
+#undef BIGNLP_DEF_OP
   m.def("configure", &emu::configure, py::arg("sms") = 4, py::arg("reverse") = false,
         "The emulated device's SM count, and whether a block's threads run in reverse order.");
   m.def("stats", &emu::stats, "[kernel launches, blocks, fiber switches] so far.");

@@ -114,8 +114,19 @@ def _cuda_emulation(request, monkeypatch):
         return
     import cuda_emu
 
-    with cuda_emu.active(monkeypatch, **cuda_emu.options_from_environment()):
-        yield
+    # at::empty fills its memory with NaN in deterministic mode: an output element a kernel forgets to
+    # write shows up (on a GPU it would hold whatever the allocator's block held before)
+    deterministic, warn_only = torch.are_deterministic_algorithms_enabled(), \
+        torch.is_deterministic_algorithms_warn_only_enabled()
+    fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        with cuda_emu.active(monkeypatch, **cuda_emu.options_from_environment()):
+            yield
+    finally:
+        torch.use_deterministic_algorithms(deterministic, warn_only=warn_only)
+        torch.utils.deterministic.fill_uninitialized_memory = fill
 
 
 @pytest.fixture(autouse=True)

@@ -72,14 +72,20 @@ def backend_params(*names):
     return params
 
 
-def emulated_cuda_param():
-    """(backend "cuda", device cpu): csrc/cuda's kernels on CPU tensors through the emulation of
-    tests/cuda_emu (activated for the test by :func:`_cuda_emulation`), where no GPU is present. The
-    emulation compiles csrc/cuda with the host compiler, so it runs whether or not the extension was
-    built with its CUDA sources."""
+def emulated_cuda_marks() -> list:
+    """The marks of a test case that runs the cuda backend on the emulation (tests/cuda_emu), activated
+    for the test by :func:`_cuda_emulation`: skipped, with the reason, off x86-64."""
     marks = [pytest.mark.cuda_emulated]
     if platform.machine() not in ("x86_64", "AMD64"):  # its fiber switch is x86-64 assembly
         marks.append(pytest.mark.skip(reason=f"the CUDA emulation runs on x86-64, this is {platform.machine()}"))
+    return marks
+
+
+def emulated_cuda_param():
+    """(backend "cuda", device cpu): csrc/cuda's kernels on CPU tensors through the emulation, where no
+    GPU is present. The emulation compiles csrc/cuda with the host compiler, so it runs whether or not
+    the extension was built with its CUDA sources."""
+    marks = emulated_cuda_marks()
     return pytest.param("cuda", torch.device("cpu"), id="cuda-emulated", marks=marks)
 
 

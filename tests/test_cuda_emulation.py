@@ -5,7 +5,6 @@ trusted only as far as it is shown to catch what it claims to: here kernels with
 give the right ones. Then csrc/cuda's kernels under both thread orders and other SM counts."""
 
 import os
-import platform
 import random
 import subprocess
 import sys
@@ -15,11 +14,10 @@ import pytest
 import torch
 
 import cuda_emu
-from conftest import SUBPROCESS_CWD
+from conftest import SUBPROCESS_CWD, emulated_cuda_marks
 from cuda_emu import build
 
-pytestmark = [pytest.mark.cuda_emulated, pytest.mark.skipif(
-    platform.machine() not in ("x86_64", "AMD64"), reason="the CUDA emulation's fiber switch is x86-64 assembly")]
+pytestmark = emulated_cuda_marks()
 
 
 @pytest.fixture(scope="module")

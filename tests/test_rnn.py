@@ -13,7 +13,7 @@ from bignlp_fast import _backend
 from bignlp_fast import nn as bnn
 from bignlp_fast.ops import rnn_layer
 from bignlp_fast.ops.rnn import GATES
-from conftest import HAS_CUDA
+from conftest import HAS_CUDA, emulated_cuda_marks
 from reference import assert_within_torch_error
 
 pytestmark = pytest.mark.filterwarnings("ignore:LSTM with projections is not supported with oneDNN")
@@ -24,7 +24,7 @@ BACKENDS = ["torch", "cpu", pytest.param("triton", marks=[pytest.mark.triton, py
     not _backend.triton_interpreted() or _backend.unavailable("triton", torch.device("cpu")) is not None,
     reason="the module tests run the triton backend on CPU tensors, under TRITON_INTERPRET=1 only")])] + (
     # the cuda backend on these CPU modules: csrc/cuda's kernels through the emulation (conftest.py)
-    [pytest.param("cuda", marks=[pytest.mark.cuda_emulated], id="cuda-emulated")] if not HAS_CUDA else [])
+    [pytest.param("cuda", marks=emulated_cuda_marks(), id="cuda-emulated")] if not HAS_CUDA else [])
 KINDS = ["lstm", "gru", "rnn_tanh", "rnn_relu"]
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 

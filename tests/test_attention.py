@@ -175,6 +175,11 @@ def test_masks_at_the_dtype_minimum(backend, device):
         mask[1, :, :, lk // 2:] = low  # right padding of the keys
         mask[1, :, 2] = -math.inf  # fully masked: zeros
         mask[1, :, 3] = -1e30  # every key, by a finite value whose ulp exceeds the scores
+        # every key, by values large enough that the rounding of max * log2(e) moved every exponent of the
+        # row by up to 0.5 (-1e7: the softmax must not clamp such a common shift) or past 127 (-1e10: NaN
+        # on AVX-512, where exp2 of that overflowed)
+        mask[0, :, 4] = -1e7
+        mask[0, :, 5] = -1e10
         _check(backend, device, dtype, (2, 2, lq, 32), (2, 2, lk, 32), mask=mask)
         left = torch.zeros(2, 1, 1, lk, dtype=dtype)
         left[1, ..., :4] = low  # a left-padded prompt under the causal mask: its first 4 rows see only padding

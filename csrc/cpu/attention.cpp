@@ -12,7 +12,7 @@
 // (amx.h) or one with AVX512_BF16 dot products (gemm.h's small_gemm_bf16), the forward keeps Q, K^T
 // and V in bf16 instead and both GEMMs run on those, the softmax of a tile in one pass
 // (softmax_tile_bf16); AMX takes larger tiles (kBlockQAmx x kBlockKAmx).
-// Every softmax takes exp from exp2_nonpositive (activation.h).
+// Every softmax takes exp from exp2_nonpositive (activation.h), through exp_below_max.
 //
 // Backward: one task per (sequence, kv head, chunk of key blocks). For each key block it recomputes
 // P = exp(S - lse) for every query block of every query head in the group and accumulates
@@ -264,6 +264,18 @@ constexpr float kBiasFloor = -1e38f;
 inline float floored(float b) { return b == -kInf ? b : std::max(b, kBiasFloor); }
 inline fVec floored(const fVec& b) { return fVec::blendv(at::vec::maximum(b, fVec(kBiasFloor)), b, b == fVec(-kInf)); }
 
+// exp(s mul - max) for a row's scores s (mul: the scale, where it is not in s yet) and its max
+// (the backward: its lse), as exp2 of t log2(e), t = s mul - max <= 0. t is taken before the factor
+// log2(e): with mul = 1 it is s - max with one rounding, exact near the max and never above 0.
+// (As one fmadd, s log2(e) - max log2(e), every t of a row carried the rounding of max log2(e): a
+// common factor that cancels in the row's sum, but at scores near -1e38 (a row every key of which a
+// finite mask hides) ~1e31, past -1e9 already over 127: exp2 gave inf, the output inf / inf = NaN.)
+// The clamp at 0 drops the rounding of s mul where mul != 1 (NaN stays NaN).
+inline fVec exp_below_max(const fVec& s, const fVec& mul, const fVec& neg_max) {
+  const fVec t = at::vec::clamp_max(at::vec::fmadd(s, mul, neg_max), fVec(0.f));
+  return cpu::exp2_nonpositive(t * fVec(cpu::kLog2e));
+}
+
 // Scores of one tile, in place: s[0, n) += bias row (floored); -inf past the causal limit `visible` (a
 // count of keys from the tile's start).
 inline void bias_and_mask(float* s, int64_t n, const float* bias, int64_t bias_sj, int64_t visible) {
@@ -361,11 +373,11 @@ void softmax_tile_bf16(float* s_tile, int64_t ld_s, int64_t m, int64_t n, float 
       continue;
     }
     const float rescale = std::exp(row_max[r] - m_new);  // 0 when the old max was -inf
-    const fVec vmul(mul * cpu::kLog2e), vneg(-m_new * cpu::kLog2e), zero(0.f);
+    const fVec vmul(mul), vneg(-m_new), zero(0.f);
     fVec vsum(0.f);
     auto exp_at = [&](int64_t j) {  // P at columns [j, j + V), zero past n
       if (lanes(j) <= 0) return zero;
-      const fVec e = cpu::exp2_nonpositive(at::vec::fmadd(fVec::loadu(s + j, lanes(j)), vmul, vneg));
+      const fVec e = exp_below_max(fVec::loadu(s + j, lanes(j)), vmul, vneg);
       return lanes(j) == V ? e : fVec::set(zero, e, lanes(j));
     };
     for (int64_t j = 0; j < n; j += cpu::kStep) {
@@ -588,10 +600,10 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
           }
           const float rescale = std::exp(row_max[r] - m_new);  // 0 when the old max was -inf
           fVec vsum(0.f);
-          const fVec vl2e(cpu::kLog2e), vm(-m_new * cpu::kLog2e);
+          const fVec one(1.f), vm(-m_new);
           for (int64_t j = 0; j < n; j += fVec::size()) {
             const int64_t w = std::min<int64_t>(fVec::size(), n - j);
-            const fVec p = cpu::exp2_nonpositive(at::vec::fmadd(load_any(s + j, w), vl2e, vm));
+            const fVec p = exp_below_max(load_any(s + j, w), one, vm);
             store_any(s + j, p, w);
             vsum = vsum + (w == fVec::size() ? p : fVec::set(fVec(0.f), p, w));
           }
@@ -798,12 +810,11 @@ void backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor&
               float* p = p_tile.data() + r * ld_s;
               float* ds = ds_tile.data() + r * ld_s;
               bias_and_mask(p, n, bias.row(sq.batch, h, i, j0), bias.sk, causal_mask.visible(i, sq.lk) - j0);
-              // P = exp(s - lse) <= 1: the min with 0 drops a rounding overshoot, which at scores near -1e38
-              // (a row every key of which a finite mask hides: lse = its max, log(sum) lost) is ~1e31
-              const fVec vl2e(cpu::kLog2e), vl(-lse_rows[g * lq + i] * cpu::kLog2e), vd(delta[g * lq + i]), zero(0.f);
+              // P = exp(s - lse) <= 1 (lse = the max, log(sum) lost, for a row a finite mask hides at every key)
+              const fVec one(1.f), vl(-lse_rows[g * lq + i]), vd(delta[g * lq + i]);
               for (int64_t j = 0; j < n; j += fVec::size()) {
                 const int64_t w = std::min<int64_t>(fVec::size(), n - j);
-                store_any(p + j, cpu::exp2_nonpositive(at::vec::minimum(at::vec::fmadd(load_any(p + j, w), vl2e, vl), zero)), w);
+                store_any(p + j, exp_below_max(load_any(p + j, w), one, vl), w);
               }
               if (dropout.on) {  // dP = (dO V^T) * Z and, for dV, P * Z (kept in ds's place meanwhile)
                 dropout.apply(ds, n, si, h, i, j0);

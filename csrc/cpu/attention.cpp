@@ -229,19 +229,7 @@ inline void pack_values_vnni(const Rows<c10::BFloat16>& t, int64_t b, int64_t h,
     const c10::BFloat16* lo = t.row(b, h, r0 + 2 * r2);
     const c10::BFloat16* hi = 2 * r2 + 1 < n ? t.row(b, h, r0 + 2 * r2 + 1) : nullptr;
     c10::BFloat16* o = dst + r2 * ld * 2;
-    int64_t c = 0;
-#if defined(CPU_CAPABILITY_AVX512)
-    // 16 columns at a time: each uint32 of the output is lo | hi << 16
-    for (; hi != nullptr && c + 16 <= d; c += 16) {
-      const __m512i l = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo + c)));
-      const __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(hi + c)));
-      _mm512_storeu_si512(o + 2 * c, _mm512_or_si512(l, _mm512_slli_epi32(u, 16)));
-    }
-#endif
-    for (; c < d; ++c) {
-      o[2 * c] = lo[c];
-      o[2 * c + 1] = hi != nullptr ? hi[c] : c10::BFloat16(0.f);
-    }
+    cpu::interleave_pairs_bf16(lo, hi, d, reinterpret_cast<uint32_t*>(o));  // column c: lo[c] | hi[c] << 16
     std::fill(o + 2 * d, o + 2 * ld, c10::BFloat16(0.f));
   }
 }

@@ -140,6 +140,21 @@ inline void small_gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t 
   } while (k0 < K);
 }
 
+// dst[i] = lo[i] | hi[i] << 16 for i < n: two rows of bf16 (hi == nullptr: zeros) as pairs, the
+// operand layout of the bf16 GEMMs below (and of attention's VNNI packing); 16 at a time with AVX-512.
+inline void interleave_pairs_bf16(const c10::BFloat16* lo, const c10::BFloat16* hi, int64_t n, uint32_t* dst) {
+#if defined(CPU_CAPABILITY_AVX512)
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = n - i >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512i l = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, lo + i));
+    const __m512i h = hi == nullptr ? _mm512_setzero_si512() : _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, hi + i));
+    _mm512_mask_storeu_epi32(dst + i, m, _mm512_or_si512(l, _mm512_slli_epi32(h, 16)));
+  }
+#else
+  for (int64_t i = 0; i < n; ++i) dst[i] = lo[i].x | (hi != nullptr ? static_cast<uint32_t>(hi[i].x) << 16 : 0u);
+#endif
+}
+
 // ---- bf16 operands on the CPU's bf16 dot products -------------------------------------------------
 // Where the build targets AVX512_BF16 (vdpbf16ps: each fp32 lane adds the products of one pair of
 // bf16 values from each operand), C[M, N] = A[M, K] B[K, N] with bf16 A and B and fp32 sums, at twice
@@ -231,24 +246,11 @@ inline void pack_pairs_bf16(const float* a, int64_t K, int64_t M, uint32_t* out)
     }
 }
 
-// dst[i] = lo[i] | hi[i] << 16 for i < n: two rows of bf16 (hi == nullptr: zeros) as the pairs of k
-// of the bf16 GEMMs, 16 at a time.
-inline void interleave_pairs_bf16(const c10::BFloat16* lo, const c10::BFloat16* hi, int64_t n, uint32_t* dst) {
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 m = n - i >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << (n - i)) - 1);
-    const __m512i l = _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, lo + i));
-    const __m512i h = hi == nullptr ? _mm512_setzero_si512() : _mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, hi + i));
-    _mm512_mask_storeu_epi32(dst + i, m, _mm512_or_si512(l, _mm512_slli_epi32(h, 16)));
-  }
-}
 #else
 // Built without AVX512_BF16: callers check cpu::bf16_dot() (amx.h), which is false here.
 inline void small_gemm_bf16(int64_t, int64_t, int64_t, const uint32_t*, int64_t, int64_t, const c10::BFloat16*, int64_t,
                             float*, int64_t, bool = false) {
   TORCH_INTERNAL_ASSERT(false, "small_gemm_bf16: this build does not target AVX512_BF16");
-}
-inline void interleave_pairs_bf16(const c10::BFloat16*, const c10::BFloat16*, int64_t, uint32_t*) {
-  TORCH_INTERNAL_ASSERT(false, "interleave_pairs_bf16: this build does not target AVX512_BF16");
 }
 inline void pack_pairs_bf16(const float*, int64_t, int64_t, uint32_t*) {
   TORCH_INTERNAL_ASSERT(false, "pack_pairs_bf16: this build does not target AVX512_BF16");

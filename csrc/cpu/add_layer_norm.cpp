@@ -121,8 +121,10 @@ void bwd_chunks(int64_t c0, int64_t c1, const T* dy, const T* dres, const T* s, 
   float* xhat_row = scratch.data();  // xhat of the current row
   float* g_row = xhat_row + Hp;      // grad_out * weight of the current row
   for (int64_t c = c0; c < c1; ++c) {
-    float* pdw = partial_dw + c * Hp;  // zero-initialised by the caller
-    float* pdb = partial_db + c * Hp;
+    float* pdw = partial_dw + c * Hp;  // this chunk's partial sums, zeroed here (in L1 just before use):
+    float* pdb = partial_db + c * Hp;  // the caller's buffer is uninitialised
+    std::fill(pdw, pdw + Hp, 0.f);
+    std::fill(pdb, pdb + Hp, 0.f);
     for (int64_t r = c * chunk; r < std::min(rows, (c + 1) * chunk); ++r) {
       const fVec vmean(mean[r]), vrstd(rstd[r]);
       fVec sg0(0.f), sg1(0.f), sgx0(0.f), sgx1(0.f);
@@ -238,7 +240,11 @@ std::vector<at::Tensor> add_layer_norm_bwd_cpu(const at::Tensor& grad_out,
   const int64_t n_chunks = std::max<int64_t>(1, (rows + chunk - 1) / chunk);
   auto f32 = s.options().dtype(at::kFloat);
   at::Tensor ds = cpu::cached_empty_like(s);
-  at::Tensor partial = at::zeros({2, n_chunks, Hp}, f32);
+  // Uninitialised, each chunk zeroing its own rows (bwd_chunks): at::zeros was a separate pass over
+  // fresh pages (glibc maps a buffer this size anew each call). The 1024 x 768 fp32 backward on a
+  // Zen 4: 0.183-0.238 -> 0.170-0.196 ms (builds alternated, medians of 201 calls).
+  at::Tensor partial = cpu::cached_empty({2, n_chunks, Hp}, f32);
+  if (rows == 0) partial.zero_();  // (no chunk to zero it: the gradients of an empty batch are 0)
   at::Tensor w = at::empty({Hp}, f32);
   BIGNLP_DISPATCH_FLOAT_BF16(s.scalar_type(), "add_layer_norm_bwd_cpu", [&] {
     using T = scalar_t;

@@ -84,6 +84,7 @@ void bwd_chunks(int64_t c0, int64_t c1, const T* xp, const T* gp, const float* b
   const int64_t Hp = cpu::round_up_to_step(H);
   for (int64_t c = c0; c < c1; ++c) {
     float* pdb = pdb_all ? pdb_all + c * Hp : nullptr;
+    if (pdb) std::fill(pdb, pdb + Hp, 0.f);  // the caller's buffer is uninitialised (see bias_gelu_bwd_cpu)
     for (int64_t r = c * chunk; r < std::min(rows, (c + 1) * chunk); ++r) {
       for (int64_t j = 0; j < H; j += kStep) {
         const int64_t h = fVec::size();
@@ -155,7 +156,9 @@ std::vector<at::Tensor> bias_gelu_bwd_cpu(const at::Tensor& grad_y, const at::Te
   auto f32 = x.options().dtype(at::kFloat);
   at::Tensor dx = cpu::cached_empty_like(x);
   at::Tensor b32 = at::empty({Hp}, f32);
-  at::Tensor partial = bias ? at::zeros({n_chunks, Hp}, f32) : at::Tensor();
+  // Each chunk zeroes its own row, in L1 just before adding to it: at::zeros was a separate pass over
+  // fresh pages (glibc maps a buffer this size anew each call).
+  at::Tensor partial = bias ? cpu::cached_empty({n_chunks, Hp}, f32) : at::Tensor();
   BIGNLP_DISPATCH_FLOAT_BF16(x.scalar_type(), "bias_gelu_bwd_cpu", [&] {
     using T = scalar_t;
     float* b = b32.data_ptr<float>();

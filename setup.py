@@ -18,7 +18,7 @@ import shlex
 import subprocess
 import sys
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -100,7 +100,9 @@ def _extension():
 
 
 setup(
-    packages=["bignlp_fast", "bignlp_fast.ops", "bignlp_fast.nn", "bignlp_fast.bench", "bignlp_fast.kernels"],
+    # every package under bignlp_fast/ (a hand-kept list once left out bignlp_fast.models: the
+    # non-editable install could not import), plus kernels/ installed as bignlp_fast.kernels
+    packages=find_packages(include=["bignlp_fast", "bignlp_fast.*"]) + ["bignlp_fast.kernels"],
     package_dir={"bignlp_fast.kernels": "kernels"},
     ext_modules=[_extension()],
     cmdclass={"build_ext": BuildExtension.with_options(use_ninja=True)},

@@ -1,6 +1,7 @@
 """Backend choice, the fallback record, strict mode, the build and the CLI."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -25,6 +26,35 @@ def test_triton_kernels_are_importable_as_a_subpackage():
     import bignlp_fast.kernels.add_layer_norm as k1
     import bignlp_fast.kernels.bias_gelu as k2
     assert callable(k1.add_layer_norm_fwd_triton) and callable(k2.bias_gelu_bwd_triton)
+
+
+def test_a_non_editable_install_holds_every_module(tmp_path):
+    """setup.py's build_py (what `pip install .` copies) takes every module of bignlp_fast/ and
+    kernels/, and the package imports from that copy alone (with this build's extension beside it)."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    tree, lib = tmp_path / "tree", tmp_path / "lib"
+    # the sources alone, as in a fresh clone: an editable install's bignlp_fast.egg-info (SOURCES.txt
+    # lists every file) would make build_py copy modules the package list leaves out
+    ignore = shutil.ignore_patterns("__pycache__", "*.so", "*.egg-info")
+    for top in ("bignlp_fast", "kernels", "csrc"):
+        shutil.copytree(os.path.join(root, top), tree / top, ignore=ignore)
+    for name in ("setup.py", "pyproject.toml", "README.md"):
+        shutil.copy(os.path.join(root, name), tree / name)
+    # -P: the tree's root is not on sys.path, where kernels/ would hide a package named kernels
+    subprocess.run([sys.executable, "-P", "setup.py", "-q", "build_py", "-d", str(lib)], cwd=tree,
+                   env=dict(os.environ, BIGNLP_FAST_CUDA="0"), check=True, capture_output=True)
+    built = {str(p.relative_to(lib)) for p in lib.rglob("*.py")}
+    sources = {os.path.relpath(os.path.join(d, f), root).replace("kernels/", "bignlp_fast/kernels/", 1)
+               for top in ("bignlp_fast", "kernels") for d, _, files in os.walk(os.path.join(root, top))
+               for f in files if f.endswith(".py")}
+    assert sources - built == set()
+    so = bignlp_fast._backend.compiled().__file__
+    os.symlink(so, lib / "bignlp_fast" / os.path.basename(so))
+    code = ("import bignlp_fast, bignlp_fast.models, bignlp_fast.kernels.attention, bignlp_fast.bench; "
+            "print(bignlp_fast.__file__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=SUBPROCESS_CWD, check=True, capture_output=True, text=True,
+                         env=dict(os.environ, PYTHONPATH=str(lib))).stdout
+    assert out.strip() == str(lib / "bignlp_fast" / "__init__.py")
 
 
 def test_automatic_choice_on_cpu_is_the_cpu_backend():

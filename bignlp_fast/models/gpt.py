@@ -379,11 +379,13 @@ class GPTModel(PretrainedModel):
     def _decode_step_ok(self, residual: Tensor, cache: Optional[KVCache]) -> bool:
         """Whether this forward is a decoding step :meth:`_decode_step` may run: one new
         token per row (residual [B, 1, E], B <= 16, the skinny matrix products) with a cache, in
-        inference (no dropout; nothing for autograd, torch.compile or a mode to see), and every op's
-        backend, automatic or named by BIGNLP_FAST_BACKEND, the cpu one."""
+        inference (no dropout; nothing for autograd, torch.compile or a mode to see; no autocast, whose
+        dtypes the ops of the block-by-block path follow), and every op's backend, automatic or named
+        by BIGNLP_FAST_BACKEND, the cpu one."""
         B, L, _ = residual.shape
         if (cache is None or L != 1 or B > _SKINNY_ROWS or self.training or residual.device.type != "cpu"
-                or dispatcher_needed((residual,)) or self.config.head_dim > CPU_MAX_HEAD_DIM):
+                or dispatcher_needed((residual,)) or self.config.head_dim > CPU_MAX_HEAD_DIM
+                or torch.is_autocast_enabled("cpu")):
             return False
         return all(_backend.plan(op, residual.device, residual.dtype)[0] == "cpu"
                    for op in (_LINEAR, _ATTENTION, _ADD_LN, _BIAS_GELU))

@@ -21,6 +21,8 @@ class LayerNorm(torch.nn.LayerNorm):
     Dtypes as torch: parameters of another dtype than the input (bf16 activations, fp32 weights, as
     under CPU autocast) are cast to the input's dtype for the call, and the output has the input's
     dtype; under CUDA autocast the input is normalised in float32 (CUDA autocast's policy for layer_norm).
+    A residual of another dtype than x is added as eager ``x + residual`` would: both in the promoted
+    dtype (a bf16 GEMM output and an fp32 residual stream under CPU autocast give fp32).
     """
 
     def __init__(self, *args, backend: Optional[str] = None, **kwargs):
@@ -36,6 +38,9 @@ class LayerNorm(torch.nn.LayerNorm):
         if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
             x = x.float()
             residual = residual.float() if residual is not None else None
+        if residual is not None and residual.dtype != x.dtype:  # as eager x + residual: the promoted dtype
+            dtype = torch.promote_types(x.dtype, residual.dtype)  # (bf16 x, fp32 residual under CPU autocast)
+            x, residual = x.to(dtype), residual.to(dtype)
         flat = lambda t: None if t is None else t.reshape(-1).to(x.dtype)  # noqa: E731
         n = math.prod(self.normalized_shape)  # not -1: an empty batch has no size to infer it from
         x2 = x.reshape(*lead, n)

@@ -158,6 +158,33 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def autocast_lower(device: torch.device, *tensors):
+    """``tensors`` as torch's autocast casts the arguments of its convolutions and of
+    scaled_dot_product_attention (the "lower_precision_fp" policy): while autocast is on for
+    ``device``'s type, every floating tensor other than float64 in autocast's dtype; anything else
+    (None, integers, float64, autocast off) as it is.
+
+    The ops that stand for those torch functions call this first. Autocast cannot do it for them:
+    their custom ops are on none of its lists, and call()'s eager route passes by the dispatcher."""
+    if not torch.is_autocast_enabled(device.type):
+        return tensors
+    dtype = torch.get_autocast_dtype(device.type)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
+                 for t in tensors)
+
+
+def autocast_promote(device: torch.device, x: Tensor, residual: Optional[Tensor], *params):
+    """The arguments of a fused elementwise op (add_layer_norm, bias_gelu) in one dtype while autocast
+    is on for ``device``'s type, as the eager code it fuses would have them there: x and the residual
+    promoted as ``x + residual`` is (a bf16 GEMM output and an fp32 residual stream give fp32), the
+    parameters (weight, bias) cast to that dtype, as autocast's F.linear casts its bias and
+    nn.LayerNorm its weight. Without autocast, everything as it is (mixed dtypes stay an error)."""
+    if not torch.is_autocast_enabled(device.type):
+        return (x, residual, *params)
+    dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in (x, residual, *params))
+
+
 def _shape(t: Tensor) -> str:
     return "(" + ", ".join(str(s) for s in t.shape) + ("," if t.dim() == 1 else "") + ")"
 

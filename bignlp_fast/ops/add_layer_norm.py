@@ -18,8 +18,8 @@ import torch
 from torch import Tensor
 
 from bignlp_fast import _backend
-from bignlp_fast.ops._common import (acc_dtype, call, check_like, check_tensor, check_vector, contiguous, custom_op,
-                                     grads_or_zeros, kernel, no_zero_grads, register_autograd)
+from bignlp_fast.ops._common import (acc_dtype, autocast_promote, call, check_like, check_tensor, check_vector,
+                                     contiguous, custom_op, grads_or_zeros, kernel, no_zero_grads, register_autograd)
 
 OP = _backend.register_op("add_layer_norm", dtypes={
     "cpu": (torch.float32, torch.bfloat16),
@@ -140,10 +140,12 @@ def add_layer_norm(x: Tensor, residual: Optional[Tensor] = None, weight: Optiona
         backend: "cpu", "cuda", "triton", "torch" or None for automatic (see bignlp_fast._backend).
 
     The sum is added in fp32 and rounded to x's dtype, then normalised in fp32 (as eager PyTorch
-    does, and so the backward sees the very sum that was normalised).
+    does, and so the backward sees the very sum that was normalised). Under autocast, mixed dtypes
+    are promoted as eager ``x + residual`` would be, the parameters cast to that dtype.
     """
     op = "add_layer_norm"
     check_tensor(op, "x", x, min_dim=1)
+    x, residual, weight, bias = autocast_promote(x.device, x, residual, weight, bias)
     hidden = x.shape[-1]
     if hidden == 0:
         raise ValueError(f"{op}: x's last dimension must be at least 1, got shape {tuple(x.shape)}")

@@ -34,8 +34,8 @@ import torch
 from torch import Tensor
 
 from bignlp_fast import _backend
-from bignlp_fast.ops._common import (acc_dtype, call, check_choice, check_like, check_tensor, custom_op, grads_or_zeros,
-                                     kernel, no_zero_grads, register_autograd)
+from bignlp_fast.ops._common import (acc_dtype, autocast_lower, call, check_choice, check_like, check_tensor, custom_op,
+                                     grads_or_zeros, kernel, no_zero_grads, register_autograd)
 
 OP = _backend.register_op(
     "attention",
@@ -355,6 +355,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         check_tensor(op, name, t)
         if t.dim() not in (3, 4):
             raise ValueError(f"{op}: {name} must be [B, H, L, D] (or [N, L, D]), got shape {tuple(t.shape)}")
+    query, key, value = autocast_lower(query.device, query, key, value)
     check_like(op, "key", key, "query", query, same_shape=False)
     check_like(op, "value", value, "query", query, same_shape=False)
     if not query.dim() == key.dim() == value.dim():
@@ -437,6 +438,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         check_tensor(op, name, t)
         if t.dim() != 3:
             raise ValueError(f"{op}: {name} must be [total_tokens, H, D], got shape {tuple(t.shape)}")
+    q, k, v = autocast_lower(q.device, q, k, v)
     check_like(op, "k", k, "q", q, same_shape=False)
     check_like(op, "v", v, "q", q, same_shape=False)
     if k.shape[-1] != q.shape[-1]:

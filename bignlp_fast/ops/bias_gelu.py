@@ -15,8 +15,8 @@ from torch import Tensor
 
 from bignlp_fast import _backend
 from bignlp_fast.ops._activation import ACTIVATIONS, activation_grad_torch
-from bignlp_fast.ops._common import (acc_dtype, call, check_choice, check_tensor, check_vector, contiguous, custom_op,
-                                     kernel, register_autograd)
+from bignlp_fast.ops._common import (acc_dtype, autocast_promote, call, check_choice, check_tensor, check_vector,
+                                     contiguous, custom_op, kernel, register_autograd)
 
 OP = _backend.register_op("bias_gelu", dtypes={
     "cpu": (torch.float32, torch.bfloat16),
@@ -103,6 +103,7 @@ def bias_gelu(x: Tensor, bias: Optional[Tensor] = None, approximate: str = "none
     """
     op = "bias_gelu"
     check_tensor(op, "x", x, min_dim=1)
+    x, _, bias = autocast_promote(x.device, x, None, bias)  # autocast: the bias in x's dtype, as F.linear's
     hidden = x.shape[-1]
     check_vector(op, "bias", bias, hidden, "x", x)
     check_choice(op, "approximate", approximate, APPROXIMATE)

@@ -26,8 +26,8 @@ from torch import Tensor
 
 from bignlp_fast import _backend
 from bignlp_fast.ops._activation import activation_grad_torch, activation_torch, check_activation
-from bignlp_fast.ops._common import (acc_dtype, call, check_like, check_tensor, contiguous, custom_op, kernel,
-                                     register_autograd)
+from bignlp_fast.ops._common import (acc_dtype, autocast_lower, call, check_like, check_tensor, contiguous, custom_op,
+                                     kernel, register_autograd)
 
 OP = _backend.register_op("causal_conv1d", dtypes={
     "cpu": (torch.float32, torch.bfloat16),
@@ -144,6 +144,7 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, acti
     check_tensor(op, "x", x)
     if x.dim() != 3:
         raise ValueError(f"{op}: x must be [B, C, L], got shape {tuple(x.shape)}")
+    x, weight, bias, initial_state = autocast_lower(x.device, x, weight, bias, initial_state)
     check_like(op, "weight", weight, "x", x, same_shape=False)
     if weight.dim() == 3 and weight.shape[1] == 1:
         weight = weight[:, 0]

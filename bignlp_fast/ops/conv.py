@@ -29,8 +29,8 @@ from torch import Tensor
 
 from bignlp_fast import _backend
 from bignlp_fast.ops._activation import activation_grad_torch, activation_torch, check_activation
-from bignlp_fast.ops._common import (acc_dtype, call, check_like, check_tensor, contiguous, custom_op, grads_or_zeros,
-                                     kernel, no_zero_grads, register_autograd)
+from bignlp_fast.ops._common import (acc_dtype, autocast_lower, call, check_like, check_tensor, contiguous, custom_op,
+                                     grads_or_zeros, kernel, no_zero_grads, register_autograd)
 
 OP = _backend.register_op("conv", dtypes={
     "cpu": (torch.float32, torch.bfloat16),
@@ -138,6 +138,7 @@ def _tuple(op: str, name: str, value: IntOrTuple, n: int, minimum: int) -> list[
 
 def _conv_nd(op: str, nd: int, x, weight, bias, stride, padding, dilation, groups, activation, residual, backend):
     check_tensor(op, "x", x)
+    x, weight, bias, residual = autocast_lower(x.device, x, weight, bias, residual)
     unbatched = x.dim() == nd + 1
     if unbatched:
         x = x.unsqueeze(0)

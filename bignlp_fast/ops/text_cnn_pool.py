@@ -35,8 +35,8 @@ from torch import Tensor
 
 from bignlp_fast import _backend
 from bignlp_fast.ops._activation import activation_grad_torch, activation_torch, check_activation
-from bignlp_fast.ops._common import (acc_dtype, call, check_like, check_tensor, custom_op, grads_or_zeros, kernel,
-                                     no_zero_grads, register_autograd)
+from bignlp_fast.ops._common import (acc_dtype, autocast_lower, call, check_like, check_tensor, custom_op,
+                                     grads_or_zeros, kernel, no_zero_grads, register_autograd)
 
 OP = _backend.register_op("text_cnn_pool", dtypes={
     "cpu": (torch.float32, torch.bfloat16),
@@ -175,7 +175,9 @@ def text_cnn_pool(x: Tensor, weights: Sequence[Tensor], biases: Optional[Sequenc
     if x.dim() != 3:
         raise ValueError(f"{op}: x must be [B, L, E], got shape {tuple(x.shape)}")
     B, L, E = x.shape
-    weights = list(weights)
+    x, *weights = autocast_lower(x.device, x, *weights)
+    if biases is not None:
+        biases = list(autocast_lower(x.device, *biases))
     if not weights:
         raise ValueError(f"{op}: weights must hold at least one conv kernel")
     for i, w in enumerate(weights):

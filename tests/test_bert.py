@@ -220,6 +220,11 @@ def test_compiles_with_fullgraph():
     with torch.no_grad():
         torch.testing.assert_close(compiled(ids, attention_mask=mask, token_type_ids=types).logits,
                                    ours(ids, attention_mask=mask, token_type_ids=types).logits, rtol=1e-5, atol=1e-5)
+        # compiled, the layers run on the padding too (no unpadding): last_hidden_state is still zero there
+        hidden = torch.compile(ours.bert, fullgraph=True, backend="eager")(ids, attention_mask=mask).last_hidden_state
+        want = ours.bert(ids, attention_mask=mask).last_hidden_state
+    assert not mask.all() and torch.equal(hidden[~mask.bool()], torch.zeros_like(hidden[~mask.bool()]))
+    torch.testing.assert_close(hidden, want, rtol=1e-5, atol=1e-5)
 
 
 def test_real_minilm_checkpoint_matches_transformers():

@@ -140,10 +140,14 @@ class _Batch:
         return flat if self.indices is None else flat[self.indices]
 
     def unpack(self, t: Tensor) -> Tensor:
-        """[T, ...] -> [B, L, ...], zero at padding."""
+        """[T, ...] -> [B, L, ...], zero at padding (in the padded layout too, where the layers ran on
+        the padding and left values there)."""
         if self.indices is not None:
             t = t.new_zeros(self.shape[0] * self.shape[1], *t.shape[1:]).index_copy(0, self.indices, t)
-        return t.view(*self.shape, *t.shape[1:])
+        t = t.view(*self.shape, *t.shape[1:])
+        if self.mask is not None:
+            t = torch.where(self.mask.view(*self.shape, *([1] * (t.dim() - 2))), t, 0.0)
+        return t
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> Tensor:
         """q, k, v [T, heads, head_dim] -> [T, heads, head_dim]."""

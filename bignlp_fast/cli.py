@@ -58,7 +58,7 @@ def _info(args) -> int:
 def _bench(args) -> int:
     from bignlp_fast.bench import cases, copy_gbps, format_table, run_case
     from bignlp_fast._backend import steady_allocator
-    from bignlp_fast.bench.runner import gemm_gflops, plot
+    from bignlp_fast.bench.runner import gemm_gflops, plot, pyplot
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
         print("bignlp-fast bench: --device cuda but no CUDA GPU is available", file=sys.stderr)
@@ -70,6 +70,8 @@ def _bench(args) -> int:
     if not selected:
         print(f"bignlp-fast bench: no case in suite {args.suite!r} matches {args.filter!r}", file=sys.stderr)
         return 2
+    if args.plot:
+        pyplot()  # before the run, not after it: a missing matplotlib is said at once
     steady = steady_allocator()
     print(f"machine: {machine()}" + ("" if steady else " (allocator not pinned: expect noisier timings)"), flush=True)
     rate = copy_gbps(device)

@@ -204,9 +204,9 @@ def test_bad_input_names_the_argument():
         add_layer_norm(x, torch.randn(4, 9))
     with pytest.raises(TypeError, match="residual has dtype torch.float64 but x has torch.float32"):
         add_layer_norm(x, x.double())
-    with pytest.raises(ValueError, match=r"weight has shape \(7,\) but x's last dimension is 8"):
+    with pytest.raises(ValueError, match=r"weight must be a vector of x's last dimension, shape \(8,\); got \(7,\)"):
         add_layer_norm(x, None, torch.randn(7))
-    with pytest.raises(ValueError, match=r"bias has shape \(2, 4\) but x's last dimension is 8"):
+    with pytest.raises(ValueError, match=r"bias must be a vector of x's last dimension, shape \(8,\); got \(2, 4\)"):
         add_layer_norm(x, None, w, torch.randn(2, 4))
     with pytest.raises(TypeError, match="weight has dtype torch.bfloat16"):
         add_layer_norm(x, None, w.bfloat16())

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+import bignlp_fast.bench
 from bignlp_fast import cli
 from bignlp_fast.bench import all_cases, cases, format_table, run_case, tiny_cases
 
@@ -76,6 +77,7 @@ def test_cli_plot_needs_matplotlib_and_says_so(tmp_path, monkeypatch):
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    monkeypatch.setattr(bignlp_fast.bench, "run_case", lambda *a, **k: pytest.fail("ran a case before saying so"))
     with pytest.raises(SystemExit, match="--plot needs matplotlib"):
         cli.main(["bench", "--filter", "bias_gelu-fwd-8192x768-float32", "--repeats", "1",
                   "--plot", str(tmp_path / "p.png")])

@@ -171,7 +171,7 @@ def test_bad_input_names_the_argument():
     x = torch.randn(4, 8)
     with pytest.raises(TypeError, match="bias_gelu: x must be a torch.Tensor"):
         bias_gelu(None)
-    with pytest.raises(ValueError, match=r"bias has shape \(9,\) but x's last dimension is 8"):
+    with pytest.raises(ValueError, match=r"bias must be a vector of x's last dimension, shape \(8,\); got \(9,\)"):
         bias_gelu(x, torch.randn(9))
     with pytest.raises(TypeError, match="bias has dtype torch.float16 but x has torch.float32"):
         bias_gelu(x, torch.randn(8).half())

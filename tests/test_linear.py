@@ -72,6 +72,28 @@ def test_opcheck(backend, device):
     torch.library.opcheck(torch.ops.bignlp_fast.linear_bwd, (torch.randn(5, 3), x.detach(), w.detach(), True, backend))
 
 
+def test_gradcheck_float64():
+    """The reference's gradients (float64 runs there; the cpu kernel is float32 / bfloat16 and is
+    compared with float64 above)."""
+    x, w, b = (torch.randn(*s, dtype=torch.float64, requires_grad=True) for s in ((2, 3, 6), (5, 6), (5,)))
+    assert torch.autograd.gradcheck(lambda x, w, b: linear(x, w, b, backend="torch"), (x, w, b))
+    assert torch.autograd.gradcheck(lambda x, w: linear(x, w, backend="torch"), (x, w))
+
+
+def test_compiles_without_graph_breaks():
+    def block(x, w1, b1, w2):
+        return linear(F.relu(linear(x, w1, b1, backend="cpu")), w2, backend="cpu")
+
+    x = torch.randn(40, 64, requires_grad=True)
+    w1, b1, w2 = (torch.randn(*s, requires_grad=True) for s in ((48, 64), (48,), (16, 48)))
+    compiled = torch.compile(block, fullgraph=True)
+    got, want = compiled(x, w1, b1, w2), block(x, w1, b1, w2)
+    torch.testing.assert_close(got, want)
+    grads = torch.autograd.grad(got.square().sum(), (x, w1, b1, w2))
+    for g, r in zip(grads, torch.autograd.grad(want.square().sum(), (x, w1, b1, w2))):
+        torch.testing.assert_close(g, r)
+
+
 def test_bad_input():
     with pytest.raises(ValueError, match=r"weight must be \[N, 4\]"):
         linear(torch.randn(2, 4), torch.randn(3, 5))

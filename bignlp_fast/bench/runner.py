@@ -196,13 +196,19 @@ def format_table(rows: list[Row], copy_rate: Optional[float] = None, gemm_rate: 
     return "\n".join(out)
 
 
-def plot(rows: list[Row], path: str) -> None:
+def pyplot():
+    """matplotlib.pyplot on a file-only backend, or SystemExit saying how to install it."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise SystemExit(f"--plot needs matplotlib ({e}); install it with: pip install matplotlib") from e
+    return plt
+
+
+def plot(rows: list[Row], path: str) -> None:
+    plt = pyplot()
     labels = [f"{r.op} {r.mode}\n{r.shape} {r.dtype}" for r in rows]
     fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(rows)), 4.5))
     ax.bar(range(len(rows)), [r.speedup for r in rows], color=["tab:green" if r.speedup >= 1 else "tab:red"

@@ -215,7 +215,8 @@ def check_vector(op: str, name: str, t: Optional[Tensor], size: int, ref_name: s
         return
     check_like(op, name, t, ref_name, ref, same_shape=False)
     if t.dim() != 1 or t.shape[0] != size:
-        raise ValueError(f"{op}: {name} has shape {_shape(t)} but {ref_name}'s last dimension is {size}")
+        raise ValueError(f"{op}: {name} must be a vector of {ref_name}'s last dimension, shape ({size},); got "
+                         f"{_shape(t)}")
 
 
 def check_choice(op: str, name: str, value, choices: Sequence) -> None:

@@ -46,6 +46,8 @@ Hugging Face attention has no backend argument: it follows ``BIGNLP_FAST_BACKEND
 Calling conventions that still run torch's code after the swap (recorded in
 :func:`bignlp_fast.report`): ``MultiheadAttention`` called with ``need_weights=True`` (torch's
 default; pass ``need_weights=False``), and any op call whose tensors no fused backend takes.
+``torch.nn.TransformerEncoderLayer`` in inference takes torch's fused encoder layer and never calls
+its (swapped) children; the report lists each such layer as skipped, saying so.
 Call optimize before ``torch.compile``.
 """
 
@@ -135,6 +137,15 @@ class OptimizeReport:
 
 
 # ---- helpers ----------------------------------------------------------------------------------
+# torch.nn.TransformerEncoderLayer's forward, in eval mode with grad disabled (and batch_first, an even
+# head count, no hooks, ...), runs torch's fused encoder-layer kernel on its children's weights
+# instead of calling them: the swapped modules below it run only in training or with grad enabled.
+# Said in the report (a swap that never runs is a slow path no one would see); not overridden, as
+# the only switch is torch's process-wide one.
+_ENCODER_FAST_PATH = ("the modules below are swapped, but in inference (eval mode, grad disabled) torch runs its own "
+                      "fused encoder layer on their weights instead of calling them; "
+                      "torch.backends.mha.set_fastpath_enabled(False) turns that off for the whole process")
+
 def _type_name(cls: type) -> str:
     if cls in _SWAPS:
         return f"torch.nn.{cls.__name__}"
@@ -319,6 +330,8 @@ def optimize(model: torch.nn.Module, *, backend: Optional[str] = None, inplace: 
                 warnings.warn("optimize: backend= does not reach Hugging Face attention (transformers passes no "
                               "backend); set BIGNLP_FAST_BACKEND to pin it", stacklevel=2)
             continue
+        if isinstance(module, torch.nn.TransformerEncoderLayer) and owner is None:
+            report.skipped.append((name, _type_name(cls), _ENCODER_FAST_PATH))
         if cls.__module__.startswith("bignlp_fast.nn"):
             closed.append(name)
         if cls in hf_conv1d_types:

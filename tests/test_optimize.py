@@ -179,6 +179,32 @@ def test_second_call_reports_everything_as_already_optimized():
     assert report.summary() == "bignlp_fast.optimize: swapped 0, skipped 7 (7 already optimized)"
 
 
+def test_transformer_encoder_layers_say_that_inference_bypasses_the_swapped_modules(monkeypatch):
+    layer = nn.TransformerEncoderLayer(16, 4, 32, dropout=0.0, batch_first=True)
+    encoder = nn.TransformerEncoder(layer, 2, enable_nested_tensor=False).eval()
+    report = optimize(encoder)
+    assert [(name, kind) for name, kind, _ in report.skipped] == [
+        (f"layers.{i}", "torch.nn.modules.transformer.TransformerEncoderLayer") for i in range(2)]
+    assert "fused encoder layer" in report.skipped[0][2]
+    assert {to for _, _, to in report.swapped} == {"bignlp_fast.nn.MultiheadAttention", "bignlp_fast.nn.LayerNorm",
+                                                   "bignlp_fast.nn.Linear"}
+    # what the row says: in inference the swapped attention never runs, with the fast path off it does
+    calls = []
+    forward = bnn.MultiheadAttention.forward
+    monkeypatch.setattr(bnn.MultiheadAttention, "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+    x = torch.randn(3, 7, 16)
+    with torch.no_grad():
+        encoder(x)
+        assert calls == []
+        enabled = torch.backends.mha.get_fastpath_enabled()
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            encoder(x)
+        finally:
+            torch.backends.mha.set_fastpath_enabled(enabled)
+    assert len(calls) == 2
+
+
 def test_root_module_is_swapped_in_place():
     torch.manual_seed(0)
     lstm = nn.LSTM(5, 7, batch_first=True)

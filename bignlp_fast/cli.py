@@ -8,6 +8,7 @@ import dataclasses
 import json
 import platform
 import sys
+from typing import Optional
 
 import torch
 
@@ -55,8 +56,14 @@ def _info(args) -> int:
     return 0
 
 
+def select(suite: str, filters: Optional[list[str]]) -> list:
+    """The suite's cases whose id contains any of ``filters`` (every case without filters)."""
+    from bignlp_fast.bench import cases
+    return [c for c in cases(suite) if not filters or any(f in c.id for f in filters)]
+
+
 def _bench(args) -> int:
-    from bignlp_fast.bench import cases, copy_gbps, format_table, run_case
+    from bignlp_fast.bench import copy_gbps, format_table, run_case
     from bignlp_fast._backend import steady_allocator
     from bignlp_fast.bench.runner import gemm_gflops, plot, pyplot
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -66,9 +73,10 @@ def _bench(args) -> int:
     if args.suite == "gpu" and device.type != "cuda":
         print("bignlp-fast bench: the --gpu suite is sized for a GPU; it needs --device cuda", file=sys.stderr)
         return 2
-    selected = [c for c in cases(args.suite) if not args.filter or args.filter in c.id]
+    selected = select(args.suite, args.filter)
     if not selected:
-        print(f"bignlp-fast bench: no case in suite {args.suite!r} matches {args.filter!r}", file=sys.stderr)
+        print(f"bignlp-fast bench: no case in suite {args.suite!r} matches {' or '.join(args.filter)!r}",
+              file=sys.stderr)
         return 2
     if args.plot:
         pyplot()  # before the run, not after it: a missing matplotlib is said at once
@@ -132,7 +140,8 @@ def main(argv=None) -> int:
     p_bench.set_defaults(suite="quick", func=_bench)
     p_bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available, else cpu")
     p_bench.add_argument("--backend", choices=["cpu", "cuda", "triton", "torch"], help="default: automatic")
-    p_bench.add_argument("--filter", help="only cases whose id contains this text")
+    p_bench.add_argument("--filter", action="append",
+                         help="only cases whose id contains this text (repeat it for cases that match any)")
     p_bench.add_argument("--repeats", type=int, default=15, help="timed calls per side (median reported)")
     p_bench.add_argument("--json", metavar="FILE", help="write the rows as JSON")
     p_bench.add_argument("--plot", metavar="FILE.png", help="bar chart of speedups (needs matplotlib)")

@@ -28,7 +28,16 @@ def test_a_case_without_the_float64_check_reports_no_error():
 def test_gpu_suite_refuses_the_cpu(capsys):
     assert cli.main(["bench", "--gpu", "--device", "cpu"]) == 2
     assert "needs --device cuda" in capsys.readouterr().err
-    assert {c.dtype for c in cases("gpu")} == {torch.bfloat16} and all(c.op == "attention" for c in cases("gpu"))
+    gpu = cases("gpu")
+    assert {c.op for c in gpu} == {"attention", "rnn", "conv", "text_cnn_pool", "causal_conv1d"}
+    assert {c.dtype for c in gpu if c.op != "rnn"} == {torch.bfloat16}  # the RNN layers in fp32 too
+    assert {c.shape[0] for c in gpu if c.op == "rnn"} == {4, 16, 64}  # batch 4 to 64 against cuDNN
+
+
+def test_repeated_filters_select_the_cases_matching_any():
+    got = [c.id for c in cli.select("full", ["rnn-GRU-fwd-4x", "rnn-LSTM-fwd-4x"])]
+    assert got == ["rnn-LSTM-fwd-4x512x512x128-float32", "rnn-GRU-fwd-4x512x512x128-float32"]
+    assert len(cli.select("full", None)) == len(cases("full"))
 
 
 @pytest.mark.parametrize("case", tiny_cases(), ids=lambda c: c.id)

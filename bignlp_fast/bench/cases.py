@@ -558,6 +558,16 @@ def all_cases() -> list[Case]:
         for causal in (False, True):
             cases += _attention_cases(16384 // length, 16, length, length, 128, torch.bfloat16, causal, both,
                                       ("gpu",), check_error=length <= 2048)
+    # the GPU suite, the other ops against torch on CUDA (cuDNN for the RNN layers and convolutions):
+    # the recurrent layers at batch 4 to 64, the convolution blocks at their CPU shapes in bf16
+    for kind in ("LSTM", "GRU"):
+        for b in (4, 16, 64):
+            cases += _rnn_cases(kind, b, 512, 512, 128, torch.float32, both, ("gpu",))
+        cases += _rnn_cases(kind, 64, 512, 512, 128, torch.bfloat16, both, ("gpu",))
+    cases += _text_cnn_cases(64, 256, 300, 100, (3, 4, 5), torch.bfloat16, both, ("gpu",))
+    cases += _conv_cases((32, 256, 512), 256, 3, "gelu", True, torch.bfloat16, both, ("gpu",))
+    cases += _conv_cases((16, 64, 32, 32), 64, 3, "gelu", True, torch.bfloat16, both, ("gpu",))
+    cases += _causal_conv1d_cases(8, 1024, 2048, 4, torch.bfloat16, both, ("gpu",))
     for dtype in (torch.float32, torch.bfloat16):
         # (8192, 768): the target shape, 8192 tokens of a BERT-base-sized model
         cases += _add_layer_norm_cases(8192, 768, dtype, ("quick", "full"))

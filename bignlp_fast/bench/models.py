@@ -13,17 +13,18 @@ from bignlp_fast.bench.cases import Case
 
 
 class _Models:
-    """The (ours, reference) model pair of a case, per dtype, built once: the float32 pair by
-    ``build``, other dtypes (bf16 runs, the float64 reference) as converted copies of one side."""
+    """The (ours, reference) model pair of a case, per dtype, built once on ``device``: the float32
+    pair by ``build`` (on the CPU, then moved), other dtypes (bf16 runs, the float64 reference) as
+    converted copies of one side."""
 
-    def __init__(self, build):
-        self.build, self.models = build, {}
+    def __init__(self, build, device):
+        self.build, self.device, self.models = build, device, {}
 
     def __call__(self, dtype: torch.dtype, side: int):
         """side 0: ours, 1: the reference."""
         if (dtype, side) not in self.models:
             if (torch.float32, 0) not in self.models:
-                self.models[torch.float32, 0], self.models[torch.float32, 1] = self.build()
+                self.models[torch.float32, 0], self.models[torch.float32, 1] = (m.to(self.device) for m in self.build())
             self.models[dtype, side] = copy.deepcopy(self.models[torch.float32, side]).to(dtype)
         return self.models[dtype, side]
 
@@ -60,7 +61,7 @@ def _bert_cases(b: int, l: int, dtype: torch.dtype, modes, suites, layers: int =
                                               num_attention_heads=hidden // 64, intermediate_size=4 * hidden),
                        int(lengths.sum()), lengths.tolist())
 
-    def build(task: bool):
+    def build(task: bool, device):
         def pair():
             torch.manual_seed(0)
             cls = (transformers.BertForSequenceClassification if task else transformers.BertModel)
@@ -70,10 +71,11 @@ def _bert_cases(b: int, l: int, dtype: torch.dtype, modes, suites, layers: int =
             else:
                 ours = (BertForSequenceClassification if task else BertModel).from_hf(ref).eval()
             return ours, ref
-        return _Models(pair)
+        return _Models(pair, device)
 
     def make_fwd(device, dt):
-        return dict(ids=ids.to(device), mask=mask.to(device), tag=torch.zeros((), dtype=dt), models=build(False))
+        return dict(ids=ids.to(device), mask=mask.to(device), tag=torch.zeros((), dtype=dt),
+                    models=build(False, device))
 
     @torch.no_grad()
     def fwd(model, t):
@@ -91,7 +93,7 @@ def _bert_cases(b: int, l: int, dtype: torch.dtype, modes, suites, layers: int =
 
         def make_step(device, dt):
             t = make_fwd(device, dt)
-            t.update(labels=labels.to(device), models=build(True))
+            t.update(labels=labels.to(device), models=build(True, device))
             return t
 
         def step(model, t):
@@ -138,7 +140,7 @@ def _gpt_cases(b: int, prompt: int, new: int, dtype: torch.dtype, suites, layers
         return (optimize(ref, inplace=False).model if via_optimize else GPTLMHeadModel.from_hf(ref).eval()), ref
 
     def make(device, dt):
-        return dict(ids=ids.to(device), tag=torch.zeros((), dtype=dt), models=_Models(pair))
+        return dict(ids=ids.to(device), tag=torch.zeros((), dtype=dt), models=_Models(pair, device))
 
     @torch.no_grad()
     def hf_generate(model, t):
@@ -185,6 +187,12 @@ def model_cases() -> list[Case]:
     cases += _gpt_cases(1, 32, 64, torch.bfloat16, ("full",))
     cases += _gpt_cases(1, 32, 64, torch.float32, ("full",), via_optimize=True)
     cases += _gpt_cases(8, 32, 64, torch.float32, ("full",), via_optimize=True)
+    # the GPU suite (bench --gpu): BERT-base inference at batch 1 and 32 x 128 tokens, GPT-2 small
+    # decoding at batch 1 (its "% of copy" is the fraction of memory bandwidth) and 8; bf16
+    for b in (1, 32):
+        cases += _bert_cases(b, 128, torch.bfloat16, ("fwd",), ("gpu",))
+    for b in (1, 8):
+        cases += _gpt_cases(b, 32, 64, torch.bfloat16, ("gpu",))
     return cases
 
 

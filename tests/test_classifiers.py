@@ -109,6 +109,21 @@ def test_bad_configs_and_inputs():
         _textcnn()(_batch(), LENGTHS, attention_mask=torch.ones(4, 12))
     with pytest.raises(ValueError, match="attention_mask"):
         _textcnn()(_batch(), attention_mask=torch.ones(4, 11))
+    left_padded = torch.ones(4, 12, dtype=torch.long)
+    left_padded[1, :3] = 0
+    for make in (_textcnn, _rnn):
+        with pytest.raises(ValueError, match="right-padded"):
+            make()(_batch(), attention_mask=left_padded)
+
+
+@pytest.mark.parametrize("make", [_textcnn, _rnn], ids=["textcnn", "rnn"])
+def test_lengths_int32_or_int64_and_the_mask_agree(make):
+    model, ids = make().eval(), _batch()
+    mask = (torch.arange(12)[None, :] < LENGTHS[:, None]).long()
+    with torch.no_grad():
+        want = model(ids, LENGTHS).logits
+        torch.testing.assert_close(model(ids, LENGTHS.int()).logits, want, rtol=0, atol=0)
+        torch.testing.assert_close(model(ids, attention_mask=mask).logits, want, rtol=0, atol=0)
 
 
 def test_rnn_classifier_compiles_fullgraph():

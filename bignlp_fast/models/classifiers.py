@@ -27,13 +27,24 @@ class ClassifierOutput:
 
 
 def _lengths(input_ids: Tensor, lengths: Optional[Tensor], attention_mask: Optional[Tensor]) -> Optional[Tensor]:
+    """int64 [B] lengths from ``lengths`` (int32 or int64) or a right-padded ``attention_mask``, or None."""
     if lengths is not None and attention_mask is not None:
         raise ValueError("give lengths or attention_mask, not both")
     if attention_mask is not None:
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got "
                              f"{tuple(attention_mask.shape)}")
-        return attention_mask.to(torch.int64).sum(1)
+        lengths = attention_mask.to(torch.int64).sum(1)
+        # a data-dependent check, skipped while torch.compile traces: a left-padded mask would be read as
+        # right-padded (the lengths are all the models take)
+        if not torch.compiler.is_compiling():
+            right_padded = torch.arange(input_ids.shape[1], device=lengths.device)[None, :] < lengths[:, None]
+            if not torch.equal(attention_mask.bool(), right_padded.to(attention_mask.device)):
+                raise ValueError("attention_mask must be right-padded (each row's ones, then its zeros); move "
+                                 "left-padded sequences to the left first")
+        return lengths
+    if lengths is not None and isinstance(lengths, Tensor) and lengths.dtype == torch.int32:
+        lengths = lengths.to(torch.int64)
     return lengths
 
 

@@ -13,7 +13,7 @@ import torch
 from bignlp_fast import _backend, steady_allocator
 from bignlp_fast.bench import cases
 from bignlp_fast.bench.cases import to_float64
-from bignlp_fast.bench.runner import max_err, sync
+from bignlp_fast.bench.runner import max_err, peak_extra_mb, sync
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 CASES = cases(os.environ.get("BIGNLP_FAST_BENCH_SUITE", "quick"))
@@ -40,4 +40,5 @@ def test_bench(benchmark, case, side):
         backend=backend if side == "bignlp_fast" else "eager", reference=case.ref_name, bytes=case.bytes,
         gbps=case.bytes / median / 1e9 if case.bytes and median else None,
         gflops=case.flops / median / 1e9 if case.flops and median else None,
+        peak_extra_mb=peak_extra_mb(run, DEVICE),  # as the CLI's table: one call's memory beyond its inputs
         max_err_vs_float64=max_err(out, case.ref(to_float64(inputs))) if case.check_error else None)

@@ -2,6 +2,7 @@
 padding, the packed and padded attention paths, checkpoints, bf16, training, torch.compile."""
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -168,8 +169,54 @@ def test_task_model_from_a_base_checkpoint_initialises_the_head_with_a_warning(t
         model = BertForSequenceClassification.from_pretrained(str(tmp_path), num_labels=4)
     assert model.classifier.out_features == 4
     torch.testing.assert_close(model.bert.embeddings.word_embeddings.weight, hf.embeddings.word_embeddings.weight)
-    with pytest.warns(UserWarning, match="ignoring the checkpoint's task-head weights"):
+    with pytest.warns(UserWarning, match=r"ignoring the checkpoint's weights \['cls\.predictions"):
         BertModel.from_pretrained(_saved(transformers.BertForMaskedLM, BertForMaskedLM, tmp_path / "mlm"))
+
+
+@pytest.mark.parametrize("source", ["BertForPreTraining", "BertModel"])
+@pytest.mark.parametrize("target", [BertForMaskedLM, BertForSequenceClassification])
+def test_task_models_load_checkpoints_with_other_heads_as_transformers_does(tmp_path, source, target):
+    """A pre-training checkpoint (pooler, MLM and next-sentence heads: what the original BERT releases
+    ship) or a base model's (pooler) loads into either task model: the weights it has no place for
+    are ignored with a warning, the rest is loaded; a missing encoder weight is still an error."""
+    hf_source = getattr(transformers, source)
+    hf, _ = _pair(hf_source, BertModel if source == "BertModel" else BertForMaskedLM)
+    hf.save_pretrained(tmp_path)
+    with pytest.warns(UserWarning):
+        model = target.from_pretrained(str(tmp_path)).eval()
+    ref = getattr(transformers, target.__name__).from_pretrained(str(tmp_path), attn_implementation="eager").eval()
+    ids, mask, _ = _inputs()
+    real = mask.bool()
+    with torch.no_grad():
+        torch.testing.assert_close(model.bert(ids, attention_mask=mask).last_hidden_state[real],
+                                   ref.bert(ids, attention_mask=mask).last_hidden_state[real], rtol=1e-5, atol=1e-5)
+        if target is BertForMaskedLM and source == "BertForPreTraining":  # the MLM head came with it
+            torch.testing.assert_close(model(ids, attention_mask=mask).logits[real],
+                                       ref(ids, attention_mask=mask).logits[real], rtol=1e-5, atol=1e-5)
+    from safetensors.torch import load_file, save_file
+    state = load_file(str(tmp_path / "model.safetensors"))
+    del state[next(k for k in state if "encoder.layer.0.output.dense.weight" in k)]
+    save_file(state, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    with pytest.raises(RuntimeError, match="missing weights"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the other heads' weights, said above
+        target.from_pretrained(str(tmp_path))
+
+
+def test_untied_masked_lm_decoder_loads_as_its_own_weight(tmp_path):
+    """config.json's "tie_word_embeddings": false gives the MLM decoder a weight of its own, as in
+    transformers (it used to overwrite the word embeddings, the two being one parameter)."""
+    hf, _ = _pair(transformers.BertForMaskedLM, BertForMaskedLM, tie_word_embeddings=False)
+    assert hf.cls.predictions.decoder.weight.data_ptr() != hf.bert.embeddings.word_embeddings.weight.data_ptr()
+    hf.save_pretrained(tmp_path)
+    ours = BertForMaskedLM.from_pretrained(str(tmp_path)).eval()
+    ids, mask, _ = _inputs()
+    real = mask.bool()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids, attention_mask=mask).logits[real],
+                                   hf(ids, attention_mask=mask).logits[real], rtol=1e-5, atol=1e-5)
+    ours.save_pretrained(str(tmp_path / "again"))
+    again = transformers.BertForMaskedLM.from_pretrained(str(tmp_path / "again"), attn_implementation="eager").eval()
+    torch.testing.assert_close(again.cls.predictions.decoder.weight, hf.cls.predictions.decoder.weight)
 
 
 def _saved(hf_cls, ours_cls, path):

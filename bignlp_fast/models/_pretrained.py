@@ -106,6 +106,8 @@ class PretrainedModel(torch.nn.Module):
       ignored_keys       suffixes of checkpoint keys that are buffers, not weights (e.g. position_ids)
       optional_keys      prefixes of weights a checkpoint may lack (e.g. BERT's pooler, absent from
                          masked-LM checkpoints): newly initialised with a warning, like a task head
+      other_keys         prefixes of the base model's weights that this model does not have (the
+                         masked LM's: BERT's pooler): ignored with a warning, like another head's
       architecture       the class name written to config.json's "architectures"
     """
 
@@ -114,6 +116,7 @@ class PretrainedModel(torch.nn.Module):
     tied_weights: dict = {}
     ignored_keys: tuple = ()
     optional_keys: tuple = ()
+    other_keys: tuple = ()
     architecture: str = ""
 
     # -- loading --
@@ -146,8 +149,11 @@ class PretrainedModel(torch.nn.Module):
 
         Renames applied: the old LayerNorm names ``gamma``/``beta`` become ``weight``/``bias``; the
         base-model prefix is added when a task model loads a base-model checkpoint and removed when a
-        base model loads a task-model checkpoint (whose head weights are then ignored, with a
-        warning); buffers named in ``ignored_keys`` are skipped; tied weights are tied again.
+        base model loads a task-model checkpoint; buffers named in ``ignored_keys`` are skipped; tied
+        weights are tied again. Weights of heads this model does not have (outside the base model,
+        e.g. a pre-training checkpoint's ``cls.*`` in a classifier) and those under ``other_keys``
+        are ignored with a warning, as transformers does; any other weight that does not fit is an
+        error (a warning with ``strict=False``).
         """
         own = self.state_dict()
         prefix = self.base_model_prefix + "."
@@ -161,12 +167,15 @@ class PretrainedModel(torch.nn.Module):
         if is_task_model and not has_prefix:
             renamed = {prefix + k: v for k, v in renamed.items()}
         elif not is_task_model and has_prefix:
-            dropped = sorted(k for k in renamed if not k.startswith(prefix))
-            if dropped:
-                warnings.warn(f"{type(self).__name__}: ignoring the checkpoint's task-head weights {dropped}",
-                              stacklevel=3)
-            renamed = {k[len(prefix):]: v for k, v in renamed.items() if k.startswith(prefix)}
+            renamed = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in renamed.items()}
         renamed = {k: v for k, v in renamed.items() if not k.endswith(self.ignored_keys) or k in own}
+        # another head's weights (outside the base model) and parts of the base model this one lacks
+        foreign = sorted(k for k in renamed if k not in own and (k.startswith(self.other_keys) or (
+            not k.startswith(prefix) if is_task_model else k.split(".", 1)[0] not in self._modules)))
+        if foreign:
+            warnings.warn(f"{type(self).__name__}: ignoring the checkpoint's weights {foreign}, which belong to "
+                          "parts this model does not have (another task's head)", stacklevel=3)
+            renamed = {k: v for k, v in renamed.items() if k not in foreign}
         for key, source in self.tied_weights.items():
             if key in own and key not in renamed and source in renamed:
                 renamed[key] = renamed[source]

@@ -408,13 +408,15 @@ class BertOnlyMLMHead(torch.nn.Module):
 
 
 class BertForMaskedLM(PretrainedModel):
-    """BERT + the masked-LM head, its decoder tied to the word embeddings.
+    """BERT + the masked-LM head, its decoder tied to the word embeddings (a decoder of its own when
+    config.json says ``"tie_word_embeddings": false``, as transformers does).
     ``forward(..., labels=None)`` -> MaskedLMOutput; labels are token ids, -100 where no loss is taken
     (padding positions never count)."""
 
     config_class = BertConfig
     base_model_prefix = "bert"
     ignored_keys = BertModel.ignored_keys
+    other_keys = ("bert.pooler.",)  # in BertForPreTraining / BertModel checkpoints; this model has no pooler
     tied_weights = {"cls.predictions.decoder.weight": "bert.embeddings.word_embeddings.weight",
                     "cls.predictions.decoder.bias": "cls.predictions.bias"}
     architecture = "BertForMaskedLM"
@@ -425,7 +427,10 @@ class BertForMaskedLM(PretrainedModel):
         self.bert = BertModel(config, add_pooling_layer=False)
         self.cls = BertOnlyMLMHead(config)
         _init_weights(self.cls, config.initializer_range)
-        self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
+        if config.extra.get("tie_word_embeddings", True) is False:  # the checkpoint holds the decoder's weight
+            self.tied_weights = {k: v for k, v in self.tied_weights.items() if k != "cls.predictions.decoder.weight"}
+        else:
+            self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
 
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 token_type_ids: Optional[Tensor] = None, position_ids: Optional[Tensor] = None,

@@ -56,6 +56,13 @@ def _info(args) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def select(suite: str, filters: Optional[list[str]]) -> list:
     """The suite's cases whose id contains any of ``filters`` (every case without filters)."""
     from bignlp_fast.bench import cases
@@ -142,7 +149,7 @@ def main(argv=None) -> int:
     p_bench.add_argument("--backend", choices=["cpu", "cuda", "triton", "torch"], help="default: automatic")
     p_bench.add_argument("--filter", action="append",
                          help="only cases whose id contains this text (repeat it for cases that match any)")
-    p_bench.add_argument("--repeats", type=int, default=15, help="timed calls per side (median reported)")
+    p_bench.add_argument("--repeats", type=_positive_int, default=15, help="timed calls per side (median reported)")
     p_bench.add_argument("--json", metavar="FILE", help="write the rows as JSON")
     p_bench.add_argument("--plot", metavar="FILE.png", help="bar chart of speedups (needs matplotlib)")
     p_tc = sub.add_parser("triton-compile", help="compile every Triton kernel for a GPU architecture (no GPU "
@@ -152,7 +159,7 @@ def main(argv=None) -> int:
     p_tc.add_argument("--dtype", nargs="+", default=["float32", "float16", "bfloat16"],
                       choices=["float32", "float16", "bfloat16"], help="input dtypes (default: all three)")
     p_tc.add_argument("--filter", help="only cases whose name (e.g. 'attention D128 causal bfloat16') contains this")
-    p_tc.add_argument("--workers", type=int, help="compiler processes (default: one per CPU)")
+    p_tc.add_argument("--workers", type=_positive_int, help="compiler processes (default: one per CPU)")
     p_tc.add_argument("--json", metavar="FILE", help="write the rows as JSON")
     p_tc.set_defaults(func=_triton_compile)
     args = parser.parse_args(argv)

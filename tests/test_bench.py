@@ -34,6 +34,12 @@ def test_gpu_suite_refuses_the_cpu(capsys):
     assert {c.shape[0] for c in gpu if c.op == "rnn"} == {4, 16, 64}  # batch 4 to 64 against cuDNN
 
 
+def test_repeats_must_be_positive(capsys):
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "--repeats", "0"])
+    assert "--repeats: must be at least 1, got 0" in capsys.readouterr().err
+
+
 def test_repeated_filters_select_the_cases_matching_any():
     got = [c.id for c in cli.select("full", ["rnn-GRU-fwd-4x", "rnn-LSTM-fwd-4x"])]
     assert got == ["rnn-LSTM-fwd-4x512x512x128-float32", "rnn-GRU-fwd-4x512x512x128-float32"]

@@ -147,6 +147,16 @@ def hf_conv1d_class() -> Optional[type]:
     return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
 
 
+def __getattr__(name: str):
+    """``bignlp_fast.hf.Conv1D``, the class :func:`fast_conv1d_class` makes, by the name it carries:
+    pickle (torch.save of a whole optimized model) finds a class by its module and name, and this
+    makes it there on first use (importing transformers, as the model being loaded does)."""
+    if name == "Conv1D":
+        from transformers.pytorch_utils import Conv1D
+        return fast_conv1d_class(Conv1D)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 # ---- registration -----------------------------------------------------------------------------
 def _register_attention(modeling_utils) -> None:
     modeling_utils.AttentionInterface.register(NAME, attention_forward)

@@ -445,3 +445,22 @@ def test_hf_gpt2_conv1d_runs_on_dense_with_the_same_results(transformers, monkey
     second = optimize(model)
     assert second.swapped == [] and ("transformer.h.0.attn.c_attn", "bignlp_fast.hf.Conv1D",
                                      "already optimized") in second.skipped
+
+
+def test_an_optimized_hf_gpt2_saves_whole_and_loads_in_a_fresh_process(transformers, tmp_path):
+    """torch.save of the whole model pickles the swapped Conv1D class by its name,
+    bignlp_fast.hf.Conv1D, which a fresh process finds again."""
+    config = transformers.GPT2Config(vocab_size=101, n_embd=32, n_head=4, n_layer=1, n_positions=32)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    optimize(model)
+    ids = torch.randint(0, 101, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.save({"model": model, "ids": ids, "logits": model(ids).logits}, tmp_path / "m.pt")
+    code = ("import torch, bignlp_fast\n"
+            f"d = torch.load({str(tmp_path / 'm.pt')!r}, weights_only=False)\n"
+            "m = d['model']\n"
+            "assert type(m.transformer.h[0].attn.c_attn).__module__ == 'bignlp_fast.hf'\n"
+            "with torch.no_grad():\n"
+            "    torch.testing.assert_close(m(d['ids']).logits, d['logits'])\n")
+    subprocess.run([sys.executable, "-c", code], cwd=SUBPROCESS_CWD, check=True, capture_output=True)

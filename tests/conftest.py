@@ -2,11 +2,28 @@
 TRITON_INTERPRET must be set before triton is first imported, so it is set here."""
 
 import contextlib
+import hashlib
 import os
+import pathlib
 import platform
 import tempfile
 
-import torch
+
+def _inductor_cache_for_these_sources() -> str:
+    """An inductor cache directory of its own for this version of the Python sources. Inductor's
+    on-disk graph cache does not key on a custom op's fake function, so after a fake changes a run
+    would load code compiled for the old one (it checks outputs against the old strides: a fixed
+    fake kept failing until the cache was cleared)."""
+    root = pathlib.Path(__file__).resolve().parent.parent
+    digest = hashlib.sha1()
+    for path in sorted([*root.glob("bignlp_fast/**/*.py"), *root.glob("kernels/*.py")]):
+        digest.update(path.read_bytes())
+    return os.path.join(tempfile.gettempdir(), f"torchinductor_bignlp_fast_{digest.hexdigest()[:12]}")
+
+
+os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", _inductor_cache_for_these_sources())  # before torch reads it
+
+import torch  # noqa: E402
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

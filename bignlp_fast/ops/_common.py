@@ -153,6 +153,13 @@ def contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.contiguous()
 
 
+def fresh_like(t: Tensor) -> Tensor:
+    """A new contiguous tensor of ``t``'s shape, dtype and device: in a fake (meta) function, what the
+    kernels return for an input they made contiguous first. (torch.empty_like would keep a
+    non-contiguous input's strides, and torch.compile's code checks the real output against them.)"""
+    return torch.empty_like(t, memory_format=torch.contiguous_format)
+
+
 def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype sums are kept in: float32 for 16-bit and 32-bit inputs, float64 for float64."""
     return torch.promote_types(dtype, torch.float32)

@@ -19,7 +19,8 @@ from torch import Tensor
 
 from bignlp_fast import _backend
 from bignlp_fast.ops._common import (acc_dtype, autocast_promote, call, check_like, check_tensor, check_vector,
-                                     contiguous, custom_op, grads_or_zeros, kernel, no_zero_grads, register_autograd)
+                                     contiguous, custom_op, fresh_like, grads_or_zeros, kernel, no_zero_grads,
+                                     register_autograd)
 
 OP = _backend.register_op("add_layer_norm", dtypes={
     "cpu": (torch.float32, torch.bfloat16),
@@ -75,8 +76,8 @@ def add_layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[T
 @add_layer_norm_fwd.register_fake
 def _(x, residual, weight, bias, eps, backend):
     stats = x.new_empty(x.shape[0], dtype=acc_dtype(x.dtype))
-    return (torch.empty_like(x), torch.empty_like(x) if residual is not None else x.new_empty(0),
-            stats, torch.empty_like(stats))
+    return (fresh_like(x), fresh_like(x) if residual is not None else x.new_empty(0),
+            stats, fresh_like(stats))
 
 
 @custom_op("add_layer_norm_bwd")
@@ -91,8 +92,8 @@ def add_layer_norm_bwd(grad_out: Tensor, grad_residual_out: Optional[Tensor], s:
 @add_layer_norm_bwd.register_fake
 def _(grad_out, grad_residual_out, s, mean, rstd, weight, has_bias, backend):
     vec = s.new_empty(s.shape[1])
-    return torch.empty_like(s), vec if weight is not None else s.new_empty(0), \
-        torch.empty_like(vec) if has_bias else s.new_empty(0)
+    return fresh_like(s), vec if weight is not None else s.new_empty(0), \
+        fresh_like(vec) if has_bias else s.new_empty(0)
 
 
 def _setup_context(ctx, inputs, output):

@@ -16,7 +16,7 @@ from torch import Tensor
 from bignlp_fast import _backend
 from bignlp_fast.ops._activation import ACTIVATIONS, activation_grad_torch
 from bignlp_fast.ops._common import (acc_dtype, autocast_promote, call, check_choice, check_tensor, check_vector,
-                                     contiguous, custom_op, kernel, register_autograd)
+                                     contiguous, custom_op, fresh_like, kernel, register_autograd)
 
 OP = _backend.register_op("bias_gelu", dtypes={
     "cpu": (torch.float32, torch.bfloat16),
@@ -60,7 +60,7 @@ def bias_gelu_fwd(x: Tensor, bias: Optional[Tensor], approximate: str, backend: 
 
 @bias_gelu_fwd.register_fake
 def _(x, bias, approximate, backend):
-    return torch.empty_like(x)
+    return fresh_like(x)
 
 
 @custom_op("bias_gelu_bwd")
@@ -72,7 +72,7 @@ def bias_gelu_bwd(grad_y: Tensor, x: Tensor, bias: Optional[Tensor], approximate
 
 @bias_gelu_bwd.register_fake
 def _(grad_y, x, bias, approximate, backend):
-    return torch.empty_like(x), x.new_empty(x.shape[1]) if bias is not None else x.new_empty(0)
+    return fresh_like(x), x.new_empty(x.shape[1]) if bias is not None else x.new_empty(0)
 
 
 def _setup_context(ctx, inputs, output):

@@ -27,7 +27,7 @@ from torch import Tensor
 from bignlp_fast import _backend
 from bignlp_fast.ops._activation import activation_grad_torch, activation_torch, check_activation
 from bignlp_fast.ops._common import (acc_dtype, autocast_lower, call, check_like, check_tensor, contiguous, custom_op,
-                                     kernel, register_autograd)
+                                     fresh_like, kernel, register_autograd)
 
 OP = _backend.register_op("causal_conv1d", dtypes={
     "cpu": (torch.float32, torch.bfloat16),
@@ -85,7 +85,7 @@ def causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], initial
 
 @causal_conv1d_fwd.register_fake
 def _(x, weight, bias, initial_state, activation, backend):
-    return torch.empty_like(x, memory_format=torch.contiguous_format)
+    return fresh_like(x)
 
 
 @custom_op("causal_conv1d_bwd")
@@ -99,9 +99,9 @@ def causal_conv1d_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[
 
 @causal_conv1d_bwd.register_fake
 def _(grad_y, x, weight, bias, initial_state, activation, backend):
-    return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight),
+    return (fresh_like(x), fresh_like(weight),
             x.new_empty(weight.shape[0] if bias is not None else 0),
-            torch.empty_like(initial_state) if initial_state is not None else x.new_empty(0))
+            fresh_like(initial_state) if initial_state is not None else x.new_empty(0))
 
 
 def _setup_context(ctx, inputs, output):

@@ -30,7 +30,7 @@ from torch import Tensor
 from bignlp_fast import _backend
 from bignlp_fast.ops._activation import activation_grad_torch, activation_torch, check_activation
 from bignlp_fast.ops._common import (acc_dtype, autocast_lower, call, check_like, check_tensor, contiguous, custom_op,
-                                     grads_or_zeros, kernel, no_zero_grads, register_autograd)
+                                     fresh_like, grads_or_zeros, kernel, no_zero_grads, register_autograd)
 
 OP = _backend.register_op("conv", dtypes={
     "cpu": (torch.float32, torch.bfloat16),
@@ -99,7 +99,7 @@ def conv_bwd(grad_out: Tensor, x: Tensor, weight: Tensor, pre: Tensor, bias: Opt
 
 @conv_bwd.register_fake
 def _(grad_out, x, weight, pre, bias, stride, padding, dilation, groups, activation, backend):
-    return (torch.empty_like(x, memory_format=torch.contiguous_format), torch.empty_like(weight),
+    return (fresh_like(x), fresh_like(weight),
             x.new_empty(weight.shape[0] if bias is not None else 0))
 
 

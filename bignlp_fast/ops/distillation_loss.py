@@ -27,8 +27,8 @@ import torch
 from torch import Tensor
 
 from bignlp_fast import _backend
-from bignlp_fast.ops._common import (acc_dtype, call, check_like, check_tensor, custom_op, grads_or_zeros, kernel,
-                                     no_zero_grads, register_autograd)
+from bignlp_fast.ops._common import (acc_dtype, call, check_like, check_tensor, custom_op, fresh_like, grads_or_zeros,
+                                     kernel, no_zero_grads, register_autograd)
 
 OP = _backend.register_op(
     "distillation_loss",
@@ -77,7 +77,7 @@ def distillation_loss_fwd(student: Tensor, teacher: Tensor, labels: Optional[Ten
 
 @distillation_loss_fwd.register_fake
 def _(student, teacher, labels, temperature, alpha, ignore_index, need_grad, backend):
-    return student.new_empty((), dtype=acc_dtype(student.dtype)), (torch.empty_like(student) if need_grad
+    return student.new_empty((), dtype=acc_dtype(student.dtype)), (fresh_like(student) if need_grad
                                                        else student.new_empty(0))
 
 

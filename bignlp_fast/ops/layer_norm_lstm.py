@@ -37,7 +37,8 @@ from torch import Tensor
 
 from bignlp_fast import _backend
 from bignlp_fast.ops._common import (acc_dtype, call, check_lengths, check_operands, check_tensor, check_time_major,
-                                     contiguous, custom_op, grads_or_zeros, kernel, no_zero_grads, register_autograd)
+                                     contiguous, custom_op, fresh_like, grads_or_zeros, kernel, no_zero_grads,
+                                     register_autograd)
 
 OP = _backend.register_op(
     "layer_norm_lstm",
@@ -194,7 +195,7 @@ def layer_norm_lstm_bwd(grad_out: Tensor, grad_h_n: Tensor, grad_c_n: Tensor, xw
 @layer_norm_lstm_bwd.register_fake
 def _(grad_out, grad_h_n, grad_c_n, xw, w_hh, gamma_h, beta_h, gamma_c, beta_c, h0, c0, lengths, workspace, eps,
       reverse, backend):
-    like = lambda t: torch.empty_like(t) if t is not None else xw.new_empty(0)  # noqa: E731
+    like = lambda t: fresh_like(t) if t is not None else xw.new_empty(0)  # noqa: E731
     return tuple(like(t) for t in (xw, w_hh, gamma_h, beta_h, gamma_c, beta_c, h0, c0))
 
 

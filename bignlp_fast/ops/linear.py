@@ -24,8 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bignlp_fast import _backend
-from bignlp_fast.ops._common import (acc_dtype, call, check_like, check_tensor, contiguous, custom_op, kernel,
-                                     register_autograd)
+from bignlp_fast.ops._common import (acc_dtype, call, check_like, check_tensor, contiguous, custom_op, fresh_like,
+                                     kernel, register_autograd)
 
 OP = _backend.register_op(
     "linear",
@@ -68,7 +68,7 @@ def linear_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, has_bias: bool,
 
 @linear_bwd.register_fake
 def _(grad_y, x, weight, has_bias, backend):
-    return torch.empty_like(x), torch.empty_like(weight), weight.new_empty(weight.shape[0] if has_bias else 0)
+    return fresh_like(x), fresh_like(weight), weight.new_empty(weight.shape[0] if has_bias else 0)
 
 
 def _setup_context(ctx, inputs, output):

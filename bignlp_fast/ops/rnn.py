@@ -34,7 +34,7 @@ from torch import Tensor
 
 from bignlp_fast import _backend
 from bignlp_fast.ops._common import (acc_dtype, call, check_choice, check_lengths, check_operands, check_time_major,
-                                     custom_op, grads_or_zeros, kernel, no_zero_grads, register_autograd)
+                                     custom_op, fresh_like, grads_or_zeros, kernel, no_zero_grads, register_autograd)
 
 OP = _backend.register_op(
     "rnn",
@@ -216,7 +216,7 @@ def rnn_bwd(grad_out: Tensor, grad_h_n: Tensor, grad_c_n: Optional[Tensor], xw: 
 
 @rnn_bwd.register_fake
 def _(grad_out, grad_h_n, grad_c_n, xw, w_hh, b_hh, h0, c0, w_hr, lengths, workspace, mode, reverse, backend):
-    like = lambda t: torch.empty_like(t) if t is not None else xw.new_empty(0)  # noqa: E731
+    like = lambda t: fresh_like(t) if t is not None else xw.new_empty(0)  # noqa: E731
     return like(xw), like(w_hh), like(b_hh), like(h0), like(c0), like(w_hr)
 
 

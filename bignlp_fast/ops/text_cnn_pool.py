@@ -35,7 +35,7 @@ from torch import Tensor
 
 from bignlp_fast import _backend
 from bignlp_fast.ops._activation import activation_grad_torch, activation_torch, check_activation
-from bignlp_fast.ops._common import (acc_dtype, autocast_lower, call, check_like, check_tensor, custom_op,
+from bignlp_fast.ops._common import (acc_dtype, autocast_lower, call, check_like, check_tensor, custom_op, fresh_like,
                                      grads_or_zeros, kernel, no_zero_grads, register_autograd)
 
 OP = _backend.register_op("text_cnn_pool", dtypes={
@@ -127,8 +127,8 @@ def text_cnn_pool_bwd(grad_out: Tensor, x: Tensor, weights: list[Tensor], biases
 
 @text_cnn_pool_bwd.register_fake
 def _(grad_out, x, weights, biases, argmax, pre, activation, backend):
-    grads = [torch.empty_like(x, memory_format=torch.contiguous_format)] + [torch.empty_like(w) for w in weights]
-    return grads + [torch.empty_like(b) for b in biases]
+    grads = [fresh_like(x)] + [fresh_like(w) for w in weights]
+    return grads + [fresh_like(b) for b in biases]
 
 
 def _setup_context(ctx, inputs, output):

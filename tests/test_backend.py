@@ -295,3 +295,13 @@ def test_mid_sized_outputs_are_reused_from_the_cache_by_best_fit():
     torch.testing.assert_close(out2, expected[:512], rtol=1e-5, atol=1e-5)
     small, _ = add_layer_norm(x[:8], r[:8], backend="cpu")  # 24 KiB: plain at::empty, not counted
     torch.testing.assert_close(small, expected[:8], rtol=1e-5, atol=1e-5)
+
+
+def test_torch_func_grad_says_it_is_unsupported_and_vmap_works():
+    """torch's custom ops with their own backward cannot run under torch.func.grad / jacrev / jvp (its
+    error is about an autograd.Function's setup_context); ours says what it is and what works."""
+    x, w = torch.randn(3, 16), torch.randn(16)
+    with pytest.raises(RuntimeError, match="do not support torch.func's grad"):
+        torch.func.grad(lambda w: add_layer_norm(x, None, w, None)[0].square().sum())(w)
+    xs = torch.randn(4, 3, 16)
+    torch.testing.assert_close(torch.func.vmap(lambda x: bias_gelu(x, w))(xs), torch.stack([bias_gelu(x, w) for x in xs]))

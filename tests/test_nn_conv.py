@@ -38,6 +38,19 @@ def test_conv2d_drop_in_without_activation():
     torch.testing.assert_close(relu(x), F.relu(ref(x)), rtol=1e-5, atol=1e-5)
 
 
+def test_conv2d_keeps_a_channels_last_layout():
+    ref = torch.nn.Conv2d(4, 6, 3, padding=1)
+    ours = bnn.Conv2d(4, 6, 3, padding=1)
+    ours.load_state_dict(ref.state_dict())
+    x = torch.randn(2, 4, 7, 5).contiguous(memory_format=torch.channels_last).requires_grad_()
+    got, want = ours(x), ref(x)
+    assert got.is_contiguous(memory_format=torch.channels_last) and not got.is_contiguous()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    (grad,) = torch.autograd.grad(got.square().sum(), x)
+    torch.testing.assert_close(grad, torch.autograd.grad(want.square().sum(), x)[0], rtol=1e-4, atol=1e-5)
+    assert ours(x.contiguous()).is_contiguous()  # and an NCHW input stays NCHW
+
+
 def test_text_cnn_block():
     torch.manual_seed(0)
     block = bnn.TextCNN(12, 5, widths=(2, 3, 4))

@@ -117,7 +117,16 @@ def call(op, *args):
         return fn(*args)
     eager = _EAGER.get(op) if route == 1 else None
     if eager is None:
-        return op(*args)
+        if not torch._C._are_functorch_transforms_active():
+            return op(*args)
+        try:
+            return op(*args)
+        except RuntimeError as e:  # torch.func.grad / jacrev / jvp: say whose limit it is, and what works
+            if "setup_context" not in str(e):
+                raise
+            raise RuntimeError(f"bignlp_fast: {op._name} has its own backward, and torch's custom ops with one "
+                               "do not support torch.func's grad, jacrev or jvp (vmap and functional_call work); "
+                               "use torch.autograd.grad, or the torch.nn module this one replaces") from e
     function, n, defaults = eager
     return function.apply(*args, *defaults[len(args):n])
 

@@ -140,6 +140,7 @@ def _conv_nd(op: str, nd: int, x, weight, bias, stride, padding, dilation, group
     check_tensor(op, "x", x)
     x, weight, bias, residual = autocast_lower(x.device, x, weight, bias, residual)
     unbatched = x.dim() == nd + 1
+    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
     if unbatched:
         x = x.unsqueeze(0)
     if x.dim() != nd + 2:
@@ -191,6 +192,8 @@ def _conv_nd(op: str, nd: int, x, weight, bias, stride, padding, dilation, group
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, residual))
     out, _ = call(conv_fwd, x, weight, bias, residual, stride, padding, dilation, groups, code, needs_grad, name)
+    if channels_last:  # torch's convolution keeps the input's channels_last layout; the kernels write NCHW
+        out = out.contiguous(memory_format=torch.channels_last)
     return out.squeeze(0) if unbatched else out
 
 
@@ -217,5 +220,6 @@ def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: Int
     """``act(F.conv2d(x, weight, bias, stride, padding, dilation, groups)) + residual``, the epilogue fused.
 
     Args as :func:`conv1d`, with x [B, C_in, H, W] (or [C_in, H, W]) and weight [C_out, C_in / groups, KH, KW].
+    A channels_last x gives a channels_last output, as torch's (the kernels work in NCHW: a copy each way).
     """
     return _conv_nd("conv2d", 2, x, weight, bias, stride, padding, dilation, groups, activation, residual, backend)

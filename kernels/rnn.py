@@ -342,14 +342,17 @@ def _blocks(device, hidden: int):
     return 16, block_h, 32, 4
 
 
-def _check(dtype):
-    reason = rnn_triton_supports(dtype)
+def _check(xw, w_hh):
+    reason = rnn_triton_supports(xw.dtype)
     if reason is not None:
         raise ValueError(reason)
+    # the kernels' offsets into the weights are 32-bit; the same bounds as csrc/cuda/rnn.cu's
+    if xw.numel() >= 2 ** 31 or w_hh.numel() >= 2 ** 31:
+        raise ValueError(f"rnn (triton): xw {tuple(xw.shape)} or w_hh {tuple(w_hh.shape)} has 2^31 elements or more")
 
 
 def rnn_fwd_triton(xw, w_hh, b_hh, h0, c0, w_hr, lengths, mode, reverse, save_workspace):
-    _check(xw.dtype)
+    _check(xw, w_hh)
     T, B, GH = xw.shape
     H, S = GH // GATES[mode], w_hh.shape[1]
     width = workspace_width(mode, H, S, "triton")
@@ -376,7 +379,7 @@ def rnn_fwd_triton(xw, w_hh, b_hh, h0, c0, w_hr, lengths, mode, reverse, save_wo
 
 
 def rnn_bwd_triton(grad_out, grad_h_n, grad_c_n, xw, w_hh, b_hh, h0, c0, w_hr, lengths, workspace, mode, reverse):
-    _check(xw.dtype)
+    _check(xw, w_hh)
     T, B, GH = xw.shape
     H, S = GH // GATES[mode], w_hh.shape[1]
     if workspace.numel() != T * B * workspace_width(mode, H, S, "triton"):

@@ -305,3 +305,32 @@ def test_torch_func_grad_says_it_is_unsupported_and_vmap_works():
         torch.func.grad(lambda w: add_layer_norm(x, None, w, None)[0].square().sum())(w)
     xs = torch.randn(4, 3, 16)
     torch.testing.assert_close(torch.func.vmap(lambda x: bias_gelu(x, w))(xs), torch.stack([bias_gelu(x, w) for x in xs]))
+
+
+def test_triton_kernels_launch_on_their_tensors_device(monkeypatch):
+    """Triton launches on torch's current CUDA device: the triton backend makes the first CUDA
+    argument's device current for the call (checked here with stand-ins for the tensors and for
+    torch.cuda's device switch; the GPU tests run it for real)."""
+    from types import SimpleNamespace
+
+    from bignlp_fast.ops._common import on_tensors_device
+    switched = []
+
+    class Device:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            switched.append(self.device)
+
+        def __exit__(self, *exc):
+            switched.append("back")
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", Device)
+    run = on_tensors_device(lambda *args: list(switched))
+    on = lambda d: SimpleNamespace(device=torch.device(d))  # noqa: E731
+    assert run(on("cpu"), on("cuda:0"), 3) == [] and switched == []  # already current: no switch
+    assert run(None, on("cuda:1"), on("cuda:0")) == [torch.device("cuda:1")] and switched[-1] == "back"
+    run(on("cpu"))  # CPU tensors (the Triton interpreter): no switch
+    assert len(switched) == 2

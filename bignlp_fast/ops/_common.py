@@ -155,7 +155,23 @@ def kernel(op: str, pass_: str, backend: str) -> Callable:
     if backend in ("cpu", "cuda"):
         return getattr(_backend.compiled(), name)
     module = "bignlp_fast.kernels" if backend == "triton" else "bignlp_fast.ops"
-    return getattr(importlib.import_module(f"{module}.{op}"), name)
+    fn = getattr(importlib.import_module(f"{module}.{op}"), name)
+    return on_tensors_device(fn) if backend == "triton" else fn
+
+
+def on_tensors_device(fn: Callable) -> Callable:
+    """``fn`` run with its first CUDA tensor's device as torch's current device. Triton launches on
+    the current device (and its stream), not on the arguments' (the CUDA ops guard theirs with a
+    CUDAGuard): tensors on cuda:1 while cuda:0 is current would be read from the wrong GPU."""
+    def run(*args):
+        device = next((a.device for a in args if getattr(a, "device", None) is not None and a.device.type == "cuda"),
+                      None)
+        if device is None or device.index == torch.cuda.current_device():
+            return fn(*args)
+        with torch.cuda.device(device):
+            return fn(*args)
+
+    return run
 
 
 def contiguous(t: Optional[Tensor]) -> Optional[Tensor]:

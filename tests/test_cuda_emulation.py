@@ -121,6 +121,39 @@ def test_kernels_under_other_orders_and_sm_counts(monkeypatch, sms, reverse):
              xw, whh, h0, h0.clone(), tol=1e-4)
 
 
+def test_kernels_on_shapes_that_cut_rows_into_chunks(monkeypatch):
+    """The paths that the float64 tests' shapes do not reach, forward and backward against the float64
+    reference: add_layer_norm's backward cutting rows into chunks (hidden past 2048 on its scalar path,
+    past 8192 on its vectorised one), conv1d's forward stepping through more vectors than its grid
+    holds and its backward cutting rows into chunks, causal_conv1d with several chunks a row (L > 1024)."""
+    from bignlp_fast.ops import add_layer_norm, causal_conv1d, conv1d
+
+    g = torch.Generator().manual_seed(0)
+
+    def check(fn, shapes, tol):
+        leaves = [torch.randn(*s, generator=g).requires_grad_() for s in shapes]
+        grad_out = None
+        results = []
+        for backend, dtype in (("cuda", torch.float32), ("torch", torch.float64)):
+            args = [t.detach().to(dtype).requires_grad_() for t in leaves]
+            out = fn(*args, backend=backend)
+            if grad_out is None:
+                grad_out = torch.randn(out.shape, generator=g)
+            grads = torch.autograd.grad(out, args, grad_out.to(dtype))
+            results.append((out, *grads))
+        for ours, ref in zip(*results):
+            assert (ours.double() - ref).abs().max() < tol * max(1.0, ref.abs().max().item())
+
+    with cuda_emu.active(monkeypatch, sms=1):
+        for hidden in (2051, 12288):  # odd: the scalar path; a multiple of the vector width: the vectorised one
+            check(lambda x, r, w, b, backend: add_layer_norm(x, r, w, b, backend=backend)[0],
+                  [(3, hidden), (3, hidden), (hidden,), (hidden,)], tol=1e-4)
+        check(lambda x, w, b, backend: conv1d(x, w, b, padding=1, activation="gelu", backend=backend),
+              [(1, 2, 8200), (2, 2, 3), (2,)], tol=1e-4)
+        check(lambda x, w, b, backend: causal_conv1d(x, w, b, "silu", backend=backend),
+              [(1, 2, 2500), (2, 4), (2,)], tol=1e-4)
+
+
 def _asan_python(args, env_extra=None, timeout=900):
     """Runs ``python args`` with AddressSanitizer's runtime preloaded (tests/ on the path)."""
     try:

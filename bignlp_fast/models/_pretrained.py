@@ -169,9 +169,15 @@ class PretrainedModel(torch.nn.Module):
         elif not is_task_model and has_prefix:
             renamed = {(k[len(prefix):] if k.startswith(prefix) else k): v for k, v in renamed.items()}
         renamed = {k: v for k, v in renamed.items() if not k.endswith(self.ignored_keys) or k in own}
-        # another head's weights (outside the base model) and parts of the base model this one lacks
-        foreign = sorted(k for k in renamed if k not in own and (k.startswith(self.other_keys) or (
-            not k.startswith(prefix) if is_task_model else k.split(".", 1)[0] not in self._modules)))
+
+        def is_foreign(key: str) -> bool:  # another head's weight, or one of a part this model does not have
+            if key in own:
+                return False
+            if key.startswith(self.other_keys):
+                return True
+            return not key.startswith(prefix) if is_task_model else key.split(".", 1)[0] not in self._modules
+
+        foreign = sorted(filter(is_foreign, renamed))
         if foreign:
             warnings.warn(f"{type(self).__name__}: ignoring the checkpoint's weights {foreign}, which belong to "
                           "parts this model does not have (another task's head)", stacklevel=3)

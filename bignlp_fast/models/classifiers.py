@@ -43,7 +43,7 @@ def _lengths(input_ids: Tensor, lengths: Optional[Tensor], attention_mask: Optio
                 raise ValueError("attention_mask must be right-padded (each row's ones, then its zeros); move "
                                  "left-padded sequences to the left first")
         return lengths
-    if lengths is not None and isinstance(lengths, Tensor) and lengths.dtype == torch.int32:
+    if isinstance(lengths, Tensor) and lengths.dtype == torch.int32:
         lengths = lengths.to(torch.int64)
     return lengths
 

@@ -33,12 +33,14 @@ from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, C
 
 
 def _want_cuda() -> bool:
-    flag = os.environ.get("BIGNLP_FAST_CUDA", "").strip()
+    flag = os.environ.get("BIGNLP_FAST_CUDA", "").strip().lower()
     possible = torch.version.cuda is not None and CUDA_HOME is not None and os.path.exists(
         os.path.join(CUDA_HOME, "bin", "nvcc"))
-    if flag == "0":
+    if flag not in ("", "0", "1", "false", "true", "no", "yes", "off", "on"):
+        sys.exit(f"BIGNLP_FAST_CUDA={flag!r}: expected 0 / 1 (or false / true, no / yes, off / on), or unset")
+    if flag in ("0", "false", "no", "off"):
         return False
-    if flag == "1":
+    if flag in ("1", "true", "yes", "on"):
         if not possible:
             sys.exit("BIGNLP_FAST_CUDA=1 but torch has no CUDA (torch.version.cuda=%r) or nvcc was not "
                      "found under CUDA_HOME=%r" % (torch.version.cuda, CUDA_HOME))

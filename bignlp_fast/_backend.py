@@ -276,7 +276,8 @@ def requested_backend(backend: Optional[str]) -> Optional[str]:
     if name is None or name == "auto":
         return None
     if name not in BACKENDS:
-        raise ValueError(f"unknown backend {name!r}; expected one of auto, {', '.join(BACKENDS)}")
+        source = "" if backend is not None else " (from BIGNLP_FAST_BACKEND)"
+        raise ValueError(f"unknown backend {name!r}{source}; expected one of auto, {', '.join(BACKENDS)}")
     return name
 
 
@@ -327,11 +328,23 @@ def record_fallback(op: str, backend: str, reason: str) -> None:
     _fall_back(op, [(backend, reason)])
 
 
+def strict() -> bool:
+    """BIGNLP_FAST_STRICT: 1 / true / yes / on (any case) make a fallback an error; unset, empty, 0 /
+    false / no / off do not; anything else is an error, not a silent no."""
+    value = os.environ.get("BIGNLP_FAST_STRICT", "").strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("", "0", "false", "no", "off"):
+        return False
+    raise ValueError(f"BIGNLP_FAST_STRICT={os.environ['BIGNLP_FAST_STRICT']!r}: expected 1 / true / yes / on, or "
+                     "0 / false / no / off")
+
+
 def _fall_back(op: str, reasons: list[tuple[str, str]]) -> None:
     for name, reason in reasons:
         key = (op, name, reason)
         _FALLBACKS[key] = _FALLBACKS.get(key, 0) + 1
-    if os.environ.get("BIGNLP_FAST_STRICT", "0") == "1":
+    if strict():
         detail = "; ".join(f"{n}: {r}" for n, r in reasons)
         raise BackendError(f"{op}: would fall back to the torch reference ({detail}) and BIGNLP_FAST_STRICT=1")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import sys
 from typing import Optional
@@ -63,6 +64,21 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _writable(path: Optional[str], option: str, command: str) -> bool:
+    """Whether ``path`` (if given) can be written, said before a long run rather than after it."""
+    if path is None:
+        return True
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        problem = "is a folder"
+    elif not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+        problem = f"is not in a writable folder ({folder})"
+    else:
+        return True
+    print(f"bignlp-fast {command}: {option} {path} {problem}", file=sys.stderr)
+    return False
+
+
 def select(suite: str, filters: Optional[list[str]]) -> list:
     """The suite's cases whose id contains any of ``filters`` (every case without filters)."""
     from bignlp_fast.bench import cases
@@ -87,6 +103,8 @@ def _bench(args) -> int:
         return 2
     if args.plot:
         pyplot()  # before the run, not after it: a missing matplotlib is said at once
+    if not (_writable(args.json, "--json", "bench") and _writable(args.plot, "--plot", "bench")):
+        return 2
     steady = steady_allocator()
     print(f"machine: {machine()}" + ("" if steady else " (allocator not pinned: expect noisier timings)"), flush=True)
     rate = copy_gbps(device)
@@ -109,10 +127,11 @@ def _bench(args) -> int:
 
 
 def _triton_compile(args) -> int:
-    import os
     # The kernels are compiled here, not interpreted: Triton reads this when they are first imported.
     if os.environ.pop("TRITON_INTERPRET", "0") == "1":
         print("bignlp-fast triton-compile: ignoring TRITON_INTERPRET=1 (this command compiles)", file=sys.stderr)
+    if not _writable(args.json, "--json", "triton-compile"):
+        return 2
     from bignlp_fast import triton_compile
     dtypes = tuple(getattr(torch, d) for d in args.dtype)
     rows = []

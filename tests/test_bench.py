@@ -34,6 +34,15 @@ def test_gpu_suite_refuses_the_cpu(capsys):
     assert {c.shape[0] for c in gpu if c.op == "rnn"} == {4, 16, 64}  # batch 4 to 64 against cuDNN
 
 
+def test_an_output_path_that_cannot_be_written_is_said_before_the_run(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(bignlp_fast.bench, "run_case", lambda *a, **k: pytest.fail("ran a case before saying so"))
+    assert cli.main(["bench", "--json", str(tmp_path / "no" / "such" / "out.json")]) == 2
+    assert "--json" in capsys.readouterr().err
+    assert cli.main(["bench", "--json", str(tmp_path)]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    assert cli.main(["triton-compile", "--json", str(tmp_path / "no" / "out.json")]) == 2
+
+
 def test_repeats_must_be_positive(capsys):
     with pytest.raises(SystemExit):
         cli.main(["bench", "--repeats", "0"])

@@ -150,3 +150,23 @@ def test_nn_linear_pins_a_backend_and_converts_from_torch():
     torch.testing.assert_close(ours(x), ref(x))
     with pytest.raises(Exception, match="cuda"):
         bnn.Linear(8, 5, backend="cuda")(x)
+
+
+@pytest.mark.parametrize("env", ["triton", "torch"])
+def test_a_backend_named_in_the_environment_that_linear_lacks_leaves_the_products_to_f_linear(monkeypatch, env):
+    """BIGNLP_FAST_BACKEND=triton (how Triton is tested on a CPU) or torch: nn.Linear and the models'
+    products go to F.linear at every size, instead of failing where ops.linear would have been
+    chosen (it has no triton kernel) and working where F.linear was."""
+    import bignlp_fast.nn as bnn
+    from bignlp_fast.ops.linear import linear_is_faster
+    monkeypatch.setenv("BIGNLP_FAST_BACKEND", env)
+    layer = bnn.Linear(256, 256)
+    for rows in (1, 8, 64, 512):
+        x = torch.randn(rows, 256)
+        assert not linear_is_faster(x, layer.weight)
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+    big = torch.randn(512, 256)
+    monkeypatch.delenv("BIGNLP_FAST_BACKEND")
+    automatic = linear_is_faster(big, layer.weight)
+    monkeypatch.setenv("BIGNLP_FAST_BACKEND", "cpu")
+    assert linear_is_faster(big, layer.weight) == automatic  # naming cpu changes nothing

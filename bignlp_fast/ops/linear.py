@@ -115,7 +115,9 @@ def linear_is_faster(x: Tensor, weight: Tensor) -> bool:
       GEMM ran 1.5-2.1x F.linear at BERT's shapes ([624, 768] x [768, 3072] and the like), forward and
       backward; on a Zen 3 (AVX2) MKL's AVX2 kernels ran 1.00-1.12x the packed GEMM.
     Not: smaller products (see MIN_MACS), bfloat16 beyond 2 rows (torch's GEMM runs on the CPU's bf16
-    dot products or AMX), CPU autocast, other devices, or a build without the CPU kernels."""
+    dot products or AMX), CPU autocast, other devices, a build without the CPU kernels, or while
+    BIGNLP_FAST_BACKEND names another backend than cpu (linear has no triton or cuda kernel: F.linear
+    is what such a run gets; with "torch" the reference, F.linear too)."""
     if x.dim() == 0 or x.shape[-1] == 0:
         return False
     return linear_is_faster_for(x.device, x.dtype, x.numel() // x.shape[-1], x.shape[-1], weight.shape[0])
@@ -124,6 +126,8 @@ def linear_is_faster(x: Tensor, weight: Tensor) -> bool:
 def linear_is_faster_for(device: torch.device, dtype: torch.dtype, rows: int, k: int, n: int) -> bool:
     """:func:`linear_is_faster` for a product of ``rows`` x k by k x n of this dtype on this device."""
     if device.type != "cpu" or torch.is_autocast_enabled("cpu") or k == 0:
+        return False
+    if _backend.requested_backend(None) not in (None, "cpu"):
         return False
     if dtype not in (torch.float32, torch.bfloat16) or _backend.unavailable("cpu", device) is not None:
         return False

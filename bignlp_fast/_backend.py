@@ -180,7 +180,25 @@ def _cpu_reason() -> Optional[str]:
     if _CAPABILITY_RANK.get(built, 0) > _CAPABILITY_RANK.get(here, 0):
         return (f"the CPU kernels were built for {built} but this CPU supports {here}; rebuild with "
                 "BIGNLP_FAST_CPU_ARCH=none or on this machine")
+    missing = missing_cpu_isa(_BUILD_INFO.get("cpu_isa", []))
+    if missing:  # e.g. built on a Zen 4 (AVX512_BF16), run on a Cascade Lake (AVX-512 without it)
+        return (f"the CPU kernels were built for instruction-set extensions this CPU lacks ({', '.join(missing)}); "
+                "rebuild on this machine or with BIGNLP_FAST_CPU_ARCH=none")
     return None
+
+
+def missing_cpu_isa(needed, cpuinfo: str = "/proc/cpuinfo") -> list[str]:
+    """Those of ``needed`` (names as /proc/cpuinfo's flags) this CPU does not list; none where the
+    flags cannot be read (not Linux): the at::vec level check above still applies there."""
+    try:
+        with open(cpuinfo) as fh:
+            flags = next((line.split(":", 1)[1].split() for line in fh if line.startswith("flags")), None)
+    except OSError:
+        return []
+    if flags is None:
+        return []
+    have = set(flags)
+    return [name for name in needed if name not in have]
 
 
 def _cuda_reason() -> Optional[str]:

@@ -19,9 +19,94 @@
 
 namespace py = pybind11;
 
+// The instruction-set extensions the compiler was told it may use (with -march=native: this build
+// machine's), by the names Linux's /proc/cpuinfo gives them: _backend refuses the cpu backend on a
+// CPU that lacks one (an AVX-512 CPU without AVX512_BF16 would die on the first vdpbf16ps).
+static py::list target_isa() {
+  py::list isa;
+  auto add = [&](const char* name) { isa.append(name); };
+#ifdef __AVX__
+  add("avx");
+#endif
+#ifdef __AVX2__
+  add("avx2");
+#endif
+#ifdef __FMA__
+  add("fma");
+#endif
+#ifdef __F16C__
+  add("f16c");
+#endif
+#ifdef __BMI__
+  add("bmi1");
+#endif
+#ifdef __BMI2__
+  add("bmi2");
+#endif
+#ifdef __AVX512F__
+  add("avx512f");
+#endif
+#ifdef __AVX512BW__
+  add("avx512bw");
+#endif
+#ifdef __AVX512VL__
+  add("avx512vl");
+#endif
+#ifdef __AVX512DQ__
+  add("avx512dq");
+#endif
+#ifdef __AVX512CD__
+  add("avx512cd");
+#endif
+#ifdef __AVX512VNNI__
+  add("avx512_vnni");
+#endif
+#ifdef __AVX512BF16__
+  add("avx512_bf16");
+#endif
+#ifdef __AVX512FP16__
+  add("avx512_fp16");
+#endif
+#ifdef __AVX512VBMI__
+  add("avx512vbmi");
+#endif
+#ifdef __AVX512VBMI2__
+  add("avx512_vbmi2");
+#endif
+#ifdef __AVX512IFMA__
+  add("avx512ifma");
+#endif
+#ifdef __AVX512BITALG__
+  add("avx512_bitalg");
+#endif
+#ifdef __AVX512VPOPCNTDQ__
+  add("avx512_vpopcntdq");
+#endif
+#ifdef __GFNI__
+  add("gfni");
+#endif
+#ifdef __VAES__
+  add("vaes");
+#endif
+#ifdef __VPCLMULQDQ__
+  add("vpclmulqdq");
+#endif
+#ifdef __AMX_TILE__
+  add("amx_tile");
+#endif
+#ifdef __AMX_BF16__
+  add("amx_bf16");
+#endif
+#ifdef __AMX_INT8__
+  add("amx_int8");
+#endif
+  return isa;
+}
+
 static py::dict build_info() {
   py::dict info;
   info["cpu_flags"] = BIGNLP_FAST_CPU_FLAGS;
+  info["cpu_isa"] = target_isa();
   info["cpu_capability"] = BIGNLP_FAST_CPU_CAPABILITY;
   info["compiler"] = __VERSION__;
   info["torch_version"] = TORCH_VERSION;

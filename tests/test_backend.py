@@ -279,13 +279,30 @@ def test_buffer_cache_size_comes_from_the_environment():
     code = ("import torch, bignlp_fast; from bignlp_fast import _backend, ops; "
             "y = ops.linear(torch.randn(2048, 256), torch.randn(1024, 256), backend='cpu'); del y; "
             "print(_backend.buffer_cache()['limit_bytes'], _backend.buffer_cache()['cached_bytes'])")
-    for mb, limit in (("0", 0), ("64", 64 << 20)):
+    # not a whole number of MiB in [0, 1 TiB]: said, and the default kept (2G once read as 2 MiB,
+    # -1 and 2^63 - 1 as off or as a negative limit)
+    for mb, limit in (("0", 0), ("64", 64 << 20), ("2G", 512 << 20), ("1.5", 512 << 20), ("-1", 512 << 20),
+                      ("9223372036854775807", 512 << 20)):
         env = dict(os.environ, BIGNLP_FAST_CPU_CACHE_MB=mb)
         out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True,
                              cwd=SUBPROCESS_CWD)
         got_limit, cached = map(int, out.stdout.split())
         assert got_limit == limit
         assert (cached == 0) == (limit == 0)
+        assert ("is not a whole number of MiB" in out.stderr) == (mb not in ("0", "64"))
+
+
+def test_cpu_backend_refuses_a_cpu_without_an_extension_it_was_built_for(tmp_path, monkeypatch):
+    """The at::vec level (AVX-512) is not all -march=native builds for: a Zen 4 build has AVX512_BF16
+    dot products that an AVX-512 Cascade Lake lacks. The cpu backend is refused there, with the reason."""
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx avx2 avx512f avx512bw\n\nprocessor\t: 1\n")
+    assert _backend.missing_cpu_isa(["avx2", "avx512f", "avx512_bf16"], str(cpuinfo)) == ["avx512_bf16"]
+    assert _backend.missing_cpu_isa(["avx512_bf16"], str(tmp_path / "absent")) == []  # unknown: not refused
+    assert set(bignlp_fast.build_info()["cpu_isa"]) <= set(open("/proc/cpuinfo").read().split())  # built here
+    monkeypatch.setitem(_backend._BUILD_INFO, "cpu_isa", ["avx2", "no_such_extension"])
+    reason = _backend._cpu_reason()
+    assert "no_such_extension" in reason and "rebuild" in reason
 
 
 def test_mid_sized_outputs_are_reused_from_the_cache_by_best_fit():

@@ -29,16 +29,19 @@ size_t buffer_bytes(size_t nbytes) {
   return (nbytes + unit - 1) / unit * unit;
 }
 
+// BIGNLP_FAST_CPU_CACHE_MB: a whole number of MiB, 0 (off) up to 1 TiB; anything else ("2G", "1.5",
+// "-1", a number past 1 TiB) is said and the default kept, never read as some other number.
 size_t limit_from_env() {
+  constexpr size_t kDefault = size_t{512} << 20;
   const char* v = std::getenv("BIGNLP_FAST_CPU_CACHE_MB");
-  if (v == nullptr || *v == '\0') return size_t{512} << 20;
-  try {
-    const long long mb = std::stoll(v);
-    return mb > 0 ? static_cast<size_t>(mb) << 20 : 0;
-  } catch (const std::exception&) {
-    TORCH_WARN("BIGNLP_FAST_CPU_CACHE_MB=", v, " is not a number of MiB; using 512");
-    return size_t{512} << 20;
+  if (v == nullptr || *v == '\0') return kDefault;
+  const std::string text(v);
+  const bool digits = text.size() <= 7 && text.find_first_not_of("0123456789") == std::string::npos;
+  if (!digits || std::stoull(text) > (size_t{1} << 20)) {
+    TORCH_WARN("BIGNLP_FAST_CPU_CACHE_MB=", text, " is not a whole number of MiB from 0 to 1048576; using 512");
+    return kDefault;
   }
+  return static_cast<size_t>(std::stoull(text)) << 20;
 }
 
 class Cache {

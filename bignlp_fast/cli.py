@@ -127,11 +127,11 @@ def _bench(args) -> int:
 
 
 def _triton_compile(args) -> int:
+    if not _writable(args.json, "--json", "triton-compile"):
+        return 2
     # The kernels are compiled here, not interpreted: Triton reads this when they are first imported.
     if os.environ.pop("TRITON_INTERPRET", "0") == "1":
         print("bignlp-fast triton-compile: ignoring TRITON_INTERPRET=1 (this command compiles)", file=sys.stderr)
-    if not _writable(args.json, "--json", "triton-compile"):
-        return 2
     from bignlp_fast import triton_compile
     dtypes = tuple(getattr(torch, d) for d in args.dtype)
     rows = []

@@ -1,6 +1,7 @@
 """The benchmark machinery (not speed: timing never decides a test)."""
 import dataclasses
 import json
+import os
 
 import pytest
 import torch
@@ -40,7 +41,9 @@ def test_an_output_path_that_cannot_be_written_is_said_before_the_run(tmp_path, 
     assert "--json" in capsys.readouterr().err
     assert cli.main(["bench", "--json", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
+    interpret = os.environ.get("TRITON_INTERPRET")
     assert cli.main(["triton-compile", "--json", str(tmp_path / "no" / "out.json")]) == 2
+    assert os.environ.get("TRITON_INTERPRET") == interpret  # refused before it turns the interpreter off
 
 
 def test_repeats_must_be_positive(capsys):

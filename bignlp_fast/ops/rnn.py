@@ -34,7 +34,8 @@ from torch import Tensor
 
 from bignlp_fast import _backend
 from bignlp_fast.ops._common import (acc_dtype, call, check_choice, check_lengths, check_operands, check_time_major,
-                                     custom_op, fresh_like, grads_or_zeros, kernel, no_zero_grads, register_autograd)
+                                     contiguous, custom_op, fresh_like, grads_or_zeros, kernel, no_zero_grads,
+                                     register_autograd)
 
 OP = _backend.register_op(
     "rnn",
@@ -185,12 +186,8 @@ def rnn_fwd(xw: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: Tensor, c0: Op
                   w_hr: Optional[Tensor], lengths: Optional[Tensor], mode: str, reverse: bool, save_workspace: bool,
                   backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     run = kernel("rnn", "fwd", backend)
-    return tuple(run(xw.contiguous(), w_hh.contiguous(), _contig(b_hh), h0.contiguous(), _contig(c0), _contig(w_hr),
-                     lengths, mode, reverse, save_workspace))
-
-
-def _contig(t: Optional[Tensor]) -> Optional[Tensor]:
-    return None if t is None else t.contiguous()
+    return tuple(run(xw.contiguous(), w_hh.contiguous(), contiguous(b_hh), h0.contiguous(), contiguous(c0),
+                     contiguous(w_hr), lengths, mode, reverse, save_workspace))
 
 
 @rnn_fwd.register_fake
@@ -209,8 +206,8 @@ def rnn_bwd(grad_out: Tensor, grad_h_n: Tensor, grad_c_n: Optional[Tensor], xw: 
                   lengths: Optional[Tensor], workspace: Tensor, mode: str, reverse: bool,
                   backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     run = kernel("rnn", "bwd", backend)
-    return tuple(run(grad_out.contiguous(), grad_h_n.contiguous(), _contig(grad_c_n), xw.contiguous(),
-                     w_hh.contiguous(), _contig(b_hh), h0.contiguous(), _contig(c0), _contig(w_hr), lengths,
+    return tuple(run(grad_out.contiguous(), grad_h_n.contiguous(), contiguous(grad_c_n), xw.contiguous(),
+                     w_hh.contiguous(), contiguous(b_hh), h0.contiguous(), contiguous(c0), contiguous(w_hr), lengths,
                      workspace, mode, reverse))
 
 

@@ -451,6 +451,22 @@ def test_compiles_without_graph_breaks():
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
+def test_varlen_compiles_without_graph_breaks():
+    """varlen_attention's offset checks read values: skipped while torch.compile traces (fullgraph)."""
+    torch._dynamo.reset()
+    x = torch.randn(9, 2, 16, requires_grad=True)
+    cu = torch.tensor([0, 3, 9], dtype=torch.int32)
+
+    def block(x, cu):
+        return varlen_attention(x * 2, x, x, cu, cu, 6, 6, causal=True)
+
+    compiled = torch.compile(block, fullgraph=True, backend="aot_eager")
+    out = compiled(x, cu)
+    torch.testing.assert_close(out, block(x, cu))
+    (grad,) = torch.autograd.grad(out.sum(), x)
+    torch.testing.assert_close(grad, torch.autograd.grad(block(x, cu).sum(), x)[0])
+
+
 def test_bad_input_names_the_argument():
     q, k, v = torch.randn(2, 4, 8, 16), torch.randn(2, 4, 9, 16), torch.randn(2, 4, 9, 16)
     with pytest.raises(ValueError, match="key has head_dim 8 but query has 16"):
@@ -469,12 +485,59 @@ def test_bad_input_names_the_argument():
         sdpa(q, k, v, torch.ones(8, 9, dtype=torch.int64))
     with pytest.raises(TypeError, match="key has dtype torch.bfloat16 but query has torch.float32"):
         sdpa(q, k.bfloat16(), v)
-    with pytest.raises(ValueError, match="dropout_p must be a number in"):
-        sdpa(q, k, v, dropout_p=1.0)
-    with pytest.raises(ValueError, match=r"query must be \[B, H, L, D\]"):
-        sdpa(q[0, 0], k[0, 0], v[0, 0])
+    with pytest.raises(ValueError, match=r"dropout_p must be a number in \[0, 1\]"):
+        sdpa(q, k, v, dropout_p=1.5)
+    with pytest.raises(ValueError, match=r"query must be \[B, H, L, D\] \(or any \[\.\.\., L, D\]\)"):
+        sdpa(q[0, 0, 0], k[0, 0], v[0, 0])
+    with pytest.raises(ValueError, match=r"the leading dimensions of query \(2, 4, 8, 16\), key \(3, 4, 9, 16\)"):
+        sdpa(q, torch.randn(3, 4, 9, 16), torch.randn(3, 4, 9, 16))
+    with pytest.raises(TypeError, match="query is a nested tensor.*call varlen_attention"):
+        nested = torch.nested.nested_tensor([torch.randn(4, 3, 16), torch.randn(4, 5, 16)], layout=torch.jagged)
+        sdpa(nested, nested, nested)
     with pytest.raises(bignlp_fast.BackendError, match="head_dim 600 is above the cpu backend's limit"):
         sdpa(torch.randn(1, 1, 2, 600), torch.randn(1, 1, 2, 600), torch.randn(1, 1, 2, 600), backend="cpu")
+
+
+BROADCASTS = {  # (query, key/value shapes, extra arguments): what torch's SDPA broadcasts
+    "key batch 1": ((2, 4, 8, 16), (1, 4, 9, 16), {}),
+    "one key head": ((2, 4, 8, 16), (2, 1, 9, 16), {}),
+    "key batch 1, one head": ((2, 4, 8, 16), (1, 1, 9, 16), {"is_causal": True}),
+    "query batch 1": ((1, 4, 8, 16), (2, 4, 9, 16), {}),
+    "one query head": ((2, 1, 8, 16), (2, 4, 9, 16), {}),
+    "2-D": ((8, 16), (9, 16), {"is_causal": True}),
+    "3-D with a 3-D mask": ((3, 8, 16), (3, 9, 16), {"attn_mask": "float"}),
+    "4-D query, 3-D key": ((2, 4, 8, 16), (4, 9, 16), {}),
+    "5-D with a mask": ((2, 3, 2, 8, 16), (1, 3, 2, 9, 16), {"attn_mask": "bool"}),
+    "5-D GQA": ((2, 3, 4, 8, 16), (2, 3, 2, 9, 16), {"enable_gqa": True}),
+    "no keys": ((2, 4, 8, 16), (2, 4, 0, 16), {}),
+    "every weight dropped": ((2, 4, 8, 16), (2, 4, 9, 16), {"dropout_p": 1.0}),
+}
+
+
+@pytest.mark.parametrize("case", BROADCASTS)
+def test_takes_every_shape_torch_takes(case):
+    """Leading dimensions broadcast as in torch's SDPA (any number of them, key/value batch or head 1),
+    no keys and dropout_p=1 give zeros: against torch's SDPA in float64, forward and gradients."""
+    q_shape, kv_shape, kwargs = BROADCASTS[case]
+    gen = torch.Generator().manual_seed(len(case))
+    q, k, v = (torch.randn(s, generator=gen, dtype=torch.float64) for s in (q_shape, kv_shape, kv_shape))
+    if "attn_mask" in kwargs:  # a mask over the leading dims but one, and the heads, of the output
+        shape = (*q_shape[:-3], 1, q_shape[-2], kv_shape[-2])[-len(q_shape):]
+        mask = torch.rand(shape, generator=gen)
+        kwargs = {**kwargs, "attn_mask": mask > 0.3 if kwargs["attn_mask"] == "bool" else mask.log()}
+    ours_in = [t.float().requires_grad_() for t in (q, k, v)]
+    ref_in = [t.clone().requires_grad_() for t in (q, k, v)]
+    out = sdpa(*ours_in, **kwargs)
+    ref = F.scaled_dot_product_attention(*ref_in, **{**kwargs, "dropout_p": 0.0})
+    if kwargs.get("dropout_p") == 1.0:
+        ref = ref * 0  # torch's own dropout at p=1
+    assert out.shape == ref.shape and out.dtype == torch.float32
+    torch.testing.assert_close(out.double(), ref, atol=2e-6, rtol=1e-5)
+    grads = torch.autograd.grad(out.sum(), ours_in, allow_unused=True)
+    ref_grads = torch.autograd.grad(ref.sum(), ref_in)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double() if g is not None else torch.zeros_like(r), r, atol=1e-5, rtol=1e-4)
+    assert not bignlp_fast.report(), "a broadcast call must run the fused kernel, not fall back"
 
 
 def test_unsupported_dtype_falls_back_with_a_record():

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from bignlp_fast import nn as bnn
 from bignlp_fast.models._pretrained import HFConfig, PretrainedModel
+from bignlp_fast.ops._common import values_readable
 from bignlp_fast.ops.attention import scaled_dot_product_attention, varlen_attention
 from bignlp_fast.ops.linear import dense
 from bignlp_fast.ops.bias_gelu import bias_gelu
@@ -125,7 +126,7 @@ class _Batch:
     @staticmethod
     def of(attention_mask: Optional[Tensor], shape: tuple[int, int]) -> "_Batch":
         b, l = shape
-        if torch.compiler.is_compiling() or attention_mask is None:
+        if attention_mask is None or not values_readable(attention_mask):
             mask = None if attention_mask is None else attention_mask.bool().view(b, 1, 1, l)
             return _Batch(shape, mask=mask)
         keep = attention_mask.bool()

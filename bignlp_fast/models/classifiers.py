@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bignlp_fast import nn as bnn
+from bignlp_fast.ops._common import values_readable
 
 
 @dataclasses.dataclass
@@ -37,7 +38,7 @@ def _lengths(input_ids: Tensor, lengths: Optional[Tensor], attention_mask: Optio
         lengths = attention_mask.to(torch.int64).sum(1)
         # a data-dependent check, skipped while torch.compile traces: a left-padded mask would be read as
         # right-padded (the lengths are all the models take)
-        if not torch.compiler.is_compiling():
+        if values_readable(attention_mask):
             right_padded = torch.arange(input_ids.shape[1], device=lengths.device)[None, :] < lengths[:, None]
             if not torch.equal(attention_mask.bool(), right_padded.to(attention_mask.device)):
                 raise ValueError("attention_mask must be right-padded (each row's ones, then its zeros); move "

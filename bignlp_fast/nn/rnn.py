@@ -35,6 +35,7 @@ from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
 from bignlp_fast import _backend
+from bignlp_fast.ops._common import autocast_enabled, values_readable
 from bignlp_fast.ops.add_layer_norm import add_layer_norm
 from bignlp_fast.ops.layer_norm_lstm import layer_norm_lstm_layer
 from bignlp_fast.ops.linear import linear, linear_is_faster
@@ -116,12 +117,12 @@ def _check_lengths(name: str, batch_first: bool, input, lengths) -> None:
     batch, steps = (input.shape[0], input.shape[1]) if batch_first else (input.shape[1], input.shape[0])
     if lengths.shape[0] != batch:
         raise ValueError(f"{name}: lengths has {lengths.shape[0]} entries for a batch of {batch}")
-    if not torch.compiler.is_compiling() and lengths.numel() and (lengths.min() < 1 or lengths.max() > steps):
+    if values_readable(lengths) and lengths.numel() and (lengths.min() < 1 or lengths.max() > steps):
         raise ValueError(f"{name}: lengths must be in [1, {steps}] (the input's steps), got {lengths.tolist()}")
 
 
 def _autocast(x: Tensor) -> bool:
-    return torch.is_autocast_enabled(x.device.type)
+    return autocast_enabled(x.device.type)
 
 
 def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:

@@ -31,8 +31,9 @@ from bignlp_fast import _backend
 # - nothing records or transforms the call: the op's body directly (same function, same result);
 # - only autograd must record it: the body on a torch.autograd.Function with the op's own
 #   setup_context and backward (:func:`register_autograd`), the same gradients without the dispatcher;
-# - anything else (torch.compile, modes, functorch, the profiler, subclasses, tensors in a list that
-#   require grad, which an autograd.Function would not see): the custom op through the dispatcher.
+# - anything else (torch.compile, modes, functorch, the profiler, subclasses, meta tensors, tensors in
+#   a list that require grad, which an autograd.Function would not see): the custom op through the
+#   dispatcher.
 _BODIES: dict = {}
 _EAGER: dict = {}
 _PLAIN = (Tensor, torch.nn.Parameter)
@@ -82,6 +83,8 @@ def _route(args) -> int:
     route = 0
     for a in args:
         if type(a) in _PLAIN:
+            if a.is_meta:
+                return 2  # the op's fake function is its meta kernel: shapes without data
             if grad and a.requires_grad:
                 route = 1
         elif isinstance(a, Tensor) or (isinstance(a, (list, tuple)) and dispatcher_needed_in(a, grad)):
@@ -190,6 +193,12 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+def autocast_enabled(device_type: str) -> bool:
+    """torch.is_autocast_enabled(device_type), False for a device type autocast does not know (meta),
+    where torch's own function raises."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def autocast_lower(device: torch.device, *tensors):
     """``tensors`` as torch's autocast casts the arguments of its convolutions and of
     scaled_dot_product_attention (the "lower_precision_fp" policy): while autocast is on for
@@ -198,7 +207,7 @@ def autocast_lower(device: torch.device, *tensors):
 
     The ops that stand for those torch functions call this first. Autocast cannot do it for them:
     their custom ops are on none of its lists, and call()'s eager route passes by the dispatcher."""
-    if not torch.is_autocast_enabled(device.type):
+    if not autocast_enabled(device.type):
         return tensors
     dtype = torch.get_autocast_dtype(device.type)
     return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
@@ -211,7 +220,7 @@ def autocast_promote(device: torch.device, x: Tensor, residual: Optional[Tensor]
     promoted as ``x + residual`` is (a bf16 GEMM output and an fp32 residual stream give fp32), the
     parameters (weight, bias) cast to that dtype, as autocast's F.linear casts its bias and
     nn.LayerNorm its weight. Without autocast, everything as it is (mixed dtypes stay an error)."""
-    if not torch.is_autocast_enabled(device.type):
+    if not autocast_enabled(device.type):
         return (x, residual, *params)
     dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in (x, residual, *params))
@@ -256,6 +265,13 @@ def check_choice(op: str, name: str, value, choices: Sequence) -> None:
         raise ValueError(f"{op}: {name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
+def values_readable(*tensors) -> bool:
+    """Whether an argument check may read tensor values (.item(), .tolist(), a branch on a comparison):
+    not while torch.compile traces (data a graph cannot branch on), nor of meta tensors (no data).
+    Checks skipped here are checks only: the kernels never read out of bounds on unchecked values."""
+    return not torch.compiler.is_compiling() and not any(t is not None and t.is_meta for t in tensors)
+
+
 def check_lengths(op: str, lengths: Optional[Tensor], batch: int, steps: int) -> None:
     """Per-sequence lengths of a recurrent op: None, or int64 [batch] on the CPU with values in [0, steps]."""
     if lengths is None:
@@ -267,7 +283,7 @@ def check_lengths(op: str, lengths: Optional[Tensor], batch: int, steps: int) ->
         raise ValueError(f"{op}: lengths must be an int64 CPU tensor of shape ({batch},), got {got}")
     # under torch.compile the values are data a graph cannot branch on; unchecked, an out-of-range
     # length still cannot make a kernel read out of bounds (step t is active when t < lengths[b])
-    if batch and not torch.compiler.is_compiling() and (lengths.min().item() < 0 or lengths.max().item() > steps):
+    if batch and values_readable(lengths) and (lengths.min().item() < 0 or lengths.max().item() > steps):
         raise ValueError(f"{op}: lengths must lie in [0, {steps}], got {lengths.tolist()}")
 
 

@@ -35,7 +35,8 @@ from torch import Tensor
 
 from bignlp_fast import _backend
 from bignlp_fast.ops._common import (acc_dtype, autocast_lower, call, check_choice, check_like, check_tensor, custom_op,
-                                     grads_or_zeros, kernel, no_zero_grads, register_autograd)
+                                     grads_or_zeros, kernel, no_zero_grads, register_autograd,
+                                     values_readable)
 
 OP = _backend.register_op(
     "attention",
@@ -289,9 +290,10 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _check_dropout(op: str, dropout_p) -> float:
-    if not isinstance(dropout_p, (int, float)) or not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"{op}: dropout_p must be a number in [0, 1), got {dropout_p!r}")
+def _check_dropout(op: str, dropout_p, upper: str = ")") -> float:
+    """dropout_p in [0, 1) or, with upper="]", [0, 1] (torch's SDPA takes 1: every weight dropped)."""
+    if not isinstance(dropout_p, (int, float)) or not (0.0 <= dropout_p < 1.0 or (upper == "]" and dropout_p == 1.0)):
+        raise ValueError(f"{op}: dropout_p must be a number in [0, 1{upper}, got {dropout_p!r}")
     return float(dropout_p)
 
 
@@ -326,18 +328,59 @@ def _mask_to_bias(op: str, attn_mask: Tensor, query: Tensor, shape) -> Tensor:
     return bias.expand(shape)
 
 
+def _broadcast_4d(op: str, query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
+                  enable_gqa: bool):
+    """torch's broadcasting of SDPA's arguments, for the calls that are not [B, H, L, D] with one B:
+    any number (>= 2) of dimensions, [..., H, L, D] with the leading ones broadcast between query, key
+    and value as matmul broadcasts them (a key/value batch of 1 against a larger one), and key/value
+    with one head against many query heads. Returns (q, k, v, mask) as [B, H, L, D] (expanded leading
+    dimensions are stride-0 views where one dimension holds them, copies otherwise), the mask's
+    leading dimensions broadcast the same way, and the output's shape."""
+    ndim = max(query.dim(), key.dim(), value.dim())
+    q, k, v = (t[(None,) * (max(ndim, 4) - t.dim())] for t in (query, key, value))
+    (hq, lq, d), (hk, lk, _), (hv, lv, dv) = q.shape[-3:], k.shape[-3:], v.shape[-3:]
+    if (hv, lv) != (hk, lk):
+        raise ValueError(f"{op}: value has shape {tuple(value.shape)}; its heads and length must equal key's "
+                         f"{tuple(key.shape[-3:-1])}")
+    try:
+        batch = torch.broadcast_shapes(q.shape[:-3], k.shape[:-3], v.shape[:-3])
+    except RuntimeError:
+        raise ValueError(f"{op}: the leading dimensions of query {tuple(query.shape)}, key {tuple(key.shape)} and "
+                         f"value {tuple(value.shape)} do not broadcast") from None
+    if hq == 1 and hk > 1:  # one query head against many key/value heads: the query broadcast over them
+        hq = hk
+    q = q.expand(*batch, hq, lq, d).reshape(-1, hq, lq, d)
+    k = k.expand(*batch, hk, lk, d).reshape(-1, hk, lk, d)
+    v = v.expand(*batch, hk, lk, dv).reshape(-1, hk, lk, dv)
+    mask = attn_mask
+    if mask is not None and mask.dim() >= 2:
+        rank = len(batch) + 3
+        if mask.dim() > rank:
+            raise ValueError(f"{op}: attn_mask has {mask.dim()} dimensions; the output has {rank}")
+        mask = mask[(None,) * (rank - mask.dim())]
+        try:
+            mask = mask.expand(*batch, *mask.shape[-3:]).reshape(-1, *mask.shape[-3:])
+        except RuntimeError:
+            raise ValueError(f"{op}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
+                             f"{(*batch, hq, lq, lk)}") from None
+    return q, k, v, mask, (*batch, hq, lq, dv)[-ndim:]
+
+
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
                                  dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
                                  enable_gqa: bool = False, *, backend: Optional[str] = None) -> Tensor:
     """softmax(query @ key^T * scale + mask) @ value, fused; torch.nn.functional's signature and layout.
 
     Args:
-        query: [B, Hq, Lq, D] (or [N, Lq, D]); key: [B, Hk, Lk, D]; value: [B, Hk, Lk, Dv].
-            float32 / bfloat16 on the CPU; float16 / bfloat16 / float32 on CUDA.
+        query: [B, Hq, Lq, D]; key: [B, Hk, Lk, D]; value: [B, Hk, Lk, Dv]. float32 / bfloat16 on the
+            CPU; float16 / bfloat16 / float32 on CUDA. As in torch, any other number of leading
+            dimensions ([..., H, L, D], at least [L, D]) broadcasts between the three, and key/value
+            with one head serve every query head.
         attn_mask: bool (True = attend) or float (added to the scores), broadcastable to
             [B, Hq, Lq, Lk]. A key-padding mask [B, 1, 1, Lk] is never expanded in memory.
         dropout_p: probability of dropping an attention weight (applied whenever > 0, as torch does);
-            the mask is drawn from torch's CPU generator, so torch.manual_seed makes it repeat.
+            the mask is drawn from torch's CPU generator, so torch.manual_seed makes it repeat. 1.0
+            drops every weight: zeros out, zero gradients.
         is_causal: query i attends to keys j <= i (top-left aligned, as torch). May be combined
             with attn_mask (torch refuses the combination; here both apply).
         scale: defaults to 1 / sqrt(D).
@@ -353,18 +396,21 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     op = "scaled_dot_product_attention"
     for name, t in (("query", query), ("key", key), ("value", value)):
         check_tensor(op, name, t)
-        if t.dim() not in (3, 4):
-            raise ValueError(f"{op}: {name} must be [B, H, L, D] (or [N, L, D]), got shape {tuple(t.shape)}")
+        if t.is_nested:
+            raise TypeError(f"{op}: {name} is a nested tensor, which this op does not take; pack the sequences "
+                            "into [total_tokens, H, D] with their offsets and call varlen_attention")
+        if t.dim() < 2:
+            raise ValueError(f"{op}: {name} must be [B, H, L, D] (or any [..., L, D]), got shape {tuple(t.shape)}")
     query, key, value = autocast_lower(query.device, query, key, value)
     check_like(op, "key", key, "query", query, same_shape=False)
     check_like(op, "value", value, "query", query, same_shape=False)
-    if not query.dim() == key.dim() == value.dim():
-        raise ValueError(f"{op}: query, key and value must have the same number of dimensions, got "
-                         f"{query.dim()}, {key.dim()} and {value.dim()}")
-    if query.dim() == 3:  # [N, L, D]: one head per batch entry
-        mask = attn_mask.unsqueeze(-3) if attn_mask is not None and attn_mask.dim() == 3 else attn_mask
-        return scaled_dot_product_attention(query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1), mask, dropout_p,
-                                            is_causal, scale, enable_gqa, backend=backend).squeeze(1)
+    if (query.dim() != 4 or key.dim() != 4 or value.dim() != 4 or key.shape[0] != query.shape[0]
+            or value.shape[0] != query.shape[0] or key.shape[1] != query.shape[1]
+            and (query.shape[1] == 1 or key.shape[1] == 1 and not enable_gqa)):
+        q, k, v, mask, shape = _broadcast_4d(op, query, key, value, attn_mask, enable_gqa)
+        gqa = enable_gqa or k.shape[1] == 1  # one key/value head serves them all, as torch broadcasts it
+        return scaled_dot_product_attention(q, k, v, mask, dropout_p, is_causal, scale, gqa,
+                                            backend=backend).reshape(shape)
     b, hq, lq, d = query.shape
     _, hk, lk, _ = key.shape
     if key.shape[-1] != d:
@@ -379,11 +425,14 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     if hk != hq and not (enable_gqa and hq % hk == 0):
         need = "enable_gqa=True and " if not enable_gqa else ""
         raise ValueError(f"{op}: query has {hq} heads and key/value {hk}; that needs {need}{hk} to divide {hq}")
-    if d == 0 or lk == 0:
-        raise ValueError(f"{op}: head_dim and key length must be at least 1, got query {tuple(query.shape)} "
-                         f"and key {tuple(key.shape)}")
-    dropout_p = _check_dropout(op, dropout_p)
+    if d == 0:
+        raise ValueError(f"{op}: head_dim must be at least 1, got query {tuple(query.shape)}")
+    dropout_p = _check_dropout(op, dropout_p, upper="]")
     scale = _check_scale(op, scale, d)
+    if dropout_p == 1.0:  # every weight dropped: as if no key were there (zeros out, zero gradients)
+        key, value, attn_mask, dropout_p, lk = key[:, :, :0], value[:, :, :0], None, 0.0, 0
+    if lk == 0:  # every row fully masked: zeros, which the reference gives without a kernel launch
+        backend = "torch"
     shape = (b, hq, lq, lk)
     bias = _mask_to_bias(op, attn_mask, query, shape) if attn_mask is not None else None
     needs_bias_grad = attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled()
@@ -407,7 +456,8 @@ def _check_cu_seqlens(op: str, name: str, cu: Tensor, ref: Tensor, total: int, m
                          f"of shape {tuple(cu.shape)}")
     if cu.device != ref.device:
         raise ValueError(f"{op}: {name} is on {cu.device} but the tokens are on {ref.device}")
-    if cu.device.type == "cpu":  # checking the values of a GPU tensor would wait for the GPU
+    # reading a GPU tensor's values would wait for the GPU; a graph being compiled cannot branch on them
+    if cu.device.type == "cpu" and values_readable(cu):
         lengths = cu[1:] - cu[:-1]
         if cu[0].item() != 0 or (lengths < 0).any() or cu[-1].item() != total:
             raise ValueError(f"{op}: {name} must start at 0, never decrease and end at the token count {total}, "

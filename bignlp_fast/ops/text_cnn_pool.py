@@ -36,7 +36,7 @@ from torch import Tensor
 from bignlp_fast import _backend
 from bignlp_fast.ops._activation import activation_grad_torch, activation_torch, check_activation
 from bignlp_fast.ops._common import (acc_dtype, autocast_lower, call, check_like, check_tensor, custom_op, fresh_like,
-                                     grads_or_zeros, kernel, no_zero_grads, register_autograd)
+                                     grads_or_zeros, kernel, no_zero_grads, register_autograd, values_readable)
 
 OP = _backend.register_op("text_cnn_pool", dtypes={
     "cpu": (torch.float32, torch.bfloat16),
@@ -197,7 +197,7 @@ def text_cnn_pool(x: Tensor, weights: Sequence[Tensor], biases: Optional[Sequenc
             raise ValueError(f"{op}: lengths must be an integer tensor of shape ({B},)")
         lengths = lengths.to(device=x.device, dtype=torch.int64)
         # a data-dependent check: skipped while torch.compile traces (the kernels check again)
-        if not torch.compiler.is_compiling() and lengths.numel() and (
+        if values_readable(lengths) and lengths.numel() and (
                 int(lengths.min()) < 0 or int(lengths.max()) > L):
             raise ValueError(f"{op}: lengths must lie in [0, L={L}], got values in "
                              f"[{int(lengths.min())}, {int(lengths.max())}]")

@@ -106,6 +106,21 @@ def test_packed_and_padded_attention_paths_agree(monkeypatch):
     assert packed.last_hidden_state[1].abs().sum() == 0
 
 
+def test_masked_lm_loss_skips_padding_on_both_paths(monkeypatch):
+    """Labels at padding positions never count, in the packed layout (eager) and the padded one
+    (torch.compile's), where the layers also run on the padding."""
+    _, ours = _pair(transformers.BertForMaskedLM, BertForMaskedLM)
+    ids, mask, types = _inputs()
+    labels = ids.clone()  # a label at every position, padding included
+    with torch.no_grad():
+        packed = ours(ids, attention_mask=mask, token_type_ids=types, labels=labels).loss
+        real_only = ours(ids, attention_mask=mask, token_type_ids=types, labels=labels.masked_fill(mask == 0, -100)).loss
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        padded = ours(ids, attention_mask=mask, token_type_ids=types, labels=labels).loss
+    torch.testing.assert_close(packed, real_only)
+    torch.testing.assert_close(padded, packed, rtol=1e-5, atol=1e-5)
+
+
 def test_batch_layout_packs_only_real_tokens():
     mask = torch.tensor([[1, 1, 0], [0, 0, 0], [1, 0, 1]])
     batch = _Batch.of(mask, (3, 3))

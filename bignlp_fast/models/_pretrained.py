@@ -15,6 +15,7 @@ import warnings
 from typing import Any, Optional
 
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor
 
 CONFIG_NAME = "config.json"
@@ -27,6 +28,16 @@ _WRITTEN_ON_SAVE = ("model_type", "architectures", "torch_dtype", "dtype")
 
 
 # ---- configs ----------------------------------------------------------------------------------
+def model_output(cls):
+    """A model's output record: a dataclass, registered as a pytree node so that what walks outputs by
+    pytree sees the tensors in it. DistributedDataParallel finds the output tensors it hooks for the
+    backward that way: with an unregistered dataclass, ``static_graph=True`` never reduced the
+    gradients and ``find_unused_parameters=True`` marked parameters used through an output as unused."""
+    cls = dataclasses.dataclass(cls)
+    pytree.register_dataclass(cls)
+    return cls
+
+
 class HFConfig:
     """Mixin for the config dataclasses: from/to Hugging Face's config.json dictionaries.
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bignlp_fast import nn as bnn
-from bignlp_fast.models._pretrained import HFConfig, PretrainedModel
+from bignlp_fast.models._pretrained import HFConfig, PretrainedModel, model_output
 from bignlp_fast.ops._common import values_readable
 from bignlp_fast.ops.attention import scaled_dot_product_attention, varlen_attention
 from bignlp_fast.ops.linear import dense
@@ -95,19 +95,19 @@ class BertConfig(HFConfig):
         return d
 
 
-@dataclasses.dataclass
+@model_output
 class BertOutput:
     last_hidden_state: Tensor  # [B, L, hidden]; zero at padding
     pooler_output: Optional[Tensor] = None  # [B, hidden]
 
 
-@dataclasses.dataclass
+@model_output
 class SequenceClassifierOutput:
     logits: Tensor  # [B, num_labels]
     loss: Optional[Tensor] = None
 
 
-@dataclasses.dataclass
+@model_output
 class MaskedLMOutput:
     logits: Tensor  # [B, L, vocab]; zero at padding
     loss: Optional[Tensor] = None
@@ -139,6 +139,12 @@ class _Batch:
         """[B, L, ...] -> the real tokens [T, ...]."""
         flat = t.flatten(0, 1)
         return flat if self.indices is None else flat[self.indices]
+
+    def pack_labels(self, labels: Tensor) -> Tensor:
+        """[B, L] labels -> those of the tokens :meth:`pack` gives, -100 (no loss) at padding."""
+        if self.mask is not None:
+            labels = labels.masked_fill(~self.mask.view(self.shape), -100)
+        return self.pack(labels)
 
     def unpack(self, t: Tensor) -> Tensor:
         """[T, ...] -> [B, L, ...], zero at padding (in the padded layout too, where the layers ran on
@@ -441,7 +447,7 @@ class BertForMaskedLM(PretrainedModel):
                              f"{tuple(labels.shape)}")
         h, batch = self.bert.encode(input_ids, attention_mask, token_type_ids, position_ids)
         logits = self.cls(h)  # [T, vocab]: the real tokens only
-        loss = F.cross_entropy(logits.float(), batch.pack(labels), ignore_index=-100) if labels is not None else None
+        loss = F.cross_entropy(logits.float(), batch.pack_labels(labels), ignore_index=-100) if labels is not None else None
         return MaskedLMOutput(batch.unpack(logits), loss)
 
 

@@ -18,10 +18,11 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bignlp_fast import nn as bnn
+from bignlp_fast.models._pretrained import model_output
 from bignlp_fast.ops._common import values_readable
 
 
-@dataclasses.dataclass
+@model_output
 class ClassifierOutput:
     logits: Tensor  # [B, num_classes]
     loss: Optional[Tensor] = None  # cross-entropy against ``labels`` when given

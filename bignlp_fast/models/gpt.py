@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bignlp_fast import _backend
-from bignlp_fast.models._pretrained import HFConfig, PretrainedModel
+from bignlp_fast.models._pretrained import HFConfig, PretrainedModel, model_output
 from bignlp_fast.ops import add_layer_norm, bias_gelu, scaled_dot_product_attention
 from bignlp_fast.ops._common import dispatcher_needed
 from bignlp_fast.ops.add_layer_norm import OP as _ADD_LN
@@ -116,7 +116,7 @@ class GPTConfig(HFConfig):
         return self.n_inner if self.n_inner is not None else 4 * self.n_embd
 
 
-@dataclasses.dataclass
+@model_output
 class CausalLMOutput:
     logits: Tensor  # [B, L, vocab_size] (the last logits_to_keep positions when that is given)
     loss: Optional[Tensor] = None  # shifted cross-entropy against ``labels`` (ignore_index -100)

@@ -69,6 +69,15 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(lambda s: distillation_loss(s, t, labels, 2.0, 0.4, backend="torch"), (s,))
 
 
+def test_double_backward_raises_instead_of_returning_zeros():
+    """The backward scales a gradient stored by the forward: a gradient of it would be silently zero."""
+    s, t, labels = _inputs(3, 9, torch.float32)
+    with pytest.raises(RuntimeError, match="no second derivative"):
+        torch.autograd.grad(distillation_loss(s, t, labels), [s], create_graph=True)
+    (g,) = torch.autograd.grad(distillation_loss(s, t, labels), [s])  # a first derivative is fine
+    assert torch.isfinite(g).all()
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_opcheck(backend, device):
     s, t, labels = _inputs(4, 33, torch.float32)

@@ -167,6 +167,28 @@ def test_loads_a_transformers_checkpoint(tmp_path):
     assert bf16.transformer.h[0].attn.c_attn.weight.dtype == torch.bfloat16
 
 
+def test_loads_a_sharded_pytorch_model_bin(tmp_path):
+    """Older checkpoints (and transformers before 5) shard pytorch_model.bin with an index file."""
+    import json
+    ours = _ours(seed=6)
+    ours.save_pretrained(str(tmp_path))
+    (tmp_path / "model.safetensors").unlink()
+    state = ours.state_dict()
+    keys = [k for k in state if k != "lm_head.weight"]
+    weight_map = {}
+    for i, part in enumerate((keys[:len(keys) // 2], keys[len(keys) // 2:])):
+        name = f"pytorch_model-0000{i + 1}-of-00002.bin"
+        torch.save({k: state[k] for k in part}, tmp_path / name)
+        weight_map.update(dict.fromkeys(part, name))
+    (tmp_path / "pytorch_model.bin.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    again = GPTLMHeadModel.from_pretrained(str(tmp_path))
+    for k, v in state.items():
+        assert torch.equal(again.state_dict()[k], v), k
+    (tmp_path / "pytorch_model.bin.index.json").unlink()
+    with pytest.raises(FileNotFoundError, match="has none of model.safetensors, .*pytorch_model.bin.index.json"):
+        GPTLMHeadModel.from_pretrained(str(tmp_path))
+
+
 def test_loads_the_original_gpt2_checkpoint_layout(tmp_path):
     """openai-community/gpt2's files: base-model keys without "transformer.", the old causal-mask buffers
     h.{i}.attn.bias / masked_bias, no lm_head.weight (tied to wte)."""

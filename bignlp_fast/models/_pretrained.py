@@ -22,6 +22,7 @@ CONFIG_NAME = "config.json"
 SAFETENSORS_NAME = "model.safetensors"
 SAFETENSORS_INDEX_NAME = "model.safetensors.index.json"
 TORCH_NAME = "pytorch_model.bin"
+TORCH_INDEX_NAME = "pytorch_model.bin.index.json"
 
 
 _WRITTEN_ON_SAVE = ("model_type", "architectures", "torch_dtype", "dtype")
@@ -77,24 +78,32 @@ def read_config(path: str) -> dict:
 
 
 # ---- weights ----------------------------------------------------------------------------------
+def _read_sharded(path: str, index: str, load) -> dict[str, Tensor]:
+    """The union of the shards an index file's weight_map names, each read by ``load(file)``."""
+    with open(index) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    state = {}
+    for shard in shards:
+        state.update(load(os.path.join(path, shard)))
+    return state
+
+
 def read_state_dict(path: str) -> dict[str, Tensor]:
-    """The weights of a checkpoint directory: safetensors (single or sharded) first, else pytorch_model.bin."""
+    """The weights of a checkpoint directory: safetensors (single or sharded) first, else
+    pytorch_model.bin (single or sharded), as transformers looks for them."""
     single, index = os.path.join(path, SAFETENSORS_NAME), os.path.join(path, SAFETENSORS_INDEX_NAME)
     if os.path.isfile(single) or os.path.isfile(index):
         from safetensors.torch import load_file
-        if os.path.isfile(single):
-            return load_file(single)
-        with open(index) as f:
-            shards = sorted(set(json.load(f)["weight_map"].values()))
-        state = {}
-        for shard in shards:
-            state.update(load_file(os.path.join(path, shard)))
-        return state
-    bin_file = os.path.join(path, TORCH_NAME)
-    if os.path.isfile(bin_file):
-        return torch.load(bin_file, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"from_pretrained: {path!r} has no {SAFETENSORS_NAME}, {SAFETENSORS_INDEX_NAME} or "
-                            f"{TORCH_NAME}")
+        return load_file(single) if os.path.isfile(single) else _read_sharded(path, index, load_file)
+
+    def load_bin(file: str) -> dict[str, Tensor]:
+        return torch.load(file, map_location="cpu", weights_only=True)
+
+    single, index = os.path.join(path, TORCH_NAME), os.path.join(path, TORCH_INDEX_NAME)
+    if os.path.isfile(single) or os.path.isfile(index):
+        return load_bin(single) if os.path.isfile(single) else _read_sharded(path, index, load_bin)
+    raise FileNotFoundError(f"from_pretrained: {path!r} has none of {SAFETENSORS_NAME}, {SAFETENSORS_INDEX_NAME}, "
+                            f"{TORCH_NAME} or {TORCH_INDEX_NAME}")
 
 
 def write_checkpoint(path: str, config: dict, state_dict: dict[str, Tensor]) -> None:

@@ -92,6 +92,10 @@ def _backward(ctx, grad_loss, _grad_grad):
     if grad.numel() == 0:
         raise RuntimeError("distillation_loss: this forward did not keep the gradient (need_grad=False); call "
                            "the public distillation_loss, which keeps it when the student requires grad")
+    if torch.is_grad_enabled():  # create_graph=True: the stored gradient has no graph to differentiate
+        raise RuntimeError("distillation_loss has no second derivative (create_graph=True / double backward): "
+                           "its backward scales the gradient its forward stored. Write the loss in eager PyTorch "
+                           "(log_softmax, kl_div, cross_entropy) where a gradient of the gradient is needed")
     return (grad * grad_loss.to(grad.dtype), None, None, None, None, None, None, None)
 
 

@@ -21,8 +21,6 @@ def bias_gelu_triton_supports(H, dtype):
     """None when the triton backend handles rows of H elements of dtype, else the reason why not."""
     if dtype not in _DTYPES:
         return f"triton bias_gelu supports float32, float16 and bfloat16, not {dtype}"
-    if H < 1:
-        return f"triton bias_gelu needs a hidden size >= 1, got {H}"
     return None
 
 
@@ -124,7 +122,7 @@ def bias_gelu_fwd_triton(x, bias, tanh_approx):
     N, H = x.shape
     _check(H, x.dtype)
     y = torch.empty_like(x)
-    if N == 0:
+    if N == 0 or H == 0:
         return y
     block_m, block_n, num_warps = _tiling(N, H)
     grid = (triton.cdiv(N, block_m), triton.cdiv(H, block_n))
@@ -142,6 +140,8 @@ def bias_gelu_bwd_triton(grad_y, x, bias, tanh_approx):
     _check(H, x.dtype)
     has_bias = bias is not None
     grad_x = torch.empty_like(grad_y)
+    if N == 0 or H == 0:
+        return grad_x, (torch.zeros_like(bias) if has_bias else x.new_empty(0))
     block_m, block_n, num_warps = _tiling(N, H)
     row_tiles, col_blocks = triton.cdiv(N, block_m), triton.cdiv(H, block_n)
     tiles_per_program = 1
@@ -150,12 +150,11 @@ def bias_gelu_bwd_triton(grad_y, x, bias, tanh_approx):
         tiles_per_program = max(1, triton.cdiv(row_tiles, row_programs))
     row_programs = triton.cdiv(row_tiles, tiles_per_program)
     db_part = torch.empty(row_programs, H, device=x.device, dtype=torch.float32) if has_bias else None
-    if N > 0:
-        _bias_gelu_bwd_kernel[(row_programs, col_blocks)](
-            grad_y, x, bias if has_bias else x, grad_x, db_part if has_bias else grad_x,
-            N, H, tiles_per_program,
-            BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=has_bias, TANH=bool(tanh_approx),
-            num_warps=num_warps,
-        )
+    _bias_gelu_bwd_kernel[(row_programs, col_blocks)](
+        grad_y, x, bias if has_bias else x, grad_x, db_part if has_bias else grad_x,
+        N, H, tiles_per_program,
+        BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=has_bias, TANH=bool(tanh_approx),
+        num_warps=num_warps,
+    )
     grad_bias = db_part.sum(0).to(bias.dtype) if has_bias else x.new_empty(0)
     return grad_x, grad_bias

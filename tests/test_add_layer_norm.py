@@ -194,6 +194,8 @@ def test_compiles_without_graph_breaks():
 def test_bad_input_names_the_argument():
     x = torch.randn(4, 8)
     w = torch.randn(8)
+    with pytest.raises(ValueError, match="eps must be a non-negative number, got 'a'"):
+        add_layer_norm(x, x, w, w, eps="a")
     with pytest.raises(TypeError, match="x must be a torch.Tensor"):
         add_layer_norm([1.0, 2.0])
     with pytest.raises(ValueError, match="x must have at least 1 dimension"):

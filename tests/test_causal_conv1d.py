@@ -125,6 +125,15 @@ def test_compiles_fullgraph():
     torch.testing.assert_close(compiled(x), block(x))
 
 
+def test_final_state_is_not_a_view_of_x():
+    """A decoding loop may reuse its input buffer: the state handed to the next call must not change."""
+    x, w = torch.randn(2, 3, 8), torch.randn(3, 4)
+    _, state = ops.causal_conv1d(x, w, return_final_state=True)
+    expected = x[..., -3:].clone()
+    x.zero_()
+    assert torch.equal(state, expected)
+
+
 def test_bad_input():
     x = torch.randn(2, 3, 8)
     with pytest.raises(ValueError, match="kernel width"):
@@ -137,5 +146,7 @@ def test_bad_input():
         ops.causal_conv1d(x, torch.randn(3, 3), initial_state=torch.randn(2, 3, 3))
     with pytest.raises(ValueError, match="activation"):
         ops.causal_conv1d(x, torch.randn(3, 3), activation="swish")
+    with pytest.raises(ValueError, match="activation must be one of"):  # not "unhashable type"
+        ops.causal_conv1d(x, torch.randn(3, 3), activation=["silu"])
     with pytest.raises(TypeError, match="dtype"):
         ops.causal_conv1d(x, torch.randn(3, 3, dtype=torch.float64))

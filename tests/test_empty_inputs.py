@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from bignlp_fast import ops
-from bignlp_fast.nn import GRU, LSTM, LayerNorm
+from bignlp_fast.nn import GELU, GRU, LSTM, LayerNorm
+from conftest import backend_params
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -58,6 +59,19 @@ def test_layer_norm_module_empty(shape, normalized_shape):
     assert x.grad.shape == x.shape and torch.equal(ours.weight.grad, torch.zeros_like(ours.weight))
     out, total = ours(x, torch.randn(shape))
     assert out.shape == total.shape == x.shape
+
+
+@pytest.mark.parametrize("backend,device", backend_params("cpu", "cuda", "triton", "torch"))
+@pytest.mark.parametrize("shape", [(3, 0), (0, 8), (2, 0, 0)])
+def test_bias_gelu_empty(backend, device, shape):
+    """A hidden size of 0 divided the CPU kernel's row grain by zero (SIGFPE)."""
+    x = torch.randn(shape, device=device, requires_grad=True)
+    bias = torch.randn(shape[-1], device=device, requires_grad=True)
+    y = ops.bias_gelu(x, bias, backend=backend)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert x.grad.shape == x.shape and bias.grad.shape == bias.shape and not bias.grad.any()
+    assert GELU(backend=backend)(x.detach()).shape == x.shape
 
 
 def test_distillation_loss_empty_is_a_clear_error():

@@ -20,7 +20,7 @@ ACTIVATIONS = {None: 0, "relu": 1, "gelu": 2, "silu": 3, "tanh": 4}
 
 def check_activation(op: str, activation: Optional[str]) -> int:
     """The kernel code of ``activation``, or a ValueError naming the choices."""
-    if activation not in ACTIVATIONS:
+    if not isinstance(activation, (str, type(None))) or activation not in ACTIVATIONS:
         choices = ", ".join(repr(a) for a in ACTIVATIONS)
         raise ValueError(f"{op}: activation must be one of {choices}, got {activation!r}")
     return ACTIVATIONS[activation]

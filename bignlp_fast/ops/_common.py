@@ -261,7 +261,7 @@ def check_vector(op: str, name: str, t: Optional[Tensor], size: int, ref_name: s
 
 
 def check_choice(op: str, name: str, value, choices: Sequence) -> None:
-    if value not in choices:
+    if not isinstance(value, (str, int, float, bool, type(None))) or value not in choices:
         raise ValueError(f"{op}: {name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 

@@ -154,7 +154,7 @@ def add_layer_norm(x: Tensor, residual: Optional[Tensor] = None, weight: Optiona
         check_like(op, "residual", residual, "x", x)
     check_vector(op, "weight", weight, hidden, "x", x)
     check_vector(op, "bias", bias, hidden, "x", x)
-    if not eps >= 0:
+    if not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"{op}: eps must be a non-negative number, got {eps!r}")
     name = _backend.choose(OP, x.device, x.dtype, backend, _triton_check(hidden, x.dtype))
     x2 = x.reshape(-1, hidden)

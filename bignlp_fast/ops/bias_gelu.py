@@ -108,5 +108,5 @@ def bias_gelu(x: Tensor, bias: Optional[Tensor] = None, approximate: str = "none
     check_vector(op, "bias", bias, hidden, "x", x)
     check_choice(op, "approximate", approximate, APPROXIMATE)
     name = _backend.choose(OP, x.device, x.dtype, backend)
-    y = call(bias_gelu_fwd, x.reshape(-1, hidden), bias, approximate, name)
+    y = call(bias_gelu_fwd, x.reshape(x.shape[:-1].numel(), hidden), bias, approximate, name)  # (not -1: H may be 0)
     return y.view(x.shape)

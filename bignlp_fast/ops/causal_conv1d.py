@@ -170,8 +170,8 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, acti
     if not return_final_state:
         return y
     L = x.shape[-1]
-    if L >= W - 1:  # the last W-1 inputs are all in x: a view, no copy of the sequence
-        return y, x[..., L - (W - 1):]
+    if L >= W - 1:  # the last W-1 inputs are all in x: a copy of them (a view would change with x, a
+        return y, x[..., L - (W - 1):].clone()  # buffer a decoding loop may reuse for its next input)
     head = initial_state if initial_state is not None else x.new_zeros(x.shape[0], C, W - 1)
     return y, torch.cat([head[..., L:], x], dim=-1)
 

@@ -163,7 +163,8 @@ def text_cnn_pool(x: Tensor, weights: Sequence[Tensor], biases: Optional[Sequenc
         weights: conv kernels [C_i, E, k_i] (torch.nn.Conv1d(E, C_i, k_i).weight), e.g. widths 3, 4, 5.
         biases: one [C_i] per weight, or None.
         activation: None, "relu", "gelu", "silu" or "tanh".
-        lengths: int64 [B], each sequence's number of valid tokens (<= L), or None for all L.
+        lengths: int32 / int64 [B], each sequence's number of valid tokens (in [0, L]), or None for all
+            L. Checked when on the CPU; on a GPU they are not read back (a value past L counts as L).
         backend: "cpu", "triton", "torch" or None for automatic.
 
     Returns:
@@ -195,12 +196,14 @@ def text_cnn_pool(x: Tensor, weights: Sequence[Tensor], biases: Optional[Sequenc
     if lengths is not None:
         if not isinstance(lengths, Tensor) or lengths.dtype not in (torch.int32, torch.int64) or lengths.shape != (B,):
             raise ValueError(f"{op}: lengths must be an integer tensor of shape ({B},)")
-        lengths = lengths.to(device=x.device, dtype=torch.int64)
-        # a data-dependent check: skipped while torch.compile traces (the kernels check again)
-        if values_readable(lengths) and lengths.numel() and (
+        # a data-dependent check, made where it costs no wait: on CPU lengths (a GPU tensor's values
+        # would wait for the GPU; the GPU kernels count a length past L as L and a negative one as 0),
+        # and not while torch.compile traces (the CPU kernel checks again)
+        if lengths.device.type == "cpu" and values_readable(lengths) and lengths.numel() and (
                 int(lengths.min()) < 0 or int(lengths.max()) > L):
             raise ValueError(f"{op}: lengths must lie in [0, L={L}], got values in "
                              f"[{int(lengths.min())}, {int(lengths.max())}]")
+        lengths = lengths.to(device=x.device, dtype=torch.int64)
     code = check_activation(op, activation)
     name = _backend.choose(OP, x.device, x.dtype, backend)
     return call(text_cnn_pool_fwd, x, weights, biases or [], lengths, code, name)[0]

@@ -135,7 +135,7 @@ at::Tensor bias_gelu_fwd_cpu(const at::Tensor& x, const std::optional<at::Tensor
     T* yp = y.data_ptr<T>();
     const bool stream = cpu::stream_ok(yp, H * sizeof(T), rows * H * static_cast<int64_t>(sizeof(T)));
     dispatch_form(tanh_approx, [&](auto form) {
-      at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / Hp), [&](int64_t r0, int64_t r1) {
+      at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(Hp, 1)), [&](int64_t r0, int64_t r1) {
         fwd_rows<decltype(form)::value, T>(r0, r1, xp, b, yp, H, stream);
       });
     });

@@ -87,6 +87,7 @@ def select(suite: str, filters: Optional[list[str]]) -> list:
 
 def _bench(args) -> int:
     from bignlp_fast.bench import copy_gbps, format_table, run_case
+    from bignlp_fast import _backend
     from bignlp_fast._backend import steady_allocator
     from bignlp_fast.bench.runner import gemm_gflops, plot, pyplot
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -101,6 +102,17 @@ def _bench(args) -> int:
         print(f"bignlp-fast bench: no case in suite {args.suite!r} matches {' or '.join(args.filter)!r}",
               file=sys.stderr)
         return 2
+    skipped = []  # (case, why): what the named backend cannot run, said instead of a traceback mid-run
+    if args.backend:
+        runnable = []
+        for case in selected:
+            name, _, reasons = _backend.plan(_backend.OPS[case.op], device, case.dtype, args.backend)
+            (runnable.append(case) if name is not None else skipped.append((case.id, reasons[0][1])))
+        selected = runnable
+        if not selected:
+            print(f"bignlp-fast bench: backend {args.backend!r} can run none of the selected cases on {device}: "
+                  f"{skipped[0][1]}", file=sys.stderr)
+            return 2
     if args.plot:
         pyplot()  # before the run, not after it: a missing matplotlib is said at once
     if not (_writable(args.json, "--json", "bench") and _writable(args.plot, "--plot", "bench")):
@@ -111,16 +123,27 @@ def _bench(args) -> int:
     gemm_rate = gemm_gflops(device) if any(c.flops for c in selected) else None
     rows = []
     for case in selected:
-        rows.append(run_case(case, device, args.backend, repeats=args.repeats))  # copy measured around each case
+        try:
+            rows.append(run_case(case, device, args.backend, repeats=args.repeats))  # copy measured around it
+        except _backend.BackendError as e:  # a limit of the call (a head_dim), not of the dtype or device
+            skipped.append((case.id, str(e)))
+            print(f"  {case.id}: skipped: {e}", file=sys.stderr, flush=True)
+            continue
         print(f"  {case.id}: {rows[-1].speedup:.2f}x", file=sys.stderr, flush=True)
+    if not rows:
+        print(f"bignlp-fast bench: every selected case was skipped: {skipped[0][1]}", file=sys.stderr)
+        return 2
     print(format_table(rows, rate, gemm_rate))
+    for case_id, why in skipped:
+        print(f"skipped {case_id}: {why}")
     slower = [r.case for r in rows if r.speedup < 1]
     if slower:
         print(f"slower than PyTorch in this run: {', '.join(slower)}")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"machine": machine(), "device": str(device), "copy_gbps": rate, "sgemm_gflops": gemm_rate,
-                       "rows": [dataclasses.asdict(r) for r in rows]}, fh, indent=2)
+                       "rows": [dataclasses.asdict(r) for r in rows],
+                       "skipped": [{"case": c, "reason": why} for c, why in skipped]}, fh, indent=2)
     if args.plot:
         plot(rows, args.plot)
     return 0

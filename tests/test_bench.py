@@ -89,6 +89,37 @@ def test_cli_bench_writes_json(tmp_path, capsys):
     assert data["rows"][0]["copy_gbps"] > 0
 
 
+def test_cli_bench_skips_what_the_named_backend_cannot_run(tmp_path, monkeypatch, capsys):
+    """--backend X: the cases X cannot run (its dtype or device, found before any timing; or a limit of
+    the call, a BackendError while running) are listed as skipped with the reason, the others still
+    give rows and JSON, instead of a traceback that loses every row."""
+    import bignlp_fast.bench as bench
+    from bignlp_fast._backend import BackendError
+    monkeypatch.delenv("TRITON_INTERPRET")  # the triton backend cannot run CPU tensors now
+    assert cli.main(["bench", "--filter", "bias_gelu-fwd-8192x768-float32", "--backend", "triton"]) == 2
+    assert "backend 'triton' can run none of the selected cases on cpu" in capsys.readouterr().err
+
+    def fake_run_case(case, device, backend, repeats):  # the CLI's handling is under test, not timing
+        if "fwd+bwd" in case.id:
+            raise BackendError(f"{case.op}: backend {backend!r} cannot run this call: a limit of the call")
+        return bench.Row(case.id, case.name, case.mode, "x", "float32", backend, 1.0, 1.0, 1.0, None, None, None, None,
+                         0.0, 0.0, None, None, case.ref_name)
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(bench, "run_case", fake_run_case)
+    out = tmp_path / "bench.json"
+    assert cli.main(["bench", "--full", "--filter", "distillation_loss-T=2-alpha=0.5-fwd", "--filter",
+                     "causal_conv1d-width-4-+-silu-fwd", "--backend", "triton", "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert [r["case"] for r in data["rows"]] == ["causal_conv1d-width-4-+-silu-fwd-8x1024x2048-float32",
+                                                 "causal_conv1d-width-4-+-silu-fwd-8x1024x2048-bfloat16"]
+    skipped = {s["case"]: s["reason"] for s in data["skipped"]}
+    assert all("no Triton kernel for distillation_loss" in skipped[c] for c in skipped if "distillation" in c)
+    assert len([c for c in skipped if "distillation" in c]) == 4 and len(skipped) == 6  # + 2 causal fwd+bwd
+    assert "skipped distillation_loss-T=2-alpha=0.5-fwd-512x30522-float32" in printed
+
+
 def test_cli_bench_rejects_an_empty_selection(capsys):
     assert cli.main(["bench", "--filter", "no-such-case"]) == 2
     assert "no case" in capsys.readouterr().err

@@ -447,7 +447,7 @@ class BertForMaskedLM(PretrainedModel):
                              f"{tuple(labels.shape)}")
         h, batch = self.bert.encode(input_ids, attention_mask, token_type_ids, position_ids)
         logits = self.cls(h)  # [T, vocab]: the real tokens only
-        loss = F.cross_entropy(logits.float(), batch.pack_labels(labels), ignore_index=-100) if labels is not None else None
+        loss = None if labels is None else F.cross_entropy(logits.float(), batch.pack_labels(labels), ignore_index=-100)
         return MaskedLMOutput(batch.unpack(logits), loss)
 
 

@@ -328,6 +328,13 @@ def _mask_to_bias(op: str, attn_mask: Tensor, query: Tensor, shape) -> Tensor:
     return bias.expand(shape)
 
 
+def _float16_on_cpu(q: Tensor, backend: Optional[str]) -> bool:
+    """float16 CPU tensors, for the automatic or the cpu backend: the CPU kernels compute them in float32
+    (converted in and out: O(L D) next to attention's O(L^2 D); torch's CPU kernels also compute
+    float16 in float32), instead of the reference falling back at ~9x torch's time."""
+    return q.dtype == torch.float16 and q.device.type == "cpu" and _backend.requested_backend(backend) in (None, "cpu")
+
+
 def _broadcast_4d(op: str, query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor],
                   enable_gqa: bool):
     """torch's broadcasting of SDPA's arguments, for the calls that are not [B, H, L, D] with one B:
@@ -373,7 +380,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
 
     Args:
         query: [B, Hq, Lq, D]; key: [B, Hk, Lk, D]; value: [B, Hk, Lk, Dv]. float32 / bfloat16 on the
-            CPU; float16 / bfloat16 / float32 on CUDA. As in torch, any other number of leading
+            CPU (float16 there runs the float32 kernel on converted tensors); float16 / bfloat16 /
+            float32 on CUDA. As in torch, any other number of leading
             dimensions ([..., H, L, D], at least [L, D]) broadcasts between the three, and key/value
             with one head serve every query head.
         attn_mask: bool (True = attend) or float (added to the scores), broadcastable to
@@ -411,6 +419,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         gqa = enable_gqa or k.shape[1] == 1  # one key/value head serves them all, as torch broadcasts it
         return scaled_dot_product_attention(q, k, v, mask, dropout_p, is_causal, scale, gqa,
                                             backend=backend).reshape(shape)
+    if _float16_on_cpu(query, backend):
+        return scaled_dot_product_attention(query.float(), key.float(), value.float(), attn_mask, dropout_p, is_causal,
+                                            scale, enable_gqa, backend=backend).half()
     b, hq, lq, d = query.shape
     _, hk, lk, _ = key.shape
     if key.shape[-1] != d:
@@ -491,6 +502,9 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     q, k, v = autocast_lower(q.device, q, k, v)
     check_like(op, "k", k, "q", q, same_shape=False)
     check_like(op, "v", v, "q", q, same_shape=False)
+    if _float16_on_cpu(q, backend):
+        return varlen_attention(q.float(), k.float(), v.float(), cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                causal=causal, scale=scale, dropout_p=dropout_p, backend=backend).half()
     if k.shape[-1] != q.shape[-1]:
         raise ValueError(f"{op}: k has head_dim {k.shape[-1]} but q has {q.shape[-1]}")
     if v.shape[:2] != k.shape[:2]:

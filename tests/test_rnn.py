@@ -357,6 +357,32 @@ def test_auto_backend_runs_the_cpu_kernel():
     assert bignlp_fast.report() == []
 
 
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_a_dtype_no_kernel_takes_runs_torchs_own_forward(kind):
+    """float64 on the CPU: torch.nn's implementation (recorded), not the reference's loop over steps;
+    a backend named "torch" still runs the reference."""
+    ref, ours = make_pair(kind, None, num_layers=2, dtype=torch.float64)
+    x = torch.randn(6, 3, 5, dtype=torch.float64)
+    assert_all_close(run(ours, x), run(ref, x))
+    assert [r["reason"] for r in bignlp_fast.report()] == \
+        [f"the cpu backend of rnn runs float32, bfloat16, got float64: ran torch.nn.{kind.upper()}'s own forward"]
+    bignlp_fast.reset_report()
+    ours.backend = "torch"
+    assert_all_close(run(ours, x), run(ref, x))
+    assert not bignlp_fast.report()
+
+
+def test_lengths_as_pack_padded_sequence_takes_them():
+    _, lstm = make_pair("lstm", None, batch_first=True)
+    x = torch.randn(3, 6, 5)
+    expected = lstm(x, lengths=torch.tensor([6, 2, 4]))
+    for lengths in ([6, 2, 4], torch.tensor([6, 2, 4], dtype=torch.int32)):
+        got = lstm(x, lengths=lengths)
+        assert torch.equal(got[0], expected[0]) and torch.equal(got[1][0], expected[1][0])
+    with pytest.raises(ValueError, match="lengths must be a 1-D int32 / int64 tensor or a list of ints"):
+        lstm(x, lengths=[6.0, 2.0, 4.0])
+
+
 # ---- bad input ------------------------------------------------------------------------------------
 def test_bad_input_gives_clear_errors():
     _, lstm = make_pair("lstm", "torch", num_layers=2, proj_size=4)
@@ -372,6 +398,11 @@ def test_bad_input_gives_clear_errors():
         lstm(x, (torch.zeros(2, 3, 13), torch.zeros(2, 3, 13)))
     with pytest.raises(RuntimeError, match=r"expected hidden\[1\] of size \(2, 3, 13\).*got \[2, 2, 13\]"):
         lstm(x, (torch.zeros(2, 3, 4), torch.zeros(2, 2, 13)))
+    with pytest.raises(RuntimeError, match="LSTM: input and hx must have the same dtype and device, got input "
+                                           "torch.float32 on cpu and hx torch.float64"):
+        lstm(x, (torch.zeros(2, 3, 4, dtype=torch.float64), torch.zeros(2, 3, 13, dtype=torch.float64)))
+    with pytest.raises(RuntimeError, match=r"LSTMCell: input and hx\[1\] must have the same dtype"):
+        bnn.LSTMCell(5, 4)(x[0], (torch.zeros(3, 4), torch.zeros(3, 4, dtype=torch.float64)))
     with pytest.raises(TypeError, match="hx must be a tuple \\(h_0, c_0\\)"):
         lstm(x, torch.zeros(2, 3, 4))
     with pytest.raises(RuntimeError, match="for batched 3-D input, hx should also be 3-D but got 2-D"):

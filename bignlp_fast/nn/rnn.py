@@ -39,7 +39,7 @@ from bignlp_fast.ops._common import autocast_enabled, values_readable
 from bignlp_fast.ops.add_layer_norm import add_layer_norm
 from bignlp_fast.ops.layer_norm_lstm import layer_norm_lstm_layer
 from bignlp_fast.ops.linear import linear, linear_is_faster
-from bignlp_fast.ops.rnn import rnn_layer
+from bignlp_fast.ops.rnn import OP as RNN_OP, rnn_layer
 
 __all__ = ["GRU", "GRUCell", "LSTM", "LSTMCell", "LayerNormLSTM", "RNN", "RNNCell"]
 
@@ -107,18 +107,23 @@ def _pack(padded: Tensor, batch_sizes: Tensor) -> Tensor:
     return padded[_step_mask(batch_sizes).to(padded.device)]
 
 
-def _check_lengths(name: str, batch_first: bool, input, lengths) -> None:
-    """lengths= of a padded batched input: int64 [B], each in [1, T]."""
+def _check_lengths(name: str, batch_first: bool, input, lengths) -> Tensor:
+    """lengths= of a padded batched input, as pack_padded_sequence takes them (a 1-D int32 / int64
+    tensor or a list of ints, each in [1, T]): int64 [B] on the CPU."""
     if isinstance(input, PackedSequence) or not isinstance(input, Tensor) or input.dim() != 3:
         raise ValueError(f"{name}: lengths is for a padded batched (3-D) input; a PackedSequence carries its own")
-    if not isinstance(lengths, Tensor) or lengths.dtype != torch.int64 or lengths.dim() != 1:
-        raise ValueError(f"{name}: lengths must be a 1-D int64 tensor, got "
+    if isinstance(lengths, (list, tuple)) and all(isinstance(n, int) and not isinstance(n, bool) for n in lengths):
+        lengths = torch.tensor(lengths, dtype=torch.int64)
+    if not isinstance(lengths, Tensor) or lengths.dtype not in (torch.int32, torch.int64) or lengths.dim() != 1:
+        raise ValueError(f"{name}: lengths must be a 1-D int32 / int64 tensor or a list of ints, got "
                          f"{lengths.dtype if isinstance(lengths, Tensor) else type(lengths).__name__}")
+    lengths = lengths.to(device="cpu", dtype=torch.int64)
     batch, steps = (input.shape[0], input.shape[1]) if batch_first else (input.shape[1], input.shape[0])
     if lengths.shape[0] != batch:
         raise ValueError(f"{name}: lengths has {lengths.shape[0]} entries for a batch of {batch}")
     if values_readable(lengths) and lengths.numel() and (lengths.min() < 1 or lengths.max() > steps):
         raise ValueError(f"{name}: lengths must be in [1, {steps}] (the input's steps), got {lengths.tolist()}")
+    return lengths
 
 
 def _autocast(x: Tensor) -> bool:
@@ -176,6 +181,9 @@ class _FusedRNNBase:
             if t is not None and t.dim() != rank and not packed:
                 raise RuntimeError(f"{name}: for {'batched 3-D' if batched else 'unbatched 2-D'} input, {what} "
                                    f"should also be {rank}-D but got {t.dim()}-D tensor")
+            if t is not None and (t.dtype != x.dtype and not _autocast(x) or t.device != x.device):
+                raise RuntimeError(f"{name}: input and {what} must have the same dtype and device, got input "
+                                   f"{x.dtype} on {x.device} and {what} {t.dtype} on {t.device}")
         if not batched:
             h0, c0 = h0.unsqueeze(1), (c0.unsqueeze(1) if c0 is not None else None)
         self._check_state("hidden[0]" if lstm else "hidden", h0, (layers, batch, state))
@@ -188,7 +196,8 @@ class _FusedRNNBase:
         """torch.nn's forward: (output, h_n) or, for LSTM, (output, (h_n, c_n)); a PackedSequence in
         gives a PackedSequence out.
 
-        ``lengths`` (an extension, keyword only): int64 [B], for a padded batched input: sequence b
+        ``lengths`` (an extension, keyword only): [B] ints (an int64 / int32 tensor or a list, as
+        pack_padded_sequence takes them), for a padded batched input: sequence b
         runs over its first lengths[b] steps, exactly as if packed (h_n is the state after its own
         last step; the reverse direction starts there), and its output is zero past its length.
         The same result as pack_padded_sequence -> forward -> pad_packed_sequence, without the sort
@@ -197,8 +206,9 @@ class _FusedRNNBase:
         packed = isinstance(input, PackedSequence)
         sorted_indices = unsorted_indices = None
         if lengths is not None:
-            self._check_lengths(input, lengths)
-            lengths = lengths.cpu()
+            lengths = self._check_lengths(input, lengths)
+        elif self._runs_torch(input):
+            return super().forward(input, hx)
         batched = True
         if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
@@ -239,8 +249,24 @@ class _FusedRNNBase:
             output = output.transpose(0, 1)
         return output, ((h_n, c_n) if c_n is not None else h_n)
 
-    def _check_lengths(self, input, lengths) -> None:
-        _check_lengths(type(self).__name__, self.batch_first, input, lengths)
+    def _check_lengths(self, input, lengths) -> Tensor:
+        return _check_lengths(type(self).__name__, self.batch_first, input, lengths)
+
+    def _runs_torch(self, input) -> bool:
+        """Whether this call goes to torch.nn's own forward: when no fused backend takes the input's
+        dtype on its device (float64, float16 on the CPU), torch's implementation rather than the
+        project's reference (a Python loop over steps, 1.6-2.4x slower than it), recorded as a
+        fallback. A backend asked for by name is left to raise (or, "torch", to run the reference)."""
+        data = input.data if isinstance(input, PackedSequence) else input
+        if not isinstance(data, Tensor) or data.dtype != self.weight_ih_l0.dtype or _autocast(data):
+            return False  # (a dtype mismatch is refused by the checks, with the module's message)
+        name, named, reasons = _backend.plan(RNN_OP, data.device, data.dtype, self.backend)
+        if name is not None or named:
+            return False
+        _backend.record_fallback(RNN_OP.name, reasons[0][0] if reasons else "-",
+                                 f"{reasons[0][1] if reasons else data.device}: ran torch.nn.{type(self).__name__}'s "
+                                 "own forward")
+        return True
 
     def _layers(self, x: Tensor, h0: Tensor, c0: Optional[Tensor], lengths: Optional[Tensor]):
         """The stack on time-major x [T, B, F]: (output [T, B, D*S], h_n [L*D, B, S], c_n or None)."""
@@ -337,6 +363,9 @@ class _FusedCellBase:
             if tuple(t.shape) != (b, self.hidden_size):
                 raise RuntimeError(f"{name}: hx[{i}] must have shape {(b, self.hidden_size)} (batch, hidden_size), "
                                    f"got {tuple(t.shape)}")
+            if t.dtype != x.dtype and not _autocast(x) or t.device != x.device:
+                raise RuntimeError(f"{name}: input and hx[{i}] must have the same dtype and device, got input "
+                                   f"{x.dtype} on {x.device} and hx[{i}] {t.dtype} on {t.device}")
         xw = F.linear(x, self.weight_ih, self.bias_ih).unsqueeze(0)  # [1, B, G*H]
         w_hh, b_hh = self.weight_hh, self.bias_hh
         if _autocast(xw):  # the step runs in the dtype autocast gave the projection
@@ -463,14 +492,13 @@ class LayerNormLSTM(torch.nn.Module):
 
     def forward(self, input, hx: Optional[tuple[Tensor, Tensor]] = None, *, lengths: Optional[Tensor] = None):
         """As torch.nn.LSTM's forward: (output, (h_n, c_n)); a PackedSequence in gives a PackedSequence
-        out. ``lengths`` (keyword only, as for :class:`LSTM`): int64 [B] for a padded batched input,
+        out. ``lengths`` (keyword only, as for :class:`LSTM`): [B] ints for a padded batched input,
         the same result as packing it, without the sort and copies."""
         name = "LayerNormLSTM"
         packed = isinstance(input, PackedSequence)
         sorted_indices = unsorted_indices = None
         if lengths is not None:
-            _check_lengths(name, self.batch_first, input, lengths)
-            lengths = lengths.cpu()
+            lengths = _check_lengths(name, self.batch_first, input, lengths)
         if packed:
             data, batch_sizes, sorted_indices, unsorted_indices = input
             if data.dim() != 2:

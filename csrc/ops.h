@@ -231,13 +231,23 @@ std::vector<at::Tensor> attention_bwd_cuda(const at::Tensor& grad_out, const at:
 std::vector<at::Tensor> causal_conv1d_bwd_cuda(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w,
                                                const std::optional<at::Tensor>& bias,
                                                const std::optional<at::Tensor>& initial_state, int64_t activation);
+// text_cnn_pool on CUDA (csrc/cuda/text_cnn_pool.cu): the text_cnn_pool_*_cpu contract above, float32,
+// float16 and bfloat16 (fp32 accumulation); lengths int64 on x's device.
+std::vector<at::Tensor> text_cnn_pool_fwd_cuda(const at::Tensor& x, const std::vector<at::Tensor>& weights,
+                                               const std::optional<std::vector<at::Tensor>>& biases,
+                                               const std::optional<at::Tensor>& lengths, int64_t activation);
+std::vector<at::Tensor> text_cnn_pool_bwd_cuda(const at::Tensor& grad_out, const at::Tensor& x,
+                                               const std::vector<at::Tensor>& weights,
+                                               const std::optional<std::vector<at::Tensor>>& biases,
+                                               const at::Tensor& argmax, const at::Tensor& pre, int64_t activation);
 
 // Every CUDA entry point above, X(name) each: the bindings of csrc/bindings.cpp and of the CPU emulation
 // that runs them in the tests (tests/cuda_emu/bindings.cpp) come from this one list.
 #define BIGNLP_FAST_CUDA_OPS(X)                                                                         \
   X(add_layer_norm_fwd_cuda) X(add_layer_norm_bwd_cuda) X(bias_gelu_fwd_cuda) X(bias_gelu_bwd_cuda)   \
   X(conv_fwd_cuda) X(conv_bwd_cuda) X(causal_conv1d_fwd_cuda) X(causal_conv1d_bwd_cuda)               \
-  X(attention_fwd_cuda) X(attention_bwd_cuda) X(rnn_fwd_cuda) X(rnn_bwd_cuda)
+  X(attention_fwd_cuda) X(attention_bwd_cuda) X(rnn_fwd_cuda) X(rnn_bwd_cuda)                         \
+  X(text_cnn_pool_fwd_cuda) X(text_cnn_pool_bwd_cuda)
 #endif
 
 }  // namespace bignlp_fast

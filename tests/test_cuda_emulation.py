@@ -95,7 +95,7 @@ def test_kernels_under_other_orders_and_sm_counts(monkeypatch, sms, reverse):
     """csrc/cuda's kernels with the threads of each block in reverse order (and one SM), or 13 SMs (the
     grids sized from the SM count split their work differently): the same results as the reference.
     (The whole cuda-emulated suite passes with BIGNLP_FAST_CUDA_EMULATION=sms=1,reverse=1 too.)"""
-    from bignlp_fast.ops import add_layer_norm, bias_gelu, conv1d, scaled_dot_product_attention
+    from bignlp_fast.ops import add_layer_norm, bias_gelu, conv1d, scaled_dot_product_attention, text_cnn_pool
     from bignlp_fast.ops.rnn import rnn_layer
 
     g = torch.Generator().manual_seed(0)
@@ -119,6 +119,9 @@ def test_kernels_under_other_orders_and_sm_counts(monkeypatch, sms, reverse):
         xw, whh, h0 = rand(9, 5, 4 * 24), rand(4 * 24, 24) * 0.3, rand(5, 24)
         both(lambda *a, backend: rnn_layer("lstm", a[0], a[1], None, a[2], a[3], backend=backend)[:2],
              xw, whh, h0, h0.clone(), tol=1e-4)
+        xt, wt0, wt1, lens = rand(3, 70, 20), rand(70, 20, 3), rand(5, 20, 2), torch.tensor([70, 9, 66])
+        both(lambda x, w0, w1, backend: text_cnn_pool(x, [w0, w1], None, "gelu", lens, backend=backend),
+             xt, wt0, wt1, tol=1e-4)
 
 
 def test_kernels_on_shapes_that_cut_rows_into_chunks(monkeypatch):
@@ -194,9 +197,10 @@ def test_kernels_within_their_tensors():
     _asan_build("load")
     tests = Path(__file__).resolve().parent
     files = [str(tests / f) for f in ("test_attention.py", "test_rnn_layer.py", "test_conv.py",
-                                      "test_causal_conv1d.py", "test_add_layer_norm.py", "test_bias_gelu.py")]
+                                      "test_causal_conv1d.py", "test_add_layer_norm.py", "test_bias_gelu.py",
+                                      "test_text_cnn_pool.py")]
     run = _asan_python(["-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "-k",
-                        "cuda-emulated and (matches_float64 or varlen or dropout_same_mask)", *files],
+                        "cuda-emulated and (matches_float64 or varlen or dropout_same_mask or cuda_tiles)", *files],
                        env_extra={"BIGNLP_FAST_CUDA_EMULATION": "asan=1"}, timeout=1800)
     assert run.returncode == 0 and "AddressSanitizer" not in run.stdout + run.stderr, \
         (run.stdout[-3000:] + run.stderr[-3000:])

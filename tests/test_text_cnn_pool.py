@@ -7,9 +7,9 @@ from bignlp_fast.ops.text_cnn_pool import text_cnn_pool_eager, text_cnn_pool_fwd
 from conftest import backend_params
 from reference import assert_within_torch_error
 
-BACKENDS = backend_params("cpu", "triton", "torch")
+BACKENDS = backend_params("cpu", "cuda", "triton", "torch")
 DTYPES = {"cpu": (torch.float32, torch.bfloat16), "torch": (torch.float32, torch.bfloat16),
-          "triton": (torch.float32, torch.float16, torch.bfloat16)}
+          "cuda": (torch.float32, torch.float16, torch.bfloat16), "triton": (torch.float32, torch.float16, torch.bfloat16)}
 ACTIVATIONS = [None, "relu", "gelu", "silu", "tanh"]
 
 
@@ -62,6 +62,14 @@ def test_cpu_benchmark_like_shapes():
     lengths = torch.tensor([100, 37, 64, 99, 5, 71])
     _check("cpu", torch.device("cpu"), torch.float32, 6, 100, 50, [20, 33, 10], [3, 4, 5], "relu", lengths=lengths)
     _check("cpu", torch.device("cpu"), torch.bfloat16, 6, 100, 50, [20, 33, 10], [3, 4, 5], "gelu", lengths=lengths)
+
+
+@pytest.mark.parametrize("backend,device", backend_params("cuda"))
+def test_cuda_tiles(backend, device):
+    """The CUDA kernel's tiles: 64 positions (sequences over 2-3 tiles, lengths past L counted as L),
+    64 channels (a width over two channel blocks), 16 embedding columns (a partial last one)."""
+    _check(backend, device, torch.float32, 3, 150, 20, [70, 5], [3, 1], "relu", lengths=torch.tensor([150, 64, 65]))
+    _check(backend, device, torch.bfloat16, 2, 70, 17, [66], [4], "silu")
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

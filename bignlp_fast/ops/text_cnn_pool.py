@@ -40,8 +40,11 @@ from bignlp_fast.ops._common import (acc_dtype, autocast_lower, call, check_like
 
 OP = _backend.register_op("text_cnn_pool", dtypes={
     "cpu": (torch.float32, torch.bfloat16),
+    "cuda": (torch.float32, torch.float16, torch.bfloat16),
     "triton": (torch.float32, torch.float16, torch.bfloat16),
-}, missing={"cuda": "no CUDA C++ kernel for text_cnn_pool (the triton backend serves CUDA tensors)"})
+    # csrc/cuda/text_cnn_pool.cu (CUDA-core tiles) passes its tests on the CUDA emulation but has not run
+    # on a GPU: the automatic choice on CUDA tensors is triton (tensor cores), backend="cuda" runs it
+}, auto_order={"cuda": ("triton", "cuda")})
 
 
 # ---- reference backend ------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from torch.nn.utils.rnn import PackedSequence, pack_padded_sequence
 import bignlp_fast
 from bignlp_fast import _backend
 from bignlp_fast import nn as bnn
+from bignlp_fast import ops
 from bignlp_fast.ops import rnn_layer
 from bignlp_fast.ops.rnn import GATES
 from conftest import HAS_CUDA, emulated_cuda_marks
@@ -381,6 +382,70 @@ def test_lengths_as_pack_padded_sequence_takes_them():
         assert torch.equal(got[0], expected[0]) and torch.equal(got[1][0], expected[1][0])
     with pytest.raises(ValueError, match="lengths must be a 1-D int32 / int64 tensor or a list of ints"):
         lstm(x, lengths=[6.0, 2.0, 4.0])
+
+
+# ---- the functional forms: bignlp_fast.ops.lstm / gru / rnn ------------------------------------------
+FUNCTIONAL = {"lstm": (ops.lstm, torch.nn.LSTM, {}), "gru": (ops.gru, torch.nn.GRU, {}),
+              "rnn_relu": (ops.rnn, torch.nn.RNN, {"nonlinearity": "relu"})}
+
+
+@pytest.mark.parametrize("kind", FUNCTIONAL)
+@pytest.mark.parametrize("config", [{}, {"num_layers": 2, "bidirectional": True, "batch_first": True},
+                                    {"bias": False, "proj_size": 3}], ids=["one layer", "2 bidirectional", "no bias"])
+def test_functional_forms_match_torch_nn_in_float64(kind, config):
+    """ops.lstm(input, module._flat_weights, hx, ...) is what the modules run: against torch.nn's module
+    in float64, outputs, states and every gradient, with initial states and lengths."""
+    fn, cls, extra = FUNCTIONAL[kind]
+    if kind != "lstm" and "proj_size" in config:
+        config = {"bias": False}
+    torch.manual_seed(1)
+    ref = cls(5, 7, **extra, **config).double()
+    args = {k: v for k, v in config.items() if k in ("num_layers", "bidirectional", "batch_first")}
+    layers = config.get("num_layers", 1) * (2 if config.get("bidirectional") else 1)
+    state = config.get("proj_size", 7)
+    x = torch.randn((3, 6, 5) if config.get("batch_first") else (6, 3, 5), dtype=torch.float64, requires_grad=True)
+    h0 = torch.randn(layers, 3, state, dtype=torch.float64)
+    hx = (h0, torch.randn(layers, 3, 7, dtype=torch.float64)) if kind == "lstm" else h0
+    lengths = [6, 2, 5]
+    packed = torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor(lengths), batch_first=args.get("batch_first", False),
+                                                     enforce_sorted=False)
+    ref_out, ref_state = ref(packed, hx)
+    ref_out, _ = torch.nn.utils.rnn.pad_packed_sequence(ref_out, batch_first=args.get("batch_first", False))
+    weights = [w.detach().float().requires_grad_() for w in ref._flat_weights]
+    x32 = x.float().requires_grad_()
+    hx32 = tuple(t.float() for t in hx) if kind == "lstm" else hx.float()
+    out, st = fn(x32, weights, hx32, lengths=lengths, **extra, **args)
+    got = [out, *(st if kind == "lstm" else (st,))]
+    expected = [ref_out, *(ref_state if kind == "lstm" else (ref_state,))]
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-6)
+    grads = torch.autograd.grad(out.sum() + (st[0].sum() if kind == "lstm" else st.sum()), [x32, *weights])
+    ref_grads = torch.autograd.grad(ref_out.sum() + (ref_state[0].sum() if kind == "lstm" else ref_state.sum()),
+                                    [x, *ref._flat_weights])
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g.double(), r, rtol=1e-4, atol=1e-5)
+    assert not bignlp_fast.report()
+
+
+def test_functional_form_compiles_without_allow_rnn():
+    """A function, not an nn.LSTM instance: Dynamo traces it with its default config."""
+    torch._dynamo.reset()
+    weights = [w.detach() for w in torch.nn.LSTM(5, 7, num_layers=2)._flat_weights]
+    x = torch.randn(6, 3, 5)
+    fn = lambda x: ops.lstm(x, weights, num_layers=2)[0]  # noqa: E731
+    torch.testing.assert_close(torch.compile(fn, fullgraph=True, backend="aot_eager")(x), fn(x))
+
+
+def test_functional_form_bad_input():
+    weights = torch.nn.LSTM(5, 7, num_layers=2)._flat_weights
+    with pytest.raises(ValueError, match="for each of the 2 layer\\(s\\) x 1 direction\\(s\\), w_ih, w_hh"):
+        ops.lstm(torch.randn(6, 3, 5), weights[:-1], num_layers=2)
+    with pytest.raises(ValueError, match="input must be \\[T, B, F\\]"):
+        ops.gru(torch.randn(6, 5), torch.nn.GRU(5, 7)._flat_weights)
+    with pytest.raises(ValueError, match=r"h_0 must be \[num_layers \* directions, B, 7\] = \(2, 3, 7\)"):
+        ops.lstm(torch.randn(6, 3, 5), weights, (torch.zeros(1, 3, 7), torch.zeros(2, 3, 7)), num_layers=2)
+    with pytest.raises(ValueError, match="nonlinearity must be one of 'tanh', 'relu'"):
+        ops.rnn(torch.randn(6, 3, 5), torch.nn.RNN(5, 7)._flat_weights, nonlinearity="gelu")
 
 
 # ---- bad input ------------------------------------------------------------------------------------

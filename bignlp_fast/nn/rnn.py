@@ -1,9 +1,11 @@
 """Recurrent modules: drop-ins for torch.nn.LSTM / GRU / RNN and their cells, running the fused
 time loop of bignlp_fast.ops.rnn_layer, and LayerNormLSTM on bignlp_fast.ops.layer_norm_lstm_layer.
 
-Each layer and direction is one input-projection GEMM over all time steps (``ops.linear`` on CPU
-tensors, F.linear elsewhere; its autograd gives dW_ih, db_ih and dx) followed by one ``rnn_layer``
-call that runs the recurrence::
+The modules check and arrange their arguments (PackedSequence, unbatched input, batch_first, the
+states' order) and run the stack of the functional forms ``bignlp_fast.ops.lstm / gru / rnn``
+(``ops.rnn.recurrent_stack``): each layer and direction is one input-projection GEMM over all time
+steps (``ops.linear`` on CPU tensors, F.linear elsewhere; its autograd gives dW_ih, db_ih and dx)
+followed by one ``rnn_layer`` call that runs the recurrence::
 
     xw = linear(layer_input, weight_ih, bias_ih)                    # [T, B, G*H], time-major
     out, h_n, c_n = rnn_layer(mode, xw, weight_hh, bias_hh, h0, c0, weight_hr, lengths, reverse)
@@ -38,55 +40,11 @@ from bignlp_fast import _backend
 from bignlp_fast.ops._common import autocast_enabled, values_readable
 from bignlp_fast.ops.add_layer_norm import add_layer_norm
 from bignlp_fast.ops.layer_norm_lstm import layer_norm_lstm_layer
-from bignlp_fast.ops.linear import linear, linear_is_faster
-from bignlp_fast.ops.rnn import OP as RNN_OP, rnn_layer
+from bignlp_fast.ops.rnn import OP as RNN_OP, input_projection, recurrent_stack, rnn_layer, stack_layers
 
 __all__ = ["GRU", "GRUCell", "LSTM", "LSTMCell", "LayerNormLSTM", "RNN", "RNNCell"]
 
 _MODES = {"LSTM": "lstm", "GRU": "gru", "RNN_TANH": "rnn_tanh", "RNN_RELU": "rnn_relu"}
-
-
-def _input_projection(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend: Optional[str],
-                      defer_bias: bool) -> tuple[Tensor, Optional[Tensor]]:
-    """(x W_ih^T + b_ih for every step at once, None), or (x W_ih^T, b_ih) when ``defer_bias`` lets the
-    recurrence add b_ih (see below). On float32 CPU tensors: bignlp_fast.ops.linear, the
-    project's packed GEMM (about 2x torch.mm where MKL lacks an AVX-512 path), where
-    ops.linear.linear_is_faster says so (the rule nn.Linear and the models follow: not for small
-    products, nor where MKL's sgemm is the faster one: Intel CPUs, builds without AVX-512); in
-    bfloat16, on other devices, under autocast, or when the torch reference is asked for: F.linear (for bfloat16,
-    oneDNN's GEMM on the CPU's bf16 dot products or AMX: about 2x ops.linear, which computes in fp32).
-    Naming backend="cpu" always takes ops.linear.
-
-    F.linear with a bias is addmm, which first copies the bias into every row of its [T*B, G*H]
-    output: 3.5 ms of a 22 ms bf16 LSTM forward (B32, T128, H512, Xeon). The recurrence adds b_hh at
-    every step anyway, so for LSTM and RNN (``defer_bias``) b_ih is handed back to join it; GRU's b_hn
-    sits inside r * (h W_hn^T + b_hn), so there it stays in the projection."""
-    named = _backend.requested_backend(backend)
-    if (x.device.type == "cpu" and x.dtype == torch.float32 and not torch.is_autocast_enabled("cpu")
-            and (named == "cpu" or (named is None and linear_is_faster(x, weight)))):
-        return linear(x, weight, bias, backend=backend), None
-    if defer_bias and bias is not None:
-        return F.linear(x, weight), bias
-    return F.linear(x, weight, bias), None
-
-
-def _stack(x: Tensor, num_layers: int, directions: int, dropout: float, training: bool, run):
-    """Layers x directions over time-major x. ``run(k, layer_input, reverse)`` runs the k-th (layer,
-    direction) and returns (out, h, c). Bidirectional outputs are concatenated [forward, backward];
-    dropout (training only) follows every layer but the last. Returns (output, [h...], [c...])."""
-    h_n, c_n = [], []
-    layer_input = x
-    for layer in range(num_layers):
-        outs = []
-        for direction in range(directions):
-            out, h, c = run(layer * directions + direction, layer_input, direction == 1)
-            outs.append(out)
-            h_n.append(h)
-            c_n.append(c)
-        layer_input = outs[0] if directions == 1 else torch.cat(outs, -1)
-        if dropout > 0 and training and layer < num_layers - 1:
-            layer_input = F.dropout(layer_input, dropout, training=True)
-    return layer_input, h_n, c_n
 
 
 # ---- PackedSequence <-> padded, time-major, in the packed (sorted) batch order ----------------------
@@ -270,22 +228,10 @@ class _FusedRNNBase:
 
     def _layers(self, x: Tensor, h0: Tensor, c0: Optional[Tensor], lengths: Optional[Tensor]):
         """The stack on time-major x [T, B, F]: (output [T, B, D*S], h_n [L*D, B, S], c_n or None)."""
-        mode = _MODES[self.mode]
-
-        def run(k: int, layer_input: Tensor, reverse: bool):
-            nonlocal h0, c0
-            w = {n.rsplit("_l", 1)[0]: getattr(self, n) for n in self._all_weights[k]}  # "weight_ih": ...
-            xw, b_ih = _input_projection(layer_input, w["weight_ih"], w.get("bias_ih"), self.backend,
-                                         defer_bias=mode != "gru")  # [T, B, G*H]
-            if _autocast(xw):  # the recurrence runs in the dtype autocast gave the projection
-                w = {n: _cast(t, xw.dtype) for n, t in w.items()}
-                h0, c0, b_ih = _cast(h0, xw.dtype), _cast(c0, xw.dtype), _cast(b_ih, xw.dtype)
-            b_hh = w.get("bias_hh") if b_ih is None else b_ih + w["bias_hh"]
-            return rnn_layer(mode, xw, w["weight_hh"], b_hh, h0[k], c0[k] if c0 is not None else None,
-                             w.get("weight_hr"), lengths, reverse=reverse, backend=self.backend)
-
-        out, h_n, c_n = _stack(x, self.num_layers, 2 if self.bidirectional else 1, self.dropout, self.training, run)
-        return out, torch.stack(h_n), (torch.stack(c_n) if c0 is not None else None)
+        # the parameters by name, not the cached self._flat_weights: torch.func.functional_call swaps them
+        weights = [getattr(self, name) for name in self._flat_weights_names]
+        return recurrent_stack(_MODES[self.mode], x, weights, h0, c0, lengths, self.num_layers, self.bidirectional,
+                               self.dropout, self.training, self.backend)
 
     @classmethod
     def from_torch(cls, module, *, backend: Optional[str] = None):
@@ -485,7 +431,7 @@ class LayerNormLSTM(torch.nn.Module):
         """One layer, one direction over time-major xs [T, B, F]: (out [T, B, H], h_n, c_n)."""
         ln_ih, ln_hh, ln_c = (getattr(self, n + sfx) for n in ("ln_ih", "ln_hh", "ln_c"))
         # [T, B, 4H]: every step
-        xw, _ = _input_projection(xs, getattr(self, "weight_ih" + sfx), None, self.backend, defer_bias=False)
+        xw, _ = input_projection(xs, getattr(self, "weight_ih" + sfx), None, self.backend, defer_bias=False)
         xw, _ = add_layer_norm(xw, None, ln_ih.weight, ln_ih.bias, ln_ih.eps, backend=self.backend)
         return layer_norm_lstm_layer(xw, getattr(self, "weight_hh" + sfx), ln_hh.weight, ln_hh.bias, ln_c.weight,
                                      ln_c.bias, h, c, ln_hh.eps, reverse, lengths, backend=self.backend)
@@ -536,7 +482,7 @@ class LayerNormLSTM(torch.nn.Module):
                     raise RuntimeError(f"{name}: expected {what} of size {shape}, got {list(t.shape)}")
             if sorted_indices is not None:  # the states of the user's sequences, in the packed order
                 h0, c0 = h0.index_select(1, sorted_indices), c0.index_select(1, sorted_indices)
-        layer_input, h_n, c_n = _stack(
+        layer_input, h_n, c_n = stack_layers(
             x, self.num_layers, 2 if self.bidirectional else 1, self.dropout, self.training,
             lambda k, inp, reverse: self._direction(self._suffixes[k], inp, h0[k], c0[k], lengths, reverse=reverse))
         h_n, c_n = torch.stack(h_n), torch.stack(c_n)

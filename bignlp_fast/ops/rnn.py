@@ -5,7 +5,9 @@ The input projection for all time steps is one GEMM done before the op (``xw = x
 by the caller: F.linear, whose autograd also gives dW_ih and dx). The op runs, per step, the
 recurrent GEMM ``h @ W_hh^T + b_hh`` and one fused update of the gates and state; its backward goes
 through time the same way and leaves the weight gradients to large GEMMs over all steps at the end.
-Multi-layer and bidirectional modules (bignlp_fast.nn) stack calls of this op.
+Multi-layer and bidirectional stacks of this op are :func:`lstm`, :func:`gru` and :func:`rnn` (the
+functional forms of torch.nn.LSTM / GRU / RNN, at the end of this file), which the modules of
+bignlp_fast.nn run.
 
 Kernel contract (every backend: csrc/cpu/rnn.cpp, csrc/cuda/rnn.cu, kernels/rnn.py;
 ``rnn_{fwd,bwd}_torch`` below is the specification):
@@ -30,12 +32,13 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from bignlp_fast import _backend
-from bignlp_fast.ops._common import (acc_dtype, call, check_choice, check_lengths, check_operands, check_time_major,
-                                     contiguous, custom_op, fresh_like, grads_or_zeros, kernel, no_zero_grads,
-                                     register_autograd)
+from bignlp_fast.ops._common import (acc_dtype, autocast_enabled, call, check_choice, check_lengths, check_operands,
+                                     check_tensor, check_time_major, contiguous, custom_op, fresh_like, grads_or_zeros,
+                                     kernel, no_zero_grads, register_autograd)
 
 OP = _backend.register_op(
     "rnn",
@@ -282,3 +285,179 @@ def rnn_layer(mode: str, xw: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: T
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (xw, w_hh, b_hh, h0, c0, w_hr))
     out, h_n, c_n, _ws = call(rnn_fwd, xw, w_hh, b_hh, h0, c0, w_hr, lengths, mode, bool(reverse), save, name)
     return out, h_n, (c_n if mode == "lstm" else None)
+
+
+# ---- the multi-layer forms: what bignlp_fast.nn.LSTM / GRU / RNN run -----------------------------
+def input_projection(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend: Optional[str],
+                     defer_bias: bool) -> tuple[Tensor, Optional[Tensor]]:
+    """(x W_ih^T + b_ih for every step at once, None), or (x W_ih^T, b_ih) when ``defer_bias`` lets the
+    recurrence add b_ih (see below). On float32 CPU tensors: bignlp_fast.ops.linear, the
+    project's packed GEMM (about 2x torch.mm where MKL lacks an AVX-512 path), where
+    ops.linear.linear_is_faster says so (the rule nn.Linear and the models follow: not for small
+    products, nor where MKL's sgemm is the faster one: Intel CPUs, builds without AVX-512); in
+    bfloat16, on other devices, under autocast, or when the torch reference is asked for: F.linear (for
+    bfloat16, oneDNN's GEMM on the CPU's bf16 dot products or AMX: about 2x ops.linear, which computes
+    in fp32). Naming backend="cpu" always takes ops.linear.
+
+    F.linear with a bias is addmm, which first copies the bias into every row of its [T*B, G*H]
+    output: 3.5 ms of a 22 ms bf16 LSTM forward (B32, T128, H512, Xeon). The recurrence adds b_hh at
+    every step anyway, so for LSTM and RNN (``defer_bias``) b_ih is handed back to join it; GRU's b_hn
+    sits inside r * (h W_hn^T + b_hn), so there it stays in the projection."""
+    from bignlp_fast.ops.linear import linear, linear_is_faster  # (ops.linear imports nothing of this)
+    named = _backend.requested_backend(backend)
+    if (x.device.type == "cpu" and x.dtype == torch.float32 and not autocast_enabled("cpu")
+            and (named == "cpu" or (named is None and linear_is_faster(x, weight)))):
+        return linear(x, weight, bias, backend=backend), None
+    if defer_bias and bias is not None:
+        return F.linear(x, weight), bias
+    return F.linear(x, weight, bias), None
+
+
+def _cast(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    return t.to(dtype) if t is not None and t.dtype != dtype else t
+
+
+def _weight_groups(op: str, mode: str, weights, num_layers: int, directions: int) -> list[dict]:
+    """torch's flat weight list (``module._flat_weights``: per layer and direction w_ih, w_hh[, b_ih,
+    b_hh][, w_hr]) as one {"weight_ih": ..} dict per (layer, direction)."""
+    weights = list(weights)
+    groups = num_layers * directions
+    size = len(weights) // groups if groups else 0
+    names = {2: ("weight_ih", "weight_hh"), 4: ("weight_ih", "weight_hh", "bias_ih", "bias_hh")}
+    if mode == "lstm":
+        names.update({3: ("weight_ih", "weight_hh", "weight_hr"),
+                      5: ("weight_ih", "weight_hh", "bias_ih", "bias_hh", "weight_hr")})
+    if not weights or len(weights) % groups or size not in names:
+        raise ValueError(f"{op}: weights must hold, for each of the {num_layers} layer(s) x {directions} "
+                         f"direction(s), w_ih, w_hh[, b_ih, b_hh]" + ("[, w_hr]" if mode == "lstm" else "")
+                         + f" (torch's _flat_weights order); got {len(weights)} tensors")
+    for i, w in enumerate(weights):
+        if not isinstance(w, Tensor):
+            raise TypeError(f"{op}: weights[{i}] must be a Tensor, got {type(w).__name__}")
+    return [dict(zip(names[size], weights[k * size:(k + 1) * size])) for k in range(groups)]
+
+
+def stack_layers(x: Tensor, num_layers: int, directions: int, dropout: float, training: bool, run):
+    """Layers x directions over time-major x. ``run(k, layer_input, reverse)`` runs the k-th (layer,
+    direction) and returns (out, h, c). Bidirectional outputs are concatenated [forward, backward];
+    dropout (training only) follows every layer but the last. Returns (output, [h...], [c...])."""
+    h_n, c_n = [], []
+    layer_input = x
+    for layer in range(num_layers):
+        outs = []
+        for direction in range(directions):
+            out, h, c = run(layer * directions + direction, layer_input, direction == 1)
+            outs.append(out)
+            h_n.append(h)
+            c_n.append(c)
+        layer_input = outs[0] if directions == 1 else torch.cat(outs, -1)
+        if dropout > 0 and training and layer < num_layers - 1:
+            layer_input = F.dropout(layer_input, dropout, training=True)
+    return layer_input, h_n, c_n
+
+
+def recurrent_stack(mode: str, x: Tensor, weights, h0: Tensor, c0: Optional[Tensor], lengths: Optional[Tensor],
+                    num_layers: int, bidirectional: bool, dropout: float, training: bool,
+                    backend: Optional[str]) -> tuple[Tensor, Tensor, Optional[Tensor]]:
+    """Layers x directions over time-major x [T, B, F]: per (layer, direction) one input projection
+    and one ``rnn_layer``; bidirectional outputs concatenated [forward, backward]; dropout (training)
+    after every layer but the last. h0 [L*D, B, S], c0 [L*D, B, H] (LSTM) or None. Returns
+    (output [T, B, D*S], h_n [L*D, B, S], c_n [L*D, B, H] or None). Under autocast the recurrence
+    runs in the dtype autocast gave the projection, with the weights and states cast to it."""
+    directions = 2 if bidirectional else 1
+    groups = _weight_groups("rnn", mode, weights, num_layers, directions)
+
+    def run(k: int, layer_input: Tensor, reverse: bool):
+        w = groups[k]
+        xw, b_ih = input_projection(layer_input, w["weight_ih"], w.get("bias_ih"), backend,
+                                    defer_bias=mode != "gru")  # [T, B, G*H]
+        h, c = h0[k], c0[k] if c0 is not None else None
+        if autocast_enabled(xw.device.type):  # the recurrence runs in the dtype autocast gave the projection
+            w = {n: _cast(t, xw.dtype) for n, t in w.items()}
+            h, c, b_ih = _cast(h, xw.dtype), _cast(c, xw.dtype), _cast(b_ih, xw.dtype)
+        b_hh = w.get("bias_hh") if b_ih is None else b_ih + w["bias_hh"]
+        return rnn_layer(mode, xw, w["weight_hh"], b_hh, h, c, w.get("weight_hr"), lengths, reverse=reverse,
+                         backend=backend)
+
+    out, h_n, c_n = stack_layers(x, num_layers, directions, dropout, training, run)
+    return out, torch.stack(h_n), (torch.stack(c_n) if c0 is not None else None)
+
+
+def _functional(mode: str, input: Tensor, weights, hx, num_layers: int, bidirectional: bool, batch_first: bool,
+                dropout: float, training: bool, lengths, backend: Optional[str]):
+    op = {"lstm": "lstm", "gru": "gru"}.get(mode, "rnn")
+    check_tensor(op, "input", input)
+    if input.dim() != 3:
+        raise ValueError(f"{op}: input must be [T, B, F] ([B, T, F] with batch_first), got shape {tuple(input.shape)}")
+    if not isinstance(num_layers, int) or num_layers < 1:
+        raise ValueError(f"{op}: num_layers must be a positive int, got {num_layers!r}")
+    if not isinstance(dropout, (int, float)) or not 0 <= dropout <= 1:
+        raise ValueError(f"{op}: dropout must be a probability in [0, 1], got {dropout!r}")
+    directions = 2 if bidirectional else 1
+    groups = _weight_groups(op, mode, weights, num_layers, directions)
+    x = input.transpose(0, 1) if batch_first else input  # [T, B, F]
+    batch, hidden = x.shape[1], groups[0]["weight_hh"].shape[0] // GATES[mode]
+    state = groups[0]["weight_hr"].shape[0] if "weight_hr" in groups[0] else hidden
+    if hx is None:
+        h0 = x.new_zeros(num_layers * directions, batch, state)
+        c0 = x.new_zeros(num_layers * directions, batch, hidden) if mode == "lstm" else None
+    elif mode == "lstm":
+        if not isinstance(hx, (tuple, list)) or len(hx) != 2:
+            raise TypeError(f"{op}: hx must be a tuple (h_0, c_0), got {type(hx).__name__}")
+        h0, c0 = hx
+    else:
+        h0, c0 = hx, None
+    for name, t, size in (("h_0", h0, state), ("c_0", c0, hidden)):
+        if t is not None and (not isinstance(t, Tensor) or tuple(t.shape) != (num_layers * directions, batch, size)):
+            got = tuple(t.shape) if isinstance(t, Tensor) else type(t).__name__
+            raise ValueError(f"{op}: {name} must be [num_layers * directions, B, {size}] = "
+                             f"{(num_layers * directions, batch, size)}, got {got}")
+    if lengths is not None:
+        if isinstance(lengths, (list, tuple)):
+            lengths = torch.tensor(lengths, dtype=torch.int64)
+        if not isinstance(lengths, Tensor) or lengths.dtype not in (torch.int32, torch.int64):
+            raise ValueError(f"{op}: lengths must be an int32 / int64 tensor or a list of ints")
+        lengths = lengths.to(device="cpu", dtype=torch.int64)
+    out, h_n, c_n = recurrent_stack(mode, x, weights, h0, c0, lengths, num_layers, bidirectional, dropout, training,
+                                    backend)
+    return (out.transpose(0, 1) if batch_first else out), h_n, c_n
+
+
+def lstm(input: Tensor, weights, hx: Optional[tuple[Tensor, Tensor]] = None, *, num_layers: int = 1,
+         bidirectional: bool = False, batch_first: bool = False, dropout: float = 0.0, training: bool = False,
+         lengths=None, backend: Optional[str] = None) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+    """torch.nn.LSTM's computation as a function: what ``bignlp_fast.nn.LSTM`` runs.
+
+    Args:
+        input: [T, B, F] ([B, T, F] with ``batch_first``).
+        weights: per layer and direction w_ih [4H, F], w_hh [4H, S][, b_ih [4H], b_hh [4H]][, w_hr [P, H]],
+            in the order of torch.nn.LSTM's ``_flat_weights`` (S = P with a projection, else H).
+        hx: (h_0 [L*D, B, S], c_0 [L*D, B, H]) or None (zeros).
+        dropout, training: dropout on every layer's output but the last, when training.
+        lengths: [B] ints (each sequence runs over its first lengths[b] steps, as if packed; zeros past
+            them in the output) or None.
+    Returns (output [T, B, D*S] ([B, T, D*S] with batch_first), (h_n, c_n)).
+    """
+    out, h_n, c_n = _functional("lstm", input, weights, hx, num_layers, bidirectional, batch_first, dropout, training,
+                                lengths, backend)
+    return out, (h_n, c_n)
+
+
+def gru(input: Tensor, weights, hx: Optional[Tensor] = None, *, num_layers: int = 1, bidirectional: bool = False,
+        batch_first: bool = False, dropout: float = 0.0, training: bool = False, lengths=None,
+        backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """torch.nn.GRU's computation as a function (see :func:`lstm`; weights w_ih [3H, F], w_hh [3H, H][, b_ih,
+    b_hh]; hx h_0 [L*D, B, H] or None). Returns (output, h_n)."""
+    out, h_n, _ = _functional("gru", input, weights, hx, num_layers, bidirectional, batch_first, dropout, training,
+                              lengths, backend)
+    return out, h_n
+
+
+def rnn(input: Tensor, weights, hx: Optional[Tensor] = None, *, nonlinearity: str = "tanh", num_layers: int = 1,
+        bidirectional: bool = False, batch_first: bool = False, dropout: float = 0.0, training: bool = False,
+        lengths=None, backend: Optional[str] = None) -> tuple[Tensor, Tensor]:
+    """torch.nn.RNN's computation as a function (see :func:`gru`; ``nonlinearity`` "tanh" or "relu")."""
+    check_choice("rnn", "nonlinearity", nonlinearity, ("tanh", "relu"))
+    out, h_n, _ = _functional(f"rnn_{nonlinearity}", input, weights, hx, num_layers, bidirectional, batch_first,
+                              dropout, training, lengths, backend)
+    return out, h_n

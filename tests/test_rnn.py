@@ -3,6 +3,7 @@ state_dict: outputs, final states and the gradients of the input, the initial st
 weight; plus gradcheck and opcheck of the rnn_layer op underneath, and torch.compile."""
 
 import copy
+import importlib
 
 import pytest
 import torch
@@ -631,7 +632,7 @@ def test_input_projection_takes_the_faster_gemm(monkeypatch, blas_fast):
     """fp32 on the CPU: ops.linear (the project's GEMM) where ops.linear.linear_is_faster says so: not
     for small products, nor where torch's sgemm is the faster one on this CPU (MKL on Intel); a backend
     named "cpu" always takes ops.linear. Same results either way."""
-    import bignlp_fast.nn.rnn as rnn_module
+    rnn_module = importlib.import_module("bignlp_fast.ops.rnn")  # the module (ops.rnn is also the function)
     monkeypatch.setattr(_backend, "blas_sgemm_is_fast", lambda: blas_fast)
     calls = []
     real = rnn_module.linear
@@ -652,7 +653,7 @@ def test_bf16_projection_leaves_b_ih_to_the_recurrence(monkeypatch, mode):
     """F.linear with a bias copies the bias into its whole output first; LSTM and RNN hand b_ih to the
     recurrence (added with b_hh) instead, GRU cannot (b_hn sits inside r * (...)). Gradients of both
     biases still match torch.nn."""
-    import bignlp_fast.nn.rnn as rnn_module
+    rnn_module = importlib.import_module("bignlp_fast.ops.rnn")
     seen = []
     real = rnn_module.F.linear
     monkeypatch.setattr(rnn_module.F, "linear", lambda x, w, b=None: seen.append(b is not None) or real(x, w, b))

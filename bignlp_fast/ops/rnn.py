@@ -39,6 +39,7 @@ from bignlp_fast import _backend
 from bignlp_fast.ops._common import (acc_dtype, autocast_enabled, call, check_choice, check_lengths, check_operands,
                                      check_tensor, check_time_major, contiguous, custom_op, fresh_like, grads_or_zeros,
                                      kernel, no_zero_grads, register_autograd)
+from bignlp_fast.ops.linear import linear, linear_is_faster
 
 OP = _backend.register_op(
     "rnn",
@@ -303,7 +304,6 @@ def input_projection(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend:
     output: 3.5 ms of a 22 ms bf16 LSTM forward (B32, T128, H512, Xeon). The recurrence adds b_hh at
     every step anyway, so for LSTM and RNN (``defer_bias``) b_ih is handed back to join it; GRU's b_hn
     sits inside r * (h W_hn^T + b_hn), so there it stays in the projection."""
-    from bignlp_fast.ops.linear import linear, linear_is_faster  # (ops.linear imports nothing of this)
     named = _backend.requested_backend(backend)
     if (x.device.type == "cpu" and x.dtype == torch.float32 and not autocast_enabled("cpu")
             and (named == "cpu" or (named is None and linear_is_faster(x, weight)))):

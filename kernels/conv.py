@@ -10,6 +10,9 @@ which a hand-written kernel does not beat for general strides, groups and dilati
   ``aten::convolution_backward``) and, with a bias, fp32 row sums of gp: program (m, n) owns a fixed
   group of column tiles and writes its partial sums to a [column programs, R] buffer, which torch
   reduces over the programs and the batch afterwards, so grad_bias is deterministic (no atomics).
+
+A channels_last output is viewed as [R = B * H * W, S = C_out] instead, the bias indexed by column
+(BIAS_ON_COLS): program (m, n) then writes the column sums of its tiles to a [row blocks, C_out] buffer.
 """
 
 import math
@@ -48,6 +51,7 @@ def _conv_epilogue_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     HAS_RES: tl.constexpr,
     ACT: tl.constexpr,  # activation code (ops/_activation.py)
+    BIAS_ON_COLS: tl.constexpr,  # channels_last: [R = positions, S = C_OUT], the bias of column c is bias[c]
 ):
     pid_m, pid_n = _flat_ids(tl.cdiv(S, BLOCK_N))
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -57,7 +61,10 @@ def _conv_epilogue_fwd_kernel(
     offs = rows[:, None] * S + cols[None, :]
     v = tl.load(PRE + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        v += tl.load(BIAS + rows % C_OUT, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+        if BIAS_ON_COLS:
+            v += tl.load(BIAS + cols, mask=cols < S, other=0.0).to(tl.float32)[None, :]
+        else:
+            v += tl.load(BIAS + rows % C_OUT, mask=row_mask, other=0.0).to(tl.float32)[:, None]
     y = act(v, ACT)
     if HAS_RES:
         y += tl.load(RES + offs, mask=mask, other=0.0).to(tl.float32)
@@ -70,7 +77,8 @@ def _conv_epilogue_bwd_kernel(
     PRE,  # [R, S] convolution output without bias
     BIAS,  # [C_out] (read only if HAS_BIAS)
     GP,  # [R, S] grad_out * act'(pre + bias), x.dtype
-    DB_PART,  # [P, R] float32 row sums of GP per column program (written only if HAS_BIAS)
+    DB_PART,  # [P, R] float32 row sums of GP per column program, or with BIAS_ON_COLS [row blocks, S]
+    #           column sums of GP per row block (written only if HAS_BIAS)
     R,  # int: rows
     S,  # int: row length
     C_OUT,  # int: channels
@@ -79,11 +87,12 @@ def _conv_epilogue_bwd_kernel(
     BLOCK_N: tl.constexpr,  # columns per tile
     HAS_BIAS: tl.constexpr,
     ACT: tl.constexpr,
+    BIAS_ON_COLS: tl.constexpr,  # channels_last: as in the forward kernel
 ):
     pid_m, pid_n = _flat_ids(tl.cdiv(tl.cdiv(S, BLOCK_N), TILES_PER_PROGRAM))  # column programs run fastest
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < R
-    if HAS_BIAS:
+    if HAS_BIAS and not BIAS_ON_COLS:
         b = tl.load(BIAS + rows % C_OUT, mask=row_mask, other=0.0).to(tl.float32)
     db_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     first_tile = pid_n.to(tl.int64) * TILES_PER_PROGRAM
@@ -93,14 +102,32 @@ def _conv_epilogue_bwd_kernel(
         offs = rows[:, None] * S + cols[None, :]
         v = tl.load(PRE + offs, mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
-            v += b[:, None]
+            if BIAS_ON_COLS:
+                v += tl.load(BIAS + cols, mask=cols < S, other=0.0).to(tl.float32)[None, :]
+            else:
+                v += b[:, None]
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
         gp = dy * act_grad(v, ACT)  # dy is 0 where masked, so gp is too
         tl.store(GP + offs, gp.to(GP.dtype.element_ty), mask=mask)
         if HAS_BIAS:
-            db_acc += gp
-    if HAS_BIAS:
+            if BIAS_ON_COLS:  # this program is the only one that holds these (row block, column) sums
+                tl.store(DB_PART + pid_m.to(tl.int64) * S + cols, tl.sum(gp, axis=0), mask=cols < S)
+            else:
+                db_acc += gp
+    if HAS_BIAS and not BIAS_ON_COLS:
         tl.store(DB_PART + pid_n.to(tl.int64) * R + rows, tl.sum(db_acc, axis=1), mask=row_mask)
+
+
+def _channels_last(x) -> bool:
+    return x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
+def _rows_cols(pre, cl: bool):
+    """(R, S, C_out) of the epilogue's [R, S] view of pre: [B * C_out, spatial] or, channels_last,
+    [B * H * W, C_out]."""
+    B, C_out = pre.shape[:2]
+    spatial = math.prod(pre.shape[2:])
+    return (B * spatial, C_out, C_out) if cl else (B * C_out, spatial, C_out)
 
 
 def _tiling(R, S):
@@ -119,18 +146,18 @@ def _check(dtype):
 def conv_fwd_triton(x, weight, bias, residual, stride, padding, dilation, groups, activation, save_pre):
     """x [B, C_in, *spatial], weight [C_out, C_in / groups, *kernel] -> (out, pre or [0]): see ops/conv.py."""
     _check(x.dtype)
+    cl = _channels_last(x)
     pre = torch.ops.aten.convolution(x, weight, None, stride, padding, dilation, False, [0] * len(stride),
-                                     groups).contiguous()
+                                     groups).contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
     out = torch.empty_like(pre) if save_pre else pre  # in place: each element is read, then written, once
-    B, C_out = pre.shape[:2]
-    R, S = B * C_out, math.prod(pre.shape[2:])
+    R, S, C_out = _rows_cols(pre, cl)
     if pre.numel() > 0:
         block_m, block_n, num_warps = _tiling(R, S)
         grid = (triton.cdiv(R, block_m) * triton.cdiv(S, block_n),)  # flat: _common.flat_ids
         _conv_epilogue_fwd_kernel[grid](
             pre, bias if bias is not None else pre, residual if residual is not None else pre, out, R, S, C_out,
             BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-            ACT=int(activation), num_warps=num_warps,
+            ACT=int(activation), BIAS_ON_COLS=cl, num_warps=num_warps,
         )
     return out, (pre if save_pre else x.new_empty(0))
 
@@ -139,24 +166,29 @@ def conv_bwd_triton(grad_out, x, weight, pre, bias, stride, padding, dilation, g
     """-> (grad_x, grad_weight, grad_bias [C_out] or [0]); grad_out and pre shaped like the output."""
     _check(x.dtype)
     has_bias = bias is not None
-    B, C_out = pre.shape[:2]
-    R, S = B * C_out, math.prod(pre.shape[2:])
-    gp = torch.empty(pre.shape, device=x.device, dtype=x.dtype)
+    cl = _channels_last(x)
+    B = pre.shape[0]
+    R, S, C_out = _rows_cols(pre, cl)
+    gp = torch.empty_like(pre)  # pre's layout (channels_last or contiguous)
     block_m, block_n, num_warps = _tiling(R, S)
     row_blocks, col_tiles = triton.cdiv(R, block_m), triton.cdiv(S, block_n)
     tiles_per_program = 1
-    if has_bias:  # about two programs per SM, each looping over column tiles: a small partial-sum buffer
+    if has_bias and not cl:  # about two programs per SM, each looping over column tiles: a small partial buffer
         col_programs = max(1, min(col_tiles, triton.cdiv(2 * _sm_count(x.device), row_blocks)))
         tiles_per_program = max(1, triton.cdiv(col_tiles, col_programs))
     col_programs = triton.cdiv(col_tiles, tiles_per_program)
-    db_part = torch.zeros(col_programs, R, device=x.device, dtype=torch.float32) if has_bias else None
+    db_shape = (row_blocks, S) if cl else (col_programs, R)
+    db_part = torch.zeros(db_shape, device=x.device, dtype=torch.float32) if has_bias else None
     if pre.numel() > 0:
         _conv_epilogue_bwd_kernel[(row_blocks * col_programs,)](
             grad_out, pre, bias if has_bias else pre, gp, db_part if has_bias else gp,
             R, S, C_out, tiles_per_program,
-            BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=has_bias, ACT=int(activation), num_warps=num_warps,
+            BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=has_bias, ACT=int(activation), BIAS_ON_COLS=cl,
+            num_warps=num_warps,
         )
-    if has_bias:  # fixed order: over the column programs, then the batch
+    if has_bias and cl:  # fixed order: over the row blocks
+        grad_bias = db_part.sum(0).to(bias.dtype)
+    elif has_bias:  # fixed order: over the column programs, then the batch
         grad_bias = db_part.view(col_programs, B, C_out).sum(0).sum(0).to(bias.dtype)
     else:
         grad_bias = x.new_empty(0)

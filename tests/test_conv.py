@@ -27,16 +27,22 @@ def _eager(nd, stride, padding, dilation, groups, activation):
     return f
 
 
-def _check(backend, device, dtype, xs, ws, stride, padding, dilation, groups, activation, bias=True, residual=False):
+def _check(backend, device, dtype, xs, ws, stride, padding, dilation, groups, activation, bias=True, residual=False,
+           channels_last=False):
     nd = len(xs) - 2
     g = torch.Generator().manual_seed(0)
-    mk = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype).requires_grad_()  # noqa: E731
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+
+    def mk(*s):
+        t = torch.randn(*s, generator=g).to(device=device, dtype=dtype)
+        return (t.contiguous(memory_format=fmt) if t.dim() == 4 else t).requires_grad_()
     x, w, b = mk(*xs), (torch.randn(*ws, generator=g) * 0.3).to(device=device, dtype=dtype).requires_grad_(), \
         (mk(ws[0]) if bias else None)
     eager = _eager(nd, stride, padding, dilation, groups, activation)
     out_shape = eager(x, w, b, None).shape
     r = mk(*out_shape) if residual else None
     gy = torch.randn(out_shape, generator=g).to(device=device, dtype=dtype)
+    gy = gy.contiguous(memory_format=fmt) if channels_last else gy
     fused = ops.conv1d if nd == 1 else ops.conv2d
 
     def run(fn, *args):
@@ -45,6 +51,9 @@ def _check(backend, device, dtype, xs, ws, stride, padding, dilation, groups, ac
 
     ours = run(lambda x, w, b, r: fused(x, w, b, stride, padding, dilation, groups, activation, residual=r,
                                         backend=backend), x, w, b, r)
+    if channels_last:  # torch's convolution keeps the layout; so must ours, gradient included
+        for name, t in (("y", ours[0]), ("grad_x", ours[1])):
+            assert t.is_contiguous(memory_format=fmt) and not t.is_contiguous(), f"{backend} {name}: {t.stride()}"
     theirs = run(eager, x, w, b, r)
     ref = run(eager, *[t.detach().double().requires_grad_() if t is not None else None for t in (x, w, b, r)])
     names = ["y", "grad_x", "grad_w"] + (["grad_b"] if bias else []) + (["grad_r"] if residual else [])
@@ -66,6 +75,41 @@ def test_residual_and_no_bias(backend, device):
         _check(backend, device, torch.float32, *case, "gelu", bias=True, residual=True)
         _check(backend, device, torch.float32, *case, None, bias=False, residual=True)
         _check(backend, device, torch.float32, *case, "relu", bias=False, residual=False)
+        _check(backend, device, torch.float32, *case, None, bias=False, residual=False)  # nothing after the conv
+
+
+# channels_last conv2d: the kernels keep the layout (the CPU's oneDNN convolution writes it, the epilogue
+# reads [positions, C_out]): channels past one step of the CPU's vectors and a tail (40 in, 36 out), a
+# depthwise stride-2 case, a 1x1 convolution; the layout check in _check runs on each.
+CHANNELS_LAST = [((2, 40, 5, 7), (36, 40, 3, 3), 1, 1, 1, 1), ((2, 8, 9, 6), (8, 1, 3, 3), 2, 1, 1, 8),
+                 ((1, 24, 4, 5), (19, 24, 1, 1), 1, 0, 1, 1)]
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("case", CHANNELS_LAST, ids=lambda c: f"x{c[0]}-w{c[1]}")
+@pytest.mark.parametrize("activation", [None, "gelu", "silu"])
+def test_channels_last_matches_float64(backend, device, case, activation):
+    for dtype in DTYPES[backend]:
+        _check(backend, device, dtype, *case, activation, residual=activation == "gelu", channels_last=True)
+    _check(backend, device, torch.float32, *case, activation, bias=False, channels_last=True)
+
+
+def test_cpu_channels_last_bias_gradient_is_deterministic():
+    """The channels-last epilogue cuts positions into chunks by shape alone and adds the chunks' column
+    sums in order: grad_bias is the same bits with one thread as with two."""
+    x = torch.randn(4, 48, 21, 23).contiguous(memory_format=torch.channels_last)
+    w, b = torch.randn(40, 48, 3, 3), torch.randn(40, requires_grad=True)
+    gy = torch.randn(4, 40, 21, 23).contiguous(memory_format=torch.channels_last)
+    before, grads = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            y = ops.conv2d(x, w, b, padding=1, activation="silu", backend="cpu")
+            grads.append(torch.autograd.grad(y, b, gy)[0])
+    finally:
+        torch.set_num_threads(before)
+    assert torch.equal(grads[0], grads[1])
+    assert _C.conv_cpu_path(x, w, [1, 1], [1, 1], [1, 1], 1) == "aten"
 
 
 # conv1d in float32 with stride 1 and groups 1 runs on the CPU backend's implicit GEMM (csrc/cpu/conv.cpp)
@@ -214,13 +258,22 @@ def test_cpu_implicit_grad_weight_is_deterministic_and_chosen_by_size(one_thread
     assert _grad_w_path((16, 40, 300), (13, 40, 3), 2, 1, 1, 1) == "aten"
 
 
+def _avx512_core() -> bool:
+    with open("/proc/cpuinfo") as f:
+        flags = next((line.split() for line in f if line.startswith("flags")), [])
+    return "avx512f" in flags and "avx512bw" in flags
+
+
 def test_cpu_conv_path_choice():
     """Short outputs, strides, groups and bfloat16 keep oneDNN's convolution (and the fused epilogue)."""
     assert _path((2, 16, 63), (16, 16, 1), 1, 0, 1, 1) == "aten"  # less than one task (128 / 64 with AVX-512 / AVX2)
     assert _path((2, 16, 300), (16, 16, 3), 2, 1, 1, 1) == "aten"
     assert _path((2, 16, 300), (16, 8, 3), 1, 1, 1, 2) == "aten"
-    assert _C.conv_cpu_path(torch.empty(2, 16, 300, dtype=torch.bfloat16), torch.empty(16, 16, 3, dtype=torch.bfloat16),
-                            [1], [1], [1], 1) == "aten"
+    # bfloat16: oneDNN's convolution where it has bf16 kernels (AVX-512); below that, the fp32 paths on
+    # converted tensors (oneDNN's bf16 reference loops took 2.2 s where fp32 took 38 ms)
+    bf16 = _C.conv_cpu_path(torch.empty(2, 16, 300, dtype=torch.bfloat16), torch.empty(16, 16, 3, dtype=torch.bfloat16),
+                            [1], [1], [1], 1)
+    assert bf16 == ("aten" if _avx512_core() else _path((2, 16, 300), (16, 16, 3), 1, 1, 1, 1))
     assert _path((2, 16, 40, 40), (16, 16, 3, 3), 1, 1, 1, 1) == "aten"  # conv2d, 16 channels: oneDNN (conv.cpp)
     # the backward's grad_x of IMPLICIT[0]: gp [2, 13, 300] with the weight transposed, padded d (k - 1) - p
     assert _path((2, 13, 300), (40, 13, 3), 1, 2, 2, 1) == "implicit_gemm"

@@ -327,29 +327,38 @@ def _text_cnn_cases(b, l, e, filters, widths, dtype, modes, suites, full_length=
     return _fwd_and_bwd(modes, make, fused, eager, leaves, {"flops": flops}, **common)
 
 
-def _conv_cases(x_shape, cout, k, activation, residual, dtype, modes, suites):
-    """conv1d / conv2d + bias + activation (+ residual), fused epilogue, against eager F.conv + act + add."""
+def _conv_cases(x_shape, cout, k, activation, residual, dtype, modes, suites, *, stride=1, groups=1,
+                channels_last=False):
+    """conv1d / conv2d + bias + activation (+ residual), fused epilogue, against eager F.conv + act + add.
+    ``groups`` = C_in = C_out is a depthwise convolution; ``channels_last`` gives x (and the residual)
+    in that memory format, as a channels_last network would hand them over."""
     nd = len(x_shape) - 2
     conv, fused_conv = (F.conv1d, conv1d) if nd == 1 else (F.conv2d, conv2d)
-    act = {"relu": F.relu, "gelu": F.gelu}[activation]
+    act = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}[activation]
     cin, spatial = x_shape[1], x_shape[2:]
+    spatial = [(n + 2 * (k // 2) - k) // stride + 1 for n in spatial]
     out_shape = (x_shape[0], cout, *spatial)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
 
     def make(device, dt, grad):
-        w = (_randn((cout, cin, *([k] * nd)), device, dt, False, 1) * (cin * k ** nd) ** -0.5).requires_grad_(grad)
-        return dict(x=_randn(x_shape, device, dt, grad, 0), w=w, b=_randn(cout, device, dt, grad, 2),
-                    r=_randn(out_shape, device, dt, grad, 3) if residual else None,
-                    gy=_randn(out_shape, device, dt, False, 4))
+        w = (_randn((cout, cin // groups, *([k] * nd)), device, dt, False, 1) * (cin // groups * k ** nd) ** -0.5)
+        x = _randn(x_shape, device, dt, False, 0).contiguous(memory_format=fmt).requires_grad_(grad)
+        r = _randn(out_shape, device, dt, False, 3).contiguous(memory_format=fmt).requires_grad_(grad)
+        return dict(x=x, w=w.requires_grad_(grad), b=_randn(cout, device, dt, grad, 2), r=r if residual else None,
+                    gy=_randn(out_shape, device, dt, False, 4).contiguous(memory_format=fmt))
 
     def eager(t):
-        y = act(conv(t["x"], t["w"], t["b"], padding=k // 2))
+        y = act(conv(t["x"], t["w"], t["b"], stride=stride, padding=k // 2, groups=groups))
         return [y + t["r"] if residual else y]
 
-    fused = lambda t, be: [fused_conv(t["x"], t["w"], t["b"], padding=k // 2, activation=activation,  # noqa: E731
-                                      residual=t["r"], backend=be)]
+    fused = lambda t, be: [fused_conv(t["x"], t["w"], t["b"], stride=stride, padding=k // 2,  # noqa: E731
+                                      groups=groups, activation=activation, residual=t["r"], backend=be)]
     leaves = lambda t: [t["x"], t["w"], t["b"]] + ([t["r"]] if residual else [])  # noqa: E731
-    flops = 2 * out_shape[0] * cout * cin * k ** nd * int(torch.tensor(spatial).prod())
-    variant = f"conv{nd}d k={k}, bias + {activation}" + (" + residual" if residual else "")
+    flops = 2 * out_shape[0] * cout * (cin // groups) * k ** nd * int(torch.tensor(spatial).prod())
+    kind = ("depthwise " if groups == cin == cout and groups > 1 else f"groups={groups} " if groups > 1 else "")
+    variant = (f"{kind}conv{nd}d k={k}" + (f" stride {stride}" if stride > 1 else "")
+               + (" channels_last" if channels_last else "") + f", bias + {activation}"
+               + (" + residual" if residual else ""))
     common = dict(op="conv", shape=(*x_shape, cout), dtype=dtype, suites=suites, variant=variant,
                   ref_name=f"eager F.conv{nd}d + F.{activation}" + (" + add" if residual else ""))
     return _fwd_and_bwd(modes, make, fused, eager, leaves, {"flops": flops}, **common)
@@ -512,6 +521,13 @@ def all_cases() -> list[Case]:
     cases += _conv_cases((32, 256, 512), 256, 3, "relu", False, torch.float32, ("fwd",), ("quick", "full"))
     cases += _conv_cases((32, 256, 512), 256, 3, "gelu", True, torch.float32, both, ("quick", "full"))
     cases += _conv_cases((16, 64, 32, 32), 64, 3, "gelu", True, torch.float32, both, ("full",))
+    # the shapes that run on ATen's convolution with our epilogue after it (see ops/conv.py): 1x1 (pointwise),
+    # depthwise 3x3, stride 2, bfloat16, channels_last
+    cases += _conv_cases((32, 256, 512), 1024, 1, "gelu", False, torch.float32, both, ("full",))
+    cases += _conv_cases((16, 128, 56, 56), 128, 3, "silu", False, torch.float32, both, ("full",), groups=128)
+    cases += _conv_cases((16, 64, 64, 64), 128, 3, "relu", False, torch.float32, both, ("full",), stride=2)
+    cases += _conv_cases((32, 256, 512), 256, 3, "gelu", True, torch.bfloat16, both, ("full", "gpu"))
+    cases += _conv_cases((16, 64, 32, 32), 64, 3, "gelu", True, torch.float32, both, ("full",), channels_last=True)
     cases += _causal_conv1d_cases(8, 1024, 2048, 4, torch.float32, both, ("quick", "full"))
     cases += _causal_conv1d_cases(8, 1024, 2048, 4, torch.bfloat16, both, ("full",))
     # classifiers: a training step of the models against the same models written with torch.nn
@@ -565,7 +581,6 @@ def all_cases() -> list[Case]:
             cases += _rnn_cases(kind, b, 512, 512, 128, torch.float32, both, ("gpu",))
         cases += _rnn_cases(kind, 64, 512, 512, 128, torch.bfloat16, both, ("gpu",))
     cases += _text_cnn_cases(64, 256, 300, 100, (3, 4, 5), torch.bfloat16, both, ("gpu",))
-    cases += _conv_cases((32, 256, 512), 256, 3, "gelu", True, torch.bfloat16, both, ("gpu",))
     cases += _conv_cases((16, 64, 32, 32), 64, 3, "gelu", True, torch.bfloat16, both, ("gpu",))
     cases += _causal_conv1d_cases(8, 1024, 2048, 4, torch.bfloat16, both, ("gpu",))
     for dtype in (torch.float32, torch.bfloat16):

@@ -11,6 +11,9 @@ grad_out before ``aten::convolution_backward``.
 Kernel contract (every backend; ``conv_{fwd,bwd}_torch`` is the specification):
 - x [B, C_in, *spatial] and weight [C_out, C_in / groups, *kernel] (1 or 2 spatial dims), bias [C_out]
   or None, residual shaped like the output or None; stride/padding/dilation: one int per spatial dim.
+- x may be a channels_last 4-D tensor (see ``_memory_format``); then residual, out, pre, grad_out, gp and
+  grad_x are channels_last too, and the cpu, triton and torch kernels work in that layout (the cuda
+  kernel works in NCHW: its wrapper copies each way, for now).
 - Forward returns (out, pre): out = act(pre + bias) + residual with pre = conv(x, weight) (no bias);
   pre is returned only when ``save_pre`` (a backward will need it), else it is [0] and out may be
   computed in place of pre.
@@ -46,7 +49,7 @@ def _conv(x, weight, stride, padding, dilation, groups):
 
 def conv_fwd_torch(x, weight, bias, residual, stride, padding, dilation, groups, activation: int, save_pre: bool):
     pre = _conv(x, weight, stride, padding, dilation, groups)
-    v = pre.to(acc_dtype(x.dtype))
+    v = pre.to(acc_dtype(x.dtype), copy=save_pre)  # (without a bias or an activation, out would be pre itself)
     if bias is not None:
         v = v + bias.to(v.dtype).view(-1, *([1] * (x.dim() - 2)))
     v = activation_torch(v, activation)
@@ -67,6 +70,19 @@ def conv_bwd_torch(grad_out, x, weight, pre, bias, stride, padding, dilation, gr
 
 
 # ---- custom ops -------------------------------------------------------------------------------
+def _memory_format(x: Tensor) -> torch.memory_format:
+    """torch.channels_last for a 4-D x laid out so (and not also contiguous, as it is with C = 1 or
+    H = W = 1), else torch.contiguous_format: the layout the kernels take x in and write the output in.
+    torch's convolution keeps a channels_last input's layout, and so do these."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def _in_format(t: Optional[Tensor], fmt: torch.memory_format) -> Optional[Tensor]:
+    return None if t is None else t.contiguous(memory_format=fmt)
+
+
 def _out_shape(x, weight, stride, padding, dilation):
     spatial = [(n + 2 * p - d * (k - 1) - 1) // s + 1
                for n, k, s, p, d in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation)]
@@ -77,29 +93,43 @@ def _out_shape(x, weight, stride, padding, dilation):
 def conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], stride: list[int],
              padding: list[int], dilation: list[int], groups: int, activation: int, save_pre: bool,
              backend: str) -> tuple[Tensor, Tensor]:
-    return tuple(kernel("conv", "fwd", backend)(x.contiguous(), weight.contiguous(), contiguous(bias),
-                                                contiguous(residual), stride, padding, dilation, groups, activation,
-                                                save_pre))
+    fmt = _memory_format(x)
+    run = kernel("conv", "fwd", backend)
+    if fmt == torch.channels_last and backend == "cuda":  # the CUDA epilogue works in NCHW
+        out, pre = run(x.contiguous(), weight.contiguous(), contiguous(bias), contiguous(residual), stride, padding,
+                       dilation, groups, activation, save_pre)
+        return out.contiguous(memory_format=fmt), (pre.contiguous(memory_format=fmt) if save_pre else pre)
+    out, pre = run(_in_format(x, fmt), weight.contiguous(), contiguous(bias), _in_format(residual, fmt), stride,
+                   padding, dilation, groups, activation, save_pre)
+    # (a no-op for the kernels; the reference's elementwise tail may pick either layout)
+    return out.contiguous(memory_format=fmt), (pre.contiguous(memory_format=fmt) if save_pre else pre)
 
 
 @conv_fwd.register_fake
 def _(x, weight, bias, residual, stride, padding, dilation, groups, activation, save_pre, backend):
     shape = _out_shape(x, weight, stride, padding, dilation)
-    return x.new_empty(shape), (x.new_empty(shape) if save_pre else x.new_empty(0))
+    out = torch.empty(shape, dtype=x.dtype, device=x.device, memory_format=_memory_format(x))
+    return out, (torch.empty_like(out) if save_pre else x.new_empty(0))
 
 
 @custom_op("conv_bwd")
 def conv_bwd(grad_out: Tensor, x: Tensor, weight: Tensor, pre: Tensor, bias: Optional[Tensor], stride: list[int],
              padding: list[int], dilation: list[int], groups: int, activation: int,
              backend: str) -> tuple[Tensor, Tensor, Tensor]:
+    fmt = _memory_format(x)
     run = kernel("conv", "bwd", backend)
-    return tuple(run(grad_out.contiguous(), x.contiguous(), weight.contiguous(), pre.contiguous(), contiguous(bias),
-                     stride, padding, dilation, groups, activation))
+    if fmt == torch.channels_last and backend == "cuda":
+        grad_x, grad_w, grad_b = run(grad_out.contiguous(), x.contiguous(), weight.contiguous(), pre.contiguous(),
+                                     contiguous(bias), stride, padding, dilation, groups, activation)
+    else:
+        grad_x, grad_w, grad_b = run(_in_format(grad_out, fmt), _in_format(x, fmt), weight.contiguous(), _in_format(pre, fmt),
+                                     contiguous(bias), stride, padding, dilation, groups, activation)
+    return grad_x.contiguous(memory_format=fmt), grad_w.contiguous(), grad_b
 
 
 @conv_bwd.register_fake
 def _(grad_out, x, weight, pre, bias, stride, padding, dilation, groups, activation, backend):
-    return (fresh_like(x), fresh_like(weight),
+    return (torch.empty_like(x, memory_format=_memory_format(x)), fresh_like(weight),
             x.new_empty(weight.shape[0] if bias is not None else 0))
 
 
@@ -140,7 +170,7 @@ def _conv_nd(op: str, nd: int, x, weight, bias, stride, padding, dilation, group
     check_tensor(op, "x", x)
     x, weight, bias, residual = autocast_lower(x.device, x, weight, bias, residual)
     unbatched = x.dim() == nd + 1
-    channels_last = x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+    channels_last = _memory_format(x) == torch.channels_last
     if unbatched:
         x = x.unsqueeze(0)
     if x.dim() != nd + 2:
@@ -192,7 +222,7 @@ def _conv_nd(op: str, nd: int, x, weight, bias, stride, padding, dilation, group
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, residual))
     out, _ = call(conv_fwd, x, weight, bias, residual, stride, padding, dilation, groups, code, needs_grad, name)
-    if channels_last:  # torch's convolution keeps the input's channels_last layout; the kernels write NCHW
+    if channels_last:  # the kernels keep x's layout; padding="same" with an even total pads x into NCHW
         out = out.contiguous(memory_format=torch.channels_last)
     return out.squeeze(0) if unbatched else out
 
@@ -220,6 +250,7 @@ def conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, stride: Int
     """``act(F.conv2d(x, weight, bias, stride, padding, dilation, groups)) + residual``, the epilogue fused.
 
     Args as :func:`conv1d`, with x [B, C_in, H, W] (or [C_in, H, W]) and weight [C_out, C_in / groups, KH, KW].
-    A channels_last x gives a channels_last output, as torch's (the kernels work in NCHW: a copy each way).
+    A channels_last x gives a channels_last output, as torch's: on the CPU (oneDNN's convolution, then the
+    epilogue over [positions, C_out]) and in Triton without a copy; the CUDA backend copies to NCHW and back.
     """
     return _conv_nd("conv2d", 2, x, weight, bias, stride, padding, dilation, groups, activation, residual, backend)

@@ -112,6 +112,80 @@ void epilogue_bwd(const T* g, const T* pre, const T* bias, T* gp, float* row_sum
   });
 }
 
+// ---- channels-last outputs: [P, C] with P = B * H * W positions, the channels contiguous --------
+// out[p, :] = act(pre[p, :] + bias) (+ res[p, :]) for positions [p0, p1); bias is the [C] vector in fp32.
+template <int A, typename T>
+void epilogue_fwd_cl_rows(int64_t p0, int64_t p1, const T* pre, const float* bias, const T* res, T* out, int64_t C) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t o = p * C;
+    for (int64_t c = 0; c < C; c += kStep) {
+      const int64_t n = std::min(kStep, C - c);
+      fVec a, b, ba, bb;
+      cpu::load2_any(pre + o + c, n, a, b);
+      cpu::load2_any(bias + c, n, ba, bb);
+      a = cpu::activate<A>(a + ba);
+      b = cpu::activate<A>(b + bb);
+      if (res) {
+        fVec ra, rb;
+        cpu::load2_any(res + o + c, n, ra, rb);
+        a = a + ra;
+        b = b + rb;
+      }
+      cpu::store2_any(out + o + c, n, a, b);
+    }
+  }
+}
+
+template <int A, typename T>
+void epilogue_fwd_cl(const T* pre, const float* bias, const T* res, T* out, int64_t P, int64_t C) {
+  at::parallel_for(0, P, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t p0, int64_t p1) {
+    epilogue_fwd_cl_rows<A>(p0, p1, pre, bias, res, out, C);
+  });
+}
+
+// gp[p, :] = g[p, :] * act'(pre[p, :] + bias) for positions [p0, p1); adds gp's columns (fp32) to sums[C].
+template <int A, typename T>
+void epilogue_bwd_cl_rows(int64_t p0, int64_t p1, const T* g, const T* pre, const float* bias, T* gp, float* sums,
+                          int64_t C) {
+  for (int64_t p = p0; p < p1; ++p) {
+    const int64_t o = p * C;
+    for (int64_t c = 0; c < C; c += kStep) {
+      const int64_t n = std::min(kStep, C - c);
+      fVec ga, gb, pa, pb, ba, bb, sa, sb;
+      cpu::load2_any(g + o + c, n, ga, gb);  // lanes past C load 0: they add nothing below
+      cpu::load2_any(pre + o + c, n, pa, pb);
+      cpu::load2_any(bias + c, n, ba, bb);
+      ga = ga * cpu::activate_grad<A>(pa + ba);
+      gb = gb * cpu::activate_grad<A>(pb + bb);
+      cpu::store2_any(gp + o + c, n, ga, gb);
+      if (sums) {
+        cpu::load2_any(sums + c, n, sa, sb);
+        cpu::store2_any(sums + c, n, sa + ga, sb + gb);
+      }
+    }
+  }
+}
+
+// The backward epilogue over [P, C]: the positions are cut into chunks of cpu::rows_per_chunk(P) (a
+// function of the shape only), each chunk sums its gp columns into its own row of `partial`
+// [chunks, C] (when given), and the caller adds the rows in chunk order: a deterministic bias gradient.
+template <int A, typename T>
+void epilogue_bwd_cl(const T* g, const T* pre, const float* bias, T* gp, float* partial, int64_t P, int64_t C) {
+  const int64_t chunk = cpu::rows_per_chunk(P), chunks = (P + chunk - 1) / chunk;
+  at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
+    for (int64_t k = k0; k < k1; ++k) {
+      float* sums = partial ? partial + k * C : nullptr;
+      if (sums) std::fill(sums, sums + C, 0.f);
+      epilogue_bwd_cl_rows<A>(k * chunk, std::min(P, (k + 1) * chunk), g, pre, bias, gp, sums, C);
+    }
+  });
+}
+
+// A 4-D tensor laid out channels-last (and not also plain contiguous, as tensors with C = 1 or H = W = 1 are).
+bool channels_last(const at::Tensor& t) {
+  return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
 // ---- the implicit GEMM: conv1d, float32, stride 1, groups 1 ----------------------------------------
 // With x zero-padded by p on both sides, output position q reads padded input positions q + j * d for
 // the taps j: every tap is one GEMM, W_j [C_out, C_in] times the same [C_in, L] operand shifted by
@@ -961,6 +1035,23 @@ at::Tensor implicit_grad_weight(const at::Tensor& gp, const at::Tensor& x, const
   return total.view({taps, g.Cin, Np}).narrow(2, 0, g.Cout).permute({2, 1, 0}).contiguous();
 }
 
+// bfloat16 on a CPU without AVX-512 (oneDNN's avx512_core: F, BW): oneDNN has no bf16 convolution there and runs
+// its reference loops (a conv1d 256 -> 256, k 3, over 32 x 512 positions: 2.2 s, against 30 ms in
+// fp32 on the AVX2 EPYC of the README), so such calls compute in fp32 on converted tensors (our own
+// fp32 paths included) and round the results to bf16 once.
+bool bf16_in_fp32(const at::Tensor& x) {
+#if defined(__GNUC__) && defined(__x86_64__)
+  static const bool avx512_core = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  return x.scalar_type() == at::kBFloat16 && !avx512_core;
+#else
+  return false;
+#endif
+}
+
+std::optional<at::Tensor> to_float(const std::optional<at::Tensor>& t) {
+  return t ? std::optional<at::Tensor>(t->to(at::kFloat)) : std::nullopt;
+}
+
 }  // namespace
 
 std::vector<at::Tensor> conv_fwd_cpu(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
@@ -968,25 +1059,40 @@ std::vector<at::Tensor> conv_fwd_cpu(const at::Tensor& x, const at::Tensor& w, c
                                      std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups,
                                      int64_t activation, bool save_pre) {
   check(x, w, bias);
-  if (own_path(x, w, stride, padding, dilation, groups) != "aten")
+  if (bf16_in_fp32(x)) {
+    std::vector<at::Tensor> r = conv_fwd_cpu(x.to(at::kFloat), w.to(at::kFloat), to_float(bias), to_float(residual),
+                                             stride, padding, dilation, groups, activation, save_pre);
+    return {r[0].to(at::kBFloat16), r[1].to(at::kBFloat16)};
+  }
+  // a channels-last x stays so: oneDNN's convolution takes it as it is and writes a channels-last output,
+  // which the epilogue reads as [positions, C_out] (our own convolutions work in NCHW)
+  const bool cl = channels_last(x);
+  if (!cl && own_path(x, w, stride, padding, dilation, groups) != "aten")
     return own_conv(x, w, padding, dilation, bias, residual, activation, save_pre);
+  const at::MemoryFormat format = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const std::vector<int64_t> output_padding(stride.size(), 0);
   at::Tensor pre = at::convolution(x, w, std::nullopt, stride, padding, dilation, false, output_padding, groups)
-                       .contiguous();
+                       .contiguous(format);
   if (residual) {
     TORCH_CHECK(residual->sizes() == pre.sizes() && residual->scalar_type() == x.scalar_type() &&
-                    residual->is_contiguous(),
-                "conv: residual must be a contiguous tensor of the output's shape ", pre.sizes(), ", got ",
-                residual->sizes());
+                    residual->is_contiguous(format),
+                "conv: residual must be a tensor of the output's shape ", pre.sizes(), " and x's dtype, laid out as x (",
+                cl ? "channels-last" : "contiguous", "), got ", residual->sizes());
   }
   at::Tensor out = save_pre ? cpu::cached_empty_like(pre) : pre;
   const int64_t C = pre.size(1), S = pre.numel() / std::max<int64_t>(1, pre.size(0) * C);
+  const at::Tensor bias_f = cl ? (bias ? bias->to(at::kFloat) : at::zeros({C}, x.options().dtype(at::kFloat)))
+                               : at::Tensor();
   BIGNLP_DISPATCH_FLOAT_BF16(x.scalar_type(), "conv_fwd_cpu", [&] {
     using T = scalar_t;
+    const T* res = residual ? residual->const_data_ptr<T>() : nullptr;
     cpu::dispatch_activation(activation, [&](auto act) {
-      epilogue_fwd<decltype(act)::value, T>(pre.const_data_ptr<T>(), bias ? bias->const_data_ptr<T>() : nullptr,
-                                            residual ? residual->const_data_ptr<T>() : nullptr, out.data_ptr<T>(),
-                                            pre.size(0) * C, C, S);
+      if (cl)
+        epilogue_fwd_cl<decltype(act)::value, T>(pre.const_data_ptr<T>(), bias_f.const_data_ptr<float>(), res,
+                                                 out.data_ptr<T>(), pre.size(0) * S, C);
+      else
+        epilogue_fwd<decltype(act)::value, T>(pre.const_data_ptr<T>(), bias ? bias->const_data_ptr<T>() : nullptr,
+                                              res, out.data_ptr<T>(), pre.size(0) * C, C, S);
     });
   });
   return {out, save_pre ? pre : at::empty({0}, x.options())};
@@ -994,11 +1100,13 @@ std::vector<at::Tensor> conv_fwd_cpu(const at::Tensor& x, const at::Tensor& w, c
 
 std::string conv_cpu_path(const at::Tensor& x, const at::Tensor& w, std::vector<int64_t> stride,
                           std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups) {
-  return own_path(x, w, stride, padding, dilation, groups);
+  if (bf16_in_fp32(x)) return conv_cpu_path(x.to(at::kFloat), w.to(at::kFloat), stride, padding, dilation, groups);
+  return channels_last(x) ? "aten" : own_path(x, w, stride, padding, dilation, groups);
 }
 
 std::string conv_cpu_grad_weight_path(const at::Tensor& x, const at::Tensor& w, std::vector<int64_t> stride,
                                       std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups) {
+  if (channels_last(x)) return "aten";
   if (winograd2_applies(x, w, stride, padding, dilation, groups)) return "winograd";
   return implicit_grad_weight_applies(x, w, stride, padding, dilation, groups) ? "implicit_gemm" : "aten";
 }
@@ -1008,12 +1116,34 @@ std::vector<at::Tensor> conv_bwd_cpu(const at::Tensor& grad_out, const at::Tenso
                                      std::vector<int64_t> stride, std::vector<int64_t> padding,
                                      std::vector<int64_t> dilation, int64_t groups, int64_t activation) {
   check(x, w, bias);
-  TORCH_CHECK(pre.sizes() == grad_out.sizes() && pre.is_contiguous() && grad_out.is_contiguous(),
-              "conv: pre and grad_out must be contiguous and of one shape, got ", pre.sizes(), " and ",
-              grad_out.sizes());
+  if (bf16_in_fp32(x)) {
+    std::vector<at::Tensor> r = conv_bwd_cpu(grad_out.to(at::kFloat), x.to(at::kFloat), w.to(at::kFloat),
+                                             pre.to(at::kFloat), to_float(bias), stride, padding, dilation, groups,
+                                             activation);
+    return {r[0].to(at::kBFloat16), r[1].to(at::kBFloat16), r[2].to(at::kBFloat16)};
+  }
+  const bool cl = channels_last(x);
+  const at::MemoryFormat format = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
+  TORCH_CHECK(pre.sizes() == grad_out.sizes() && pre.is_contiguous(format) && grad_out.is_contiguous(format),
+              "conv: pre and grad_out must be of one shape and laid out as x (", cl ? "channels-last" : "contiguous",
+              "), got ", pre.sizes(), " and ", grad_out.sizes());
   const int64_t B = pre.size(0), C = pre.size(1), S = pre.numel() / std::max<int64_t>(1, B * C);
   at::Tensor gp = grad_out, grad_bias = at::empty({0}, x.options());
-  if (activation != cpu::kIdentity || bias) {
+  if ((activation != cpu::kIdentity || bias) && cl) {
+    gp = cpu::cached_empty_like(grad_out);
+    const int64_t P = B * S, chunk = cpu::rows_per_chunk(P);
+    at::Tensor partial = at::empty({bias ? (P + chunk - 1) / chunk : 0, C}, x.options().dtype(at::kFloat));
+    const at::Tensor bias_f = bias ? bias->to(at::kFloat) : at::zeros({C}, x.options().dtype(at::kFloat));
+    BIGNLP_DISPATCH_FLOAT_BF16(x.scalar_type(), "conv_bwd_cpu", [&] {
+      using T = scalar_t;
+      cpu::dispatch_activation(activation, [&](auto act) {
+        epilogue_bwd_cl<decltype(act)::value, T>(grad_out.const_data_ptr<T>(), pre.const_data_ptr<T>(),
+                                                 bias_f.const_data_ptr<float>(), gp.data_ptr<T>(),
+                                                 bias ? partial.data_ptr<float>() : nullptr, P, C);
+      });
+    });
+    if (bias) grad_bias = cpu::reduce_partials(partial, C, x.scalar_type());  // in chunk order
+  } else if (activation != cpu::kIdentity || bias) {
     gp = cpu::cached_empty_like(grad_out);
     at::Tensor row_sums = at::empty({B, C}, x.options().dtype(at::kFloat));
     BIGNLP_DISPATCH_FLOAT_BF16(x.scalar_type(), "conv_bwd_cpu", [&] {
@@ -1036,10 +1166,11 @@ std::vector<at::Tensor> conv_bwd_cpu(const at::Tensor& grad_out, const at::Tenso
     t_padding.push_back(dilation[i] * (w.size(2 + i) - 1) - padding[i]);
     spatial.push_back(2 + static_cast<int64_t>(i));
   }
-  const bool ours = std::all_of(t_padding.begin(), t_padding.end(), [](int64_t p) { return p >= 0; }) &&
+  // (a channels-last backward stays on oneDNN, which keeps the layout: ours work in NCHW)
+  const bool ours = !cl && std::all_of(t_padding.begin(), t_padding.end(), [](int64_t p) { return p >= 0; }) &&
                     own_path(gp, w.transpose(0, 1), stride, t_padding, dilation, groups) != "aten";
-  const bool winograd_w = winograd2_applies(x, w, stride, padding, dilation, groups);
-  const bool ours_w = winograd_w || implicit_grad_weight_applies(x, w, stride, padding, dilation, groups);
+  const bool winograd_w = !cl && winograd2_applies(x, w, stride, padding, dilation, groups);
+  const bool ours_w = winograd_w || (!cl && implicit_grad_weight_applies(x, w, stride, padding, dilation, groups));
   at::Tensor grad_x, grad_w;
   if (!ours || !ours_w)
     std::tie(grad_x, grad_w, std::ignore) = at::convolution_backward(
@@ -1051,7 +1182,7 @@ std::vector<at::Tensor> conv_bwd_cpu(const at::Tensor& grad_out, const at::Tenso
     grad_w = winograd2_grad_weight(gp.contiguous(), x.contiguous(), make_grid2(x, w, padding));
   else if (ours_w)
     grad_w = implicit_grad_weight(gp.contiguous(), x.contiguous(), make_grid(x, w, padding, dilation));
-  return {grad_x, grad_w, grad_bias};
+  return {cl ? grad_x.contiguous(format) : grad_x, grad_w, grad_bias};
 }
 
 }  // namespace bignlp_fast

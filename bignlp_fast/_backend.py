@@ -147,9 +147,26 @@ def use_bf16_dot(enabled: bool):
         yield
 
 
+def conv_own_loops() -> bool:
+    """Whether CPU convolutions take the project's own main loops (the implicit GEMM, Winograd's
+    F(2x2, 3x3)) where their shapes allow, now: by default on builds with AVX-512; on AVX2 builds
+    oneDNN's measured faster (see csrc/cpu/conv.cpp, kWideVectors). Winograd's F(2, 3) for conv1d is
+    taken on every build."""
+    return _C is not None and _C.conv_own_loops()
+
+
+@contextlib.contextmanager
+def use_own_conv_loops(enabled: bool):
+    """Within the block, CPU convolutions take (or, with False, skip) the project's own main loops,
+    whatever the build. Process-wide; for tests, which check every path on one machine, and for
+    measuring them against oneDNN's."""
+    with _switched("set_conv_own_loops", enabled):
+        yield
+
+
 @contextlib.contextmanager
 def _switched(setter: str, enabled: bool):
-    """Sets one of the extension's bf16 path switches for the block (``setter`` returns the previous
+    """Sets one of the extension's path switches for the block (``setter`` returns the previous
     state), and restores it after; nothing without the extension."""
     if _C is None:
         yield

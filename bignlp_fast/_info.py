@@ -62,6 +62,9 @@ def info() -> dict:
         # what the bf16 CPU kernels multiply their tiles on (csrc/cpu/amx.h, gemm.h)
         "bf16_tiles": {"amx": "AMX (oneDNN brgemm ukernel)", "avx512_bf16": "AVX512_BF16 dot products (no AMX here)",
                        "fp32": "fp32 FMA tiles (no AMX; AVX512_BF16 not built or switched off)"}[_backend.bf16_tiles()],
+        # which main loops fp32 CPU convolutions take (csrc/cpu/conv.cpp, kWideVectors)
+        "conv_main_loops": ("the project's (implicit GEMM, Winograd) where shapes allow" if _backend.conv_own_loops()
+                            else "oneDNN's, but Winograd F(2, 3) for conv1d k=3 (a build without AVX-512)"),
         # freed large CPU outputs kept for the next call of the same size (csrc/cpu/buffer_cache.h)
         "cpu_buffer_cache": _backend.buffer_cache(),
         "build": _backend.build_info(),

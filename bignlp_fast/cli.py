@@ -37,6 +37,7 @@ def _info(args) -> int:
     print(f"machine: {machine()}; GPU: {data['gpu'] or 'none'}")
     print(f"fp32 input projections of the RNN layers on the CPU: {data['fp32_projection_gemm']}")
     print(f"bf16 attention tiles on the CPU: {data['bf16_tiles']}")
+    print(f"fp32 convolutions on the CPU: {data['conv_main_loops']}")
     cache = data["cpu_buffer_cache"]
     if cache is not None:
         mib = lambda n: f"{n / 2**20:.0f} MiB"  # noqa: E731

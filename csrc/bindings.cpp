@@ -137,6 +137,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bf16_dot", &bignlp_fast::cpu::bf16_dot, "Whether bf16 CPU kernels not on AMX take the AVX512_BF16 tiles now");
   m.def("set_bf16_dot", &bignlp_fast::cpu::set_bf16_dot,
         "Turn the AVX512_BF16 tile path of the bf16 CPU kernels off or back on; returns the previous state");
+  m.def("conv_own_loops", &bignlp_fast::conv_own_loops,
+        "Whether CPU convolutions take the project's implicit-GEMM and 2-D Winograd loops now");
+  m.def("set_conv_own_loops", &bignlp_fast::set_conv_own_loops,
+        "Turn the project's own CPU convolution loops on or off, whatever the build; returns the previous state");
   m.def("buffer_cache_stats", [] {
     const auto s = bignlp_fast::cpu::buffer_cache_stats();
     py::dict d;

@@ -126,6 +126,11 @@ std::vector<at::Tensor> conv_bwd_cpu(const at::Tensor& grad_out, const at::Tenso
                                      const at::Tensor& pre, const std::optional<at::Tensor>& bias,
                                      std::vector<int64_t> stride, std::vector<int64_t> padding,
                                      std::vector<int64_t> dilation, int64_t groups, int64_t activation);
+// Whether CPU convolutions take the project's own implicit-GEMM and 2-D Winograd main loops where their
+// shapes allow: by default with 16-wide vectors (AVX-512) only; set_conv_own_loops turns them on or
+// off whatever the build (returns the previous state). Winograd's F(2, 3) for conv1d is always taken.
+bool conv_own_loops();
+bool set_conv_own_loops(bool on);
 // Which forward conv_fwd_cpu takes for these arguments: "implicit_gemm" (the project's, float32 with
 // stride 1, groups 1 and at least 128 output grid columns per sequence) or "aten" (oneDNN + epilogue).
 std::string conv_cpu_path(const at::Tensor& x, const at::Tensor& w, std::vector<int64_t> stride,

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bignlp_fast import _C, ops
+from bignlp_fast import _C, _backend, ops
 from bignlp_fast.ops._activation import activation_torch, check_activation
 from conftest import backend_params
 from reference import assert_within_torch_error
@@ -137,9 +137,30 @@ def _path(xs, ws, stride, padding, dilation, groups):
                             groups)
 
 
+@pytest.fixture
+def own_loops():
+    """The project's own CPU main loops wherever their shapes allow: the default with AVX-512; an AVX2
+    build takes oneDNN's instead (faster there), so these tests switch them on to reach them."""
+    with _backend.use_own_conv_loops(True):
+        yield
+
+
+def test_own_conv_loops_switch():
+    """By default on AVX-512 builds only; the switch turns them on or off whatever the build. Winograd's
+    F(2, 3) for conv1d is taken either way."""
+    assert _backend.conv_own_loops() == _C.build_info()["cpu_capability"].startswith("AVX512")
+    for on in (False, True):
+        with _backend.use_own_conv_loops(on):
+            assert _backend.conv_own_loops() is on
+            assert _path(*IMPLICIT[0]) == ("implicit_gemm" if on else "aten")
+            assert _path(*WINOGRAD2[0]) == ("winograd" if on else "aten")
+            assert _path(*WINOGRAD[0]) == "winograd"
+    assert _backend.conv_own_loops() == _C.build_info()["cpu_capability"].startswith("AVX512")
+
+
 @pytest.mark.parametrize("case", IMPLICIT, ids=lambda c: f"x{c[0]}-w{c[1]}")
 @pytest.mark.parametrize("activation", [None, "gelu"])
-def test_cpu_implicit_gemm_matches_float64(case, activation):
+def test_cpu_implicit_gemm_matches_float64(case, activation, own_loops):
     assert _path(*case) == "implicit_gemm"
     _check("cpu", torch.device("cpu"), torch.float32, *case, activation, residual=activation is not None)
 
@@ -164,7 +185,7 @@ WINOGRAD2 = [((1, 48, 9, 32), (13, 48, 3, 3), 1, 1, 1, 1), ((1, 70, 6, 258), (9,
 
 @pytest.mark.parametrize("case", WINOGRAD2, ids=lambda c: f"x{c[0]}-w{c[1]}-p{c[3]}")
 @pytest.mark.parametrize("activation", [None, "gelu"])
-def test_cpu_winograd_conv2d_matches_float64(case, activation):
+def test_cpu_winograd_conv2d_matches_float64(case, activation, own_loops):
     """The output, grad_x (where its convolution takes the same path) and grad_w (always, with the
     forward) within twice PyTorch's own error of float64."""
     assert _path(*case) == "winograd"
@@ -173,7 +194,7 @@ def test_cpu_winograd_conv2d_matches_float64(case, activation):
     _check("cpu", torch.device("cpu"), torch.float32, *case, activation, residual=activation is not None)
 
 
-def test_cpu_winograd_conv2d_grad_weight_is_deterministic():
+def test_cpu_winograd_conv2d_grad_weight_is_deterministic(own_loops):
     """The chunks of tiles are summed in a fixed order, whatever the number of threads."""
     xs, ws = (2, 48, 12, 32), (16, 48, 3, 3)
     g = torch.Generator().manual_seed(3)
@@ -205,7 +226,7 @@ def test_cpu_empty_inputs(xs, ws):
     assert w.grad is not None and torch.equal(w.grad, torch.zeros_like(w)) and x.grad.shape == x.shape
 
 
-def test_cpu_winograd_conv2d_rule():
+def test_cpu_winograd_conv2d_rule(own_loops):
     """Where the 2-D Winograd measured slower than oneDNN it is not taken (see winograd2_applies)."""
     assert _path((1, 56, 12, 32), (48, 56, 3, 3), 1, 1, 1, 1) == "winograd"  # grad_x of WINOGRAD2[-1]
     assert _path((2, 32, 32, 32), (64, 32, 3, 3), 1, 1, 1, 1) == "aten"  # under 48 input channels
@@ -264,7 +285,7 @@ def _avx512_core() -> bool:
     return "avx512f" in flags and "avx512bw" in flags
 
 
-def test_cpu_conv_path_choice():
+def test_cpu_conv_path_choice(own_loops):
     """Short outputs, strides, groups and bfloat16 keep oneDNN's convolution (and the fused epilogue)."""
     assert _path((2, 16, 63), (16, 16, 1), 1, 0, 1, 1) == "aten"  # less than one task (128 / 64 with AVX-512 / AVX2)
     assert _path((2, 16, 300), (16, 16, 3), 2, 1, 1, 1) == "aten"

@@ -186,6 +186,20 @@ bool channels_last(const at::Tensor& t) {
   return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
+// Our own main loops pay off with 16-wide vectors (AVX-512). With 8-wide ones (an AVX2 build) oneDNN's
+// convolution beat the plain implicit GEMM (conv1d k = 1, 5 and k = 3 dilated: 0.83-0.93x forward,
+// 0.87-0.97x with the backward) and Winograd's F(2x2, 3x3) (0.85-1.03x) on an AVX2 EPYC, fair
+// allocator, session 29; Winograd's F(2, 3) for conv1d still won there (1.16x / 1.14x), so only that
+// one stays on such builds. set_conv_own_loops overrides the choice (tests reach every path on one
+// machine; measurements compare both).
+constexpr bool kWideVectors = fVec::size() >= 16;
+std::atomic<int> g_own_loops{-1};  // -1: by the vector width; 0 / 1: set_conv_own_loops
+
+bool own_loops_now() {
+  const int mode = g_own_loops.load(std::memory_order_relaxed);
+  return mode < 0 ? kWideVectors : mode == 1;
+}
+
 // ---- the implicit GEMM: conv1d, float32, stride 1, groups 1 ----------------------------------------
 // With x zero-padded by p on both sides, output position q reads padded input positions q + j * d for
 // the taps j: every tap is one GEMM, W_j [C_out, C_in] times the same [C_in, L] operand shifted by
@@ -779,6 +793,7 @@ void winograd2_fwd(const float* x, const float* up, const float* bias, const flo
 // about half the core's FMA rate: the transforms, and a K of one slice, keep it there.)
 bool winograd2_applies(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& stride,
                        const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation, int64_t groups) {
+  if (!own_loops_now()) return false;  // see kWideVectors
   if (x.dim() != 4 || x.scalar_type() != at::kFloat || groups != 1 || w.size(2) != 3 || w.size(3) != 3) return false;
   if (stride[0] != 1 || stride[1] != 1 || dilation[0] != 1 || dilation[1] != 1 || x.size(0) == 0) return false;
   if (x.size(1) < 48 || x.size(1) > 256 || w.size(0) > 256) return false;
@@ -926,7 +941,8 @@ std::string own_path(const at::Tensor& x, const at::Tensor& w, const std::vector
                      const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation, int64_t groups) {
   if (winograd2_applies(x, w, stride, padding, dilation, groups)) return "winograd";
   if (!implicit_gemm_applies(x, w, stride, padding, dilation, groups)) return "aten";
-  return winograd_applies(w, dilation) ? "winograd" : "implicit_gemm";
+  if (winograd_applies(w, dilation)) return "winograd";
+  return own_loops_now() ? "implicit_gemm" : "aten";
 }
 
 std::vector<at::Tensor> own_conv(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& padding,
@@ -1053,6 +1069,14 @@ std::optional<at::Tensor> to_float(const std::optional<at::Tensor>& t) {
 }
 
 }  // namespace
+
+bool conv_own_loops() { return own_loops_now(); }
+
+bool set_conv_own_loops(bool on) {
+  const bool before = own_loops_now();
+  g_own_loops.store(on ? 1 : 0, std::memory_order_relaxed);
+  return before;
+}
 
 std::vector<at::Tensor> conv_fwd_cpu(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
                                      const std::optional<at::Tensor>& residual, std::vector<int64_t> stride,

@@ -101,7 +101,8 @@ def cpuinfo(field: str) -> str:
 _CPU_VENDOR = cpuinfo("vendor_id")  # read once at import: a traced (torch.compile) call may not open files
 # The extension decides (csrc/cpu/linear.cpp, cpu::blas_sgemm_is_fast): MKL where it takes AVX-512
 # kernels (Intel CPUs) or where the CPU kernels were built without AVX-512 (MKL's AVX2 kernels beat
-# them, measured on a Zen 3); the packed GEMM on AVX-512 builds for other CPUs (~2x MKL on a Zen 5).
+# them, measured on a Zen 3) but for AMD's Zen 1 / Zen 2 (the packed GEMM 1.06-1.24x MKL on a Zen 2);
+# the packed GEMM on AVX-512 builds for other CPUs (~2x MKL on a Zen 5).
 # Without the extension the question does not arise (ops.linear cannot run).
 _BLAS_SGEMM_IS_FAST = bool(_C.blas_sgemm_is_fast()) if _C is not None else False
 
@@ -113,7 +114,8 @@ def cpu_vendor() -> str:
 
 def blas_sgemm_is_fast() -> bool:
     """Whether torch's fp32 GEMM beats the project's packed GEMM (csrc/cpu/gemm.h) on this CPU and build:
-    MKL on an Intel CPU, or on any CPU where the CPU kernels were built without AVX-512."""
+    MKL on an Intel CPU, or on any CPU but AMD's Zen 1 / Zen 2 where the CPU kernels were built without
+    AVX-512."""
     return _BLAS_SGEMM_IS_FAST
 
 

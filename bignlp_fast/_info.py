@@ -56,7 +56,7 @@ def info() -> dict:
         "threads": torch.get_num_threads(),
         "cpu_vendor": _backend.cpu_vendor(),
         # which fp32 GEMM the RNN layers' input projections take on the CPU (nn/rnn.py)
-        "fp32_projection_gemm": ("torch (MKL: AVX-512 on an Intel CPU, or a build without AVX-512)"
+        "fp32_projection_gemm": ("torch (MKL: AVX-512 on an Intel CPU, or a build without AVX-512 off Zen 1/2)"
                                  if _backend.blas_sgemm_is_fast()
                                  else "bignlp_fast.ops.linear (the project's packed GEMM)"),
         # what the bf16 CPU kernels multiply their tiles on (csrc/cpu/amx.h, gemm.h)

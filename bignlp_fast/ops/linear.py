@@ -111,9 +111,10 @@ def linear_is_faster(x: Tensor, weight: Tensor) -> bool:
       weight once at memory speed, where BLAS falls to a fraction of the bandwidth;
     - float32 on the CPU from MIN_MACS multiply-adds on, unless torch's sgemm is the faster one
       (_backend.blas_sgemm_is_fast: MKL on Intel CPUs, where it takes its AVX-512 path, and on any CPU
-      where the CPU kernels were built without AVX-512). On an AMD EPYC (Zen 5, AVX-512) the packed
-      GEMM ran 1.5-2.1x F.linear at BERT's shapes ([624, 768] x [768, 3072] and the like), forward and
-      backward; on a Zen 3 (AVX2) MKL's AVX2 kernels ran 1.00-1.12x the packed GEMM.
+      where the CPU kernels were built without AVX-512, but Zen 1 / Zen 2). On an AMD EPYC (Zen 5,
+      AVX-512) the packed GEMM ran 1.5-2.1x F.linear at BERT's shapes ([624, 768] x [768, 3072] and the
+      like), forward and backward; on a Zen 3 (AVX2) MKL's AVX2 kernels ran 1.00-1.12x the packed GEMM,
+      on a Zen 2 (AVX2) the packed GEMM 1.06-1.24x MKL.
     Not: smaller products (see MIN_MACS), bfloat16 beyond 2 rows (torch's GEMM runs on the CPU's bf16
     dot products or AMX), CPU autocast, other devices, a build without the CPU kernels, or while
     BIGNLP_FAST_BACKEND names another backend than cpu (linear has no triton or cuda kernel: F.linear

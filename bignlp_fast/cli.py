@@ -206,4 +206,8 @@ def main(argv=None) -> int:
     p_tc.add_argument("--json", metavar="FILE", help="write the rows as JSON")
     p_tc.set_defaults(func=_triton_compile)
     args = parser.parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except BrokenPipeError:  # the reader went away (`bignlp-fast info | head`): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 141  # 128 + SIGPIPE, a shell's status for it

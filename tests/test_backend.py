@@ -144,6 +144,16 @@ def test_cli_info_runs(args):
         assert "add_layer_norm" in out.stdout and "cpu_flags" in out.stdout
 
 
+def test_cli_output_into_a_closed_pipe_is_quiet():
+    """`bignlp-fast info | head -1`: the reader closes the pipe before the command has written all;
+    the command stops without a BrokenPipeError traceback (status 141, a shell's for SIGPIPE)."""
+    proc = subprocess.Popen([sys.executable, "-m", "bignlp_fast", "info"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env={**os.environ, "PYTHONWARNINGS": "ignore"}, cwd=SUBPROCESS_CWD)
+    proc.stdout.close()  # long before its first write (importing torch alone takes seconds): every write fails
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=300) == 141 and "Traceback" not in err, err
+
+
 def test_cuda_sources_were_compiled_when_asked():
     if os.environ.get("BIGNLP_FAST_CUDA") != "1":
         pytest.skip("BIGNLP_FAST_CUDA=1 not set: the build decided by itself")

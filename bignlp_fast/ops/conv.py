@@ -79,6 +79,11 @@ def _memory_format(x: Tensor) -> torch.memory_format:
     return torch.contiguous_format
 
 
+def _kernel_format(x: Tensor, backend: str) -> torch.memory_format:
+    """The layout the backend's kernel takes: x's, but NCHW for the CUDA epilogue (a copy each way)."""
+    return torch.contiguous_format if backend == "cuda" else _memory_format(x)
+
+
 def _in_format(t: Optional[Tensor], fmt: torch.memory_format) -> Optional[Tensor]:
     return None if t is None else t.contiguous(memory_format=fmt)
 
@@ -93,15 +98,11 @@ def _out_shape(x, weight, stride, padding, dilation):
 def conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Optional[Tensor], stride: list[int],
              padding: list[int], dilation: list[int], groups: int, activation: int, save_pre: bool,
              backend: str) -> tuple[Tensor, Tensor]:
-    fmt = _memory_format(x)
-    run = kernel("conv", "fwd", backend)
-    if fmt == torch.channels_last and backend == "cuda":  # the CUDA epilogue works in NCHW
-        out, pre = run(x.contiguous(), weight.contiguous(), contiguous(bias), contiguous(residual), stride, padding,
-                       dilation, groups, activation, save_pre)
-        return out.contiguous(memory_format=fmt), (pre.contiguous(memory_format=fmt) if save_pre else pre)
-    out, pre = run(_in_format(x, fmt), weight.contiguous(), contiguous(bias), _in_format(residual, fmt), stride,
-                   padding, dilation, groups, activation, save_pre)
-    # (a no-op for the kernels; the reference's elementwise tail may pick either layout)
+    fmt, kfmt = _memory_format(x), _kernel_format(x, backend)
+    out, pre = kernel("conv", "fwd", backend)(_in_format(x, kfmt), weight.contiguous(), contiguous(bias),
+                                              _in_format(residual, kfmt), stride, padding, dilation, groups,
+                                              activation, save_pre)
+    # x's layout: a no-op where the kernel kept it (the reference's elementwise tail may pick either)
     return out.contiguous(memory_format=fmt), (pre.contiguous(memory_format=fmt) if save_pre else pre)
 
 
@@ -116,15 +117,11 @@ def _(x, weight, bias, residual, stride, padding, dilation, groups, activation, 
 def conv_bwd(grad_out: Tensor, x: Tensor, weight: Tensor, pre: Tensor, bias: Optional[Tensor], stride: list[int],
              padding: list[int], dilation: list[int], groups: int, activation: int,
              backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    fmt = _memory_format(x)
-    run = kernel("conv", "bwd", backend)
-    if fmt == torch.channels_last and backend == "cuda":
-        grad_x, grad_w, grad_b = run(grad_out.contiguous(), x.contiguous(), weight.contiguous(), pre.contiguous(),
-                                     contiguous(bias), stride, padding, dilation, groups, activation)
-    else:
-        grad_x, grad_w, grad_b = run(_in_format(grad_out, fmt), _in_format(x, fmt), weight.contiguous(), _in_format(pre, fmt),
-                                     contiguous(bias), stride, padding, dilation, groups, activation)
-    return grad_x.contiguous(memory_format=fmt), grad_w.contiguous(), grad_b
+    kfmt = _kernel_format(x, backend)
+    grad_x, grad_w, grad_b = kernel("conv", "bwd", backend)(
+        _in_format(grad_out, kfmt), _in_format(x, kfmt), weight.contiguous(), _in_format(pre, kfmt), contiguous(bias),
+        stride, padding, dilation, groups, activation)
+    return grad_x.contiguous(memory_format=_memory_format(x)), grad_w.contiguous(), grad_b
 
 
 @conv_bwd.register_fake

@@ -220,6 +220,20 @@ def missing_cpu_isa(needed, cpuinfo: str = "/proc/cpuinfo") -> list[str]:
     return [name for name in needed if name not in have]
 
 
+# torch's bf16 GEMM on the CPU is oneDNN's, whose bf16 kernels need AVX-512 (F, BW, VL, DQ; faster
+# still with AVX512_BF16 or AMX). Below that, at::native's generic loop: on a Zen 2 (AVX2) F.linear in
+# bf16 took 9x ops.linear's time at [1024, 768] x [768, 3072] forward, 46x with the backward, and 10x
+# fp32 F.linear's. Read once at import, as _CPU_VENDOR.
+_BLAS_BF16_GEMM_IS_FAST = not missing_cpu_isa(["avx512f", "avx512bw", "avx512vl", "avx512dq"])
+
+
+def blas_bf16_gemm_is_fast() -> bool:
+    """Whether torch's bf16 GEMM on the CPU has vector kernels (oneDNN's, on a CPU with AVX-512); where
+    it does not, bf16 products from ops.linear.MIN_MACS_BF16_GENERIC multiply-adds on take ops.linear
+    (the packed GEMM, fp32 sums) in nn.Linear, the models and the RNN input projections."""
+    return _BLAS_BF16_GEMM_IS_FAST
+
+
 def _cuda_reason() -> Optional[str]:
     if _C is None:
         return _C_MISSING

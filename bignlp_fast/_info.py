@@ -59,6 +59,10 @@ def info() -> dict:
         "fp32_projection_gemm": ("torch (MKL: AVX-512 on an Intel CPU, or a build without AVX-512 off Zen 1/2)"
                                  if _backend.blas_sgemm_is_fast()
                                  else "bignlp_fast.ops.linear (the project's packed GEMM)"),
+        # which GEMM bf16 products on the CPU take in nn.Linear, the models and the RNN projections
+        "bf16_gemm": ("torch's (oneDNN's kernels: this CPU has AVX-512)" if _backend.blas_bf16_gemm_is_fast()
+                      else "bignlp_fast.ops.linear from 262k multiply-adds (torch's bf16 GEMM has no vector "
+                           "kernels without AVX-512)"),
         # what the bf16 CPU kernels multiply their tiles on (csrc/cpu/amx.h, gemm.h)
         "bf16_tiles": {"amx": "AMX (oneDNN brgemm ukernel)", "avx512_bf16": "AVX512_BF16 dot products (no AMX here)",
                        "fp32": "fp32 FMA tiles (no AMX; AVX512_BF16 not built or switched off)"}[_backend.bf16_tiles()],

@@ -36,6 +36,7 @@ def _info(args) -> int:
           + ("  [TRITON_INTERPRET=1]" if data["triton_interpret"] else ""))
     print(f"machine: {machine()}; GPU: {data['gpu'] or 'none'}")
     print(f"fp32 input projections of the RNN layers on the CPU: {data['fp32_projection_gemm']}")
+    print(f"bf16 GEMMs on the CPU (nn.Linear, the models, RNN input projections): {data['bf16_gemm']}")
     print(f"bf16 attention tiles on the CPU: {data['bf16_tiles']}")
     print(f"fp32 convolutions on the CPU: {data['conv_main_loops']}")
     cache = data["cpu_buffer_cache"]

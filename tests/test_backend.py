@@ -119,6 +119,19 @@ def test_info_lists_every_op_and_backend():
             assert op["cuda"]["usable"].startswith("no: ")
     assert info["build"]["cpu_flags"]
     assert info["fp32_projection_gemm"].startswith("torch" if _backend.blas_sgemm_is_fast() else "bignlp_fast")
+    assert info["bf16_gemm"].startswith("torch" if _backend.blas_bf16_gemm_is_fast() else "bignlp_fast")
+
+
+def test_bf16_gemm_rule_follows_the_cpu_flags(tmp_path):
+    """torch's bf16 GEMM counts as fast exactly where the CPU has oneDNN's AVX-512 subset."""
+    flags = "fpu sse avx avx2 fma avx512f avx512dq avx512bw avx512vl"
+    with_avx512, avx2_only = tmp_path / "with", tmp_path / "without"
+    with_avx512.write_text(f"processor\t: 0\nflags\t\t: {flags}\n")
+    avx2_only.write_text("processor\t: 0\nflags\t\t: fpu sse avx avx2 fma\n")
+    needed = ["avx512f", "avx512bw", "avx512vl", "avx512dq"]
+    assert _backend.missing_cpu_isa(needed, str(with_avx512)) == []
+    assert _backend.missing_cpu_isa(needed, str(avx2_only)) == needed
+    assert _backend.blas_bf16_gemm_is_fast() == (_backend.missing_cpu_isa(needed) == [])
 
 
 @pytest.mark.skipif(_backend.compiled() is None, reason="needs the compiled extension")

@@ -110,7 +110,8 @@ def test_bad_input():
 def test_nn_linear_is_a_drop_in_for_torch_nn_linear(rows, k, n, dtype):
     import bignlp_fast.nn as bnn
     from bignlp_fast import _backend
-    from bignlp_fast.ops.linear import MIN_MACS, MIN_SKINNY_WEIGHT_BYTES, SKINNY_ROWS_BF16, linear_is_faster
+    from bignlp_fast.ops.linear import (MIN_MACS, MIN_MACS_BF16_GENERIC, MIN_SKINNY_WEIGHT_BYTES, SKINNY_ROWS_BF16,
+                                        linear_is_faster)
     torch.manual_seed(0)
     ref = torch.nn.Linear(k, n).to(dtype)
     ours = bnn.Linear(k, n).to(dtype)
@@ -118,16 +119,22 @@ def test_nn_linear_is_a_drop_in_for_torch_nn_linear(rows, k, n, dtype):
     ours.load_state_dict(ref.state_dict())
     assert ours.state_dict().keys() == ref.state_dict().keys()
     x = torch.randn(2, rows, k).to(dtype)
-    # the GEMM it takes: decoding sizes with a large weight, and float32 products from MIN_MACS on
-    # (unless torch's sgemm is the faster one: _backend.blas_sgemm_is_fast), on ops.linear; F.linear otherwise
+    # the GEMM it takes: decoding sizes with a large weight; float32 products from MIN_MACS on (unless
+    # torch's sgemm is the faster one: _backend.blas_sgemm_is_fast); bfloat16 products from
+    # MIN_MACS_BF16_GENERIC on where torch's bf16 GEMM has no vector kernels (a CPU without AVX-512:
+    # _backend.blas_bf16_gemm_is_fast): on ops.linear; F.linear otherwise
     if rows * 2 <= (16 if dtype == torch.float32 else SKINNY_ROWS_BF16):
         expect_ours = k * n * x.element_size() >= MIN_SKINNY_WEIGHT_BYTES
+    elif dtype == torch.float32:
+        expect_ours = 2 * rows * k * n >= MIN_MACS and not _backend.blas_sgemm_is_fast()
     else:
-        expect_ours = dtype == torch.float32 and 2 * rows * k * n >= MIN_MACS and not _backend.blas_sgemm_is_fast()
+        expect_ours = 2 * rows * k * n >= MIN_MACS_BF16_GENERIC and not _backend.blas_bf16_gemm_is_fast()
     assert linear_is_faster(x, ours.weight) == expect_ours
     fp32, blas_fast = dtype == torch.float32, _backend.blas_sgemm_is_fast()
-    assert expect_ours == {(1, 1024, 768): True, (3, 96, 40): False, (3, 1024, 512): fp32, (200, 96, 40): False,
-                           (200, 256, 160): fp32 and not blas_fast}[(rows, k, n)]
+    bf16_generic = not fp32 and not _backend.blas_bf16_gemm_is_fast()
+    assert expect_ours == {(1, 1024, 768): True, (3, 96, 40): False, (3, 1024, 512): fp32 or bf16_generic,
+                           (200, 96, 40): bf16_generic,
+                           (200, 256, 160): (fp32 and not blas_fast) or bf16_generic}[(rows, k, n)]
     x64, ref64 = x.double().requires_grad_(), torch.nn.Linear(k, n).double()
     ref64.load_state_dict(ref.state_dict())
     leaves = lambda m, t: [t, *m.parameters()]  # noqa: E731

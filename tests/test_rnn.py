@@ -648,6 +648,25 @@ def test_input_projection_takes_the_faster_gemm(monkeypatch, blas_fast):
         assert len(calls) == (2 if large and not blas_fast else 1)
 
 
+@pytest.mark.parametrize("blas_bf16_fast", [False, True])
+def test_bf16_input_projection_takes_ops_linear_without_avx512(monkeypatch, blas_bf16_fast):
+    """bf16 on the CPU: ops.linear for the input projection where torch's bf16 GEMM has no vector
+    kernels (a CPU without AVX-512: _backend.blas_bf16_gemm_is_fast) and the product is not small;
+    F.linear (oneDNN) elsewhere. Both within torch's own bf16 error of the float64 reference."""
+    rnn_module = importlib.import_module("bignlp_fast.ops.rnn")
+    monkeypatch.setattr(_backend, "blas_bf16_gemm_is_fast", lambda: blas_bf16_fast)
+    calls = []
+    real = rnn_module.linear
+    monkeypatch.setattr(rnn_module, "linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    ref, ours = make_pair("lstm", None, input_size=96, hidden_size=40)  # 512 rows x 96 x 160: 7.9 M multiply-adds
+    ref64 = copy.deepcopy(ref).double()
+    ref, ours = ref.bfloat16(), ours.bfloat16()
+    x = torch.randn(32, 16, 96)
+    out = ours(x.bfloat16())[0]
+    assert len(calls) == (0 if blas_bf16_fast else 1)
+    assert_within_torch_error("lstm bf16 output", out, ref(x.bfloat16())[0], ref64(x.double())[0], torch.bfloat16)
+
+
 @pytest.mark.parametrize("mode", ["lstm", "gru", "rnn_tanh"])
 def test_bf16_projection_leaves_b_ih_to_the_recurrence(monkeypatch, mode):
     """F.linear with a bias copies the bias into its whole output first; LSTM and RNN hand b_ih to the

@@ -99,6 +99,11 @@ SKINNY_ROWS_BF16 = 2
 # cache (0.4-0.9x); even at ~2M multiply-adds (32x256->256: 0.8x / 1.0x); ops.linear from ~4M on
 # (64x256->256 1.0x / 1.2x, 16x512->512 1.3x / 1.3x, 128x256->256 1.3x / 1.4x, 128x768->768 1.9x).
 MIN_MACS = 1 << 22  # rows * K * N below this: F.linear
+# bfloat16 where torch's bf16 GEMM is at::native's generic loop (_backend.blas_bf16_gemm_is_fast: a
+# CPU without AVX-512), on a 2-core Zen 2: F.linear 1.25x / 1.5x slower than ops.linear (forward /
+# forward + backward) at 16x128->128 (262k multiply-adds), 2.9x / 3.6x at 64x128->128, 2.8x / 8.6x at
+# 64x256->256, 9x / 46x at 1024x768->3072; faster only below (4x64->64: 0.5x / 0.6x).
+MIN_MACS_BF16_GENERIC = 1 << 18
 MIN_SKINNY_WEIGHT_BYTES = 1 << 20  # a decoding-sized input's weight below this: F.linear
 
 
@@ -115,8 +120,10 @@ def linear_is_faster(x: Tensor, weight: Tensor) -> bool:
       AVX-512) the packed GEMM ran 1.5-2.1x F.linear at BERT's shapes ([624, 768] x [768, 3072] and the
       like), forward and backward; on a Zen 3 (AVX2) MKL's AVX2 kernels ran 1.00-1.12x the packed GEMM,
       on a Zen 2 (AVX2) the packed GEMM 1.06-1.24x MKL.
-    Not: smaller products (see MIN_MACS), bfloat16 beyond 2 rows (torch's GEMM runs on the CPU's bf16
-    dot products or AMX), CPU autocast, other devices, a build without the CPU kernels, or while
+    - bfloat16 on the CPU from MIN_MACS_BF16_GENERIC multiply-adds on where torch's bf16 GEMM has no
+      vector kernels (_backend.blas_bf16_gemm_is_fast: oneDNN's need AVX-512): 1.25x to 46x F.linear.
+    Not: smaller products (see MIN_MACS), bfloat16 beyond 2 rows on a CPU with AVX-512 (torch's GEMM
+    runs on oneDNN's kernels there: the CPU's bf16 dot products or AMX where present), CPU autocast, other devices, a build without the CPU kernels, or while
     BIGNLP_FAST_BACKEND names another backend than cpu (linear has no triton or cuda kernel: F.linear
     is what such a run gets; with "torch" the reference, F.linear too)."""
     if x.dim() == 0 or x.shape[-1] == 0:
@@ -134,7 +141,9 @@ def linear_is_faster_for(device: torch.device, dtype: torch.dtype, rows: int, k:
         return False
     if rows <= (SKINNY_ROWS if dtype == torch.float32 else SKINNY_ROWS_BF16):
         return k * n * dtype.itemsize >= MIN_SKINNY_WEIGHT_BYTES
-    return dtype == torch.float32 and rows * k * n >= MIN_MACS and not _backend.blas_sgemm_is_fast()
+    if dtype == torch.float32:
+        return rows * k * n >= MIN_MACS and not _backend.blas_sgemm_is_fast()
+    return rows * k * n >= MIN_MACS_BF16_GENERIC and not _backend.blas_bf16_gemm_is_fast()
 
 
 def dense(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:

@@ -292,20 +292,21 @@ def rnn_layer(mode: str, xw: Tensor, w_hh: Tensor, b_hh: Optional[Tensor], h0: T
 def input_projection(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend: Optional[str],
                      defer_bias: bool) -> tuple[Tensor, Optional[Tensor]]:
     """(x W_ih^T + b_ih for every step at once, None), or (x W_ih^T, b_ih) when ``defer_bias`` lets the
-    recurrence add b_ih (see below). On float32 CPU tensors: bignlp_fast.ops.linear, the
-    project's packed GEMM (about 2x torch.mm where MKL lacks an AVX-512 path), where
-    ops.linear.linear_is_faster says so (the rule nn.Linear and the models follow: not for small
-    products, nor where MKL's sgemm is the faster one: Intel CPUs, builds without AVX-512); in
-    bfloat16, on other devices, under autocast, or when the torch reference is asked for: F.linear (for
-    bfloat16, oneDNN's GEMM on the CPU's bf16 dot products or AMX: about 2x ops.linear, which computes
-    in fp32). Naming backend="cpu" always takes ops.linear.
+    recurrence add b_ih (see below). On float32 and bfloat16 CPU tensors: bignlp_fast.ops.linear, the
+    project's packed GEMM, where ops.linear.linear_is_faster says so (the rule nn.Linear and the models
+    follow): in fp32 about 2x torch.mm where MKL lacks an AVX-512 path, but not for small products,
+    nor where MKL's sgemm is the faster one (Intel CPUs, builds without AVX-512 off Zen 1/2); in bf16
+    only on CPUs without AVX-512, where torch's bf16 GEMM has no vector kernels (with them, oneDNN's
+    GEMM on the CPU's bf16 dot products or AMX: about 2x ops.linear, which computes in fp32). On other
+    devices, under autocast, or when the torch reference is asked for: F.linear. Naming backend="cpu"
+    always takes ops.linear.
 
     F.linear with a bias is addmm, which first copies the bias into every row of its [T*B, G*H]
     output: 3.5 ms of a 22 ms bf16 LSTM forward (B32, T128, H512, Xeon). The recurrence adds b_hh at
     every step anyway, so for LSTM and RNN (``defer_bias``) b_ih is handed back to join it; GRU's b_hn
     sits inside r * (h W_hn^T + b_hn), so there it stays in the projection."""
     named = _backend.requested_backend(backend)
-    if (x.device.type == "cpu" and x.dtype == torch.float32 and not autocast_enabled("cpu")
+    if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and not autocast_enabled("cpu")
             and (named == "cpu" or (named is None and linear_is_faster(x, weight)))):
         return linear(x, weight, bias, backend=backend), None
     if defer_bias and bias is not None:

@@ -1,6 +1,7 @@
 """bignlp_fast.nn.MultiheadAttention against torch.nn.MultiheadAttention with the same state_dict."""
 
 import copy
+import importlib
 import math
 import warnings
 
@@ -13,6 +14,16 @@ from reference import assert_within_torch_error
 
 @pytest.fixture(params=["torch", None], ids=["torch", "auto"])
 def backend(request):
+    return request.param
+
+
+@pytest.fixture(params=["auto", "ops.linear"])
+def gemm(request, monkeypatch):
+    """The projections' GEMM: as ops.linear.linear_is_faster decides on this machine (F.linear for
+    these small products), or ops.linear forced, so that both paths are checked on every machine."""
+    if request.param == "ops.linear":
+        linear_module = importlib.import_module("bignlp_fast.ops.linear")  # (ops.linear is also the function)
+        monkeypatch.setattr(linear_module, "linear_is_faster", lambda x, w: x.device.type == "cpu")
     return request.param
 
 
@@ -48,7 +59,7 @@ def both(ref, ours, *args, **kwargs):
 
 @pytest.mark.parametrize("batch_first", [True, False])
 @pytest.mark.parametrize("kind", ["self", "cross", "kv_shared", "kdim_vdim"])
-def test_matches_torch(backend, batch_first, kind):
+def test_matches_torch(backend, batch_first, kind, gemm):
     kdim, vdim = (10, 14) if kind == "kdim_vdim" else (None, None)
     ref, ours = make_pair(backend, kdim=kdim, vdim=vdim, batch_first=batch_first)
     q, k, v = inputs(batch_first, kdim=kdim, vdim=vdim, self_attention=kind == "self")
@@ -175,7 +186,7 @@ def test_unsupported_options_fall_back(option):
 
 
 @pytest.mark.parametrize("kind", ["self", "kdim_vdim"])
-def test_gradients_match_torch(backend, kind):
+def test_gradients_match_torch(backend, kind, gemm):
     """Gradients of the inputs and every parameter, judged by the project's rule against torch's module
     run in float64 (an fp32-to-fp32 comparison would judge the GEMM library's rounding instead)."""
     kdim, vdim = (10, 14) if kind == "kdim_vdim" else (None, None)

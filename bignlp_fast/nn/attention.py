@@ -8,11 +8,11 @@ import warnings
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from bignlp_fast import _backend
 from bignlp_fast.ops.attention import scaled_dot_product_attention
+from bignlp_fast.ops.linear import dense
 
 OP = "multihead_attention"
 
@@ -22,8 +22,10 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
 
     ``forward(..., need_weights=False)`` projects q/k/v (one matmul for self-attention with the packed
     ``in_proj_weight``), runs the fused attention op on [B, H, L, head_dim] views with the key-padding
-    mask kept as [B, 1, 1, S], then applies ``out_proj``. ``backend`` (keyword only) pins the
-    attention op's backend; None chooses automatically.
+    mask kept as [B, 1, 1, S], then applies ``out_proj``. The projections take the faster GEMM for
+    their input (ops.linear.dense: the project's packed GEMM where ops.linear.linear_is_faster says
+    so, else F.linear). ``backend`` (keyword only) pins the attention op's backend; None chooses
+    automatically.
 
     The fused path cannot return attention weights, nor add ``bias_k``/``bias_v`` or a zero key.
     Those calls (``need_weights=True`` is torch's default!) run torch's implementation, and the
@@ -100,7 +102,7 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         out = out.transpose(1, 2).reshape(b, lq, self.embed_dim)  # free: the op's output is laid out [B, L, H, hd]
         if not batch_first:
             out = out.transpose(0, 1)
-        out = F.linear(out, self.out_proj.weight, self.out_proj.bias)
+        out = dense(out, self.out_proj.weight, self.out_proj.bias)
         return out if batched else out.squeeze(0)
 
     def _in_projection(self, query: Tensor, key: Tensor, value: Tensor, same_qk: bool, same_kv: bool):
@@ -109,18 +111,18 @@ class MultiheadAttention(torch.nn.MultiheadAttention):
         bias = self.in_proj_bias
         b_q, b_k, b_v = bias.chunk(3) if bias is not None else (None, None, None)
         if not self._qkv_same_embed_dim:
-            return (F.linear(query, self.q_proj_weight, b_q), F.linear(key, self.k_proj_weight, b_k),
-                    F.linear(value, self.v_proj_weight, b_v))
+            return (dense(query, self.q_proj_weight, b_q), dense(key, self.k_proj_weight, b_k),
+                    dense(value, self.v_proj_weight, b_v))
         w = self.in_proj_weight
         if same_kv and same_qk:  # self-attention: one matmul, q/k/v are views of it
-            return F.linear(query, w, bias).unflatten(-1, (3, e)).unbind(-2)
+            return dense(query, w, bias).unflatten(-1, (3, e)).unbind(-2)
         w_q, w_k, w_v = w.chunk(3)
-        q = F.linear(query, w_q, b_q)
+        q = dense(query, w_q, b_q)
         if same_kv:  # encoder-decoder attention: one matmul for k and v
             b_kv = bias[e:] if bias is not None else None
-            k, v = F.linear(key, w[e:], b_kv).unflatten(-1, (2, e)).unbind(-2)
+            k, v = dense(key, w[e:], b_kv).unflatten(-1, (2, e)).unbind(-2)
             return q, k, v
-        return q, F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+        return q, dense(key, w_k, b_k), dense(value, w_v, b_v)
 
     def _merged_mask(self, key_padding_mask: Optional[Tensor], attn_mask: Optional[Tensor], is_causal: bool,
                      b: int, lq: int, lk: int):

@@ -32,7 +32,6 @@ import warnings
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
@@ -312,7 +311,8 @@ class _FusedCellBase:
             if t.dtype != x.dtype and not _autocast(x) or t.device != x.device:
                 raise RuntimeError(f"{name}: input and hx[{i}] must have the same dtype and device, got input "
                                    f"{x.dtype} on {x.device} and hx[{i}] {t.dtype} on {t.device}")
-        xw = F.linear(x, self.weight_ih, self.bias_ih).unsqueeze(0)  # [1, B, G*H]
+        # [1, B, G*H], on the faster GEMM for this input (the rule of the layers' projections)
+        xw = input_projection(x, self.weight_ih, self.bias_ih, self.backend, defer_bias=False)[0].unsqueeze(0)
         w_hh, b_hh = self.weight_hh, self.bias_hh
         if _autocast(xw):  # the step runs in the dtype autocast gave the projection
             w_hh, b_hh = _cast(w_hh, xw.dtype), _cast(b_hh, xw.dtype)

@@ -3,6 +3,7 @@ each call. ``bignlp-fast bench`` and ``pytest benchmarks/`` both read them from 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Callable, Optional
 
@@ -147,6 +148,49 @@ def _attention_cases(b, h, lq, lk, d, dtype, causal, modes, suites, ref_backend=
         out.append(Case(mode="fwd+bwd", make=lambda dev, dt: make(dev, dt, True),
                         ours=lambda t, be: _grads(fused(t, be), qkv(t), [t["go"]]),
                         ref=lambda t: _grads(eager(t), qkv(t), [t["go"]]), flops=flops * 7 // 2, **common))
+    return out
+
+
+def _multihead_attention_cases(b, l, e, heads, dtype, modes, suites):
+    """bignlp_fast.nn.MultiheadAttention against torch.nn.MultiheadAttention with the same weights:
+    self-attention over [B, L, E] (batch_first), need_weights=False (the call that takes the fused
+    path on our side and torch's fast path on its side)."""
+    import bignlp_fast.nn as bnn
+
+    def make(device, dt, grad):
+        torch.manual_seed(0)
+        ref = torch.nn.MultiheadAttention(e, heads, batch_first=True).to(device, dt)
+        ours = bnn.MultiheadAttention(e, heads, batch_first=True).to(device, dt)
+        ours.load_state_dict(ref.state_dict())
+        return dict(x=_randn((b, l, e), device, dt, grad, 0), gy=_randn((b, l, e), device, dt, False, 1),
+                    modules={dt: (ours, ref)})
+
+    def module(t, which):
+        dt = t["x"].dtype
+        if dt not in t["modules"]:  # the float64 reference: a float64 copy of torch's module
+            _, ref = next(iter(t["modules"].values()))
+            t["modules"][dt] = (None, copy.deepcopy(ref).to(dt))
+        return t["modules"][dt][which]
+
+    def fused(t, be):
+        m = module(t, 0)
+        m.backend = be  # the attention op's backend (the projections take the GEMM rule)
+        return [m(t["x"], t["x"], t["x"], need_weights=False)[0]]
+
+    eager = lambda t: [module(t, 1)(t["x"], t["x"], t["x"], need_weights=False)[0]]  # noqa: E731
+    leaves = lambda t, which: [t["x"], *module(t, which).parameters()]  # noqa: E731
+    # FLOPs: the q/k/v and out projections (4 GEMMs of B*L x E x E) and the attention's two GEMMs
+    flops = 8 * b * l * e * e + 4 * b * l * l * e
+    common = dict(op="attention", variant="nn.MultiheadAttention, self", shape=(b, l, e, heads), dtype=dtype,
+                  suites=suites, ref_name="torch.nn.MultiheadAttention")
+    out = []
+    if "fwd" in modes:
+        out.append(Case(mode="fwd", make=lambda d, dt: make(d, dt, False), ours=_no_grad(fused), ref=_no_grad(eager),
+                        flops=flops, **common))
+    if "fwd+bwd" in modes:
+        out.append(Case(mode="fwd+bwd", make=lambda d, dt: make(d, dt, True),
+                        ours=lambda t, be: _grads(fused(t, be), leaves(t, 0), [t["gy"]]),
+                        ref=lambda t: _grads(eager(t), leaves(t, 1), [t["gy"]]), flops=3 * flops, **common))
     return out
 
 
@@ -568,6 +612,9 @@ def all_cases() -> list[Case]:
     cases += _attention_cases(8, 12, 512, 512, 64, torch.bfloat16, False, ("fwd",), ("quick", "full"))
     cases += _attention_cases(8, 12, 512, 512, 64, torch.bfloat16, True, both, ("full",))
     cases += _attention_cases(1, 4, 4096, 4096, 64, torch.float32, True, ("fwd+bwd",), ("full",), ref_backend="math")
+    # MultiheadAttention (BERT-base's self-attention, B8 L128): the projections' GEMMs and the fused op
+    cases += _multihead_attention_cases(8, 128, 768, 12, torch.float32, both, ("full",))
+    cases += _multihead_attention_cases(8, 128, 768, 12, torch.bfloat16, ("fwd",), ("full",))
     # the GPU suite (bignlp-fast bench --gpu): the issue's GPU shapes, bf16, D = 128, 16 heads (hidden
     # 2048), L from 512 to 16k at B * L = 16k tokens, against torch's best SDPA backend
     for length in (512, 2048, 8192, 16384):
@@ -605,6 +652,7 @@ def tiny_cases() -> list[Case]:
         out += _add_layer_norm_cases(16, 40, dtype, ("tiny",)) + _bias_gelu_cases(16, 40, dtype, ("tiny",))
         out += _attention_cases(1, 2, 9, 9, 8, dtype, True, ("fwd", "fwd+bwd"), ("tiny",))
         out += _linear_cases(9, 5, 7, dtype, ("fwd", "fwd+bwd"), ("tiny",))
+        out += _multihead_attention_cases(2, 5, 8, 2, dtype, ("fwd", "fwd+bwd"), ("tiny",))
         out += _rnn_cases("LSTM", 2, 5, 7, 3, dtype, ("fwd", "fwd+bwd"), ("tiny",), layers=2, bidirectional=True)
         out += _layer_norm_lstm_cases(2, 5, 7, 3, dtype, ("fwd", "fwd+bwd"), ("tiny",), layers=2, bidirectional=True)
         out += _text_cnn_cases(3, 11, 6, 4, (2, 3), dtype, ("fwd", "fwd+bwd"), ("tiny",))

@@ -123,9 +123,10 @@ def linear_is_faster(x: Tensor, weight: Tensor) -> bool:
     - bfloat16 on the CPU from MIN_MACS_BF16_GENERIC multiply-adds on where torch's bf16 GEMM has no
       vector kernels (_backend.blas_bf16_gemm_is_fast: oneDNN's need AVX-512): 1.25x to 46x F.linear.
     Not: smaller products (see MIN_MACS), bfloat16 beyond 2 rows on a CPU with AVX-512 (torch's GEMM
-    runs on oneDNN's kernels there: the CPU's bf16 dot products or AMX where present), CPU autocast, other devices, a build without the CPU kernels, or while
-    BIGNLP_FAST_BACKEND names another backend than cpu (linear has no triton or cuda kernel: F.linear
-    is what such a run gets; with "torch" the reference, F.linear too)."""
+    runs on oneDNN's kernels there: the CPU's bf16 dot products or AMX where present), CPU autocast,
+    other devices, a build without the CPU kernels, or while BIGNLP_FAST_BACKEND names another backend
+    than cpu (linear has no triton or cuda kernel: F.linear is what such a run gets; with "torch" the
+    reference, F.linear too)."""
     if x.dim() == 0 or x.shape[-1] == 0:
         return False
     return linear_is_faster_for(x.device, x.dtype, x.numel() // x.shape[-1], x.shape[-1], weight.shape[0])

@@ -66,6 +66,17 @@ def _grads(outputs: list, inputs: list, grad_outputs: list) -> list:
     return [*outputs, *torch.autograd.grad(outputs, leaves, grad_outputs)]
 
 
+def _module(tensors: dict, which: int) -> torch.nn.Module:
+    """Module ``which`` (0: ours, 1: torch's) of a module case, whose inputs hold ``modules={dtype:
+    (ours, torch's)}``, in the dtype of ``tensors["x"]``; for the float64 reference run, a float64 copy
+    of torch's module, made once (to_float64 shares the dict)."""
+    dt = tensors["x"].dtype
+    if dt not in tensors["modules"]:
+        _, ref = next(iter(tensors["modules"].values()))
+        tensors["modules"][dt] = (None, copy.deepcopy(ref).to(dt))
+    return tensors["modules"][dt][which]
+
+
 # ---- add_layer_norm ---------------------------------------------------------------------------
 def _add_layer_norm_cases(rows, hidden, dtype, suites):
     nbytes = rows * hidden * torch.tensor([], dtype=dtype).element_size()
@@ -165,20 +176,13 @@ def _multihead_attention_cases(b, l, e, heads, dtype, modes, suites):
         return dict(x=_randn((b, l, e), device, dt, grad, 0), gy=_randn((b, l, e), device, dt, False, 1),
                     modules={dt: (ours, ref)})
 
-    def module(t, which):
-        dt = t["x"].dtype
-        if dt not in t["modules"]:  # the float64 reference: a float64 copy of torch's module
-            _, ref = next(iter(t["modules"].values()))
-            t["modules"][dt] = (None, copy.deepcopy(ref).to(dt))
-        return t["modules"][dt][which]
-
     def fused(t, be):
-        m = module(t, 0)
+        m = _module(t, 0)
         m.backend = be  # the attention op's backend (the projections take the GEMM rule)
         return [m(t["x"], t["x"], t["x"], need_weights=False)[0]]
 
-    eager = lambda t: [module(t, 1)(t["x"], t["x"], t["x"], need_weights=False)[0]]  # noqa: E731
-    leaves = lambda t, which: [t["x"], *module(t, which).parameters()]  # noqa: E731
+    eager = lambda t: [_module(t, 1)(t["x"], t["x"], t["x"], need_weights=False)[0]]  # noqa: E731
+    leaves = lambda t, which: [t["x"], *_module(t, which).parameters()]  # noqa: E731
     # FLOPs: the q/k/v and out projections (4 GEMMs of B*L x E x E) and the attention's two GEMMs
     flops = 8 * b * l * e * e + 4 * b * l * l * e
     common = dict(op="attention", variant="nn.MultiheadAttention, self", shape=(b, l, e, heads), dtype=dtype,
@@ -235,20 +239,11 @@ def _rnn_cases(kind, b, i, h, t, dtype, modes, suites, layers=1, bidirectional=F
         return dict(x=_randn((t, b, i), device, dt, grad, 0), go=_randn((t, b, dirs * h), device, dt, False, 1),
                     modules={dt: (ours, ref)})
 
-    def module(tensors, which):
-        dt = tensors["x"].dtype
-        if dt not in tensors["modules"]:  # the float64 reference: a float64 copy of torch's module
-            _, ref = next(iter(tensors["modules"].values()))
-            copy = type(ref)(i, h, num_layers=layers, bidirectional=bidirectional).to(ref.weight_ih_l0.device, dt)
-            copy.load_state_dict(ref.state_dict())
-            tensors["modules"][dt] = (None, copy)
-        return tensors["modules"][dt][which]
-
     def params(tensors, which):
-        return list(module(tensors, which).parameters())
+        return list(_module(tensors, which).parameters())
 
-    ours_fwd = lambda tn, be: [module(tn, 0)(tn["x"])[0]]  # noqa: E731
-    ref_fwd = lambda tn: [module(tn, 1)(tn["x"])[0]]  # noqa: E731
+    ours_fwd = lambda tn, be: [_module(tn, 0)(tn["x"])[0]]  # noqa: E731
+    ref_fwd = lambda tn: [_module(tn, 1)(tn["x"])[0]]  # noqa: E731
     # FLOPs: input projection and recurrent GEMMs, 2 * T * B * G*H * (I_layer + H) per layer and direction
     flops = sum(2 * t * b * _RNN_GATES[kind] * h * ((i if layer == 0 else dirs * h) + h) * dirs
                 for layer in range(layers))

@@ -267,6 +267,32 @@ def _rnn_cases(kind, b, i, h, t, dtype, modes, suites, layers=1, bidirectional=F
     return out
 
 
+def _rnn_cell_cases(kind, b, i, h, steps, dtype, suites):
+    """bignlp_fast.nn.<kind> (LSTMCell, GRUCell) against torch.nn.<kind> with the same weights: an
+    inference loop of ``steps`` calls, each fed the state the last one returned (a user's decoder)."""
+    import bignlp_fast.nn as bnn
+
+    def make(device, dt):
+        torch.manual_seed(0)
+        ref = getattr(torch.nn, kind)(i, h).to(device, dt)
+        ours = getattr(bnn, kind)(i, h).to(device, dt)
+        ours.load_state_dict(ref.state_dict())
+        return dict(x=_randn((steps, b, i), device, dt, False, 0), modules={dt: (ours, ref)})
+
+    def loop(cell, x):
+        state, outs = None, []
+        for x_t in x:
+            state = cell(x_t, state)
+            outs.append(state[0] if isinstance(state, tuple) else state)
+        return [torch.stack(outs)]
+
+    flops = 2 * steps * b * _RNN_GATES[kind.replace("Cell", "")] * h * (i + h)
+    return [Case(op="rnn", mode="fwd", shape=(b, i, h, steps), dtype=dtype, make=make,
+                 ours=_no_grad(lambda t, be: loop(_module(t, 0), t["x"])),
+                 ref=_no_grad(lambda t: loop(_module(t, 1), t["x"])), flops=flops, suites=suites,
+                 variant=f"{kind}, {steps} steps", ref_name=f"torch.nn.{kind}")]
+
+
 def _layer_norm_lstm_cases(b, i, h, t, dtype, modes, suites, layers=1, bidirectional=False):
     """bignlp_fast.nn.LayerNormLSTM against the same layers written in eager PyTorch (F.linear,
     F.layer_norm and a Python loop over the steps: what torch offers for a LayerNorm LSTM), with the
@@ -595,6 +621,10 @@ def all_cases() -> list[Case]:
         cases += _rnn_cases(kind, 16, 128, 128, 64, torch.float32, both, ("full",))
         cases += _rnn_cases(kind, 32, 512, 512, 128, torch.float32, both, ("full",), layers=2, bidirectional=True)
         cases += _rnn_cases(kind, 32, 512, 512, 128, torch.bfloat16, ("fwd",), ("full",))
+    # the cells, stepped by a Python loop as a decoder would (I = H = 512, 16 steps, B 4 and 32)
+    for b in (4, 32):
+        cases += _rnn_cell_cases("LSTMCell", b, 512, 512, 16, torch.float32, ("full",))
+    cases += _rnn_cell_cases("LSTMCell", 32, 512, 512, 16, torch.bfloat16, ("full",))
     # LayerNormLSTM against the eager loop a user would write (torch has no such layer)
     cases += _layer_norm_lstm_cases(32, 512, 512, 128, torch.float32, both, ("quick", "full"))
     cases += _layer_norm_lstm_cases(4, 512, 512, 128, torch.float32, both, ("full",))
@@ -650,6 +680,7 @@ def tiny_cases() -> list[Case]:
         out += _multihead_attention_cases(2, 5, 8, 2, dtype, ("fwd", "fwd+bwd"), ("tiny",))
         out += _rnn_cases("LSTM", 2, 5, 7, 3, dtype, ("fwd", "fwd+bwd"), ("tiny",), layers=2, bidirectional=True)
         out += _layer_norm_lstm_cases(2, 5, 7, 3, dtype, ("fwd", "fwd+bwd"), ("tiny",), layers=2, bidirectional=True)
+        out += _rnn_cell_cases("GRUCell", 2, 5, 7, 3, dtype, ("tiny",))
         out += _text_cnn_cases(3, 11, 6, 4, (2, 3), dtype, ("fwd", "fwd+bwd"), ("tiny",))
         out += _conv_cases((2, 4, 9), 5, 3, "gelu", True, dtype, ("fwd", "fwd+bwd"), ("tiny",))
         out += _conv_cases((2, 3, 5, 6), 4, 3, "relu", False, dtype, ("fwd",), ("tiny",))

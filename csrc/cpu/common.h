@@ -302,7 +302,13 @@ inline void store_any(c10::BFloat16* p, const fVec& v, int64_t n) {
 #endif
 }
 
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+// 8 bf16 at p as 8 fp32 lanes: each widened to 32 bits and shifted into the high half (exact).
+inline __m256 load8_bf16(const c10::BFloat16* p) {
+  const __m128i v = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+}
+
 // The 8 x 8 block r[0..8) transposed in registers.
 inline void transpose_8x8(__m256 r[8]) {
   __m256 t[8], u[8];
@@ -361,15 +367,37 @@ inline void transpose_32bit(const uint32_t* src, int64_t ld_src, uint32_t* dst, 
 }
 
 // dst[j * ld_dst + i] = float(src[i * ld_src + j]) for i < M, j < N, and 0 for M <= i < M_pad: packing
-// rows of a weight as the columns of a GEMM panel (vectorized for fp32; bf16 element by element).
+// rows of a weight as the columns of a GEMM panel (8 x 8 or 16 x 16 blocks through registers; bf16
+// widened on the way in 8 x 8 blocks, where the ISA has AVX2: element by element, the packing of a
+// bf16 weight [768, 768] took ~0.8 ms a call on a Zen 2 core, as long as the GEMM of 65 rows).
 template <typename T>
 inline void transpose_to_float(const T* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t M, int64_t N,
                                int64_t M_pad) {
   if constexpr (std::is_same_v<T, float>) {
     transpose_f32(src, ld_src, dst, ld_dst, M, N);
   } else {
+    int64_t j_vec = 0;  // columns [0, j_vec) by 8 x 8 blocks, the rest element by element
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, c10::BFloat16>) {
+      j_vec = N / 8 * 8;
+      for (int64_t i = 0; i < M; i += 8) {
+        const int64_t mi = std::min<int64_t>(8, M - i);
+        const __m256i rows =  // lanes [0, mi): the rows that exist
+            _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(mi)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        for (int64_t j = 0; j < j_vec; j += 8) {
+          __m256 r[8];
+          for (int64_t t = 0; t < 8; ++t) r[t] = t < mi ? load8_bf16(src + (i + t) * ld_src + j) : _mm256_setzero_ps();
+          transpose_8x8(r);
+          for (int64_t t = 0; t < 8; ++t) {
+            if (mi == 8) _mm256_storeu_ps(dst + (j + t) * ld_dst + i, r[t]);
+            else _mm256_maskstore_ps(dst + (j + t) * ld_dst + i, rows, r[t]);
+          }
+        }
+      }
+    }
+#endif
     for (int64_t i = 0; i < M; ++i)
-      for (int64_t j = 0; j < N; ++j) dst[j * ld_dst + i] = static_cast<float>(src[i * ld_src + j]);
+      for (int64_t j = j_vec; j < N; ++j) dst[j * ld_dst + i] = static_cast<float>(src[i * ld_src + j]);
   }
   if (M < M_pad)
     for (int64_t j = 0; j < N; ++j) std::fill(dst + j * ld_dst + M, dst + j * ld_dst + M_pad, 0.f);

@@ -460,9 +460,8 @@ void packed_gemm(int64_t M, int64_t N, int64_t K, Strided<T> A, Strided<T> B, co
     for (int64_t p = p0; p < p1; ++p) {
       float* dst = bp + p * K * kPanel;
       const int64_t n0 = p * kPanel, nc = std::min(kPanel, N - n0);
-      if (kFloat && B.rs == 1) {  // B = W^T of a row-major W [N, K]: transpose nc rows of W
-        if (nc < kPanel) std::fill(dst, dst + K * kPanel, 0.f);
-        transpose_f32(reinterpret_cast<const float*>(B.p) + n0 * B.cs, B.cs, dst, kPanel, nc, K);
+      if (B.rs == 1) {  // B = W^T of a row-major W [N, K]: transpose nc rows of W (columns past N: 0)
+        transpose_to_float(B.p + n0 * B.cs, B.cs, dst, kPanel, nc, K, kPanel);
         continue;
       }
       for (int64_t k = 0; k < K; ++k) {
@@ -503,8 +502,8 @@ void packed_gemm(int64_t M, int64_t N, int64_t K, Strided<T> A, Strided<T> B, co
     for (int64_t m = 0; m < mc; m += kMR) {
       const int64_t rows = std::min<int64_t>(kMR, mc - m);
       float* micro = a + m * kc;  // this tile's [kc, kMR] micro-panel
-      if (kFloat && A.cs == 1) {  // row-major A: transposes
-        transpose_f32(reinterpret_cast<const float*>(A.p) + (m0 + m) * A.rs + k0, A.rs, micro, kMR, rows, kc);
+      if (A.cs == 1) {  // row-major A: transposes
+        transpose_to_float(A.p + (m0 + m) * A.rs + k0, A.rs, micro, kMR, rows, kc, rows);
       } else {
         for (int64_t k = 0; k < kc; ++k)
           for (int64_t r = 0; r < rows; ++r) micro[k * kMR + r] = A.at(m0 + m + r, k0 + k);

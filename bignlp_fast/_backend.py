@@ -107,6 +107,23 @@ _CPU_VENDOR = cpuinfo("vendor_id")  # read once at import: a traced (torch.compi
 _BLAS_SGEMM_IS_FAST = bool(_C.blas_sgemm_is_fast()) if _C is not None else False
 
 
+# The most rows of x that ops.linear runs on its streaming kernels for a [N, K] weight (csrc/cpu/
+# skinny_gemm.h's kSkinnyRowsTiled: 64 in AVX2 builds, 16 in AVX-512 ones); 16 without the extension.
+_LINEAR_STREAMING_ROWS = int(_C.linear_streaming_rows()) if _C is not None else 16
+
+
+def linear_streaming_rows() -> int:
+    """The most rows of x that ops.linear multiplies by a [N, K] weight on its streaming kernels, which
+    read the weight once and pack nothing (csrc/cpu/skinny_gemm.h): 64 where the CPU kernels are an
+    AVX2 build, 16 in an AVX-512 build."""
+    return _LINEAR_STREAMING_ROWS
+
+
+def cpu_kernels_avx2() -> bool:
+    """Whether the CPU kernels are an AVX2 build (at::vec's AVX2 level; the CPU lacks AVX-512)."""
+    return _BUILD_INFO.get("cpu_capability") == "AVX2"
+
+
 def cpu_vendor() -> str:
     """The CPU's vendor string from /proc/cpuinfo ("GenuineIntel", "AuthenticAMD", ...), or ""."""
     return _CPU_VENDOR

@@ -58,7 +58,12 @@ def info() -> dict:
         # which fp32 GEMM the RNN layers' input projections take on the CPU (nn/rnn.py)
         "fp32_projection_gemm": ("torch (MKL: AVX-512 on an Intel CPU, or a build without AVX-512 off Zen 1/2)"
                                  if _backend.blas_sgemm_is_fast()
+                                 else "bignlp_fast.ops.linear: its streaming kernels up to 64 rows and its packed "
+                                      "GEMM from 256 rows, with a weight of 1 MiB or more (an AVX2 build)"
+                                 if _backend.cpu_kernels_avx2()
                                  else "bignlp_fast.ops.linear (the project's packed GEMM)"),
+        # the most rows ops.linear runs without packing the weight (csrc/cpu/skinny_gemm.h)
+        "linear_streaming_rows": _backend.linear_streaming_rows(),
         # which GEMM bf16 products on the CPU take in nn.Linear, the models and the RNN projections
         "bf16_gemm": ("torch's (oneDNN's kernels: this CPU has AVX-512)" if _backend.blas_bf16_gemm_is_fast()
                       else "bignlp_fast.ops.linear from 262k multiply-adds (torch's bf16 GEMM has no vector "

@@ -35,7 +35,8 @@ def _info(args) -> int:
           f"(CUDA {data['torch_cuda']})  triton {data['triton']}"
           + ("  [TRITON_INTERPRET=1]" if data["triton_interpret"] else ""))
     print(f"machine: {machine()}; GPU: {data['gpu'] or 'none'}")
-    print(f"fp32 input projections of the RNN layers on the CPU: {data['fp32_projection_gemm']}")
+    print(f"fp32 GEMMs on the CPU (nn.Linear, the models, RNN input projections): {data['fp32_projection_gemm']}")
+    print(f"rows ops.linear multiplies without packing the weight: up to {data['linear_streaming_rows']}")
     print(f"bf16 GEMMs on the CPU (nn.Linear, the models, RNN input projections): {data['bf16_gemm']}")
     print(f"bf16 attention tiles on the CPU: {data['bf16_tiles']}")
     print(f"fp32 convolutions on the CPU: {data['conv_main_loops']}")

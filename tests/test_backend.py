@@ -120,6 +120,9 @@ def test_info_lists_every_op_and_backend():
     assert info["build"]["cpu_flags"]
     assert info["fp32_projection_gemm"].startswith("torch" if _backend.blas_sgemm_is_fast() else "bignlp_fast")
     assert info["bf16_gemm"].startswith("torch" if _backend.blas_bf16_gemm_is_fast() else "bignlp_fast")
+    # the streaming kernels' row limit: 64 where the CPU kernels are an AVX2 build, 16 in an AVX-512 build
+    if _backend.compiled() is not None:
+        assert info["linear_streaming_rows"] == (64 if _backend.cpu_kernels_avx2() else 16)
 
 
 def test_bf16_gemm_rule_follows_the_cpu_flags(tmp_path):

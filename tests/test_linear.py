@@ -110,8 +110,7 @@ def test_bad_input():
 def test_nn_linear_is_a_drop_in_for_torch_nn_linear(rows, k, n, dtype):
     import bignlp_fast.nn as bnn
     from bignlp_fast import _backend
-    from bignlp_fast.ops.linear import (MIN_MACS, MIN_MACS_BF16_GENERIC, MIN_SKINNY_WEIGHT_BYTES, SKINNY_ROWS_BF16,
-                                        linear_is_faster)
+    from bignlp_fast.ops.linear import linear_is_faster
     torch.manual_seed(0)
     ref = torch.nn.Linear(k, n).to(dtype)
     ours = bnn.Linear(k, n).to(dtype)
@@ -119,22 +118,17 @@ def test_nn_linear_is_a_drop_in_for_torch_nn_linear(rows, k, n, dtype):
     ours.load_state_dict(ref.state_dict())
     assert ours.state_dict().keys() == ref.state_dict().keys()
     x = torch.randn(2, rows, k).to(dtype)
-    # the GEMM it takes: decoding sizes with a large weight; float32 products from MIN_MACS on (unless
-    # torch's sgemm is the faster one: _backend.blas_sgemm_is_fast); bfloat16 products from
-    # MIN_MACS_BF16_GENERIC on where torch's bf16 GEMM has no vector kernels (a CPU without AVX-512:
-    # _backend.blas_bf16_gemm_is_fast): on ops.linear; F.linear otherwise
-    if rows * 2 <= (16 if dtype == torch.float32 else SKINNY_ROWS_BF16):
-        expect_ours = k * n * x.element_size() >= MIN_SKINNY_WEIGHT_BYTES
-    elif dtype == torch.float32:
-        expect_ours = 2 * rows * k * n >= MIN_MACS and not _backend.blas_sgemm_is_fast()
-    else:
-        expect_ours = 2 * rows * k * n >= MIN_MACS_BF16_GENERIC and not _backend.blas_bf16_gemm_is_fast()
-    assert linear_is_faster(x, ours.weight) == expect_ours
-    fp32, blas_fast = dtype == torch.float32, _backend.blas_sgemm_is_fast()
+    # the GEMM it takes (the rule's branches: test_the_rule_for_float32_products_per_build below):
+    # decoding sizes with a large weight on ops.linear; float32 products of 400 rows by a 160 KiB
+    # weight too, unless torch's sgemm is the faster one or the CPU kernels are an AVX2 build (Zen 1 /
+    # Zen 2, where the packed GEMM wins only from a 1 MiB weight); bfloat16 products beyond 2 rows
+    # where torch's bf16 GEMM has no vector kernels (a CPU without AVX-512); F.linear otherwise
+    fp32, blas_fast, avx2 = dtype == torch.float32, _backend.blas_sgemm_is_fast(), _backend.cpu_kernels_avx2()
     bf16_generic = not fp32 and not _backend.blas_bf16_gemm_is_fast()
-    assert expect_ours == {(1, 1024, 768): True, (3, 96, 40): False, (3, 1024, 512): fp32 or bf16_generic,
-                           (200, 96, 40): bf16_generic,
-                           (200, 256, 160): (fp32 and not blas_fast) or bf16_generic}[(rows, k, n)]
+    expect_ours = {(1, 1024, 768): True, (3, 96, 40): False, (3, 1024, 512): fp32 or bf16_generic,
+                   (200, 96, 40): bf16_generic,
+                   (200, 256, 160): (fp32 and not blas_fast and not avx2) or bf16_generic}[(rows, k, n)]
+    assert linear_is_faster(x, ours.weight) == expect_ours
     x64, ref64 = x.double().requires_grad_(), torch.nn.Linear(k, n).double()
     ref64.load_state_dict(ref.state_dict())
     leaves = lambda m, t: [t, *m.parameters()]  # noqa: E731
@@ -146,6 +140,46 @@ def test_nn_linear_is_a_drop_in_for_torch_nn_linear(rows, k, n, dtype):
     want = [y64, *torch.autograd.grad(y64, leaves(ref64, x64), g.double())]
     for name, a, c, r in zip(["y", "grad_x", "grad_w", "grad_b"], got, theirs, want):
         assert_within_torch_error(f"nn.Linear rows {rows} {dtype} {name}", a, c, r, dtype)
+
+
+@pytest.mark.parametrize("avx2", [False, True], ids=["avx512-build", "avx2-build"])
+def test_the_rule_for_float32_products_per_build(monkeypatch, avx2):
+    """linear_is_faster's float32 branches, the machine's answers replaced: decoding sizes by the
+    weight's size; past them, MIN_MACS in an AVX-512 build; in an AVX2 build (Zen 1 / Zen 2) the
+    streaming kernels up to linear_streaming_rows() rows (STREAMING_ROWS_WITH_GRAD_AVX2 with a backward
+    to come), then the packed GEMM from MIN_ROWS_AVX2 rows with a 1 MiB weight; and F.linear at every
+    size past the decoding ones where torch's sgemm is the faster."""
+    import importlib
+    from bignlp_fast import _backend
+    lin = importlib.import_module("bignlp_fast.ops.linear")
+    if _backend.unavailable("cpu", torch.device("cpu")) is not None:
+        pytest.skip("the CPU kernels are not built: linear_is_faster is False at every size")
+    monkeypatch.delenv("BIGNLP_FAST_BACKEND", raising=False)
+    monkeypatch.setattr(_backend, "blas_sgemm_is_fast", lambda: False)
+    monkeypatch.setattr(_backend, "cpu_kernels_avx2", lambda: avx2)
+    monkeypatch.setattr(_backend, "linear_streaming_rows", lambda: 64 if avx2 else 16)
+
+    def faster(rows, k, n, grad=False):
+        return lin.linear_is_faster_for(torch.device("cpu"), torch.float32, rows, k, n, grad)
+
+    assert faster(16, 512, 512) and not faster(16, 256, 256)  # 1 MiB of weight, and 256 KiB
+    if avx2:
+        assert faster(17, 512, 512) and faster(64, 768, 3072) and not faster(64, 256, 256)
+        assert faster(32, 512, 512, grad=True) and not faster(33, 512, 512, grad=True)
+        assert not faster(65, 768, 768) and not faster(255, 768, 768) and faster(256, 512, 512)
+        assert not faster(1024, 256, 256) and faster(1024, 768, 3072, grad=True)
+    else:
+        assert faster(17, 512, 512) and faster(33, 512, 512, grad=True)  # 4.5M multiply-adds and up
+        assert not faster(64, 128, 128) and faster(64, 256, 256) and faster(1024, 256, 256)
+    monkeypatch.setattr(_backend, "blas_sgemm_is_fast", lambda: True)
+    assert faster(16, 512, 512) and not faster(17, 512, 512) and not faster(1024, 768, 3072)
+    x, w = torch.randn(32, 512, requires_grad=True), torch.randn(512, 512)
+    monkeypatch.setattr(_backend, "blas_sgemm_is_fast", lambda: False)
+    assert lin.linear_is_faster(x, w)  # 32 rows with a backward to come: within every build's limit
+    x40 = torch.randn(40, 512, requires_grad=True)
+    assert lin.linear_is_faster(x40, w) != avx2
+    with torch.no_grad():
+        assert lin.linear_is_faster(x40, w)
 
 
 def test_nn_linear_pins_a_backend_and_converts_from_torch():

@@ -637,7 +637,8 @@ def test_input_projection_takes_the_faster_gemm(monkeypatch, blas_fast):
     calls = []
     real = rnn_module.linear
     monkeypatch.setattr(rnn_module, "linear", lambda *a, **k: calls.append(1) or real(*a, **k))
-    for (t, b, i, h), large in [((6, 4, 5, 13), False), ((32, 16, 96, 40), True)]:  # 13 K / 7.9 M multiply-adds
+    # 13 K multiply-adds; 256 rows by a 1 MiB weight (67 M: large in every build's rule)
+    for (t, b, i, h), large in [((6, 4, 5, 13), False), ((8, 32, 512, 128), True)]:
         calls.clear()
         ref, auto = make_pair("lstm", None, input_size=i, hidden_size=h)
         _, named = make_pair("lstm", "cpu", input_size=i, hidden_size=h)

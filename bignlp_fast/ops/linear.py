@@ -6,8 +6,9 @@ the register-blocked kernel of csrc/cpu/gemm.h runs about twice as fast there. T
 it for their input projection (one GEMM over every time step). On other CPUs, measure before
 preferring it: the benchmark compares it with F.linear on the same inputs.
 
-Decoding-sized inputs (at most 16 rows of x) run on streaming kernels (csrc/cpu/skinny_gemm.h) that
-read the weight once at memory speed, where BLAS falls to a fraction of the bandwidth for 2-16 rows.
+Decoding-sized inputs (at most 16 rows of x; 64 for a [N, K] weight where the CPU kernels are an AVX2
+build) run on streaming kernels (csrc/cpu/skinny_gemm.h) that read the weight once at memory speed,
+where BLAS falls to a fraction of the bandwidth for 2-16 rows, and pack nothing.
 
 Contract (every backend): x [M, K], weight [N, K], bias [N] or None, contiguous, except that the
 forward also takes a weight that is the transpose of a contiguous [K, N] tensor (transformers'
@@ -99,6 +100,19 @@ SKINNY_ROWS_BF16 = 2
 # cache (0.4-0.9x); even at ~2M multiply-adds (32x256->256: 0.8x / 1.0x); ops.linear from ~4M on
 # (64x256->256 1.0x / 1.2x, 16x512->512 1.3x / 1.3x, 128x256->256 1.3x / 1.4x, 128x768->768 1.9x).
 MIN_MACS = 1 << 22  # rows * K * N below this: F.linear
+# float32 where the CPU kernels are an AVX2 build: ops.linear's fp32 products run there only on Zen 1 /
+# Zen 2 (elsewhere MKL's AVX2 sgemm is the faster: _backend.blas_sgemm_is_fast), and on a 2-core Zen 2
+# the packed GEMM, which packs the whole weight every call, beat F.linear only from 256 rows and a
+# 1 MiB weight: 1.03-1.19x forward, 1.01-1.18x forward + backward at 256-1024 rows of [512, 512],
+# [768, 768] and [2048, 512]; at 128 rows 0.85-1.01x / 0.84-0.90x; with a [256, 256] weight 0.64-1.06x
+# / 0.82-0.97x up to 1024 rows. Up to _backend.linear_streaming_rows() rows (64 there) the streaming
+# kernels take the product instead (no packing): see linear_is_faster_for.
+MIN_ROWS_AVX2 = 256
+MIN_WEIGHT_BYTES_AVX2 = 1 << 20
+# ... and where autograd will want the backward (packed GEMMs: dx = dy W, dW = dy^T x), the streaming
+# forward pays for it up to 32 rows: forward + backward 0.98-1.19x F.linear at 17-32 rows of the
+# weights above, 0.91-1.02x at 64.
+STREAMING_ROWS_WITH_GRAD_AVX2 = 32
 # bfloat16 where torch's bf16 GEMM is at::native's generic loop (_backend.blas_bf16_gemm_is_fast: a
 # CPU without AVX-512), on a 2-core Zen 2: F.linear 1.25x / 1.5x slower than ops.linear (forward /
 # forward + backward) at 16x128->128 (262k multiply-adds), 2.9x / 3.6x at 64x128->128, 2.8x / 8.6x at
@@ -118,8 +132,11 @@ def linear_is_faster(x: Tensor, weight: Tensor) -> bool:
       (_backend.blas_sgemm_is_fast: MKL on Intel CPUs, where it takes its AVX-512 path, and on any CPU
       where the CPU kernels were built without AVX-512, but Zen 1 / Zen 2). On an AMD EPYC (Zen 5,
       AVX-512) the packed GEMM ran 1.5-2.1x F.linear at BERT's shapes ([624, 768] x [768, 3072] and the
-      like), forward and backward; on a Zen 3 (AVX2) MKL's AVX2 kernels ran 1.00-1.12x the packed GEMM,
-      on a Zen 2 (AVX2) the packed GEMM 1.06-1.24x MKL.
+      like), forward and backward; on a Zen 3 (AVX2) MKL's AVX2 kernels ran 1.00-1.12x the packed GEMM.
+      On Zen 1 / Zen 2 (an AVX2 build) the packed GEMM wins only from MIN_ROWS_AVX2 rows and a weight of
+      MIN_WEIGHT_BYTES_AVX2; up to linear_streaming_rows() rows a weight of MIN_SKINNY_WEIGHT_BYTES
+      takes the streaming kernels (1.05-1.9x F.linear at 17-64 rows on a Zen 2, forward; up to
+      STREAMING_ROWS_WITH_GRAD_AVX2 rows where autograd records the product).
     - bfloat16 on the CPU from MIN_MACS_BF16_GENERIC multiply-adds on where torch's bf16 GEMM has no
       vector kernels (_backend.blas_bf16_gemm_is_fast: oneDNN's need AVX-512): 1.25x to 46x F.linear.
     Not: smaller products (see MIN_MACS), bfloat16 beyond 2 rows on a CPU with AVX-512 (torch's GEMM
@@ -129,11 +146,14 @@ def linear_is_faster(x: Tensor, weight: Tensor) -> bool:
     reference, F.linear too)."""
     if x.dim() == 0 or x.shape[-1] == 0:
         return False
-    return linear_is_faster_for(x.device, x.dtype, x.numel() // x.shape[-1], x.shape[-1], weight.shape[0])
+    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    return linear_is_faster_for(x.device, x.dtype, x.numel() // x.shape[-1], x.shape[-1], weight.shape[0], grad)
 
 
-def linear_is_faster_for(device: torch.device, dtype: torch.dtype, rows: int, k: int, n: int) -> bool:
-    """:func:`linear_is_faster` for a product of ``rows`` x k by k x n of this dtype on this device."""
+def linear_is_faster_for(device: torch.device, dtype: torch.dtype, rows: int, k: int, n: int,
+                         grad: bool = False) -> bool:
+    """:func:`linear_is_faster` for a product of ``rows`` x k by k x n of this dtype on this device;
+    ``grad``: autograd will record it (a backward may follow)."""
     if device.type != "cpu" or torch.is_autocast_enabled("cpu") or k == 0:
         return False
     if _backend.requested_backend(None) not in (None, "cpu"):
@@ -143,7 +163,15 @@ def linear_is_faster_for(device: torch.device, dtype: torch.dtype, rows: int, k:
     if rows <= (SKINNY_ROWS if dtype == torch.float32 else SKINNY_ROWS_BF16):
         return k * n * dtype.itemsize >= MIN_SKINNY_WEIGHT_BYTES
     if dtype == torch.float32:
-        return rows * k * n >= MIN_MACS and not _backend.blas_sgemm_is_fast()
+        if _backend.blas_sgemm_is_fast():
+            return False
+        if _backend.cpu_kernels_avx2():  # Zen 1 / Zen 2 (see MIN_ROWS_AVX2)
+            weight_bytes = k * n * dtype.itemsize
+            if rows <= _backend.linear_streaming_rows():
+                limit = STREAMING_ROWS_WITH_GRAD_AVX2 if grad else rows
+                return rows <= limit and weight_bytes >= MIN_SKINNY_WEIGHT_BYTES
+            return rows >= MIN_ROWS_AVX2 and weight_bytes >= MIN_WEIGHT_BYTES_AVX2
+        return rows * k * n >= MIN_MACS
     return rows * k * n >= MIN_MACS_BF16_GENERIC and not _backend.blas_bf16_gemm_is_fast()
 
 

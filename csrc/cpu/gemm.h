@@ -523,6 +523,8 @@ void packed_gemm(int64_t M, int64_t N, int64_t K, Strided<T> A, Strided<T> B, co
 
 // Whether torch's fp32 GEMM (MKL) beats packed_gemm on this machine and build (linear.cpp).
 bool blas_sgemm_is_fast();
+// The most rows of x that linear_fwd_cpu runs on the streaming kernels for a [N, K] weight (skinny_gemm.h).
+int64_t linear_streaming_rows();
 
 // a^T b for fp32 a [R, X] and b [R, Y]: [X, Y] fp32 (the weight gradients of the recurrent ops: a sum
 // over every (step, row)) on packed_gemm, or on torch's GEMM where that is the faster one.

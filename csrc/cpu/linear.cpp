@@ -1,6 +1,6 @@
 // y = x W^T + b on the CPU, forward and backward, float32 and bfloat16 (fp32 accumulation).
-// Up to kSkinnyRows rows of x (decoding) on the streaming kernels of skinny_gemm.h, which read W once
-// at memory speed; more rows on cpu::packed_gemm (gemm.h). On AMD CPUs, where MKL's sgemm does not
+// Up to kSkinnyRows rows of x (decoding; kSkinnyRowsTiled for a [N, K] weight) on the streaming
+// kernels of skinny_gemm.h, which read W once at memory speed; more rows on cpu::packed_gemm (gemm.h). On AMD CPUs, where MKL's sgemm does not
 // take its AVX-512 path, the packed GEMM is about twice as fast as torch.mm; the RNN layers use it for
 // their input projection, the one large GEMM over all time steps.
 //
@@ -32,6 +32,8 @@ namespace cpu {
 // (AVX2) MKL 1.00-1.12x at the LSTM's and BERT's shapes, forward and backward (in-process,
 // interleaved); on an AMD EPYC Zen 5 (AVX-512) packed_gemm ~2x. The models and modules ask this
 // through bignlp_fast.ops.linear_is_faster; the recurrent ops' weight gradients through gemm_tn.
+int64_t linear_streaming_rows() { return kSkinnyRowsTiled; }
+
 bool blas_sgemm_is_fast() {
   static const bool fast = [] {
     if (!at::hasMKL()) return false;
@@ -58,7 +60,7 @@ at::Tensor linear_fwd_cpu(const at::Tensor& x, const at::Tensor& w, const std::o
   BIGNLP_DISPATCH_FLOAT_BF16(x.scalar_type(), "linear_fwd_cpu", [&] {
     const scalar_t* bias = b.has_value() ? bias_c.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
-    if (M <= cpu::kSkinnyRows) {
+    if (M <= (rows ? cpu::kSkinnyRowsTiled : cpu::kSkinnyRows)) {
       std::vector<float> xf(M * K);
       cpu::to_float(x.const_data_ptr<scalar_t>(), xf.data(), M * K);
       if (rows) cpu::skinny_gemm_rows(M, N, K, xf.data(), wp, bias, y.data_ptr<scalar_t>());

@@ -1,4 +1,5 @@
-// y[M, N] = x[M, K] W^T + b for a few rows (M <= kSkinnyRows): the matrix products of decoding,
+// y[M, N] = x[M, K] W^T + b for a few rows (M <= kSkinnyRows, or kSkinnyRowsTiled in the rows layout
+// below): the matrix products of decoding,
 // one token per sequence, where the whole cost is reading W from memory once. BLAS libraries do
 // this well for M = 1 (a GEMV) but fall to a fraction of the memory bandwidth for M = 2..16; here
 // every M streams W exactly once, each weight used for all M rows while it is in registers or L1.
@@ -23,6 +24,14 @@
 namespace bignlp_fast::cpu {
 
 constexpr int64_t kSkinnyRows = 16;  // up to this many rows of x the skinny kernels beat a packed GEMM
+// The rows layout where fVec is 8 wide (AVX2 builds: the ones that run ops.linear's fp32 products on
+// Zen 1 / Zen 2 only, MKL's being the faster elsewhere, and its bf16 products on CPUs without AVX-512):
+// up to this many rows of x, skinny_gemm_rows_tiled (W read once; each block of kRowsTileNR rows of W
+// met by every row of x from L1) beats packed_gemm, which first packs all of W, every call. Zen 2, 2
+// cores, 24 to 64 rows against [768, 768], [2048, 512] and [768, 3072] weights, in-process medians:
+// fp32 1.07-1.7x F.linear where packed_gemm ran 0.72-0.97x; bf16 3.6-7.4x where it ran 2.0-3.1x. At
+// 128 rows the two were level. AVX-512 builds keep kSkinnyRows (not measured beyond it).
+constexpr int64_t kSkinnyRowsTiled = fVec::size() == 8 ? 64 : kSkinnyRows;
 constexpr int64_t kRowsNR = 8;       // rows layout: weight rows per task step
 constexpr int64_t kColsKB = 8;       // cols layout: weight rows (k) per pass, read as parallel streams
 

@@ -179,6 +179,9 @@ def model_cases() -> list[Case]:
     cases += _bert_cases(8, 128, torch.float32, ("fwd",), ("quick", "full"))
     cases += _bert_cases(8, 128, torch.float32, ("fwd+bwd",), ("full",))
     cases += _bert_cases(8, 128, torch.bfloat16, ("fwd",), ("full",))  # slow on CPUs without bf16 units
+    # one request of 48 tokens (every GEMM 48 rows: the streaming kernels' range where they beat BLAS)
+    cases += _bert_cases(1, 48, torch.float32, ("fwd",), ("full",))
+    cases += _bert_cases(1, 48, torch.bfloat16, ("fwd",), ("full",))
     # transformers' own BERT after bignlp_fast.optimize(model): what a drop-in call gives
     cases += _bert_cases(8, 128, torch.float32, ("fwd", "fwd+bwd"), ("full",), via_optimize=True)
     # GPT-2 small: prompt 32, 64 new tokens, batch 1 (bound by reading the weights) and batch 8

@@ -146,8 +146,8 @@ def test_nn_linear_is_a_drop_in_for_torch_nn_linear(rows, k, n, dtype):
 def test_the_rule_for_float32_products_per_build(monkeypatch, avx2):
     """linear_is_faster's float32 branches, the machine's answers replaced: decoding sizes by the
     weight's size; past them, MIN_MACS in an AVX-512 build; in an AVX2 build (Zen 1 / Zen 2) the
-    streaming kernels up to linear_streaming_rows() rows (STREAMING_ROWS_WITH_GRAD_AVX2 with a backward
-    to come), then the packed GEMM from MIN_ROWS_AVX2 rows with a 1 MiB weight; and F.linear at every
+    streaming kernels up to linear_streaming_rows() rows (SHORT_ROWS_AVX2 with a backward to come or a
+    weight stored [K, N]), then the packed GEMM from MIN_ROWS_AVX2 rows with a 1 MiB weight; and F.linear at every
     size past the decoding ones where torch's sgemm is the faster."""
     import importlib
     from bignlp_fast import _backend
@@ -159,13 +159,14 @@ def test_the_rule_for_float32_products_per_build(monkeypatch, avx2):
     monkeypatch.setattr(_backend, "cpu_kernels_avx2", lambda: avx2)
     monkeypatch.setattr(_backend, "linear_streaming_rows", lambda: 64 if avx2 else 16)
 
-    def faster(rows, k, n, grad=False):
-        return lin.linear_is_faster_for(torch.device("cpu"), torch.float32, rows, k, n, grad)
+    def faster(rows, k, n, grad=False, transposed=False):
+        return lin.linear_is_faster_for(torch.device("cpu"), torch.float32, rows, k, n, grad, transposed)
 
     assert faster(16, 512, 512) and not faster(16, 256, 256)  # 1 MiB of weight, and 256 KiB
     if avx2:
         assert faster(17, 512, 512) and faster(64, 768, 3072) and not faster(64, 256, 256)
         assert faster(32, 512, 512, grad=True) and not faster(33, 512, 512, grad=True)
+        assert faster(32, 768, 2304, transposed=True) and not faster(33, 768, 2304, transposed=True)
         assert not faster(65, 768, 768) and not faster(255, 768, 768) and faster(256, 512, 512)
         assert not faster(1024, 256, 256) and faster(1024, 768, 3072, grad=True)
     else:
@@ -180,6 +181,7 @@ def test_the_rule_for_float32_products_per_build(monkeypatch, avx2):
     assert lin.linear_is_faster(x40, w) != avx2
     with torch.no_grad():
         assert lin.linear_is_faster(x40, w)
+        assert lin.linear_is_faster(x40, torch.randn(512, 512).t()) != avx2  # a weight stored [K, N]
 
 
 def test_nn_linear_pins_a_backend_and_converts_from_torch():

@@ -109,10 +109,12 @@ MIN_MACS = 1 << 22  # rows * K * N below this: F.linear
 # kernels take the product instead (no packing): see linear_is_faster_for.
 MIN_ROWS_AVX2 = 256
 MIN_WEIGHT_BYTES_AVX2 = 1 << 20
-# ... and where autograd will want the backward (packed GEMMs: dx = dy W, dW = dy^T x), the streaming
-# forward pays for it up to 32 rows: forward + backward 0.98-1.19x F.linear at 17-32 rows of the
-# weights above, 0.91-1.02x at 64.
-STREAMING_ROWS_WITH_GRAD_AVX2 = 32
+# ... but only up to 32 rows where autograd will want the backward (packed GEMMs: dx = dy W, dW = dy^T
+# x; forward + backward 0.98-1.19x F.linear at 17-32 rows of the weights above, 0.91-1.02x at 64), or
+# for a weight stored [K, N] (GPT-2's Conv1D: past 16 rows its products run on the packed GEMM, which
+# reads such a weight in place up to 48 rows and packs it beyond; forward 1.3-1.9x at 17 rows,
+# 0.92-1.23x at 32, 0.72-0.98x at 64, [768, 768] to [768, 3072]).
+SHORT_ROWS_AVX2 = 32
 # bfloat16 where torch's bf16 GEMM is at::native's generic loop (_backend.blas_bf16_gemm_is_fast: a
 # CPU without AVX-512), on a 2-core Zen 2: F.linear 1.25x / 1.5x slower than ops.linear (forward /
 # forward + backward) at 16x128->128 (262k multiply-adds), 2.9x / 3.6x at 64x128->128, 2.8x / 8.6x at
@@ -136,7 +138,7 @@ def linear_is_faster(x: Tensor, weight: Tensor) -> bool:
       On Zen 1 / Zen 2 (an AVX2 build) the packed GEMM wins only from MIN_ROWS_AVX2 rows and a weight of
       MIN_WEIGHT_BYTES_AVX2; up to linear_streaming_rows() rows a weight of MIN_SKINNY_WEIGHT_BYTES
       takes the streaming kernels (1.05-1.9x F.linear at 17-64 rows on a Zen 2, forward; up to
-      STREAMING_ROWS_WITH_GRAD_AVX2 rows where autograd records the product).
+      SHORT_ROWS_AVX2 rows where autograd records the product or the weight is stored [K, N]).
     - bfloat16 on the CPU from MIN_MACS_BF16_GENERIC multiply-adds on where torch's bf16 GEMM has no
       vector kernels (_backend.blas_bf16_gemm_is_fast: oneDNN's need AVX-512): 1.25x to 46x F.linear.
     Not: smaller products (see MIN_MACS), bfloat16 beyond 2 rows on a CPU with AVX-512 (torch's GEMM
@@ -147,13 +149,15 @@ def linear_is_faster(x: Tensor, weight: Tensor) -> bool:
     if x.dim() == 0 or x.shape[-1] == 0:
         return False
     grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    return linear_is_faster_for(x.device, x.dtype, x.numel() // x.shape[-1], x.shape[-1], weight.shape[0], grad)
+    return linear_is_faster_for(x.device, x.dtype, x.numel() // x.shape[-1], x.shape[-1], weight.shape[0], grad,
+                                transposed=not weight.is_contiguous())
 
 
 def linear_is_faster_for(device: torch.device, dtype: torch.dtype, rows: int, k: int, n: int,
-                         grad: bool = False) -> bool:
+                         grad: bool = False, transposed: bool = False) -> bool:
     """:func:`linear_is_faster` for a product of ``rows`` x k by k x n of this dtype on this device;
-    ``grad``: autograd will record it (a backward may follow)."""
+    ``grad``: autograd will record it (a backward may follow); ``transposed``: the weight is the
+    transpose of a contiguous [K, N] tensor."""
     if device.type != "cpu" or torch.is_autocast_enabled("cpu") or k == 0:
         return False
     if _backend.requested_backend(None) not in (None, "cpu"):
@@ -168,7 +172,7 @@ def linear_is_faster_for(device: torch.device, dtype: torch.dtype, rows: int, k:
         if _backend.cpu_kernels_avx2():  # Zen 1 / Zen 2 (see MIN_ROWS_AVX2)
             weight_bytes = k * n * dtype.itemsize
             if rows <= _backend.linear_streaming_rows():
-                limit = STREAMING_ROWS_WITH_GRAD_AVX2 if grad else rows
+                limit = SHORT_ROWS_AVX2 if grad or transposed else rows
                 return rows <= limit and weight_bytes >= MIN_SKINNY_WEIGHT_BYTES
             return rows >= MIN_ROWS_AVX2 and weight_bytes >= MIN_WEIGHT_BYTES_AVX2
         return rows * k * n >= MIN_MACS

@@ -341,29 +341,42 @@ inline void transpose_8x8(__m256 r[8]) {
 }
 #endif
 
-// dst[j * ld_dst + i] = src[i * ld_src + j] for i < M, j < N: a block transpose of 32-bit values, in
-// vector blocks (ATen's 16 x 16 with AVX-512; 8 x 8 in registers with AVX2, where ATen's version of
-// any size goes element by element: at 32 rows a power of two apart those reads also fall into a few
-// L1 sets). It only moves bits, so fp32 values and pairs of bf16 alike come through as they were.
-inline void transpose_f32(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t M, int64_t N) {
-#if defined(CPU_CAPABILITY_AVX2)
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+// The 8 x 8 blocks of a transpose into fp32: columns [0, N / 8 * 8) of rows [0, M) of src, 8 values of
+// a row at a time as 8 fp32 lanes by load(p) (the rows past M of a block: zero, not stored). Returns
+// the columns done.
+template <typename T, typename Load>
+inline int64_t transpose_8x8_blocks(const T* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t M, int64_t N,
+                                    Load load) {
+  const int64_t n_vec = N / 8 * 8;
   for (int64_t i = 0; i < M; i += 8) {
     const int64_t mi = std::min<int64_t>(8, M - i);
     const __m256i rows =  // lanes [0, mi): the rows that exist
         _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(mi)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-    int64_t j = 0;
-    for (; j + 8 <= N; j += 8) {
+    for (int64_t j = 0; j < n_vec; j += 8) {
       __m256 r[8];
-      for (int64_t t = 0; t < 8; ++t) r[t] = t < mi ? _mm256_loadu_ps(src + (i + t) * ld_src + j) : _mm256_setzero_ps();
+      for (int64_t t = 0; t < 8; ++t) r[t] = t < mi ? load(src + (i + t) * ld_src + j) : _mm256_setzero_ps();
       transpose_8x8(r);
       for (int64_t t = 0; t < 8; ++t) {
         if (mi == 8) _mm256_storeu_ps(dst + (j + t) * ld_dst + i, r[t]);
         else _mm256_maskstore_ps(dst + (j + t) * ld_dst + i, rows, r[t]);
       }
     }
-    for (; j < N; ++j)
-      for (int64_t t = 0; t < mi; ++t) dst[j * ld_dst + i + t] = src[(i + t) * ld_src + j];
   }
+  return n_vec;
+}
+#endif
+
+// dst[j * ld_dst + i] = src[i * ld_src + j] for i < M, j < N: a block transpose of 32-bit values, in
+// vector blocks (ATen's 16 x 16 with AVX-512; 8 x 8 in registers with AVX2, where ATen's version of
+// any size goes element by element: at 32 rows a power of two apart those reads also fall into a few
+// L1 sets). It only moves bits, so fp32 values and pairs of bf16 alike come through as they were.
+inline void transpose_f32(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t M, int64_t N) {
+#if defined(CPU_CAPABILITY_AVX2)
+  const int64_t n_vec =
+      transpose_8x8_blocks(src, ld_src, dst, ld_dst, M, N, [](const float* p) { return _mm256_loadu_ps(p); });
+  for (int64_t i = 0; i < M; ++i)
+    for (int64_t j = n_vec; j < N; ++j) dst[j * ld_dst + i] = src[i * ld_src + j];
 #else
   at::vec::transpose_mxn<float>(src, ld_src, dst, ld_dst, static_cast<int>(M), static_cast<int>(N));
 #endif
@@ -381,7 +394,7 @@ inline void transpose_32bit(const uint32_t* src, int64_t ld_src, uint32_t* dst, 
 // dst[j * ld_dst + i] = float(src[i * ld_src + j]) for i < M, j < N, and 0 for M <= i < M_pad: packing
 // rows of a weight as the columns of a GEMM panel (8 x 8 or 16 x 16 blocks through registers; bf16
 // widened on the way in 8 x 8 blocks, where the ISA has AVX2: element by element, the packing of a
-// bf16 weight [768, 768] took ~0.8 ms a call on a Zen 2 core, as long as the GEMM of 65 rows).
+// bf16 weight [768, 768] took ~0.75 ms a call on a 2-core Zen 2, as long as the GEMM of 65 rows).
 template <typename T>
 inline void transpose_to_float(const T* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t M, int64_t N,
                                int64_t M_pad) {
@@ -390,23 +403,9 @@ inline void transpose_to_float(const T* src, int64_t ld_src, float* dst, int64_t
   } else {
     int64_t j_vec = 0;  // columns [0, j_vec) by 8 x 8 blocks, the rest element by element
 #if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
-    if constexpr (std::is_same_v<T, c10::BFloat16>) {
-      j_vec = N / 8 * 8;
-      for (int64_t i = 0; i < M; i += 8) {
-        const int64_t mi = std::min<int64_t>(8, M - i);
-        const __m256i rows =  // lanes [0, mi): the rows that exist
-            _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(mi)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
-        for (int64_t j = 0; j < j_vec; j += 8) {
-          __m256 r[8];
-          for (int64_t t = 0; t < 8; ++t) r[t] = t < mi ? load8_bf16(src + (i + t) * ld_src + j) : _mm256_setzero_ps();
-          transpose_8x8(r);
-          for (int64_t t = 0; t < 8; ++t) {
-            if (mi == 8) _mm256_storeu_ps(dst + (j + t) * ld_dst + i, r[t]);
-            else _mm256_maskstore_ps(dst + (j + t) * ld_dst + i, rows, r[t]);
-          }
-        }
-      }
-    }
+    if constexpr (std::is_same_v<T, c10::BFloat16>)
+      j_vec = transpose_8x8_blocks(src, ld_src, dst, ld_dst, M, N,
+                                   [](const c10::BFloat16* p) { return load8_bf16(p); });
 #endif
     for (int64_t i = 0; i < M; ++i)
       for (int64_t j = j_vec; j < N; ++j) dst[j * ld_dst + i] = static_cast<float>(src[i * ld_src + j]);

@@ -4,7 +4,7 @@
         [--rows 17,32,64,128,256,1024] [--weights 512x2048,768x768,768x3072,256x256]
 
 For each product [rows, K] x [K, N] it times F.linear and ops.linear(backend="cpu") (the project's
-GEMM, whatever the rule says) in this process, alternately, and prints the median ratio of three
+GEMM, whatever the rule says) in this process, in turns (bench's time_interleaved), and prints the median ratio of three
 rounds (> 1: ops.linear is faster) beside what ``linear_is_faster`` chooses for it. A row where the
 ratio and the choice disagree is a place to recalibrate the rule (bignlp_fast/ops/linear.py) for this
 class of CPU. Timings on a shared machine are noisy: repeat, and trust only clear margins.
@@ -14,26 +14,13 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import statistics
-import time
-
 import torch
 import torch.nn.functional as F
 
 from bignlp_fast import _backend
+from bignlp_fast.bench.runner import time_interleaved
 
 lin = importlib.import_module("bignlp_fast.ops.linear")  # the module (ops.linear is also the function)
-
-
-def _median_us(fn, calls: int) -> float:
-    for _ in range(max(2, calls // 10)):
-        fn()
-    times = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e6
 
 
 def _pairs(text: str) -> list[tuple[int, int]]:
@@ -75,9 +62,9 @@ def main() -> None:
             with torch.set_grad_enabled(args.backward):
                 rounds = []
                 for _ in range(3):
-                    ref = _median_us(step(F.linear), args.calls)
-                    ours = _median_us(step(lambda *a: lin.linear(*a, backend="cpu")), args.calls)
-                    rounds.append((ref / ours, ref, ours))
+                    ref, ours = time_interleaved([step(F.linear), step(lambda *a: lin.linear(*a, backend="cpu"))],
+                                                 torch.device("cpu"), args.calls)
+                    rounds.append((ref / ours, ref * 1e6, ours * 1e6))
                 ratio, ref, ours = sorted(rounds)[1]
                 choice = "ops.linear" if lin.linear_is_faster(x, w) else "F.linear"
             print(f"{rows:>5} {k:>5} {n:>5} {ref:>12.0f} {ours:>14.0f} {ratio:>5.2f}x  {choice}", flush=True)

@@ -32,6 +32,7 @@ def _usable_here(backend: str) -> str:
 
 def info() -> dict:
     """Versions, build flags, per-op backends (dtypes, usable here or why not), and the fallback record."""
+    from bignlp_fast.ops.linear import MIN_ROWS_AVX2, MIN_WEIGHT_BYTES_AVX2  # (ops imports this module's package)
     ops = {}
     for name, op in sorted(_backend.OPS.items()):
         ops[name] = {}
@@ -58,8 +59,10 @@ def info() -> dict:
         # which fp32 GEMM the RNN layers' input projections take on the CPU (nn/rnn.py)
         "fp32_projection_gemm": ("torch (MKL: AVX-512 on an Intel CPU, or a build without AVX-512 off Zen 1/2)"
                                  if _backend.blas_sgemm_is_fast()
-                                 else "bignlp_fast.ops.linear: its streaming kernels up to 64 rows and its packed "
-                                      "GEMM from 256 rows, with a weight of 1 MiB or more (an AVX2 build)"
+                                 else f"bignlp_fast.ops.linear: its streaming kernels up to "
+                                      f"{_backend.linear_streaming_rows()} rows and its packed GEMM from "
+                                      f"{MIN_ROWS_AVX2} rows, with a weight of "
+                                      f"{MIN_WEIGHT_BYTES_AVX2 >> 20} MiB or more (an AVX2 build)"
                                  if _backend.cpu_kernels_avx2()
                                  else "bignlp_fast.ops.linear (the project's packed GEMM)"),
         # the most rows ops.linear runs without packing the weight (csrc/cpu/skinny_gemm.h)

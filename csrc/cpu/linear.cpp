@@ -1,8 +1,9 @@
 // y = x W^T + b on the CPU, forward and backward, float32 and bfloat16 (fp32 accumulation).
 // Up to kSkinnyRows rows of x (decoding; kSkinnyRowsTiled for a [N, K] weight) on the streaming
-// kernels of skinny_gemm.h, which read W once at memory speed; more rows on cpu::packed_gemm (gemm.h). On AMD CPUs, where MKL's sgemm does not
-// take its AVX-512 path, the packed GEMM is about twice as fast as torch.mm; the RNN layers use it for
-// their input projection, the one large GEMM over all time steps.
+// kernels of skinny_gemm.h, which read W once at memory speed; more rows on cpu::packed_gemm
+// (gemm.h). On AMD CPUs, where MKL's sgemm does not take its AVX-512 path, the packed GEMM is about
+// twice as fast as torch.mm; the RNN layers use it for their input projection, the one large GEMM
+// over all time steps.
 //
 // The forward also takes W as the transpose of a contiguous [K, N] tensor (transformers' Conv1D
 // layout), read in place; the backward wants it contiguous.

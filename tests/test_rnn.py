@@ -85,8 +85,10 @@ def run(module, x, hx=None, lengths=None, enforce_sorted=True):
         assert torch.equal(out.batch_sizes, inp.batch_sizes)
         out = out.data
     outs = [out] + (list(h) if isinstance(h, tuple) else [h])
+    # the cotangents drawn in float32 whatever the dtype: torch.randn draws other values in float64 and
+    # bfloat16 (past 16 elements), which left the float64 references of other dtypes a different loss
     g = torch.Generator().manual_seed(1)
-    loss = sum((o * torch.randn(o.shape, generator=g, dtype=o.dtype)).sum() for o in outs)
+    loss = sum((o * torch.randn(o.shape, generator=g).to(o.dtype)).sum() for o in outs)
     wrt = [x] + (list(hx) if isinstance(hx, tuple) else [hx] if hx is not None else []) + list(module.parameters())
     return outs + list(torch.autograd.grad(loss, wrt))
 
@@ -151,6 +153,21 @@ def test_awkward_shapes(backend, kind, shape):
     assert_all_close(run(ours, x, None, lengths[::-1], False), run(ref, x, None, lengths[::-1], False))
 
 
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_a_workspace_past_the_caches(kind):
+    """T128 B32 H256: the forward's workspace (21-25 MiB) is written with streaming stores on the CPU
+    (past 16 MiB); outputs and every gradient within twice torch's fp32 error of a float64 reference,
+    rows of every length included (kept states go through the same stores)."""
+    ref, ours = make_pair(kind, "cpu", input_size=16, hidden_size=256)
+    x = torch.randn(128, 32, 16)
+    lengths = [128 - 3 * i for i in range(32)]
+    expected = run(copy.deepcopy(ref).double(), x.double(), None, lengths, False)
+    theirs = run(ref, x, None, lengths, False)
+    got = run(ours, x, None, lengths, False)
+    for k, (a, b, r) in enumerate(zip(got, theirs, expected)):
+        assert_within_torch_error(f"{kind} tensor {k}", a, b, r, torch.float32)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("batch_first", [False, True])
 def test_unbatched_input(backend, kind, batch_first):
@@ -193,7 +210,13 @@ def test_bfloat16_within_torch_error(backend, kind, batch, hidden):
     expected = run(ref.double(), x.double(), None, lengths, False)
     theirs = run(ref.to(torch.bfloat16), x.to(torch.bfloat16), None, lengths, False)
     got = run(ours.to(torch.bfloat16), x.to(torch.bfloat16), None, lengths, False)
-    for k, (a, b, r) in enumerate(zip(got, theirs, expected)):
+    # relu's derivative is a step: a pre-activation within bf16 rounding of zero flips it, and which
+    # ones flip differs between any two bf16 implementations (over 8 seeds our gradient errors ran
+    # 0.0x to 83x torch's, either way). Its gradients are checked in float32 against torch
+    # (test_matches_torch) and by gradcheck in float64 (test_rnn_layer_gradcheck); here only its outputs
+    # and final states.
+    checked = 2 if kind == "rnn_relu" else len(got)
+    for k, (a, b, r) in enumerate(zip(got[:checked], theirs, expected)):
         assert_within_torch_error(f"{kind} tensor {k}", a, b, r, torch.bfloat16)
 
 

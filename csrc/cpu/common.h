@@ -119,8 +119,19 @@ inline void stream_bf16(c10::BFloat16* p, const at::vec::Vectorized<c10::BFloat1
 #endif
 }
 inline void stream2(c10::BFloat16* p, const fVec& a, const fVec& b) { stream_bf16(p, to_bf16(a, b)); }
-inline void stream_fence() {
+// One whole fp32 vector, streamed in AVX2 builds too (p aligned to the vector's bytes); a writer
+// fills whole lines with consecutive calls so that the write-combining buffer sends each line once.
+inline void stream_vec(float* p, const fVec& v) {
 #if defined(CPU_CAPABILITY_AVX512)
+  _mm512_stream_ps(p, v);
+#elif defined(CPU_CAPABILITY_AVX2)
+  _mm256_stream_ps(p, v);
+#else
+  v.store(p);
+#endif
+}
+inline void stream_fence() {
+#if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
   _mm_sfence();
 #endif
 }

@@ -102,12 +102,13 @@ SKINNY_ROWS_BF16 = 2
 MIN_MACS = 1 << 22  # rows * K * N below this: F.linear
 # float32 where the CPU kernels are an AVX2 build: ops.linear's fp32 products run there only on Zen 1 /
 # Zen 2 (elsewhere MKL's AVX2 sgemm is the faster: _backend.blas_sgemm_is_fast), and on a 2-core Zen 2
-# the packed GEMM, which packs the whole weight every call, beat F.linear only from 256 rows and a
+# the packed GEMM, which packs the whole weight every call, beat F.linear only from 160 rows and a
 # 1 MiB weight: 1.03-1.19x forward, 1.01-1.18x forward + backward at 256-1024 rows of [512, 512],
-# [768, 768] and [2048, 512]; at 128 rows 0.85-1.01x / 0.84-0.90x; with a [256, 256] weight 0.64-1.06x
-# / 0.82-0.97x up to 1024 rows. Up to _backend.linear_streaming_rows() rows (64 there) the streaming
-# kernels take the product instead (no packing): see linear_is_faster_for.
-MIN_ROWS_AVX2 = 256
+# [768, 768] and [2048, 512]; at 160-224 rows 1.01-1.28x / 1.02-1.07x (with the whole number of tasks
+# per thread of gemm.h); at 128 rows 0.91-1.11x / 0.92-1.00x; with a [256, 256] weight 0.64-1.06x /
+# 0.82-0.97x up to 1024 rows (benchmarks/linear_rule_sweep.py). Up to _backend.linear_streaming_rows()
+# rows (64 there) the streaming kernels take the product instead (no packing): see linear_is_faster_for.
+MIN_ROWS_AVX2 = 160
 MIN_WEIGHT_BYTES_AVX2 = 1 << 20
 # ... but only up to 32 rows where autograd will want the backward (packed GEMMs: dx = dy W, dW = dy^T
 # x; forward + backward 0.98-1.19x F.linear at 17-32 rows of the weights above, 0.91-1.02x at 64), or

@@ -97,8 +97,8 @@ inline void store2(c10::BFloat16* p, const fVec& a, const fVec& b) { to_bf16(a, 
 // Streaming (non-temporal) stores of one full step, for outputs too large to stay in cache: they
 // skip the read-for-ownership a normal store makes of every line it writes, so a memory-bound
 // kernel moves each output once instead of twice. p must be 64-byte aligned (see stream_ok); a
-// writer calls stream_fence() before its results are read by another thread. Elsewhere than
-// AVX-512 builds these are plain stores.
+// writer calls stream_fence() before its results are read by another thread. stream2 and
+// stream_bf16 stream in AVX-512 builds only (plain stores elsewhere); stream_vec in AVX2 builds too.
 inline bool stream_ok(const void* p, int64_t row_bytes, int64_t total_bytes) {
   constexpr int64_t kStreamBytes = int64_t{16} << 20;  // past any L3 share of a few cores
   return total_bytes >= kStreamBytes && reinterpret_cast<uintptr_t>(p) % 64 == 0 && row_bytes % 64 == 0;
@@ -119,8 +119,8 @@ inline void stream_bf16(c10::BFloat16* p, const at::vec::Vectorized<c10::BFloat1
 #endif
 }
 inline void stream2(c10::BFloat16* p, const fVec& a, const fVec& b) { stream_bf16(p, to_bf16(a, b)); }
-// One whole fp32 vector, streamed in AVX2 builds too (p aligned to the vector's bytes); a writer
-// fills whole lines with consecutive calls so that the write-combining buffer sends each line once.
+// One whole fp32 vector; a writer fills whole lines with consecutive calls, so that the
+// write-combining buffer sends each line once.
 inline void stream_vec(float* p, const fVec& v) {
 #if defined(CPU_CAPABILITY_AVX512)
   _mm512_stream_ps(p, v);

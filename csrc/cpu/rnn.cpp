@@ -352,7 +352,6 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
   // writing the workspace adds to that forward on a 2-core Zen 2: 4.6-5.8 -> 2.9-3.9 ms (GRU 4.0-4.2
   // -> 3.2-3.8; in-process medians of 15, builds alternated, 3 rounds each).
   const bool stream_ws = save && H % fVec::size() == 0 && S % fVec::size() == 0 &&
-                         reinterpret_cast<uintptr_t>(wsp) % sizeof(fVec) == 0 &&
                          cpu::stream_ok(wsp, sh.width * int64_t{sizeof(float)}, ws.numel() * int64_t{sizeof(float)});
   // One parallel region for the whole time loop (StepRegion): per step, the workers claim blocks of
   // units, then (with a projection) column panels of h = m W_hr^T.

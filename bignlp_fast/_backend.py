@@ -108,15 +108,18 @@ _BLAS_SGEMM_IS_FAST = bool(_C.blas_sgemm_is_fast()) if _C is not None else False
 
 
 # The most rows of x that ops.linear runs on its streaming kernels for a [N, K] weight (csrc/cpu/
-# skinny_gemm.h's kSkinnyRowsTiled: 64 in AVX2 builds, 16 in AVX-512 ones); 16 without the extension.
-_LINEAR_STREAMING_ROWS = int(_C.linear_streaming_rows()) if _C is not None else 16
+# skinny_gemm.h's kSkinnyRowsTiled: 64 in AVX2 builds, 16 in AVX-512 ones), and for one packed already
+# (kSkinnyRowsPrepacked: 32 and 16); 16 without the extension.
+_LINEAR_STREAMING_ROWS = ((int(_C.linear_streaming_rows(False)), int(_C.linear_streaming_rows(True)))
+                          if _C is not None else (16, 16))
 
 
-def linear_streaming_rows() -> int:
+def linear_streaming_rows(prepacked: bool = False) -> int:
     """The most rows of x that ops.linear multiplies by a [N, K] weight on its streaming kernels, which
     read the weight once and pack nothing (csrc/cpu/skinny_gemm.h): 64 where the CPU kernels are an
-    AVX2 build, 16 in an AVX-512 build."""
-    return _LINEAR_STREAMING_ROWS
+    AVX2 build, 16 in an AVX-512 build; for a weight packed already (ops.linear.prepack), whose packed
+    GEMM then skips the packing, 32 and 16."""
+    return _LINEAR_STREAMING_ROWS[bool(prepacked)]
 
 
 def cpu_kernels_avx2() -> bool:

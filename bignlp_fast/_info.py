@@ -32,7 +32,8 @@ def _usable_here(backend: str) -> str:
 
 def info() -> dict:
     """Versions, build flags, per-op backends (dtypes, usable here or why not), and the fallback record."""
-    from bignlp_fast.ops.linear import MIN_ROWS_AVX2, MIN_WEIGHT_BYTES_AVX2  # (ops imports this module's package)
+    from bignlp_fast.ops.linear import (  # (ops imports this module's package)
+        _PREPACKED, MIN_ROWS_AVX2, MIN_WEIGHT_BYTES_AVX2, MIN_WEIGHT_BYTES_PREPACKED_AVX2, prepacked_bytes)
     ops = {}
     for name, op in sorted(_backend.OPS.items()):
         ops[name] = {}
@@ -62,11 +63,19 @@ def info() -> dict:
                                  else f"bignlp_fast.ops.linear: its streaming kernels up to "
                                       f"{_backend.linear_streaming_rows()} rows and its packed GEMM from "
                                       f"{MIN_ROWS_AVX2} rows, with a weight of "
-                                      f"{MIN_WEIGHT_BYTES_AVX2 >> 20} MiB or more (an AVX2 build)"
+                                      f"{MIN_WEIGHT_BYTES_AVX2 >> 20} MiB or more (an AVX2 build); for a weight "
+                                      f"packed once (ops.prepack), the packed GEMM from "
+                                      f"{_backend.linear_streaming_rows(prepacked=True) + 1} rows and "
+                                      f"{MIN_WEIGHT_BYTES_PREPACKED_AVX2 >> 10} KiB"
                                  if _backend.cpu_kernels_avx2()
                                  else "bignlp_fast.ops.linear (the project's packed GEMM)"),
-        # the most rows ops.linear runs without packing the weight (csrc/cpu/skinny_gemm.h)
+        # the most rows ops.linear runs without packing the weight (csrc/cpu/skinny_gemm.h), and for a
+        # weight packed once (ops.prepack)
         "linear_streaming_rows": _backend.linear_streaming_rows(),
+        "linear_streaming_rows_prepacked": _backend.linear_streaming_rows(prepacked=True),
+        # the weights ops.prepack marked, and the bytes of their packed copies
+        "prepacked_weights": len(_PREPACKED),
+        "prepacked_bytes": prepacked_bytes(),
         # which GEMM bf16 products on the CPU take in nn.Linear, the models and the RNN projections
         "bf16_gemm": ("torch's (oneDNN's kernels: this CPU has AVX-512)" if _backend.blas_bf16_gemm_is_fast()
                       else "bignlp_fast.ops.linear from 262k multiply-adds (torch's bf16 GEMM has no vector "

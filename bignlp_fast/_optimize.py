@@ -71,6 +71,7 @@ from bignlp_fast.ops.add_layer_norm import _triton_check as _ln_triton_check
 from bignlp_fast.ops.attention import OP as _ATTENTION_OP
 from bignlp_fast.ops.attention import _supports as _attention_supports
 from bignlp_fast.ops.conv import OP as _CONV_OP
+from bignlp_fast.ops.linear import prepack as _prepack
 from bignlp_fast.ops.linear import OP as _LINEAR_OP
 from bignlp_fast.ops.rnn import OP as _RNN_OP
 
@@ -107,6 +108,7 @@ class OptimizeReport:
     swapped: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
     skipped: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
     model: Optional[torch.nn.Module] = dataclasses.field(default=None, repr=False, compare=False)
+    prepacked: int = 0  # weights marked for packing once (optimize(..., prepack=True))
 
     def summary(self) -> str:
         """One line: counts by type, e.g. ``swapped 3 (2 LayerNorm, 1 LSTM), skipped 1``."""
@@ -120,6 +122,8 @@ class OptimizeReport:
         line += f", skipped {len(self.skipped)}"
         if already:
             line += f" ({already} already optimized)"
+        if self.prepacked:
+            line += f"; {self.prepacked} weights marked for prepacking"
         return line
 
     def __str__(self) -> str:
@@ -287,7 +291,8 @@ def _switch_hf(name: str, model, pretrained: type, report: OptimizeReport) -> bo
 
 
 # ---- the entry point --------------------------------------------------------------------------
-def optimize(model: torch.nn.Module, *, backend: Optional[str] = None, inplace: bool = True) -> OptimizeReport:
+def optimize(model: torch.nn.Module, *, backend: Optional[str] = None, inplace: bool = True,
+             prepack: bool = False) -> OptimizeReport:
     """Swap ``model``'s torch.nn attention, recurrent, convolution and LayerNorm modules for
     bignlp_fast's, and switch Hugging Face models to ``attn_implementation="bignlp_fast"``.
 
@@ -298,11 +303,14 @@ def optimize(model: torch.nn.Module, *, backend: Optional[str] = None, inplace: 
             docstring). An unknown name raises ValueError.
         inplace: True (default) changes ``model`` itself; False optimizes a deep copy and leaves
             ``model`` untouched.
+        prepack: also mark the model's 2-D weights for :func:`bignlp_fast.ops.linear.prepack`: for
+            inference, their products outside autograd run on copies packed once (a second copy of
+            each weight in memory), not on copies packed at every call.
 
     Returns:
         An :class:`OptimizeReport`: ``swapped`` and ``skipped`` (with reasons), ``str(report)`` a
         table, ``report.summary()`` one line, ``report.model`` the optimized model (``model`` itself
-        unless ``inplace=False``).
+        unless ``inplace=False``), ``report.prepacked`` the number of weights ``prepack`` marked.
 
     Modules are swapped by class reassignment: the module objects, their Parameter objects, state_dict
     keys, training flags and hooks all stay as they were, so an optimizer built before keeps working
@@ -364,4 +372,6 @@ def optimize(model: torch.nn.Module, *, backend: Optional[str] = None, inplace: 
             else:
                 reason = f"subclass of torch.nn.{base.__name__}; not swapped"
             report.skipped.append((name, _type_name(cls), reason))
+    if prepack:
+        report.prepacked = _prepack(model)
     return report

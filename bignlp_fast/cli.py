@@ -36,7 +36,8 @@ def _info(args) -> int:
           + ("  [TRITON_INTERPRET=1]" if data["triton_interpret"] else ""))
     print(f"machine: {machine()}; GPU: {data['gpu'] or 'none'}")
     print(f"fp32 GEMMs on the CPU (nn.Linear, the models, RNN input projections): {data['fp32_projection_gemm']}")
-    print(f"rows ops.linear multiplies without packing the weight: up to {data['linear_streaming_rows']}")
+    print(f"rows ops.linear multiplies without packing the weight: up to {data['linear_streaming_rows']} "
+          f"({data['linear_streaming_rows_prepacked']} for a weight packed once by ops.prepack)")
     print(f"bf16 GEMMs on the CPU (nn.Linear, the models, RNN input projections): {data['bf16_gemm']}")
     print(f"bf16 attention tiles on the CPU: {data['bf16_tiles']}")
     print(f"fp32 convolutions on the CPU: {data['conv_main_loops']}")

@@ -132,8 +132,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Turn the AMX path of the bf16 CPU kernels off or back on; returns the previous state");
   m.def("blas_sgemm_is_fast", &bignlp_fast::cpu::blas_sgemm_is_fast,
         "Whether torch's fp32 GEMM (MKL) beats the packed GEMM of the CPU kernels on this machine and build");
-  m.def("linear_streaming_rows", &bignlp_fast::cpu::linear_streaming_rows,
-        "The most rows of x the CPU linear runs on its streaming kernels for a [N, K] weight (no packing)");
+  m.def("linear_streaming_rows", &bignlp_fast::cpu::linear_streaming_rows, py::arg("prepacked") = false,
+        "The most rows of x the CPU linear runs on its streaming kernels for a [N, K] weight (no packing), "
+        "packed already by linear_pack_cpu or not");
   m.def("bf16_dot_available", &bignlp_fast::cpu::bf16_dot_available,
         "Whether this build has the AVX512_BF16 dot-product tiles for bf16 CPU kernels (the path below AMX)");
   m.def("bf16_dot", &bignlp_fast::cpu::bf16_dot, "Whether bf16 CPU kernels not on AMX take the AVX512_BF16 tiles now");
@@ -160,6 +161,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("attention_bwd_cpu", &attention_bwd_cpu);
   m.def("linear_fwd_cpu", &linear_fwd_cpu);
   m.def("linear_bwd_cpu", &linear_bwd_cpu);
+  m.def("linear_pack_cpu", &linear_pack_cpu);
   m.def("rnn_fwd_cpu", &rnn_fwd_cpu);
   m.def("rnn_bwd_cpu", &rnn_bwd_cpu);
   m.def("layer_norm_lstm_fwd_cpu", &layer_norm_lstm_fwd_cpu);

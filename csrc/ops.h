@@ -107,8 +107,11 @@ std::vector<at::Tensor> layer_norm_lstm_bwd_cpu(const at::Tensor& grad_out, cons
 
 // ---- linear ----------------------------------------------------------------------------------
 // y = x w^T + b. x [M, K], w [N, K], b [N]; contiguous, one dtype. Backward returns
-// {grad_x [M, K], grad_w [N, K], grad_b [N] or [0]}.
-at::Tensor linear_fwd_cpu(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b);
+// {grad_x [M, K], grad_w [N, K], grad_b [N] or [0]}. packed: w as linear_pack_cpu(w) packed it (an
+// opaque 1-D tensor: the packed GEMM's B operand, made once for a weight used in many calls), or none.
+at::Tensor linear_fwd_cpu(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
+                          const std::optional<at::Tensor>& packed);
+at::Tensor linear_pack_cpu(const at::Tensor& w);
 std::vector<at::Tensor> linear_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w,
                                        bool has_bias);
 

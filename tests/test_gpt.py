@@ -6,6 +6,7 @@ Tiny random models of odd sizes (n_embd 40, 5 heads of 8, 3 layers, vocab 97). i
 0.2 rather than 0.02 so that logits spread (|logit| up to ~5) and greedy choices are not near-ties
 that a 1e-6 difference could flip."""
 
+import copy
 import math
 
 import pytest
@@ -13,6 +14,7 @@ import torch
 
 import bignlp_fast
 from bignlp_fast.models.gpt import CausalLMOutput, GPTConfig, GPTLMHeadModel, GPTModel, KVCache
+from reference import assert_within_torch_error
 
 EOS = 96
 CFG = dict(vocab_size=97, n_positions=64, n_embd=40, n_head=5, n_layer=3, bos_token_id=EOS, eos_token_id=EOS,
@@ -418,3 +420,27 @@ def test_bad_inputs():
         with pytest.raises(ValueError, match=name):
             model.generate(ids, **{"max_new_tokens": 2, **kwargs})
     assert math.isfinite(model(ids, attention_mask=mask, labels=ids).loss.item())
+
+
+def test_prepacked_weights_give_the_same_logits_and_tokens():
+    """ops.prepack on GPT-2's [K, N] weights (read as views W^T): a 2 x 40-token prompt's products
+    past the streaming kernels' rows on packed copies, the decoding steps on the streaming kernels."""
+    import importlib
+    lin = importlib.import_module("bignlp_fast.ops.linear")
+    model = _ours(n_embd=256, n_head=4, n_layer=2)
+    ids = torch.randint(0, 97, (2, 40), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        want = model(ids).logits
+        ref = copy.deepcopy(model).double()(ids).logits
+    tokens = model.generate(ids, max_new_tokens=4)
+    try:
+        assert lin.prepack(model) > 0
+        with torch.no_grad():
+            got = model(ids).logits
+            c_attn = model.transformer.h[0].attn.c_attn.weight
+            used = lin.linear_is_faster(torch.randn(80, 256), c_attn.t())
+        assert_within_torch_error("prepacked GPT logits", got, want, ref, torch.float32)
+        assert (lin.prepacked_bytes() > 0) == used
+        assert torch.equal(model.generate(ids, max_new_tokens=4), tokens)
+    finally:
+        lin.prepack(model, enabled=False)

@@ -70,6 +70,10 @@ def test_opcheck(backend, device):
     torch.library.opcheck(torch.ops.bignlp_fast.linear_fwd, (x, w, b, backend))
     torch.library.opcheck(torch.ops.bignlp_fast.linear_fwd, (x, w, None, backend))
     torch.library.opcheck(torch.ops.bignlp_fast.linear_bwd, (torch.randn(5, 3), x.detach(), w.detach(), True, backend))
+    if backend == "cpu":  # with a packed weight, past the streaming kernels' rows
+        x40, w = torch.randn(40, 7, requires_grad=True), torch.randn(3, 7, requires_grad=True)
+        packed = _cpu_kernels().linear_pack_cpu(w.detach())
+        torch.library.opcheck(torch.ops.bignlp_fast.linear_fwd, (x40, w, b, backend, packed))
 
 
 def test_gradcheck_float64():
@@ -157,10 +161,11 @@ def test_the_rule_for_float32_products_per_build(monkeypatch, avx2):
     monkeypatch.delenv("BIGNLP_FAST_BACKEND", raising=False)
     monkeypatch.setattr(_backend, "blas_sgemm_is_fast", lambda: False)
     monkeypatch.setattr(_backend, "cpu_kernels_avx2", lambda: avx2)
-    monkeypatch.setattr(_backend, "linear_streaming_rows", lambda: 64 if avx2 else 16)
+    monkeypatch.setattr(_backend, "linear_streaming_rows",
+                        lambda prepacked=False: (32 if prepacked else 64) if avx2 else 16)
 
-    def faster(rows, k, n, grad=False, transposed=False):
-        return lin.linear_is_faster_for(torch.device("cpu"), torch.float32, rows, k, n, grad, transposed)
+    def faster(rows, k, n, grad=False, transposed=False, prepacked=False):
+        return lin.linear_is_faster_for(torch.device("cpu"), torch.float32, rows, k, n, grad, transposed, prepacked)
 
     assert faster(16, 512, 512) and not faster(16, 256, 256)  # 1 MiB of weight, and 256 KiB
     if avx2:
@@ -169,6 +174,9 @@ def test_the_rule_for_float32_products_per_build(monkeypatch, avx2):
         assert faster(32, 768, 2304, transposed=True) and not faster(33, 768, 2304, transposed=True)
         assert not faster(65, 768, 768) and not faster(159, 768, 768) and faster(160, 512, 512)
         assert not faster(1024, 256, 256) and faster(1024, 768, 3072, grad=True)
+        # a weight packed already: the streaming kernels to 32 rows, then the packed GEMM from 512 KiB
+        assert faster(32, 768, 768, prepacked=True) and faster(33, 768, 768, prepacked=True)
+        assert faster(128, 384, 384, prepacked=True) and not faster(128, 256, 256, prepacked=True)
     else:
         assert faster(17, 512, 512) and faster(33, 512, 512, grad=True)  # 4.5M multiply-adds and up
         assert not faster(64, 128, 128) and faster(64, 256, 256) and faster(1024, 256, 256)
@@ -213,3 +221,139 @@ def test_a_backend_named_in_the_environment_that_linear_lacks_leaves_the_product
     automatic = linear_is_faster(big, layer.weight)
     monkeypatch.setenv("BIGNLP_FAST_BACKEND", "cpu")
     assert linear_is_faster(big, layer.weight) == automatic  # naming cpu changes nothing
+
+
+# ---- prepack: weights packed once ---------------------------------------------------------------
+def _cpu_kernels():
+    from bignlp_fast import _backend
+    if _backend.unavailable("cpu", torch.device("cpu")) is not None:
+        pytest.skip("the CPU kernels are not built")
+    return _backend.compiled()
+
+
+@pytest.fixture
+def lin():
+    """bignlp_fast.ops.linear (the module; bignlp_fast.ops.linear is the function), its registry of
+    prepacked weights emptied after the test."""
+    import importlib
+    module = importlib.import_module("bignlp_fast.ops.linear")
+    yield module
+    module._PREPACKED.clear()
+
+
+@pytest.mark.parametrize("rows", [33, 97, 300], ids=lambda r: f"M{r}")  # past the streaming kernels; 2 row blocks
+# N 70: a partial column panel; K 601: two 512-deep slices of A with AVX-512, an odd K for bf16 pairs
+@pytest.mark.parametrize("kn", [(64, 96), (601, 70)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("transposed", [False, True], ids=["w[N,K]", "w=wt[K,N].t()"])
+def test_a_prepacked_weight_gives_the_products_of_the_weight(lin, rows, kn, dtype, transposed):
+    """The op on a packed copy against float64, and the same copy corrupted: the kernel reads it."""
+    C = _cpu_kernels()
+    k, n = kn
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(rows, k, generator=g).to(dtype)
+    wt = (torch.randn(k, n, generator=g) * k ** -0.5).to(dtype)
+    w = wt.t() if transposed else wt.t().contiguous()
+    b = torch.randn(n, generator=g).to(dtype)
+    ref = F.linear(x.double(), w.double(), b.double())
+    for path, context in tile_paths("cpu", dtype):  # bf16: pairs for the dot products, fp32 panels else
+        with context():
+            packed = C.linear_pack_cpu(w)
+            y = C.linear_fwd_cpu(x, w, b, packed)
+            assert_within_torch_error(f"prepacked {path} M{rows} {kn} {dtype}", y, F.linear(x, w, b), ref, dtype)
+            if rows > C.linear_streaming_rows(False):  # both on the packed GEMM: the same sums
+                torch.testing.assert_close(y, C.linear_fwd_cpu(x, w, b, None), rtol=0, atol=0)
+            assert not torch.equal(C.linear_fwd_cpu(x, w, b, torch.zeros_like(packed)), y)
+
+
+def test_marked_weights_are_packed_once_and_again_when_they_change(lin):
+    """ops.linear on a marked weight (nn.Linear's products take it where linear_is_faster says so):
+    one copy, made again after an in-place update, load_state_dict, a replaced .data and .to(dtype)."""
+    _cpu_kernels()
+    g = torch.Generator().manual_seed(3)
+    layer = torch.nn.Linear(512, 768)
+    x = torch.randn(64, 512, generator=g)
+
+    def check():
+        assert_within_torch_error("prepacked", lin.linear(x, layer.weight, layer.bias), F.linear(x, layer.weight, layer.bias),
+                                  F.linear(x.double(), layer.weight.double(), layer.bias.double()), torch.float32)
+
+    assert lin.prepack(layer) == 1 and lin.prepack(layer) == 0  # the bias is no product's weight
+    with torch.no_grad():
+        check()
+        packed = lin._packed(layer.weight)
+        assert lin.prepacked_bytes() == packed.numel() * 4 >= layer.weight.numel() * 4
+        assert lin._packed(layer.weight) is packed  # kept
+        layer.weight.mul_(-1)  # in place
+        check()
+        assert lin._packed(layer.weight) is not packed
+        layer.load_state_dict({"weight": torch.randn(768, 512, generator=g), "bias": layer.bias.clone()})
+        check()
+        layer.weight.data = torch.randn(768, 512, generator=g)  # a new storage, the same version counter
+        check()
+    assert lin.prepacked_bytes() == packed.numel() * 4  # one copy: the stale ones went
+    layer.to(torch.bfloat16)
+    x = x.to(torch.bfloat16)
+    with torch.inference_mode():
+        y = lin.linear(x, layer.weight, layer.bias)
+    assert_within_torch_error("prepacked bf16", y, F.linear(x, layer.weight, layer.bias),
+                              F.linear(x.double(), layer.weight.double(), layer.bias.double()), torch.bfloat16)
+    assert lin.prepack(layer, enabled=False) == 1 and lin.prepacked_bytes() == 0
+
+
+def test_prepacked_copies_only_outside_autograd_and_compile(lin):
+    _cpu_kernels()
+    layer = torch.nn.Linear(512, 768)
+    lin.prepack(layer.weight)
+    x = torch.randn(64, 512)
+    lin.linear(x, layer.weight, layer.bias).sum().backward()  # autograd records it for the weight: no copy
+    assert lin.prepacked_bytes() == 0 and layer.weight.grad is not None
+    layer.weight.requires_grad_(False)  # frozen: packed once, and x's gradient still flows
+    xg = x.clone().requires_grad_()
+    lin.linear(xg, layer.weight, layer.bias).sum().backward()
+    assert lin.prepacked_bytes() > 0
+    torch.testing.assert_close(xg.grad, layer.weight.sum(0).expand(64, 512))
+    lin.prepack(layer.weight, enabled=False)
+    lin.prepack(layer.weight)
+    compiled = torch.compile(lambda x: lin.linear(x, layer.weight, layer.bias), fullgraph=True, backend="eager")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), F.linear(x, layer.weight, layer.bias))
+    assert lin.prepacked_bytes() == 0  # a compiled graph takes the weights as they are
+
+
+def test_optimize_prepack_keeps_the_outputs_of_a_model(lin):
+    """nn.MultiheadAttention passes slices of in_proj_weight (views at offsets) and transposed weights
+    go in place: each view its own packed copy."""
+    _cpu_kernels()
+    import bignlp_fast
+    torch.manual_seed(4)
+    model = torch.nn.Sequential(torch.nn.Linear(384, 1536), torch.nn.GELU(), torch.nn.Linear(1536, 384))
+    mha = torch.nn.MultiheadAttention(384, 6, batch_first=True, kdim=384, vdim=384)
+    x = torch.randn(2, 40, 384)
+    with torch.no_grad():
+        want = model(x), mha(x, x + 1, x - 1, need_weights=False)[0]
+    report = bignlp_fast.optimize(model, prepack=True)
+    assert report.prepacked == 2 and "2 weights marked for prepacking" in report.summary()
+    assert bignlp_fast.optimize(mha, prepack=True).prepacked == 2  # in_proj_weight and out_proj.weight
+    with torch.no_grad():
+        got = model(x), mha(x, x + 1, x - 1, need_weights=False)[0]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    with torch.no_grad():
+        packed_here = lin.linear_is_faster(x, mha.out_proj.weight)  # not where F.linear is the faster (MKL on Intel)
+    if packed_here:
+        views = sorted(len(entries) for entries in lin._PREPACKED.values())
+        assert views == [1, 1, 1, 3]  # the two Linears, out_proj, and in_proj_weight's q, k and v slices
+
+
+def test_prepack_bad_input(lin):
+    C = _cpu_kernels()
+    with pytest.raises(TypeError, match="2-D floating-point"):
+        lin.prepack(torch.zeros(3, dtype=torch.float32))
+    with pytest.raises(TypeError, match="2-D floating-point"):
+        lin.prepack([torch.zeros(3, 3, dtype=torch.int64)])
+    w = torch.randn(70, 64)
+    with pytest.raises(RuntimeError, match="packed does not hold w"):
+        C.linear_fwd_cpu(torch.randn(40, 64), w, None, C.linear_pack_cpu(torch.randn(70, 32)))
+    with pytest.raises(RuntimeError, match="packed does not hold w"):
+        C.linear_fwd_cpu(torch.randn(40, 64), w, None, C.linear_pack_cpu(w).double())

@@ -10,19 +10,27 @@ Decoding-sized inputs (at most 16 rows of x; 64 for a [N, K] weight where the CP
 build) run on streaming kernels (csrc/cpu/skinny_gemm.h) that read the weight once at memory speed,
 where BLAS falls to a fraction of the bandwidth for 2-16 rows, and pack nothing.
 
+For inference, :func:`prepack` marks weights (a model's, or single tensors) to be packed once into
+the packed GEMM's layout and kept beside them: the packing, a transpose of the whole weight at every
+call otherwise, was 15-40% of a 65-256-row product. The packed copy is made at the weight's first
+product outside autograd (torch.no_grad, inference_mode, or a frozen weight) and made again when the
+weight changes (in place, or replaced).
+
 Contract (every backend): x [M, K], weight [N, K], bias [N] or None, contiguous, except that the
 forward also takes a weight that is the transpose of a contiguous [K, N] tensor (transformers'
-Conv1D layout, ``conv1d_weight.t()``) and reads it in place; forward returns y [M, N]; backward
-returns (grad_x [M, K], grad_weight [N, K], grad_bias [N] or [0]).
+Conv1D layout, ``conv1d_weight.t()``) and reads it in place; packed: None, or on the cpu backend the
+weight as the extension's linear_pack_cpu packed it (the other backends ignore it); forward returns
+y [M, N]; backward returns (grad_x [M, K], grad_weight [N, K], grad_bias [N] or [0]).
 """
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Iterable, Optional, Union
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
+from torch.utils.weak import WeakIdKeyDictionary
 
 from bignlp_fast import _backend
 from bignlp_fast.ops._common import (acc_dtype, call, check_like, check_tensor, contiguous, custom_op, fresh_like,
@@ -37,7 +45,7 @@ OP = _backend.register_op(
 
 
 # ---- reference backend ------------------------------------------------------------------------
-def linear_fwd_torch(x: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
+def linear_fwd_torch(x: Tensor, weight: Tensor, bias: Optional[Tensor], packed: Optional[Tensor] = None) -> Tensor:
     acc = acc_dtype(x.dtype)
     return F.linear(x.to(acc), weight.to(acc), bias.to(acc) if bias is not None else None).to(x.dtype)
 
@@ -51,13 +59,14 @@ def linear_bwd_torch(grad_y: Tensor, x: Tensor, weight: Tensor, has_bias: bool):
 
 # ---- custom ops -------------------------------------------------------------------------------
 @custom_op("linear_fwd")
-def linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend: str) -> Tensor:
+def linear_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend: str,
+               packed: Optional[Tensor] = None) -> Tensor:
     w = weight if weight.t().is_contiguous() else weight.contiguous()  # a transposed [K, N] is read in place
-    return kernel("linear", "fwd", backend)(x.contiguous(), w, contiguous(bias))
+    return kernel("linear", "fwd", backend)(x.contiguous(), w, contiguous(bias), packed)
 
 
 @linear_fwd.register_fake
-def _(x, weight, bias, backend):
+def _(x, weight, bias, backend, packed=None):
     return x.new_empty(x.shape[0], weight.shape[0])
 
 
@@ -73,7 +82,7 @@ def _(grad_y, x, weight, has_bias, backend):
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, bias, backend = inputs
+    x, weight, bias, backend, _ = inputs
     ctx.save_for_backward(x, weight)
     ctx.has_bias, ctx.backend = bias is not None, backend
 
@@ -81,7 +90,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_y):
     x, weight = ctx.saved_tensors
     grad_x, grad_w, grad_b = call(linear_bwd, grad_y, x, weight, ctx.has_bias, ctx.backend)
-    return grad_x, grad_w, grad_b if ctx.has_bias else None, None
+    return grad_x, grad_w, grad_b if ctx.has_bias else None, None, None
 
 
 register_autograd(linear_fwd, _backward, _setup_context)
@@ -110,6 +119,12 @@ MIN_MACS = 1 << 22  # rows * K * N below this: F.linear
 # rows (64 there) the streaming kernels take the product instead (no packing): see linear_is_faster_for.
 MIN_ROWS_AVX2 = 160
 MIN_WEIGHT_BYTES_AVX2 = 1 << 20
+# ... and a weight packed once already (prepack), from _backend.linear_streaming_rows(prepacked=True)
+# rows on (33 there) and 512 KiB of weight: on the Zen 2, no_grad forward, in-process medians, the
+# prepacked GEMM ran 1.2-1.9x F.linear at 48-384 rows of [768, 768], [768, 3072] and [3072, 768]
+# (where packing per call ran 0.86-1.28x), 1.0-1.8x with MiniLM's [384, 384], [384, 1536], [1536, 384]
+# (0.98x once, 512 x 1536 -> 384); with a [256, 256] weight 0.77-1.09x: F.linear.
+MIN_WEIGHT_BYTES_PREPACKED_AVX2 = 1 << 19
 # ... but only up to 32 rows where autograd will want the backward (packed GEMMs: dx = dy W, dW = dy^T
 # x; forward + backward 0.98-1.19x F.linear at 17-32 rows of the weights above, 0.91-1.02x at 64), or
 # for a weight stored [K, N] (GPT-2's Conv1D: past 16 rows its products run on the packed GEMM, which
@@ -124,7 +139,7 @@ MIN_MACS_BF16_GENERIC = 1 << 18
 MIN_SKINNY_WEIGHT_BYTES = 1 << 20  # a decoding-sized input's weight below this: F.linear
 
 
-def linear_is_faster(x: Tensor, weight: Tensor) -> bool:
+def linear_is_faster(x: Tensor, weight: Tensor, prepacked: Optional[bool] = None) -> bool:
     """Whether ``linear`` beats F.linear for ``x [..., K] @ weight[N, K]^T`` on this machine (the models
     and nn.Linear ask this before each GEMM):
 
@@ -139,26 +154,34 @@ def linear_is_faster(x: Tensor, weight: Tensor) -> bool:
       On Zen 1 / Zen 2 (an AVX2 build) the packed GEMM wins only from MIN_ROWS_AVX2 rows and a weight of
       MIN_WEIGHT_BYTES_AVX2; up to linear_streaming_rows() rows a weight of MIN_SKINNY_WEIGHT_BYTES
       takes the streaming kernels (1.05-1.9x F.linear at 17-64 rows on a Zen 2, forward; up to
-      SHORT_ROWS_AVX2 rows where autograd records the product or the weight is stored [K, N]).
+      SHORT_ROWS_AVX2 rows where autograd records the product or the weight is stored [K, N]). A weight
+      packed once (:func:`prepack`) moves those bounds: the streaming kernels up to
+      linear_streaming_rows(prepacked=True) rows, the packed GEMM beyond from
+      MIN_WEIGHT_BYTES_PREPACKED_AVX2 of weight.
     - bfloat16 on the CPU from MIN_MACS_BF16_GENERIC multiply-adds on where torch's bf16 GEMM has no
       vector kernels (_backend.blas_bf16_gemm_is_fast: oneDNN's need AVX-512): 1.25x to 46x F.linear.
     Not: smaller products (see MIN_MACS), bfloat16 beyond 2 rows on a CPU with AVX-512 (torch's GEMM
     runs on oneDNN's kernels there: the CPU's bf16 dot products or AMX where present), CPU autocast,
     other devices, a build without the CPU kernels, or while BIGNLP_FAST_BACKEND names another backend
     than cpu (linear has no triton or cuda kernel: F.linear is what such a run gets; with "torch" the
-    reference, F.linear too)."""
+    reference, F.linear too).
+
+    ``prepacked``: whether this call would use a packed copy of ``weight``; None: ask :func:`prepack`'s
+    registry (marked, and the call outside autograd's view of the weight)."""
     if x.dim() == 0 or x.shape[-1] == 0:
         return False
     grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    if prepacked is None:
+        prepacked = _packable(weight)
     return linear_is_faster_for(x.device, x.dtype, x.numel() // x.shape[-1], x.shape[-1], weight.shape[0], grad,
-                                transposed=not weight.is_contiguous())
+                                transposed=not weight.is_contiguous(), prepacked=prepacked)
 
 
 def linear_is_faster_for(device: torch.device, dtype: torch.dtype, rows: int, k: int, n: int,
-                         grad: bool = False, transposed: bool = False) -> bool:
+                         grad: bool = False, transposed: bool = False, prepacked: bool = False) -> bool:
     """:func:`linear_is_faster` for a product of ``rows`` x k by k x n of this dtype on this device;
     ``grad``: autograd will record it (a backward may follow); ``transposed``: the weight is the
-    transpose of a contiguous [K, N] tensor."""
+    transpose of a contiguous [K, N] tensor; ``prepacked``: the weight is packed already (:func:`prepack`)."""
     if device.type != "cpu" or torch.is_autocast_enabled("cpu") or k == 0:
         return False
     if _backend.requested_backend(None) not in (None, "cpu"):
@@ -172,9 +195,11 @@ def linear_is_faster_for(device: torch.device, dtype: torch.dtype, rows: int, k:
             return False
         if _backend.cpu_kernels_avx2():  # Zen 1 / Zen 2 (see MIN_ROWS_AVX2)
             weight_bytes = k * n * dtype.itemsize
-            if rows <= _backend.linear_streaming_rows():
+            if rows <= _backend.linear_streaming_rows(prepacked):
                 limit = SHORT_ROWS_AVX2 if grad or transposed else rows
                 return rows <= limit and weight_bytes >= MIN_SKINNY_WEIGHT_BYTES
+            if prepacked:
+                return weight_bytes >= MIN_WEIGHT_BYTES_PREPACKED_AVX2
             return rows >= MIN_ROWS_AVX2 and weight_bytes >= MIN_WEIGHT_BYTES_AVX2
         return rows * k * n >= MIN_MACS
     return rows * k * n >= MIN_MACS_BF16_GENERIC and not _backend.blas_bf16_gemm_is_fast()
@@ -185,6 +210,78 @@ def dense(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     :func:`linear_is_faster` says so, else F.linear. ``weight`` may also be the transpose of a
     contiguous [K, N] tensor (GPT-2's Conv1D layout)."""
     return linear(x, weight, bias) if linear_is_faster(x, weight) else F.linear(x, weight, bias)
+
+
+# ---- weights packed once (inference) --------------------------------------------------------------
+# A marked weight (the base tensor of the views the models pass: W^T of a Conv1D weight, a slice of
+# nn.MultiheadAttention's in_proj_weight) -> {(storage offset, shape, strides) of a view:
+# (version, data_ptr, dtype, bf16 pairs, packed)}. Weakly keyed: a weight that goes frees its copies.
+_PREPACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def prepack(weights: Union[nn.Module, Tensor, Iterable[Tensor]], enabled: bool = True) -> int:
+    """Mark weights to be multiplied, outside autograd, on a copy packed once in the CPU GEMM's layout
+    (or, with ``enabled=False``, unmark them and free their copies); returns how many were (un)marked.
+
+    ``weights``: a module (its 2-D floating-point parameters: nn.Linear's, nn.MultiheadAttention's,
+    transformers' Conv1D's, the models' own, a tied embedding), a tensor, or tensors. The copy is made
+    at a weight's first product that uses it, and made again after the weight changes (an in-place
+    update, ``load_state_dict``, ``.to(dtype)``). It is used where :func:`linear` runs on the CPU kernels
+    under ``torch.no_grad()`` or ``torch.inference_mode()``, or for a weight that does not require grad;
+    a product autograd records for the weight packs per call as before. It costs a second copy of each
+    weight used beyond the streaming kernels' rows (float32 for bfloat16 weights on CPUs without
+    AVX512_BF16). On the Zen 2 measured, F.linear's products at 33-255 rows become ops.linear's (see
+    MIN_WEIGHT_BYTES_PREPACKED_AVX2); where _backend.blas_sgemm_is_fast() holds, float32 products stay
+    on F.linear (the prepacked GEMM has not been measured against MKL there)."""
+    if isinstance(weights, nn.Module):
+        weights = [p for p in weights.parameters() if p.dim() == 2 and p.is_floating_point()]
+    elif isinstance(weights, Tensor):
+        weights = [weights]
+    count = 0
+    for w in weights:
+        if not isinstance(w, Tensor) or w.dim() != 2 or not w.is_floating_point():
+            raise TypeError(f"prepack: expected 2-D floating-point weights, got "
+                            f"{tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__}")
+        base = w if w._base is None else w._base
+        if enabled and base not in _PREPACKED:
+            _PREPACKED[base] = {}
+            count += 1
+        elif not enabled and base in _PREPACKED:
+            del _PREPACKED[base]
+            count += 1
+    return count
+
+
+def prepacked_bytes() -> int:
+    """Bytes held by the packed copies of :func:`prepack`'s weights."""
+    return sum(e[-1].numel() * e[-1].element_size() for entries in list(_PREPACKED.values())
+               for e in entries.values())
+
+
+def _packable(weight: Tensor) -> bool:
+    """Whether a product by ``weight`` would use its packed copy: marked, on the CPU, outside
+    autograd's view of the weight, and not under torch.compile (whose graphs take the weights as they
+    are)."""
+    if torch.compiler.is_compiling() or not _PREPACKED or weight.device.type != "cpu" or weight.is_inference():
+        return False
+    if torch.is_grad_enabled() and weight.requires_grad:
+        return False
+    return (weight if weight._base is None else weight._base) in _PREPACKED
+
+
+def _packed(weight: Tensor) -> Tensor:
+    """``weight``'s packed copy (for a :func:`_packable` weight), made now if it is missing or stale."""
+    entries = _PREPACKED[weight if weight._base is None else weight._base]
+    key = (weight.storage_offset(), tuple(weight.shape), weight.stride())
+    pairs = weight.dtype == torch.bfloat16 and _backend.bf16_dot()  # the copy's format (csrc/cpu/linear.cpp)
+    state = (weight._version, weight.data_ptr(), weight.dtype, pairs)
+    entry = entries.get(key)
+    if entry is None or entry[:4] != state:
+        entries.pop(key, None)  # the stale copy goes before the new one is made
+        w = weight if weight.is_contiguous() or weight.t().is_contiguous() else weight.contiguous()
+        with torch.no_grad():
+            entry = entries[key] = (*state, _backend.compiled().linear_pack_cpu(w))
+    return entry[-1]
 
 
 # ---- public op --------------------------------------------------------------------------------
@@ -207,5 +304,8 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, backend:
             raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},), one value per output feature; got "
                              f"{tuple(bias.shape)}")
     name = _backend.choose(OP, x.device, x.dtype, backend)
-    y = call(linear_fwd, x.reshape(-1, x.shape[-1]), weight, bias, name)
+    rows = x.numel() // x.shape[-1]
+    packed = (_packed(weight) if name == "cpu" and rows > _backend.linear_streaming_rows(True) and _packable(weight)
+              else None)
+    y = call(linear_fwd, x.reshape(-1, x.shape[-1]), weight, bias, name, packed)
     return y.view(*x.shape[:-1], weight.shape[0])

@@ -354,36 +354,36 @@ void packed_gemm_tasks(int64_t M, int64_t N, int64_t K, int64_t kc_max, const T*
 constexpr int64_t kSliceK = at::vec::Vectorized<float>::size() >= 16 ? 512 : 1024;
 }  // namespace gemm_detail
 
-// packed_gemm for bf16 operands where bf16_dot() holds (amx.h): the same tasks, with both operands
-// packed as bf16 pairs of k instead of fp32 (B in VNNI column panels [K2, kPanel, 2], A per row block
-// as [K2, kRows] uint32 pairs) and the tiles on small_gemm_bf16; the sums are fp32, the products of
-// bf16 values exact, so the result matches the fp32 path up to summation order.
-template <typename T, typename Out>
-void packed_gemm_bf16(int64_t M, int64_t N, int64_t K, Strided<T> A, Strided<T> B, const T* bias, Out* C, int64_t ldc) {
-  using gemm_detail::kPanel;
-  using gemm_detail::kRows;
-  const int64_t panels = (N + kPanel - 1) / kPanel, K2 = (K + 1) / 2;
-  // (low, high) bf16 bits of elements (r, k) and (r, k + 1) of an operand read as S(r, k); 0 past K
-  auto pair = [K](const Strided<T>& S, int64_t r, int64_t k, bool rows) -> uint32_t {
-    const T* e = rows ? S.p + r * S.rs + k * S.cs : S.p + k * S.rs + r * S.cs;
-    const int64_t step = rows ? S.cs : S.rs;  // from element k to k + 1
-    if (k + 1 < K) {
-      if (step == 1) {  // the pair is one uint32 in memory (x's rows, linear's weight)
-        uint32_t v;
-        std::memcpy(&v, e, sizeof(v));
-        return v;
-      }
-      return static_cast<uint32_t>(e[0].x) | (static_cast<uint32_t>(e[step].x) << 16);
+namespace gemm_detail {
+// (low, high) bf16 bits of elements (r, k) and (r, k + 1) of an operand read as S(r, k) (rows) or
+// S(k, r) (!rows); 0 past K
+template <typename T>
+inline uint32_t bf16_pair(const Strided<T>& S, int64_t K, int64_t r, int64_t k, bool rows) {
+  const T* e = rows ? S.p + r * S.rs + k * S.cs : S.p + k * S.rs + r * S.cs;
+  const int64_t step = rows ? S.cs : S.rs;  // from element k to k + 1
+  if (k + 1 < K) {
+    if (step == 1) {  // the pair is one uint32 in memory (x's rows, linear's weight)
+      uint32_t v;
+      std::memcpy(&v, e, sizeof(v));
+      return v;
     }
-    return e[0].x;  // k == K - 1 of an odd K: the high half is 0
-  };
-  // every element is written below: from the buffer cache (buffer_cache.h)
-  const at::Tensor bp_t = cached_empty({panels * K2 * kPanel}, at::TensorOptions().dtype(at::kInt));
-  uint32_t* bp = reinterpret_cast<uint32_t*>(bp_t.data_ptr<int32_t>());
-  // Both packings move whole vectors where the layout allows (element by element they were ~13% of a
-  // [1024, 768] x [768, 3072] product on a Zen 4, against ~3% for the fp32 path's): pairs that are one
-  // uint32 of a row (W of W^T, x) by 32-bit transposes; pairs from two rows of a row-major operand
-  // (a weight gradient's dG^T, W in dx = dG W) by interleaving the two rows.
+    return static_cast<uint32_t>(e[0].x) | (static_cast<uint32_t>(e[step].x) << 16);
+  }
+  return e[0].x;  // k == K - 1 of an odd K: the high half is 0
+}
+}  // namespace gemm_detail
+
+// B [K, N] (bf16) as packed_gemm_bf16 reads it: VNNI column panels of bf16 pairs of k, panel p at
+// bp + p * K2 * kPanel as [K2, kPanel] uint32 (columns past N: 0). Packed once per call, or once for
+// all calls by linear_pack_cpu (a weight used for inference).
+// The packing moves whole vectors where the layout allows (element by element it was ~13% of a
+// [1024, 768] x [768, 3072] product on a Zen 4, against ~3% for the fp32 path's): pairs that are one
+// uint32 of a row (W of W^T) by 32-bit transposes; pairs from two rows of a row-major operand (W in
+// dx = dG W) by interleaving the two rows.
+template <typename T>
+void pack_b_bf16(int64_t N, int64_t K, Strided<T> B, uint32_t* bp) {
+  using gemm_detail::kPanel;
+  const int64_t panels = (N + kPanel - 1) / kPanel, K2 = (K + 1) / 2;
   const bool b_pairs_in_rows = B.rs == 1 && K % 2 == 0 && B.cs % 2 == 0;
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
@@ -401,10 +401,31 @@ void packed_gemm_bf16(int64_t M, int64_t N, int64_t K, Strided<T> A, Strided<T> 
           std::fill(row + nc, row + kPanel, 0u);
           continue;
         }
-        for (int64_t u = 0; u < kPanel; ++u) row[u] = u < nc ? pair(B, n0 + u, 2 * kp, false) : 0u;
+        for (int64_t u = 0; u < kPanel; ++u) row[u] = u < nc ? gemm_detail::bf16_pair(B, K, n0 + u, 2 * kp, false) : 0u;
       }
     }
   });
+}
+
+// packed_gemm for bf16 operands where bf16_dot() holds (amx.h): the same tasks, with both operands
+// packed as bf16 pairs of k instead of fp32 (B in VNNI column panels [K2, kPanel, 2], A per row block
+// as [K2, kRows] uint32 pairs) and the tiles on small_gemm_bf16; the sums are fp32, the products of
+// bf16 values exact, so the result matches the fp32 path up to summation order. b_packed: B already
+// packed by pack_b_bf16, or nullptr.
+template <typename T, typename Out>
+void packed_gemm_bf16(int64_t M, int64_t N, int64_t K, Strided<T> A, Strided<T> B, const T* bias, Out* C, int64_t ldc,
+                      const uint32_t* b_packed = nullptr) {
+  using gemm_detail::kPanel;
+  using gemm_detail::kRows;
+  const int64_t panels = (N + kPanel - 1) / kPanel, K2 = (K + 1) / 2;
+  // every element is written by pack_b_bf16: from the buffer cache (buffer_cache.h)
+  const at::Tensor bp_t = cached_empty({b_packed ? 0 : panels * K2 * kPanel}, at::TensorOptions().dtype(at::kInt));
+  const uint32_t* bp = b_packed;
+  if (!b_packed) {
+    pack_b_bf16(N, K, B, reinterpret_cast<uint32_t*>(bp_t.data_ptr<int32_t>()));
+    bp = reinterpret_cast<const uint32_t*>(bp_t.data_ptr<int32_t>());
+  }
+  // A by the same means: 32-bit transposes of a row-major A (x), interleaved rows of A = X^T (dG^T)
   const bool a_pairs_in_rows = A.cs == 1 && K % 2 == 0 && A.rs % 2 == 0;
   gemm_detail::packed_gemm_tasks<uint32_t>(M, N, K2, gemm_detail::kSliceK / 2, bias, C, ldc,
       [&](int64_t m0, int64_t mc, int64_t k0, int64_t kc, uint32_t* a) {
@@ -420,48 +441,23 @@ void packed_gemm_bf16(int64_t M, int64_t N, int64_t K, Strided<T> A, Strided<T> 
       return;
     }
     for (int64_t r = 0; r < mc; ++r)
-      for (int64_t kp = 0; kp < kc; ++kp) a[kp * kRows + r] = pair(A, m0 + r, 2 * (k0 + kp), true);
+      for (int64_t kp = 0; kp < kc; ++kp) a[kp * kRows + r] = gemm_detail::bf16_pair(A, K, m0 + r, 2 * (k0 + kp), true);
   }, [&](int64_t mc, int64_t p, int64_t k0, int64_t kc, const uint32_t* a, float* out, int64_t ldo, bool acc) {
     small_gemm_bf16(mc, kPanel, kc, a, 1, kRows,
                     reinterpret_cast<const c10::BFloat16*>(bp + (p * K2 + k0) * kPanel), kPanel, out, ldo, acc);
   });
 }
 
-// C[M, N] = A[M, K] B[K, N] (+ bias[N]), C of type Out with row stride ldc: a parallel GEMM for large
-// operands. Both are packed to fp32 once per call: B in column panels of kPanel floats ([K, kPanel]
-// each, contiguous), A per row block of kRows rows in micro-panels of kMR rows, transposed ([kc, kMR]
-// each: the micro-kernel then broadcasts consecutive floats). Tasks are (row block, group of panels),
-// each writing its own part of C (gemm_detail::packed_gemm_tasks). bf16 operands take
-// packed_gemm_bf16 where bf16_dot() holds.
-template <typename T, typename Out>
-void packed_gemm(int64_t M, int64_t N, int64_t K, Strided<T> A, Strided<T> B, const T* bias, Out* C, int64_t ldc) {
+// B [K, N] as packed_gemm reads it: column panels of kPanel floats, panel p at bp + p * K * kPanel as
+// [K, kPanel] (columns past N: 0). Packed once per call, or once for all calls by linear_pack_cpu (a
+// weight used for inference). The packing is a transpose (B = W^T of a row-major W) or a copy of
+// rows; for float operands with one unit stride the transposes move 16 x 16 or 8 x 8 blocks through
+// registers (transpose_f32).
+template <typename T>
+void pack_b(int64_t N, int64_t K, Strided<T> B, float* bp) {
   using gemm_detail::kPanel;
-  using gemm_detail::kRows;
-  if (M == 0 || N == 0) return;  // (an empty batch: nothing to plan tasks for)
-  if (K == 0) {                  // an empty sum: C = bias, or 0 (the weight gradient of an empty batch)
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t n = 0; n < N; ++n) C[m * ldc + n] = static_cast<Out>(bias ? static_cast<float>(bias[n]) : 0.f);
-    return;
-  }
-  if constexpr (std::is_same_v<T, c10::BFloat16>) {
-    if (bf16_dot()) return packed_gemm_bf16(M, N, K, A, B, bias, C, ldc);
-  }
-  const int64_t panels = (N + kPanel - 1) / kPanel;
   constexpr bool kFloat = std::is_same_v<T, float>;
-  // A row-major float B [K, N] of whole panels (GPT-2's Conv1D weights, W^T) against one row block of A
-  // (a prompt of up to kRows tokens): the tiles read B in place, each element used at most kRows times;
-  // packing it would read and write all of B once more first. GPT-2's prompt products, 32 rows, in-process
-  // A/B, medians of 5: 1.17-1.44x (a copy of each panel's slice into a contiguous buffer: 1.12-1.26x).
-  const bool direct_b = kFloat && B.cs == 1 && N % kPanel == 0 && M <= kRows;
-  // every element is written below: from the buffer cache (buffer_cache.h)
-  const at::Tensor bp_t = cached_empty({direct_b ? 0 : panels * K * kPanel}, at::TensorOptions().dtype(at::kFloat));
-  float* bp = bp_t.data_ptr<float>();
-  // Both packings are transposes or copies; for float operands with one unit stride they move 16 x 16
-  // or 8 x 8 blocks through registers (transpose_f32). Read element by element, a row-major A whose
-  // rows lie a power of two apart (x [4096, 512], dG [4096, 2048]) put all 64 rows of a block into
-  // one or two L1 sets: dx = dG W of an LSTM layer ran at 66% of the micro-kernel's rate (305 GFLOP/s
-  // on 2 Zen 5 cores; 390 with the block transposes).
-  if (!direct_b) at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
+  at::parallel_for(0, (N + kPanel - 1) / kPanel, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p) {
       float* dst = bp + p * K * kPanel;
       const int64_t n0 = p * kPanel, nc = std::min(kPanel, N - n0);
@@ -478,6 +474,48 @@ void packed_gemm(int64_t M, int64_t N, int64_t K, Strided<T> A, Strided<T> B, co
       }
     }
   });
+}
+
+// C[M, N] = A[M, K] B[K, N] (+ bias[N]), C of type Out with row stride ldc: a parallel GEMM for large
+// operands. Both are packed to fp32 once per call: B in column panels of kPanel floats (pack_b), A per
+// row block of kRows rows in micro-panels of kMR rows, transposed ([kc, kMR] each: the micro-kernel
+// then broadcasts consecutive floats). Tasks are (row block, group of panels), each writing its own
+// part of C (gemm_detail::packed_gemm_tasks). bf16 operands take packed_gemm_bf16 where bf16_dot()
+// holds. b_packed: B packed already (by pack_b; by pack_b_bf16 for bf16 operands where bf16_dot()
+// holds), or nullptr.
+template <typename T, typename Out>
+void packed_gemm(int64_t M, int64_t N, int64_t K, Strided<T> A, Strided<T> B, const T* bias, Out* C, int64_t ldc,
+                 const void* b_packed = nullptr) {
+  using gemm_detail::kPanel;
+  using gemm_detail::kRows;
+  if (M == 0 || N == 0) return;  // (an empty batch: nothing to plan tasks for)
+  if (K == 0) {                  // an empty sum: C = bias, or 0 (the weight gradient of an empty batch)
+    for (int64_t m = 0; m < M; ++m)
+      for (int64_t n = 0; n < N; ++n) C[m * ldc + n] = static_cast<Out>(bias ? static_cast<float>(bias[n]) : 0.f);
+    return;
+  }
+  if constexpr (std::is_same_v<T, c10::BFloat16>) {
+    if (bf16_dot()) return packed_gemm_bf16(M, N, K, A, B, bias, C, ldc, static_cast<const uint32_t*>(b_packed));
+  }
+  const int64_t panels = (N + kPanel - 1) / kPanel;
+  constexpr bool kFloat = std::is_same_v<T, float>;
+  // A row-major float B [K, N] of whole panels (GPT-2's Conv1D weights, W^T) against one row block of A
+  // (a prompt of up to kRows tokens): the tiles read B in place, each element used at most kRows times;
+  // packing it would read and write all of B once more first. GPT-2's prompt products, 32 rows, in-process
+  // A/B, medians of 5: 1.17-1.44x (a copy of each panel's slice into a contiguous buffer: 1.12-1.26x).
+  const bool direct_b = !b_packed && kFloat && B.cs == 1 && N % kPanel == 0 && M <= kRows;
+  // every element is written by pack_b: from the buffer cache (buffer_cache.h)
+  const at::Tensor bp_t =
+      cached_empty({direct_b || b_packed ? 0 : panels * K * kPanel}, at::TensorOptions().dtype(at::kFloat));
+  const float* bp = static_cast<const float*>(b_packed);
+  if (!direct_b && !b_packed) {
+    pack_b(N, K, B, bp_t.data_ptr<float>());
+    bp = bp_t.data_ptr<float>();
+  }
+  // A's packing below: transposes, or copies of rows. Read element by element, a row-major A whose
+  // rows lie a power of two apart (x [4096, 512], dG [4096, 2048]) put all 64 rows of a block into
+  // one or two L1 sets: dx = dG W of an LSTM layer ran at 66% of the micro-kernel's rate (305 GFLOP/s
+  // on 2 Zen 5 cores; 390 with the block transposes).
   // A's block in micro-panels, one per tile of kMR rows: a[m * kc + k * kMR + r] = A(m0 + m + r, k0 + k), so
   // that a tile reads its A as one contiguous stream. (A [kc, kRows] block instead, each tile's kMR floats
   // of a k a row of the block apart, took a line of L1 for every k: on a Zen 3, AVX2, the 1024 x 768 x
@@ -528,8 +566,9 @@ void packed_gemm(int64_t M, int64_t N, int64_t K, Strided<T> A, Strided<T> B, co
 
 // Whether torch's fp32 GEMM (MKL) beats packed_gemm on this machine and build (linear.cpp).
 bool blas_sgemm_is_fast();
-// The most rows of x that linear_fwd_cpu runs on the streaming kernels for a [N, K] weight (skinny_gemm.h).
-int64_t linear_streaming_rows();
+// The most rows of x that linear_fwd_cpu runs on the streaming kernels for a [N, K] weight (skinny_gemm.h),
+// packed already (linear_pack_cpu) or not.
+int64_t linear_streaming_rows(bool prepacked);
 
 // a^T b for fp32 a [R, X] and b [R, Y]: [X, Y] fp32 (the weight gradients of the recurrent ops: a sum
 // over every (step, row)) on packed_gemm, or on torch's GEMM where that is the faster one.

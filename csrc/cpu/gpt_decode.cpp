@@ -22,7 +22,7 @@ enum Param : int64_t {
 
 // x @ W + b for GPT-2's Conv1D weight W [in, out]: the streaming kernel reads W^T in place.
 at::Tensor project(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b, bool skinny) {
-  return skinny ? linear_fwd_cpu(x, w.t(), b) : at::linear(x, w.t(), b);
+  return skinny ? linear_fwd_cpu(x, w.t(), b, std::nullopt) : at::linear(x, w.t(), b);
 }
 
 }  // namespace

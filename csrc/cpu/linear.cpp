@@ -33,7 +33,7 @@ namespace cpu {
 // (AVX2) MKL 1.00-1.12x at the LSTM's and BERT's shapes, forward and backward (in-process,
 // interleaved); on an AMD EPYC Zen 5 (AVX-512) packed_gemm ~2x. The models and modules ask this
 // through bignlp_fast.ops.linear_is_faster; the recurrent ops' weight gradients through gemm_tn.
-int64_t linear_streaming_rows() { return kSkinnyRowsTiled; }
+int64_t linear_streaming_rows(bool prepacked) { return prepacked ? kSkinnyRowsPrepacked : kSkinnyRowsTiled; }
 
 bool blas_sgemm_is_fast() {
   static const bool fast = [] {
@@ -52,16 +52,54 @@ bool blas_sgemm_is_fast() {
 }
 }  // namespace cpu
 
-at::Tensor linear_fwd_cpu(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b) {
+namespace {
+// The packed form of w for packed_gemm, as linear_pack_cpu makes it: fp32 column panels (pack_b), or
+// bf16 pairs (pack_b_bf16, held as int32) for a bf16 weight where bf16_dot() holds.
+bool packs_pairs(at::ScalarType dtype) { return dtype == at::kBFloat16 && cpu::bf16_dot(); }
+int64_t packed_numel(int64_t N, int64_t K, bool pairs) {
+  const int64_t panels = (N + cpu::gemm_detail::kPanel - 1) / cpu::gemm_detail::kPanel;
+  return panels * (pairs ? (K + 1) / 2 : K) * cpu::gemm_detail::kPanel;
+}
+}  // namespace
+
+at::Tensor linear_pack_cpu(const at::Tensor& w) {
+  TORCH_CHECK(w.dim() == 2, "linear_pack: w must be [N, K]");
+  TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16,
+              "linear_pack: w must be float32 or bfloat16, got ", w.scalar_type());
+  TORCH_CHECK(w.is_contiguous() || w.t().is_contiguous(),
+              "linear_pack: w must be contiguous or the transpose of a contiguous tensor");
+  const int64_t N = w.size(0), K = w.size(1);
+  const bool pairs = packs_pairs(w.scalar_type());
+  at::Tensor packed = at::empty({packed_numel(N, K, pairs)}, w.options().dtype(pairs ? at::kInt : at::kFloat));
+  BIGNLP_DISPATCH_FLOAT_BF16(w.scalar_type(), "linear_pack_cpu", [&] {
+    const cpu::Strided<scalar_t> B{w.const_data_ptr<scalar_t>(), w.stride(1), w.stride(0)};  // B = w^T [K, N]
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (pairs) return cpu::pack_b_bf16(N, K, B, reinterpret_cast<uint32_t*>(packed.data_ptr<int32_t>()));
+    }
+    cpu::pack_b(N, K, B, packed.data_ptr<float>());
+  });
+  return packed;
+}
+
+at::Tensor linear_fwd_cpu(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
+                          const std::optional<at::Tensor>& packed) {
   check(x, w, /*w_transposed_ok=*/true);
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   const bool rows = w.is_contiguous();  // else w.t() is: W^T stored [K, N]
+  if (packed.has_value()) {
+    const bool pairs = packs_pairs(w.scalar_type());
+    TORCH_CHECK(packed->is_contiguous() && packed->scalar_type() == (pairs ? at::kInt : at::kFloat) &&
+                    packed->numel() == packed_numel(N, K, pairs),
+                "linear: packed does not hold w [", N, ", ", K, "] packed for this build and setting (",
+                pairs ? "bf16 pairs" : "fp32 panels", "): pack it again with linear_pack");
+  }
   at::Tensor y = cpu::cached_empty({M, N}, x.options());  // written once: from the buffer cache
   const at::Tensor bias_c = b.has_value() ? b->contiguous() : at::Tensor();
   BIGNLP_DISPATCH_FLOAT_BF16(x.scalar_type(), "linear_fwd_cpu", [&] {
     const scalar_t* bias = b.has_value() ? bias_c.const_data_ptr<scalar_t>() : nullptr;
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
-    if (M <= (rows ? cpu::kSkinnyRowsTiled : cpu::kSkinnyRows)) {
+    const int64_t streaming_rows = rows ? cpu::linear_streaming_rows(packed.has_value()) : cpu::kSkinnyRows;
+    if (M <= streaming_rows) {  // (a packed w is not needed there)
       std::vector<float> xf(M * K);
       cpu::to_float(x.const_data_ptr<scalar_t>(), xf.data(), M * K);
       if (rows) cpu::skinny_gemm_rows(M, N, K, xf.data(), wp, bias, y.data_ptr<scalar_t>());
@@ -69,7 +107,8 @@ at::Tensor linear_fwd_cpu(const at::Tensor& x, const at::Tensor& w, const std::o
       return;
     }
     cpu::packed_gemm<scalar_t, scalar_t>(M, N, K, {x.const_data_ptr<scalar_t>(), K, 1}, {wp, w.stride(1), w.stride(0)},
-                                         bias, y.data_ptr<scalar_t>(), N);
+                                         bias, y.data_ptr<scalar_t>(), N,
+                                         packed.has_value() ? packed->const_data_ptr() : nullptr);
   });
   return y;
 }

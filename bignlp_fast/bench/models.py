@@ -41,15 +41,18 @@ def _padded_batch(b: int, l: int, vocab: int, seed: int = 5):
 
 # ---- BERT -----------------------------------------------------------------------------------------
 def _bert_cases(b: int, l: int, dtype: torch.dtype, modes, suites, layers: int = 12, hidden: int = 768,
-                via_optimize: bool = False):
+                via_optimize: bool = False, prepack: bool = False):
     """BERT-base-shaped encoder on a right-padded batch: ours (unpadded tokens, varlen attention)
     against transformers' BertModel with attn_implementation="sdpa". FLOPs: the encoder's GEMMs and
     attention over the real tokens only (what a padding-free model must compute). ``via_optimize``:
     ours is transformers' own model after ``bignlp_fast.optimize`` (our attention through its
-    AttentionInterface, our LayerNorm and Linear modules; its padded layout kept)."""
+    AttentionInterface, our LayerNorm and Linear modules; its padded layout kept). ``prepack``: our
+    model's weights marked for ops.prepack (inference on copies packed once; the first call, timed
+    apart as warm-up, packs them)."""
     import transformers
 
     from bignlp_fast import optimize
+    from bignlp_fast.ops import prepack as prepack_weights
     from bignlp_fast.models.bert import BertForSequenceClassification, BertModel, bert_flops
     ids, mask, lengths = _padded_batch(b, l, 30522)
     real = mask.bool()
@@ -81,13 +84,20 @@ def _bert_cases(b: int, l: int, dtype: torch.dtype, modes, suites, layers: int =
     def fwd(model, t):
         return [model(t["ids"], attention_mask=t["mask"]).last_hidden_state[real]]
 
+    def ours_fwd(t, be):
+        model = t["models"](t["tag"].dtype, 0)
+        if prepack:
+            prepack_weights(model)  # (a dict lookup per weight once marked: the dtype's copy is a new model)
+        return fwd(model, t)
+
     common = dict(op="attention", shape=(b, l), dtype=dtype, suites=suites, ref_name="transformers BertModel (sdpa)")
     name = "optimize(HF BERT-base)" if via_optimize else "BERT-base"
     out = []
     if "fwd" in modes:
-        out.append(Case(mode="fwd", make=make_fwd, ours=lambda t, be: fwd(t["models"](t["tag"].dtype, 0), t),
+        out.append(Case(mode="fwd", make=make_fwd, ours=ours_fwd,
                         ref=lambda t: fwd(t["models"](t["tag"].dtype, 1), t), flops=flops,
-                        variant=f"{name} encoder, {padding:.0%} padding", **common))
+                        variant=f"{name} encoder, {padding:.0%} padding" + (", prepacked" if prepack else ""),
+                        **common))
     if "fwd+bwd" in modes:
         labels = torch.randint(0, 2, (b,), generator=torch.Generator().manual_seed(7))
 
@@ -182,6 +192,10 @@ def model_cases() -> list[Case]:
     # one request of 48 tokens (every GEMM 48 rows: the streaming kernels' range where they beat BLAS)
     cases += _bert_cases(1, 48, torch.float32, ("fwd",), ("full",))
     cases += _bert_cases(1, 48, torch.bfloat16, ("fwd",), ("full",))
+    # one request of 128 tokens, weights packed per call and once (ops.prepack: 33 rows and up)
+    cases += _bert_cases(1, 128, torch.float32, ("fwd",), ("full",))
+    for dt in (torch.float32, torch.bfloat16):
+        cases += _bert_cases(1, 128, dt, ("fwd",), ("full",), prepack=True)
     # transformers' own BERT after bignlp_fast.optimize(model): what a drop-in call gives
     cases += _bert_cases(8, 128, torch.float32, ("fwd", "fwd+bwd"), ("full",), via_optimize=True)
     # GPT-2 small: prompt 32, 64 new tokens, batch 1 (bound by reading the weights) and batch 8

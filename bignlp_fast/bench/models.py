@@ -196,6 +196,7 @@ def model_cases() -> list[Case]:
     cases += _bert_cases(1, 128, torch.float32, ("fwd",), ("full",))
     for dt in (torch.float32, torch.bfloat16):
         cases += _bert_cases(1, 128, dt, ("fwd",), ("full",), prepack=True)
+    cases += _bert_cases(1, 128, torch.float32, ("fwd",), ("full",), via_optimize=True, prepack=True)
     # transformers' own BERT after bignlp_fast.optimize(model): what a drop-in call gives
     cases += _bert_cases(8, 128, torch.float32, ("fwd", "fwd+bwd"), ("full",), via_optimize=True)
     # GPT-2 small: prompt 32, 64 new tokens, batch 1 (bound by reading the weights) and batch 8

@@ -357,3 +357,19 @@ def test_prepack_bad_input(lin):
         C.linear_fwd_cpu(torch.randn(40, 64), w, None, C.linear_pack_cpu(torch.randn(70, 32)))
     with pytest.raises(RuntimeError, match="packed does not hold w"):
         C.linear_fwd_cpu(torch.randn(40, 64), w, None, C.linear_pack_cpu(w).double())
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("rows", [1, 3, 40, 80], ids=lambda r: f"M{r}")  # the streaming kernels and the packed GEMM
+def test_an_empty_sum_gives_the_bias(lin, backend, device, rows):
+    """K == 0: y is the bias (or zeros), as F.linear gives; it once divided by zero in the streaming
+    kernels and killed the process."""
+    w, b = torch.randn(70, 0), torch.randn(70)
+    lin.prepack(w)
+    with torch.no_grad():
+        torch.testing.assert_close(linear(torch.randn(2, rows, 0), w, b, backend=backend), b.expand(2, rows, 70))
+    x, w = torch.randn(rows, 0, requires_grad=True), w.clone().requires_grad_()
+    y = linear(x, w, None, backend=backend)
+    assert torch.equal(y, torch.zeros(rows, 70))
+    y.sum().backward()
+    assert x.grad.shape == (rows, 0) and w.grad.shape == (70, 0)

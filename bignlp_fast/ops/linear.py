@@ -25,6 +25,7 @@ y [M, N]; backward returns (grad_x [M, K], grad_weight [N, K], grad_bias [N] or 
 
 from __future__ import annotations
 
+import math
 from typing import Iterable, Optional, Union
 
 import torch
@@ -304,8 +305,8 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, backend:
             raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},), one value per output feature; got "
                              f"{tuple(bias.shape)}")
     name = _backend.choose(OP, x.device, x.dtype, backend)
-    rows = x.numel() // x.shape[-1]
-    packed = (_packed(weight) if name == "cpu" and rows > _backend.linear_streaming_rows(True) and _packable(weight)
-              else None)
-    y = call(linear_fwd, x.reshape(-1, x.shape[-1]), weight, bias, name, packed)
+    rows = math.prod(x.shape[:-1])
+    packed = (_packed(weight) if name == "cpu" and rows > _backend.linear_streaming_rows(True) and x.shape[-1] > 0
+              and _packable(weight) else None)
+    y = call(linear_fwd, x.reshape(rows, x.shape[-1]), weight, bias, name, packed)  # (rows, not -1: K may be 0)
     return y.view(*x.shape[:-1], weight.shape[0])

@@ -93,6 +93,10 @@ at::Tensor linear_fwd_cpu(const at::Tensor& x, const at::Tensor& w, const std::o
                 "linear: packed does not hold w [", N, ", ", K, "] packed for this build and setting (",
                 pairs ? "bf16 pairs" : "fp32 panels", "): pack it again with linear_pack");
   }
+  if (M == 0 || K == 0) {  // nothing to multiply: the bias, or zeros (the streaming kernels divide K)
+    at::Tensor y = at::zeros({M, N}, x.options());
+    return b.has_value() ? y.add_(*b) : y;
+  }
   at::Tensor y = cpu::cached_empty({M, N}, x.options());  // written once: from the buffer cache
   const at::Tensor bias_c = b.has_value() ? b->contiguous() : at::Tensor();
   BIGNLP_DISPATCH_FLOAT_BF16(x.scalar_type(), "linear_fwd_cpu", [&] {

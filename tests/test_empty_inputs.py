@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from bignlp_fast import ops
-from bignlp_fast.nn import GELU, GRU, LSTM, LayerNorm
+from bignlp_fast.nn import GELU, GRU, LSTM, LayerNorm, MultiheadAttention
 from conftest import backend_params
 
 
@@ -38,14 +38,28 @@ def test_rnn_zero_batch(cls, ref):
     assert all(torch.equal(p.grad, torch.zeros_like(p)) for p in ours.parameters())
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("shape_q,shape_k", [((0, 2, 16, 32), (0, 2, 16, 32)), ((2, 2, 0, 32), (2, 2, 5, 32))])
-def test_attention_empty(shape_q, shape_k):
-    q = torch.randn(shape_q, requires_grad=True)
-    k, v = torch.randn(shape_k, requires_grad=True), torch.randn(shape_k, requires_grad=True)
+def test_attention_empty(shape_q, shape_k, dtype):
+    """An empty batch made the backward's chunk planner divide by zero heads (SIGFPE in bf16)."""
+    q = torch.randn(shape_q, dtype=dtype, requires_grad=True)
+    k = torch.randn(shape_k, dtype=dtype, requires_grad=True)
+    v = torch.randn(shape_k, dtype=dtype, requires_grad=True)
     y = ops.scaled_dot_product_attention(q, k, v, backend="cpu")
     torch.testing.assert_close(y, torch.nn.functional.scaled_dot_product_attention(q, k, v))
     y.sum().backward()
     assert q.grad.shape == q.shape and torch.equal(k.grad, torch.zeros_like(k)) and torch.equal(v.grad, torch.zeros_like(v))
+
+
+def test_multihead_attention_empty_batch_under_autocast():
+    """bf16 autocast sends an empty batch through the bf16 kernels, forward and backward."""
+    mha = MultiheadAttention(32, 4, batch_first=True, backend="cpu")
+    x = torch.randn(0, 6, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, _ = mha(x, x, x, need_weights=False)
+    assert y.shape == (0, 6, 32)
+    y.float().sum().backward()
+    assert x.grad.shape == x.shape and torch.equal(mha.in_proj_weight.grad, torch.zeros_like(mha.in_proj_weight))
 
 
 @pytest.mark.parametrize("shape,normalized_shape", [((0, 8), 8), ((2, 0, 8), 8), ((0, 3, 4), (3, 4))])

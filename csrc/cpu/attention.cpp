@@ -671,6 +671,10 @@ void backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor&
   for (const Seq& s : seqs) max_lq = std::max(max_lq, s.lq), max_lk = std::max(max_lk, s.lk);
   const int64_t key_blocks = (max_lk + kBlockK - 1) / kBlockK;
   const int64_t heads = static_cast<int64_t>(seqs.size()) * hk;
+  if (heads == 0) {  // no sequences (an empty batch): nothing flows back, and the planner below divides by heads
+    dq.zero_(), dk.zero_(), dv_t.zero_();
+    return;
+  }
   // Key-block chunks per (sequence, kv head): one, unless heads are too few to keep threads busy.
   const int64_t threads = at::get_num_threads();
   const int64_t chunks = heads >= 2 * threads ? 1 : std::clamp<int64_t>((2 * threads + heads - 1) / heads, 1,

@@ -211,10 +211,10 @@ def test_cpu_winograd_conv2d_grad_weight_is_deterministic(own_loops):
 
 
 @pytest.mark.parametrize("xs,ws", [((0, 64, 32, 32), (64, 64, 3, 3)), ((0, 256, 300), (256, 256, 3)),
-                                   ((0, 64, 300), (64, 64, 5)), ((2, 0, 300), (8, 0, 3))])
+                                   ((0, 64, 300), (64, 64, 5))])
 def test_cpu_empty_inputs(xs, ws):
-    """An empty batch (or no input channels) gives torch's result and gradients, not a crash: the
-    project's engines plan no tasks for it, so ATen's convolution takes it."""
+    """An empty batch gives torch's result and gradients, not a crash: the project's engines plan no
+    tasks for it, so ATen's convolution takes it."""
     assert _C.conv_cpu_path(torch.empty(xs), torch.empty(ws), [1] * (len(xs) - 2), [1] * (len(xs) - 2),
                             [1] * (len(xs) - 2), 1) == "aten"
     x, w, b = torch.randn(xs, requires_grad=True), torch.randn(ws, requires_grad=True), torch.randn(ws[0])
@@ -224,6 +224,16 @@ def test_cpu_empty_inputs(xs, ws):
     torch.testing.assert_close(y, ref)
     (y.sum() + 0 * y.numel()).backward()
     assert w.grad is not None and torch.equal(w.grad, torch.zeros_like(w)) and x.grad.shape == x.shape
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("xs,ws", [((2, 0, 30), (8, 0, 3)), ((2, 0, 6, 6), (8, 0, 3, 3))])
+def test_no_input_channels_is_a_clear_error(backend, xs, ws):
+    """C_in = 0 is an empty sum, whose answer would be the bias; torch's convolutions answer [B, 0, ...]
+    (no output channels) instead, and the backends disagreed (a broadcast error, an invalid gradient)."""
+    conv = ops.conv1d if len(xs) == 3 else ops.conv2d
+    with pytest.raises(ValueError, match="no input channels"):
+        conv(torch.randn(xs), torch.randn(ws), torch.randn(ws[0]), padding=1, backend=backend)
 
 
 def test_cpu_winograd_conv2d_rule(own_loops):

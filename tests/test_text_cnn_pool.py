@@ -90,6 +90,25 @@ def test_sequences_shorter_than_a_width(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("B,L,E", [(0, 6, 4), (2, 0, 4), (2, 6, 0)])
+def test_empty_inputs(backend, device, B, L, E):
+    """No batch, no tokens (no window: zeros) or no embedding (an empty sum: each window is the bias) on
+    every backend; the torch backend's backward gathered position -1 at L = 0, and with E = 0 it took
+    F.conv1d's [B, 0, P] answer (no channels) for the bias."""
+    x, ws, bs, gy = _inputs(B, L, E, [2, 3], [2, 3], device, torch.float32)
+    ours = _run(lambda x, ws, bs: ops.text_cnn_pool(x, ws, bs, "relu", backend=backend), x, ws, bs, gy)
+    assert ours[0].shape == (B, 5)
+    expected = torch.relu(torch.cat(bs)).expand(B, 5) if L else torch.zeros(B, 5, device=device)
+    torch.testing.assert_close(ours[0], expected.detach())
+    assert ours[1].shape == x.shape and not ours[1].any()
+    assert [g.shape for g in ours[2:]] == [t.shape for t in ws + bs]
+    assert not any(g.any() for g in ours[2:4])
+    # the bias is each window's value when E == 0, so its gradient is grad_out where the relu passes it
+    expected_grad_b = (gy * (torch.cat(bs) > 0)).sum(0) if L else torch.zeros(5, device=device)
+    torch.testing.assert_close(torch.cat(ours[4:]), expected_grad_b.detach() if E == 0 else torch.zeros_like(expected_grad_b))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 def test_ties_take_the_first_position(backend, device):
     x = torch.zeros(1, 8, 2, device=device)
     x[0, 2] = 1.0

@@ -180,6 +180,8 @@ def _conv_nd(op: str, nd: int, x, weight, bias, stride, padding, dilation, group
     if not isinstance(groups, int) or groups < 1 or x.shape[1] % groups or weight.shape[0] % groups:
         raise ValueError(f"{op}: groups={groups!r} must be an int >= 1 dividing C_in={x.shape[1]} and "
                          f"C_out={weight.shape[0]}")
+    if x.shape[1] == 0:  # torch answers [B, 0, ...], not the bias an empty sum would give: no common answer
+        raise ValueError(f"{op}: x has no input channels (C_in = 0, shape {tuple(x.shape)})")
     if weight.shape[1] * groups != x.shape[1]:
         raise ValueError(f"{op}: weight expects C_in = {weight.shape[1] * groups} input channels "
                          f"(weight.shape[1] * groups) but x has {x.shape[1]}")

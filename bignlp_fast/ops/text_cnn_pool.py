@@ -65,8 +65,11 @@ def text_cnn_pool_fwd_torch(x, weights, biases, lengths, activation: int):
             idxs.append(torch.full((B, C), -1, dtype=torch.int32, device=x.device))
             pres.append(torch.zeros(B, C, dtype=torch.float32, device=x.device))
             continue
-        pre = F.conv1d(xt, w.to(acc), biases[i].to(acc) if biases is not None else None)  # [B, C, P]
-        P = pre.shape[-1]
+        P = L - k + 1
+        if E:
+            pre = F.conv1d(xt, w.to(acc), biases[i].to(acc) if biases is not None else None)  # [B, C, P]
+        else:  # an empty sum: the bias (F.conv1d answers [B, 0, P] when E == 0)
+            pre = (biases[i].to(acc) if biases is not None else x.new_zeros(C, dtype=acc))[:, None].expand(B, C, P)
         invalid = torch.arange(P, device=x.device)[None, :] > (lens[:, None] - k)  # [B, P]
         y = activation_torch(pre, activation).masked_fill(invalid[:, None, :], float("-inf"))
         best, idx = y.max(-1)
@@ -88,6 +91,9 @@ def text_cnn_pool_bwd_torch(grad_out, x, weights, biases, argmax, pre, activatio
     gp_all = grad_out.to(acc) * activation_grad_torch(pre.to(acc), activation)
     gp_all = gp_all.masked_fill(argmax < 0, 0.0)
     grad_x = torch.zeros_like(xa)
+    if L == 0:  # no window anywhere: only zeros flow back (and there is no position to gather)
+        grads = [torch.zeros_like(w) for w in weights] + [torch.zeros_like(b) for b in biases or []]
+        return [grad_x.to(x.dtype), *grads]
     grad_ws, grad_bs, off = [], [], 0
     for i, w in enumerate(weights):
         C, k = w.shape[0], w.shape[2]

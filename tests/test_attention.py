@@ -291,6 +291,8 @@ def test_varlen_bad_offsets():
         varlen_attention(q, torch.randn(7, 3, 8), torch.randn(7, 3, 8), cu_q, cu_k, 4, 4)
     with pytest.raises(ValueError, match="need at least one head, got 2 and 0"):
         varlen_attention(q, torch.randn(7, 0, 8), torch.randn(7, 0, 8), cu_q, cu_k, 4, 4)
+    with pytest.raises(ValueError, match="head_dim must be at least 1"):  # was a ZeroDivisionError
+        varlen_attention(q[..., :0], k[..., :0], v, cu_q, cu_k, 4, 4)
 
 
 # ---- dropout ----------------------------------------------------------------------------------
@@ -479,6 +481,8 @@ def test_bad_input_names_the_argument():
         sdpa(q, k[:, :3], v[:, :3], enable_gqa=True)
     with pytest.raises(ValueError, match="need at least one head, got 0 and 0"):  # not a division by zero
         sdpa(q[:, :0], k[:, :0], v[:, :0])
+    with pytest.raises(ValueError, match=r"head_dim must be at least 1, got query \(2, 4, 8, 0\)"):
+        sdpa(q[..., :0], k[..., :0], v)
     with pytest.raises(ValueError, match=r"attn_mask of shape \(8, 8\) does not broadcast"):
         sdpa(q, k, v, torch.ones(8, 8, dtype=torch.bool))
     with pytest.raises(TypeError, match="attn_mask must be bool"):

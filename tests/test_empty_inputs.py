@@ -51,6 +51,22 @@ def test_attention_empty(shape_q, shape_k, dtype):
     assert q.grad.shape == q.shape and torch.equal(k.grad, torch.zeros_like(k)) and torch.equal(v.grad, torch.zeros_like(v))
 
 
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("shape_q,shape_k", [((3, 2, 2, 0, 8), (3, 2, 2, 5, 8)), ((3, 2, 2, 4, 8), (3, 2, 2, 0, 8)),
+                                             ((2, 0, 8), (2, 5, 8))])
+def test_attention_broadcast_empty(backend, shape_q, shape_k):
+    """Leading dimensions other than [B, H] folded into the batch with reshape(-1, ...), which a tensor
+    of zero elements cannot infer: no queries, or no keys (torch's answer: zeros), with a mask too."""
+    q = torch.randn(shape_q, requires_grad=True)
+    k, v = torch.randn(shape_k, requires_grad=True), torch.randn(shape_k, requires_grad=True)
+    mask = torch.ones(shape_q[-2], shape_k[-2], dtype=torch.bool)
+    for m in (None, mask):
+        y = ops.scaled_dot_product_attention(q, k, v, m, backend=backend)
+        torch.testing.assert_close(y, torch.nn.functional.scaled_dot_product_attention(q, k, v, m))
+        y.sum().backward()
+        assert q.grad.shape == q.shape and not k.grad.any() and not v.grad.any()
+
+
 def test_multihead_attention_empty_batch_under_autocast():
     """bf16 autocast sends an empty batch through the bf16 kernels, forward and backward."""
     mha = MultiheadAttention(32, 4, batch_first=True, backend="cpu")

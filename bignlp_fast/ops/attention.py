@@ -297,7 +297,10 @@ def _check_dropout(op: str, dropout_p, upper: str = ")") -> float:
     return float(dropout_p)
 
 
-def _check_scale(op: str, scale, head_dim: int) -> float:
+def _check_scale(op: str, scale, query: Tensor) -> float:
+    head_dim = query.shape[-1]
+    if head_dim == 0:  # torch's softmax(0 * inf) is the mean of the values; here a clear error
+        raise ValueError(f"{op}: head_dim must be at least 1, got query {tuple(query.shape)}")
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
     if not isinstance(scale, (int, float)) or not math.isfinite(scale):
@@ -356,9 +359,10 @@ def _broadcast_4d(op: str, query: Tensor, key: Tensor, value: Tensor, attn_mask:
                          f"value {tuple(value.shape)} do not broadcast") from None
     if hq == 1 and hk > 1:  # one query head against many key/value heads: the query broadcast over them
         hq = hk
-    q = q.expand(*batch, hq, lq, d).reshape(-1, hq, lq, d)
-    k = k.expand(*batch, hk, lk, d).reshape(-1, hk, lk, d)
-    v = v.expand(*batch, hk, lk, dv).reshape(-1, hk, lk, dv)
+    n = math.prod(batch)  # not -1: a reshape of zero elements cannot infer it
+    q = q.expand(*batch, hq, lq, d).reshape(n, hq, lq, d)
+    k = k.expand(*batch, hk, lk, d).reshape(n, hk, lk, d)
+    v = v.expand(*batch, hk, lk, dv).reshape(n, hk, lk, dv)
     mask = attn_mask
     if mask is not None and mask.dim() >= 2:
         rank = len(batch) + 3
@@ -366,7 +370,7 @@ def _broadcast_4d(op: str, query: Tensor, key: Tensor, value: Tensor, attn_mask:
             raise ValueError(f"{op}: attn_mask has {mask.dim()} dimensions; the output has {rank}")
         mask = mask[(None,) * (rank - mask.dim())]
         try:
-            mask = mask.expand(*batch, *mask.shape[-3:]).reshape(-1, *mask.shape[-3:])
+            mask = mask.expand(*batch, *mask.shape[-3:]).reshape(n, *mask.shape[-3:])
         except RuntimeError:
             raise ValueError(f"{op}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
                              f"{(*batch, hq, lq, lk)}") from None
@@ -436,10 +440,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     if hk != hq and not (enable_gqa and hq % hk == 0):
         need = "enable_gqa=True and " if not enable_gqa else ""
         raise ValueError(f"{op}: query has {hq} heads and key/value {hk}; that needs {need}{hk} to divide {hq}")
-    if d == 0:
-        raise ValueError(f"{op}: head_dim must be at least 1, got query {tuple(query.shape)}")
     dropout_p = _check_dropout(op, dropout_p, upper="]")
-    scale = _check_scale(op, scale, d)
+    scale = _check_scale(op, scale, query)
     if dropout_p == 1.0:  # every weight dropped: as if no key were there (zeros out, zero gradients)
         key, value, attn_mask, dropout_p, lk = key[:, :, :0], value[:, :, :0], None, 0.0, 0
     if lk == 0:  # every row fully masked: zeros, which the reference gives without a kernel launch
@@ -523,7 +525,7 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
                          f"{cu_seqlens_k.numel() - 1}")
     check_choice(op, "causal", causal, (False, True))
     dropout_p = _check_dropout(op, dropout_p)
-    scale = _check_scale(op, scale, q.shape[-1])
+    scale = _check_scale(op, scale, q)
     name = _backend.choose(OP, q.device, q.dtype, backend, _supports(q.shape[-1], v.shape[-1], False))
     seed = new_dropout_seed() if dropout_p > 0 else None
     q4, k4, v4 = (_last_dim_contiguous(t).unsqueeze(0).transpose(1, 2) for t in (q, k, v))  # [1, H, T, D] views

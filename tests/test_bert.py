@@ -262,6 +262,24 @@ def test_bad_inputs_raise():
         model(torch.zeros(1, 65, dtype=torch.long))
     with pytest.raises(ValueError, match="not a multiple of num_attention_heads"):
         BertConfig(hidden_size=30, num_attention_heads=4)
+    with pytest.raises(ValueError, match=r"input_ids has no tokens, shape \(2, 0\)"):  # was the pooler's IndexError
+        model(torch.zeros(2, 0, dtype=torch.long))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_an_empty_batch(dtype):
+    """No sequences, with a mask (which packed them for varlen attention: it needs one) and without:
+    empty outputs of the right shapes, and a training step that leaves zero gradients (transformers'
+    eager BERT raises a reshape error here)."""
+    _, ours = _pair(transformers.BertForSequenceClassification, BertForSequenceClassification)
+    ours = ours.to(dtype)
+    ids = torch.zeros(0, 7, dtype=torch.long)
+    for mask in (torch.ones(0, 7, dtype=torch.long), None):
+        logits = ours(ids, attention_mask=mask).logits
+        assert logits.shape == (0, CONFIG["num_labels"]) and logits.dtype == dtype
+        ours.zero_grad()
+        logits.float().sum().backward()
+        assert all(p.grad is None or not p.grad.any() for p in ours.parameters())
 
 
 def test_bfloat16_end_to_end():

@@ -126,6 +126,8 @@ class _Batch:
     @staticmethod
     def of(attention_mask: Optional[Tensor], shape: tuple[int, int]) -> "_Batch":
         b, l = shape
+        if b == 0:  # no sequences to pack (varlen attention needs at least one)
+            return _Batch(shape)
         if attention_mask is None or not values_readable(attention_mask):
             mask = None if attention_mask is None else attention_mask.bool().view(b, 1, 1, l)
             return _Batch(shape, mask=mask)
@@ -293,6 +295,8 @@ def _check_inputs(config: BertConfig, input_ids: Tensor, attention_mask, token_t
     if input_ids.dim() != 2 or input_ids.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"Bert: input_ids must be integer token ids [B, L], got {input_ids.dtype} of shape "
                          f"{tuple(input_ids.shape)}")
+    if input_ids.shape[1] == 0:  # the pooler and the classifier read the first token
+        raise ValueError(f"Bert: input_ids has no tokens, shape {tuple(input_ids.shape)}")
     if input_ids.shape[1] > config.max_position_embeddings:
         raise ValueError(f"Bert: input_ids has {input_ids.shape[1]} positions, more than max_position_embeddings "
                          f"{config.max_position_embeddings}")

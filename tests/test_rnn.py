@@ -646,6 +646,8 @@ def test_lengths_bad_input():
         lstm(torch.randn(3, 6, 5), lengths=torch.tensor([1, 2]))
     with pytest.raises(ValueError, match=r"in \[1, 6\]"):
         lstm(x, lengths=torch.tensor([0, 7]))
+    with pytest.raises(ValueError, match=r"no steps \(T = 0\)"):  # not "in [1, 0]"
+        lstm(x[:, :0], lengths=torch.tensor([1, 1]))
     with pytest.raises(ValueError, match="PackedSequence carries its own"):
         lstm(pack_padded_sequence(x, torch.tensor([6, 2]), batch_first=True), lengths=torch.tensor([6, 2]))
 

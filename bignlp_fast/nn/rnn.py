@@ -78,6 +78,9 @@ def _check_lengths(name: str, batch_first: bool, input, lengths) -> Tensor:
     batch, steps = (input.shape[0], input.shape[1]) if batch_first else (input.shape[1], input.shape[0])
     if lengths.shape[0] != batch:
         raise ValueError(f"{name}: lengths has {lengths.shape[0]} entries for a batch of {batch}")
+    if steps == 0 and batch:
+        raise ValueError(f"{name}: the input has no steps (T = 0), so lengths (each in [1, T], as "
+                         f"pack_padded_sequence takes them) cannot be given; leave them out")
     if values_readable(lengths) and lengths.numel() and (lengths.min() < 1 or lengths.max() > steps):
         raise ValueError(f"{name}: lengths must be in [1, {steps}] (the input's steps), got {lengths.tolist()}")
     return lengths

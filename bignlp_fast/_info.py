@@ -33,7 +33,7 @@ def _usable_here(backend: str) -> str:
 def info() -> dict:
     """Versions, build flags, per-op backends (dtypes, usable here or why not), and the fallback record."""
     from bignlp_fast.ops.linear import (  # (ops imports this module's package)
-        _PREPACKED, MIN_ROWS_AVX2, MIN_WEIGHT_BYTES_AVX2, MIN_WEIGHT_BYTES_PREPACKED_AVX2, prepacked_bytes)
+        MIN_ROWS_AVX2, MIN_WEIGHT_BYTES_AVX2, MIN_WEIGHT_BYTES_PREPACKED_AVX2, prepacked_bytes, prepacked_weights)
     ops = {}
     for name, op in sorted(_backend.OPS.items()):
         ops[name] = {}
@@ -74,7 +74,7 @@ def info() -> dict:
         "linear_streaming_rows": _backend.linear_streaming_rows(),
         "linear_streaming_rows_prepacked": _backend.linear_streaming_rows(prepacked=True),
         # the weights ops.prepack marked, and the bytes of their packed copies
-        "prepacked_weights": len(_PREPACKED),
+        "prepacked_weights": prepacked_weights(),
         "prepacked_bytes": prepacked_bytes(),
         # which GEMM bf16 products on the CPU take in nn.Linear, the models and the RNN projections
         "bf16_gemm": ("torch's (oneDNN's kernels: this CPU has AVX-512)" if _backend.blas_bf16_gemm_is_fast()

@@ -162,6 +162,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_fwd_cpu", &linear_fwd_cpu);
   m.def("linear_bwd_cpu", &linear_bwd_cpu);
   m.def("linear_pack_cpu", &linear_pack_cpu);
+  m.def("linear_packed_fits", &linear_packed_fits);
   m.def("rnn_fwd_cpu", &rnn_fwd_cpu);
   m.def("rnn_bwd_cpu", &rnn_bwd_cpu);
   m.def("layer_norm_lstm_fwd_cpu", &layer_norm_lstm_fwd_cpu);

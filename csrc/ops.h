@@ -112,6 +112,9 @@ std::vector<at::Tensor> layer_norm_lstm_bwd_cpu(const at::Tensor& grad_out, cons
 at::Tensor linear_fwd_cpu(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& b,
                           const std::optional<at::Tensor>& packed);
 at::Tensor linear_pack_cpu(const at::Tensor& w);
+// Whether packed is in the form linear_pack_cpu(w) would make now (the build and the bf16_dot setting
+// decide it): what linear_fwd_cpu checks, and what tells a caller's cached copy is stale.
+bool linear_packed_fits(const at::Tensor& packed, const at::Tensor& w);
 std::vector<at::Tensor> linear_bwd_cpu(const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& w,
                                        bool has_bias);
 

@@ -234,9 +234,10 @@ def _cpu_kernels():
 @pytest.fixture
 def lin():
     """bignlp_fast.ops.linear (the module; bignlp_fast.ops.linear is the function), its registry of
-    prepacked weights emptied after the test."""
+    prepacked weights emptied before and after the test."""
     import importlib
     module = importlib.import_module("bignlp_fast.ops.linear")
+    module._PREPACKED.clear()
     yield module
     module._PREPACKED.clear()
 
@@ -279,6 +280,7 @@ def test_marked_weights_are_packed_once_and_again_when_they_change(lin):
                                   F.linear(x.double(), layer.weight.double(), layer.bias.double()), torch.float32)
 
     assert lin.prepack(layer) == 1 and lin.prepack(layer) == 0  # the bias is no product's weight
+    assert lin.prepacked_weights() == 1 and lin.prepacked_bytes() == 0  # marked; packed at first use
     with torch.no_grad():
         check()
         packed = lin._packed(layer.weight)
@@ -298,7 +300,7 @@ def test_marked_weights_are_packed_once_and_again_when_they_change(lin):
         y = lin.linear(x, layer.weight, layer.bias)
     assert_within_torch_error("prepacked bf16", y, F.linear(x, layer.weight, layer.bias),
                               F.linear(x.double(), layer.weight.double(), layer.bias.double()), torch.bfloat16)
-    assert lin.prepack(layer, enabled=False) == 1 and lin.prepacked_bytes() == 0
+    assert lin.prepack(layer, enabled=False) == 1 and lin.prepacked_bytes() == 0 == lin.prepacked_weights()
 
 
 def test_prepacked_copies_only_outside_autograd_and_compile(lin):
@@ -357,6 +359,14 @@ def test_prepack_bad_input(lin):
         C.linear_fwd_cpu(torch.randn(40, 64), w, None, C.linear_pack_cpu(torch.randn(70, 32)))
     with pytest.raises(RuntimeError, match="packed does not hold w"):
         C.linear_fwd_cpu(torch.randn(40, 64), w, None, C.linear_pack_cpu(w).double())
+    # the predicate behind that check, which also tells the registry a copy is stale
+    assert C.linear_packed_fits(C.linear_pack_cpu(w), w) and C.linear_packed_fits(C.linear_pack_cpu(w.t().contiguous().t()), w)
+    assert not C.linear_packed_fits(C.linear_pack_cpu(torch.randn(70, 32)), w)
+    assert not C.linear_packed_fits(C.linear_pack_cpu(w).double(), w)
+    assert not C.linear_packed_fits(C.linear_pack_cpu(w)[::2], w[:35])
+    bf16 = w.bfloat16()  # fp32 panels, or bf16 pairs (int32) where AVX512_BF16 dot products run
+    assert C.linear_packed_fits(C.linear_pack_cpu(bf16), bf16)
+    assert C.linear_packed_fits(C.linear_pack_cpu(w), bf16) == (not C.bf16_dot())
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

@@ -210,13 +210,16 @@ def dense(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``x @ weight^T + bias`` on the faster GEMM for these tensors: :func:`linear` where
     :func:`linear_is_faster` says so, else F.linear. ``weight`` may also be the transpose of a
     contiguous [K, N] tensor (GPT-2's Conv1D layout)."""
-    return linear(x, weight, bias) if linear_is_faster(x, weight) else F.linear(x, weight, bias)
+    packable = _packable(weight)
+    if linear_is_faster(x, weight, prepacked=packable):
+        return _linear(x, weight, bias, None, packable)
+    return F.linear(x, weight, bias)
 
 
 # ---- weights packed once (inference) --------------------------------------------------------------
 # A marked weight (the base tensor of the views the models pass: W^T of a Conv1D weight, a slice of
 # nn.MultiheadAttention's in_proj_weight) -> {(storage offset, shape, strides) of a view:
-# (version, data_ptr, dtype, bf16 pairs, packed)}. Weakly keyed: a weight that goes frees its copies.
+# (version, data_ptr, dtype, packed)}. Weakly keyed: a weight that goes frees its copies.
 _PREPACKED: WeakIdKeyDictionary = WeakIdKeyDictionary()
 
 
@@ -253,6 +256,11 @@ def prepack(weights: Union[nn.Module, Tensor, Iterable[Tensor]], enabled: bool =
     return count
 
 
+def prepacked_weights() -> int:
+    """How many weights :func:`prepack` has marked (and that are still alive)."""
+    return len(_PREPACKED)
+
+
 def prepacked_bytes() -> int:
     """Bytes held by the packed copies of :func:`prepack`'s weights."""
     return sum(e[-1].numel() * e[-1].element_size() for entries in list(_PREPACKED.values())
@@ -274,10 +282,10 @@ def _packed(weight: Tensor) -> Tensor:
     """``weight``'s packed copy (for a :func:`_packable` weight), made now if it is missing or stale."""
     entries = _PREPACKED[weight if weight._base is None else weight._base]
     key = (weight.storage_offset(), tuple(weight.shape), weight.stride())
-    pairs = weight.dtype == torch.bfloat16 and _backend.bf16_dot()  # the copy's format (csrc/cpu/linear.cpp)
-    state = (weight._version, weight.data_ptr(), weight.dtype, pairs)
+    state = (weight._version, weight.data_ptr(), weight.dtype)
     entry = entries.get(key)
-    if entry is None or entry[:4] != state:
+    # stale: the weight changed, or the copy's format is not this setting's (bf16_dot(): bf16 pairs or not)
+    if entry is None or entry[:3] != state or not _backend.compiled().linear_packed_fits(entry[-1], weight):
         entries.pop(key, None)  # the stale copy goes before the new one is made
         w = weight if weight.is_contiguous() or weight.t().is_contiguous() else weight.contiguous()
         with torch.no_grad():
@@ -293,6 +301,12 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, backend:
         x: [..., K]; weight: [N, K]; bias: [N] or None; one dtype (float32 / bfloat16 on the CPU).
         backend: "cpu", "torch" or None for automatic.
     """
+    return _linear(x, weight, bias, backend, None)
+
+
+def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend: Optional[str],
+            packable: Optional[bool]) -> Tensor:
+    """:func:`linear`, told whether ``weight`` is :func:`_packable` (None: ask)."""
     op = "linear"
     check_tensor(op, "x", x, min_dim=1)
     check_like(op, "weight", weight, "x", x, same_shape=False)
@@ -306,7 +320,9 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, backend:
                              f"{tuple(bias.shape)}")
     name = _backend.choose(OP, x.device, x.dtype, backend)
     rows = math.prod(x.shape[:-1])
-    packed = (_packed(weight) if name == "cpu" and rows > _backend.linear_streaming_rows(True) and x.shape[-1] > 0
-              and _packable(weight) else None)
+    use_packed = name == "cpu" and rows > _backend.linear_streaming_rows(True) and x.shape[-1] > 0
+    if use_packed and packable is None:
+        packable = _packable(weight)
+    packed = _packed(weight) if use_packed and packable else None
     y = call(linear_fwd, x.reshape(rows, x.shape[-1]), weight, bias, name, packed)  # (rows, not -1: K may be 0)
     return y.view(*x.shape[:-1], weight.shape[0])

@@ -62,6 +62,14 @@ int64_t packed_numel(int64_t N, int64_t K, bool pairs) {
 }
 }  // namespace
 
+bool linear_packed_fits(const at::Tensor& packed, const at::Tensor& w) {
+  if (w.dim() != 2) return false;
+  const bool pairs = packs_pairs(w.scalar_type());
+  return packed.device().is_cpu() && packed.is_contiguous() &&
+         packed.scalar_type() == (pairs ? at::kInt : at::kFloat) &&
+         packed.numel() == packed_numel(w.size(0), w.size(1), pairs);
+}
+
 at::Tensor linear_pack_cpu(const at::Tensor& w) {
   TORCH_CHECK(w.dim() == 2, "linear_pack: w must be [N, K]");
   TORCH_CHECK(w.scalar_type() == at::kFloat || w.scalar_type() == at::kBFloat16,
@@ -87,11 +95,9 @@ at::Tensor linear_fwd_cpu(const at::Tensor& x, const at::Tensor& w, const std::o
   const int64_t M = x.size(0), K = x.size(1), N = w.size(0);
   const bool rows = w.is_contiguous();  // else w.t() is: W^T stored [K, N]
   if (packed.has_value()) {
-    const bool pairs = packs_pairs(w.scalar_type());
-    TORCH_CHECK(packed->is_contiguous() && packed->scalar_type() == (pairs ? at::kInt : at::kFloat) &&
-                    packed->numel() == packed_numel(N, K, pairs),
-                "linear: packed does not hold w [", N, ", ", K, "] packed for this build and setting (",
-                pairs ? "bf16 pairs" : "fp32 panels", "): pack it again with linear_pack");
+    TORCH_CHECK(linear_packed_fits(*packed, w), "linear: packed does not hold w [", N, ", ", K,
+                "] packed for this build and setting (", packs_pairs(w.scalar_type()) ? "bf16 pairs" : "fp32 panels",
+                "): pack it again with linear_pack");
   }
   if (M == 0 || K == 0) {  // nothing to multiply: the bias, or zeros (the streaming kernels divide K)
     at::Tensor y = at::zeros({M, N}, x.options());

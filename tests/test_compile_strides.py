@@ -59,7 +59,7 @@ def test_compiled_gpt_training_step_with_ops_linear_on_conv1d_weights(monkeypatc
 
     from bignlp_fast.models import GPTConfig, GPTLMHeadModel
     linear_module = importlib.import_module("bignlp_fast.ops.linear")
-    monkeypatch.setattr(linear_module, "linear_is_faster", lambda x, w: x.device.type == "cpu")
+    monkeypatch.setattr(linear_module, "linear_is_faster", lambda x, w, prepacked=None: x.device.type == "cpu")
     torch.manual_seed(0)
     model = GPTLMHeadModel(GPTConfig(vocab_size=50, n_positions=16, n_embd=32, n_layer=1, n_head=4, resid_pdrop=0.0,
                                      embd_pdrop=0.0, attn_pdrop=0.0))  # training mode, no dropout

@@ -430,9 +430,9 @@ def test_hf_gpt2_conv1d_runs_on_dense_with_the_same_results(transformers, monkey
     assert isinstance(model.transformer.h[0].attn.c_attn, Conv1D)
     assert model.state_dict().keys() == ref.state_dict().keys()
     calls = []
-    real = linear_module.linear
-    monkeypatch.setattr(linear_module, "linear_is_faster", lambda x, w: True)
-    monkeypatch.setattr(linear_module, "linear", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = linear_module._linear  # what ops.linear and dense run
+    monkeypatch.setattr(linear_module, "linear_is_faster", lambda x, w, prepacked=None: True)
+    monkeypatch.setattr(linear_module, "_linear", lambda *a, **k: calls.append(1) or real(*a, **k))
     ids = torch.randint(0, 101, (2, 7), generator=torch.Generator().manual_seed(1))
     got, expected = model(ids, labels=ids), ref(ids, labels=ids)
     assert len(calls) == 8 + 1  # every Conv1D and the lm_head

@@ -37,6 +37,7 @@ from bignlp_fast import _backend
 _BODIES: dict = {}
 _EAGER: dict = {}
 _PLAIN = (Tensor, torch.nn.Parameter)
+_SCALARS = frozenset((int, float, bool, str, type(None)))  # arguments _route passes over at once
 
 
 def custom_op(name: str) -> Callable:
@@ -82,7 +83,10 @@ def _route(args) -> int:
     grad = torch.is_grad_enabled()
     route = 0
     for a in args:
-        if type(a) in _PLAIN:
+        kind = type(a)
+        if kind in _SCALARS:
+            continue
+        if kind in _PLAIN:
             if a.is_meta:
                 return 2  # the op's fake function is its meta kernel: shapes without data
             if grad and a.requires_grad:

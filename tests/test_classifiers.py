@@ -114,6 +114,15 @@ def test_bad_configs_and_inputs():
     for make in (_textcnn, _rnn):
         with pytest.raises(ValueError, match="right-padded"):
             make()(_batch(), attention_mask=left_padded)
+    with pytest.raises(ValueError, match=r"RNNClassifier: input_ids has no tokens, shape \(4, 0\)"):
+        _rnn()(_batch()[:, :0])
+
+
+@pytest.mark.parametrize("make", [_textcnn, _rnn], ids=["textcnn", "rnn"])
+def test_an_empty_batch(make):
+    model = make().eval()
+    logits = model(_batch()[:0]).logits
+    assert logits.shape == (0, model.classifier.out_features)
 
 
 @pytest.mark.parametrize("make", [_textcnn, _rnn], ids=["textcnn", "rnn"])

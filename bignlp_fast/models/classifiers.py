@@ -121,6 +121,8 @@ class RNNClassifier(torch.nn.Module):
     def forward(self, input_ids: Tensor, lengths: Optional[Tensor] = None, attention_mask: Optional[Tensor] = None,
                 labels: Optional[Tensor] = None) -> ClassifierOutput:
         B, L = input_ids.shape
+        if L == 0:  # no step to run (torch.nn's recurrent layers take none either)
+            raise ValueError(f"RNNClassifier: input_ids has no tokens, shape {tuple(input_ids.shape)}")
         x = self.embedding(input_ids)  # [B, L, E]
         lengths = _lengths(input_ids, lengths, attention_mask)
         if lengths is None:

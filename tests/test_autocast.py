@@ -133,3 +133,17 @@ def test_bert_and_gpt_run_under_cpu_autocast():
     assert got.dtype == BF16 and _rel_err(got, want) < 2e-2
     assert tokens.shape == (2, 10) and torch.equal(tokens[:, :7], ids)
     assert bignlp_fast.report() == []
+
+
+def test_autocast_enabled_per_device_type():
+    """The quick "no autocast anywhere" answer (torch._C._is_any_autocast_enabled) agrees with torch's
+    per-device one, and a device type autocast does not know (meta) is never on."""
+    from bignlp_fast.ops._common import autocast_enabled, autocast_lower
+    x = torch.randn(2, 3)
+    assert not autocast_enabled("cpu") and autocast_lower(x.device, x)[0] is x
+    with torch.autocast("cpu", dtype=BF16):
+        assert autocast_enabled("cpu") and not autocast_enabled("meta")
+        assert autocast_lower(x.device, x)[0].dtype == BF16
+        with torch.autocast("cpu", enabled=False):
+            assert not autocast_enabled("cpu")
+    assert not autocast_enabled("cpu")

@@ -197,9 +197,21 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+# Whether autocast is on for any device type: one call (~0.2 us) that spares the common case the
+# per-device questions (~1 us, and ~0.5 us more for a torch.device's .type). Not while torch.compile
+# traces, which knows torch.is_autocast_enabled but not this private function.
+_any_autocast = getattr(torch._C, "_is_any_autocast_enabled", None)
+
+
+def _autocast_off() -> bool:
+    return _any_autocast is not None and not torch.compiler.is_compiling() and not _any_autocast()
+
+
 def autocast_enabled(device_type: str) -> bool:
     """torch.is_autocast_enabled(device_type), False for a device type autocast does not know (meta),
     where torch's own function raises."""
+    if _autocast_off():
+        return False
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
@@ -211,7 +223,7 @@ def autocast_lower(device: torch.device, *tensors):
 
     The ops that stand for those torch functions call this first. Autocast cannot do it for them:
     their custom ops are on none of its lists, and call()'s eager route passes by the dispatcher."""
-    if not autocast_enabled(device.type):
+    if _autocast_off() or not autocast_enabled(device.type):
         return tensors
     dtype = torch.get_autocast_dtype(device.type)
     return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != torch.float64 else t
@@ -224,7 +236,7 @@ def autocast_promote(device: torch.device, x: Tensor, residual: Optional[Tensor]
     promoted as ``x + residual`` is (a bf16 GEMM output and an fp32 residual stream give fp32), the
     parameters (weight, bias) cast to that dtype, as autocast's F.linear casts its bias and
     nn.LayerNorm its weight. Without autocast, everything as it is (mixed dtypes stay an error)."""
-    if not autocast_enabled(device.type):
+    if _autocast_off() or not autocast_enabled(device.type):
         return (x, residual, *params)
     dtype = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
     return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in (x, residual, *params))

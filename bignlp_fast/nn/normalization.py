@@ -41,7 +41,10 @@ class LayerNorm(torch.nn.LayerNorm):
         if residual is not None and residual.dtype != x.dtype:  # as eager x + residual: the promoted dtype
             dtype = torch.promote_types(x.dtype, residual.dtype)  # (bf16 x, fp32 residual under CPU autocast)
             x, residual = x.to(dtype), residual.to(dtype)
-        flat = lambda t: None if t is None else t.reshape(-1).to(x.dtype)  # noqa: E731
+        flat = lambda t: None if t is None else (t if t.dim() == 1 else t.reshape(-1)).to(x.dtype)  # noqa: E731
+        if k == 1:  # (no views: they cost microseconds a call)
+            out, total = add_layer_norm(x, residual, flat(self.weight), flat(self.bias), self.eps, backend=self.backend)
+            return out if residual is None else (out, total)
         n = math.prod(self.normalized_shape)  # not -1: an empty batch has no size to infer it from
         x2 = x.reshape(*lead, n)
         r2 = residual.reshape(*lead, n) if residual is not None else None

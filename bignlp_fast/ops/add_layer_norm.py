@@ -18,9 +18,9 @@ import torch
 from torch import Tensor
 
 from bignlp_fast import _backend
-from bignlp_fast.ops._common import (acc_dtype, autocast_promote, call, check_like, check_tensor, check_vector,
+from bignlp_fast.ops._common import (acc_dtype, as_rows, autocast_promote, call, check_like, check_tensor, check_vector,
                                      contiguous, custom_op, fresh_like, grads_or_zeros, kernel, no_zero_grads,
-                                     register_autograd)
+                                     register_autograd, rows_back)
 
 OP = _backend.register_op("add_layer_norm", dtypes={
     "cpu": (torch.float32, torch.bfloat16),
@@ -157,7 +157,6 @@ def add_layer_norm(x: Tensor, residual: Optional[Tensor] = None, weight: Optiona
     if not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"{op}: eps must be a non-negative number, got {eps!r}")
     name = _backend.choose(OP, x.device, x.dtype, backend, _triton_check(hidden, x.dtype))
-    x2 = x.reshape(-1, hidden)
-    r2 = residual.reshape(-1, hidden) if residual is not None else None
-    out, residual_out, _mean, _rstd = call(add_layer_norm_fwd, x2, r2, weight, bias, float(eps), name)
-    return out.view(x.shape), (residual_out.view(x.shape) if residual is not None else x)
+    r2 = as_rows(residual, hidden) if residual is not None else None
+    out, residual_out, _mean, _rstd = call(add_layer_norm_fwd, as_rows(x, hidden), r2, weight, bias, float(eps), name)
+    return rows_back(out, x), (rows_back(residual_out, x) if residual is not None else x)

@@ -15,8 +15,8 @@ from torch import Tensor
 
 from bignlp_fast import _backend
 from bignlp_fast.ops._activation import ACTIVATIONS, activation_grad_torch
-from bignlp_fast.ops._common import (acc_dtype, autocast_promote, call, check_choice, check_tensor, check_vector,
-                                     contiguous, custom_op, fresh_like, kernel, register_autograd)
+from bignlp_fast.ops._common import (acc_dtype, as_rows, autocast_promote, call, check_choice, check_tensor, check_vector,
+                                     contiguous, custom_op, fresh_like, kernel, register_autograd, rows_back)
 
 OP = _backend.register_op("bias_gelu", dtypes={
     "cpu": (torch.float32, torch.bfloat16),
@@ -108,5 +108,4 @@ def bias_gelu(x: Tensor, bias: Optional[Tensor] = None, approximate: str = "none
     check_vector(op, "bias", bias, hidden, "x", x)
     check_choice(op, "approximate", approximate, APPROXIMATE)
     name = _backend.choose(OP, x.device, x.dtype, backend)
-    y = call(bias_gelu_fwd, x.reshape(x.shape[:-1].numel(), hidden), bias, approximate, name)  # (not -1: H may be 0)
-    return y.view(x.shape)
+    return rows_back(call(bias_gelu_fwd, as_rows(x, hidden), bias, approximate, name), x)

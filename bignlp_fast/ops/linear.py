@@ -34,8 +34,8 @@ from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from bignlp_fast import _backend
-from bignlp_fast.ops._common import (acc_dtype, call, check_like, check_tensor, contiguous, custom_op, fresh_like,
-                                     kernel, register_autograd)
+from bignlp_fast.ops._common import (acc_dtype, as_rows, call, check_like, check_tensor, contiguous, custom_op, fresh_like,
+                                     kernel, register_autograd, rows_back)
 
 OP = _backend.register_op(
     "linear",
@@ -324,5 +324,4 @@ def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend: Optional
     if use_packed and packable is None:
         packable = _packable(weight)
     packed = _packed(weight) if use_packed and packable else None
-    y = call(linear_fwd, x.reshape(rows, x.shape[-1]), weight, bias, name, packed)  # (rows, not -1: K may be 0)
-    return y.view(*x.shape[:-1], weight.shape[0])
+    return rows_back(call(linear_fwd, as_rows(x, x.shape[-1]), weight, bias, name, packed), x)

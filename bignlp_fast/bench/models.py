@@ -23,19 +23,18 @@ class _Models:
 
     def __call__(self, dtype: torch.dtype, side: int):
         """side 0: ours, 1: the reference."""
+        if (torch.float32, 0) not in self.models:
+            ours, ref = (m.to(self.device) for m in self.build())
+            self.models[torch.float32, 0], self.models[torch.float32, 1] = self._prepared(ours), ref
         if (dtype, side) not in self.models:
-            if (torch.float32, 0) not in self.models:
-                self.models[torch.float32, 0], self.models[torch.float32, 1] = (m.to(self.device) for m in self.build())
-                self._prepare(self.models[torch.float32, 0])
-            if (dtype, side) not in self.models:
-                self.models[dtype, side] = copy.deepcopy(self.models[torch.float32, side]).to(dtype)
-                if side == 0:
-                    self._prepare(self.models[dtype, side])
+            model = copy.deepcopy(self.models[torch.float32, side]).to(dtype)
+            self.models[dtype, side] = self._prepared(model) if side == 0 else model
         return self.models[dtype, side]
 
-    def _prepare(self, model):
+    def _prepared(self, model):
         if self.prepare is not None:
             self.prepare(model)
+        return model
 
 
 def _padded_batch(b: int, l: int, vocab: int, seed: int = 5):

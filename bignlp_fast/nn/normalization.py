@@ -42,16 +42,15 @@ class LayerNorm(torch.nn.LayerNorm):
             dtype = torch.promote_types(x.dtype, residual.dtype)  # (bf16 x, fp32 residual under CPU autocast)
             x, residual = x.to(dtype), residual.to(dtype)
         flat = lambda t: None if t is None else (t if t.dim() == 1 else t.reshape(-1)).to(x.dtype)  # noqa: E731
-        if k == 1:  # (no views: they cost microseconds a call)
-            out, total = add_layer_norm(x, residual, flat(self.weight), flat(self.bias), self.eps, backend=self.backend)
-            return out if residual is None else (out, total)
-        n = math.prod(self.normalized_shape)  # not -1: an empty batch has no size to infer it from
-        x2 = x.reshape(*lead, n)
-        r2 = residual.reshape(*lead, n) if residual is not None else None
+        x2, r2 = x, residual  # one normalized dimension: as they are (views cost microseconds a call)
+        if k > 1:
+            n = math.prod(self.normalized_shape)  # not -1: an empty batch has no size to infer it from
+            x2 = x.reshape(*lead, n)
+            r2 = residual.reshape(*lead, n) if residual is not None else None
         out, total = add_layer_norm(x2, r2, flat(self.weight), flat(self.bias), self.eps, backend=self.backend)
-        if residual is None:
-            return out.view(x.shape)
-        return out.view(x.shape), total.view(x.shape)
+        if k > 1:
+            out, total = out.view(x.shape), (total.view(x.shape) if residual is not None else None)
+        return out if residual is None else (out, total)
 
     @classmethod
     def from_torch(cls, module: torch.nn.LayerNorm) -> "LayerNorm":

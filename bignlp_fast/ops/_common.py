@@ -242,11 +242,11 @@ def autocast_promote(device: torch.device, x: Tensor, residual: Optional[Tensor]
     return tuple(t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t for t in (x, residual, *params))
 
 
-def as_rows(t: Tensor, width: int) -> Tensor:
+def as_rows(t: Tensor) -> Tensor:
     """``t`` [..., width] as [rows, width]: ``t`` itself when it is 2-D already (a view costs ~2 us a
     call on a slow core, a view to a torch.Size ~5 us: small calls notice)."""
     dims = t.dim()
-    return t if dims == 2 else t.flatten(0, -2) if dims > 2 else t.reshape(1, width)
+    return t if dims == 2 else t.flatten(0, -2) if dims > 2 else t.unsqueeze(0)
 
 
 def rows_back(y: Tensor, x: Tensor) -> Tensor:

@@ -157,6 +157,6 @@ def add_layer_norm(x: Tensor, residual: Optional[Tensor] = None, weight: Optiona
     if not isinstance(eps, (int, float)) or not eps >= 0:
         raise ValueError(f"{op}: eps must be a non-negative number, got {eps!r}")
     name = _backend.choose(OP, x.device, x.dtype, backend, _triton_check(hidden, x.dtype))
-    r2 = as_rows(residual, hidden) if residual is not None else None
-    out, residual_out, _mean, _rstd = call(add_layer_norm_fwd, as_rows(x, hidden), r2, weight, bias, float(eps), name)
+    r2 = as_rows(residual) if residual is not None else None
+    out, residual_out, _mean, _rstd = call(add_layer_norm_fwd, as_rows(x), r2, weight, bias, float(eps), name)
     return rows_back(out, x), (rows_back(residual_out, x) if residual is not None else x)

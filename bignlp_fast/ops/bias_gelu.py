@@ -108,4 +108,4 @@ def bias_gelu(x: Tensor, bias: Optional[Tensor] = None, approximate: str = "none
     check_vector(op, "bias", bias, hidden, "x", x)
     check_choice(op, "approximate", approximate, APPROXIMATE)
     name = _backend.choose(OP, x.device, x.dtype, backend)
-    return rows_back(call(bias_gelu_fwd, as_rows(x, hidden), bias, approximate, name), x)
+    return rows_back(call(bias_gelu_fwd, as_rows(x), bias, approximate, name), x)

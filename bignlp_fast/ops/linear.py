@@ -324,4 +324,4 @@ def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend: Optional
     if use_packed and packable is None:
         packable = _packable(weight)
     packed = _packed(weight) if use_packed and packable else None
-    return rows_back(call(linear_fwd, as_rows(x, x.shape[-1]), weight, bias, name, packed), x)
+    return rows_back(call(linear_fwd, as_rows(x), weight, bias, name, packed), x)

@@ -169,6 +169,16 @@ def test_loads_a_transformers_checkpoint(tmp_path):
     assert bf16.transformer.h[0].attn.c_attn.weight.dtype == torch.bfloat16
 
 
+def test_from_pretrained_returns_eval_mode(tmp_path):
+    """As transformers' from_pretrained: dropout off, so inference and greedy generate repeat."""
+    model = GPTLMHeadModel(GPTConfig(**{**CFG, "resid_pdrop": 0.5, "embd_pdrop": 0.5, "attn_pdrop": 0.5}))
+    model.save_pretrained(str(tmp_path))
+    loaded = GPTLMHeadModel.from_pretrained(str(tmp_path))
+    assert not loaded.training and not any(m.training for m in loaded.modules())
+    ids = torch.randint(0, 97, (2, 5), generator=torch.Generator().manual_seed(3))
+    assert torch.equal(loaded.generate(ids, 6), loaded.generate(ids, 6))
+
+
 def test_loads_a_sharded_pytorch_model_bin(tmp_path):
     """Older checkpoints (and transformers before 5) shard pytorch_model.bin with an index file."""
     import json

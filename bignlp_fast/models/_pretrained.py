@@ -149,10 +149,14 @@ class PretrainedModel(torch.nn.Module):
         head that the checkpoint lacks (a classifier on top of a base-model checkpoint) are newly
         initialised, with a warning, as transformers does; any other missing weight is an error
         (``strict=False`` makes it a warning).
+
+        The model comes back in eval mode (dropout off), as transformers' ``from_pretrained`` returns
+        it: call ``.train()`` to fine-tune.
         """
         config = cls.config_class.from_dict(read_config(path), **config_overrides)
         model = cls(config)
         model.load_hf_state_dict(read_state_dict(path), strict=strict)
+        model.eval()
         return model.to(dtype) if dtype is not None else model
 
     @classmethod

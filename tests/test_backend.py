@@ -365,6 +365,31 @@ def test_torch_func_grad_says_it_is_unsupported_and_vmap_works():
     torch.testing.assert_close(torch.func.vmap(lambda x: bias_gelu(x, w))(xs), torch.stack([bias_gelu(x, w) for x in xs]))
 
 
+@pytest.mark.parametrize("module", ["LayerNorm", "GELU", "Conv1d", "Linear", "GRU"])
+def test_forward_mode_ad_and_double_backward_say_they_are_unsupported(module):
+    """No op has a forward-mode derivative or a second derivative. torch.func.jvp had returned zero
+    tangents and forward_ad none, silently; a double backward had torch's "no autograd formula"."""
+    import torch.autograd.forward_ad as fwAD
+    make = {"LayerNorm": lambda: bignlp_fast.nn.LayerNorm(64), "GELU": lambda: bignlp_fast.nn.GELU(),
+            "Conv1d": lambda: bignlp_fast.nn.Conv1d(8, 4, 3), "GRU": lambda: bignlp_fast.nn.GRU(64, 8),
+            "Linear": lambda: bignlp_fast.nn.Linear(64, 8, backend="cpu")}
+    m = make[module]()
+    x, t = torch.randn(8, 64), torch.randn(8, 64)
+    first = lambda y: y[0] if isinstance(y, tuple) else y  # noqa: E731
+    with pytest.raises(NotImplementedError, match="no forward-mode derivative"):
+        torch.func.jvp(lambda x: first(m(x)), (x,), (t,))
+    with fwAD.dual_level(), pytest.raises(NotImplementedError, match="no forward-mode derivative"):
+        m(fwAD.make_dual(x, t))
+    with fwAD.dual_level(), torch.no_grad():
+        torch.testing.assert_close(first(m(x)), first(m(x)))  # tensors without a tangent: as always
+    xr = x.clone().requires_grad_()
+    (g,) = torch.autograd.grad(first(m(xr)).square().sum(), xr, create_graph=True)  # keeping the graph works
+    (plain,) = torch.autograd.grad(first(m(xr)).square().sum(), xr)
+    torch.testing.assert_close(g.detach(), plain)
+    with pytest.raises(RuntimeError, match="has no second derivative"):
+        g.square().sum().backward()
+
+
 def test_triton_kernels_launch_on_their_tensors_device(monkeypatch):
     """Triton launches on torch's current CUDA device: the triton backend makes the first CUDA
     argument's device current for the call (checked here with stand-ins for the tensors and for

@@ -16,6 +16,7 @@ import inspect
 from typing import Callable, Optional, Sequence
 
 import torch
+import torch.autograd.forward_ad as _forward_ad
 from torch import Tensor
 
 from bignlp_fast import _backend
@@ -47,9 +48,24 @@ def custom_op(name: str) -> Callable:
     def register(fn: Callable):
         op = torch.library.custom_op(f"bignlp_fast::{name}", fn, mutates_args=())
         _BODIES[op] = fn
+        if name.endswith("_bwd"):
+            _no_second_derivative(op, name.removesuffix("_bwd"))
         return op
 
     return register
+
+
+def _no_second_derivative(op, public: str) -> None:
+    """A backward op's own backward: a clear error when a second derivative (double backward: a
+    gradient taken with create_graph=True, then differentiated) passes through it. Without one, torch
+    says only that no autograd formula was registered. Raised at the second backward, not the first:
+    create_graph=True alone (gradients kept with their graph, not differentiated here) still works."""
+    def backward(ctx, *grads):
+        raise RuntimeError(f"bignlp_fast.{public} has no second derivative (double backward through a gradient "
+                           "taken with create_graph=True): its backward is a fused kernel. Use the torch.nn module "
+                           "or torch function it replaces where a gradient of a gradient is needed")
+
+    register_autograd(op, backward, lambda ctx, inputs, output: None)
 
 
 def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
@@ -76,6 +92,8 @@ def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
 def _route(args) -> int:
     """0: the body can run directly; 1: only autograd must record the call; 2: the dispatcher must
     see it (see the top of this section)."""
+    if _forward_ad._current_level >= 0:
+        _no_forward_mode(args)
     if (torch.compiler.is_compiling() or torch._C._get_tracing_state() is not None
             or torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled()
             or torch._C._are_functorch_transforms_active() or torch.autograd.profiler._is_profiler_enabled):
@@ -94,6 +112,18 @@ def _route(args) -> int:
         elif isinstance(a, Tensor) or (isinstance(a, (list, tuple)) and dispatcher_needed_in(a, grad)):
             return 2  # a subclass, or a list holding one or an input that requires grad
     return route
+
+
+def _no_forward_mode(args) -> None:
+    """Forward-mode AD (torch.func.jvp, torch.autograd.forward_ad) is on: an error if this call would
+    need a forward derivative. The ops have none, and without this check torch.func.jvp returned zero
+    tangents and forward_ad none, silently."""
+    if torch._C._are_functorch_transforms_active() or any(
+            isinstance(a, Tensor) and _forward_ad.unpack_dual(a).tangent is not None for a in args):
+        raise NotImplementedError(
+            "bignlp_fast ops have no forward-mode derivative (torch.func.jvp, jacfwd, hessian, "
+            "torch.autograd.forward_ad): use the torch.nn module or torch function they replace there; "
+            "reverse mode (backward, torch.autograd.grad) works")
 
 
 def dispatcher_needed(args) -> bool:

@@ -65,6 +65,27 @@ def test_op_follows_cpu_autocast(case):
     assert bignlp_fast.report() == []
 
 
+def test_sdpa_and_multihead_attention_under_cpu_float16_autocast():
+    """float16 on the CPU runs in float32 and is rounded back; under fp16 autocast that float32 copy
+    was lowered to float16 again, without end (RecursionError)."""
+    q, k, v = _leaves((2, 3, 9, 16), (2, 3, 9, 16), (2, 3, 9, 16))
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = ops.scaled_dot_product_attention(q, k, v, is_causal=True)
+        want = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    assert out.dtype == want.dtype == torch.float16
+    torch.testing.assert_close(out, want, atol=2e-3, rtol=2e-3)
+    out.float().sum().backward()
+    assert all(t.grad is not None and t.grad.dtype == torch.float32 for t in (q, k, v))
+    ref = torch.nn.MultiheadAttention(16, 4)
+    mha = nn.MultiheadAttention(16, 4)
+    mha.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 2, 16)
+    with torch.autocast("cpu", dtype=torch.float16):
+        got, want = mha(x, x, x, need_weights=False)[0], ref(x, x, x, need_weights=False)[0]
+    assert got.dtype == want.dtype == torch.float16
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=2e-3)
+
+
 def test_varlen_attention_follows_cpu_autocast():
     q, k, v = _leaves((10, 2, 16), (10, 2, 16), (10, 2, 16))
     cu = torch.tensor([0, 3, 10], dtype=torch.int32)

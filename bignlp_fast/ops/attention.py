@@ -424,8 +424,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
         return scaled_dot_product_attention(q, k, v, mask, dropout_p, is_causal, scale, gqa,
                                             backend=backend).reshape(shape)
     if _float16_on_cpu(query, backend):
-        return scaled_dot_product_attention(query.float(), key.float(), value.float(), attn_mask, dropout_p, is_causal,
-                                            scale, enable_gqa, backend=backend).half()
+        with torch.autocast("cpu", enabled=False):  # else fp16 autocast lowers the fp32 copies again, forever
+            return scaled_dot_product_attention(query.float(), key.float(), value.float(), attn_mask, dropout_p,
+                                                is_causal, scale, enable_gqa, backend=backend).half()
     b, hq, lq, d = query.shape
     _, hk, lk, _ = key.shape
     if key.shape[-1] != d:

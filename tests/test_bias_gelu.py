@@ -162,9 +162,13 @@ def test_opcheck(backend, device):
 
 
 def test_gelu_module_is_a_drop_in():
-    x = torch.randn(3, 5, 16)
-    for approximate in ("none", "tanh"):
-        torch.testing.assert_close(bignlp_fast.nn.GELU(approximate)(x), torch.nn.GELU(approximate)(x))
+    for x in (torch.randn(3, 5, 16), torch.tensor(0.5, requires_grad=True)):  # a scalar too, as torch's
+        for approximate in ("none", "tanh"):
+            got, want = bignlp_fast.nn.GELU(approximate)(x), torch.nn.GELU(approximate)(x)
+            assert got.shape == want.shape
+            torch.testing.assert_close(got, want)
+    (g,) = torch.autograd.grad(bignlp_fast.nn.GELU()(x), x)
+    torch.testing.assert_close(g, torch.autograd.grad(torch.nn.GELU()(x), x)[0])
 
 
 def test_bad_input_names_the_argument():

@@ -18,4 +18,6 @@ class GELU(torch.nn.GELU):
         self.backend = backend
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.dim() == 0:  # a scalar, as torch.nn.GELU takes it (bias_gelu's rows need a last dimension)
+            return bias_gelu(x.reshape(1), None, self.approximate, backend=self.backend).reshape(())
         return bias_gelu(x, None, self.approximate, backend=self.backend)

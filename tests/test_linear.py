@@ -293,6 +293,12 @@ def test_marked_weights_are_packed_once_and_again_when_they_change(lin):
         check()
         layer.weight.data = torch.randn(768, 512, generator=g)  # a new storage, the same version counter
         check()
+        # in place through .data (a version counter of its own, the same storage: no check sees it), then
+        # prepack again, as documented: marked already, so its copies are dropped and made anew
+        layer.weight.data.mul_(0.5)
+        assert lin.prepack(layer) == 0
+        assert lin.prepacked_bytes() == 0
+        check()
     assert lin.prepacked_bytes() == packed.numel() * 4  # one copy: the stale ones went
     layer.to(torch.bfloat16)
     x = x.to(torch.bfloat16)

@@ -236,7 +236,12 @@ def prepack(weights: Union[nn.Module, Tensor, Iterable[Tensor]], enabled: bool =
     weight used beyond the streaming kernels' rows (float32 for bfloat16 weights on CPUs without
     AVX512_BF16). On the Zen 2 measured, F.linear's products at 33-255 rows become ops.linear's (see
     MIN_WEIGHT_BYTES_PREPACKED_AVX2); where _backend.blas_sgemm_is_fast() holds, float32 products stay
-    on F.linear (the prepacked GEMM has not been measured against MKL there)."""
+    on F.linear (the prepacked GEMM has not been measured against MKL there).
+
+    A change made in place through ``.data`` (``w.data.mul_(0.5)``, ``w.data.copy_(new)``) is one no
+    check can see: ``.data`` has a version counter of its own, and the storage stays where it was.
+    After such a change call ``prepack`` again on the weights: for weights already marked it drops
+    their copies, which are made again at their next product."""
     if isinstance(weights, nn.Module):
         weights = [p for p in weights.parameters() if p.dim() == 2 and p.is_floating_point()]
     elif isinstance(weights, Tensor):
@@ -247,7 +252,9 @@ def prepack(weights: Union[nn.Module, Tensor, Iterable[Tensor]], enabled: bool =
             raise TypeError(f"prepack: expected 2-D floating-point weights, got "
                             f"{tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__}")
         base = w if w._base is None else w._base
-        if enabled and base not in _PREPACKED:
+        if enabled and base in _PREPACKED:
+            _PREPACKED[base].clear()  # marked already: its copies go, to be made again from the weight as it is
+        elif enabled:
             _PREPACKED[base] = {}
             count += 1
         elif not enabled and base in _PREPACKED:

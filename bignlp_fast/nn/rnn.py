@@ -21,8 +21,10 @@ such instances (so ``isinstance(m, nn.LSTM)`` and code that relies on it keep wo
 flag set they trace into one graph: the loop over layers is Python, each layer one custom op.
 
 Autocast: the input projection is an autocast ``F.linear``; the recurrence then runs in the dtype that
-gave (bf16 under CPU autocast), with the recurrent weights and states cast to it. torch itself does
-this for LSTM on the CPU (oneDNN) but keeps GRU and RNN in float32.
+gave (bf16 under CPU autocast), with the recurrent weights and states cast to it, for the layers and
+the cells alike, so the outputs are bf16. torch 2.14 under CPU bf16 autocast returns bf16 from RNN and
+RNNCell too, but float32 from GRU, LSTMCell and GRUCell, and its LSTM fails there (oneDNN "could not
+create a primitive descriptor"): a model that needs float32 out of these casts the output.
 """
 
 from __future__ import annotations

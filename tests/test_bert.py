@@ -47,6 +47,22 @@ def test_encoder_matches_transformers_on_a_padded_batch():
     torch.testing.assert_close(out.pooler_output, ref.pooler_output, rtol=1e-5, atol=1e-5)
 
 
+def test_position_and_token_type_ids_of_one_row_serve_the_batch():
+    """[1, L] position_ids / token_type_ids, as transformers takes them (the same for every row)."""
+    hf, ours = _pair(transformers.BertModel, BertModel)
+    ids, mask, _ = _inputs()
+    positions, types = torch.arange(13)[None].flip(1) % 7, (torch.arange(13)[None] > 5).long()
+    with torch.no_grad():
+        ref = hf(ids, attention_mask=mask, token_type_ids=types, position_ids=positions)
+        out = ours(ids, attention_mask=mask, token_type_ids=types, position_ids=positions)
+        full = ours(ids, attention_mask=mask, token_type_ids=types.expand(4, 13), position_ids=positions.expand(4, 13))
+    real = mask.bool()
+    torch.testing.assert_close(out.last_hidden_state[real], ref.last_hidden_state[real], rtol=1e-5, atol=1e-5)
+    assert torch.equal(out.last_hidden_state, full.last_hidden_state)
+    with pytest.raises(ValueError, match=r"position_ids must have input_ids' shape \(4, 13\) \(or \(1, 13\)"):
+        ours(ids, position_ids=torch.arange(13)[None].expand(2, 13))
+
+
 def test_sequence_classification_matches_transformers_with_loss():
     hf, ours = _pair(transformers.BertForSequenceClassification, BertForSequenceClassification)
     ids, mask, types = _inputs()

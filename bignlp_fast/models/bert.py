@@ -300,10 +300,13 @@ def _check_inputs(config: BertConfig, input_ids: Tensor, attention_mask, token_t
     if input_ids.shape[1] > config.max_position_embeddings:
         raise ValueError(f"Bert: input_ids has {input_ids.shape[1]} positions, more than max_position_embeddings "
                          f"{config.max_position_embeddings}")
-    for name, t in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids),
-                    ("position_ids", position_ids)):
-        if t is not None and t.shape != input_ids.shape:
-            raise ValueError(f"Bert: {name} must have input_ids' shape {tuple(input_ids.shape)}, got {tuple(t.shape)}")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise ValueError(f"Bert: attention_mask must have input_ids' shape {tuple(input_ids.shape)}, got "
+                         f"{tuple(attention_mask.shape)}")
+    for name, t in (("token_type_ids", token_type_ids), ("position_ids", position_ids)):
+        if t is not None and t.shape != input_ids.shape and t.shape != (1, input_ids.shape[1]):
+            raise ValueError(f"Bert: {name} must have input_ids' shape {tuple(input_ids.shape)} (or "
+                             f"{(1, input_ids.shape[1])}, the same for every row), got {tuple(t.shape)}")
 
 
 class BertModel(PretrainedModel):
@@ -336,9 +339,9 @@ class BertModel(PretrainedModel):
         _check_inputs(self.config, input_ids, attention_mask, token_type_ids, position_ids)
         b, l = input_ids.shape
         if position_ids is None:
-            position_ids = torch.arange(l, device=input_ids.device).expand(b, l)
-        if token_type_ids is None:
-            token_type_ids = torch.zeros_like(input_ids)
+            position_ids = torch.arange(l, device=input_ids.device)
+        position_ids = position_ids.expand(b, l)  # [1, L] or none: the same for every row, as in transformers
+        token_type_ids = torch.zeros_like(input_ids) if token_type_ids is None else token_type_ids.expand(b, l)
         batch = _Batch.of(attention_mask, (b, l))
         h = self.embeddings(batch.pack(input_ids), batch.pack(token_type_ids), batch.pack(position_ids))  # [T, hidden]
         return self.encoder(h, batch), batch

@@ -126,6 +126,28 @@ def test_gradients_match_transformers():
         assert (p.grad - want).abs().max() <= 1e-5 * want.abs().max(), name
 
 
+def test_a_training_forward_with_use_cache_trains():
+    """use_cache=True in training (transformers' GPT-2 default): the same gradients as without, and a
+    cache that holds the keys; a backward through a later call's cached positions is autograd's error."""
+    model = _ours(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0).train()
+    ids, mask = _padded()
+    out = model(ids, attention_mask=mask, labels=ids, use_cache=True)
+    (plain,) = torch.autograd.grad(model(ids, attention_mask=mask, labels=ids).loss, [model.lm_head.weight])
+    (cached,) = torch.autograd.grad(out.loss, [model.lm_head.weight])
+    torch.testing.assert_close(cached, plain, rtol=1e-6, atol=1e-7)
+    cache = out.past_key_values
+    assert cache.length == ids.shape[1] and not cache.k.requires_grad
+    with torch.no_grad():
+        again = model(ids, attention_mask=mask, use_cache=True).past_key_values
+    assert torch.equal(cache.k, again.k) and torch.equal(cache.v, again.v)
+    cache = model.new_cache(ids.shape[0], ids.shape[1] + 1)
+    with torch.no_grad():
+        model(ids, attention_mask=mask, past_key_values=cache)
+    step = model(ids[:, -1:], attention_mask=torch.cat([mask, mask[:, -1:]], 1), past_key_values=cache).logits
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        step.sum().backward()
+
+
 def test_training_with_dropout_runs():
     model = _ours(attn_pdrop=0.3).train()
     ids, mask = _padded()
@@ -337,6 +359,24 @@ def test_eos_finishes_rows_and_stops_generation():
     assert ours.generate(ids, 0, attention_mask=mask).shape == ids.shape
 
 
+def test_generate_takes_eos_and_top_k_as_transformers_does():
+    """The config's eos past the vocabulary (GPT-2's default 50256 in a small config) can never be
+    produced: left out, as transformers lets it be; eos as an integer tensor; top_k=0: no restriction."""
+    model = _ours()
+    ids, mask = _padded()
+    want = model.generate(ids, 5, attention_mask=mask, eos_token_id=[])
+    model.config.eos_token_id = 50256
+    assert torch.equal(model.generate(ids, 5, attention_mask=mask), want)
+    model.config.eos_token_id = [50256, int(want[0, -3])]  # one in the vocabulary still finishes its row
+    finished = model.generate(ids, 5, attention_mask=mask)
+    assert torch.equal(finished, model.generate(ids, 5, attention_mask=mask, eos_token_id=int(want[0, -3])))
+    assert torch.equal(model.generate(ids, 5, attention_mask=mask, eos_token_id=torch.tensor(want[0, -3])), finished)
+    torch.manual_seed(0)
+    sampled = model.generate(ids, 5, do_sample=True, top_k=0, attention_mask=mask, eos_token_id=[])
+    torch.manual_seed(0)
+    assert torch.equal(model.generate(ids, 5, do_sample=True, attention_mask=mask, eos_token_id=[]), sampled)
+
+
 def test_sampling_repeats_under_a_seed_and_top_k_1_is_greedy():
     model = _ours()
     ids, mask = _padded(PROMPT_LENGTHS, seed=7)
@@ -424,7 +464,7 @@ def test_bad_inputs():
     with pytest.raises(TypeError, match="KVCache"):
         model(ids, past_key_values=[])
     for kwargs, name in ((dict(max_new_tokens=-1), "max_new_tokens"), (dict(max_new_tokens=2.0), "max_new_tokens"),
-                         (dict(temperature=0.0), "temperature"), (dict(top_k=0), "top_k"),
+                         (dict(temperature=0.0), "temperature"), (dict(top_k=-1), "top_k"),
                          (dict(max_new_tokens=64 - ids.shape[1] + 1), "n_positions"),
                          (dict(eos_token_id=97), "eos_token_id"), (dict(attention_mask=mask[:, :3]), "attention_mask")):
         with pytest.raises(ValueError, match=name):

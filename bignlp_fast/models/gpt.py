@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import operator
 from typing import ClassVar, Optional, Union
 
 import torch
@@ -129,7 +130,8 @@ class KVCache:
     ``k``, ``v``: [n_layer, B, H, max_len, D]; ``mask``: [B, max_len] bool, True where the
     position holds a real token (False for padding and for positions not written yet);
     ``length``: how many positions are filled. A forward with this cache writes its L new
-    positions at ``length`` and then advances it. Meant for inference (``torch.no_grad``).
+    positions at ``length`` and then advances it. Meant for inference (``torch.no_grad``); a
+    training forward may start one (see :meth:`update`).
     """
 
     def __init__(self, n_layer: int, batch_size: int, n_head: int, head_dim: int, max_len: int, *,
@@ -158,8 +160,20 @@ class KVCache:
 
     def update(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Write k, v [B, H, L, D] at positions length..length+L of ``layer``; return that layer's keys
-        and values so far, [B, H, length + L, D] views (``length`` itself advances after the last layer)."""
+        and values so far, [B, H, length + L, D] views (``length`` itself advances after the last layer).
+
+        A first call under autograd (a training forward with ``use_cache=True``, as transformers'
+        GPT-2 has by default) keeps detached copies and returns the call's own k, v, so that the
+        backward goes through them: writing every layer into the one [n_layer, ...] tensor in place
+        would undo the views the earlier layers saved. A later call under autograd writes in place
+        as in inference: its forward runs, and a backward through it is autograd's in-place error
+        (the cache does not keep gradients across calls)."""
         end = self.length + k.shape[2]
+        if self.length == 0 and torch.is_grad_enabled() and (k.requires_grad or v.requires_grad):
+            with torch.no_grad():
+                self.k[layer, :, :, :end] = k
+                self.v[layer, :, :, :end] = v
+            return k, v
         self.k[layer, :, :, self.length:end] = k
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
@@ -448,9 +462,12 @@ class GPTLMHeadModel(PretrainedModel):
         input_ids [B, L_prompt], left-padded when the prompts differ in length, with
         ``attention_mask`` [B, L_prompt] (1 = token, 0 = padding). Greedy unless ``do_sample``
         (softmax of logits / temperature, restricted to the top_k largest when given;
-        torch.manual_seed makes it repeat). ``eos_token_id`` (an id or a list; default the config's,
-        as transformers; ``[]`` for none): a row that produced it is finished and padded with it
-        (the first id of a list) from then on; generation stops when every row has finished.
+        torch.manual_seed makes it repeat; ``top_k=0``, as in transformers, is no restriction).
+        ``eos_token_id`` (an id or a list, ints or integer tensors; default the config's, as
+        transformers; ``[]`` for none): a row that produced it is finished and padded with it (the
+        first id of a list) from then on; generation stops when every row has finished. Ids of the
+        config's past the vocabulary, which no step can produce (GPT-2's 50256 in a small config),
+        are left out, as transformers lets them be; such an id passed here is an error.
         ``use_cache=False`` recomputes the whole sequence at every step (the cache's reference).
         """
         name = f"{type(self).__name__}.generate"
@@ -463,18 +480,13 @@ class GPTLMHeadModel(PretrainedModel):
             raise ValueError(f"{name}: max_new_tokens must be a non-negative int, got {max_new_tokens!r}")
         if not isinstance(temperature, (int, float)) or not temperature > 0 or not math.isfinite(temperature):
             raise ValueError(f"{name}: temperature must be a positive number, got {temperature!r}")
-        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"{name}: top_k must be a positive int or None, got {top_k!r}")
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0):
+            raise ValueError(f"{name}: top_k must be a non-negative int (0: no restriction) or None, got {top_k!r}")
+        top_k = top_k or None
         if L0 + max_new_tokens > self.config.n_positions:
             raise ValueError(f"{name}: the prompt ({L0} tokens) plus max_new_tokens ({max_new_tokens}) exceed "
                              f"n_positions {self.config.n_positions}")
-        source = ""
-        if eos_token_id is None:
-            eos_token_id, source = self.config.eos_token_id, " (the config's; pass eos_token_id=[] for none)"
-        eos = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-        if not all(isinstance(e, int) and 0 <= e < self.config.vocab_size for e in eos):
-            raise ValueError(f"{name}: eos_token_id must be token ids in [0, {self.config.vocab_size}), got "
-                             f"{eos_token_id!r}{source}")
+        eos = self._eos_ids(name, eos_token_id)
 
         device, total = input_ids.device, L0 + max_new_tokens
         tokens = torch.full((B, total), eos[0] if eos else 0, dtype=input_ids.dtype, device=device)  # [B, total]
@@ -501,6 +513,25 @@ class GPTLMHeadModel(PretrainedModel):
             if eos and bool(finished.all()):
                 break
         return tokens[:, :length]
+
+    def _eos_ids(self, name: str, eos_token_id) -> list[int]:
+        """generate's eos_token_id (None: the config's) as a list of ints in the vocabulary."""
+        from_config = eos_token_id is None
+        if from_config:
+            eos_token_id = self.config.eos_token_id
+        if isinstance(eos_token_id, Tensor):
+            eos_token_id = eos_token_id.tolist()
+        ids = [] if eos_token_id is None else [eos_token_id] if not isinstance(eos_token_id, (list, tuple)) \
+            else list(eos_token_id)
+        try:
+            ids = [operator.index(e) for e in ids]  # ints, numpy ints; not floats or bools' lookalikes
+        except TypeError:
+            ids = None
+        if ids is None or any(e < 0 or (e >= self.config.vocab_size and not from_config) for e in ids):
+            source = " (the config's; pass eos_token_id=[] for none)" if from_config else ""
+            raise ValueError(f"{name}: eos_token_id must be token ids in [0, {self.config.vocab_size}), got "
+                             f"{eos_token_id!r}{source}")
+        return [e for e in ids if e < self.config.vocab_size]
 
     @staticmethod
     def _next_token(logits: Tensor, do_sample: bool, temperature: float, top_k: Optional[int]) -> Tensor:

@@ -57,6 +57,18 @@ def test_batch_one_width_one_no_bias(backend, device):
     _check(backend, device, torch.float32, 2, 7, 5, [3], [2], "tanh", lengths=torch.tensor([2, 6]), bias=False)
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("bias", [False, True])
+def test_gradient_of_x_alone(backend, device, bias):
+    """Frozen convolutions (only the embeddings train): the call takes autograd.Function's route, whose
+    list arguments must get None, not a list (it had raised "returned a gradient different than None")."""
+    x, ws, bs, gy = _inputs(2, 9, 4, [3, 2], [3, 2], device, torch.float32, bias)
+    ws, bs = [w.detach() for w in ws], [b.detach() for b in bs] if bias else None
+    (grad,) = torch.autograd.grad(ops.text_cnn_pool(x, ws, bs, "relu", backend=backend), x, gy)
+    (want,) = torch.autograd.grad(text_cnn_pool_eager(x, ws, bs, "relu", None), x, gy)
+    torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-5)
+
+
 def test_cpu_benchmark_like_shapes():
     """Long sequences over several position tiles, lengths in any order, bf16."""
     lengths = torch.tensor([100, 37, 64, 99, 5, 71])

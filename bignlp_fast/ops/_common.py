@@ -84,8 +84,13 @@ def register_autograd(op, backward: Callable, setup_context: Callable) -> None:
         setup_context(ctx, args, output)
         return output
 
+    def eager_backward(ctx, *grads):
+        # a list of tensors is a plain argument to an autograd.Function, whose gradient must be None
+        # (this route is taken only when none of its tensors requires grad; see _route)
+        return tuple(None if isinstance(g, (list, tuple)) else g for g in backward(ctx, *grads))
+
     eager = type(f"{op._name.split('::')[-1]}_eager", (torch.autograd.Function,), {
-        "forward": staticmethod(forward), "backward": staticmethod(backward)})
+        "forward": staticmethod(forward), "backward": staticmethod(eager_backward)})
     _EAGER[op] = (eager, len(params), defaults)
 
 

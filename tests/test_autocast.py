@@ -4,7 +4,7 @@ autocast dtype), so a drop-in gives the dtype torch gives and runs the bf16 kern
 
 Each case checks, under torch.autocast("cpu", bfloat16): the output's dtype is torch's counterpart's;
 the output equals our op called outside autocast on inputs cast to bfloat16 by hand (the same kernel
-on the same inputs: bitwise); float32 leaves get float32 gradients; nothing fell back. Linear, the RNN
+on the same inputs: bitwise); float32 leaves get float32 gradients; nothing fell back. nn.Linear, the RNN
 layers and LayerNorm have their own autocast tests (test_linear, test_rnn, test_add_layer_norm).
 """
 import pytest
@@ -43,6 +43,9 @@ CASES = {
     "causal_conv1d": ([(2, 6, 11), (6, 1, 4), (6,)],
                       lambda x, w, b: ops.causal_conv1d(x, w, b, "silu"),
                       lambda x, w, b: F.silu(F.conv1d(x, w, b, padding=3, groups=6)[..., :11])),
+    "linear": ([(4, 8), (3, 8), (3,)],
+               lambda x, w, b: ops.linear(x, w, b),
+               lambda x, w, b: F.linear(x, w, b)),
     "text_cnn_pool": ([(2, 12, 8), (5, 8, 3), (4, 8, 2), (5,), (4,)],
                       lambda x, w1, w2, b1, b2: ops.text_cnn_pool(x, [w1, w2], [b1, b2]),
                       lambda x, w1, w2, b1, b2: torch.cat([F.relu(F.conv1d(x.transpose(1, 2), w, b)).amax(-1)

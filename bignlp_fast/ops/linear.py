@@ -34,8 +34,8 @@ from torch import Tensor, nn
 from torch.utils.weak import WeakIdKeyDictionary
 
 from bignlp_fast import _backend
-from bignlp_fast.ops._common import (acc_dtype, as_rows, call, check_like, check_tensor, contiguous, custom_op, fresh_like,
-                                     kernel, register_autograd, rows_back)
+from bignlp_fast.ops._common import (acc_dtype, as_rows, autocast_lower, call, check_like, check_tensor, contiguous,
+                                     custom_op, fresh_like, kernel, register_autograd, rows_back)
 
 OP = _backend.register_op(
     "linear",
@@ -307,6 +307,9 @@ def linear(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, *, backend:
     Args:
         x: [..., K]; weight: [N, K]; bias: [N] or None; one dtype (float32 / bfloat16 on the CPU).
         backend: "cpu", "torch" or None for automatic.
+
+    Under autocast the arguments are cast as autocast casts F.linear's (to its dtype, float64 left
+    alone), and the product runs in that dtype.
     """
     return _linear(x, weight, bias, backend, None)
 
@@ -316,6 +319,7 @@ def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend: Optional
     """:func:`linear`, told whether ``weight`` is :func:`_packable` (None: ask)."""
     op = "linear"
     check_tensor(op, "x", x, min_dim=1)
+    x, weight, bias = autocast_lower(x.device, x, weight, bias)  # as autocast casts F.linear's arguments
     check_like(op, "weight", weight, "x", x, same_shape=False)
     if weight.dim() != 2 or weight.shape[1] != x.shape[-1]:
         raise ValueError(f"{op}: weight must be [N, {x.shape[-1]}] for x's last dimension {x.shape[-1]}, got "

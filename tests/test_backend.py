@@ -365,6 +365,30 @@ def test_torch_func_grad_says_it_is_unsupported_and_vmap_works():
     torch.testing.assert_close(torch.func.vmap(lambda x: bias_gelu(x, w))(xs), torch.stack([bias_gelu(x, w) for x in xs]))
 
 
+def test_scalar_arguments_of_numpy_and_zero_d_tensor_types():
+    """Numbers as torch's functions take them: numpy scalars and 0-d tensors for scale, dropout_p and
+    eps, numpy integers for a convolution's stride, padding and groups; a float for an int stays an error."""
+    import numpy as np
+    import torch.nn.functional as F
+    from bignlp_fast import ops
+    q = torch.randn(1, 2, 5, 8)
+    want = F.scaled_dot_product_attention(q, q, q, scale=0.5)
+    for scale in (np.float32(0.5), np.float64(0.5), torch.tensor(0.5)):
+        torch.testing.assert_close(ops.scaled_dot_product_attention(q, q, q, scale=scale, dropout_p=np.float32(0.0)),
+                                   want)
+    x = torch.randn(4, 16)
+    want, _ = add_layer_norm(x, eps=1e-3)
+    for eps in (np.float32(1e-3), torch.tensor(1e-3)):
+        torch.testing.assert_close(add_layer_norm(x, eps=eps)[0], want)
+    x, w = torch.randn(2, 4, 11), torch.randn(6, 2, 3)
+    torch.testing.assert_close(ops.conv1d(x, w, stride=np.int64(2), padding=np.int64(1), groups=np.int64(2)),
+                               F.conv1d(x, w, stride=2, padding=1, groups=2))
+    with pytest.raises(ValueError, match="stride must be an int"):
+        ops.conv1d(x, w, stride=2.0, groups=2)
+    with pytest.raises(ValueError, match="scale must be a finite number"):
+        ops.scaled_dot_product_attention(q, q, q, scale="0.5")
+
+
 @pytest.mark.parametrize("module", ["LayerNorm", "GELU", "Conv1d", "Linear", "GRU"])
 def test_forward_mode_ad_and_double_backward_say_they_are_unsupported(module):
     """No op has a forward-mode derivative or a second derivative. torch.func.jvp had returned zero

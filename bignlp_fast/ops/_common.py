@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import numbers
+import operator
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -323,6 +325,28 @@ def check_vector(op: str, name: str, t: Optional[Tensor], size: int, ref_name: s
     if t.dim() != 1 or t.shape[0] != size:
         raise ValueError(f"{op}: {name} must be a vector of {ref_name}'s last dimension, shape ({size},); got "
                          f"{_shape(t)}")
+
+
+def real_number(value) -> Optional[float]:
+    """``value`` as a float where torch's functions take it as a real number (a Python int or float,
+    a numpy scalar, a 0-d tensor); None for anything else."""
+    if type(value) in (int, float):  # the common case, before the ABC's slower check
+        return float(value)
+    if isinstance(value, numbers.Real) or (isinstance(value, Tensor) and value.dim() == 0
+                                           and not value.is_complex()):
+        return float(value)
+    return None
+
+
+def integer(value) -> Optional[int]:
+    """``value`` as an int where torch's functions take it as one (a Python int, a numpy integer, a 0-d
+    integer tensor: anything with ``__index__``); None for anything else, floats included."""
+    if type(value) is int:
+        return value
+    try:
+        return operator.index(value)
+    except TypeError:
+        return None
 
 
 def check_choice(op: str, name: str, value, choices: Sequence) -> None:

@@ -20,7 +20,7 @@ from torch import Tensor
 from bignlp_fast import _backend
 from bignlp_fast.ops._common import (acc_dtype, as_rows, autocast_promote, call, check_like, check_tensor, check_vector,
                                      contiguous, custom_op, fresh_like, grads_or_zeros, kernel, no_zero_grads,
-                                     register_autograd, rows_back)
+                                     real_number, register_autograd, rows_back)
 
 OP = _backend.register_op("add_layer_norm", dtypes={
     "cpu": (torch.float32, torch.bfloat16),
@@ -154,9 +154,10 @@ def add_layer_norm(x: Tensor, residual: Optional[Tensor] = None, weight: Optiona
         check_like(op, "residual", residual, "x", x)
     check_vector(op, "weight", weight, hidden, "x", x)
     check_vector(op, "bias", bias, hidden, "x", x)
-    if not isinstance(eps, (int, float)) or not eps >= 0:
+    eps_value = real_number(eps)
+    if eps_value is None or not eps_value >= 0:
         raise ValueError(f"{op}: eps must be a non-negative number, got {eps!r}")
     name = _backend.choose(OP, x.device, x.dtype, backend, _triton_check(hidden, x.dtype))
     r2 = as_rows(residual) if residual is not None else None
-    out, residual_out, _mean, _rstd = call(add_layer_norm_fwd, as_rows(x), r2, weight, bias, float(eps), name)
+    out, residual_out, _mean, _rstd = call(add_layer_norm_fwd, as_rows(x), r2, weight, bias, eps_value, name)
     return rows_back(out, x), (rows_back(residual_out, x) if residual is not None else x)

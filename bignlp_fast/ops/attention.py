@@ -35,7 +35,7 @@ from torch import Tensor
 
 from bignlp_fast import _backend
 from bignlp_fast.ops._common import (acc_dtype, autocast_lower, call, check_choice, check_like, check_tensor, custom_op,
-                                     grads_or_zeros, kernel, no_zero_grads, register_autograd,
+                                     grads_or_zeros, integer, kernel, no_zero_grads, real_number, register_autograd,
                                      values_readable)
 
 OP = _backend.register_op(
@@ -292,9 +292,10 @@ def _last_dim_contiguous(t: Tensor) -> Tensor:
 
 def _check_dropout(op: str, dropout_p, upper: str = ")") -> float:
     """dropout_p in [0, 1) or, with upper="]", [0, 1] (torch's SDPA takes 1: every weight dropped)."""
-    if not isinstance(dropout_p, (int, float)) or not (0.0 <= dropout_p < 1.0 or (upper == "]" and dropout_p == 1.0)):
+    p = real_number(dropout_p)
+    if p is None or not (0.0 <= p < 1.0 or (upper == "]" and p == 1.0)):
         raise ValueError(f"{op}: dropout_p must be a number in [0, 1{upper}, got {dropout_p!r}")
-    return float(dropout_p)
+    return p
 
 
 def _check_scale(op: str, scale, query: Tensor) -> float:
@@ -303,9 +304,10 @@ def _check_scale(op: str, scale, query: Tensor) -> float:
         raise ValueError(f"{op}: head_dim must be at least 1, got query {tuple(query.shape)}")
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
-    if not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    value = real_number(scale)
+    if value is None or not math.isfinite(value):
         raise ValueError(f"{op}: scale must be a finite number or None, got {scale!r}")
-    return float(scale)
+    return value
 
 
 def _mask_to_bias(op: str, attn_mask: Tensor, query: Tensor, shape) -> Tensor:
@@ -517,8 +519,9 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"{op}: k/v have {k.shape[1]} heads, which does not divide q's {q.shape[1]}")
     for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if not isinstance(value, int) or value < 0:
+        if integer(value) is None or integer(value) < 0:
             raise ValueError(f"{op}: {name} must be a non-negative int, got {value!r}")
+    max_seqlen_q, max_seqlen_k = integer(max_seqlen_q), integer(max_seqlen_k)
     _check_cu_seqlens(op, "cu_seqlens_q", cu_seqlens_q, q, q.shape[0], max_seqlen_q)
     _check_cu_seqlens(op, "cu_seqlens_k", cu_seqlens_k, q, k.shape[0], max_seqlen_k)
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():

@@ -33,7 +33,7 @@ from torch import Tensor
 from bignlp_fast import _backend
 from bignlp_fast.ops._activation import activation_grad_torch, activation_torch, check_activation
 from bignlp_fast.ops._common import (acc_dtype, autocast_lower, call, check_like, check_tensor, contiguous, custom_op,
-                                     fresh_like, grads_or_zeros, kernel, no_zero_grads, register_autograd)
+                                     fresh_like, grads_or_zeros, integer, kernel, no_zero_grads, register_autograd)
 
 OP = _backend.register_op("conv", dtypes={
     "cpu": (torch.float32, torch.bfloat16),
@@ -157,8 +157,9 @@ IntOrTuple = Union[int, Sequence[int]]
 
 
 def _tuple(op: str, name: str, value: IntOrTuple, n: int, minimum: int) -> list[int]:
-    vals = [value] * n if isinstance(value, int) else list(value)
-    if len(vals) != n or not all(isinstance(v, int) and v >= minimum for v in vals):
+    one = integer(value)  # an int, or a numpy / 0-d tensor integer, as torch's convolutions take them
+    vals = [one] * n if one is not None else [integer(v) for v in value] if isinstance(value, (list, tuple)) else []
+    if len(vals) != n or not all(v is not None and v >= minimum for v in vals):
         raise ValueError(f"{op}: {name} must be an int >= {minimum} or {n} of them, got {value!r}")
     return vals
 
@@ -177,9 +178,11 @@ def _conv_nd(op: str, nd: int, x, weight, bias, stride, padding, dilation, group
     if weight.dim() != nd + 2:
         raise ValueError(f"{op}: weight must have {nd + 2} dims [C_out, C_in / groups, *kernel], got "
                          f"{tuple(weight.shape)}")
-    if not isinstance(groups, int) or groups < 1 or x.shape[1] % groups or weight.shape[0] % groups:
+    g = integer(groups)
+    if g is None or g < 1 or x.shape[1] % g or weight.shape[0] % g:
         raise ValueError(f"{op}: groups={groups!r} must be an int >= 1 dividing C_in={x.shape[1]} and "
                          f"C_out={weight.shape[0]}")
+    groups = g
     if x.shape[1] == 0:  # torch answers [B, 0, ...], not the bias an empty sum would give: no common answer
         raise ValueError(f"{op}: x has no input channels (C_in = 0, shape {tuple(x.shape)})")
     if weight.shape[1] * groups != x.shape[1]:

@@ -172,8 +172,8 @@ def use_bf16_dot(enabled: bool):
 def conv_own_loops() -> bool:
     """Whether CPU convolutions take the project's own main loops (the implicit GEMM, Winograd's
     F(2x2, 3x3)) where their shapes allow, now: by default on builds with AVX-512; on AVX2 builds
-    oneDNN's measured faster (see csrc/cpu/conv.cpp, kWideVectors). Winograd's F(2, 3) for conv1d is
-    taken on every build."""
+    oneDNN's measured faster (see csrc/cpu/conv.cpp, kWideVectors), except F(2x2, 3x3) from 128 input
+    channels. Winograd's F(2, 3) for conv1d is taken on every build."""
     return _C is not None and _C.conv_own_loops()
 
 

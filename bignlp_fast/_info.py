@@ -85,7 +85,8 @@ def info() -> dict:
                        "fp32": "fp32 FMA tiles (no AMX; AVX512_BF16 not built or switched off)"}[_backend.bf16_tiles()],
         # which main loops fp32 CPU convolutions take (csrc/cpu/conv.cpp, kWideVectors)
         "conv_main_loops": ("the project's (implicit GEMM, Winograd) where shapes allow" if _backend.conv_own_loops()
-                            else "oneDNN's, but Winograd F(2, 3) for conv1d k=3 (a build without AVX-512)"),
+                            else "oneDNN's, but Winograd F(2, 3) for conv1d k=3 and F(2x2, 3x3) for conv2d 3x3 "
+                                 "from 128 input channels (a build without AVX-512)"),
         # freed large CPU outputs kept for the next call of the same size (csrc/cpu/buffer_cache.h)
         "cpu_buffer_cache": _backend.buffer_cache(),
         "build": _backend.build_info(),

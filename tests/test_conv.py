@@ -145,6 +145,16 @@ def own_loops():
         yield
 
 
+def test_conv2d_winograd_by_default_from_128_channels_on_avx2():
+    """AVX2 builds keep oneDNN by default but take F(2x2, 3x3) from 128 input channels (measured faster
+    there, session 35); AVX-512 builds take it from 48."""
+    wide = _C.build_info()["cpu_capability"].startswith("AVX512")
+    assert _path((2, 128, 32, 32), (64, 128, 3, 3), 1, 1, 1, 1) == "winograd"
+    assert _path((2, 127, 32, 32), (64, 127, 3, 3), 1, 1, 1, 1) == ("winograd" if wide else "aten")
+    with _backend.use_own_conv_loops(False):
+        assert _path((2, 128, 32, 32), (64, 128, 3, 3), 1, 1, 1, 1) == "aten"
+
+
 def test_own_conv_loops_switch():
     """By default on AVX-512 builds only; the switch turns them on or off whatever the build. Winograd's
     F(2, 3) for conv1d is taken either way."""

@@ -586,6 +586,8 @@ def all_cases() -> list[Case]:
     cases += _conv_cases((32, 256, 512), 256, 3, "relu", False, torch.float32, ("fwd",), ("quick", "full"))
     cases += _conv_cases((32, 256, 512), 256, 3, "gelu", True, torch.float32, both, ("quick", "full"))
     cases += _conv_cases((16, 64, 32, 32), 64, 3, "gelu", True, torch.float32, both, ("full",))
+    # a wider conv2d layer (on AVX2 builds Winograd's F(2x2, 3x3) runs from 128 input channels)
+    cases += _conv_cases((4, 128, 32, 32), 128, 3, "gelu", True, torch.float32, both, ("full",))
     # the shapes that run on ATen's convolution with our epilogue after it (see ops/conv.py): 1x1 (pointwise),
     # depthwise 3x3, stride 2, bfloat16, channels_last
     cases += _conv_cases((32, 256, 512), 1024, 1, "gelu", False, torch.float32, both, ("full",))

@@ -191,13 +191,28 @@ bool channels_last(const at::Tensor& t) {
 // 0.87-0.97x with the backward) and Winograd's F(2x2, 3x3) (0.85-1.03x) on an AVX2 EPYC, fair
 // allocator, session 29; Winograd's F(2, 3) for conv1d still won there (1.16x / 1.14x), so only that
 // one stays on such builds. set_conv_own_loops overrides the choice (tests reach every path on one
-// machine; measurements compare both).
+// machine; measurements compare both). Session 35 found F(2x2, 3x3) ahead on AVX2 from 128 input
+// channels (kWinograd2MinChannelsNarrow), a shape range session 29 had not measured.
 constexpr bool kWideVectors = fVec::size() >= 16;
 std::atomic<int> g_own_loops{-1};  // -1: by the vector width; 0 / 1: set_conv_own_loops
 
 bool own_loops_now() {
   const int mode = g_own_loops.load(std::memory_order_relaxed);
   return mode < 0 ? kWideVectors : mode == 1;
+}
+
+// Winograd's F(2x2, 3x3) with 8-wide vectors, by input channels (the same Zen 2, session 35, with the
+// transforms vectorized for AVX2; forward / forward + backward with bias + GELU + residual, against
+// oneDNN + the epilogue, medians of 5 alternating rounds in one process): from 128 channels it won,
+// 4x128x32x32 1.21x / 1.24x, 4x192x28x28 1.15x / 1.09x, 2x256x32x32 1.32-1.39x / 1.14-1.18x,
+// 4x256x28x28 1.23x / 1.15x, 8x128x28x28 1.00-1.03x / 1.00-1.06x; below it was even or lost,
+// 16x64x32x32 0.98x / 1.07x, 4x64x56x56 0.98x / 0.99x, 8x48x56x56 0.94x / 0.98x. So AVX2 builds take
+// it from 128 input channels by default.
+constexpr int64_t kWinograd2MinChannelsNarrow = 128;
+
+bool winograd2_on(int64_t in_channels) {
+  const int mode = g_own_loops.load(std::memory_order_relaxed);
+  return mode < 0 ? kWideVectors || in_channels >= kWinograd2MinChannelsNarrow : mode == 1;
 }
 
 // ---- the implicit GEMM: conv1d, float32, stride 1, groups 1 ----------------------------------------
@@ -448,6 +463,26 @@ inline void winograd_input(const float* src, int64_t first, int64_t n, int64_t n
     _mm512_storeu_ps(v + 2 * ld + t, _mm512_sub_ps(d2, d1));
     _mm512_storeu_ps(v + 3 * ld + t, _mm512_sub_ps(d3, d1));
   }
+#elif defined(CPU_CAPABILITY_AVX2)
+  // 8 tiles at a time: d0 / d1 are the even / odd elements of the 16 from 2t on (ATen's deinterleave2:
+  // cross-lane shuffles), d2 / d3 those of the 16 from 2t + 2 on. A vector that crosses the row's ends
+  // is gathered element by element (a row's first or last vector only).
+  constexpr int64_t VS = fVec::size();
+  float edge[VS];
+  auto load = [&](int64_t k) {  // padded elements k .. k + VS - 1
+    const int64_t p = first + k;
+    if (p >= 0 && p + VS <= n) return fVec::loadu(src + p);
+    for (int64_t i = 0; i < VS; ++i) edge[i] = at(k + i);
+    return fVec::loadu(edge);
+  };
+  for (; t + VS <= nt; t += VS) {
+    const auto [d0, d1] = at::vec::deinterleave2(load(2 * t), load(2 * t + VS));
+    const auto [d2, d3] = at::vec::deinterleave2(load(2 * t + 2), load(2 * t + 2 + VS));
+    (d0 - d2).store(v + t);
+    (d1 + d2).store(v + ld + t);
+    (d2 - d1).store(v + 2 * ld + t);
+    (d3 - d1).store(v + 3 * ld + t);
+  }
 #endif
   for (; t < nt; ++t) {
     const float d0 = at(2 * t), d1 = at(2 * t + 1), d2 = at(2 * t + 2), d3 = at(2 * t + 3);
@@ -470,6 +505,15 @@ inline void winograd_output(const float* m, int64_t ld, int64_t nt, float* out) 
     const __m512 y0 = _mm512_add_ps(_mm512_add_ps(m0, m1), m2), y1 = _mm512_add_ps(_mm512_sub_ps(m1, m2), m3);
     _mm512_storeu_ps(out + 2 * t, _mm512_permutex2var_ps(y0, first, y1));  // y0[t] y1[t] y0[t + 1] ...
     _mm512_storeu_ps(out + 2 * t + 16, _mm512_permutex2var_ps(y0, second, y1));
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  constexpr int64_t VS = fVec::size();
+  for (; t + VS <= nt; t += VS) {  // y0 and y1 of 8 tiles, interleaved by ATen's interleave2
+    const fVec m0 = fVec::loadu(m + t), m1 = fVec::loadu(m + ld + t);
+    const fVec m2 = fVec::loadu(m + 2 * ld + t), m3 = fVec::loadu(m + 3 * ld + t);
+    const auto [first, second] = at::vec::interleave2(m0 + m1 + m2, m1 - m2 + m3);
+    first.store(out + 2 * t);
+    second.store(out + 2 * t + VS);
   }
 #endif
   for (; t < nt; ++t) {
@@ -793,8 +837,8 @@ void winograd2_fwd(const float* x, const float* up, const float* bias, const flo
 // about half the core's FMA rate: the transforms, and a K of one slice, keep it there.)
 bool winograd2_applies(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& stride,
                        const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation, int64_t groups) {
-  if (!own_loops_now()) return false;  // see kWideVectors
   if (x.dim() != 4 || x.scalar_type() != at::kFloat || groups != 1 || w.size(2) != 3 || w.size(3) != 3) return false;
+  if (!winograd2_on(x.size(1))) return false;  // see kWideVectors and kWinograd2MinChannelsNarrow
   if (stride[0] != 1 || stride[1] != 1 || dilation[0] != 1 || dilation[1] != 1 || x.size(0) == 0) return false;
   if (x.size(1) < 48 || x.size(1) > 256 || w.size(0) > 256) return false;
   const Grid2 g = make_grid2(x, w, padding);
@@ -849,6 +893,19 @@ inline void winograd_grad_cols(const float* src, int64_t n, int64_t nt, float* c
     _mm512_storeu_ps(c + ld + t, _mm512_add_ps(e, o));
     _mm512_storeu_ps(c + 2 * ld + t, _mm512_sub_ps(e, o));
     _mm512_storeu_ps(c + 3 * ld + t, o);
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  constexpr int64_t VS = fVec::size();
+  auto load = [&](int64_t k) {  // elements k .. k + VS - 1, zero from n on
+    if (k + VS <= n) return fVec::loadu(src + k);
+    return k < n ? fVec::loadu(src + k, n - k) : fVec(0.f);
+  };
+  for (; t + VS <= nt; t += VS) {
+    const auto [e, o] = at::vec::deinterleave2(load(2 * t), load(2 * t + VS));
+    e.store(c + t);
+    (e + o).store(c + ld + t);
+    (e - o).store(c + 2 * ld + t);
+    o.store(c + 3 * ld + t);
   }
 #endif
   for (; t < nt; ++t) {

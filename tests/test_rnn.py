@@ -505,6 +505,24 @@ def test_bad_input_gives_clear_errors():
         gru(packed, torch.zeros(1, 2, 13))
 
 
+def test_functional_forms_name_a_weight_list_that_does_not_fit():
+    """ops.lstm / gru / rnn take torch's _flat_weights: a list cut short, of another layer count or for
+    another input size is named, not met as a GEMM's shape error or a misread h_0 shape."""
+    m = torch.nn.LSTM(4, 6, num_layers=2, bidirectional=True, proj_size=3)
+    x = torch.randn(5, 2, 4)
+    out, _ = ops.lstm(x, m._flat_weights, num_layers=2, bidirectional=True)
+    torch.testing.assert_close(out, m(x)[0])
+    with pytest.raises(ValueError, match=r"weight_hr of layer 0 must be 2-D, got shape \(24,\)"):
+        ops.lstm(x, torch.nn.LSTM(4, 6)._flat_weights[:3])  # w_ih, w_hh, b_ih: the third read as w_hr
+    with pytest.raises(ValueError, match=r"weight_ih of layer 0 must have shape \(24, 7\) \(input size 7"):
+        ops.lstm(torch.randn(5, 2, 7), m._flat_weights, num_layers=2, bidirectional=True)
+    g = torch.nn.GRU(4, 6, num_layers=2)
+    with pytest.raises(ValueError, match=r"bias_ih of layer 0 must have shape \(18,\)"):
+        ops.gru(x, [g.weight_ih_l0, g.weight_hh_l0, g.bias_ih_l0[:6], g.bias_hh_l0], num_layers=1)
+    with pytest.raises(ValueError, match="weight_ih of layer 1 must be 2-D"):
+        ops.gru(x, g._flat_weights[:4], num_layers=2)  # one layer's weights for two
+
+
 # ---- cells ---------------------------------------------------------------------------------------
 def make_cell_pair(kind, backend, bias=True):
     torch.manual_seed(0)

@@ -342,6 +342,30 @@ def _weight_groups(op: str, mode: str, weights, num_layers: int, directions: int
     return [dict(zip(names[size], weights[k * size:(k + 1) * size])) for k in range(groups)]
 
 
+def _check_weight_shapes(op: str, mode: str, groups: list[dict], features: int, directions: int, hidden: int,
+                         state: int) -> None:
+    """Each (layer, direction)'s weights have torch.nn's shapes for this input: a list in the wrong
+    order, of another layer count or for another input size is named here, not met as a GEMM's error."""
+    rows = GATES[mode] * hidden
+    for k, w in enumerate(groups):  # the dimensions first: a list out of order shows there
+        for name, t in w.items():
+            dims = 1 if name.startswith("bias") else 2
+            if t.dim() != dims:
+                raise ValueError(f"{op}: {name} of layer {k // directions} must be {dims}-D, got shape "
+                                 f"{tuple(t.shape)}; weights are torch's _flat_weights order")
+    for k, w in enumerate(groups):
+        layer, direction = divmod(k, directions)
+        expected = {"weight_ih": (rows, features if layer == 0 else directions * state), "weight_hh": (rows, state),
+                    "bias_ih": (rows,), "bias_hh": (rows,), "weight_hr": (state, hidden)}
+        for name, t in w.items():
+            if tuple(t.shape) != expected[name]:
+                where = f"layer {layer}" + (" (reverse)" if direction else "")
+                raise ValueError(f"{op}: {name} of {where} must have shape {expected[name]} (input size "
+                                 f"{features}, hidden size {hidden}" + (f", proj_size {state}" if "weight_hr" in w
+                                                                        else "")
+                                 + f"), got {tuple(t.shape)}; weights are torch's _flat_weights order")
+
+
 def stack_layers(x: Tensor, num_layers: int, directions: int, dropout: float, training: bool, run):
     """Layers x directions over time-major x. ``run(k, layer_input, reverse)`` runs the k-th (layer,
     direction) and returns (out, h, c). Bidirectional outputs are concatenated [forward, backward];
@@ -403,6 +427,7 @@ def _functional(mode: str, input: Tensor, weights, hx, num_layers: int, bidirect
     x = input.transpose(0, 1) if batch_first else input  # [T, B, F]
     batch, hidden = x.shape[1], groups[0]["weight_hh"].shape[0] // GATES[mode]
     state = groups[0]["weight_hr"].shape[0] if "weight_hr" in groups[0] else hidden
+    _check_weight_shapes(op, mode, groups, x.shape[2], directions, hidden, state)
     if hx is None:
         h0 = x.new_zeros(num_layers * directions, batch, state)
         c0 = x.new_zeros(num_layers * directions, batch, hidden) if mode == "lstm" else None

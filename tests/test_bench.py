@@ -41,6 +41,13 @@ def test_an_output_path_that_cannot_be_written_is_said_before_the_run(tmp_path, 
     assert "--json" in capsys.readouterr().err
     assert cli.main(["bench", "--json", str(tmp_path)]) == 2
     assert "is a folder" in capsys.readouterr().err
+    assert cli.main(["bench", "--json", "/proc/out.json"]) == 2  # a folder root may "write", that takes no file
+    assert "cannot be written" in capsys.readouterr().err
+    assert cli.main(["bench", "--json", ""]) == 2
+    kept = tmp_path / "kept.json"
+    kept.write_text("{}")
+    assert cli._writable(str(kept), "--json", "bench") and kept.read_text() == "{}"  # tried, left as it was
+    assert cli._writable(str(tmp_path / "new.json"), "--json", "bench") and not (tmp_path / "new.json").exists()
     interpret = os.environ.get("TRITON_INTERPRET")
     assert cli.main(["triton-compile", "--json", str(tmp_path / "no" / "out.json")]) == 2
     assert os.environ.get("TRITON_INTERPRET") == interpret  # refused before it turns the interpreter off
@@ -68,6 +75,19 @@ def test_run_case_reports_every_column(case):
     assert case.op in format_table([row])
     if case.bytes:
         assert row.copy_gbps == 10.0 and row.pct_of_copy == pytest.approx(100 * row.gbps / 10.0)
+
+
+def test_a_named_backend_runs_the_whole_model_cases_too(monkeypatch):
+    """--backend torch on a case that runs whole modules (the LSTMCell case): their ops take it too (by
+    BIGNLP_FAST_BACKEND for the case), so the row's label is what ran; the environment is restored."""
+    case = next(c for c in cases("full") if c.id.startswith("rnn-LSTMCell"))
+    monkeypatch.delenv("BIGNLP_FAST_BACKEND", raising=False)
+    seen = []
+    real = bignlp_fast._backend.choose
+    monkeypatch.setattr(bignlp_fast._backend, "choose", lambda *a, **k: seen.append(real(*a, **k)) or seen[-1])
+    row = run_case(case, torch.device("cpu"), backend="torch", repeats=1, copy_rate=10.0)
+    assert row.backend == "torch" and set(seen) == {"torch"}
+    assert "BIGNLP_FAST_BACKEND" not in os.environ
 
 
 def test_memory_bound_case_measures_the_copy_around_it():

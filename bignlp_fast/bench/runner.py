@@ -144,7 +144,32 @@ def max_err(outs: list, refs: list) -> float:
 def run_case(case: Case, device: torch.device, backend: Optional[str] = None, repeats: int = 10,
              copy_rate: Optional[float] = None) -> Row:
     """One row. The % of copy of a memory-bound case is against ``copy_rate`` when given, else against
-    the mean of copy rates measured just before and just after the case."""
+    the mean of copy rates measured just before and just after the case. A named ``backend`` is also
+    set as BIGNLP_FAST_BACKEND for the case: the model, classifier and cell cases run whole modules,
+    whose ops choose per call, and would otherwise run (and be labelled) another backend."""
+    with _environment("BIGNLP_FAST_BACKEND", backend):
+        return _run_case(case, device, backend, repeats, copy_rate)
+
+
+@contextlib.contextmanager
+def _environment(name: str, value: Optional[str]):
+    """``os.environ[name] = value`` for the block (nothing when value is None), restored after."""
+    if value is None:
+        yield
+        return
+    before = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = before
+
+
+def _run_case(case: Case, device: torch.device, backend: Optional[str], repeats: int,
+              copy_rate: Optional[float]) -> Row:
     inputs = case.make(device, case.dtype)
     chosen = _backend.choose(_backend.OPS[case.op], device, case.dtype, backend)
     ours = lambda: case.ours(inputs, chosen)  # noqa: E731

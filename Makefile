@@ -8,7 +8,7 @@ PY     := $(VENV)/bin/python
 # nvcc's toolkit: without CUDA_HOME the link step does not find cudart
 export CUDA_HOME ?= /usr/local/cuda
 
-SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h')
+SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.cu' -o -name '*.h' -o -name '*.cuh')
 
 .PHONY: build bench test clean
 

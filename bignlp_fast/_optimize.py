@@ -293,7 +293,7 @@ def _switch_hf(name: str, model, pretrained: type, report: OptimizeReport) -> bo
 # ---- the entry point --------------------------------------------------------------------------
 def optimize(model: torch.nn.Module, *, backend: Optional[str] = None, inplace: bool = True,
              prepack: bool = False) -> OptimizeReport:
-    """Swap ``model``'s torch.nn attention, recurrent, convolution and LayerNorm modules for
+    """Swap ``model``'s torch.nn attention, recurrent, convolution, LayerNorm and Linear modules for
     bignlp_fast's, and switch Hugging Face models to ``attn_implementation="bignlp_fast"``.
 
     Args:
@@ -303,7 +303,7 @@ def optimize(model: torch.nn.Module, *, backend: Optional[str] = None, inplace: 
             docstring). An unknown name raises ValueError.
         inplace: True (default) changes ``model`` itself; False optimizes a deep copy and leaves
             ``model`` untouched.
-        prepack: also mark the model's 2-D weights for :func:`bignlp_fast.ops.linear.prepack`: for
+        prepack: also mark the model's 2-D weights for :func:`bignlp_fast.ops.prepack`: for
             inference, their products outside autograd run on copies packed once (a second copy of
             each weight in memory), not on copies packed at every call.
 

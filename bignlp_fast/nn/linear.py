@@ -15,11 +15,14 @@ class Linear(torch.nn.Linear):
     """torch.nn.Linear with the same constructor, parameters and state_dict keys.
 
     ``forward`` runs ``bignlp_fast.ops.linear`` (the project's packed GEMM, or its streaming kernels
-    for decoding-sized inputs) where that is the faster GEMM on this machine: float32 CPU inputs
-    unless torch's sgemm is the faster one (MKL on an Intel CPU, or a build without AVX-512), and
-    inputs of at most 16 rows; elsewhere (bfloat16
-    beyond decoding sizes, GPUs, autocast) it is F.linear, as in torch. ``backend`` (keyword only)
-    pins ops.linear's backend ("cpu" or "torch") for every call instead.
+    for decoding-sized inputs) where ``bignlp_fast.ops.linear.linear_is_faster`` says that is the
+    faster GEMM on this machine for the input at hand: decoding-sized inputs with a large enough
+    weight; float32 products of enough multiply-adds unless torch's sgemm is the faster one
+    (``_backend.blas_sgemm_is_fast()``: MKL on an Intel CPU, or any CPU but Zen 1 / Zen 2 in a build
+    without AVX-512); bfloat16 products where torch's bf16 GEMM has no vector kernels (no AVX-512).
+    Elsewhere (GPUs, autocast, small products) it is F.linear, as in torch; ``bignlp-fast info``
+    says which GEMM this machine takes. ``backend`` (keyword only) pins ops.linear's backend ("cpu" or
+    "torch") for every call instead.
     """
 
     def __init__(self, *args, backend: Optional[str] = None, **kwargs):

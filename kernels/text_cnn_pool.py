@@ -101,10 +101,15 @@ def _text_cnn_pool_fwd_kernel(
         if HAS_BIAS:
             acc += bias[None, :]
         y = tl.where(p_mask[:, None], act(acc, ACT), float("-inf"))
-        tile_max = tl.max(y, axis=0)  # [BLOCK_C]
-        tile_arg = tl.min(tl.where(y == tile_max[None, :], ps[:, None], 2147483647), axis=0)
+        # a NaN window is the maximum, as in torch's amax (tl.max's NaN handling differs by target)
+        nan = y != y
+        tile_nan = tl.max(nan.to(tl.int32), axis=0) > 0  # [BLOCK_C]
+        tile_max = tl.where(tile_nan, float("nan"), tl.max(tl.where(nan, float("-inf"), y), axis=0))
+        at_max = tl.where(tile_nan[None, :], nan, y == tile_max[None, :])
+        tile_arg = tl.min(tl.where(at_max, ps[:, None], 2147483647), axis=0)
         tile_pre = tl.sum(tl.where(ps[:, None] == tile_arg[None, :], acc, 0.0), axis=0)
-        better = tile_max > best  # ties keep the earlier tile's (lower) position
+        # ties keep the earlier tile's (lower) position; a NaN, once there, stays
+        better = (tile_max > best) | (tile_nan & (best == best))
         best = tl.where(better, tile_max, best)
         arg = tl.where(better, tile_arg, arg)
         pre_at = tl.where(better, tile_pre, pre_at)

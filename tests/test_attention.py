@@ -186,6 +186,42 @@ def test_masks_at_the_dtype_minimum(backend, device):
         _check(backend, device, dtype, (2, 2, lk, 32), (2, 2, lk, 32), mask=left.expand(2, 1, lk, lk), causal=True)
 
 
+@pytest.mark.parametrize("backend,device", backend_params("cpu", "cuda", "torch"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("where", ["key", "query", "mask"])
+@pytest.mark.parametrize("shape", [(2, 64, 16), (1, 300, 8)], ids=lambda s: f"H{s[0]}L{s[1]}D{s[2]}")
+def test_nan_propagates_as_in_torch(backend, device, dtype, where, shape):
+    """A NaN score (in a key, a query or a float mask) makes its rows NaN, as torch's SDPA does; the
+    running max had passed over it (std::max and fmaxf return the other operand), giving zeros or
+    finite rows. (The Triton kernel is not checked: its max's NaN handling on a GPU is not the
+    interpreter's.)"""
+    if _small(backend, device) and shape[1] > 64:
+        pytest.skip("the CUDA emulation runs small shapes")
+    if dtype not in DTYPES[backend]:
+        pytest.skip(f"the {backend} backend runs {DTYPES[backend]}")
+    h, L, d = shape
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, h, L, d, generator=g).to(dtype) for _ in range(3))
+    mask = None
+    if where == "key":
+        k[0, 0, 10, 0] = math.nan
+    elif where == "query":
+        q[0, h - 1, 3, 2] = math.nan
+    else:
+        mask = torch.zeros(L, L, dtype=dtype)
+        mask[3, 5] = math.nan
+    want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
+                                          attn_mask=None if mask is None else mask.float()).isnan()
+    assert want.any()
+    dev = lambda t: None if t is None else t.to(device)  # noqa: E731
+    assert torch.equal(sdpa(dev(q), dev(k), dev(v), dev(mask), backend=backend).isnan().cpu(), want)
+    if mask is None and backend == "cpu":  # the same through varlen_attention's packed rows
+        cu = torch.tensor([0, L], dtype=torch.int32)
+        out = varlen_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu, cu, L, L,
+                               backend="cpu")
+        assert torch.equal(out.transpose(0, 1)[None].isnan(), want)
+
+
 def test_fully_masked_rows_give_zeros_and_zero_gradients():
     q, k, v, go = _inputs((2, 2, 5, 16), (2, 2, 6, 16), 16, torch.float32, "cpu")
     mask = torch.ones(2, 1, 1, 6, dtype=torch.bool)

@@ -69,6 +69,23 @@ def test_gradient_of_x_alone(backend, device, bias):
     torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_nan_propagates_as_amax_does(backend, device):
+    """A NaN window is its channel's maximum, as in the eager code's amax (the kernels had passed over it,
+    and a row of NaN gave -inf)."""
+    g = torch.Generator().manual_seed(1)
+    x, w = torch.randn(3, 9, 4, generator=g), torch.randn(5, 4, 3, generator=g)
+    x[0, 2, 1] = float("nan")  # the windows over position 2 of sequence 0
+    x[2] = float("nan")  # a whole sequence
+    x = x.to(device)
+    w = w.to(device)
+    got = ops.text_cnn_pool(x, [w], None, "relu", backend=backend)
+    want = text_cnn_pool_eager(x, [w], None, "relu", None)
+    assert want.isnan()[0].all() and want.isnan()[2].all() and not want.isnan()[1].any()
+    assert torch.equal(got.isnan(), want.isnan())
+    torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
+
+
 def test_cpu_benchmark_like_shapes():
     """Long sequences over several position tiles, lengths in any order, bf16."""
     lengths = torch.tensor([100, 37, 64, 99, 5, 71])

@@ -72,9 +72,10 @@ def text_cnn_pool_fwd_torch(x, weights, biases, lengths, activation: int):
             pre = (biases[i].to(acc) if biases is not None else x.new_zeros(C, dtype=acc))[:, None].expand(B, C, P)
         invalid = torch.arange(P, device=x.device)[None, :] > (lens[:, None] - k)  # [B, P]
         y = activation_torch(pre, activation).masked_fill(invalid[:, None, :], float("-inf"))
-        best, idx = y.max(-1)
-        # the first maximum (torch.max does not promise which of equal values it returns)
-        first = torch.where(y == best[..., None], torch.arange(P, device=x.device), P).amin(-1)
+        best, idx = y.max(-1)  # NaN where a window is NaN, as amax
+        # the first maximum (torch.max does not promise which of equal values it returns), or first NaN
+        at_best = (y == best[..., None]) | (y.isnan() & best.isnan()[..., None])
+        first = torch.where(at_best, torch.arange(P, device=x.device), P).amin(-1)
         empty = lens < k
         outs.append(best.masked_fill(empty[:, None], 0.0))
         idxs.append(first.masked_fill(empty[:, None], -1).to(torch.int32))

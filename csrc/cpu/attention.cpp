@@ -249,6 +249,11 @@ inline void copy_rows_bf16(const Rows<c10::BFloat16>& t, int64_t b, int64_t h, i
 // uniform average of the values, as in torch's SDPA, instead of NaN. (Values all below the floor lose
 // their order; nothing masks with two of them.) The Triton and CUDA kernels apply the same floor.
 constexpr float kBiasFloor = -1e38f;
+
+// A row's running max that keeps a NaN score (a NaN in q, in a key, or in a float mask): std::max(m, s)
+// returns m for a NaN s, which dropped it, and the row came out as zeros or finite values where torch's
+// SDPA gives NaN. A NaN max makes the rescale, the sum and so the row NaN, as in torch.
+inline float max_keeping_nan(float m, float s) { return std::isnan(s) ? s : std::max(m, s); }
 inline float floored(float b) { return b == -kInf ? b : std::max(b, kBiasFloor); }
 inline fVec floored(const fVec& b) { return fVec::blendv(at::vec::maximum(b, fVec(kBiasFloor)), b, b == fVec(-kInf)); }
 
@@ -355,7 +360,7 @@ void softmax_tile_bf16(float* s_tile, int64_t ld_s, int64_t m, int64_t n, float 
     fVec vmax(-kInf);
     for (int64_t j = 0; j < n; j += V)
       vmax = at::vec::maximum(vmax, lanes(j) == V ? fVec::loadu(s + j) : fVec::set(fVec(-kInf), fVec::loadu(s + j, lanes(j)), lanes(j)));
-    const float m_new = std::max(row_max[r], mul * cpu::hmax(vmax));
+    const float m_new = max_keeping_nan(row_max[r], mul * cpu::hmax(vmax));
     if (m_new == -kInf) {  // every key so far masked: this tile adds nothing to the row
       std::fill(p, p + cpu::round_up_to_step(n), c10::BFloat16(0.f));
       continue;
@@ -437,7 +442,7 @@ void forward_decode(const Rows<T>& Q, const Rows<T>& K, const Rows<T>& V, const 
             continue;
           }
           p[j] = dot_row(qf.data(), K.row(sq.batch, kvh, sq.k_begin + j), d) + (b ? floored(b[j * bias.sk]) : 0.f);
-          m = std::max(m, p[j]);
+          m = max_keeping_nan(m, p[j]);
         }
         float sum = 0.f;
         std::fill(acc.begin(), acc.end(), 0.f);
@@ -581,7 +586,7 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
             const int64_t w = std::min<int64_t>(fVec::size(), n - j);
             vmax = at::vec::maximum(vmax, w == fVec::size() ? fVec::loadu(s + j) : fVec::set(fVec(-kInf), fVec::loadu(s + j, w), w));
           }
-          const float m_new = std::max(row_max[r], cpu::hmax(vmax));
+          const float m_new = max_keeping_nan(row_max[r], cpu::hmax(vmax));
           if (m_new == -kInf) {  // every key so far masked: this tile adds nothing to the row
             std::fill(s, s + n, 0.f);
             continue;

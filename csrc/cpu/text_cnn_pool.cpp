@@ -127,7 +127,9 @@ void forward(const T* x, const int64_t* lengths, int64_t B, int64_t L, int64_t E
             for (int64_t c = 0; c < w.Cp; c += fVec::size()) {
               const fVec v = fVec::loadu(tile.data() + r * w.Cp + c) + fVec::loadu(bias[task.i] + c);
               const fVec a = cpu::activate<A>(v), m = fVec::loadu(best.data() + c);
-              const fVec better = a > m;  // strict: the first position of equal maxima stays
+              // strict: the first position of equal maxima stays; a NaN wins once and stays (torch's
+              // amax propagates it: without this a NaN was passed over, and an all-NaN row gave -inf)
+              const fVec better = (a > m) | ((a != a) & (m == m));
               fVec::blendv(m, a, better).store(best.data() + c);
               fVec::blendv(fVec::loadu(bidx.data() + c), pos, better).store(bidx.data() + c);
               fVec::blendv(fVec::loadu(bpre.data() + c), v, better).store(bpre.data() + c);

@@ -130,7 +130,7 @@ __global__ void __launch_bounds__(kThreads)
       for (int k = 0; k < kPerThread; ++k) {
         const float v = acc[i][k] + bias_c[k];
         const float y = act<ACT>(v);
-        if (y > best[k]) {
+        if (y > best[k] || (isnan(y) && !isnan(best[k]))) {  // a NaN is the maximum, as torch's amax
           best[k] = y;
           best_pre[k] = v;
           best_p[k] = static_cast<int32_t>(p);
@@ -149,10 +149,11 @@ __global__ void __launch_bounds__(kThreads)
   if (tid < kTC && c0 + tid < C) {
     float v = 0.f, pv = 0.f;
     int32_t p = -1;
-    for (int r = 0; r < 16; ++r) {  // the larger value; on a tie the lower position
+    for (int r = 0; r < 16; ++r) {  // the larger value (NaN above all); on a tie the lower position
       const int32_t q = red_p[r][tid];
       const float u = red_v[r][tid];
-      if (q >= 0 && (p < 0 || u > v || (u == v && q < p))) {
+      const bool larger = u > v || (isnan(u) && !isnan(v)), tie = u == v || (isnan(u) && isnan(v));
+      if (q >= 0 && (p < 0 || larger || (tie && q < p))) {
         v = u;
         p = q;
         pv = red_pre[r][tid];

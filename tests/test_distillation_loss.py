@@ -64,6 +64,18 @@ def test_extreme_logits_stay_finite():
     torch.testing.assert_close(loss.double(), _eager(s.double(), t.double(), labels, 0.5, 0.5), rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("scale", [1e4, 1e6])
+def test_large_teacher_logits_keep_the_loss_within_torch_error(backend, device, scale):
+    """Teacher logits of 1e4-1e6 (an unnormalised teacher): the KL is taken about the row maxima, not as
+    A / Zt - mt / T + ..., whose fp32 terms of ~scale / T had cancelled (1e-3 of the loss at 1e5)."""
+    s, t, labels = _inputs(4, 50, torch.float32)
+    t = t.detach() * scale
+    ours = distillation_loss(s, t, labels, backend=backend)
+    assert_within_torch_error(f"{backend} loss at {scale:g}", ours, _eager(s, t, labels, 2.0, 0.5).float(),
+                              _eager(s.double(), t.double(), labels, 2.0, 0.5), torch.float32)
+
+
 def test_gradcheck_float64():
     s, t, labels = _inputs(3, 9, torch.float64)
     assert torch.autograd.gradcheck(lambda s: distillation_loss(s, t, labels, 2.0, 0.4, backend="torch"), (s,))

@@ -616,7 +616,13 @@ void winograd_fwd(const float* x, const float* up, const float* bias, const floa
         winograd_point_gemms(kPoints, up, a_point, k0, kn, mb0, mb1, v.data() + k0 * ld_v, g.Cin * ld_v, ld_v, panels,
                              m.data(), rows);
       }
-      for (int64_t co = mb0 * kMR; co < std::min(g.Cout, mb1 * kMR); ++co) {
+      const int64_t co1 = std::min(g.Cout, mb1 * kMR);
+      for (int64_t co = mb0 * kMR; co < co1; ++co) {
+        // the residual's run kAhead channels on: runs L_out apart, which no hardware prefetcher follows
+        // (32x256x512 k=3 + GELU + residual on the Zen 2: 1.08-1.13x eager -> 1.10-1.15x, 3 alternating rounds)
+        if (res && co + kAhead < co1)
+          for (int64_t f = 0; f < nq; f += 64 / sizeof(float))
+            __builtin_prefetch(res + (b * g.Cout + co + kAhead) * g.Lout + q0 + f);
         winograd_output(m.data() + co * kTiles, rows * kTiles, nt, row.data());
         finish_row<A>(row.data(), nq, (b * g.Cout + co) * g.Lout + q0, bias ? bias[co] : 0.f, res, out, pre);
       }

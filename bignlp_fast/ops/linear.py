@@ -239,7 +239,8 @@ def prepack(weights: Union[nn.Module, Tensor, Iterable[Tensor]], enabled: bool =
     on F.linear (the prepacked GEMM has not been measured against MKL there).
 
     A change made in place through ``.data`` (``w.data.mul_(0.5)``, ``w.data.copy_(new)``) is one no
-    check can see: ``.data`` has a version counter of its own, and the storage stays where it was.
+    check can see: ``.data`` has a version counter of its own, and the storage stays where it was; so
+    is a storage changed while it was not the weight and then put back (``w.data = t`` again).
     After such a change call ``prepack`` again on the weights: for weights already marked it drops
     their copies, which are made again at their next product."""
     if isinstance(weights, nn.Module):

@@ -86,6 +86,21 @@ def test_nan_propagates_as_amax_does(backend, device):
     torch.testing.assert_close(got[1], want[1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_vmap_over_x_and_lengths(backend, device):
+    """torch.func.vmap over x and lengths (a rule of ours: torch generates none for an op with list
+    arguments): the same as a loop; mapping over the kernels is refused with a message."""
+    g = torch.Generator().manual_seed(2)
+    ws = [torch.randn(3, 4, 3, generator=g).to(device), torch.randn(2, 4, 2, generator=g).to(device)]
+    bs = [torch.randn(3, generator=g).to(device), torch.randn(2, generator=g).to(device)]
+    xs, lens = torch.randn(4, 2, 9, 4, generator=g).to(device), torch.randint(0, 10, (4, 2), generator=g)
+    run = lambda x, lengths=None: ops.text_cnn_pool(x, ws, bs, "gelu", lengths, backend=backend)  # noqa: E731
+    assert torch.equal(torch.func.vmap(run)(xs, lens), torch.stack([run(x, n) for x, n in zip(xs, lens)]))
+    assert torch.equal(torch.func.vmap(run, in_dims=1)(xs.transpose(0, 1)), torch.stack([run(x) for x in xs]))
+    with pytest.raises(NotImplementedError, match="vmap over the weights"):
+        torch.func.vmap(lambda w: ops.text_cnn_pool(xs[0], [w], None, backend=backend))(torch.stack(ws[:1] * 3))
+
+
 def test_cpu_benchmark_like_shapes():
     """Long sequences over several position tiles, lengths in any order, bf16."""
     lengths = torch.tensor([100, 37, 64, 99, 5, 71])

@@ -356,9 +356,11 @@ def check_choice(op: str, name: str, value, choices: Sequence) -> None:
 
 def values_readable(*tensors) -> bool:
     """Whether an argument check may read tensor values (.item(), .tolist(), a branch on a comparison):
-    not while torch.compile traces (data a graph cannot branch on), nor of meta tensors (no data).
-    Checks skipped here are checks only: the kernels never read out of bounds on unchecked values."""
-    return not torch.compiler.is_compiling() and not any(t is not None and t.is_meta for t in tensors)
+    not while torch.compile traces (data a graph cannot branch on), nor of meta tensors (no data), nor
+    of tensors torch.func.vmap maps over (one value per example). Checks skipped here are checks only:
+    the kernels never read out of bounds on unchecked values."""
+    return not torch.compiler.is_compiling() and not any(
+        t is not None and (t.is_meta or torch._C._functorch.is_batchedtensor(t)) for t in tensors)
 
 
 def check_lengths(op: str, lengths: Optional[Tensor], batch: int, steps: int) -> None:

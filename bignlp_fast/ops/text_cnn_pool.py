@@ -162,6 +162,27 @@ def _backward(ctx, grad_out, _g_argmax, _g_pre):
 register_autograd(text_cnn_pool_fwd, _backward, _setup_context)
 
 
+@torch.library.register_vmap("bignlp_fast::text_cnn_pool_fwd")
+def _(info, in_dims, x, weights, biases, lengths, activation, backend):
+    """torch.func.vmap over x (and lengths): the mapped dimension joins the batch, [N, B, L, E] as
+    [N * B, L, E]. torch cannot generate this rule for an op with list arguments. Kernels mapped
+    over (per-example weights) are refused: that is a different convolution per example."""
+    x_dim, w_dims, b_dims, len_dim = in_dims[:4]
+    if any(d is not None for d in (w_dims or [])) or any(d is not None for d in (b_dims or [])):
+        raise NotImplementedError("text_cnn_pool: vmap over the weights or biases is not supported; map over x "
+                                  "(and lengths) only")
+    n = info.batch_size
+    if x_dim is None:
+        x = x.unsqueeze(0).expand(n, *x.shape)
+    x = x.movedim(x_dim or 0, 0)
+    B = x.shape[1]
+    if lengths is not None:
+        lengths = lengths.movedim(len_dim, 0) if len_dim is not None else lengths.unsqueeze(0).expand(n, B)
+        lengths = lengths.reshape(n * B)
+    outs = text_cnn_pool_fwd(x.reshape(n * B, *x.shape[2:]), weights, biases, lengths, activation, backend)
+    return tuple(o.view(n, B, *o.shape[1:]) for o in outs), (0, 0, 0)
+
+
 # ---- public op --------------------------------------------------------------------------------
 def text_cnn_pool(x: Tensor, weights: Sequence[Tensor], biases: Optional[Sequence[Tensor]] = None,
                   activation: Optional[str] = "relu", lengths: Optional[Tensor] = None, *,

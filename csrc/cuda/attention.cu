@@ -60,10 +60,6 @@ constexpr float kBiasFloor = -1e38f;            // see score2
 constexpr float kLn2 = 0.6931471805599453f;
 constexpr int kMaxHeadDim = 256;
 
-// A row's running max that keeps a NaN score (in q, a key or a float mask), so that the row comes out
-// NaN as in torch's SDPA: fmaxf returns the other operand for a NaN, which made such rows finite.
-__device__ __forceinline__ float max_keeping_nan(float m, float x) { return isnan(x) ? x : fmaxf(m, x); }
-
 // ---- types ------------------------------------------------------------------------------------
 template <typename T>
 struct Device;  // the CUDA type of an ATen 16-bit type
@@ -175,7 +171,8 @@ __device__ __forceinline__ float score2(const Params& p, const Sequence& s, int 
     // backward's P of such a row comes from its log-sum-exp, which at -1e38 cannot hold log(sum): P = 1,
     // not 1 / sum (torch's fused kernels do the same); exp2f's argument is clamped to 0 for that case.
     const float b = p.bias[s.batch * p.sb[0] + h * p.sb[1] + int64_t{i} * p.sb[2] + int64_t{j} * p.sb[3]];
-    x += (b == -INFINITY ? b : (b < kBiasFloor ? kBiasFloor : b)) * kLog2e;  // (not fmaxf: it drops a NaN)
+    // (not fmaxf(b, kBiasFloor): it returns the floor for a NaN mask value, and the NaN was lost)
+    x += (b == -INFINITY ? b : (b < kBiasFloor ? kBiasFloor : b)) * kLog2e;
   }
   return x;
 }
@@ -343,10 +340,10 @@ __global__ void __launch_bounds__(BM * 2) attn_fwd_kernel(const Params p) {
       for (int c = c_lo; c < c_lo + BN / 2; ++c) {  // scores in base 2, masked; kept for the exp below
         const float x = score2(p, s, head, si, n0 + c, sr[c]);
         sr[c] = x;
-        mx = max_keeping_nan(mx, x);
+        mx = fmaxf(mx, x);  // passes over a NaN score, but its exp2f below is NaN: the row's sum, and so the row
       }
-      mx = max_keeping_nan(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-      const float m_new = max_keeping_nan(m_i, mx);
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      const float m_new = fmaxf(m_i, mx);
       const float m_safe = m_new == -INFINITY ? 0.f : m_new;  // nothing visible yet: exp2(-inf) = 0
       float sum = 0.f;
       for (int c = c_lo; c < c_lo + BN / 2; ++c) {

@@ -518,10 +518,11 @@ def varlen_attention(q: Tensor, k: Tensor, v: Tensor, cu_seqlens_q: Tensor, cu_s
         raise ValueError(f"{op}: q and k need at least one head, got {q.shape[1]} and {k.shape[1]}")
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"{op}: k/v have {k.shape[1]} heads, which does not divide q's {q.shape[1]}")
-    for name, value in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
-        if integer(value) is None or integer(value) < 0:
+    seqlens = [integer(value) for value in (max_seqlen_q, max_seqlen_k)]
+    for name, value, n in zip(("max_seqlen_q", "max_seqlen_k"), (max_seqlen_q, max_seqlen_k), seqlens):
+        if n is None or n < 0:
             raise ValueError(f"{op}: {name} must be a non-negative int, got {value!r}")
-    max_seqlen_q, max_seqlen_k = integer(max_seqlen_q), integer(max_seqlen_k)
+    max_seqlen_q, max_seqlen_k = seqlens
     _check_cu_seqlens(op, "cu_seqlens_q", cu_seqlens_q, q, q.shape[0], max_seqlen_q)
     _check_cu_seqlens(op, "cu_seqlens_k", cu_seqlens_k, q, k.shape[0], max_seqlen_k)
     if cu_seqlens_q.numel() != cu_seqlens_k.numel():

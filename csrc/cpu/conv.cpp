@@ -211,8 +211,8 @@ bool own_loops_now() {
 constexpr int64_t kWinograd2MinChannelsNarrow = 128;
 
 bool winograd2_on(int64_t in_channels) {
-  const int mode = g_own_loops.load(std::memory_order_relaxed);
-  return mode < 0 ? kWideVectors || in_channels >= kWinograd2MinChannelsNarrow : mode == 1;
+  const bool by_default = g_own_loops.load(std::memory_order_relaxed) < 0;
+  return own_loops_now() || (by_default && in_channels >= kWinograd2MinChannelsNarrow);
 }
 
 // ---- the implicit GEMM: conv1d, float32, stride 1, groups 1 ----------------------------------------

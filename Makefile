@@ -13,6 +13,10 @@ SOURCES := setup.py pyproject.toml $(shell find csrc -name '*.cpp' -o -name '*.c
 .PHONY: build bench test clean
 
 $(VENV)/.deps:
+	@# torch with CUDA alone is 5.5 GB in the venv: say so plainly rather than fail half-way through pip
+	@free=$$(df -Pk . | awk 'NR==2 {print int($$4 / 1048576)}'); if [ "$$free" -lt 8 ]; then \
+		echo "make: only $${free} GiB free on $$(df -P . | awk 'NR==2 {print $$6}'); the venv needs about 8 GiB" >&2; \
+		exit 1; fi
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet torch triton numpy pybind11 ninja setuptools wheel pytest pytest-benchmark \
 		transformers safetensors

@@ -143,6 +143,17 @@ def test_bias_gradient_does_not_depend_on_thread_count():
     assert torch.equal(*grads)
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_inference_mode_x_with_a_trained_bias(backend, device):
+    # gelu(x + bias) in torch saves x + bias, a normal tensor; the fused op must not refuse x from inference mode
+    with torch.inference_mode():
+        x = torch.randn(3, 16, device=device)
+    b = torch.randn(16, device=device, requires_grad=True)
+    (got,) = torch.autograd.grad(bias_gelu(x, b, backend=backend).sum(), b)
+    (want,) = torch.autograd.grad(F.gelu(x + b).sum(), b)
+    torch.testing.assert_close(got, want)
+
+
 def test_gradcheck_float64():
     x = torch.randn(3, 9, dtype=torch.float64, requires_grad=True)
     b = torch.randn(9, dtype=torch.float64, requires_grad=True)

@@ -77,6 +77,8 @@ def _(grad_y, x, bias, approximate, backend):
 
 def _setup_context(ctx, inputs, output):
     x, bias, approximate, backend = inputs
+    if x.is_inference():  # x from inference mode, a bias that needs grad: gelu(x + bias) saves x + bias, so copy x
+        x = x.clone()
     ctx.save_for_backward(x, bias)
     ctx.approximate, ctx.backend = approximate, backend
 

@@ -125,6 +125,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("build_info", &build_info, "How this extension was built: CPU flags, at::vec level, CUDA archs");
 
   using namespace bignlp_fast;
+  // The kernels run without the GIL, as torch's own ops do: other Python threads (a server's other
+  // requests, a data loader's) go on while one runs. They touch no Python object; what state they
+  // share between calls is atomic or under a mutex (buffer_cache.cpp), and a parallel region of
+  // one call never waits for threads of another (rnn.cpp's StepRegion).
+  const auto nogil = py::call_guard<py::gil_scoped_release>();
   m.def("amx_bf16_available", &bignlp_fast::cpu::amx_bf16_available,
         "Whether this CPU and torch build run bf16 tile GEMMs on AMX (oneDNN's brgemm ukernel)");
   m.def("amx_bf16", &bignlp_fast::cpu::amx_bf16, "Whether the bf16 CPU kernels take their AMX path now");
@@ -153,32 +158,32 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   }, "The cache of large CPU output buffers (csrc/cpu/buffer_cache.h): limit, bytes and buffers held, hits, misses");
   m.def("buffer_cache_clear", &bignlp_fast::cpu::buffer_cache_clear,
         "Free the large CPU buffers the cache holds; returns the bytes freed");
-  m.def("add_layer_norm_fwd_cpu", &add_layer_norm_fwd_cpu);
-  m.def("add_layer_norm_bwd_cpu", &add_layer_norm_bwd_cpu);
-  m.def("bias_gelu_fwd_cpu", &bias_gelu_fwd_cpu);
-  m.def("bias_gelu_bwd_cpu", &bias_gelu_bwd_cpu);
-  m.def("attention_fwd_cpu", &attention_fwd_cpu);
-  m.def("attention_bwd_cpu", &attention_bwd_cpu);
-  m.def("linear_fwd_cpu", &linear_fwd_cpu);
-  m.def("linear_bwd_cpu", &linear_bwd_cpu);
-  m.def("linear_pack_cpu", &linear_pack_cpu);
+  m.def("add_layer_norm_fwd_cpu", &add_layer_norm_fwd_cpu, nogil);
+  m.def("add_layer_norm_bwd_cpu", &add_layer_norm_bwd_cpu, nogil);
+  m.def("bias_gelu_fwd_cpu", &bias_gelu_fwd_cpu, nogil);
+  m.def("bias_gelu_bwd_cpu", &bias_gelu_bwd_cpu, nogil);
+  m.def("attention_fwd_cpu", &attention_fwd_cpu, nogil);
+  m.def("attention_bwd_cpu", &attention_bwd_cpu, nogil);
+  m.def("linear_fwd_cpu", &linear_fwd_cpu, nogil);
+  m.def("linear_bwd_cpu", &linear_bwd_cpu, nogil);
+  m.def("linear_pack_cpu", &linear_pack_cpu, nogil);
   m.def("linear_packed_fits", &linear_packed_fits);
-  m.def("rnn_fwd_cpu", &rnn_fwd_cpu);
-  m.def("rnn_bwd_cpu", &rnn_bwd_cpu);
-  m.def("layer_norm_lstm_fwd_cpu", &layer_norm_lstm_fwd_cpu);
-  m.def("layer_norm_lstm_bwd_cpu", &layer_norm_lstm_bwd_cpu);
-  m.def("conv_fwd_cpu", &conv_fwd_cpu);
-  m.def("conv_bwd_cpu", &conv_bwd_cpu);
+  m.def("rnn_fwd_cpu", &rnn_fwd_cpu, nogil);
+  m.def("rnn_bwd_cpu", &rnn_bwd_cpu, nogil);
+  m.def("layer_norm_lstm_fwd_cpu", &layer_norm_lstm_fwd_cpu, nogil);
+  m.def("layer_norm_lstm_bwd_cpu", &layer_norm_lstm_bwd_cpu, nogil);
+  m.def("conv_fwd_cpu", &conv_fwd_cpu, nogil);
+  m.def("conv_bwd_cpu", &conv_bwd_cpu, nogil);
   m.def("conv_cpu_path", &conv_cpu_path);
   m.def("conv_cpu_grad_weight_path", &conv_cpu_grad_weight_path);
-  m.def("causal_conv1d_fwd_cpu", &causal_conv1d_fwd_cpu);
-  m.def("causal_conv1d_bwd_cpu", &causal_conv1d_bwd_cpu);
-  m.def("text_cnn_pool_fwd_cpu", &text_cnn_pool_fwd_cpu);
-  m.def("text_cnn_pool_bwd_cpu", &text_cnn_pool_bwd_cpu);
-  m.def("distillation_loss_fwd_cpu", &distillation_loss_fwd_cpu);
-  m.def("gpt2_decode_cpu", &gpt2_decode_cpu, "GPT-2's blocks for one decoding step (models/gpt.py)");
+  m.def("causal_conv1d_fwd_cpu", &causal_conv1d_fwd_cpu, nogil);
+  m.def("causal_conv1d_bwd_cpu", &causal_conv1d_bwd_cpu, nogil);
+  m.def("text_cnn_pool_fwd_cpu", &text_cnn_pool_fwd_cpu, nogil);
+  m.def("text_cnn_pool_bwd_cpu", &text_cnn_pool_bwd_cpu, nogil);
+  m.def("distillation_loss_fwd_cpu", &distillation_loss_fwd_cpu, nogil);
+  m.def("gpt2_decode_cpu", &gpt2_decode_cpu, "GPT-2's blocks for one decoding step (models/gpt.py)", nogil);
 #ifdef BIGNLP_FAST_WITH_CUDA
-#define BIGNLP_DEF_OP(name) m.def(#name, &name);
+#define BIGNLP_DEF_OP(name) m.def(#name, &name, nogil);
   BIGNLP_FAST_CUDA_OPS(BIGNLP_DEF_OP)
 #undef BIGNLP_DEF_OP
 #endif

@@ -41,7 +41,12 @@ class LayerNorm(torch.nn.LayerNorm):
         if residual is not None and residual.dtype != x.dtype:  # as eager x + residual: the promoted dtype
             dtype = torch.promote_types(x.dtype, residual.dtype)  # (bf16 x, fp32 residual under CPU autocast)
             x, residual = x.to(dtype), residual.to(dtype)
-        flat = lambda t: None if t is None else (t if t.dim() == 1 else t.reshape(-1)).to(x.dtype)  # noqa: E731
+        def flat(t):  # a parameter as the op takes it: a vector in x's dtype (.to and .reshape cost ~2 us a call)
+            if t is None:
+                return None
+            t = t if t.dim() == 1 else t.reshape(-1)
+            return t if t.dtype == x.dtype else t.to(x.dtype)
+
         x2, r2 = x, residual  # one normalized dimension: as they are (views cost microseconds a call)
         if k > 1:
             n = math.prod(self.normalized_shape)  # not -1: an empty batch has no size to infer it from

@@ -238,6 +238,10 @@ def test_untied_masked_lm_decoder_loads_as_its_own_weight(tmp_path):
     transformers (it used to overwrite the word embeddings, the two being one parameter)."""
     hf, _ = _pair(transformers.BertForMaskedLM, BertForMaskedLM, tie_word_embeddings=False)
     assert hf.cls.predictions.decoder.weight.data_ptr() != hf.bert.embeddings.word_embeddings.weight.data_ptr()
+    with torch.no_grad():  # a trained head: biases that are not zero (and, untied, the decoder's is its own)
+        hf.cls.predictions.decoder.bias.normal_()
+        if hf.cls.predictions.bias.data_ptr() != hf.cls.predictions.decoder.bias.data_ptr():
+            hf.cls.predictions.bias.normal_()
     hf.save_pretrained(tmp_path)
     ours = BertForMaskedLM.from_pretrained(str(tmp_path)).eval()
     ids, mask, _ = _inputs()
@@ -245,9 +249,22 @@ def test_untied_masked_lm_decoder_loads_as_its_own_weight(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(ours(ids, attention_mask=mask).logits[real],
                                    hf(ids, attention_mask=mask).logits[real], rtol=1e-5, atol=1e-5)
+    # saved with the decoder's bias (it was left out, and transformers re-initialised it: logits off by ~2.5)
     ours.save_pretrained(str(tmp_path / "again"))
     again = transformers.BertForMaskedLM.from_pretrained(str(tmp_path / "again"), attn_implementation="eager").eval()
     torch.testing.assert_close(again.cls.predictions.decoder.weight, hf.cls.predictions.decoder.weight)
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids, attention_mask=mask).logits[real],
+                                   ours(ids, attention_mask=mask).logits[real], rtol=1e-5, atol=1e-5)
+    # a checkpoint without the decoder's bias (written when the two biases were one) still gives it its value
+    ours.save_pretrained(str(tmp_path / "one_bias"))
+    from safetensors.torch import load_file, save_file
+    file = tmp_path / "one_bias" / "model.safetensors"
+    state = load_file(str(file))
+    state["cls.predictions.bias"] = state.pop("cls.predictions.decoder.bias")
+    save_file(state, str(file), metadata={"format": "pt"})
+    old = BertForMaskedLM.from_pretrained(str(tmp_path / "one_bias")).eval()
+    torch.testing.assert_close(old.cls.predictions.decoder.bias, ours.cls.predictions.decoder.bias)
 
 
 def _saved(hf_cls, ours_cls, path):

@@ -123,6 +123,8 @@ class PretrainedModel(torch.nn.Module):
       config_class       the config dataclass (an :class:`HFConfig`)
       base_model_prefix  e.g. "bert": the base model's attribute name in the task models
       tied_weights       {key: key it is tied to}: left out of saved checkpoints, tied again on load
+      filled_from        {key: key}: weights of their own that are saved, but taken from the other key
+                         when a checkpoint lacks them (one written when the two were tied)
       ignored_keys       suffixes of checkpoint keys that are buffers, not weights (e.g. position_ids)
       optional_keys      prefixes of weights a checkpoint may lack (e.g. BERT's pooler, absent from
                          masked-LM checkpoints): newly initialised with a warning, like a task head
@@ -134,6 +136,7 @@ class PretrainedModel(torch.nn.Module):
     config_class: Any = None
     base_model_prefix: str = ""
     tied_weights: dict = {}
+    filled_from: dict = {}
     ignored_keys: tuple = ()
     optional_keys: tuple = ()
     other_keys: tuple = ()
@@ -206,7 +209,7 @@ class PretrainedModel(torch.nn.Module):
             warnings.warn(f"{type(self).__name__}: ignoring the checkpoint's weights {foreign}, which belong to "
                           "parts this model does not have (another task's head)", stacklevel=3)
             renamed = {k: v for k, v in renamed.items() if k not in foreign}
-        for key, source in self.tied_weights.items():
+        for key, source in [*self.tied_weights.items(), *self.filled_from.items()]:
             if key in own and key not in renamed and source in renamed:
                 renamed[key] = renamed[source]
 

@@ -441,8 +441,14 @@ class BertForMaskedLM(PretrainedModel):
         self.bert = BertModel(config, add_pooling_layer=False)
         self.cls = BertOnlyMLMHead(config)
         _init_weights(self.cls, config.initializer_range)
-        if config.extra.get("tie_word_embeddings", True) is False:  # the checkpoint holds the decoder's weight
-            self.tied_weights = {k: v for k, v in self.tied_weights.items() if k != "cls.predictions.decoder.weight"}
+        if config.extra.get("tie_word_embeddings", True) is False:
+            # Untied, as in transformers 5: the decoder's weight and bias are its own, and saved;
+            # cls.predictions.bias is a separate parameter the forward does not use (a checkpoint
+            # without the decoder's bias, written when the two were one, gives it its value)
+            predictions = self.cls.predictions
+            predictions.bias = torch.nn.Parameter(predictions.decoder.bias.detach().clone())
+            self.tied_weights = {}
+            self.filled_from = {"cls.predictions.decoder.bias": "cls.predictions.bias"}
         else:
             self.cls.predictions.decoder.weight = self.bert.embeddings.word_embeddings.weight
 

@@ -64,6 +64,24 @@ def test_matches_float64(backend, device, case, dtype):
         assert_within_torch_error(f"{backend} {case} {dtype} {name}", a, c, r, dtype)
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("hidden", [3, 7, 17, 16])
+def test_states_with_a_large_mean_keep_their_variance(backend, device, hidden):
+    # c' = c0 (input gate shut, forget gate open): values of mean 100 and spread ~0.01. The CPU kernel
+    # counted the zeros padding H to whole vectors and took their mean^2 out afterwards, which cancelled
+    # the variance away (H = 3: h' off by 23%); H = 16 fills its vectors
+    g = torch.Generator().manual_seed(0)
+    xw = torch.cat([torch.full((1, 2, hidden), -30.0), torch.full((1, 2, hidden), 30.0),
+                    torch.randn(1, 2, 2 * hidden, generator=g)], dim=-1)
+    c0 = 100 + 0.01 * torch.randn(2, hidden, generator=g)
+    inputs = [xw, torch.randn(4 * hidden, hidden, generator=g) * 0.1, None, None, None, None, torch.zeros(2, hidden), c0]
+    ours = _run(inputs, False, backend)
+    theirs = _run(inputs, False, "torch")
+    ref = _run([x.double() if x is not None else None for x in inputs], False, "torch")
+    for name, a, c, r in zip(["out", "h_n", "c_n", "d_xw", "d_w_hh", "d_h0", "d_c0"], ours, theirs, ref):
+        assert_within_torch_error(f"{backend} H={hidden} {name}", a, c, r, torch.float32)
+
+
 def test_reference_is_the_written_out_formula():
     """The reference loop against the cell written with torch.nn.LayerNorm modules, in float64."""
     torch.manual_seed(0)

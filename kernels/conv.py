@@ -4,9 +4,9 @@ The main loop is torch's convolution (``aten::convolution`` without its bias: cu
 which a hand-written kernel does not beat for general strides, groups and dilations. Around it:
 
 - forward: one elementwise kernel over the output viewed as [R = B * C_out, S = prod(spatial)]
-  computes ``act(pre + bias[row % C_out]) + residual`` in fp32 and writes ``out`` (into pre's own
-  buffer when pre need not be saved);
-- backward: one kernel computes ``gp = grad_out * act'(pre + bias)`` (stored in x.dtype for
+  computes ``v = conv + bias[row % C_out]`` and ``act(v) + residual`` in fp32 and writes ``out``
+  (into the convolution's own buffer when pre need not be saved; else v goes back there, as pre);
+- backward: one kernel computes ``gp = grad_out * act'(pre)`` (stored in x.dtype for
   ``aten::convolution_backward``) and, with a bias, fp32 row sums of gp: program (m, n) owns a fixed
   group of column tiles and writes its partial sums to a [column programs, R] buffer, which torch
   reduces over the programs and the batch afterwards, so grad_bias is deterministic (no atomics).
@@ -39,10 +39,11 @@ def conv_triton_supports(dtype) -> Optional[str]:
 
 @triton.jit
 def _conv_epilogue_fwd_kernel(
-    PRE,  # [R, S] convolution output without bias, x.dtype (R = B * C_out, S = output positions)
+    PRE,  # [R, S] convolution output without bias, x.dtype (R = B * C_out, S = output positions); with
+    #       SAVE_PRE, v = conv + bias is written back over it
     BIAS,  # [C_out] (read only if HAS_BIAS)
     RES,  # [R, S] residual (read only if HAS_RES)
-    OUT,  # [R, S] act(pre + bias) + residual, x.dtype; may be PRE itself
+    OUT,  # [R, S] act(v) + residual, x.dtype; may be PRE itself (then not SAVE_PRE)
     R,  # int: rows
     S,  # int: row length
     C_OUT,  # int: channels; the bias of row r is bias[r % C_OUT]
@@ -52,6 +53,7 @@ def _conv_epilogue_fwd_kernel(
     HAS_RES: tl.constexpr,
     ACT: tl.constexpr,  # activation code (ops/_activation.py)
     BIAS_ON_COLS: tl.constexpr,  # channels_last: [R = positions, S = C_OUT], the bias of column c is bias[c]
+    SAVE_PRE: tl.constexpr,
 ):
     pid_m, pid_n = _flat_ids(tl.cdiv(S, BLOCK_N))
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -65,6 +67,8 @@ def _conv_epilogue_fwd_kernel(
             v += tl.load(BIAS + cols, mask=cols < S, other=0.0).to(tl.float32)[None, :]
         else:
             v += tl.load(BIAS + rows % C_OUT, mask=row_mask, other=0.0).to(tl.float32)[:, None]
+    if SAVE_PRE:
+        tl.store(PRE + offs, v.to(PRE.dtype.element_ty), mask=mask)
     y = act(v, ACT)
     if HAS_RES:
         y += tl.load(RES + offs, mask=mask, other=0.0).to(tl.float32)
@@ -74,9 +78,8 @@ def _conv_epilogue_fwd_kernel(
 @triton.jit
 def _conv_epilogue_bwd_kernel(
     DY,  # [R, S] grad_out
-    PRE,  # [R, S] convolution output without bias
-    BIAS,  # [C_out] (read only if HAS_BIAS)
-    GP,  # [R, S] grad_out * act'(pre + bias), x.dtype
+    PRE,  # [R, S] the activation's input, conv + bias (the forward's pre)
+    GP,  # [R, S] grad_out * act'(pre), x.dtype
     DB_PART,  # [P, R] float32 row sums of GP per column program, or with BIAS_ON_COLS [row blocks, S]
     #           column sums of GP per row block (written only if HAS_BIAS)
     R,  # int: rows
@@ -85,15 +88,13 @@ def _conv_epilogue_bwd_kernel(
     TILES_PER_PROGRAM,  # int: program (m, n) handles column tiles [n * TILES_PER_PROGRAM, (n+1) * TILES_PER_PROGRAM)
     BLOCK_M: tl.constexpr,  # rows per tile
     BLOCK_N: tl.constexpr,  # columns per tile
-    HAS_BIAS: tl.constexpr,
+    HAS_BIAS: tl.constexpr,  # write DB_PART
     ACT: tl.constexpr,
     BIAS_ON_COLS: tl.constexpr,  # channels_last: as in the forward kernel
 ):
     pid_m, pid_n = _flat_ids(tl.cdiv(tl.cdiv(S, BLOCK_N), TILES_PER_PROGRAM))  # column programs run fastest
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_mask = rows < R
-    if HAS_BIAS and not BIAS_ON_COLS:
-        b = tl.load(BIAS + rows % C_OUT, mask=row_mask, other=0.0).to(tl.float32)
     db_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     first_tile = pid_n.to(tl.int64) * TILES_PER_PROGRAM
     for t in range(TILES_PER_PROGRAM):
@@ -101,11 +102,6 @@ def _conv_epilogue_bwd_kernel(
         mask = row_mask[:, None] & (cols[None, :] < S)
         offs = rows[:, None] * S + cols[None, :]
         v = tl.load(PRE + offs, mask=mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            if BIAS_ON_COLS:
-                v += tl.load(BIAS + cols, mask=cols < S, other=0.0).to(tl.float32)[None, :]
-            else:
-                v += b[:, None]
         dy = tl.load(DY + offs, mask=mask, other=0.0).to(tl.float32)
         gp = dy * act_grad(v, ACT)  # dy is 0 where masked, so gp is too
         tl.store(GP + offs, gp.to(GP.dtype.element_ty), mask=mask)
@@ -157,7 +153,7 @@ def conv_fwd_triton(x, weight, bias, residual, stride, padding, dilation, groups
         _conv_epilogue_fwd_kernel[grid](
             pre, bias if bias is not None else pre, residual if residual is not None else pre, out, R, S, C_out,
             BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-            ACT=int(activation), BIAS_ON_COLS=cl, num_warps=num_warps,
+            ACT=int(activation), BIAS_ON_COLS=cl, SAVE_PRE=save_pre, num_warps=num_warps,
         )
     return out, (pre if save_pre else x.new_empty(0))
 
@@ -181,7 +177,7 @@ def conv_bwd_triton(grad_out, x, weight, pre, bias, stride, padding, dilation, g
     db_part = torch.zeros(db_shape, device=x.device, dtype=torch.float32) if has_bias else None
     if pre.numel() > 0:
         _conv_epilogue_bwd_kernel[(row_blocks * col_programs,)](
-            grad_out, pre, bias if has_bias else pre, gp, db_part if has_bias else gp,
+            grad_out, pre, gp, db_part if has_bias else gp,
             R, S, C_out, tiles_per_program,
             BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=has_bias, ACT=int(activation), BIAS_ON_COLS=cl,
             num_warps=num_warps,

@@ -324,6 +324,48 @@ def test_cpu_conv_path_choice(own_loops):
         assert _path(*case) == "aten"
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("nd", [1, 2])
+def test_bf16_relu_derivative_is_taken_where_the_forward_took_relu(backend, device, nd):
+    # conv(x, w) = 1 + 2^-9, which bf16 rounds to 1, and a bias of -1: relu of the fp32 sum is > 0, relu
+    # of bf16(conv) + bias is 0. Forward and backward must take the same side: CPUs without AVX-512
+    # convolve bf16 in fp32, and there y came out > 0 with zero gradients
+    if torch.bfloat16 not in DTYPES[backend]:
+        pytest.skip(f"{backend} has no bf16 convolution")
+    shape = (1, 1, 2) if nd == 1 else (1, 1, 1, 2)
+    x = torch.ones(shape, dtype=torch.bfloat16, device=device, requires_grad=True)
+    w = torch.tensor([1.0, 2.0 ** -9], dtype=torch.bfloat16, device=device).view(1, *shape[1:]).requires_grad_()
+    b = torch.tensor([-1.0], dtype=torch.bfloat16, device=device, requires_grad=True)
+    y = (ops.conv1d if nd == 1 else ops.conv2d)(x, w, b, activation="relu", backend=backend)
+    gx, gw, gb = torch.autograd.grad(y.sum(), (x, w, b))
+    slope = 1.0 if y.item() > 0 else 0.0
+    assert gb.item() == slope, f"{backend}: y = {y.item()} but d y / d bias = {gb.item()}"
+    assert gw.flatten().tolist() == [slope, slope] and gx.flatten().tolist() == [slope * v for v in (1.0, 2.0 ** -9)]
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+def test_bf16_gradients_with_a_bias_within_torch_error(backend):
+    # pre holds the bias (ops/conv.py): a bf16 pre without it, rounded about the convolution's size, put
+    # bf16(conv) + bias on the other side of ReLU's kink wherever the bias nearly cancelled the
+    # convolution, and the gradients came out 100x torch's own error (grad_b 2.72 for 3.93). The GPU
+    # backends add the bias to cuDNN's rounded output, as torch's cudnn path does: their reference is
+    # torch on a GPU, not this CPU's fused-bias convolution
+    g = torch.Generator().manual_seed(10)
+    x, w = torch.randn(1, 16, 8, 9, generator=g), torch.randn(4, 8, 5, 5, generator=g) / (8 * 25) ** 0.5
+    b, gy = torch.randn(4, generator=g), torch.randn(1, 4, 6, 7, generator=g)
+
+    def run(dtype, f):
+        leaves = [t.to(dtype).requires_grad_() for t in (x, w, b)]
+        y = f(*leaves)
+        return [y, *torch.autograd.grad(y, leaves, gy.to(dtype))]
+
+    ours = run(torch.bfloat16, lambda x, w, b: ops.conv2d(x, w, b, 1, 1, 1, 2, "relu", backend=backend))
+    theirs = run(torch.bfloat16, lambda x, w, b: F.relu(F.conv2d(x, w, b, 1, 1, 1, 2)))
+    ref = run(torch.float64, lambda x, w, b: F.relu(F.conv2d(x, w, b, 1, 1, 1, 2)))
+    for name, a, c, r in zip(["y", "grad_x", "grad_w", "grad_b"], ours, theirs, ref):
+        assert_within_torch_error(f"{backend} {name}", a, c, r, torch.bfloat16)
+
+
 def test_cpu_larger_bf16():
     _check("cpu", torch.device("cpu"), torch.bfloat16, (4, 32, 200), (48, 32, 3), 1, 1, 1, 1, "gelu", residual=True)
 

@@ -1,7 +1,7 @@
 """conv1d / conv2d with a fused epilogue: ``act(conv(x) + bias) + residual`` with torch's arguments.
 
 The main loop is the vendor convolution (oneDNN on the CPU, cuDNN on the GPU, called through
-``aten::convolution`` without its bias): a hand-written convolution does not beat them for general
+``aten::convolution``): a hand-written convolution does not beat them for general
 strides, groups and dilations, and the point here is the whole block. What follows the convolution
 is one fused pass: eager PyTorch runs bias (inside the conv), the activation and the residual add as
 separate kernels, each reading and writing the full output; fused, the output is read and written
@@ -14,12 +14,18 @@ Kernel contract (every backend; ``conv_{fwd,bwd}_torch`` is the specification):
 - x may be a channels_last 4-D tensor (see ``_memory_format``); then residual, out, pre, grad_out, gp and
   grad_x are channels_last too, and the cpu, triton and torch kernels work in that layout (the cuda
   kernel works in NCHW: its wrapper copies each way, for now).
-- Forward returns (out, pre): out = act(pre + bias) + residual with pre = conv(x, weight) (no bias);
-  pre is returned only when ``save_pre`` (a backward will need it), else it is [0] and out may be
-  computed in place of pre.
-- Backward, given grad_out, x, weight, pre, bias: gp = grad_out * act'(pre + bias) returns
+- Forward returns (out, pre): out = act(v) + residual with v = conv(x, weight) + bias in fp32 (the CPU
+  kernels add the bias to the convolution's fp32 sums, as torch's CPU convolution does; the GPU ones to
+  cuDNN's output, as torch's cudnn path does); pre is v rounded to x's dtype, returned only when
+  ``save_pre`` (a backward will need it), else it is [0] and out may be computed in place of it.
+- Backward, given grad_out, x, weight, pre, bias: gp = grad_out * act'(pre) returns
   (grad_x, grad_weight, grad_bias [C_out] or [0]); grad_residual is grad_out itself. The bias
   gradient is reduced in a fixed order (deterministic).
+- Why pre holds the bias: rounding v keeps its sign (and rounds it relative to its own size), so the
+  backward takes the activation's derivative where the forward took the activation. A 16-bit pre
+  without the bias, rounded about the convolution's size, put bf16(conv) + bias on the other side
+  of ReLU's kink wherever the bias nearly cancelled the convolution: a conv2d's bf16 gradients were
+  off by 100x torch's own error (grad_bias 2.72 for 3.93).
 """
 
 from __future__ import annotations
@@ -43,25 +49,18 @@ OP = _backend.register_op("conv", dtypes={
 
 
 # ---- reference backend ------------------------------------------------------------------------
-def _conv(x, weight, stride, padding, dilation, groups):
-    return torch.ops.aten.convolution(x, weight, None, stride, padding, dilation, False, [0] * len(stride), groups)
-
-
 def conv_fwd_torch(x, weight, bias, residual, stride, padding, dilation, groups, activation: int, save_pre: bool):
-    pre = _conv(x, weight, stride, padding, dilation, groups)
-    v = pre.to(acc_dtype(x.dtype), copy=save_pre)  # (without a bias or an activation, out would be pre itself)
-    if bias is not None:
-        v = v + bias.to(v.dtype).view(-1, *([1] * (x.dim() - 2)))
-    v = activation_torch(v, activation)
+    # v as eager torch rounds it: with the bias added inside the convolution (on the CPU to its fp32 sums)
+    pre = torch.ops.aten.convolution(x, weight, bias, stride, padding, dilation, False, [0] * len(stride), groups)
+    v = pre.to(acc_dtype(x.dtype), copy=save_pre)  # (without an activation, y would be pre itself)
+    y = activation_torch(v, activation)
     if residual is not None:
-        v = v + residual.to(v.dtype)
-    return v.to(x.dtype), (pre if save_pre else x.new_empty(0))
+        y = y + residual.to(y.dtype)
+    return y.to(x.dtype), (pre if save_pre else x.new_empty(0))
 
 
 def conv_bwd_torch(grad_out, x, weight, pre, bias, stride, padding, dilation, groups, activation: int):
     v = pre.to(acc_dtype(x.dtype))
-    if bias is not None:
-        v = v + bias.to(v.dtype).view(-1, *([1] * (x.dim() - 2)))
     gp = (grad_out.to(v.dtype) * activation_grad_torch(v, activation))
     grad_bias = gp.sum([d for d in range(gp.dim()) if d != 1]).to(bias.dtype) if bias is not None else x.new_empty(0)
     grad_x, grad_w, _ = torch.ops.aten.convolution_backward(

@@ -9,12 +9,12 @@
 // Winograd's F(2x2, 3x3) where that measured faster (winograd2_applies): forward, grad_x, and grad_w
 // through the same transforms (winograd2_grad_weight).
 // Everything else (other conv2d, bfloat16, strided, grouped or short convolutions) calls ATen's
-// (oneDNN) convolution without its bias
-// and then one epilogue pass over the output, viewed as [B * C_out, S] rows (S the spatial size; the
-// bias is per row % C_out).
-// The backward's epilogue pass computes gp = grad_out * act'(pre + bias) and per-row sums of gp for
-// the bias gradient (reduced per channel over the batch in a fixed order: deterministic), then hands
-// gp to the convolution's backward.
+// (oneDNN) convolution with its bias, v = conv(x) + bias, and then one epilogue pass over the output,
+// viewed as [B * C_out, S] rows (S the spatial size). The saved pre-activation is v in x's dtype (on
+// every path: see the contract in bignlp_fast/ops/conv.py).
+// The backward's epilogue pass computes gp = grad_out * act'(pre) and per-row sums of gp for the bias
+// gradient (reduced per channel over the batch in a fixed order: deterministic), then hands gp to the
+// convolution's backward.
 #include <algorithm>
 #include <atomic>
 #include <cstring>
@@ -297,12 +297,18 @@ inline int64_t odd_line_stride(int64_t n) {
   return (ld / 16) % 2 == 0 ? ld + 16 : ld;
 }
 
-// One output channel's run of nq positions from its convolution v: pre (when saved) = v, and
+// One output channel's run of nq positions from its convolution v: pre (when saved) = v + bias, and
 // out = act(v + bias) (+ res), at offset o of both.
 template <int A>
 inline void finish_row(const float* v, int64_t nq, int64_t o, float bias, const float* res, float* out, float* pre) {
   const fVec bv(bias);
-  if (pre) std::memcpy(pre + o, v, nq * sizeof(float));
+  if (pre) {
+    constexpr int64_t V = fVec::size();
+    for (int64_t u = 0; u < nq; u += V) {
+      const int64_t m = std::min(V, nq - u);
+      (fVec::loadu(v + u, m) + bv).store(pre + o + u, m);
+    }
+  }
   for (int64_t u = 0; u < nq; u += kStep)
     epilogue_step<A>(v + u, std::min(kStep, nq - u), bv, res ? res + o + u : nullptr, out + o + u);
 }
@@ -1146,7 +1152,7 @@ std::vector<at::Tensor> conv_fwd_cpu(const at::Tensor& x, const at::Tensor& w, c
                                      std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups,
                                      int64_t activation, bool save_pre) {
   check(x, w, bias);
-  if (bf16_in_fp32(x)) {
+  if (bf16_in_fp32(x)) {  // the whole op in fp32, its results rounded to bf16 once (pre keeps v's sign)
     std::vector<at::Tensor> r = conv_fwd_cpu(x.to(at::kFloat), w.to(at::kFloat), to_float(bias), to_float(residual),
                                              stride, padding, dilation, groups, activation, save_pre);
     return {r[0].to(at::kBFloat16), r[1].to(at::kBFloat16)};
@@ -1158,7 +1164,8 @@ std::vector<at::Tensor> conv_fwd_cpu(const at::Tensor& x, const at::Tensor& w, c
     return own_conv(x, w, padding, dilation, bias, residual, activation, save_pre);
   const at::MemoryFormat format = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const std::vector<int64_t> output_padding(stride.size(), 0);
-  at::Tensor pre = at::convolution(x, w, std::nullopt, stride, padding, dilation, false, output_padding, groups)
+  // v = conv(x) + bias from oneDNN, which adds the bias to its fp32 sums before rounding to x's dtype
+  at::Tensor pre = at::convolution(x, w, bias, stride, padding, dilation, false, output_padding, groups)
                        .contiguous(format);
   if (residual) {
     TORCH_CHECK(residual->sizes() == pre.sizes() && residual->scalar_type() == x.scalar_type() &&
@@ -1168,18 +1175,17 @@ std::vector<at::Tensor> conv_fwd_cpu(const at::Tensor& x, const at::Tensor& w, c
   }
   at::Tensor out = save_pre ? cpu::cached_empty_like(pre) : pre;
   const int64_t C = pre.size(1), S = pre.numel() / std::max<int64_t>(1, pre.size(0) * C);
-  const at::Tensor bias_f = cl ? (bias ? bias->to(at::kFloat) : at::zeros({C}, x.options().dtype(at::kFloat)))
-                               : at::Tensor();
+  const at::Tensor zeros_f = cl ? at::zeros({C}, x.options().dtype(at::kFloat)) : at::Tensor();  // (bias in pre)
   BIGNLP_DISPATCH_FLOAT_BF16(x.scalar_type(), "conv_fwd_cpu", [&] {
     using T = scalar_t;
     const T* res = residual ? residual->const_data_ptr<T>() : nullptr;
     cpu::dispatch_activation(activation, [&](auto act) {
       if (cl)
-        epilogue_fwd_cl<decltype(act)::value, T>(pre.const_data_ptr<T>(), bias_f.const_data_ptr<float>(), res,
+        epilogue_fwd_cl<decltype(act)::value, T>(pre.const_data_ptr<T>(), zeros_f.const_data_ptr<float>(), res,
                                                  out.data_ptr<T>(), pre.size(0) * S, C);
       else
-        epilogue_fwd<decltype(act)::value, T>(pre.const_data_ptr<T>(), bias ? bias->const_data_ptr<T>() : nullptr,
-                                              res, out.data_ptr<T>(), pre.size(0) * C, C, S);
+        epilogue_fwd<decltype(act)::value, T>(pre.const_data_ptr<T>(), nullptr, res, out.data_ptr<T>(),
+                                              pre.size(0) * C, C, S);
     });
   });
   return {out, save_pre ? pre : at::empty({0}, x.options())};
@@ -1220,12 +1226,12 @@ std::vector<at::Tensor> conv_bwd_cpu(const at::Tensor& grad_out, const at::Tenso
     gp = cpu::cached_empty_like(grad_out);
     const int64_t P = B * S, chunk = cpu::rows_per_chunk(P);
     at::Tensor partial = at::empty({bias ? (P + chunk - 1) / chunk : 0, C}, x.options().dtype(at::kFloat));
-    const at::Tensor bias_f = bias ? bias->to(at::kFloat) : at::zeros({C}, x.options().dtype(at::kFloat));
+    const at::Tensor zeros_f = at::zeros({C}, x.options().dtype(at::kFloat));  // (pre holds the bias)
     BIGNLP_DISPATCH_FLOAT_BF16(x.scalar_type(), "conv_bwd_cpu", [&] {
       using T = scalar_t;
       cpu::dispatch_activation(activation, [&](auto act) {
         epilogue_bwd_cl<decltype(act)::value, T>(grad_out.const_data_ptr<T>(), pre.const_data_ptr<T>(),
-                                                 bias_f.const_data_ptr<float>(), gp.data_ptr<T>(),
+                                                 zeros_f.const_data_ptr<float>(), gp.data_ptr<T>(),
                                                  bias ? partial.data_ptr<float>() : nullptr, P, C);
       });
     });
@@ -1236,8 +1242,8 @@ std::vector<at::Tensor> conv_bwd_cpu(const at::Tensor& grad_out, const at::Tenso
     BIGNLP_DISPATCH_FLOAT_BF16(x.scalar_type(), "conv_bwd_cpu", [&] {
       using T = scalar_t;
       cpu::dispatch_activation(activation, [&](auto act) {
-        epilogue_bwd<decltype(act)::value, T>(grad_out.const_data_ptr<T>(), pre.const_data_ptr<T>(),
-                                              bias ? bias->const_data_ptr<T>() : nullptr, gp.data_ptr<T>(),
+        epilogue_bwd<decltype(act)::value, T>(grad_out.const_data_ptr<T>(), pre.const_data_ptr<T>(), nullptr,
+                                              gp.data_ptr<T>(),
                                               row_sums.data_ptr<float>(), B * C, C, S);
       });
     });

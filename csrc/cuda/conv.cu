@@ -3,8 +3,9 @@
 //
 // The convolution itself is cuDNN's, through aten::convolution without its bias. What follows is one
 // elementwise pass over the output viewed as rows [B * C_out, S] (S = the spatial size):
-// Forward: out = act(pre + bias[row % C_out]) + residual, written over pre when pre need not be kept.
-// Backward: gp = grad_out * act'(pre + bias), then aten::convolution_backward on gp. grad_bias is the
+// Forward: v = conv + bias[row % C_out], out = act(v) + residual, written over the convolution's output
+// when pre need not be kept; else v (the saved pre) is.
+// Backward: gp = grad_out * act'(pre), then aten::convolution_backward on gp. grad_bias is the
 // sum of gp over the batch and the positions: a warp handles one channel and one chunk of its rows,
 // sums each row's chunk of gp in fp32 (before rounding to T) and writes it as one partial sum;
 // sum_partials_kernel adds the partials of each channel in a fixed order (no atomics), so the result
@@ -44,17 +45,20 @@ constexpr int64_t kMinChunkVecs = 256;    // backward: fewest vectors a warp's c
 
 // ---- kernels ----------------------------------------------------------------------------------
 
-// out = act(pre + bias[channel]) + residual over n vectors of kVec elements, rows of row_vecs vectors,
-// channel = row % channels. bias and residual may be null. out may be pre (in place: each element is
-// read before it is written, by the same thread), so neither is __restrict__.
+// v = pre + bias[channel], out = act(v) + residual over n vectors of kVec elements, rows of row_vecs
+// vectors, channel = row % channels; with save_pre, v is written back over pre (the backward's input:
+// see the contract in bignlp_fast/ops/conv.py). bias and residual may be null. out may be pre (then
+// not save_pre; in place: each element is read before it is written, by the same thread), so neither
+// is __restrict__.
 //
 // Grid-stride loop whose (column, channel) is carried along instead of divided out per vector: the
 // stride of gridDim.x * blockDim.x vectors advances the column by step_col (< row_vecs) and the
 // channel by step_ch (< channels), plus one each on a carry.
 template <typename T, int kVec, int ACT>
 __global__ void __launch_bounds__(kThreads)
-    conv_epilogue_fwd_kernel(const T* pre, const T* __restrict__ bias, const T* __restrict__ residual, T* out,
-                             int64_t n, int64_t row_vecs, int channels, int64_t step_col, int step_ch) {
+    conv_epilogue_fwd_kernel(T* pre, const T* __restrict__ bias, const T* __restrict__ residual, T* out,
+                             int64_t n, int64_t row_vecs, int channels, int64_t step_col, int step_ch,
+                             bool save_pre) {
   const int64_t stride = int64_t{gridDim.x} * blockDim.x;
   int64_t i = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
   if (i >= n) return;
@@ -66,7 +70,10 @@ __global__ void __launch_bounds__(kThreads)
     load_vec<kVec>(pre, i, v);
     if (residual) load_vec<kVec>(residual, i, r);
 #pragma unroll
-    for (int e = 0; e < kVec; ++e) v[e] = act<ACT>(v[e] + b) + r[e];
+    for (int e = 0; e < kVec; ++e) v[e] += b;
+    if (save_pre) store_vec<kVec>(pre, i, v);
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) v[e] = act<ACT>(v[e]) + r[e];
     store_vec<kVec>(out, i, v);
 
     col += step_col;
@@ -80,23 +87,21 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// gp = grad_out * act'(pre + bias[channel]). A warp handles channel c (warp `w` of the block, in
+// gp = grad_out * act'(pre), pre = conv + bias. A warp handles channel c (warp `w` of the block, in
 // channel group blockIdx.x % groups) and the vectors [chunk * chunk_vecs, min(row_vecs, (chunk + 1) *
 // chunk_vecs)) of the rows b * channels + c, chunk = blockIdx.x / groups, for b = blockIdx.y,
-// blockIdx.y + gridDim.y, ... With partials (only with bias), writes each (b, chunk) fp32 sum of gp
+// blockIdx.y + gridDim.y, ... With partials (only with a bias), writes each (b, chunk) fp32 sum of gp
 // to partials[(b * nchunks + chunk) * channels + c]: a [batch * nchunks, channels] table whose column
 // sums are grad_bias. No 64-bit division: the grid's shape gives b, c and chunk.
 template <typename T, int kVec, int ACT>
 __global__ void __launch_bounds__(kThreads)
-    conv_epilogue_bwd_kernel(const T* __restrict__ grad_out, const T* __restrict__ pre, const T* __restrict__ bias,
-                             T* __restrict__ gp, float* __restrict__ partials, int64_t batch, int channels,
+    conv_epilogue_bwd_kernel(const T* __restrict__ grad_out, const T* __restrict__ pre, T* __restrict__ gp, float* __restrict__ partials, int64_t batch, int channels,
                              unsigned groups, int64_t row_vecs, int64_t chunk_vecs, int64_t nchunks) {
   const int lane = threadIdx.x % 32;
   const unsigned warps = blockDim.x / 32;
   const int c = static_cast<int>((blockIdx.x % groups) * warps + threadIdx.x / 32);
   if (c >= channels) return;  // the whole warp; no block-wide synchronization follows
   const int64_t chunk = blockIdx.x / groups;
-  const float b = bias ? static_cast<float>(bias[c]) : 0.f;
   const int64_t begin = chunk * chunk_vecs;
   const int64_t end = row_vecs < begin + chunk_vecs ? row_vecs : begin + chunk_vecs;
 
@@ -109,7 +114,7 @@ __global__ void __launch_bounds__(kThreads)
       load_vec<kVec>(pre, base + v, p);
 #pragma unroll
       for (int e = 0; e < kVec; ++e) {
-        dy[e] *= act_grad<ACT>(p[e] + b);
+        dy[e] *= act_grad<ACT>(p[e]);
         acc += dy[e];
       }
       store_vec<kVec>(gp, base + v, dy);
@@ -241,7 +246,7 @@ std::vector<at::Tensor> conv_fwd_cuda(const at::Tensor& x, const at::Tensor& w, 
         conv_epilogue_fwd_kernel<T, kVec, decltype(act_code)::value>
             <<<static_cast<unsigned>(blocks), kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
                 pre.data_ptr<T>(), opt_data<T>(bias), opt_data<T>(residual), out.data_ptr<T>(), n, row_vecs,
-                channels, step_col, step_ch);
+                channels, step_col, step_ch, save_pre);
         C10_CUDA_KERNEL_LAUNCH_CHECK();
       });
     });
@@ -297,7 +302,7 @@ std::vector<at::Tensor> conv_bwd_cuda(const at::Tensor& grad_out, const at::Tens
         dispatch_activation(activation, "conv", [&](auto act_code) {
           conv_epilogue_bwd_kernel<T, kVec, decltype(act_code)::value>
               <<<grid, warps * 32, 0, c10::cuda::getCurrentCUDAStream()>>>(
-                  grad_out.data_ptr<T>(), pre.data_ptr<T>(), opt_data<T>(bias), gp.data_ptr<T>(),
+                  grad_out.data_ptr<T>(), pre.data_ptr<T>(), gp.data_ptr<T>(),
                   bias ? partials.data_ptr<float>() : nullptr, batch, channels, static_cast<unsigned>(groups_c),
                   row_vecs, chunk_vecs, nchunks);
           C10_CUDA_KERNEL_LAUNCH_CHECK();

@@ -329,6 +329,45 @@ def test_prepacked_copies_only_outside_autograd_and_compile(lin):
     assert lin.prepacked_bytes() == 0  # a compiled graph takes the weights as they are
 
 
+def test_a_traced_prepacked_layer_computes_what_eager_does(lin):
+    # torch.jit.trace records the packing kernel's empty output, not what fills it: a trace must take the
+    # weight as it is (a traced prepacked layer gave garbage, 1e31 or NaN)
+    _cpu_kernels()
+    import bignlp_fast.nn as bnn
+    layer = bnn.Linear(256, 1024).eval()
+    lin.prepack(layer)
+    x = torch.randn(100, 256)  # enough rows for the packed GEMM
+    with torch.no_grad():
+        traced = torch.jit.trace(layer, x)
+        torch.testing.assert_close(traced(x), F.linear(x, layer.weight, layer.bias))
+        torch.testing.assert_close(traced(2 * x), F.linear(2 * x, layer.weight, layer.bias))
+
+
+def test_a_weight_unmarked_by_another_thread_meanwhile_packs_per_call(lin):
+    # another thread's prepack(w, enabled=False) between the check that w is marked and the use of its
+    # copy: the product packs per call (it raised KeyError)
+    _cpu_kernels()
+    layer = torch.nn.Linear(256, 1024)
+    lin.prepack(layer)
+    lin.prepack(layer, enabled=False)
+    x = torch.randn(100, 256)
+    with torch.no_grad():
+        y = lin._linear(x, layer.weight, layer.bias, None, True)  # True: what the check had found
+    torch.testing.assert_close(y, F.linear(x, layer.weight, layer.bias))
+
+
+def test_exports_with_a_dynamic_row_count():
+    # the rule that picks a GEMM by row count would guard the dimension: torch.export refused a range
+    # across its thresholds (32, 64, 160 rows)
+    import bignlp_fast.nn as bnn
+    layer = bnn.Linear(512, 512).eval()
+    rows = torch.export.Dim("rows", min=8, max=100)
+    program = torch.export.export(layer, (torch.randn(3, 8, 512),), dynamic_shapes=({1: rows},))
+    for n in (8, 40, 100):
+        x = torch.randn(3, n, 512)
+        torch.testing.assert_close(program.module()(x), F.linear(x, layer.weight, layer.bias))
+
+
 def test_optimize_prepack_keeps_the_outputs_of_a_model(lin):
     """nn.MultiheadAttention passes slices of in_proj_weight (views at offsets) and transposed weights
     go in place: each view its own packed copy."""

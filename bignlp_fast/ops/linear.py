@@ -185,6 +185,8 @@ def linear_is_faster_for(device: torch.device, dtype: torch.dtype, rows: int, k:
     transpose of a contiguous [K, N] tensor; ``prepacked``: the weight is packed already (:func:`prepack`)."""
     if device.type != "cpu" or torch.is_autocast_enabled("cpu") or k == 0:
         return False
+    if isinstance(rows, torch.SymInt):  # torch.compile / torch.export with a dynamic size: a rule by rows
+        return False                    # would guard the dimension (export refused a range across 32 rows)
     if _backend.requested_backend(None) not in (None, "cpu"):
         return False
     if dtype not in (torch.float32, torch.bfloat16) or _backend.unavailable("cpu", device) is not None:
@@ -271,24 +273,31 @@ def prepacked_weights() -> int:
 
 def prepacked_bytes() -> int:
     """Bytes held by the packed copies of :func:`prepack`'s weights."""
+    # (snapshots: other threads may add copies meanwhile)
     return sum(e[-1].numel() * e[-1].element_size() for entries in list(_PREPACKED.values())
-               for e in entries.values())
+               for e in list(entries.values()))
 
 
 def _packable(weight: Tensor) -> bool:
     """Whether a product by ``weight`` would use its packed copy: marked, on the CPU, outside
-    autograd's view of the weight, and not under torch.compile (whose graphs take the weights as they
-    are)."""
-    if torch.compiler.is_compiling() or not _PREPACKED or weight.device.type != "cpu" or weight.is_inference():
+    autograd's view of the weight, and not while torch.compile or torch.export (whose graphs take the
+    weights as they are), torch.jit.trace or a dispatch mode (FakeTensor...) records the call. A trace
+    records the packed copy as the empty tensor the kernel allocates, not what fills it: a traced
+    prepacked model gave garbage."""
+    if (torch.compiler.is_compiling() or not _PREPACKED or weight.device.type != "cpu" or weight.is_inference()
+            or torch._C._get_tracing_state() is not None or torch._C._len_torch_dispatch_stack()):
         return False
     if torch.is_grad_enabled() and weight.requires_grad:
         return False
     return (weight if weight._base is None else weight._base) in _PREPACKED
 
 
-def _packed(weight: Tensor) -> Tensor:
-    """``weight``'s packed copy (for a :func:`_packable` weight), made now if it is missing or stale."""
-    entries = _PREPACKED[weight if weight._base is None else weight._base]
+def _packed(weight: Tensor) -> Optional[Tensor]:
+    """``weight``'s packed copy (for a :func:`_packable` weight), made now if it is missing or stale;
+    None if another thread has unmarked the weight since (the product then packs per call)."""
+    entries = _PREPACKED.get(weight if weight._base is None else weight._base)
+    if entries is None:
+        return None
     key = (weight.storage_offset(), tuple(weight.shape), weight.stride())
     state = (weight._version, weight.data_ptr(), weight.dtype)
     entry = entries.get(key)
@@ -331,9 +340,9 @@ def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend: Optional
             raise ValueError(f"{op}: bias must have shape ({weight.shape[0]},), one value per output feature; got "
                              f"{tuple(bias.shape)}")
     name = _backend.choose(OP, x.device, x.dtype, backend)
-    rows = math.prod(x.shape[:-1])
-    use_packed = name == "cpu" and rows > _backend.linear_streaming_rows(True) and x.shape[-1] > 0
-    if use_packed and packable is None:
-        packable = _packable(weight)
-    packed = _packed(weight) if use_packed and packable else None
+    packed = None
+    if name == "cpu" and x.shape[-1] > 0 and not torch.compiler.is_compiling():  # (compiled: no packed copies)
+        rows = math.prod(x.shape[:-1])
+        if rows > _backend.linear_streaming_rows(True) and (packable if packable is not None else _packable(weight)):
+            packed = _packed(weight)
     return rows_back(call(linear_fwd, as_rows(x), weight, bias, name, packed), x)

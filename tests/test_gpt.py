@@ -425,6 +425,18 @@ def test_compiles_fullgraph():
         torch.testing.assert_close(compiled(ids).logits, model(ids).logits)
 
 
+def test_compiles_fullgraph_with_dynamic_shapes():
+    # dynamic=True traces the attention scale (a float attribute) as a symbol; checking it with
+    # math.isfinite broke the graph at every layer
+    model = _ours()
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, dynamic=True, backend="aot_eager")
+    with torch.no_grad():
+        for length in (5, 9, 12):
+            ids = torch.randint(1, CFG["vocab_size"], (2, length), generator=torch.Generator().manual_seed(length))
+            torch.testing.assert_close(compiled(ids).logits, model(ids).logits)
+
+
 # ---- bad input ----------------------------------------------------------------------------------------
 def test_bad_configs():
     with pytest.raises(ValueError, match="n_embd .* divisible by n_head"):

@@ -305,7 +305,9 @@ def _check_scale(op: str, scale, query: Tensor) -> float:
     if scale is None:
         return 1.0 / math.sqrt(head_dim)
     value = real_number(scale)
-    if value is None or not math.isfinite(value):
+    # (torch.compile(dynamic=True) traces a float attribute as a symbol, which math.isfinite cannot take
+    # without breaking the graph: there the value goes unchecked)
+    if value is None or (not torch.compiler.is_compiling() and not math.isfinite(value)):
         raise ValueError(f"{op}: scale must be a finite number or None, got {scale!r}")
     return value
 

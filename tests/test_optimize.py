@@ -464,3 +464,21 @@ def test_an_optimized_hf_gpt2_saves_whole_and_loads_in_a_fresh_process(transform
             "with torch.no_grad():\n"
             "    torch.testing.assert_close(m(d['ids']).logits, d['logits'])\n")
     subprocess.run([sys.executable, "-c", code], cwd=SUBPROCESS_CWD, check=True, capture_output=True)
+
+
+def test_forward_arguments_have_torch_nn_names():
+    # code written for torch.nn (layer(input=t), torch.export's dynamic_shapes keyed by name) keeps
+    # working after optimize: every drop-in's forward names its arguments as the module it replaces
+    import inspect
+    pairs = [(nn.Linear, bnn.Linear), (nn.LayerNorm, bnn.LayerNorm), (nn.GELU, bnn.GELU), (nn.Conv1d, bnn.Conv1d),
+             (nn.Conv2d, bnn.Conv2d), (nn.LSTM, bnn.LSTM), (nn.GRU, bnn.GRU), (nn.RNN, bnn.RNN),
+             (nn.LSTMCell, bnn.LSTMCell), (nn.GRUCell, bnn.GRUCell), (nn.RNNCell, bnn.RNNCell),
+             (nn.MultiheadAttention, bnn.MultiheadAttention)]
+    for theirs, ours in pairs:
+        want = list(inspect.signature(theirs.forward).parameters)
+        got = list(inspect.signature(ours.forward).parameters)
+        assert got[:len(want)] == want, f"{ours.__name__}.forward{tuple(got)}: torch.nn's is {tuple(want)}"
+    model = nn.Sequential(nn.Linear(4, 3))
+    optimize(model)
+    assert isinstance(model[0], bnn.Linear)
+    torch.testing.assert_close(model[0](input=torch.ones(2, 4)), model[0](torch.ones(2, 4)))

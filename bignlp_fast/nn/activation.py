@@ -17,7 +17,8 @@ class GELU(torch.nn.GELU):
         super().__init__(approximate)
         self.backend = backend
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, input: Tensor) -> Tensor:  # (torch.nn's argument name: callers may pass it by name)
+        x = input
         if x.dim() == 0:  # a scalar, as torch.nn.GELU takes it (bias_gelu's rows need a last dimension)
             return bias_gelu(x.reshape(1), None, self.approximate, backend=self.backend).reshape(())
         return bias_gelu(x, None, self.approximate, backend=self.backend)

@@ -51,8 +51,8 @@ class Conv1d(_FusedConv, torch.nn.Conv1d):
         super().__init__(*args, **kwargs)
         self._init_fused(activation, backend)
 
-    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        return self._run(conv1d, x, residual)
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:  # (input: torch.nn's name)
+        return self._run(conv1d, input, residual)
 
 
 class Conv2d(_FusedConv, torch.nn.Conv2d):
@@ -63,8 +63,8 @@ class Conv2d(_FusedConv, torch.nn.Conv2d):
         super().__init__(*args, **kwargs)
         self._init_fused(activation, backend)
 
-    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
-        return self._run(conv2d, x, residual)
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None) -> Tensor:  # (input: torch.nn's name)
+        return self._run(conv2d, input, residual)
 
 
 class TextCNN(torch.nn.Module):

@@ -29,10 +29,10 @@ class Linear(torch.nn.Linear):
         super().__init__(*args, **kwargs)
         self.backend = backend
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, input: Tensor) -> Tensor:  # (torch.nn's argument name: callers may pass it by name)
         if self.backend is not None:
-            return linear(x, self.weight, self.bias, backend=self.backend)
-        return dense(x, self.weight, self.bias)
+            return linear(input, self.weight, self.bias, backend=self.backend)
+        return dense(input, self.weight, self.bias)
 
     @classmethod
     def from_torch(cls, module: torch.nn.Linear, *, backend: Optional[str] = None) -> "Linear":

@@ -29,7 +29,8 @@ class LayerNorm(torch.nn.LayerNorm):
         super().__init__(*args, **kwargs)
         self.backend = backend
 
-    def forward(self, x: Tensor, residual: Optional[Tensor] = None):
+    def forward(self, input: Tensor, residual: Optional[Tensor] = None):  # (input: torch.nn's name)
+        x = input
         k = len(self.normalized_shape)
         if tuple(x.shape[x.dim() - k:]) != tuple(self.normalized_shape):
             raise ValueError(f"LayerNorm: input's last {k} dimension(s) {tuple(x.shape[x.dim() - k:])} do not "

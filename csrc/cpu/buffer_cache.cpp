@@ -10,6 +10,7 @@
 #include <utility>
 #include <vector>
 
+#include <pthread.h>
 #include <sys/mman.h>
 
 #include <c10/core/Allocator.h>
@@ -44,8 +45,17 @@ size_t limit_from_env() {
   return static_cast<size_t>(std::stoull(text)) << 20;
 }
 
+class Cache;
+Cache& cache();
+
 class Cache {
  public:
+  // A fork while another thread holds the lock (the kernels run without the GIL, so a thread may fork
+  // while one is inside take or give_back) would leave the child's copy locked for good, and its first
+  // kernel call hung (1-3 children in 1500). So the lock is taken across fork() and released on both
+  // sides.
+  Cache() { pthread_atfork(&Cache::lock_for_fork, &Cache::unlock_after_fork, &Cache::unlock_after_fork); }
+
   // A buffer of at least `bytes` (from buffer_bytes()): a cached one of the same size, or up to 1/8
   // larger (a batch whose token count varies asks for sizes that differ a little), else a new one,
   // 4 KiB aligned, or 2 MiB aligned with huge pages advised from kLargeBytes. Sets `bytes` to its size.
@@ -124,6 +134,9 @@ class Cache {
   }
 
  private:
+  static void lock_for_fork() { cache().mu_.lock(); }
+  static void unlock_after_fork() { cache().mu_.unlock(); }
+
   struct Entry {
     void* p;
     uint64_t age;  // order of arrival: the oldest is evicted first

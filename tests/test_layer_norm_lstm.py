@@ -74,7 +74,8 @@ def test_states_with_a_large_mean_keep_their_variance(backend, device, hidden):
     xw = torch.cat([torch.full((1, 2, hidden), -30.0), torch.full((1, 2, hidden), 30.0),
                     torch.randn(1, 2, 2 * hidden, generator=g)], dim=-1)
     c0 = 100 + 0.01 * torch.randn(2, hidden, generator=g)
-    inputs = [xw, torch.randn(4 * hidden, hidden, generator=g) * 0.1, None, None, None, None, torch.zeros(2, hidden), c0]
+    w_hh = torch.randn(4 * hidden, hidden, generator=g) * 0.1
+    inputs = [xw, w_hh, None, None, None, None, torch.zeros(2, hidden), c0]  # (no LayerNorm scales or shifts)
     ours = _run(inputs, False, backend)
     theirs = _run(inputs, False, "torch")
     ref = _run([x.double() if x is not None else None for x in inputs], False, "torch")

@@ -84,7 +84,8 @@ def test_other_python_threads_run_while_a_kernel_runs(name):
         sys.setswitchinterval(interval)
     # the middle half of each call, where only the kernel runs
     inside = sum(1 for t0, t1 in windows for s in stamps if t0 + (t1 - t0) / 4 < s < t1 - (t1 - t0) / 4)
-    assert inside > 0, f"{name}: no other thread ran during {len(windows)} calls of {[round((t1 - t0) * 1e3, 1) for t0, t1 in windows]} ms"
+    durations = [round((t1 - t0) * 1e3, 1) for t0, t1 in windows]
+    assert inside > 0, f"{name}: no other thread ran during {len(windows)} calls of {durations} ms"
 
 
 def _models():

@@ -61,42 +61,40 @@ inline void epilogue_step(const S* pre, int64_t n, const fVec& b, const T* res, 
   cpu::store2_any(out, n, a, c);
 }
 
-// out[r, :] = act(pre[r, :] + bias[r % C]) (+ res[r, :]) for rows [r0, r1); out may be pre. The
-// loops over rows of both epilogues are functions of their own, so that every pointer and size is a
-// local value (read through parallel_for's captured references, each would be loaded again after
-// every vector store: see add_layer_norm.cpp, bwd_chunks).
+// The epilogues of oneDNN's convolution, whose output pre = conv(x) + bias already holds the bias.
+// out[r, :] = act(pre[r, :]) (+ res[r, :]) for rows [r0, r1); out may be pre. The loops over rows of
+// both epilogues are functions of their own, so that every pointer and size is a local value (read
+// through parallel_for's captured references, each would be loaded again after every vector store:
+// see add_layer_norm.cpp, bwd_chunks).
 template <int A, typename T>
-void epilogue_fwd_rows(int64_t r0, int64_t r1, const T* pre, const T* bias, const T* res, T* out, int64_t C,
-                       int64_t S) {
+void epilogue_fwd_rows(int64_t r0, int64_t r1, const T* pre, const T* res, T* out, int64_t S) {
+  const fVec zero(0.f);
   for (int64_t r = r0; r < r1; ++r) {
-    const fVec b(bias ? static_cast<float>(bias[r % C]) : 0.f);
     const int64_t o = r * S;
     for (int64_t s = 0; s < S; s += kStep)
-      epilogue_step<A>(pre + o + s, std::min(kStep, S - s), b, res ? res + o + s : nullptr, out + o + s);
+      epilogue_step<A>(pre + o + s, std::min(kStep, S - s), zero, res ? res + o + s : nullptr, out + o + s);
   }
 }
 
 template <int A, typename T>
-void epilogue_fwd(const T* pre, const T* bias, const T* res, T* out, int64_t rows, int64_t C, int64_t S) {
+void epilogue_fwd(const T* pre, const T* res, T* out, int64_t rows, int64_t S) {
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1)), [&](int64_t r0, int64_t r1) {
-    epilogue_fwd_rows<A>(r0, r1, pre, bias, res, out, C, S);
+    epilogue_fwd_rows<A>(r0, r1, pre, res, out, S);
   });
 }
 
-// gp[r, :] = g[r, :] * act'(pre[r, :] + bias[r % C]); row_sums[r] = sum of gp[r, :] (fp32), rows [r0, r1).
+// gp[r, :] = g[r, :] * act'(pre[r, :]); row_sums[r] = sum of gp[r, :] (fp32), rows [r0, r1).
 template <int A, typename T>
-void epilogue_bwd_rows(int64_t r0, int64_t r1, const T* g, const T* pre, const T* bias, T* gp, float* row_sums,
-                       int64_t C, int64_t S) {
+void epilogue_bwd_rows(int64_t r0, int64_t r1, const T* g, const T* pre, T* gp, float* row_sums, int64_t S) {
   for (int64_t r = r0; r < r1; ++r) {
-    const fVec b(bias ? static_cast<float>(bias[r % C]) : 0.f);
     const int64_t o = r * S;
     fVec sum(0.f);
     for (int64_t s = 0; s < S; s += kStep) {
       fVec ga, gc, pa, pc;
       cpu::load2_any(g + o + s, S - s, ga, gc);  // lanes past S load 0: they add nothing below
       cpu::load2_any(pre + o + s, S - s, pa, pc);
-      ga = ga * cpu::activate_grad<A>(pa + b);
-      gc = gc * cpu::activate_grad<A>(pc + b);
+      ga = ga * cpu::activate_grad<A>(pa);
+      gc = gc * cpu::activate_grad<A>(pc);
       cpu::store2_any(gp + o + s, S - s, ga, gc);
       sum = sum + ga + gc;
     }
@@ -105,26 +103,24 @@ void epilogue_bwd_rows(int64_t r0, int64_t r1, const T* g, const T* pre, const T
 }
 
 template <int A, typename T>
-void epilogue_bwd(const T* g, const T* pre, const T* bias, T* gp, float* row_sums, int64_t rows, int64_t C,
-                  int64_t S) {
+void epilogue_bwd(const T* g, const T* pre, T* gp, float* row_sums, int64_t rows, int64_t S) {
   at::parallel_for(0, rows, std::max<int64_t>(1, 16384 / std::max<int64_t>(S, 1)), [&](int64_t r0, int64_t r1) {
-    epilogue_bwd_rows<A>(r0, r1, g, pre, bias, gp, row_sums, C, S);
+    epilogue_bwd_rows<A>(r0, r1, g, pre, gp, row_sums, S);
   });
 }
 
 // ---- channels-last outputs: [P, C] with P = B * H * W positions, the channels contiguous --------
-// out[p, :] = act(pre[p, :] + bias) (+ res[p, :]) for positions [p0, p1); bias is the [C] vector in fp32.
+// out[p, :] = act(pre[p, :]) (+ res[p, :]) for positions [p0, p1).
 template <int A, typename T>
-void epilogue_fwd_cl_rows(int64_t p0, int64_t p1, const T* pre, const float* bias, const T* res, T* out, int64_t C) {
+void epilogue_fwd_cl_rows(int64_t p0, int64_t p1, const T* pre, const T* res, T* out, int64_t C) {
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t o = p * C;
     for (int64_t c = 0; c < C; c += kStep) {
       const int64_t n = std::min(kStep, C - c);
-      fVec a, b, ba, bb;
+      fVec a, b;
       cpu::load2_any(pre + o + c, n, a, b);
-      cpu::load2_any(bias + c, n, ba, bb);
-      a = cpu::activate<A>(a + ba);
-      b = cpu::activate<A>(b + bb);
+      a = cpu::activate<A>(a);
+      b = cpu::activate<A>(b);
       if (res) {
         fVec ra, rb;
         cpu::load2_any(res + o + c, n, ra, rb);
@@ -137,26 +133,24 @@ void epilogue_fwd_cl_rows(int64_t p0, int64_t p1, const T* pre, const float* bia
 }
 
 template <int A, typename T>
-void epilogue_fwd_cl(const T* pre, const float* bias, const T* res, T* out, int64_t P, int64_t C) {
+void epilogue_fwd_cl(const T* pre, const T* res, T* out, int64_t P, int64_t C) {
   at::parallel_for(0, P, std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1)), [&](int64_t p0, int64_t p1) {
-    epilogue_fwd_cl_rows<A>(p0, p1, pre, bias, res, out, C);
+    epilogue_fwd_cl_rows<A>(p0, p1, pre, res, out, C);
   });
 }
 
-// gp[p, :] = g[p, :] * act'(pre[p, :] + bias) for positions [p0, p1); adds gp's columns (fp32) to sums[C].
+// gp[p, :] = g[p, :] * act'(pre[p, :]) for positions [p0, p1); adds gp's columns (fp32) to sums[C].
 template <int A, typename T>
-void epilogue_bwd_cl_rows(int64_t p0, int64_t p1, const T* g, const T* pre, const float* bias, T* gp, float* sums,
-                          int64_t C) {
+void epilogue_bwd_cl_rows(int64_t p0, int64_t p1, const T* g, const T* pre, T* gp, float* sums, int64_t C) {
   for (int64_t p = p0; p < p1; ++p) {
     const int64_t o = p * C;
     for (int64_t c = 0; c < C; c += kStep) {
       const int64_t n = std::min(kStep, C - c);
-      fVec ga, gb, pa, pb, ba, bb, sa, sb;
+      fVec ga, gb, pa, pb, sa, sb;
       cpu::load2_any(g + o + c, n, ga, gb);  // lanes past C load 0: they add nothing below
       cpu::load2_any(pre + o + c, n, pa, pb);
-      cpu::load2_any(bias + c, n, ba, bb);
-      ga = ga * cpu::activate_grad<A>(pa + ba);
-      gb = gb * cpu::activate_grad<A>(pb + bb);
+      ga = ga * cpu::activate_grad<A>(pa);
+      gb = gb * cpu::activate_grad<A>(pb);
       cpu::store2_any(gp + o + c, n, ga, gb);
       if (sums) {
         cpu::load2_any(sums + c, n, sa, sb);
@@ -170,13 +164,13 @@ void epilogue_bwd_cl_rows(int64_t p0, int64_t p1, const T* g, const T* pre, cons
 // function of the shape only), each chunk sums its gp columns into its own row of `partial`
 // [chunks, C] (when given), and the caller adds the rows in chunk order: a deterministic bias gradient.
 template <int A, typename T>
-void epilogue_bwd_cl(const T* g, const T* pre, const float* bias, T* gp, float* partial, int64_t P, int64_t C) {
+void epilogue_bwd_cl(const T* g, const T* pre, T* gp, float* partial, int64_t P, int64_t C) {
   const int64_t chunk = cpu::rows_per_chunk(P), chunks = (P + chunk - 1) / chunk;
   at::parallel_for(0, chunks, 1, [&](int64_t k0, int64_t k1) {
     for (int64_t k = k0; k < k1; ++k) {
       float* sums = partial ? partial + k * C : nullptr;
       if (sums) std::fill(sums, sums + C, 0.f);
-      epilogue_bwd_cl_rows<A>(k * chunk, std::min(P, (k + 1) * chunk), g, pre, bias, gp, sums, C);
+      epilogue_bwd_cl_rows<A>(k * chunk, std::min(P, (k + 1) * chunk), g, pre, gp, sums, C);
     }
   });
 }
@@ -1175,17 +1169,14 @@ std::vector<at::Tensor> conv_fwd_cpu(const at::Tensor& x, const at::Tensor& w, c
   }
   at::Tensor out = save_pre ? cpu::cached_empty_like(pre) : pre;
   const int64_t C = pre.size(1), S = pre.numel() / std::max<int64_t>(1, pre.size(0) * C);
-  const at::Tensor zeros_f = cl ? at::zeros({C}, x.options().dtype(at::kFloat)) : at::Tensor();  // (bias in pre)
   BIGNLP_DISPATCH_FLOAT_BF16(x.scalar_type(), "conv_fwd_cpu", [&] {
     using T = scalar_t;
     const T* res = residual ? residual->const_data_ptr<T>() : nullptr;
     cpu::dispatch_activation(activation, [&](auto act) {
       if (cl)
-        epilogue_fwd_cl<decltype(act)::value, T>(pre.const_data_ptr<T>(), zeros_f.const_data_ptr<float>(), res,
-                                                 out.data_ptr<T>(), pre.size(0) * S, C);
+        epilogue_fwd_cl<decltype(act)::value, T>(pre.const_data_ptr<T>(), res, out.data_ptr<T>(), pre.size(0) * S, C);
       else
-        epilogue_fwd<decltype(act)::value, T>(pre.const_data_ptr<T>(), nullptr, res, out.data_ptr<T>(),
-                                              pre.size(0) * C, C, S);
+        epilogue_fwd<decltype(act)::value, T>(pre.const_data_ptr<T>(), res, out.data_ptr<T>(), pre.size(0) * C, S);
     });
   });
   return {out, save_pre ? pre : at::empty({0}, x.options())};
@@ -1226,13 +1217,11 @@ std::vector<at::Tensor> conv_bwd_cpu(const at::Tensor& grad_out, const at::Tenso
     gp = cpu::cached_empty_like(grad_out);
     const int64_t P = B * S, chunk = cpu::rows_per_chunk(P);
     at::Tensor partial = at::empty({bias ? (P + chunk - 1) / chunk : 0, C}, x.options().dtype(at::kFloat));
-    const at::Tensor zeros_f = at::zeros({C}, x.options().dtype(at::kFloat));  // (pre holds the bias)
     BIGNLP_DISPATCH_FLOAT_BF16(x.scalar_type(), "conv_bwd_cpu", [&] {
       using T = scalar_t;
       cpu::dispatch_activation(activation, [&](auto act) {
         epilogue_bwd_cl<decltype(act)::value, T>(grad_out.const_data_ptr<T>(), pre.const_data_ptr<T>(),
-                                                 zeros_f.const_data_ptr<float>(), gp.data_ptr<T>(),
-                                                 bias ? partial.data_ptr<float>() : nullptr, P, C);
+                                                 gp.data_ptr<T>(), bias ? partial.data_ptr<float>() : nullptr, P, C);
       });
     });
     if (bias) grad_bias = cpu::reduce_partials(partial, C, x.scalar_type());  // in chunk order
@@ -1242,9 +1231,8 @@ std::vector<at::Tensor> conv_bwd_cpu(const at::Tensor& grad_out, const at::Tenso
     BIGNLP_DISPATCH_FLOAT_BF16(x.scalar_type(), "conv_bwd_cpu", [&] {
       using T = scalar_t;
       cpu::dispatch_activation(activation, [&](auto act) {
-        epilogue_bwd<decltype(act)::value, T>(grad_out.const_data_ptr<T>(), pre.const_data_ptr<T>(), nullptr,
-                                              gp.data_ptr<T>(),
-                                              row_sums.data_ptr<float>(), B * C, C, S);
+        epilogue_bwd<decltype(act)::value, T>(grad_out.const_data_ptr<T>(), pre.const_data_ptr<T>(), gp.data_ptr<T>(),
+                                              row_sums.data_ptr<float>(), B * C, S);
       });
     });
     if (bias) grad_bias = row_sums.sum(0).to(x.scalar_type());  // a fixed-order sum over the batch

@@ -95,8 +95,9 @@ __global__ void __launch_bounds__(kThreads)
 // sums are grad_bias. No 64-bit division: the grid's shape gives b, c and chunk.
 template <typename T, int kVec, int ACT>
 __global__ void __launch_bounds__(kThreads)
-    conv_epilogue_bwd_kernel(const T* __restrict__ grad_out, const T* __restrict__ pre, T* __restrict__ gp, float* __restrict__ partials, int64_t batch, int channels,
-                             unsigned groups, int64_t row_vecs, int64_t chunk_vecs, int64_t nchunks) {
+    conv_epilogue_bwd_kernel(const T* __restrict__ grad_out, const T* __restrict__ pre, T* __restrict__ gp,
+                             float* __restrict__ partials, int64_t batch, int channels, unsigned groups,
+                             int64_t row_vecs, int64_t chunk_vecs, int64_t nchunks) {
   const int lane = threadIdx.x % 32;
   const unsigned warps = blockDim.x / 32;
   const int c = static_cast<int>((blockIdx.x % groups) * warps + threadIdx.x / 32);

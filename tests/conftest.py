@@ -1,11 +1,13 @@
 """Shared test setup. Without a CUDA GPU, Triton kernels run through the interpreter on CPU tensors:
 TRITON_INTERPRET must be set before triton is first imported, so it is set here."""
 
+import atexit
 import contextlib
 import hashlib
 import os
 import pathlib
 import platform
+import shutil
 import tempfile
 
 
@@ -61,11 +63,14 @@ if os.environ.get("TRITON_INTERPRET") == "1":
 import bignlp_fast  # noqa: E402
 from bignlp_fast import _backend  # noqa: E402
 
-# The working directory of the tests' Python subprocesses: outside the clone. Started in the clone's
-# root, Python puts the root first on its path, and the root's kernels/ folder (our Triton kernels,
-# installed as bignlp_fast.kernels) then shadows the Hugging Face `kernels` package that transformers
-# (5.25 on) imports: "cannot import name 'CUDAProperties' from 'kernels'".
-SUBPROCESS_CWD = tempfile.gettempdir()
+# The working directory of the tests' Python subprocesses: an empty folder of their own. Started in
+# the clone's root, Python puts the root first on its path, and the root's kernels/ folder (our Triton
+# kernels, installed as bignlp_fast.kernels) then shadows the Hugging Face `kernels` package that
+# transformers (5.25 on) imports: "cannot import name 'CUDAProperties' from 'kernels'". Nor the
+# system's temporary folder: any stray nt.py or pathlib.py there shadows the standard library's
+# (a /tmp/nt.py broke `import pathlib` in the AddressSanitizer builds' subprocesses).
+SUBPROCESS_CWD = tempfile.mkdtemp(prefix="bignlp_fast_tests_")
+atexit.register(shutil.rmtree, SUBPROCESS_CWD, True)
 
 HAS_CUDA = torch.cuda.is_available()
 

@@ -84,7 +84,6 @@ def _conv_epilogue_bwd_kernel(
     #           column sums of GP per row block (written only if HAS_BIAS)
     R,  # int: rows
     S,  # int: row length
-    C_OUT,  # int: channels
     TILES_PER_PROGRAM,  # int: program (m, n) handles column tiles [n * TILES_PER_PROGRAM, (n+1) * TILES_PER_PROGRAM)
     BLOCK_M: tl.constexpr,  # rows per tile
     BLOCK_N: tl.constexpr,  # columns per tile
@@ -178,7 +177,7 @@ def conv_bwd_triton(grad_out, x, weight, pre, bias, stride, padding, dilation, g
     if pre.numel() > 0:
         _conv_epilogue_bwd_kernel[(row_blocks * col_programs,)](
             grad_out, pre, gp, db_part if has_bias else gp,
-            R, S, C_out, tiles_per_program,
+            R, S, tiles_per_program,
             BLOCK_M=block_m, BLOCK_N=block_n, HAS_BIAS=has_bias, ACT=int(activation), BIAS_ON_COLS=cl,
             num_warps=num_warps,
         )

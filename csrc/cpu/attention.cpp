@@ -178,9 +178,16 @@ void pack_rows(const Rows<T>& t, int64_t b, int64_t h, int64_t r0, int64_t n, in
 template <typename T>
 void pack_cols(const Rows<T>& t, int64_t b, int64_t h, int64_t r0, int64_t n, int64_t d, float* dst, int64_t ld,
                float mul = 1.f) {
-  for (int64_t r = 0; r < n; ++r) {
-    const T* src = t.row(b, h, r0 + r);
-    for (int64_t c = 0; c < d; ++c) dst[c * ld + r] = static_cast<float>(src[c]) * mul;
+  if (std::is_same_v<T, float> && mul == 1.f && n > 0) {
+    // at::vec's transpose (16 x 16 blocks in registers on AVX-512): by scalar stores, K^T of the fp32
+    // forward took 6% of its time (Xeon, perf annotate)
+    at::vec::transpose_mxn<float>(reinterpret_cast<const float*>(t.row(b, h, r0)), t.sl, dst, ld, static_cast<int>(n),
+                                  static_cast<int>(d));
+  } else {
+    for (int64_t r = 0; r < n; ++r) {
+      const T* src = t.row(b, h, r0 + r);
+      for (int64_t c = 0; c < d; ++c) dst[c * ld + r] = static_cast<float>(src[c]) * mul;
+    }
   }
   for (int64_t c = 0; c < d; ++c) std::fill(dst + c * ld + n, dst + (c + 1) * ld, 0.f);
 }
@@ -269,6 +276,57 @@ inline fVec exp_below_max(const fVec& s, const fVec& mul, const fVec& neg_max) {
   return cpu::exp2_nonpositive(t * fVec(cpu::kLog2e));
 }
 
+// The two passes of a tile row's online softmax, each over n >= 1 scores s[0, n). Both run their
+// full vectors without lane checks and keep independent chains, so that they go at the pace of
+// their instructions, not of one chain's latency: at::vec::maximum (which keeps NaN) is four
+// dependent instructions a vector on AVX-512, and one chain of it took 17% of the bf16 forward on a
+// Xeon with AMX (perf annotate), as much as the exps.
+//
+// The row's max, NaN if any score is NaN (see max_keeping_nan).
+inline float scores_max(const float* s, int64_t n) {
+  constexpr int64_t V = fVec::size();
+  fVec m0(-kInf), m1(-kInf), m2(-kInf), m3(-kInf);
+  int64_t j = 0;
+  for (; j + 4 * V <= n; j += 4 * V) {
+    m0 = at::vec::maximum(m0, fVec::loadu(s + j));
+    m1 = at::vec::maximum(m1, fVec::loadu(s + j + V));
+    m2 = at::vec::maximum(m2, fVec::loadu(s + j + 2 * V));
+    m3 = at::vec::maximum(m3, fVec::loadu(s + j + 3 * V));
+  }
+  for (; j + V <= n; j += V) m0 = at::vec::maximum(m0, fVec::loadu(s + j));
+  if (j < n) m1 = at::vec::maximum(m1, fVec::set(fVec(-kInf), fVec::loadu(s + j, n - j), n - j));
+  return cpu::hmax(at::vec::maximum(at::vec::maximum(m0, m1), at::vec::maximum(m2, m3)));
+}
+
+// P = exp_below_max(s, mul, -max) step by step: put(j, e0, e1) receives columns [j, j + kStep), those
+// past n as 0 (so put may write whole steps: the caller's rows have room up to round_up_to_step(n)).
+// Returns the row's sum of P.
+template <typename Put>
+inline float exp_row(const float* s, int64_t n, float mul, float max, Put put) {
+  constexpr int64_t V = fVec::size();
+  const fVec vmul(mul), vneg(-max), zero(0.f);
+  fVec sum0(0.f), sum1(0.f);
+  int64_t j = 0;
+  for (; j + cpu::kStep <= n; j += cpu::kStep) {
+    const fVec e0 = exp_below_max(fVec::loadu(s + j), vmul, vneg);
+    const fVec e1 = exp_below_max(fVec::loadu(s + j + V), vmul, vneg);
+    sum0 = sum0 + e0, sum1 = sum1 + e1;
+    put(j, e0, e1);
+  }
+  if (j < n) {  // the last, partial step
+    auto part = [&](int64_t c) {
+      const int64_t w = std::min<int64_t>(V, n - c);
+      if (w <= 0) return zero;
+      const fVec e = exp_below_max(fVec::loadu(s + c, w), vmul, vneg);
+      return w == V ? e : fVec::set(zero, e, w);
+    };
+    const fVec e0 = part(j), e1 = part(j + V);
+    sum0 = sum0 + e0, sum1 = sum1 + e1;
+    put(j, e0, e1);
+  }
+  return cpu::hsum(sum0 + sum1);
+}
+
 // Scores of one tile, in place: s[0, n) += bias row (floored); -inf past the causal limit `visible` (a
 // count of keys from the tile's start).
 inline void bias_and_mask(float* s, int64_t n, const float* bias, int64_t bias_sj, int64_t visible) {
@@ -346,6 +404,7 @@ void softmax_tile_bf16(float* s_tile, int64_t ld_s, int64_t m, int64_t n, float 
                        int64_t j0) {
   constexpr int64_t V = fVec::size();
   auto lanes = [&](int64_t j) { return std::min<int64_t>(V, n - j); };  // <= 0: past the row
+  const bool drop = dropout.on;  // a local: the compiler need not reload it after every store
   for (int64_t r = 0; r < m; ++r) {
     float* s = s_tile + r * ld_s;
     c10::BFloat16* p = p_b + r * ld_p;
@@ -357,38 +416,25 @@ void softmax_tile_bf16(float* s_tile, int64_t ld_s, int64_t m, int64_t n, float 
       mul = 1.f;
     }
     bias_and_mask(s, n, bias, bias_sj, visible(r));
-    fVec vmax(-kInf);
-    for (int64_t j = 0; j < n; j += V)
-      vmax = at::vec::maximum(vmax, lanes(j) == V ? fVec::loadu(s + j) : fVec::set(fVec(-kInf), fVec::loadu(s + j, lanes(j)), lanes(j)));
-    const float m_new = max_keeping_nan(row_max[r], mul * cpu::hmax(vmax));
+    const float m_new = max_keeping_nan(row_max[r], mul * scores_max(s, n));
     if (m_new == -kInf) {  // every key so far masked: this tile adds nothing to the row
       std::fill(p, p + cpu::round_up_to_step(n), c10::BFloat16(0.f));
       continue;
     }
     const float rescale = std::exp(row_max[r] - m_new);  // 0 when the old max was -inf
-    const fVec vmul(mul), vneg(-m_new), zero(0.f);
-    fVec vsum(0.f);
-    auto exp_at = [&](int64_t j) {  // P at columns [j, j + V), zero past n
-      if (lanes(j) <= 0) return zero;
-      const fVec e = exp_below_max(fVec::loadu(s + j, lanes(j)), vmul, vneg);
-      return lanes(j) == V ? e : fVec::set(zero, e, lanes(j));
-    };
-    for (int64_t j = 0; j < n; j += cpu::kStep) {
-      const fVec e0 = exp_at(j), e1 = exp_at(j + V);
-      vsum = vsum + e0 + e1;
-      if (dropout.on) {
-        e0.store(s + j), e1.store(s + j + V);  // s has room: ld_s >= round_up_to_step(n)
-      } else {
-        cpu::to_bf16(e0, e1).store(p + j);
-      }
-    }
-    row_sum[r] = row_sum[r] * rescale + cpu::hsum(vsum);
+    // with dropout, P in fp32 first (s has room: ld_s >= round_up_to_step(n))
+    const float sum = drop ? exp_row(s, n, mul, m_new, [&](int64_t j, const fVec& e0, const fVec& e1) {
+      e0.store(s + j), e1.store(s + j + V);
+    }) : exp_row(s, n, mul, m_new, [&](int64_t j, const fVec& e0, const fVec& e1) {
+      cpu::to_bf16(e0, e1).store(p + j);
+    });
+    row_sum[r] = row_sum[r] * rescale + sum;
     row_max[r] = m_new;
     if (rescale != 1.f) {
       float* a = acc + r * ld_acc;
       for (int64_t c = 0; c < ld_acc; c += V) (fVec::loadu(a + c) * fVec(rescale)).store(a + c);
     }
-    if (dropout.on) {
+    if (drop) {
       dropout.apply(s, n, seq, head, i0 + r, j0);
       for (int64_t j = 0; j < n; j += cpu::kStep) {
         fVec a, b;
@@ -485,6 +531,7 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
   // The bf16 tile paths (see pack_keys_vnni): bf16 operands in VNNI pairs, with the head dim and P's
   // columns padded to even, multiplied on AMX or else on AVX512_BF16 dot products.
   constexpr bool kBf16 = std::is_same_v<T, c10::BFloat16>;
+  constexpr bool kQInPlace = std::is_same_v<T, float>;  // see the S = Q K^T GEMM below
   const bool amx = kBf16 && cpu::amx_bf16();
   const bool vnni = amx || (kBf16 && cpu::bf16_dot());
   const int64_t d_even = (d + 1) / 2 * 2, block_q = amx ? kBlockQAmx : kBlockQ;
@@ -507,7 +554,7 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
     std::vector<c10::BFloat16> kt_b(vnni ? d_even * ld_k : 0), vr_b(vnni ? amx_round(max_lk, 32) * ld_dv : 0);
     std::vector<c10::BFloat16> q_b(vnni ? block_q * d_even : 0), p_b(vnni ? block_q * block_k : 0);
     const int64_t ld_q = tile_ld(kBlockQ);
-    std::vector<float> qt(vnni ? 0 : d * ld_q), s_tile(block_q * ld_s), acc(block_q * ld_dv);
+    std::vector<float> qt(vnni || kQInPlace ? 0 : d * ld_q), s_tile(block_q * ld_s), acc(block_q * ld_dv);
     std::vector<float> row_max(block_q), row_sum(block_q);
     int64_t packed_seq = -1, packed_head = -1;
     for (int64_t t = t0; t < t1; ++t) {
@@ -539,8 +586,11 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
           std::fill(p_b.begin() + m * block_k, p_b.begin() + amx_round(m, 16) * block_k, c10::BFloat16(0.f));
         }
       }
-      // Q^T: the GEMM's A operand broadcasts m consecutive floats per k
-      if (!vnni) pack_cols(Q, sq.batch, task.head, sq.q_begin + i0, m, d, qt.data(), ld_q, static_cast<float>(scale));
+      // The A operand of S = Q K^T: fp32 queries in place (the GEMM's alpha applies the scale), others
+      // converted as Q^T (scaled), whose broadcasts then take m consecutive floats per k. Packing
+      // fp32 queries too (a transpose by scalar stores) was 5% of the fp32 forward (Xeon, perf annotate).
+      if (!vnni && !kQInPlace)
+        pack_cols(Q, sq.batch, task.head, sq.q_begin + i0, m, d, qt.data(), ld_q, static_cast<float>(scale));
       std::fill(row_max.begin(), row_max.end(), -kInf);
       std::fill(row_sum.begin(), row_sum.end(), 0.f);
       std::fill(acc.begin(), acc.begin() + (amx ? amx_round(m, 16) : m) * ld_dv, 0.f);
@@ -576,31 +626,27 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
             continue;
           }
         }
-        small_gemm(m, round_up_to_vec(n), d, qt.data(), 1, ld_q, kt.data() + j0, ld_k, s_tile.data(), ld_s, 1.f, false);
+        if constexpr (kQInPlace) {
+          small_gemm(m, round_up_to_vec(n), d, Q.row(sq.batch, task.head, sq.q_begin + i0), Q.sl, 1, kt.data() + j0, ld_k,
+                     s_tile.data(), ld_s, static_cast<float>(scale), false);
+        } else {
+          small_gemm(m, round_up_to_vec(n), d, qt.data(), 1, ld_q, kt.data() + j0, ld_k, s_tile.data(), ld_s, 1.f, false);
+        }
         for (int64_t r = 0; r < m; ++r) {
           float* s = s_tile.data() + r * ld_s;
           const int64_t i = i0 + r;
           bias_and_mask(s, n, bias.row(sq.batch, task.head, i, j0), bias.sk, causal_mask.visible(i, sq.lk) - j0);
-          fVec vmax(-kInf);
-          for (int64_t j = 0; j < n; j += fVec::size()) {
-            const int64_t w = std::min<int64_t>(fVec::size(), n - j);
-            vmax = at::vec::maximum(vmax, w == fVec::size() ? fVec::loadu(s + j) : fVec::set(fVec(-kInf), fVec::loadu(s + j, w), w));
-          }
-          const float m_new = max_keeping_nan(row_max[r], cpu::hmax(vmax));
+          const float m_new = max_keeping_nan(row_max[r], scores_max(s, n));
           if (m_new == -kInf) {  // every key so far masked: this tile adds nothing to the row
             std::fill(s, s + n, 0.f);
             continue;
           }
           const float rescale = std::exp(row_max[r] - m_new);  // 0 when the old max was -inf
-          fVec vsum(0.f);
-          const fVec one(1.f), vm(-m_new);
-          for (int64_t j = 0; j < n; j += fVec::size()) {
-            const int64_t w = std::min<int64_t>(fVec::size(), n - j);
-            const fVec p = exp_below_max(load_any(s + j, w), one, vm);
-            store_any(s + j, p, w);
-            vsum = vsum + (w == fVec::size() ? p : fVec::set(fVec(0.f), p, w));
-          }
-          row_sum[r] = row_sum[r] * rescale + cpu::hsum(vsum);
+          // P in place (s has room: ld_s >= round_up_to_step(n))
+          const float sum = exp_row(s, n, 1.f, m_new, [&](int64_t j, const fVec& e0, const fVec& e1) {
+            e0.store(s + j), e1.store(s + j + fVec::size());
+          });
+          row_sum[r] = row_sum[r] * rescale + sum;
           row_max[r] = m_new;
           if (rescale != 1.f) {
             float* a = acc.data() + r * ld_dv;

@@ -293,7 +293,8 @@ def test_decode_steps_on_the_kernels_directly_equal_the_op_path(monkeypatch, dty
     model = _ours(**overrides).to(dtype)
     E = model.config.n_embd
     products = [(E, 3 * E), (E, E), (E, 4 * E), (4 * E, E)]
-    streamed = [linear_is_faster_for(torch.device("cpu"), dtype, len(lengths), k, n) for k, n in products]
+    streamed = [linear_is_faster_for(torch.device("cpu"), dtype, len(lengths), k, n, transposed=True)  # Conv1D
+                for k, n in products]
     assert streamed == [config == "wide"] * 4  # both kinds of product are covered
     ids, mask = _padded(lengths, seed=6)
     extra = torch.ones(ids.shape[0], 4, dtype=mask.dtype)

@@ -123,13 +123,15 @@ def test_nn_linear_is_a_drop_in_for_torch_nn_linear(rows, k, n, dtype):
     assert ours.state_dict().keys() == ref.state_dict().keys()
     x = torch.randn(2, rows, k).to(dtype)
     # the GEMM it takes (the rule's branches: test_the_rule_for_float32_products_per_build below):
-    # decoding sizes with a large weight on ops.linear; float32 products of 400 rows by a 160 KiB
+    # decoding sizes with a large weight on ops.linear (but 2 rows of this weight in float32 where MKL's
+    # matrix-vector kernels are the faster); float32 products of 400 rows by a 160 KiB
     # weight too, unless torch's sgemm is the faster one or the CPU kernels are an AVX2 build (Zen 1 /
     # Zen 2, where the packed GEMM wins only from a 1 MiB weight); bfloat16 products beyond 2 rows
     # where torch's bf16 GEMM has no vector kernels (a CPU without AVX-512); F.linear otherwise
     fp32, blas_fast, avx2 = dtype == torch.float32, _backend.blas_sgemm_is_fast(), _backend.cpu_kernels_avx2()
     bf16_generic = not fp32 and not _backend.blas_bf16_gemm_is_fast()
-    expect_ours = {(1, 1024, 768): True, (3, 96, 40): False, (3, 1024, 512): fp32 or bf16_generic,
+    mkl_gemv = fp32 and blas_fast and not avx2  # 2 rows of a [N, K] weight on MKL's gemv (an Intel CPU)
+    expect_ours = {(1, 1024, 768): not mkl_gemv, (3, 96, 40): False, (3, 1024, 512): fp32 or bf16_generic,
                    (200, 96, 40): bf16_generic,
                    (200, 256, 160): (fp32 and not blas_fast and not avx2) or bf16_generic}[(rows, k, n)]
     assert linear_is_faster(x, ours.weight) == expect_ours
@@ -182,6 +184,9 @@ def test_the_rule_for_float32_products_per_build(monkeypatch, avx2):
         assert not faster(64, 128, 128) and faster(64, 256, 256) and faster(1024, 256, 256)
     monkeypatch.setattr(_backend, "blas_sgemm_is_fast", lambda: True)
     assert faster(16, 512, 512) and not faster(17, 512, 512) and not faster(1024, 768, 3072)
+    # MKL's matrix-vector kernels (an Intel CPU, AVX-512 build): F.linear at 1 row, and 2 of a [N, K] weight
+    assert faster(1, 768, 3072) == avx2 and faster(2, 768, 3072) == avx2
+    assert faster(2, 768, 3072, transposed=True) and faster(4, 768, 3072)
     x, w = torch.randn(32, 512, requires_grad=True), torch.randn(512, 512)
     monkeypatch.setattr(_backend, "blas_sgemm_is_fast", lambda: False)
     assert lin.linear_is_faster(x, w)  # 32 rows with a backward to come: within every build's limit

@@ -386,7 +386,7 @@ class GPTModel(PretrainedModel):
         # put on the streaming kernel: bit j set; at::linear (F.linear) for the others
         B, E, I = x.shape[0], c.n_embd, c.inner_dim
         skinny = sum(1 << j for j, (k, n) in enumerate(((E, 3 * E), (E, E), (E, I), (I, E)))
-                     if linear_is_faster_for(x.device, x.dtype, B, k, n))
+                     if linear_is_faster_for(x.device, x.dtype, B, k, n, transposed=True))  # Conv1D: [K, N]
         return _backend.compiled().gpt2_decode_cpu(x, residual, params, cache.k, cache.v, past, bias, scales, eps,
                                                    _GELU[c.activation_function] == "tanh", skinny)[0]
 

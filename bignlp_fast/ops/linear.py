@@ -138,6 +138,14 @@ SHORT_ROWS_AVX2 = 32
 # 64x256->256, 9x / 46x at 1024x768->3072; faster only below (4x64->64: 0.5x / 0.6x).
 MIN_MACS_BF16_GENERIC = 1 << 18
 MIN_SKINNY_WEIGHT_BYTES = 1 << 20  # a decoding-sized input's weight below this: F.linear
+# float32 on an Intel CPU with an AVX-512 build (_backend.blas_sgemm_is_fast there: MKL on its AVX-512
+# kernels), whose matrix-vector product beats the streaming kernels at one row: a 2-core Xeon with
+# AMX, in-process medians (benchmarks/linear_rule_sweep.py), ops.linear 0.85-0.90x F.linear at 1 row of
+# [768, 2304], [768, 3072], [3072, 768] and 0.73-0.88x at [768, 768], either layout; 0.94x at GPT-2's
+# lm_head (768 -> 50257, from memory). At 2 rows a [N, K] weight still lost (0.56-0.89x; 0.75x at the
+# lm_head), a [K, N] one won (1.27-1.46x), and from 4 rows the streaming kernels won (1.3-1.8x) but at
+# [768, 768]. So there F.linear takes up to MKL_GEMV_ROWS rows, and 2 rows of a [N, K] weight.
+MKL_GEMV_ROWS = 1
 
 
 def linear_is_faster(x: Tensor, weight: Tensor, prepacked: Optional[bool] = None) -> bool:
@@ -192,6 +200,9 @@ def linear_is_faster_for(device: torch.device, dtype: torch.dtype, rows: int, k:
     if dtype not in (torch.float32, torch.bfloat16) or _backend.unavailable("cpu", device) is not None:
         return False
     if rows <= (SKINNY_ROWS if dtype == torch.float32 else SKINNY_ROWS_BF16):
+        if dtype == torch.float32 and _backend.blas_sgemm_is_fast() and not _backend.cpu_kernels_avx2() and (
+                rows <= MKL_GEMV_ROWS or (rows == 2 and not transposed)):
+            return False  # MKL's own matrix-vector kernels on an Intel CPU (see MKL_GEMV_ROWS)
         return k * n * dtype.itemsize >= MIN_SKINNY_WEIGHT_BYTES
     if dtype == torch.float32:
         if _backend.blas_sgemm_is_fast():

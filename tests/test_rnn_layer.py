@@ -39,6 +39,8 @@ CASES = [  # (t, b, hidden, state, lengths, reverse)
     (6, 3, 40, 21, [6, 2, 4], True),      # LSTM with a projection (state 21 < hidden 40)
     (6, 17, 21, 21, [6, 3, 0, 1, 5, 6, 2, 4, 6, 1, 3, 5, 6, 2, 6, 4, 1], False),  # > one 16-row block
     (4, 2, 40, 40, [4, 2], False),        # even state >= 16: the CPU's vectorized bf16 weight packing (AMX)
+    (1, 5, 40, 40, [1, 0, 1, 1, 0], True),  # one step (the cells' case: fp32 takes torch's GEMM, no
+    (1, 3, 40, 21, [0, 1, 1], False),       # packing), > one block of units, empty rows, a projection
 ]
 
 

@@ -244,20 +244,21 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
   // it). On either path the gates, the update and the state itself stay fp32.
   const bool amx = std::is_same_v<T, c10::BFloat16> && cpu::amx_bf16();
   const bool dot = std::is_same_v<T, c10::BFloat16> && !amx && cpu::bf16_dot();
-  // One fp32 step (the cells: LSTMCell, GRUCell, RNNCell): packing W_hh^T would cost more than the
+  // One step (the cells: LSTMCell, GRUCell, RNNCell): packing W_hh^T would cost more than the
   // product it serves (B4 H512 LSTM on a Xeon: the call 293 us, at::mm 78 us), so the step's
   // recurrent product is h0 W_hh^T by torch's GEMM, [B, G*H] with the gates apart, and the blocks
-  // run only their gate epilogue on it.
-  const bool one_step = std::is_same_v<T, float> && sh.T == 1;
-  const at::Tensor rec = one_step ? at::mm(h0.reshape({B, S}).to(at::kFloat), w_hh.t()).contiguous() : at::Tensor();
+  // run only their gate epilogue on it. In bf16 only where torch's bf16 GEMM is oneDNN's (AMX or
+  // AVX512_BF16 here too), and then the product is rounded to bf16, as in torch's own bf16 cell.
+  const bool one_step = sh.T == 1 && (std::is_same_v<T, float> || amx || dot);
+  const at::Tensor rec = one_step ? at::mm(h0.reshape({B, S}), w_hh.t()).to(at::kFloat).contiguous() : at::Tensor();
   const float* rec_p = one_step ? rec.const_data_ptr<float>() : nullptr;
   const int64_t GU = G * kUnits;
   std::vector<float> bias(ld_w, 0.f);
   const int64_t K2 = (S + 1) / 2;
   // written whole below: no zeroing first (a 4 MiB memset is ~0.1 ms a call)
   const std::unique_ptr<float[]> wt(new float[dot || amx || one_step ? 0 : S * ld_w]);
-  const std::unique_ptr<c10::BFloat16[]> wtb(new c10::BFloat16[dot ? K2 * ld_w * 2 : 0]);
-  std::vector<c10::BFloat16> w_amx(amx ? blocks * K2 * GU * 2 : 0);
+  const std::unique_ptr<c10::BFloat16[]> wtb(new c10::BFloat16[dot && !one_step ? K2 * ld_w * 2 : 0]);
+  std::vector<c10::BFloat16> w_amx(amx && !one_step ? blocks * K2 * GU * 2 : 0);
   const T* w = w_hh.const_data_ptr<T>();
   const T* b_src = b_hh.has_value() ? b_hh->const_data_ptr<T>() : nullptr;
   // Panels by block transposes: panel (blk, g) is the transpose of the kUnits rows of W_hh that hold
@@ -397,7 +398,7 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
           if (t_next >= 0 && t_next < sh.T)
             prefetch_share(x + t_next * B * G * H, B * G * H * static_cast<int64_t>(sizeof(T)), blk, blocks);
         }
-        if (amx)
+        if (amx && !one_step)
           cpu::amx_gemm(B, GU, 2 * K2, hb.data() + cur * B * 2 * K2, 2 * K2, w_amx.data() + blk * K2 * GU * 2, GU,
                         tile.data(), GU, false);
         for (int64_t g = 0; g < (amx || one_step ? 0 : G); ++g) {

@@ -340,7 +340,7 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
   // For bf16 GEMMs (dot products or AMX) the state rounded to bf16, rows padded with a zero to 2 K2,
   // twice as h: read by small_gemm_bf16 as pairs of k (a_rs = K2, a_cs = 1) and by amx_gemm as
   // rows. Columns [k0, k1) (k0 even) of buffer nb are rounded by the worker that wrote them.
-  const bool bf16_state = dot || amx;
+  const bool bf16_state = (dot || amx) && !one_step;  // (one step: the product is at::mm's, above)
   std::vector<c10::BFloat16> hb(bf16_state ? 2 * B * 2 * K2 : 0, c10::BFloat16(0.f));
   auto round_state = [&](int64_t nb, int64_t k0, int64_t k1) {
     if (bf16_state)
@@ -368,7 +368,7 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
   const int64_t panels = sh.proj ? ld_p / fVec::size() : 0;
   StepRegion region(std::max(blocks, panels));
   region.run([&](StepRegion::Worker& wk) {
-    std::vector<float> tile(B * GU), hp(sh.proj ? B * fVec::size() : 0);
+    std::vector<float> tile(one_step ? 0 : B * GU), hp(sh.proj ? B * fVec::size() : 0);
     for (int64_t step = 0; step < sh.T; ++step) {
       const int64_t t = reverse ? sh.T - 1 - step : step;
       const int64_t cur = step % 2, nxt = 1 - cur;

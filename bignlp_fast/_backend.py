@@ -31,6 +31,24 @@ class BackendError(RuntimeError):
     """A backend was asked for by name (or a fallback happened under BIGNLP_FAST_STRICT=1) and cannot run."""
 
 
+def _env_reader(name: str) -> Callable[[], Optional[str]]:
+    """A function that returns ``os.environ.get(name)``, read anew at each call (tests and users set the
+    variables between calls), at ~0.05 us rather than ~0.7: ``os.environ.get`` of an unset variable
+    raises and catches a KeyError inside, and every op's automatic choice reads BIGNLP_FAST_BACKEND,
+    dozens of times per decoded token. On CPython, os.environ keeps its entries in ``_data`` under
+    encoded keys; elsewhere (no such dict) the plain ``os.environ.get``."""
+    data, encode, decode = (getattr(os.environ, attr, None) for attr in ("_data", "encodekey", "decodevalue"))
+    if not isinstance(data, dict) or encode is None or decode is None:
+        return lambda: os.environ.get(name)
+    key = encode(name)
+
+    def read() -> Optional[str]:
+        raw = data.get(key)
+        return None if raw is None else decode(raw)
+
+    return read
+
+
 # ---- the compiled extension -------------------------------------------------------------------
 try:
     from bignlp_fast import _C  # type: ignore[attr-defined]
@@ -269,9 +287,17 @@ _CPU_UNAVAILABLE = _cpu_reason()
 _CUDA_UNAVAILABLE = _cuda_reason()
 
 
+def unavailable_cpu() -> Optional[str]:
+    """Why the cpu backend cannot run in this process (no extension, a build for another CPU), or None."""
+    return _CPU_UNAVAILABLE
+
+
 def triton_interpreted() -> bool:
     """True when Triton kernels run through the interpreter (TRITON_INTERPRET=1), e.g. on a CPU."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _ENV_TRITON_INTERPRET() == "1"
+
+
+_ENV_BACKEND, _ENV_TRITON_INTERPRET = _env_reader("BIGNLP_FAST_BACKEND"), _env_reader("TRITON_INTERPRET")
 
 
 # Whether triton is installed, known without importing it (importing it takes a while).
@@ -280,20 +306,25 @@ _TRITON_UNAVAILABLE = None if importlib.util.find_spec("triton") is not None els
 
 def unavailable(backend: str, device: torch.device) -> Optional[str]:
     """Why ``backend`` cannot run tensors on ``device`` in this process, or None when it can."""
+    return _unavailable(backend, device.type, device)
+
+
+def _unavailable(backend: str, kind: str, device: torch.device) -> Optional[str]:
+    """:func:`unavailable`, told ``device.type`` (``kind``; reading it costs ~0.3 us a call)."""
     if backend == "torch":
         return None
     if backend == "cpu":
-        if device.type != "cpu":
+        if kind != "cpu":
             return f"the cpu backend runs CPU tensors, got tensors on {device}"
         return _CPU_UNAVAILABLE
     if backend == "cuda":
-        if device.type != "cuda":
+        if kind != "cuda":
             return f"the cuda backend runs CUDA tensors, got tensors on {device}"
         return _CUDA_UNAVAILABLE
     if backend == "triton":
         if _TRITON_UNAVAILABLE:
             return _TRITON_UNAVAILABLE
-        if device.type == "cuda" or (device.type == "cpu" and triton_interpreted()):
+        if kind == "cuda" or (kind == "cpu" and triton_interpreted()):
             return None
         return f"the triton backend runs CUDA tensors (or CPU tensors under TRITON_INTERPRET=1), got {device}"
     raise ValueError(f"unknown backend {backend!r}; expected one of {', '.join(BACKENDS)}")
@@ -343,7 +374,7 @@ _FALLBACKS: dict[tuple[str, str, str], int] = {}
 
 def requested_backend(backend: Optional[str]) -> Optional[str]:
     """The backend asked for by name (argument, else BIGNLP_FAST_BACKEND), or None for automatic."""
-    name = backend if backend is not None else os.environ.get("BIGNLP_FAST_BACKEND") or None
+    name = backend if backend is not None else _ENV_BACKEND() or None
     if name is None or name == "auto":
         return None
     if name not in BACKENDS:
@@ -357,22 +388,18 @@ def plan(op: OpInfo, device: torch.device, dtype: torch.dtype, backend: Optional
     """What :func:`choose` would decide, without raising or recording anything:
     (the backend that can run the call or None, whether one was asked for by name, and the
     (backend, reason) pairs of those that cannot)."""
-
-    def why_not(name: str) -> Optional[str]:
-        return (unavailable(name, device) or dtype_unsupported(op, name, dtype)
-                or (extra_check(name) if extra_check is not None else None))
-
     named = requested_backend(backend)
+    kind = device.type
     if named is not None:
         candidates = (named,)
     else:
-        kind = device.type  # (not free: ~0.5 us)
         candidates = op.auto_order.get(kind)
         if candidates is None:
             candidates = AUTO_ORDER.get(kind, ())
     reasons = []
     for name in candidates:
-        reason = why_not(name)
+        reason = (_unavailable(name, kind, device) or dtype_unsupported(op, name, dtype)
+                  or (extra_check(name) if extra_check is not None else None))
         if reason is None:
             return name, named is not None, reasons
         reasons.append((name, reason))

@@ -56,15 +56,15 @@ def active(monkeypatch, *, sms: int = 4, reverse: bool = False, asan: bool = Fal
     """Within it, ``backend="cuda"`` runs CPU tensors on the emulated kernels."""
     emulated = module(asan)
     emulated.configure(sms=sms, reverse=reverse)
-    real_unavailable = _backend.unavailable
+    real_unavailable = _backend._unavailable
 
-    def unavailable(backend: str, device: torch.device) -> Optional[str]:
-        if backend == "cuda" and device.type == "cpu":
+    def unavailable(backend: str, kind: str, device: torch.device) -> Optional[str]:
+        if backend == "cuda" and kind == "cpu":
             return None
-        return real_unavailable(backend, device)
+        return real_unavailable(backend, kind, device)
 
     monkeypatch.setattr(_backend, "compiled", lambda: _Compiled(_backend._C, emulated))
-    monkeypatch.setattr(_backend, "unavailable", unavailable)
+    monkeypatch.setattr(_backend, "_unavailable", unavailable)  # (unavailable() asks it too)
     try:
         yield emulated
     finally:

@@ -30,30 +30,28 @@ class LayerNorm(torch.nn.LayerNorm):
         self.backend = backend
 
     def forward(self, input: Tensor, residual: Optional[Tensor] = None):  # (input: torch.nn's name)
+        # (every line here runs at each call: GPT-2 decoding makes 25 of them a token, and on the CPU a
+        # microsecond of Python before a product read from memory costs it several; see ops.linear)
         x = input
-        k = len(self.normalized_shape)
-        if tuple(x.shape[x.dim() - k:]) != tuple(self.normalized_shape):
+        shape = self.normalized_shape
+        k = len(shape)
+        if (x.shape[-1] != shape[0] if k == 1 and x.dim() else tuple(x.shape[x.dim() - k:]) != tuple(shape)):
             raise ValueError(f"LayerNorm: input's last {k} dimension(s) {tuple(x.shape[x.dim() - k:])} do not "
-                             f"match normalized_shape {tuple(self.normalized_shape)}")
-        lead = x.shape[:x.dim() - k]
-        if x.device.type == "cuda" and torch.is_autocast_enabled("cuda"):
+                             f"match normalized_shape {tuple(shape)}")
+        if x.is_cuda and torch.is_autocast_enabled("cuda"):
             x = x.float()
             residual = residual.float() if residual is not None else None
         if residual is not None and residual.dtype != x.dtype:  # as eager x + residual: the promoted dtype
             dtype = torch.promote_types(x.dtype, residual.dtype)  # (bf16 x, fp32 residual under CPU autocast)
             x, residual = x.to(dtype), residual.to(dtype)
-        def flat(t):  # a parameter as the op takes it: a vector in x's dtype (.to and .reshape cost ~2 us a call)
-            if t is None:
-                return None
-            t = t if t.dim() == 1 else t.reshape(-1)
-            return t if t.dtype == x.dtype else t.to(x.dtype)
-
         x2, r2 = x, residual  # one normalized dimension: as they are (views cost microseconds a call)
         if k > 1:
-            n = math.prod(self.normalized_shape)  # not -1: an empty batch has no size to infer it from
+            lead = x.shape[:x.dim() - k]
+            n = math.prod(shape)  # not -1: an empty batch has no size to infer it from
             x2 = x.reshape(*lead, n)
             r2 = residual.reshape(*lead, n) if residual is not None else None
-        out, total = add_layer_norm(x2, r2, flat(self.weight), flat(self.bias), self.eps, backend=self.backend)
+        out, total = add_layer_norm(x2, r2, _vector(self.weight, x.dtype), _vector(self.bias, x.dtype), self.eps,
+                                    backend=self.backend)
         if k > 1:
             out, total = out.view(x.shape), (total.view(x.shape) if residual is not None else None)
         return out if residual is None else (out, total)
@@ -65,3 +63,11 @@ class LayerNorm(torch.nn.LayerNorm):
                   device="meta")
         new.weight, new.bias = module.weight, module.bias
         return new.train(module.training)
+
+
+def _vector(t: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """A parameter as add_layer_norm takes it: a vector in x's dtype (.to and .reshape cost ~2 us a call)."""
+    if t is None:
+        return None
+    t = t if t.dim() == 1 else t.reshape(-1)
+    return t if t.dtype == dtype else t.to(dtype)

@@ -34,9 +34,9 @@ import torch
 from torch import Tensor
 
 from bignlp_fast import _backend
-from bignlp_fast.ops._common import (acc_dtype, autocast_lower, call, check_choice, check_like, check_tensor, custom_op,
-                                     grads_or_zeros, integer, kernel, no_zero_grads, real_number, register_autograd,
-                                     values_readable)
+from bignlp_fast.ops._common import (PLAIN_TENSORS, acc_dtype, autocast_lower, call, check_choice, check_like,
+                                     check_tensor, custom_op, grads_or_zeros, integer, kernel, no_zero_grads,
+                                     plain_eager, real_number, register_autograd, values_readable)
 
 OP = _backend.register_op(
     "attention",
@@ -381,6 +381,41 @@ def _broadcast_4d(op: str, query: Tensor, key: Tensor, value: Tensor, attn_mask:
     return q, k, v, mask, (*batch, hq, lq, dv)[-ndim:]
 
 
+_LANE_DTYPES = (torch.float32, torch.bfloat16)  # OP.dtypes["cpu"] (float16 is converted first)
+
+
+def _eager_cpu_scale(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], dropout_p, scale,
+                     backend: Optional[str]) -> Optional[float]:
+    """The scale, where this call takes scaled_dot_product_attention's eager lane (straight to the CPU
+    kernel); None where it does not.
+
+    The lane takes the plain case: [B, H, L, D] CPU tensors of one dtype, as many key as query heads, no
+    mask, no dropout, no gradient to record, nothing recording calls. There the general path would pass
+    every check, choose the cpu backend and run the kernel's body directly (call()'s route 0) on these
+    very tensors: the lane gives the same output, decided in ~2 us where the general path spends ~10
+    before the kernel (a decoding step's attention: ~12 us in all for torch's SDPA)."""
+    if (backend is not None or torch.compiler.is_compiling()  # (traced, the checks below would guard shapes)
+            or attn_mask is not None or type(dropout_p) not in (float, int) or dropout_p != 0):
+        return None
+    dtype = query.dtype
+    grad = torch.is_grad_enabled()
+    for t in (query, key, value):
+        if (type(t) not in PLAIN_TENSORS or t.is_nested or not t.is_cpu or t.dtype != dtype or t.dim() != 4
+                or t.stride(-1) != 1 or (grad and t.requires_grad)):
+            return None
+    b, h, _, d = query.shape
+    if (dtype not in _LANE_DTYPES or not h or not d or key.shape[0] != b or key.shape[1] != h or key.shape[-1] != d
+            or not key.shape[2] or value.shape[:3] != key.shape[:3] or max(d, value.shape[-1]) > CPU_MAX_HEAD_DIM):
+        return None
+    if scale is None:
+        scale = 1.0 / math.sqrt(d)
+    elif type(scale) not in (float, int) or not math.isfinite(scale):
+        return None
+    if not plain_eager() or _backend.requested_backend(None) not in (None, "cpu") or _backend.unavailable_cpu():
+        return None
+    return float(scale)
+
+
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
                                  dropout_p: float = 0.0, is_causal: bool = False, scale: Optional[float] = None,
                                  enable_gqa: bool = False, *, backend: Optional[str] = None) -> Tensor:
@@ -409,6 +444,11 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     zero gradients), not NaN. A float attn_mask that requires grad gets its gradient through the
     torch reference (a recorded fallback).
     """
+    lane_scale = _eager_cpu_scale(query, key, value, attn_mask, dropout_p, scale, backend)
+    if lane_scale is not None:
+        return kernel("attention", "fwd", "cpu")(query, key, value, None, None, None, query.shape[2], key.shape[2],
+                                                 lane_scale, CAUSAL_TOP_LEFT if is_causal else CAUSAL_NONE, 0.0,
+                                                 None)[0]
     op = "scaled_dot_product_attention"
     for name, t in (("query", query), ("key", key), ("value", value)):
         check_tensor(op, name, t)

@@ -27,8 +27,8 @@ void check_2d(const at::Tensor& t, const char* name) {
 
 void check_vector(const std::optional<at::Tensor>& t, const char* name, const at::Tensor& x) {
   if (!t.has_value()) return;
-  TORCH_CHECK(t->device().is_cpu() && t->dim() == 1 && t->size(0) == x.size(1) && t->is_contiguous(),
-              "add_layer_norm: ", name, " must be a contiguous CPU vector of size ", x.size(1), ", got shape ",
+  TORCH_CHECK(t->device().is_cpu() && t->dim() == 1 && t->size(0) == x.size(-1) && t->is_contiguous(),
+              "add_layer_norm: ", name, " must be a contiguous CPU vector of size ", x.size(-1), ", got shape ",
               t->sizes());
   TORCH_CHECK(t->scalar_type() == x.scalar_type(), "add_layer_norm: ", name, " has dtype ", t->scalar_type(),
               " but x has ", x.scalar_type());
@@ -187,16 +187,21 @@ void bwd_rows(const T* dy, const T* dres, const T* s, const float* mean, const f
 std::vector<at::Tensor> add_layer_norm_fwd_cpu(const at::Tensor& x, const std::optional<at::Tensor>& residual,
                                                const std::optional<at::Tensor>& weight,
                                                const std::optional<at::Tensor>& bias, double eps) {
-  check_2d(x, "x");
+  // x [rows, H], or [..., H] (the op's eager lane passes a model's activations as they are: two views
+  // in Python cost more than the kernel at one row); out and residual_out in x's shape
+  TORCH_CHECK(x.device().is_cpu() && x.dim() >= 1 && x.size(-1) > 0 && x.is_contiguous(),
+              "add_layer_norm: x must be a contiguous CPU tensor of at least one dimension, last one non-empty; "
+              "got shape ", x.sizes(), " on ", x.device());
   if (residual) {
-    check_2d(*residual, "residual");
+    TORCH_CHECK(residual->device().is_cpu() && residual->is_contiguous(),
+                "add_layer_norm: residual must be a contiguous CPU tensor, got one on ", residual->device());
     TORCH_CHECK(residual->sizes() == x.sizes() && residual->scalar_type() == x.scalar_type(),
                 "add_layer_norm: residual must match x (", x.sizes(), ", ", x.scalar_type(), "), got ",
                 residual->sizes(), ", ", residual->scalar_type());
   }
   check_vector(weight, "weight", x);
   check_vector(bias, "bias", x);
-  const int64_t rows = x.size(0), H = x.size(1);
+  const int64_t H = x.size(-1), rows = x.numel() / H;
   const int64_t Hp = cpu::round_up_to_step(H);
   auto f32 = x.options().dtype(at::kFloat);
   at::Tensor out = cpu::cached_empty_like(x);

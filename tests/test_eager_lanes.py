@@ -1,0 +1,212 @@
+"""The eager lanes of add_layer_norm and scaled_dot_product_attention: plain inference calls on CPU
+tensors go straight to the CPU kernel, skipping the general path's checks, choice and route.
+
+Two things are tested: where a lane is taken it gives exactly what the general path gives (which
+test_add_layer_norm.py and test_attention.py compare with float64 references); and every condition
+it rests on sends a call back to the general path when it does not hold."""
+
+import importlib
+
+import pytest
+import torch
+
+import bignlp_fast
+from bignlp_fast import _backend
+from bignlp_fast.ops import add_layer_norm, scaled_dot_product_attention
+
+pytestmark = pytest.mark.skipif(_backend.unavailable("cpu", torch.device("cpu")) is not None,
+                                reason="needs the CPU kernels")
+aln = importlib.import_module("bignlp_fast.ops.add_layer_norm")
+attn = importlib.import_module("bignlp_fast.ops.attention")
+
+
+def _g(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+# ---- add_layer_norm ---------------------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(7,), (3, 5), (1, 1, 768), (2, 3, 129)], ids=str)
+@pytest.mark.parametrize("residual,weight,bias", [(True, True, True), (False, True, True), (True, False, False),
+                                                  (False, True, False)])
+def test_add_layer_norm_lane_equals_the_general_path(dtype, shape, residual, weight, bias):
+    g = _g()
+    h = shape[-1]
+    x = torch.randn(shape, generator=g).to(dtype)
+    r = torch.randn(shape, generator=g).to(dtype) if residual else None
+    w = torch.randn(h, generator=g).to(dtype) if weight else None
+    b = torch.randn(h, generator=g).to(dtype) if bias else None
+    with torch.no_grad():
+        assert aln._eager_cpu(x, r, w, b, 1e-5, None)
+        lane = add_layer_norm(x, r, w, b, 1e-5)
+        general = add_layer_norm(x, r, w, b, 1e-5, backend="cpu")  # named: the lane is not taken
+    assert lane[0].shape == x.shape and torch.equal(lane[0], general[0])
+    assert torch.equal(lane[1], general[1])
+    if r is None:
+        assert lane[1] is x  # the second output is x itself, as on the general path
+
+
+def test_layer_norm_module_takes_the_lane(monkeypatch):
+    ln = bignlp_fast.nn.LayerNorm(64)
+    x = torch.randn(2, 3, 64, generator=_g())
+    taken = []
+    real = aln._eager_cpu
+    monkeypatch.setattr(aln, "_eager_cpu", lambda *a: taken.append(real(*a)) or taken[-1])
+    with torch.no_grad():
+        out = ln(x)
+    assert taken == [True]
+    torch.testing.assert_close(out, torch.nn.functional.layer_norm(x, (64,), ln.weight, ln.bias), rtol=1e-5,
+                               atol=1e-5)
+    ln(x)  # parameters that require grad, grad on: the general path, which autograd records
+    assert taken[-1] is False
+
+
+def _ln_args():
+    g = _g(1)
+    return [torch.randn(2, 16, generator=g), torch.randn(2, 16, generator=g), torch.randn(16, generator=g),
+            torch.randn(16, generator=g), 1e-5, None]
+
+
+@pytest.mark.parametrize("change", [
+    "backend", "eps_negative", "eps_tensor", "x_grad", "weight_grad", "x_noncontiguous", "residual_dtype",
+    "residual_shape", "weight_dtype", "weight_size", "x_float64", "x_int", "x_meta", "bias_2d"])
+def test_add_layer_norm_lane_refuses(change):
+    args = _ln_args()
+    x = args[0]
+    if change == "backend":
+        args[5] = "cpu"
+    elif change == "eps_negative":
+        args[4] = -1.0
+    elif change == "eps_tensor":
+        args[4] = torch.tensor(1e-5)
+    elif change == "x_grad":
+        args[0] = x.requires_grad_()
+    elif change == "weight_grad":
+        args[2] = args[2].requires_grad_()
+    elif change == "x_noncontiguous":
+        args[0] = torch.randn(16, 2).t()
+    elif change == "residual_dtype":
+        args[1] = args[1].double()
+    elif change == "residual_shape":
+        args[1] = args[1][:1]
+    elif change == "weight_dtype":
+        args[2] = args[2].bfloat16()
+    elif change == "weight_size":
+        args[2] = args[2][:8]
+    elif change == "x_float64":
+        args[0], args[1], args[2], args[3] = (t.double() for t in args[:4])
+    elif change == "x_int":
+        args[0] = x.long()
+    elif change == "x_meta":
+        args[0] = x.to("meta")
+    elif change == "bias_2d":
+        args[3] = args[3][None]
+    assert not aln._eager_cpu(*args)
+
+
+def test_add_layer_norm_lane_refuses_by_state(monkeypatch):
+    args = _ln_args()
+    assert aln._eager_cpu(*args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not aln._eager_cpu(*args)
+    with torch.autograd.profiler.profile():
+        assert not aln._eager_cpu(*args)
+    monkeypatch.setenv("BIGNLP_FAST_BACKEND", "torch")
+    assert not aln._eager_cpu(*args)
+    monkeypatch.setenv("BIGNLP_FAST_BACKEND", "cpu")
+    assert aln._eager_cpu(*args)
+
+
+def test_add_layer_norm_errors_unchanged_by_the_lane():
+    x = torch.randn(2, 16)
+    with pytest.raises(ValueError, match="weight must be a vector"):
+        add_layer_norm(x, None, torch.randn(8))
+    with pytest.raises(ValueError, match="eps must be a non-negative number"):
+        add_layer_norm(x, None, None, None, -1.0)
+
+
+# ---- scaled_dot_product_attention -------------------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("lq,lk,causal", [(1, 37, False), (5, 5, True), (9, 16, False), (4, 11, True)])
+@pytest.mark.parametrize("scale", [None, 0.3])
+def test_attention_lane_equals_the_general_path(dtype, lq, lk, causal, scale):
+    g = _g(2)
+    q = torch.randn(2, 3, lq, 16, generator=g).to(dtype)
+    k = torch.randn(2, 3, lk, 16, generator=g).to(dtype)
+    v = torch.randn(2, 3, lk, 24, generator=g).to(dtype)
+    with torch.no_grad():
+        assert attn._eager_cpu_scale(q, k, v, None, 0.0, scale, None) is not None
+        lane = scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+        general = scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, backend="cpu")
+    assert torch.equal(lane, general)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=causal,
+                                                           scale=scale)
+    torch.testing.assert_close(lane.double(), ref, **({"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32
+                                                      else {"rtol": 2e-2, "atol": 2e-2}))
+
+
+def test_attention_lane_reads_a_transposed_layout():
+    """HF's decoding passes q, k, v as [B, H, L, D] views of [B, L, H, D]: last dim contiguous only."""
+    g = _g(3)
+    q = torch.randn(1, 1, 4, 8, generator=g).transpose(1, 2)
+    k = torch.randn(1, 10, 4, 8, generator=g).transpose(1, 2)
+    v = torch.randn(1, 10, 4, 8, generator=g).transpose(1, 2)
+    with torch.no_grad():
+        assert attn._eager_cpu_scale(q, k, v, None, 0.0, None, None) is not None
+        torch.testing.assert_close(scaled_dot_product_attention(q, k, v),
+                                   torch.nn.functional.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-5)
+
+
+def _attn_args():
+    g = _g(4)
+    return [torch.randn(1, 2, 3, 8, generator=g), torch.randn(1, 2, 5, 8, generator=g),
+            torch.randn(1, 2, 5, 8, generator=g), None, 0.0, None, None]
+
+
+@pytest.mark.parametrize("change", [
+    "backend", "mask", "dropout", "q_grad", "gqa", "three_d", "dtype_mix", "float16", "float64", "stride",
+    "scale_inf", "scale_tensor", "empty_keys", "head_dim_limit", "batch_mismatch"])
+def test_attention_lane_refuses(change):
+    args = _attn_args()
+    q, k, v = args[:3]
+    if change == "backend":
+        args[6] = "cpu"
+    elif change == "mask":
+        args[3] = torch.ones(1, 1, 3, 5, dtype=torch.bool)
+    elif change == "dropout":
+        args[4] = 0.1
+    elif change == "q_grad":
+        args[0] = q.requires_grad_()
+    elif change == "gqa":
+        args[1], args[2] = k[:, :1], v[:, :1]
+    elif change == "three_d":
+        args[0], args[1], args[2] = q[0], k[0], v[0]
+    elif change == "dtype_mix":
+        args[1] = k.bfloat16()
+    elif change == "float16":
+        args[0], args[1], args[2] = q.half(), k.half(), v.half()
+    elif change == "float64":
+        args[0], args[1], args[2] = q.double(), k.double(), v.double()
+    elif change == "stride":
+        args[0] = torch.randn(1, 2, 8, 3).transpose(2, 3)
+    elif change == "scale_inf":
+        args[5] = float("inf")
+    elif change == "scale_tensor":
+        args[5] = torch.tensor(0.5)
+    elif change == "empty_keys":
+        args[1], args[2] = k[:, :, :0], v[:, :, :0]
+    elif change == "head_dim_limit":
+        d = attn.CPU_MAX_HEAD_DIM + 1
+        args[0], args[1], args[2] = torch.randn(1, 1, 1, d), torch.randn(1, 1, 2, d), torch.randn(1, 1, 2, d)
+    elif change == "batch_mismatch":
+        args[1], args[2] = k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1)
+    assert attn._eager_cpu_scale(*args) is None
+
+
+def test_attention_lane_refuses_by_state(monkeypatch):
+    args = _attn_args()
+    assert attn._eager_cpu_scale(*args) is not None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert attn._eager_cpu_scale(*args) is None
+    monkeypatch.setenv("BIGNLP_FAST_BACKEND", "torch")
+    assert attn._eager_cpu_scale(*args) is None

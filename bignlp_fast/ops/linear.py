@@ -182,9 +182,10 @@ def linear_is_faster(x: Tensor, weight: Tensor, prepacked: Optional[bool] = None
     k = x.shape[-1]
     if k == 0:
         return False
-    grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+    avx2 = _backend.cpu_kernels_avx2()  # the one rule that weighs autograd and packed copies (see _shape_rule)
+    grad = avx2 and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if prepacked is None:
-        prepacked = _packable(weight)
+        prepacked = avx2 and _packable(weight)
     return linear_is_faster_for(x.device, x.dtype, x.numel() // k, k, weight.shape[0], grad,
                                 transposed=not weight.is_contiguous(), prepacked=prepacked)
 
@@ -235,9 +236,8 @@ def dense(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None) -> Tensor:
     """``x @ weight^T + bias`` on the faster GEMM for these tensors: :func:`linear` where
     :func:`linear_is_faster` says so, else F.linear. ``weight`` may also be the transpose of a
     contiguous [K, N] tensor (GPT-2's Conv1D layout)."""
-    packable = _packable(weight)
-    if linear_is_faster(x, weight, prepacked=packable):
-        return _linear(x, weight, bias, None, packable)
+    if linear_is_faster(x, weight):
+        return _linear(x, weight, bias, None, None)
     return F.linear(x, weight, bias)
 
 

@@ -160,6 +160,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "Free the large CPU buffers the cache holds; returns the bytes freed");
   m.def("add_layer_norm_fwd_cpu", &add_layer_norm_fwd_cpu, nogil);
   m.def("add_layer_norm_bwd_cpu", &add_layer_norm_bwd_cpu, nogil);
+  m.def("add_layer_norm_lane_cpu", &add_layer_norm_lane_cpu, nogil);
   m.def("bias_gelu_fwd_cpu", &bias_gelu_fwd_cpu, nogil);
   m.def("bias_gelu_bwd_cpu", &bias_gelu_bwd_cpu, nogil);
   m.def("attention_fwd_cpu", &attention_fwd_cpu, nogil);

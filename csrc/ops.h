@@ -32,6 +32,13 @@ namespace bignlp_fast {
 std::vector<at::Tensor> add_layer_norm_fwd_cpu(const at::Tensor& x, const std::optional<at::Tensor>& residual,
                                                const std::optional<at::Tensor>& weight,
                                                const std::optional<at::Tensor>& bias, double eps);
+// The op's eager lane (ops/add_layer_norm.py): add_layer_norm_fwd_cpu's outputs where every tensor can
+// be read as it is and autograd need not see the call (CPU, dense and contiguous, float32 / bfloat16 like
+// x, no grad required while grad mode is on, residual of x's shape, weight and bias vectors of x's last
+// size); an empty vector, and nothing computed, where one cannot (the general path then takes the call).
+std::vector<at::Tensor> add_layer_norm_lane_cpu(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                                                const std::optional<at::Tensor>& weight,
+                                                const std::optional<at::Tensor>& bias, double eps);
 std::vector<at::Tensor> add_layer_norm_bwd_cpu(const at::Tensor& grad_out,
                                                const std::optional<at::Tensor>& grad_residual_out,
                                                const at::Tensor& s, const at::Tensor& mean, const at::Tensor& rstd,

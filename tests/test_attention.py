@@ -323,6 +323,14 @@ def test_varlen_bad_offsets():
         varlen_attention(q, k, v, torch.tensor([0, 3, 6], dtype=torch.int32), cu_k, 4, 4)
     with pytest.raises(ValueError, match="longer than its max_seqlen 3"):
         varlen_attention(q, k, v, cu_q, cu_k, 3, 4)
+    varlen_attention(q, k, v, cu_q, cu_k, 4, 4)  # passes: its offsets are remembered as checked...
+    cu_q[1] = 5  # ... until they change in place
+    with pytest.raises(ValueError, match="longer than its max_seqlen 4"):
+        varlen_attention(q, k, v, cu_q, cu_k, 4, 4)
+    cu_q[1] = 3
+    varlen_attention(q, k, v, cu_q, cu_k, 4, 4)
+    with pytest.raises(ValueError, match="longer than its max_seqlen 3"):  # ... or are checked against another bound
+        varlen_attention(q, k, v, cu_q, cu_k, 3, 4)
     with pytest.raises(ValueError, match="k/v have 3 heads, which does not divide q's 2"):
         varlen_attention(q, torch.randn(7, 3, 8), torch.randn(7, 3, 8), cu_q, cu_k, 4, 4)
     with pytest.raises(ValueError, match="need at least one head, got 2 and 0"):

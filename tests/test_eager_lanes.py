@@ -37,7 +37,7 @@ def test_add_layer_norm_lane_equals_the_general_path(dtype, shape, residual, wei
     w = torch.randn(h, generator=g).to(dtype) if weight else None
     b = torch.randn(h, generator=g).to(dtype) if bias else None
     with torch.no_grad():
-        assert aln._eager_cpu(x, r, w, b, 1e-5, None)
+        assert aln._lane(x, r, w, b, 1e-5, None) is not None
         lane = add_layer_norm(x, r, w, b, 1e-5)
         general = add_layer_norm(x, r, w, b, 1e-5, backend="cpu")  # named: the lane is not taken
     assert lane[0].shape == x.shape and torch.equal(lane[0], general[0])
@@ -50,8 +50,8 @@ def test_layer_norm_module_takes_the_lane(monkeypatch):
     ln = bignlp_fast.nn.LayerNorm(64)
     x = torch.randn(2, 3, 64, generator=_g())
     taken = []
-    real = aln._eager_cpu
-    monkeypatch.setattr(aln, "_eager_cpu", lambda *a: taken.append(real(*a)) or taken[-1])
+    real = aln._lane
+    monkeypatch.setattr(aln, "_lane", lambda *a: taken.append(real(*a) is not None) or real(*a))
     with torch.no_grad():
         out = ln(x)
     assert taken == [True]
@@ -59,6 +59,10 @@ def test_layer_norm_module_takes_the_lane(monkeypatch):
                                atol=1e-5)
     ln(x)  # parameters that require grad, grad on: the general path, which autograd records
     assert taken[-1] is False
+
+
+class _Sub(torch.Tensor):
+    pass
 
 
 def _ln_args():
@@ -69,7 +73,8 @@ def _ln_args():
 
 @pytest.mark.parametrize("change", [
     "backend", "eps_negative", "eps_tensor", "x_grad", "weight_grad", "x_noncontiguous", "residual_dtype",
-    "residual_shape", "weight_dtype", "weight_size", "x_float64", "x_int", "x_meta", "bias_2d"])
+    "residual_shape", "weight_dtype", "weight_size", "x_float64", "x_int", "x_meta", "bias_2d", "eps_nan",
+    "x_scalar", "x_empty_rows_ok", "bias_subclass"])
 def test_add_layer_norm_lane_refuses(change):
     args = _ln_args()
     x = args[0]
@@ -101,20 +106,31 @@ def test_add_layer_norm_lane_refuses(change):
         args[0] = x.to("meta")
     elif change == "bias_2d":
         args[3] = args[3][None]
-    assert not aln._eager_cpu(*args)
+    elif change == "eps_nan":
+        args[4] = float("nan")
+    elif change == "x_scalar":
+        args[0], args[1], args[2], args[3] = torch.tensor(1.0), None, None, None
+    elif change == "x_empty_rows_ok":  # no rows is still the plain case: empty outputs from the lane
+        args[0], args[1] = x[:0], args[1][:0]
+        lane = aln._lane(*args)
+        assert lane is not None and lane[0].shape == (0, 16)
+        return
+    elif change == "bias_subclass":
+        args[3] = args[3].as_subclass(_Sub)
+    assert aln._lane(*args) is None
 
 
 def test_add_layer_norm_lane_refuses_by_state(monkeypatch):
     args = _ln_args()
-    assert aln._eager_cpu(*args)
+    assert aln._lane(*args) is not None
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert not aln._eager_cpu(*args)
+        assert aln._lane(*args) is None
     with torch.autograd.profiler.profile():
-        assert not aln._eager_cpu(*args)
+        assert aln._lane(*args) is None
     monkeypatch.setenv("BIGNLP_FAST_BACKEND", "torch")
-    assert not aln._eager_cpu(*args)
+    assert aln._lane(*args) is None
     monkeypatch.setenv("BIGNLP_FAST_BACKEND", "cpu")
-    assert aln._eager_cpu(*args)
+    assert aln._lane(*args) is not None
 
 
 def test_add_layer_norm_errors_unchanged_by_the_lane():

@@ -9,6 +9,7 @@
 // written with streaming stores (cpu/common.h: stream_ok), which skip the read of each line a
 // normal store makes.
 #include <ATen/Parallel.h>
+#include <ATen/core/grad_mode.h>
 
 #include "cpu/common.h"
 #include "ops.h"
@@ -218,6 +219,32 @@ std::vector<at::Tensor> add_layer_norm_fwd_cpu(const at::Tensor& x, const std::o
                 rstd.data_ptr<float>(), rows, H, static_cast<float>(eps));
   });
   return {out, res_out, mean, rstd};
+}
+
+namespace {
+// Whether the lane can read t as it is: a dense contiguous CPU tensor of x's dtype that autograd need not see.
+bool lane_readable(const at::Tensor& t, at::ScalarType dtype, bool grad) {
+  return t.device().is_cpu() && t.layout() == at::kStrided && !t.is_nested() && t.scalar_type() == dtype &&
+         t.is_contiguous() && !(grad && t.requires_grad());
+}
+}  // namespace
+
+std::vector<at::Tensor> add_layer_norm_lane_cpu(const at::Tensor& x, const std::optional<at::Tensor>& residual,
+                                                const std::optional<at::Tensor>& weight,
+                                                const std::optional<at::Tensor>& bias, double eps) {
+  const at::ScalarType dtype = x.scalar_type();
+  const bool grad = at::GradMode::is_enabled();
+  if ((dtype != at::kFloat && dtype != at::kBFloat16) || x.dim() == 0 || x.size(-1) == 0 ||
+      !lane_readable(x, dtype, grad) || !(eps >= 0)) {
+    return {};
+  }
+  if (residual && !(lane_readable(*residual, dtype, grad) && residual->sizes() == x.sizes())) return {};
+  for (const std::optional<at::Tensor>* v : {&weight, &bias}) {
+    if (v->has_value() && !(lane_readable(**v, dtype, grad) && (*v)->dim() == 1 && (*v)->size(0) == x.size(-1))) {
+      return {};
+    }
+  }
+  return add_layer_norm_fwd_cpu(x, residual, weight, bias, eps);
 }
 
 std::vector<at::Tensor> add_layer_norm_bwd_cpu(const at::Tensor& grad_out,

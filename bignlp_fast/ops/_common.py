@@ -40,7 +40,6 @@ from bignlp_fast import _backend
 _BODIES: dict = {}
 _EAGER: dict = {}
 PLAIN_TENSORS = (Tensor, torch.nn.Parameter)  # types of tensors whose ops need no dispatcher (not subclasses)
-_PLAIN = PLAIN_TENSORS
 _SCALARS = frozenset((int, float, bool, str, type(None)))  # arguments _route passes over at once
 
 
@@ -110,7 +109,7 @@ def _route(args) -> int:
         kind = type(a)
         if kind in _SCALARS:
             continue
-        if kind in _PLAIN:
+        if kind in PLAIN_TENSORS:
             if a.is_meta:
                 return 2  # the op's fake function is its meta kernel: shapes without data
             if grad and a.requires_grad:
@@ -156,7 +155,7 @@ def dispatcher_needed(args) -> bool:
 
 
 def dispatcher_needed_in(tensors, grad: bool) -> bool:
-    return any(isinstance(t, Tensor) and (type(t) not in _PLAIN or (grad and t.requires_grad)) for t in tensors)
+    return any(isinstance(t, Tensor) and (type(t) not in PLAIN_TENSORS or (grad and t.requires_grad)) for t in tensors)
 
 
 def body(op) -> Callable:
@@ -338,7 +337,7 @@ def check_vector(op: str, name: str, t: Optional[Tensor], size: int, ref_name: s
     if t is None:
         return
     # the common case in ~0.4 us (the checks below: ~0.7): a plain tensor of ref's dtype, on its device
-    if (type(t) in _PLAIN and t.dtype == ref.dtype and t.dim() == 1 and t.shape[0] == size
+    if (type(t) in PLAIN_TENSORS and t.dtype == ref.dtype and t.dim() == 1 and t.shape[0] == size
             and ((t.is_cpu and ref.is_cpu) or t.device == ref.device)):
         return
     check_like(op, name, t, ref_name, ref, same_shape=False)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from bignlp_fast import _backend
-from bignlp_fast.ops._common import (PLAIN_TENSORS, acc_dtype, as_rows, autocast_off, autocast_promote, call,
+from bignlp_fast.ops._common import (PLAIN_TENSORS, acc_dtype, as_rows, autocast_promote, call,
                                      check_like, check_tensor, check_vector, contiguous, custom_op, fresh_like,
                                      grads_or_zeros, kernel, no_zero_grads, plain_eager, real_number,
                                      register_autograd, rows_back)
@@ -173,8 +173,7 @@ def add_layer_norm(x: Tensor, residual: Optional[Tensor] = None, weight: Optiona
         return lane[0], (lane[1] if residual is not None else x)
     op = "add_layer_norm"
     check_tensor(op, "x", x, min_dim=1)
-    if not autocast_off():
-        x, residual, weight, bias = autocast_promote(x.device, x, residual, weight, bias)
+    x, residual, weight, bias = autocast_promote(x.device, x, residual, weight, bias)
     hidden = x.shape[-1]
     if hidden == 0:
         raise ValueError(f"{op}: x's last dimension must be at least 1, got shape {tuple(x.shape)}")

@@ -382,9 +382,6 @@ def _broadcast_4d(op: str, query: Tensor, key: Tensor, value: Tensor, attn_mask:
     return q, k, v, mask, (*batch, hq, lq, dv)[-ndim:]
 
 
-_LANE_DTYPES = (torch.float32, torch.bfloat16)  # OP.dtypes["cpu"] (float16 is converted first)
-
-
 def _eager_cpu_scale(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], dropout_p, scale,
                      backend: Optional[str]) -> Optional[float]:
     """The scale, where this call takes scaled_dot_product_attention's eager lane (straight to the CPU
@@ -405,7 +402,7 @@ def _eager_cpu_scale(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optio
                 or t.stride(-1) != 1 or (grad and t.requires_grad)):
             return None
     b, h, _, d = query.shape
-    if (dtype not in _LANE_DTYPES or not h or not d or key.shape[0] != b or key.shape[1] != h or key.shape[-1] != d
+    if (dtype not in OP.dtypes["cpu"] or not h or not d or key.shape[0] != b or key.shape[1] != h or key.shape[-1] != d
             or not key.shape[2] or value.shape[:3] != key.shape[:3] or max(d, value.shape[-1]) > CPU_MAX_HEAD_DIM):
         return None
     if scale is None:

@@ -1,5 +1,6 @@
 """attn_implementation="bignlp_fast" in Hugging Face transformers, against "eager" and "sdpa"."""
 
+import re
 import subprocess
 import sys
 import types
@@ -190,3 +191,77 @@ def test_import_after_transformers_registers_at_once():
     _python("import sys, transformers.modeling_utils, transformers.masking_utils as mu, bignlp_fast\n"
             "assert bignlp_fast.hf.is_registered() and 'bignlp_fast' in mu.ALL_MASK_ATTENTION_FUNCTIONS\n"
             "assert not any(isinstance(f, bignlp_fast.hf._PostImportHook) for f in sys.meta_path)\n")
+
+
+# ---- other architectures through the same AttentionInterface ----------------------------------------
+def _small(cls_name, **kwargs):
+    """A small model of transformers' class ``cls_name`` (its config: the class's family + "Config")."""
+    family = re.match(r"(.+?)(Model|ForCausalLM|ForConditionalGeneration)$", cls_name).group(1)
+    cls, config_cls = getattr(transformers, cls_name, None), getattr(transformers, family + "Config", None)
+    if cls is None or config_cls is None:
+        pytest.skip(f"this transformers ({transformers.__version__}) has no {cls_name}")
+    torch.manual_seed(0)
+    config = config_cls(vocab_size=101, pad_token_id=0, bos_token_id=1, eos_token_id=2, **kwargs)
+    return cls(config).eval()
+
+
+_ENCODER = dict(hidden_size=48, num_attention_heads=4, num_hidden_layers=2, intermediate_size=96)
+_DECODER = dict(_ENCODER, num_key_value_heads=2)  # grouped-query attention: 2 key/value heads for 4
+_SEQ2SEQ = dict(d_model=48, encoder_attention_heads=4, decoder_attention_heads=4, encoder_layers=2, decoder_layers=2,
+                encoder_ffn_dim=96, decoder_ffn_dim=96, dropout=0.0, decoder_start_token_id=2)
+ARCHITECTURES = {  # class, config, layers that run attention in one forward, decoder-only
+    "roberta": ("RobertaModel", dict(_ENCODER, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0), 2, False),
+    "distilbert": ("DistilBertModel", dict(dim=48, n_heads=4, n_layers=2, hidden_dim=96, dropout=0.0,
+                                           attention_dropout=0.0), 2, False),
+    "llama": ("LlamaForCausalLM", _DECODER, 2, True),
+    "qwen2": ("Qwen2ForCausalLM", _DECODER, 2, True),
+    "gpt_neox": ("GPTNeoXForCausalLM", dict(_ENCODER, hidden_dropout=0.0, attention_dropout=0.0), 2, True),
+    "t5": ("T5Model", dict(d_model=48, d_kv=12, num_heads=4, num_layers=2, d_ff=96, dropout_rate=0.0,
+                          decoder_start_token_id=0), 6, False),  # relative position bias on every layer
+    "bart": ("BartModel", _SEQ2SEQ, 6, False),  # encoder, decoder self- and cross-attention
+}
+
+
+@pytest.mark.parametrize("arch", list(ARCHITECTURES))
+def test_other_architectures_match_eager_after_optimize(calls, arch):
+    """optimize() on encoders, decoders with grouped-query attention and rotary positions, and
+    encoder-decoders with relative position bias or cross-attention: our attention runs in every
+    layer, nothing is skipped, and the outputs on a padded batch are eager's."""
+    cls_name, config, attention_calls, decoder = ARCHITECTURES[arch]
+    eager = _small(cls_name, **config)
+    eager.set_attn_implementation("eager")
+    report = bignlp_fast.optimize(eager, inplace=False)
+    ours = report.model
+    assert ours.config._attn_implementation == "bignlp_fast" and report.skipped == []
+    ids, mask = padded_batch([9, 6, 3], 9, left=decoder, low=3)
+    kwargs = dict(input_ids=ids, attention_mask=mask)
+    if not decoder and "decoder_layers" in config or arch == "t5":
+        kwargs.update(decoder_input_ids=ids[:, :5])
+    with torch.no_grad():
+        expected, got = eager(**kwargs), ours(**kwargs)
+    assert calls["n"] == attention_calls
+    if decoder:
+        close_on_tokens(got.logits, expected.logits, mask)
+    elif "decoder_input_ids" in kwargs:  # the decoder's states: every position, the encoder's padding masked
+        torch.testing.assert_close(got.last_hidden_state, expected.last_hidden_state, rtol=1e-4, atol=1e-5)
+        close_on_tokens(got.encoder_last_hidden_state, expected.encoder_last_hidden_state, mask)
+    else:
+        close_on_tokens(got.last_hidden_state, expected.last_hidden_state, mask)
+
+
+@pytest.mark.parametrize("arch", ["llama", "t5", "bart"])
+def test_other_architectures_generate_as_eager(calls, arch):
+    """Greedy generation with transformers' caches (left-padded prompts for the decoder-only model)."""
+    cls_name, config, _, decoder = ARCHITECTURES[arch]
+    if not decoder:
+        cls_name = cls_name.replace("Model", "ForConditionalGeneration")
+    eager = _small(cls_name, **config)
+    eager.set_attn_implementation("eager")
+    ours = bignlp_fast.optimize(eager, inplace=False).model
+    ids, mask = padded_batch([8, 5, 2], 8, left=decoder, low=3)
+    kwargs = dict(attention_mask=mask, max_new_tokens=7, min_new_tokens=7, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected = eager.generate(ids, **kwargs)
+        got = ours.generate(ids, **kwargs)
+    assert calls["n"] > 0
+    assert torch.equal(got, expected)

@@ -151,12 +151,32 @@ def test_attention_lane_equals_the_general_path(dtype, lq, lk, causal, scale):
     k = torch.randn(2, 3, lk, 16, generator=g).to(dtype)
     v = torch.randn(2, 3, lk, 24, generator=g).to(dtype)
     with torch.no_grad():
-        assert attn._eager_cpu_scale(q, k, v, None, 0.0, scale, None) is not None
+        assert attn._eager_cpu_scale(q, k, v, None, 0.0, scale, False, None) is not None
         lane = scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
         general = scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, backend="cpu")
     assert torch.equal(lane, general)
     ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=causal,
                                                            scale=scale)
+    torch.testing.assert_close(lane.double(), ref, **({"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32
+                                                      else {"rtol": 2e-2, "atol": 2e-2}))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("hk", [1, 2])
+@pytest.mark.parametrize("lq,causal", [(1, False), (6, True)])
+def test_attention_lane_takes_grouped_query_attention(dtype, hk, lq, causal):
+    """enable_gqa with key heads that divide the query heads (a Llama-style model's decoding step)."""
+    g = _g(5)
+    q = torch.randn(2, 4, lq, 16, generator=g).to(dtype)
+    k = torch.randn(2, hk, 9, 16, generator=g).to(dtype)
+    v = torch.randn(2, hk, 9, 16, generator=g).to(dtype)
+    with torch.no_grad():
+        assert attn._eager_cpu_scale(q, k, v, None, 0.0, None, True, None) is not None
+        lane = scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+        general = scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True, backend="cpu")
+    assert torch.equal(lane, general)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=causal,
+                                                           enable_gqa=True)
     torch.testing.assert_close(lane.double(), ref, **({"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32
                                                       else {"rtol": 2e-2, "atol": 2e-2}))
 
@@ -168,7 +188,7 @@ def test_attention_lane_reads_a_transposed_layout():
     k = torch.randn(1, 10, 4, 8, generator=g).transpose(1, 2)
     v = torch.randn(1, 10, 4, 8, generator=g).transpose(1, 2)
     with torch.no_grad():
-        assert attn._eager_cpu_scale(q, k, v, None, 0.0, None, None) is not None
+        assert attn._eager_cpu_scale(q, k, v, None, 0.0, None, False, None) is not None
         torch.testing.assert_close(scaled_dot_product_attention(q, k, v),
                                    torch.nn.functional.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-5)
 
@@ -176,17 +196,18 @@ def test_attention_lane_reads_a_transposed_layout():
 def _attn_args():
     g = _g(4)
     return [torch.randn(1, 2, 3, 8, generator=g), torch.randn(1, 2, 5, 8, generator=g),
-            torch.randn(1, 2, 5, 8, generator=g), None, 0.0, None, None]
+            torch.randn(1, 2, 5, 8, generator=g), None, 0.0, None, False, None]
 
 
 @pytest.mark.parametrize("change", [
     "backend", "mask", "dropout", "q_grad", "gqa", "three_d", "dtype_mix", "float16", "float64", "stride",
-    "scale_inf", "scale_tensor", "empty_keys", "head_dim_limit", "batch_mismatch"])
+    "scale_inf", "scale_tensor", "empty_keys", "head_dim_limit", "batch_mismatch", "gqa_not_dividing",
+    "gqa_truthy_int"])
 def test_attention_lane_refuses(change):
     args = _attn_args()
     q, k, v = args[:3]
     if change == "backend":
-        args[6] = "cpu"
+        args[7] = "cpu"
     elif change == "mask":
         args[3] = torch.ones(1, 1, 3, 5, dtype=torch.bool)
     elif change == "dropout":
@@ -216,6 +237,10 @@ def test_attention_lane_refuses(change):
         args[0], args[1], args[2] = torch.randn(1, 1, 1, d), torch.randn(1, 1, 2, d), torch.randn(1, 1, 2, d)
     elif change == "batch_mismatch":
         args[1], args[2] = k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1)
+    elif change == "gqa_not_dividing":  # 3 query heads, 2 key heads: the general path's error
+        args[0], args[6] = torch.randn(1, 3, 3, 8), True
+    elif change == "gqa_truthy_int":  # the lane takes the bool only; the general path the rest
+        args[1], args[2], args[6] = k[:, :1], v[:, :1], 1
     assert attn._eager_cpu_scale(*args) is None
 
 

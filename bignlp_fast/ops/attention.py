@@ -383,11 +383,12 @@ def _broadcast_4d(op: str, query: Tensor, key: Tensor, value: Tensor, attn_mask:
 
 
 def _eager_cpu_scale(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], dropout_p, scale,
-                     backend: Optional[str]) -> Optional[float]:
+                     enable_gqa: bool, backend: Optional[str]) -> Optional[float]:
     """The scale, where this call takes scaled_dot_product_attention's eager lane (straight to the CPU
     kernel); None where it does not.
 
-    The lane takes the plain case: [B, H, L, D] CPU tensors of one dtype, as many key as query heads, no
+    The lane takes the plain case: [B, H, L, D] CPU tensors of one dtype, as many key as query heads
+    (or, with enable_gqa, key heads that divide the query heads: a grouped-query model's decoding), no
     mask, no dropout, no gradient to record, nothing recording calls. There the general path would pass
     every check, choose the cpu backend and run the kernel's body directly (call()'s route 0) on these
     very tensors: the lane gives the same output, decided in ~2 us where the general path spends ~10
@@ -402,7 +403,9 @@ def _eager_cpu_scale(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optio
                 or t.stride(-1) != 1 or (grad and t.requires_grad)):
             return None
     b, h, _, d = query.shape
-    if (dtype not in OP.dtypes["cpu"] or not h or not d or key.shape[0] != b or key.shape[1] != h or key.shape[-1] != d
+    hk = key.shape[1]
+    if (dtype not in OP.dtypes["cpu"] or not h or not d or key.shape[0] != b or key.shape[-1] != d
+            or hk != h and not (enable_gqa is True and hk and h % hk == 0)
             or not key.shape[2] or value.shape[:3] != key.shape[:3] or max(d, value.shape[-1]) > CPU_MAX_HEAD_DIM):
         return None
     if scale is None:
@@ -442,7 +445,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     zero gradients), not NaN. A float attn_mask that requires grad gets its gradient through the
     torch reference (a recorded fallback).
     """
-    lane_scale = _eager_cpu_scale(query, key, value, attn_mask, dropout_p, scale, backend)
+    lane_scale = _eager_cpu_scale(query, key, value, attn_mask, dropout_p, scale, enable_gqa, backend)
     if lane_scale is not None:
         return kernel("attention", "fwd", "cpu")(query, key, value, None, None, None, query.shape[2], key.shape[2],
                                                  lane_scale, CAUSAL_TOP_LEFT if is_causal else CAUSAL_NONE, 0.0,

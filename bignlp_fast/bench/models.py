@@ -1,5 +1,6 @@
 """End-to-end benchmark cases: bignlp_fast.models against transformers' models with the same weights
-and inputs (BERT inference and a training step; GPT-2 greedy generation). transformers is needed to
+and inputs (BERT inference and a training step; GPT-2 greedy generation; a Llama-style model's
+generation after optimize()). transformers is needed to
 build these cases; without it they are left out of the suites (see ``model_cases``)."""
 
 from __future__ import annotations
@@ -180,6 +181,51 @@ def _gpt_cases(b: int, prompt: int, new: int, dtype: torch.dtype, suites, layers
                                         f"generation, batch {b}")]
 
 
+# ---- a Llama-style decoder through optimize() -------------------------------------------------------
+def _llama_cases(b: int, prompt: int, new: int, dtype: torch.dtype, suites, layers: int = 12, hidden: int = 768,
+                 kv_heads: int = 4, intermediate: int = 2048, vocab: int = 32000):
+    """Greedy generation with transformers' LlamaForCausalLM (RMSNorm, rotary positions, grouped-query
+    attention: ``kv_heads`` key/value heads for hidden // 64 query heads, SwiGLU MLP, untied lm_head)
+    after ``bignlp_fast.optimize`` (our attention through the AttentionInterface, our Linears; its
+    RMSNorms, rotary code, cache and decoding loop are transformers'), against the same model as it
+    is. There is no bignlp_fast Llama model: this is the drop-in path for a model family the library
+    does not build. Bytes: the weights a decoding step reads (all but the embedding table)."""
+    import transformers
+
+    from bignlp_fast import optimize
+    heads = hidden // 64
+    config = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
+                                      num_hidden_layers=layers, num_attention_heads=heads,
+                                      num_key_value_heads=kv_heads, max_position_embeddings=max(1024, prompt + new),
+                                      bos_token_id=None, eos_token_id=None, pad_token_id=0,
+                                      attn_implementation="sdpa")
+    ids = torch.randint(1, vocab, (b, prompt), generator=torch.Generator().manual_seed(3))
+
+    def pair():
+        torch.manual_seed(0)
+        ref = transformers.LlamaForCausalLM(config).eval()
+        return optimize(ref, inplace=False).model, ref
+
+    def make(device, dt):
+        return dict(ids=ids.to(device), tag=torch.zeros((), dtype=dt), models=_Models(pair, device))
+
+    @torch.no_grad()
+    def generate(model, t):
+        out = model.generate(t["ids"], attention_mask=torch.ones_like(t["ids"]), do_sample=False,
+                             max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+        return [out.float()]
+
+    kv = kv_heads * 64
+    params = vocab * hidden + layers * (2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * intermediate + 2 * hidden)
+    weight_bytes = (params + hidden) * torch.tensor([], dtype=dtype).element_size()
+    return [Case(op="attention", mode="fwd", shape=(b, prompt, new), dtype=dtype, make=make,
+                 ours=lambda t, be: generate(t["models"](t["tag"].dtype, 0), t),
+                 ref=lambda t: generate(t["models"](t["tag"].dtype, 1), t),
+                 ref_name="transformers LlamaForCausalLM.generate (sdpa, cache)", bytes=new * weight_bytes,
+                 suites=suites, variant=f"optimize(HF Llama-style, {heads} heads, {kv_heads} key/value heads) "
+                                        f"greedy generation, batch {b}")]
+
+
 def has_transformers() -> bool:
     return importlib.util.find_spec("transformers") is not None
 
@@ -210,6 +256,9 @@ def model_cases() -> list[Case]:
     cases += _gpt_cases(1, 32, 64, torch.bfloat16, ("full",))
     cases += _gpt_cases(1, 32, 64, torch.float32, ("full",), via_optimize=True)
     cases += _gpt_cases(8, 32, 64, torch.float32, ("full",), via_optimize=True)
+    # a Llama-style model (grouped-query attention, 12 layers x 768) after optimize(): batch 1 and 8
+    for b in (1, 8):
+        cases += _llama_cases(b, 32, 64, torch.float32, ("full",))
     # the GPU suite (bench --gpu): BERT-base inference at batch 1 and 32 x 128 tokens, GPT-2 small
     # decoding at batch 1 (its "% of copy" is the fraction of memory bandwidth) and 8; bf16
     for b in (1, 32):
@@ -225,5 +274,7 @@ def tiny_model_cases() -> list[Case]:
     return (_bert_cases(3, 9, torch.float32, ("fwd", "fwd+bwd"), ("tiny",), layers=2, hidden=128)
             + _bert_cases(3, 9, torch.float32, ("fwd",), ("tiny",), layers=2, hidden=128, via_optimize=True)
             + _gpt_cases(2, 5, 4, torch.float32, ("tiny",), layers=2, hidden=128, vocab=301)
-            + _gpt_cases(2, 5, 4, torch.float32, ("tiny",), layers=2, hidden=128, vocab=301, via_optimize=True))
+            + _gpt_cases(2, 5, 4, torch.float32, ("tiny",), layers=2, hidden=128, vocab=301, via_optimize=True)
+            + _llama_cases(2, 5, 4, torch.float32, ("tiny",), layers=2, hidden=128, kv_heads=1, intermediate=256,
+                           vocab=301))
 

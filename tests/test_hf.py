@@ -265,3 +265,20 @@ def test_other_architectures_generate_as_eager(calls, arch):
         got = ours.generate(ids, **kwargs)
     assert calls["n"] > 0
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("arch", ["roberta", "llama"])
+def test_optimized_models_compile_with_fullgraph(calls, arch):
+    """torch.compile(fullgraph=True) of an optimized transformers model: our attention function and
+    the swapped modules trace without a graph break (aot_eager: the ops' fake kernels and autograd
+    formulas too), on a padded batch."""
+    cls_name, config, attention_calls, decoder = ARCHITECTURES[arch]
+    eager = _small(cls_name, **config)
+    eager.set_attn_implementation("eager")
+    ours = bignlp_fast.optimize(eager, inplace=False).model
+    compiled = torch.compile(ours, fullgraph=True, backend="aot_eager")
+    ids, mask = padded_batch([9, 6, 3], 9, left=decoder, low=3)
+    with torch.no_grad():
+        expected, got = eager(input_ids=ids, attention_mask=mask)[0], compiled(input_ids=ids, attention_mask=mask)[0]
+    assert calls["n"] == attention_calls  # traced once through our function
+    close_on_tokens(got, expected, mask)

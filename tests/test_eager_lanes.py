@@ -145,38 +145,21 @@ def test_add_layer_norm_errors_unchanged_by_the_lane():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("lq,lk,causal", [(1, 37, False), (5, 5, True), (9, 16, False), (4, 11, True)])
 @pytest.mark.parametrize("scale", [None, 0.3])
-def test_attention_lane_equals_the_general_path(dtype, lq, lk, causal, scale):
+# key heads: as many as query heads, or fewer with enable_gqa (a Llama-style model's decoding step)
+@pytest.mark.parametrize("hq,hk", [(3, 3), (4, 2), (4, 1)], ids=["mha", "gqa", "mqa"])
+def test_attention_lane_equals_the_general_path(dtype, lq, lk, causal, scale, hq, hk):
     g = _g(2)
-    q = torch.randn(2, 3, lq, 16, generator=g).to(dtype)
-    k = torch.randn(2, 3, lk, 16, generator=g).to(dtype)
-    v = torch.randn(2, 3, lk, 24, generator=g).to(dtype)
+    q = torch.randn(2, hq, lq, 16, generator=g).to(dtype)
+    k = torch.randn(2, hk, lk, 16, generator=g).to(dtype)
+    v = torch.randn(2, hk, lk, 24, generator=g).to(dtype)
+    gqa = hk < hq
     with torch.no_grad():
-        assert attn._eager_cpu_scale(q, k, v, None, 0.0, scale, False, None) is not None
-        lane = scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
-        general = scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, backend="cpu")
+        assert attn._eager_cpu_scale(q, k, v, None, 0.0, scale, gqa, None) is not None
+        lane = scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
+        general = scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa, backend="cpu")
     assert torch.equal(lane, general)
     ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=causal,
-                                                           scale=scale)
-    torch.testing.assert_close(lane.double(), ref, **({"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32
-                                                      else {"rtol": 2e-2, "atol": 2e-2}))
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("hk", [1, 2])
-@pytest.mark.parametrize("lq,causal", [(1, False), (6, True)])
-def test_attention_lane_takes_grouped_query_attention(dtype, hk, lq, causal):
-    """enable_gqa with key heads that divide the query heads (a Llama-style model's decoding step)."""
-    g = _g(5)
-    q = torch.randn(2, 4, lq, 16, generator=g).to(dtype)
-    k = torch.randn(2, hk, 9, 16, generator=g).to(dtype)
-    v = torch.randn(2, hk, 9, 16, generator=g).to(dtype)
-    with torch.no_grad():
-        assert attn._eager_cpu_scale(q, k, v, None, 0.0, None, True, None) is not None
-        lane = scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
-        general = scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True, backend="cpu")
-    assert torch.equal(lane, general)
-    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=causal,
-                                                           enable_gqa=True)
+                                                           scale=scale, enable_gqa=gqa)
     torch.testing.assert_close(lane.double(), ref, **({"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32
                                                       else {"rtol": 2e-2, "atol": 2e-2}))
 

@@ -132,6 +132,18 @@ def _bert_cases(b: int, l: int, dtype: torch.dtype, modes, suites, layers: int =
 
 
 # ---- GPT-2 generation --------------------------------------------------------------------------------
+def _hf_greedy(new: int):
+    """transformers' greedy ``generate`` of exactly ``new`` tokens after a case's ``ids`` (end of
+    sequence off), as a case's list of outputs."""
+    @torch.no_grad()
+    def generate(model, t):
+        out = model.generate(t["ids"], attention_mask=torch.ones_like(t["ids"]), do_sample=False,
+                             max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+        return [out.float()]
+    return generate
+
+
+
 def _gpt_cases(b: int, prompt: int, new: int, dtype: torch.dtype, suites, layers: int = 12, hidden: int = 768,
                vocab: int = 50257, via_optimize: bool = False):
     """Greedy generation of ``new`` tokens after a ``prompt``-token prompt, GPT-2-small-shaped: ours
@@ -158,11 +170,7 @@ def _gpt_cases(b: int, prompt: int, new: int, dtype: torch.dtype, suites, layers
     def make(device, dt):
         return dict(ids=ids.to(device), tag=torch.zeros((), dtype=dt), models=_Models(pair, device))
 
-    @torch.no_grad()
-    def hf_generate(model, t):
-        out = model.generate(t["ids"], attention_mask=torch.ones_like(t["ids"]), do_sample=False,
-                             max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
-        return [out.float()]
+    hf_generate = _hf_greedy(new)
 
     def ours(t, be):
         model = t["models"](t["tag"].dtype, 0)
@@ -209,12 +217,7 @@ def _llama_cases(b: int, prompt: int, new: int, dtype: torch.dtype, suites, laye
     def make(device, dt):
         return dict(ids=ids.to(device), tag=torch.zeros((), dtype=dt), models=_Models(pair, device))
 
-    @torch.no_grad()
-    def generate(model, t):
-        out = model.generate(t["ids"], attention_mask=torch.ones_like(t["ids"]), do_sample=False,
-                             max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
-        return [out.float()]
-
+    generate = _hf_greedy(new)
     kv = kv_heads * 64
     params = vocab * hidden + layers * (2 * hidden * hidden + 2 * hidden * kv + 3 * hidden * intermediate + 2 * hidden)
     weight_bytes = (params + hidden) * torch.tensor([], dtype=dtype).element_size()

@@ -395,7 +395,7 @@ def test_forward_mode_ad_and_double_backward_say_they_are_unsupported(module):
     """No op has a forward-mode derivative or a second derivative. torch.func.jvp had returned zero
     tangents and forward_ad none, silently; a double backward had torch's "no autograd formula"."""
     import torch.autograd.forward_ad as fwAD
-    make = {"LayerNorm": lambda: bignlp_fast.nn.LayerNorm(64), "GELU": lambda: bignlp_fast.nn.GELU(),
+    make = {"LayerNorm": lambda: bignlp_fast.nn.LayerNorm(64, backend="cpu"), "GELU": lambda: bignlp_fast.nn.GELU(),
             "Conv1d": lambda: bignlp_fast.nn.Conv1d(8, 4, 3), "GRU": lambda: bignlp_fast.nn.GRU(64, 8),
             "Linear": lambda: bignlp_fast.nn.Linear(64, 8, backend="cpu")}
     m = make[module]()

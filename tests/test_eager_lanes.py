@@ -12,6 +12,7 @@ import torch
 
 import bignlp_fast
 from bignlp_fast import _backend
+from bignlp_fast.nn.normalization import TORCH_BELOW_NUMEL
 from bignlp_fast.ops import add_layer_norm, scaled_dot_product_attention
 
 pytestmark = pytest.mark.skipif(_backend.unavailable("cpu", torch.device("cpu")) is not None,
@@ -48,7 +49,7 @@ def test_add_layer_norm_lane_equals_the_general_path(dtype, shape, residual, wei
 
 def test_layer_norm_module_takes_the_lane(monkeypatch):
     ln = bignlp_fast.nn.LayerNorm(64)
-    x = torch.randn(2, 3, 64, generator=_g())
+    x = torch.randn(2, TORCH_BELOW_NUMEL // 128, 64, generator=_g())  # (smaller: torch's own layer_norm)
     taken = []
     real = aln._lane
     monkeypatch.setattr(aln, "_lane", lambda *a: taken.append(real(*a) is not None) or real(*a))
@@ -59,6 +60,38 @@ def test_layer_norm_module_takes_the_lane(monkeypatch):
                                atol=1e-5)
     ln(x)  # parameters that require grad, grad on: the general path, which autograd records
     assert taken[-1] is False
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_layer_norm_module_leaves_small_cpu_inputs_to_torch(monkeypatch, dtype):
+    """Below TORCH_BELOW_NUMEL elements, without a residual or a named backend, nn.LayerNorm is torch's
+    own layer_norm: the same tensor bit for bit, gradients included, and our op is not called; from
+    that size on, with a residual or with a backend, it is."""
+    nn_ln = importlib.import_module("bignlp_fast.nn.normalization")
+    calls = []
+    real = nn_ln.add_layer_norm
+    monkeypatch.setattr(nn_ln, "add_layer_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    g = _g(6)
+    ln = bignlp_fast.nn.LayerNorm(64).to(dtype)
+    ref = torch.nn.LayerNorm(64).to(dtype)
+    with torch.no_grad():
+        for p, q in zip(ln.parameters(), ref.parameters()):
+            p.copy_(torch.randn(p.shape, generator=g))
+            q.copy_(p)
+    x = torch.randn(3, TORCH_BELOW_NUMEL // 64 // 3 - 1, 64, generator=g).to(dtype).requires_grad_()
+    xr = x.detach().clone().requires_grad_()
+    out, expected = ln(x), ref(xr)
+    assert torch.equal(out, expected) and calls == []
+    out.sum().backward()
+    expected.sum().backward()
+    assert torch.equal(x.grad, xr.grad) and torch.equal(ln.weight.grad, ref.weight.grad)
+    with torch.no_grad():
+        ln(torch.randn(2, TORCH_BELOW_NUMEL // 128, 64, generator=g).to(dtype))  # at the bound: ours
+        assert len(calls) == 1
+        ln(x, residual=x)
+        assert len(calls) == 2
+        bignlp_fast.nn.LayerNorm(64, backend="cpu").to(dtype)(x)
+        assert len(calls) == 3
 
 
 class _Sub(torch.Tensor):

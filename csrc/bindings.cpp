@@ -164,6 +164,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("bias_gelu_fwd_cpu", &bias_gelu_fwd_cpu, nogil);
   m.def("bias_gelu_bwd_cpu", &bias_gelu_bwd_cpu, nogil);
   m.def("attention_fwd_cpu", &attention_fwd_cpu, nogil);
+  m.def("attention_lane_cpu", &attention_lane_cpu, nogil);
   m.def("attention_bwd_cpu", &attention_bwd_cpu, nogil);
   m.def("linear_fwd_cpu", &linear_fwd_cpu, nogil);
   m.def("linear_bwd_cpu", &linear_bwd_cpu, nogil);

@@ -65,6 +65,15 @@ std::vector<at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor&
                                           const std::optional<at::Tensor>& cu_seqlens_k, int64_t max_seqlen_q,
                                           int64_t max_seqlen_k, double scale, int64_t causal, double dropout_p,
                                           const std::optional<at::Tensor>& seed);
+// The op's eager lane (ops/attention.py): attention_fwd_cpu's output alone, top-left causal or not, for
+// a call without mask or dropout whose tensors it can read as they are (CPU [B, H, L, D] of one dtype,
+// float32 / bfloat16, stride(-1) == 1, none needing grad while grad mode is on; the batch and head dim
+// alike, as many key as query heads or, with enable_gqa, key heads dividing them; at least one key;
+// head dims up to max_head_dim; scale finite, or 1 / sqrt(D) when none); an empty vector, and nothing
+// computed, where it cannot (the general path then takes the call).
+std::vector<at::Tensor> attention_lane_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           std::optional<double> scale, bool causal, bool enable_gqa,
+                                           int64_t max_head_dim);
 std::vector<at::Tensor> attention_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                                           const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                           const std::optional<at::Tensor>& bias,

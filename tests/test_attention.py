@@ -190,7 +190,8 @@ def test_masks_at_the_dtype_minimum(backend, device):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("where", ["key", "query", "mask"])
 @pytest.mark.parametrize("shape", [(2, 64, 16), (1, 300, 8)], ids=lambda s: f"H{s[0]}L{s[1]}D{s[2]}")
-def test_nan_propagates_as_in_torch(backend, device, dtype, where, shape):
+@pytest.mark.parametrize("decode", [False, True], ids=["", "Lq4"])  # 4 queries: the CPU kernel's decode path
+def test_nan_propagates_as_in_torch(backend, device, dtype, where, shape, decode):
     """A NaN score (in a key, a query or a float mask) makes its rows NaN, as torch's SDPA does; the
     running max had passed over it (std::max and fmaxf return the other operand), giving zeros or
     finite rows. (The Triton kernel is not checked: its max's NaN handling on a GPU is not the
@@ -210,14 +211,17 @@ def test_nan_propagates_as_in_torch(backend, device, dtype, where, shape):
     else:
         mask = torch.zeros(L, L, dtype=dtype)
         mask[3, 5] = math.nan
+    if decode:
+        q, mask = q[:, :, :4], (mask[:4] if mask is not None else None)
     want = F.scaled_dot_product_attention(q.float(), k.float(), v.float(),
                                           attn_mask=None if mask is None else mask.float()).isnan()
     assert want.any()
     dev = lambda t: None if t is None else t.to(device)  # noqa: E731
     assert torch.equal(sdpa(dev(q), dev(k), dev(v), dev(mask), backend=backend).isnan().cpu(), want)
     if mask is None and backend == "cpu":  # the same through varlen_attention's packed rows
-        cu = torch.tensor([0, L], dtype=torch.int32)
-        out = varlen_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu, cu, L, L,
+        lq = q.shape[2]
+        cu_q, cu = torch.tensor([0, lq], dtype=torch.int32), torch.tensor([0, L], dtype=torch.int32)
+        out = varlen_attention(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), cu_q, cu, lq, L,
                                backend="cpu")
         assert torch.equal(out.transpose(0, 1)[None].isnan(), want)
 

@@ -187,10 +187,10 @@ def test_attention_lane_equals_the_general_path(dtype, lq, lk, causal, scale, hq
     v = torch.randn(2, hk, lk, 24, generator=g).to(dtype)
     gqa = hk < hq
     with torch.no_grad():
-        assert attn._eager_cpu_scale(q, k, v, None, 0.0, scale, gqa, None) is not None
-        lane = scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
+        lane = attn._lane(q, k, v, None, 0.0, causal, scale, gqa, None)
+        public = scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa)
         general = scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=gqa, backend="cpu")
-    assert torch.equal(lane, general)
+    assert lane is not None and torch.equal(lane, general) and torch.equal(public, general)
     ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=causal,
                                                            scale=scale, enable_gqa=gqa)
     torch.testing.assert_close(lane.double(), ref, **({"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32
@@ -204,7 +204,7 @@ def test_attention_lane_reads_a_transposed_layout():
     k = torch.randn(1, 10, 4, 8, generator=g).transpose(1, 2)
     v = torch.randn(1, 10, 4, 8, generator=g).transpose(1, 2)
     with torch.no_grad():
-        assert attn._eager_cpu_scale(q, k, v, None, 0.0, None, False, None) is not None
+        assert attn._lane(q, k, v, None, 0.0, False, None, False, None) is not None
         torch.testing.assert_close(scaled_dot_product_attention(q, k, v),
                                    torch.nn.functional.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-5)
 
@@ -212,18 +212,19 @@ def test_attention_lane_reads_a_transposed_layout():
 def _attn_args():
     g = _g(4)
     return [torch.randn(1, 2, 3, 8, generator=g), torch.randn(1, 2, 5, 8, generator=g),
-            torch.randn(1, 2, 5, 8, generator=g), None, 0.0, None, False, None]
+            torch.randn(1, 2, 5, 8, generator=g), None, 0.0, False, None, False, None]
+    # query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend
 
 
 @pytest.mark.parametrize("change", [
     "backend", "mask", "dropout", "q_grad", "gqa", "three_d", "dtype_mix", "float16", "float64", "stride",
     "scale_inf", "scale_tensor", "empty_keys", "head_dim_limit", "batch_mismatch", "gqa_not_dividing",
-    "gqa_truthy_int"])
+    "gqa_truthy_int", "causal_truthy_int", "v_grad", "on_meta", "lq_of_other_batch"])
 def test_attention_lane_refuses(change):
     args = _attn_args()
     q, k, v = args[:3]
     if change == "backend":
-        args[7] = "cpu"
+        args[8] = "cpu"
     elif change == "mask":
         args[3] = torch.ones(1, 1, 3, 5, dtype=torch.bool)
     elif change == "dropout":
@@ -243,9 +244,9 @@ def test_attention_lane_refuses(change):
     elif change == "stride":
         args[0] = torch.randn(1, 2, 8, 3).transpose(2, 3)
     elif change == "scale_inf":
-        args[5] = float("inf")
+        args[6] = float("inf")
     elif change == "scale_tensor":
-        args[5] = torch.tensor(0.5)
+        args[6] = torch.tensor(0.5)
     elif change == "empty_keys":
         args[1], args[2] = k[:, :, :0], v[:, :, :0]
     elif change == "head_dim_limit":
@@ -254,16 +255,24 @@ def test_attention_lane_refuses(change):
     elif change == "batch_mismatch":
         args[1], args[2] = k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1)
     elif change == "gqa_not_dividing":  # 3 query heads, 2 key heads: the general path's error
-        args[0], args[6] = torch.randn(1, 3, 3, 8), True
-    elif change == "gqa_truthy_int":  # the lane takes the bool only; the general path the rest
-        args[1], args[2], args[6] = k[:, :1], v[:, :1], 1
-    assert attn._eager_cpu_scale(*args) is None
+        args[0], args[7] = torch.randn(1, 3, 3, 8), True
+    elif change == "gqa_truthy_int":  # the lane takes bools only; the general path the rest
+        args[1], args[2], args[7] = k[:, :1], v[:, :1], 1
+    elif change == "causal_truthy_int":
+        args[5] = 1
+    elif change == "v_grad":
+        args[2] = v.requires_grad_()
+    elif change == "on_meta":
+        args[1] = k.to("meta")
+    elif change == "lq_of_other_batch":
+        args[0] = torch.randn(2, 2, 3, 8)
+    assert attn._lane(*args) is None
 
 
 def test_attention_lane_refuses_by_state(monkeypatch):
     args = _attn_args()
-    assert attn._eager_cpu_scale(*args) is not None
+    assert attn._lane(*args) is not None
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert attn._eager_cpu_scale(*args) is None
+        assert attn._lane(*args) is None
     monkeypatch.setenv("BIGNLP_FAST_BACKEND", "torch")
-    assert attn._eager_cpu_scale(*args) is None
+    assert attn._lane(*args) is None

@@ -382,39 +382,31 @@ def _broadcast_4d(op: str, query: Tensor, key: Tensor, value: Tensor, attn_mask:
     return q, k, v, mask, (*batch, hq, lq, dv)[-ndim:]
 
 
-def _eager_cpu_scale(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], dropout_p, scale,
-                     enable_gqa: bool, backend: Optional[str]) -> Optional[float]:
-    """The scale, where this call takes scaled_dot_product_attention's eager lane (straight to the CPU
-    kernel); None where it does not.
+def _lane(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor], dropout_p, is_causal, scale,
+          enable_gqa, backend: Optional[str]) -> Optional[Tensor]:
+    """scaled_dot_product_attention's eager lane: the CPU kernel's output for a plain inference call,
+    with the tensors as they are; None where the call takes the general path.
 
-    The lane takes the plain case: [B, H, L, D] CPU tensors of one dtype, as many key as query heads
-    (or, with enable_gqa, key heads that divide the query heads: a grouped-query model's decoding), no
-    mask, no dropout, no gradient to record, nothing recording calls. There the general path would pass
-    every check, choose the cpu backend and run the kernel's body directly (call()'s route 0) on these
-    very tensors: the lane gives the same output, decided in ~2 us where the general path spends ~10
-    before the kernel (a decoding step's attention: ~12 us in all for torch's SDPA)."""
-    if (backend is not None or torch.compiler.is_compiling()  # (traced, the checks below would guard shapes)
-            or attn_mask is not None or type(dropout_p) not in (float, int) or dropout_p != 0):
+    Python checks what only it can see (no backend named, no mask, no dropout, plain tensor types
+    rather than subclasses, Python numbers and bools for the scalars, nothing recording or transforming
+    calls, no autocast, the cpu backend chosen); the extension's ``attention_lane_cpu`` checks the
+    tensors ([B, H, L, D] CPU tensors of one dtype, float32 / bfloat16, stride(-1) == 1, no gradient to
+    record, as many key as query heads or, with enable_gqa, key heads that divide them, at least one
+    key, head dims up to CPU_MAX_HEAD_DIM, a finite scale) and runs the kernel, or returns nothing.
+    Where the lane runs, the general path would pass every check, choose the cpu backend (no fallback
+    to record) and run the same kernel directly (call()'s route 0) on these very tensors. Decided in
+    ~1 us where the general path spends ~10 before the kernel (a decoding step's attention: the kernel
+    7-13 us at 33-96 keys, torch's SDPA 10-14 in all)."""
+    if (backend is not None or attn_mask is not None or torch.compiler.is_compiling()
+            or type(query) not in PLAIN_TENSORS or type(key) not in PLAIN_TENSORS or type(value) not in PLAIN_TENSORS
+            or type(dropout_p) not in (float, int) or dropout_p != 0 or type(is_causal) is not bool
+            or type(enable_gqa) is not bool or (scale is not None and type(scale) not in (float, int))
+            or not plain_eager() or _backend.requested_backend(None) not in (None, "cpu")
+            or _backend.unavailable_cpu() is not None):
         return None
-    dtype = query.dtype
-    grad = torch.is_grad_enabled()
-    for t in (query, key, value):
-        if (type(t) not in PLAIN_TENSORS or t.is_nested or not t.is_cpu or t.dtype != dtype or t.dim() != 4
-                or t.stride(-1) != 1 or (grad and t.requires_grad)):
-            return None
-    b, h, _, d = query.shape
-    hk = key.shape[1]
-    if (dtype not in OP.dtypes["cpu"] or not h or not d or key.shape[0] != b or key.shape[-1] != d
-            or hk != h and not (enable_gqa is True and hk and h % hk == 0)
-            or not key.shape[2] or value.shape[:3] != key.shape[:3] or max(d, value.shape[-1]) > CPU_MAX_HEAD_DIM):
-        return None
-    if scale is None:
-        scale = 1.0 / math.sqrt(d)
-    elif type(scale) not in (float, int) or not math.isfinite(scale):
-        return None
-    if not plain_eager() or _backend.requested_backend(None) not in (None, "cpu") or _backend.unavailable_cpu():
-        return None
-    return float(scale)
+    out = kernel("attention", "lane", "cpu")(query, key, value, None if scale is None else float(scale), is_causal,
+                                             enable_gqa, CPU_MAX_HEAD_DIM)
+    return out[0] if out else None
 
 
 def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor] = None,
@@ -445,11 +437,9 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     zero gradients), not NaN. A float attn_mask that requires grad gets its gradient through the
     torch reference (a recorded fallback).
     """
-    lane_scale = _eager_cpu_scale(query, key, value, attn_mask, dropout_p, scale, enable_gqa, backend)
-    if lane_scale is not None:
-        return kernel("attention", "fwd", "cpu")(query, key, value, None, None, None, query.shape[2], key.shape[2],
-                                                 lane_scale, CAUSAL_TOP_LEFT if is_causal else CAUSAL_NONE, 0.0,
-                                                 None)[0]
+    lane = _lane(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, backend)
+    if lane is not None:
+        return lane
     op = "scaled_dot_product_attention"
     for name, t in (("query", query), ("key", key), ("value", value)):
         check_tensor(op, name, t)

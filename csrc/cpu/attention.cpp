@@ -21,6 +21,8 @@
 // complete when its loop ends; dQ is summed in fp32, per chunk, and the chunks are added in a fixed
 // order, so the result does not depend on the number of threads. There is more than one chunk per
 // head only when heads are fewer than threads.
+#include <ATen/core/grad_mode.h>
+
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -463,6 +465,22 @@ float dot_row(const float* q, const T* k, int64_t d) {
   return cpu::hsum(acc);
 }
 
+// dot_row of q with four keys at once: four independent chains, q loaded once for the four (a
+// decoding step's scores: one chain of FMAs and its horizontal sum per key ran at their latency).
+template <typename T>
+void dot_rows4(const float* q, const T* k0, const T* k1, const T* k2, const T* k3, int64_t d, float* out) {
+  fVec a0(0.f), a1(0.f), a2(0.f), a3(0.f);
+  for (int64_t c = 0; c < d; c += fVec::size()) {
+    const int64_t w = std::min<int64_t>(fVec::size(), d - c);
+    const fVec qv = load_any(q + c, w);
+    a0 = at::vec::fmadd(qv, load_any(k0 + c, w), a0);
+    a1 = at::vec::fmadd(qv, load_any(k1 + c, w), a1);
+    a2 = at::vec::fmadd(qv, load_any(k2 + c, w), a2);
+    a3 = at::vec::fmadd(qv, load_any(k3 + c, w), a3);
+  }
+  out[0] = cpu::hsum(a0), out[1] = cpu::hsum(a1), out[2] = cpu::hsum(a2), out[3] = cpu::hsum(a3);
+}
+
 template <typename T>
 void forward_decode(const Rows<T>& Q, const Rows<T>& K, const Rows<T>& V, const Rows<T>& O, float* lse_base,
                     int64_t ltot, int64_t hq, int64_t groups, int64_t d, int64_t dv, const BiasView& bias,
@@ -471,7 +489,9 @@ void forward_decode(const Rows<T>& Q, const Rows<T>& K, const Rows<T>& V, const 
   for (const Seq& sq : seqs) max_lk = std::max(max_lk, sq.lk);
   const int64_t tasks = static_cast<int64_t>(seqs.size()) * hq;
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> qf(round_up_to_vec(d)), p(std::max<int64_t>(max_lk, 1)), acc(round_up_to_vec(dv));
+    // p: room for exp_row's whole last step
+    std::vector<float> qf(round_up_to_vec(d)), p(cpu::round_up_to_step(std::max<int64_t>(max_lk, 1))),
+        acc(round_up_to_vec(dv));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t seq = t / hq, h = t % hq, kvh = h / groups;
       const Seq& sq = seqs[seq];
@@ -481,19 +501,23 @@ void forward_decode(const Rows<T>& Q, const Rows<T>& K, const Rows<T>& V, const 
         const BiasView::Keys keys = bias.key_range(sq.batch, h, r, 1, sq.lk);
         to_float(Q.row(sq.batch, h, i), qf.data(), d, static_cast<float>(scale));
         const float* b = bias.row(sq.batch, h, r, 0);  // this row's bias, or nullptr
-        float m = -kInf;
-        for (int64_t j = 0; j < n; ++j) {
-          if (j < keys.begin || j >= keys.end) {  // masked for every query: no product
-            p[j] = -kInf;
-            continue;
-          }
-          p[j] = dot_row(qf.data(), K.row(sq.batch, kvh, sq.k_begin + j), d) + (b ? floored(b[j * bias.sk]) : 0.f);
-          m = max_keeping_nan(m, p[j]);
-        }
+        // scores of the keys some query sees (the others masked for every query: no product)
+        const int64_t j0 = std::min(keys.begin, n), j1 = std::clamp<int64_t>(keys.end, j0, n);
+        std::fill(p.begin(), p.begin() + j0, -kInf);
+        std::fill(p.begin() + j1, p.begin() + n, -kInf);
+        auto key = [&](int64_t j) { return K.row(sq.batch, kvh, sq.k_begin + j); };
+        int64_t j = j0;
+        for (; j + 4 <= j1; j += 4) dot_rows4(qf.data(), key(j), key(j + 1), key(j + 2), key(j + 3), d, p.data() + j);
+        for (; j < j1; ++j) p[j] = dot_row(qf.data(), key(j), d);
+        if (b != nullptr)
+          for (j = j0; j < j1; ++j) p[j] += floored(b[j * bias.sk]);
+        const float m = n > 0 ? scores_max(p.data(), n) : -kInf;
         float sum = 0.f;
         std::fill(acc.begin(), acc.end(), 0.f);
         if (m != -kInf) {
-          for (int64_t j = 0; j < n; ++j) sum += (p[j] = std::exp(p[j] - m));
+          sum = exp_row(p.data(), n, 1.f, m, [&](int64_t c, const fVec& e0, const fVec& e1) {
+            e0.store(p.data() + c), e1.store(p.data() + c + fVec::size());
+          });
           if (dropout.on) dropout.apply(p.data(), n, seq, h, r, 0);
           for (int64_t j = 0; j < n; ++j) {
             if (p[j] == 0.f) continue;
@@ -945,6 +969,36 @@ std::vector<at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor&
     forward<scalar_t>(q, k, v, bias_view, seqs, scale, causal, dropout, out, lse);
   });
   return {out, lse};
+}
+
+namespace {
+// Whether the lane can read t as it is: a strided CPU [B, H, L, D] tensor of q's dtype, its last
+// dimension contiguous, that autograd need not see.
+bool lane_readable(const at::Tensor& t, at::ScalarType dtype, bool grad) {
+  return t.device().is_cpu() && t.layout() == at::kStrided && !t.is_nested() && t.scalar_type() == dtype &&
+         t.dim() == 4 && t.stride(3) == 1 && !(grad && t.requires_grad());
+}
+}  // namespace
+
+std::vector<at::Tensor> attention_lane_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           std::optional<double> scale, bool causal, bool enable_gqa,
+                                           int64_t max_head_dim) {
+  const at::ScalarType dtype = q.scalar_type();
+  const bool grad = at::GradMode::is_enabled();
+  if ((dtype != at::kFloat && dtype != at::kBFloat16) || !lane_readable(q, dtype, grad) ||
+      !lane_readable(k, dtype, grad) || !lane_readable(v, dtype, grad)) {
+    return {};
+  }
+  const int64_t h = q.size(1), hk = k.size(1), d = q.size(3);
+  if (h == 0 || d == 0 || k.size(0) != q.size(0) || k.size(3) != d || k.size(2) == 0 ||
+      k.sizes().slice(0, 3) != v.sizes().slice(0, 3) || std::max(d, v.size(3)) > max_head_dim ||
+      (hk != h && !(enable_gqa && hk > 0 && h % hk == 0))) {
+    return {};
+  }
+  const double s = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(d));
+  if (!std::isfinite(s)) return {};
+  return {attention_fwd_cpu(q, k, v, std::nullopt, std::nullopt, std::nullopt, q.size(2), k.size(2), s,
+                            causal ? 1 : 0, 0.0, std::nullopt)[0]};
 }
 
 std::vector<at::Tensor> attention_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,

@@ -219,7 +219,7 @@ def _attn_args():
 @pytest.mark.parametrize("change", [
     "backend", "mask", "dropout", "q_grad", "gqa", "three_d", "dtype_mix", "float16", "float64", "stride",
     "scale_inf", "scale_tensor", "empty_keys", "head_dim_limit", "batch_mismatch", "gqa_not_dividing",
-    "gqa_truthy_int", "causal_truthy_int", "v_grad", "on_meta", "lq_of_other_batch"])
+    "gqa_truthy_int", "causal_truthy_int", "v_grad", "on_meta", "lq_of_other_batch", "scale_int"])
 def test_attention_lane_refuses(change):
     args = _attn_args()
     q, k, v = args[:3]
@@ -264,6 +264,8 @@ def test_attention_lane_refuses(change):
         args[2] = v.requires_grad_()
     elif change == "on_meta":
         args[1] = k.to("meta")
+    elif change == "scale_int":  # (float() of a huge int raises: the general path's error, not the lane's)
+        args[6] = 10 ** 400
     elif change == "lq_of_other_batch":
         args[0] = torch.randn(2, 2, 3, 8)
     assert attn._lane(*args) is None

@@ -388,7 +388,8 @@ def _lane(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor]
     with the tensors as they are; None where the call takes the general path.
 
     Python checks what only it can see (no backend named, no mask, no dropout, plain tensor types
-    rather than subclasses, Python numbers and bools for the scalars, nothing recording or transforming
+    rather than subclasses, a float or None for the scale (an int, even 10**400, takes the general
+    path), Python bools for the flags, nothing recording or transforming
     calls, no autocast, the cpu backend chosen); the extension's ``attention_lane_cpu`` checks the
     tensors ([B, H, L, D] CPU tensors of one dtype, float32 / bfloat16, stride(-1) == 1, no gradient to
     record, as many key as query heads or, with enable_gqa, key heads that divide them, at least one
@@ -400,12 +401,11 @@ def _lane(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor]
     if (backend is not None or attn_mask is not None or torch.compiler.is_compiling()
             or type(query) not in PLAIN_TENSORS or type(key) not in PLAIN_TENSORS or type(value) not in PLAIN_TENSORS
             or type(dropout_p) not in (float, int) or dropout_p != 0 or type(is_causal) is not bool
-            or type(enable_gqa) is not bool or (scale is not None and type(scale) not in (float, int))
+            or type(enable_gqa) is not bool or (scale is not None and type(scale) is not float)
             or not plain_eager() or _backend.requested_backend(None) not in (None, "cpu")
             or _backend.unavailable_cpu() is not None):
         return None
-    out = kernel("attention", "lane", "cpu")(query, key, value, None if scale is None else float(scale), is_causal,
-                                             enable_gqa, CPU_MAX_HEAD_DIM)
+    out = kernel("attention", "lane", "cpu")(query, key, value, scale, is_causal, enable_gqa, CPU_MAX_HEAD_DIM)
     return out[0] if out else None
 
 

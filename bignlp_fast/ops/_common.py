@@ -127,11 +127,13 @@ def _recorded() -> bool:
             or torch._C._are_functorch_transforms_active() or torch.autograd.profiler._is_profiler_enabled)
 
 
-def plain_eager() -> bool:
-    """Whether an op's body may run directly now, as far as the state of the process goes (see _route:
-    the arguments have their own conditions): nothing records or transforms calls, no forward-mode AD,
-    autocast off for every device type. For an op's eager lane, which skips the general path."""
-    return _forward_ad._current_level < 0 and not _recorded() and autocast_off()
+def cpu_lane_open() -> bool:
+    """Whether an op's eager lane may call its CPU kernel now, as far as the state of the process goes
+    (the arguments have their own conditions): nothing records or transforms calls, no forward-mode AD,
+    autocast off for every device type, BIGNLP_FAST_BACKEND unset or "cpu", and the CPU kernels built
+    for this CPU. The general path, which the lane skips, would then choose the cpu backend."""
+    return (_forward_ad._current_level < 0 and not _recorded() and autocast_off()
+            and _backend.requested_backend(None) in (None, "cpu") and _backend.unavailable_cpu() is None)
 
 
 def _no_forward_mode(args) -> None:

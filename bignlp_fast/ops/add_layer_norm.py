@@ -19,8 +19,8 @@ from torch import Tensor
 
 from bignlp_fast import _backend
 from bignlp_fast.ops._common import (PLAIN_TENSORS, acc_dtype, as_rows, autocast_promote, call,
-                                     check_like, check_tensor, check_vector, contiguous, custom_op, fresh_like,
-                                     grads_or_zeros, kernel, no_zero_grads, plain_eager, real_number,
+                                     check_like, check_tensor, check_vector, contiguous, cpu_lane_open, custom_op,
+                                     fresh_like, grads_or_zeros, kernel, no_zero_grads, real_number,
                                      register_autograd, rows_back)
 
 OP = _backend.register_op("add_layer_norm", dtypes={
@@ -145,8 +145,7 @@ def _lane(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor], bias:
             or (residual is not None and type(residual) not in PLAIN_TENSORS)
             or (weight is not None and type(weight) not in PLAIN_TENSORS)
             or (bias is not None and type(bias) not in PLAIN_TENSORS)
-            or type(eps) not in (float, int) or not plain_eager()
-            or _backend.requested_backend(None) not in (None, "cpu") or _backend.unavailable_cpu() is not None):
+            or type(eps) not in (float, int) or not cpu_lane_open()):
         return None
     return kernel("add_layer_norm", "lane", "cpu")(x, residual, weight, bias, float(eps)) or None
 

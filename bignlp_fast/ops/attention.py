@@ -36,8 +36,8 @@ from torch import Tensor
 
 from bignlp_fast import _backend
 from bignlp_fast.ops._common import (PLAIN_TENSORS, acc_dtype, autocast_lower, call, check_choice, check_like,
-                                     check_tensor, custom_op, grads_or_zeros, integer, kernel, no_zero_grads,
-                                     plain_eager, real_number, register_autograd, values_readable)
+                                     check_tensor, cpu_lane_open, custom_op, grads_or_zeros, integer, kernel,
+                                     no_zero_grads, real_number, register_autograd, values_readable)
 
 OP = _backend.register_op(
     "attention",
@@ -402,8 +402,7 @@ def _lane(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor]
             or type(query) not in PLAIN_TENSORS or type(key) not in PLAIN_TENSORS or type(value) not in PLAIN_TENSORS
             or type(dropout_p) not in (float, int) or dropout_p != 0 or type(is_causal) is not bool
             or type(enable_gqa) is not bool or (scale is not None and type(scale) is not float)
-            or not plain_eager() or _backend.requested_backend(None) not in (None, "cpu")
-            or _backend.unavailable_cpu() is not None):
+            or not cpu_lane_open()):
         return None
     out = kernel("attention", "lane", "cpu")(query, key, value, scale, is_causal, enable_gqa, CPU_MAX_HEAD_DIM)
     return out[0] if out else None

@@ -54,7 +54,8 @@ std::vector<at::Tensor> bias_gelu_bwd_cpu(const at::Tensor& grad_y, const at::Te
 // ---- attention -----------------------------------------------------------------------------
 // The contract is stated in bignlp_fast/ops/attention.py (its docstring and attention_*_torch).
 //   q [B, Hq, Lq, D], k [B, Hk, Lk, D], v [B, Hk, Lk, Dv] with stride(-1) == 1 (other strides free);
-//   bias: float32 view of [B, Hq, Lq, Lk] (strides may be 0); cu_seqlens_*: int32 [nseq + 1] (then
+//   bias: float32 view of [B, Hq, Lq, Lk] (strides may be 0), added to the scores; the CPU kernels also
+//   take a bool view (true = attend, false = -inf); cu_seqlens_*: int32 [nseq + 1] (then
 //   B == 1); causal 0 none / 1 top-left / 2 bottom-right; seed: int64 scalar when dropout_p > 0.
 // Forward returns {out (allocated [B, Lq, Hq, Dv], returned as its [B, Hq, Lq, Dv] transpose),
 //   lse [B, Hq, Lq] float32 (+inf for rows with every key masked; their out is 0)}.
@@ -66,14 +67,15 @@ std::vector<at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor&
                                           int64_t max_seqlen_k, double scale, int64_t causal, double dropout_p,
                                           const std::optional<at::Tensor>& seed);
 // The op's eager lane (ops/attention.py): attention_fwd_cpu's output alone, top-left causal or not, for
-// a call without mask or dropout whose tensors it can read as they are (CPU [B, H, L, D] of one dtype,
+// a call without dropout whose tensors it can read as they are (CPU [B, H, L, D] of one dtype,
 // float32 / bfloat16, stride(-1) == 1, none needing grad while grad mode is on; the batch and head dim
 // alike, as many key as query heads or, with enable_gqa, key heads dividing them; at least one key;
-// head dims up to max_head_dim; scale finite, or 1 / sqrt(D) when none); an empty vector, and nothing
-// computed, where it cannot (the general path then takes the call).
+// head dims up to max_head_dim; scale finite, or 1 / sqrt(D) when none; a mask, if any, bool or float32
+// on the CPU, at most 4-d, broadcasting to [B, Hq, Lq, Lk], not needing grad, read in place as the
+// bias); an empty vector, and nothing computed, where it cannot (the general path then takes the call).
 std::vector<at::Tensor> attention_lane_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                           std::optional<double> scale, bool causal, bool enable_gqa,
-                                           int64_t max_head_dim);
+                                           const std::optional<at::Tensor>& mask, std::optional<double> scale,
+                                           bool causal, bool enable_gqa, int64_t max_head_dim);
 std::vector<at::Tensor> attention_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,
                                           const at::Tensor& v, const at::Tensor& out, const at::Tensor& lse,
                                           const std::optional<at::Tensor>& bias,

@@ -209,6 +209,53 @@ def test_attention_lane_reads_a_transposed_layout():
                                    torch.nn.functional.scaled_dot_product_attention(q, k, v), rtol=1e-5, atol=1e-5)
 
 
+def _masks(b, hq, lq, lk, g):
+    """The masks a caller passes: transformers' materialised bool [B, 1, Lq, Lk] (BERT's right padding,
+    GPT-2's left padding), a bool key-padding [B, 1, 1, Lk], a float32 additive [Lq, Lk] (-inf and
+    finite values, transformers' finfo.min among them) and a bool [Hq, Lq, Lk], each with one fully
+    masked row where it can."""
+    lens = torch.randint(1, lk + 1, (b,), generator=g)
+    pad = torch.arange(lk)[None, :] < lens[:, None]  # right padding
+    left = torch.arange(lk)[None, :] >= (lk - lens)[:, None]
+    additive = torch.randn(lq, lk, generator=g)
+    additive[:, -1] = -float("inf")
+    additive[0, :] = torch.finfo(torch.float32).min
+    heads = torch.rand(hq, lq, lk, generator=g) > 0.3
+    heads[0, -1] = False  # a fully masked row: zeros, as on the general path
+    return {"right": pad[:, None, None, :].expand(b, 1, lq, lk).contiguous(),
+            "left": left[:, None, None, :].expand(b, 1, lq, lk).contiguous(),
+            "key_padding": pad[:, None, None, :], "additive": additive, "heads": heads}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("lq,lk,causal", [(1, 37, False), (3, 20, False), (9, 40, True), (70, 70, False)])
+@pytest.mark.parametrize("hq,hk", [(4, 4), (4, 2)], ids=["mha", "gqa"])
+@pytest.mark.parametrize("kind", ["right", "left", "key_padding", "additive", "heads"])
+def test_attention_lane_with_a_mask_equals_the_general_path(dtype, lq, lk, causal, hq, hk, kind):
+    """A mask is read in place by the kernel (a bool one as the bias torch.where(mask, 0, -inf)); the
+    general path converts it to that float bias first: the two must agree to the bit."""
+    g = _g(5)
+    b = 3
+    q = torch.randn(b, hq, lq, 16, generator=g).to(dtype)
+    k = torch.randn(b, hk, lk, 16, generator=g).to(dtype)
+    v = torch.randn(b, hk, lk, 8, generator=g).to(dtype)
+    mask = _masks(b, hq, lq, lk, g)[kind]
+    gqa = hk < hq
+    with torch.no_grad():
+        lane = attn._lane(q, k, v, mask, 0.0, causal, None, gqa, None)
+        general = scaled_dot_product_attention(q, k, v, mask, is_causal=causal, enable_gqa=gqa, backend="cpu")
+    assert lane is not None and torch.equal(lane, general)
+    # against float64 (torch gives NaN where every key is masked; this op zeros, as documented)
+    bias = torch.where(mask, 0.0, -torch.inf) if mask.dtype == torch.bool else mask
+    bias = bias.double().expand(b, hq, lq, lk)
+    if causal:
+        bias = bias.masked_fill(torch.ones(lq, lk, dtype=torch.bool).tril().logical_not(), -torch.inf)
+    ref = torch.nn.functional.scaled_dot_product_attention(q.double(), k.double(), v.double(), bias,
+                                                           enable_gqa=gqa).nan_to_num(0.0)
+    torch.testing.assert_close(lane.double(), ref, **({"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32
+                                                      else {"rtol": 2e-2, "atol": 2e-2}))
+
+
 def _attn_args():
     g = _g(4)
     return [torch.randn(1, 2, 3, 8, generator=g), torch.randn(1, 2, 5, 8, generator=g),
@@ -217,7 +264,8 @@ def _attn_args():
 
 
 @pytest.mark.parametrize("change", [
-    "backend", "mask", "dropout", "q_grad", "gqa", "three_d", "dtype_mix", "float16", "float64", "stride",
+    "backend", "mask_float64", "mask_bfloat16", "mask_int", "mask_grad", "mask_shape", "mask_5d", "mask_meta",
+    "mask_list", "dropout", "q_grad", "gqa", "three_d", "dtype_mix", "float16", "float64", "stride",
     "scale_inf", "scale_tensor", "empty_keys", "head_dim_limit", "batch_mismatch", "gqa_not_dividing",
     "gqa_truthy_int", "causal_truthy_int", "v_grad", "on_meta", "lq_of_other_batch", "scale_int"])
 def test_attention_lane_refuses(change):
@@ -225,8 +273,22 @@ def test_attention_lane_refuses(change):
     q, k, v = args[:3]
     if change == "backend":
         args[8] = "cpu"
-    elif change == "mask":
-        args[3] = torch.ones(1, 1, 3, 5, dtype=torch.bool)
+    elif change == "mask_float64":  # (a float mask other than float32: the general path converts it)
+        args[3] = torch.zeros(1, 1, 3, 5, dtype=torch.float64)
+    elif change == "mask_bfloat16":
+        args[3] = torch.zeros(3, 5, dtype=torch.bfloat16)
+    elif change == "mask_int":  # the general path's TypeError
+        args[3] = torch.ones(3, 5, dtype=torch.int32)
+    elif change == "mask_grad":  # the general path differentiates the reference for its gradient
+        args[3] = torch.zeros(3, 5, requires_grad=True)
+    elif change == "mask_shape":  # the general path's error: does not broadcast to [1, 2, 3, 5]
+        args[3] = torch.ones(1, 1, 4, 5, dtype=torch.bool)
+    elif change == "mask_5d":
+        args[3] = torch.ones(1, 1, 1, 3, 5, dtype=torch.bool)
+    elif change == "mask_meta":
+        args[3] = torch.ones(3, 5, dtype=torch.bool, device="meta")
+    elif change == "mask_list":
+        args[3] = [[True] * 5] * 3
     elif change == "dropout":
         args[4] = 0.1
     elif change == "q_grad":

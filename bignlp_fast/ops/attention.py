@@ -387,24 +387,28 @@ def _lane(query: Tensor, key: Tensor, value: Tensor, attn_mask: Optional[Tensor]
     """scaled_dot_product_attention's eager lane: the CPU kernel's output for a plain inference call,
     with the tensors as they are; None where the call takes the general path.
 
-    Python checks what only it can see (no backend named, no mask, no dropout, plain tensor types
-    rather than subclasses, a float or None for the scale (an int, even 10**400, takes the general
-    path), Python bools for the flags, nothing recording or transforming
-    calls, no autocast, the cpu backend chosen); the extension's ``attention_lane_cpu`` checks the
-    tensors ([B, H, L, D] CPU tensors of one dtype, float32 / bfloat16, stride(-1) == 1, no gradient to
-    record, as many key as query heads or, with enable_gqa, key heads that divide them, at least one
-    key, head dims up to CPU_MAX_HEAD_DIM, a finite scale) and runs the kernel, or returns nothing.
-    Where the lane runs, the general path would pass every check, choose the cpu backend (no fallback
-    to record) and run the same kernel directly (call()'s route 0) on these very tensors. Decided in
-    ~1 us where the general path spends ~10 before the kernel (a decoding step's attention: the kernel
-    7-13 us at 33-96 keys, torch's SDPA 10-14 in all)."""
-    if (backend is not None or attn_mask is not None or torch.compiler.is_compiling()
+    Python checks what only it can see (no backend named, no dropout, plain tensor types rather than
+    subclasses, a float or None for the scale (an int, even 10**400, takes the general path), Python
+    bools for the flags, nothing recording or transforming calls, no autocast, the cpu backend chosen);
+    the extension's ``attention_lane_cpu`` checks the tensors ([B, H, L, D] CPU tensors of one dtype,
+    float32 / bfloat16, stride(-1) == 1, no gradient to record, as many key as query heads or, with
+    enable_gqa, key heads that divide them, at least one key, head dims up to CPU_MAX_HEAD_DIM, a
+    finite scale; a mask bool or float32, at most 4-d, broadcasting to [B, Hq, Lq, Lk]) and runs the
+    kernel, or returns nothing. Where the lane runs, the general path would pass every check, choose
+    the cpu backend (no fallback to record) and run the same kernel directly (call()'s route 0) on
+    these very tensors, a bool mask as the float bias torch.where(mask, 0, -inf) that the kernel reads
+    it as. Decided in ~1 us where the general path spends ~10 before the kernel (a decoding step's
+    attention: the kernel 7-13 us at 33-96 keys, torch's SDPA 10-14 in all), and a padded batch's mask
+    read in place instead of converted at each call."""
+    if (backend is not None or torch.compiler.is_compiling()
             or type(query) not in PLAIN_TENSORS or type(key) not in PLAIN_TENSORS or type(value) not in PLAIN_TENSORS
+            or (attn_mask is not None and type(attn_mask) not in PLAIN_TENSORS)
             or type(dropout_p) not in (float, int) or dropout_p != 0 or type(is_causal) is not bool
             or type(enable_gqa) is not bool or (scale is not None and type(scale) is not float)
             or not cpu_lane_open()):
         return None
-    out = kernel("attention", "lane", "cpu")(query, key, value, scale, is_causal, enable_gqa, CPU_MAX_HEAD_DIM)
+    out = kernel("attention", "lane", "cpu")(query, key, value, attn_mask, scale, is_causal, enable_gqa,
+                                             CPU_MAX_HEAD_DIM)
     return out[0] if out else None
 
 

@@ -329,40 +329,67 @@ inline float exp_row(const float* s, int64_t n, float mul, float max, Put put) {
   return cpu::hsum(sum0 + sum1);
 }
 
-// Scores of one tile, in place: s[0, n) += bias row (floored); -inf past the causal limit `visible` (a
-// count of keys from the tile's start).
-inline void bias_and_mask(float* s, int64_t n, const float* bias, int64_t bias_sj, int64_t visible) {
-  if (bias != nullptr) {
-    if (bias_sj == 1) {
+// One row of the bias from a key on: float32 values added to the scores (floored), or a bool mask
+// (true = attend: the score as it is; false = -inf, what torch.where(mask, 0, -inf) adds), or none.
+// A bool mask is read as it is: no float copy of it, which a materialised [B, 1, Lq, Lk] padding
+// mask from transformers would need at each call.
+struct BiasRow {
+  const float* add = nullptr;
+  const bool* keep = nullptr;
+  int64_t sk = 0;
+  bool present() const { return add != nullptr || keep != nullptr; }
+  bool masked(int64_t j) const { return add != nullptr ? add[j * sk] == -kInf : !keep[j * sk]; }
+  // s[0, n) with this row's keys [0, n) applied
+  void apply(float* s, int64_t n) const {
+    if (add != nullptr && sk == 1) {
       for (int64_t j = 0; j < n; j += fVec::size()) {
         const int64_t m = std::min<int64_t>(fVec::size(), n - j);
-        store_any(s + j, load_any(s + j, m) + floored(load_any(bias + j, m)), m);
+        store_any(s + j, load_any(s + j, m) + floored(load_any(add + j, m)), m);
       }
-    } else {
-      for (int64_t j = 0; j < n; ++j) s[j] += floored(bias[j * bias_sj]);
+    } else if (add != nullptr) {
+      for (int64_t j = 0; j < n; ++j) s[j] += floored(add[j * sk]);
+    } else if (keep != nullptr && sk == 1) {  // (a loop the compiler vectorises: bytes widened to a blend)
+      const auto* k = reinterpret_cast<const uint8_t*>(keep);
+      for (int64_t j = 0; j < n; ++j) s[j] = k[j] != 0 ? s[j] : -kInf;
+    } else if (keep != nullptr) {
+      for (int64_t j = 0; j < n; ++j) s[j] = keep[j * sk] ? s[j] : -kInf;
     }
   }
+};
+
+// Scores of one tile, in place: the bias row applied to s[0, n); -inf past the causal limit `visible`
+// (a count of keys from the tile's start).
+inline void bias_and_mask(float* s, int64_t n, const BiasRow& bias, int64_t visible) {
+  bias.apply(s, n);
   for (int64_t j = std::max<int64_t>(visible, 0); j < n; ++j) s[j] = -kInf;
 }
 
+// The bias operand: a float32 or bool [B, H, Lq, Lk] view (broadcast dimensions as stride 0), or none.
 struct BiasView {
   const float* base = nullptr;
+  const bool* keep = nullptr;
   int64_t sb = 0, sh = 0, sq = 0, sk = 0;
   BiasView(const std::optional<at::Tensor>& bias) {
     if (!bias.has_value()) return;
-    TORCH_CHECK(bias->scalar_type() == at::kFloat && bias->dim() == 4, "attention: bias must be a float32 [B, H, Lq, Lk] view");
-    base = bias->const_data_ptr<float>();
+    TORCH_CHECK((bias->scalar_type() == at::kFloat || bias->scalar_type() == at::kBool) && bias->dim() == 4,
+                "attention: bias must be a float32 or bool [B, H, Lq, Lk] view");
+    if (bias->scalar_type() == at::kFloat) {
+      base = bias->const_data_ptr<float>();
+    } else {
+      keep = bias->const_data_ptr<bool>();
+    }
     sb = bias->stride(0), sh = bias->stride(1), sq = bias->stride(2), sk = bias->stride(3);
   }
-  const float* row(int64_t b, int64_t h, int64_t i, int64_t j0) const {
-    return base == nullptr ? nullptr : base + b * sb + h * sh + i * sq + j0 * sk;
+  BiasRow row(int64_t b, int64_t h, int64_t i, int64_t j0) const {
+    const int64_t at = b * sb + h * sh + i * sq + j0 * sk;
+    return {base == nullptr ? nullptr : base + at, keep == nullptr ? nullptr : keep + at, sk};
   }
   // Keys [begin, end) of head h of batch b that some query of rows [i0, i0 + rows) may see: outside
-  // the first and last finite bias entries of those rows every score is -inf, and the kernels skip
+  // the first and last unmasked entries of those rows every score is -inf, and the kernels skip
   // the tiles that lie wholly there (padding: transformers' BERT hands a [B, 1, Lq, Lk] mask of right
   // padding, GPT-2's batched prompts are padded on the left). exp(-inf) adds exact zeros, so skipping
   // changes no result. A bias shared by all queries (stride 0, a key-padding mask) is read once.
-  // Reads each row from both ends up to its first finite entry. No bias: [0, lk).
+  // Reads each row from both ends up to its first unmasked entry. No bias: [0, lk).
   struct Keys {
     int64_t begin, end;
     void join(int64_t b, int64_t e) {  // widen to cover keys [b, e), if any
@@ -370,14 +397,14 @@ struct BiasView {
     }
   };
   Keys key_range(int64_t b, int64_t h, int64_t i0, int64_t rows, int64_t lk) const {
-    if (base == nullptr) return {0, lk};
+    if (base == nullptr && keep == nullptr) return {0, lk};
     Keys keys{lk, 0};  // none yet
     for (int64_t i = i0; i < i0 + (sq == 0 ? std::min<int64_t>(rows, 1) : rows); ++i) {
-      const float* r = row(b, h, i, 0);
+      const BiasRow r = row(b, h, i, 0);
       int64_t end = lk;
-      while (end > keys.end && r[(end - 1) * sk] == -kInf) --end;
+      while (end > keys.end && r.masked(end - 1)) --end;
       int64_t begin = 0;
-      while (begin < std::min(end, keys.begin) && r[begin * sk] == -kInf) ++begin;
+      while (begin < std::min(end, keys.begin) && r.masked(begin)) ++begin;
       keys.join(begin, end);
       if (keys.begin == 0 && keys.end == lk) break;
     }
@@ -399,9 +426,9 @@ void check_operands(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
 // causal mask, the running max and sum, the accumulator rescaled, and P = exp(scaled s - max) written
 // as bf16 to p_b (row stride ld_p, columns [n, round_up(n, 32)) zero) in the same pass; with dropout
 // P goes through fp32 first, because the mask is applied to fp32 values as on every path.
-template <typename BiasRow, typename Visible>
-void softmax_tile_bf16(float* s_tile, int64_t ld_s, int64_t m, int64_t n, float scale, BiasRow bias_row,
-                       int64_t bias_sj, Visible visible, float* row_max, float* row_sum, float* acc, int64_t ld_acc,
+template <typename BiasRowOf, typename Visible>
+void softmax_tile_bf16(float* s_tile, int64_t ld_s, int64_t m, int64_t n, float scale, BiasRowOf bias_row,
+                       Visible visible, float* row_max, float* row_sum, float* acc, int64_t ld_acc,
                        c10::BFloat16* p_b, int64_t ld_p, const Dropout& dropout, int64_t seq, int64_t head, int64_t i0,
                        int64_t j0) {
   constexpr int64_t V = fVec::size();
@@ -410,14 +437,14 @@ void softmax_tile_bf16(float* s_tile, int64_t ld_s, int64_t m, int64_t n, float 
   for (int64_t r = 0; r < m; ++r) {
     float* s = s_tile + r * ld_s;
     c10::BFloat16* p = p_b + r * ld_p;
-    const float* bias = bias_row(r);
+    const BiasRow bias = bias_row(r);
     // exp(s * mul - m): mul is the scale with raw scores, 1 once the bias pass has scaled them
     float mul = scale;
-    if (bias != nullptr || scale <= 0.f) {
+    if (bias.present() || scale <= 0.f) {
       for (int64_t j = 0; j < n; j += V) store_any(s + j, load_any(s + j, lanes(j)) * fVec(scale), lanes(j));
       mul = 1.f;
     }
-    bias_and_mask(s, n, bias, bias_sj, visible(r));
+    bias_and_mask(s, n, bias, visible(r));
     const float m_new = max_keeping_nan(row_max[r], mul * scores_max(s, n));
     if (m_new == -kInf) {  // every key so far masked: this tile adds nothing to the row
       std::fill(p, p + cpu::round_up_to_step(n), c10::BFloat16(0.f));
@@ -500,7 +527,6 @@ void forward_decode(const Rows<T>& Q, const Rows<T>& K, const Rows<T>& V, const 
         const int64_t i = sq.q_begin + r, n = causal_mask.visible(r, sq.lk);
         const BiasView::Keys keys = bias.key_range(sq.batch, h, r, 1, sq.lk);
         to_float(Q.row(sq.batch, h, i), qf.data(), d, static_cast<float>(scale));
-        const float* b = bias.row(sq.batch, h, r, 0);  // this row's bias, or nullptr
         // scores of the keys some query sees (the others masked for every query: no product)
         const int64_t j0 = std::min(keys.begin, n), j1 = std::clamp<int64_t>(keys.end, j0, n);
         std::fill(p.begin(), p.begin() + j0, -kInf);
@@ -509,8 +535,7 @@ void forward_decode(const Rows<T>& Q, const Rows<T>& K, const Rows<T>& V, const 
         int64_t j = j0;
         for (; j + 4 <= j1; j += 4) dot_rows4(qf.data(), key(j), key(j + 1), key(j + 2), key(j + 3), d, p.data() + j);
         for (; j < j1; ++j) p[j] = dot_row(qf.data(), key(j), d);
-        if (b != nullptr)
-          for (j = j0; j < j1; ++j) p[j] += floored(b[j * bias.sk]);
+        bias.row(sq.batch, h, r, j0).apply(p.data() + j0, j1 - j0);
         const float m = n > 0 ? scores_max(p.data(), n) : -kInf;
         float sum = 0.f;
         std::fill(acc.begin(), acc.end(), 0.f);
@@ -636,7 +661,7 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
             }
             softmax_tile_bf16(s_tile.data(), ld_s, m, n, static_cast<float>(scale), [&](int64_t r) {
               return bias.row(sq.batch, task.head, i0 + r, j0);
-            }, bias.sk, [&](int64_t r) { return causal_mask.visible(i0 + r, sq.lk) - j0; }, row_max.data(),
+            }, [&](int64_t r) { return causal_mask.visible(i0 + r, sq.lk) - j0; }, row_max.data(),
                               row_sum.data(), acc.data(), ld_dv, p_b.data(), block_k, dropout, task.seq, task.head, i0,
                               j0);
             // P's columns [n, amx_round(n, 32)) are zero (softmax_tile_bf16 writes them)
@@ -659,7 +684,7 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
         for (int64_t r = 0; r < m; ++r) {
           float* s = s_tile.data() + r * ld_s;
           const int64_t i = i0 + r;
-          bias_and_mask(s, n, bias.row(sq.batch, task.head, i, j0), bias.sk, causal_mask.visible(i, sq.lk) - j0);
+          bias_and_mask(s, n, bias.row(sq.batch, task.head, i, j0), causal_mask.visible(i, sq.lk) - j0);
           const float m_new = max_keeping_nan(row_max[r], scores_max(s, n));
           if (m_new == -kInf) {  // every key so far masked: this tile adds nothing to the row
             std::fill(s, s + n, 0.f);
@@ -876,7 +901,7 @@ void backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor&
               const int64_t i = i0 + r;
               float* p = p_tile.data() + r * ld_s;
               float* ds = ds_tile.data() + r * ld_s;
-              bias_and_mask(p, n, bias.row(sq.batch, h, i, j0), bias.sk, causal_mask.visible(i, sq.lk) - j0);
+              bias_and_mask(p, n, bias.row(sq.batch, h, i, j0), causal_mask.visible(i, sq.lk) - j0);
               // P = exp(s - lse) <= 1 (lse = the max, log(sum) lost, for a row a finite mask hides at every key)
               const fVec one(1.f), vl(-lse_rows[g * lq + i]), vd(delta[g * lq + i]);
               for (int64_t j = 0; j < n; j += fVec::size()) {
@@ -978,11 +1003,29 @@ bool lane_readable(const at::Tensor& t, at::ScalarType dtype, bool grad) {
   return t.device().is_cpu() && t.layout() == at::kStrided && !t.is_nested() && t.scalar_type() == dtype &&
          t.dim() == 4 && t.stride(3) == 1 && !(grad && t.requires_grad());
 }
+
+
+// The mask as the kernel's bias operand: a bool or float32 CPU tensor of at most 4 dimensions that
+// broadcasts to [B, H, Lq, Lk] (from the right, as torch broadcasts), viewed at that shape without a
+// copy; nullopt where the lane cannot take it.
+std::optional<at::Tensor> lane_mask(const at::Tensor& mask, at::IntArrayRef shape, bool grad) {
+  if (!mask.device().is_cpu() || mask.layout() != at::kStrided || mask.is_nested() || mask.dim() > 4 ||
+      (mask.scalar_type() != at::kBool && mask.scalar_type() != at::kFloat) || (grad && mask.requires_grad())) {
+    return std::nullopt;
+  }
+  const int64_t lead = 4 - mask.dim();
+  for (int64_t i = 0; i < mask.dim(); ++i) {
+    if (mask.size(i) != 1 && mask.size(i) != shape[lead + i]) return std::nullopt;
+  }
+  at::Tensor four = mask;
+  while (four.dim() < 4) four = four.unsqueeze(0);
+  return four.expand(shape);
+}
 }  // namespace
 
 std::vector<at::Tensor> attention_lane_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                                           std::optional<double> scale, bool causal, bool enable_gqa,
-                                           int64_t max_head_dim) {
+                                           const std::optional<at::Tensor>& mask, std::optional<double> scale,
+                                           bool causal, bool enable_gqa, int64_t max_head_dim) {
   const at::ScalarType dtype = q.scalar_type();
   const bool grad = at::GradMode::is_enabled();
   if ((dtype != at::kFloat && dtype != at::kBFloat16) || !lane_readable(q, dtype, grad) ||
@@ -997,8 +1040,13 @@ std::vector<at::Tensor> attention_lane_cpu(const at::Tensor& q, const at::Tensor
   }
   const double s = scale.has_value() ? *scale : 1.0 / std::sqrt(static_cast<double>(d));
   if (!std::isfinite(s)) return {};
-  return {attention_fwd_cpu(q, k, v, std::nullopt, std::nullopt, std::nullopt, q.size(2), k.size(2), s,
-                            causal ? 1 : 0, 0.0, std::nullopt)[0]};
+  std::optional<at::Tensor> bias;
+  if (mask.has_value()) {
+    bias = lane_mask(*mask, {q.size(0), h, q.size(2), k.size(2)}, grad);
+    if (!bias.has_value()) return {};
+  }
+  return {attention_fwd_cpu(q, k, v, bias, std::nullopt, std::nullopt, q.size(2), k.size(2), s, causal ? 1 : 0,
+                            0.0, std::nullopt)[0]};
 }
 
 std::vector<at::Tensor> attention_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k,

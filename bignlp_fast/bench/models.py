@@ -134,11 +134,12 @@ def _bert_cases(b: int, l: int, dtype: torch.dtype, modes, suites, layers: int =
 # ---- GPT-2 generation --------------------------------------------------------------------------------
 def _hf_greedy(new: int):
     """transformers' greedy ``generate`` of exactly ``new`` tokens after a case's ``ids`` (end of
-    sequence off), as a case's list of outputs."""
+    sequence off; its ``mask``, else every token real), as a case's list of outputs."""
     @torch.no_grad()
     def generate(model, t):
-        out = model.generate(t["ids"], attention_mask=torch.ones_like(t["ids"]), do_sample=False,
-                             max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+        mask = t.get("mask", torch.ones_like(t["ids"]))
+        out = model.generate(t["ids"], attention_mask=mask, do_sample=False, max_new_tokens=new,
+                             min_new_tokens=new, pad_token_id=0)
         return [out.float()]
     return generate
 
@@ -197,7 +198,9 @@ def _llama_cases(b: int, prompt: int, new: int, dtype: torch.dtype, suites, laye
     after ``bignlp_fast.optimize`` (our attention through the AttentionInterface, our Linears; its
     RMSNorms, rotary code, cache and decoding loop are transformers'), against the same model as it
     is. There is no bignlp_fast Llama model: this is the drop-in path for a model family the library
-    does not build. Bytes: the weights a decoding step reads (all but the embedding table)."""
+    does not build. A batch's prompts are left-padded to ``prompt`` tokens (lengths uniform in
+    [prompt / 2, prompt], one full), as a batch of real prompts is: every attention call then has a
+    mask. Bytes: the weights a decoding step reads (all but the embedding table)."""
     import transformers
 
     from bignlp_fast import optimize
@@ -207,7 +210,11 @@ def _llama_cases(b: int, prompt: int, new: int, dtype: torch.dtype, suites, laye
                                       num_key_value_heads=kv_heads, max_position_embeddings=max(1024, prompt + new),
                                       bos_token_id=None, eos_token_id=None, pad_token_id=0,
                                       attn_implementation="sdpa")
-    ids = torch.randint(1, vocab, (b, prompt), generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(1, vocab, (b, prompt), generator=g)
+    lengths = torch.randint(prompt // 2, prompt + 1, (b,), generator=g)
+    lengths[0] = prompt
+    mask = (torch.arange(prompt)[None, :] >= prompt - lengths[:, None]).long()  # left padding
 
     def pair():
         torch.manual_seed(0)
@@ -215,7 +222,8 @@ def _llama_cases(b: int, prompt: int, new: int, dtype: torch.dtype, suites, laye
         return optimize(ref, inplace=False).model, ref
 
     def make(device, dt):
-        return dict(ids=ids.to(device), tag=torch.zeros((), dtype=dt), models=_Models(pair, device))
+        return dict(ids=ids.to(device), mask=mask.to(device), tag=torch.zeros((), dtype=dt),
+                    models=_Models(pair, device))
 
     generate = _hf_greedy(new)
     kv = kv_heads * 64
@@ -226,7 +234,7 @@ def _llama_cases(b: int, prompt: int, new: int, dtype: torch.dtype, suites, laye
                  ref=lambda t: generate(t["models"](t["tag"].dtype, 1), t),
                  ref_name="transformers LlamaForCausalLM.generate (sdpa, cache)", bytes=new * weight_bytes,
                  suites=suites, variant=f"optimize(HF Llama-style, {heads} heads, {kv_heads} key/value heads) "
-                                        f"greedy generation, batch {b}")]
+                                        f"greedy generation, batch {b}" + (", left-padded prompts" if b > 1 else ""))]
 
 
 def has_transformers() -> bool:

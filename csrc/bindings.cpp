@@ -171,6 +171,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_pack_cpu", &linear_pack_cpu, nogil);
   m.def("linear_packed_fits", &linear_packed_fits);
   m.def("rnn_fwd_cpu", &rnn_fwd_cpu, nogil);
+  m.def("rnn_cell_lane_cpu", &rnn_cell_lane_cpu, nogil);
   m.def("rnn_bwd_cpu", &rnn_bwd_cpu, nogil);
   m.def("layer_norm_lstm_fwd_cpu", &layer_norm_lstm_fwd_cpu, nogil);
   m.def("layer_norm_lstm_bwd_cpu", &layer_norm_lstm_bwd_cpu, nogil);

@@ -94,6 +94,17 @@ std::vector<at::Tensor> rnn_fwd_cpu(const at::Tensor& xw, const at::Tensor& w_hh
                                     const at::Tensor& h0, const std::optional<at::Tensor>& c0,
                                     const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths,
                                     const std::string& mode, bool reverse, bool save_workspace);
+// The cells' eager lane (nn.LSTMCell / GRUCell / RNNCell): one step of `mode` for a plain inference
+// call, the input projection included (ours_projection: on linear_fwd_cpu, unpacked, else at::linear,
+// as the general path's input_projection chooses), h / c absent meaning zeros. Returns {h'} ({h', c'}
+// for lstm) where it can take the call (2-d x [B, I] with B >= 1, float32 / bfloat16 CPU tensors of
+// one dtype and of the cell's shapes, none needing grad while grad mode is on, c given exactly with
+// h for lstm and never otherwise), else an empty vector, and nothing computed.
+std::vector<at::Tensor> rnn_cell_lane_cpu(const std::string& mode, const at::Tensor& x,
+                                          const std::optional<at::Tensor>& h, const std::optional<at::Tensor>& c,
+                                          const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                          const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+                                          bool ours_projection);
 std::vector<at::Tensor> rnn_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& grad_h_n,
                                     const std::optional<at::Tensor>& grad_c_n, const at::Tensor& xw,
                                     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh, const at::Tensor& h0,

@@ -1,5 +1,6 @@
-"""The eager lanes of add_layer_norm and scaled_dot_product_attention: plain inference calls on CPU
-tensors go straight to the CPU kernel, skipping the general path's checks, choice and route.
+"""The eager lanes of add_layer_norm, scaled_dot_product_attention and the recurrent cells: plain
+inference calls on CPU tensors go straight to the CPU kernel, skipping the general path's checks,
+choice and route.
 
 Two things are tested: where a lane is taken it gives exactly what the general path gives (which
 test_add_layer_norm.py and test_attention.py compare with float64 references); and every condition
@@ -19,6 +20,8 @@ pytestmark = pytest.mark.skipif(_backend.unavailable("cpu", torch.device("cpu"))
                                 reason="needs the CPU kernels")
 aln = importlib.import_module("bignlp_fast.ops.add_layer_norm")
 attn = importlib.import_module("bignlp_fast.ops.attention")
+rnn = importlib.import_module("bignlp_fast.ops.rnn")
+nn_rnn = importlib.import_module("bignlp_fast.nn.rnn")
 
 
 def _g(seed=0):
@@ -340,3 +343,153 @@ def test_attention_lane_refuses_by_state(monkeypatch):
         assert attn._lane(*args) is None
     monkeypatch.setenv("BIGNLP_FAST_BACKEND", "torch")
     assert attn._lane(*args) is None
+
+
+# ---- the recurrent cells ----------------------------------------------------------------------
+def _cell(kind, dtype=torch.float32, bias=True, **kw):
+    torch.manual_seed(0)
+    return getattr(bignlp_fast.nn, kind)(12, 20, bias=bias, **kw).to(dtype)
+
+
+def _general(monkeypatch, cell, *args):
+    """The cell's general path: the same call with the lane closed."""
+    with monkeypatch.context() as m:
+        m.setattr(nn_rnn, "cell_lane", lambda *a: None)
+        return cell(*args)
+
+
+@pytest.mark.parametrize("kind,extra", [("LSTMCell", {}), ("GRUCell", {}), ("RNNCell", {"nonlinearity": "tanh"}),
+                                        ("RNNCell", {"nonlinearity": "relu"})], ids=["lstm", "gru", "tanh", "relu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("batch", [1, 3, 40])  # 40: past the streaming rows, where F.linear projects
+@pytest.mark.parametrize("state", ["none", "given"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_cell_lane_equals_the_general_path(monkeypatch, kind, extra, dtype, batch, state, bias):
+    cell = _cell(kind, dtype, bias, **extra)
+    g = _g(6)
+    x = torch.randn(batch, 12, generator=g).to(dtype)
+    lstm = kind == "LSTMCell"
+    hx = None
+    if state == "given":
+        h = torch.randn(batch, 20, generator=g).to(dtype)
+        hx = (h, torch.randn(batch, 20, generator=g).to(dtype)) if lstm else h
+    taken = []
+    real = rnn.cell_lane
+    monkeypatch.setattr(nn_rnn, "cell_lane", lambda *a: taken.append(real(*a) is not None) or real(*a))
+    with torch.no_grad():
+        lane = cell(x, hx)
+        general = _general(monkeypatch, cell, x, hx)
+    assert taken == [True]
+    for a, b in zip(lane if lstm else (lane,), general if lstm else (general,)):
+        assert a.shape == (batch, 20) and a.dtype == dtype and torch.equal(a, b)
+    ref = getattr(torch.nn, kind)(12, 20, bias=bias, **extra).double()
+    ref.load_state_dict(cell.state_dict())
+    hx64 = None if hx is None else (tuple(t.double() for t in hx) if lstm else hx.double())
+    expect = ref(x.double(), hx64)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 3e-2, "atol": 3e-2}
+    for a, b in zip(lane if lstm else (lane,), expect if lstm else (expect,)):
+        torch.testing.assert_close(a.double(), b, **tol)
+
+
+def test_cell_lane_follows_the_projection_rule(monkeypatch):
+    """The lane projects the input on the GEMM input_projection would choose: ops.linear's kernel where
+    linear_is_faster says so, else F.linear (their sums differ in order, so the equality above holds
+    only if the lane follows the rule)."""
+    cell = _cell("LSTMCell")
+    x = torch.randn(2, 12, generator=_g(7))
+    with torch.no_grad():
+        for faster in (True, False):
+            monkeypatch.setattr(rnn, "linear_is_faster", lambda *a, faster=faster: faster)
+            lane = cell(x)
+            general = _general(monkeypatch, cell, x)
+            assert torch.equal(lane[0], general[0]) and torch.equal(lane[1], general[1])
+
+
+def _cell_args(lstm=True):
+    cell = _cell("LSTMCell" if lstm else "GRUCell")
+    g = _g(8)
+    x = torch.randn(3, 12, generator=g)
+    h, c = torch.randn(3, 20, generator=g), torch.randn(3, 20, generator=g)
+    # (weights that need no grad: the lane takes these calls with grad mode on)
+    weights = [p.detach() for p in (cell.weight_ih, cell.weight_hh, cell.bias_ih, cell.bias_hh)]
+    return ["lstm" if lstm else "gru", x, (h, c) if lstm else h, lstm, *weights]
+    # mode, x, hx, lstm, w_ih, w_hh, b_ih, b_hh
+
+
+class _Sub(torch.Tensor):
+    pass
+
+
+@pytest.mark.parametrize("change", [
+    "unbatched", "x_grad", "weight_grad", "h_grad", "dtype_mix", "float64", "float16", "hx_list", "hx_one",
+    "h_shape", "x_width", "empty_batch", "subclass_x", "subclass_h", "on_meta", "gru_with_c", "mode"])
+def test_cell_lane_refuses(change):
+    args = _cell_args()
+    x, (h, c) = args[1], args[2]
+    w_ih, w_hh = args[4], args[5]
+    if change == "unbatched":
+        args[1] = x[0]
+    elif change == "x_grad":
+        args[1] = x.requires_grad_()
+    elif change == "weight_grad":  # the cell's own parameters, which autograd records
+        args[5] = w_hh.requires_grad_()
+    elif change == "h_grad":
+        args[2] = (h.requires_grad_(), c)
+    elif change == "dtype_mix":
+        args[2] = (h.bfloat16(), c)
+    elif change == "float64":
+        args[1], args[2] = x.double(), (h.double(), c.double())
+        args[4:] = [t.double() for t in args[4:]]
+    elif change == "float16":
+        args[1], args[2] = x.half(), (h.half(), c.half())
+        args[4:] = [t.half() for t in args[4:]]
+    elif change == "hx_list":  # the general path takes a list; the lane a tuple only
+        args[2] = [h, c]
+    elif change == "hx_one":
+        args[2] = (h,)
+    elif change == "h_shape":
+        args[2] = (h[:, :10], c)
+    elif change == "x_width":
+        args[1] = torch.randn(3, 11)
+    elif change == "empty_batch":
+        args[1], args[2] = x[:0], (h[:0], c[:0])
+    elif change == "subclass_x":
+        args[1] = x.as_subclass(_Sub)
+    elif change == "subclass_h":
+        args[2] = (h.as_subclass(_Sub), c)
+    elif change == "on_meta":
+        args[1] = x.to("meta")
+    elif change == "gru_with_c":  # (the C++ condition: c only for lstm)
+        args = _cell_args(lstm=False)
+        assert rnn.kernel("rnn_cell", "lane", "cpu")("gru", args[1], args[2], args[2], *args[4:], False) == []
+        return
+    elif change == "mode":
+        assert rnn.kernel("rnn_cell", "lane", "cpu")("lstmx", x, h, c, w_ih, w_hh, None, None, False) == []
+        return
+    assert rnn.cell_lane(*args) is None
+    if change in ("x_grad", "weight_grad", "h_grad"):
+        with torch.no_grad():  # with grad mode off the lane takes it: there is nothing to record
+            assert rnn.cell_lane(*args) is not None
+
+
+def test_cell_lane_takes_the_unchanged_arguments():
+    """(what test_cell_lane_refuses changes: taken as it is, with grad mode on, and for a GRU too)"""
+    assert rnn.cell_lane(*_cell_args()) is not None
+    assert rnn.cell_lane(*_cell_args(lstm=False)) is not None
+
+
+def test_cell_lane_refuses_by_state(monkeypatch):
+    args = _cell_args()
+    with torch.no_grad():
+        assert rnn.cell_lane(*args) is not None
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert rnn.cell_lane(*args) is None
+        monkeypatch.setenv("BIGNLP_FAST_BACKEND", "torch")
+        assert rnn.cell_lane(*args) is None
+
+
+def test_cell_with_a_backend_takes_the_general_path(monkeypatch):
+    cell = _cell("GRUCell", backend="cpu")
+    monkeypatch.setattr(nn_rnn, "cell_lane", lambda *a: pytest.fail("the lane was asked"))
+    with torch.no_grad():
+        cell(torch.randn(2, 12))

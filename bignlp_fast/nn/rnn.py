@@ -41,7 +41,7 @@ from bignlp_fast import _backend
 from bignlp_fast.ops._common import autocast_enabled, values_readable
 from bignlp_fast.ops.add_layer_norm import add_layer_norm
 from bignlp_fast.ops.layer_norm_lstm import layer_norm_lstm_layer
-from bignlp_fast.ops.rnn import OP as RNN_OP, input_projection, recurrent_stack, rnn_layer, stack_layers
+from bignlp_fast.ops.rnn import OP as RNN_OP, cell_lane, input_projection, recurrent_stack, rnn_layer, stack_layers
 
 __all__ = ["GRU", "GRUCell", "LSTM", "LSTMCell", "LayerNormLSTM", "RNN", "RNNCell"]
 
@@ -284,6 +284,11 @@ class _FusedCellBase:
         return self._mode if self._mode else f"rnn_{self.nonlinearity}"
 
     def _step(self, input: Tensor, hx, lstm: bool):
+        if self.backend is None:  # a plain inference call: one call of the extension (ops.rnn.cell_lane)
+            lane = cell_lane(self._mode_name(), input, hx, lstm, self.weight_ih, self.weight_hh, self.bias_ih,
+                             self.bias_hh)
+            if lane is not None:
+                return lane
         name = type(self).__name__
         if not isinstance(input, Tensor) or input.dim() not in (1, 2):
             shape = f"{input.dim()}D" if isinstance(input, Tensor) else type(input).__name__

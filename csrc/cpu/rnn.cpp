@@ -24,6 +24,7 @@
 #include <vector>
 
 #include <ATen/Parallel.h>
+#include <ATen/core/grad_mode.h>
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #endif
@@ -687,6 +688,54 @@ std::vector<at::Tensor> rnn_fwd_cpu(const at::Tensor& xw, const at::Tensor& w_hh
     forward<scalar_t>(sh, xw, w_hh, b_hh, h0, c0, w_hr, len, reverse, out, h_n, c_n, ws, save_workspace);
   });
   return {out, h_n, c_n, ws};
+}
+
+namespace {
+// Whether the cell lane can take t as it is: a strided CPU tensor of dtype with these sizes, that
+// autograd need not see.
+bool cell_readable(const at::Tensor& t, at::ScalarType dtype, at::IntArrayRef sizes, bool grad) {
+  return t.device().is_cpu() && t.layout() == at::kStrided && !t.is_nested() && t.scalar_type() == dtype &&
+         t.sizes() == sizes && !(grad && t.requires_grad());
+}
+bool cell_readable(const std::optional<at::Tensor>& t, at::ScalarType dtype, at::IntArrayRef sizes, bool grad) {
+  return !t.has_value() || cell_readable(*t, dtype, sizes, grad);
+}
+}  // namespace
+
+std::vector<at::Tensor> rnn_cell_lane_cpu(const std::string& mode, const at::Tensor& x,
+                                          const std::optional<at::Tensor>& h, const std::optional<at::Tensor>& c,
+                                          const at::Tensor& w_ih, const at::Tensor& w_hh,
+                                          const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
+                                          bool ours_projection) {
+  if (mode != "lstm" && mode != "gru" && mode != "rnn_tanh" && mode != "rnn_relu") return {};
+  const bool lstm = mode == "lstm";
+  const at::ScalarType dtype = x.scalar_type();
+  const bool grad = at::GradMode::is_enabled();
+  if ((dtype != at::kFloat && dtype != at::kBFloat16) || x.dim() != 2 || w_ih.dim() != 2 || w_hh.dim() != 2 ||
+      (!lstm && c.has_value()) || (lstm && h.has_value() != c.has_value())) {
+    return {};
+  }
+  const int64_t B = x.size(0), I = x.size(1), GH = w_hh.size(0), H = w_hh.size(1);
+  if (B == 0 || H == 0 || GH != gate_count(parse_mode(mode)) * H || !cell_readable(x, dtype, {B, I}, grad) ||
+      !cell_readable(w_ih, dtype, {GH, I}, grad) || !cell_readable(w_hh, dtype, {GH, H}, grad) ||
+      !cell_readable(b_ih, dtype, {GH}, grad) || !cell_readable(b_hh, dtype, {GH}, grad) ||
+      !cell_readable(h, dtype, {B, H}, grad) || !cell_readable(c, dtype, {B, H}, grad)) {
+    return {};
+  }
+  // the projection as the general path's input_projection makes it: ops.linear's kernel (a weight
+  // stored transposed read in place) or F.linear
+  const at::Tensor xw = ours_projection
+      ? linear_fwd_cpu(x.contiguous(), w_ih.t().is_contiguous() ? w_ih : w_ih.contiguous(),
+                       b_ih.has_value() ? std::optional<at::Tensor>(b_ih->contiguous()) : std::nullopt, std::nullopt)
+      : at::linear(x, w_ih, b_ih);
+  const at::Tensor zeros = h.has_value() ? at::Tensor() : at::zeros({B, H}, x.options());
+  auto state = [&](const std::optional<at::Tensor>& t) { return t.has_value() ? t->contiguous() : zeros; };
+  std::vector<at::Tensor> r = rnn_fwd_cpu(
+      xw.unsqueeze(0).contiguous(), w_hh.contiguous(),
+      b_hh.has_value() ? std::optional<at::Tensor>(b_hh->contiguous()) : std::nullopt, state(h),
+      lstm ? std::optional<at::Tensor>(state(c)) : std::nullopt, std::nullopt, std::nullopt, mode, false, false);
+  if (lstm) return {r[1], r[2]};
+  return {r[1]};
 }
 
 std::vector<at::Tensor> rnn_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& grad_h_n,

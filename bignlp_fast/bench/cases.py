@@ -268,7 +268,7 @@ def _rnn_cases(kind, b, i, h, t, dtype, modes, suites, layers=1, bidirectional=F
 
 
 def _rnn_cell_cases(kind, b, i, h, steps, dtype, suites):
-    """bignlp_fast.nn.<kind> (LSTMCell, GRUCell) against torch.nn.<kind> with the same weights: an
+    """bignlp_fast.nn.<kind> (LSTMCell, GRUCell, RNNCell) against torch.nn.<kind> with the same weights: an
     inference loop of ``steps`` calls, each fed the state the last one returned (a user's decoder)."""
     import bignlp_fast.nn as bnn
 
@@ -627,6 +627,8 @@ def all_cases() -> list[Case]:
     for b in (4, 32):
         cases += _rnn_cell_cases("LSTMCell", b, 512, 512, 16, torch.float32, ("full",))
     cases += _rnn_cell_cases("LSTMCell", 32, 512, 512, 16, torch.bfloat16, ("full",))
+    for kind in ("GRUCell", "RNNCell"):
+        cases += _rnn_cell_cases(kind, 32, 512, 512, 16, torch.float32, ("full",))
     # LayerNormLSTM against the eager loop a user would write (torch has no such layer)
     cases += _layer_norm_lstm_cases(32, 512, 512, 128, torch.float32, both, ("quick", "full"))
     cases += _layer_norm_lstm_cases(4, 512, 512, 128, torch.float32, both, ("full",))

@@ -391,6 +391,25 @@ def test_cell_lane_equals_the_general_path(monkeypatch, kind, extra, dtype, batc
         torch.testing.assert_close(a.double(), b, **tol)
 
 
+@pytest.mark.parametrize("kind", ["LSTMCell", "GRUCell"])
+def test_cell_lane_reads_strided_tensors(monkeypatch, kind):
+    """Views a caller may pass (every other column, a transposed weight): the lane copies what its
+    kernels need contiguous, as the general path does."""
+    cell = _cell(kind)
+    g = _g(9)
+    x = torch.randn(4, 24, generator=g)[:, ::2]
+    h = torch.randn(20, 4, generator=g).t()
+    hx = (h, torch.randn(4, 40, generator=g)[:, 1::2]) if kind == "LSTMCell" else h
+    with torch.no_grad():
+        cell.weight_ih.set_(cell.weight_ih.detach().t().contiguous().t())  # stored [I, G*H], read transposed
+        assert rnn.cell_lane(cell._mode_name(), x, hx, kind == "LSTMCell", cell.weight_ih, cell.weight_hh,
+                             cell.bias_ih, cell.bias_hh) is not None
+        lane = cell(x, hx)
+        general = _general(monkeypatch, cell, x, hx)
+    for a, b in zip(lane if kind == "LSTMCell" else (lane,), general if kind == "LSTMCell" else (general,)):
+        assert torch.equal(a, b)
+
+
 def test_cell_lane_follows_the_projection_rule(monkeypatch):
     """The lane projects the input on the GEMM input_projection would choose: ops.linear's kernel where
     linear_is_faster says so, else F.linear (their sums differ in order, so the equality above holds

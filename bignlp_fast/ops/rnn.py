@@ -36,9 +36,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from bignlp_fast import _backend
-from bignlp_fast.ops._common import (acc_dtype, autocast_enabled, call, check_choice, check_lengths, check_operands,
-                                     check_tensor, check_time_major, contiguous, custom_op, fresh_like, grads_or_zeros,
-                                     kernel, no_zero_grads, register_autograd, PLAIN_TENSORS, cpu_lane_open)
+from bignlp_fast.ops._common import (PLAIN_TENSORS, acc_dtype, autocast_enabled, call, check_choice, check_lengths,
+                                     check_operands, check_tensor, check_time_major, contiguous, cpu_lane_open,
+                                     custom_op, fresh_like, grads_or_zeros, kernel, no_zero_grads, register_autograd)
 from bignlp_fast.ops.linear import _packable, linear, linear_is_faster
 
 OP = _backend.register_op(

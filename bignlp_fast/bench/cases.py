@@ -129,28 +129,39 @@ def _bias_gelu_cases(rows, hidden, dtype, suites):
 
 
 # ---- attention --------------------------------------------------------------------------------
-def _attention_cases(b, h, lq, lk, d, dtype, causal, modes, suites, ref_backend=None, check_error=True):
+def _attention_cases(b, h, lq, lk, d, dtype, causal, modes, suites, ref_backend=None, check_error=True,
+                     padding=False):
     """``ref_backend``: None for what F.scaled_dot_product_attention picks (its fused CPU/GPU
-    kernels), or "math" for the unfused path, the baseline of the memory comparison."""
+    kernels), or "math" for the unfused path, the baseline of the memory comparison. ``padding``: a
+    bool mask [B, 1, Lq, Lk] of right-padded keys (lengths uniform in [0.3 Lk, Lk], one full),
+    materialised as transformers hands it to SDPA for a padded batch."""
 
     def make(device, dt, grad):
+        g = torch.Generator().manual_seed(4)
+        lengths = torch.randint(max(1, int(0.3 * lk)), lk + 1, (b,), generator=g)
+        lengths[0] = lk
+        keep = torch.arange(lk)[None, :] < lengths[:, None]
+        mask = keep[:, None, None, :].expand(b, 1, lq, lk).contiguous().to(device) if padding else None
         return dict(q=_randn((b, h, lq, d), device, dt, grad, 0), k=_randn((b, h, lk, d), device, dt, grad, 1),
-                    v=_randn((b, h, lk, d), device, dt, grad, 2), go=_randn((b, h, lq, d), device, dt, False, 3))
+                    v=_randn((b, h, lk, d), device, dt, grad, 2), go=_randn((b, h, lq, d), device, dt, False, 3),
+                    mask=mask)
 
     def eager(t):
         if ref_backend == "math":
             from torch.nn.attention import SDPBackend, sdpa_kernel
             with sdpa_kernel(SDPBackend.MATH):
-                return [F.scaled_dot_product_attention(t["q"], t["k"], t["v"], is_causal=causal)]
-        return [F.scaled_dot_product_attention(t["q"], t["k"], t["v"], is_causal=causal)]
+                return [F.scaled_dot_product_attention(t["q"], t["k"], t["v"], t["mask"], is_causal=causal)]
+        return [F.scaled_dot_product_attention(t["q"], t["k"], t["v"], t["mask"], is_causal=causal)]
 
-    fused = lambda t, be: [scaled_dot_product_attention(t["q"], t["k"], t["v"], is_causal=causal, backend=be)]  # noqa
+    fused = lambda t, be: [scaled_dot_product_attention(t["q"], t["k"], t["v"], t["mask"], is_causal=causal,  # noqa
+                                                        backend=be)]
     qkv = lambda t: [t["q"], t["k"], t["v"]]  # noqa: E731
     # FLOPs: 4 * B * H * Lq * Lk * D forward (two GEMMs), half when causal; backward 2.5x that
     flops = 4 * b * h * lq * lk * d // (2 if causal else 1)
     ref_name = "F.scaled_dot_product_attention" + (" (math backend)" if ref_backend else "")
     common = dict(op="attention", shape=(b, h, lq, lk, d) if lq != lk else (b, h, lq, d), dtype=dtype,
-                  suites=suites, ref_name=ref_name, variant="causal" if causal else "", check_error=check_error)
+                  suites=suites, ref_name=ref_name, check_error=check_error,
+                  variant=", ".join(["causal"] * causal + ["padding mask [B, 1, Lq, Lk]"] * padding))
     out = []
     if "fwd" in modes:
         out.append(Case(mode="fwd", make=lambda dev, dt: make(dev, dt, False), ours=fused, ref=eager, flops=flops,
@@ -641,6 +652,10 @@ def all_cases() -> list[Case]:
     cases += _attention_cases(8, 12, 512, 512, 64, torch.bfloat16, False, ("fwd",), ("quick", "full"))
     cases += _attention_cases(8, 12, 512, 512, 64, torch.bfloat16, True, both, ("full",))
     cases += _attention_cases(1, 4, 4096, 4096, 64, torch.float32, True, ("fwd+bwd",), ("full",), ref_backend="math")
+    # a padded batch's mask as transformers hands it: BERT-base heads at 128 tokens, and a decoding step
+    # (one query against 64 cached keys) of left-padded prompts
+    cases += _attention_cases(8, 12, 128, 128, 64, torch.float32, False, ("fwd",), ("full",), padding=True)
+    cases += _attention_cases(8, 12, 1, 64, 64, torch.float32, False, ("fwd",), ("full",), padding=True)
     # MultiheadAttention (BERT-base's self-attention, B8 L128): the projections' GEMMs and the fused op
     cases += _multihead_attention_cases(8, 128, 768, 12, torch.float32, both, ("full",))
     cases += _multihead_attention_cases(8, 128, 768, 12, torch.bfloat16, ("fwd",), ("full",))
@@ -680,6 +695,7 @@ def tiny_cases() -> list[Case]:
     for dtype in (torch.float32,):
         out += _add_layer_norm_cases(16, 40, dtype, ("tiny",)) + _bias_gelu_cases(16, 40, dtype, ("tiny",))
         out += _attention_cases(1, 2, 9, 9, 8, dtype, True, ("fwd", "fwd+bwd"), ("tiny",))
+        out += _attention_cases(2, 2, 9, 9, 8, dtype, False, ("fwd", "fwd+bwd"), ("tiny",), padding=True)
         out += _linear_cases(9, 5, 7, dtype, ("fwd", "fwd+bwd"), ("tiny",))
         out += _multihead_attention_cases(2, 5, 8, 2, dtype, ("fwd", "fwd+bwd"), ("tiny",))
         out += _rnn_cases("LSTM", 2, 5, 7, 3, dtype, ("fwd", "fwd+bwd"), ("tiny",), layers=2, bidirectional=True)

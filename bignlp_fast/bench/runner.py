@@ -146,7 +146,9 @@ def run_case(case: Case, device: torch.device, backend: Optional[str] = None, re
     """One row. The % of copy of a memory-bound case is against ``copy_rate`` when given, else against
     the mean of copy rates measured just before and just after the case. A named ``backend`` is also
     set as BIGNLP_FAST_BACKEND for the case: the model, classifier and cell cases run whole modules,
-    whose ops choose per call, and would otherwise run (and be labelled) another backend."""
+    whose ops choose per call, and would otherwise run (and be labelled) another backend. Without one,
+    an op case calls the op as a user does, with no backend named (so its eager lane, where it has one
+    and the call qualifies), and the row names the backend the automatic choice takes."""
     with _environment("BIGNLP_FAST_BACKEND", backend):
         return _run_case(case, device, backend, repeats, copy_rate)
 
@@ -172,7 +174,7 @@ def _run_case(case: Case, device: torch.device, backend: Optional[str], repeats:
               copy_rate: Optional[float]) -> Row:
     inputs = case.make(device, case.dtype)
     chosen = _backend.choose(_backend.OPS[case.op], device, case.dtype, backend)
-    ours = lambda: case.ours(inputs, chosen)  # noqa: E731
+    ours = lambda: case.ours(inputs, backend)  # noqa: E731
     ref = lambda: case.ref(inputs)  # noqa: E731
     measure_copy = case.bytes and copy_rate is None
     before = copy_gbps(device, repeats=5) if measure_copy else None

@@ -238,7 +238,8 @@ def test_fully_masked_rows_give_zeros_and_zero_gradients():
 
 
 def test_key_padding_mask_is_not_expanded(monkeypatch):
-    """The [B, 1, 1, Lk] mask reaches the kernel as a stride-0 view of B*Lk floats."""
+    """The [B, 1, 1, Lk] mask reaches the kernel as a stride-0 view of B*Lk values: the bool mask
+    itself for the CPU kernels, which read it in place (no float copy)."""
     from bignlp_fast.ops import attention
     seen = {}
     real = attention.attention_fwd
@@ -253,6 +254,7 @@ def test_key_padding_mask_is_not_expanded(monkeypatch):
     sdpa(q, torch.randn(2, 3, 70, 16), torch.randn(2, 3, 70, 16), mask, backend="cpu")
     bias = seen["bias"]
     assert bias.shape == (2, 3, 50, 70) and bias.stride() == (70, 0, 0, 1)
+    assert bias.dtype == torch.bool and bias.data_ptr() == mask.data_ptr()
 
 
 def test_three_dimensional_inputs_and_default_scale():

@@ -12,7 +12,9 @@ The kernel contract (every backend: csrc/cpu/attention.cpp, csrc/cuda/attention.
 - q [B, Hq, Lq, D], k [B, Hk, Lk, D], v [B, Hk, Lk, Dv]; any strides with stride(-1) == 1; Hk
   divides Hq (grouped-query attention: query head h reads key/value head h // (Hq // Hk)).
 - bias: None, or a float32 view broadcast to [B, Hq, Lq, Lk] (strides may be 0, so a key-padding
-  mask [B, 1, 1, Lk] costs B*Lk memory), added to the scaled scores; -inf masks a score.
+  mask [B, 1, 1, Lk] costs B*Lk memory), added to the scaled scores; -inf masks a score. The CPU
+  kernels also take a bool view (True = attend), read in place as the bias where(mask, 0, -inf):
+  the cpu backend and its eager lane hand them bool masks as they are.
 - cu_seqlens_q / cu_seqlens_k: None, or int32 [nseq + 1] on q's device. Then B == 1, the L axis
   holds packed tokens, and sequence s is rows cu[s]:cu[s + 1] (at most max_seqlen_* of them).
 - causal: 0 none; 1 top-left (query i sees keys j <= i, as torch's is_causal); 2 bottom-right
@@ -313,9 +315,10 @@ def _check_scale(op: str, scale, query: Tensor) -> float:
     return value
 
 
-def _mask_to_bias(op: str, attn_mask: Tensor, query: Tensor, shape) -> Tensor:
+def _mask_to_bias(op: str, attn_mask: Tensor, query: Tensor, shape, keep_bool: bool = False) -> Tensor:
     """attn_mask (bool, True = attend; or additive float) as a float32 bias viewed as ``shape``
-    (float64 for float64 queries, which only the reference runs)."""
+    (float64 for float64 queries, which only the reference runs). ``keep_bool``: a bool mask stays bool
+    (the CPU kernels read it in place as the bias where(mask, 0, -inf), without that float copy)."""
     check_tensor(op, "attn_mask", attn_mask, floating=False)
     if attn_mask.device != query.device:
         raise ValueError(f"{op}: attn_mask is on {attn_mask.device} but query is on {query.device}")
@@ -329,7 +332,9 @@ def _mask_to_bias(op: str, attn_mask: Tensor, query: Tensor, shape) -> Tensor:
         raise ValueError(f"{op}: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to "
                          f"[B, Hq, Lq, Lk] = {list(shape)}")
     dtype = acc_dtype(query.dtype)
-    if attn_mask.dtype == torch.bool:
+    if attn_mask.dtype == torch.bool and keep_bool:
+        bias = attn_mask
+    elif attn_mask.dtype == torch.bool:
         bias = torch.where(attn_mask, 0.0, -math.inf).to(dtype)  # one pass (to() is free for float32)
     else:
         bias = attn_mask.to(dtype)
@@ -486,10 +491,10 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor, attn
     if lk == 0:  # every row fully masked: zeros, which the reference gives without a kernel launch
         backend = "torch"
     shape = (b, hq, lq, lk)
-    bias = _mask_to_bias(op, attn_mask, query, shape) if attn_mask is not None else None
     needs_bias_grad = attn_mask is not None and attn_mask.requires_grad and torch.is_grad_enabled()
     causal = CAUSAL_TOP_LEFT if is_causal else CAUSAL_NONE
     name = _backend.choose(OP, query.device, query.dtype, backend, _supports(d, value.shape[-1], needs_bias_grad))
+    bias = _mask_to_bias(op, attn_mask, query, shape, keep_bool=name == "cpu") if attn_mask is not None else None
     seed = new_dropout_seed() if dropout_p > 0 else None
     if needs_bias_grad:  # the reference, differentiated by autograd (the fused ops give no mask gradient)
         acc = acc_dtype(query.dtype)

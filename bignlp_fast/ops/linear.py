@@ -301,6 +301,13 @@ def prepacked_bytes() -> int:
                for e in list(entries.values()))
 
 
+def uses_packed_copy(rows: int, weight: Tensor, packable: Optional[bool] = None) -> bool:
+    """Whether ops.linear's cpu kernel, given ``rows`` rows, multiplies by ``weight``'s packed copy
+    (past the streaming kernels' rows, for a :func:`_packable` weight; ``packable``: that answer
+    already known, None: ask)."""
+    return rows > _backend.linear_streaming_rows(True) and (packable if packable is not None else _packable(weight))
+
+
 def _packable(weight: Tensor) -> bool:
     """Whether a product by ``weight`` would use its packed copy: marked, on the CPU, outside
     autograd's view of the weight, and not while torch.compile or torch.export (whose graphs take the
@@ -366,6 +373,6 @@ def _linear(x: Tensor, weight: Tensor, bias: Optional[Tensor], backend: Optional
     packed = None
     if name == "cpu" and x.shape[-1] > 0 and not torch.compiler.is_compiling():  # (compiled: no packed copies)
         rows = math.prod(x.shape[:-1])
-        if rows > _backend.linear_streaming_rows(True) and (packable if packable is not None else _packable(weight)):
+        if uses_packed_copy(rows, weight, packable):
             packed = _packed(weight)
     return rows_back(call(linear_fwd, as_rows(x), weight, bias, name, packed), x)

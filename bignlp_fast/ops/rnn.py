@@ -39,7 +39,7 @@ from bignlp_fast import _backend
 from bignlp_fast.ops._common import (PLAIN_TENSORS, acc_dtype, autocast_enabled, call, check_choice, check_lengths,
                                      check_operands, check_tensor, check_time_major, contiguous, cpu_lane_open,
                                      custom_op, fresh_like, grads_or_zeros, kernel, no_zero_grads, register_autograd)
-from bignlp_fast.ops.linear import _packable, linear, linear_is_faster
+from bignlp_fast.ops.linear import linear, linear_is_faster, uses_packed_copy
 
 OP = _backend.register_op(
     "rnn",
@@ -333,7 +333,7 @@ def cell_lane(mode: str, x: Tensor, hx, lstm: bool, w_ih: Tensor, w_hh: Tensor, 
     the same kernels on the same tensors: the cell's ~30 us of Python (checks, input_projection,
     rnn_layer) cost 0.81-0.89x torch.nn.LSTMCell in a 16-step loop at H = 512, where the kernels
     alone ran 1.07-1.19x (Xeon, session 40)."""
-    if type(x) not in PLAIN_TENSORS or torch.compiler.is_compiling():
+    if type(x) not in PLAIN_TENSORS:
         return None
     if hx is None:
         h = c = None
@@ -349,7 +349,7 @@ def cell_lane(mode: str, x: Tensor, hx, lstm: bool, w_ih: Tensor, w_hh: Tensor, 
             or (b_hh is not None and type(b_hh) not in PLAIN_TENSORS) or x.dim() != 2 or not cpu_lane_open()):
         return None
     ours = linear_is_faster(x, w_ih)
-    if ours and x.shape[0] > _backend.linear_streaming_rows(True) and _packable(w_ih):
+    if ours and uses_packed_copy(x.shape[0], w_ih):
         return None  # (ops.linear would use the weight's packed copy)
     out = kernel("rnn_cell", "lane", "cpu")(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, ours)
     if not out:

@@ -224,8 +224,7 @@ std::vector<at::Tensor> add_layer_norm_fwd_cpu(const at::Tensor& x, const std::o
 namespace {
 // Whether the lane can read t as it is: a dense contiguous CPU tensor of x's dtype that autograd need not see.
 bool lane_readable(const at::Tensor& t, at::ScalarType dtype, bool grad) {
-  return t.device().is_cpu() && t.layout() == at::kStrided && !t.is_nested() && t.scalar_type() == dtype &&
-         t.is_contiguous() && !(grad && t.requires_grad());
+  return cpu::lane_tensor(t, dtype, grad) && t.is_contiguous();
 }
 }  // namespace
 

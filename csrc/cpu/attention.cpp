@@ -1000,8 +1000,7 @@ namespace {
 // Whether the lane can read t as it is: a strided CPU [B, H, L, D] tensor of q's dtype, its last
 // dimension contiguous, that autograd need not see.
 bool lane_readable(const at::Tensor& t, at::ScalarType dtype, bool grad) {
-  return t.device().is_cpu() && t.layout() == at::kStrided && !t.is_nested() && t.scalar_type() == dtype &&
-         t.dim() == 4 && t.stride(3) == 1 && !(grad && t.requires_grad());
+  return cpu::lane_tensor(t, dtype, grad) && t.dim() == 4 && t.stride(3) == 1;
 }
 
 
@@ -1009,8 +1008,7 @@ bool lane_readable(const at::Tensor& t, at::ScalarType dtype, bool grad) {
 // broadcasts to [B, H, Lq, Lk] (from the right, as torch broadcasts), viewed at that shape without a
 // copy; nullopt where the lane cannot take it.
 std::optional<at::Tensor> lane_mask(const at::Tensor& mask, at::IntArrayRef shape, bool grad) {
-  if (!mask.device().is_cpu() || mask.layout() != at::kStrided || mask.is_nested() || mask.dim() > 4 ||
-      (mask.scalar_type() != at::kBool && mask.scalar_type() != at::kFloat) || (grad && mask.requires_grad())) {
+  if (!(cpu::lane_tensor(mask, at::kBool, grad) || cpu::lane_tensor(mask, at::kFloat, grad)) || mask.dim() > 4) {
     return std::nullopt;
   }
   const int64_t lead = 4 - mask.dim();

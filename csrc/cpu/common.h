@@ -94,6 +94,14 @@ inline at::vec::Vectorized<c10::BFloat16> to_bf16(const fVec& a, const fVec& b) 
 }
 inline void store2(c10::BFloat16* p, const fVec& a, const fVec& b) { to_bf16(a, b).store(p); }
 
+// Whether an eager lane (the `*_lane_cpu` functions, see ops/*.py's _lane) can hand t to a CPU kernel
+// as it is, as far as every lane goes: a strided, non-nested CPU tensor of dtype that autograd need
+// not see (grad: grad mode is on). Each lane adds its own layout and shape conditions.
+inline bool lane_tensor(const at::Tensor& t, at::ScalarType dtype, bool grad) {
+  return t.device().is_cpu() && t.layout() == at::kStrided && !t.is_nested() && t.scalar_type() == dtype &&
+         !(grad && t.requires_grad());
+}
+
 // Streaming (non-temporal) stores of one full step, for outputs too large to stay in cache: they
 // skip the read-for-ownership a normal store makes of every line it writes, so a memory-bound
 // kernel moves each output once instead of twice. p must be 64-byte aligned (see stream_ok); a

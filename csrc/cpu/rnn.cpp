@@ -230,8 +230,13 @@ inline void prefetch_share(const void* p, int64_t bytes, int64_t part, int64_t p
 // Whether a step of T = 1 takes its recurrent product from torch's GEMM (see forward's one_step):
 // float32, or bf16 where torch's bf16 GEMM is oneDNN's (AMX or AVX512_BF16 here too).
 template <typename T>
-bool one_step_product() {
+bool one_step_uses_torch_gemm() {
   return std::is_same_v<T, float> || cpu::amx_bf16() || cpu::bf16_dot();
+}
+// That product, h0 [B, S] W_hh^T, as contiguous fp32 [B, G*H] (in bf16 rounded to bf16 first, as
+// torch's own bf16 cell).
+inline at::Tensor one_step_product(const at::Tensor& h0, const at::Tensor& w_hh) {
+  return at::mm(h0, w_hh.t()).to(at::kFloat).contiguous();
 }
 
 template <typename T>
@@ -257,8 +262,8 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
   // recurrent product is h0 W_hh^T by torch's GEMM, [B, G*H] with the gates apart, and the blocks
   // run only their gate epilogue on it. In bf16 only where torch's bf16 GEMM is oneDNN's (AMX or
   // AVX512_BF16 here too), and then the product is rounded to bf16, as in torch's own bf16 cell.
-  const bool one_step = sh.T == 1 && one_step_product<T>();
-  const at::Tensor rec = one_step ? at::mm(h0.reshape({B, S}), w_hh.t()).to(at::kFloat).contiguous() : at::Tensor();
+  const bool one_step = sh.T == 1 && one_step_uses_torch_gemm<T>();
+  const at::Tensor rec = one_step ? one_step_product(h0, w_hh) : at::Tensor();
   const float* rec_p = one_step ? rec.const_data_ptr<float>() : nullptr;
   const int64_t GU = G * kUnits;
   std::vector<float> bias(ld_w, 0.f);
@@ -744,8 +749,8 @@ std::vector<at::Tensor> rnn_fwd_cpu(const at::Tensor& xw, const at::Tensor& w_hh
   at::Tensor ws = save_workspace ? cpu::cached_empty({sh.T, sh.B, sh.width}, xw.options().dtype(at::kFloat))
                                  : at::empty({0}, xw.options().dtype(at::kFloat));
   BIGNLP_DISPATCH_FLOAT_BF16(xw.scalar_type(), "rnn_fwd_cpu", [&] {
-    if (sh.T == 1 && !save_workspace && !sh.proj && one_step_product<scalar_t>()) {
-      const at::Tensor rec = at::mm(h0, w_hh.t()).to(at::kFloat).contiguous();
+    if (sh.T == 1 && !save_workspace && !sh.proj && one_step_uses_torch_gemm<scalar_t>()) {
+      const at::Tensor rec = one_step_product(h0, w_hh);
       forward_one_step<scalar_t>(sh, xw, rec.const_data_ptr<float>(), b_hh, h0, c0, len, out, h_n, c_n);
     } else {
       forward<scalar_t>(sh, xw, w_hh, b_hh, h0, c0, w_hr, len, reverse, out, h_n, c_n, ws, save_workspace);
@@ -758,8 +763,7 @@ namespace {
 // Whether the cell lane can take t as it is: a strided CPU tensor of dtype with these sizes, that
 // autograd need not see.
 bool cell_readable(const at::Tensor& t, at::ScalarType dtype, at::IntArrayRef sizes, bool grad) {
-  return t.device().is_cpu() && t.layout() == at::kStrided && !t.is_nested() && t.scalar_type() == dtype &&
-         t.sizes() == sizes && !(grad && t.requires_grad());
+  return cpu::lane_tensor(t, dtype, grad) && t.sizes() == sizes;
 }
 bool cell_readable(const std::optional<at::Tensor>& t, at::ScalarType dtype, at::IntArrayRef sizes, bool grad) {
   return !t.has_value() || cell_readable(*t, dtype, sizes, grad);

@@ -30,12 +30,21 @@ constexpr float kSqrt1_2 = 0.70710678118654752440f;    // 1/sqrt(2)
 constexpr float kInvSqrt2Pi = 0.39894228040143267794f;  // 1/sqrt(2*pi)
 }  // namespace act_detail
 
+// The activations below are a few dozen instructions each, called from inside large fused loops
+// (the recurrent step's epilogue calls five per vector of units). GCC judged those loops too big to
+// inline into and called them out of line, each call spilling its vectors to the stack: forced.
+#if defined(__GNUC__)
+#define BIGNLP_FAST_VEC_INLINE inline __attribute__((always_inline))
+#else
+#define BIGNLP_FAST_VEC_INLINE inline
+#endif
+
 enum Activation : int { kIdentity = 0, kRelu = 1, kGelu = 2, kSilu = 3, kTanh = 4 };
 
 #if defined(CPU_CAPABILITY_AVX512)
 // 1 / d for d in [1, 2]: the 14-bit estimate and one Newton step (relative error ~2^-27, under an
 // fp32 ulp), three instructions where a division keeps the divider busy for ~5 cycles a vector.
-inline __m512 reciprocal_1_2(__m512 d) {
+BIGNLP_FAST_VEC_INLINE __m512 reciprocal_1_2(__m512 d) {
   const __m512 r = _mm512_rcp14_ps(d);
   return _mm512_mul_ps(r, _mm512_fnmadd_ps(d, r, _mm512_set1_ps(2.f)));
 }
@@ -51,7 +60,7 @@ namespace act_detail {
 // t = n + f, n = round(t), |f| <= 1/2; returns q with 2^f ~ 1.0000001192 + f q (the fit's terms past
 // the constant, shared by exp2_nonpositive and exp2m1_nonpositive). at::vec's round is vrndscaleps /
 // vroundps to nearest.
-inline fVec exp2_split(const fVec& t, fVec& n, fVec& f) {
+BIGNLP_FAST_VEC_INLINE fVec exp2_split(const fVec& t, fVec& n, fVec& f) {
   n = t.round();
   f = t - n;
   fVec q(1.3266970636323094e-3f);
@@ -66,14 +75,14 @@ inline fVec exp2_split(const fVec& t, fVec& n, fVec& f) {
 // AVX2 has no vscalefps: 2^n is built from its exponent bits (n in [-126, 0] where the result is
 // kept; lanes outside are replaced by the callers' blends).
 namespace act_detail {
-inline __m256 pow2i(__m256 n) {  // 2^n for integral n in [-126, 127]
+BIGNLP_FAST_VEC_INLINE __m256 pow2i(__m256 n) {  // 2^n for integral n in [-126, 127]
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23));
 }
 // t > -126 or t NaN: the lanes whose result is computed rather than set
-inline __m256 above_m126(__m256 t) { return _mm256_cmp_ps(t, _mm256_set1_ps(-126.f), _CMP_NLE_UQ); }
+BIGNLP_FAST_VEC_INLINE __m256 above_m126(__m256 t) { return _mm256_cmp_ps(t, _mm256_set1_ps(-126.f), _CMP_NLE_UQ); }
 }  // namespace act_detail
 #endif
-inline at::vec::Vectorized<float> exp2_nonpositive(const at::vec::Vectorized<float>& t) {
+BIGNLP_FAST_VEC_INLINE at::vec::Vectorized<float> exp2_nonpositive(const at::vec::Vectorized<float>& t) {
 #if defined(CPU_CAPABILITY_AVX512)
   act_detail::fVec n, f;
   const __m512 q = act_detail::exp2_split(t, n, f);
@@ -94,7 +103,7 @@ constexpr float kLog2e = 1.44269504088896340736f;
 // 2^n - 1 is exact and f q carries 2^f - 1 to its own relative precision (a tanh of a tiny v
 // stays tiny). t <= -126 gives -1 exactly; NaN stays NaN. AVX-512 and AVX2 only.
 #if defined(CPU_CAPABILITY_AVX512)
-inline __m512 exp2m1_nonpositive(__m512 t) {
+BIGNLP_FAST_VEC_INLINE __m512 exp2m1_nonpositive(__m512 t) {
   act_detail::fVec n, f;
   const __m512 q = act_detail::exp2_split(act_detail::fVec(t), n, f);
   const __m512 s = _mm512_scalef_ps(_mm512_set1_ps(1.f), n);  // 2^n
@@ -103,7 +112,7 @@ inline __m512 exp2m1_nonpositive(__m512 t) {
   return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(t, _mm512_set1_ps(-126.f), _CMP_NLE_UQ), _mm512_set1_ps(-1.f), em1);
 }
 #elif defined(CPU_CAPABILITY_AVX2)
-inline __m256 exp2m1_nonpositive(__m256 t) {
+BIGNLP_FAST_VEC_INLINE __m256 exp2m1_nonpositive(__m256 t) {
   act_detail::fVec n, f;
   const __m256 q = act_detail::exp2_split(act_detail::fVec(t), n, f);
   const __m256 s = act_detail::pow2i(n);
@@ -119,7 +128,7 @@ inline __m256 exp2m1_nonpositive(__m256 t) {
 // float64. Elsewhere ATen's exp_u20 (a few ulp; it saturates at FLT_MAX
 // for v < -88, giving 0 as it should). Sleef's exp costs about twice as much, and silu is what keeps
 // the memory-bound causal conv from copy speed.
-inline at::vec::Vectorized<float> sigmoid(const at::vec::Vectorized<float>& v) {
+BIGNLP_FAST_VEC_INLINE at::vec::Vectorized<float> sigmoid(const at::vec::Vectorized<float>& v) {
   using act_detail::fVec;
 #if defined(CPU_CAPABILITY_AVX512)
   const __m512 x = v;
@@ -140,7 +149,7 @@ inline at::vec::Vectorized<float> sigmoid(const at::vec::Vectorized<float>& v) {
 // exp2m1_nonpositive (within 1.4e-7 absolute of tanh, and a tiny v gives a tiny tanh; NaN stays NaN);
 // elsewhere 1 - 2 / (exp(2v) + 1) on exp_u20 (within ~1e-7 absolute; the relative error grows near 0,
 // and exp_u20's clamp turns NaN into 1), about 3x cheaper than Sleef's tanh. Both ends saturate correctly.
-inline at::vec::Vectorized<float> tanh_fast(const at::vec::Vectorized<float>& v) {
+BIGNLP_FAST_VEC_INLINE at::vec::Vectorized<float> tanh_fast(const at::vec::Vectorized<float>& v) {
   using act_detail::fVec;
 #if defined(CPU_CAPABILITY_AVX512)
   const __m512 x = v;
@@ -165,7 +174,7 @@ inline at::vec::Vectorized<float> tanh_fast(const at::vec::Vectorized<float>& v)
 // NaN stays NaN: min keeps a NaN second operand, and t carries it into the polynomial.
 #if defined(CPU_CAPABILITY_AVX512)
 template <int C>
-inline __m512 gaussian_tail(__m512 v, const float (&table)[C][16]) {
+BIGNLP_FAST_VEC_INLINE __m512 gaussian_tail(__m512 v, const float (&table)[C][16]) {
   const __m512 a = _mm512_min_ps(_mm512_set1_ps(gelu_table::kAMax), _mm512_abs_ps(v));
   const __m512 u = _mm512_mul_ps(a, _mm512_set1_ps(16 / gelu_table::kAMax));
   const __m512i idx = _mm512_min_epi32(_mm512_cvttps_epi32(u), _mm512_set1_epi32(15));
@@ -176,13 +185,13 @@ inline __m512 gaussian_tail(__m512 v, const float (&table)[C][16]) {
                               _mm512_setzero_ps());
 }
 // tail for v < 0, 1 - tail otherwise.
-inline __m512 mirror_tail(__m512 v, __m512 tail) {
+BIGNLP_FAST_VEC_INLINE __m512 mirror_tail(__m512 v, __m512 tail) {
   const __mmask16 negative = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_LT_OQ);
   return _mm512_mask_blend_ps(negative, _mm512_sub_ps(_mm512_set1_ps(1.f), tail), tail);
 }
 #else
 template <int C>
-inline __m256 gaussian_tail(__m256 v, const float (&table)[C][8]) {
+BIGNLP_FAST_VEC_INLINE __m256 gaussian_tail(__m256 v, const float (&table)[C][8]) {
   const __m256 a = _mm256_min_ps(_mm256_set1_ps(gelu_table::kAMax), _mm256_andnot_ps(_mm256_set1_ps(-0.f), v));
   const __m256 u = _mm256_mul_ps(a, _mm256_set1_ps(8 / gelu_table::kAMax));
   const __m256i idx = _mm256_min_epi32(_mm256_cvttps_epi32(u), _mm256_set1_epi32(7));
@@ -191,7 +200,7 @@ inline __m256 gaussian_tail(__m256 v, const float (&table)[C][8]) {
   for (int k = C - 2; k >= 0; --k) acc = _mm256_fmadd_ps(acc, t, _mm256_permutevar8x32_ps(_mm256_load_ps(table[k]), idx));
   return _mm256_blendv_ps(acc, _mm256_setzero_ps(), _mm256_cmp_ps(a, _mm256_set1_ps(gelu_table::kAMax), _CMP_GE_OQ));
 }
-inline __m256 mirror_tail(__m256 v, __m256 tail) {
+BIGNLP_FAST_VEC_INLINE __m256 mirror_tail(__m256 v, __m256 tail) {
   const __m256 negative = _mm256_cmp_ps(v, _mm256_setzero_ps(), _CMP_LT_OQ);
   return _mm256_blendv_ps(_mm256_sub_ps(_mm256_set1_ps(1.f), tail), tail, negative);
 }
@@ -219,29 +228,29 @@ inline constexpr const auto& kTailRBf16 = gelu_table::kTailR8d5;
 
 // gelu(v) = v Phi(v), Phi(v) = 1 - q(|v|) or q(|v|), with the q table given.
 template <typename Table>
-inline at::vec::Vectorized<float> gelu_with(const at::vec::Vectorized<float>& v, const Table& q) {
+BIGNLP_FAST_VEC_INLINE at::vec::Vectorized<float> gelu_with(const at::vec::Vectorized<float>& v, const Table& q) {
   return v * at::vec::Vectorized<float>(mirror_tail(v, gaussian_tail(v, q)));
 }
 // gelu'(v) = Phi(v) + v phi(v) = 1 - r(|v|) or r(|v|), with the r table given.
 template <typename Table>
-inline at::vec::Vectorized<float> gelu_grad_with(const at::vec::Vectorized<float>& v, const Table& r) {
+BIGNLP_FAST_VEC_INLINE at::vec::Vectorized<float> gelu_grad_with(const at::vec::Vectorized<float>& v, const Table& r) {
   return mirror_tail(v, gaussian_tail(v, r));
 }
-inline at::vec::Vectorized<float> gelu_erf(const at::vec::Vectorized<float>& v) { return gelu_with(v, kTailQ); }
-inline at::vec::Vectorized<float> gelu_erf_grad(const at::vec::Vectorized<float>& v) {
+BIGNLP_FAST_VEC_INLINE at::vec::Vectorized<float> gelu_erf(const at::vec::Vectorized<float>& v) { return gelu_with(v, kTailQ); }
+BIGNLP_FAST_VEC_INLINE at::vec::Vectorized<float> gelu_erf_grad(const at::vec::Vectorized<float>& v) {
   return gelu_grad_with(v, kTailR);
 }
-inline at::vec::Vectorized<float> gelu_erf_bf16(const at::vec::Vectorized<float>& v) {
+BIGNLP_FAST_VEC_INLINE at::vec::Vectorized<float> gelu_erf_bf16(const at::vec::Vectorized<float>& v) {
   return gelu_with(v, kTailQBf16);
 }
-inline at::vec::Vectorized<float> gelu_erf_grad_bf16(const at::vec::Vectorized<float>& v) {
+BIGNLP_FAST_VEC_INLINE at::vec::Vectorized<float> gelu_erf_grad_bf16(const at::vec::Vectorized<float>& v) {
   return gelu_grad_with(v, kTailRBf16);
 }
 #else
 // erf(v / sqrt(2)) and exp(-v^2 / 2) together. Abramowitz & Stegun 7.1.26 (|error| < 1.5e-7):
 // erf(|x|) = 1 - t * poly(t) * exp(-x^2), t = 1 / (1 + p |x|); with x = v / sqrt(2), exp(-x^2) is
 // the Gaussian the GELU derivative needs, so one exp serves both.
-inline at::vec::Vectorized<float> erf_and_gauss(const at::vec::Vectorized<float>& v,
+BIGNLP_FAST_VEC_INLINE at::vec::Vectorized<float> erf_and_gauss(const at::vec::Vectorized<float>& v,
                                                 at::vec::Vectorized<float>& gauss) {
   using act_detail::fVec;
   const fVec x = v * fVec(act_detail::kSqrt1_2);
@@ -255,13 +264,13 @@ inline at::vec::Vectorized<float> erf_and_gauss(const at::vec::Vectorized<float>
   return fVec::blendv(erf_abs, fVec(0.f) - erf_abs, x < fVec(0.f));
 }
 
-inline at::vec::Vectorized<float> gelu_erf(const at::vec::Vectorized<float>& v) {
+BIGNLP_FAST_VEC_INLINE at::vec::Vectorized<float> gelu_erf(const at::vec::Vectorized<float>& v) {
   using act_detail::fVec;
   fVec gauss;
   return fVec(0.5f) * v * (fVec(1.f) + erf_and_gauss(v, gauss));
 }
 
-inline at::vec::Vectorized<float> gelu_erf_grad(const at::vec::Vectorized<float>& v) {
+BIGNLP_FAST_VEC_INLINE at::vec::Vectorized<float> gelu_erf_grad(const at::vec::Vectorized<float>& v) {
   using act_detail::fVec;
   fVec gauss;
   const fVec cdf = fVec(0.5f) * (fVec(1.f) + erf_and_gauss(v, gauss));
@@ -270,12 +279,12 @@ inline at::vec::Vectorized<float> gelu_erf_grad(const at::vec::Vectorized<float>
 #endif
 
 #if !defined(CPU_CAPABILITY_AVX512) && !defined(CPU_CAPABILITY_AVX2)
-inline at::vec::Vectorized<float> gelu_erf_bf16(const at::vec::Vectorized<float>& v) { return gelu_erf(v); }
-inline at::vec::Vectorized<float> gelu_erf_grad_bf16(const at::vec::Vectorized<float>& v) { return gelu_erf_grad(v); }
+BIGNLP_FAST_VEC_INLINE at::vec::Vectorized<float> gelu_erf_bf16(const at::vec::Vectorized<float>& v) { return gelu_erf(v); }
+BIGNLP_FAST_VEC_INLINE at::vec::Vectorized<float> gelu_erf_grad_bf16(const at::vec::Vectorized<float>& v) { return gelu_erf_grad(v); }
 #endif
 
 template <int A>
-inline at::vec::Vectorized<float> activate(const at::vec::Vectorized<float>& v) {
+BIGNLP_FAST_VEC_INLINE at::vec::Vectorized<float> activate(const at::vec::Vectorized<float>& v) {
   using act_detail::fVec;
   if constexpr (A == kRelu) {
     return at::vec::maximum(v, fVec(0.f));
@@ -292,7 +301,7 @@ inline at::vec::Vectorized<float> activate(const at::vec::Vectorized<float>& v) 
 
 // d activate<A>(v) / dv (relu's is 0 at 0, as torch's).
 template <int A>
-inline at::vec::Vectorized<float> activate_grad(const at::vec::Vectorized<float>& v) {
+BIGNLP_FAST_VEC_INLINE at::vec::Vectorized<float> activate_grad(const at::vec::Vectorized<float>& v) {
   using act_detail::fVec;
   if constexpr (A == kRelu) {
     return fVec::blendv(fVec(0.f), fVec(1.f), v > fVec(0.f));

@@ -41,7 +41,7 @@ template <typename T>
 void fwd_block(int64_t r0, int64_t r1, const T* x, const T* res, const float* w, const float* b, T* out, T* res_out,
                float* mean_out, float* rstd_out, int64_t H, float eps, bool stream_out, bool stream_res) {
   const int64_t Hp = cpu::round_up_to_step(H);
-  std::vector<float> row(Hp);  // fp32 s for the current row
+  cpu::LineVector<float> row(Hp);  // fp32 s for the current row
   float* s = row.data();
   for (int64_t r = r0; r < r1; ++r) {
     const T* xr = x + r * H;
@@ -118,7 +118,7 @@ void bwd_chunks(int64_t c0, int64_t c1, const T* dy, const T* dres, const T* s, 
                 const float* w, T* ds, float* partial_dw, float* partial_db, int64_t rows, int64_t H, int64_t chunk,
                 bool stream_ds) {
   const int64_t Hp = cpu::round_up_to_step(H);
-  std::vector<float> scratch(2 * Hp);
+  cpu::LineVector<float> scratch(2 * Hp);
   float* xhat_row = scratch.data();  // xhat of the current row
   float* g_row = xhat_row + Hp;      // grad_out * weight of the current row
   for (int64_t c = c0; c < c1; ++c) {

@@ -517,7 +517,7 @@ void forward_decode(const Rows<T>& Q, const Rows<T>& K, const Rows<T>& V, const 
   const int64_t tasks = static_cast<int64_t>(seqs.size()) * hq;
   at::parallel_for(0, tasks, 1, [&](int64_t t0, int64_t t1) {
     // p: room for exp_row's whole last step
-    std::vector<float> qf(round_up_to_vec(d)), p(cpu::round_up_to_step(std::max<int64_t>(max_lk, 1))),
+    cpu::LineVector<float> qf(round_up_to_vec(d)), p(cpu::round_up_to_step(std::max<int64_t>(max_lk, 1))),
         acc(round_up_to_vec(dv));
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t seq = t / hq, h = t % hq, kvh = h / groups;
@@ -599,12 +599,12 @@ void forward(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, cons
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t t0, int64_t t1) {
     // K^T and V of one head: fp32 for small_gemm, or bf16 VNNI pairs for amx_gemm / small_gemm_bf16
     const int64_t block_k = amx ? kBlockKAmx : kBlockK, ld_s = tile_ld(block_k);
-    std::vector<float> kt(vnni ? 0 : d * ld_k), vr(vnni ? 0 : std::max<int64_t>(max_lk, 1) * ld_dv);
-    std::vector<c10::BFloat16> kt_b(vnni ? d_even * ld_k : 0), vr_b(vnni ? amx_round(max_lk, 32) * ld_dv : 0);
-    std::vector<c10::BFloat16> q_b(vnni ? block_q * d_even : 0), p_b(vnni ? block_q * block_k : 0);
+    cpu::LineVector<float> kt(vnni ? 0 : d * ld_k), vr(vnni ? 0 : std::max<int64_t>(max_lk, 1) * ld_dv);
+    cpu::LineVector<c10::BFloat16> kt_b(vnni ? d_even * ld_k : 0), vr_b(vnni ? amx_round(max_lk, 32) * ld_dv : 0);
+    cpu::LineVector<c10::BFloat16> q_b(vnni ? block_q * d_even : 0), p_b(vnni ? block_q * block_k : 0);
     const int64_t ld_q = tile_ld(kBlockQ);
-    std::vector<float> qt(vnni || kQInPlace ? 0 : d * ld_q), s_tile(block_q * ld_s), acc(block_q * ld_dv);
-    std::vector<float> row_max(block_q), row_sum(block_q);
+    cpu::LineVector<float> qt(vnni || kQInPlace ? 0 : d * ld_q), s_tile(block_q * ld_s), acc(block_q * ld_dv);
+    cpu::LineVector<float> row_max(block_q), row_sum(block_q);
     int64_t packed_seq = -1, packed_head = -1;
     for (int64_t t = t0; t < t1; ++t) {
       const Task task = tasks[t];
@@ -788,15 +788,15 @@ void backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor&
   const int64_t d_even = (d + 1) / 2 * 2, dv_even = (dv + 1) / 2 * 2;
 
   at::parallel_for(0, heads * chunks, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> qp, dop, delta, lse_rows, dq_acc;
-    std::vector<float> kt(dot ? 0 : d * ld_s), vt(dot ? 0 : dv * ld_s), kr(dot ? 0 : kBlockK * ld_d);
-    std::vector<float> p_tile(kBlockQ * ld_s), ds_tile(kBlockQ * ld_s), dk_acc(kBlockK * ld_d), dv_acc(kBlockK * ld_dv);
+    cpu::LineVector<float> qp, dop, delta, lse_rows, dq_acc;
+    cpu::LineVector<float> kt(dot ? 0 : d * ld_s), vt(dot ? 0 : dv * ld_s), kr(dot ? 0 : kBlockK * ld_d);
+    cpu::LineVector<float> p_tile(kBlockQ * ld_s), ds_tile(kBlockQ * ld_s), dk_acc(kBlockK * ld_d), dv_acc(kBlockK * ld_dv);
     // bf16 operands: per task Q s and dO as rows and as pairs of rows; per key block K^T, V^T and K;
     // per tile P Z and dS as pairs of rows, s dS as rows
-    std::vector<c10::BFloat16> qs_rows, do_rows, qs_pairs, do_pairs;
-    std::vector<c10::BFloat16> kt_b(dot ? d_even * ld_s : 0), vt_b(dot ? dv_even * ld_s : 0);
-    std::vector<c10::BFloat16> kr_b(dot ? kBlockK * ld_d : 0), ds_rows(dot ? kBlockQ * ld_s : 0);
-    std::vector<uint32_t> p_pairs(dot ? kBlockQ / 2 * ld_s : 0), ds_pairs(dot ? kBlockQ / 2 * ld_s : 0);
+    cpu::LineVector<c10::BFloat16> qs_rows, do_rows, qs_pairs, do_pairs;
+    cpu::LineVector<c10::BFloat16> kt_b(dot ? d_even * ld_s : 0), vt_b(dot ? dv_even * ld_s : 0);
+    cpu::LineVector<c10::BFloat16> kr_b(dot ? kBlockK * ld_d : 0), ds_rows(dot ? kBlockQ * ld_s : 0);
+    cpu::LineVector<uint32_t> p_pairs(dot ? kBlockQ / 2 * ld_s : 0), ds_pairs(dot ? kBlockQ / 2 * ld_s : 0);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t head = t / chunks, chunk = t % chunks;
       const int64_t si = head / hk, kvh = head % hk;
@@ -959,7 +959,7 @@ void backward(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor&
   if (chunks > 1) {  // dQ = the chunks' partial sums, added in chunk order
     const float* part = partial.const_data_ptr<float>();
     at::parallel_for(0, heads * groups, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<float> row(d);
+      cpu::LineVector<float> row(d);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t head = t / groups, g = t % groups, si = head / hk, kvh = head % hk;
         const Seq& sq = seqs[si];

@@ -40,7 +40,7 @@ void check(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Ten
 
 // One row of xx = cat(head, x) as fp32, with room for vector over-reads: [W-1 + L + kStep].
 template <int W, typename T>
-void load_row(const T* head, const T* x, int64_t L, std::vector<float>& xx) {
+void load_row(const T* head, const T* x, int64_t L, cpu::LineVector<float>& xx) {
   xx.assign(W - 1 + L + kStep, 0.f);
   if (head) cpu::to_float(head, xx.data(), W - 1);
   cpu::to_float(x, xx.data() + W - 1, L);
@@ -52,7 +52,7 @@ void load_row(const T* head, const T* x, int64_t L, std::vector<float>& xx) {
 template <int W, int A, typename T>
 void forward_rows(int64_t r0, int64_t r1, const T* x, const T* w, const T* bias, const T* init, T* y, int64_t C,
                   int64_t L) {
-  std::vector<float> xx;
+  cpu::LineVector<float> xx;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t c = r % C;
     fVec wj[W];
@@ -96,7 +96,7 @@ void forward(const T* x, const T* w, const T* bias, const T* init, T* y, int64_t
 template <int W, int A, typename T>
 void backward_rows(int64_t r0, int64_t r1, const T* gy, const T* x, const T* w, const T* bias, const T* init, T* gx,
                    T* ginit, float* partial, int64_t C, int64_t L) {
-  std::vector<float> xx, gpp;
+  cpu::LineVector<float> xx, gpp;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t c = r % C;
     fVec wj[W];

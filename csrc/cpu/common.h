@@ -11,6 +11,8 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <memory>
+#include <new>
 #include <type_traits>
 
 #include <ATen/Parallel.h>
@@ -29,6 +31,43 @@
   AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 namespace bignlp_fast::cpu {
+
+// Scratch memory that starts on a cache line. glibc's malloc aligns to 16 bytes only, and where a
+// buffer lands varies from process to process (how the heap happened to be laid out by then), so
+// every 64-byte vector or AMX tile row read from a std::vector could straddle two lines in one run
+// and not in the next. The bf16 LSTM's recurrence (B4 H512 T128, AMX) took 3.4-3.5 ms in processes
+// whose packed W_hh and state began on a line and 7.9-9.0 ms in those where they did not (8
+// processes, one build). Kernels keep their GEMM operands, tiles and per-row scratch in these.
+constexpr std::size_t kLine = 64;
+template <typename T>
+struct LineAllocator {
+  using value_type = T;
+  LineAllocator() = default;
+  template <typename U>
+  LineAllocator(const LineAllocator<U>&) noexcept {}
+  T* allocate(std::size_t n) { return static_cast<T*>(::operator new(n * sizeof(T), std::align_val_t{kLine})); }
+  void deallocate(T* p, std::size_t) noexcept { ::operator delete(p, std::align_val_t{kLine}); }
+  template <typename U>
+  bool operator==(const LineAllocator<U>&) const noexcept { return true; }
+  template <typename U>
+  bool operator!=(const LineAllocator<U>&) const noexcept { return false; }
+};
+// A std::vector on a cache line (value-initialised, as std::vector).
+template <typename T>
+using LineVector = std::vector<T, LineAllocator<T>>;
+// n elements on a cache line, left uninitialised: for buffers written whole before they are read
+// (a LineVector of a 4 MiB panel would zero it first, ~0.1 ms).
+template <typename T>
+struct LineFree {
+  void operator()(T* p) const noexcept { ::operator delete(p, std::align_val_t{kLine}); }
+};
+template <typename T>
+using LineBuffer = std::unique_ptr<T[], LineFree<T>>;
+template <typename T>
+LineBuffer<T> line_buffer(int64_t n) {
+  static_assert(std::is_trivially_default_constructible_v<T>, "line_buffer holds plain values");
+  return LineBuffer<T>(static_cast<T*>(::operator new(std::max<int64_t>(n, 1) * sizeof(T), std::align_val_t{kLine})));
+}
 
 using fVec = at::vec::Vectorized<float>;
 constexpr int64_t kStep = 2 * fVec::size();

@@ -378,7 +378,7 @@ void implicit_gemm_fwd(const float* x, const float* wp, const float* bias, const
   const TaskPlan plan(g, blocks);
   std::atomic<int64_t> next{0};
   at::parallel_for(0, plan.threads, 1, [&](int64_t, int64_t) {
-    std::vector<float> cols(g.Cin * ldb), tile(blocks * kMR * kTaskCols);
+    cpu::LineVector<float> cols(g.Cin * ldb), tile(blocks * kMR * kTaskCols);
     for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < plan.tasks;) {
       const auto [b, q0, nq, mb0, mb1] = plan.task(t);
       pack_columns(x + b * g.Cin * g.L, g, q0, (nq + kPanel - 1) / kPanel * kPanel + max_shift, cols.data(),
@@ -600,7 +600,7 @@ void winograd_fwd(const float* x, const float* up, const float* bias, const floa
   at::parallel_for(0, plan.threads, 1, [&](int64_t, int64_t) {
     // v: the task's transformed input; m: the points' products [point][rows][kTiles]; row: one channel's
     // padded inputs, then one channel's outputs
-    std::vector<float> v(kPoints * g.Cin * ld_v), m(kPoints * rows * kTiles), row(kTaskCols + 2 + 2 * kStep);
+    cpu::LineVector<float> v(kPoints * g.Cin * ld_v), m(kPoints * rows * kTiles), row(kTaskCols + 2 + 2 * kStep);
     for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < plan.tasks;) {
       const auto [b, q0, nq, mb0, mb1] = plan.task(t);
       const int64_t nt = (nq + 1) / 2, panels = (nt + kPanel - 1) / kPanel;
@@ -791,8 +791,8 @@ void winograd2_fwd(const float* x, const float* up, const float* bias, const flo
     // v: a slice's transformed input [point][channel][tile]; m: the points' products [point][rows][kTiles];
     // tr: four rows' column transforms [row slot][point][ld_t]; pts / orow: a tile row's outputs after
     // the transform across rows [output row][point][ld_t], and one output row after the one across columns
-    std::vector<float> v(kPoints2 * kc * ld_v), m(kPoints2 * rows * kTiles), tr(16 * ld_t);
-    std::vector<float> pts(8 * ld_t), orow(2 * g.J);
+    cpu::LineVector<float> v(kPoints2 * kc * ld_v), m(kPoints2 * rows * kTiles), tr(16 * ld_t);
+    cpu::LineVector<float> pts(8 * ld_t), orow(2 * g.J);
     for (int64_t task; (task = next.fetch_add(1, std::memory_order_relaxed)) < split.tasks;) {
       const auto [b, i0, ni, j0, nj] = g.piece(split.piece(task));
       const int64_t nt = ni * nj, panels = (nt + kPanel - 1) / kPanel, mb0 = split.mb0(task), mb1 = split.mb1(task);
@@ -933,8 +933,8 @@ at::Tensor winograd2_grad_weight(const at::Tensor& gp, const at::Tensor& x, cons
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), chunks), 1, [&](int64_t, int64_t) {
     // v: V [point][C_in][ldk]; vt: V_P transposed [ldk][ci_pad]; z: Z [point][C_out][ldk]
-    std::vector<float> v(kPoints2 * g.Cin * ldk), vt(ldk * ci_pad, 0.f), z(kPoints2 * g.Cout * ldk);
-    std::vector<float> tr(16 * ld_t), cols(8 * ld_t);
+    cpu::LineVector<float> v(kPoints2 * g.Cin * ldk), vt(ldk * ci_pad, 0.f), z(kPoints2 * g.Cout * ldk);
+    cpu::LineVector<float> tr(16 * ld_t), cols(8 * ld_t);
     for (int64_t ch; (ch = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
       float* dch = du.data_ptr<float>() + ch * du_floats;
       std::fill(dch, dch + du_floats, 0.f);
@@ -1078,7 +1078,7 @@ at::Tensor implicit_grad_weight(const at::Tensor& gp, const at::Tensor& x, const
   const float* xp = x.const_data_ptr<float>();
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), chunks), 1, [&](int64_t, int64_t) {
-    std::vector<float> bs(run * Np), xa((run + max_shift) * kRows);
+    cpu::LineVector<float> bs(run * Np), xa((run + max_shift) * kRows);
     for (int64_t c; (c = next.fetch_add(1, std::memory_order_relaxed)) < chunks;) {
       float* cc = partial.data_ptr<float>() + c * plan.c_floats;
       const int64_t s0 = c * plan.slices / chunks, s1 = (c + 1) * plan.slices / chunks;

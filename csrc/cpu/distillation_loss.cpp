@@ -52,14 +52,14 @@ std::vector<at::Tensor> distillation_loss_fwd_cpu(const at::Tensor& student, con
   const float kd_grad = kd * T / static_cast<float>(std::max<int64_t>(N, 1));
   const float ce_grad = ce_w / static_cast<float>(std::max<int64_t>(n_valid, 1));
   at::Tensor grad = need_grad ? cpu::cached_empty_like(student) : at::empty({0}, student.options());
-  std::vector<float> kl_rows(N), ce_rows(N, 0.f);
+  cpu::LineVector<float> kl_rows(N), ce_rows(N, 0.f);
   BIGNLP_DISPATCH_FLOAT_BF16(student.scalar_type(), "distillation_loss_fwd_cpu", [&] {
     using T_ = scalar_t;
     const T_* sp = student.const_data_ptr<T_>();
     const T_* tp = teacher.const_data_ptr<T_>();
     T_* gp = need_grad ? grad.data_ptr<T_>() : nullptr;
     at::parallel_for(0, N, 1, [&](int64_t r0, int64_t r1) {
-      std::vector<float> s(V), t(V), e(gp ? V : 0);
+      cpu::LineVector<float> s(V), t(V), e(gp ? V : 0);
       constexpr int64_t VS = fVec::size();
       const float neg_inf = -std::numeric_limits<float>::infinity();
       for (int64_t r = r0; r < r1; ++r) {

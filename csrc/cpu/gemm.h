@@ -300,12 +300,12 @@ void packed_gemm_tasks(int64_t M, int64_t N, int64_t K, int64_t kc_max, const T*
   // in libgomp's join wait with fixed halves).
   std::atomic<int64_t> next{0};
   at::parallel_for(0, std::min<int64_t>(threads, tasks), 1, [&](int64_t, int64_t) {
-    std::vector<AT> a_t(std::max<int64_t>(1, std::min(kc_max, K)) * kRows);
+    LineVector<AT> a_t(std::max<int64_t>(1, std::min(kc_max, K)) * kRows);
     // The panels that do not go straight into C, held across the K slices: every panel of a bf16 C,
     // only the last, partial one of a float C. Uninitialised: the first slice writes them.
     constexpr bool kFloatC = std::is_same_v<Out, float>;
     const int64_t scratch_panels = kFloatC ? 1 : per_group, ldo = scratch_panels * kPanel;
-    std::unique_ptr<float[]> out(new float[kRows * ldo]);
+    const LineBuffer<float> out = line_buffer<float>(kRows * ldo);
     auto scratch = [&](int64_t p, int64_t p0) { return out.get() + (kFloatC ? 0 : p - p0) * kPanel; };
     for (int64_t t; (t = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) {
       const int64_t blk = t / groups, grp = t % groups;

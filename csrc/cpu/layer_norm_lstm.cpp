@@ -106,8 +106,8 @@ struct Shape {
 // A [4H] or [H] parameter as fp32 in the padded layout (gate g at g * Hp), zero in the padding;
 // `fill` for an absent one (scale 1, shift 0).
 template <typename T>
-std::vector<float> padded_param(const std::optional<at::Tensor>& p, int64_t gates, int64_t H, int64_t Hp, float fill) {
-  std::vector<float> out(gates * Hp);
+cpu::LineVector<float> padded_param(const std::optional<at::Tensor>& p, int64_t gates, int64_t H, int64_t Hp, float fill) {
+  cpu::LineVector<float> out(gates * Hp);
   for (int64_t g = 0; g < gates; ++g)
     cpu::to_padded_float(p.has_value() ? p->const_data_ptr<T>() + g * H : nullptr, H, out.data() + g * Hp, Hp, fill);
   return out;
@@ -124,7 +124,7 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
   // W_hh^T [H, 4Hp] in contiguous column panels of kPanel: panel p is [H, kPanel] at wt + p * H * kPanel,
   // column n = g * Hp + j holding row g * H + j of w_hh (zero for j >= H).
   const int64_t panels = GHp / kPanel;
-  std::vector<float> wt(panels * H * kPanel);
+  cpu::LineVector<float> wt(panels * H * kPanel);
   const T* w = w_hh.const_data_ptr<T>();
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p)
@@ -139,7 +139,7 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
   const auto gc = padded_param<T>(gamma_c, 1, H, Hp, 1.f), bc = padded_param<T>(beta_c, 1, H, Hp, 0.f);
 
   // the state: h row-major [B, H] (the GEMM's A operand; see the top), c [B, Hp]
-  std::vector<float> h(B * H), h_next(B * H), c(B * Hp, 0.f), c_next(B * Hp, 0.f), hw(B * GHp);
+  cpu::LineVector<float> h(B * H), h_next(B * H), c(B * Hp, 0.f), c_next(B * Hp, 0.f), hw(B * GHp);
   to_float(h0.const_data_ptr<T>(), h.data(), B * H);
   for (int64_t b = 0; b < B; ++b) to_float(c0.const_data_ptr<T>() + b * H, c.data() + b * Hp, H);
 
@@ -154,7 +154,7 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
                    1.f, false);
     });
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<float> scratch(save ? 0 : sh.width), xg(GHp, 0.f);
+      cpu::LineVector<float> scratch(save ? 0 : sh.width), xg(GHp, 0.f);
       for (int64_t b = b0; b < b1; ++b) {
         float* r = save ? wsp + (t * B + b) * sh.width : scratch.data();
         const float* a = hw.data() + b * GHp;
@@ -233,7 +233,7 @@ void backward(const Shape& sh, const at::Tensor& grad_out, const at::Tensor& gra
   const int64_t B = sh.B, H = sh.H, Hp = sh.Hp, GHp = sh.GHp, Hc = sh.Hc;
   // W_hh as the B operand of dh_prev = da [B, 4Hp] W [4Hp, Hc]: panels of kPanel columns, [4Hp, kPanel] each
   const int64_t panels = Hc / kPanel;
-  std::vector<float> wp(panels * GHp * kPanel, 0.f);
+  cpu::LineVector<float> wp(panels * GHp * kPanel, 0.f);
   const T* w = w_hh.const_data_ptr<T>();
   at::parallel_for(0, panels, 1, [&](int64_t p0, int64_t p1) {
     for (int64_t p = p0; p < p1; ++p)
@@ -243,8 +243,8 @@ void backward(const Shape& sh, const at::Tensor& grad_out, const at::Tensor& gra
             wp[(p * GHp + g * Hp + j) * kPanel + u] = static_cast<float>(w[(g * H + j) * H + p * kPanel + u]);
   });
   const auto gh = padded_param<T>(gamma_h, 4, H, Hp, 1.f), gc = padded_param<T>(gamma_c, 1, H, Hp, 1.f);
-  std::vector<float> dh(B * Hc, 0.f), dh_next(B * Hc, 0.f), dc(B * Hp, 0.f), dc_next(B * Hp, 0.f);
-  std::vector<float> c_init(B * Hp, 0.f);
+  cpu::LineVector<float> dh(B * Hc, 0.f), dh_next(B * Hc, 0.f), dc(B * Hp, 0.f), dc_next(B * Hp, 0.f);
+  cpu::LineVector<float> c_init(B * Hp, 0.f);
   for (int64_t b = 0; b < B; ++b) {
     to_float(grad_h_n.const_data_ptr<T>() + b * H, dh.data() + b * Hc, H);
     to_float(grad_c_n.const_data_ptr<T>() + b * H, dc.data() + b * Hp, H);
@@ -258,7 +258,7 @@ void backward(const Shape& sh, const at::Tensor& grad_out, const at::Tensor& gra
     const int64_t t = reverse ? sh.T - 1 - step : step;
     const int64_t prev = step == 0 ? -1 : (reverse ? t + 1 : t - 1);  // the step processed before t
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<float> dht(Hp, 0.f), dchat(Hp);
+      cpu::LineVector<float> dht(Hp, 0.f), dchat(Hp);
       for (int64_t b = b0; b < b1; ++b) {
         const float* r = wsp + (t * B + b) * sh.width;
         const float* c_prev = prev >= 0 ? wsp + (prev * B + b) * sh.width + sh.off_c : c_init.data() + b * Hp;
@@ -349,7 +349,7 @@ at::Tensor ln_param_grads(const Shape& sh, const float* d_pre, const float* d_n,
   const int64_t rows = sh.T * sh.B, GHp = sh.GHp, Hp = sh.Hp, W = 2 * GHp + 2 * Hp;
   constexpr int64_t kChunkRows = 64;
   const int64_t chunks = std::max<int64_t>(1, (rows + kChunkRows - 1) / kChunkRows);
-  std::vector<float> partial(chunks * W, 0.f);
+  cpu::LineVector<float> partial(chunks * W, 0.f);
   // sum_dx[i] += d[i] * x[i], sum_d[i] += d[i] for i < n
   auto accumulate = [](int64_t n, const float* d, const float* x, float* sum_dx, float* sum_d) {
     for (int64_t i = 0; i < n; i += VS) {

@@ -110,7 +110,7 @@ at::Tensor linear_fwd_cpu(const at::Tensor& x, const at::Tensor& w, const std::o
     const scalar_t* wp = w.const_data_ptr<scalar_t>();
     const int64_t streaming_rows = rows ? cpu::linear_streaming_rows(packed.has_value()) : cpu::kSkinnyRows;
     if (M <= streaming_rows) {  // (a packed w is not needed there)
-      std::vector<float> xf(M * K);
+      cpu::LineVector<float> xf(M * K);
       cpu::to_float(x.const_data_ptr<scalar_t>(), xf.data(), M * K);
       if (rows) cpu::skinny_gemm_rows(M, N, K, xf.data(), wp, bias, y.data_ptr<scalar_t>());
       else cpu::skinny_gemm_cols(M, N, K, xf.data(), wp, bias, y.data_ptr<scalar_t>());

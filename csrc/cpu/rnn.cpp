@@ -266,12 +266,12 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
   const at::Tensor rec = one_step ? one_step_product(h0, w_hh) : at::Tensor();
   const float* rec_p = one_step ? rec.const_data_ptr<float>() : nullptr;
   const int64_t GU = G * kUnits;
-  std::vector<float> bias(ld_w, 0.f);
+  cpu::LineVector<float> bias(ld_w, 0.f);
   const int64_t K2 = (S + 1) / 2;
   // written whole below: no zeroing first (a 4 MiB memset is ~0.1 ms a call)
-  const std::unique_ptr<float[]> wt(new float[dot || amx || one_step ? 0 : S * ld_w]);
-  const std::unique_ptr<c10::BFloat16[]> wtb(new c10::BFloat16[dot && !one_step ? K2 * ld_w * 2 : 0]);
-  std::vector<c10::BFloat16> w_amx(amx && !one_step ? blocks * K2 * GU * 2 : 0);
+  const cpu::LineBuffer<float> wt = cpu::line_buffer<float>(dot || amx || one_step ? 0 : S * ld_w);
+  const cpu::LineBuffer<c10::BFloat16> wtb = cpu::line_buffer<c10::BFloat16>(dot && !one_step ? K2 * ld_w * 2 : 0);
+  cpu::LineVector<c10::BFloat16> w_amx(amx && !one_step ? blocks * K2 * GU * 2 : 0);
   const T* w = w_hh.const_data_ptr<T>();
   const T* b_src = b_hh.has_value() ? b_hh->const_data_ptr<T>() : nullptr;
   // Panels by block transposes: panel (blk, g) is the transpose of the kUnits rows of W_hh that hold
@@ -333,7 +333,7 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
   }
   // W_hr^T [H, P padded] for the projection
   const int64_t ld_p = round_up_to_vec(S);
-  std::vector<float> wrt;
+  cpu::LineVector<float> wrt;
   if (sh.proj) {
     wrt.assign(H * ld_p, 0.f);
     const T* wr = w_hr->const_data_ptr<T>();
@@ -347,14 +347,14 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
   // (An earlier version also kept a transposed copy [S, B] as the A operand, written by scalar
   // stores; without it, and with the vector stores of the epilogue below, a one-thread step of the
   // B32 H512 LSTM went from ~364 to ~345 us, the GEMM alone being ~312.)
-  std::vector<float> hbuf(2 * B * S), c(B * H, 0.f), m(sh.proj ? B * H : 0);
+  cpu::LineVector<float> hbuf(2 * B * S), c(B * H, 0.f), m(sh.proj ? B * H : 0);
   to_float(h0.const_data_ptr<T>(), hbuf.data(), B * S);
   if (c0.has_value()) to_float(c0->const_data_ptr<T>(), c.data(), B * H);
   // For bf16 GEMMs (dot products or AMX) the state rounded to bf16, rows padded with a zero to 2 K2,
   // twice as h: read by small_gemm_bf16 as pairs of k (a_rs = K2, a_cs = 1) and by amx_gemm as
   // rows. Columns [k0, k1) (k0 even) of buffer nb are rounded by the worker that wrote them.
   const bool bf16_state = (dot || amx) && !one_step;  // (one step: the product is at::mm's, above)
-  std::vector<c10::BFloat16> hb(bf16_state ? 2 * B * 2 * K2 : 0, c10::BFloat16(0.f));
+  cpu::LineVector<c10::BFloat16> hb(bf16_state ? 2 * B * 2 * K2 : 0, c10::BFloat16(0.f));
   auto round_state = [&](int64_t nb, int64_t k0, int64_t k1) {
     if (bf16_state)
       for (int64_t b = 0; b < B; ++b)
@@ -381,7 +381,7 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
   const int64_t panels = sh.proj ? ld_p / fVec::size() : 0;
   StepRegion region(std::max(blocks, panels));
   region.run([&](StepRegion::Worker& wk) {
-    std::vector<float> tile(one_step ? 0 : B * GU), hp(sh.proj ? B * fVec::size() : 0);
+    cpu::LineVector<float> tile(one_step ? 0 : B * GU), hp(sh.proj ? B * fVec::size() : 0);
     for (int64_t step = 0; step < sh.T; ++step) {
       const int64_t t = reverse ? sh.T - 1 - step : step;
       const int64_t cur = step % 2, nxt = 1 - cur;
@@ -570,8 +570,8 @@ void backward(const Shape& sh, const at::Tensor& grad_out, const at::Tensor& gra
   // W_hr [P, H padded] row-major: the B operands of dG W_hh and dh W_hr
   constexpr int64_t VS = fVec::size(), PW = 2 * VS;
   const int64_t ld_s = (S + PW - 1) / PW * PW, ld_h = round_up_to_vec(H);
-  const std::unique_ptr<float[]> w(new float[GH * ld_s]);  // written whole below
-  std::vector<float> wr;
+  const cpu::LineBuffer<float> w = cpu::line_buffer<float>(GH * ld_s);  // written whole below
+  cpu::LineVector<float> wr;
   const T* w_src = w_hh.const_data_ptr<T>();
   at::parallel_for(0, GH, 64, [&](int64_t r0, int64_t r1) {  // row r's columns [p PW, (p + 1) PW) to panel p
     for (int64_t r = r0; r < r1; ++r)
@@ -588,10 +588,10 @@ void backward(const Shape& sh, const at::Tensor& grad_out, const at::Tensor& gra
   }
   // dh (the gradient of the state after the step) twice: a step reads buffer i % 2 and writes the
   // other; dc [B, H] is read and written only by the worker of its units: one buffer.
-  std::vector<float> dhbuf(2 * B * ld_s, 0.f), dc(B * H, 0.f), dht(B * S), dm;
+  cpu::LineVector<float> dhbuf(2 * B * ld_s, 0.f), dc(B * H, 0.f), dht(B * S), dm;
   for (int64_t b = 0; b < B; ++b) to_float(grad_h_n.const_data_ptr<T>() + b * S, dhbuf.data() + b * ld_s, S);
   if (grad_c_n.has_value()) to_float(grad_c_n->const_data_ptr<T>(), dc.data(), B * H);
-  std::vector<float> h_init(B * S), c_init(B * H, 0.f);
+  cpu::LineVector<float> h_init(B * S), c_init(B * H, 0.f);
   to_float(h0.const_data_ptr<T>(), h_init.data(), B * S);
   if (c0.has_value()) to_float(c0->const_data_ptr<T>(), c_init.data(), B * H);
   if (sh.proj) dm.resize(B * ld_h);

@@ -200,7 +200,7 @@ void skinny_gemm_rows_tiled(int64_t M, int64_t N, int64_t K, const float* xf, co
     for (int64_t blk = b0; blk < b1; ++blk) {
       const int64_t n0 = blk * NR, nr = std::min(NR, N - n0);
       // the last block's missing rows: the last row again (its sums are dropped)
-      std::vector<T> padded;
+      LineVector<T> padded;
       const T* wb = w + n0 * K;
       if (nr < NR) {
         padded.resize(NR * K);
@@ -378,7 +378,7 @@ void skinny_gemm_cols(int64_t M, int64_t N, int64_t K, const float* xf, const T*
   const int64_t chunk_bytes = per_chunk * N * static_cast<int64_t>(sizeof(T));
   // [chunks, M, ld], each chunk zeroed by the thread that fills it (a zero-initialised vector would
   // be one single-threaded pass over it before the parallel region)
-  std::unique_ptr<float[]> partial(new float[chunks * M * ld]);
+  const LineBuffer<float> partial = line_buffer<float>(chunks * M * ld);
   // at::parallel_for gives each thread one contiguous range of chunks; the grain only keeps a thread
   // from waking for less than ~64 KB of weights
   at::parallel_for(0, chunks, std::max<int64_t>(1, (64 << 10) / std::max<int64_t>(1, chunk_bytes)),

@@ -97,7 +97,7 @@ void forward(const T* x, const int64_t* lengths, int64_t B, int64_t L, int64_t E
   for (const Width& w : widths) Cp_max = std::max(Cp_max, w.Cp);
 
   at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> xf, tile(kTileP * Cp_max), best(Cp_max), bidx(Cp_max), bpre(Cp_max);
+    cpu::LineVector<float> xf, tile(kTileP * Cp_max), best(Cp_max), bidx(Cp_max), bpre(Cp_max);
     for (int64_t th = t0; th < t1; ++th) {
       for (const Task& task : bins[th]) {
         const Width& w = widths[task.i];
@@ -242,7 +242,7 @@ std::vector<at::Tensor> text_cnn_pool_bwd_cpu(const at::Tensor& grad_out, const 
     const T* xp = x.const_data_ptr<T>();
     // grad_w: per channel, the gp-weighted sum of its windows over the batch.
     at::parallel_for(0, Ctot, 1, [&](int64_t c0, int64_t c1) {
-      std::vector<float> acc;
+      cpu::LineVector<float> acc;
       for (int64_t cg = c0; cg < c1; ++cg) {
         const int64_t i = width_of(cg), k = widths[i].k, c = cg - widths[i].offset;
         acc.assign(k * E, 0.f);
@@ -258,7 +258,7 @@ std::vector<at::Tensor> text_cnn_pool_bwd_cpu(const at::Tensor& grad_out, const 
     // grad_x: per sequence, every channel's W added at its window.
     T* gxp = gx.data_ptr<T>();
     at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
-      std::vector<float> acc;
+      cpu::LineVector<float> acc;
       for (int64_t b = b0; b < b1; ++b) {
         acc.assign(L * E, 0.f);
         for (int64_t cg = 0; cg < Ctot; ++cg) {

@@ -16,6 +16,8 @@
 
 #include <ATen/cpu/vec/vec.h>
 
+#include "cpu/force_inline.h"
+
 #if defined(CPU_CAPABILITY_AVX512) || defined(CPU_CAPABILITY_AVX2)
 #include <immintrin.h>
 
@@ -29,15 +31,6 @@ using fVec = at::vec::Vectorized<float>;
 constexpr float kSqrt1_2 = 0.70710678118654752440f;    // 1/sqrt(2)
 constexpr float kInvSqrt2Pi = 0.39894228040143267794f;  // 1/sqrt(2*pi)
 }  // namespace act_detail
-
-// The activations below are a few dozen instructions each, called from inside large fused loops
-// (the recurrent step's epilogue calls five per vector of units). GCC judged those loops too big to
-// inline into and called them out of line, each call spilling its vectors to the stack: forced.
-#if defined(__GNUC__)
-#define BIGNLP_FAST_VEC_INLINE inline __attribute__((always_inline))
-#else
-#define BIGNLP_FAST_VEC_INLINE inline
-#endif
 
 enum Activation : int { kIdentity = 0, kRelu = 1, kGelu = 2, kSilu = 3, kTanh = 4 };
 

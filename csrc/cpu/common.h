@@ -24,6 +24,7 @@
 #include <ATen/Dispatch.h>
 
 #include "buffer_cache.h"
+#include "force_inline.h"
 
 // The dtypes of the CPU kernels: float32 and bfloat16 (fp32 accumulation). Anything else raises
 // "... not implemented for 'Half'", a case the Python layer has already routed elsewhere.
@@ -101,14 +102,14 @@ inline void in_register(fVec& v) {
 }
 
 // Full steps: exactly kStep elements.
-inline void load2(const float* p, fVec& a, fVec& b) {
+BIGNLP_FAST_VEC_INLINE void load2(const float* p, fVec& a, fVec& b) {
   a = fVec::loadu(p);
   b = fVec::loadu(p + fVec::size());
 }
 // bf16 -> fp32 is exact: the 16 bits become the upper half of each fp32 lane. With AVX2 each half step is
 // one widening load and a shift; ATen's load_to_float loads the whole step and extracts its halves first
 // (Zen 3: add_layer_norm's bf16 forward 1.12x more, bias_gelu's 1.04x).
-inline void load2(const c10::BFloat16* p, fVec& a, fVec& b) {
+BIGNLP_FAST_VEC_INLINE void load2(const c10::BFloat16* p, fVec& a, fVec& b) {
 #if defined(CPU_CAPABILITY_AVX2) && !defined(CPU_CAPABILITY_AVX512)
   const __m128i* q = reinterpret_cast<const __m128i*>(p);
   a = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(q)), 16));
@@ -117,7 +118,7 @@ inline void load2(const c10::BFloat16* p, fVec& a, fVec& b) {
   at::vec::load_to_float(p, a, b);
 #endif
 }
-inline void store2(float* p, const fVec& a, const fVec& b) {
+BIGNLP_FAST_VEC_INLINE void store2(float* p, const fVec& a, const fVec& b) {
   a.store(p);
   b.store(p + fVec::size());
 }
@@ -131,7 +132,7 @@ inline at::vec::Vectorized<c10::BFloat16> to_bf16(const fVec& a, const fVec& b) 
   return at::vec::convert_float_bfloat16(a, b);
 #endif
 }
-inline void store2(c10::BFloat16* p, const fVec& a, const fVec& b) { to_bf16(a, b).store(p); }
+BIGNLP_FAST_VEC_INLINE void store2(c10::BFloat16* p, const fVec& a, const fVec& b) { to_bf16(a, b).store(p); }
 
 // Whether an eager lane (the `*_lane_cpu` functions, see ops/*.py's _lane) can hand t to a CPU kernel
 // as it is, as far as every lane goes: a strided, non-nested CPU tensor of dtype that autograd need
@@ -205,13 +206,13 @@ inline void prefetch_ahead(const T* p, bool for_write = false) {
 
 // Partial steps: n < kStep elements; lanes past n load as zero and are not stored.
 template <typename T>
-inline void load2(const T* p, int64_t n, fVec& a, fVec& b) {
+BIGNLP_FAST_VEC_INLINE void load2(const T* p, int64_t n, fVec& a, fVec& b) {
   T buf[kStep] = {};
   std::memcpy(buf, p, n * sizeof(T));
   load2(buf, a, b);
 }
 template <typename T>
-inline void store2(T* p, int64_t n, const fVec& a, const fVec& b) {
+BIGNLP_FAST_VEC_INLINE void store2(T* p, int64_t n, const fVec& a, const fVec& b) {
   T buf[kStep];
   store2(buf, a, b);
   std::memcpy(p, buf, n * sizeof(T));
@@ -219,12 +220,12 @@ inline void store2(T* p, int64_t n, const fVec& a, const fVec& b) {
 
 // float: masked vector loads and stores where the ISA has them (AVX-512), instead of a copy through
 // a buffer (a memcpy call per partial step was 12% of a conv2d whose output rows are 32 wide).
-inline void load2(const float* p, int64_t n, fVec& a, fVec& b) {
+BIGNLP_FAST_VEC_INLINE void load2(const float* p, int64_t n, fVec& a, fVec& b) {
   constexpr int64_t V = fVec::size();
   a = fVec::loadu(p, std::min(n, V));
   b = n > V ? fVec::loadu(p + V, n - V) : fVec(0.f);
 }
-inline void store2(float* p, int64_t n, const fVec& a, const fVec& b) {
+BIGNLP_FAST_VEC_INLINE void store2(float* p, int64_t n, const fVec& a, const fVec& b) {
   constexpr int64_t V = fVec::size();
   a.store(p, std::min(n, V));
   if (n > V) b.store(p + V, n - V);
@@ -232,11 +233,11 @@ inline void store2(float* p, int64_t n, const fVec& a, const fVec& b) {
 
 // Either kind, chosen by how many elements remain.
 template <typename T>
-inline void load2_any(const T* p, int64_t n, fVec& a, fVec& b) {
+BIGNLP_FAST_VEC_INLINE void load2_any(const T* p, int64_t n, fVec& a, fVec& b) {
   if (n >= kStep) load2(p, a, b); else load2(p, n, a, b);
 }
 template <typename T>
-inline void store2_any(T* p, int64_t n, const fVec& a, const fVec& b) {
+BIGNLP_FAST_VEC_INLINE void store2_any(T* p, int64_t n, const fVec& a, const fVec& b) {
   if (n >= kStep) store2(p, a, b); else store2(p, n, a, b);
 }
 
@@ -342,14 +343,14 @@ inline __m256 load8_bf16(const c10::BFloat16* p) {
 #endif
 
 // One fp32 vector from / to the first n (< or >= a vector's width) values at p.
-inline fVec load_any(const float* p, int64_t n) { return n >= fVec::size() ? fVec::loadu(p) : fVec::loadu(p, n); }
-inline void store_any(float* p, const fVec& v, int64_t n) {
+BIGNLP_FAST_VEC_INLINE fVec load_any(const float* p, int64_t n) { return n >= fVec::size() ? fVec::loadu(p) : fVec::loadu(p, n); }
+BIGNLP_FAST_VEC_INLINE void store_any(float* p, const fVec& v, int64_t n) {
   if (n >= fVec::size()) v.store(p); else v.store(p, n);
 }
 // bf16: a (masked) 16-bit load widened by a shift, and the rounding of to_bf16, where the ISA has them
 // (AVX-512); with AVX2, whole vectors by the shift and ATen's vector rounding, partial loads element by
 // element (element by element: a bf16 LSTM forward, B32 I=H=512 T128, 130 ms on a Zen 2, 108 ms so).
-inline fVec load_any(const c10::BFloat16* p, int64_t n) {
+BIGNLP_FAST_VEC_INLINE fVec load_any(const c10::BFloat16* p, int64_t n) {
 #if defined(CPU_CAPABILITY_AVX512)
   const __mmask16 m = n >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
@@ -362,7 +363,7 @@ inline fVec load_any(const c10::BFloat16* p, int64_t n) {
   return fVec::loadu(buf);
 #endif
 }
-inline void store_any(c10::BFloat16* p, const fVec& v, int64_t n) {
+BIGNLP_FAST_VEC_INLINE void store_any(c10::BFloat16* p, const fVec& v, int64_t n) {
 #if defined(CPU_CAPABILITY_AVX512) && defined(__AVX512BF16__)
   const __mmask16 m = n >= 16 ? __mmask16(0xFFFF) : static_cast<__mmask16>((1u << n) - 1);
   _mm256_mask_storeu_epi16(p, m, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));

@@ -436,12 +436,12 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
           for (int64_t u = 0; u < nu; u += fVec::size()) {  // a vector of units at a time
             const int64_t j = j0 + u, w = std::min<int64_t>(fVec::size(), nu - u);
             // (rec has no padding past a gate's H units; the tile has kUnits columns a gate)
-            auto rec_at = [&](int64_t g) { return one_step ? load_any(tb + g * gs + u, w) : fVec::loadu(tb + g * gs + u); };
-            auto pre = [&](int64_t g) {
+            auto rec_at = [&](int64_t g) BIGNLP_FAST_LAMBDA_INLINE { return one_step ? load_any(tb + g * gs + u, w) : fVec::loadu(tb + g * gs + u); };
+            auto pre = [&](int64_t g) BIGNLP_FAST_LAMBDA_INLINE {
               return load_any(xb + g * H + u, w) + rec_at(g) + fVec::loadu(bb + g * kUnits + u);
             };
-            auto put = [&](float* dst, const fVec& v) { store_any(dst, v, w); };
-            auto keep_ws = [&](int64_t off, const fVec& v) {  // the workspace, when there is a backward
+            auto put = [&](float* dst, const fVec& v) BIGNLP_FAST_LAMBDA_INLINE { store_any(dst, v, w); };
+            auto keep_ws = [&](int64_t off, const fVec& v) BIGNLP_FAST_LAMBDA_INLINE {  // the workspace, when there is a backward
               if (stream_ws) cpu::stream_vec(wsb + off + j, v);
               else if (save) store_any(wsb + off + j, v, w);
             };
@@ -534,8 +534,8 @@ void forward_one_step(const Shape& sh, const at::Tensor& xw, const float* rec, c
       const fVec keep(len[b] > 0 ? 1.f : 0.f);
       const T* xb = x + b * G * H + j;
       const float* rb = rec + b * G * H + j;
-      auto bias_at = [&](int64_t g) { return bias != nullptr ? load_any(bias + g * H + j, w) : fVec(0.f); };
-      auto pre = [&](int64_t g) { return load_any(xb + g * H, w) + load_any(rb + g * H, w) + bias_at(g); };
+      auto bias_at = [&](int64_t g) BIGNLP_FAST_LAMBDA_INLINE { return bias != nullptr ? load_any(bias + g * H + j, w) : fVec(0.f); };
+      auto pre = [&](int64_t g) BIGNLP_FAST_LAMBDA_INLINE { return load_any(xb + g * H, w) + load_any(rb + g * H, w) + bias_at(g); };
       const fVec h_prev = load_any(h_old + b * H + j, w);
       fVec h_new;
       if (sh.mode == Mode::kLstm) {

@@ -512,3 +512,162 @@ def test_cell_with_a_backend_takes_the_general_path(monkeypatch):
     monkeypatch.setattr(nn_rnn, "cell_lane", lambda *a: pytest.fail("the lane was asked"))
     with torch.no_grad():
         cell(torch.randn(2, 12))
+
+
+# ---- the recurrent modules (nn.LSTM / GRU / RNN) ------------------------------------------------
+def _stack(kind, dtype=torch.float32, **kw):
+    torch.manual_seed(0)
+    return getattr(bignlp_fast.nn, kind)(12, 20, **kw).to(dtype)
+
+
+def _stack_general(monkeypatch, module, *args):
+    """The module's general path: the same call with the lane closed."""
+    with monkeypatch.context() as m:
+        m.setattr(nn_rnn, "stack_lane", lambda *a: None)
+        return module(*args)
+
+
+def _spy_stack_lane(monkeypatch):
+    taken = []
+    real = rnn.stack_lane
+    monkeypatch.setattr(nn_rnn, "stack_lane", lambda *a: taken.append(real(*a) is not None) or real(*a))
+    return taken
+
+
+def _flat(out):
+    """(output, h_n[, c_n]) of a module's result."""
+    output, state = out
+    return (output, *state) if isinstance(state, tuple) else (output, state)
+
+
+@pytest.mark.parametrize("kind,extra", [("LSTM", {}), ("GRU", {}), ("RNN", {"nonlinearity": "tanh"}),
+                                        ("RNN", {"nonlinearity": "relu"})], ids=["lstm", "gru", "tanh", "relu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layers,bidirectional", [(1, False), (2, True)], ids=["1layer", "2layers-bidi"])
+@pytest.mark.parametrize("batch_first", [False, True], ids=["time-major", "batch-first"])
+@pytest.mark.parametrize("state", ["none", "given"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_stack_lane_equals_the_general_path(monkeypatch, kind, extra, dtype, layers, bidirectional, batch_first,
+                                            state, bias):
+    module = _stack(kind, dtype, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first,
+                    bias=bias, **extra)
+    g = _g(9)
+    t, b, d = 7, 3, 2 if bidirectional else 1
+    x = torch.randn(*((b, t) if batch_first else (t, b)), 12, generator=g).to(dtype)
+    hx = None
+    if state == "given":
+        h = torch.randn(layers * d, b, 20, generator=g).to(dtype)
+        hx = (h, torch.randn(layers * d, b, 20, generator=g).to(dtype)) if kind == "LSTM" else h
+    taken = _spy_stack_lane(monkeypatch)
+    with torch.no_grad():
+        lane = _flat(module(x, hx))
+        general = _flat(_stack_general(monkeypatch, module, x, hx))
+    assert taken == [True]
+    assert len(lane) == len(general) == (3 if kind == "LSTM" else 2)
+    for a, e in zip(lane, general):
+        assert a.shape == e.shape and a.dtype == dtype and torch.equal(a, e)
+    ref = getattr(torch.nn, kind)(12, 20, num_layers=layers, bidirectional=bidirectional, batch_first=batch_first,
+                                  bias=bias, **extra).double()
+    ref.load_state_dict(module.state_dict())
+    hx64 = None if hx is None else (tuple(s.double() for s in hx) if kind == "LSTM" else hx.double())
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 5e-2, "atol": 5e-2}
+    for a, e in zip(lane, _flat(ref(x.double(), hx64))):
+        torch.testing.assert_close(a.double(), e, **tol)
+
+
+def test_stack_lane_is_not_taken_where_the_general_path_has_work(monkeypatch):
+    """Lengths, packed input, unbatched input, a projection, dropout in training mode and a backend by
+    name take the general path without asking the lane; a call autograd records and float64 (torch's
+    own forward) ask it and are refused."""
+    g = _g(10)
+    x = torch.randn(5, 2, 12, generator=g)
+    monkeypatch.setattr(nn_rnn, "stack_lane", lambda *a: pytest.fail("the lane was asked"))
+    lstm = _stack("LSTM")
+    with torch.no_grad():
+        lstm(x, lengths=torch.tensor([5, 3]))
+        lstm(torch.nn.utils.rnn.pack_padded_sequence(x, torch.tensor([5, 3])))
+        lstm(x[:, 0])  # unbatched
+        _stack("LSTM", proj_size=8)(x)
+        _stack("GRU", num_layers=2, dropout=0.5).train()(x)
+        _stack("GRU", backend="cpu")(x)
+    taken = _spy_stack_lane(monkeypatch)
+    out = lstm(x)  # grad mode on, parameters that require grad: asked, refuses (autograd records it)
+    assert out[0].requires_grad
+    with torch.no_grad():
+        _stack("GRU", num_layers=2, dropout=0.5).eval()(x)  # dropout off in eval mode: the lane
+        out = _stack("RNN").double()(x.double())  # asked, refuses: torch.nn.RNN's own forward
+    assert taken == [False, True, False] and out[0].dtype == torch.float64
+
+
+@pytest.mark.parametrize("change", [
+    "x_grad", "weight_grad", "h_grad", "float64", "float16", "dtype_mix", "h_shape", "c_missing", "c_for_gru",
+    "weight_shape", "weight_count", "subclass_x", "subclass_weight", "on_meta", "empty_batch", "empty_time"])
+def test_stack_lane_refuses(change):
+    module = _stack("LSTM", num_layers=2)
+    g = _g(11)
+    x = torch.randn(4, 3, 12, generator=g)
+    h, c = torch.randn(2, 3, 20, generator=g), torch.randn(2, 3, 20, generator=g)
+    weights = [p.detach() for p in module.parameters()]
+    mode = "lstm"
+    if change == "x_grad":
+        x.requires_grad_()
+    elif change == "weight_grad":
+        weights[1].requires_grad_()
+    elif change == "h_grad":
+        h.requires_grad_()
+    elif change == "float64":
+        x, h, c, weights = x.double(), h.double(), c.double(), [w.double() for w in weights]
+    elif change == "float16":
+        x, h, c, weights = x.half(), h.half(), c.half(), [w.half() for w in weights]
+    elif change == "dtype_mix":
+        h = h.bfloat16()
+    elif change == "h_shape":
+        h = h[:1]
+    elif change == "c_missing":
+        c = None
+    elif change == "c_for_gru":
+        mode = "gru"
+    elif change == "weight_shape":
+        weights[0] = weights[0][:, :11]  # layer 1's w_ih for 11 input features, x has 12
+    elif change == "weight_count":
+        weights = weights[:-1]
+    elif change == "subclass_x":
+        x = x.as_subclass(_Sub)
+    elif change == "subclass_weight":
+        weights[2] = weights[2].as_subclass(_Sub)
+    elif change == "on_meta":
+        x = x.to("meta")
+    elif change == "empty_batch":
+        x, h, c = x[:, :0], h[:, :0], c[:, :0]
+    elif change == "empty_time":
+        x = x[:0]
+    assert rnn.stack_lane(mode, x, weights, h, c, 2, False) is None
+    if change in ("x_grad", "weight_grad", "h_grad"):
+        with torch.no_grad():  # with grad mode off the lane takes it: there is nothing to record
+            assert rnn.stack_lane(mode, x, weights, h, c, 2, False) is not None
+
+
+def test_stack_lane_takes_the_unchanged_arguments_and_refuses_by_state(monkeypatch):
+    module = _stack("LSTM", num_layers=2)
+    g = _g(11)
+    args = ["lstm", torch.randn(4, 3, 12, generator=g), [p.detach() for p in module.parameters()],
+            torch.randn(2, 3, 20, generator=g), torch.randn(2, 3, 20, generator=g), 2, False]
+    assert rnn.stack_lane(*args) is not None  # grad mode on, nothing requiring grad
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert rnn.stack_lane(*args) is None
+    monkeypatch.setenv("BIGNLP_FAST_BACKEND", "torch")
+    assert rnn.stack_lane(*args) is None
+
+
+def test_stack_module_errors_are_the_general_paths(monkeypatch):
+    """Bad input and bad hx raise the module's messages whether or not the lane is open."""
+    lstm = _stack("LSTM")
+    for x, hx, match in [(torch.randn(5, 2, 11), None, "input.size\\(-1\\) must be equal to input_size"),
+                         (torch.randn(5, 2, 12), (torch.zeros(1, 3, 20), torch.zeros(1, 3, 20)), "hidden\\[0\\]"),
+                         (torch.randn(5, 2, 12).double(), None, "dtype")]:
+        for closed in (False, True):
+            with monkeypatch.context() as m, torch.no_grad():
+                if closed:
+                    m.setattr(nn_rnn, "stack_lane", lambda *a: None)
+                with pytest.raises((RuntimeError, ValueError), match=match):
+                    lstm(x, hx)

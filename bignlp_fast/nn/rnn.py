@@ -41,7 +41,9 @@ from bignlp_fast import _backend
 from bignlp_fast.ops._common import autocast_enabled, values_readable
 from bignlp_fast.ops.add_layer_norm import add_layer_norm
 from bignlp_fast.ops.layer_norm_lstm import layer_norm_lstm_layer
-from bignlp_fast.ops.rnn import OP as RNN_OP, cell_lane, input_projection, recurrent_stack, rnn_layer, stack_layers
+from bignlp_fast.ops._common import PLAIN_TENSORS
+from bignlp_fast.ops.rnn import (OP as RNN_OP, cell_lane, input_projection, recurrent_stack, rnn_layer, stack_lane,
+                                  stack_layers)
 
 __all__ = ["GRU", "GRUCell", "LSTM", "LSTMCell", "LayerNormLSTM", "RNN", "RNNCell"]
 
@@ -164,6 +166,11 @@ class _FusedRNNBase:
         last step; the reverse direction starts there), and its output is zero past its length.
         The same result as pack_padded_sequence -> forward -> pad_packed_sequence, without the sort
         and copies, and traceable by torch.compile(fullgraph=True)."""
+        if (lengths is None and self.backend is None and type(input) in PLAIN_TENSORS and input.dim() == 3
+                and self.proj_size == 0 and not (self.training and self.dropout > 0)):
+            lane = self._lane(input, hx)  # a plain inference call: ops.rnn.stack_lane
+            if lane is not None:
+                return lane
         name = type(self).__name__
         packed = isinstance(input, PackedSequence)
         sorted_indices = unsorted_indices = None
@@ -208,6 +215,20 @@ class _FusedRNNBase:
             output, h_n = output.squeeze(1), h_n.squeeze(1)
             c_n = c_n.squeeze(1) if c_n is not None else None
         elif self.batch_first:
+            output = output.transpose(0, 1)
+        return output, ((h_n, c_n) if c_n is not None else h_n)
+
+    def _lane(self, input: Tensor, hx):
+        """forward's result by ops.rnn.stack_lane for a batched 3-d input, or None (the general path)."""
+        self._check_input(input)
+        x = input.transpose(0, 1) if self.batch_first else input  # [T, B, F]
+        h0, c0 = self._initial_states(hx, x, True, False)
+        out = stack_lane(_MODES[self.mode], x, [getattr(self, n) for n in self._flat_weights_names], h0, c0,
+                         self.num_layers, self.bidirectional)
+        if out is None:
+            return None
+        output, h_n, c_n = out
+        if self.batch_first:
             output = output.transpose(0, 1)
         return output, ((h_n, c_n) if c_n is not None else h_n)
 

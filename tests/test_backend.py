@@ -277,6 +277,26 @@ def test_calls_that_something_must_see_go_through_the_dispatcher(body_calls):
     assert body_calls == []
 
 
+# ---- the CPU kernels' scratch memory (csrc/cpu/common.h: LineVector, line_buffer) ------------------
+def test_cpu_kernels_keep_their_scratch_on_cache_lines():
+    """No CPU kernel holds float / bf16 scratch in a plain std::vector or new[]: glibc aligns those to
+    16 bytes, and where they landed varied from process to process, so the same kernel ran 2.5x slower
+    in some processes than in others (the bf16 LSTM's AMX operands). cpu::LineVector and
+    cpu::line_buffer start on a 64-byte line."""
+    import re
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "csrc", "cpu")
+    plain = re.compile(r"std::vector<\s*(float|c10::BFloat16|uint32_t|T|AT)\s*>|new\s+(float|c10::BFloat16|uint32_t|T)\s*\[")
+    found = []
+    for name in sorted(os.listdir(root)):
+        if name.endswith((".cpp", ".h")):
+            with open(os.path.join(root, name)) as f:
+                for number, line in enumerate(f, 1):
+                    code = line.split("//", 1)[0]
+                    if plain.search(code):
+                        found.append(f"csrc/cpu/{name}:{number}: {line.strip()}")
+    assert found == [], "scratch off a cache line (use cpu::LineVector / cpu::line_buffer):\n" + "\n".join(found)
+
+
 # ---- the cache of CPU output buffers (csrc/cpu/buffer_cache.h) -------------------------------------
 def test_large_outputs_come_back_from_the_buffer_cache_and_never_alias():
     from bignlp_fast.ops import linear

@@ -38,10 +38,9 @@ from torch import Tensor
 from torch.nn.utils.rnn import PackedSequence
 
 from bignlp_fast import _backend
-from bignlp_fast.ops._common import autocast_enabled, values_readable
+from bignlp_fast.ops._common import PLAIN_TENSORS, autocast_enabled, values_readable
 from bignlp_fast.ops.add_layer_norm import add_layer_norm
 from bignlp_fast.ops.layer_norm_lstm import layer_norm_lstm_layer
-from bignlp_fast.ops._common import PLAIN_TENSORS
 from bignlp_fast.ops.rnn import (OP as RNN_OP, cell_lane, input_projection, recurrent_stack, rnn_layer, stack_lane,
                                   stack_layers)
 

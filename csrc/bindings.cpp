@@ -171,7 +171,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_pack_cpu", &linear_pack_cpu, nogil);
   m.def("linear_packed_fits", &linear_packed_fits);
   m.def("rnn_fwd_cpu", &rnn_fwd_cpu, nogil);
-  m.def("rnn_cell_lane_cpu", &rnn_cell_lane_cpu, nogil);
+  m.def("rnn_cell_lane_cpu", &rnn_cell_lane_cpu, py::arg("mode"), py::arg("x"), py::arg("h"), py::arg("c"),
+        py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"), py::arg("ours_projection"),
+        py::arg("packed_ih") = py::none(), py::arg("packed_hh") = py::none(), nogil);
+  m.def("rnn_cell_packed_units", &rnn_cell_packed_units);
   m.def("rnn_bwd_cpu", &rnn_bwd_cpu, nogil);
   m.def("layer_norm_lstm_fwd_cpu", &layer_norm_lstm_fwd_cpu, nogil);
   m.def("layer_norm_lstm_bwd_cpu", &layer_norm_lstm_bwd_cpu, nogil);

@@ -99,12 +99,18 @@ std::vector<at::Tensor> rnn_fwd_cpu(const at::Tensor& xw, const at::Tensor& w_hh
 // as the general path's input_projection chooses), h / c absent meaning zeros. Returns {h'} ({h', c'}
 // for lstm) where it can take the call (2-d x [B, I] with B >= 1, float32 / bfloat16 CPU tensors of
 // one dtype and of the cell's shapes, none needing grad while grad mode is on, c given exactly with
-// h for lstm and never otherwise), else an empty vector, and nothing computed.
+// h for lstm and never otherwise), else an empty vector, and nothing computed. packed_ih / packed_hh:
+// w_ih's and w_hh's copies as linear_pack_cpu packs them (ops.linear.prepack); for float32 and H a
+// multiple of rnn_cell_packed_units() the step multiplies by them (both products in one parallel
+// region, nothing packed per call), else they are not used.
 std::vector<at::Tensor> rnn_cell_lane_cpu(const std::string& mode, const at::Tensor& x,
                                           const std::optional<at::Tensor>& h, const std::optional<at::Tensor>& c,
                                           const at::Tensor& w_ih, const at::Tensor& w_hh,
                                           const std::optional<at::Tensor>& b_ih, const std::optional<at::Tensor>& b_hh,
-                                          bool ours_projection);
+                                          bool ours_projection, const std::optional<at::Tensor>& packed_ih,
+                                          const std::optional<at::Tensor>& packed_hh);
+// The hidden sizes whose cells run on packed weights are multiples of this (the panel width).
+int64_t rnn_cell_packed_units();
 std::vector<at::Tensor> rnn_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& grad_h_n,
                                     const std::optional<at::Tensor>& grad_c_n, const at::Tensor& xw,
                                     const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh, const at::Tensor& h0,

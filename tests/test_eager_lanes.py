@@ -514,6 +514,125 @@ def test_cell_with_a_backend_takes_the_general_path(monkeypatch):
         cell(torch.randn(2, 12))
 
 
+# ---- cells on weights packed once (ops.prepack) ---------------------------------------------------
+def _spy_packed(monkeypatch):
+    """Records, per call of the cells' extension lane, whether it was given packed weights."""
+    given = []
+    real = rnn.kernel
+
+    def kernel(*names):
+        fn = real(*names)
+        if names != ("rnn_cell", "lane", "cpu"):
+            return fn
+        return lambda *a: given.append(a[9] is not None and a[10] is not None) or fn(*a)
+
+    monkeypatch.setattr(rnn, "kernel", kernel)
+    return given
+
+
+@pytest.mark.parametrize("kind,extra", [("LSTMCell", {}), ("GRUCell", {}), ("RNNCell", {"nonlinearity": "tanh"}),
+                                        ("RNNCell", {"nonlinearity": "relu"})], ids=["lstm", "gru", "tanh", "relu"])
+@pytest.mark.parametrize("hidden", [64, 96, 20])  # 20: no whole panels, not packed
+@pytest.mark.parametrize("batch", [1, 5, 40])
+@pytest.mark.parametrize("bias", [True, False])
+def test_prepacked_cell_matches_float64(monkeypatch, kind, extra, hidden, batch, bias):
+    """A cell whose weights ops.prepack marked runs on their packed copies (the extension's packed step),
+    three steps from a zero state, against torch's cell in float64; unmarked, the same cell is not
+    given copies."""
+    torch.manual_seed(0)
+    cell = getattr(bignlp_fast.nn, kind)(24, hidden, bias=bias, **extra)
+    ref = getattr(torch.nn, kind)(24, hidden, bias=bias, **extra).double()
+    ref.load_state_dict(cell.state_dict())
+    x = torch.randn(3, batch, 24, generator=_g(11))
+    given = _spy_packed(monkeypatch)
+    lstm = kind == "LSTMCell"
+    whole = hidden % rnn._cell_packed_units() == 0
+    assert bignlp_fast.ops.prepack(cell) == 2  # (the two weights; biases are 1-d)
+    try:
+        with torch.no_grad():
+            state, expect = None, None
+            for t in range(3):
+                state, expect = cell(x[t], state), ref(x[t].double(), expect)
+                for a, b in zip(state if lstm else (state,), expect if lstm else (expect,)):
+                    assert a.dtype == torch.float32 and a.shape == (batch, hidden)
+                    torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+        assert given == [whole] * 3
+        if whole:
+            from bignlp_fast.ops.linear import prepacked_bytes
+            assert prepacked_bytes() == 4 * (24 + hidden) * cell.weight_hh.shape[0]
+    finally:
+        bignlp_fast.ops.prepack(cell, enabled=False)
+    given.clear()
+    with torch.no_grad():
+        cell(x[0])
+    assert given == [False]
+
+
+def test_prepacked_cell_follows_weight_changes(monkeypatch):
+    """An in-place change of a marked weight (an optimizer step, load_state_dict) repacks it before the
+    next step."""
+    torch.manual_seed(0)
+    cell = bignlp_fast.nn.LSTMCell(16, 32)
+    ref = torch.nn.LSTMCell(16, 32).double()
+    x = torch.randn(4, 16, generator=_g(12))
+    given = _spy_packed(monkeypatch)
+    bignlp_fast.ops.prepack(cell)
+    try:
+        with torch.no_grad():
+            cell(x)
+            cell.weight_hh.mul_(-0.5)
+            cell.weight_ih.add_(0.25)
+            ref.load_state_dict(cell.state_dict())
+            h0 = (torch.randn(4, 32, generator=_g(13)), torch.randn(4, 32, generator=_g(14)))
+            out = cell(x, h0)
+            expect = ref(x.double(), tuple(t.double() for t in h0))
+        for a, b in zip(out, expect):
+            torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+        assert given == [True, True]
+    finally:
+        bignlp_fast.ops.prepack(cell, enabled=False)
+
+
+def test_prepacked_cell_trains_on_the_general_path(monkeypatch):
+    """With autograd recording the weights, the packed copies are not used (the product must be
+    differentiated): the general path runs, with torch's gradients."""
+    torch.manual_seed(0)
+    cell = bignlp_fast.nn.GRUCell(16, 32)
+    ref = torch.nn.GRUCell(16, 32)
+    ref.load_state_dict(cell.state_dict())
+    given = _spy_packed(monkeypatch)
+    bignlp_fast.ops.prepack(cell)
+    try:
+        x = torch.randn(3, 16, generator=_g(15))
+        cell(x).square().sum().backward()
+        ref(x).square().sum().backward()
+        torch.testing.assert_close(cell.weight_hh.grad, ref.weight_hh.grad, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(cell.weight_ih.grad, ref.weight_ih.grad, rtol=1e-5, atol=1e-6)
+        assert True not in given
+    finally:
+        bignlp_fast.ops.prepack(cell, enabled=False)
+
+
+def test_prepacked_bfloat16_cell_is_not_given_copies(monkeypatch):
+    """bfloat16 weights keep the unpacked step (their packed copies, if any, are not the fp32 panels)."""
+    torch.manual_seed(0)
+    cell = bignlp_fast.nn.LSTMCell(16, 32).bfloat16()
+    ref = torch.nn.LSTMCell(16, 32).double()
+    ref.load_state_dict(cell.state_dict())
+    given = _spy_packed(monkeypatch)
+    bignlp_fast.ops.prepack(cell)
+    try:
+        x = torch.randn(2, 16, generator=_g(16)).bfloat16()
+        with torch.no_grad():
+            out = cell(x)
+            expect = ref(x.double())
+        for a, b in zip(out, expect):
+            torch.testing.assert_close(a.double(), b, rtol=3e-2, atol=3e-2)
+        assert True not in given
+    finally:
+        bignlp_fast.ops.prepack(cell, enabled=False)
+
+
 # ---- the recurrent modules (nn.LSTM / GRU / RNN) ------------------------------------------------
 def _stack(kind, dtype=torch.float32, **kw):
     torch.manual_seed(0)

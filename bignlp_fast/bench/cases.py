@@ -278,16 +278,20 @@ def _rnn_cases(kind, b, i, h, t, dtype, modes, suites, layers=1, bidirectional=F
     return out
 
 
-def _rnn_cell_cases(kind, b, i, h, steps, dtype, suites):
+def _rnn_cell_cases(kind, b, i, h, steps, dtype, suites, prepack=False):
     """bignlp_fast.nn.<kind> (LSTMCell, GRUCell, RNNCell) against torch.nn.<kind> with the same weights: an
-    inference loop of ``steps`` calls, each fed the state the last one returned (a user's decoder)."""
+    inference loop of ``steps`` calls, each fed the state the last one returned (a user's decoder).
+    ``prepack``: ours with its weights marked by ops.prepack (packed once, at the first step)."""
     import bignlp_fast.nn as bnn
+    from bignlp_fast.ops import prepack as prepack_weights
 
     def make(device, dt):
         torch.manual_seed(0)
         ref = getattr(torch.nn, kind)(i, h).to(device, dt)
         ours = getattr(bnn, kind)(i, h).to(device, dt)
         ours.load_state_dict(ref.state_dict())
+        if prepack:
+            prepack_weights(ours)
         return dict(x=_randn((steps, b, i), device, dt, False, 0), modules={dt: (ours, ref)})
 
     def loop(cell, x):
@@ -301,7 +305,7 @@ def _rnn_cell_cases(kind, b, i, h, steps, dtype, suites):
     return [Case(op="rnn", mode="fwd", shape=(b, i, h, steps), dtype=dtype, make=make,
                  ours=_no_grad(lambda t, be: loop(_module(t, 0), t["x"])),
                  ref=_no_grad(lambda t: loop(_module(t, 1), t["x"])), flops=flops, suites=suites,
-                 variant=f"{kind}, {steps} steps", ref_name=f"torch.nn.{kind}")]
+                 variant=f"{kind}, {steps} steps" + (", prepacked" if prepack else ""), ref_name=f"torch.nn.{kind}")]
 
 
 def _layer_norm_lstm_cases(b, i, h, t, dtype, modes, suites, layers=1, bidirectional=False):
@@ -640,6 +644,11 @@ def all_cases() -> list[Case]:
     cases += _rnn_cell_cases("LSTMCell", 32, 512, 512, 16, torch.bfloat16, ("full",))
     for kind in ("GRUCell", "RNNCell"):
         cases += _rnn_cell_cases(kind, 32, 512, 512, 16, torch.float32, ("full",))
+    # ... with their weights packed once (ops.prepack): both products of a step in one parallel region
+    for b in (1, 4, 32):
+        cases += _rnn_cell_cases("LSTMCell", b, 512, 512, 16, torch.float32, ("full",), prepack=True)
+    for kind in ("GRUCell", "RNNCell"):
+        cases += _rnn_cell_cases(kind, 32, 512, 512, 16, torch.float32, ("full",), prepack=True)
     # LayerNormLSTM against the eager loop a user would write (torch has no such layer)
     cases += _layer_norm_lstm_cases(32, 512, 512, 128, torch.float32, both, ("quick", "full"))
     cases += _layer_norm_lstm_cases(4, 512, 512, 128, torch.float32, both, ("full",))

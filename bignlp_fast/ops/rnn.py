@@ -39,7 +39,7 @@ from bignlp_fast import _backend
 from bignlp_fast.ops._common import (PLAIN_TENSORS, acc_dtype, autocast_enabled, call, check_choice, check_lengths,
                                      check_operands, check_tensor, check_time_major, contiguous, cpu_lane_open,
                                      custom_op, fresh_like, grads_or_zeros, kernel, no_zero_grads, register_autograd)
-from bignlp_fast.ops.linear import linear, linear_is_faster, uses_packed_copy
+from bignlp_fast.ops.linear import _packable, _packed, linear, linear_is_faster, uses_packed_copy
 
 OP = _backend.register_op(
     "rnn",
@@ -327,12 +327,19 @@ def cell_lane(mode: str, x: Tensor, hx, lstm: bool, w_ih: Tensor, w_hh: Tensor, 
     Python checks what only it can see (plain tensor types rather than subclasses, hx None, a tensor,
     or for an LSTM a tuple of two, nothing recording or transforming calls, no autocast, the cpu
     backend chosen) and makes input_projection's choice of GEMM (ops.linear where linear_is_faster
-    says so, else F.linear; a weight with a packed copy in use takes the general path); the extension
-    checks the tensors (2-d x, one dtype, float32 / bfloat16, the cell's shapes, no gradient to record)
-    and runs both products and the step, or returns nothing. Where it runs, the general path would run
-    the same kernels on the same tensors: the cell's ~30 us of Python (checks, input_projection,
-    rnn_layer) cost 0.81-0.89x torch.nn.LSTMCell in a 16-step loop at H = 512, where the kernels
-    alone ran 1.07-1.19x (Xeon, session 40)."""
+    says so, else F.linear); the extension checks the tensors (2-d x, one dtype, float32 / bfloat16,
+    the cell's shapes, no gradient to record) and runs both products and the step, or returns nothing.
+    Where it runs, the general path would run the same kernels on the same tensors: the cell's ~30 us
+    of Python (checks, input_projection, rnn_layer) cost 0.81-0.89x torch.nn.LSTMCell in a 16-step
+    loop at H = 512, where the kernels alone ran 1.07-1.19x (Xeon, session 40).
+
+    float32 weights that :func:`bignlp_fast.ops.prepack` marked (both of them), with a hidden size that
+    is a multiple of the extension's ``rnn_cell_packed_units()`` (32 in an AVX-512 build, 16 in an
+    AVX2 one), are multiplied by their packed copies instead: both products of the step in one
+    parallel region, each core on a fixed part of the weights, nothing packed per call (B32 I = H =
+    512 on a 2-core Xeon: the two products in 119 us where torch's two GEMMs take 262). Other marked
+    weights (bfloat16, one of the two) leave the call to the general path, whose projection then uses
+    the packed copy, as before."""
     if type(x) not in PLAIN_TENSORS:
         return None
     if hx is None:
@@ -348,13 +355,30 @@ def cell_lane(mode: str, x: Tensor, hx, lstm: bool, w_ih: Tensor, w_hh: Tensor, 
             or (b_ih is not None and type(b_ih) not in PLAIN_TENSORS)
             or (b_hh is not None and type(b_hh) not in PLAIN_TENSORS) or x.dim() != 2 or not cpu_lane_open()):
         return None
+    packed_ih = packed_hh = None
+    if (w_ih.dtype == torch.float32 and w_hh.dim() == 2 and w_hh.shape[1] % _cell_packed_units() == 0
+            and _packable(w_ih) and _packable(w_hh)):
+        packed_ih, packed_hh = _packed(w_ih), _packed(w_hh)  # (None if another thread unmarked one)
     ours = linear_is_faster(x, w_ih)
-    if ours and uses_packed_copy(x.shape[0], w_ih):
-        return None  # (ops.linear would use the weight's packed copy)
-    out = kernel("rnn_cell", "lane", "cpu")(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, ours)
+    if packed_ih is None or packed_hh is None:
+        packed_ih = packed_hh = None
+        if ours and uses_packed_copy(x.shape[0], w_ih):
+            return None  # (ops.linear would use the weight's packed copy)
+    out = kernel("rnn_cell", "lane", "cpu")(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, ours, packed_ih, packed_hh)
     if not out:
         return None
     return (out[0], out[1]) if lstm else out[0]
+
+
+_CELL_PACKED_UNITS: list[int] = []
+
+
+def _cell_packed_units() -> int:
+    """The extension's rnn_cell_packed_units(), asked once (the cells on packed weights need hidden sizes
+    that are multiples of it)."""
+    if not _CELL_PACKED_UNITS:
+        _CELL_PACKED_UNITS.append(_backend.compiled().rnn_cell_packed_units())
+    return _CELL_PACKED_UNITS[0]
 
 
 def stack_lane(mode: str, x: Tensor, weights, h0: Tensor, c0: Optional[Tensor], num_layers: int,

@@ -140,6 +140,18 @@ def linear_streaming_rows(prepacked: bool = False) -> int:
     return _LINEAR_STREAMING_ROWS[bool(prepacked)]
 
 
+# The most rows of float32 x that ops.linear multiplies by a packed weight without packing x
+# (csrc/cpu/gemm.h's prepacked_rows_gemm: 256 on Intel CPUs with an AVX-512 build, where it was
+# measured against MKL; 0 elsewhere, where packed weights go to the packed GEMM); 0 without the extension.
+_LINEAR_PREPACKED_DIRECT_ROWS = int(_C.linear_prepacked_direct_rows()) if _C is not None else 0
+
+
+def linear_prepacked_direct_rows() -> int:
+    """The most rows of float32 x that ops.linear multiplies by a weight packed once (ops.prepack) on
+    the kernel that reads x in place (past the streaming rows; 0: none)."""
+    return _LINEAR_PREPACKED_DIRECT_ROWS
+
+
 def cpu_kernels_avx2() -> bool:
     """Whether the CPU kernels are an AVX2 build (at::vec's AVX2 level; the CPU lacks AVX-512)."""
     return _BUILD_INFO.get("cpu_capability") == "AVX2"

@@ -140,6 +140,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_streaming_rows", &bignlp_fast::cpu::linear_streaming_rows, py::arg("prepacked") = false,
         "The most rows of x the CPU linear runs on its streaming kernels for a [N, K] weight (no packing), "
         "packed already by linear_pack_cpu or not");
+  m.def("linear_prepacked_direct_rows", &bignlp_fast::cpu::linear_prepacked_direct_rows,
+        "The most rows of float32 x the CPU linear multiplies by a packed weight without packing x (0: never)");
   m.def("bf16_dot_available", &bignlp_fast::cpu::bf16_dot_available,
         "Whether this build has the AVX512_BF16 dot-product tiles for bf16 CPU kernels (the path below AMX)");
   m.def("bf16_dot", &bignlp_fast::cpu::bf16_dot, "Whether bf16 CPU kernels not on AMX take the AVX512_BF16 tiles now");

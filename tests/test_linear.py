@@ -184,6 +184,13 @@ def test_the_rule_for_float32_products_per_build(monkeypatch, avx2):
         assert not faster(64, 128, 128) and faster(64, 256, 256) and faster(1024, 256, 256)
     monkeypatch.setattr(_backend, "blas_sgemm_is_fast", lambda: True)
     assert faster(16, 512, 512) and not faster(17, 512, 512) and not faster(1024, 768, 3072)
+    # ... but a weight packed once, on the kernel that reads x in place (where the build has it): to
+    # PREPACKED_ROWS rows, from 1 MiB of weight
+    for direct in (0, 256):
+        monkeypatch.setattr(_backend, "linear_prepacked_direct_rows", lambda direct=direct: direct)
+        assert faster(17, 512, 512, prepacked=True) == bool(direct) == faster(48, 768, 3072, prepacked=True)
+        assert not faster(49, 768, 3072, prepacked=True) and not faster(32, 256, 512, prepacked=True)
+        assert not faster(32, 384, 384, prepacked=True) and not faster(256, 768, 768, prepacked=True)
     # MKL's matrix-vector kernels (an Intel CPU, AVX-512 build): F.linear at 1 row, and 2 of a [N, K] weight
     assert faster(1, 768, 3072) == avx2 and faster(2, 768, 3072) == avx2
     assert faster(2, 768, 3072, transposed=True) and faster(4, 768, 3072)
@@ -267,9 +274,31 @@ def test_a_prepacked_weight_gives_the_products_of_the_weight(lin, rows, kn, dtyp
             packed = C.linear_pack_cpu(w)
             y = C.linear_fwd_cpu(x, w, b, packed)
             assert_within_torch_error(f"prepacked {path} M{rows} {kn} {dtype}", y, F.linear(x, w, b), ref, dtype)
-            if rows > C.linear_streaming_rows(False):  # both on the packed GEMM: the same sums
+            # both on the packed GEMM: the same sums (float32 up to linear_prepacked_direct_rows() rows of a
+            # packed weight take prepacked_rows_gemm, which adds in another order: the float64 check above)
+            direct = dtype == torch.float32 and rows <= C.linear_prepacked_direct_rows()
+            if rows > C.linear_streaming_rows(False) and not direct:
                 torch.testing.assert_close(y, C.linear_fwd_cpu(x, w, b, None), rtol=0, atol=0)
             assert not torch.equal(C.linear_fwd_cpu(x, w, b, torch.zeros_like(packed)), y)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("kn", [(300, 70), (64, 32), (1000, 200)], ids=str)
+def test_a_prepacked_weight_read_with_x_in_place(lin, bias, kn):
+    """The float32 kernel for a packed weight that reads x in place (prepacked_rows_gemm, up to
+    linear_prepacked_direct_rows() rows where the build has it, else the packed GEMM): with and without
+    a bias, a partial last panel, against float64."""
+    C = _cpu_kernels()
+    k, n = kn
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(n, k, generator=g) * k ** -0.5
+    b = torch.randn(n, generator=g) if bias else None
+    packed = C.linear_pack_cpu(w)
+    for rows in (17, 40, 256):
+        x = torch.randn(rows, k, generator=g)
+        y = C.linear_fwd_cpu(x, w, b, packed)
+        ref = F.linear(x.double(), w.double(), None if b is None else b.double())
+        assert_within_torch_error(f"prepacked M{rows} {kn}", y, F.linear(x, w, b), ref, torch.float32)
 
 
 def test_marked_weights_are_packed_once_and_again_when_they_change(lin):

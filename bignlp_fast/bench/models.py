@@ -254,6 +254,7 @@ def model_cases() -> list[Case]:
     # one request of 48 tokens (every GEMM 48 rows: the streaming kernels' range where they beat BLAS)
     cases += _bert_cases(1, 48, torch.float32, ("fwd",), ("full",))
     cases += _bert_cases(1, 48, torch.bfloat16, ("fwd",), ("full",))
+    cases += _bert_cases(1, 48, torch.float32, ("fwd",), ("full",), prepack=True)
     # one request of 128 tokens, weights packed per call and once (ops.prepack: 33 rows and up)
     cases += _bert_cases(1, 128, torch.float32, ("fwd",), ("full",))
     for dt in (torch.float32, torch.bfloat16):

@@ -146,6 +146,15 @@ MIN_SKINNY_WEIGHT_BYTES = 1 << 20  # a decoding-sized input's weight below this:
 # lm_head), a [K, N] one won (1.27-1.46x), and from 4 rows the streaming kernels won (1.3-1.8x) but at
 # [768, 768]. So there F.linear takes up to MKL_GEMV_ROWS rows, and 2 rows of a [N, K] weight.
 MKL_GEMV_ROWS = 1
+# ... and a weight packed once (prepack) there, past the streaming rows: ops.linear's kernel that reads
+# x in place (csrc/cpu/gemm.h's prepacked_rows_gemm, up to _backend.linear_prepacked_direct_rows() rows)
+# against F.linear, no_grad, in-process medians of 15 (session 42): 1.02-1.57x at 17-48 rows of weights
+# from 1 MiB ([512, 512], [768, 768], [384, 1536] and back, [512, 2048], [768, 2304], [768, 3072] and
+# back; mostly 1.1-1.5x); at 64 rows 0.91-1.24x, at 128-256 rows 0.83-1.05x. The kernel alone ran
+# 1.2-1.3x MKL at 128 rows: what the call's Python costs after a kernel that swept the caches (~60 us
+# there, against a few us in a warm loop) takes the rest. So up to PREPACKED_ROWS rows, from
+# MIN_SKINNY_WEIGHT_BYTES of weight.
+PREPACKED_ROWS = 48
 
 
 def linear_is_faster(x: Tensor, weight: Tensor, prepacked: Optional[bool] = None) -> bool:
@@ -185,7 +194,7 @@ def linear_is_faster(x: Tensor, weight: Tensor, prepacked: Optional[bool] = None
     avx2 = _backend.cpu_kernels_avx2()  # the one rule that weighs autograd and packed copies (see _shape_rule)
     grad = avx2 and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     if prepacked is None:
-        prepacked = avx2 and _packable(weight)
+        prepacked = (avx2 or _backend.linear_prepacked_direct_rows() > 0) and _packable(weight)
     return linear_is_faster_for(x.device, x.dtype, x.numel() // k, k, weight.shape[0], grad,
                                 transposed=not weight.is_contiguous(), prepacked=prepacked)
 
@@ -218,8 +227,9 @@ def _shape_rule(dtype: torch.dtype, rows: int, k: int, n: int, grad: bool, trans
             return False  # MKL's own matrix-vector kernels on an Intel CPU (see MKL_GEMV_ROWS)
         return k * n * dtype.itemsize >= MIN_SKINNY_WEIGHT_BYTES
     if dtype == torch.float32:
-        if _backend.blas_sgemm_is_fast():
-            return False
+        if _backend.blas_sgemm_is_fast():  # MKL, but for a weight packed once, a few dozen rows (PREPACKED_ROWS)
+            return (prepacked and rows <= min(PREPACKED_ROWS, _backend.linear_prepacked_direct_rows())
+                    and k * n * dtype.itemsize >= MIN_SKINNY_WEIGHT_BYTES)
         if _backend.cpu_kernels_avx2():  # Zen 1 / Zen 2 (see MIN_ROWS_AVX2)
             weight_bytes = k * n * dtype.itemsize
             if rows <= _backend.linear_streaming_rows(prepacked):

@@ -564,11 +564,49 @@ void packed_gemm(int64_t M, int64_t N, int64_t K, Strided<T> A, Strided<T> B, co
   });
 }
 
+// C[M, N] = A[M, K] B[K, N] (+ bias) for a float A read in place (row-major, row stride lda) and B
+// packed already by pack_b (a weight packed once: linear_pack_cpu): each thread takes a fixed range of
+// B's panels and multiplies every row of A by them (small_gemm: K in slices whose part of the panel
+// stays in L1 while the row tiles pass over it), onto the bias. No packing at all, where packed_gemm
+// packs each row block of A once per group of panels and hands out tasks from a counter: for a few
+// hundred rows that packing and those tasks cost more than they save. 2-core Xeon (AMX build),
+// in-process medians, GFLOP/s against packed_gemm's on the same packed B and MKL's (F.linear): 32 rows
+// of [768, 768] 310 / 141 / 155, 64 rows of [3072, 768] 287 / 160 / 201, 128 rows of [768, 3072]
+// 296 / 195 / 263, 256 rows of [3072, 768] 275 / 242 / 292 (MKL ahead from there on: 384 rows and up).
+// For the cells on packed weights (rnn.cpp) the same loop runs fused with their update.
+inline void prepacked_rows_gemm(int64_t M, int64_t N, int64_t K, const float* a, int64_t lda, const float* bp,
+                                const float* bias, float* C, int64_t ldc) {
+  using gemm_detail::kPanel;
+  const int64_t panels = (N + kPanel - 1) / kPanel;
+  // a thread's share is at least ~1M multiply-adds (~4 us), else waking the pool costs more than it saves
+  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 20) / std::max<int64_t>(1, M * K * kPanel));
+  at::parallel_for(0, panels, grain, [&](int64_t p0, int64_t p1) {
+    LineBuffer<float> part;  // the last, partial panel ([M, kPanel]: its columns past N are not C's)
+    for (int64_t p = p0; p < p1; ++p) {
+      const int64_t n0 = p * kPanel, nc = std::min(kPanel, N - n0);
+      if (nc < kPanel && !part) part = line_buffer<float>(M * kPanel);
+      float* c = nc == kPanel ? C + n0 : part.get();
+      const int64_t ldo = nc == kPanel ? ldc : kPanel;
+      for (int64_t m = 0; m < M; ++m) {
+        float* row = c + m * ldo;
+        if (bias != nullptr) std::copy_n(bias + n0, nc, row);
+        std::fill(row + (bias != nullptr ? nc : 0), row + kPanel, 0.f);
+      }
+      small_gemm(M, kPanel, K, a, lda, 1, bp + p * K * kPanel, kPanel, c, ldo, 1.f, true);
+      if (nc < kPanel)
+        for (int64_t m = 0; m < M; ++m) std::copy_n(part.get() + m * kPanel, nc, C + m * ldc + n0);
+    }
+  });
+}
+
 // Whether torch's fp32 GEMM (MKL) beats packed_gemm on this machine and build (linear.cpp).
 bool blas_sgemm_is_fast();
 // The most rows of x that linear_fwd_cpu runs on the streaming kernels for a [N, K] weight (skinny_gemm.h),
 // packed already (linear_pack_cpu) or not.
 int64_t linear_streaming_rows(bool prepacked);
+// The most rows of float32 x that linear_fwd_cpu multiplies by a packed weight on prepacked_rows_gemm
+// (past the streaming rows), 0 where it is not used (linear.cpp).
+int64_t linear_prepacked_direct_rows();
 
 // a^T b for fp32 a [R, X] and b [R, Y]: [X, Y] fp32 (the weight gradients of the recurrent ops: a sum
 // over every (step, row)) on packed_gemm, or on torch's GEMM where that is the faster one.

@@ -46,6 +46,8 @@ using cpu::store_any;
 using cpu::to_float;
 
 constexpr int64_t kUnits = 2 * fVec::size();  // hidden units per block of the forward's GEMM
+// (the panel width of gemm.h too: the cells on packed weights read linear_pack_cpu's panels as blocks)
+static_assert(kUnits == cpu::gemm_detail::kPanel);
 
 enum class Mode { kLstm, kGru, kRnnTanh, kRnnRelu };
 

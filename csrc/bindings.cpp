@@ -172,7 +172,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("linear_bwd_cpu", &linear_bwd_cpu, nogil);
   m.def("linear_pack_cpu", &linear_pack_cpu, nogil);
   m.def("linear_packed_fits", &linear_packed_fits);
-  m.def("rnn_fwd_cpu", &rnn_fwd_cpu, nogil);
+  m.def("rnn_fwd_cpu", &rnn_fwd_cpu, py::arg("xw"), py::arg("w_hh"), py::arg("b_hh"), py::arg("h0"), py::arg("c0"),
+        py::arg("w_hr"), py::arg("lengths"), py::arg("mode"), py::arg("reverse"), py::arg("save_workspace"),
+        py::arg("packed_hh") = py::none(), nogil);
   m.def("rnn_cell_lane_cpu", &rnn_cell_lane_cpu, py::arg("mode"), py::arg("x"), py::arg("h"), py::arg("c"),
         py::arg("w_ih"), py::arg("w_hh"), py::arg("b_ih"), py::arg("b_hh"), py::arg("ours_projection"),
         py::arg("packed_ih") = py::none(), py::arg("packed_hh") = py::none(), nogil);

@@ -88,12 +88,15 @@ std::vector<at::Tensor> attention_bwd_cpu(const at::Tensor& grad_out, const at::
 // The contract is stated in bignlp_fast/ops/rnn.py. xw [T, B, G*H], w_hh [G*H, S], b_hh [G*H],
 // h0 [B, S], c0 [B, H] (lstm), w_hr [S, H] (lstm with projection), lengths int64 [B]; contiguous.
 // Forward returns {out [T, B, S], h_n [B, S], c_n [B, H] or [0], workspace [T, B, W] float32 (or
-// [0] when save_workspace is false: inference, no backward to feed)}.
+// [0] when save_workspace is false: inference, no backward to feed)}. packed_hh: w_hh as linear_pack_cpu
+// packs it (ops.linear.prepack), multiplied in place of packing W_hh^T per call where it is float32
+// panels and H is a multiple of rnn_cell_packed_units(); else not used.
 // Backward returns {d_xw, d_w_hh, d_b_hh or [0], d_h0, d_c0 or [0], d_w_hr or [0]}.
 std::vector<at::Tensor> rnn_fwd_cpu(const at::Tensor& xw, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh,
                                     const at::Tensor& h0, const std::optional<at::Tensor>& c0,
                                     const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths,
-                                    const std::string& mode, bool reverse, bool save_workspace);
+                                    const std::string& mode, bool reverse, bool save_workspace,
+                                    const std::optional<at::Tensor>& packed_hh = std::nullopt);
 // The cells' eager lane (nn.LSTMCell / GRUCell / RNNCell): one step of `mode` for a plain inference
 // call, the input projection included (ours_projection: on linear_fwd_cpu, unpacked, else at::linear,
 // as the general path's input_projection chooses), h / c absent meaning zeros. Returns {h'} ({h', c'}

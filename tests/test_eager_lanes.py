@@ -790,3 +790,38 @@ def test_stack_module_errors_are_the_general_paths(monkeypatch):
                     m.setattr(nn_rnn, "stack_lane", lambda *a: None)
                 with pytest.raises((RuntimeError, ValueError), match=match):
                     lstm(x, hx)
+
+
+@pytest.mark.parametrize("kind", ["LSTM", "GRU", "RNN"])
+@pytest.mark.parametrize("hidden", [64, 20])  # 20: no whole panels, packed per call as before
+def test_stack_lane_reads_a_prepacked_w_hh(monkeypatch, kind, hidden):
+    """A recurrent module whose weights ops.prepack marked multiplies by W_hh's packed copy (the same
+    panels forward() packs per call, so the very same numbers), and the copy follows a change."""
+    torch.manual_seed(0)
+    module = getattr(bignlp_fast.nn, kind)(12, hidden, num_layers=2, bidirectional=True)
+    x = torch.randn(7, 3, 12, generator=_g(17))
+    passed = []
+    real = rnn.kernel
+
+    def kernel(*names):
+        fn = real(*names)
+        if names != ("rnn", "fwd", "cpu"):
+            return fn
+        return lambda *a: passed.append(a[10] is not None) or fn(*a)
+
+    with torch.no_grad():
+        before = _flat(module(x))
+        monkeypatch.setattr(rnn, "kernel", kernel)
+        assert bignlp_fast.ops.prepack(module) == 8  # per layer and direction, W_ih and W_hh
+        try:
+            packed = _flat(module(x))
+            for a, b in zip(packed, before):
+                assert torch.equal(a, b)
+            assert passed == [hidden % rnn._cell_packed_units() == 0] * 4
+            module.weight_hh_l1.mul_(0.5)
+            changed = _flat(module(x))
+            bignlp_fast.ops.prepack(module, enabled=False)
+            for a, b in zip(changed, _flat(module(x))):
+                assert torch.equal(a, b)
+        finally:
+            bignlp_fast.ops.prepack(module, enabled=False)

@@ -395,7 +395,11 @@ def stack_lane(mode: str, x: Tensor, weights, h0: Tensor, c0: Optional[Tensor], 
     torch.nn.LSTM through them, 1.15-1.16x without). Taken when the process is open to lanes
     (cpu_lane_open), nothing would be recorded for autograd, and every tensor is a plain CPU tensor of
     x's dtype (float32 or bfloat16) with the shapes the stack expects; anything else is left to the
-    general path, which checks it and says what is wrong."""
+    general path, which checks it and says what is wrong. A float32 W_hh that
+    :func:`bignlp_fast.ops.prepack` marked, with a hidden size that is a multiple of
+    ``rnn_cell_packed_units()``, is multiplied by its packed copy (the same panels forward() would pack
+    at every call, so the same numbers); the input projections follow input_projection's rule, which
+    uses the packed W_ih where ops.linear takes the product."""
     directions = 2 if bidirectional else 1
     groups = num_layers * directions
     per = len(weights) // groups if groups else 0
@@ -422,13 +426,17 @@ def stack_lane(mode: str, x: Tensor, weights, h0: Tensor, c0: Optional[Tensor], 
                     or (grad and t.requires_grad)):
                 return None
     run_kernel = kernel("rnn", "fwd", "cpu")
+    # float32 W_hh that ops.prepack marked: multiplied by its packed copy (no packing per call)
+    packs = dtype == torch.float32 and hidden % _cell_packed_units() == 0
 
     def run(k: int, layer_input: Tensor, reverse: bool):
         w = weights[k * per:(k + 1) * per]
         xw, b_ih = input_projection(layer_input, w[0], w[2] if per == 4 else None, None, defer_bias=mode != "gru")
         b_hh = (w[3] if per == 4 else None) if b_ih is None else b_ih + w[3]
+        packed = _packed(w[1]) if packs and _packable(w[1]) else None
         out, h, c, _ws = run_kernel(xw.contiguous(), w[1].contiguous(), contiguous(b_hh), h0[k].contiguous(),
-                                    contiguous(c0[k]) if c0 is not None else None, None, None, mode, reverse, False)
+                                    contiguous(c0[k]) if c0 is not None else None, None, None, mode, reverse, False,
+                                    packed)
         return out, h, (c if mode == "lstm" else None)
 
     out, h_n, c_n = stack_layers(x, num_layers, directions, 0.0, False, run)

@@ -245,7 +245,7 @@ template <typename T>
 void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh,
              const at::Tensor& h0, const std::optional<at::Tensor>& c0, const std::optional<at::Tensor>& w_hr,
              const std::vector<int64_t>& len, bool reverse, at::Tensor& out, at::Tensor& h_n, at::Tensor& c_n,
-             at::Tensor& ws, bool save) {
+             at::Tensor& ws, bool save, const float* packed_hh) {
   const int64_t G = sh.G, H = sh.H, S = sh.S, B = sh.B;
   const int64_t blocks = (H + kUnits - 1) / kUnits, ld_w = blocks * G * kUnits;
   // W_hh^T in panels of kUnits columns, panel (blk * G + g) holding gate g of units blk * kUnits + u:
@@ -265,15 +265,30 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
   // run only their gate epilogue on it. In bf16 only where torch's bf16 GEMM is oneDNN's (AMX or
   // AVX512_BF16 here too), and then the product is rounded to bf16, as in torch's own bf16 cell.
   const bool one_step = sh.T == 1 && one_step_uses_torch_gemm<T>();
+  // A float32 W_hh packed once (ops.linear.prepack, linear_pack_cpu's panels; its caller checked the
+  // layout): the same panels, in gate-major order (gate g of block blk is panel g * blocks + blk),
+  // read in place instead of packing W_hh^T at every call.
+  const bool prepacked = packed_hh != nullptr && std::is_same_v<T, float> && !one_step;
   const at::Tensor rec = one_step ? one_step_product(h0, w_hh) : at::Tensor();
   const float* rec_p = one_step ? rec.const_data_ptr<float>() : nullptr;
   const int64_t GU = G * kUnits;
   cpu::LineVector<float> bias(ld_w, 0.f);
   const int64_t K2 = (S + 1) / 2;
-  // written whole below: no zeroing first (a 4 MiB memset is ~0.1 ms a call)
-  const cpu::LineBuffer<float> wt = cpu::line_buffer<float>(dot || amx || one_step ? 0 : S * ld_w);
-  const cpu::LineBuffer<c10::BFloat16> wtb = cpu::line_buffer<c10::BFloat16>(dot && !one_step ? K2 * ld_w * 2 : 0);
-  cpu::LineVector<c10::BFloat16> w_amx(amx && !one_step ? blocks * K2 * GU * 2 : 0);
+  // The packed W_hh, MiBs: from the buffer cache (buffer_cache.h), whose pages stay faulted in from one
+  // call to the next. In fresh memory every call (line_buffer, std::vector before it) the packing took
+  // ~270 us of a B1 H512 LSTM call, mostly page faults (~75 us with the copy of ops.prepack read instead).
+  // Written whole below: no zeroing first (a 4 MiB memset is ~0.1 ms a call); AMX's blocks are zeroed
+  // (their columns past H are not written).
+  const auto f32 = at::TensorOptions().dtype(at::kFloat), b16 = at::TensorOptions().dtype(at::kBFloat16);
+  const at::Tensor wt_buf = cpu::cached_empty({dot || amx || one_step || prepacked ? 0 : S * ld_w}, f32);
+  float* const wt = wt_buf.data_ptr<float>();
+  auto panel = [&](int64_t blk, int64_t g) {  // W_hh^T's columns of gate g, block blk: [S, kUnits]
+    return prepacked ? packed_hh + (g * blocks + blk) * S * kUnits : wt + (blk * G + g) * S * kUnits;
+  };
+  const at::Tensor wtb_buf = cpu::cached_empty({dot && !one_step ? K2 * ld_w * 2 : 0}, b16);
+  c10::BFloat16* const wtb = wtb_buf.data_ptr<c10::BFloat16>();
+  const at::Tensor w_amx_buf = cpu::cached_zeros({amx && !one_step ? blocks * K2 * GU * 2 : 0}, b16);
+  c10::BFloat16* const w_amx = w_amx_buf.data_ptr<c10::BFloat16>();
   const T* w = w_hh.const_data_ptr<T>();
   const T* b_src = b_hh.has_value() ? b_hh->const_data_ptr<T>() : nullptr;
   // Panels by block transposes: panel (blk, g) is the transpose of the kUnits rows of W_hh that hold
@@ -283,25 +298,25 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
   if (b_src != nullptr)  // unit j of gate g at column (j / kUnits * G + g) * kUnits + j % kUnits
     for (int64_t g = 0; g < G; ++g)
       for (int64_t j = 0; j < H; ++j) bias[(j / kUnits * G + g) * kUnits + j % kUnits] = static_cast<float>(b_src[g * H + j]);
-  if (one_step) {
-    // no panels: see rec above
+  if (one_step || prepacked) {
+    // no panels to make: see rec and packed_hh above
   } else if (!amx) {
     at::parallel_for(0, G * blocks, 1, [&](int64_t p0, int64_t p1) {
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t blk = p / G, g = p % G, j0 = blk * kUnits, nu = std::min(kUnits, H - j0);
         const T* rows = w + (g * H + j0) * S;
         if (dot) {
-          uint32_t* dst = reinterpret_cast<uint32_t*>(wtb.get()) + p * K2 * kUnits;
+          uint32_t* dst = reinterpret_cast<uint32_t*>(wtb) + p * K2 * kUnits;
           if (S % 2 == 0) {  // (the panel's columns past H: zero)
             cpu::transpose_32bit(reinterpret_cast<const uint32_t*>(rows), S / 2, dst, kUnits, nu, K2, kUnits);
           } else {  // an odd S: the last pair's high half is zero
             std::fill(dst, dst + K2 * kUnits, 0u);
             for (int64_t u = 0; u < nu; ++u)
-              for (int64_t k = 0; k < S; ++k) wtb.get()[((p * K2 + k / 2) * kUnits + u) * 2 + k % 2] = rows[u * S + k];
+              for (int64_t k = 0; k < S; ++k) wtb[((p * K2 + k / 2) * kUnits + u) * 2 + k % 2] = rows[u * S + k];
           }
           continue;
         }
-        cpu::transpose_to_float(rows, S, wt.get() + p * S * kUnits, kUnits, nu, S, kUnits);
+        cpu::transpose_to_float(rows, S, wt + p * S * kUnits, kUnits, nu, S, kUnits);
       }
     });
   } else {
@@ -319,7 +334,7 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
             if (nu == 16 && S % 2 == 0 && S < (int64_t{1} << 26)) {
               const __m512i at = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
                                                     _mm512_set1_epi32(static_cast<int32_t>(S * 2)));
-              uint32_t* out = reinterpret_cast<uint32_t*>(w_amx.data());
+              uint32_t* out = reinterpret_cast<uint32_t*>(w_amx);
               for (int64_t k2 = 0; k2 < K2; ++k2)
                 _mm512_storeu_si512(out + (blk * K2 + k2) * GU + col0, _mm512_i32gather_epi32(at, rows + 2 * k2, 1));
               continue;
@@ -414,16 +429,16 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
             prefetch_share(x + t_next * B * G * H, B * G * H * static_cast<int64_t>(sizeof(T)), blk, blocks);
         }
         if (amx && !one_step)
-          cpu::amx_gemm(B, GU, 2 * K2, hb.data() + cur * B * 2 * K2, 2 * K2, w_amx.data() + blk * K2 * GU * 2, GU,
+          cpu::amx_gemm(B, GU, 2 * K2, hb.data() + cur * B * 2 * K2, 2 * K2, w_amx + blk * K2 * GU * 2, GU,
                         tile.data(), GU, false);
         for (int64_t g = 0; g < (amx || one_step ? 0 : G); ++g) {
           if (dot) {
             cpu::small_gemm_bf16(B, kUnits, K2, reinterpret_cast<const uint32_t*>(hb.data() + cur * B * 2 * K2), K2,
-                                 1, wtb.get() + (blk * G + g) * K2 * kUnits * 2, kUnits, tile.data() + g * kUnits,
+                                 1, wtb + (blk * G + g) * K2 * kUnits * 2, kUnits, tile.data() + g * kUnits,
                                  G * kUnits);
             continue;
           }
-          small_gemm(B, kUnits, S, h, S, 1, wt.get() + (blk * G + g) * S * kUnits, kUnits,
+          small_gemm(B, kUnits, S, h, S, 1, panel(blk, g), kUnits,
                      tile.data() + g * kUnits, G * kUnits, 1.f, false);
         }
         for (int64_t b = 0; b < B; ++b) {
@@ -637,13 +652,15 @@ void backward(const Shape& sh, const at::Tensor& grad_out, const at::Tensor& gra
   // W_hr [P, H padded] row-major: the B operands of dG W_hh and dh W_hr
   constexpr int64_t VS = fVec::size(), PW = 2 * VS;
   const int64_t ld_s = (S + PW - 1) / PW * PW, ld_h = round_up_to_vec(H);
-  const cpu::LineBuffer<float> w = cpu::line_buffer<float>(GH * ld_s);  // written whole below
+  // written whole below; from the buffer cache, as the forward's packed W_hh
+  const at::Tensor w_buf = cpu::cached_empty({GH * ld_s}, at::TensorOptions().dtype(at::kFloat));
+  float* const w = w_buf.data_ptr<float>();
   cpu::LineVector<float> wr;
   const T* w_src = w_hh.const_data_ptr<T>();
   at::parallel_for(0, GH, 64, [&](int64_t r0, int64_t r1) {  // row r's columns [p PW, (p + 1) PW) to panel p
     for (int64_t r = r0; r < r1; ++r)
       for (int64_t p = 0; p < ld_s / PW; ++p) {
-        float* dst = w.get() + (p * GH + r) * PW;
+        float* dst = w + (p * GH + r) * PW;
         const int64_t n = std::clamp<int64_t>(S - p * PW, 0, PW);
         to_float(w_src + r * S + p * PW, dst, n);
         std::fill(dst + n, dst + PW, 0.f);
@@ -785,7 +802,7 @@ void backward(const Shape& sh, const at::Tensor& grad_out, const at::Tensor& gra
       // zeroed stack array (a memset per call, 3% of a B4 forward+backward).
       for (int64_t p; (p = wk.claim()) >= 0; wk.done()) {
         const int64_t c0_ = p * PW;
-        small_gemm(B, PW, GH, dg, GH, 1, w.get() + p * GH * PW, PW, dh_next + c0_, ld_s, 1.f, gru);
+        small_gemm(B, PW, GH, dg, GH, 1, w + p * GH * PW, PW, dh_next + c0_, ld_s, 1.f, gru);
         for (int64_t b = 0; b < B; ++b)
           if (!(t < len[b]))
             for (int64_t q = 0; q < PW; ++q) dh_next[b * ld_s + c0_ + q] = dh[b * ld_s + c0_ + q];
@@ -803,9 +820,13 @@ void backward(const Shape& sh, const at::Tensor& grad_out, const at::Tensor& gra
 std::vector<at::Tensor> rnn_fwd_cpu(const at::Tensor& xw, const at::Tensor& w_hh, const std::optional<at::Tensor>& b_hh,
                                     const at::Tensor& h0, const std::optional<at::Tensor>& c0,
                                     const std::optional<at::Tensor>& w_hr, const std::optional<at::Tensor>& lengths,
-                                    const std::string& mode, bool reverse, bool save_workspace) {
+                                    const std::string& mode, bool reverse, bool save_workspace,
+                                    const std::optional<at::Tensor>& packed_hh) {
   const Shape sh(mode, xw, w_hh, w_hr.has_value());
   TORCH_CHECK(xw.is_contiguous() && w_hh.is_contiguous() && h0.is_contiguous(), "rnn: operands must be contiguous");
+  // a packed copy is used where it is float32 panels of this w_hh and H fills whole panels, else ignored
+  const bool use_packed = packed_hh.has_value() && xw.scalar_type() == at::kFloat && sh.H % kUnits == 0 &&
+                          linear_packed_fits(*packed_hh, w_hh);
   TORCH_CHECK(h0.size(0) == sh.B && h0.size(1) == sh.S, "rnn: h0 must be [B, S]");
   TORCH_CHECK((sh.mode == Mode::kLstm) == c0.has_value(), "rnn: c0 is given exactly for lstm");
   const auto len = cpu::lengths_of(lengths, sh.B, sh.T);
@@ -820,7 +841,8 @@ std::vector<at::Tensor> rnn_fwd_cpu(const at::Tensor& xw, const at::Tensor& w_hh
       const at::Tensor rec = one_step_product(h0, w_hh);
       forward_one_step<scalar_t>(sh, xw, rec.const_data_ptr<float>(), b_hh, h0, c0, len, out, h_n, c_n);
     } else {
-      forward<scalar_t>(sh, xw, w_hh, b_hh, h0, c0, w_hr, len, reverse, out, h_n, c_n, ws, save_workspace);
+      forward<scalar_t>(sh, xw, w_hh, b_hh, h0, c0, w_hr, len, reverse, out, h_n, c_n, ws, save_workspace,
+                        use_packed ? packed_hh->const_data_ptr<float>() : nullptr);
     }
   });
   return {out, h_n, c_n, ws};
@@ -889,7 +911,8 @@ std::vector<at::Tensor> rnn_cell_lane_cpu(const std::string& mode, const at::Ten
   std::vector<at::Tensor> r = rnn_fwd_cpu(
       xw.unsqueeze(0).contiguous(), w_hh.contiguous(),
       b_hh.has_value() ? std::optional<at::Tensor>(b_hh->contiguous()) : std::nullopt, state(h),
-      lstm ? std::optional<at::Tensor>(state(c)) : std::nullopt, std::nullopt, std::nullopt, mode, false, false);
+      lstm ? std::optional<at::Tensor>(state(c)) : std::nullopt, std::nullopt, std::nullopt, mode, false, false,
+      std::nullopt);
   if (lstm) return {r[1], r[2]};
   return {r[1]};
 }

@@ -237,9 +237,11 @@ def _linear_cases(m, k, n, dtype, modes, suites, variant=None):
 _RNN_GATES = {"LSTM": 4, "GRU": 3, "RNN": 1}
 
 
-def _rnn_cases(kind, b, i, h, t, dtype, modes, suites, layers=1, bidirectional=False):
-    """bignlp_fast.nn.<kind> against torch.nn.<kind> with the same weights, time-major input [T, B, I]."""
+def _rnn_cases(kind, b, i, h, t, dtype, modes, suites, layers=1, bidirectional=False, prepack=False):
+    """bignlp_fast.nn.<kind> against torch.nn.<kind> with the same weights, time-major input [T, B, I].
+    ``prepack``: ours with its weights marked by ops.prepack (inference: packed once, at the first call)."""
     import bignlp_fast.nn as bnn
+    from bignlp_fast.ops import prepack as prepack_weights
     dirs = 2 if bidirectional else 1
 
     def make(device, dt, grad):
@@ -247,6 +249,8 @@ def _rnn_cases(kind, b, i, h, t, dtype, modes, suites, layers=1, bidirectional=F
         ref = getattr(torch.nn, kind)(i, h, num_layers=layers, bidirectional=bidirectional).to(device, dt)
         ours = getattr(bnn, kind)(i, h, num_layers=layers, bidirectional=bidirectional).to(device, dt)
         ours.load_state_dict(ref.state_dict())
+        if prepack:
+            prepack_weights(ours)
         return dict(x=_randn((t, b, i), device, dt, grad, 0), go=_randn((t, b, dirs * h), device, dt, False, 1),
                     modules={dt: (ours, ref)})
 
@@ -258,7 +262,8 @@ def _rnn_cases(kind, b, i, h, t, dtype, modes, suites, layers=1, bidirectional=F
     # FLOPs: input projection and recurrent GEMMs, 2 * T * B * G*H * (I_layer + H) per layer and direction
     flops = sum(2 * t * b * _RNN_GATES[kind] * h * ((i if layer == 0 else dirs * h) + h) * dirs
                 for layer in range(layers))
-    variant = kind + f", {layers} layers" * (layers > 1) + (" bidirectional" if bidirectional else "")
+    variant = (kind + f", {layers} layers" * (layers > 1) + (" bidirectional" if bidirectional else "")
+               + (", prepacked" if prepack else ""))
     common = dict(op="rnn", shape=(b, i, h, t), dtype=dtype, suites=suites, variant=variant,
                   ref_name=f"torch.nn.{kind}")
     out = []
@@ -638,6 +643,10 @@ def all_cases() -> list[Case]:
         cases += _rnn_cases(kind, 16, 128, 128, 64, torch.float32, both, ("full",))
         cases += _rnn_cases(kind, 32, 512, 512, 128, torch.float32, both, ("full",), layers=2, bidirectional=True)
         cases += _rnn_cases(kind, 32, 512, 512, 128, torch.bfloat16, ("fwd",), ("full",))
+    # inference of a short sequence, and of B4 T128, with the weights packed once (ops.prepack)
+    cases += _rnn_cases("LSTM", 1, 512, 512, 16, torch.float32, ("fwd",), ("full",))
+    for b, t in ((1, 16), (4, 128)):
+        cases += _rnn_cases("LSTM", b, 512, 512, t, torch.float32, ("fwd",), ("full",), prepack=True)
     # the cells, stepped by a Python loop as a decoder would (I = H = 512, 16 steps, B 4 and 32)
     for b in (4, 32):
         cases += _rnn_cell_cases("LSTMCell", b, 512, 512, 16, torch.float32, ("full",))

@@ -515,16 +515,17 @@ def test_cell_with_a_backend_takes_the_general_path(monkeypatch):
 
 
 # ---- cells on weights packed once (ops.prepack) ---------------------------------------------------
-def _spy_packed(monkeypatch):
-    """Records, per call of the cells' extension lane, whether it was given packed weights."""
+def _spy_packed(monkeypatch, names=("rnn_cell", "lane", "cpu"), first=9, last=10):
+    """Records, per call of an extension function ops.rnn gets through kernel() (the cells' lane by
+    default), whether it was given packed weights (its arguments first..last all present)."""
     given = []
     real = rnn.kernel
 
-    def kernel(*names):
-        fn = real(*names)
-        if names != ("rnn_cell", "lane", "cpu"):
+    def kernel(*asked):
+        fn = real(*asked)
+        if asked != names:
             return fn
-        return lambda *a: given.append(a[9] is not None and a[10] is not None) or fn(*a)
+        return lambda *a: given.append(all(t is not None for t in a[first:last + 1])) or fn(*a)
 
     monkeypatch.setattr(rnn, "kernel", kernel)
     return given
@@ -800,18 +801,9 @@ def test_stack_lane_reads_a_prepacked_w_hh(monkeypatch, kind, hidden):
     torch.manual_seed(0)
     module = getattr(bignlp_fast.nn, kind)(12, hidden, num_layers=2, bidirectional=True)
     x = torch.randn(7, 3, 12, generator=_g(17))
-    passed = []
-    real = rnn.kernel
-
-    def kernel(*names):
-        fn = real(*names)
-        if names != ("rnn", "fwd", "cpu"):
-            return fn
-        return lambda *a: passed.append(a[10] is not None) or fn(*a)
-
     with torch.no_grad():
         before = _flat(module(x))
-        monkeypatch.setattr(rnn, "kernel", kernel)
+        passed = _spy_packed(monkeypatch, ("rnn", "fwd", "cpu"), 10, 10)
         assert bignlp_fast.ops.prepack(module) == 8  # per layer and direction, W_ih and W_hh
         try:
             packed = _flat(module(x))

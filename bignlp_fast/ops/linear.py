@@ -175,7 +175,10 @@ def linear_is_faster(x: Tensor, weight: Tensor, prepacked: Optional[bool] = None
       SHORT_ROWS_AVX2 rows where autograd records the product or the weight is stored [K, N]). A weight
       packed once (:func:`prepack`) moves those bounds: the streaming kernels up to
       linear_streaming_rows(prepacked=True) rows, the packed GEMM beyond from
-      MIN_WEIGHT_BYTES_PREPACKED_AVX2 of weight.
+      MIN_WEIGHT_BYTES_PREPACKED_AVX2 of weight. Where torch's sgemm is the faster one, a weight packed
+      once still takes ops.linear from the streaming rows to PREPACKED_ROWS rows, from
+      MIN_SKINNY_WEIGHT_BYTES of weight, where the build has the kernel that reads x in place
+      (_backend.linear_prepacked_direct_rows(): Intel CPUs, AVX-512 builds).
     - bfloat16 on the CPU from MIN_MACS_BF16_GENERIC multiply-adds on where torch's bf16 GEMM has no
       vector kernels (_backend.blas_bf16_gemm_is_fast: oneDNN's need AVX-512): 1.25x to 46x F.linear.
     Not: smaller products (see MIN_MACS), bfloat16 beyond 2 rows on a CPU with AVX-512 (torch's GEMM
@@ -272,7 +275,10 @@ def prepack(weights: Union[nn.Module, Tensor, Iterable[Tensor]], enabled: bool =
     weight used beyond the streaming kernels' rows (float32 for bfloat16 weights on CPUs without
     AVX512_BF16). On the Zen 2 measured, F.linear's products at 33-255 rows become ops.linear's (see
     MIN_WEIGHT_BYTES_PREPACKED_AVX2); where _backend.blas_sgemm_is_fast() holds, float32 products stay
-    on F.linear (the prepacked GEMM has not been measured against MKL there).
+    on F.linear but for 17-48 rows (PREPACKED_ROWS) on Intel CPUs with an AVX-512 build, where a kernel
+    that reads x in place ran 1.02-1.57x F.linear. Marked float32 weights of nn.LSTMCell / GRUCell /
+    RNNCell and of nn.LSTM / GRU / RNN (W_hh) are read from their copies by those modules' inference
+    steps too (see bignlp_fast.ops.rnn.cell_lane and stack_lane).
 
     A change made in place through ``.data`` (``w.data.mul_(0.5)``, ``w.data.copy_(new)``) is one no
     check can see: ``.data`` has a version counter of its own, and the storage stays where it was; so

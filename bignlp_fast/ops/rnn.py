@@ -359,11 +359,13 @@ def cell_lane(mode: str, x: Tensor, hx, lstm: bool, w_ih: Tensor, w_hh: Tensor, 
     if (w_ih.dtype == torch.float32 and w_hh.dim() == 2 and w_hh.shape[1] % _cell_packed_units() == 0
             and _packable(w_ih) and _packable(w_hh)):
         packed_ih, packed_hh = _packed(w_ih), _packed(w_hh)  # (None if another thread unmarked one)
-    ours = linear_is_faster(x, w_ih)
     if packed_ih is None or packed_hh is None:
         packed_ih = packed_hh = None
+        ours = linear_is_faster(x, w_ih)
         if ours and uses_packed_copy(x.shape[0], w_ih):
             return None  # (ops.linear would use the weight's packed copy)
+    else:
+        ours = False  # (not asked: the packed step projects on the packed copy)
     out = kernel("rnn_cell", "lane", "cpu")(mode, x, h, c, w_ih, w_hh, b_ih, b_hh, ours, packed_ih, packed_hh)
     if not out:
         return None

@@ -275,8 +275,10 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
   cpu::LineVector<float> bias(ld_w, 0.f);
   const int64_t K2 = (S + 1) / 2;
   // The packed W_hh, MiBs: from the buffer cache (buffer_cache.h), whose pages stay faulted in from one
-  // call to the next. In fresh memory every call (line_buffer, std::vector before it) the packing took
-  // ~270 us of a B1 H512 LSTM call, mostly page faults (~75 us with the copy of ops.prepack read instead).
+  // call to the next. From line_buffer (std::vector before it), 16 MiB at H = 1024 came as fresh pages
+  // at every call: a two-step B1 call 1819 -> 1466 us (LSTM), 1723 -> 1111 (GRU); at H = 512 glibc kept
+  // the memory, and what remains is the packing itself, a transpose bound by memory (~270 us of a
+  // 343-358 us call; 74-94 us on the copy ops.prepack keeps, packed_hh above).
   // Written whole below: no zeroing first (a 4 MiB memset is ~0.1 ms a call); AMX's blocks are zeroed
   // (their columns past H are not written).
   const auto f32 = at::TensorOptions().dtype(at::kFloat), b16 = at::TensorOptions().dtype(at::kBFloat16);

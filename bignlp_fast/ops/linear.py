@@ -197,8 +197,10 @@ def linear_is_faster(x: Tensor, weight: Tensor, prepacked: Optional[bool] = None
     avx2 = _backend.cpu_kernels_avx2()  # the one rule that weighs autograd and packed copies (see _shape_rule)
     grad = avx2 and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
     rows = x.numel() // k
-    if prepacked is None:  # (asked only where the answer can matter: the rule by shape comes first)
-        prepacked = (avx2 or SKINNY_ROWS < rows <= PREPACKED_ROWS) and _packable(weight)
+    if prepacked is None:  # (asked only where the answer can matter; a symbolic size is not compared:
+        # that would guard it, see linear_is_faster_for)
+        prepacked = ((avx2 or (not isinstance(rows, torch.SymInt) and SKINNY_ROWS < rows <= PREPACKED_ROWS))
+                     and _packable(weight))
     return linear_is_faster_for(x.device, x.dtype, rows, k, weight.shape[0], grad,
                                 transposed=not weight.is_contiguous(), prepacked=prepacked)
 

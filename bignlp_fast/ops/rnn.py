@@ -29,6 +29,7 @@ Kernel contract (every backend: csrc/cpu/rnn.cpp, csrc/cuda/rnn.cu, kernels/rnn.
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -355,10 +356,9 @@ def cell_lane(mode: str, x: Tensor, hx, lstm: bool, w_ih: Tensor, w_hh: Tensor, 
             or (b_ih is not None and type(b_ih) not in PLAIN_TENSORS)
             or (b_hh is not None and type(b_hh) not in PLAIN_TENSORS) or x.dim() != 2 or not cpu_lane_open()):
         return None
-    packed_ih = packed_hh = None
-    if (w_ih.dtype == torch.float32 and w_hh.dim() == 2 and w_hh.shape[1] % _cell_packed_units() == 0
-            and _packable(w_ih) and _packable(w_hh)):
-        packed_ih, packed_hh = _packed(w_ih), _packed(w_hh)  # (None if another thread unmarked one)
+    hidden = w_hh.shape[1] if w_hh.dim() == 2 else -1  # (-1: no copies; the extension refuses the call)
+    packed_ih = _step_copy(w_ih, hidden)
+    packed_hh = _step_copy(w_hh, hidden) if packed_ih is not None else None
     if packed_ih is None or packed_hh is None:
         packed_ih = packed_hh = None
         ours = linear_is_faster(x, w_ih)
@@ -372,15 +372,21 @@ def cell_lane(mode: str, x: Tensor, hx, lstm: bool, w_ih: Tensor, w_hh: Tensor, 
     return (out[0], out[1]) if lstm else out[0]
 
 
-_CELL_PACKED_UNITS: list[int] = []
-
-
+@functools.cache
 def _cell_packed_units() -> int:
-    """The extension's rnn_cell_packed_units(), asked once (the cells on packed weights need hidden sizes
-    that are multiples of it)."""
-    if not _CELL_PACKED_UNITS:
-        _CELL_PACKED_UNITS.append(_backend.compiled().rnn_cell_packed_units())
-    return _CELL_PACKED_UNITS[0]
+    """The extension's rnn_cell_packed_units(), asked once (the cells and layers on packed weights need
+    hidden sizes that are multiples of it)."""
+    return _backend.compiled().rnn_cell_packed_units()
+
+
+def _step_copy(weight: Tensor, hidden: int) -> Optional[Tensor]:
+    """``weight``'s packed copy (ops.linear.prepack) for the steps of a cell or layer of ``hidden`` units,
+    made now if missing or stale, where the step reads one: a marked float32 weight, ``hidden`` a
+    multiple of _cell_packed_units(), the call outside autograd's view of the weight; else None (also
+    if another thread has just unmarked it)."""
+    if weight.dtype != torch.float32 or hidden % _cell_packed_units() != 0 or not _packable(weight):
+        return None
+    return _packed(weight)
 
 
 def stack_lane(mode: str, x: Tensor, weights, h0: Tensor, c0: Optional[Tensor], num_layers: int,
@@ -428,14 +434,11 @@ def stack_lane(mode: str, x: Tensor, weights, h0: Tensor, c0: Optional[Tensor], 
                     or (grad and t.requires_grad)):
                 return None
     run_kernel = kernel("rnn", "fwd", "cpu")
-    # float32 W_hh that ops.prepack marked: multiplied by its packed copy (no packing per call)
-    packs = dtype == torch.float32 and hidden % _cell_packed_units() == 0
-
     def run(k: int, layer_input: Tensor, reverse: bool):
         w = weights[k * per:(k + 1) * per]
         xw, b_ih = input_projection(layer_input, w[0], w[2] if per == 4 else None, None, defer_bias=mode != "gru")
         b_hh = (w[3] if per == 4 else None) if b_ih is None else b_ih + w[3]
-        packed = _packed(w[1]) if packs and _packable(w[1]) else None
+        packed = _step_copy(w[1], hidden)  # a W_hh ops.prepack marked: read from its copy
         out, h, c, _ws = run_kernel(xw.contiguous(), w[1].contiguous(), contiguous(b_hh), h0[k].contiguous(),
                                     contiguous(c0[k]) if c0 is not None else None, None, None, mode, reverse, False,
                                     packed)

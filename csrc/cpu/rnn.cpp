@@ -49,6 +49,13 @@ constexpr int64_t kUnits = 2 * fVec::size();  // hidden units per block of the f
 // (the panel width of gemm.h too: the cells on packed weights read linear_pack_cpu's panels as blocks)
 static_assert(kUnits == cpu::gemm_detail::kPanel);
 
+// In a weight [G*H, K] packed by linear_pack_cpu (ops.linear.prepack's copies: W^T in column panels of
+// kUnits floats, panel p = [K, kUnits] holding the output columns [p kUnits, (p + 1) kUnits)), with H a
+// multiple of kUnits: the panel of gate g's units [blk kUnits, (blk + 1) kUnits).
+inline const float* gate_panel(const float* packed, int64_t K, int64_t blocks, int64_t g, int64_t blk) {
+  return packed + (g * blocks + blk) * K * kUnits;
+}
+
 enum class Mode { kLstm, kGru, kRnnTanh, kRnnRelu };
 
 Mode parse_mode(const std::string& mode) {
@@ -266,8 +273,8 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
   // AVX512_BF16 here too), and then the product is rounded to bf16, as in torch's own bf16 cell.
   const bool one_step = sh.T == 1 && one_step_uses_torch_gemm<T>();
   // A float32 W_hh packed once (ops.linear.prepack, linear_pack_cpu's panels; its caller checked the
-  // layout): the same panels, in gate-major order (gate g of block blk is panel g * blocks + blk),
-  // read in place instead of packing W_hh^T at every call.
+  // layout): the same panels, in gate-major order (gate_panel), read in place instead of packing W_hh^T
+  // at every call.
   const bool prepacked = packed_hh != nullptr && std::is_same_v<T, float> && !one_step;
   const at::Tensor rec = one_step ? one_step_product(h0, w_hh) : at::Tensor();
   const float* rec_p = one_step ? rec.const_data_ptr<float>() : nullptr;
@@ -285,7 +292,7 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
   const at::Tensor wt_buf = cpu::cached_empty({dot || amx || one_step || prepacked ? 0 : S * ld_w}, f32);
   float* const wt = wt_buf.data_ptr<float>();
   auto panel = [&](int64_t blk, int64_t g) {  // W_hh^T's columns of gate g, block blk: [S, kUnits]
-    return prepacked ? packed_hh + (g * blocks + blk) * S * kUnits : wt + (blk * G + g) * S * kUnits;
+    return prepacked ? gate_panel(packed_hh, S, blocks, g, blk) : wt + (blk * G + g) * S * kUnits;
   };
   const at::Tensor wtb_buf = cpu::cached_empty({dot && !one_step ? K2 * ld_w * 2 : 0}, b16);
   c10::BFloat16* const wtb = wtb_buf.data_ptr<c10::BFloat16>();
@@ -592,10 +599,8 @@ void forward_one_step(const Shape& sh, const at::Tensor& xw, const float* rec, c
   });
 }
 
-// One float32 step of a cell on weights packed once (ops.linear.prepack's copies, in linear_pack_cpu's
-// layout: W^T in column panels of kUnits floats, panel p = [K, kUnits] at p * K * kUnits holding the
-// output columns [p kUnits, (p + 1) kUnits)), for H a multiple of kUnits, so that gate g of the
-// units of block blk is panel g * blocks + blk. Per block, both products of its G gates by the small
+// One float32 step of a cell on weights packed once (ops.linear.prepack's copies, read by gate_panel),
+// for H a multiple of kUnits. Per block, both products of its G gates by the small
 // GEMM of gemm.h, added onto the biases, then the update (cell_row). The blocks are split between the
 // threads in fixed ranges, so a core multiplies by the same part of the weights at every call (from
 // its L2 where that part fits), and nothing is packed per call: the general path's two GEMMs of
@@ -626,12 +631,11 @@ void forward_cell_packed(Mode mode, int64_t B, int64_t I, int64_t H, const float
           if (b_hh != nullptr) std::copy_n(b_hh + g * H + j0, kUnits, rd);
           else std::fill_n(rd, kUnits, 0.f);
         }
-        const int64_t panel = g * blocks + blk;
-        small_gemm(B, kUnits, I, x, x_rs, x_cs, p_ih + panel * I * kUnits, kUnits, xs.data() + g * kUnits, GU, 1.f,
-                   true);
+        small_gemm(B, kUnits, I, x, x_rs, x_cs, gate_panel(p_ih, I, blocks, g, blk), kUnits, xs.data() + g * kUnits,
+                   GU, 1.f, true);
         if (h_old != nullptr)
-          small_gemm(B, kUnits, H, h_old, H, 1, p_hh + panel * H * kUnits, kUnits, rs.data() + g * kUnits, GU, 1.f,
-                     true);
+          small_gemm(B, kUnits, H, h_old, H, 1, gate_panel(p_hh, H, blocks, g, blk), kUnits, rs.data() + g * kUnits,
+                     GU, 1.f, true);
       }
       for (int64_t b = 0; b < B; ++b)
         cell_row<float>(mode, kUnits, xs.data() + b * GU, kUnits, rs.data() + b * GU, kUnits,
@@ -826,11 +830,11 @@ std::vector<at::Tensor> rnn_fwd_cpu(const at::Tensor& xw, const at::Tensor& w_hh
                                     const std::optional<at::Tensor>& packed_hh) {
   const Shape sh(mode, xw, w_hh, w_hr.has_value());
   TORCH_CHECK(xw.is_contiguous() && w_hh.is_contiguous() && h0.is_contiguous(), "rnn: operands must be contiguous");
+  TORCH_CHECK(h0.size(0) == sh.B && h0.size(1) == sh.S, "rnn: h0 must be [B, S]");
+  TORCH_CHECK((sh.mode == Mode::kLstm) == c0.has_value(), "rnn: c0 is given exactly for lstm");
   // a packed copy is used where it is float32 panels of this w_hh and H fills whole panels, else ignored
   const bool use_packed = packed_hh.has_value() && xw.scalar_type() == at::kFloat && sh.H % kUnits == 0 &&
                           linear_packed_fits(*packed_hh, w_hh);
-  TORCH_CHECK(h0.size(0) == sh.B && h0.size(1) == sh.S, "rnn: h0 must be [B, S]");
-  TORCH_CHECK((sh.mode == Mode::kLstm) == c0.has_value(), "rnn: c0 is given exactly for lstm");
   const auto len = cpu::lengths_of(lengths, sh.B, sh.T);
   // the large outputs are written once: from the buffer cache (buffer_cache.h)
   at::Tensor out = cpu::cached_empty({sh.T, sh.B, sh.S}, xw.options());

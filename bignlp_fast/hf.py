@@ -10,7 +10,9 @@
 transformers' masking_utils would hand the function no padding mask at all; with it, the function
 gets the mask SDPA gets: a bool [B, 1, Lq, Lk] (True = attend) or None when causality or "no mask"
 is enough. Older versions, without that interface, pass their own 4-D mask (float, additive), which
-the function also takes.
+the function also takes. A padding-free batch (sequences packed in one row, as transformers'
+DataCollatorWithFlattening makes them) runs on varlen_attention, sequence by sequence, where the call
+states the packing (see :func:`_packed_layout`); the dense path would attend under a [T, T] mask.
 
 When registration happens. transformers is optional, and importing its modeling code takes seconds,
 so ``import bignlp_fast`` never imports it:
@@ -29,12 +31,14 @@ import functools
 import importlib.util
 import sys
 import warnings
+import weakref
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor
 
-from bignlp_fast.ops.attention import scaled_dot_product_attention
+from bignlp_fast.ops._common import values_readable
+from bignlp_fast.ops.attention import scaled_dot_product_attention, varlen_attention
 
 NAME = "bignlp_fast"
 _ATTENTION_MODULE = "transformers.modeling_utils"  # defines AttentionInterface
@@ -79,6 +83,89 @@ def _is_paged_cache(cache) -> bool:
     return isinstance(cache, PagedAttentionCache)
 
 
+# transformers' padding-free kwargs (FlashAttentionKwargs): sequences packed along the length axis
+_PACKED_KWARGS = ("cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
+# The last packed layout found where a mask had to be checked: ((the mask and the tensors the packing
+# came from, as weak references with their versions), causal, the layout or None). transformers builds
+# one mask per forward and hands it, and the same kwargs, to every layer.
+_LAYOUT_SEEN: list = [None]
+
+
+def _keep_pattern(cu_q: Tensor, cu_k: Tensor, causal: bool) -> Tensor:
+    """bool [Tq, Tk]: True where query i and key j are in the same sequence (and, causal, j is not after
+    i, bottom-right aligned as varlen_attention's causality)."""
+    lens_q, lens_k = cu_q.diff().long(), cu_k.diff().long()
+    seqs = torch.arange(lens_q.numel(), device=cu_q.device)
+    seq_q, seq_k = seqs.repeat_interleave(lens_q), seqs.repeat_interleave(lens_k)
+    keep = seq_q[:, None] == seq_k[None, :]
+    if causal:  # query i_rel of a sequence of lq queries sees keys j_rel <= i_rel + lk - lq
+        from_end_q = torch.arange(seq_q.numel(), device=cu_q.device) - cu_q[1:].long()[seq_q]  # i_rel - lq
+        from_end_k = torch.arange(seq_k.numel(), device=cu_k.device) - cu_k[1:].long()[seq_k]  # j_rel - lk
+        keep &= from_end_k[None, :] <= from_end_q[:, None]
+    return keep
+
+
+def _from_position_ids(position_ids: Tensor, length: int) -> Optional[tuple[Tensor, Tensor, int, int]]:
+    """The packing of one row whose positions restart at each sequence (at the row's smallest position,
+    transformers' rule: RoBERTa's start at padding_idx + 1), or None where the row does not start one."""
+    pos = position_ids.reshape(-1)
+    starts = (pos == pos.min()).nonzero().flatten()
+    if starts[0].item() != 0:
+        return None
+    cu = torch.cat([starts, starts.new_tensor([length])]).to(torch.int32)
+    longest = int(cu.diff().max())
+    return cu, cu, longest, longest
+
+
+def _packed_layout(query: Tensor, key: Tensor, attention_mask: Optional[Tensor], causal: bool,
+                   kwargs: dict) -> Optional[tuple[Tensor, Tensor, int, int]]:
+    """(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k) where the call is a padding-free batch that
+    varlen_attention can run, else None (the dense path).
+
+    The packing comes from transformers' padding-free kwargs (``cu_seq_lens_q/k``, ``max_length_q/k``:
+    DataCollatorWithFlattening(return_flash_attn_kwargs=True)), over the batch and length axes
+    flattened into tokens, as flash-attention's varlen path takes them; or, for one row of
+    self-attention with a mask, from ``position_ids`` restarting at each sequence (transformers then
+    builds a block-diagonal mask from them, causal in a decoder). A mask, where there is one, must be
+    exactly what the packing implies: anything else (padding inside the row, a float mask, another
+    pattern) keeps the dense path, which applies the mask as given."""
+    b, lq, lk = query.shape[0], query.shape[2], key.shape[2]
+    given = [kwargs.get(name) for name in _PACKED_KWARGS]
+    position_ids = kwargs.get("position_ids")
+    if all(v is not None for v in given):
+        if not (isinstance(given[0], Tensor) and isinstance(given[1], Tensor)):
+            return None
+        sources = given[:2]
+    elif (position_ids is not None and attention_mask is not None and b == 1 and lq == lk
+          and 0 < lq == position_ids.numel()):
+        sources = [position_ids]
+    else:
+        return None
+    if attention_mask is None:  # flash-attention's kwargs alone: the packing they state
+        cu_q, cu_k = (t.to(device=query.device, dtype=torch.int32) for t in given[:2])
+        return cu_q, cu_k, int(given[2]), int(given[3])
+    if (b != 1 or attention_mask.dtype != torch.bool or attention_mask.shape[-2:] != (lq, lk)
+            or not values_readable(attention_mask, *sources)):
+        return None
+    tensors = (attention_mask, *sources)
+    seen = _LAYOUT_SEEN[0]
+    if (seen is not None and seen[1] == causal and len(seen[0]) == len(tensors)
+            and all(ref() is t and version == t._version for (ref, version), t in zip(seen[0], tensors))):
+        return seen[2]
+    if len(sources) == 1:
+        layout = _from_position_ids(position_ids, lq)
+    else:
+        cu_q, cu_k = (t.to(device=query.device, dtype=torch.int32) for t in given[:2])
+        layout = cu_q, cu_k, int(given[2]), int(given[3])
+    if layout is not None:
+        cu_q, cu_k = layout[:2]
+        if (cu_q.numel() != cu_k.numel() or int(cu_q[-1]) != lq or int(cu_k[-1]) != lk
+                or not bool((attention_mask == _keep_pattern(cu_q, cu_k, causal)).all())):
+            layout = None
+    _LAYOUT_SEEN[0] = (tuple((weakref.ref(t), t._version) for t in tensors), causal, layout)
+    return layout
+
+
 def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value: Tensor,
                       attention_mask: Optional[Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
                       is_causal: Optional[bool] = None, position_bias: Optional[Tensor] = None, cache=None,
@@ -102,9 +189,16 @@ def attention_forward(module: torch.nn.Module, query: Tensor, key: Tensor, value
 
     q_length, kv_length = query.shape[2], key.shape[2]
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    is_causal = q_length > 1 and attention_mask is None and is_causal
     if torch.jit.is_tracing() and isinstance(is_causal, Tensor):
         is_causal = is_causal.item()
+    packed = (_packed_layout(query, key, attention_mask, bool(is_causal), kwargs)
+              if position_bias is None and (cache is None or not _is_paged_cache(cache)) else None)
+    if packed is not None:  # a padding-free batch: each sequence attends only to itself
+        b, hq = query.shape[:2]
+        q, k, v = (t.transpose(1, 2).flatten(0, 1) for t in (query, key, value))  # [B * L, H, D]
+        out = varlen_attention(q, k, v, *packed, causal=bool(is_causal), scale=scaling, dropout_p=dropout)
+        return out.view(b, q_length, hq, out.shape[-1]), None
+    is_causal = q_length > 1 and attention_mask is None and is_causal
     if is_causal and kv_length > q_length:  # prefill into an empty static cache: the later keys are never seen
         key, value = key[:, :, :q_length], value[:, :, :q_length]
         if position_bias is not None:

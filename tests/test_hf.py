@@ -282,3 +282,139 @@ def test_optimized_models_compile_with_fullgraph(calls, arch):
         expected, got = eager(input_ids=ids, attention_mask=mask)[0], compiled(input_ids=ids, attention_mask=mask)[0]
     assert calls["n"] == attention_calls  # traced once through our function
     close_on_tokens(got, expected, mask)
+
+
+# ---- padding-free batches: sequences packed into one row --------------------------------------------
+@pytest.fixture
+def varlen_calls(monkeypatch):
+    """Counts the HF hook's calls of varlen_attention (the packed path)."""
+    counter = {"n": 0}
+    op = bignlp_fast.hf.varlen_attention
+
+    def counting(*args, **kwargs):
+        counter["n"] += 1
+        return op(*args, **kwargs)
+
+    monkeypatch.setattr(bignlp_fast.hf, "varlen_attention", counting)
+    return counter
+
+
+PACKED_LENGTHS = [5, 9, 3]
+PACKED_MODELS = {  # class, config; the decoders run without a cache (transformers packs only then)
+    "bert": ("BertModel", _ENCODER),
+    "gpt2": ("GPT2Model", dict(n_embd=48, n_head=4, n_layer=2)),
+    "llama": ("LlamaModel", _DECODER),  # grouped-query attention, rotary positions
+}
+
+
+@pytest.mark.parametrize("source", ["flash_kwargs", "position_ids"])
+@pytest.mark.parametrize("arch", list(PACKED_MODELS))
+def test_packed_sequences_run_varlen_and_match_each_sequence_alone(backend, calls, varlen_calls, arch, source):
+    """A padding-free row (DataCollatorWithFlattening's format): with flash-attention's kwargs, or with
+    position_ids alone (transformers then builds a block-diagonal mask), each layer runs varlen_attention
+    over the sequences, and each sequence's states are those of the sequence run alone with "eager"."""
+    cls_name, config = PACKED_MODELS[arch]
+    model = _small(cls_name, **config)
+    decoder = arch != "bert"
+    torch.manual_seed(2)
+    seqs = [torch.randint(3, 101, (n,)) for n in PACKED_LENGTHS]
+    cu = torch.tensor([0, *torch.tensor(PACKED_LENGTHS).cumsum(0).tolist()], dtype=torch.int32)
+    kwargs = dict(position_ids=torch.cat([torch.arange(n) for n in PACKED_LENGTHS])[None])
+    if source == "flash_kwargs":
+        longest = max(PACKED_LENGTHS)
+        kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+    if decoder:
+        kwargs["use_cache"] = False
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        alone = [model(s[None]).last_hidden_state[0] for s in seqs]
+        model.set_attn_implementation("bignlp_fast")
+        got = model(torch.cat(seqs)[None], **kwargs).last_hidden_state[0]
+    assert varlen_calls["n"] == 2 and calls["n"] == 0  # one call per layer, none dense
+    for s, (start, end) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
+        torch.testing.assert_close(got[start:end], alone[s], rtol=1e-4, atol=1e-5)
+
+
+def test_packed_gradients_match_eager(backend, varlen_calls, bert_path):
+    """Training on a packed row: the parameters' gradients through varlen_attention are eager's, whose
+    block-diagonal mask comes from the same position_ids."""
+    eager = AutoModel.from_pretrained(bert_path, attn_implementation="eager")
+    ours = AutoModel.from_pretrained(bert_path, attn_implementation="bignlp_fast")
+    torch.manual_seed(3)
+    ids = torch.randint(3, 101, (1, sum(PACKED_LENGTHS)))
+    position_ids = torch.cat([torch.arange(n) for n in PACKED_LENGTHS])[None]
+    weights = torch.randn(1, ids.shape[1], 45)
+    grads = []
+    for model in (eager, ours):
+        out = model(ids, position_ids=position_ids).last_hidden_state
+        (out * weights).sum().backward()
+        grads.append([p.grad for p in model.parameters()])
+    assert varlen_calls["n"] == 2
+    for g_ours, g_eager in zip(grads[1], grads[0]):
+        if g_eager is not None:
+            torch.testing.assert_close(g_ours, g_eager, rtol=1e-4, atol=1e-5)
+
+
+def _packed_reference(q, k, v, cu_q, cu_k, causal, scaling):
+    """Each sequence through torch's SDPA alone: q [Tq, H, D], k/v [Tk, Hk, D] -> [Tq, H, D]."""
+    out = []
+    for s in range(len(cu_q) - 1):
+        qs, ks, vs = (t[c[s]:c[s + 1]].transpose(0, 1) for t, c in ((q, cu_q), (k, cu_k), (v, cu_k)))
+        lq, lk = qs.shape[1], ks.shape[1]
+        mask = torch.ones(lq, lk, dtype=torch.bool).tril(lk - lq) if causal else None  # bottom-right
+        ks, vs = (t.repeat_interleave(q.shape[1] // k.shape[1], 0) for t in (ks, vs))
+        out.append(torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, mask, scale=scaling).transpose(0, 1))
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("case", ["bidirectional", "causal", "causal_longer_kv", "gqa", "flattened_batch"])
+def test_attention_function_takes_flash_attention_kwargs(backend, varlen_calls, case):
+    """cu_seq_lens_q/k and max_length_q/k without a mask: the sequences they state, over the batch and
+    length axes flattened into tokens (flash-attention's varlen path), causal bottom-right aligned."""
+    torch.manual_seed(0)
+    b, hq, d = (2, 4, 15) if case == "flattened_batch" else (1, 4, 15)
+    hk = 2 if case == "gqa" else hq
+    cu_q = torch.tensor([0, 4, 9, 14] if case == "flattened_batch" else [0, 4, 9, 11], dtype=torch.int32)
+    cu_k = torch.tensor([0, 6, 12, 16], dtype=torch.int32) if case == "causal_longer_kv" else cu_q
+    lq, lk = int(cu_q[-1]) // b, int(cu_k[-1]) // b
+    q, k, v = torch.randn(b, hq, lq, d), torch.randn(b, hk, lk, d), torch.randn(b, hk, lk, d)
+    causal = case.startswith("causal")
+    kwargs = dict(cu_seq_lens_q=cu_q, cu_seq_lens_k=cu_k, max_length_q=int(cu_q.diff().max()),
+                  max_length_k=int(cu_k.diff().max()))
+    got, weights = bignlp_fast.hf.attention_forward(_module(is_causal=causal, groups=hq // hk), q, k, v, None,
+                                                    scaling=0.3, **kwargs)
+    flat = [t.transpose(1, 2).flatten(0, 1) for t in (q, k, v)]
+    expected = _packed_reference(*flat, cu_q, cu_k, causal, 0.3).view(b, lq, hq, d)
+    assert varlen_calls["n"] == 1 and weights is None and got.is_contiguous()
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("case", ["padding_inside", "kwargs_disagree", "float_mask", "not_restarting"])
+def test_a_mask_the_packing_does_not_explain_keeps_the_dense_path(varlen_calls, calls, case):
+    """Where a mask comes with the packing, varlen runs only if the mask is exactly the packing's
+    block-diagonal; otherwise the mask is applied as given, as transformers' sdpa does."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    lengths = [4, 5, 3]
+    t = sum(lengths)
+    q, k, v = (torch.randn(1, 4, t, 15) for _ in range(3))
+    position_ids = torch.cat([torch.arange(n) for n in lengths])[None]
+    seq = torch.repeat_interleave(torch.arange(3), torch.tensor(lengths))
+    mask = (seq[:, None] == seq[None, :]).view(1, 1, t, t)
+    kwargs = dict(position_ids=position_ids)
+    if case == "padding_inside":
+        mask = mask.clone()
+        mask[..., 2] = False  # a padded key in the first sequence
+    elif case == "kwargs_disagree":
+        cu = torch.tensor([0, 6, 12], dtype=torch.int32)
+        kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=6, max_length_k=6)
+    elif case == "float_mask":
+        mask = torch.zeros(1, 1, t, t).masked_fill(~mask, float("-inf"))
+    elif case == "not_restarting":  # the first sequence does not start at the row's smallest position
+        kwargs["position_ids"] = position_ids + (torch.arange(t) < lengths[0])[None]
+    module = _module(is_causal=False)
+    got, _ = bignlp_fast.hf.attention_forward(module, q, k, v, mask, scaling=0.3, **kwargs)
+    expected, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3, **kwargs)
+    assert varlen_calls["n"] == 0 and calls["n"] == 1
+    torch.testing.assert_close(got, expected)

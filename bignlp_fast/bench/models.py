@@ -50,14 +50,18 @@ def _padded_batch(b: int, l: int, vocab: int, seed: int = 5):
 
 # ---- BERT -----------------------------------------------------------------------------------------
 def _bert_cases(b: int, l: int, dtype: torch.dtype, modes, suites, layers: int = 12, hidden: int = 768,
-                via_optimize: bool = False, prepack: bool = False):
+                via_optimize: bool = False, prepack: bool = False, packed: bool = False):
     """BERT-base-shaped encoder on a right-padded batch: ours (unpadded tokens, varlen attention)
     against transformers' BertModel with attn_implementation="sdpa". FLOPs: the encoder's GEMMs and
     attention over the real tokens only (what a padding-free model must compute). ``via_optimize``:
     ours is transformers' own model after ``bignlp_fast.optimize`` (our attention through its
     AttentionInterface, our LayerNorm and Linear modules; its padded layout kept). ``prepack``: our
     model's weights marked for ops.prepack (inference on copies packed once; the first call, timed
-    apart as warm-up, packs them)."""
+    apart as warm-up, packs them). ``packed`` (inference): the batch's real tokens in one row, as
+    transformers' DataCollatorWithFlattening(return_flash_attn_kwargs=True) lays out a padding-free
+    batch (position_ids restarting at each sequence, flash-attention's cu_seq_lens kwargs), fed to
+    both sides: the reference's sdpa attends under the block-diagonal mask transformers builds from
+    position_ids, ours (with ``via_optimize``) runs varlen_attention over the sequences."""
     import transformers
 
     from bignlp_fast import optimize
@@ -85,13 +89,23 @@ def _bert_cases(b: int, l: int, dtype: torch.dtype, modes, suites, layers: int =
             return ours, ref
         return _Models(pair, device, prepare=prepack_weights if prepack else None)
 
+    if packed:  # the real tokens in one row
+        cu = torch.nn.functional.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
+        longest = int(lengths.max())
+        positions = torch.cat([torch.arange(n) for n in lengths.tolist()])[None]
+        inputs = dict(input_ids=ids[real][None], position_ids=positions,
+                      cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
+    else:
+        inputs = dict(input_ids=ids, attention_mask=mask)
+
     def make_fwd(device, dt):
-        return dict(ids=ids.to(device), mask=mask.to(device), tag=torch.zeros((), dtype=dt),
-                    models=build(False, device))
+        return dict(inputs={k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()},
+                    tag=torch.zeros((), dtype=dt), models=build(False, device))
 
     @torch.no_grad()
     def fwd(model, t):
-        return [model(t["ids"], attention_mask=t["mask"]).last_hidden_state[real]]
+        out = model(**t["inputs"]).last_hidden_state
+        return [out[0] if packed else out[real]]
 
     def ours_fwd(t, be):
         return fwd(t["models"](t["tag"].dtype, 0), t)
@@ -102,7 +116,9 @@ def _bert_cases(b: int, l: int, dtype: torch.dtype, modes, suites, layers: int =
     if "fwd" in modes:
         out.append(Case(mode="fwd", make=make_fwd, ours=ours_fwd,
                         ref=lambda t: fwd(t["models"](t["tag"].dtype, 1), t), flops=flops,
-                        variant=f"{name} encoder, {padding:.0%} padding" + (", prepacked" if prepack else ""),
+                        variant=(f"{name} encoder, " + (f"{b} sequences packed in one row (padding-free)" if packed
+                                                         else f"{padding:.0%} padding")
+                                 + (", prepacked" if prepack else "")),
                         **common))
     if "fwd+bwd" in modes:
         labels = torch.randint(0, 2, (b,), generator=torch.Generator().manual_seed(7))
@@ -117,7 +133,7 @@ def _bert_cases(b: int, l: int, dtype: torch.dtype, modes, suites, layers: int =
             (a few returned for the error check)."""
             for p in model.parameters():
                 p.grad = None
-            loss = model(t["ids"], attention_mask=t["mask"], labels=t["labels"]).loss
+            loss = model(**t["inputs"], labels=t["labels"]).loss
             loss.backward()
             named = dict(model.named_parameters())
             keys = ["classifier.weight", "bert.encoder.layer.0.attention.self.query.weight",
@@ -262,6 +278,8 @@ def model_cases() -> list[Case]:
     cases += _bert_cases(1, 128, torch.float32, ("fwd",), ("full",), via_optimize=True, prepack=True)
     # transformers' own BERT after bignlp_fast.optimize(model): what a drop-in call gives
     cases += _bert_cases(8, 128, torch.float32, ("fwd", "fwd+bwd"), ("full",), via_optimize=True)
+    # ... and on the same batch without its padding, packed in one row (transformers' padding-free format)
+    cases += _bert_cases(8, 128, torch.float32, ("fwd",), ("full",), via_optimize=True, packed=True)
     # GPT-2 small: prompt 32, 64 new tokens, batch 1 (bound by reading the weights) and batch 8
     cases += _gpt_cases(1, 32, 64, torch.float32, ("quick", "full"))
     cases += _gpt_cases(8, 32, 64, torch.float32, ("full",))
@@ -285,6 +303,8 @@ def tiny_model_cases() -> list[Case]:
         return []
     return (_bert_cases(3, 9, torch.float32, ("fwd", "fwd+bwd"), ("tiny",), layers=2, hidden=128)
             + _bert_cases(3, 9, torch.float32, ("fwd",), ("tiny",), layers=2, hidden=128, via_optimize=True)
+            + _bert_cases(3, 9, torch.float32, ("fwd",), ("tiny",), layers=2, hidden=128, via_optimize=True,
+                          packed=True)
             + _gpt_cases(2, 5, 4, torch.float32, ("tiny",), layers=2, hidden=128, vocab=301)
             + _gpt_cases(2, 5, 4, torch.float32, ("tiny",), layers=2, hidden=128, vocab=301, via_optimize=True)
             + _llama_cases(2, 5, 4, torch.float32, ("tiny",), layers=2, hidden=128, kv_heads=1, intermediate=256,

@@ -14,6 +14,12 @@ What it does, module by module (``model.named_modules()``, the root included):
   imported: optimize never imports transformers) is switched to ``attn_implementation="bignlp_fast"``
   with ``set_attn_implementation`` (see :mod:`bignlp_fast.hf`), and its ``torch.nn.LayerNorm``s and
   ``torch.nn.Linear``s are swapped; its other modules are left to transformers (reported as skipped).
+- transformers' BERT-family encoder stacks (``BertEncoder``, ``RobertaEncoder`` ...: exactly the types of
+  ``bignlp_fast.hf.UNPADDED_ENCODERS``) become ``bignlp_fast.hf``'s subclass of each
+  (:func:`bignlp_fast.hf.unpadded_encoder_class`), which runs a padded batch on its real tokens only:
+  every layer's GEMMs, LayerNorms and activations on T rows instead of B * L, attention on
+  varlen_attention. ``last_hidden_state`` is zero at padding, where transformers leaves values nothing
+  should read (the pooler reads position 0, as before). ``unpad=False`` keeps the padded layout.
 - transformers' ``Conv1D`` (the GPT-2 family's projections; exactly that type, found only when
   ``transformers.pytorch_utils`` is already imported) becomes ``bignlp_fast.hf.Conv1D``, its subclass
   whose forward is ``ops.linear.dense(x, weight.t(), bias)`` (``backend=`` does not reach it).
@@ -251,6 +257,22 @@ def _swap_hf_conv1d(name: str, module: torch.nn.Module, hf_conv1d: type, backend
     report.swapped.append((name, "transformers.pytorch_utils.Conv1D", "bignlp_fast.hf.Conv1D"))
 
 
+def _swap_hf_encoder(name: str, module: torch.nn.Module, unpad: bool, report: OptimizeReport) -> None:
+    """A BERT-family encoder stack of transformers (hf.UNPADDED_ENCODERS) -> hf.unpadded_encoder_class's
+    subclass, which runs padded batches on their real tokens, where the model's attention is ours."""
+    cls = type(module)
+    if cls.__module__ == hf.__name__:
+        report.skipped.append((name, _type_name(cls), "already optimized"))
+    elif not unpad:
+        report.skipped.append((name, _type_name(cls), "optimize(unpad=False): padded batches run padded"))
+    elif getattr(getattr(module, "config", None), "_attn_implementation", None) != _HF_NAME:
+        report.skipped.append((name, _type_name(cls), "its model's attention is not bignlp_fast's, which the "
+                                                      "unpadded layers need"))
+    else:
+        module.__class__ = ours = hf.unpadded_encoder_class(cls)
+        report.swapped.append((name, _type_name(cls), f"{_type_name(ours)} (padded batches run unpadded)"))
+
+
 def _switch_hf(name: str, model, pretrained: type, report: OptimizeReport) -> bool:
     """attn_implementation="bignlp_fast" for a transformers PreTrainedModel and its sub-models.
     Returns whether it switched."""
@@ -292,7 +314,7 @@ def _switch_hf(name: str, model, pretrained: type, report: OptimizeReport) -> bo
 
 # ---- the entry point --------------------------------------------------------------------------
 def optimize(model: torch.nn.Module, *, backend: Optional[str] = None, inplace: bool = True,
-             prepack: bool = False) -> OptimizeReport:
+             prepack: bool = False, unpad: bool = True) -> OptimizeReport:
     """Swap ``model``'s torch.nn attention, recurrent, convolution, LayerNorm and Linear modules for
     bignlp_fast's, and switch Hugging Face models to ``attn_implementation="bignlp_fast"``.
 
@@ -306,6 +328,9 @@ def optimize(model: torch.nn.Module, *, backend: Optional[str] = None, inplace: 
         prepack: also mark the model's 2-D weights for :func:`bignlp_fast.ops.prepack`: for
             inference, their products outside autograd run on copies packed once (a second copy of
             each weight in memory), not on copies packed at every call.
+        unpad: run the padded batches of transformers' BERT-family encoders (BERT, RoBERTa, XLM-R,
+            CamemBERT, ELECTRA, ERNIE, Data2VecText) on their real tokens only (see the module
+            docstring); their outputs at padding are then zeros. False keeps the padded layout.
 
     Returns:
         An :class:`OptimizeReport`: ``swapped`` and ``skipped`` (with reasons), ``str(report)`` a
@@ -344,6 +369,8 @@ def optimize(model: torch.nn.Module, *, backend: Optional[str] = None, inplace: 
             closed.append(name)
         if cls in hf_conv1d_types:
             _swap_hf_conv1d(name, module, hf_conv1d, backend, report)
+        elif owner is not None and cls.__module__ in (hf.UNPADDED_ENCODERS.get(cls.__name__), hf.__name__):
+            _swap_hf_encoder(name, module, unpad, report)
         elif cls in _SWAPS:
             closed.append(name)
             if owner is not None and cls not in _IN_HF:

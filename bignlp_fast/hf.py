@@ -28,6 +28,7 @@ so ``import bignlp_fast`` never imports it:
 from __future__ import annotations
 
 import functools
+import importlib
 import importlib.util
 import sys
 import warnings
@@ -236,18 +237,98 @@ def fast_conv1d_class(base: type) -> type:
                                     "__doc__": "transformers' Conv1D on bignlp_fast.ops.linear.dense."})
 
 
+# ---- padded batches of BERT-family encoders, run unpadded --------------------------------------------
+# transformers' encoder stacks (class name -> its module) whose layers work token by token but for
+# attention, which goes through the AttentionInterface with the forward's kwargs: Linear, LayerNorm,
+# GELU, dropout. optimize() swaps them for unpadded_encoder_class's subclass.
+UNPADDED_ENCODERS = {
+    "BertEncoder": "transformers.models.bert.modeling_bert",
+    "RobertaEncoder": "transformers.models.roberta.modeling_roberta",
+    "XLMRobertaEncoder": "transformers.models.xlm_roberta.modeling_xlm_roberta",
+    "CamembertEncoder": "transformers.models.camembert.modeling_camembert",
+    "ElectraEncoder": "transformers.models.electra.modeling_electra",
+    "ErnieEncoder": "transformers.models.ernie.modeling_ernie",
+    "Data2VecTextEncoder": "transformers.models.data2vec.modeling_data2vec_text",
+}
+
+
+def _key_padding(encoder: torch.nn.Module, hidden_states: Tensor, attention_mask: Optional[Tensor],
+                 kwargs: dict) -> Optional[Tensor]:
+    """keep [B, L] (True = a real token) where an encoder's call can run unpadded, else None: our
+    attention is the model's (varlen_attention would otherwise not be called), the mask is a padding
+    mask with some padding (a bool [B, 1, L, L] whose rows are all alike: transformers' bidirectional
+    mask), self-attention only (no cross-attention, no cache), nothing asks for the layers' states
+    (output_hidden_states / output_attentions), no packing already, and the values can be read (not
+    while torch.compile traces: the token count would be data-dependent)."""
+    if (getattr(encoder.config, "_attn_implementation", None) != NAME or hidden_states.dim() != 3
+            or attention_mask is None or attention_mask.dtype != torch.bool or attention_mask.dim() != 4
+            or any(kwargs.get(k) is not None for k in ("encoder_hidden_states", "cache", "past_key_values",
+                                                         *_PACKED_KWARGS))
+            or kwargs.get("output_hidden_states") or kwargs.get("output_attentions")
+            or not values_readable(hidden_states, attention_mask)):
+        return None
+    b, l = hidden_states.shape[:2]
+    mask = _broadcast_only(attention_mask)
+    if b * l == 0 or mask.shape[0] != b or mask.shape[1] != 1 or mask.shape[-1] != l or mask.shape[2] not in (1, l):
+        return None
+    keep = mask[:, 0, 0, :]
+    if keep.all() or (mask.shape[2] > 1 and not bool((mask == keep[:, None, None, :]).all())):
+        return None  # no padding to skip, or not a padding mask (causal, a custom pattern)
+    return keep
+
+
+@functools.lru_cache(maxsize=None)
+def unpadded_encoder_class(base: type) -> type:
+    """A subclass of transformers' encoder stack ``base`` (one of UNPADDED_ENCODERS) that runs a padded
+    batch on its real tokens only: before the first layer the [B, L, hidden] states are gathered into
+    one row of T tokens, the layers run on it with flash-attention's padding-free kwargs (so attention
+    is varlen_attention, sequence by sequence, see :func:`_packed_layout`), and the last state is
+    scattered back to [B, L, hidden] with zeros at padding, where transformers leaves values that
+    nothing should read. Every GEMM, LayerNorm and activation then costs T rows instead of B * L. Calls
+    it cannot run so (see :func:`_key_padding`) run ``base``'s forward as they are. It adds nothing to
+    the module; optimize swaps it in by class reassignment. Made once per base class."""
+
+    def forward(self, hidden_states: Tensor, attention_mask: Optional[Tensor] = None, **kwargs):
+        keep = _key_padding(self, hidden_states, attention_mask, kwargs)
+        if keep is None:
+            return base.forward(self, hidden_states, attention_mask=attention_mask, **kwargs)
+        b, l = keep.shape
+        lengths = keep.sum(1, dtype=torch.int32)
+        cu = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
+        longest = int(lengths.max())
+        indices = keep.flatten().nonzero().flatten()
+        packed = hidden_states.flatten(0, 1).index_select(0, indices)[None]  # [1, T, hidden]
+        kwargs.pop("position_ids", None)  # the embeddings' (the layers take the packing from cu instead)
+        out = base.forward(self, packed, attention_mask=None, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
+                           max_length_q=longest, max_length_k=longest, **kwargs)
+
+        def padded(states: Tensor) -> Tensor:  # [1, T, hidden] -> [B, L, hidden], zeros at padding
+            return states.new_zeros(b * l, states.shape[-1]).index_copy(0, indices, states[0]).view(b, l, -1)
+
+        if isinstance(out, tuple):
+            return (padded(out[0]), *out[1:])
+        out.last_hidden_state = padded(out.last_hidden_state)
+        return out
+
+    return type(base.__name__, (base,), {"forward": forward, "__module__": __name__,
+                                         "__doc__": f"transformers' {base.__name__}, run unpadded on padded batches."})
+
+
 def hf_conv1d_class() -> Optional[type]:
     """transformers' Conv1D if its module is already imported (never imports transformers), else None."""
     return getattr(sys.modules.get("transformers.pytorch_utils"), "Conv1D", None)
 
 
 def __getattr__(name: str):
-    """``bignlp_fast.hf.Conv1D``, the class :func:`fast_conv1d_class` makes, by the name it carries:
-    pickle (torch.save of a whole optimized model) finds a class by its module and name, and this
-    makes it there on first use (importing transformers, as the model being loaded does)."""
+    """``bignlp_fast.hf.Conv1D`` and ``bignlp_fast.hf.BertEncoder`` (etc.), the classes
+    :func:`fast_conv1d_class` and :func:`unpadded_encoder_class` make, by the names they carry: pickle
+    (torch.save of a whole optimized model) finds a class by its module and name, and this makes it
+    there on first use (importing transformers, as the model being loaded does)."""
     if name == "Conv1D":
         from transformers.pytorch_utils import Conv1D
         return fast_conv1d_class(Conv1D)
+    if name in UNPADDED_ENCODERS:
+        return unpadded_encoder_class(getattr(importlib.import_module(UNPADDED_ENCODERS[name]), name))
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -169,17 +169,23 @@ def _clean_backend_state(monkeypatch):
 # ---- Hugging Face attention tests (test_hf.py, test_optimize.py) ---------------------------------------
 @pytest.fixture
 def calls(monkeypatch):
-    """Counts the HF hook's calls of our op, so a test knows the model did not quietly run another path."""
+    """Counts the HF hook's calls of our ops, so a test knows the model did not quietly run another path:
+    "n" all of them, "dense" scaled_dot_product_attention's, "varlen" varlen_attention's (padding-free
+    and unpadded batches)."""
     import bignlp_fast.hf
 
-    counter = {"n": 0}
-    op = bignlp_fast.hf.scaled_dot_product_attention
+    counter = {"n": 0, "dense": 0, "varlen": 0}
 
-    def counting(*args, **kwargs):
-        counter["n"] += 1
-        return op(*args, **kwargs)
+    def counted(kind, op):
+        def counting(*args, **kwargs):
+            counter["n"] += 1
+            counter[kind] += 1
+            return op(*args, **kwargs)
+        return counting
 
-    monkeypatch.setattr(bignlp_fast.hf, "scaled_dot_product_attention", counting)
+    monkeypatch.setattr(bignlp_fast.hf, "scaled_dot_product_attention",
+                        counted("dense", bignlp_fast.hf.scaled_dot_product_attention))
+    monkeypatch.setattr(bignlp_fast.hf, "varlen_attention", counted("varlen", bignlp_fast.hf.varlen_attention))
     return counter
 
 

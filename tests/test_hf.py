@@ -285,20 +285,6 @@ def test_optimized_models_compile_with_fullgraph(calls, arch):
 
 
 # ---- padding-free batches: sequences packed into one row --------------------------------------------
-@pytest.fixture
-def varlen_calls(monkeypatch):
-    """Counts the HF hook's calls of varlen_attention (the packed path)."""
-    counter = {"n": 0}
-    op = bignlp_fast.hf.varlen_attention
-
-    def counting(*args, **kwargs):
-        counter["n"] += 1
-        return op(*args, **kwargs)
-
-    monkeypatch.setattr(bignlp_fast.hf, "varlen_attention", counting)
-    return counter
-
-
 PACKED_LENGTHS = [5, 9, 3]
 PACKED_MODELS = {  # class, config; the decoders run without a cache (transformers packs only then)
     "bert": ("BertModel", _ENCODER),
@@ -309,7 +295,7 @@ PACKED_MODELS = {  # class, config; the decoders run without a cache (transforme
 
 @pytest.mark.parametrize("source", ["flash_kwargs", "position_ids"])
 @pytest.mark.parametrize("arch", list(PACKED_MODELS))
-def test_packed_sequences_run_varlen_and_match_each_sequence_alone(backend, calls, varlen_calls, arch, source):
+def test_packed_sequences_run_varlen_and_match_each_sequence_alone(backend, calls, arch, source):
     """A padding-free row (DataCollatorWithFlattening's format): with flash-attention's kwargs, or with
     position_ids alone (transformers then builds a block-diagonal mask), each layer runs varlen_attention
     over the sequences, and each sequence's states are those of the sequence run alone with "eager"."""
@@ -330,12 +316,12 @@ def test_packed_sequences_run_varlen_and_match_each_sequence_alone(backend, call
         alone = [model(s[None]).last_hidden_state[0] for s in seqs]
         model.set_attn_implementation("bignlp_fast")
         got = model(torch.cat(seqs)[None], **kwargs).last_hidden_state[0]
-    assert varlen_calls["n"] == 2 and calls["n"] == 0  # one call per layer, none dense
+    assert calls["varlen"] == 2 and calls["dense"] == 0  # one call per layer, none dense
     for s, (start, end) in enumerate(zip(cu[:-1].tolist(), cu[1:].tolist())):
         torch.testing.assert_close(got[start:end], alone[s], rtol=1e-4, atol=1e-5)
 
 
-def test_packed_gradients_match_eager(backend, varlen_calls, bert_path):
+def test_packed_gradients_match_eager(backend, calls, bert_path):
     """Training on a packed row: the parameters' gradients through varlen_attention are eager's, whose
     block-diagonal mask comes from the same position_ids."""
     eager = AutoModel.from_pretrained(bert_path, attn_implementation="eager")
@@ -349,7 +335,7 @@ def test_packed_gradients_match_eager(backend, varlen_calls, bert_path):
         out = model(ids, position_ids=position_ids).last_hidden_state
         (out * weights).sum().backward()
         grads.append([p.grad for p in model.parameters()])
-    assert varlen_calls["n"] == 2
+    assert calls["varlen"] == 2
     for g_ours, g_eager in zip(grads[1], grads[0]):
         if g_eager is not None:
             torch.testing.assert_close(g_ours, g_eager, rtol=1e-4, atol=1e-5)
@@ -368,7 +354,7 @@ def _packed_reference(q, k, v, cu_q, cu_k, causal, scaling):
 
 
 @pytest.mark.parametrize("case", ["bidirectional", "causal", "causal_longer_kv", "gqa", "flattened_batch"])
-def test_attention_function_takes_flash_attention_kwargs(backend, varlen_calls, case):
+def test_attention_function_takes_flash_attention_kwargs(backend, calls, case):
     """cu_seq_lens_q/k and max_length_q/k without a mask: the sequences they state, over the batch and
     length axes flattened into tokens (flash-attention's varlen path), causal bottom-right aligned."""
     torch.manual_seed(0)
@@ -385,12 +371,12 @@ def test_attention_function_takes_flash_attention_kwargs(backend, varlen_calls, 
                                                     scaling=0.3, **kwargs)
     flat = [t.transpose(1, 2).flatten(0, 1) for t in (q, k, v)]
     expected = _packed_reference(*flat, cu_q, cu_k, causal, 0.3).view(b, lq, hq, d)
-    assert varlen_calls["n"] == 1 and weights is None and got.is_contiguous()
+    assert calls["varlen"] == 1 and weights is None and got.is_contiguous()
     torch.testing.assert_close(got, expected)
 
 
 @pytest.mark.parametrize("case", ["padding_inside", "kwargs_disagree", "float_mask", "not_restarting"])
-def test_a_mask_the_packing_does_not_explain_keeps_the_dense_path(varlen_calls, calls, case):
+def test_a_mask_the_packing_does_not_explain_keeps_the_dense_path(calls, case):
     """Where a mask comes with the packing, varlen runs only if the mask is exactly the packing's
     block-diagonal; otherwise the mask is applied as given, as transformers' sdpa does."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -416,5 +402,5 @@ def test_a_mask_the_packing_does_not_explain_keeps_the_dense_path(varlen_calls, 
     module = _module(is_causal=False)
     got, _ = bignlp_fast.hf.attention_forward(module, q, k, v, mask, scaling=0.3, **kwargs)
     expected, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3, **kwargs)
-    assert varlen_calls["n"] == 0 and calls["n"] == 1
+    assert calls["varlen"] == 0 and calls["dense"] == 1
     torch.testing.assert_close(got, expected)

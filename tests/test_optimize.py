@@ -390,6 +390,124 @@ def test_hf_bert_inside_a_user_model_matches_eager(transformers, calls):
     assert "already optimized (attn_implementation='bignlp_fast')" in str(optimize(model))
 
 
+# BERT-family encoder stacks that optimize() makes run padded batches unpadded (hf.UNPADDED_ENCODERS)
+_ENCODER_FAMILIES = {  # model class -> config class, the encoder's attribute path in the model
+    "BertModel": ("BertConfig", "encoder"),
+    "RobertaModel": ("RobertaConfig", "encoder"),
+    "XLMRobertaModel": ("XLMRobertaConfig", "encoder"),
+    "CamembertModel": ("CamembertConfig", "encoder"),
+    "ElectraModel": ("ElectraConfig", "encoder"),
+    "ErnieModel": ("ErnieConfig", "encoder"),
+    "Data2VecTextModel": ("Data2VecTextConfig", "encoder"),
+}
+
+
+def _small_encoder(transformers, model_name, **kwargs):
+    config_name, _ = _ENCODER_FAMILIES[model_name]
+    if not hasattr(transformers, model_name):
+        pytest.skip(f"this transformers has no {model_name}")
+    config = getattr(transformers, config_name)(vocab_size=101, hidden_size=48, num_attention_heads=4,
+                                                 num_hidden_layers=2, intermediate_size=96, pad_token_id=0,
+                                                 max_position_embeddings=64, **kwargs)
+    torch.manual_seed(0)
+    model = getattr(transformers, model_name)(config).eval()
+    model.set_attn_implementation("eager")
+    return model
+
+
+@pytest.mark.parametrize("model_name", list(_ENCODER_FAMILIES))
+def test_hf_encoders_run_padded_batches_unpadded(transformers, calls, model_name):
+    """After optimize(), a padded batch runs on its real tokens: every layer's attention is varlen,
+    the states at real tokens (and the pooler's) are eager's, and padding gives zeros. A batch without
+    padding (no mask) runs as before."""
+    from bignlp_fast import hf
+
+    ref = _small_encoder(transformers, model_name)
+    model = copy.deepcopy(ref)
+    report = optimize(model)
+    encoder = model.get_submodule(_ENCODER_FAMILIES[model_name][1])
+    base = type(ref.get_submodule(_ENCODER_FAMILIES[model_name][1]))
+    assert type(encoder) is hf.unpadded_encoder_class(base) and isinstance(encoder, base)
+    assert ("encoder", f"{base.__module__}.{base.__name__}",
+            f"bignlp_fast.hf.{base.__name__} (padded batches run unpadded)") in report.swapped
+    assert report.skipped == [] and model.state_dict().keys() == ref.state_dict().keys()
+    ids, mask = padded_batch([11, 7, 3], 11, left=False, low=3)
+    with torch.no_grad():
+        expected, got = ref(ids, attention_mask=mask), model(ids, attention_mask=mask)
+        assert calls["varlen"] == 2 and calls["dense"] == 0
+        close_on_tokens(got.last_hidden_state, expected.last_hidden_state, mask)
+        assert (got.last_hidden_state[mask == 0] == 0).all()
+        if getattr(expected, "pooler_output", None) is not None:
+            torch.testing.assert_close(got.pooler_output, expected.pooler_output, rtol=1e-4, atol=1e-5)
+        full = model(ids[:1]).last_hidden_state  # the first row has no padding: no mask, the dense path
+        assert calls["dense"] == 2
+        torch.testing.assert_close(full, expected.last_hidden_state[:1], rtol=1e-4, atol=1e-5)
+
+
+def test_hf_unpadded_bert_training_gradients_match_eager(transformers, calls):
+    """A training step of BertForSequenceClassification on a padded batch, unpadded: the loss and every
+    parameter's gradient are eager's (padding never reached a real token there either)."""
+    config = transformers.BertConfig(vocab_size=101, hidden_size=48, num_attention_heads=4, num_hidden_layers=2,
+                                     intermediate_size=96, max_position_embeddings=64, hidden_dropout_prob=0.0,
+                                     attention_probs_dropout_prob=0.0, num_labels=3)
+    torch.manual_seed(0)
+    ref = transformers.BertForSequenceClassification(config)
+    ref.set_attn_implementation("eager")
+    model = optimize(ref, inplace=False).model
+    ids, mask = padded_batch([9, 6, 2], 9, left=False, low=3)
+    labels = torch.tensor([0, 2, 1])
+    losses = [m(ids, attention_mask=mask, labels=labels).loss for m in (ref, model)]
+    for loss in losses:
+        loss.backward()
+    assert calls["varlen"] == 2 and calls["dense"] == 0
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(ref.named_parameters(), model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("case", ["unpad_false", "hidden_states", "decoder", "eager_again"])
+def test_hf_encoder_calls_that_stay_padded(transformers, calls, case):
+    """Where unpadding is off or cannot run, the encoder runs padded, with eager's results: optimize(...,
+    unpad=False) (reported as skipped), output_hidden_states (the layers' states keep their [B, L]
+    layout), a causal BERT (its mask is no padding mask), a model switched back to eager attention."""
+    ref = _small_encoder(transformers, "BertModel", is_decoder=case == "decoder")
+    model = copy.deepcopy(ref)
+    report = optimize(model, unpad=case != "unpad_false")
+    if case == "unpad_false":
+        assert ("encoder", "transformers.models.bert.modeling_bert.BertEncoder",
+                "optimize(unpad=False): padded batches run padded") in report.skipped
+    if case == "eager_again":
+        model.set_attn_implementation("eager")
+    ids, mask = padded_batch([11, 7, 3], 11, left=False, low=3)
+    kwargs = dict(attention_mask=mask, output_hidden_states=case == "hidden_states")
+    if case == "decoder":
+        kwargs["use_cache"] = False
+    with torch.no_grad():
+        expected, got = ref(ids, **kwargs), model(ids, **kwargs)
+    assert calls["varlen"] == 0 and calls["dense"] == (0 if case == "eager_again" else 2)
+    close_on_tokens(got.last_hidden_state, expected.last_hidden_state, mask)
+    if case == "hidden_states":
+        assert all(g.shape == e.shape for g, e in zip(got.hidden_states, expected.hidden_states))
+
+
+def test_an_optimized_hf_bert_saves_whole_and_loads_in_a_fresh_process(transformers, tmp_path):
+    """torch.save of the whole model pickles the unpadded encoder's class by its name,
+    bignlp_fast.hf.BertEncoder, which a fresh process finds again."""
+    model = _small_encoder(transformers, "BertModel")
+    optimize(model)
+    ids, mask = padded_batch([7, 4], 7, left=False, low=3)
+    with torch.no_grad():
+        torch.save({"model": model, "ids": ids, "mask": mask, "out": model(ids, attention_mask=mask).last_hidden_state},
+                   tmp_path / "m.pt")
+    code = ("import torch, bignlp_fast\n"
+            f"d = torch.load({str(tmp_path / 'm.pt')!r}, weights_only=False)\n"
+            "m = d['model']\n"
+            "assert type(m.encoder).__module__ == 'bignlp_fast.hf'\n"
+            "with torch.no_grad():\n"
+            "    torch.testing.assert_close(m(d['ids'], attention_mask=d['mask']).last_hidden_state, d['out'])\n")
+    subprocess.run([sys.executable, "-c", code], cwd=SUBPROCESS_CWD, check=True, capture_output=True)
+
+
 def test_hf_gpt2_matches_eager_on_a_left_padded_batch(transformers, calls):
     config = transformers.GPT2Config(vocab_size=101, n_embd=45, n_head=3, n_layer=2, n_positions=64,
                                      bos_token_id=1, eos_token_id=2)

@@ -55,7 +55,8 @@ def _bert_cases(b: int, l: int, dtype: torch.dtype, modes, suites, layers: int =
     against transformers' BertModel with attn_implementation="sdpa". FLOPs: the encoder's GEMMs and
     attention over the real tokens only (what a padding-free model must compute). ``via_optimize``:
     ours is transformers' own model after ``bignlp_fast.optimize`` (our attention through its
-    AttentionInterface, our LayerNorm and Linear modules; its padded layout kept). ``prepack``: our
+    AttentionInterface, our LayerNorm and Linear modules, its encoder stack run unpadded:
+    hf.unpadded_encoder_class). ``prepack``: our
     model's weights marked for ops.prepack (inference on copies packed once; the first call, timed
     apart as warm-up, packs them). ``packed`` (inference): the batch's real tokens in one row, as
     transformers' DataCollatorWithFlattening(return_flash_attn_kwargs=True) lays out a padding-free

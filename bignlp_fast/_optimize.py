@@ -265,7 +265,7 @@ def _swap_hf_encoder(name: str, module: torch.nn.Module, unpad: bool, report: Op
         report.skipped.append((name, _type_name(cls), "already optimized"))
     elif not unpad:
         report.skipped.append((name, _type_name(cls), "optimize(unpad=False): padded batches run padded"))
-    elif getattr(getattr(module, "config", None), "_attn_implementation", None) != _HF_NAME:
+    elif hf.attention_implementation(module) != _HF_NAME:
         report.skipped.append((name, _type_name(cls), "its model's attention is not bignlp_fast's, which the "
                                                       "unpadded layers need"))
     else:
@@ -329,7 +329,7 @@ def optimize(model: torch.nn.Module, *, backend: Optional[str] = None, inplace: 
             inference, their products outside autograd run on copies packed once (a second copy of
             each weight in memory), not on copies packed at every call.
         unpad: run the padded batches of transformers' BERT-family encoders (BERT, RoBERTa, XLM-R,
-            CamemBERT, ELECTRA, ERNIE, Data2VecText) on their real tokens only (see the module
+            CamemBERT, ELECTRA, ERNIE, Data2VecText, DistilBERT) on their real tokens only (see the module
             docstring); their outputs at padding are then zeros. False keeps the padded layout.
 
     Returns:

@@ -249,7 +249,19 @@ UNPADDED_ENCODERS = {
     "ElectraEncoder": "transformers.models.electra.modeling_electra",
     "ErnieEncoder": "transformers.models.ernie.modeling_ernie",
     "Data2VecTextEncoder": "transformers.models.data2vec.modeling_data2vec_text",
+    "Transformer": "transformers.models.distilbert.modeling_distilbert",  # DistilBERT's
 }
+
+
+def attention_implementation(encoder: torch.nn.Module) -> Optional[str]:
+    """The attention implementation an encoder stack's layers run: its model config's
+    (``_attn_implementation``), from the stack or, where it keeps none (DistilBERT's), its first
+    submodule that does."""
+    for module in encoder.modules():
+        config = getattr(module, "config", None)
+        if config is not None and hasattr(config, "_attn_implementation"):
+            return config._attn_implementation
+    return None
 
 
 def _key_padding(encoder: torch.nn.Module, hidden_states: Tensor, attention_mask: Optional[Tensor],
@@ -260,7 +272,7 @@ def _key_padding(encoder: torch.nn.Module, hidden_states: Tensor, attention_mask
     mask), self-attention only (no cross-attention, no cache), nothing asks for the layers' states
     (output_hidden_states / output_attentions), no packing already, and the values can be read (not
     while torch.compile traces: the token count would be data-dependent)."""
-    if (getattr(encoder.config, "_attn_implementation", None) != NAME or hidden_states.dim() != 3
+    if (attention_implementation(encoder) != NAME or hidden_states.dim() != 3
             or attention_mask is None or attention_mask.dtype != torch.bool or attention_mask.dim() != 4
             or any(kwargs.get(k) is not None for k in ("encoder_hidden_states", "cache", "past_key_values",
                                                          *_PACKED_KWARGS))

@@ -399,6 +399,7 @@ _ENCODER_FAMILIES = {  # model class -> config class, the encoder's attribute pa
     "ElectraModel": ("ElectraConfig", "encoder"),
     "ErnieModel": ("ErnieConfig", "encoder"),
     "Data2VecTextModel": ("Data2VecTextConfig", "encoder"),
+    "DistilBertModel": ("DistilBertConfig", "transformer"),
 }
 
 
@@ -406,9 +407,10 @@ def _small_encoder(transformers, model_name, **kwargs):
     config_name, _ = _ENCODER_FAMILIES[model_name]
     if not hasattr(transformers, model_name):
         pytest.skip(f"this transformers has no {model_name}")
-    config = getattr(transformers, config_name)(vocab_size=101, hidden_size=48, num_attention_heads=4,
-                                                 num_hidden_layers=2, intermediate_size=96, pad_token_id=0,
-                                                 max_position_embeddings=64, **kwargs)
+    sizes = (dict(dim=48, n_heads=4, n_layers=2, hidden_dim=96) if model_name == "DistilBertModel" else
+             dict(hidden_size=48, num_attention_heads=4, num_hidden_layers=2, intermediate_size=96))
+    config = getattr(transformers, config_name)(vocab_size=101, pad_token_id=0, max_position_embeddings=64,
+                                                 **sizes, **kwargs)
     torch.manual_seed(0)
     model = getattr(transformers, model_name)(config).eval()
     model.set_attn_implementation("eager")
@@ -428,7 +430,7 @@ def test_hf_encoders_run_padded_batches_unpadded(transformers, calls, model_name
     encoder = model.get_submodule(_ENCODER_FAMILIES[model_name][1])
     base = type(ref.get_submodule(_ENCODER_FAMILIES[model_name][1]))
     assert type(encoder) is hf.unpadded_encoder_class(base) and isinstance(encoder, base)
-    assert ("encoder", f"{base.__module__}.{base.__name__}",
+    assert (_ENCODER_FAMILIES[model_name][1], f"{base.__module__}.{base.__name__}",
             f"bignlp_fast.hf.{base.__name__} (padded batches run unpadded)") in report.swapped
     assert report.skipped == [] and model.state_dict().keys() == ref.state_dict().keys()
     ids, mask = padded_batch([11, 7, 3], 11, left=False, low=3)

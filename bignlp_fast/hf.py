@@ -38,7 +38,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from bignlp_fast.ops._common import values_readable
+from bignlp_fast.ops._common import values_readable, version_counter
 from bignlp_fast.ops.attention import scaled_dot_product_attention, varlen_attention
 
 NAME = "bignlp_fast"
@@ -151,7 +151,7 @@ def _packed_layout(query: Tensor, key: Tensor, attention_mask: Optional[Tensor],
     tensors = (attention_mask, *sources)
     seen = _LAYOUT_SEEN[0]
     if (seen is not None and seen[1] == causal and len(seen[0]) == len(tensors)
-            and all(ref() is t and version == t._version for (ref, version), t in zip(seen[0], tensors))):
+            and all(ref() is t and version == version_counter(t) for (ref, version), t in zip(seen[0], tensors))):
         return seen[2]
     if len(sources) == 1:
         layout = _from_position_ids(position_ids, lq)
@@ -163,7 +163,7 @@ def _packed_layout(query: Tensor, key: Tensor, attention_mask: Optional[Tensor],
         if (cu_q.numel() != cu_k.numel() or int(cu_q[-1]) != lq or int(cu_k[-1]) != lk
                 or not bool((attention_mask == _keep_pattern(cu_q, cu_k, causal)).all())):
             layout = None
-    _LAYOUT_SEEN[0] = (tuple((weakref.ref(t), t._version) for t in tensors), causal, layout)
+    _LAYOUT_SEEN[0] = (tuple((weakref.ref(t), version_counter(t)) for t in tensors), causal, layout)
     return layout
 
 

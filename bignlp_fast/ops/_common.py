@@ -375,6 +375,13 @@ def check_choice(op: str, name: str, value, choices: Sequence) -> None:
         raise ValueError(f"{op}: {name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
 
 
+def version_counter(t: Tensor) -> int:
+    """``t._version`` (moved by every in-place change autograd sees), or -1 for an inference tensor,
+    which has none (reading it raises): a cache keyed on it then tells such tensors apart only by
+    identity and data pointer."""
+    return -1 if t.is_inference() else t._version
+
+
 def values_readable(*tensors) -> bool:
     """Whether an argument check may read tensor values (.item(), .tolist(), a branch on a comparison):
     not while torch.compile traces (data a graph cannot branch on), nor of meta tensors (no data), nor

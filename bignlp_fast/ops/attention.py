@@ -39,7 +39,7 @@ from torch import Tensor
 from bignlp_fast import _backend
 from bignlp_fast.ops._common import (PLAIN_TENSORS, acc_dtype, autocast_lower, call, check_choice, check_like,
                                      check_tensor, cpu_lane_open, custom_op, grads_or_zeros, integer, kernel,
-                                     no_zero_grads, real_number, register_autograd, values_readable)
+                                     no_zero_grads, real_number, register_autograd, values_readable, version_counter)
 
 OP = _backend.register_op(
     "attention",
@@ -516,7 +516,7 @@ def _check_cu_seqlens(op: str, name: str, cu: Tensor, ref: Tensor, total: int, m
     # reading a GPU tensor's values would wait for the GPU; a graph being compiled cannot branch on them
     if cu.device.type == "cpu" and values_readable(cu):
         seen = _CU_CHECKED[0]
-        key = (cu._version, cu.data_ptr(), total, max_len)
+        key = (version_counter(cu), cu.data_ptr(), total, max_len)
         if seen is not None and seen[0]() is cu and seen[1] == key:
             return  # these very offsets passed already (a model passes one tensor to every layer)
         lengths = cu[1:] - cu[:-1]

@@ -10,7 +10,7 @@ from torch import nn
 
 import bignlp_fast.nn as bnn
 from bignlp_fast import OptimizeReport, optimize
-from conftest import SUBPROCESS_CWD, padded_batch
+from conftest import HAS_CUDA, SUBPROCESS_CWD, padded_batch
 
 TOL = dict(rtol=1e-5, atol=1e-5)  # fp32: the fused kernels sum in another order than torch's
 
@@ -490,6 +490,31 @@ def test_hf_encoder_calls_that_stay_padded(transformers, calls, case):
     close_on_tokens(got.last_hidden_state, expected.last_hidden_state, mask)
     if case == "hidden_states":
         assert all(g.shape == e.shape for g, e in zip(got.hidden_states, expected.hidden_states))
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU on this machine")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_hf_bert_unpadded_and_packed_on_a_gpu(transformers, calls, dtype):
+    """On a GPU (.ci/gpu-check runs it): transformers' BERT after optimize() on a padded batch (the
+    unpadded encoder, varlen attention on the automatic backend) and on the same tokens packed in one
+    row, against eager in the same dtype, at real tokens."""
+    ref = _small_encoder(transformers, "BertModel").to("cuda", dtype)
+    model = copy.deepcopy(ref)
+    optimize(model)
+    ids, mask = (t.cuda() for t in padded_batch([11, 7, 3], 11, left=False, low=3))
+    with torch.no_grad():
+        expected = ref(ids, attention_mask=mask).last_hidden_state
+        got = model(ids, attention_mask=mask).last_hidden_state
+        lengths = mask.sum(1).tolist()
+        cu = torch.tensor([0, *torch.tensor(lengths).cumsum(0).tolist()], dtype=torch.int32, device="cuda")
+        packed = model(ids[mask.bool()][None], position_ids=torch.cat([torch.arange(n) for n in lengths])[None].cuda(),
+                       cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=max(lengths),
+                       max_length_k=max(lengths)).last_hidden_state[0]
+    assert calls["varlen"] == 4 and calls["dense"] == 0
+    keep = mask.bool()
+    torch.testing.assert_close(got[keep], expected[keep], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(packed, expected[keep], rtol=2e-2, atol=2e-2)
 
 
 def test_an_optimized_hf_bert_saves_whole_and_loads_in_a_fresh_process(transformers, tmp_path):

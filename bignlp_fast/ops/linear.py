@@ -194,15 +194,17 @@ def linear_is_faster(x: Tensor, weight: Tensor, prepacked: Optional[bool] = None
     k = x.shape[-1]
     if k == 0:
         return False
+    rows = x.numel() // k
+    if isinstance(rows, torch.SymInt):  # see linear_is_faster_for
+        return False
     avx2 = _backend.cpu_kernels_avx2()  # the one rule that weighs autograd and packed copies (see _shape_rule)
     grad = avx2 and torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
-    rows = x.numel() // k
-    if prepacked is None:  # (asked only where the answer can matter; a symbolic size is not compared:
-        # that would guard it, see linear_is_faster_for)
-        prepacked = ((avx2 or (not isinstance(rows, torch.SymInt) and SKINNY_ROWS < rows <= PREPACKED_ROWS))
-                     and _packable(weight))
-    return linear_is_faster_for(x.device, x.dtype, rows, k, weight.shape[0], grad,
-                                transposed=not weight.is_contiguous(), prepacked=prepacked)
+    if prepacked is None:  # (asked only where the answer can matter)
+        prepacked = (avx2 or SKINNY_ROWS < rows <= PREPACKED_ROWS) and _packable(weight)
+    # linear_is_faster_for's order, inlined: most calls get their answer from the shape, before the
+    # device and the process state are looked at (this runs before every product of the models)
+    return (_shape_rule(x.dtype, rows, k, weight.shape[0], grad, not weight.is_contiguous(), prepacked)
+            and _on_cpu_kernels(x.device))
 
 
 def linear_is_faster_for(device: torch.device, dtype: torch.dtype, rows: int, k: int, n: int,
@@ -219,6 +221,12 @@ def linear_is_faster_for(device: torch.device, dtype: torch.dtype, rows: int, k:
         return False                              # rule by rows would guard the dimension (export refused
     if not _shape_rule(dtype, rows, k, n, grad, transposed, prepacked):  # a range across 32 rows)
         return False
+    return _on_cpu_kernels(device)
+
+
+def _on_cpu_kernels(device: torch.device) -> bool:
+    """Whether a product on ``device`` would run ops.linear's CPU kernels now: a CPU tensor, no CPU
+    autocast, the cpu backend not overridden (BIGNLP_FAST_BACKEND), the kernels built for this CPU."""
     return (device.type == "cpu" and not torch.is_autocast_enabled("cpu")
             and _backend.requested_backend(None) in (None, "cpu") and _backend.unavailable("cpu", device) is None)
 

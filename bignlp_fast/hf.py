@@ -146,8 +146,8 @@ def _packed_layout(query: Tensor, key: Tensor, attention_mask: Optional[Tensor],
         cu_q, cu_k = (t.to(device=query.device, dtype=torch.int32) for t in given[:2])
         return cu_q, cu_k, int(given[2]), int(given[3])
     if (b != 1 or attention_mask.dtype != torch.bool or attention_mask.shape[-2:] != (lq, lk)
-            or not values_readable(attention_mask, *sources)):
-        return None
+            or torch.jit.is_tracing() or not values_readable(attention_mask, *sources)):
+        return None  # (a trace would keep this call's answer, read from the values, for every input)
     tensors = (attention_mask, *sources)
     seen = _LAYOUT_SEEN[0]
     if (seen is not None and seen[1] == causal and len(seen[0]) == len(tensors)
@@ -271,13 +271,14 @@ def _key_padding(encoder: torch.nn.Module, hidden_states: Tensor, attention_mask
     mask with some padding (a bool [B, 1, L, L] whose rows are all alike: transformers' bidirectional
     mask), self-attention only (no cross-attention, no cache), nothing asks for the layers' states
     (output_hidden_states / output_attentions), no packing already, and the values can be read (not
-    while torch.compile traces: the token count would be data-dependent)."""
+    while torch.compile or torch.jit.trace traces: the token count would be data-dependent, and a
+    trace keeps the longest sequence of the batch it saw as a constant)."""
     if (attention_implementation(encoder) != NAME or hidden_states.dim() != 3
             or attention_mask is None or attention_mask.dtype != torch.bool or attention_mask.dim() != 4
             or any(kwargs.get(k) is not None for k in ("encoder_hidden_states", "cache", "past_key_values",
                                                          *_PACKED_KWARGS))
             or kwargs.get("output_hidden_states") or kwargs.get("output_attentions")
-            or not values_readable(hidden_states, attention_mask)):
+            or torch.jit.is_tracing() or not values_readable(hidden_states, attention_mask)):
         return None
     b, l = hidden_states.shape[:2]
     mask = _broadcast_only(attention_mask)

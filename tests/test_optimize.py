@@ -517,6 +517,21 @@ def test_hf_bert_unpadded_and_packed_on_a_gpu(transformers, calls, dtype):
     torch.testing.assert_close(packed, expected[keep], rtol=2e-2, atol=2e-2)
 
 
+def test_hf_encoder_traced_with_torch_jit_stays_padded(transformers, calls):
+    """torch.jit.trace (transformers' torchscript export) keeps the traced call's data-dependent answers
+    as constants (the longest sequence, whether there is padding): the encoder runs padded while it is
+    traced, and the trace then gives eager's results on another padding."""
+    ref = _small_encoder(transformers, "BertModel", torchscript=True)
+    model = optimize(ref, inplace=False).model
+    ids, mask = padded_batch([7, 5, 2], 9, left=False, low=3)  # no row fills the batch while traced
+    with torch.no_grad():
+        traced = torch.jit.trace(model, (ids, mask), check_trace=False, strict=False)
+        assert calls["varlen"] == 0 and calls["dense"] == 2
+        ids2, mask2 = padded_batch([9, 3, 6], 9, left=False, low=3)
+        got, expected = traced(ids2, mask2)["last_hidden_state"], ref(ids2, attention_mask=mask2)[0]
+    close_on_tokens(got, expected, mask2)
+
+
 def test_an_optimized_hf_bert_saves_whole_and_loads_in_a_fresh_process(transformers, tmp_path):
     """torch.save of the whole model pickles the unpadded encoder's class by its name,
     bignlp_fast.hf.BertEncoder, which a fresh process finds again."""

@@ -38,6 +38,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
+from bignlp_fast.models.bert import _Batch
 from bignlp_fast.ops._common import values_readable, version_counter
 from bignlp_fast.ops.attention import scaled_dot_product_attention, varlen_attention
 
@@ -133,18 +134,19 @@ def _packed_layout(query: Tensor, key: Tensor, attention_mask: Optional[Tensor],
     b, lq, lk = query.shape[0], query.shape[2], key.shape[2]
     given = [kwargs.get(name) for name in _PACKED_KWARGS]
     position_ids = kwargs.get("position_ids")
+    stated = None  # the packing flash-attention's kwargs state
     if all(v is not None for v in given):
         if not (isinstance(given[0], Tensor) and isinstance(given[1], Tensor)):
             return None
         sources = given[:2]
+        stated = (*(t.to(device=query.device, dtype=torch.int32) for t in sources), int(given[2]), int(given[3]))
     elif (position_ids is not None and attention_mask is not None and b == 1 and lq == lk
           and 0 < lq == position_ids.numel()):
         sources = [position_ids]
     else:
         return None
-    if attention_mask is None:  # flash-attention's kwargs alone: the packing they state
-        cu_q, cu_k = (t.to(device=query.device, dtype=torch.int32) for t in given[:2])
-        return cu_q, cu_k, int(given[2]), int(given[3])
+    if attention_mask is None:  # the kwargs alone: the packing they state
+        return stated
     if (b != 1 or attention_mask.dtype != torch.bool or attention_mask.shape[-2:] != (lq, lk)
             or torch.jit.is_tracing() or not values_readable(attention_mask, *sources)):
         return None  # (a trace would keep this call's answer, read from the values, for every input)
@@ -153,11 +155,7 @@ def _packed_layout(query: Tensor, key: Tensor, attention_mask: Optional[Tensor],
     if (seen is not None and seen[1] == causal and len(seen[0]) == len(tensors)
             and all(ref() is t and version == version_counter(t) for (ref, version), t in zip(seen[0], tensors))):
         return seen[2]
-    if len(sources) == 1:
-        layout = _from_position_ids(position_ids, lq)
-    else:
-        cu_q, cu_k = (t.to(device=query.device, dtype=torch.int32) for t in given[:2])
-        layout = cu_q, cu_k, int(given[2]), int(given[3])
+    layout = stated if stated is not None else _from_position_ids(position_ids, lq)
     if layout is not None:
         cu_q, cu_k = layout[:2]
         if (cu_q.numel() != cu_k.numel() or int(cu_q[-1]) != lq or int(cu_k[-1]) != lk
@@ -305,22 +303,14 @@ def unpadded_encoder_class(base: type) -> type:
         keep = _key_padding(self, hidden_states, attention_mask, kwargs)
         if keep is None:
             return base.forward(self, hidden_states, attention_mask=attention_mask, **kwargs)
-        b, l = keep.shape
-        lengths = keep.sum(1, dtype=torch.int32)
-        cu = torch.nn.functional.pad(lengths.cumsum(0, dtype=torch.int32), (1, 0))
-        longest = int(lengths.max())
-        indices = keep.flatten().nonzero().flatten()
-        packed = hidden_states.flatten(0, 1).index_select(0, indices)[None]  # [1, T, hidden]
+        batch = _Batch.of(keep, tuple(keep.shape))  # our BERT's unpadding: cu_seqlens, pack, unpack
         kwargs.pop("position_ids", None)  # the embeddings' (the layers take the packing from cu instead)
-        out = base.forward(self, packed, attention_mask=None, cu_seq_lens_q=cu, cu_seq_lens_k=cu,
-                           max_length_q=longest, max_length_k=longest, **kwargs)
-
-        def padded(states: Tensor) -> Tensor:  # [1, T, hidden] -> [B, L, hidden], zeros at padding
-            return states.new_zeros(b * l, states.shape[-1]).index_copy(0, indices, states[0]).view(b, l, -1)
-
-        if isinstance(out, tuple):
-            return (padded(out[0]), *out[1:])
-        out.last_hidden_state = padded(out.last_hidden_state)
+        out = base.forward(self, batch.pack(hidden_states)[None], attention_mask=None,  # [1, T, hidden]
+                           cu_seq_lens_q=batch.cu_seqlens, cu_seq_lens_k=batch.cu_seqlens,
+                           max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen, **kwargs)
+        if isinstance(out, tuple):  # [B, L, hidden], zeros at padding
+            return (batch.unpack(out[0][0]), *out[1:])
+        out.last_hidden_state = batch.unpack(out.last_hidden_state[0])
         return out
 
     return type(base.__name__, (base,), {"forward": forward, "__module__": __name__,

@@ -19,7 +19,11 @@ What it does, module by module (``model.named_modules()``, the root included):
   (:func:`bignlp_fast.hf.unpadded_encoder_class`), which runs a padded batch on its real tokens only:
   every layer's GEMMs, LayerNorms and activations on T rows instead of B * L, attention on
   varlen_attention. ``last_hidden_state`` is zero at padding, where transformers leaves values nothing
-  should read (the pooler reads position 0, as before). ``unpad=False`` keeps the padded layout.
+  should read (the pooler reads position 0, as before). Their masked-LM heads (``BertLMPredictionHead``,
+  ``RobertaLMHead`` ...: ``bignlp_fast.hf.UNPADDED_HEADS``) become the subclass
+  :func:`bignlp_fast.hf.unpadded_head_class` makes, which on that state computes the logits of the real
+  tokens and of one zero state (every padding position's logits) only. ``unpad=False`` keeps the
+  padded layout.
 - transformers' ``Conv1D`` (the GPT-2 family's projections; exactly that type, found only when
   ``transformers.pytorch_utils`` is already imported) becomes ``bignlp_fast.hf.Conv1D``, its subclass
   whose forward is ``ops.linear.dense(x, weight.t(), bias)`` (``backend=`` does not reach it).
@@ -257,17 +261,24 @@ def _swap_hf_conv1d(name: str, module: torch.nn.Module, hf_conv1d: type, backend
     report.swapped.append((name, "transformers.pytorch_utils.Conv1D", "bignlp_fast.hf.Conv1D"))
 
 
-def _swap_hf_encoder(name: str, module: torch.nn.Module, unpad: bool, report: OptimizeReport) -> None:
+def _swap_hf_unpadded(name: str, module: torch.nn.Module, owner, unpad: bool, report: OptimizeReport) -> None:
     """A BERT-family encoder stack of transformers (hf.UNPADDED_ENCODERS) -> hf.unpadded_encoder_class's
-    subclass, which runs padded batches on their real tokens, where the model's attention is ours."""
+    subclass, which runs padded batches on their real tokens, where the model's attention is ours; its
+    masked-LM head (hf.UNPADDED_HEADS) -> hf.unpadded_head_class's, which then computes the logits of
+    the real tokens only. ``owner``: the transformers model the module is in."""
     cls = type(module)
+    head = cls.__name__ in hf.UNPADDED_HEADS
     if cls.__module__ == hf.__name__:
         report.skipped.append((name, _type_name(cls), "already optimized"))
     elif not unpad:
         report.skipped.append((name, _type_name(cls), "optimize(unpad=False): padded batches run padded"))
-    elif hf.attention_implementation(module) != _HF_NAME:
+    elif hf.attention_implementation(owner if head else module) != _HF_NAME:
         report.skipped.append((name, _type_name(cls), "its model's attention is not bignlp_fast's, which the "
                                                       "unpadded layers need"))
+    elif head:
+        module.__class__ = ours = hf.unpadded_head_class(cls)
+        report.swapped.append((name, _type_name(cls), f"{_type_name(ours)} (logits of the real tokens only, "
+                                                      "after the unpadded encoder)"))
     else:
         module.__class__ = ours = hf.unpadded_encoder_class(cls)
         report.swapped.append((name, _type_name(cls), f"{_type_name(ours)} (padded batches run unpadded)"))
@@ -329,8 +340,9 @@ def optimize(model: torch.nn.Module, *, backend: Optional[str] = None, inplace: 
             inference, their products outside autograd run on copies packed once (a second copy of
             each weight in memory), not on copies packed at every call.
         unpad: run the padded batches of transformers' BERT-family encoders (BERT, RoBERTa, XLM-R,
-            CamemBERT, ELECTRA, ERNIE, Data2VecText, DistilBERT) on their real tokens only (see the module
-            docstring); their outputs at padding are then zeros. False keeps the padded layout.
+            CamemBERT, ELECTRA, ERNIE, Data2VecText, DistilBERT), and their masked-LM heads, on their
+            real tokens only (see the module docstring); the encoders' outputs at padding are then
+            zeros. False keeps the padded layout.
 
     Returns:
         An :class:`OptimizeReport`: ``swapped`` and ``skipped`` (with reasons), ``str(report)`` a
@@ -369,8 +381,9 @@ def optimize(model: torch.nn.Module, *, backend: Optional[str] = None, inplace: 
             closed.append(name)
         if cls in hf_conv1d_types:
             _swap_hf_conv1d(name, module, hf_conv1d, backend, report)
-        elif owner is not None and cls.__module__ in (hf.UNPADDED_ENCODERS.get(cls.__name__), hf.__name__):
-            _swap_hf_encoder(name, module, unpad, report)
+        elif owner is not None and cls.__module__ in (hf.UNPADDED_ENCODERS.get(cls.__name__),
+                                                      hf.UNPADDED_HEADS.get(cls.__name__), hf.__name__):
+            _swap_hf_unpadded(name, module, model.get_submodule(owner), unpad, report)
         elif cls in _SWAPS:
             closed.append(name)
             if owner is not None and cls not in _IN_HF:

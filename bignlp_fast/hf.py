@@ -308,13 +308,81 @@ def unpadded_encoder_class(base: type) -> type:
         out = base.forward(self, batch.pack(hidden_states)[None], attention_mask=None,  # [1, T, hidden]
                            cu_seq_lens_q=batch.cu_seqlens, cu_seq_lens_k=batch.cu_seqlens,
                            max_length_q=batch.max_seqlen, max_length_k=batch.max_seqlen, **kwargs)
-        if isinstance(out, tuple):  # [B, L, hidden], zeros at padding
-            return (batch.unpack(out[0][0]), *out[1:])
-        out.last_hidden_state = batch.unpack(out.last_hidden_state[0])
+        last = batch.unpack((out[0] if isinstance(out, tuple) else out.last_hidden_state)[0])  # zeros at padding
+        _LAST_UNPADDED[0] = (weakref.ref(last), version_counter(last), batch, [])  # for the MLM heads
+        if isinstance(out, tuple):
+            return (last, *out[1:])
+        out.last_hidden_state = last
         return out
 
     return type(base.__name__, (base,), {"forward": forward, "__module__": __name__,
                                          "__doc__": f"transformers' {base.__name__}, run unpadded on padded batches."})
+
+
+# ---- the masked-LM heads on an unpadded encoder's output ------------------------------------------
+# transformers' MLM heads (class name -> its module) that map each position's state to its logits on
+# its own (dense, GELU, LayerNorm, the vocabulary projection): optimize() swaps them for
+# unpadded_head_class's subclass.
+UNPADDED_HEADS = {
+    "BertLMPredictionHead": "transformers.models.bert.modeling_bert",
+    "RobertaLMHead": "transformers.models.roberta.modeling_roberta",
+    "XLMRobertaLMHead": "transformers.models.xlm_roberta.modeling_xlm_roberta",
+    "CamembertLMHead": "transformers.models.camembert.modeling_camembert",
+    "ErnieLMPredictionHead": "transformers.models.ernie.modeling_ernie",
+    "Data2VecTextLMHead": "transformers.models.data2vec.modeling_data2vec_text",
+}
+# The last state an unpadded encoder returned: (a weak reference to it, its version, its _Batch, [the
+# rows the heads gather and scatter, made by the first head that runs on it]). One entry: a head
+# recognises the very tensor (identity and version), so a stale or overwritten entry is never used.
+# (An inference tensor keeps no version: under torch.inference_mode a change made in place between the
+# encoder and the head, which transformers' models never make, would go unseen.)
+_LAST_UNPADDED: list = [None]
+
+
+def _unpadded_rows(hidden_states: Tensor) -> Optional[tuple[Tensor, Tensor]]:
+    """(gather [T + 1], scatter [B * L]) where ``hidden_states`` is, unchanged, the last state an unpadded
+    encoder returned (its padding positions are zeros), else None. gather: the real tokens' positions
+    in the flattened [B * L], then one padding position (a zero state); scatter: for each position the
+    row of the gathered ones it takes (its own for a real token, the zero state's for padding)."""
+    if torch.compiler.is_compiling() or torch.jit.is_tracing():  # the encoder ran padded
+        return None
+    last = _LAST_UNPADDED[0]
+    if last is None or last[0]() is not hidden_states or last[1] != version_counter(hidden_states):
+        return None
+    batch, rows = last[2], last[3]
+    if not rows:
+        keep = torch.zeros(batch.shape[0] * batch.shape[1], dtype=torch.bool, device=hidden_states.device)
+        keep[batch.indices] = True
+        padding = (~keep).nonzero()[0]  # the encoder ran only where there is padding
+        tokens = batch.indices.numel()
+        scatter = torch.full(keep.shape, tokens, dtype=torch.long, device=keep.device)
+        scatter[batch.indices] = torch.arange(tokens, device=keep.device)
+        rows += [torch.cat([batch.indices, padding]), scatter]
+    return rows[0], rows[1]
+
+
+@functools.lru_cache(maxsize=None)
+def unpadded_head_class(base: type) -> type:
+    """A subclass of transformers' masked-LM head ``base`` (one of UNPADDED_HEADS) that, on the state an
+    unpadded encoder stack (:func:`unpadded_encoder_class`) returned, computes the logits of the real
+    tokens and of one zero state only: the vocabulary projection, most of an MLM forward's cost after
+    the encoder, then costs T + 1 rows instead of B * L. Every padding position gets the zero state's
+    logits, exactly what ``base`` computes there from the encoder's zeros (and their gradients reach
+    the weights as they would). On any other input (another tensor, the same one changed in place, a
+    padded encoder's) it runs ``base``'s forward as it is. It adds nothing to the module; optimize
+    swaps it in by class reassignment. Made once per base class."""
+
+    def forward(self, hidden_states: Tensor, *args, **kwargs):
+        rows = _unpadded_rows(hidden_states) if hidden_states.dim() == 3 else None
+        if rows is None:
+            return base.forward(self, hidden_states, *args, **kwargs)
+        gather, scatter = rows
+        logits = base.forward(self, hidden_states.flatten(0, 1).index_select(0, gather), *args, **kwargs)
+        return logits.index_select(0, scatter).view(*hidden_states.shape[:2], -1)  # [B, L, vocab]
+
+    return type(base.__name__, (base,), {"forward": forward, "__module__": __name__,
+                                         "__doc__": f"transformers' {base.__name__}, on real tokens after an "
+                                                    "unpadded encoder."})
 
 
 def hf_conv1d_class() -> Optional[type]:
@@ -323,8 +391,9 @@ def hf_conv1d_class() -> Optional[type]:
 
 
 def __getattr__(name: str):
-    """``bignlp_fast.hf.Conv1D`` and ``bignlp_fast.hf.BertEncoder`` (etc.), the classes
-    :func:`fast_conv1d_class` and :func:`unpadded_encoder_class` make, by the names they carry: pickle
+    """``bignlp_fast.hf.Conv1D``, ``bignlp_fast.hf.BertEncoder`` and ``bignlp_fast.hf.BertLMPredictionHead``
+    (etc.), the classes :func:`fast_conv1d_class`, :func:`unpadded_encoder_class` and
+    :func:`unpadded_head_class` make, by the names they carry: pickle
     (torch.save of a whole optimized model) finds a class by its module and name, and this makes it
     there on first use (importing transformers, as the model being loaded does)."""
     if name == "Conv1D":
@@ -332,6 +401,8 @@ def __getattr__(name: str):
         return fast_conv1d_class(Conv1D)
     if name in UNPADDED_ENCODERS:
         return unpadded_encoder_class(getattr(importlib.import_module(UNPADDED_ENCODERS[name]), name))
+    if name in UNPADDED_HEADS:
+        return unpadded_head_class(getattr(importlib.import_module(UNPADDED_HEADS[name]), name))
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

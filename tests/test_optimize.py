@@ -492,6 +492,128 @@ def test_hf_encoder_calls_that_stay_padded(transformers, calls, case):
         assert all(g.shape == e.shape for g, e in zip(got.hidden_states, expected.hidden_states))
 
 
+# their masked-LM heads (hf.UNPADDED_HEADS): model class -> its encoder family, the head's path
+_MLM_FAMILIES = {
+    "BertForMaskedLM": ("BertModel", "cls.predictions"),
+    "RobertaForMaskedLM": ("RobertaModel", "lm_head"),
+    "XLMRobertaForMaskedLM": ("XLMRobertaModel", "lm_head"),
+    "CamembertForMaskedLM": ("CamembertModel", "lm_head"),
+    "ErnieForMaskedLM": ("ErnieModel", "cls.predictions"),
+    "Data2VecTextForMaskedLM": ("Data2VecTextModel", "lm_head"),
+}
+
+
+def _small_mlm(transformers, model_name):
+    if not hasattr(transformers, model_name):
+        pytest.skip(f"this transformers has no {model_name}")
+    config_name = _ENCODER_FAMILIES[_MLM_FAMILIES[model_name][0]][0]
+    config = getattr(transformers, config_name)(
+        vocab_size=101, pad_token_id=0, max_position_embeddings=64, hidden_size=48, num_attention_heads=4,
+        num_hidden_layers=2, intermediate_size=96, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = getattr(transformers, model_name)(config)
+    for module in model.modules():  # transformers starts them at zero: a zero state would be one LayerNorm's
+        if isinstance(module, nn.Linear):  # degenerate case (no variance), every gradient amplified 1e6 times
+            nn.init.normal_(module.bias, std=0.1)
+    model.set_attn_implementation("eager")
+    return model
+
+
+def _rows_into(linear: nn.Module) -> list:
+    """The number of rows (positions) each call of ``linear`` gets, appended as it runs."""
+    rows = []
+    linear.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[:-1].numel()))
+    return rows
+
+
+@pytest.mark.parametrize("model_name", list(_MLM_FAMILIES))
+def test_hf_mlm_heads_project_the_real_tokens_only(transformers, calls, model_name):
+    """After optimize(), a masked-LM head on the unpadded encoder's state projects the real tokens and
+    one zero state: the real tokens' logits are eager's, every padding position gets the logits
+    transformers' head computes from a zero state (the encoder's state there)."""
+    from bignlp_fast import hf
+
+    ref = _small_mlm(transformers, model_name).eval()
+    model = copy.deepcopy(ref)
+    report = optimize(model)
+    path = _MLM_FAMILIES[model_name][1]
+    head, base = model.get_submodule(path), type(ref.get_submodule(path))
+    assert type(head) is hf.unpadded_head_class(base) and isinstance(head, base)
+    assert (path, f"{base.__module__}.{base.__name__}", f"bignlp_fast.hf.{base.__name__} (logits of the real "
+            "tokens only, after the unpadded encoder)") in report.swapped
+    rows = _rows_into(head.decoder)
+    ids, mask = padded_batch([11, 7, 3], 11, left=False, low=3)
+    with torch.no_grad():
+        expected, got = ref(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits
+        assert rows == [21 + 1] and calls["varlen"] == 2 and got.shape == expected.shape
+        close_on_tokens(got, expected, mask)
+        zero_state = base.forward(head, torch.zeros(1, ref.config.hidden_size))  # [1, vocab]
+        padding = got[mask == 0]
+        torch.testing.assert_close(padding, zero_state.expand_as(padding), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("padding_labels", ["ignored", "counted"])
+def test_hf_unpadded_mlm_training_gradients(transformers, calls, padding_labels):
+    """A training step of BertForMaskedLM on a padded batch: with the usual labels (-100 at padding) the
+    loss and every gradient are eager's; with labels at padding too, they are those of the same
+    optimized model whose head projects every position (the zero states' logits there, whose gradients
+    reach the head's weights once per padding position)."""
+    ref = _small_mlm(transformers, "BertForMaskedLM")
+    model = optimize(ref, inplace=False).model
+    ids, mask = padded_batch([9, 6, 2], 9, left=False, low=3)
+    labels = torch.randint(0, 101, ids.shape, generator=torch.Generator().manual_seed(2))
+    if padding_labels == "ignored":
+        labels = labels.masked_fill(mask == 0, -100)
+    else:  # the reference: every position through transformers' own head
+        ref = copy.deepcopy(model)
+        ref.cls.predictions.__class__ = type(ref.cls.predictions).__mro__[1]
+    rows = _rows_into(model.cls.predictions.decoder)
+    losses = [m(ids, attention_mask=mask, labels=labels).loss for m in (ref, model)]
+    for loss in losses:
+        loss.backward()
+    assert rows == [17 + 1]
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-5, atol=1e-6)
+    for (name, p), q in zip(ref.named_parameters(), model.parameters()):
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_hf_mlm_head_on_any_other_state_projects_every_position(transformers):
+    """The head takes the short path only on the very state the unpadded encoder returned, unchanged: a
+    copy of it, or the state changed in place, is projected at every position. optimize(unpad=False)
+    leaves the head alone; an optimized model pickles (the head's class by its name)."""
+    import pickle
+
+    model = _small_mlm(transformers, "BertForMaskedLM").eval()
+    report = optimize(copy.deepcopy(model), unpad=False)
+    assert ("cls.predictions", "transformers.models.bert.modeling_bert.BertLMPredictionHead",
+            "optimize(unpad=False): padded batches run padded") in report.skipped
+    optimize(model)
+    again = pickle.loads(pickle.dumps(model))
+    head = model.cls.predictions
+    rows = _rows_into(head.decoder)
+    ids, mask = padded_batch([8, 5], 8, left=False, low=3)
+    with torch.no_grad():
+        state = model.bert(ids, attention_mask=mask).last_hidden_state
+        first, copied = head(state), head(state.clone())
+        state[mask == 0] = 1.0
+        changed = head(state)
+        assert rows == [13 + 1, 16, 16]
+        torch.testing.assert_close(first, copied, rtol=1e-5, atol=1e-6)  # the zero states' logits at padding
+        torch.testing.assert_close(changed[mask == 0], type(head).__mro__[1].forward(head, state[mask == 0]))
+        assert type(again.cls.predictions) is type(head)
+        torch.testing.assert_close(again(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)
+
+
+def test_an_optimized_hf_mlm_compiles_with_fullgraph(transformers):
+    """torch.compile(fullgraph=True) of an optimized BertForMaskedLM: the encoder and the head take their
+    padded paths while traced (no graph break), with eager's logits at real tokens."""
+    ref = _small_mlm(transformers, "BertForMaskedLM").eval()
+    compiled = torch.compile(optimize(ref, inplace=False).model, fullgraph=True, backend="aot_eager")
+    ids, mask = padded_batch([8, 5, 2], 8, left=False, low=3)
+    with torch.no_grad():
+        close_on_tokens(compiled(ids, attention_mask=mask).logits, ref(ids, attention_mask=mask).logits, mask)
+
+
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA GPU on this machine")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])

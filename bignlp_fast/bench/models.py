@@ -148,6 +148,66 @@ def _bert_cases(b: int, l: int, dtype: torch.dtype, modes, suites, layers: int =
     return out
 
 
+def _bert_mlm_cases(b: int, l: int, modes, suites, via_optimize: bool = False, layers: int = 12, hidden: int = 768,
+                    vocab: int = 30522):
+    """BERT-base-shaped masked LM on a right-padded batch, fp32: ours (our BertForMaskedLM, or with
+    ``via_optimize`` transformers' own after ``bignlp_fast.optimize``: its encoder unpadded and its head
+    on the real tokens, hf.unpadded_head_class) against transformers' BertForMaskedLM (sdpa). "fwd":
+    the logits (compared at real tokens); "fwd+bwd": a training step with 15% of the real tokens
+    labelled (-100 elsewhere, as DataCollatorForLanguageModeling leaves them). FLOPs: the encoder's
+    and the head's (its dense layer and the vocabulary projection) over the real tokens."""
+    import transformers
+
+    from bignlp_fast import optimize
+    from bignlp_fast.models.bert import BertForMaskedLM, bert_flops
+    ids, mask, lengths = _padded_batch(b, l, vocab)
+    real = mask.bool()
+    padding = 1 - real.float().mean().item()
+    labels = ids.masked_fill(~real | (torch.rand(b, l, generator=torch.Generator().manual_seed(9)) > 0.15), -100)
+    tokens = int(lengths.sum())
+    flops = (bert_flops(BertForMaskedLM.config_class(hidden_size=hidden, num_hidden_layers=layers,
+                                                      num_attention_heads=hidden // 64, intermediate_size=4 * hidden),
+                        tokens, lengths.tolist())
+             + 2 * tokens * (hidden * hidden + hidden * vocab))
+    hf_config = transformers.BertConfig(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers,
+                                        num_attention_heads=hidden // 64, intermediate_size=4 * hidden,
+                                        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                                        attn_implementation="sdpa")
+
+    def pair():
+        torch.manual_seed(0)
+        ref = transformers.BertForMaskedLM(hf_config).eval()  # (dropout 0: the training step's math too)
+        return (optimize(ref, inplace=False).model if via_optimize else BertForMaskedLM.from_hf(ref).eval()), ref
+
+    def make(device, dt):
+        return dict(ids=ids.to(device), mask=mask.to(device), labels=labels.to(device),
+                    tag=torch.zeros((), dtype=dt), models=_Models(pair, device))
+
+    @torch.no_grad()
+    def fwd(model, t):
+        return [model(input_ids=t["ids"], attention_mask=t["mask"]).logits[real.to(t["ids"].device)]]
+
+    def step(model, t):
+        """One training step without the optimizer: the loss and every parameter's gradient (a few
+        returned for the error check)."""
+        for p in model.parameters():
+            p.grad = None
+        loss = model(input_ids=t["ids"], attention_mask=t["mask"], labels=t["labels"]).loss
+        loss.backward()
+        named = dict(model.named_parameters())
+        keys = ["cls.predictions.transform.dense.weight", "bert.encoder.layer.0.attention.self.query.weight",
+                "bert.embeddings.word_embeddings.weight"]
+        return [loss.detach(), *(named[k].grad for k in keys)]
+
+    name = "optimize(HF BERT-base)" if via_optimize else "BERT-base"
+    common = dict(op="attention", shape=(b, l), dtype=torch.float32, suites=suites, make=make,
+                  ref_name="transformers BertForMaskedLM (sdpa)")
+    run = {"fwd": (fwd, flops, "masked LM"), "fwd+bwd": (step, 3 * flops, "masked LM training step")}
+    return [Case(mode=mode, ours=lambda t, be, f=run[mode][0]: f(t["models"](t["tag"].dtype, 0), t),
+                 ref=lambda t, f=run[mode][0]: f(t["models"](t["tag"].dtype, 1), t), flops=run[mode][1],
+                 variant=f"{name} {run[mode][2]}, {padding:.0%} padding", **common) for mode in modes]
+
+
 # ---- GPT-2 generation --------------------------------------------------------------------------------
 def _hf_greedy(new: int):
     """transformers' greedy ``generate`` of exactly ``new`` tokens after a case's ``ids`` (end of
@@ -283,6 +343,9 @@ def model_cases() -> list[Case]:
     cases += _bert_cases(8, 128, torch.float32, ("fwd+bwd",), ("full",), via_optimize=True)
     # ... and on the same batch without its padding, packed in one row (transformers' padding-free format)
     cases += _bert_cases(8, 128, torch.float32, ("fwd",), ("full",), via_optimize=True, packed=True)
+    # the masked LM (the vocabulary projection on every token), ours and transformers' after optimize()
+    cases += _bert_mlm_cases(8, 128, ("fwd", "fwd+bwd"), ("full",))
+    cases += _bert_mlm_cases(8, 128, ("fwd", "fwd+bwd"), ("full",), via_optimize=True)
     # GPT-2 small: prompt 32, 64 new tokens, batch 1 (bound by reading the weights) and batch 8
     cases += _gpt_cases(1, 32, 64, torch.float32, ("quick", "full"))
     cases += _gpt_cases(8, 32, 64, torch.float32, ("full",))

@@ -163,6 +163,31 @@ def test_training_step_gradients_match_transformers():
         torch.testing.assert_close(p.grad, ref, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
 
 
+@pytest.mark.parametrize("labelled", [0.15, 0.8, "and_logits"])
+def test_masked_lm_training_gradients_match_transformers(labelled):
+    """A masked-LM step: the loss and every gradient are transformers'. With at most half the tokens
+    labelled the loss projects those rows again and its backward runs the head on them only (the
+    head sees the labelled rows); with more, or with a loss on the returned logits too, the gradients
+    are still the whole function's."""
+    hf, ours = _pair(transformers.BertForMaskedLM, BertForMaskedLM)
+    ids, mask, types = _inputs()
+    share = 0.8 if labelled == 0.8 else 0.15
+    labels = torch.where(torch.rand(ids.shape, generator=torch.Generator().manual_seed(1)) < share, ids, -100)
+    labels[0, 0], labels[mask == 0] = ids[0, 0], -100  # one label at least
+    rows = []
+    ours.cls.predictions.decoder.register_forward_pre_hook(lambda module, args: rows.append(args[0].shape[0]))
+    outputs = [m(ids, attention_mask=mask, token_type_ids=types, labels=labels) for m in (hf, ours)]
+    for out in outputs:
+        (out.loss + (out.logits[mask.bool()].mean() if labelled == "and_logits" else 0)).backward()
+    real, counted = int(mask.sum()), int((labels != -100).sum())
+    assert rows == ([real] if labelled == 0.8 else [real, counted])
+    torch.testing.assert_close(outputs[1].loss, outputs[0].loss, rtol=1e-5, atol=1e-6)
+    theirs = dict(hf.named_parameters())
+    for name, p in ours.named_parameters():
+        if theirs[name].grad is not None:
+            torch.testing.assert_close(p.grad, theirs[name].grad, rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
 def test_train_mode_dropout_runs_and_differs_from_eval():
     _, ours = _pair(transformers.BertForSequenceClassification, BertForSequenceClassification)
     ids, mask, _ = _inputs()

@@ -460,8 +460,20 @@ class BertForMaskedLM(PretrainedModel):
                              f"{tuple(labels.shape)}")
         h, batch = self.bert.encode(input_ids, attention_mask, token_type_ids, position_ids)
         logits = self.cls(h)  # [T, vocab]: the real tokens only
-        loss = None if labels is None else F.cross_entropy(logits.float(), batch.pack_labels(labels), ignore_index=-100)
+        loss = None if labels is None else self._loss(h, logits, batch.pack_labels(labels))
         return MaskedLMOutput(batch.unpack(logits), loss)
+
+    def _loss(self, h: Tensor, logits: Tensor, labels: Tensor) -> Tensor:
+        """The mean cross-entropy over the labelled tokens (labels [T], -100 where none). Under autograd,
+        where at most half the tokens are labelled (15% in BERT's recipe), their logits are computed
+        again, apart from ``logits``: the loss's backward then runs the head on those rows only, not on
+        every token with zero gradients at the others; ``logits`` keep their own graph for any other
+        loss a caller builds on them."""
+        if logits.requires_grad and values_readable(labels) and not torch.jit.is_tracing():
+            counted = (labels != -100).nonzero().flatten()
+            if 2 * counted.numel() <= labels.numel():
+                return F.cross_entropy(self.cls(h.index_select(0, counted)).float(), labels.index_select(0, counted))
+        return F.cross_entropy(logits.float(), labels, ignore_index=-100)
 
 
 def bert_flops(config: BertConfig, tokens: int, seq_lengths: Optional[list] = None) -> float:

@@ -126,6 +126,43 @@ def test_gradients_match_transformers():
         assert (p.grad - want).abs().max() <= 1e-5 * want.abs().max(), name
 
 
+@pytest.mark.parametrize("layout", ["left", "right", "holes"])
+def test_a_padded_batch_runs_unpadded_as_it_would_padded(monkeypatch, layout):
+    """Without a cache, a padded batch runs on its real tokens (varlen_attention, causal per sequence):
+    the logits at real tokens, the loss and every gradient are the padded path's (torch.compile's),
+    the logits at padding are zeros, and labels at padding, or predicted from padding, never count,
+    on both paths (labels = ids here, padding included)."""
+    import bignlp_fast.models.gpt as gpt
+
+    model = _ours(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    ids, mask = _padded()
+    if layout == "right":
+        mask = mask.flip(1)
+    elif layout == "holes":  # padding inside rows too: each row's positions skip it
+        mask[0, [3, 4, 10]] = 0
+        mask[2, 7] = 0
+    varlen = []
+    monkeypatch.setattr(gpt, "varlen_attention", lambda *a, **k: varlen.append(1) or bignlp_fast.ops.varlen_attention(*a, **k))
+    outs = []
+    for compiling in (False, True):
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+        model.zero_grad()
+        out = model(ids, attention_mask=mask, labels=ids)
+        out.loss.backward()
+        outs.append((out, {n: p.grad.clone() for n, p in model.named_parameters()}))
+        assert len(varlen) == CFG["n_layer"]  # the first (eager) forward only
+    (unpadded, grads), (padded, padded_grads) = outs
+    real = mask.bool()
+    torch.testing.assert_close(unpadded.logits[real], padded.logits[real], rtol=1e-5, atol=1e-5)
+    assert (unpadded.logits[~real] == 0).all()
+    torch.testing.assert_close(unpadded.loss, padded.loss, rtol=1e-5, atol=1e-6)
+    for name, g in grads.items():
+        torch.testing.assert_close(g, padded_grads[name], rtol=1e-4, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    counted = ids[:, 1:].masked_fill(~(real[:, 1:] & real[:, :-1]), -100)  # the rule, written out
+    want = torch.nn.functional.cross_entropy(padded.logits[:, :-1].flatten(0, 1), counted.flatten())
+    torch.testing.assert_close(padded.loss, want)
+
+
 def test_a_training_forward_with_use_cache_trains():
     """use_cache=True in training (transformers' GPT-2 default): the same gradients as without, and a
     cache that holds the keys; a backward through a later call's cached positions is autograd's error."""
@@ -421,8 +458,10 @@ def test_compiles_fullgraph():
     model = _ours()
     ids, mask = _padded()
     compiled = torch.compile(model, fullgraph=True, backend="aot_eager")
+    real = mask.bool()  # (eager runs the padded batch unpadded, zeros at padding; compiled, padded)
     with torch.no_grad():
-        torch.testing.assert_close(compiled(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)
+        torch.testing.assert_close(compiled(ids, attention_mask=mask).logits[real],
+                                   model(ids, attention_mask=mask).logits[real])
         torch.testing.assert_close(compiled(ids).logits, model(ids).logits)
 
 

@@ -209,6 +209,57 @@ def _bert_mlm_cases(b: int, l: int, modes, suites, via_optimize: bool = False, l
 
 
 # ---- GPT-2 generation --------------------------------------------------------------------------------
+def _gpt_padded_cases(b: int, l: int, modes, suites, layers: int = 12, hidden: int = 768, vocab: int = 50257):
+    """GPT-2-small-shaped causal LM on a right-padded batch (as a fine-tuning collator pads it), fp32,
+    without a cache: ours (the batch unpadded, causal varlen attention, the vocabulary projection on
+    the real tokens) against transformers' GPT2LMHeadModel (sdpa). "fwd": the logits (compared at real
+    tokens); "fwd+bwd": a training step, labels -100 at padding. FLOPs: the blocks' products, causal
+    attention and the vocabulary projection over the real tokens."""
+    import transformers
+
+    from bignlp_fast.models.gpt import GPTLMHeadModel
+    ids, mask, lengths = _padded_batch(b, l, vocab)
+    real = mask.bool()
+    padding = 1 - real.float().mean().item()
+    labels = ids.masked_fill(~real, -100)
+    tokens = int(lengths.sum())
+    flops = float(layers * (2 * tokens * 12 * hidden * hidden + 2 * hidden * sum(n * n for n in lengths.tolist()))
+                  + 2 * tokens * hidden * vocab)
+    hf_config = transformers.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=hidden // 64,
+                                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa")
+
+    def pair():
+        torch.manual_seed(0)
+        ref = transformers.GPT2LMHeadModel(hf_config).eval()  # (dropout 0: the training step's math too)
+        return GPTLMHeadModel.from_hf(ref).eval(), ref
+
+    def make(device, dt):
+        return dict(ids=ids.to(device), mask=mask.to(device), labels=labels.to(device),
+                    tag=torch.zeros((), dtype=dt), models=_Models(pair, device))
+
+    @torch.no_grad()
+    def fwd(model, t):
+        return [model(input_ids=t["ids"], attention_mask=t["mask"]).logits[real.to(t["ids"].device)]]
+
+    def step(model, t):
+        """One training step without the optimizer: the loss and every parameter's gradient (a few
+        returned for the error check)."""
+        for p in model.parameters():
+            p.grad = None
+        loss = model(input_ids=t["ids"], attention_mask=t["mask"], labels=t["labels"]).loss
+        loss.backward()
+        named = dict(model.named_parameters())
+        keys = ["transformer.h.0.attn.c_attn.weight", "transformer.h.11.mlp.c_fc.weight", "transformer.wte.weight"]
+        return [loss.detach(), *(named[k].grad for k in keys)]
+
+    common = dict(op="attention", shape=(b, l), dtype=torch.float32, suites=suites, make=make,
+                  ref_name="transformers GPT2LMHeadModel (sdpa)")
+    run = {"fwd": (fwd, flops, "forward"), "fwd+bwd": (step, 3 * flops, "training step")}
+    return [Case(mode=mode, ours=lambda t, be, f=run[mode][0]: f(t["models"](t["tag"].dtype, 0), t),
+                 ref=lambda t, f=run[mode][0]: f(t["models"](t["tag"].dtype, 1), t), flops=run[mode][1],
+                 variant=f"GPT-2 small {run[mode][2]}, {padding:.0%} padding", **common) for mode in modes]
+
+
 def _hf_greedy(new: int):
     """transformers' greedy ``generate`` of exactly ``new`` tokens after a case's ``ids`` (end of
     sequence off; its ``mask``, else every token real), as a case's list of outputs."""
@@ -346,6 +397,8 @@ def model_cases() -> list[Case]:
     # the masked LM (the vocabulary projection on every token), ours and transformers' after optimize()
     cases += _bert_mlm_cases(8, 128, ("fwd", "fwd+bwd"), ("full",))
     cases += _bert_mlm_cases(8, 128, ("fwd", "fwd+bwd"), ("full",), via_optimize=True)
+    # GPT-2 small on a right-padded batch without a cache (scoring, fine-tuning)
+    cases += _gpt_padded_cases(8, 128, ("fwd", "fwd+bwd"), ("full",))
     # GPT-2 small: prompt 32, 64 new tokens, batch 1 (bound by reading the weights) and batch 8
     cases += _gpt_cases(1, 32, 64, torch.float32, ("quick", "full"))
     cases += _gpt_cases(8, 32, 64, torch.float32, ("full",))

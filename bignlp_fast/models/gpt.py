@@ -19,8 +19,11 @@ Design choices:
 - **Position ids from the attention mask.** Prompts of a batch are left-padded; each token's
   position is the number of real tokens before it (``attention_mask.cumsum(-1) - 1``, as
   transformers' generation computes them), so a padded row gives the logits of the same sequence
-  run alone. Padding tokens are masked as keys; their own outputs are meaningless (zeros from
-  attention's fully masked rows, never NaN).
+  run alone. Padding tokens are masked as keys; their own outputs are meaningless (zeros).
+- **Padded batches without a cache run unpadded** (:meth:`GPTModel.encode`), as our BERT does: the
+  real tokens in one row, attention ``varlen_attention`` causal within each sequence, the
+  vocabulary projection and the loss on the real tokens only. The loss never counts a label at
+  padding or one predicted from padding, on either path (torch.compile's runs padded).
 - **A decoding step is one compiled call.** At batch 1 a token reads ~500 MB of weights in ~12 ms,
   and each public op call costs ~10 us of Python (validation, backend choice, dispatch): ~100 calls
   a token were ~1.5 ms, and calling the ops' kernels one by one from Python still ~0.7 ms. A
@@ -43,8 +46,9 @@ from torch import Tensor
 
 from bignlp_fast import _backend
 from bignlp_fast.models._pretrained import HFConfig, PretrainedModel, model_output
-from bignlp_fast.ops import add_layer_norm, bias_gelu, scaled_dot_product_attention
-from bignlp_fast.ops._common import dispatcher_needed
+from bignlp_fast.ops import add_layer_norm, bias_gelu, scaled_dot_product_attention, varlen_attention
+from bignlp_fast.models.bert import _Batch
+from bignlp_fast.ops._common import dispatcher_needed, values_readable
 from bignlp_fast.ops.add_layer_norm import OP as _ADD_LN
 from bignlp_fast.ops.attention import CPU_MAX_HEAD_DIM, OP as _ATTENTION
 from bignlp_fast.ops.bias_gelu import OP as _BIAS_GELU
@@ -205,15 +209,24 @@ class GPTAttention(torch.nn.Module):
         self.c_attn = Conv1D(config.n_embd, 3 * config.n_embd)
         self.c_proj = Conv1D(config.n_embd, config.n_embd)
 
-    def forward(self, x: Tensor, attn_mask: Optional[Tensor], is_causal: bool, cache: Optional[KVCache]) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor], is_causal: bool, cache: Optional[KVCache],
+                packed: Optional[_Batch] = None) -> Tensor:
+        """x [B, L, E] -> [B, L, E]; ``packed``: x is [1, T, E], the real tokens of a padded batch in one
+        row, each sequence attending causally to itself (varlen_attention)."""
         B, L, E = x.shape
         qkv = self.c_attn(x).view(B, L, 3, self.n_head, self.head_dim)  # [B, L, 3, H, D]
-        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # [B, H, L, D] views
-        if cache is not None:
-            k, v = cache.update(self.layer_idx, k, v)  # [B, H, past + L, D]
-        out = scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
-                                           dropout_p=self.attn_pdrop if self.training else 0.0)  # [B, H, L, D]
-        out = self.c_proj(out.transpose(1, 2).reshape(B, L, E))  # [B, L, E]
+        dropout_p = self.attn_pdrop if self.training else 0.0
+        if packed is not None:
+            q, k, v = qkv[0].unbind(1)  # [T, H, D] views
+            out = varlen_attention(q, k, v, packed.cu_seqlens, packed.cu_seqlens, packed.max_seqlen,
+                                   packed.max_seqlen, causal=True, scale=self.scale, dropout_p=dropout_p)  # [T, H, D]
+        else:
+            q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # [B, H, L, D] views
+            if cache is not None:
+                k, v = cache.update(self.layer_idx, k, v)  # [B, H, past + L, D]
+            out = scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal, scale=self.scale,
+                                               dropout_p=dropout_p).transpose(1, 2)  # [B, L, H, D]
+        out = self.c_proj(out.reshape(B, L, E))  # [B, L, E]
         return F.dropout(out, self.resid_pdrop, self.training)
 
 
@@ -239,9 +252,9 @@ class GPTBlock(torch.nn.Module):
         self.mlp = GPTMLP(config)
 
     def forward(self, x: Tensor, residual: Tensor, next_ln: torch.nn.LayerNorm, attn_mask: Optional[Tensor],
-                is_causal: bool, cache: Optional[KVCache]) -> tuple[Tensor, Tensor]:
+                is_causal: bool, cache: Optional[KVCache], packed: Optional[_Batch] = None) -> tuple[Tensor, Tensor]:
         """x = ln_1(residual) [B, L, E] -> (next_ln(residual'), residual'), residual' the block's output."""
-        a = self.attn(x, attn_mask, is_causal, cache)  # [B, L, E]
+        a = self.attn(x, attn_mask, is_causal, cache, packed)  # [B, L, E]
         x, residual = add_layer_norm(a, residual, self.ln_2.weight, self.ln_2.bias, self.eps)
         m = self.mlp(x)  # [B, L, E]
         return add_layer_norm(m, residual, next_ln.weight, next_ln.bias, next_ln.eps)
@@ -302,7 +315,19 @@ class GPTModel(PretrainedModel):
                 position_ids: Optional[Tensor] = None, past_key_values: Optional[KVCache] = None) -> Tensor:
         """input_ids [B, L]; attention_mask [B, past + L] (1 = token, 0 = padding), past = the cache's
         length (0 without one); position_ids [B or 1, L] (default: from the mask, else past..past+L-1).
-        Returns ln_f's output [B, L, n_embd]."""
+        Returns ln_f's output [B, L, n_embd] (zero at padding where the batch ran unpadded, see
+        :meth:`encode`)."""
+        h, batch = self.encode(input_ids, attention_mask, position_ids, past_key_values)
+        return h if batch is None else batch.unpack(h)
+
+    def encode(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
+               position_ids: Optional[Tensor] = None, past_key_values: Optional[KVCache] = None
+               ) -> tuple[Tensor, Optional[_Batch]]:
+        """As :meth:`forward`, but a padded batch without a cache runs **unpadded**: its real tokens in one
+        row, every product, LayerNorm and GELU on T rows instead of B * L, attention varlen_attention
+        (causal within each sequence). Returns (ln_f's output at the real tokens [T, n_embd], the
+        batch's layout) then, else (ln_f's output [B, L, n_embd], None). Not while torch.compile or
+        torch.jit.trace traces (the token count would be data-dependent)."""
         name = type(self).__name__
         _check_ids(name, input_ids)
         B, L = input_ids.shape
@@ -352,6 +377,15 @@ class GPTModel(PretrainedModel):
         if attn_mask is not None:  # additive form, made once for every layer (0 = attend, -inf = masked)
             attn_mask = torch.where(attn_mask, 0.0, -math.inf)
 
+        packed = None
+        if (cache is None and attention_mask is not None and not torch.jit.is_tracing()
+                and values_readable(attention_mask) and not bool(attention_mask.bool().all())):
+            packed = _Batch.of(attention_mask, (B, L))  # the real tokens, sequence by sequence
+            if packed.indices is None or packed.indices.numel() == 0:
+                packed = None
+        if packed is not None:  # [1, T, E]: one row of the real tokens
+            input_ids, position_ids = packed.pack(input_ids)[None], packed.pack(position_ids.expand(B, L))[None]
+            attn_mask = None
         residual = self.wte(input_ids) + self.wpe(position_ids)  # [B, L, E]
         residual = F.dropout(residual, self.config.embd_pdrop, self.training)
         ln_1 = self.h[0].ln_1
@@ -362,10 +396,10 @@ class GPTModel(PretrainedModel):
         else:
             for i, block in enumerate(self.h):
                 next_ln = self.h[i + 1].ln_1 if i + 1 < len(self.h) else self.ln_f
-                x, residual = block(x, residual, next_ln, attn_mask, is_causal, cache)
+                x, residual = block(x, residual, next_ln, attn_mask, is_causal, cache, packed)
         if cache is not None:
             cache.length = end
-        return x  # ln_f(residual) [B, L, E]
+        return (x, None) if packed is None else (x[0], packed)  # ln_f(residual) [B, L, E] or [T, E]
 
     def _decode_step(self, x: Tensor, residual: Tensor, bias: Tensor, cache: KVCache, past: int) -> Tensor:
         """Every block for one new token per row, x = ln_1(residual) and residual [B, E], in one call of
@@ -403,6 +437,14 @@ class GPTModel(PretrainedModel):
             return False
         return all(_backend.plan(op, residual.device, residual.dtype)[0] == "cpu"
                    for op in (_LINEAR, _ATTENTION, _ADD_LN, _BIAS_GELU))
+
+
+def _next_tokens(batch: _Batch, labels: Tensor) -> Tensor:
+    """The loss's targets of an unpadded batch's real tokens but the last: token j's is the label of the
+    next position of its row where that is a real token, else -100 (the padded path's rule)."""
+    at = batch.indices  # [T] positions in the flattened [B * L]
+    follows = (at[1:] == at[:-1] + 1) & (at[1:] % batch.shape[1] != 0)  # the next position, same row
+    return batch.pack(labels)[1:].masked_fill(~follows, -100)
 
 
 class GPTLMHeadModel(PretrainedModel):
@@ -446,11 +488,21 @@ class GPTLMHeadModel(PretrainedModel):
         if past_key_values is None and use_cache:
             _check_ids(name, input_ids)
             past_key_values = self.new_cache(input_ids.shape[0])
-        h = self.transformer(input_ids, attention_mask, position_ids, past_key_values)  # [B, L, E]
+        h, batch = self.transformer.encode(input_ids, attention_mask, position_ids, past_key_values)
+        if batch is not None and not logits_to_keep:  # the real tokens only: [T, V]
+            logits = dense(h, self.lm_head.weight, None)
+            loss = None if labels is None else F.cross_entropy(logits[:-1].float(), _next_tokens(batch, labels))
+            return CausalLMOutput(batch.unpack(logits), loss, past_key_values)
+        if batch is not None:
+            h = batch.unpack(h)
         logits = dense(h[:, -logits_to_keep:] if logits_to_keep else h, self.lm_head.weight, None)  # [B, L', V]
         loss = None
-        if labels is not None:  # token t predicts token t + 1
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
+        if labels is not None:  # token t predicts token t + 1, both real tokens
+            targets = labels[:, 1:]
+            if attention_mask is not None:
+                real = attention_mask[:, -labels.shape[1]:].bool()
+                targets = targets.masked_fill(~(real[:, 1:] & real[:, :-1]), -100)
+            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
         return CausalLMOutput(logits, loss, past_key_values)
 
     @torch.no_grad()

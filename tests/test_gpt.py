@@ -163,6 +163,31 @@ def test_a_padded_batch_runs_unpadded_as_it_would_padded(monkeypatch, layout):
     torch.testing.assert_close(padded.loss, want)
 
 
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_a_loss_on_a_few_tokens_projects_them_again(monkeypatch, use_cache):
+    """Labels on a few tokens of each row (a fine-tuning set's answers after their prompts): the loss
+    projects those rows again, so its backward runs the vocabulary projection on them only; the
+    loss and every gradient are transformers'. (use_cache: the batch runs padded.)"""
+    zero = dict(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    hf, ours = _hf(**zero)
+    ids, mask = _padded()
+    real = mask.bool()
+    answer = torch.zeros_like(real)
+    answer[:, -3:] = True  # the last three tokens of each row, where predicted from a real token
+    labels = ids.masked_fill(~(answer & torch.cat([torch.zeros_like(real[:, :1]), real[:, :-1]], 1)), -100)
+    rows = []
+    head = ours._head
+    monkeypatch.setattr(ours, "_head", lambda h: rows.append(h.shape[:-1].numel()) or head(h))
+    ours(ids, attention_mask=mask, labels=labels, use_cache=use_cache).loss.backward()
+    hf(ids, attention_mask=mask, position_ids=_hf_positions(mask), labels=labels).loss.backward()
+    counted = int((labels[:, 1:] != -100).sum())
+    assert rows == [ids.numel() if use_cache else int(real.sum()), counted]
+    hf_grads = dict(hf.named_parameters())
+    for name, p in ours.named_parameters():
+        want = hf_grads[name].grad
+        assert (p.grad - want).abs().max() <= 1e-5 * want.abs().max(), name
+
+
 def test_a_training_forward_with_use_cache_trains():
     """use_cache=True in training (transformers' GPT-2 default): the same gradients as without, and a
     cache that holds the keys; a backward through a later call's cached positions is autograd's error."""

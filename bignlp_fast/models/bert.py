@@ -27,7 +27,7 @@ right-padded batches), as transformers does.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -167,6 +167,19 @@ class _Batch:
         q, k, v = (t.view(b, l, *t.shape[1:]).transpose(1, 2) for t in (q, k, v))  # [B, heads, L, head_dim]
         out = scaled_dot_product_attention(q, k, v, self.mask, dropout_p)
         return out.transpose(1, 2).flatten(0, 1)
+
+
+def labelled_loss(head: Callable[[Tensor], Tensor], h: Tensor, logits: Tensor, labels: Tensor) -> Tensor:
+    """The mean cross-entropy of ``logits = head(h)`` [N, vocab] against ``labels`` [N] (-100: no loss
+    there). Under autograd, where at most half the rows are labelled (BERT's masked tokens, a
+    fine-tuning set's answers after their prompts), their logits are computed again, apart from
+    ``logits``: the loss's backward then runs the head on those rows only, not on every row with zero
+    gradients at the others; ``logits`` keep their own graph for any other loss a caller builds."""
+    if logits.requires_grad and values_readable(labels) and not torch.jit.is_tracing():
+        counted = (labels != -100).nonzero().flatten()
+        if 2 * counted.numel() <= labels.numel():
+            return F.cross_entropy(head(h.index_select(0, counted)).float(), labels.index_select(0, counted))
+    return F.cross_entropy(logits.float(), labels, ignore_index=-100)
 
 
 def _init_weights(module: torch.nn.Module, std: float) -> None:
@@ -460,20 +473,8 @@ class BertForMaskedLM(PretrainedModel):
                              f"{tuple(labels.shape)}")
         h, batch = self.bert.encode(input_ids, attention_mask, token_type_ids, position_ids)
         logits = self.cls(h)  # [T, vocab]: the real tokens only
-        loss = None if labels is None else self._loss(h, logits, batch.pack_labels(labels))
+        loss = None if labels is None else labelled_loss(self.cls, h, logits, batch.pack_labels(labels))
         return MaskedLMOutput(batch.unpack(logits), loss)
-
-    def _loss(self, h: Tensor, logits: Tensor, labels: Tensor) -> Tensor:
-        """The mean cross-entropy over the labelled tokens (labels [T], -100 where none). Under autograd,
-        where at most half the tokens are labelled (15% in BERT's recipe), their logits are computed
-        again, apart from ``logits``: the loss's backward then runs the head on those rows only, not on
-        every token with zero gradients at the others; ``logits`` keep their own graph for any other
-        loss a caller builds on them."""
-        if logits.requires_grad and values_readable(labels) and not torch.jit.is_tracing():
-            counted = (labels != -100).nonzero().flatten()
-            if 2 * counted.numel() <= labels.numel():
-                return F.cross_entropy(self.cls(h.index_select(0, counted)).float(), labels.index_select(0, counted))
-        return F.cross_entropy(logits.float(), labels, ignore_index=-100)
 
 
 def bert_flops(config: BertConfig, tokens: int, seq_lengths: Optional[list] = None) -> float:

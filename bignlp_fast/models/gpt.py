@@ -47,7 +47,7 @@ from torch import Tensor
 from bignlp_fast import _backend
 from bignlp_fast.models._pretrained import HFConfig, PretrainedModel, model_output
 from bignlp_fast.ops import add_layer_norm, bias_gelu, scaled_dot_product_attention, varlen_attention
-from bignlp_fast.models.bert import _Batch
+from bignlp_fast.models.bert import _Batch, labelled_loss
 from bignlp_fast.ops._common import dispatcher_needed, values_readable
 from bignlp_fast.ops.add_layer_norm import OP as _ADD_LN
 from bignlp_fast.ops.attention import CPU_MAX_HEAD_DIM, OP as _ATTENTION
@@ -470,6 +470,9 @@ class GPTLMHeadModel(PretrainedModel):
     def new_cache(self, batch_size: int, max_len: Optional[int] = None) -> KVCache:
         return self.transformer.new_cache(batch_size, max_len)
 
+    def _head(self, h: Tensor) -> Tensor:
+        return dense(h, self.lm_head.weight, None)
+
     def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None,
                 position_ids: Optional[Tensor] = None, past_key_values: Optional[KVCache] = None,
                 labels: Optional[Tensor] = None, use_cache: bool = False, logits_to_keep: int = 0) -> CausalLMOutput:
@@ -490,19 +493,19 @@ class GPTLMHeadModel(PretrainedModel):
             past_key_values = self.new_cache(input_ids.shape[0])
         h, batch = self.transformer.encode(input_ids, attention_mask, position_ids, past_key_values)
         if batch is not None and not logits_to_keep:  # the real tokens only: [T, V]
-            logits = dense(h, self.lm_head.weight, None)
-            loss = None if labels is None else F.cross_entropy(logits[:-1].float(), _next_tokens(batch, labels))
+            logits = self._head(h)
+            loss = None if labels is None else labelled_loss(self._head, h[:-1], logits[:-1], _next_tokens(batch, labels))
             return CausalLMOutput(batch.unpack(logits), loss, past_key_values)
         if batch is not None:
             h = batch.unpack(h)
-        logits = dense(h[:, -logits_to_keep:] if logits_to_keep else h, self.lm_head.weight, None)  # [B, L', V]
+        logits = self._head(h[:, -logits_to_keep:] if logits_to_keep else h)  # [B, L', V]
         loss = None
         if labels is not None:  # token t predicts token t + 1, both real tokens
             targets = labels[:, 1:]
             if attention_mask is not None:
                 real = attention_mask[:, -labels.shape[1]:].bool()
                 targets = targets.masked_fill(~(real[:, 1:] & real[:, :-1]), -100)
-            loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=-100)
+            loss = labelled_loss(self._head, h[:, :-1].flatten(0, 1), logits[:, :-1].flatten(0, 1), targets.flatten())
         return CausalLMOutput(logits, loss, past_key_values)
 
     @torch.no_grad()

@@ -161,9 +161,7 @@ def _bert_mlm_cases(b: int, l: int, modes, suites, via_optimize: bool = False, l
     from bignlp_fast import optimize
     from bignlp_fast.models.bert import BertForMaskedLM, bert_flops
     ids, mask, lengths = _padded_batch(b, l, vocab)
-    real = mask.bool()
-    padding = 1 - real.float().mean().item()
-    labels = ids.masked_fill(~real | (torch.rand(b, l, generator=torch.Generator().manual_seed(9)) > 0.15), -100)
+    labels = ids.masked_fill((mask == 0) | (torch.rand(b, l, generator=torch.Generator().manual_seed(9)) > 0.15), -100)
     tokens = int(lengths.sum())
     flops = (bert_flops(BertForMaskedLM.config_class(hidden_size=hidden, num_hidden_layers=layers,
                                                       num_attention_heads=hidden // 64, intermediate_size=4 * hidden),
@@ -179,6 +177,23 @@ def _bert_mlm_cases(b: int, l: int, modes, suites, via_optimize: bool = False, l
         ref = transformers.BertForMaskedLM(hf_config).eval()  # (dropout 0: the training step's math too)
         return (optimize(ref, inplace=False).model if via_optimize else BertForMaskedLM.from_hf(ref).eval()), ref
 
+    name = "optimize(HF BERT-base)" if via_optimize else "BERT-base"
+    return _padded_lm_cases(ids, mask, labels, pair, modes, suites, flops,
+                            variants={"fwd": f"{name} masked LM", "fwd+bwd": f"{name} masked LM training step"},
+                            ref_name="transformers BertForMaskedLM (sdpa)",
+                            grads=["cls.predictions.transform.dense.weight",
+                                   "bert.encoder.layer.0.attention.self.query.weight",
+                                   "bert.embeddings.word_embeddings.weight"])
+
+
+def _padded_lm_cases(ids, mask, labels, pair, modes, suites, flops: float, variants: dict, ref_name: str,
+                     grads: list[str]) -> list[Case]:
+    """A language model's cases on a padded batch (ids, mask [B, L]; ``pair()`` -> (ours, reference)):
+    "fwd", the logits at real tokens; "fwd+bwd", a training step against ``labels`` (the loss and the
+    gradients of the parameters named in ``grads``, for the error check). ``variants``: mode -> name."""
+    real = mask.bool()
+    padding = 1 - real.float().mean().item()
+
     def make(device, dt):
         return dict(ids=ids.to(device), mask=mask.to(device), labels=labels.to(device),
                     tag=torch.zeros((), dtype=dt), models=_Models(pair, device))
@@ -188,27 +203,22 @@ def _bert_mlm_cases(b: int, l: int, modes, suites, via_optimize: bool = False, l
         return [model(input_ids=t["ids"], attention_mask=t["mask"]).logits[real.to(t["ids"].device)]]
 
     def step(model, t):
-        """One training step without the optimizer: the loss and every parameter's gradient (a few
-        returned for the error check)."""
+        """One training step without the optimizer."""
         for p in model.parameters():
             p.grad = None
         loss = model(input_ids=t["ids"], attention_mask=t["mask"], labels=t["labels"]).loss
         loss.backward()
         named = dict(model.named_parameters())
-        keys = ["cls.predictions.transform.dense.weight", "bert.encoder.layer.0.attention.self.query.weight",
-                "bert.embeddings.word_embeddings.weight"]
-        return [loss.detach(), *(named[k].grad for k in keys)]
+        return [loss.detach(), *(named[k].grad for k in grads)]
 
-    name = "optimize(HF BERT-base)" if via_optimize else "BERT-base"
-    common = dict(op="attention", shape=(b, l), dtype=torch.float32, suites=suites, make=make,
-                  ref_name="transformers BertForMaskedLM (sdpa)")
-    run = {"fwd": (fwd, flops, "masked LM"), "fwd+bwd": (step, 3 * flops, "masked LM training step")}
-    return [Case(mode=mode, ours=lambda t, be, f=run[mode][0]: f(t["models"](t["tag"].dtype, 0), t),
+    run = {"fwd": (fwd, flops), "fwd+bwd": (step, 3 * flops)}
+    return [Case(op="attention", mode=mode, shape=tuple(ids.shape), dtype=torch.float32, suites=suites, make=make,
+                 ours=lambda t, be, f=run[mode][0]: f(t["models"](t["tag"].dtype, 0), t),
                  ref=lambda t, f=run[mode][0]: f(t["models"](t["tag"].dtype, 1), t), flops=run[mode][1],
-                 variant=f"{name} {run[mode][2]}, {padding:.0%} padding", **common) for mode in modes]
+                 variant=f"{variants[mode]}, {padding:.0%} padding", ref_name=ref_name) for mode in modes]
 
 
-# ---- GPT-2 generation --------------------------------------------------------------------------------
+# ---- GPT-2 ----------------------------------------------------------------------------------------
 def _gpt_padded_cases(b: int, l: int, modes, suites, layers: int = 12, hidden: int = 768, vocab: int = 50257):
     """GPT-2-small-shaped causal LM on a right-padded batch (as a fine-tuning collator pads it), fp32,
     without a cache: ours (the batch unpadded, causal varlen attention, the vocabulary projection on
@@ -219,47 +229,26 @@ def _gpt_padded_cases(b: int, l: int, modes, suites, layers: int = 12, hidden: i
 
     from bignlp_fast.models.gpt import GPTLMHeadModel
     ids, mask, lengths = _padded_batch(b, l, vocab)
-    real = mask.bool()
-    padding = 1 - real.float().mean().item()
-    labels = ids.masked_fill(~real, -100)
     tokens = int(lengths.sum())
     flops = float(layers * (2 * tokens * 12 * hidden * hidden + 2 * hidden * sum(n * n for n in lengths.tolist()))
                   + 2 * tokens * hidden * vocab)
     hf_config = transformers.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=hidden // 64,
-                                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, attn_implementation="sdpa")
+                                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None,
+                                        eos_token_id=None, attn_implementation="sdpa")
 
     def pair():
         torch.manual_seed(0)
         ref = transformers.GPT2LMHeadModel(hf_config).eval()  # (dropout 0: the training step's math too)
         return GPTLMHeadModel.from_hf(ref).eval(), ref
 
-    def make(device, dt):
-        return dict(ids=ids.to(device), mask=mask.to(device), labels=labels.to(device),
-                    tag=torch.zeros((), dtype=dt), models=_Models(pair, device))
-
-    @torch.no_grad()
-    def fwd(model, t):
-        return [model(input_ids=t["ids"], attention_mask=t["mask"]).logits[real.to(t["ids"].device)]]
-
-    def step(model, t):
-        """One training step without the optimizer: the loss and every parameter's gradient (a few
-        returned for the error check)."""
-        for p in model.parameters():
-            p.grad = None
-        loss = model(input_ids=t["ids"], attention_mask=t["mask"], labels=t["labels"]).loss
-        loss.backward()
-        named = dict(model.named_parameters())
-        keys = ["transformer.h.0.attn.c_attn.weight", "transformer.h.11.mlp.c_fc.weight", "transformer.wte.weight"]
-        return [loss.detach(), *(named[k].grad for k in keys)]
-
-    common = dict(op="attention", shape=(b, l), dtype=torch.float32, suites=suites, make=make,
-                  ref_name="transformers GPT2LMHeadModel (sdpa)")
-    run = {"fwd": (fwd, flops, "forward"), "fwd+bwd": (step, 3 * flops, "training step")}
-    return [Case(mode=mode, ours=lambda t, be, f=run[mode][0]: f(t["models"](t["tag"].dtype, 0), t),
-                 ref=lambda t, f=run[mode][0]: f(t["models"](t["tag"].dtype, 1), t), flops=run[mode][1],
-                 variant=f"GPT-2 small {run[mode][2]}, {padding:.0%} padding", **common) for mode in modes]
+    return _padded_lm_cases(ids, mask, ids.masked_fill(mask == 0, -100), pair, modes, suites, flops,
+                            variants={"fwd": "GPT-2 small forward", "fwd+bwd": "GPT-2 small training step"},
+                            ref_name="transformers GPT2LMHeadModel (sdpa)",
+                            grads=["transformer.h.0.attn.c_attn.weight", f"transformer.h.{layers - 1}.mlp.c_fc.weight",
+                                   "transformer.wte.weight"])
 
 
+# ---- GPT-2 generation --------------------------------------------------------------------------------
 def _hf_greedy(new: int):
     """transformers' greedy ``generate`` of exactly ``new`` tokens after a case's ``ids`` (end of
     sequence off; its ``mask``, else every token real), as a case's list of outputs."""
@@ -424,6 +413,9 @@ def tiny_model_cases() -> list[Case]:
             + _bert_cases(3, 9, torch.float32, ("fwd",), ("tiny",), layers=2, hidden=128, via_optimize=True)
             + _bert_cases(3, 9, torch.float32, ("fwd",), ("tiny",), layers=2, hidden=128, via_optimize=True,
                           packed=True)
+            + _bert_mlm_cases(3, 9, ("fwd", "fwd+bwd"), ("tiny",), layers=2, hidden=128, vocab=301)
+            + _bert_mlm_cases(3, 9, ("fwd", "fwd+bwd"), ("tiny",), via_optimize=True, layers=2, hidden=128, vocab=301)
+            + _gpt_padded_cases(3, 9, ("fwd", "fwd+bwd"), ("tiny",), layers=2, hidden=128, vocab=301)
             + _gpt_cases(2, 5, 4, torch.float32, ("tiny",), layers=2, hidden=128, vocab=301)
             + _gpt_cases(2, 5, 4, torch.float32, ("tiny",), layers=2, hidden=128, vocab=301, via_optimize=True)
             + _llama_cases(2, 5, 4, torch.float32, ("tiny",), layers=2, hidden=128, kv_heads=1, intermediate=256,

@@ -340,7 +340,8 @@ def optimize(model: torch.nn.Module, *, backend: Optional[str] = None, inplace: 
             inference, their products outside autograd run on copies packed once (a second copy of
             each weight in memory), not on copies packed at every call.
         unpad: run the padded batches of transformers' BERT-family encoders (BERT, RoBERTa, XLM-R,
-            CamemBERT, ELECTRA, ERNIE, Data2VecText, DistilBERT), and their masked-LM heads, on their
+            CamemBERT, ELECTRA, ERNIE, Data2VecText, XLM-R XL, RoBERTa-PreLayerNorm, ALBERT, DistilBERT),
+            and their masked-LM heads, on their
             real tokens only (see the module docstring); the encoders' outputs at padding are then
             zeros. False keeps the padded layout.
 

@@ -247,6 +247,9 @@ UNPADDED_ENCODERS = {
     "ElectraEncoder": "transformers.models.electra.modeling_electra",
     "ErnieEncoder": "transformers.models.ernie.modeling_ernie",
     "Data2VecTextEncoder": "transformers.models.data2vec.modeling_data2vec_text",
+    "XLMRobertaXLEncoder": "transformers.models.xlm_roberta_xl.modeling_xlm_roberta_xl",
+    "RobertaPreLayerNormEncoder": "transformers.models.roberta_prelayernorm.modeling_roberta_prelayernorm",
+    "AlbertTransformer": "transformers.models.albert.modeling_albert",  # (its first Linear maps the embeddings)
     "Transformer": "transformers.models.distilbert.modeling_distilbert",  # DistilBERT's
 }
 
@@ -321,8 +324,9 @@ def unpadded_encoder_class(base: type) -> type:
 
 # ---- the masked-LM heads on an unpadded encoder's output ------------------------------------------
 # transformers' MLM heads (class name -> its module) that map each position's state to its logits on
-# its own (dense, GELU, LayerNorm, the vocabulary projection): optimize() swaps them for
-# unpadded_head_class's subclass.
+# its own (dense, GELU, LayerNorm, the vocabulary projection), where the model hands them the encoder
+# stack's output as it is (not RoBERTa-PreLayerNorm's, whose model applies a LayerNorm first):
+# optimize() swaps them for unpadded_head_class's subclass.
 UNPADDED_HEADS = {
     "BertLMPredictionHead": "transformers.models.bert.modeling_bert",
     "RobertaLMHead": "transformers.models.roberta.modeling_roberta",
@@ -330,6 +334,8 @@ UNPADDED_HEADS = {
     "CamembertLMHead": "transformers.models.camembert.modeling_camembert",
     "ErnieLMPredictionHead": "transformers.models.ernie.modeling_ernie",
     "Data2VecTextLMHead": "transformers.models.data2vec.modeling_data2vec_text",
+    "XLMRobertaXLLMHead": "transformers.models.xlm_roberta_xl.modeling_xlm_roberta_xl",
+    "AlbertMLMHead": "transformers.models.albert.modeling_albert",
 }
 # The last state an unpadded encoder returned: (a weak reference to it, its version, its _Batch, [the
 # rows the heads gather and scatter, made by the first head that runs on it]). One entry: a head

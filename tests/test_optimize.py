@@ -399,6 +399,9 @@ _ENCODER_FAMILIES = {  # model class -> config class, the encoder's attribute pa
     "ElectraModel": ("ElectraConfig", "encoder"),
     "ErnieModel": ("ErnieConfig", "encoder"),
     "Data2VecTextModel": ("Data2VecTextConfig", "encoder"),
+    "XLMRobertaXLModel": ("XLMRobertaXLConfig", "encoder"),
+    "RobertaPreLayerNormModel": ("RobertaPreLayerNormConfig", "encoder"),
+    "AlbertModel": ("AlbertConfig", "encoder"),
     "DistilBertModel": ("DistilBertConfig", "transformer"),
 }
 
@@ -500,6 +503,8 @@ _MLM_FAMILIES = {
     "CamembertForMaskedLM": ("CamembertModel", "lm_head"),
     "ErnieForMaskedLM": ("ErnieModel", "cls.predictions"),
     "Data2VecTextForMaskedLM": ("Data2VecTextModel", "lm_head"),
+    "XLMRobertaXLForMaskedLM": ("XLMRobertaXLModel", "lm_head"),
+    "AlbertForMaskedLM": ("AlbertModel", "predictions"),
 }
 
 

@@ -147,6 +147,29 @@ def test_batch_layout_packs_only_real_tokens():
     assert batch.unpack(batch.pack(x)).flatten().tolist() == [0, 1, 0, 0, 0, 0, 6, 0, 8]
 
 
+def test_a_large_projection_is_unpacked_slice_by_slice_without_autograd():
+    """unpack_projected: without autograd, past max_bytes of output, the rows are projected 256 at a
+    time straight into the [B * L, N] result; with autograd, all at once. Either way unpack(project(h))."""
+    mask = (torch.rand(4, 300, generator=torch.Generator().manual_seed(0)) < 0.7).long()
+    batch = _Batch.of(mask, (4, 300))
+    h = torch.randn(int(mask.sum()), 8)
+    weight = torch.randn(40, 8)
+    calls = []
+
+    def project(x):
+        calls.append(x.shape[0])
+        return x @ weight.t()
+
+    want = batch.unpack(h @ weight.t())
+    with torch.no_grad():
+        got = batch.unpack_projected(project, h, max_bytes=256 * 40 * 4)
+    assert calls[1:] == [256] * (h.shape[0] // 256) + [h.shape[0] % 256]  # (calls[0]: one row, for N)
+    torch.testing.assert_close(got, want)
+    calls.clear()
+    torch.testing.assert_close(batch.unpack_projected(project, h.requires_grad_(), max_bytes=256 * 40 * 4), want)
+    assert calls == [h.shape[0]]
+
+
 def test_training_step_gradients_match_transformers():
     hf, ours = _pair(transformers.BertForSequenceClassification, BertForSequenceClassification)
     hf.config.hidden_dropout_prob = 0.0

@@ -158,6 +158,23 @@ class _Batch:
             t = torch.where(self.mask.view(*self.shape, *([1] * (t.dim() - 2))), t, 0.0)
         return t
 
+    def unpack_projected(self, project: Callable[[Tensor], Tensor], h: Tensor, max_bytes: int = 1 << 28) -> Tensor:
+        """``unpack(project(h))`` for h [T, ...]. A vocabulary projection's output is large ([T, V];
+        GPT-2's 50257 columns are 200 KB a row), and unpack writes a [B * L, V] copy of it: without
+        autograd, where the T rows' output would pass ``max_bytes``, the rows are projected in slices
+        of at least 256 written straight into that copy, so the memory held at once stays near what
+        the padded layout needs (its one [B * L, V] output)."""
+        if torch.is_grad_enabled() or self.indices is None or h.shape[0] == 0:
+            return self.unpack(project(h))
+        first = project(h[:1])
+        rows = max(256, max_bytes // max(1, first[0].numel() * first.element_size()))
+        if h.shape[0] <= rows:
+            return self.unpack(project(h))
+        out = first.new_zeros(self.shape[0] * self.shape[1], *first.shape[1:])
+        for start in range(0, h.shape[0], rows):
+            out.index_copy_(0, self.indices[start:start + rows], project(h[start:start + rows]))
+        return out.view(*self.shape, *first.shape[1:])
+
     def attend(self, q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> Tensor:
         """q, k, v [T, heads, head_dim] -> [T, heads, head_dim]."""
         if self.cu_seqlens is not None:
@@ -472,9 +489,10 @@ class BertForMaskedLM(PretrainedModel):
             raise ValueError(f"BertForMaskedLM: labels must have input_ids' shape {tuple(input_ids.shape)}, got "
                              f"{tuple(labels.shape)}")
         h, batch = self.bert.encode(input_ids, attention_mask, token_type_ids, position_ids)
+        if labels is None:
+            return MaskedLMOutput(batch.unpack_projected(self.cls, h))
         logits = self.cls(h)  # [T, vocab]: the real tokens only
-        loss = None if labels is None else labelled_loss(self.cls, h, logits, batch.pack_labels(labels))
-        return MaskedLMOutput(batch.unpack(logits), loss)
+        return MaskedLMOutput(batch.unpack(logits), labelled_loss(self.cls, h, logits, batch.pack_labels(labels)))
 
 
 def bert_flops(config: BertConfig, tokens: int, seq_lengths: Optional[list] = None) -> float:

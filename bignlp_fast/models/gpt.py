@@ -492,9 +492,11 @@ class GPTLMHeadModel(PretrainedModel):
             _check_ids(name, input_ids)
             past_key_values = self.new_cache(input_ids.shape[0])
         h, batch = self.transformer.encode(input_ids, attention_mask, position_ids, past_key_values)
-        if batch is not None and not logits_to_keep:  # the real tokens only: [T, V]
-            logits = self._head(h)
-            loss = None if labels is None else labelled_loss(self._head, h[:-1], logits[:-1], _next_tokens(batch, labels))
+        if batch is not None and not logits_to_keep and labels is None:  # the real tokens only
+            return CausalLMOutput(batch.unpack_projected(self._head, h), None, past_key_values)
+        if batch is not None and not logits_to_keep:
+            logits = self._head(h)  # [T, V]
+            loss = labelled_loss(self._head, h[:-1], logits[:-1], _next_tokens(batch, labels))
             return CausalLMOutput(batch.unpack(logits), loss, past_key_values)
         if batch is not None:
             h = batch.unpack(h)

@@ -345,9 +345,9 @@ UNPADDED_HEADS = {
 _LAST_UNPADDED: list = [None]
 
 
-def _unpadded_rows(hidden_states: Tensor) -> Optional[tuple[Tensor, Tensor]]:
-    """(gather [T + 1], scatter [B * L]) where ``hidden_states`` is, unchanged, the last state an unpadded
-    encoder returned (its padding positions are zeros), else None. gather: the real tokens' positions
+def _unpadded_rows(hidden_states: Tensor) -> Optional[tuple[_Batch, Tensor, Tensor]]:
+    """(its _Batch, gather [T + 1], scatter [B * L]) where ``hidden_states`` is, unchanged, the last state
+    an unpadded encoder returned (its padding positions are zeros), else None. gather: the real tokens' positions
     in the flattened [B * L], then one padding position (a zero state); scatter: for each position the
     row of the gathered ones it takes (its own for a real token, the zero state's for padding)."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():  # the encoder ran padded
@@ -364,7 +364,7 @@ def _unpadded_rows(hidden_states: Tensor) -> Optional[tuple[Tensor, Tensor]]:
         scatter = torch.full(keep.shape, tokens, dtype=torch.long, device=keep.device)
         scatter[batch.indices] = torch.arange(tokens, device=keep.device)
         rows += [torch.cat([batch.indices, padding]), scatter]
-    return rows[0], rows[1]
+    return batch, rows[0], rows[1]
 
 
 @functools.lru_cache(maxsize=None)
@@ -382,8 +382,13 @@ def unpadded_head_class(base: type) -> type:
         rows = _unpadded_rows(hidden_states) if hidden_states.dim() == 3 else None
         if rows is None:
             return base.forward(self, hidden_states, *args, **kwargs)
-        gather, scatter = rows
-        logits = base.forward(self, hidden_states.flatten(0, 1).index_select(0, gather), *args, **kwargs)
+        batch, gather, scatter = rows
+        x = hidden_states.flatten(0, 1).index_select(0, gather)  # [T + 1, hidden]: the real tokens, a zero state
+        if not torch.is_grad_enabled():  # written straight into the output (in slices where it is large)
+            def project(t):
+                return base.forward(self, t, *args, **kwargs)
+            return batch.unpack_projected(project, x[:-1], fill=project(x[-1:])[0])
+        logits = base.forward(self, x, *args, **kwargs)
         return logits.index_select(0, scatter).view(*hidden_states.shape[:2], -1)  # [B, L, vocab]
 
     return type(base.__name__, (base,), {"forward": forward, "__module__": __name__,

@@ -535,7 +535,8 @@ def _rows_into(linear: nn.Module) -> list:
 def test_hf_mlm_heads_project_the_real_tokens_only(transformers, calls, model_name):
     """After optimize(), a masked-LM head on the unpadded encoder's state projects the real tokens and
     one zero state: the real tokens' logits are eager's, every padding position gets the logits
-    transformers' head computes from a zero state (the encoder's state there)."""
+    transformers' head computes from a zero state (the encoder's state there). (Under autograd, the
+    training test below, it projects the T + 1 rows in one call.)"""
     from bignlp_fast import hf
 
     ref = _small_mlm(transformers, model_name).eval()
@@ -550,7 +551,7 @@ def test_hf_mlm_heads_project_the_real_tokens_only(transformers, calls, model_na
     ids, mask = padded_batch([11, 7, 3], 11, left=False, low=3)
     with torch.no_grad():
         expected, got = ref(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits
-        assert rows == [21 + 1] and calls["varlen"] == 2 and got.shape == expected.shape
+        assert rows == [1, 21] and calls["varlen"] == 2 and got.shape == expected.shape  # the zero state, then T
         close_on_tokens(got, expected, mask)
         zero_state = base.forward(head, torch.zeros(1, ref.config.hidden_size))  # [1, vocab]
         padding = got[mask == 0]
@@ -602,11 +603,32 @@ def test_hf_mlm_head_on_any_other_state_projects_every_position(transformers):
         first, copied = head(state), head(state.clone())
         state[mask == 0] = 1.0
         changed = head(state)
-        assert rows == [13 + 1, 16, 16]
+        assert rows == [1, 13, 16, 16]
         torch.testing.assert_close(first, copied, rtol=1e-5, atol=1e-6)  # the zero states' logits at padding
         torch.testing.assert_close(changed[mask == 0], type(head).__mro__[1].forward(head, state[mask == 0]))
         assert type(again.cls.predictions) is type(head)
         torch.testing.assert_close(again(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)
+
+
+def test_hf_mlm_head_writes_a_large_output_slice_by_slice(transformers, monkeypatch):
+    """Without autograd, past _Batch.unpack_projected's max_bytes (256 MB; 1 byte here), the head
+    projects 256 real tokens at a time straight into the [B, L, vocab] output: the same logits."""
+    from bignlp_fast.models.bert import _Batch
+
+    ref = _small_mlm(transformers, "BertForMaskedLM").eval()
+    model = optimize(ref, inplace=False).model
+    lengths = torch.randint(20, 65, (8,), generator=torch.Generator().manual_seed(3)).tolist()
+    ids, mask = padded_batch(lengths, 64, left=False, low=3)
+    with torch.no_grad():
+        whole = model(ids, attention_mask=mask).logits
+        rows = _rows_into(model.cls.predictions.decoder)
+        monkeypatch.setattr(_Batch.unpack_projected, "__defaults__", (None, 1))
+        sliced = model(ids, attention_mask=mask).logits
+        expected = ref(ids, attention_mask=mask).logits
+    tokens = int(mask.sum())
+    assert tokens > 256 and rows == [1, 256, tokens - 256]
+    torch.testing.assert_close(sliced, whole, rtol=1e-5, atol=1e-6)
+    close_on_tokens(sliced, expected, mask)
 
 
 def test_an_optimized_hf_mlm_compiles_with_fullgraph(transformers):

@@ -158,22 +158,25 @@ class _Batch:
             t = torch.where(self.mask.view(*self.shape, *([1] * (t.dim() - 2))), t, 0.0)
         return t
 
-    def unpack_projected(self, project: Callable[[Tensor], Tensor], h: Tensor, max_bytes: int = 1 << 28) -> Tensor:
-        """``unpack(project(h))`` for h [T, ...]. A vocabulary projection's output is large ([T, V];
-        GPT-2's 50257 columns are 200 KB a row), and unpack writes a [B * L, V] copy of it: without
-        autograd, where the T rows' output would pass ``max_bytes``, the rows are projected in slices
-        of at least 256 written straight into that copy, so the memory held at once stays near what
-        the padded layout needs (its one [B * L, V] output)."""
-        if torch.is_grad_enabled() or self.indices is None or h.shape[0] == 0:
+    def unpack_projected(self, project: Callable[[Tensor], Tensor], h: Tensor, fill: Optional[Tensor] = None,
+                         max_bytes: int = 1 << 28) -> Tensor:
+        """``unpack(project(h))`` for h [T, ...], with ``fill`` (one row of the output; without autograd
+        only) at padding instead of zeros. A vocabulary projection's output is large ([T, V]; GPT-2's
+        50257 columns are 200 KB a row), and unpack writes a [B * L, V] copy of it: without autograd,
+        where the T rows' output would pass ``max_bytes``, the rows are projected in slices of at least
+        256 written straight into that copy, so the memory held at once stays near what the padded
+        layout needs (its one [B * L, V] output)."""
+        if fill is None and (torch.is_grad_enabled() or self.indices is None or h.shape[0] == 0):
             return self.unpack(project(h))
-        first = project(h[:1])
-        rows = max(256, max_bytes // max(1, first[0].numel() * first.element_size()))
-        if h.shape[0] <= rows:
+        row = fill if fill is not None else project(h[:1])[0]
+        rows = max(256, max_bytes // max(1, row.numel() * row.element_size()))
+        if fill is None and h.shape[0] <= rows:
             return self.unpack(project(h))
-        out = first.new_zeros(self.shape[0] * self.shape[1], *first.shape[1:])
+        n = self.shape[0] * self.shape[1]
+        out = row.new_zeros(n, *row.shape) if fill is None else fill.expand(n, *row.shape).contiguous()
         for start in range(0, h.shape[0], rows):
             out.index_copy_(0, self.indices[start:start + rows], project(h[start:start + rows]))
-        return out.view(*self.shape, *first.shape[1:])
+        return out.view(*self.shape, *row.shape)
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, dropout_p: float) -> Tensor:
         """q, k, v [T, heads, head_dim] -> [T, heads, head_dim]."""

@@ -163,6 +163,25 @@ def test_a_padded_batch_runs_unpadded_as_it_would_padded(monkeypatch, layout):
     torch.testing.assert_close(padded.loss, want)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU on this machine")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_a_padded_batch_runs_unpadded_on_a_gpu(monkeypatch, dtype):
+    """On a GPU (.ci/gpu-check runs it): the unpadded forward (varlen_attention, causal, on the automatic
+    backend) against the padded one, at real tokens, with the loss."""
+    model = _ours(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0).to("cuda", dtype)
+    ids, mask = (t.to("cuda") for t in _padded())
+    with torch.no_grad():
+        unpadded = model(ids, attention_mask=mask, labels=ids)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        padded = model(ids, attention_mask=mask, labels=ids)
+    real = mask.bool()
+    tol = dict(rtol=2e-2, atol=2e-2) if dtype == torch.bfloat16 else dict(rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(unpadded.logits[real], padded.logits[real], **tol)
+    torch.testing.assert_close(unpadded.loss, padded.loss, **tol)
+    assert (unpadded.logits[~real] == 0).all()
+
+
 @pytest.mark.parametrize("use_cache", [False, True])
 def test_a_loss_on_a_few_tokens_projects_them_again(monkeypatch, use_cache):
     """Labels on a few tokens of each row (a fine-tuning set's answers after their prompts): the loss

@@ -46,8 +46,8 @@ from torch import Tensor
 
 from bignlp_fast import _backend
 from bignlp_fast.models._pretrained import HFConfig, PretrainedModel, model_output
-from bignlp_fast.ops import add_layer_norm, bias_gelu, scaled_dot_product_attention, varlen_attention
 from bignlp_fast.models.bert import _Batch, labelled_loss
+from bignlp_fast.ops import add_layer_norm, bias_gelu, scaled_dot_product_attention, varlen_attention
 from bignlp_fast.ops._common import dispatcher_needed, values_readable
 from bignlp_fast.ops.add_layer_norm import OP as _ADD_LN
 from bignlp_fast.ops.attention import CPU_MAX_HEAD_DIM, OP as _ATTENTION

@@ -124,7 +124,7 @@ class GPTConfig(HFConfig):
 @model_output
 class CausalLMOutput:
     logits: Tensor  # [B, L, vocab_size] (the last logits_to_keep positions when that is given)
-    loss: Optional[Tensor] = None  # shifted cross-entropy against ``labels`` (ignore_index -100)
+    loss: Optional[Tensor] = None  # shifted cross-entropy against ``labels`` (-100 and padding not counted)
     past_key_values: Optional["KVCache"] = None  # the cache, updated in place, when one was used
 
 
@@ -477,7 +477,7 @@ class GPTLMHeadModel(PretrainedModel):
                 position_ids: Optional[Tensor] = None, past_key_values: Optional[KVCache] = None,
                 labels: Optional[Tensor] = None, use_cache: bool = False, logits_to_keep: int = 0) -> CausalLMOutput:
         """As :meth:`GPTModel.forward`; plus ``labels`` [B, L] (the inputs themselves, shifted inside;
-        -100 ignored) for the loss, ``use_cache`` to start a new cache when none is given (it comes back
+        -100 ignored, as are labels at padding and those predicted from padding) for the loss, ``use_cache`` to start a new cache when none is given (it comes back
         as ``past_key_values``), and ``logits_to_keep`` > 0 to compute logits for the last positions only."""
         name = type(self).__name__
         if labels is not None:

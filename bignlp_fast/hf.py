@@ -38,7 +38,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from bignlp_fast.models.bert import _Batch
+from bignlp_fast.models._batch import _Batch
 from bignlp_fast.ops._common import values_readable, version_counter
 from bignlp_fast.ops.attention import scaled_dot_product_attention, varlen_attention
 
@@ -338,33 +338,32 @@ UNPADDED_HEADS = {
     "AlbertMLMHead": "transformers.models.albert.modeling_albert",
 }
 # The last state an unpadded encoder returned: (a weak reference to it, its version, its _Batch, [the
-# rows the heads gather and scatter, made by the first head that runs on it]). One entry: a head
+# scatter map the heads' autograd path takes, made by the first that needs it]). One entry: a head
 # recognises the very tensor (identity and version), so a stale or overwritten entry is never used.
 # (An inference tensor keeps no version: under torch.inference_mode a change made in place between the
 # encoder and the head, which transformers' models never make, would go unseen.)
 _LAST_UNPADDED: list = [None]
 
 
-def _unpadded_rows(hidden_states: Tensor) -> Optional[tuple[_Batch, Tensor, Tensor]]:
-    """(its _Batch, gather [T + 1], scatter [B * L]) where ``hidden_states`` is, unchanged, the last state
-    an unpadded encoder returned (its padding positions are zeros), else None. gather: the real tokens' positions
-    in the flattened [B * L], then one padding position (a zero state); scatter: for each position the
-    row of the gathered ones it takes (its own for a real token, the zero state's for padding)."""
+def _unpadded_batch(hidden_states: Tensor) -> Optional[tuple[_Batch, list]]:
+    """(its _Batch, the entry's cache) where ``hidden_states`` is, unchanged, the last state an unpadded
+    encoder returned (zeros at padding), else None."""
     if torch.compiler.is_compiling() or torch.jit.is_tracing():  # the encoder ran padded
         return None
     last = _LAST_UNPADDED[0]
     if last is None or last[0]() is not hidden_states or last[1] != version_counter(hidden_states):
         return None
-    batch, rows = last[2], last[3]
-    if not rows:
-        keep = torch.zeros(batch.shape[0] * batch.shape[1], dtype=torch.bool, device=hidden_states.device)
-        keep[batch.indices] = True
-        padding = (~keep).nonzero()[0]  # the encoder ran only where there is padding
+    return last[2], last[3]
+
+
+def _scatter_rows(batch: _Batch, cache: list) -> Tensor:
+    """[B * L]: for each position, its row among the T real tokens' logits followed by the zero
+    state's (row T, every padding position's)."""
+    if not cache:
         tokens = batch.indices.numel()
-        scatter = torch.full(keep.shape, tokens, dtype=torch.long, device=keep.device)
-        scatter[batch.indices] = torch.arange(tokens, device=keep.device)
-        rows += [torch.cat([batch.indices, padding]), scatter]
-    return batch, rows[0], rows[1]
+        rows = torch.full((batch.shape[0] * batch.shape[1],), tokens, dtype=torch.long, device=batch.indices.device)
+        cache.append(rows.index_copy_(0, batch.indices, torch.arange(tokens, device=rows.device)))
+    return cache[0]
 
 
 @functools.lru_cache(maxsize=None)
@@ -379,17 +378,22 @@ def unpadded_head_class(base: type) -> type:
     swaps it in by class reassignment. Made once per base class."""
 
     def forward(self, hidden_states: Tensor, *args, **kwargs):
-        rows = _unpadded_rows(hidden_states) if hidden_states.dim() == 3 else None
-        if rows is None:
+        found = _unpadded_batch(hidden_states) if hidden_states.dim() == 3 else None
+        if found is None:
             return base.forward(self, hidden_states, *args, **kwargs)
-        batch, gather, scatter = rows
-        x = hidden_states.flatten(0, 1).index_select(0, gather)  # [T + 1, hidden]: the real tokens, a zero state
+        batch, cache = found
+
+        def project(t: Tensor) -> Tensor:
+            return base.forward(self, t, *args, **kwargs)
+
+        real = batch.pack(hidden_states)  # [T, hidden]
+        zero = real.new_zeros(1, real.shape[-1])  # the encoder's state at every padding position
         if not torch.is_grad_enabled():  # written straight into the output (in slices where it is large)
-            def project(t):
-                return base.forward(self, t, *args, **kwargs)
-            return batch.unpack_projected(project, x[:-1], fill=project(x[-1:])[0])
-        logits = base.forward(self, x, *args, **kwargs)
-        return logits.index_select(0, scatter).view(*hidden_states.shape[:2], -1)  # [B, L, vocab]
+            return batch.unpack_projected(project, real, fill=project(zero)[0])
+        # one product of T + 1 rows, scattered back (index_select's backward sums the padding rows'
+        # gradients into the zero state's logits)
+        logits = project(torch.cat([real, zero]))
+        return logits.index_select(0, _scatter_rows(batch, cache)).view(*hidden_states.shape[:2], -1)
 
     return type(base.__name__, (base,), {"forward": forward, "__module__": __name__,
                                          "__doc__": f"transformers' {base.__name__}, on real tokens after an "

@@ -406,18 +406,22 @@ _ENCODER_FAMILIES = {  # model class -> config class, the encoder's attribute pa
 }
 
 
-def _small_encoder(transformers, model_name, **kwargs):
-    config_name, _ = _ENCODER_FAMILIES[model_name]
+def _small_hf(transformers, model_name, config_name, **kwargs):
+    """A tiny transformers model (2 layers, hidden 48, vocab 101) with eager attention."""
     if not hasattr(transformers, model_name):
         pytest.skip(f"this transformers has no {model_name}")
-    sizes = (dict(dim=48, n_heads=4, n_layers=2, hidden_dim=96) if model_name == "DistilBertModel" else
+    sizes = (dict(dim=48, n_heads=4, n_layers=2, hidden_dim=96) if config_name == "DistilBertConfig" else
              dict(hidden_size=48, num_attention_heads=4, num_hidden_layers=2, intermediate_size=96))
     config = getattr(transformers, config_name)(vocab_size=101, pad_token_id=0, max_position_embeddings=64,
                                                  **sizes, **kwargs)
     torch.manual_seed(0)
-    model = getattr(transformers, model_name)(config).eval()
+    model = getattr(transformers, model_name)(config)
     model.set_attn_implementation("eager")
     return model
+
+
+def _small_encoder(transformers, model_name, **kwargs):
+    return _small_hf(transformers, model_name, _ENCODER_FAMILIES[model_name][0], **kwargs).eval()
 
 
 @pytest.mark.parametrize("model_name", list(_ENCODER_FAMILIES))
@@ -509,18 +513,11 @@ _MLM_FAMILIES = {
 
 
 def _small_mlm(transformers, model_name):
-    if not hasattr(transformers, model_name):
-        pytest.skip(f"this transformers has no {model_name}")
-    config_name = _ENCODER_FAMILIES[_MLM_FAMILIES[model_name][0]][0]
-    config = getattr(transformers, config_name)(
-        vocab_size=101, pad_token_id=0, max_position_embeddings=64, hidden_size=48, num_attention_heads=4,
-        num_hidden_layers=2, intermediate_size=96, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    torch.manual_seed(0)
-    model = getattr(transformers, model_name)(config)
+    model = _small_hf(transformers, model_name, _ENCODER_FAMILIES[_MLM_FAMILIES[model_name][0]][0],
+                      hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     for module in model.modules():  # transformers starts them at zero: a zero state would be one LayerNorm's
         if isinstance(module, nn.Linear):  # degenerate case (no variance), every gradient amplified 1e6 times
             nn.init.normal_(module.bias, std=0.1)
-    model.set_attn_implementation("eager")
     return model
 
 

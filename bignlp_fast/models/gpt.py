@@ -46,7 +46,7 @@ from torch import Tensor
 
 from bignlp_fast import _backend
 from bignlp_fast.models._pretrained import HFConfig, PretrainedModel, model_output
-from bignlp_fast.models.bert import _Batch, labelled_loss
+from bignlp_fast.models._batch import _Batch, labelled_loss
 from bignlp_fast.ops import add_layer_norm, bias_gelu, scaled_dot_product_attention, varlen_attention
 from bignlp_fast.ops._common import dispatcher_needed, values_readable
 from bignlp_fast.ops.add_layer_norm import OP as _ADD_LN
@@ -361,8 +361,18 @@ class GPTModel(PretrainedModel):
             raise ValueError(f"{name}: position_ids must have shape [batch or 1, length] = [{B}, {L}], got "
                              f"{list(position_ids.shape)}")
 
+        packed = None  # without a cache, a padded batch runs unpadded: its real tokens in one row
+        if (cache is None and attention_mask is not None and not torch.jit.is_tracing()
+                and values_readable(attention_mask) and not bool(attention_mask.bool().all())):
+            packed = _Batch.of(attention_mask, (B, L))
+            if packed.indices.numel() == 0:
+                packed = None
+
         # attention: key mask [B, 1, 1, past + L] (True = attend) and the causal order among new tokens
-        if cache is not None:
+        if packed is not None:  # (varlen_attention: causal within each sequence, no mask)
+            attn_mask, is_causal = None, True
+            input_ids, position_ids = packed.pack(input_ids)[None], packed.pack(position_ids.expand(B, L))[None]
+        elif cache is not None:
             if attention_mask is not None:
                 cache.mask[:, :end] = attention_mask.bool()
             else:
@@ -377,15 +387,6 @@ class GPTModel(PretrainedModel):
         if attn_mask is not None:  # additive form, made once for every layer (0 = attend, -inf = masked)
             attn_mask = torch.where(attn_mask, 0.0, -math.inf)
 
-        packed = None
-        if (cache is None and attention_mask is not None and not torch.jit.is_tracing()
-                and values_readable(attention_mask) and not bool(attention_mask.bool().all())):
-            packed = _Batch.of(attention_mask, (B, L))  # the real tokens, sequence by sequence
-            if packed.indices is None or packed.indices.numel() == 0:
-                packed = None
-        if packed is not None:  # [1, T, E]: one row of the real tokens
-            input_ids, position_ids = packed.pack(input_ids)[None], packed.pack(position_ids.expand(B, L))[None]
-            attn_mask = None
         residual = self.wte(input_ids) + self.wpe(position_ids)  # [B, L, E]
         residual = F.dropout(residual, self.config.embd_pdrop, self.training)
         ln_1 = self.h[0].ln_1

@@ -181,10 +181,9 @@ template <typename T>
 void pack_cols(const Rows<T>& t, int64_t b, int64_t h, int64_t r0, int64_t n, int64_t d, float* dst, int64_t ld,
                float mul = 1.f) {
   if (std::is_same_v<T, float> && mul == 1.f && n > 0) {
-    // at::vec's transpose (16 x 16 blocks in registers on AVX-512): by scalar stores, K^T of the fp32
-    // forward took 6% of its time (Xeon, perf annotate)
-    at::vec::transpose_mxn<float>(reinterpret_cast<const float*>(t.row(b, h, r0)), t.sl, dst, ld, static_cast<int>(n),
-                                  static_cast<int>(d));
+    // block transposes in registers (cpu::transpose_f32): by scalar stores, K^T of the fp32 forward
+    // took 6% of its time (Xeon, perf annotate)
+    cpu::transpose_f32(reinterpret_cast<const float*>(t.row(b, h, r0)), t.sl, dst, ld, n, d);
   } else {
     for (int64_t r = 0; r < n; ++r) {
       const T* src = t.row(b, h, r0 + r);

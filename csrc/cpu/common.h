@@ -427,18 +427,19 @@ inline int64_t transpose_8x8_blocks(const T* src, int64_t ld_src, float* dst, in
 #endif
 
 // dst[j * ld_dst + i] = src[i * ld_src + j] for i < M, j < N: a block transpose of 32-bit values, in
-// vector blocks (ATen's 16 x 16 with AVX-512; 8 x 8 in registers with AVX2, where ATen's version of
-// any size goes element by element: at 32 rows a power of two apart those reads also fall into a few
-// L1 sets). It only moves bits, so fp32 values and pairs of bf16 alike come through as they were.
+// 8 x 8 blocks through registers wherever the ISA has AVX2. Not ATen's: its AVX2 version goes element
+// by element (at 32 rows a power of two apart those reads also fall into a few L1 sets), and its
+// AVX-512 16 x 16 blocks are an out-of-line call that first zeroes a 1 KiB block of 16 vectors with
+// memset: packing a [2048, 512] weight for the fp32 GEMM took 231-255 us against 92-100 this way, and
+// a clone 49-62 (Zen 4), where the weight's packing set the pace of products of a few dozen rows. It
+// only moves bits, so fp32 values and pairs of bf16 alike come through as they were.
 inline void transpose_f32(const float* src, int64_t ld_src, float* dst, int64_t ld_dst, int64_t M, int64_t N) {
-#if defined(CPU_CAPABILITY_AVX2)
-  const int64_t n_vec =
-      transpose_8x8_blocks(src, ld_src, dst, ld_dst, M, N, [](const float* p) { return _mm256_loadu_ps(p); });
+  int64_t n_vec = 0;
+#if defined(CPU_CAPABILITY_AVX2) || defined(CPU_CAPABILITY_AVX512)
+  n_vec = transpose_8x8_blocks(src, ld_src, dst, ld_dst, M, N, [](const float* p) { return _mm256_loadu_ps(p); });
+#endif
   for (int64_t i = 0; i < M; ++i)
     for (int64_t j = n_vec; j < N; ++j) dst[j * ld_dst + i] = src[i * ld_src + j];
-#else
-  at::vec::transpose_mxn<float>(src, ld_src, dst, ld_dst, static_cast<int>(M), static_cast<int>(N));
-#endif
 }
 
 // transpose_f32 of 32-bit elements of any kind (fp32, or pairs of bf16); columns [M, M_pad) of dst

@@ -64,6 +64,25 @@ def test_decode_sized_inputs_in_both_weight_layouts(backend, device, m, kn, dtyp
                                **({"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 0.02, "atol": 0.05}))
 
 
+@pytest.mark.parametrize("m", [17, 40, 64], ids=lambda m: f"M{m}")  # one row block of the packed GEMM
+# K 1100: three slices of K, the last short; N 70: two whole panels and a partial one (6 columns)
+@pytest.mark.parametrize("kn", [(1100, 70), (513, 64), (40, 33)], ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_one_row_block_packs_the_weight_slice_by_slice(m, kn, dtype):
+    """Up to one row block, the packed GEMM packs each panel's slice of a [N, K] weight as its tile
+    needs it (gemm.h's local_b), not the whole weight first: every slice and the partial panel count."""
+    k, n = kn
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    w = (torch.randn(n, k, generator=g) * k ** -0.5).to(dtype)
+    b = torch.randn(n, generator=g).to(dtype)
+    ref = F.linear(x.double(), w.double(), b.double())
+    for path, context in tile_paths("cpu", dtype):
+        with context():
+            ours = linear(x, w, b, backend="cpu")
+        assert_within_torch_error(f"linear M{m} {kn} {dtype} {path}", ours, F.linear(x, w, b), ref, dtype)
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_opcheck(backend, device):
     x, w, b = torch.randn(5, 7, requires_grad=True), torch.randn(3, 7, requires_grad=True), torch.randn(3)

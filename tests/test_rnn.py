@@ -153,6 +153,23 @@ def test_awkward_shapes(backend, kind, shape):
     assert_all_close(run(ours, x, None, lengths[::-1], False), run(ref, x, None, lengths[::-1], False))
 
 
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_input_projections_regrouped_by_block(kind, dtype):
+    """From a state of 256 the CPU forward copies each step's input projections into blocks of units
+    (rnn.cpp's xs) during the step before: H264 (9 blocks, the last of 8 units) for 3 rows, both
+    directions, rows of every length, two layers; against float64 within twice torch's error."""
+    ref, ours = make_pair(kind, "cpu", input_size=7, hidden_size=264, num_layers=2, bidirectional=True)
+    x = torch.randn(6, 3, 7)
+    lengths = [2, 6, 5]
+    expected = run(copy.deepcopy(ref).double(), x.double(), None, lengths, False)
+    theirs = run(ref.to(dtype), x.to(dtype), None, lengths, False)
+    got = run(ours.to(dtype), x.to(dtype), None, lengths, False)
+    checked = 2 if kind == "rnn_relu" and dtype == torch.bfloat16 else len(got)  # see test_bfloat16_within_torch_error
+    for k, (a, b, r) in enumerate(zip(got[:checked], theirs, expected)):
+        assert_within_torch_error(f"{kind} {dtype} tensor {k}", a, b, r, dtype)
+
+
 @pytest.mark.parametrize("kind", ["lstm", "gru"])
 def test_a_workspace_past_the_caches(kind):
     """T128 B32 H256: the forward's workspace (21-25 MiB) is written with streaming stores on the CPU

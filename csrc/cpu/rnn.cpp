@@ -392,6 +392,34 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
   round_state(0, 0, S);
 
   const T* x = xw.const_data_ptr<T>();
+  // The input projections of a step, regrouped by block of units: xs[(blk * B + b) * GU + g * kUnits + u]
+  // = xw[t, b, g * H + blk * kUnits + u], so that a block reads its B * G runs as one contiguous stretch.
+  // Read in place, they were B * G runs of kUnits values each a row (8 KiB at H = 512) or a gate (2 KiB)
+  // apart, which the hardware prefetcher does not follow and which fall into a few L1 sets: the fp32
+  // B32 T128 H512 LSTM recurrence took 47.3-51.0 ms on 2 Zen 4 cores that way; with a regrouped copy
+  // (from the xw of a test that already held that layout) 42.1-45.6, medians of 15 in separate
+  // processes. The copy for step t + 1 is made during step t, each item taking a share of its rows
+  // (read whole, in order): two buffers, step % 2 read while the other is written.
+  // The copy costs the same per unit whatever S, the step's GEMM S multiply-adds per gate value: from
+  // S = 256 on (kRegroupState). Below, xw is read in place: with S = 128 (B16 H128 T64) the copy made
+  // the LSTM 2-6% slower, at S = 512 it made B4 ~2% and B32 ~5% faster (lower quartiles of 11-101
+  // calls, alternated processes, 4 rounds, 2 Zen 4 cores).
+  constexpr int64_t kRegroupState = 256;
+  const bool regroup = !one_step && S >= kRegroupState;
+  const int64_t xs_size = B * blocks * GU;
+  const cpu::LineBuffer<T> xs = cpu::line_buffer<T>(regroup ? 2 * xs_size : 1);
+  auto regroup_rows = [&](int64_t t, int64_t b0, int64_t b1, T* dst) {
+    for (int64_t b = b0; b < b1; ++b)
+      for (int64_t g = 0; g < G; ++g)
+        for (int64_t blk = 0; blk < blocks; ++blk) {
+          const T* src = x + (t * B + b) * G * H + g * H + blk * kUnits;
+          T* d = dst + (blk * B + b) * GU + g * kUnits;
+          const int64_t nu = std::min(kUnits, H - blk * kUnits);
+          if (nu == kUnits) std::memcpy(d, src, kUnits * sizeof(T));  // (a fixed size: inlined vector moves)
+          else std::memcpy(d, src, nu * sizeof(T));
+        }
+  };
+  if (regroup) regroup_rows(reverse ? sh.T - 1 : 0, 0, B, xs.get());
   T* o = out.data_ptr<T>();
   float* wsp = save ? ws.data_ptr<float>() : nullptr;
   // The workspace row of (t, b); nothing is written to it without a backward to feed (inference).
@@ -417,25 +445,25 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
       for (int64_t item; (item = wk.claim()) >= 0; wk.done()) {
         const int64_t blk = step % 2 ? region.mirrored(item, blocks) : item;
         const int64_t j0 = blk * kUnits, nu = std::min(kUnits, H - j0);
-        // This block's input projections: B * G strided runs of kUnits values that the hardware
-        // prefetcher does not follow; fetched while the block multiplies (bf16 LSTM, B32 H512: the
-        // loads of xw were ~10% of the forward's time, stalled on memory). And a share of the next
-        // step's xw, whole (contiguous, so sequential), into L2: by then evicted to L3 by the W_hh
-        // panels streaming through, it is an L3 hit there rather than a DRAM miss. Each core can
-        // only have a few dozen lines in flight from DRAM, so the strided fetches alone left the fp32
-        // B32 H512 LSTM's step 130 us over its GEMM on one Zen 4 core (loads of xw replaced by a
-        // constant: 80 us of it). With the next step's share: one core 720 -> 675-687 us a step
-        // (GRU 544 -> 499), two cores 46.1 -> 44.2-45.5 ms a forward (GRU 34.5 -> 33.0), builds
-        // alternated in separate processes.
-        {
+        // This block's input projections, fetched while the block multiplies (bf16 LSTM, B32 H512: the
+        // loads of xw were ~10% of the forward's time, stalled on memory). Regrouped (see xs): one
+        // stretch; then this item's share of the next step's rows, regrouped, read whole and in order.
+        // In place: B * G strided runs, and a share of the next step's xw into L2 (by then evicted to
+        // L3 by the W_hh panels streaming through, it is an L3 hit there rather than a DRAM miss; one
+        // Zen 4 core, B32 H512 LSTM: 720 -> 675-687 us a step).
+        const int64_t t_next = reverse ? t - 1 : t + 1;
+        const bool next = t_next >= 0 && t_next < sh.T;
+        const T* xs_blk = regroup ? xs.get() + cur * xs_size + blk * B * GU : nullptr;
+        constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(T));
+        if (regroup) {
+          for (int64_t q = 0; q < B * GU; q += kLine) __builtin_prefetch(xs_blk + q, 0, 3);
+          if (next) regroup_rows(t_next, B * item / blocks, B * (item + 1) / blocks, xs.get() + nxt * xs_size);
+        } else {
           const T* xn = x + t * B * G * H + j0;
           for (int64_t b = 0; b < B; ++b)
             for (int64_t g = 0; g < G; ++g)
-              for (int64_t q = 0; q < nu; q += 64 / static_cast<int64_t>(sizeof(T)))
-                __builtin_prefetch(xn + b * G * H + g * H + q, 0, 3);
-          const int64_t t_next = reverse ? t - 1 : t + 1;
-          if (t_next >= 0 && t_next < sh.T)
-            prefetch_share(x + t_next * B * G * H, B * G * H * static_cast<int64_t>(sizeof(T)), blk, blocks);
+              for (int64_t q = 0; q < nu; q += kLine) __builtin_prefetch(xn + b * G * H + g * H + q, 0, 3);
+          if (next) prefetch_share(x + t_next * B * G * H, B * G * H * static_cast<int64_t>(sizeof(T)), item, blocks);
         }
         if (amx && !one_step)
           cpu::amx_gemm(B, GU, 2 * K2, hb.data() + cur * B * 2 * K2, 2 * K2, w_amx + blk * K2 * GU * 2, GU,
@@ -452,7 +480,9 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
         }
         for (int64_t b = 0; b < B; ++b) {
           const bool active = t < len[b];
-          const T* xb = x + (t * B + b) * G * H + j0;
+          // this row's input projections of the block's units, gate g at xb + g * xg
+          const T* xb = regroup ? xs_blk + b * GU : x + (t * B + b) * G * H + j0;
+          const int64_t xg = regroup ? kUnits : H;
           float* wsb = ws_row(t, b);
           // this row's recurrent products h W_hh^T of the block's units, gate g at tb + g * gs
           const float* tb = one_step ? rec_p + b * G * H + j0 : tile.data() + b * G * kUnits;
@@ -464,7 +494,7 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
             // (rec has no padding past a gate's H units; the tile has kUnits columns a gate)
             auto rec_at = [&](int64_t g) BIGNLP_FAST_LAMBDA_INLINE { return one_step ? load_any(tb + g * gs + u, w) : fVec::loadu(tb + g * gs + u); };
             auto pre = [&](int64_t g) BIGNLP_FAST_LAMBDA_INLINE {
-              return load_any(xb + g * H + u, w) + rec_at(g) + fVec::loadu(bb + g * kUnits + u);
+              return load_any(xb + g * xg + u, w) + rec_at(g) + fVec::loadu(bb + g * kUnits + u);
             };
             auto put = [&](float* dst, const fVec& v) BIGNLP_FAST_LAMBDA_INLINE { store_any(dst, v, w); };
             auto keep_ws = [&](int64_t off, const fVec& v) BIGNLP_FAST_LAMBDA_INLINE {  // the workspace, when there is a backward
@@ -489,7 +519,7 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
             } else if (sh.mode == Mode::kGru) {
               const fVec r = sigmoid(pre(0)), z = sigmoid(pre(1));
               const fVec hn = rec_at(2) + fVec::loadu(bb + 2 * kUnits + u);
-              const fVec n = tanh_fast(load_any(xb + 2 * H + u, w) + r * hn);
+              const fVec n = tanh_fast(load_any(xb + 2 * xg + u, w) + r * hn);
               h_new = (fVec(1.f) - z) * n + z * load_any(h + b * S + j, w);
               keep_ws(0, r), keep_ws(H, z), keep_ws(2 * H, n), keep_ws(sh.off_hn, hn);
             } else {

@@ -405,9 +405,11 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
   // the LSTM 2-6% slower, at S = 512 it made B4 ~2% and B32 ~5% faster (lower quartiles of 11-101
   // calls, alternated processes, 4 rounds, 2 Zen 4 cores).
   constexpr int64_t kRegroupState = 256;
-  const bool regroup = !one_step && S >= kRegroupState;
+  // (From the buffer cache, as the packed weights above: written before it is read.)
+  const bool regroup = !one_step && sh.T > 1 && S >= kRegroupState;
   const int64_t xs_size = B * blocks * GU;
-  const cpu::LineBuffer<T> xs = cpu::line_buffer<T>(regroup ? 2 * xs_size : 1);
+  const at::Tensor xs_buf = cpu::cached_empty({regroup ? 2 * xs_size : 0}, xw.options());
+  T* const xs = xs_buf.data_ptr<T>();
   auto regroup_rows = [&](int64_t t, int64_t b0, int64_t b1, T* dst) {
     for (int64_t b = b0; b < b1; ++b)
       for (int64_t g = 0; g < G; ++g)
@@ -419,7 +421,7 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
           else std::memcpy(d, src, nu * sizeof(T));
         }
   };
-  if (regroup) regroup_rows(reverse ? sh.T - 1 : 0, 0, B, xs.get());
+  if (regroup) regroup_rows(reverse ? sh.T - 1 : 0, 0, B, xs);
   T* o = out.data_ptr<T>();
   float* wsp = save ? ws.data_ptr<float>() : nullptr;
   // The workspace row of (t, b); nothing is written to it without a backward to feed (inference).
@@ -453,11 +455,11 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
         // Zen 4 core, B32 H512 LSTM: 720 -> 675-687 us a step).
         const int64_t t_next = reverse ? t - 1 : t + 1;
         const bool next = t_next >= 0 && t_next < sh.T;
-        const T* xs_blk = regroup ? xs.get() + cur * xs_size + blk * B * GU : nullptr;
+        const T* xs_blk = regroup ? xs + cur * xs_size + blk * B * GU : nullptr;
         constexpr int64_t kLine = 64 / static_cast<int64_t>(sizeof(T));
         if (regroup) {
           for (int64_t q = 0; q < B * GU; q += kLine) __builtin_prefetch(xs_blk + q, 0, 3);
-          if (next) regroup_rows(t_next, B * item / blocks, B * (item + 1) / blocks, xs.get() + nxt * xs_size);
+          if (next) regroup_rows(t_next, B * item / blocks, B * (item + 1) / blocks, xs + nxt * xs_size);
         } else {
           const T* xn = x + t * B * G * H + j0;
           for (int64_t b = 0; b < B; ++b)

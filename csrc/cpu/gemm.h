@@ -527,11 +527,12 @@ void packed_gemm(int64_t M, int64_t N, int64_t K, Strided<T> A, Strided<T> B, co
   // 17-64 rows of [768 -> 3072], [3072 -> 768], [768 -> 768], [512 -> 2048] on 2 Zen 4 cores against
   // F.linear, alternated processes, medians of 41: 0.58-1.47x before, 1.00-1.70x (mostly 1.1-1.5x) after.
   const bool local_b = !b_packed && !direct_b && B.rs == 1 && M <= kRows;
+  const bool pack_whole = !b_packed && !direct_b && !local_b;
   // every element is written by pack_b: from the buffer cache (buffer_cache.h)
   const at::Tensor bp_t =
-      cached_empty({direct_b || b_packed || local_b ? 0 : panels * K * kPanel}, at::TensorOptions().dtype(at::kFloat));
+      cached_empty({pack_whole ? panels * K * kPanel : 0}, at::TensorOptions().dtype(at::kFloat));
   const float* bp = static_cast<const float*>(b_packed);
-  if (!direct_b && !b_packed && !local_b) {
+  if (pack_whole) {
     pack_b(N, K, B, bp_t.data_ptr<float>());
     bp = bp_t.data_ptr<float>();
   }
@@ -577,8 +578,7 @@ void packed_gemm(int64_t M, int64_t N, int64_t K, Strided<T> A, Strided<T> B, co
     }
   }, [&](int64_t mc, int64_t p, int64_t k0, int64_t kc, const float* a, float* out, int64_t ldo, bool acc) {
     if (local_b) {  // this panel's slice [kc, kPanel], packed here (see local_b): 64 KiB a thread with AVX-512
-      static thread_local LineVector<float> buf;
-      if (buf.size() < static_cast<size_t>(gemm_detail::kSliceK * kPanel)) buf = LineVector<float>(gemm_detail::kSliceK * kPanel);
+      static thread_local LineVector<float> buf(gemm_detail::kSliceK * kPanel);  // (kc <= kSliceK)
       const int64_t n0 = p * kPanel, nc = std::min(kPanel, N - n0);
       transpose_to_float(B.p + n0 * B.cs + k0, B.cs, buf.data(), kPanel, nc, kc, kPanel);
       gemm_detail::micro_panel_tiles(mc, kc, a, buf.data(), kPanel, out, ldo, acc);

@@ -396,18 +396,18 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
   // = xw[t, b, g * H + blk * kUnits + u], so that a block reads its B * G runs as one contiguous stretch.
   // Read in place, they were B * G runs of kUnits values each a row (8 KiB at H = 512) or a gate (2 KiB)
   // apart, which the hardware prefetcher does not follow and which fall into a few L1 sets: the fp32
-  // B32 T128 H512 LSTM recurrence took 47.3-51.0 ms on 2 Zen 4 cores that way; with a regrouped copy
-  // (from the xw of a test that already held that layout) 42.1-45.6, medians of 15 in separate
-  // processes. The copy for step t + 1 is made during step t, each item taking a share of its rows
+  // B32 T128 H512 LSTM recurrence took 46.4-48.1 ms on 2 Zen 4 cores that way, 43.9-44.5 with the copy
+  // below (42.1-45.3 in a timing-only build that read an xw already in that layout), medians of 15 in
+  // separate processes. The copy for step t + 1 is made during step t, each item taking a share of its rows
   // (read whole, in order): two buffers, step % 2 read while the other is written.
   // The copy costs the same per unit whatever S, the step's GEMM S multiply-adds per gate value: from
   // S = 256 on (kRegroupState). Below, xw is read in place: with S = 128 (B16 H128 T64) the copy made
   // the LSTM 2-6% slower, at S = 512 it made B4 ~2% and B32 ~5% faster (lower quartiles of 11-101
   // calls, alternated processes, 4 rounds, 2 Zen 4 cores).
   constexpr int64_t kRegroupState = 256;
-  // (From the buffer cache, as the packed weights above: written before it is read.)
   const bool regroup = !one_step && sh.T > 1 && S >= kRegroupState;
   const int64_t xs_size = B * blocks * GU;
+  // (from the buffer cache, as the packed weights above: written before it is read)
   const at::Tensor xs_buf = cpu::cached_empty({regroup ? 2 * xs_size : 0}, xw.options());
   T* const xs = xs_buf.data_ptr<T>();
   auto regroup_rows = [&](int64_t t, int64_t b0, int64_t b1, T* dst) {

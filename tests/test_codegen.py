@@ -16,9 +16,10 @@ import pytest
 
 import bignlp_fast._C as C
 
-# demangled names of the functions that hold the GEMM tiles' inner loops (gemm.h)
+# demangled names of the functions that hold the GEMM tiles' inner loops (gemm.h), and the depthwise
+# convolution's per-plane loops (conv.cpp), whose weight-gradient sums once lived on the stack too
 KERNELS = ("gemm_detail::tile<", "gemm_detail::tile_bf16<", "gemm_detail::micro_panel_tiles",
-           "gemm_detail::packed_gemm_tasks<", "cpu::small_gemm")
+           "gemm_detail::packed_gemm_tasks<", "cpu::small_gemm", "depthwise_fwd_planes<", "depthwise_bwd_planes<")
 MULTIPLY_ADD = re.compile(r"\s(vfn?madd\d{3}ps|vdpbf16ps)\s")
 STACK_OPERAND = re.compile(r"\(%rsp\)")
 

@@ -320,8 +320,67 @@ def test_cpu_conv_path_choice(own_loops):
     assert _path((2, 13, 300), (40, 13, 3), 1, 2, 2, 1) == "implicit_gemm"
     # and of WINOGRAD[0], padded 2 - 1
     assert _path((2, 13, 300), (40, 13, 3), 1, 1, 1, 1) == "winograd"
-    for case in CONV1D + CONV2D:  # the small shapes above run the ATen path on the CPU
-        assert _path(*case) == "aten"
+    for case in CONV1D + CONV2D:  # the small shapes above run the ATen path on the CPU, but depthwise ones
+        depthwise = case[5] == case[0][1] == case[1][0] and case[1][1] == 1 and case[2] == 1
+        assert _path(*case) == ("depthwise" if depthwise else "aten")
+
+
+# Depthwise convolutions (groups = C_in = C_out, stride 1) run on the CPU backend's own per-plane
+# kernels (csrc/cpu/conv.cpp), float32 and bfloat16, every activation the cases below name: the
+# fixed-tap kernels (3 x 3, and conv1d's 3) and the general one (other sizes, dilation, asymmetric
+# kernels); padding past the taps (grad_x then reads a gradient wider than x), an odd number of output
+# rows (the kernels take rows two at a time), a single output row, planes narrower than a vector and
+# wider than two, one channel (groups 1 is depthwise too).
+DEPTHWISE = [((2, 8, 13, 17), (8, 1, 3, 3), 1, 1, 1, 8), ((2, 5, 7, 40), (5, 1, 3, 3), 1, (0, 2), 1, 5),
+             ((1, 3, 9, 9), (3, 1, 5, 5), 1, 2, 1, 3), ((2, 4, 10, 11), (4, 1, 3, 2), 1, (0, 1), (2, 1), 4),
+             ((1, 6, 5, 6), (6, 1, 3, 3), 1, (3, 2), 1, 6), ((2, 3, 3, 70), (3, 1, 3, 3), 1, 0, 1, 3),
+             ((2, 16, 15, 37), (16, 1, 7, 7), 1, 3, 1, 16), ((2, 4, 33), (4, 1, 3), 1, 1, 1, 4),
+             ((3, 7, 70), (7, 1, 4), 1, 0, 2, 7), ((1, 5, 100), (5, 1, 3), 1, 4, 3, 5),
+             ((1, 1, 8, 8), (1, 1, 3, 3), 1, 1, 1, 1)]
+
+
+@pytest.mark.parametrize("case", DEPTHWISE, ids=lambda c: f"x{c[0]}-w{c[1]}")
+@pytest.mark.parametrize("activation", [None, "silu", "relu", "gelu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_depthwise_matches_float64(case, activation, dtype):
+    """Output, grad_x, grad_w, grad_b (with a bias) and grad_residual (relu: a residual, no bias)."""
+    assert _path(*case) == "depthwise"
+    nd = len(case[0]) - 2
+    as_list = lambda v: list(v) if isinstance(v, tuple) else [v] * nd  # noqa: E731
+    assert _C.conv_cpu_grad_weight_path(torch.empty(case[0]), torch.empty(case[1]), *map(as_list, case[2:5]),
+                                        case[5]) == "depthwise"
+    _check("cpu", torch.device("cpu"), dtype, *case, activation, bias=activation != "relu",
+           residual=activation == "relu")
+
+
+def test_cpu_depthwise_rule_and_determinism():
+    """Strides, channel multipliers, groups of several channels and channels_last keep oneDNN's
+    convolution; the weight and bias gradients are per-plane sums added over the batch in a fixed
+    order, whatever the number of threads; an empty batch gives zeros."""
+    assert _path((2, 8, 9, 9), (8, 1, 3, 3), 2, 1, 1, 8) == "aten"
+    assert _path((2, 8, 9, 9), (16, 1, 3, 3), 1, 1, 1, 8) == "aten"
+    assert _path((2, 8, 9, 9), (4, 2, 3, 3), 1, 1, 1, 4) == "aten"
+    cl = torch.empty(2, 8, 9, 9).contiguous(memory_format=torch.channels_last)
+    assert _C.conv_cpu_path(cl, torch.empty(8, 1, 3, 3), [1, 1], [1, 1], [1, 1], 8) == "aten"
+    assert _C.conv_cpu_path(torch.empty(2, 8, 9, 9, dtype=torch.bfloat16), torch.empty(8, 1, 3, 3, dtype=torch.bfloat16),
+                            [1, 1], [1, 1], [1, 1], 8) == "depthwise"
+    g = torch.Generator().manual_seed(5)
+    x, w = torch.randn(6, 12, 20, 21, generator=g), torch.randn(12, 1, 3, 3, generator=g, requires_grad=True)
+    b = torch.randn(12, generator=g, requires_grad=True)
+    before, grads = torch.get_num_threads(), []
+    try:
+        for threads in (1, 2, 1):
+            torch.set_num_threads(threads)
+            y = ops.conv2d(x, w, b, 1, 1, 1, 12, "gelu", backend="cpu")
+            grads.append(torch.autograd.grad(y, (w, b), torch.ones_like(y)))
+    finally:
+        torch.set_num_threads(before)
+    for gw, gb in grads[1:]:
+        assert torch.equal(gw, grads[0][0]) and torch.equal(gb, grads[0][1])
+    x0 = torch.randn(0, 12, 20, 21, requires_grad=True)
+    y0 = ops.conv2d(x0, w, b, 1, 1, 1, 12, "gelu", backend="cpu")
+    gw0, gb0 = torch.autograd.grad(y0.sum(), (w, b))
+    assert y0.shape == (0, 12, 20, 21) and not gw0.any() and not gb0.any()
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

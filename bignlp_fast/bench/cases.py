@@ -608,10 +608,14 @@ def all_cases() -> list[Case]:
     cases += _conv_cases((16, 64, 32, 32), 64, 3, "gelu", True, torch.float32, both, ("full",))
     # a wider conv2d layer (on AVX2 builds Winograd's F(2x2, 3x3) runs from 128 input channels)
     cases += _conv_cases((4, 128, 32, 32), 128, 3, "gelu", True, torch.float32, both, ("full",))
-    # the shapes that run on ATen's convolution with our epilogue after it (see ops/conv.py): 1x1 (pointwise),
-    # depthwise 3x3, stride 2, bfloat16, channels_last
-    cases += _conv_cases((32, 256, 512), 1024, 1, "gelu", False, torch.float32, both, ("full",))
+    # depthwise convolutions, on the CPU backend's own per-plane kernels: 3x3 (MobileNet / ConvNeXt-style
+    # blocks) in float32 and bfloat16, and a depthwise conv1d of width 7 over a sequence's hidden states
     cases += _conv_cases((16, 128, 56, 56), 128, 3, "silu", False, torch.float32, both, ("full",), groups=128)
+    cases += _conv_cases((16, 128, 56, 56), 128, 3, "silu", False, torch.bfloat16, both, ("full",), groups=128)
+    cases += _conv_cases((32, 512, 512), 512, 7, "gelu", False, torch.float32, both, ("full",), groups=512)
+    # the shapes that run on ATen's convolution with our epilogue after it (see ops/conv.py): 1x1 (pointwise),
+    # stride 2, bfloat16, channels_last
+    cases += _conv_cases((32, 256, 512), 1024, 1, "gelu", False, torch.float32, both, ("full",))
     cases += _conv_cases((16, 64, 64, 64), 128, 3, "relu", False, torch.float32, both, ("full",), stride=2)
     cases += _conv_cases((32, 256, 512), 256, 3, "gelu", True, torch.bfloat16, both, ("full", "gpu"))
     cases += _conv_cases((16, 64, 32, 32), 64, 3, "gelu", True, torch.float32, both, ("full",), channels_last=True)

@@ -1,12 +1,15 @@
 """conv1d / conv2d with a fused epilogue: ``act(conv(x) + bias) + residual`` with torch's arguments.
 
-The main loop is the vendor convolution (oneDNN on the CPU, cuDNN on the GPU, called through
-``aten::convolution``): a hand-written convolution does not beat them for general
-strides, groups and dilations, and the point here is the whole block. What follows the convolution
-is one fused pass: eager PyTorch runs bias (inside the conv), the activation and the residual add as
+In general the main loop is the vendor convolution (oneDNN on the CPU, cuDNN on the GPU, called
+through ``aten::convolution``) and the point is the whole block: what follows the convolution is one
+fused pass. Eager PyTorch runs bias (inside the conv), the activation and the residual add as
 separate kernels, each reading and writing the full output; fused, the output is read and written
 once, and the backward computes the activation's derivative and the bias gradient in one pass over
-grad_out before ``aten::convolution_backward``.
+grad_out before ``aten::convolution_backward``. Where the project's own main loops measured faster,
+the CPU backend runs them with the epilogue inside (csrc/cpu/conv.cpp; ``_C.conv_cpu_path`` names
+the path of a call): conv1d's implicit GEMM and Winograd F(2, 3), conv2d 3 x 3's Winograd
+F(2x2, 3x3), and depthwise convolutions (groups = C_in = C_out, stride 1), per plane, forward and
+backward in one pass each.
 
 Kernel contract (every backend; ``conv_{fwd,bwd}_torch`` is the specification):
 - x [B, C_in, *spatial] and weight [C_out, C_in / groups, *kernel] (1 or 2 spatial dims), bias [C_out]

@@ -204,6 +204,16 @@ inline void prefetch_ahead(const T* p, bool for_write = false) {
   prefetch_step(reinterpret_cast<const T*>(reinterpret_cast<uintptr_t>(p) + kPrefetchBytes), for_write);
 }
 
+// Part `part` of `parts` of the `bytes` at p asked into the caches (prefetcht2: L2 on the CPUs seen),
+// line by line from its start: a kernel that works on one block while the next is fetched spreads
+// the next block's lines over its own loop (the RNN's next input step, the depthwise convolution's
+// next plane).
+inline void prefetch_share(const void* p, int64_t bytes, int64_t part, int64_t parts) {
+  const char* base = static_cast<const char*>(p);
+  const int64_t b0 = bytes * part / parts, b1 = bytes * (part + 1) / parts;
+  for (int64_t q = b0 & ~int64_t{63}; q < b1; q += 64) __builtin_prefetch(base + q, 0, 1);
+}
+
 // Partial steps: n < kStep elements; lanes past n load as zero and are not stored.
 template <typename T>
 BIGNLP_FAST_VEC_INLINE void load2(const T* p, int64_t n, fVec& a, fVec& b) {

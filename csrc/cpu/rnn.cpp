@@ -227,14 +227,6 @@ class StepRegion {
   alignas(64) std::atomic<int64_t> done_{0};  // items finished, over all rounds
 };
 
-// Part `part` of `parts` of the `bytes` at p asked into the caches (prefetcht2: L2 on the CPUs seen),
-// line by line from its start.
-inline void prefetch_share(const void* p, int64_t bytes, int64_t part, int64_t parts) {
-  const char* base = static_cast<const char*>(p);
-  const int64_t b0 = bytes * part / parts, b1 = bytes * (part + 1) / parts;
-  for (int64_t q = b0 & ~int64_t{63}; q < b1; q += 64) __builtin_prefetch(base + q, 0, 1);
-}
-
 // ---- forward --------------------------------------------------------------------------------
 // Whether a step of T = 1 takes its recurrent product from torch's GEMM (see forward's one_step):
 // float32, or bf16 where torch's bf16 GEMM is oneDNN's (AMX or AVX512_BF16 here too).
@@ -465,7 +457,7 @@ void forward(const Shape& sh, const at::Tensor& xw, const at::Tensor& w_hh, cons
           for (int64_t b = 0; b < B; ++b)
             for (int64_t g = 0; g < G; ++g)
               for (int64_t q = 0; q < nu; q += kLine) __builtin_prefetch(xn + b * G * H + g * H + q, 0, 3);
-          if (next) prefetch_share(x + t_next * B * G * H, B * G * H * static_cast<int64_t>(sizeof(T)), item, blocks);
+          if (next) cpu::prefetch_share(x + t_next * B * G * H, B * G * H * static_cast<int64_t>(sizeof(T)), item, blocks);
         }
         if (amx && !one_step)
           cpu::amx_gemm(B, GU, 2 * K2, hb.data() + cur * B * 2 * K2, 2 * K2, w_amx + blk * K2 * GU * 2, GU,

@@ -175,11 +175,14 @@ std::vector<at::Tensor> conv_bwd_cpu(const at::Tensor& grad_out, const at::Tenso
 // off whatever the build (returns the previous state). Winograd's F(2, 3) for conv1d is always taken.
 bool conv_own_loops();
 bool set_conv_own_loops(bool on);
-// Which forward conv_fwd_cpu takes for these arguments: "implicit_gemm" (the project's, float32 with
-// stride 1, groups 1 and at least 128 output grid columns per sequence) or "aten" (oneDNN + epilogue).
+// Which forward conv_fwd_cpu takes for these arguments: "depthwise" (groups = C_in = C_out, stride 1,
+// float32 or bfloat16, NCHW), "winograd" (conv1d with three taps, conv2d 3 x 3: see conv.cpp),
+// "implicit_gemm" (float32 conv1d with stride 1, groups 1 and at least 128 output grid columns per
+// sequence) or "aten" (oneDNN + epilogue).
 std::string conv_cpu_path(const at::Tensor& x, const at::Tensor& w, std::vector<int64_t> stride,
                           std::vector<int64_t> padding, std::vector<int64_t> dilation, int64_t groups);
-// Which weight gradient conv_bwd_cpu takes: "implicit_gemm" (the project's, where the forward is on
+// Which weight gradient conv_bwd_cpu takes: "depthwise" (with the rest of a depthwise backward),
+// "winograd" (conv2d 3 x 3 where the forward takes it), "implicit_gemm" (the project's, where the forward is on
 // the implicit GEMM and the reduction over B * L_out positions makes at least two chunks of four
 // slices per thread; it depends on at::get_num_threads()) or "aten" (oneDNN's backward-weights).
 std::string conv_cpu_grad_weight_path(const at::Tensor& x, const at::Tensor& w, std::vector<int64_t> stride,

@@ -1006,13 +1006,16 @@ at::Tensor winograd2_grad_weight(const at::Tensor& gp, const at::Tensor& x, cons
 // planes, as fp32, into a zero-padded buffer (its borders zeroed once per call) that stays in L1 / L2,
 // and computes the outputs from it, every tap a shifted vector load; bias, activation and residual are
 // applied before each output vector is stored. x is read once, out (and pre) written once.
-// The backward is one pass per plane too: gp = grad_out * act'(pre) goes into a zero-padded buffer while
-// the weight and bias gradients' sums take it against the padded x; then grad_x is the convolution of
-// that buffer with the reversed taps. The per-plane sums are reduced over the batch in a fixed order.
+// The backward reads grad_out, pre and x once and writes grad_x once, per plane: gp = grad_out *
+// act'(pre) into a zero-padded buffer (with the bias gradient's sum), the weight gradient's sums of gp
+// against the padded x, then grad_x, the convolution of gp with the reversed taps (both from L1). The
+// per-plane sums are reduced over the batch in a fixed order.
 // Before, ATen's depthwise convolution (oneDNN) ran with the epilogue after it: 16x128x56x56, 3 x 3 +
 // bias + SiLU, float32, on 2 Zen 4 cores (the bench, session 47), forward 7.9 ms and forward + backward
 // 23.6 ms, within 1% of eager PyTorch; this way 2.7-2.8 ms and 9.0-10.7 ms (2.7x / 2.3-2.6x eager).
 // An AVX2 build of these kernels ran 1.9-2.3x / 1.6-2.1x eager's AVX-512 oneDNN on the same CPU.
+inline int64_t round_up_to_two_steps(int64_t n) { return (n + 2 * kStep - 1) / (2 * kStep) * (2 * kStep); }
+
 struct DwGrid {
   int64_t B, C, H, W, KH, KW, ph, pw, dh, dw, Ho, Wo;
   int64_t hx, ldx;  // the padded x plane: hx rows of ldx floats, x[i, j] at row ph + i, column pw + j
@@ -1035,14 +1038,16 @@ DwGrid make_dw_grid(const at::Tensor& x, const at::Tensor& w, const std::vector<
   g.dw = dilation.back();
   g.Ho = g.H + 2 * g.ph - g.dh * (g.KH - 1);
   g.Wo = g.W + 2 * g.pw - g.dw * (g.KW - 1);
-  // Outputs are computed a whole step (kStep columns) at a time: the loads of the last step read up to
-  // round_up(Wo) - 1 + (KW - 1) dw, zeros past the data.
+  // Outputs are computed a whole step (kStep columns) at a time, and a plane of one row two steps at a
+  // time (dw_two_blocks): the loads of the last ones read up to round_up(Wo, 2 kStep) - 1 + (KW - 1) dw,
+  // zeros past the data.
   g.hx = g.H + 2 * g.ph;
-  g.ldx = cpu::round_up_to_step(g.Wo) + g.dw * (g.KW - 1);  // >= W + 2 pw
+  g.ldx = round_up_to_two_steps(g.Wo) + g.dw * (g.KW - 1);  // >= W + 2 pw
   // grad_x[i, j] = sum over taps of w[kh, kw] gp[i + ph - kh dh, j + pw - kw dw]: in the buffer, row
-  // i + ph + (KH - 1 - kh) dh, column j + pw + (KW - 1 - kw) dw, read up to round_up(W) - 1 + pw + (KW - 1) dw
+  // i + ph + (KH - 1 - kh) dh, column j + pw + (KW - 1 - kw) dw, read up to
+  // round_up(W, 2 kStep) - 1 + pw + (KW - 1) dw
   g.hg = g.Ho + 2 * g.dh * (g.KH - 1);
-  g.ldg = std::max(cpu::round_up_to_step(g.W) + g.pw, g.Wo) + g.dw * (g.KW - 1);
+  g.ldg = std::max(round_up_to_two_steps(g.W) + g.pw, g.Wo) + g.dw * (g.KW - 1);
   return g;
 }
 
@@ -1063,14 +1068,15 @@ inline void dw_load_plane(const T* x, const DwGrid& g, float* xb) {
   }
 }
 
-// The sums of two rows of outputs, columns [j, j + kStep): s[0], s[1] for the row whose taps start at
-// `row` of a padded buffer (row stride ld), s[2], s[3] for the row below; tap (kh, kw) reads
-// row + kh * rs + kw * cs (forward: rs = dh * ld, cs = dw; the backward's grad_x walks the taps
-// reversed, rs, cs < 0). Four independent sums: one would wait out the FMA latency at every tap.
+// The sums of two blocks of outputs, kStep columns each: s[0], s[1] for the block whose taps start at
+// `row` of a padded buffer, s[2], s[3] for the block `second` floats on (the row below, or in a plane of
+// one row the next kStep columns: conv1d); tap (kh, kw) reads row + kh * rs + kw * cs (forward:
+// rs = dh * ld, cs = dw; the backward's grad_x walks the taps reversed, rs, cs < 0). Four independent
+// sums: one would wait out the FMA latency at every tap.
 // KH_, KW_ > 0 fix the taps at compile time (3 x 3, and conv1d's 3: unrolled), 0 takes g's.
 template <int KH_, int KW_>
-BIGNLP_FAST_VEC_INLINE void dw_two_rows(const DwGrid& g, const float* row, int64_t ld, int64_t rs, int64_t cs,
-                                        const float* wf, fVec (&s)[4]) {
+BIGNLP_FAST_VEC_INLINE void dw_two_blocks(const DwGrid& g, const float* row, int64_t second, int64_t rs, int64_t cs,
+                                          const float* wf, fVec (&s)[4]) {
   const int64_t KH = KH_ > 0 ? KH_ : g.KH, KW = KW_ > 0 ? KW_ : g.KW;
   constexpr int64_t VS = fVec::size();
 #pragma GCC unroll 8
@@ -1081,8 +1087,8 @@ BIGNLP_FAST_VEC_INLINE void dw_two_rows(const DwGrid& g, const float* row, int64
       const float* t = row + kh * rs + kw * cs;
       s[0] = at::vec::fmadd(wv, fVec::loadu(t), s[0]);
       s[1] = at::vec::fmadd(wv, fVec::loadu(t + VS), s[1]);
-      s[2] = at::vec::fmadd(wv, fVec::loadu(t + ld), s[2]);
-      s[3] = at::vec::fmadd(wv, fVec::loadu(t + ld + VS), s[3]);
+      s[2] = at::vec::fmadd(wv, fVec::loadu(t + second), s[2]);
+      s[3] = at::vec::fmadd(wv, fVec::loadu(t + second + VS), s[3]);
     }
 }
 
@@ -1115,14 +1121,16 @@ void depthwise_fwd_planes(int64_t p0, int64_t p1, const DwGrid& g, const T* x, c
       }
       cpu::store2_any(op + o, n, a, b);
     };
-    const int64_t pairs = (g.Ho + 1) / 2;
+    // two rows at a time, or in a plane of one output row two steps of columns
+    const bool wide = g.Ho == 1;
+    const int64_t pairs = (g.Ho + 1) / 2, dj = wide ? 2 * kStep : kStep;
     for (int64_t i = 0; i < g.Ho; i += 2) {
       if (p + 1 < p1) cpu::prefetch_share(x + (p + 1) * in_plane, in_plane * int64_t{sizeof(T)}, i / 2, pairs);
-      for (int64_t j = 0; j < g.Wo; j += kStep) {
+      for (int64_t j = 0; j < g.Wo; j += dj) {
         fVec s[4] = {bv, bv, bv, bv};
-        dw_two_rows<KH_, KW_>(g, xb + i * g.ldx + j, g.ldx, g.dh * g.ldx, g.dw, wf.data(), s);
+        dw_two_blocks<KH_, KW_>(g, xb + i * g.ldx + j, wide ? kStep : g.ldx, g.dh * g.ldx, g.dw, wf.data(), s);
         finish(i, j, s[0], s[1]);
-        if (i + 1 < g.Ho) finish(i + 1, j, s[2], s[3]);
+        if (wide ? j + kStep < g.Wo : i + 1 < g.Ho) finish(wide ? i : i + 1, wide ? j + kStep : j, s[2], s[3]);
       }
     }
   }
@@ -1205,13 +1213,17 @@ void depthwise_bwd_planes(int64_t p0, int64_t p1, const DwGrid& g, const T* gy, 
     // grad_x[i, j] = sum over taps of w[kh, kw] gp[i + ph - kh dh, j + pw - kw dw]: tap (0, 0) at the
     // buffer's row i + ph + (KH - 1) dh, column j + pw + (KW - 1) dw, the others back from there
     T* gxp = gx + p * in_plane;
+    const bool wide = g.H == 1;  // (as the forward's blocks)
     for (int64_t i = 0; i < g.H; i += 2)
-      for (int64_t j = 0; j < g.W; j += kStep) {
+      for (int64_t j = 0; j < g.W; j += wide ? 2 * kStep : kStep) {
         fVec s[4] = {fVec(0.f), fVec(0.f), fVec(0.f), fVec(0.f)};
-        dw_two_rows<KH_, KW_>(g, gb + (i + g.ph + gr0) * g.ldg + j + g.pw + gc0, g.ldg, -g.dh * g.ldg, -g.dw,
-                              wf.data(), s);
+        dw_two_blocks<KH_, KW_>(g, gb + (i + g.ph + gr0) * g.ldg + j + g.pw + gc0, wide ? kStep : g.ldg,
+                                -g.dh * g.ldg, -g.dw, wf.data(), s);
         cpu::store2_any(gxp + i * g.W + j, g.W - j, s[0], s[1]);
-        if (i + 1 < g.H) cpu::store2_any(gxp + (i + 1) * g.W + j, g.W - j, s[2], s[3]);
+        if (wide ? j + kStep < g.W : i + 1 < g.H) {
+          const int64_t i2 = wide ? i : i + 1, j2 = wide ? j + kStep : j;
+          cpu::store2_any(gxp + i2 * g.W + j2, g.W - j2, s[2], s[3]);
+        }
       }
   }
 }

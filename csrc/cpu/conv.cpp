@@ -1304,8 +1304,8 @@ std::vector<at::Tensor> depthwise_conv_backward(const at::Tensor& grad_out, cons
   return {gx, gw, gb};
 }
 
-// The project's own convolution where it applies (conv1d: the implicit GEMM or F(2, 3); conv2d:
-// F(2x2, 3x3)): "implicit_gemm", "winograd", or "aten" for oneDNN's.
+// The project's own convolution where it applies (depthwise: per plane; conv1d: the implicit GEMM or
+// F(2, 3); conv2d: F(2x2, 3x3)): "depthwise", "implicit_gemm", "winograd", or "aten" for oneDNN's.
 std::string own_path(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& stride,
                      const std::vector<int64_t>& padding, const std::vector<int64_t>& dilation, int64_t groups) {
   if (depthwise_applies(x, w, stride, groups)) return "depthwise";

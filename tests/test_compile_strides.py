@@ -30,6 +30,9 @@ CASES = {
                                                                           None, h0, h0 * 0.5)[0]),
     "distillation_loss": (lambda: [_leaf(11, 4)], lambda s: ops.distillation_loss(s.t(), s.t().detach().flip(0))),
     "conv1d": (lambda: [_leaf(2, 6, 9), _leaf(3, 4, 6)], lambda x, w: ops.conv1d(x, w.permute(1, 2, 0), padding=1)),
+    "depthwise_conv1d_x_as_blc": (lambda: [_leaf(2, 9, 6), _leaf(6, 1, 3)],  # x read [B, L, C] as it is
+                                  lambda x, w: ops.conv1d(x.transpose(1, 2), w, padding=1, groups=6,
+                                                          activation="silu")),
     "conv2d_channels_last": (lambda: [_leaf(2, 6, 5, 7), _leaf(4, 6, 3, 3), _leaf(4)],  # kept channels_last
                              lambda x, w, b: ops.conv2d(x.contiguous(memory_format=torch.channels_last), w, b,
                                                         padding=1, activation="gelu")),

@@ -31,18 +31,22 @@ def _check(backend, device, dtype, xs, ws, stride, padding, dilation, groups, ac
            channels_last=False):
     nd = len(xs) - 2
     g = torch.Generator().manual_seed(0)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fmt = torch.channels_last if channels_last and nd == 2 else torch.contiguous_format
 
     def mk(*s):
         t = torch.randn(*s, generator=g).to(device=device, dtype=dtype)
         return (t.contiguous(memory_format=fmt) if t.dim() == 4 else t).requires_grad_()
-    x, w, b = mk(*xs), (torch.randn(*ws, generator=g) * 0.3).to(device=device, dtype=dtype).requires_grad_(), \
+    if channels_last and nd == 1:  # a [B, L, C] activation transposed to [B, C, L], as sequence models hold it
+        x = mk(xs[0], xs[2], xs[1]).detach().transpose(1, 2).requires_grad_()
+    else:
+        x = mk(*xs)
+    w, b = (torch.randn(*ws, generator=g) * 0.3).to(device=device, dtype=dtype).requires_grad_(), \
         (mk(ws[0]) if bias else None)
     eager = _eager(nd, stride, padding, dilation, groups, activation)
     out_shape = eager(x, w, b, None).shape
     r = mk(*out_shape) if residual else None
     gy = torch.randn(out_shape, generator=g).to(device=device, dtype=dtype)
-    gy = gy.contiguous(memory_format=fmt) if channels_last else gy
+    gy = gy.contiguous(memory_format=fmt)
     fused = ops.conv1d if nd == 1 else ops.conv2d
 
     def run(fn, *args):
@@ -51,9 +55,11 @@ def _check(backend, device, dtype, xs, ws, stride, padding, dilation, groups, ac
 
     ours = run(lambda x, w, b, r: fused(x, w, b, stride, padding, dilation, groups, activation, residual=r,
                                         backend=backend), x, w, b, r)
-    if channels_last:  # torch's convolution keeps the layout; so must ours, gradient included
+    if channels_last and nd == 2:  # torch's convolution keeps the layout; so must ours, gradient included
         for name, t in (("y", ours[0]), ("grad_x", ours[1])):
             assert t.is_contiguous(memory_format=fmt) and not t.is_contiguous(), f"{backend} {name}: {t.stride()}"
+    elif channels_last:  # conv1d: torch's output is contiguous whatever x's layout, and so is ours
+        assert ours[0].is_contiguous(), f"{backend} y: {ours[0].stride()}"
     theirs = run(eager, x, w, b, r)
     ref = run(eager, *[t.detach().double().requires_grad_() if t is not None else None for t in (x, w, b, r)])
     names = ["y", "grad_x", "grad_w"] + (["grad_b"] if bias else []) + (["grad_r"] if residual else [])
@@ -85,8 +91,17 @@ CHANNELS_LAST = [((2, 40, 5, 7), (36, 40, 3, 3), 1, 1, 1, 1), ((2, 8, 9, 6), (8,
                  ((1, 24, 4, 5), (19, 24, 1, 1), 1, 0, 1, 1)]
 
 
+# conv1d with x laid out [B, L, C] (a transposed sequence-model activation): the CPU's depthwise kernels
+# read it as it is, kDwGroup = 16 channels at a time (groups split by the threads' ranges and by a C
+# that is no multiple of 16: 37), every other path takes it contiguous (a dense, a grouped, a strided
+# depthwise convolution); the other backends copy it.
+SEQ_CHANNELS_LAST = [((2, 37, 50), (37, 1, 7), 1, 3, 1, 37), ((3, 7, 70), (7, 1, 4), 1, 0, 2, 7),
+                     ((1, 20, 130), (20, 1, 3), 1, 4, 3, 20), ((2, 8, 20), (6, 8, 3), 1, 1, 1, 1),
+                     ((2, 8, 20), (8, 2, 3), 1, 1, 1, 4), ((2, 8, 21), (8, 1, 3), 2, 1, 1, 8)]
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
-@pytest.mark.parametrize("case", CHANNELS_LAST, ids=lambda c: f"x{c[0]}-w{c[1]}")
+@pytest.mark.parametrize("case", CHANNELS_LAST + SEQ_CHANNELS_LAST, ids=lambda c: f"x{c[0]}-w{c[1]}")
 @pytest.mark.parametrize("activation", [None, "gelu", "silu"])
 def test_channels_last_matches_float64(backend, device, case, activation):
     for dtype in DTYPES[backend]:
@@ -377,6 +392,16 @@ def test_cpu_depthwise_rule_and_determinism():
         torch.set_num_threads(before)
     for gw, gb in grads[1:]:
         assert torch.equal(gw, grads[0][0]) and torch.equal(gb, grads[0][1])
+    # a conv1d's x laid out [B, L, C] is read as it is, the same sums in the same order: the same bits
+    xs = torch.randn(3, 300, 40, generator=g)
+    w1, b1 = torch.randn(40, 1, 5, generator=g, requires_grad=True), torch.randn(40, generator=g, requires_grad=True)
+    assert _C.conv_cpu_path(xs.transpose(1, 2), w1, [1], [2], [1], 40) == "depthwise"
+    runs = []
+    for x1 in (xs.transpose(1, 2).contiguous(), xs.transpose(1, 2)):
+        x1 = x1.requires_grad_()
+        y = ops.conv1d(x1, w1, b1, 1, 2, 1, 40, "silu", backend="cpu")
+        runs.append([y, *torch.autograd.grad(y, (x1, w1, b1), torch.ones_like(y))])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
     x0 = torch.randn(0, 12, 20, 21, requires_grad=True)
     y0 = ops.conv2d(x0, w, b, 1, 1, 1, 12, "gelu", backend="cpu")
     gw0, gb0 = torch.autograd.grad(y0.sum(), (w, b))

@@ -416,18 +416,23 @@ def _conv_cases(x_shape, cout, k, activation, residual, dtype, modes, suites, *,
                 channels_last=False):
     """conv1d / conv2d + bias + activation (+ residual), fused epilogue, against eager F.conv + act + add.
     ``groups`` = C_in = C_out is a depthwise convolution; ``channels_last`` gives x (and the residual)
-    in that memory format, as a channels_last network would hand them over."""
+    in that memory format, as a channels_last network would hand them over, and a conv1d's x laid out
+    [B, L, C] (a sequence model's hidden states transposed to [B, C, L]; the rest contiguous)."""
     nd = len(x_shape) - 2
     conv, fused_conv = (F.conv1d, conv1d) if nd == 1 else (F.conv2d, conv2d)
     act = {"relu": F.relu, "gelu": F.gelu, "silu": F.silu}[activation]
     cin, spatial = x_shape[1], x_shape[2:]
     spatial = [(n + 2 * (k // 2) - k) // stride + 1 for n in spatial]
     out_shape = (x_shape[0], cout, *spatial)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fmt = torch.channels_last if channels_last and nd == 2 else torch.contiguous_format
 
     def make(device, dt, grad):
         w = (_randn((cout, cin // groups, *([k] * nd)), device, dt, False, 1) * (cin // groups * k ** nd) ** -0.5)
-        x = _randn(x_shape, device, dt, False, 0).contiguous(memory_format=fmt).requires_grad_(grad)
+        if channels_last and nd == 1:
+            x = _randn((x_shape[0], x_shape[2], x_shape[1]), device, dt, False, 0).transpose(1, 2)
+        else:
+            x = _randn(x_shape, device, dt, False, 0).contiguous(memory_format=fmt)
+        x = x.requires_grad_(grad)
         r = _randn(out_shape, device, dt, False, 3).contiguous(memory_format=fmt).requires_grad_(grad)
         return dict(x=x, w=w.requires_grad_(grad), b=_randn(cout, device, dt, grad, 2), r=r if residual else None,
                     gy=_randn(out_shape, device, dt, False, 4).contiguous(memory_format=fmt))
@@ -442,7 +447,8 @@ def _conv_cases(x_shape, cout, k, activation, residual, dtype, modes, suites, *,
     flops = 2 * out_shape[0] * cout * (cin // groups) * k ** nd * int(torch.tensor(spatial).prod())
     kind = ("depthwise " if groups == cin == cout and groups > 1 else f"groups={groups} " if groups > 1 else "")
     variant = (f"{kind}conv{nd}d k={k}" + (f" stride {stride}" if stride > 1 else "")
-               + (" channels_last" if channels_last else "") + f", bias + {activation}"
+               + ((" channels_last" if nd == 2 else " x as [B, L, C]") if channels_last else "")
+               + f", bias + {activation}"
                + (" + residual" if residual else ""))
     common = dict(op="conv", shape=(*x_shape, cout), dtype=dtype, suites=suites, variant=variant,
                   ref_name=f"eager F.conv{nd}d + F.{activation}" + (" + add" if residual else ""))
@@ -613,6 +619,9 @@ def all_cases() -> list[Case]:
     cases += _conv_cases((16, 128, 56, 56), 128, 3, "silu", False, torch.float32, both, ("full",), groups=128)
     cases += _conv_cases((16, 128, 56, 56), 128, 3, "silu", False, torch.bfloat16, both, ("full",), groups=128)
     cases += _conv_cases((32, 512, 512), 512, 7, "gelu", False, torch.float32, both, ("full",), groups=512)
+    # the same with x as a sequence model holds it, [B, L, C] transposed to [B, C, L] (Conformer-style blocks)
+    cases += _conv_cases((32, 512, 512), 512, 7, "gelu", False, torch.float32, both, ("full",), groups=512,
+                         channels_last=True)
     # the shapes that run on ATen's convolution with our epilogue after it (see ops/conv.py): 1x1 (pointwise),
     # stride 2, bfloat16, channels_last
     cases += _conv_cases((32, 256, 512), 1024, 1, "gelu", False, torch.float32, both, ("full",))

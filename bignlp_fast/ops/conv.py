@@ -16,7 +16,8 @@ Kernel contract (every backend; ``conv_{fwd,bwd}_torch`` is the specification):
   or None, residual shaped like the output or None; stride/padding/dilation: one int per spatial dim.
 - x may be a channels_last 4-D tensor (see ``_memory_format``); then residual, out, pre, grad_out, gp and
   grad_x are channels_last too, and the cpu, triton and torch kernels work in that layout (the cuda
-  kernel works in NCHW: its wrapper copies each way, for now).
+  kernel works in NCHW: its wrapper copies each way, for now). The cpu kernel also takes a conv1d's x
+  laid out [B, L, C] (see ``_x_in``); everything else about that call is contiguous.
 - Forward returns (out, pre): out = act(v) + residual with v = conv(x, weight) + bias in fp32 (the CPU
   kernels add the bias to the convolution's fp32 sums, as torch's CPU convolution does; the GPU ones to
   cuDNN's output, as torch's cudnn path does); pre is v rounded to x's dtype, returned only when
@@ -90,6 +91,16 @@ def _in_format(t: Optional[Tensor], fmt: torch.memory_format) -> Optional[Tensor
     return None if t is None else t.contiguous(memory_format=fmt)
 
 
+def _x_in(x: Tensor, fmt: torch.memory_format, backend: str) -> Tensor:
+    """x as the backend's kernel takes it: in ``fmt``, but the CPU kernel takes a conv1d's x laid out
+    [B, L, C] (a sequence model's activation transposed to [B, C, L]) as it is: its depthwise kernels read
+    that layout, a copy fewer (the copy alone took longer than the convolution), and its other paths
+    make it contiguous. Outputs and gradients are contiguous, as torch's are."""
+    if backend == "cpu" and x.dim() == 3 and x.transpose(1, 2).is_contiguous():
+        return x
+    return _in_format(x, fmt)
+
+
 def _out_shape(x, weight, stride, padding, dilation):
     spatial = [(n + 2 * p - d * (k - 1) - 1) // s + 1
                for n, k, s, p, d in zip(x.shape[2:], weight.shape[2:], stride, padding, dilation)]
@@ -101,7 +112,7 @@ def conv_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], residual: Option
              padding: list[int], dilation: list[int], groups: int, activation: int, save_pre: bool,
              backend: str) -> tuple[Tensor, Tensor]:
     fmt, kfmt = _memory_format(x), _kernel_format(x, backend)
-    out, pre = kernel("conv", "fwd", backend)(_in_format(x, kfmt), weight.contiguous(), contiguous(bias),
+    out, pre = kernel("conv", "fwd", backend)(_x_in(x, kfmt, backend), weight.contiguous(), contiguous(bias),
                                               _in_format(residual, kfmt), stride, padding, dilation, groups,
                                               activation, save_pre)
     # x's layout: a no-op where the kernel kept it (the reference's elementwise tail may pick either)
@@ -121,7 +132,8 @@ def conv_bwd(grad_out: Tensor, x: Tensor, weight: Tensor, pre: Tensor, bias: Opt
              backend: str) -> tuple[Tensor, Tensor, Tensor]:
     kfmt = _kernel_format(x, backend)
     grad_x, grad_w, grad_b = kernel("conv", "bwd", backend)(
-        _in_format(grad_out, kfmt), _in_format(x, kfmt), weight.contiguous(), _in_format(pre, kfmt), contiguous(bias),
+        _in_format(grad_out, kfmt), _x_in(x, kfmt, backend), weight.contiguous(), _in_format(pre, kfmt),
+        contiguous(bias),
         stride, padding, dilation, groups, activation)
     return grad_x.contiguous(memory_format=_memory_format(x)), grad_w.contiguous(), grad_b
 

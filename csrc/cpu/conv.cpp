@@ -182,6 +182,12 @@ bool channels_last(const at::Tensor& t) {
   return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
+// A conv1d's x laid out [B, L, C], as a sequence model's [B, L, C] activation transposed to [B, C, L] is
+// (and not also contiguous). The depthwise kernels read it so; every other path takes it contiguous.
+bool seq_channels_last(const at::Tensor& t) {
+  return t.dim() == 3 && !t.is_contiguous() && t.transpose(1, 2).is_contiguous();
+}
+
 // Our own main loops pay off with 16-wide vectors (AVX-512). With 8-wide ones (an AVX2 build) oneDNN's
 // convolution beat the plain implicit GEMM (conv1d k = 1, 5 and k = 3 dilated: 0.83-0.93x forward,
 // 0.87-0.97x with the backward) and Winograd's F(2x2, 3x3) (0.85-1.03x) on an AVX2 EPYC, fair
@@ -1005,7 +1011,8 @@ at::Tensor winograd2_grad_weight(const at::Tensor& gp, const at::Tensor& x, cons
 // multiply-adds per output, so the op is bound by memory, not arithmetic. A thread copies each of its
 // planes, as fp32, into a zero-padded buffer (its borders zeroed once per call) that stays in L1 / L2,
 // and computes the outputs from it, every tap a shifted vector load; bias, activation and residual are
-// applied before each output vector is stored. x is read once, out (and pre) written once.
+// applied before each output vector is stored. x is read once, out (and pre) written once. A conv1d's
+// x laid out [B, L, C] is read as it is, 16 channels' planes at a time (dw_each_plane).
 // The backward reads grad_out, pre and x once and writes grad_x once, per plane: gp = grad_out *
 // act'(pre) into a zero-padded buffer (with the bias gradient's sum), the weight gradient's sums of gp
 // against the padded x, then grad_x, the convolution of gp with the reversed taps (both from L1). The
@@ -1018,6 +1025,7 @@ inline int64_t round_up_to_two_steps(int64_t n) { return (n + 2 * kStep - 1) / (
 
 struct DwGrid {
   int64_t B, C, H, W, KH, KW, ph, pw, dh, dw, Ho, Wo;
+  bool x_nlc;       // x laid out [B, L, C] (seq_channels_last), else contiguous
   int64_t hx, ldx;  // the padded x plane: hx rows of ldx floats, x[i, j] at row ph + i, column pw + j
   int64_t hg, ldg;  // the padded gp plane (backward): gp[i, j] at row (KH - 1) dh + i, column (KW - 1) dw + j
 };
@@ -1038,6 +1046,7 @@ DwGrid make_dw_grid(const at::Tensor& x, const at::Tensor& w, const std::vector<
   g.dw = dilation.back();
   g.Ho = g.H + 2 * g.ph - g.dh * (g.KH - 1);
   g.Wo = g.W + 2 * g.pw - g.dw * (g.KW - 1);
+  g.x_nlc = seq_channels_last(x);
   // Outputs are computed a whole step (kStep columns) at a time, and a plane of one row two steps at a
   // time (dw_two_blocks): the loads of the last ones read up to round_up(Wo, 2 kStep) - 1 + (KW - 1) dw,
   // zeros past the data.
@@ -1092,20 +1101,54 @@ BIGNLP_FAST_VEC_INLINE void dw_two_blocks(const DwGrid& g, const float* row, int
     }
 }
 
-// Planes [p0, p1) (p = b * C + c) of the forward. (The loops over planes are functions of their own:
-// see epilogue_fwd_rows.)
+// Channels a group of planes loaded together from an x laid out [B, L, C]: a 64-byte line of fp32 per
+// position.
+constexpr int64_t kDwGroup = 16;
+constexpr int64_t kDwAhead = 64;
+
+// Calls body(p, xb, next) for the planes [p0, p1) (p = b * C + c) in order: xb the plane's x as fp32 in a
+// padded buffer (hx + 1 rows of ldx floats: one row more than the plane, which the second row of a
+// last, single output row reads and does not store), next the plane after it in x for the body to
+// prefetch, or nullptr. A contiguous x is loaded a plane at a time; one laid out [B, L, C] kDwGroup
+// channels at a time, each row of positions transposed into the group's buffers (the hardware
+// prefetcher follows those reads: next is nullptr).
+template <typename T, typename Body>
+inline void dw_each_plane(int64_t p0, int64_t p1, const DwGrid& g, const T* x, Body&& body) {
+  const int64_t in_plane = g.H * g.W, buf = (g.hx + 1) * g.ldx;
+  if (!g.x_nlc) {
+    cpu::LineVector<float> xp(buf, 0.f);
+    for (int64_t p = p0; p < p1; ++p) {
+      dw_load_plane(x + p * in_plane, g, xp.data());
+      body(p, xp.data(), p + 1 < p1 ? x + (p + 1) * in_plane : nullptr);
+    }
+    return;
+  }
+  cpu::LineVector<float> xp(kDwGroup * buf, 0.f);
+  const int64_t L = g.H * g.W;  // positions ([B, L, C]: H = 1)
+  for (int64_t p = p0; p < p1;) {
+    const int64_t b = p / g.C, c0 = p % g.C, n = std::min({p1 - p, kDwGroup, g.C - c0});
+    const T* src = x + b * L * g.C + c0;  // x[b, :, c0 .. c0 + n): each position's channels contiguous
+    for (int64_t t0 = 0; t0 < L; t0 += kDwAhead) {
+      for (int64_t t = t0 + kDwAhead; t < std::min(L, t0 + 2 * kDwAhead); ++t) __builtin_prefetch(src + t * g.C);
+      const int64_t m = std::min(kDwAhead, L - t0);
+      cpu::transpose_to_float(src + t0 * g.C, g.C, xp.data() + g.ph * g.ldx + g.pw + t0, buf, m, n, m);
+    }
+    for (int64_t k = 0; k < n; ++k) body(p + k, xp.data() + k * buf, static_cast<const T*>(nullptr));
+    p += n;
+  }
+}
+
+// Planes [p0, p1) of the forward. (The loops over planes are functions of their own: see
+// epilogue_fwd_rows.)
 template <int KH_, int KW_, int A, typename T>
 void depthwise_fwd_planes(int64_t p0, int64_t p1, const DwGrid& g, const T* x, const T* w, const T* bias,
                           const T* res, T* out, T* pre) {
   const int64_t taps = g.KH * g.KW, in_plane = g.H * g.W, out_plane = g.Ho * g.Wo;
-  // one row more than the plane: the second row of a last, single output row reads it (and is not stored)
-  cpu::LineVector<float> xp((g.hx + 1) * g.ldx, 0.f), wf(taps);
-  float* xb = xp.data();
-  for (int64_t p = p0; p < p1; ++p) {
+  cpu::LineVector<float> wf(taps);
+  dw_each_plane(p0, p1, g, x, [&](int64_t p, const float* xb, const T* next) {
     const int64_t c = p % g.C;
     cpu::to_float(w + c * taps, wf.data(), taps);
     const fVec bv(bias ? static_cast<float>(bias[c]) : 0.f);
-    dw_load_plane(x + p * in_plane, g, xb);
     T* op = out + p * out_plane;
     T* pp = pre ? pre + p * out_plane : nullptr;
     auto finish = [&](int64_t i, int64_t j, fVec a, fVec b) {
@@ -1125,7 +1168,7 @@ void depthwise_fwd_planes(int64_t p0, int64_t p1, const DwGrid& g, const T* x, c
     const bool wide = g.Ho == 1;
     const int64_t pairs = (g.Ho + 1) / 2, dj = wide ? 2 * kStep : kStep;
     for (int64_t i = 0; i < g.Ho; i += 2) {
-      if (p + 1 < p1) cpu::prefetch_share(x + (p + 1) * in_plane, in_plane * int64_t{sizeof(T)}, i / 2, pairs);
+      if (next) cpu::prefetch_share(next, in_plane * int64_t{sizeof(T)}, i / 2, pairs);
       for (int64_t j = 0; j < g.Wo; j += dj) {
         fVec s[4] = {bv, bv, bv, bv};
         dw_two_blocks<KH_, KW_>(g, xb + i * g.ldx + j, wide ? kStep : g.ldx, g.dh * g.ldx, g.dw, wf.data(), s);
@@ -1133,7 +1176,7 @@ void depthwise_fwd_planes(int64_t p0, int64_t p1, const DwGrid& g, const T* x, c
         if (wide ? j + kStep < g.Wo : i + 1 < g.Ho) finish(wide ? i : i + 1, wide ? j + kStep : j, s[2], s[3]);
       }
     }
-  }
+  });
 }
 
 // The weight gradient's sums of taps (kh, kw0 .. kw0 + NW - 1): over the plane's outputs, gp (in its
@@ -1173,20 +1216,18 @@ void depthwise_bwd_planes(int64_t p0, int64_t p1, const DwGrid& g, const T* gy, 
   const int64_t KH = KH_ > 0 ? KH_ : g.KH, KW = KW_ > 0 ? KW_ : g.KW;
   const int64_t taps = KH * KW, in_plane = g.H * g.W, out_plane = g.Ho * g.Wo;
   const int64_t gr0 = (KH - 1) * g.dh, gc0 = (KW - 1) * g.dw;
-  // (one row more than the planes: see depthwise_fwd_planes)
-  cpu::LineVector<float> xp(g.hx * g.ldx, 0.f), gpp((g.hg + 1) * g.ldg, 0.f), wf(taps);
-  float* xb = xp.data();
+  // (one row more than the planes: see dw_each_plane)
+  cpu::LineVector<float> gpp((g.hg + 1) * g.ldg, 0.f), wf(taps);
   float* gb = gpp.data();
-  for (int64_t p = p0; p < p1; ++p) {
+  dw_each_plane(p0, p1, g, x, [&](int64_t p, const float* xb, const T* next) {
     const int64_t c = p % g.C;
     cpu::to_float(w + c * taps, wf.data(), taps);
-    dw_load_plane(x + p * in_plane, g, xb);
     fVec db(0.f);
     for (int64_t i = 0; i < g.Ho; ++i) {
       if (p + 1 < p1) {  // the next plane's operands, a share a row
         cpu::prefetch_share(gy + (p + 1) * out_plane, out_plane * int64_t{sizeof(T)}, i, g.Ho);
         cpu::prefetch_share(pre + (p + 1) * out_plane, out_plane * int64_t{sizeof(T)}, i, g.Ho);
-        cpu::prefetch_share(x + (p + 1) * in_plane, in_plane * int64_t{sizeof(T)}, i, g.Ho);
+        if (next) cpu::prefetch_share(next, in_plane * int64_t{sizeof(T)}, i, g.Ho);
       }
       const int64_t o = p * out_plane + i * g.Wo;
       float* grow = gb + (gr0 + i) * g.ldg + gc0;
@@ -1225,7 +1266,7 @@ void depthwise_bwd_planes(int64_t p0, int64_t p1, const DwGrid& g, const T* gy, 
           cpu::store2_any(gxp + i2 * g.W + j2, g.W - j2, s[2], s[3]);
         }
       }
-  }
+  });
 }
 
 // Calls f(KH_, KW_) as integral constants: the fixed-tap kernels for 3 x 3 and conv1d's 3, else (0, 0).
@@ -1245,7 +1286,7 @@ inline int64_t dw_grain(const DwGrid& g) { return std::max<int64_t>(1, 16384 / s
 std::vector<at::Tensor> depthwise_conv(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& padding,
                                        const std::vector<int64_t>& dilation, const std::optional<at::Tensor>& bias,
                                        const std::optional<at::Tensor>& residual, int64_t activation, bool save_pre) {
-  const at::Tensor xc = x.contiguous(), wc = w.contiguous();
+  const at::Tensor xc = seq_channels_last(x) ? x : x.contiguous(), wc = w.contiguous();
   const DwGrid g = make_dw_grid(xc, wc, padding, dilation);
   std::vector<int64_t> shape{g.B, g.C};
   if (x.dim() == 4) shape.push_back(g.Ho);
@@ -1276,10 +1317,10 @@ std::vector<at::Tensor> depthwise_conv(const at::Tensor& x, const at::Tensor& w,
 std::vector<at::Tensor> depthwise_conv_backward(const at::Tensor& grad_out, const at::Tensor& x, const at::Tensor& w,
                                                 const at::Tensor& pre, bool has_bias, const std::vector<int64_t>& padding,
                                                 const std::vector<int64_t>& dilation, int64_t activation) {
-  const at::Tensor xc = x.contiguous(), wc = w.contiguous();
+  const at::Tensor xc = seq_channels_last(x) ? x : x.contiguous(), wc = w.contiguous();
   const DwGrid g = make_dw_grid(xc, wc, padding, dilation);
   const int64_t taps = g.KH * g.KW;
-  at::Tensor gx = cpu::cached_empty(xc.sizes(), x.options());
+  at::Tensor gx = cpu::cached_empty(xc.sizes(), x.options());  // contiguous, whatever x's layout
   at::Tensor partial = at::empty({g.B, g.C, taps + 1}, x.options().dtype(at::kFloat));
   BIGNLP_DISPATCH_FLOAT_BF16(x.scalar_type(), "depthwise_conv_backward", [&] {
     using T = scalar_t;
@@ -1463,6 +1504,8 @@ std::vector<at::Tensor> conv_fwd_cpu(const at::Tensor& x, const at::Tensor& w, c
   const bool cl = channels_last(x);
   const std::string path = cl ? "aten" : own_path(x, w, stride, padding, dilation, groups);
   if (path == "depthwise") return depthwise_conv(x, w, padding, dilation, bias, residual, activation, save_pre);
+  if (seq_channels_last(x))  // (only the depthwise kernels read it as it is; outputs are contiguous)
+    return conv_fwd_cpu(x.contiguous(), w, bias, residual, stride, padding, dilation, groups, activation, save_pre);
   if (path != "aten") return own_conv(x, w, padding, dilation, bias, residual, activation, save_pre);
   const at::MemoryFormat format = cl ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const std::vector<int64_t> output_padding(stride.size(), 0);
@@ -1522,6 +1565,8 @@ std::vector<at::Tensor> conv_bwd_cpu(const at::Tensor& grad_out, const at::Tenso
               "), got ", pre.sizes(), " and ", grad_out.sizes());
   if (!cl && depthwise_applies(x, w, stride, groups))  // gp, grad_x and both sums in one pass of its own
     return depthwise_conv_backward(grad_out, x, w, pre, bias.has_value(), padding, dilation, activation);
+  if (seq_channels_last(x))
+    return conv_bwd_cpu(grad_out, x.contiguous(), w, pre, bias, stride, padding, dilation, groups, activation);
   const int64_t B = pre.size(0), C = pre.size(1), S = pre.numel() / std::max<int64_t>(1, B * C);
   at::Tensor gp = grad_out, grad_bias = at::empty({0}, x.options());
   if ((activation != cpu::kIdentity || bias) && cl) {

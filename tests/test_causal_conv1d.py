@@ -14,10 +14,12 @@ DTYPES = {"cpu": (torch.float32, torch.bfloat16), "torch": (torch.float32, torch
 ACTIVATIONS = [None, "relu", "gelu", "silu", "tanh"]
 
 
-def _inputs(B, C, L, W, device, dtype, bias=True, state=False, seed=0):
+def _inputs(B, C, L, W, device, dtype, bias=True, state=False, seed=0, blc=False):
+    """blc: x laid out [B, L, C] (a [B, L, C] tensor transposed, as sequence models hand it over)."""
     g = torch.Generator().manual_seed(seed)
     mk = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype).requires_grad_()  # noqa: E731
-    return (mk(B, C, L), (torch.randn(C, W, generator=g) * 0.5).to(device=device, dtype=dtype).requires_grad_(),
+    x = mk(B, L, C).detach().transpose(1, 2).requires_grad_() if blc else mk(B, C, L)
+    return (x, (torch.randn(C, W, generator=g) * 0.5).to(device=device, dtype=dtype).requires_grad_(),
             mk(C) if bias else None, mk(B, C, W - 1) if state else None,
             torch.randn(B, C, L, generator=g).to(device=device, dtype=dtype))
 
@@ -38,10 +40,12 @@ def _eager(activation):
     return f
 
 
-def _check(backend, device, dtype, B, C, L, W, activation, bias=True, state=False):
-    x, w, b, s, gy = _inputs(B, C, L, W, device, dtype, bias, state)
+def _check(backend, device, dtype, B, C, L, W, activation, bias=True, state=False, blc=False):
+    x, w, b, s, gy = _inputs(B, C, L, W, device, dtype, bias, state, blc=blc)
     ours = _run(lambda x, w, b, s: ops.causal_conv1d(x, w, b, activation, initial_state=s, backend=backend),
                 x, w, b, s, gy)
+    if blc and backend == "cpu":  # read as it is, answered in kind
+        assert ours[0].transpose(1, 2).is_contiguous() and ours[1].transpose(1, 2).is_contiguous()
     theirs = _run(_eager(activation), x, w, b, s, gy)
     d64 = [t.detach().double().requires_grad_() if t is not None else None for t in (x, w, b, s)]
     ref = _run(_eager(activation), *d64, gy.double())
@@ -65,6 +69,47 @@ def test_initial_state_and_no_bias(backend, device, L):
     for W in (2, 4):
         _check(backend, device, torch.float32, 2, 5, L, W, "silu", bias=False, state=True)
         _check(backend, device, torch.float32, 1, 3, L, W, None, bias=True, state=True)
+
+
+# x laid out [B, L, C]: the CPU kernels for that layout run over runs of 64 positions (L = 1, 2, 64,
+# 150: one run, two and a part) and channel vectors (37: a partial one); the other backends copy x
+# (Triton's interpreter takes minutes over this grid: one small case below).
+@pytest.mark.parametrize("backend,device", backend_params("cpu", "cuda", "torch"))
+@pytest.mark.parametrize("W", [2, 3, 4])
+@pytest.mark.parametrize("L", [1, 2, 64, 150])
+def test_x_laid_out_blc_matches_float64(backend, device, W, L):
+    for dtype in DTYPES[backend]:
+        _check(backend, device, dtype, 2, 37, L, W, "silu", blc=True)
+    _check(backend, device, torch.float32, 2, 5, L, W, "gelu", bias=False, state=True, blc=True)
+    _check(backend, device, torch.float32, 1, 16, L, W, None, state=True, blc=True)
+
+
+@pytest.mark.parametrize("backend,device", backend_params("triton"))
+def test_x_laid_out_blc_triton(backend, device):
+    _check(backend, device, torch.float32, 1, 5, 9, 3, "silu", state=True, blc=True)
+
+
+def test_cpu_blc_agrees_with_contiguous_and_is_deterministic():
+    """Channels past one pass of the backward (256); y and grad_x take the same sums in the same order
+    as the contiguous kernel's (the same bits); the weight and bias gradients are per-run partials
+    added in a fixed order, whatever the threads; a grad_y in either layout gives the same gradients."""
+    _check("cpu", torch.device("cpu"), torch.float32, 2, 300, 70, 3, "gelu", state=True, blc=True)  # 256 + 44
+    x, w, b, s, gy = _inputs(3, 300, 200, 4, "cpu", torch.float32, state=True, blc=True)
+    fn = lambda x, w, b, s: ops.causal_conv1d(x, w, b, "silu", initial_state=s, backend="cpu")  # noqa: E731
+    xc = x.detach().contiguous().requires_grad_()
+    blc, flat = _run(fn, x, w, b, s, gy), _run(fn, xc, w, b, s, gy)
+    assert torch.equal(blc[0], flat[0]) and torch.equal(blc[1], flat[1]) and torch.equal(blc[4], flat[4])
+    for a, c in zip(blc[2:4], flat[2:4]):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5)
+    before, runs = torch.get_num_threads(), []
+    try:
+        for threads, g in ((1, gy), (2, gy), (2, gy.transpose(1, 2).contiguous().transpose(1, 2))):
+            torch.set_num_threads(threads)
+            runs.append(_run(fn, x, w, b, s, g))
+    finally:
+        torch.set_num_threads(before)
+    for r in runs[1:]:
+        assert all(torch.equal(a, c) for a, c in zip(r, runs[0]))
 
 
 def test_cpu_long_rows_bf16():

@@ -37,6 +37,8 @@ CASES = {
                              lambda x, w, b: ops.conv2d(x.contiguous(memory_format=torch.channels_last), w, b,
                                                         padding=1, activation="gelu")),
     "causal_conv1d": (lambda: [_leaf(2, 6, 9), _leaf(4, 6)], lambda x, w: ops.causal_conv1d(x, w.t(), None, "silu")),
+    "causal_conv1d_x_as_blc": (lambda: [_leaf(2, 9, 6), _leaf(3, 6)],  # read and answered [B, L, C]
+                               lambda x, w: ops.causal_conv1d(x.transpose(1, 2), w.t(), None, "silu")),
     "text_cnn_pool": (lambda: [_leaf(2, 9, 6), _leaf(3, 6, 5)],
                       lambda x, w: ops.text_cnn_pool(x, [w.permute(2, 1, 0)], None)),
 }

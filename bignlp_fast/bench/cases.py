@@ -455,20 +455,26 @@ def _conv_cases(x_shape, cout, k, activation, residual, dtype, modes, suites, *,
     return _fwd_and_bwd(modes, make, fused, eager, leaves, {"flops": flops}, **common)
 
 
-def _causal_conv1d_cases(b, c, l, width, dtype, modes, suites):
+def _causal_conv1d_cases(b, c, l, width, dtype, modes, suites, blc=False):
     """Depthwise causal conv + SiLU against eager (grouped F.conv1d, cut, F.silu). The op is
-    memory-bound: its "% of copy" column is the distance to a plain copy of the same bytes."""
+    memory-bound: its "% of copy" column is the distance to a plain copy of the same bytes. ``blc``: x
+    (and grad_y) laid out [B, L, C], a sequence model's activation transposed, as Mamba hands it over."""
     nbytes = b * c * l * torch.tensor([], dtype=dtype).element_size()
 
+    def seq(seed, device, dt):
+        return (_randn((b, l, c), device, dt, False, seed).transpose(1, 2) if blc
+                else _randn((b, c, l), device, dt, False, seed))
+
     def make(device, dt, grad):
-        return dict(x=_randn((b, c, l), device, dt, grad, 0),
+        return dict(x=seq(0, device, dt).requires_grad_(grad),
                     w=(_randn((c, width), device, dt, False, 1) * 0.5).requires_grad_(grad),
-                    b=_randn(c, device, dt, grad, 2), gy=_randn((b, c, l), device, dt, False, 3))
+                    b=_randn(c, device, dt, grad, 2), gy=seq(3, device, dt))
 
     fused = lambda t, be: [causal_conv1d(t["x"], t["w"], t["b"], "silu", backend=be)]  # noqa: E731
     eager = lambda t: [causal_conv1d_eager(t["x"], t["w"], t["b"], "silu")]  # noqa: E731
     leaves = lambda t: [t["x"], t["w"], t["b"]]  # noqa: E731
-    common = dict(op="causal_conv1d", shape=(b, c, l), dtype=dtype, suites=suites, variant=f"width {width} + silu",
+    common = dict(op="causal_conv1d", shape=(b, c, l), dtype=dtype, suites=suites,
+                  variant=f"width {width} + silu" + (", x as [B, L, C]" if blc else ""),
                   ref_name="eager grouped F.conv1d + F.silu")
     # forward: read x, write y; + backward: read grad_y and x, write grad_x
     return _fwd_and_bwd(modes, make, fused, eager, leaves, {"bytes": (2 * nbytes, 5 * nbytes)}, **common)
@@ -630,6 +636,7 @@ def all_cases() -> list[Case]:
     cases += _conv_cases((16, 64, 32, 32), 64, 3, "gelu", True, torch.float32, both, ("full",), channels_last=True)
     cases += _causal_conv1d_cases(8, 1024, 2048, 4, torch.float32, both, ("quick", "full"))
     cases += _causal_conv1d_cases(8, 1024, 2048, 4, torch.bfloat16, both, ("full",))
+    cases += _causal_conv1d_cases(8, 1024, 2048, 4, torch.float32, both, ("full",), blc=True)
     # classifiers: a training step of the models against the same models written with torch.nn
     cases += _classifier_cases("textcnn", 64, 256, 20000, torch.float32, ("quick", "full"))
     cases += _classifier_cases("rnn", 32, 128, 20000, torch.float32, ("full",), cell="gru")

@@ -10,7 +10,10 @@ passes over [B, C, L] and an output twice as long as needed. Fused: read x once,
 
 Kernel contract (every backend; ``causal_conv1d_{fwd,bwd}_torch`` is the specification):
 x [B, C, L], weight [C, W], bias [C] or None, initial_state [B, C, W-1] or None, all contiguous and
-of one dtype; activation code as in ops/_activation.py. Forward returns y [B, C, L]. Backward
+of one dtype; activation code as in ops/_activation.py. The cpu kernel also takes an x laid out
+[B, L, C] (``x = h.transpose(1, 2)`` of a model's [B, L, C] activation, as Mamba hands it over) as it
+is, with grad_y in that layout too, and writes y and grad_x so: no copy of x either way, and
+``y.transpose(1, 2)`` is contiguous for what follows; the other backends copy x to contiguous. Forward returns y [B, C, L]. Backward
 (given grad_y and the forward's inputs; the pre-activation is recomputed, not saved) returns
 (grad_x, grad_weight [C, W], grad_bias [C] or [0], grad_initial_state or [0]); weight and bias
 gradients are reduced in a fixed order (deterministic).
@@ -76,16 +79,34 @@ def causal_conv1d_bwd_torch(grad_y, x, weight, bias, initial_state, activation: 
 
 
 # ---- custom ops -------------------------------------------------------------------------------
+def _blc(x: Tensor) -> bool:
+    """x laid out [B, L, C] (and not also contiguous): a sequence model's [B, L, C] activation transposed."""
+    return not x.is_contiguous() and x.transpose(1, 2).is_contiguous()
+
+
+def _kernel_layout(t: Tensor, x: Tensor, backend: str) -> Tensor:
+    """t (x, or grad_y) as the backend's kernel takes it: the CPU kernel reads an x laid out [B, L, C] as
+    it is and then wants grad_y so too; everything else is contiguous."""
+    if backend == "cpu" and _blc(x):
+        return t if _blc(t) else t.transpose(1, 2).contiguous().transpose(1, 2)
+    return t.contiguous()
+
+
+def _like_x(x: Tensor, backend: str) -> Tensor:
+    """The kernel's y / grad_x for a fake function: x's layout where the CPU kernel kept it, else contiguous."""
+    return torch.empty_like(x) if backend == "cpu" and _blc(x) else fresh_like(x)
+
+
 @custom_op("causal_conv1d_fwd")
 def causal_conv1d_fwd(x: Tensor, weight: Tensor, bias: Optional[Tensor], initial_state: Optional[Tensor],
                       activation: int, backend: str) -> Tensor:
-    return kernel("causal_conv1d", "fwd", backend)(x.contiguous(), weight.contiguous(), contiguous(bias),
-                                                   contiguous(initial_state), activation)
+    return kernel("causal_conv1d", "fwd", backend)(_kernel_layout(x, x, backend), weight.contiguous(),
+                                                   contiguous(bias), contiguous(initial_state), activation)
 
 
 @causal_conv1d_fwd.register_fake
 def _(x, weight, bias, initial_state, activation, backend):
-    return fresh_like(x)
+    return _like_x(x, backend)
 
 
 @custom_op("causal_conv1d_bwd")
@@ -93,13 +114,13 @@ def causal_conv1d_bwd(grad_y: Tensor, x: Tensor, weight: Tensor, bias: Optional[
                       initial_state: Optional[Tensor], activation: int,
                       backend: str) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     run = kernel("causal_conv1d", "bwd", backend)
-    return tuple(run(grad_y.contiguous(), x.contiguous(), weight.contiguous(), contiguous(bias),
-                     contiguous(initial_state), activation))
+    return tuple(run(_kernel_layout(grad_y, x, backend), _kernel_layout(x, x, backend), weight.contiguous(),
+                     contiguous(bias), contiguous(initial_state), activation))
 
 
 @causal_conv1d_bwd.register_fake
 def _(grad_y, x, weight, bias, initial_state, activation, backend):
-    return (fresh_like(x), fresh_like(weight),
+    return (_like_x(x, backend), fresh_like(weight),
             x.new_empty(weight.shape[0] if bias is not None else 0),
             fresh_like(initial_state) if initial_state is not None else x.new_empty(0))
 
@@ -127,7 +148,8 @@ def causal_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, acti
     grouped F.conv1d(x, weight, padding=W-1, groups=C), in one pass.
 
     Args:
-        x: [B, C, L].
+        x: [B, C, L]: contiguous, or laid out [B, L, C] (``h.transpose(1, 2)``), which the CPU backend
+            reads as it is and answers in kind (y laid out [B, L, C] too).
         weight: [C, W] or nn.Conv1d's depthwise [C, 1, W], W in 2..4.
         bias: [C] or None.
         activation: None, "relu", "gelu", "silu" or "tanh".

@@ -6,6 +6,8 @@
 // pre-activation, keeps gp = grad_y * act'(pre) for the row in a zero-padded buffer, and writes
 // grad_x[t] = sum_j w[j] gp[t + W-1 - j]; the weight and bias gradients are per-row fp32 partials
 // summed over the batch in a fixed order (deterministic).
+// An x laid out [B, L, C] (a sequence model's activation transposed to [B, C, L], as Mamba's in_proj
+// output is) is read as it is, y and grad_x written in that layout: see forward_runs_cl.
 #include <vector>
 
 #include "cpu/activation.h"
@@ -20,8 +22,9 @@ using cpu::kStep;
 
 void check(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
            const std::optional<at::Tensor>& init) {
-  TORCH_CHECK(x.device().is_cpu() && x.dim() == 3 && x.is_contiguous(), "causal_conv1d: x must be a contiguous ",
-              "[B, C, L] CPU tensor, got ", x.sizes());
+  TORCH_CHECK(x.device().is_cpu() && x.dim() == 3 && (x.is_contiguous() || cpu::seq_channels_last(x)),
+              "causal_conv1d: x must be a [B, C, L] CPU tensor, contiguous or laid out [B, L, C], got ", x.sizes(),
+              " with strides ", x.strides());
   TORCH_CHECK(w.dim() == 2 && w.size(0) == x.size(1) && w.size(1) >= 2 && w.size(1) <= 4 && w.is_contiguous() &&
                   w.scalar_type() == x.scalar_type(),
               "causal_conv1d: weight must be a contiguous [C, W] tensor of x's dtype with W in 2..4, got ", w.sizes());
@@ -144,6 +147,158 @@ void backward(const T* gy, const T* x, const T* w, const T* bias, const T* init,
   });
 }
 
+// ---- x laid out [B, L, C] --------------------------------------------------------------------------
+// A position's C channels are contiguous: the kernels run over positions, every channel vector of a
+// position at a time, x's rows read in order (the hardware prefetcher streams them; the W - 1 rows
+// before a position were read just before, in L1). A task is a run of kRun positions of one sequence;
+// the rows before a sequence's first position are initial_state's (or zeros), transposed into a small
+// [W - 1, C] buffer. The weights are held as fp32 [W, Cp] (Cp: C rounded up to a vector, zeros past C).
+constexpr int64_t kRun = 64;
+constexpr int64_t kClAhead = 8;  // rows: x (and grad_y) asked for this many positions ahead
+
+struct ClShape {
+  int64_t B, C, L, Cp, runs;
+  ClShape(const at::Tensor& x)
+      : B(x.size(0)), C(x.size(1)), L(x.size(2)), Cp(cpu::round_up_to_step(x.size(1))),
+        runs((x.size(2) + kRun - 1) / kRun) {}
+};
+
+// The fp32 weights [W, Cp] and bias [Cp] of the [B, L, C] kernels.
+template <int W, typename T>
+void cl_params(const T* w, const T* bias, const ClShape& s, cpu::LineVector<float>& wt, cpu::LineVector<float>& bf) {
+  wt.assign(W * s.Cp, 0.f);
+  bf.assign(s.Cp, 0.f);
+  for (int64_t c = 0; c < s.C; ++c) {
+    for (int j = 0; j < W; ++j) wt[j * s.Cp + c] = static_cast<float>(w[c * W + j]);
+    if (bias) bf[c] = static_cast<float>(bias[c]);
+  }
+}
+
+// rows[j] = xx's row at position t - (W - 1) + j of sequence b: x's row, or head's (initial_state
+// transposed, or zeros) before position 0.
+template <int W, typename T>
+inline void cl_rows(const T* xb, const T* head, int64_t t, int64_t C, const T* (&rows)[W]) {
+  for (int j = 0; j < W; ++j) {
+    const int64_t s = t - (W - 1) + j;
+    rows[j] = s >= 0 ? xb + s * C : head + (s + W - 1) * C;
+  }
+}
+
+// head [W - 1, C] = initial_state[b] transposed (or zeros).
+template <int W, typename T>
+void cl_head(const T* init, int64_t b, int64_t C, std::vector<T>& head) {
+  head.assign((W - 1) * C, T(0));
+  if (init)
+    for (int64_t c = 0; c < C; ++c)
+      for (int j = 0; j < W - 1; ++j) head[j * C + c] = init[(b * C + c) * (W - 1) + j];
+}
+
+// The pre-activation of position t's channels [c, c + n): bias + sum_j w[j] rows[j].
+template <int W, typename T>
+BIGNLP_FAST_VEC_INLINE fVec cl_pre(const T* const (&rows)[W], const float* wt, const float* bf, int64_t Cp, int64_t c,
+                                   int64_t n) {
+  fVec acc = fVec::loadu(bf + c);
+  for (int j = 0; j < W; ++j) acc = at::vec::fmadd(fVec::loadu(wt + j * Cp + c), cpu::load_any(rows[j] + c, n), acc);
+  return acc;
+}
+
+// Tasks [k0, k1) (k = b * runs + run) of the forward.
+template <int W, int A, typename T>
+void forward_runs_cl(int64_t k0, int64_t k1, const ClShape& s, const T* x, const T* w, const T* bias, const T* init,
+                     T* y) {
+  cpu::LineVector<float> wt, bf;
+  cl_params<W>(w, bias, s, wt, bf);
+  std::vector<T> head;
+  const int64_t C = s.C, L = s.L, Cp = s.Cp, runs = s.runs;  // locals: not reloaded after each store
+  const float* wd = wt.data();
+  const float* bd = bf.data();
+  for (int64_t k = k0; k < k1; ++k) {
+    const int64_t b = k / runs, t0 = k % runs * kRun, t1 = std::min(L, t0 + kRun);
+    if (t0 == 0) cl_head<W>(init, b, C, head);
+    const T* xb = x + b * L * C;
+    T* yb = y + b * L * C;
+    for (int64_t t = t0; t < t1; ++t) {
+      const T* rows[W];
+      cl_rows<W>(xb, head.data(), t, C, rows);
+      const char* ahead = reinterpret_cast<const char*>(xb + (t + kClAhead) * C);
+      for (int64_t c = 0; c < C; c += fVec::size()) {
+        const int64_t n = C - c;
+        __builtin_prefetch(ahead + c * int64_t{sizeof(T)});
+        cpu::store_any(yb + t * C + c, cpu::activate<A>(cl_pre<W>(rows, wd, bd, Cp, c, n)), n);
+      }
+    }
+  }
+}
+
+// Tasks [k0, k1) of the backward. Positions t0 .. t1 + W - 2 in order: gp = grad_y * act'(pre) of
+// position t (zero past L) into a ring of W rows, its sums against xx into the task's partial [W + 1,
+// Cp] (for t < t1), and once the ring holds positions t - (W - 1) .. t, grad_x of position
+// t - (W - 1) = sum_j w[j] gp[t - j]. initial_state's gradient is the first run's, at t = W - 2.
+template <int W, int A, typename T>
+void backward_runs_cl(int64_t k0, int64_t k1, const ClShape& s, const T* gy, const T* x, const T* w, const T* bias,
+                      const T* init, T* gx, T* ginit, float* partial) {
+  cpu::LineVector<float> wt, bf, ring(W * s.Cp);
+  cl_params<W>(w, bias, s, wt, bf);
+  std::vector<T> head;
+  const int64_t C = s.C, L = s.L, Cp = s.Cp, runs = s.runs;  // (locals, as the forward's)
+  const float* wd = wt.data();
+  const float* bd = bf.data();
+  float* rd = ring.data();
+  for (int64_t k = k0; k < k1; ++k) {
+    const int64_t b = k / runs, t0 = k % runs * kRun, t1 = std::min(L, t0 + kRun);
+    if (t0 == 0) cl_head<W>(init, b, C, head);
+    const T* xb = x + b * L * C;
+    float* sums = partial + k * (W + 1) * Cp;
+    std::fill(sums, sums + (W + 1) * Cp, 0.f);
+    for (int64_t t = t0; t < t1 + W - 1; ++t) {
+      float* g = rd + t % W * Cp;
+      if (t < L) {
+        const T* rows[W];
+        cl_rows<W>(xb, head.data(), t, C, rows);
+        const T* gyt = gy + (b * L + t) * C;
+        const char* x_ahead = reinterpret_cast<const char*>(xb + (t + kClAhead) * C);
+        const char* gy_ahead = reinterpret_cast<const char*>(gyt + kClAhead * C);
+        for (int64_t c = 0; c < C; c += fVec::size()) {
+          const int64_t n = C - c;
+          __builtin_prefetch(x_ahead + c * int64_t{sizeof(T)});
+          __builtin_prefetch(gy_ahead + c * int64_t{sizeof(T)});
+          const fVec gv =
+              cpu::load_any(gyt + c, n) * cpu::activate_grad<A>(cl_pre<W>(rows, wd, bd, Cp, c, n));
+          gv.store(g + c);  // lanes past C: 0 (grad_y loads them as 0)
+          if (t < t1) {
+            for (int j = 0; j < W; ++j) {
+              float* sj = sums + j * Cp + c;
+              at::vec::fmadd(gv, cpu::load_any(rows[j] + c, n), fVec::loadu(sj)).store(sj);
+            }
+            (fVec::loadu(sums + W * Cp + c) + gv).store(sums + W * Cp + c);
+          }
+        }
+      } else {
+        std::fill(g, g + Cp, 0.f);
+      }
+      // the ring holds gp of positions max(t0, t - (W - 1)) .. t
+      if (t0 == 0 && t == W - 2 && ginit) {  // grad of xx's head u = sum_{j <= u} w[j] gp[u - j]
+        for (int64_t u = 0; u < W - 1; ++u)
+          for (int64_t c = 0; c < C; ++c) {
+            float acc = 0.f;
+            for (int64_t j = 0; j <= u; ++j) acc += wd[j * Cp + c] * rd[(u - j) % W * Cp + c];
+            ginit[(b * C + c) * (W - 1) + u] = static_cast<T>(acc);
+          }
+      }
+      const int64_t tx = t - (W - 1);  // grad_x[tx] = sum_j w[j] gp[tx + W - 1 - j] = sum_j w[j] gp[t - j]
+      if (tx >= t0) {
+        T* gxt = gx + (b * L + tx) * C;
+        for (int64_t c = 0; c < C; c += fVec::size()) {
+          fVec acc(0.f);
+          for (int j = 0; j < W; ++j)
+            acc = at::vec::fmadd(fVec::loadu(wd + j * Cp + c), fVec::loadu(rd + (t - j) % W * Cp + c), acc);
+          cpu::store_any(gxt + c, acc, C - c);
+        }
+      }
+    }
+  }
+}
+
 template <typename F>
 void dispatch_width(int64_t W, F&& f) {
   switch (W) {
@@ -154,17 +309,32 @@ void dispatch_width(int64_t W, F&& f) {
   }
 }
 
+// A [B, C, L] tensor like x, laid out [B, L, C].
+at::Tensor blc_empty(const at::Tensor& x) {
+  return cpu::cached_empty({x.size(0), x.size(2), x.size(1)}, x.options()).transpose(1, 2);
+}
+
 }  // namespace
 
 at::Tensor causal_conv1d_fwd_cpu(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias,
                                  const std::optional<at::Tensor>& initial_state, int64_t activation) {
   check(x, w, bias, initial_state);
   const int64_t B = x.size(0), C = x.size(1), L = x.size(2);
-  at::Tensor y = cpu::cached_empty_like(x);
+  const bool cl = cpu::seq_channels_last(x);
+  at::Tensor y = cl ? blc_empty(x) : cpu::cached_empty_like(x);
   BIGNLP_DISPATCH_FLOAT_BF16(x.scalar_type(), "causal_conv1d_fwd_cpu", [&] {
     using T = scalar_t;
     dispatch_width(w.size(1), [&](auto width) {
       cpu::dispatch_activation(activation, [&](auto act) {
+        if (cl) {
+          const ClShape s(x);
+          at::parallel_for(0, B * s.runs, 1, [&](int64_t k0, int64_t k1) {
+            forward_runs_cl<decltype(width)::value, decltype(act)::value, T>(
+                k0, k1, s, x.const_data_ptr<T>(), w.const_data_ptr<T>(), bias ? bias->const_data_ptr<T>() : nullptr,
+                initial_state ? initial_state->const_data_ptr<T>() : nullptr, y.data_ptr<T>());
+          });
+          return;
+        }
         forward<decltype(width)::value, decltype(act)::value, T>(
             x.const_data_ptr<T>(), w.const_data_ptr<T>(), bias ? bias->const_data_ptr<T>() : nullptr,
             initial_state ? initial_state->const_data_ptr<T>() : nullptr, y.data_ptr<T>(), B, C, L);
@@ -178,16 +348,32 @@ std::vector<at::Tensor> causal_conv1d_bwd_cpu(const at::Tensor& grad_y, const at
                                               const std::optional<at::Tensor>& bias,
                                               const std::optional<at::Tensor>& initial_state, int64_t activation) {
   check(x, w, bias, initial_state);
-  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.is_contiguous() && grad_y.scalar_type() == x.scalar_type(),
-              "causal_conv1d: grad_y must be contiguous and match x, got ", grad_y.sizes());
+  const bool cl = cpu::seq_channels_last(x);
+  TORCH_CHECK(grad_y.sizes() == x.sizes() && grad_y.scalar_type() == x.scalar_type() &&
+                  (cl ? cpu::seq_channels_last(grad_y) : grad_y.is_contiguous()),
+              "causal_conv1d: grad_y must match x in shape, dtype and layout, got ", grad_y.sizes(), " with strides ",
+              grad_y.strides());
   const int64_t B = x.size(0), C = x.size(1), L = x.size(2), W = w.size(1);
-  at::Tensor gx = cpu::cached_empty_like(x);
+  at::Tensor gx = cl ? blc_empty(x) : cpu::cached_empty_like(x);
   at::Tensor ginit = initial_state ? at::empty_like(*initial_state) : at::empty({0}, x.options());
-  at::Tensor partial = at::empty({B, C, W + 1}, x.options().dtype(at::kFloat));
+  // per (sequence, channel) row, or ([B, L, C]) per task [W + 1, Cp]: summed in a fixed order below
+  const ClShape s(x);
+  at::Tensor partial = cl ? at::empty({B * s.runs, W + 1, s.Cp}, x.options().dtype(at::kFloat))
+                          : at::empty({B, C, W + 1}, x.options().dtype(at::kFloat));
   BIGNLP_DISPATCH_FLOAT_BF16(x.scalar_type(), "causal_conv1d_bwd_cpu", [&] {
     using T = scalar_t;
     dispatch_width(W, [&](auto width) {
       cpu::dispatch_activation(activation, [&](auto act) {
+        if (cl) {
+          at::parallel_for(0, B * s.runs, 1, [&](int64_t k0, int64_t k1) {
+            backward_runs_cl<decltype(width)::value, decltype(act)::value, T>(
+                k0, k1, s, grad_y.const_data_ptr<T>(), x.const_data_ptr<T>(), w.const_data_ptr<T>(),
+                bias ? bias->const_data_ptr<T>() : nullptr,
+                initial_state ? initial_state->const_data_ptr<T>() : nullptr, gx.data_ptr<T>(),
+                initial_state ? ginit.data_ptr<T>() : nullptr, partial.data_ptr<float>());
+          });
+          return;
+        }
         backward<decltype(width)::value, decltype(act)::value, T>(
             grad_y.const_data_ptr<T>(), x.const_data_ptr<T>(), w.const_data_ptr<T>(),
             bias ? bias->const_data_ptr<T>() : nullptr, initial_state ? initial_state->const_data_ptr<T>() : nullptr,
@@ -195,7 +381,8 @@ std::vector<at::Tensor> causal_conv1d_bwd_cpu(const at::Tensor& grad_y, const at
       });
     });
   });
-  at::Tensor sums = partial.sum(0);  // [C, W + 1], a fixed-order sum over the batch
+  // [C, W + 1], a fixed-order sum over the batch (or the tasks)
+  at::Tensor sums = cl ? partial.sum(0).narrow(1, 0, C).t() : partial.sum(0);
   at::Tensor gw = sums.slice(1, 0, W).contiguous().to(x.scalar_type());
   at::Tensor gb = bias ? sums.select(1, W).contiguous().to(x.scalar_type()) : at::empty({0}, x.options());
   return {gx, gw, gb, ginit};

@@ -134,6 +134,13 @@ inline at::vec::Vectorized<c10::BFloat16> to_bf16(const fVec& a, const fVec& b) 
 }
 BIGNLP_FAST_VEC_INLINE void store2(c10::BFloat16* p, const fVec& a, const fVec& b) { to_bf16(a, b).store(p); }
 
+// A [B, C, L] tensor laid out [B, L, C] (and not also contiguous), as a sequence model's [B, L, C]
+// activation transposed for a convolution over L is: the depthwise conv1d and causal_conv1d kernels
+// read it as it is.
+inline bool seq_channels_last(const at::Tensor& t) {
+  return t.dim() == 3 && !t.is_contiguous() && t.transpose(1, 2).is_contiguous();
+}
+
 // Whether an eager lane (the `*_lane_cpu` functions, see ops/*.py's _lane) can hand t to a CPU kernel
 // as it is, as far as every lane goes: a strided, non-nested CPU tensor of dtype that autograd need
 // not see (grad: grad mode is on). Each lane adds its own layout and shape conditions.

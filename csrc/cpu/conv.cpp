@@ -34,6 +34,7 @@ namespace {
 
 using cpu::fVec;
 using cpu::kStep;
+using cpu::seq_channels_last;
 
 void check(const at::Tensor& x, const at::Tensor& w, const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(x.device().is_cpu() && (x.dim() == 3 || x.dim() == 4), "conv: x must be a 3-D or 4-D CPU tensor, got ",
@@ -180,12 +181,6 @@ void epilogue_bwd_cl(const T* g, const T* pre, T* gp, float* partial, int64_t P,
 // A 4-D tensor laid out channels-last (and not also plain contiguous, as tensors with C = 1 or H = W = 1 are).
 bool channels_last(const at::Tensor& t) {
   return t.dim() == 4 && !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
-// A conv1d's x laid out [B, L, C], as a sequence model's [B, L, C] activation transposed to [B, C, L] is
-// (and not also contiguous). The depthwise kernels read it so; every other path takes it contiguous.
-bool seq_channels_last(const at::Tensor& t) {
-  return t.dim() == 3 && !t.is_contiguous() && t.transpose(1, 2).is_contiguous();
 }
 
 // Our own main loops pay off with 16-wide vectors (AVX-512). With 8-wide ones (an AVX2 build) oneDNN's

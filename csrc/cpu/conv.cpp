@@ -1278,6 +1278,17 @@ inline void dispatch_dw_taps(const DwGrid& g, F&& f) {
 // Planes per parallel_for chunk: about 16 K outputs.
 inline int64_t dw_grain(const DwGrid& g) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(1, g.Ho * g.Wo)); }
 
+// f(KH_, KW_, A, p0, p1) over all planes in parallel chunks [p0, p1), the first three integral
+// constants: the taps (dispatch_dw_taps) and the activation.
+template <typename F>
+void dw_parallel(const DwGrid& g, int64_t activation, F&& f) {
+  dispatch_dw_taps(g, [&](auto kh, auto kw) {
+    cpu::dispatch_activation(activation, [&](auto act) {
+      at::parallel_for(0, g.B * g.C, dw_grain(g), [&](int64_t p0, int64_t p1) { f(kh, kw, act, p0, p1); });
+    });
+  });
+}
+
 std::vector<at::Tensor> depthwise_conv(const at::Tensor& x, const at::Tensor& w, const std::vector<int64_t>& padding,
                                        const std::vector<int64_t>& dilation, const std::optional<at::Tensor>& bias,
                                        const std::optional<at::Tensor>& residual, int64_t activation, bool save_pre) {
@@ -1296,13 +1307,9 @@ std::vector<at::Tensor> depthwise_conv(const at::Tensor& x, const at::Tensor& w,
     const T* rp = residual ? residual->const_data_ptr<T>() : nullptr;
     T* op = out.data_ptr<T>();
     T* pp = save_pre ? pre.data_ptr<T>() : nullptr;
-    dispatch_dw_taps(g, [&](auto kh, auto kw) {
-      cpu::dispatch_activation(activation, [&](auto act) {
-        at::parallel_for(0, g.B * g.C, dw_grain(g), [&](int64_t p0, int64_t p1) {
-          depthwise_fwd_planes<decltype(kh)::value, decltype(kw)::value, decltype(act)::value>(p0, p1, g, xp, wp, bp,
-                                                                                               rp, op, pp);
-        });
-      });
+    dw_parallel(g, activation, [&](auto kh, auto kw, auto act, int64_t p0, int64_t p1) {
+      depthwise_fwd_planes<decltype(kh)::value, decltype(kw)::value, decltype(act)::value>(p0, p1, g, xp, wp, bp, rp,
+                                                                                           op, pp);
     });
   });
   return {out, pre};
@@ -1325,13 +1332,9 @@ std::vector<at::Tensor> depthwise_conv_backward(const at::Tensor& grad_out, cons
     const T* pp = pre.const_data_ptr<T>();
     T* gxp = gx.data_ptr<T>();
     float* part = partial.data_ptr<float>();
-    dispatch_dw_taps(g, [&](auto kh, auto kw) {
-      cpu::dispatch_activation(activation, [&](auto act) {
-        at::parallel_for(0, g.B * g.C, dw_grain(g), [&](int64_t p0, int64_t p1) {
-          depthwise_bwd_planes<decltype(kh)::value, decltype(kw)::value, decltype(act)::value>(p0, p1, g, gyp, xp, wp,
-                                                                                               pp, gxp, part);
-        });
-      });
+    dw_parallel(g, activation, [&](auto kh, auto kw, auto act, int64_t p0, int64_t p1) {
+      depthwise_bwd_planes<decltype(kh)::value, decltype(kw)::value, decltype(act)::value>(p0, p1, g, gyp, xp, wp, pp,
+                                                                                           gxp, part);
     });
   });
   const at::Tensor sums = partial.sum(0);  // [C, taps + 1], a fixed-order sum over the batch

@@ -262,13 +262,17 @@ void backward_runs_cl(int64_t k0, int64_t k1, const ClShape& s, const T* gy, con
           const int64_t n = C - c;
           __builtin_prefetch(x_ahead + c * int64_t{sizeof(T)});
           __builtin_prefetch(gy_ahead + c * int64_t{sizeof(T)});
-          const fVec gv =
-              cpu::load_any(gyt + c, n) * cpu::activate_grad<A>(cl_pre<W>(rows, wd, bd, Cp, c, n));
+          fVec xv[W], pre = fVec::loadu(bd + c);  // x's rows loaded once for pre and the sums
+          for (int j = 0; j < W; ++j) {
+            xv[j] = cpu::load_any(rows[j] + c, n);
+            pre = at::vec::fmadd(fVec::loadu(wd + j * Cp + c), xv[j], pre);
+          }
+          const fVec gv = cpu::load_any(gyt + c, n) * cpu::activate_grad<A>(pre);
           gv.store(g + c);  // lanes past C: 0 (grad_y loads them as 0)
           if (t < t1) {
             for (int j = 0; j < W; ++j) {
               float* sj = sums + j * Cp + c;
-              at::vec::fmadd(gv, cpu::load_any(rows[j] + c, n), fVec::loadu(sj)).store(sj);
+              at::vec::fmadd(gv, xv[j], fVec::loadu(sj)).store(sj);
             }
             (fVec::loadu(sums + W * Cp + c) + gv).store(sums + W * Cp + c);
           }

@@ -13,10 +13,10 @@ x [B, C, L], weight [C, W], bias [C] or None, initial_state [B, C, W-1] or None,
 of one dtype; activation code as in ops/_activation.py. The cpu kernel also takes an x laid out
 [B, L, C] (``x = h.transpose(1, 2)`` of a model's [B, L, C] activation, as Mamba hands it over) as it
 is, with grad_y in that layout too, and writes y and grad_x so: no copy of x either way, and
-``y.transpose(1, 2)`` is contiguous for what follows; the other backends copy x to contiguous. Forward returns y [B, C, L]. Backward
-(given grad_y and the forward's inputs; the pre-activation is recomputed, not saved) returns
-(grad_x, grad_weight [C, W], grad_bias [C] or [0], grad_initial_state or [0]); weight and bias
-gradients are reduced in a fixed order (deterministic).
+``y.transpose(1, 2)`` is contiguous for what follows; the other backends copy x to contiguous.
+Forward returns y [B, C, L]. Backward (given grad_y and the forward's inputs; the pre-activation is
+recomputed, not saved) returns (grad_x, grad_weight [C, W], grad_bias [C] or [0], grad_initial_state
+or [0]); weight and bias gradients are reduced in a fixed order (deterministic).
 """
 
 from __future__ import annotations

@@ -149,8 +149,9 @@ void backward(const T* gy, const T* x, const T* w, const T* bias, const T* init,
 
 // ---- x laid out [B, L, C] --------------------------------------------------------------------------
 // A position's C channels are contiguous: the kernels run over positions, every channel vector of a
-// position at a time, x's rows read in order (the hardware prefetcher streams them; the W - 1 rows
-// before a position were read just before, in L1). A task is a run of kRun positions of one sequence;
+// position at a time, x's rows read in order and asked for kClAhead rows ahead (with the hardware
+// prefetcher alone the loads waited on memory; the W - 1 rows before a position were read just before,
+// in L1). A task is a run of kRun positions of one sequence;
 // the rows before a sequence's first position are initial_state's (or zeros), transposed into a small
 // [W - 1, C] buffer. The weights are held as fp32 [W, Cp] (Cp: C rounded up to a vector, zeros past C).
 constexpr int64_t kRun = 64;

@@ -187,7 +187,7 @@ inline void cl_rows(const T* xb, const T* head, int64_t t, int64_t C, const T* (
 
 // head [W - 1, C] = initial_state[b] transposed (or zeros).
 template <int W, typename T>
-void cl_head(const T* init, int64_t b, int64_t C, std::vector<T>& head) {
+void cl_head(const T* init, int64_t b, int64_t C, cpu::LineVector<T>& head) {
   head.assign((W - 1) * C, T(0));
   if (init)
     for (int64_t c = 0; c < C; ++c)
@@ -209,7 +209,7 @@ void forward_runs_cl(int64_t k0, int64_t k1, const ClShape& s, const T* x, const
                      T* y) {
   cpu::LineVector<float> wt, bf;
   cl_params<W>(w, bias, s, wt, bf);
-  std::vector<T> head;
+  cpu::LineVector<T> head;
   const int64_t C = s.C, L = s.L, Cp = s.Cp, runs = s.runs;  // locals: not reloaded after each store
   const float* wd = wt.data();
   const float* bd = bf.data();
@@ -240,7 +240,7 @@ void backward_runs_cl(int64_t k0, int64_t k1, const ClShape& s, const T* gy, con
                       const T* init, T* gx, T* ginit, float* partial) {
   cpu::LineVector<float> wt, bf, ring(W * s.Cp);
   cl_params<W>(w, bias, s, wt, bf);
-  std::vector<T> head;
+  cpu::LineVector<T> head;
   const int64_t C = s.C, L = s.L, Cp = s.Cp, runs = s.runs;  // (locals, as the forward's)
   const float* wd = wt.data();
   const float* bd = bf.data();

@@ -237,6 +237,13 @@ def contiguous(t: Optional[Tensor]) -> Optional[Tensor]:
     return None if t is None else t.contiguous()
 
 
+def seq_channels_last(t: Tensor) -> bool:
+    """A [B, C, L] tensor laid out [B, L, C] (and not also contiguous), as a sequence model's [B, L, C]
+    activation transposed for a convolution over L is: the CPU's depthwise conv1d and causal_conv1d
+    kernels read it as it is (csrc/cpu/common.h's seq_channels_last is the same test)."""
+    return t.dim() == 3 and not t.is_contiguous() and t.transpose(1, 2).is_contiguous()
+
+
 def fresh_like(t: Tensor) -> Tensor:
     """A new contiguous tensor of ``t``'s shape, dtype and device: in a fake (meta) function, what the
     kernels return for an input they made contiguous first. (torch.empty_like would keep a

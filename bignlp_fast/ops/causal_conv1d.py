@@ -30,7 +30,7 @@ from torch import Tensor
 from bignlp_fast import _backend
 from bignlp_fast.ops._activation import activation_grad_torch, activation_torch, check_activation
 from bignlp_fast.ops._common import (acc_dtype, autocast_lower, call, check_like, check_tensor, contiguous, custom_op,
-                                     fresh_like, kernel, register_autograd)
+                                     fresh_like, kernel, register_autograd, seq_channels_last)
 
 OP = _backend.register_op("causal_conv1d", dtypes={
     "cpu": (torch.float32, torch.bfloat16),
@@ -79,22 +79,17 @@ def causal_conv1d_bwd_torch(grad_y, x, weight, bias, initial_state, activation: 
 
 
 # ---- custom ops -------------------------------------------------------------------------------
-def _blc(x: Tensor) -> bool:
-    """x laid out [B, L, C] (and not also contiguous): a sequence model's [B, L, C] activation transposed."""
-    return not x.is_contiguous() and x.transpose(1, 2).is_contiguous()
-
-
 def _kernel_layout(t: Tensor, x: Tensor, backend: str) -> Tensor:
     """t (x, or grad_y) as the backend's kernel takes it: the CPU kernel reads an x laid out [B, L, C] as
     it is and then wants grad_y so too; everything else is contiguous."""
-    if backend == "cpu" and _blc(x):
-        return t if _blc(t) else t.transpose(1, 2).contiguous().transpose(1, 2)
+    if backend == "cpu" and seq_channels_last(x):
+        return t if seq_channels_last(t) else t.transpose(1, 2).contiguous().transpose(1, 2)
     return t.contiguous()
 
 
 def _like_x(x: Tensor, backend: str) -> Tensor:
     """The kernel's y / grad_x for a fake function: x's layout where the CPU kernel kept it, else contiguous."""
-    return torch.empty_like(x) if backend == "cpu" and _blc(x) else fresh_like(x)
+    return torch.empty_like(x) if backend == "cpu" and seq_channels_last(x) else fresh_like(x)
 
 
 @custom_op("causal_conv1d_fwd")

@@ -43,7 +43,8 @@ from torch import Tensor
 from bignlp_fast import _backend
 from bignlp_fast.ops._activation import activation_grad_torch, activation_torch, check_activation
 from bignlp_fast.ops._common import (acc_dtype, autocast_lower, call, check_like, check_tensor, contiguous, custom_op,
-                                     fresh_like, grads_or_zeros, integer, kernel, no_zero_grads, register_autograd)
+                                     fresh_like, grads_or_zeros, integer, kernel, no_zero_grads, register_autograd,
+                                     seq_channels_last)
 
 OP = _backend.register_op("conv", dtypes={
     "cpu": (torch.float32, torch.bfloat16),
@@ -96,7 +97,7 @@ def _x_in(x: Tensor, fmt: torch.memory_format, backend: str) -> Tensor:
     [B, L, C] (a sequence model's activation transposed to [B, C, L]) as it is: its depthwise kernels read
     that layout, a copy fewer (the copy alone took longer than the convolution), and its other paths
     make it contiguous. Outputs and gradients are contiguous, as torch's are."""
-    if backend == "cpu" and x.dim() == 3 and x.transpose(1, 2).is_contiguous():
+    if backend == "cpu" and seq_channels_last(x):
         return x
     return _in_format(x, fmt)
 

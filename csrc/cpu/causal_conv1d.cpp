@@ -194,12 +194,16 @@ void cl_head(const T* init, int64_t b, int64_t C, cpu::LineVector<T>& head) {
       for (int j = 0; j < W - 1; ++j) head[j * C + c] = init[(b * C + c) * (W - 1) + j];
 }
 
-// The pre-activation of position t's channels [c, c + n): bias + sum_j w[j] rows[j].
+// The pre-activation of position t's channels [c, c + n): bias + sum_j w[j] rows[j], the rows' vectors
+// left in xv (the backward's weight sums take them too).
 template <int W, typename T>
 BIGNLP_FAST_VEC_INLINE fVec cl_pre(const T* const (&rows)[W], const float* wt, const float* bf, int64_t Cp, int64_t c,
-                                   int64_t n) {
+                                   int64_t n, fVec (&xv)[W]) {
   fVec acc = fVec::loadu(bf + c);
-  for (int j = 0; j < W; ++j) acc = at::vec::fmadd(fVec::loadu(wt + j * Cp + c), cpu::load_any(rows[j] + c, n), acc);
+  for (int j = 0; j < W; ++j) {
+    xv[j] = cpu::load_any(rows[j] + c, n);
+    acc = at::vec::fmadd(fVec::loadu(wt + j * Cp + c), xv[j], acc);
+  }
   return acc;
 }
 
@@ -225,7 +229,8 @@ void forward_runs_cl(int64_t k0, int64_t k1, const ClShape& s, const T* x, const
       for (int64_t c = 0; c < C; c += fVec::size()) {
         const int64_t n = C - c;
         __builtin_prefetch(ahead + c * int64_t{sizeof(T)});
-        cpu::store_any(yb + t * C + c, cpu::activate<A>(cl_pre<W>(rows, wd, bd, Cp, c, n)), n);
+        fVec xv[W];
+        cpu::store_any(yb + t * C + c, cpu::activate<A>(cl_pre<W>(rows, wd, bd, Cp, c, n, xv)), n);
       }
     }
   }
@@ -263,12 +268,8 @@ void backward_runs_cl(int64_t k0, int64_t k1, const ClShape& s, const T* gy, con
           const int64_t n = C - c;
           __builtin_prefetch(x_ahead + c * int64_t{sizeof(T)});
           __builtin_prefetch(gy_ahead + c * int64_t{sizeof(T)});
-          fVec xv[W], pre = fVec::loadu(bd + c);  // x's rows loaded once for pre and the sums
-          for (int j = 0; j < W; ++j) {
-            xv[j] = cpu::load_any(rows[j] + c, n);
-            pre = at::vec::fmadd(fVec::loadu(wd + j * Cp + c), xv[j], pre);
-          }
-          const fVec gv = cpu::load_any(gyt + c, n) * cpu::activate_grad<A>(pre);
+          fVec xv[W];  // x's rows, loaded once for pre and the sums
+          const fVec gv = cpu::load_any(gyt + c, n) * cpu::activate_grad<A>(cl_pre<W>(rows, wd, bd, Cp, c, n, xv));
           gv.store(g + c);  // lanes past C: 0 (grad_y loads them as 0)
           if (t < t1) {
             for (int j = 0; j < W; ++j) {

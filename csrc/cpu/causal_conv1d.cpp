@@ -8,6 +8,7 @@
 // summed over the batch in a fixed order (deterministic).
 // An x laid out [B, L, C] (a sequence model's activation transposed to [B, C, L], as Mamba's in_proj
 // output is) is read as it is, y and grad_x written in that layout: see forward_runs_cl.
+#include <type_traits>
 #include <vector>
 
 #include "cpu/activation.h"
@@ -148,14 +149,25 @@ void backward(const T* gy, const T* x, const T* w, const T* bias, const T* init,
 }
 
 // ---- x laid out [B, L, C] --------------------------------------------------------------------------
-// A position's C channels are contiguous: the kernels run over positions, every channel vector of a
-// position at a time, x's rows read in order and asked for kClAhead rows ahead (with the hardware
-// prefetcher alone the loads waited on memory; the W - 1 rows before a position were read just before,
-// in L1). A task is a run of kRun positions of one sequence;
+// A position's C channels are contiguous: the kernels run over positions, a few at a time (every
+// channel vector of those positions before the next few), x's rows read in order and asked for kClAhead
+// rows ahead (with the hardware prefetcher alone the loads waited on memory; the W - 1 rows before a
+// position were read just before). A task is a run of kRun positions of one sequence;
 // the rows before a sequence's first position are initial_state's (or zeros), transposed into a small
 // [W - 1, C] buffer. The weights are held as fp32 [W, Cp] (Cp: C rounded up to a vector, zeros past C).
 constexpr int64_t kRun = 64;
 constexpr int64_t kClAhead = 8;  // rows: x (and grad_y) asked for this many positions ahead
+// Positions computed together (forward_positions_cl, backward_positions_cl): each weight vector loaded
+// once for them all and each x row once for every position that reads it (at W = 4 and 4 positions, 3
+// loads a vector where one position took 9; the backward's partial sums and ring rows likewise). bf16
+// takes 4, fp32 2 (4 ran 1.1-1.4x slower in fp32's backward); fp32's forward takes 2 only where a row
+// holds at least kClPairsFrom channels, one below, where reading two short rows at a time ran slower
+// than one (Zen 4, session 49, width 4 + silu over 16 Mi values, forward: bf16 4.1 -> 3.5 ms at C =
+// 256-4096; fp32 C = 2048 5.6 -> 4.4 ms, C = 768 5.0 -> 4.7, but C = 256 4.6 -> 6.0; forward + backward:
+// bf16 0.72-0.88x the time of one at a time, fp32 0.74-0.97x, at C = 256-4096).
+template <typename T>
+constexpr int kClPositions = std::is_same_v<T, float> ? 2 : 4;
+constexpr int64_t kClPairsFrom = 768;
 
 struct ClShape {
   int64_t B, C, L, Cp, runs;
@@ -175,13 +187,13 @@ void cl_params(const T* w, const T* bias, const ClShape& s, cpu::LineVector<floa
   }
 }
 
-// rows[j] = xx's row at position t - (W - 1) + j of sequence b: x's row, or head's (initial_state
-// transposed, or zeros) before position 0.
-template <int W, typename T>
-inline void cl_rows(const T* xb, const T* head, int64_t t, int64_t C, const T* (&rows)[W]) {
-  for (int j = 0; j < W; ++j) {
-    const int64_t s = t - (W - 1) + j;
-    rows[j] = s >= 0 ? xb + s * C : head + (s + W - 1) * C;
+// rows[i] = xx's row at position t - (W - 1) + i of sequence b (N rows: W for one position, W + P - 1
+// for P positions from t): x's row, or head's (initial_state transposed, or zeros) before position 0.
+template <int W, int N, typename T>
+inline void cl_rows(const T* xb, const T* head, int64_t t, int64_t C, const T* (&rows)[N]) {
+  for (int i = 0; i < N; ++i) {
+    const int64_t s = t - (W - 1) + i;
+    rows[i] = s >= 0 ? xb + s * C : head + (s + W - 1) * C;
   }
 }
 
@@ -194,17 +206,35 @@ void cl_head(const T* init, int64_t b, int64_t C, cpu::LineVector<T>& head) {
       for (int j = 0; j < W - 1; ++j) head[j * C + c] = init[(b * C + c) * (W - 1) + j];
 }
 
-// The pre-activation of position t's channels [c, c + n): bias + sum_j w[j] rows[j], the rows' vectors
-// left in xv (the backward's weight sums take them too).
-template <int W, typename T>
-BIGNLP_FAST_VEC_INLINE fVec cl_pre(const T* const (&rows)[W], const float* wt, const float* bf, int64_t Cp, int64_t c,
-                                   int64_t n, fVec (&xv)[W]) {
-  fVec acc = fVec::loadu(bf + c);
+// The pre-activations of P positions' channels [c, c + n) (rows from cl_rows<W, W + P - 1>):
+// acc[p] = bias + sum_j w[j] rows[p + j], the rows' vectors left in xv (the backward's weight sums take
+// them too). One load of each weight vector and row serves all P positions.
+template <int W, int P, typename T>
+BIGNLP_FAST_VEC_INLINE void cl_pre(const T* const (&rows)[W + P - 1], const float* wt, const float* bf, int64_t Cp,
+                                   int64_t c, int64_t n, fVec (&acc)[P], fVec (&xv)[W + P - 1]) {
+  for (int i = 0; i < W + P - 1; ++i) xv[i] = cpu::load_any(rows[i] + c, n);
+  const fVec bias = fVec::loadu(bf + c);
+  for (int p = 0; p < P; ++p) acc[p] = bias;
   for (int j = 0; j < W; ++j) {
-    xv[j] = cpu::load_any(rows[j] + c, n);
-    acc = at::vec::fmadd(fVec::loadu(wt + j * Cp + c), xv[j], acc);
+    const fVec wj = fVec::loadu(wt + j * Cp + c);
+    for (int p = 0; p < P; ++p) acc[p] = at::vec::fmadd(wj, xv[p + j], acc[p]);
   }
-  return acc;
+}
+
+// The forward of P positions from t, every channel vector: x's rows asked for kClAhead rows ahead.
+template <int W, int P, int A, typename T>
+BIGNLP_FAST_VEC_INLINE void forward_positions_cl(const T* xb, const T* head, T* yb, int64_t t, int64_t C,
+                                                 int64_t Cp, const float* wd, const float* bd) {
+  const T* rows[W + P - 1];
+  cl_rows<W>(xb, head, t, C, rows);
+  const char* ahead = reinterpret_cast<const char*>(xb + (t + kClAhead) * C);
+  for (int64_t c = 0; c < C; c += fVec::size()) {
+    const int64_t n = C - c;
+    for (int p = 0; p < P; ++p) __builtin_prefetch(ahead + (p * C + c) * int64_t{sizeof(T)});
+    fVec acc[P], xv[W + P - 1];
+    cl_pre<W, P>(rows, wd, bd, Cp, c, n, acc, xv);
+    for (int p = 0; p < P; ++p) cpu::store_any(yb + (t + p) * C + c, cpu::activate<A>(acc[p]), n);
+  }
 }
 
 // Tasks [k0, k1) (k = b * runs + run) of the forward.
@@ -222,28 +252,75 @@ void forward_runs_cl(int64_t k0, int64_t k1, const ClShape& s, const T* x, const
     if (t0 == 0) cl_head<W>(init, b, C, head);
     const T* xb = x + b * L * C;
     T* yb = y + b * L * C;
-    for (int64_t t = t0; t < t1; ++t) {
-      const T* rows[W];
-      cl_rows<W>(xb, head.data(), t, C, rows);
-      const char* ahead = reinterpret_cast<const char*>(xb + (t + kClAhead) * C);
-      for (int64_t c = 0; c < C; c += fVec::size()) {
-        const int64_t n = C - c;
-        __builtin_prefetch(ahead + c * int64_t{sizeof(T)});
-        fVec xv[W];
-        cpu::store_any(yb + t * C + c, cpu::activate<A>(cl_pre<W>(rows, wd, bd, Cp, c, n, xv)), n);
-      }
-    }
+    int64_t t = t0;
+    constexpr int P = kClPositions<T>;
+    if (P > 2 || C >= kClPairsFrom)
+      for (; t + P <= t1; t += P) forward_positions_cl<W, P, A>(xb, head.data(), yb, t, C, Cp, wd, bd);
+    for (; t < t1; ++t) forward_positions_cl<W, 1, A>(xb, head.data(), yb, t, C, Cp, wd, bd);
   }
 }
 
-// Tasks [k0, k1) of the backward. Positions t0 .. t1 + W - 2 in order: gp = grad_y * act'(pre) of
-// position t (zero past L) into a ring of W rows, its sums against xx into the task's partial [W + 1,
-// Cp] (for t < t1), and once the ring holds positions t - (W - 1) .. t, grad_x of position
-// t - (W - 1) = sum_j w[j] gp[t - j]. initial_state's gradient is the first run's, at t = W - 2.
+// The backward of P positions from t (all before L), every channel vector. g = grad_y * act'(pre) of
+// positions t - (W - 1) .. t + P - 1 in G: the first W - 1 from the ring (the positions before t, as
+// the last group left them), the P new ones computed here, and the last W - 1 left in the ring for the
+// next group. With sums, the P positions' products with xx go into the task's partial [W + 1, Cp];
+// grad_x of position tx = t - (W - 1) + p = sum_j w[j] g[tx + W - 1 - j] for the tx from tx0 on (the
+// task's first position: the ring's rows before it are not its positions). P = 1 with live false is
+// a position past L: g = 0, nothing read.
+template <int W, int P, int A, typename T>
+BIGNLP_FAST_VEC_INLINE void backward_positions_cl(const T* xb, const T* head, const T* gyb, T* gxb, int64_t t,
+                                                  int64_t tx0, bool live, float* sums, float* ring, int64_t C,
+                                                  int64_t Cp, const float* wd, const float* bd) {
+  const T* rows[W + P - 1];
+  if (live) cl_rows<W>(xb, head, t, C, rows);
+  const char* x_ahead = reinterpret_cast<const char*>(xb + (t + kClAhead) * C);
+  const char* gy_ahead = reinterpret_cast<const char*>(gyb + (t + kClAhead) * C);
+  for (int64_t c = 0; c < C; c += fVec::size()) {
+    const int64_t n = C - c;
+    fVec G[W - 1 + P], xv[W + P - 1];
+    for (int i = 0; i < W - 1; ++i) G[i] = fVec::loadu(ring + i * Cp + c);
+    if (live) {
+      for (int p = 0; p < P; ++p) {
+        __builtin_prefetch(x_ahead + (p * C + c) * int64_t{sizeof(T)});
+        __builtin_prefetch(gy_ahead + (p * C + c) * int64_t{sizeof(T)});
+      }
+      fVec pre[P];
+      cl_pre<W, P>(rows, wd, bd, Cp, c, n, pre, xv);
+      for (int p = 0; p < P; ++p)  // lanes past C: 0 (grad_y loads them as 0)
+        G[W - 1 + p] = cpu::load_any(gyb + (t + p) * C + c, n) * cpu::activate_grad<A>(pre[p]);
+    } else {
+      for (int p = 0; p < P; ++p) G[W - 1 + p] = fVec(0.f);
+    }
+    if (sums) {
+      for (int j = 0; j < W; ++j) {
+        fVec sj = fVec::loadu(sums + j * Cp + c);
+        for (int p = 0; p < P; ++p) sj = at::vec::fmadd(G[W - 1 + p], xv[p + j], sj);
+        sj.store(sums + j * Cp + c);
+      }
+      fVec sb = fVec::loadu(sums + W * Cp + c);
+      for (int p = 0; p < P; ++p) sb = sb + G[W - 1 + p];
+      sb.store(sums + W * Cp + c);
+    }
+    for (int p = 0; p < P; ++p) {
+      const int64_t tx = t - (W - 1) + p;
+      if (tx < tx0) continue;
+      fVec acc(0.f);
+      for (int j = 0; j < W; ++j) acc = at::vec::fmadd(fVec::loadu(wd + j * Cp + c), G[p + W - 1 - j], acc);
+      cpu::store_any(gxb + tx * C + c, acc, n);
+    }
+    for (int i = 0; i < W - 1; ++i) G[P + i].store(ring + i * Cp + c);
+  }
+}
+
+// Tasks [k0, k1) of the backward: positions t0 .. t1 + W - 2 in order through backward_positions_cl
+// (grad_x lags g by W - 1 positions, so a task computes g of W - 1 positions past its own, not adding
+// them to its sums), in groups of kClPositions while they are the task's own, then one at a time.
+// initial_state's gradient, for a sequence's first run: the head's u = sum_{j <= u} w[j] g[u - j], from
+// g of positions 0 .. W - 2 computed once more on their own.
 template <int W, int A, typename T>
 void backward_runs_cl(int64_t k0, int64_t k1, const ClShape& s, const T* gy, const T* x, const T* w, const T* bias,
                       const T* init, T* gx, T* ginit, float* partial) {
-  cpu::LineVector<float> wt, bf, ring(W * s.Cp);
+  cpu::LineVector<float> wt, bf, ring((W - 1) * s.Cp), first((W - 1) * s.Cp);
   cl_params<W>(w, bias, s, wt, bf);
   cpu::LineVector<T> head;
   const int64_t C = s.C, L = s.L, Cp = s.Cp, runs = s.runs;  // (locals, as the forward's)
@@ -254,54 +331,39 @@ void backward_runs_cl(int64_t k0, int64_t k1, const ClShape& s, const T* gy, con
     const int64_t b = k / runs, t0 = k % runs * kRun, t1 = std::min(L, t0 + kRun);
     if (t0 == 0) cl_head<W>(init, b, C, head);
     const T* xb = x + b * L * C;
+    const T* gyb = gy + b * L * C;
+    T* gxb = gx + b * L * C;
     float* sums = partial + k * (W + 1) * Cp;
     std::fill(sums, sums + (W + 1) * Cp, 0.f);
-    for (int64_t t = t0; t < t1 + W - 1; ++t) {
-      float* g = rd + t % W * Cp;
-      if (t < L) {
+    if (t0 == 0 && ginit) {  // g of positions 0 .. W - 2 (zero past L) into first, then the head's gradient
+      for (int64_t u = 0; u < W - 1; ++u) {
+        float* gu = first.data() + u * Cp;
+        std::fill(gu, gu + Cp, 0.f);
+        if (u >= L) continue;
         const T* rows[W];
-        cl_rows<W>(xb, head.data(), t, C, rows);
-        const T* gyt = gy + (b * L + t) * C;
-        const char* x_ahead = reinterpret_cast<const char*>(xb + (t + kClAhead) * C);
-        const char* gy_ahead = reinterpret_cast<const char*>(gyt + kClAhead * C);
+        cl_rows<W>(xb, head.data(), u, C, rows);
         for (int64_t c = 0; c < C; c += fVec::size()) {
           const int64_t n = C - c;
-          __builtin_prefetch(x_ahead + c * int64_t{sizeof(T)});
-          __builtin_prefetch(gy_ahead + c * int64_t{sizeof(T)});
-          fVec xv[W];  // x's rows, loaded once for pre and the sums
-          const fVec gv = cpu::load_any(gyt + c, n) * cpu::activate_grad<A>(cl_pre<W>(rows, wd, bd, Cp, c, n, xv));
-          gv.store(g + c);  // lanes past C: 0 (grad_y loads them as 0)
-          if (t < t1) {
-            for (int j = 0; j < W; ++j) {
-              float* sj = sums + j * Cp + c;
-              at::vec::fmadd(gv, xv[j], fVec::loadu(sj)).store(sj);
-            }
-            (fVec::loadu(sums + W * Cp + c) + gv).store(sums + W * Cp + c);
-          }
-        }
-      } else {
-        std::fill(g, g + Cp, 0.f);
-      }
-      // the ring holds gp of positions max(t0, t - (W - 1)) .. t
-      if (t0 == 0 && t == W - 2 && ginit) {  // grad of xx's head u = sum_{j <= u} w[j] gp[u - j]
-        for (int64_t u = 0; u < W - 1; ++u)
-          for (int64_t c = 0; c < C; ++c) {
-            float acc = 0.f;
-            for (int64_t j = 0; j <= u; ++j) acc += wd[j * Cp + c] * rd[(u - j) % W * Cp + c];
-            ginit[(b * C + c) * (W - 1) + u] = static_cast<T>(acc);
-          }
-      }
-      const int64_t tx = t - (W - 1);  // grad_x[tx] = sum_j w[j] gp[tx + W - 1 - j] = sum_j w[j] gp[t - j]
-      if (tx >= t0) {
-        T* gxt = gx + (b * L + tx) * C;
-        for (int64_t c = 0; c < C; c += fVec::size()) {
-          fVec acc(0.f);
-          for (int j = 0; j < W; ++j)
-            acc = at::vec::fmadd(fVec::loadu(wd + j * Cp + c), fVec::loadu(rd + (t - j) % W * Cp + c), acc);
-          cpu::store_any(gxt + c, acc, C - c);
+          fVec pre[1], xv[W];
+          cl_pre<W, 1>(rows, wd, bd, Cp, c, n, pre, xv);
+          (cpu::load_any(gyb + u * C + c, n) * cpu::activate_grad<A>(pre[0])).store(gu + c);
         }
       }
+      for (int64_t u = 0; u < W - 1; ++u)
+        for (int64_t c = 0; c < C; ++c) {
+          float acc = 0.f;
+          for (int64_t j = 0; j <= u; ++j) acc += wd[j * Cp + c] * first[(u - j) * Cp + c];
+          ginit[(b * C + c) * (W - 1) + u] = static_cast<T>(acc);
+        }
     }
+    std::fill(rd, rd + (W - 1) * Cp, 0.f);
+    int64_t t = t0;
+    constexpr int P = kClPositions<T>;
+    for (; t + P <= t1; t += P)
+      backward_positions_cl<W, P, A>(xb, head.data(), gyb, gxb, t, t0, true, sums, rd, C, Cp, wd, bd);
+    for (; t < t1 + W - 1; ++t)
+      backward_positions_cl<W, 1, A>(xb, head.data(), gyb, gxb, t, t0, t < L, t < t1 ? sums : nullptr, rd, C, Cp,
+                                     wd, bd);
   }
 }
 

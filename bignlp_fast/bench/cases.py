@@ -637,6 +637,7 @@ def all_cases() -> list[Case]:
     cases += _causal_conv1d_cases(8, 1024, 2048, 4, torch.float32, both, ("quick", "full"))
     cases += _causal_conv1d_cases(8, 1024, 2048, 4, torch.bfloat16, both, ("full",))
     cases += _causal_conv1d_cases(8, 1024, 2048, 4, torch.float32, both, ("full",), blc=True)
+    cases += _causal_conv1d_cases(8, 1024, 2048, 4, torch.bfloat16, both, ("full",), blc=True)
     # classifiers: a training step of the models against the same models written with torch.nn
     cases += _classifier_cases("textcnn", 64, 256, 20000, torch.float32, ("quick", "full"))
     cases += _classifier_cases("rnn", 32, 128, 20000, torch.float32, ("full",), cell="gru")

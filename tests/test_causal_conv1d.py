@@ -104,10 +104,12 @@ def test_cpu_blc_agrees_with_contiguous_and_is_deterministic(dtype, C, L, W):
     xc = x.detach().contiguous().requires_grad_()
     blc, flat = _run(fn, x, w, b, s, gy), _run(fn, xc, w, b, s, gy)
     assert torch.equal(blc[0], flat[0]) and torch.equal(blc[1], flat[1]) and torch.equal(blc[4], flat[4])
-    # the weight sums in another order: fp32 to its rounding, bf16 to a step of its own
+    # the weight and bias sums in another order (per run of 64 positions, then the runs; the contiguous
+    # kernel: per sequence, then the batch): within fp32 rounding of the gradient's scale (a small entry
+    # can come out of cancellation, its error that of the large ones), bf16 to a step of its own
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     for a, c in zip(blc[2:4], flat[2:4]):
-        torch.testing.assert_close(a, c, rtol=tol, atol=tol)
+        torch.testing.assert_close(a, c, rtol=tol, atol=tol * c.abs().max().item())
     before, runs = torch.get_num_threads(), []
     try:
         for threads, g in ((1, gy), (2, gy), (2, gy.transpose(1, 2).contiguous().transpose(1, 2))):

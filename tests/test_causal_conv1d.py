@@ -93,10 +93,10 @@ def test_x_laid_out_blc_triton(backend, device):
                                          (torch.bfloat16, 300, 203, 4), (torch.bfloat16, 40, 5, 2)])
 def test_cpu_blc_agrees_with_contiguous_and_is_deterministic(dtype, C, L, W):
     """y and grad_x take the same sums in the same order as the contiguous kernel's (the same bits),
-    whether positions go one at a time or in groups (fp32 pairs from 768 channels, bf16 fours; L past a
-    run of 64 and not a multiple of the group: the tails); the weight and bias gradients are per-run
-    partials added in a fixed order, whatever the threads; a grad_y in either layout gives the same
-    gradients."""
+    whether positions go one at a time or in groups (bf16 fours; fp32 pairs, in the forward from 768
+    channels; L past a run of 64 and not a multiple of the group: the tails); the weight and bias
+    gradients are per-run partials added in a fixed order, whatever the threads; a grad_y in either
+    layout gives the same gradients."""
     if (dtype, C) == (torch.float32, 300):
         _check("cpu", torch.device("cpu"), torch.float32, 2, 300, 70, 3, "gelu", state=True, blc=True)
     x, w, b, s, gy = _inputs(3, C, L, W, "cpu", dtype, state=True, blc=True)

@@ -221,6 +221,17 @@ BIGNLP_FAST_VEC_INLINE void cl_pre(const T* const (&rows)[W + P - 1], const floa
   }
 }
 
+// g = grad_y * act'(pre) of P positions from t, channels [c, c + n) (lanes past C: 0, as grad_y loads
+// them), the rows' vectors left in xv for the weight sums.
+template <int W, int P, int A, typename T>
+BIGNLP_FAST_VEC_INLINE void cl_g(const T* const (&rows)[W + P - 1], const T* gyb, int64_t t, const float* wt,
+                                 const float* bf, int64_t C, int64_t Cp, int64_t c, int64_t n, fVec (&g)[P],
+                                 fVec (&xv)[W + P - 1]) {
+  fVec pre[P];
+  cl_pre<W, P>(rows, wt, bf, Cp, c, n, pre, xv);
+  for (int p = 0; p < P; ++p) g[p] = cpu::load_any(gyb + (t + p) * C + c, n) * cpu::activate_grad<A>(pre[p]);
+}
+
 // The forward of P positions from t, every channel vector: x's rows asked for kClAhead rows ahead.
 template <int W, int P, int A, typename T>
 BIGNLP_FAST_VEC_INLINE void forward_positions_cl(const T* xb, const T* head, T* yb, int64_t t, int64_t C,
@@ -284,10 +295,9 @@ BIGNLP_FAST_VEC_INLINE void backward_positions_cl(const T* xb, const T* head, co
         __builtin_prefetch(x_ahead + (p * C + c) * int64_t{sizeof(T)});
         __builtin_prefetch(gy_ahead + (p * C + c) * int64_t{sizeof(T)});
       }
-      fVec pre[P];
-      cl_pre<W, P>(rows, wd, bd, Cp, c, n, pre, xv);
-      for (int p = 0; p < P; ++p)  // lanes past C: 0 (grad_y loads them as 0)
-        G[W - 1 + p] = cpu::load_any(gyb + (t + p) * C + c, n) * cpu::activate_grad<A>(pre[p]);
+      fVec g[P];
+      cl_g<W, P, A>(rows, gyb, t, wd, bd, C, Cp, c, n, g, xv);
+      for (int p = 0; p < P; ++p) G[W - 1 + p] = g[p];
     } else {
       for (int p = 0; p < P; ++p) G[W - 1 + p] = fVec(0.f);
     }
@@ -344,9 +354,9 @@ void backward_runs_cl(int64_t k0, int64_t k1, const ClShape& s, const T* gy, con
         cl_rows<W>(xb, head.data(), u, C, rows);
         for (int64_t c = 0; c < C; c += fVec::size()) {
           const int64_t n = C - c;
-          fVec pre[1], xv[W];
-          cl_pre<W, 1>(rows, wd, bd, Cp, c, n, pre, xv);
-          (cpu::load_any(gyb + u * C + c, n) * cpu::activate_grad<A>(pre[0])).store(gu + c);
+          fVec g[1], xv[W];
+          cl_g<W, 1, A>(rows, gyb, u, wd, bd, C, Cp, c, n, g, xv);
+          g[0].store(gu + c);
         }
       }
       for (int64_t u = 0; u < W - 1; ++u)
